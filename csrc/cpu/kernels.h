@@ -1,0 +1,90 @@
+// Torch-free CPU kernel interface. Each ISA (scalar, avx2, avx512) provides one KernelTable;
+// dispatch.cpp picks one by cpuid (or DECODEKIT_ISA) once per process.
+#pragma once
+#include <cstdint>
+#include "decodekit/common.h"
+
+namespace dk::cpu {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// A per-row parameter: a pointer to B values (indexed by SOURCE row) or one scalar.
+template <class T>
+struct Param {
+  const T* ptr = nullptr;
+  T scalar{};
+  T at(int64_t row) const { return ptr ? ptr[row] : scalar; }
+};
+
+enum class FilterOrder : int { Sequential = 0, Joint = 1 };
+
+// Rows of `data` are logits (weights exp((x - max)/T)) or probabilities (weights = x).
+struct RowFilter {
+  bool is_probs = false;
+  Param<float> temperature;  // logits only; 0 => greedy (sampling) ; ignored for probs
+  Param<int64_t> top_k;      // <= 0 or >= V disables
+  Param<float> top_p;        // >= 1 disables
+  Param<float> min_p;        // <= 0 disables
+  FilterOrder order = FilterOrder::Sequential;
+};
+
+struct Matrix {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0;
+  int64_t V = 0;
+  int64_t row_stride = 0;  // elements
+};
+
+struct SampleArgs {
+  Matrix in;
+  RowFilter filter;
+  const int64_t* indices = nullptr;  // output i reads source row indices[i] (nullptr: i)
+  int64_t n_out = 0;
+  // randomness
+  const int64_t* seeds = nullptr;  // per output row (already gathered) or nullptr
+  uint64_t seed = 0;               // scalar seed (when seeds == nullptr)
+  uint64_t offset = 0;
+  // outputs (per output row)
+  int64_t* out_tokens = nullptr;
+  bool* out_valid = nullptr;
+  float* out_logprob = nullptr;  // optional
+};
+
+enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };
+
+struct FilterArgs {
+  Matrix in;
+  RowFilter filter;
+  FilterOut kind = FilterOut::MaskLogits;
+  void* out = nullptr;  // same dtype as in for MaskLogits; float32 otherwise
+  int64_t out_stride = 0;
+};
+
+struct KernelTable {
+  const char* name;
+  // inverse-CDF sampling with optional filters (one uniform per row)
+  void (*sample_rows)(const SampleArgs&, int64_t begin, int64_t end);
+  // Gumbel-max sampling from logits (one Philox word pair per element)
+  void (*gumbel_rows)(const SampleArgs&, int64_t begin, int64_t end);
+  // filters that write a [B, V] output
+  void (*filter_rows)(const FilterArgs&, int64_t begin, int64_t end);
+};
+
+const KernelTable& table_scalar();
+const KernelTable& table_avx2();
+const KernelTable& table_avx512();
+
+// Other op families (speculative, attention) keep their own per-ISA tables and pick one with
+// active_isa_id(): 0 = scalar, 1 = avx2, 2 = avx512.
+int active_isa_id();
+
+// The active table: chosen by cpuid, overridable with DECODEKIT_ISA or set_isa().
+const KernelTable& active();
+const char* active_isa();
+void set_isa(const char* name);  // "scalar" | "avx2" | "avx512" | "auto"; throws on unknown/unsupported
+bool cpu_has_avx2();
+bool cpu_has_avx512();
+bool cpu_has_avx512bf16();
+
+}  // namespace dk::cpu

@@ -1,0 +1,287 @@
+// The 16-lane block abstraction every CPU kernel is written against.
+//
+// A VF is always 16 floats: one __m512 (AVX-512), two __m256 (AVX2) or a float[16] (scalar).
+// Kernels walk a row in blocks of 16 and keep 16 "virtual lanes" of accumulators, so the order
+// of every floating-point operation — and with it every sum, threshold and token — is the same
+// on every ISA. Masks are uint16_t bit masks (bit j = lane j).
+//
+// This header is included only by csrc/cpu/isa/*.cpp, which are compiled three times with
+// DK_ISA_SCALAR, DK_ISA_AVX2 or DK_ISA_AVX512 and their own -m flags.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include "decodekit/common.h"
+#include "decodekit/fmath.h"
+#include "decodekit/philox.h"
+#if defined(DK_ISA_AVX512) || defined(DK_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace dk::simd {
+
+using M16 = uint32_t;  // low 16 bits used
+
+inline int popcount16(M16 m) { return __builtin_popcount(m & 0xffffu); }
+
+#if defined(DK_ISA_AVX512)
+struct VF { __m512 v; };
+struct VI { __m512i v; };
+inline VF vset(float c) { return {_mm512_set1_ps(c)}; }
+inline VF vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline VF vload(const bf16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+}
+inline VF vload(const f16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+inline void vstore(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+inline VF vadd(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VF vsub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VF vmul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VF vdiv(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VF vfma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF vmax(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VF vmin(VF a, VF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VF vfloor(VF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)}; }
+inline M16 vge(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); }
+inline M16 vgt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+inline M16 vlt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+inline M16 veq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
+inline M16 vnan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
+inline VF vblend(M16 m, VF a, VF b) { return {_mm512_mask_blend_ps(__mmask16(m), a.v, b.v)}; }  // m ? b : a
+inline float vhmax(VF a) { return _mm512_reduce_max_ps(a.v); }
+inline VF vpow2i(VF n) {
+  __m512i i = _mm512_cvtps_epi32(n.v);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(127)), 23))};
+}
+inline void vsplit(VF x, VF& m, VF& e) {
+  __m512i u = _mm512_castps_si512(x.v);
+  e.v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(127)));
+  m.v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f800000)));
+}
+// uint32 lanes (Philox)
+inline VI iset(uint32_t c) { return {_mm512_set1_epi32(int(c))}; }
+inline VI iiota(uint32_t base) { return {_mm512_add_epi32(_mm512_set1_epi32(int(base)), _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15))}; }
+inline VI ixor(VI a, VI b) { return {_mm512_xor_si512(a.v, b.v)}; }
+inline void imulhilo(VI a, uint32_t m, VI& hi, VI& lo) {
+  __m512i M = _mm512_set1_epi32(int(m));
+  __m512i even = _mm512_mul_epu32(a.v, M);                          // lanes 0,2,.. as 64-bit
+  __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), M);    // lanes 1,3,..
+  lo.v = _mm512_mullo_epi32(a.v, M);
+  hi.v = _mm512_mask_blend_epi32(__mmask16(0xAAAA), _mm512_srli_epi64(even, 32), odd);
+}
+inline VF u32_to_float(VI a) {  // exact for values < 2^24, else rounded: unsigned convert
+  return {_mm512_cvtepu32_ps(a.v)};
+}
+#elif defined(DK_ISA_AVX2)
+struct VF { __m256 a, b; };
+struct VI { __m256i a, b; };
+inline VF vset(float c) { __m256 s = _mm256_set1_ps(c); return {s, s}; }
+inline VF vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 bf8(const bf16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline VF vload(const bf16_t* p) { return {bf8(p), bf8(p + 8)}; }
+inline VF vload(const f16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline void vstore(float* p, VF x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
+#define DK_AVX2_BIN(name, op) inline VF name(VF x, VF y) { return {op(x.a, y.a), op(x.b, y.b)}; }
+DK_AVX2_BIN(vadd, _mm256_add_ps)
+DK_AVX2_BIN(vsub, _mm256_sub_ps)
+DK_AVX2_BIN(vmul, _mm256_mul_ps)
+DK_AVX2_BIN(vdiv, _mm256_div_ps)
+DK_AVX2_BIN(vmax, _mm256_max_ps)
+DK_AVX2_BIN(vmin, _mm256_min_ps)
+#undef DK_AVX2_BIN
+inline VF vfma(VF x, VF y, VF z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+inline VF vfloor(VF x) { return {_mm256_floor_ps(x.a), _mm256_floor_ps(x.b)}; }
+template <int P> inline M16 vcmp(VF x, VF y) {
+  return M16(_mm256_movemask_ps(_mm256_cmp_ps(x.a, y.a, P))) |
+         (M16(_mm256_movemask_ps(_mm256_cmp_ps(x.b, y.b, P))) << 8);
+}
+inline M16 vge(VF x, VF y) { return vcmp<_CMP_GE_OQ>(x, y); }
+inline M16 vgt(VF x, VF y) { return vcmp<_CMP_GT_OQ>(x, y); }
+inline M16 vlt(VF x, VF y) { return vcmp<_CMP_LT_OQ>(x, y); }
+inline M16 veq(VF x, VF y) { return vcmp<_CMP_EQ_OQ>(x, y); }
+inline M16 vnan(VF x) { return vcmp<_CMP_UNORD_Q>(x, x); }
+inline __m256 mask8(M16 m) {
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256i v = _mm256_and_si256(_mm256_set1_epi32(int(m & 0xff)), bits);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bits));
+}
+inline VF vblend(M16 m, VF x, VF y) {
+  return {_mm256_blendv_ps(x.a, y.a, mask8(m)), _mm256_blendv_ps(x.b, y.b, mask8(m >> 8))};
+}
+inline float vhmax(VF x) {
+  __m256 m = _mm256_max_ps(x.a, x.b);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+inline __m256 pow2i8(__m256 n) {
+  __m256i i = _mm256_cvtps_epi32(n);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23));
+}
+inline VF vpow2i(VF n) { return {pow2i8(n.a), pow2i8(n.b)}; }
+inline void split8(__m256 x, __m256& m, __m256& e) {
+  __m256i u = _mm256_castps_si256(x);
+  e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(127)));
+  m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+}
+inline void vsplit(VF x, VF& m, VF& e) { split8(x.a, m.a, e.a); split8(x.b, m.b, e.b); }
+inline VI iset(uint32_t c) { __m256i s = _mm256_set1_epi32(int(c)); return {s, s}; }
+inline VI iiota(uint32_t base) {
+  __m256i b = _mm256_add_epi32(_mm256_set1_epi32(int(base)), _mm256_setr_epi32(0,1,2,3,4,5,6,7));
+  return {b, _mm256_add_epi32(b, _mm256_set1_epi32(8))};
+}
+inline VI ixor(VI x, VI y) { return {_mm256_xor_si256(x.a, y.a), _mm256_xor_si256(x.b, y.b)}; }
+inline void mulhilo8(__m256i a, __m256i M, __m256i& hi, __m256i& lo) {
+  __m256i even = _mm256_mul_epu32(a, M);
+  __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), M);
+  lo = _mm256_mullo_epi32(a, M);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+inline void imulhilo(VI x, uint32_t m, VI& hi, VI& lo) {
+  __m256i M = _mm256_set1_epi32(int(m));
+  mulhilo8(x.a, M, hi.a, lo.a);
+  mulhilo8(x.b, M, hi.b, lo.b);
+}
+inline __m256 u32f8(__m256i a) {
+  // exact unsigned -> float with one rounding: split into hi16 and lo16 parts
+  __m256i lo = _mm256_and_si256(a, _mm256_set1_epi32(0xffff));
+  __m256i hi = _mm256_srli_epi32(a, 16);
+  __m256 fhi = _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(65536.0f));  // exact
+  return _mm256_add_ps(fhi, _mm256_cvtepi32_ps(lo));                             // one rounding
+}
+inline VF u32_to_float(VI x) { return {u32f8(x.a), u32f8(x.b)}; }
+#else  // scalar
+struct VF { float v[16]; };
+struct VI { uint32_t v[16]; };
+#define DK_LOOP for (int j = 0; j < 16; ++j)
+inline VF vset(float c) { VF r; DK_LOOP r.v[j] = c; return r; }
+template <class T> inline VF vload(const T* p) { VF r; DK_LOOP r.v[j] = to_float(p[j]); return r; }
+inline void vstore(float* p, VF a) { DK_LOOP p[j] = a.v[j]; }
+inline VF vadd(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] + b.v[j]; return r; }
+inline VF vsub(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] - b.v[j]; return r; }
+inline VF vmul(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] * b.v[j]; return r; }
+inline VF vdiv(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] / b.v[j]; return r; }
+inline VF vfma(VF a, VF b, VF c) { VF r; DK_LOOP r.v[j] = dk::v_fma(a.v[j], b.v[j], c.v[j]); return r; }
+// max/min with the x86 semantics (second operand if unordered) for identical NaN behaviour
+inline VF vmax(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] > b.v[j] ? a.v[j] : b.v[j]; return r; }
+inline VF vmin(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] < b.v[j] ? a.v[j] : b.v[j]; return r; }
+inline VF vfloor(VF a) { VF r; DK_LOOP r.v[j] = std::floor(a.v[j]); return r; }
+inline M16 vge(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] >= b.v[j]) << j; return m; }
+inline M16 vgt(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] > b.v[j]) << j; return m; }
+inline M16 vlt(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] < b.v[j]) << j; return m; }
+inline M16 veq(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] == b.v[j]) << j; return m; }
+inline M16 vnan(VF a) { M16 m = 0; DK_LOOP m |= M16(a.v[j] != a.v[j]) << j; return m; }
+inline VF vblend(M16 m, VF a, VF b) { VF r; DK_LOOP r.v[j] = ((m >> j) & 1) ? b.v[j] : a.v[j]; return r; }
+inline float vhmax(VF a) { float m = a.v[0]; for (int j = 1; j < 16; ++j) m = a.v[j] > m ? a.v[j] : m; return m; }
+inline VF vpow2i(VF n) { VF r; DK_LOOP r.v[j] = dk::v_pow2i(n.v[j]); return r; }
+inline void vsplit(VF x, VF& m, VF& e) { DK_LOOP dk::v_split(x.v[j], m.v[j], e.v[j]); }
+inline VI iset(uint32_t c) { VI r; DK_LOOP r.v[j] = c; return r; }
+inline VI iiota(uint32_t base) { VI r; DK_LOOP r.v[j] = base + uint32_t(j); return r; }
+inline VI ixor(VI a, VI b) { VI r; DK_LOOP r.v[j] = a.v[j] ^ b.v[j]; return r; }
+inline void imulhilo(VI a, uint32_t m, VI& hi, VI& lo) {
+  DK_LOOP { uint64_t p = uint64_t(a.v[j]) * m; hi.v[j] = uint32_t(p >> 32); lo.v[j] = uint32_t(p); }
+}
+inline VF u32_to_float(VI a) {
+  VF r;
+  DK_LOOP {
+    float fhi = float(a.v[j] >> 16) * 65536.0f;
+    r.v[j] = fhi + float(a.v[j] & 0xffffu);
+  }
+  return r;
+}
+#undef DK_LOOP
+#endif
+
+// 16-lane loads of a partial block (n < 16 valid elements), the rest filled with `fill`.
+template <class T>
+inline VF vload_partial(const T* p, int n, float fill) {
+  alignas(64) float tmp[16];
+  for (int j = 0; j < 16; ++j) tmp[j] = j < n ? to_float(p[j]) : fill;
+  return vload(tmp);
+}
+
+#if defined(DK_ISA_AVX2) && !defined(DK_ISA_AVX512)
+// exact unsigned->float in AVX2 differs in rounding path from cvtepu32; make AVX-512 and scalar
+// use the same hi/lo split so all three agree bit for bit.
+#endif
+}  // namespace dk::simd
+
+// Overloads that let the templates in decodekit/fmath.h run on 16-lane blocks (found by ADL).
+namespace dk::simd {
+inline VF v_fma(VF a, VF b, VF c) { return vfma(a, b, c); }
+inline VF v_add(VF a, VF b) { return vadd(a, b); }
+inline VF v_sub(VF a, VF b) { return vsub(a, b); }
+inline VF v_mul(VF a, VF b) { return vmul(a, b); }
+inline VF v_div(VF a, VF b) { return vdiv(a, b); }
+inline VF v_max(VF a, VF b) { return vmax(a, b); }
+inline VF v_min(VF a, VF b) { return vmin(a, b); }
+inline VF v_floor(VF a) { return vfloor(a); }
+inline VF v_pow2i(VF n) { return vpow2i(n); }
+inline VF v_select_lt(VF x, VF c, VF a, VF b) { return vblend(vlt(x, c), b, a); }
+inline void v_split(VF x, VF& m, VF& e) { vsplit(x, m, e); }
+}  // namespace dk::simd
+namespace dk {
+template <> inline simd::VF v_set<simd::VF>(float c) { return simd::vset(c); }
+}  // namespace dk
+
+namespace dk::simd {
+// 16 double accumulators (virtual lane j = element j of each 16-block); reduce in fixed order.
+#if defined(DK_ISA_AVX512)
+struct VD { __m512d lo, hi; };
+inline VD vd_zero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+inline void vd_add(VD& acc, VF x) {
+  acc.lo = _mm512_add_pd(acc.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(x.v)));
+  acc.hi = _mm512_add_pd(acc.hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.v), 1))));
+}
+inline void vd_store(double* p, const VD& a) { _mm512_storeu_pd(p, a.lo); _mm512_storeu_pd(p + 8, a.hi); }
+#elif defined(DK_ISA_AVX2)
+struct VD { __m256d d0, d1, d2, d3; };
+inline VD vd_zero() { __m256d z = _mm256_setzero_pd(); return {z, z, z, z}; }
+inline void vd_add(VD& acc, VF x) {
+  acc.d0 = _mm256_add_pd(acc.d0, _mm256_cvtps_pd(_mm256_castps256_ps128(x.a)));
+  acc.d1 = _mm256_add_pd(acc.d1, _mm256_cvtps_pd(_mm256_extractf128_ps(x.a, 1)));
+  acc.d2 = _mm256_add_pd(acc.d2, _mm256_cvtps_pd(_mm256_castps256_ps128(x.b)));
+  acc.d3 = _mm256_add_pd(acc.d3, _mm256_cvtps_pd(_mm256_extractf128_ps(x.b, 1)));
+}
+inline void vd_store(double* p, const VD& a) {
+  _mm256_storeu_pd(p, a.d0); _mm256_storeu_pd(p + 4, a.d1); _mm256_storeu_pd(p + 8, a.d2); _mm256_storeu_pd(p + 12, a.d3);
+}
+#else
+struct VD { double v[16]; };
+inline VD vd_zero() { VD r; for (int j = 0; j < 16; ++j) r.v[j] = 0.0; return r; }
+inline void vd_add(VD& acc, VF x) { for (int j = 0; j < 16; ++j) acc.v[j] += double(x.v[j]); }
+inline void vd_store(double* p, const VD& a) { for (int j = 0; j < 16; ++j) p[j] = a.v[j]; }
+#endif
+inline double vd_reduce(const VD& a) {
+  double t[16];
+  vd_store(t, a);
+  double s = 0.0;
+  for (int j = 0; j < 16; ++j) s += t[j];
+  return s;
+}
+// Philox4x32-10 on 16 counters at once (lane j: counter word 0 = c0 lane j).
+struct VPhilox { VI w0, w1, w2, w3; };
+inline VI iset_(uint32_t c) { return iset(c); }
+inline VPhilox vphilox(VI c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  VI x0 = c0, x1 = iset(c1), x2 = iset(c2), x3 = iset(c3);
+  for (int r = 0; r < 10; ++r) {
+    VI hi0, lo0, hi1, lo1;
+    imulhilo(x0, kPhiloxM0, hi0, lo0);
+    imulhilo(x2, kPhiloxM1, hi1, lo1);
+    VI n0 = ixor(ixor(hi1, x1), iset(k0));
+    VI n2 = ixor(ixor(hi0, x3), iset(k1));
+    x0 = n0; x1 = lo1; x2 = n2; x3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return {x0, x1, x2, x3};
+}
+}  // namespace dk::simd

@@ -1,0 +1,61 @@
+// decodekit: torch-free common definitions shared by the CPU and CUDA kernels.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DK_HOST_DEVICE __host__ __device__ __forceinline__
+#define DK_DEVICE __device__ __forceinline__
+#else
+#define DK_HOST_DEVICE inline
+#define DK_DEVICE inline
+#endif
+
+namespace dk {
+
+// Raw 16-bit float storage types (bit patterns); conversions below are exact.
+struct bf16_t { uint16_t x; };
+struct f16_t { uint16_t x; };
+
+DK_HOST_DEVICE float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f; __builtin_memcpy(&f, &u, 4); return f;
+#endif
+}
+DK_HOST_DEVICE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u; __builtin_memcpy(&u, &f, 4); return u;
+#endif
+}
+
+DK_HOST_DEVICE float to_float(float v) { return v; }
+DK_HOST_DEVICE float to_float(bf16_t v) { return bits_to_float(uint32_t(v.x) << 16); }
+DK_HOST_DEVICE float to_float(f16_t v) {
+  // IEEE half -> float, exact (handles subnormals, inf, nan).
+  uint32_t h = v.x;
+  uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    if (man == 0) return bits_to_float(sign);
+    // subnormal: value = man * 2^-24
+    float f = float(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// Order-preserving map float -> uint32 (larger float => larger key). NaN is not ordered.
+DK_HOST_DEVICE uint32_t float_key(float f) {
+  uint32_t u = float_to_bits(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kPosInf = __builtin_huge_valf();
+
+}  // namespace dk

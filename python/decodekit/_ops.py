@@ -1,0 +1,30 @@
+"""Loads the native extension and registers the fake (meta) implementations of every op."""
+import torch
+
+from . import _C  # noqa: F401  (registers the ops via TORCH_LIBRARY)
+
+ops = torch.ops.decodekit
+
+
+def _n_out(x, indices):
+    return x.shape[0] if indices is None else indices.shape[0]
+
+
+@torch.library.register_fake("decodekit::sample")
+def _sample_fake(x, indices, is_probs, temperature_arr, temperature_val, top_k_arr, top_k_val, top_p_arr,
+                 top_p_val, min_p_arr, min_p_val, order, seed_arr, seed_val, offset):
+    n = _n_out(x, indices)
+    return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.bool),
+            x.new_empty((n,), dtype=torch.float32))
+
+
+@torch.library.register_fake("decodekit::gumbel_sample")
+def _gumbel_fake(logits, indices, seed_arr, seed_val, offset):
+    n = _n_out(logits, indices)
+    return logits.new_empty((n,), dtype=torch.int64), logits.new_empty((n,), dtype=torch.bool)
+
+
+@torch.library.register_fake("decodekit::filter")
+def _filter_fake(x, kind, is_probs, temperature_arr, temperature_val, top_k_arr, top_k_val, top_p_arr, top_p_val,
+                 min_p_arr, min_p_val, order):
+    return x.new_empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)

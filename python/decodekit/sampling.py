@@ -1,0 +1,211 @@
+"""Filtering and exact sampling (FlashInfer-compatible names and argument orders).
+
+Semantics: ../DESIGN.md section 3 (summarised in the README). Every sampler draws EXACTLY from the
+renormalised survivors of its filters with a counter-based Philox stream, so the same seed gives
+the same tokens on every CPU path and thread count.
+"""
+from typing import Optional, Union
+
+import torch
+
+from ._ops import ops
+
+__all__ = [
+    "softmax", "top_k_mask_logits", "top_p_mask_logits", "min_p_mask_logits",
+    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs",
+    "sampling_from_probs", "sampling_from_logits", "top_k_sampling_from_probs", "top_p_sampling_from_probs",
+    "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs", "top_k_top_p_sampling_from_logits", "sample",
+]
+
+Param = Union[float, int, torch.Tensor, None]
+_ORDERS = {"sequential": 0, "top_k_first": 0, "joint": 1}
+_MASK, _RENORM, _SOFTMAX = 0, 1, 2
+
+
+def _split(value: Param, default, name: str, kind=float):
+    """A per-row parameter as (tensor or None, scalar)."""
+    if value is None:
+        return None, default
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return None, kind(value.item())
+        return value, default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}")
+    return None, kind(value)
+
+
+def _order(order: str) -> int:
+    if order not in _ORDERS:
+        raise ValueError(f"filter_apply_order must be one of {sorted(_ORDERS)}, got {order!r}")
+    return _ORDERS[order]
+
+
+def _seed(seed, offset, generator, device):
+    """(seed tensor or None, scalar seed, offset). seed None: one 63-bit draw from the generator."""
+    if offset is None:
+        offset = 0
+    if isinstance(offset, torch.Tensor):
+        offset = int(offset.item())
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    if seed is None:
+        s = torch.randint(0, 2**63 - 1, (1,), generator=generator, device="cpu").item()
+        return None, int(s), offset
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() == 0:
+            return None, int(seed.item()), offset
+        if seed.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"seed must be an int or an int64 tensor, got dtype {seed.dtype}")
+        return seed.to(device), 0, offset
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    return None, seed & 0xFFFFFFFFFFFFFFFF if seed >= 0 else seed, offset
+
+
+def _check_nan(x, check_nan, name):
+    if check_nan and bool(torch.isnan(x).any()):
+        raise ValueError(f"{name} contains NaN")
+
+
+def _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs=False):
+    if out_dtype is not None and out_dtype != torch.int64:
+        if out_dtype != torch.int32:
+            raise ValueError(f"out_dtype must be torch.int64 or torch.int32, got {out_dtype}")
+        tokens = tokens.to(torch.int32)
+    out = (tokens,)
+    if return_valid:
+        out += (valid,)
+    if return_logprobs:
+        out += (logprobs,)
+    return out[0] if len(out) == 1 else out
+
+
+def _run_sample(x, is_probs, *, temperature=1.0, top_k=None, top_p=None, min_p=None, order=0, indices=None,
+                generator=None, seed=None, offset=None, check_nan=False, return_valid=False, return_logprobs=False,
+                out_dtype=None, name="probs"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor")
+    _check_nan(x, check_nan, name)
+    T_arr, T_val = _split(temperature, 1.0, "temperature")
+    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    seed_arr, seed_val, off = _seed(seed, offset, generator, x.device)
+    if seed_arr is None and seed_val >= 2**63:
+        seed_val -= 2**64
+    tokens, valid, logprobs = ops.sample(x, indices, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
+                                         mp_val, order, seed_arr, seed_val, off)
+    return _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# filters
+def softmax(logits: torch.Tensor, temperature: Param = None, enable_pdl=None) -> torch.Tensor:
+    """softmax(logits / temperature) in float32 (temperature None means 1)."""
+    T_arr, T_val = _split(temperature, 1.0, "temperature")
+    if T_arr is None and T_val == 0:
+        raise ValueError("temperature must be > 0 for softmax, got 0")
+    if T_arr is not None and bool((T_arr == 0).any()):
+        raise ValueError("temperature must be > 0 for softmax in every row")
+    return ops.filter(logits, _SOFTMAX, False, T_arr, T_val, None, 0, None, 1.0, None, 0.0, 0)
+
+
+def top_k_mask_logits(logits: torch.Tensor, top_k: Param) -> torch.Tensor:
+    """Logits with -inf outside the top-k (ties at the k-th value kept); same dtype."""
+    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    return ops.filter(logits, _MASK, False, None, 1.0, k_arr, k_val, None, 1.0, None, 0.0, 0)
+
+
+def top_p_mask_logits(logits: torch.Tensor, top_p: Param) -> torch.Tensor:
+    """Logits with -inf outside the top-p nucleus of softmax(logits); same dtype."""
+    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    return ops.filter(logits, _MASK, False, None, 1.0, None, 0, p_arr, p_val, None, 0.0, 0)
+
+
+def min_p_mask_logits(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
+    """Logits with -inf where softmax prob < min_p * max prob; same dtype."""
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    return ops.filter(logits, _MASK, False, None, 1.0, None, 0, None, 1.0, mp_arr, mp_val, 0)
+
+
+def top_k_renorm_probs(probs: torch.Tensor, top_k: Param) -> torch.Tensor:
+    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    return ops.filter(probs, _RENORM, True, None, 1.0, k_arr, k_val, None, 1.0, None, 0.0, 0)
+
+
+def top_p_renorm_probs(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
+    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    return ops.filter(probs, _RENORM, True, None, 1.0, None, 0, p_arr, p_val, None, 0.0, 0)
+
+
+def min_p_renorm_probs(probs: torch.Tensor, min_p: Param) -> torch.Tensor:
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    return ops.filter(probs, _RENORM, True, None, 1.0, None, 0, None, 1.0, mp_arr, mp_val, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers (FlashInfer signatures)
+def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                        offset=None, return_valid=False, out_dtype=None):
+    return _run_sample(probs, True, indices=indices, generator=generator, seed=seed, offset=offset,
+                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+
+
+def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                         offset=None, return_valid=False, out_dtype=None):
+    """Gumbel-max: argmax(logits + Gumbel noise), one Philox word pair per element."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError("logits must be a torch.Tensor")
+    _check_nan(logits, check_nan, "logits")
+    seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
+    if seed_arr is None and seed_val >= 2**63:
+        seed_val -= 2**64
+    tokens, valid = ops.gumbel_sample(logits, indices, seed_arr, seed_val, off)
+    return _finish(tokens, valid, None, out_dtype, return_valid)
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False, out_dtype=None):
+    return _run_sample(probs, True, top_k=top_k, indices=indices, generator=generator, seed=seed, offset=offset,
+                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False, out_dtype=None):
+    return _run_sample(probs, True, top_p=top_p, indices=indices, generator=generator, seed=seed, offset=offset,
+                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None, return_valid=False, out_dtype=None):
+    return _run_sample(probs, True, min_p=min_p, indices=indices, generator=generator, seed=seed, offset=offset,
+                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
+                                    return_valid=False, out_dtype=None):
+    return _run_sample(probs, True, top_k=top_k, top_p=top_p, order=_order(filter_apply_order), indices=indices,
+                       generator=generator, seed=seed, offset=offset, check_nan=check_nan,
+                       return_valid=return_valid, out_dtype=out_dtype)
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
+                                     return_valid=False, out_dtype=None):
+    return _run_sample(logits, False, top_k=top_k, top_p=top_p, order=_order(filter_apply_order),
+                       indices=indices, generator=generator, seed=seed, offset=offset, check_nan=check_nan,
+                       return_valid=return_valid, out_dtype=out_dtype, name="logits")
+
+
+def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
+           min_p: Param = None, order: str = "sequential", indices=None, seed=None, offset=None, generator=None,
+           check_nan=False, return_valid=False, return_logprobs=False, out_dtype=None):
+    """decodekit's one-pass sampler: temperature -> top-k -> top-p -> min-p (Hugging Face order, or
+    order="joint"), then an exact draw from the renormalised survivors. temperature 0 = greedy.
+    No probability row is materialised and the vocabulary is never sorted."""
+    return _run_sample(logits, False, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       order=_order(order), indices=indices, generator=generator, seed=seed, offset=offset,
+                       check_nan=check_nan, return_valid=return_valid, return_logprobs=return_logprobs,
+                       out_dtype=out_dtype, name="logits")
