@@ -249,7 +249,11 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, int64_t n, boo
   }
   r.t = t;
   r.minw = mp_on ? (w.probs ? rp.minp * w.m : rp.minp) : 0.f;
-  r.in_c = complete || (k_on || p_on ? t >= thrC : false) || (mp_on && minp_window_ok);
+  // S is inside the candidate list whenever top-k or top-p is active (their thresholds are
+  // values of C, an upper set) or min-p alone is active with a wide enough window. The method
+  // choice below depends on nothing else (not on whether C overflowed), so it is canonical.
+  (void)thrC;
+  r.in_c = k_on || p_on || (mp_on && minp_window_ok);
   return r;
 }
 
