@@ -203,9 +203,9 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
     const int64_t mn = flat.min().item<int64_t>(), mx = flat.max().item<int64_t>();
     DK_CHECK(mn >= 0 && mx < s.B * s.T, "retrive_index values must be in [0, B*T) = [0, ", s.B * s.T,
              "), got range [", mn, ", ", mx, "]");
-    if (flat.numel() > 1) {
-      at::Tensor srt = std::get<0>(flat.sort());
-      DK_CHECK(!(srt.slice(0, 1) == srt.slice(0, 0, -1)).any().item<bool>(),
+    // distinct: the canonical layout (b*T + t, as build_tree makes) or, otherwise, no slot counted twice
+    if (flat.numel() > 1 && !at::equal(flat, at::arange(s.B * s.T, flat.options()))) {
+      DK_CHECK(at::bincount(flat, {}, s.B * s.T).max().item<int64_t>() <= 1,
                "retrive_index values must be distinct (each node owns one predicts slot)");
     }
   }
