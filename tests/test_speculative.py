@@ -732,3 +732,49 @@ def test_bad_rows_do_not_crash():
     z = torch.zeros(2, 4, 30)
     out, _, _ = dk.chain_speculative_sampling(None, ids[:2], z, seed=1)
     assert bool((out[:, 0] == 0).all())
+
+
+# ---- CUDA (compiled here, run where a GPU exists): same tokens as the CPU for the same seed ------
+@pytest.mark.skipif(not torch.cuda.is_available() or not dk.build_info().get("cuda", False),
+                    reason="needs a CUDA build and a GPU")
+def test_cuda_matches_cpu():
+    dev = "cuda"
+    B, N, V = 16, 4, 5000
+    p, q, ids, lp = _chain_inputs(B, N, V, seed=50, peak=1.0)
+    nd = torch.randint(0, N + 1, (B,), generator=_gen(51))
+    seeds = torch.randint(0, 2**62, (B,), generator=_gen(52))
+    cases = [
+        lambda d: dk.chain_speculative_sampling(q.to(d), ids.to(d), p.to(d), seed=5, num_draft_tokens=nd.to(d)),
+        lambda d: dk.chain_speculative_sampling(None, ids.to(d), p.to(d), seed=seeds.to(d), offset=9),
+        lambda d: dk.chain_speculative_sampling_from_logits(q.to(d), ids.to(d), lp.to(d), temperature=0.8, seed=6),
+        lambda d: dk.chain_speculative_sampling_from_logits(None, ids.to(d), lp.to(d).half(), seed=7),
+        lambda d: dk.greedy_verify(ids.to(d), lp.to(d)),
+    ]
+    T = 9
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
+    g = _gen(53)
+    lt = torch.randn(B, T, V, generator=g)
+    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
+    cand = torch.zeros(B, T, dtype=torch.int64)
+    for node in range(T):
+        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
+        if kids:
+            cand[:, kids] = _without_replacement(qt[:, node], len(kids), g)
+
+    def tree(d):
+        t = dk.build_tree(parents.to(d), 3)
+        return t, (cand.to(d), t.retrive_index, t.retrive_next_token, t.retrive_next_sibling)
+    cases += [
+        lambda d: tuple(tree(d)[0]),
+        lambda d: dk.tree_speculative_sampling(*tree(d)[1], lt.softmax(-1).to(d), qt.to(d), seed=8),
+        lambda d: dk.tree_speculative_sampling(*tree(d)[1], lt.softmax(-1).to(d), None, seed=seeds.to(d)),
+        lambda d: dk.tree_speculative_sampling_from_logits(*tree(d)[1], lt.to(d), qt.to(d), temperature=1.1, seed=9),
+        lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.to(d)),
+        lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.argmax(-1).to(d)),
+    ]
+    for i, case in enumerate(cases):
+        cpu, gpu = case("cpu"), case(dev)
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(a, b.cpu()), f"case {i}"
+    with pytest.raises(ValueError, match="CPU only"):
+        dk.chain_speculative_sampling_from_logits(q.to(dev), ids.to(dev), lp.to(dev), top_k=5, seed=1)
