@@ -778,3 +778,22 @@ def test_cuda_matches_cpu():
             assert torch.equal(a, b.cpu()), f"case {i}"
     with pytest.raises(ValueError, match="CPU only"):
         dk.chain_speculative_sampling_from_logits(q.to(dev), ids.to(dev), lp.to(dev), top_k=5, seed=1)
+
+
+def test_unreachable_nodes_are_ignored():
+    """Nodes no walk can reach (SGLang leaves such nodes when a drafted parent is dropped) are never
+    visited, even if their links form a cycle; wide stars are checked by sorting, not quadratically."""
+    t = dk.build_tree(torch.tensor([[-1, 0, 0, 1, 1]]), 0)
+    nt, ns = t.retrive_next_token.clone(), t.retrive_next_sibling.clone()
+    nt[0, 1] = -1
+    nt[0, 3], ns[0, 4] = 4, 3
+    tp = torch.rand(1, 5, 10, generator=_gen(1)).softmax(-1)
+    pred, ai, an = dk.tree_speculative_sampling(torch.tensor([[0, 1, 2, 3, 3]]), t.retrive_index, nt, ns, tp, seed=1)
+    assert int(an[0]) <= 1 and int(ai[0, 2]) == -1
+    T = 3000
+    t = dk.build_tree(torch.tensor([[-1] + [0] * (T - 1)]), 0)
+    cand = torch.arange(T)[None].clone()
+    cand[0, 2500] = 7
+    with pytest.raises(ValueError, match="node 2500 carries the same token"):
+        dk.verify_tree_greedy(cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling,
+                              torch.zeros(1, T, 4000))

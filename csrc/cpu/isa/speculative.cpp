@@ -407,6 +407,27 @@ static void chain_rows_t(const ChainArgs& a, int64_t begin, int64_t end) {
 }
 
 // ---- tree ------------------------------------------------------------------------------------
+// Sibling tokens distinct (after check_tree_row: the reachable nodes, marked in ss.seen, have finite
+// sibling chains; unreachable ones are never walked): sort per node.
+inline int check_distinct_siblings(const int64_t* cand, const int64_t* nt, const int64_t* ns, int64_t T,
+                                   SpecScratch& ss, int64_t* bad) {
+  for (int64_t n = 0; n < T; ++n) {
+    if (!ss.seen[size_t(n)] || nt[n] == -1 || ns[nt[n]] == -1) continue;  // reachable nodes only
+    ss.kids.clear();
+    for (int64_t c = nt[n]; c != -1; c = ns[c]) ss.kids.push_back(cand[c]);
+    std::sort(ss.kids.begin(), ss.kids.end());
+    for (size_t i = 1; i < ss.kids.size(); ++i)
+      if (ss.kids[i] == ss.kids[i - 1]) {
+        for (int64_t c = nt[n]; c != -1; c = ns[c])  // report the later of the two siblings
+          for (int64_t d = nt[n]; d != c; d = ns[d])
+            if (cand[d] == ss.kids[i] && cand[c] == ss.kids[i]) { *bad = c; return kTreeDupSiblings; }
+        *bad = n;
+        return kTreeDupSiblings;
+      }
+  }
+  return kTreeOk;
+}
+
 template <class T>
 static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
@@ -422,7 +443,8 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
     const int64_t* nt = a.next_token + b * T_;
     const int64_t* ns = a.next_sibling + b * T_;
     int64_t bad = -1;
-    const int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : V, ss.seen.data(), ss.stack.data(), &bad);
+    int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : V, ss.seen.data(), ss.stack.data(), &bad, false);
+    if (e == kTreeOk) e = check_distinct_siblings(cand, nt, ns, T_, ss, &bad);
     a.err[b] = e;
     a.err_node[b] = bad;
     a.accept_num[b] = 0;

@@ -116,10 +116,12 @@ DK_HOST_DEVICE int build_tree_row(const I* parents, int64_t T, int64_t prefix_le
 // Check that retrive_next_token / retrive_next_sibling describe a tree rooted at node 0: every link
 // in [-1, T), node 0 never a child, no node reached twice (so every walk ends), reachable tokens in
 // [0, V) and distinct among siblings. `seen` is scratch of T bytes. Iterative (explicit stack in
-// `stack`, T entries). Returns an error code and sets *bad_node.
+// `stack`, T entries). Returns an error code and sets *bad_node. The sibling check here is
+// quadratic in the number of children; check_dups = false skips it (the CPU kernels check
+// distinctness by sorting instead).
 template <class I>
 DK_HOST_DEVICE int check_tree_row(const I* cand, const I* next_token, const I* next_sibling, int64_t T, int64_t V,
-                                  uint8_t* seen, int64_t* stack, int64_t* bad_node) {
+                                  uint8_t* seen, int64_t* stack, int64_t* bad_node, bool check_dups = true) {
   for (int64_t t = 0; t < T; ++t) seen[t] = 0;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t a = int64_t(next_token[t]), b = int64_t(next_sibling[t]);
@@ -140,8 +142,9 @@ DK_HOST_DEVICE int check_tree_row(const I* cand, const I* next_token, const I* n
       seen[c] = 1;
       const int64_t x = int64_t(cand[c]);
       if (x < 0 || x >= V) return kTreeTokenRange;
-      for (int64_t d = int64_t(next_token[n]); d != c; d = int64_t(next_sibling[d]))
-        if (int64_t(cand[d]) == x) return kTreeDupSiblings;
+      if (check_dups)
+        for (int64_t d = int64_t(next_token[n]); d != c; d = int64_t(next_sibling[d]))
+          if (int64_t(cand[d]) == x) return kTreeDupSiblings;
       stack[sp++] = c;
     }
   }
