@@ -266,8 +266,9 @@ def test_tree_lossless(shape, with_draft):
     _check_tree(Target("probs", "none"), shape, with_draft, 5 + list(SHAPES).index(shape), f"tree {shape}")
 
 
-@pytest.mark.parametrize("filt,shape", [("top_k", "star3"), ("top_p", "binary"), ("min_p", "mixed")])
-@pytest.mark.parametrize("with_draft", [True, False], ids=["draft_probs", "one_hot"])
+@pytest.mark.parametrize("filt,shape,with_draft", [
+    (f, s, d) for f, s in (("top_k", "star3"), ("top_p", "binary"), ("min_p", "mixed")) for d in (True, False)]
+    + [("temp", "star3", True)])
 def test_tree_lossless_filtered_logits(filt, shape, with_draft):
     _check_tree(Target("logits", filt), shape, with_draft, 40 + list(FILTERS).index(filt), f"tree {shape} ({filt})")
 
@@ -474,6 +475,7 @@ def test_logits_form_agrees_with_reference():
     exp = ref.chain_speculative_sampling_from_logits(q, ids, lp, seed=3, **kw)
     same = (got[0] == exp[0]).all(-1)
     assert float(same.double().mean()) >= 0.98
+    assert float((got[1] == exp[1]).double().mean()) >= 0.98 and float((got[2] == exp[2]).double().mean()) >= 0.98
     # every emitted token survives the filters
     surv = ref.survivors(lp.reshape(-1, V), temperature=0.9, top_k=20, top_p=0.9, min_p=0.02).reshape(B, N + 1, V)
     pos = got[2].long()
