@@ -28,3 +28,9 @@ def _gumbel_fake(logits, indices, seed_arr, seed_val, offset):
 def _filter_fake(x, kind, is_probs, temperature_arr, temperature_val, top_k_arr, top_k_val, top_p_arr, top_p_val,
                  min_p_arr, min_p_val, order):
     return x.new_empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
+
+
+@torch.library.register_fake("decodekit::tree_attention")
+def _tree_attention_fake(q, k, v, tree_mask, prefix_lens, sm_scale, kv_layout):
+    B, T, Hq, D = q.shape
+    return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)
