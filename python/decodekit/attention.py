@@ -11,7 +11,7 @@ import torch
 
 from ._ops import ops
 
-__all__ = ["tree_attention", "tree_attention_mask", "pack_tree_mask", "unpack_tree_mask"]
+__all__ = ["tree_attention", "tree_attention_mask", "pack_tree_mask", "unpack_tree_mask", "register_hf_attention"]
 
 PrefixLens = Union[int, Sequence[int], torch.Tensor]
 
@@ -125,3 +125,70 @@ def tree_attention_mask(tree_mask: torch.Tensor, prefix_lens: PrefixLens, kv_len
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be torch.bool or a floating dtype, got {dtype}")
     return torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, torch.finfo(dtype).min)
+
+
+# ---- Hugging Face transformers integration --------------------------------------------------
+HF_ATTENTION_NAME = "decodekit_tree"
+
+
+def _tree_from_dense(attention_mask: torch.Tensor, T: int, S: int):
+    """Recover (tree_mask bool [B, T, T], prefix_len) from a 4-D HF/SDPA mask whose last T key slots
+    are the tree and whose first S - T slots are fully visible; None if the mask is not of that form."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-2] != T:
+        return None
+    m = attention_mask[:, 0]
+    if m.shape[-1] < S:
+        return None
+    m = m[..., :S]
+    if m.dtype == torch.bool:
+        vis = m
+    else:
+        vis = m == 0
+        hidden = m <= torch.finfo(m.dtype).min / 2
+        if not bool((vis | hidden).all()):
+            return None  # a bias that is neither 0 nor "masked": not a plain tree mask
+    P = S - T
+    if P > 0 and not bool(vis[..., :P].all()):
+        return None  # padding or a sliding window in the prefix
+    return vis[..., P:].contiguous(), P
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                         scaling: Optional[float] = None, **kwargs):
+    """A transformers attention function (AttentionInterface signature) that runs decodekit's tree
+    attention kernel when the step is a tree (or causal) verification step over a KV cache:
+    query [B, Hq, T, D], key/value [B, Hkv, S, D] (the HF cache layout = kv_layout "HND"), the tree in
+    the last T cache slots. The tree mask comes from kwargs `tree_mask` / `prefix_lens` when given
+    to the model call, else it is read off the 4-D attention mask (e.g. tree_attention_mask(...)).
+    Anything else (no mask, padding, biases, dropout, unsupported head dim) falls back to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, T, D = query.shape
+    S = key.shape[2]
+    tree_mask, prefix_lens = kwargs.get("tree_mask"), kwargs.get("prefix_lens")
+    ok = (dropout == 0.0 and D in (64, 80, 96, 128, 256) and query.dtype == key.dtype == value.dtype
+          and query.device.type == "cpu" and kwargs.get("softcap") is None)
+    if ok and tree_mask is None:
+        found = _tree_from_dense(attention_mask, T, S)
+        if found is not None:
+            tree_mask, P = found
+            tree_mask = tree_mask.expand(B, T, T)
+            prefix_lens = torch.full((B,), P, dtype=torch.int64)
+    if not ok or tree_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    out = tree_attention(query.transpose(1, 2), key, value, tree_mask, prefix_lens, sm_scale=scaling,
+                         kv_layout="HND")
+    return out, None
+
+
+def register_hf_attention(name: str = HF_ATTENTION_NAME) -> str:
+    """Register hf_attention_forward with transformers' AttentionInterface (and SDPA-style masks with
+    AttentionMaskInterface) under `name`, so `model.set_attn_implementation(name)` or
+    `from_pretrained(..., attn_implementation=name)` uses decodekit for tree verification."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, hf_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
