@@ -104,6 +104,26 @@ def test_lse_matches_reference(isa, dtype):
     assert abs(lse[2, 4, 1].item() - torch.logsumexp(s, 0).item()) < atol
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("mode", ["amx", "dpbf16", "fma"])
+def test_bf16_kernels(mode, monkeypatch):
+    """The AVX-512 path has three bf16 kernels: AMX tiles (default where the CPU/OS allow it),
+    vdpbf16ps (default otherwise) and fp32 FMA after conversion; DECODEKIT_ATTN_BF16 forces one."""
+    monkeypatch.setenv("DECODEKIT_ATTN_BF16", mode)
+    decodekit.set_isa("avx512")
+    try:
+        gen = torch.Generator().manual_seed(8)
+        for D in HEAD_DIMS:
+            for T, prefix, (Hq, Hkv) in ((1, [0, 300], (4, 4)), (21, [129, 64], (8, 1)), (17, [5, 0], (16, 2))):
+                q, k, v, tm, pl = make_case(2, T, Hq, Hkv, D, prefix, torch.bfloat16, "HND", gen)
+                out, lse = decodekit.tree_attention(q, k, v, tm, pl, kv_layout="HND", return_lse=True)
+                check_close(out, sdpa_expected(q, k, v, tm, pl, "HND"), torch.bfloat16, f"{mode} D={D} T={T}")
+                rlse = ref.tree_attention(q, k, v, tm, pl, kv_layout="HND")[1]
+                torch.testing.assert_close(lse, rlse, atol=5e-3, rtol=1e-5)
+    finally:
+        decodekit.set_isa("auto")
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_edge_shapes(isa):
     gen = torch.Generator().manual_seed(3)

@@ -21,6 +21,11 @@
 #if defined(DK_ISA_AVX512) || defined(DK_ISA_AVX2)
 #include <immintrin.h>
 #endif
+#if defined(DK_ISA_AVX512)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace dk::cpu::DK_ISA_NAME {
 namespace {
@@ -52,7 +57,9 @@ struct VT {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static float hmax(V a) { return _mm512_reduce_max_ps(a); }
+  static float hmin(V a) { return _mm512_reduce_min_ps(a); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
   static V exp2(V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // -inf -> 2^-127 (~1e-38): negligible next to 1
@@ -94,10 +101,17 @@ struct VT {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static float hmax(V a) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+  }
+  static float hmin(V a) {
+    __m128 h = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
     return _mm_cvtss_f32(h);
   }
   static float hsum(V a) {
@@ -147,7 +161,9 @@ struct VT {
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V max(V a, V b) { return a > b ? a : b; }
+  static V min(V a, V b) { return a < b ? a : b; }
   static float hmax(V a) { return a; }
+  static float hmin(V a) { return a; }
   static float hsum(V a) { return a; }
   static V exp2(V x) { return std::exp2(x); }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
@@ -259,33 +275,53 @@ void pv_tile_f32(float* O, int64_t D, const float* alpha, const float* P, int nv
   }
 }
 
-// Online-softmax update of R rows from their score tile S (kN wide, first nv valid).
-// Writes P = exp2(c*S - m_new) into P (fp32), the rescale factor into alpha, updates m and l.
-inline void softmax_rows(int R, float* S, int nv, float c, float* P, float* alpha, float* m, float* l) {
+// Online-softmax update of R (<= 16) rows from their raw score tile S (kN wide, first nv valid):
+// x = c * S (log2 domain), m_new = max(m, max x), alpha = 2^(m - m_new), P = 2^(x - m_new),
+// l = l * alpha + sum P. P is written as fp32 ([R][kN]) or, with kBf16Out, as bf16 ([R][kN]).
+template <bool kBf16Out>
+void softmax_rows(int R, float* S, int nv, float c, void* Pout, float* alpha, float* m, float* l) {
+  // padded keys: a score whose scaled value is -inf, so its weight is 0 (at most 2^-126)
+  if (nv < kN)
+    for (int r = 0; r < R; ++r)
+      for (int n = nv; n < kN; ++n) S[r * kN + n] = c > 0 ? kNegInf : -kNegInf;
+  alignas(64) float mo[32], mn[32], al[32];
+  for (int r = 0; r < R; ++r) {
+    const float* s = S + r * kN;
+    float x;
+    if (c > 0) {
+      V a = VT::load(s);
+      for (int n = W; n < kN; n += W) a = VT::max(a, VT::load(s + n));
+      x = c * VT::hmax(a);
+    } else {
+      V a = VT::load(s);
+      for (int n = W; n < kN; n += W) a = VT::min(a, VT::load(s + n));
+      x = c * VT::hmin(a);
+    }
+    mo[r] = m[r];
+    mn[r] = std::max(m[r], x);
+  }
+  for (int r = R; r < (R + W - 1) / W * W; ++r) mo[r] = mn[r] = 0.f;
+  for (int r = 0; r < R; r += W) VT::store(al + r, VT::exp2(VT::sub(VT::load(mo + r), VT::load(mn + r))));
   const V cv = VT::set1(c);
   for (int r = 0; r < R; ++r) {
-    float* s = S + r * kN;
-    for (int n = 0; n < kN; n += W) VT::store(s + n, VT::mul(VT::load(s + n), cv));
-    for (int n = nv; n < kN; ++n) s[n] = kNegInf;
-    V mx = VT::load(s);
-    for (int n = W; n < kN; n += W) mx = VT::max(mx, VT::load(s + n));
-    const float m_old = m[r];
-    const float m_new = std::max(m_old, VT::hmax(mx));
-    const float a = std::exp2(m_old - m_new);  // m_old = -inf -> 0
-    const V mv = VT::set1(m_new);
+    const float* s = S + r * kN;
+    const V mv = VT::set1(-mn[r]);
     V sum = VT::zero();
-    float* p = P + r * kN;
     for (int n = 0; n < kN; n += W) {
-      V e = VT::exp2(VT::sub(VT::load(s + n), mv));
-      VT::store(p + n, e);
+      V e = VT::exp2(VT::fma(VT::load(s + n), cv, mv));
       sum = VT::add(sum, e);
+      if constexpr (kBf16Out) {
+#if defined(DK_ISA_AVX512)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(Pout) + r * kN + n),
+                            (__m256i)_mm512_cvtneps_pbh(e));
+#endif
+      } else {
+        VT::store(static_cast<float*>(Pout) + r * kN + n, e);
+      }
     }
-    // padded lanes hold at most 2^-126 each; drop them from the sum exactly
-    float pad = 0.f;
-    for (int n = nv; n < kN; ++n) pad += p[n], p[n] = 0.f;
-    l[r] = l[r] * a + (VT::hsum(sum) - pad);
-    m[r] = m_new;
-    alpha[r] = a;
+    l[r] = l[r] * al[r] + VT::hsum(sum);
+    m[r] = mn[r];
+    alpha[r] = al[r];
   }
 }
 
@@ -365,14 +401,44 @@ void pv_tile_bf16(float* O, int64_t D, const float* alpha, const uint32_t* Pw, i
   }
 }
 
+// 16 x 16 transpose of 32-bit elements: r[i][j] -> r[j][i].
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // u[4g + i], 128-bit lane L = column 4L + i of rows 4g .. 4g+3
+  for (int i = 0; i < 4; ++i) {
+    __m512i v0 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0x44), v1 = _mm512_shuffle_i32x4(u[i], u[4 + i], 0xee);
+    __m512i w0 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0x44), w1 = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0xee);
+    r[i] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + i] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[8 + i] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
 // Pack nv (<= kN) bf16 key rows into Kp[D/2][kN] words (keys in lanes), zero padded.
 void pack_k_bf16(const bf16_t* k, int64_t ks, int nv, int64_t D, uint32_t* Kp) {
   const int64_t D2 = D / 2;
-  if (nv < kN)
-    for (int64_t p = 0; p < D2; ++p) std::memset(Kp + p * kN + nv, 0, size_t(kN - nv) * 4);
-  for (int n = 0; n < nv; ++n) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(k + n * ks);
-    for (int64_t p = 0; p < D2; ++p) Kp[p * kN + n] = row[p];
+  for (int n0 = 0; n0 < kN; n0 += 16) {
+    for (int64_t p0 = 0; p0 < D2; p0 += 16) {
+      const int w = int(std::min<int64_t>(16, D2 - p0));
+      const __mmask16 lm = __mmask16((1u << w) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < nv ? _mm512_maskz_loadu_epi32(lm, reinterpret_cast<const uint32_t*>(k + (n0 + i) * ks) + p0)
+                           : _mm512_setzero_si512();
+      transpose16(r);
+      for (int i = 0; i < w; ++i) _mm512_storeu_si512(Kp + (p0 + i) * kN + n0, r[i]);
+    }
   }
 }
 
@@ -404,6 +470,57 @@ void pack_v_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vp) {
 #endif
 
 // Pack nv (<= kN) key rows into Kt[D][kN] fp32 (keys in lanes), zero padded.
+#if defined(DK_ISA_AVX512)
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16f(const bf16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+template <class T>
+void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float*) {
+  for (int n0 = 0; n0 < kN; n0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < nv ? _mm512_castps_si512(load16f(k + (n0 + i) * ks + d0)) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Kt + (d0 + i) * kN + n0, r[i]);
+    }
+}
+#elif defined(DK_ISA_AVX2)
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8f(const bf16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+template <class T>
+void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float*) {
+  for (int n0 = 0; n0 < kN; n0 += 8)
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = n0 + i < nv ? load8f(k + (n0 + i) * ks + d0) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(Kt + (d0 + i) * kN + n0, r[i]);
+    }
+}
+#else
 template <class T>
 void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row) {
   if (nv < kN)
@@ -415,6 +532,7 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row
     for (int64_t d = 0; d < D; ++d) Kt[d * kN + n] = src[d];
   }
 }
+#endif
 
 inline float dot_f32(const float* a, const float* b, int64_t D) {
   V acc = VT::zero();
@@ -422,33 +540,147 @@ inline float dot_f32(const float* a, const float* b, int64_t D) {
   return VT::hsum(acc);
 }
 
+#if defined(DK_ISA_AVX512)
+// ---- AMX (tile) path for bf16: S = Q K^T and O += P V with tdpbf16ps ---------------------------
+// Tiles (all 16 rows x 64 bytes): 0-3 accumulators, 4-5 A operands, 6-7 B operands. The B operands
+// use the same pair-interleaved ("VNNI") packing as the vdpbf16ps path: Kp [D/2][kN] words, Vp
+// [kN/2][D] words. Rows are processed 16 at a time; Q and O are padded to a multiple of 16 rows.
+struct alignas(64) TileCfg {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_ready() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(d & (1u << 24)) || !(d & (1u << 22))) return false;  // AMX-TILE, AMX-BF16
+    // Linux: ask for the XTILEDATA state (ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18).
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+// Which bf16 kernel the AVX-512 path uses: AMX when the CPU/OS allow it, else vdpbf16ps.
+// DECODEKIT_ATTN_BF16=dpbf16 | amx | fma forces one (amx falls back to dpbf16 when unavailable).
+int bf16_mode() {
+  const char* e = std::getenv("DECODEKIT_ATTN_BF16");
+  if (e && std::strcmp(e, "dpbf16") == 0) return 1;
+  if (e && std::strcmp(e, "fma") == 0) return 0;
+  return amx_ready() ? 2 : 1;
+}
+
+#define DK_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+DK_AMX_TARGET void amx_config() {
+  TileCfg cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  // inline asm with a memory operand: GCC 12 drops the stores to cfg before _tile_loadconfig
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+}
+DK_AMX_TARGET void amx_release() { _tile_release(); }
+
+// S[16][kN] = Q[16][D] . Kp (bf16 in, fp32 out).
+DK_AMX_TARGET void amx_scores(const uint16_t* Q, int64_t D, const uint32_t* Kp, float* S) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t dc = 0; dc < D; dc += 32) {
+    const uint32_t* kp = Kp + (dc / 2) * kN;
+    _tile_loadd(4, Q + dc, D * 2);
+    _tile_loadd(6, kp, kN * 4);
+    _tile_loadd(7, kp + 16, kN * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(6, kp + 32, kN * 4);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(7, kp + 48, kN * 4);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  _tile_stored(0, S, kN * 4);
+  _tile_stored(1, S + 16, kN * 4);
+  _tile_stored(2, S + 32, kN * 4);
+  _tile_stored(3, S + 48, kN * 4);
+}
+
+// O[16][D] += Pb[16][kN] . Vp (the P halves stay in tiles 4, 5 across the d groups).
+DK_AMX_TARGET void amx_pv(const uint16_t* Pb, const uint32_t* Vp, int64_t D, float* O) {
+  _tile_loadd(4, Pb, kN * 2);
+  _tile_loadd(5, Pb + 32, kN * 2);
+  const uint32_t* v1 = Vp + 16 * D;  // key pairs 16..31
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    _tile_loadd(0, O + d, D * 4);
+    _tile_loadd(1, O + d + 16, D * 4);
+    _tile_loadd(2, O + d + 32, D * 4);
+    _tile_loadd(3, O + d + 48, D * 4);
+    _tile_loadd(6, Vp + d, D * 4);
+    _tile_loadd(7, v1 + d, D * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(0, 5, 7);
+    _tile_loadd(6, Vp + d + 16, D * 4);
+    _tile_loadd(7, v1 + d + 16, D * 4);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(1, 5, 7);
+    _tile_loadd(6, Vp + d + 32, D * 4);
+    _tile_loadd(7, v1 + d + 32, D * 4);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_dpbf16ps(2, 5, 7);
+    _tile_loadd(6, Vp + d + 48, D * 4);
+    _tile_loadd(7, v1 + d + 48, D * 4);
+    _tile_dpbf16ps(3, 4, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_stored(0, O + d, D * 4);
+    _tile_stored(1, O + d + 16, D * 4);
+    _tile_stored(2, O + d + 32, D * 4);
+    _tile_stored(3, O + d + 48, D * 4);
+  }
+  for (; d < D; d += 16) {  // D = 80, 96: 16-wide remainder
+    _tile_loadd(0, O + d, D * 4);
+    _tile_loadd(6, Vp + d, D * 4);
+    _tile_loadd(7, v1 + d, D * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(0, 5, 7);
+    _tile_stored(0, O + d, D * 4);
+  }
+}
+#endif
+
 // ---- one (batch, kv head) work item -----------------------------------------------------------
-template <class T, bool kBf16Dot>
+// kMode: 0 = fp32 FMA (every ISA; bf16/fp16 converted while packing), 1 = vdpbf16ps, 2 = AMX.
+template <class T, int kMode>
 void group(const AttnArgs& a, int64_t b, int64_t h) {
   Scratch& s = scratch();
   const int64_t T_ = a.T, D = a.D, G = a.Hq / a.Hkv, M = T_ * G;
+  const int64_t Mp = kMode == 2 ? (M + 15) / 16 * 16 : M;  // AMX works on 16-row tiles
   const int64_t P = a.prefix_lens[b];
   const float c = a.sm_scale * kLog2e;
   const T* q = static_cast<const T*>(a.q) + b * a.q_sb;
   const T* k = static_cast<const T*>(a.k) + b * a.k_sb + h * a.k_sh;
   const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
 
-  float* O = s.o.get<float>(size_t(M * D));
+  float* O = s.o.get<float>(size_t(Mp * D));
   float* mrow = s.ml.get<float>(size_t(2 * M));
   float* lrow = mrow + M;
-  std::memset(O, 0, size_t(M * D) * sizeof(float));
+  std::memset(O, 0, size_t(Mp * D) * sizeof(float));
   for (int64_t i = 0; i < M; ++i) mrow[i] = kNegInf, lrow[i] = 0.f;
   float* row = s.row.get<float>(size_t(4 * D + 64));
 
-  // Q rows of the group, fp32 (or raw bf16 for the vdpbf16ps path).
+  // Q rows of the group: fp32, or raw bf16 for the vdpbf16ps / AMX paths (zero pad rows for AMX).
   float* Qf = nullptr;
-  const uint32_t* Qw = nullptr;
-  if constexpr (kBf16Dot) {
-    uint16_t* Qb = s.q.get<uint16_t>(size_t(M * D));
+  uint16_t* Qb = nullptr;
+  // AMX consumes d in chunks of 32: Q rows (and K pair rows) are zero padded to Dq = roundup(D, 32).
+  const int64_t Dq = kMode == 2 ? (D + 31) / 32 * 32 : D;
+  if constexpr (kMode != 0) {
+    Qb = s.q.get<uint16_t>(size_t(Mp * Dq));
+    if (Mp > M || Dq > D) std::memset(Qb, 0, size_t(Mp * Dq) * 2);
     for (int64_t t = 0; t < T_; ++t)
       for (int64_t g = 0; g < G; ++g)
-        std::memcpy(Qb + (t * G + g) * D, q + t * a.q_st + (h * G + g) * a.q_sh, size_t(D) * 2);
-    Qw = reinterpret_cast<const uint32_t*>(Qb);
+        std::memcpy(Qb + (t * G + g) * Dq, q + t * a.q_st + (h * G + g) * a.q_sh, size_t(D) * 2);
   } else {
     Qf = s.q.get<float>(size_t(M * D));
     for (int64_t t = 0; t < T_; ++t)
@@ -457,11 +689,13 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
 
   // ---- 1. dense prefix ----
   if (P > 0) {
-    float* S = s.s.get<float>(size_t(kR * kN));
-    float* Pm = s.p.get<float>(size_t(kR * kN));
-    float alpha[8];
-    if constexpr (kBf16Dot) {
+    constexpr int RT = kMode == 2 ? 16 : kR;  // rows per tile
+    float* S = s.s.get<float>(size_t(RT * kN));
+    float* Pm = s.p.get<float>(size_t(RT * kN));
+    float alpha[16];
+    if constexpr (kMode == 1) {
 #if defined(DK_ISA_AVX512)
+      const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
       uint32_t* Kp = s.kt.get<uint32_t>(size_t(D / 2 * kN));
       uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
       uint32_t* Pw = s.sc.get<uint32_t>(size_t(kR * kN / 2));
@@ -474,16 +708,41 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) { s_tile_bf16<decltype(RC)::value>(Qw + r0 * D2, D2, Kp, S); });
-          softmax_rows(R, S, nv, c, Pm, alpha, mrow + r0, lrow + r0);
-          for (int r = 0; r < R; ++r)
-            for (int n = 0; n < kN; n += 16)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(Pw + r * (kN / 2)) + n),
-                                  (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(Pm + r * kN + n)));
+          softmax_rows<true>(R, S, nv, c, Pw, alpha, mrow + r0, lrow + r0);
           dispatch_rows(R, [&](auto RC) {
             pv_tile_bf16<decltype(RC)::value>(O + r0 * D, D, alpha, Pw, npairs, Vp);
           });
         }
       }
+#endif
+    } else if constexpr (kMode == 2) {
+#if defined(DK_ISA_AVX512)
+      uint32_t* Kp = s.kt.get<uint32_t>(size_t(Dq / 2 * kN));
+      if (Dq > D) std::memset(Kp + D / 2 * kN, 0, size_t((Dq - D) / 2 * kN) * 4);
+      uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
+      uint16_t* Pb = s.sc.get<uint16_t>(size_t(16 * kN));
+      std::memset(Pb, 0, size_t(16 * kN) * 2);
+      amx_config();
+      for (int64_t s0 = 0; s0 < P; s0 += kN) {
+        const int nv = int(std::min<int64_t>(kN, P - s0));
+        pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
+        pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
+        const int npairs = (nv + 1) / 2;
+        if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
+        for (int64_t r0 = 0; r0 < Mp; r0 += 16) {
+          const int R = int(std::min<int64_t>(16, M - r0));
+          amx_scores(Qb + r0 * Dq, Dq, Kp, S);
+          softmax_rows<true>(R, S, nv, c, Pb, alpha, mrow + r0, lrow + r0);
+          for (int r = 0; r < R; ++r) {
+            const __m512 av = _mm512_set1_ps(alpha[r]);
+            float* o = O + (r0 + r) * D;
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+          }
+          amx_pv(Pb, Vp, D, O + r0 * D);
+          if (R < 16) std::memset(Pb + R * kN, 0, size_t((16 - R) * kN) * 2);  // keep pad rows zero
+        }
+      }
+      amx_release();
 #endif
     } else {
       float* Kt = s.kt.get<float>(size_t(D * kN));
@@ -505,7 +764,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) { s_tile_f32<decltype(RC)::value>(Qf + r0 * D, D, Kt, S); });
-          softmax_rows(R, S, nv, c, Pm, alpha, mrow + r0, lrow + r0);
+          softmax_rows<false>(R, S, nv, c, Pm, alpha, mrow + r0, lrow + r0);
           dispatch_rows(R, [&](auto RC) {
             pv_tile_f32<decltype(RC)::value>(O + r0 * D, D, alpha, Pm, nv, vsrc, ldv);
           });
@@ -540,7 +799,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t m = t * G + g;
         const float* qm;
-        if constexpr (kBf16Dot) {
+        if constexpr (kMode != 0) {
           cvt_row(q + t * a.q_st + (h * G + g) * a.q_sh, qrow, D);
           qm = qrow;
         } else {
@@ -594,16 +853,25 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
 }
 
 void tree_attention(const AttnArgs& a, int64_t begin, int64_t end) {
+#if defined(DK_ISA_AVX512)
+  const int bf16 = a.dtype == DType::BF16 ? bf16_mode() : 0;
+#endif
   for (int64_t w = begin; w < end; ++w) {
     const int64_t b = w / a.Hkv, h = w % a.Hkv;
     switch (a.dtype) {
-      case DType::F32: group<float, false>(a, b, h); break;
+      case DType::F32: group<float, 0>(a, b, h); break;
 #if defined(DK_ISA_AVX512)
-      case DType::BF16: group<bf16_t, true>(a, b, h); break;
+      case DType::BF16:
+        switch (bf16) {
+          case 2: group<bf16_t, 2>(a, b, h); break;
+          case 1: group<bf16_t, 1>(a, b, h); break;
+          default: group<bf16_t, 0>(a, b, h); break;
+        }
+        break;
 #else
-      case DType::BF16: group<bf16_t, false>(a, b, h); break;
+      case DType::BF16: group<bf16_t, 0>(a, b, h); break;
 #endif
-      case DType::F16: group<f16_t, false>(a, b, h); break;
+      case DType::F16: group<f16_t, 0>(a, b, h); break;
     }
   }
 }
