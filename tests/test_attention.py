@@ -305,3 +305,18 @@ def test_demo_runs(capsys):
     res = bench_attn.demo(rounds=3, verbose=False)
     assert res["matches_greedy"], res
     assert res["kernel_calls"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA path is compiled, not run, in CI)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+def test_cuda_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(9)
+    for D in HEAD_DIMS:
+        for layout in ("NHD", "HND"):
+            q, k, v, tm, pl = make_case(2, 37, 8, 2, D, [0, 100], dtype, layout, gen)
+            mask = decodekit.pack_tree_mask(tm)
+            o_cpu, l_cpu = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout, return_lse=True)
+            o_gpu, l_gpu = decodekit.tree_attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), pl.cuda(),
+                                                    kv_layout=layout, return_lse=True)
+            check_close(o_gpu.cpu(), o_cpu.float(), dtype, f"cuda {dtype} D={D} {layout}")
+            torch.testing.assert_close(l_gpu.cpu(), l_cpu, atol=1e-3, rtol=1e-5)
