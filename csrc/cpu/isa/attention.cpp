@@ -35,10 +35,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
-// 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k! (degree 7, relative error < 1e-8 + rounding).
-constexpr float kE0 = 1.0f, kE1 = 0.6931471805599453f, kE2 = 0.2402265069591007f, kE3 = 0.05550410866482158f,
-                kE4 = 0.009618129107628477f, kE5 = 0.0013333558146428443f, kE6 = 0.00015403530393381608f,
-                kE7 = 1.525273380405984e-05f;
+// 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k! (degree 7: relative error < 1e-8 + rounding).
+// A lower degree is used where the probabilities are rounded to bf16 anyway (degree 4: < 5e-5).
+constexpr float kExp2Coef[8] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
+                                0.009618129107628477f, 0.0013333558146428443f, 0.00015403530393381608f,
+                                1.525273380405984e-05f};
 
 // ---- fp32 vector traits ----------------------------------------------------------------------
 #if defined(DK_ISA_AVX512)
@@ -61,19 +62,18 @@ struct VT {
   static float hmax(V a) { return _mm512_reduce_max_ps(a); }
   static float hmin(V a) { return _mm512_reduce_min_ps(a); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  template <int Deg = 7>
   static V exp2(V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // -inf -> 2^-127 (~1e-38): negligible next to 1
     V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V f = _mm512_sub_ps(x, n);
-    V p = _mm512_set1_ps(kE7);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE5));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE0));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(poly2<Deg>(f), n);
+  }
+  template <int Deg>
+  static V poly2(V f) {
+    V p = _mm512_set1_ps(kExp2Coef[Deg]);
+    for (int i = Deg - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Coef[i]));
+    return p;
   }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
@@ -120,18 +120,13 @@ struct VT {
     h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
     return _mm_cvtss_f32(h);
   }
+  template <int Deg = 7>
   static V exp2(V x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));  // -inf -> 2^-126: negligible next to 1
     V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V f = _mm256_sub_ps(x, n);
-    V p = _mm256_set1_ps(kE7);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE6));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE5));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE0));
+    V p = _mm256_set1_ps(kExp2Coef[Deg]);
+    for (int i = Deg - 1; i >= 0; --i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Coef[i]));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
@@ -165,6 +160,7 @@ struct VT {
   static float hmax(V a) { return a; }
   static float hmin(V a) { return a; }
   static float hsum(V a) { return a; }
+  template <int Deg = 7>
   static V exp2(V x) { return std::exp2(x); }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
   static void cvt_row(const f16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
@@ -308,7 +304,7 @@ void softmax_rows(int R, float* S, int nv, float c, void* Pout, float* alpha, fl
     const V mv = VT::set1(-mn[r]);
     V sum = VT::zero();
     for (int n = 0; n < kN; n += W) {
-      V e = VT::exp2(VT::fma(VT::load(s + n), cv, mv));
+      V e = VT::template exp2<kBf16Out ? 4 : 7>(VT::fma(VT::load(s + n), cv, mv));
       sum = VT::add(sum, e);
       if constexpr (kBf16Out) {
 #if defined(DK_ISA_AVX512)
@@ -734,6 +730,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           amx_scores(Qb + r0 * Dq, Dq, Kp, S);
           softmax_rows<true>(R, S, nv, c, Pb, alpha, mrow + r0, lrow + r0);
           for (int r = 0; r < R; ++r) {
+            if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
             const __m512 av = _mm512_set1_ps(alpha[r]);
             float* o = O + (r0 + r) * D;
             for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
