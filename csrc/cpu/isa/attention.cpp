@@ -530,6 +530,16 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row
 }
 #endif
 
+// Prefetch n rows of row_bytes each (rows `stride` elements apart) into L2: the next key block is
+// fetched from memory while the current one is being computed on.
+template <class T>
+inline void prefetch_rows(const T* p, int64_t stride, int64_t n, int64_t row_bytes) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* r = reinterpret_cast<const char*>(p + i * stride);
+    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o, 0, 2);
+  }
+}
+
 inline float dot_f32(const float* a, const float* b, int64_t D) {
   V acc = VT::zero();
   for (int64_t d = 0; d < D; d += W) acc = VT::fma(VT::load(a + d), VT::load(b + d), acc);
@@ -687,7 +697,6 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   if (P > 0) {
     constexpr int RT = kMode == 2 ? 16 : kR;  // rows per tile
     float* S = s.s.get<float>(size_t(RT * kN));
-    float* Pm = s.p.get<float>(size_t(RT * kN));
     float alpha[16];
     if constexpr (kMode == 1) {
 #if defined(DK_ISA_AVX512)
@@ -698,6 +707,11 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       const int64_t D2 = D / 2;
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
+        if (s0 + kN < P) {
+          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
+          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
+          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
+        }
         pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
@@ -721,6 +735,11 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       amx_config();
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
+        if (s0 + kN < P) {
+          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
+          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
+          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
+        }
         pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
@@ -743,10 +762,17 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
 #endif
     } else {
       float* Kt = s.kt.get<float>(size_t(D * kN));
+      float* Sall = s.p.get<float>(size_t(M * kN));  // scores, then probabilities, of every row
+      float* alall = s.sc.get<float>(size_t(M + 16));
       float* Vb = nullptr;
       if constexpr (!std::is_same_v<T, float>) Vb = s.vb.get<float>(size_t(kN * D));
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
+        if (s0 + kN < P) {
+          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
+          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
+          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
+        }
         pack_k_f32(k + s0 * a.k_ss, a.k_ss, nv, D, Kt, row);
         const float* vsrc;
         int64_t ldv;
@@ -758,12 +784,20 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           vsrc = Vb;
           ldv = D;
         }
+        // Three sweeps over the group's rows so that one packed operand stays in L1 per sweep:
+        // S = Q K^T (Kt resident), online softmax in place (S -> P), O = O*alpha + P V (V resident).
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
-          dispatch_rows(R, [&](auto RC) { s_tile_f32<decltype(RC)::value>(Qf + r0 * D, D, Kt, S); });
-          softmax_rows<false>(R, S, nv, c, Pm, alpha, mrow + r0, lrow + r0);
+          dispatch_rows(R, [&](auto RC) { s_tile_f32<decltype(RC)::value>(Qf + r0 * D, D, Kt, Sall + r0 * kN); });
+        }
+        for (int64_t r0 = 0; r0 < M; r0 += 16) {
+          const int R = int(std::min<int64_t>(16, M - r0));
+          softmax_rows<false>(R, Sall + r0 * kN, nv, c, Sall + r0 * kN, alall + r0, mrow + r0, lrow + r0);
+        }
+        for (int64_t r0 = 0; r0 < M; r0 += kR) {
+          const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) {
-            pv_tile_f32<decltype(RC)::value>(O + r0 * D, D, alpha, Pm, nv, vsrc, ldv);
+            pv_tile_f32<decltype(RC)::value>(O + r0 * D, D, alall + r0, Sall + r0 * kN, nv, vsrc, ldv);
           });
         }
       }
