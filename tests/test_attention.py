@@ -167,6 +167,9 @@ def test_threads_and_strides_do_not_change_results():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(base, one)
+    # prefix_lens as a list / an int tensor of another dtype
+    assert torch.equal(base, decodekit.tree_attention(q, k, v, tm, [100, 31]))
+    assert torch.equal(base, decodekit.tree_attention(q, k, v, tm, pl.int()))
     # a strided q (a view of a bigger tensor) and HND views of an NHD cache
     big = torch.randn(2, 12, 16, 128, generator=gen)
     qv = big[:, :, ::2]

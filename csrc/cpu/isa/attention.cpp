@@ -732,6 +732,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
       uint16_t* Pb = s.sc.get<uint16_t>(size_t(16 * kN));
       std::memset(Pb, 0, size_t(16 * kN) * 2);
+      float* S2 = s.p.get<float>(size_t(2 * 16 * kN));
       amx_config();
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
@@ -744,10 +745,14 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
         if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
-        for (int64_t r0 = 0; r0 < Mp; r0 += 16) {
+        // Software pipeline: the tile unit computes the next row tile's scores while the vector
+        // units run the softmax of the current one (two score buffers).
+        amx_scores(Qb, Dq, Kp, S2);
+        for (int64_t r0 = 0, i = 0; r0 < Mp; r0 += 16, ++i) {
           const int R = int(std::min<int64_t>(16, M - r0));
-          amx_scores(Qb + r0 * Dq, Dq, Kp, S);
-          softmax_rows<true>(R, S, nv, c, Pb, alpha, mrow + r0, lrow + r0);
+          float* Scur = S2 + (i & 1) * 16 * kN;
+          if (r0 + 16 < Mp) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          softmax_rows<true>(R, Scur, nv, c, Pb, alpha, mrow + r0, lrow + r0);
           for (int r = 0; r < R; ++r) {
             if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
             const __m512 av = _mm512_set1_ps(alpha[r]);
