@@ -530,15 +530,31 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row
 }
 #endif
 
-// Prefetch n rows of row_bytes each (rows `stride` elements apart) into L2: the next key block is
-// fetched from memory while the current one is being computed on.
-template <class T>
-inline void prefetch_rows(const T* p, int64_t stride, int64_t n, int64_t row_bytes) {
-  for (int64_t i = 0; i < n; ++i) {
-    const char* r = reinterpret_cast<const char*>(p + i * stride);
-    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o, 0, 2);
+// Prefetches the next key block's K and V rows into L2 a few cache lines at a time, interleaved
+// with the compute on the current block (a burst of ~1000 prefetches would stall on fill buffers).
+struct BlockPrefetch {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t ks = 0, vs = 0, lines_per_row = 0, total = 0, pos = 0, per_step = 0;
+  template <class T>
+  void start(const T* kn, int64_t k_ss, const T* vn, int64_t v_ss, int64_t rows, int64_t D, int64_t steps) {
+    k = reinterpret_cast<const char*>(kn);
+    v = reinterpret_cast<const char*>(vn);
+    ks = k_ss * int64_t(sizeof(T));
+    vs = v_ss * int64_t(sizeof(T));
+    lines_per_row = (D * int64_t(sizeof(T)) + 63) / 64;
+    total = rows > 0 ? 2 * rows * lines_per_row : 0;
+    pos = 0;
+    per_step = (total + steps - 1) / std::max<int64_t>(steps, 1);
   }
-}
+  void step() {
+    for (int64_t e = std::min(total, pos + per_step); pos < e; ++pos) {
+      const int64_t half = total / 2, i = pos < half ? pos : pos - half;
+      const char* base = pos < half ? k + (i / lines_per_row) * ks : v + (i / lines_per_row) * vs;
+      __builtin_prefetch(base + (i % lines_per_row) * 64, 0, 2);
+    }
+  }
+};
 
 inline float dot_f32(const float* a, const float* b, int64_t D) {
   V acc = VT::zero();
@@ -707,17 +723,16 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       const int64_t D2 = D / 2;
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
-        if (s0 + kN < P) {
-          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
-          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
-          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
-        }
+        BlockPrefetch pf;
+        pf.start(k + (s0 + kN) * a.k_ss, a.k_ss, v + (s0 + kN) * a.v_ss, a.v_ss,
+                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, (M + kR - 1) / kR);
         pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) { s_tile_bf16<decltype(RC)::value>(Qw + r0 * D2, D2, Kp, S); });
+          pf.step();
           softmax_rows<true>(R, S, nv, c, Pw, alpha, mrow + r0, lrow + r0);
           dispatch_rows(R, [&](auto RC) {
             pv_tile_bf16<decltype(RC)::value>(O + r0 * D, D, alpha, Pw, npairs, Vp);
@@ -736,11 +751,9 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       amx_config();
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
-        if (s0 + kN < P) {
-          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
-          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
-          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
-        }
+        BlockPrefetch pf;
+        pf.start(k + (s0 + kN) * a.k_ss, a.k_ss, v + (s0 + kN) * a.v_ss, a.v_ss,
+                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, Mp / 16);
         pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
@@ -752,6 +765,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           const int R = int(std::min<int64_t>(16, M - r0));
           float* Scur = S2 + (i & 1) * 16 * kN;
           if (r0 + 16 < Mp) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          pf.step();
           softmax_rows<true>(R, Scur, nv, c, Pb, alpha, mrow + r0, lrow + r0);
           for (int r = 0; r < R; ++r) {
             if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
@@ -773,11 +787,9 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       if constexpr (!std::is_same_v<T, float>) Vb = s.vb.get<float>(size_t(kN * D));
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
-        if (s0 + kN < P) {
-          const int64_t nn = std::min<int64_t>(kN, P - s0 - kN);
-          prefetch_rows(k + (s0 + kN) * a.k_ss, a.k_ss, nn, D * int64_t(sizeof(T)));
-          prefetch_rows(v + (s0 + kN) * a.v_ss, a.v_ss, nn, D * int64_t(sizeof(T)));
-        }
+        BlockPrefetch pf;
+        pf.start(k + (s0 + kN) * a.k_ss, a.k_ss, v + (s0 + kN) * a.v_ss, a.v_ss,
+                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, 2 * ((M + kR - 1) / kR));
         pack_k_f32(k + s0 * a.k_ss, a.k_ss, nv, D, Kt, row);
         const float* vsrc;
         int64_t ldv;
@@ -794,6 +806,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) { s_tile_f32<decltype(RC)::value>(Qf + r0 * D, D, Kt, Sall + r0 * kN); });
+          pf.step();
         }
         for (int64_t r0 = 0; r0 < M; r0 += 16) {
           const int R = int(std::min<int64_t>(16, M - r0));
@@ -804,6 +817,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           dispatch_rows(R, [&](auto RC) {
             pv_tile_f32<decltype(RC)::value>(O + r0 * D, D, alall + r0, Sall + r0 * kN, nv, vsrc, ldv);
           });
+          pf.step();
         }
       }
     }
