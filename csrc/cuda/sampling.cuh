@@ -716,6 +716,16 @@ inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
   }
   return cudaGetLastError();
 }
+
+// Odr-uses every launcher (hence every kernel instantiation) of this header; .ci/cuda_compile.sh
+// references it to compile all of them with plain nvcc.
+inline void instantiate_sampling() {
+  SampleArgs s;
+  FilterArgs f;
+  (void)launch_sample(s, nullptr);
+  (void)launch_gumbel(s, nullptr);
+  (void)launch_filter(f, nullptr);
+}
 #endif  // !DK_CUDA_EMULATE
 
 }  // namespace dk::cuda
