@@ -106,13 +106,19 @@ def to_device(args, device):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def sample_cases(V=9000, B=4):
+# the filter settings also run in bf16 / fp16 when light=True (the dtype only changes the load)
+LIGHT = ("plain", "greedy", "k50", "p0.9", "k100_p0.8_seq", "k3000_p0.95_minp0.01_T1.3_joint", "per_row")
+
+
+def sample_cases(V=9000, B=4, light=False):
     """(id, args) for ops.sample: every filter setting on logits (fp32/bf16/fp16) and probs."""
     out = []
     for fam in ("randn", "ties", "neginf"):
         x = logits_family(fam, B, V, seed=len(out))
         for dt in (F32, BF16, F16):
             for label, f in FILTERS:
+                if light and dt != F32 and label not in LIGHT:
+                    continue
                 out.append((f"logits-{fam}-{dt}-{label}", sample_args(x.to(dt), False, f, seed=77 + len(out))))
     for fam in ("randn", "zipf", "zeros", "unnormalised"):
         x = probs_family(fam, B, V, seed=len(out))
@@ -157,13 +163,15 @@ def gumbel_cases():
     return out
 
 
-def filter_cases(V=7000, B=4):
+def filter_cases(V=7000, B=4, light=False):
     out = []
     sel = [s for s in FILTERS if s[0] not in ("greedy", "minp_tiny")]
     for fam in ("randn", "ties", "neginf", "bad"):
         x = logits_family(fam, B, V, seed=21)
         for dt in (F32, BF16, F16):
             for label, f in sel:
+                if light and dt != F32 and label not in LIGHT:
+                    continue
                 out.append((f"mask-{fam}-{dt}-{label}", filter_args(x.to(dt), 0, False, f)))
         for T in (1.0, 0.6, [0.5, 1.0, 2.0, 4.0]):
             out.append((f"softmax-{fam}-T{T}", filter_args(x, 2, False, dict(T=T))))

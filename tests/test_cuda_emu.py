@@ -17,7 +17,7 @@ import decodekit  # noqa: E402
 ops = decodekit.ops
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ compiler to build the CUDA emulator")
 
-SAMPLE = cc.sample_cases() + cc.special_sample_cases()
+SAMPLE = cc.sample_cases(light=True) + cc.special_sample_cases()
 
 
 def _same_sample(cpu, got, args):
@@ -46,7 +46,7 @@ def test_gumbel_matches_cpu(case):
     assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
 
 
-FILTER = cc.filter_cases()
+FILTER = cc.filter_cases(light=True)
 
 
 @pytest.mark.parametrize("case", FILTER, ids=[c[0] for c in FILTER])
@@ -60,5 +60,5 @@ def test_filter_matches_cpu(case):
 
 def test_block_size_512():
     """The real block size (512 threads) gives the same tokens as the CPU."""
-    for name, args in SAMPLE[::23]:
+    for name, args in SAMPLE[::40]:
         _same_sample(ops.sample(*args), emu.sample(*args, threads=512), args)

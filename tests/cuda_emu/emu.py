@@ -36,7 +36,7 @@ def build(threads: int = 64) -> Path:
     if not lib.exists():
         tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
         cmd = [compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-               "-pthread", f"-DDK_CUDA_THREADS={threads}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
+               f"-DDK_CUDA_THREADS={threads}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
                f"-I{HERE}", str(HERE / "emu_sampling.cpp"), "-o", str(tmp)]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
