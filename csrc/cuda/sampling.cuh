@@ -281,9 +281,18 @@ DK_DEVICE float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += kThreads) s.u.hist[i] = 0u;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      uint32_t key = float_key(ld(x, i));
-      if ((key & mask) == prefix) atomicAdd(&s.u.hist[(key >> shift) & 255u], 1u);
+    // warp-aggregated: lanes holding the same digit add once (logits share their top bits, so
+    // plain per-element atomics would serialise on one bin)
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + threadIdx.x;
+      unsigned digit = 256u;  // 256: not counted
+      if (i < V) {
+        const uint32_t key = float_key(ld(x, i));
+        if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
+        atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x == 0) {

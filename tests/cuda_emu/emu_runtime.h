@@ -159,6 +159,18 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   return m;
 }
 
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+  auto& B = *dkemu::g_blk;
+  const unsigned t = threadIdx.x, w = t >> 5;
+  B.xbuf[t] = v;
+  dkemu::warp_sync();
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l) m |= unsigned(B.xbuf[w * 32 + l] == v) << l;
+  dkemu::warp_sync();
+  return m;
+}
+
+inline int __ffs(unsigned x) { return __builtin_ffs(int(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) {  // fibers never interleave inside it
   unsigned old = *p;
