@@ -135,7 +135,11 @@ def measure(fn: Callable, prep: Optional[Callable] = None, *, cold: bool = False
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    measure.last_min = min(times)
     return statistics.median(times)
+
+
+measure.last_min = None
 
 
 class Inputs:
@@ -315,9 +319,10 @@ def _bench_group(group: str, make: Callable, plan: List[tuple], hf, L, quick: bo
             chains: List[LlamaChain] = []
             impls = _impls(op, inp, hf, L, chains)
             nbytes = B * V * 4 * (2 if op == "softmax" else 1)
-            row = {"group": group, "op": op, "B": B, "V": V, "bytes": nbytes, "us": {}}
+            row = {"group": group, "op": op, "B": B, "V": V, "bytes": nbytes, "us": {}, "us_min": {}}
             for name, (fn, prep) in impls.items():
                 row["us"][name] = 1e6 * measure(fn, prep, warmup=1 if quick else 2, reps=reps, budget=budget)
+                row["us_min"][name] = 1e6 * measure.last_min
             fn, prep = impls["decodekit"]
             row["dk_cold_us"] = 1e6 * measure(fn, prep, cold=True, warmup=1, reps=cold_reps, min_reps=cold_reps,
                                               budget=0.0)
@@ -453,15 +458,19 @@ def _plot(rows: List[dict], path: str) -> Optional[str]:
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, threads: Optional[int] = None,
-        plot: bool = True) -> dict:
+        plot: bool = True, shapes: Optional[List[tuple]] = None) -> dict:
     """Run the sampling benchmark, print the tables and the targets block, write JSON (+ PNG).
-    quick=True: B in {1, 64} at V=128256 (+ a flat-logits stress row at B=64), well under 30 s."""
+
+    quick=True: B in {1, 64} at V=128256 (B=64: only the rows the targets are about) plus flat-logits
+    stress rows at B=64 (about 30 s on an idle 2-core machine). Full: B in {1, 8, 64} x V in
+    {32000, 128256, 151936}, every op, and flat logits at V=128256. threads: torch.set_num_threads
+    (default min(2, cores) or $DECODEKIT_BENCH_THREADS). shapes: [(B, V), ...] replaces the shape list."""
     t_start = time.perf_counter()
     threads = threads or int(os.environ.get("DECODEKIT_BENCH_THREADS", 0)) or min(2, os.cpu_count() or 1)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(quick, json_path, threads, plot, t_start)
+        return _run(quick, json_path, threads, plot, t_start, shapes)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -473,7 +482,7 @@ def _loadavg():
         return None
 
 
-def _run(quick, json_path, threads, plot, t_start):
+def _run(quick, json_path, threads, plot, t_start, shapes=None):
     hf, L = _hf(), _llama()
     isa = dk.cpu_features().get("active_isa")
     print(f"\n=== decodekit sampling benchmark ({'quick' if quick else 'full'}) ===")
@@ -503,6 +512,9 @@ def _run(quick, json_path, threads, plot, t_start):
     else:
         llm_plan = [(B, V, list(OPS)) for V in (32000, 128256, 151936) for B in (1, 8, 64)]
         flat_plan = [(B, TARGET_V, ["all4", "top_p_probs", "top_p_logits", "plain"]) for B in (1, 8, 64)]
+    if shapes:
+        llm_plan = [(int(B), int(V), list(OPS)) for B, V in shapes]
+        flat_plan = [(int(B), int(V), ["all4", "top_p_probs"]) for B, V in shapes]
 
     stats = {"llm": logits_stats(llm_logits(64, TARGET_V, seed=7)), "flat": logits_stats(flat_logits(64, TARGET_V, seed=7))}
     print("logits (quantiles 5/25/50/75/95% over 64 rows at V=128256):")
