@@ -513,7 +513,14 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
              "'llama build' = rebuilding the {id,logit,p} candidate array from the logits with numpy, which its "
              "samplers edit in place, so it is needed before every call)" if L else "llama.cpp: llama-cpp-python not installed"))
     load0 = _loadavg()
-    print(f"load average at start: {load0} (other processes on the machine inflate and scatter the times)")
+    busy = bool(load0) and load0[0] > 0.5 * (os.cpu_count() or 1)
+    print(f"load average at start: {load0} on {os.cpu_count()} cores")
+    if busy and clock == "wall":
+        print("WARNING: the machine is busy. Wall-clock medians are inflated by the other processes, and "
+              "multi-threaded torch ops (the torch/HF peers) far more than decodekit: an OpenMP team waits at "
+              "every barrier for its preempted thread (seen: torch.softmax of one 128k row at 12 ms instead of "
+              "0.15 ms), which inflates the ratios. For numbers that hold on a busy machine run with "
+              "--clock cpu (CPU time of the calling thread, 1 thread).")
     bw_hot, bw_cold = H.bandwidth(cold=False), H.bandwidth(cold=True)
     print(f"bandwidth ({threads} threads, torch sum): hot (1 MiB, L2) {bw_hot / 1e9:.1f} GB/s, cold (1 GiB, DRAM) "
           f"{bw_cold / 1e9:.1f} GB/s. floor = B*V*4 bytes / bandwidth (read+write for softmax); "
@@ -552,7 +559,8 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
     rows += frows
 
     targets = _targets(rows)
-    print("\ntargets (V=128256, LLM-like logits; flat-randn stress rows for information):")
+    print(f"\ntargets (V=128256, LLM-like logits; flat-randn stress rows for information; {threads} thread(s), "
+          f"clock={clock}" + ("; BUSY MACHINE, see the warning above" if busy and clock == "wall" else "") + "):")
     for t in targets:
         status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
         print(f"  [{status:7s}] {t['target']}: {t['detail']}")
@@ -567,7 +575,7 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
                          "llama_cpp": getattr(__import__("llama_cpp"), "__version__", "?") if L else None},
                "bandwidth_GBps": {"hot": bw_hot / 1e9, "cold": bw_cold / 1e9}, "logits_stats": stats,
                "rows": rows, "targets": targets, "seconds": elapsed,
-               "loadavg": {"start": load0, "end": load1}}
+               "loadavg": {"start": load0, "end": load1}, "busy": busy}
     json_path = json_path or os.path.join("bench_results", "sampling" + ("_quick" if quick else "")
                                           + ("_cpu" if clock == "cpu" else "") + ".json")
     H.save_json(json_path, payload)
