@@ -146,6 +146,42 @@ def measure(fn: Callable, prep: Optional[Callable] = None, *, cold: bool = False
 measure.last_min = None
 
 
+_BW_CPU: Dict[bool, float] = {}
+
+
+def bandwidth(cold: bool) -> float:
+    """Read bandwidth (bytes/s) for the floor, measured with the benchmark's clock: harness.bandwidth for
+    the wall clock (the better of the configured threads and 1 thread); for clock='cpu' the same sum (1 GiB cold, 1 MiB hot, best run) timed with the
+    calling thread's CPU time, so that the floor and the ops it is compared with use one clock."""
+    if _CLOCK[0] is time.perf_counter:
+        # the better of the configured thread count and one thread: on a busy machine a 2-thread sum of
+        # 1 MiB can wait milliseconds at the OpenMP barrier for a preempted thread (seen: 0.1 GB/s)
+        th = torch.get_num_threads()
+        bw = H.bandwidth(cold)
+        if th != 1:
+            torch.set_num_threads(1)
+            try:
+                bw = max(bw, H.bandwidth(cold))
+            finally:
+                torch.set_num_threads(th)
+        return bw
+    if cold not in _BW_CPU:
+        n = (1 << 30) if cold else (1 << 20)
+        buf = torch.ones(n // 4, dtype=torch.float32)
+        buf.sum()
+        times = []
+        for _ in range(7 if cold else 200):
+            t0 = time.thread_time()
+            buf.sum()
+            times.append(time.thread_time() - t0)
+        _BW_CPU[cold] = n / min(times)
+    return _BW_CPU[cold]
+
+
+def floor_seconds(nbytes: int, cold: bool) -> float:
+    return nbytes / bandwidth(cold)
+
+
 class Inputs:
     """A [B, V] logits buffer (and its probs) rewritten before each call from a pool of P variants."""
 
@@ -336,8 +372,8 @@ def _bench_group(group: str, make: Callable, plan: List[tuple], hf, L, quick: bo
                                                       budget=budget)
                 for c in chains:
                     c.free()
-            row["floor_hot_us"] = 1e6 * H.floor_seconds(nbytes, cold=False)
-            row["floor_cold_us"] = 1e6 * H.floor_seconds(nbytes, cold=True)
+            row["floor_hot_us"] = 1e6 * floor_seconds(nbytes, cold=False)
+            row["floor_cold_us"] = 1e6 * floor_seconds(nbytes, cold=True)
             dkt = row["us"]["decodekit"]
             row["ratio"] = {k: v / dkt for k, v in row["us"].items() if k != "decodekit"}
             row["dk_over_floor_hot"] = dkt / row["floor_hot_us"]
@@ -521,15 +557,15 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
               "every barrier for its preempted thread (seen: torch.softmax of one 128k row at 12 ms instead of "
               "0.15 ms), which inflates the ratios. For numbers that hold on a busy machine run with "
               "--clock cpu (CPU time of the calling thread, 1 thread).")
-    bw_hot, bw_cold = H.bandwidth(cold=False), H.bandwidth(cold=True)
-    print(f"bandwidth ({threads} threads, torch sum): hot (1 MiB, L2) {bw_hot / 1e9:.1f} GB/s, cold (1 GiB, DRAM) "
+    bw_hot, bw_cold = bandwidth(cold=False), bandwidth(cold=True)
+    print(f"bandwidth (torch sum, best run, {clock} clock{', best of 1 and ' + str(threads) + ' threads' if threads > 1 and clock == 'wall' else ''}): hot (1 MiB, L2) {bw_hot / 1e9:.1f} GB/s, cold (1 GiB, DRAM) "
           f"{bw_cold / 1e9:.1f} GB/s. floor = B*V*4 bytes / bandwidth (read+write for softmax); "
           "cold = caches flushed (512 MiB stream) before every call")
 
     if quick:
         # B=1: every op; B=64: the rows the targets are about
         llm_plan = [(1, TARGET_V, list(OPS)), (64, TARGET_V, ["all4", "top_p_probs", "top_p_logits"])]
-        flat_plan = [(64, TARGET_V, ["all4", "top_p_probs"])]
+        flat_plan = [(64, TARGET_V, ["all4"])]
     else:
         llm_plan = [(B, V, list(OPS)) for V in (32000, 128256, 151936) for B in (1, 8, 64)]
         flat_plan = [(B, TARGET_V, ["all4", "top_p_probs", "top_p_logits", "plain"]) for B in (1, 8, 64)]
