@@ -23,15 +23,19 @@ using namespace dk::simd;
 constexpr int64_t kListMax = 2048;   // survivors sampled by walking a list when |S| <= this
 constexpr int64_t kChunk = 4096;     // otherwise: chunked inverse-CDF pass over the row
 constexpr float kWindowNats = 12.0f; // candidate window below the running max (nats)
-constexpr int64_t kMinCap = 4096;    // candidate buffer size (grows with top_k)
+constexpr int64_t kMinCap = 4096;    // initial candidate buffer size (grows as needed)
 
+struct VW { float v, w; };  // a candidate's value and weight
 struct Scratch {
-  std::vector<float> val, tmp;
+  std::vector<float> val, wt;  // candidates: value, weight (index order)
   std::vector<int32_t> idx;
+  std::vector<float> tmp;
+  std::vector<VW> pairs;
   std::vector<double> chunks;
 };
 inline Scratch& scratch() {
   thread_local Scratch s;
+  if (s.val.size() < size_t(kMinCap + 16)) { s.val.resize(kMinCap + 16); s.idx.resize(kMinCap + 16); }
   return s;
 }
 
@@ -47,8 +51,7 @@ struct Weight {
 struct RowScan {
   float m = kNegInf;   // max value
   bool bad = false;    // NaN / +inf / (probs: negative) / nothing with positive weight
-  bool overflow = false;
-  float thr = 0.f;     // C = { i : x_i >= thr } (exactly, when !overflow)
+  float thr = 0.f;     // C = { i : x_i >= thr }
   int64_t n = 0;       // |C|
 };
 
@@ -65,39 +68,21 @@ inline VF load_block(const T* x, int64_t i, int64_t V, float fill) {
   return (i + 16 <= V) ? vload(x + i) : vload_partial(x + i, int(V - i), fill);
 }
 
-// Pass A: max, bad-row flags and the candidate set C = {x >= window.of(max)} (index order).
+// Collects C = {x >= thr} (index order) into s.val / s.idx; returns |C|.
 template <class T>
-inline RowScan scan_row(const T* x, int64_t V, const Window& win, int64_t cap, Scratch& s) {
-  RowScan r;
-  if (int64_t(s.val.size()) < cap + 16) { s.val.resize(cap + 16); s.idx.resize(cap + 16); }
-  float runmax = kNegInf;
-  float thr = win.of(kNegInf);
-  VF vthr = vset(thr);
-  const float fill = win.probs ? 0.f : kNegInf;
-  const VF pinf = vset(kPosInf), zero = vset(0.f);
-  M16 badm = 0;
-  int64_t n = 0;
+inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
+  const float fill = kNegInf;
+  const VF vthr = vset(thr);
   alignas(64) float lane[16];
+  int64_t n = 0, cap = int64_t(s.val.size()) - 16;
   for (int64_t i = 0; i < V; i += 16) {
     VF v = load_block(x, i, V, fill);
-    badm |= vnan(v) | veq(v, pinf);
-    if (win.probs) badm |= vlt(v, zero);
     M16 msk = vge(v, vthr);
     if (!msk) continue;
-    float bm = vhmax(v);
-    if (bm > runmax) {
-      runmax = bm;
-      thr = win.of(runmax);
-      vthr = vset(thr);
-      msk = vge(v, vthr);
-    }
-    if (r.overflow) continue;
-    if (n + 16 > cap) {  // compact with the current threshold
-      int64_t w = 0;
-      for (int64_t k = 0; k < n; ++k)
-        if (s.val[k] >= thr) { s.val[w] = s.val[k]; s.idx[w] = s.idx[k]; ++w; }
-      n = w;
-      if (n + 16 > cap) { r.overflow = true; continue; }
+    if (n + 16 > cap) {
+      cap = std::min<int64_t>(V, std::max<int64_t>(2 * cap, kMinCap));
+      s.val.resize(cap + 16);
+      s.idx.resize(cap + 16);
     }
     vstore(lane, v);
     for (M16 b = msk; b; b &= b - 1) {
@@ -107,17 +92,76 @@ inline RowScan scan_row(const T* x, int64_t V, const Window& win, int64_t cap, S
       ++n;
     }
   }
-  r.m = runmax;
-  r.thr = win.of(runmax);
-  if (!r.overflow) {
-    int64_t w = 0;
-    for (int64_t k = 0; k < n; ++k)
-      if (s.val[k] >= r.thr) { s.val[w] = s.val[k]; s.idx[w] = s.idx[k]; ++w; }
-    n = w;
+  return n;
+}
+
+// Pass A: the max and the bad-row flags (one streaming read); with `collect`, pass B then
+// gathers the candidate set C = {x >= window.of(max)} in index order from the cache-hot row.
+template <class T>
+inline RowScan scan_row(const T* x, int64_t V, const Window& win, bool collect, Scratch& s) {
+  RowScan r;
+  const float fill = win.probs ? 0.f : kNegInf;
+  const VF pinf = vset(kPosInf), zero = vset(0.f);
+  VF mx0 = vset(kNegInf), mx1 = mx0;
+  M16 badm = 0;
+  int64_t i = 0;
+  for (; i + 32 <= V; i += 32) {  // two independent max chains
+    VF a = vload(x + i), b = vload(x + i + 16);
+    badm |= vnan(a) | veq(a, pinf) | vnan(b) | veq(b, pinf);
+    if (win.probs) badm |= vlt(a, zero) | vlt(b, zero);
+    mx0 = vmax(mx0, a);
+    mx1 = vmax(mx1, b);
   }
-  r.n = n;
-  r.bad = badm != 0 || !(runmax > (win.probs ? 0.f : kNegInf));
+  for (; i < V; i += 16) {
+    VF v = load_block(x, i, V, fill);
+    badm |= vnan(v) | veq(v, pinf);
+    if (win.probs) badm |= vlt(v, zero);
+    mx0 = vmax(mx0, v);
+  }
+  r.m = vhmax(vmax(mx0, mx1));
+  r.thr = win.of(r.m);
+  r.bad = badm != 0 || !(r.m > (win.probs ? 0.f : kNegInf));
+  if (collect && !r.bad) r.n = collect_geq(x, V, r.thr, s);
   return r;
+}
+
+// Window profile: for 8 windows d_j (nats below the max) the count of values inside each and
+// their weight, in one pass over the cache-hot row. Used only to choose how far to widen the
+// candidate window (never for a filter decision), so it may be approximate; it is computed in
+// the same fixed order on every ISA all the same.
+constexpr int kProfiles = 10;
+constexpr float kProfileNats[kProfiles] = {0.5f, 1.f, 2.f, 3.f, 4.5f, 7.f, 11.f, 16.f, 32.f, 70.f};
+template <class T>
+inline void window_profile(const T* x, int64_t V, const Window& unit, float m, const Weight& w,
+                           bool need_mass, double* cnt, double* mass) {
+  // unit: the window for 1 nat (logits: span T; probs: ratio e^-1)
+  VF thr[kProfiles], accc[kProfiles], accm[kProfiles];
+  for (int j = 0; j < kProfiles; ++j) {
+    float t = unit.probs ? std::max(m * std::exp(-kProfileNats[j]), FLT_TRUE_MIN)
+                         : std::max(m - kProfileNats[j] * unit.span, -FLT_MAX);
+    thr[j] = vset(t);
+    accc[j] = accm[j] = vset(0.f);
+  }
+  const float fill = unit.probs ? 0.f : kNegInf;
+  const VF zero = vset(0.f), one = vset(1.f);
+  for (int64_t i = 0; i < V; i += 16) {
+    VF v = load_block(x, i, V, fill);
+    if (!vge(v, thr[kProfiles - 1])) continue;
+    for (int j = 0; j < kProfiles; ++j) accc[j] = vadd(accc[j], vblend(vge(v, thr[j]), zero, one));
+    if (need_mass) {
+      VF e = w(v);
+      for (int j = 0; j < kProfiles; ++j) accm[j] = vadd(accm[j], vblend(vge(v, thr[j]), zero, e));
+    }
+  }
+  alignas(64) float lc[16], lm[16];
+  for (int j = 0; j < kProfiles; ++j) {
+    vstore(lc, accc[j]);
+    vstore(lm, accm[j]);
+    double c = 0.0, t = 0.0;
+    for (int l = 0; l < 16; ++l) { c += double(lc[l]); t += double(lm[l]); }
+    cnt[j] = c;
+    mass[j] = t;
+  }
 }
 
 // Every element with positive possible weight, in index order (the exact fallback).
@@ -131,6 +175,15 @@ inline int64_t collect_all(const T* x, int64_t V, bool probs, Scratch& s) {
     if (v >= lo) { s.val[n] = v; s.idx[n] = int32_t(i); ++n; }
   }
   return n;
+}
+
+// s.wt[0..n) = weights of the candidates s.val[0..n) (vector exp, bit-identical to the scalar one).
+inline void candidate_weights(const Weight& w, int64_t n, Scratch& s) {
+  if (int64_t(s.wt.size()) < n + 16) s.wt.resize(n + 16);
+  for (int64_t i = 0; i < n; i += 16) {
+    VF v = (i + 16 <= n) ? vload(s.val.data() + i) : vload_partial(s.val.data() + i, int(n - i), 0.f);
+    vstore(s.wt.data() + i, w(v));  // buffers have 16 spare slots
+  }
 }
 
 // Sum of weights over the whole row, 16 double lanes, fixed order.
@@ -148,41 +201,40 @@ inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float mi
   return vd_reduce(acc);
 }
 
-// Top-p threshold by mass quickselect over vals[0..n): the smallest value v such that the mass
-// of the values strictly greater than v is < P. Linear expected time; vals is permuted.
-inline float top_p_threshold(float* vals, int64_t n, double P, const Weight& w) {
+// Top-p threshold by mass quickselect over a[0..n) (value, weight pairs): the smallest value v
+// such that the mass of the values strictly greater than v is < P. Linear expected time; a is
+// permuted.
+inline float top_p_threshold(VW* a, int64_t n, double P) {
   double base = 0.0;
   int64_t lo = 0, hi = n;
   float best = kPosInf;
   while (hi > lo) {
     if (hi - lo <= 24) {
-      std::sort(vals + lo, vals + hi, std::greater<float>());
+      std::sort(a + lo, a + hi, [](const VW& x, const VW& y) { return x.v > y.v; });
       int64_t i = lo;
       while (i < hi && base < P) {
-        float v = vals[i];
+        float v = a[i].v;
         best = v;
         double g = 0.0;
-        while (i < hi && vals[i] == v) { g += double(w(v)); ++i; }
+        while (i < hi && a[i].v == v) { g += double(a[i].w); ++i; }
         base += g;
       }
       return best;
     }
-    // median of three as pivot
-    float a = vals[lo], b = vals[lo + (hi - lo) / 2], c = vals[hi - 1];
-    float piv = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    float x = a[lo].v, y = a[lo + (hi - lo) / 2].v, z = a[hi - 1].v;
+    float piv = std::max(std::min(x, y), std::min(std::max(x, y), z));
     // 3-way partition: [lo, gt) > piv, [gt, lt) == piv, [lt, hi) < piv
     int64_t gt = lo, i = lo, lt = hi;
+    double mgt = 0.0, meq = 0.0;
     while (i < lt) {
-      float v = vals[i];
-      if (v > piv) { std::swap(vals[gt], vals[i]); ++gt; ++i; }
-      else if (v < piv) { --lt; std::swap(vals[i], vals[lt]); }
-      else ++i;
+      float v = a[i].v;
+      if (v > piv) { mgt += double(a[i].w); std::swap(a[gt], a[i]); ++gt; ++i; }
+      else if (v < piv) { --lt; std::swap(a[i], a[lt]); }
+      else { meq += double(a[i].w); ++i; }
     }
-    double mgt = 0.0;
-    for (int64_t k = lo; k < gt; ++k) mgt += double(w(vals[k]));
     if (base + mgt >= P) { hi = gt; continue; }
     best = piv;
-    base += mgt + double(lt - gt) * double(w(piv));
+    base += mgt + meq;
     if (base >= P || lt == hi) return best;
     lo = lt;
   }
@@ -207,9 +259,9 @@ struct RowParamsF {
 
 // Resolve top-k / top-p / min-p on the candidate list (vals[0..n), index order).
 template <class T>
-inline Resolved resolve(const T* x, int64_t V, const float* vals, int64_t n, bool complete,
-                        float thrC, bool minp_window_ok, const RowParamsF& rp, const Weight& w,
-                        Scratch& s) {
+inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* wts, int64_t n, bool complete,
+                        bool minp_window_ok, const RowParamsF& rp, const Weight& w, Scratch& s,
+                        double& zfull) {
   Resolved r;
   const bool k_on = rp.k >= 1 && rp.k < V;
   const bool p_on = rp.p < 1.f;
@@ -228,23 +280,19 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, int64_t n, boo
   float t = tk;
   if (p_on) {
     const bool within_k = rp.order == FilterOrder::Sequential && k_on;
-    s.tmp.clear();
+    s.pairs.clear();
+    double mc = 0.0;  // mass of the candidates (index order)
     for (int64_t i = 0; i < n; ++i)
-      if (!within_k || vals[i] >= tk) s.tmp.push_back(vals[i]);
+      if (!within_k || vals[i] >= tk) { s.pairs.push_back({vals[i], wts[i]}); mc += double(wts[i]); }
     double Z;
     if (within_k) {
-      Z = 0.0;
-      for (int64_t i = 0; i < n; ++i)
-        if (vals[i] >= tk) Z += double(w(vals[i]));
+      Z = mc;
     } else {
-      Z = row_mass(x, V, w, kNegInf, 0.f);
-      if (!complete) {
-        double mc = 0.0;
-        for (float v : s.tmp) mc += double(w(v));
-        if (mc < double(rp.p) * Z) { r.need_full = true; return r; }
-      }
+      if (zfull < 0.0) zfull = row_mass(x, V, w, kNegInf, 0.f);  // once per row
+      Z = zfull;
+      if (!complete && mc < double(rp.p) * Z) { r.need_full = true; return r; }
     }
-    float tp = top_p_threshold(s.tmp.data(), int64_t(s.tmp.size()), double(rp.p) * Z, w);
+    float tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), double(rp.p) * Z);
     t = std::max(t, tp);
   }
   r.t = t;
@@ -252,7 +300,6 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, int64_t n, boo
   // S is inside the candidate list whenever top-k or top-p is active (their thresholds are
   // values of C, an upper set) or min-p alone is active with a wide enough window. The method
   // choice below depends on nothing else (not on whether C overflowed), so it is canonical.
-  (void)thrC;
   r.in_c = k_on || p_on || (mp_on && minp_window_ok);
   return r;
 }
@@ -280,30 +327,62 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   const bool minp_window_ok = mp_on && (-std::log(rp.minp) + 0.25f <= D);
   const float temp = probs ? 1.f : rp.T;
   Window win{probs, probs ? std::exp(-D) : D * temp};
-  int64_t cap = std::max<int64_t>(kMinCap, k_on ? 2 * rp.k + 16 : 0);
-  cap = std::min<int64_t>(cap, V + 16);
-  RowScan sc = scan_row(x, V, win, cap, s);
+  const bool any_filter = k_on || p_on || mp_on;
+  // With top-k the window is chosen by count (profile pass) before collecting; otherwise the
+  // default window is collected right away.
+  RowScan sc = scan_row(x, V, win, !k_on && (any_filter || need_argmax), s);
   if (sc.bad) return sel;
   sel.valid = true;
   sel.w = Weight{probs, sc.m, probs ? 1.f : 1.f / temp};
+  if (!any_filter && !need_argmax) return sel;  // plain sampling: the chunked draw over the row
   bool complete = false;
+  bool profiled = false;
+  double zfull = -1.0;
   int64_t n = sc.n;
-  if (sc.overflow) { n = collect_all(x, V, probs, s); complete = true; }
+  auto widen = [&]() {  // profile once, then collect the narrowest sufficient window
+    int pick = kProfiles;
+    if (!profiled) {
+      profiled = true;
+      double cnt[kProfiles], mass[kProfiles];
+      Window unit{probs, probs ? std::exp(-1.f) : temp};
+      const bool within_k = rp.order == FilterOrder::Sequential && k_on;
+      window_profile(x, V, unit, sc.m, sel.w, p_on && !within_k, cnt, mass);
+      if (p_on && !within_k && zfull < 0.0) zfull = row_mass(x, V, sel.w, kNegInf, 0.f);
+      for (int j = 0; j < kProfiles && pick == kProfiles; ++j) {
+        if (kProfileNats[j] < D && !k_on) continue;  // only wider than what failed
+        bool ok = !(k_on && cnt[j] < double(rp.k));
+        // top-p over the whole row needs p of Z inside (margin: profile sums are approximate;
+        // resolve() re-checks exactly)
+        if (ok && p_on && !within_k && mass[j] < double(rp.p) * zfull * (1.0 + 1e-6)) ok = false;
+        if (ok && mp_on && !k_on && !p_on && -std::log(rp.minp) + 0.25f > kProfileNats[j]) ok = false;
+        if (ok) pick = j;
+      }
+    }
+    if (pick < kProfiles) {
+      Window wider{probs, probs ? std::exp(-kProfileNats[pick]) : kProfileNats[pick] * temp};
+      n = collect_geq(x, V, wider.of(sc.m), s);
+    } else {
+      n = collect_all(x, V, probs, s);
+      complete = true;
+    }
+  };
+  if (k_on) widen();
   if (need_argmax) {
     sel.argmax = -1;
     for (int64_t i = 0; i < n; ++i) if (s.val[i] == sc.m) { sel.argmax = s.idx[i]; break; }
   }
-  sel.res = resolve(x, V, s.val.data(), n, complete, sc.thr, minp_window_ok, rp, sel.w, s);
-  if (sel.res.need_full) {
-    n = collect_all(x, V, probs, s);
-    complete = true;
-    sel.res = resolve(x, V, s.val.data(), n, complete, sc.thr, minp_window_ok, rp, sel.w, s);
+  // Resolve on C; if C is too small (fewer than k values, or less than p of the mass), widen.
+  for (;;) {
+    candidate_weights(sel.w, n, s);
+    sel.res = resolve(x, V, s.val.data(), s.wt.data(), n, complete, minp_window_ok, rp, sel.w, s, zfull);
+    if (!sel.res.need_full || complete) break;
+    widen();
   }
   if (sel.res.in_c) {
     int64_t m = 0;
     for (int64_t i = 0; i < n; ++i) {
-      float v = s.val[i];
-      if (v >= sel.res.t && sel.w(v) >= sel.res.minw) { s.val[m] = v; s.idx[m] = s.idx[i]; ++m; }
+      float v = s.val[i], e = s.wt[i];
+      if (v >= sel.res.t && e >= sel.res.minw) { s.val[m] = v; s.wt[m] = e; s.idx[m] = s.idx[i]; ++m; }
     }
     sel.nS = m;
   }
@@ -318,16 +397,16 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   const Weight& w = sel.w;
   if (sel.res.in_c && sel.nS <= kListMax) {
     double Z = 0.0;
-    for (int64_t i = 0; i < sel.nS; ++i) Z += double(w(s.val[i]));
+    for (int64_t i = 0; i < sel.nS; ++i) Z += double(s.wt[i]);
     double target = u * Z, cum = 0.0;
     int64_t last = -1;
     for (int64_t i = 0; i < sel.nS; ++i) {
-      float e = w(s.val[i]);
+      float e = s.wt[i];
       if (e > 0.f) last = i;
       cum += double(e);
       if (cum > target) { *Zout = Z; *wout = e; return s.idx[i]; }
     }
-    *Zout = Z; *wout = w(s.val[last]);
+    *Zout = Z; *wout = s.wt[last];
     return s.idx[last];
   }
   // chunked: per-chunk masses (16 double lanes), then a sequential scan of one chunk
@@ -362,14 +441,19 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   double acc = 0.0;
   int64_t last = -1;
   float lastw = 0.f;
-  for (int64_t i = c * kChunk; i < end; ++i) {
-    float v = to_float(x[i]);
-    if (!(v >= sel.res.t)) continue;
-    float e = w(v);
-    if (!(e >= sel.res.minw) || e <= 0.f) continue;
-    last = i; lastw = e;
-    acc += double(e);
-    if (acc > local) { *wout = e; return i; }
+  alignas(64) float lane[16];
+  for (int64_t i = c * kChunk; i < end; i += 16) {
+    VF v = load_block(x, i, V, fill);
+    VF e = w(v);
+    M16 keep = vge(v, vt) & vge(e, vmw) & vgt(e, zero);
+    if (!keep) continue;
+    vstore(lane, e);
+    for (M16 b = keep; b; b &= b - 1) {
+      int j = __builtin_ctz(b);
+      last = i + j; lastw = lane[j];
+      acc += double(lane[j]);
+      if (acc > local) { *wout = lane[j]; return i + j; }
+    }
   }
   *wout = lastw;
   return last >= 0 ? last : sel.argmax;

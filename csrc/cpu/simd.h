@@ -18,7 +18,14 @@
 #include <immintrin.h>
 #endif
 
+#ifndef DK_ISA_NAME
+#error "simd.h is only for csrc/cpu/isa/*.cpp (compiled per ISA with DK_ISA_NAME set)"
+#endif
+
+// Everything below lives in an ISA-specific inline namespace (dk::simd::avx512, ...), so the
+// three compilations of the kernels never share a symbol (see common.h on ODR merging).
 namespace dk::simd {
+inline namespace DK_ISA_NAME {
 
 using M16 = uint32_t;  // low 16 bits used
 
@@ -212,10 +219,12 @@ inline VF vload_partial(const T* p, int n, float fill) {
 // exact unsigned->float in AVX2 differs in rounding path from cvtepu32; make AVX-512 and scalar
 // use the same hi/lo split so all three agree bit for bit.
 #endif
+}  // namespace DK_ISA_NAME
 }  // namespace dk::simd
 
 // Overloads that let the templates in decodekit/fmath.h run on 16-lane blocks (found by ADL).
 namespace dk::simd {
+inline namespace DK_ISA_NAME {
 inline VF v_fma(VF a, VF b, VF c) { return vfma(a, b, c); }
 inline VF v_add(VF a, VF b) { return vadd(a, b); }
 inline VF v_sub(VF a, VF b) { return vsub(a, b); }
@@ -227,12 +236,14 @@ inline VF v_floor(VF a) { return vfloor(a); }
 inline VF v_pow2i(VF n) { return vpow2i(n); }
 inline VF v_select_lt(VF x, VF c, VF a, VF b) { return vblend(vlt(x, c), b, a); }
 inline void v_split(VF x, VF& m, VF& e) { vsplit(x, m, e); }
+}  // namespace DK_ISA_NAME
 }  // namespace dk::simd
 namespace dk {
 template <> inline simd::VF v_set<simd::VF>(float c) { return simd::vset(c); }
 }  // namespace dk
 
 namespace dk::simd {
+inline namespace DK_ISA_NAME {
 // 16 double accumulators (virtual lane j = element j of each 16-block); reduce in fixed order.
 #if defined(DK_ISA_AVX512)
 struct VD { __m512d lo, hi; };
@@ -284,4 +295,5 @@ inline VPhilox vphilox(VI c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0
   }
   return {x0, x1, x2, x3};
 }
+}  // namespace DK_ISA_NAME
 }  // namespace dk::simd

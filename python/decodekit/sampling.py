@@ -27,11 +27,16 @@ def _split(value: Param, default, name: str, kind=float):
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):
+        if kind is int and value.is_floating_point():
+            if bool((value != value.round()).any()):
+                raise ValueError(f"{name} must be an integer (or an integer tensor), got {value.tolist()}")
         if value.dim() == 0:
             return None, kind(value.item())
         return value, default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be an integer, got {value}")
     return None, kind(value)
 
 

@@ -17,11 +17,10 @@ static void sample_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
     float logprob = 0.f;
     if (!a.filter.is_probs && rp.T == 0.f) {  // greedy: lowest index of the max
       Window win{false, 0.f};
-      RowScan sc = scan_row(x, V, win, std::min<int64_t>(kMinCap, V + 16), s);
+      RowScan sc = scan_row(x, V, win, true, s);
       if (!sc.bad) {
         valid = true;
         int64_t n = sc.n;
-        if (sc.overflow) n = collect_all(x, V, false, s);
         tok = 0;
         for (int64_t i = 0; i < n; ++i) if (s.val[i] == sc.m) { tok = s.idx[i]; break; }
       }
@@ -109,7 +108,7 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
     if (a.kind == FilterOut::Softmax) {
       float* out = static_cast<float*>(a.out) + r * a.out_stride;
       Window win{false, 0.f};
-      RowScan sc = scan_row(x, V, win, std::min<int64_t>(kMinCap, V + 16), s);
+      RowScan sc = scan_row(x, V, win, false, s);
       if (sc.bad) { for (int64_t i = 0; i < V; ++i) out[i] = NAN; continue; }
       Weight w{false, sc.m, 1.f / rp.T};
       double Z = row_mass(x, V, w, kNegInf, 0.f);

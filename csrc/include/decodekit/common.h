@@ -2,12 +2,18 @@
 #pragma once
 #include <cstdint>
 
+// On the host these helpers have internal linkage (static): the CPU kernels are compiled once
+// per ISA with different -m flags, and an `inline` function with external linkage would be
+// merged across those objects by the linker (one ODR copy, possibly built with AVX-512, called
+// from the scalar path). DK_HOST_DEVICE_SPEC is for explicit specializations (no storage class).
 #if defined(__CUDACC__)
 #define DK_HOST_DEVICE __host__ __device__ __forceinline__
+#define DK_HOST_DEVICE_SPEC __host__ __device__ __forceinline__
 #define DK_DEVICE __device__ __forceinline__
 #else
-#define DK_HOST_DEVICE inline
-#define DK_DEVICE inline
+#define DK_HOST_DEVICE static inline
+#define DK_HOST_DEVICE_SPEC inline
+#define DK_DEVICE static inline
 #endif
 
 namespace dk {
