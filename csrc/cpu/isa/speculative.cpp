@@ -70,7 +70,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
   tn.sel = select_row(x, V, false, rp, s, false);
   tn.valid = tn.sel.valid;
   if (!tn.valid) return;
-  tn.list = tn.sel.res.in_c;
+  tn.list = tn.sel.res.in_c && tn.sel.nS <= kListMax;  // S is listed only when small
   if (tn.list) {
     double Z = 0.0;
     for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(s.wt[i]);  // weights from the engine
