@@ -56,3 +56,7 @@ def _build_tree_fake(parents, prefix_lens):
     return (parents.new_empty((B, T, (T + 7) // 8), dtype=torch.uint8), parents.new_empty((B * T,), dtype=torch.int64),
             parents.new_empty((B, T), dtype=torch.int64), parents.new_empty((B, T), dtype=torch.int64),
             parents.new_empty((B, T), dtype=torch.int64))
+@torch.library.register_fake("decodekit::tree_attention")
+def _tree_attention_fake(q, k, v, tree_mask, prefix_lens, sm_scale, kv_layout):
+    B, T, Hq, D = q.shape
+    return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)

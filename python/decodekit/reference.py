@@ -6,6 +6,7 @@ Convention for bad rows (NaN / +inf / all -inf logits; NaN, negative, inf or all
 mask ops return the row unchanged, renorm ops return zeros, softmax returns NaN, samplers
 return token 0 with valid=False.
 """
+import math
 from typing import Optional
 
 import torch
@@ -520,3 +521,91 @@ def chain_speculative_sampling_gather(draft_probs, draft_token_ids, target_probs
     out = torch.where(pos[None, :] < n_matches[:, None], torch.cat([ids, ids[:, :1]], 1), torch.full_like(pos, -1))
     out[ar, n_matches] = t
     return out, n_matches
+# =============================================================================================
+# Tree attention (verification step of tree speculative decoding)
+# ---------------------------------------------------------------------------------------------
+# A token tree of T nodes is given by a parent array (parent[i] < i, -1 for the root(s)). Its
+# attention mask is "ancestor-or-self": node t sees node j iff j is t or an ancestor of t. The
+# tree's keys sit at cache positions prefix_len .. prefix_len + T - 1 and a node's position id is
+# prefix_len + depth. Query t of batch b attends every key s < prefix_lens[b] and tree key j iff
+# tree_mask[b, t, j]; lse is the NATURAL log of the sum of exp(scaled scores).
+# =============================================================================================
+def tree_mask_from_parents(parents) -> torch.Tensor:
+    """Ancestor-or-self mask bool [B, T, T] from parent arrays [B, T] (parent < child, -1 = root)."""
+    parents = torch.as_tensor(parents, dtype=torch.int64)
+    if parents.dim() == 1:
+        parents = parents[None]
+    B, T = parents.shape
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            j = t
+            while j >= 0:
+                mask[b, t, j] = True
+                p = int(parents[b, j])
+                assert p < j, "parents must satisfy parent < child"
+                j = p
+    return mask
+
+
+def tree_depths(parents) -> torch.Tensor:
+    """Depth of every node (roots have depth 0), int64 [B, T]."""
+    parents = torch.as_tensor(parents, dtype=torch.int64)
+    if parents.dim() == 1:
+        parents = parents[None]
+    depth = torch.zeros_like(parents)
+    for b in range(parents.shape[0]):
+        for t in range(parents.shape[1]):
+            p = int(parents[b, t])
+            depth[b, t] = 0 if p < 0 else depth[b, p] + 1
+    return depth
+
+
+def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, T, T] -> uint8 [B, T, ceil(T/8)], bit j % 8 of byte j // 8 (little-endian bit order,
+    as FlashInfer segment_packbits(bitorder="little") applied per row)."""
+    B, T, T2 = mask.shape
+    out = torch.zeros(B, T, (T2 + 7) // 8, dtype=torch.uint8)
+    for j in range(T2):
+        out[:, :, j // 8] |= (mask[:, :, j].to(torch.uint8) << (j % 8))
+    return out
+
+
+def unpack_tree_mask(packed: torch.Tensor, T: int) -> torch.Tensor:
+    """uint8 [B, T, ceil(T/8)] -> bool [B, T, T]."""
+    cols = [((packed[:, :, j // 8] >> (j % 8)) & 1).bool() for j in range(T)]
+    return torch.stack(cols, dim=-1)
+
+
+def tree_attention_dense_mask(tree_mask: torch.Tensor, prefix_lens, kv_len: int) -> torch.Tensor:
+    """The dense bool mask [B, 1, T, kv_len] (True = attend) equivalent to (tree_mask, prefix_lens)."""
+    B, T = tree_mask.shape[:2]
+    if tree_mask.dtype != torch.bool:
+        tree_mask = unpack_tree_mask(tree_mask, T)
+    prefix_lens = torch.as_tensor(prefix_lens, dtype=torch.int64).reshape(-1).expand(B)
+    dense = torch.zeros(B, 1, T, kv_len, dtype=torch.bool)
+    for b in range(B):
+        P = int(prefix_lens[b])
+        dense[b, 0, :, :P] = True
+        dense[b, 0, :, P:P + T] = tree_mask[b].cpu()
+    return dense.to(tree_mask.device)
+
+
+def tree_attention(q, k, v, tree_mask, prefix_lens, *, sm_scale=None, kv_layout="NHD"):
+    """Reference tree attention in float64. Returns (out [B,T,Hq,D] in q's dtype, lse [B,T,Hq] float32).
+    A query that attends nothing (prefix 0 and an empty mask row) gets out = 0 and lse = -inf."""
+    if kv_layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    mask = tree_attention_dense_mask(tree_mask, prefix_lens, S)[:, 0]  # [B, T, S]
+    G = Hq // Hkv
+    kk = k.double().repeat_interleave(G, dim=2)  # [B, S, Hq, D]
+    vv = v.double().repeat_interleave(G, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), kk) * scale
+    scores = scores.masked_fill(~mask[:, None], NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, T]
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhts,bshd->bthd", p, vv)
+    return out.to(q.dtype), lse.transpose(1, 2).float().contiguous()
