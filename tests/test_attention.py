@@ -9,20 +9,12 @@ import torch.nn.functional as F
 import decodekit
 from decodekit import reference as ref
 
-FEATS = decodekit.cpu_features()
-ISAS = ["scalar"] + (["avx2"] if FEATS["avx2"] else []) + (["avx512"] if FEATS["avx512"] and FEATS["avx512_bf16"] else [])
+from conftest import ISAS  # noqa: E402  (the `isa` fixture of conftest.py forces each CPU path in turn)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 96, 128, 256]
 # (atol, rtol) against fp32 SDPA on the same (upcast) inputs; bf16/fp16 include the output rounding
 TOL = {torch.float32: (3e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
-
-
-@pytest.fixture
-def isa(request):
-    name = request.param
-    decodekit.set_isa(name)
-    yield name
-    decodekit.set_isa("auto")
 
 
 def random_parents(B, T, gen):
@@ -63,7 +55,6 @@ def check_close(out, exp, dtype, what):
     assert not bad.any(), f"{what}: max err {err.max().item():.3g} at {bad.nonzero()[0].tolist()}"
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 def test_matches_sdpa(isa, dtype):
     """Every head dim x GQA ratio {1, 4, 8} x layout, random trees, T not a multiple of 8, per-batch
@@ -85,7 +76,6 @@ def test_matches_sdpa(isa, dtype):
     assert cases == 30
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 def test_lse_matches_reference(isa, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -124,7 +114,6 @@ def test_bf16_kernels(mode, monkeypatch):
         decodekit.set_isa("auto")
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_edge_shapes(isa):
     gen = torch.Generator().manual_seed(3)
     # T = 1 (plain decode), prefix 0 everywhere, T not a multiple of 8, a 256-node tree
