@@ -265,7 +265,7 @@ def demo(rounds: int = 6, depth: int = 3, branching: int = 2, prompt_len: int = 
             ref_tokens.append(int(nxt))
             logits = target(nxt.reshape(1, 1), past_key_values=cache, use_cache=True).logits
     ok = out.tolist() == ref_tokens
-    log(f"{out.shape[0]} tokens in {rounds} target forward passes (plain greedy needs {out.shape[0]}); "
+    log(f"{out.shape[0]} tokens from {rounds} tree-verification forward passes of the target (plain greedy: {out.shape[0]} passes); "
         f"identical to plain greedy decoding: {ok}; tree-attention kernel calls: {calls[0]}")
     return dict(matches_greedy=ok, tokens=out.tolist(), reference=ref_tokens, accepted_per_round=accepted_per_round,
                 kernel_calls=calls[0])
