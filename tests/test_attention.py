@@ -9,20 +9,12 @@ import torch.nn.functional as F
 import decodekit
 from decodekit import reference as ref
 
-FEATS = decodekit.cpu_features()
-ISAS = ["scalar"] + (["avx2"] if FEATS["avx2"] else []) + (["avx512"] if FEATS["avx512"] and FEATS["avx512_bf16"] else [])
+from conftest import ISAS  # noqa: E402  (the `isa` fixture of conftest.py forces each CPU path in turn)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 96, 128, 256]
 # (atol, rtol) against fp32 SDPA on the same (upcast) inputs; bf16/fp16 include the output rounding
 TOL = {torch.float32: (3e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
-
-
-@pytest.fixture
-def isa(request):
-    name = request.param
-    decodekit.set_isa(name)
-    yield name
-    decodekit.set_isa("auto")
 
 
 def random_parents(B, T, gen):
@@ -63,7 +55,6 @@ def check_close(out, exp, dtype, what):
     assert not bad.any(), f"{what}: max err {err.max().item():.3g} at {bad.nonzero()[0].tolist()}"
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 def test_matches_sdpa(isa, dtype):
     """Every head dim x GQA ratio {1, 4, 8} x layout, random trees, T not a multiple of 8, per-batch
@@ -85,7 +76,6 @@ def test_matches_sdpa(isa, dtype):
     assert cases == 30
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 def test_lse_matches_reference(isa, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -124,7 +114,6 @@ def test_bf16_kernels(mode, monkeypatch):
         decodekit.set_isa("auto")
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_edge_shapes(isa):
     gen = torch.Generator().manual_seed(3)
     # T = 1 (plain decode), prefix 0 everywhere, T not a multiple of 8, a 256-node tree
@@ -323,3 +312,44 @@ def test_cuda_matches_cpu(dtype):
                                                     kv_layout=layout, return_lse=True)
             check_close(o_gpu.cpu(), o_cpu.float(), dtype, f"cuda {dtype} D={D} {layout}")
             torch.testing.assert_close(l_gpu.cpu(), l_cpu, atol=1e-3, rtol=1e-5)
+
+
+# ---- the CUDA kernel's logic, run on CPU fibers by the emulator of tests/cuda_emu -----------------
+def _emu():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+    import emu_attn
+    if emu_attn.compiler() is None:
+        pytest.skip("no host C++ compiler to build the CUDA emulator")
+    return emu_attn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+def test_cuda_kernel_emulated_matches_cpu(dtype):
+    """csrc/cuda/attention.cuh under DK_CUDA_EMULATE (CPU fibers) vs the CPU op: every head dim, both
+    layouts, packed and bool masks, GQA, prefix 0 and prefixes off the 32-key tile, T = 1 and T > 32."""
+    emu = _emu()
+    gen = torch.Generator().manual_seed(10)
+    cases = [(64, "NHD", 2, 37, 8, 2, [0, 45]), (80, "HND", 1, 1, 4, 4, [33]), (96, "NHD", 1, 5, 8, 1, [0]),
+             (128, "HND", 2, 9, 4, 1, [64, 7]), (256, "NHD", 1, 3, 2, 2, [31])]
+    for i, (D, layout, B, T, Hq, Hkv, prefix) in enumerate(cases):
+        q, k, v, tm, pl = make_case(B, T, Hq, Hkv, D, prefix, dtype, layout, gen)
+        mask = decodekit.pack_tree_mask(tm) if i % 2 else tm
+        o_emu, l_emu = emu.tree_attention(q, k, v, mask, pl, None, layout)
+        o_cpu, l_cpu = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout, return_lse=True)
+        check_close(o_emu, o_cpu.float(), dtype, f"emulated CUDA {dtype} D={D} {layout}")
+        check_close(o_emu, sdpa_expected(q, k, v, tm, pl, layout), dtype, f"emulated CUDA vs SDPA D={D}")
+        torch.testing.assert_close(l_emu, l_cpu, atol=1e-3 if dtype == torch.float32 else 5e-3, rtol=1e-5)
+
+
+def test_cuda_kernel_emulated_empty_rows():
+    emu = _emu()
+    q = torch.randn(1, 3, 2, 64)
+    k = torch.randn(1, 3, 2, 64)
+    v = torch.randn(1, 3, 2, 64)
+    tm = torch.zeros(1, 3, 3, dtype=torch.bool)
+    tm[0, 2, 1] = True
+    o, l = emu.tree_attention(q, k, v, tm, torch.tensor([0]))
+    assert (o[0, :2] == 0).all() and torch.isneginf(l[0, :2]).all()
+    torch.testing.assert_close(o[0, 2], v[0, 1])

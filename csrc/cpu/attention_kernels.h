@@ -37,7 +37,8 @@ const AttnTable& attn_table_scalar();
 const AttnTable& attn_table_avx2();
 const AttnTable& attn_table_avx512();
 
-inline const AttnTable& attn_active() {
+// static: this header is also compiled into the per-ISA objects (see decodekit/common.h on ODR).
+static inline const AttnTable& attn_active() {
   switch (active_isa_id()) {
     case 2: return attn_table_avx512();
     case 1: return attn_table_avx2();

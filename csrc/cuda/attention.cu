@@ -16,6 +16,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q_in, c
                                                        const at::Tensor& prefix_lens, std::optional<double> sm_scale,
                                                        c10::string_view kv_layout) {
   AttnShape s = check_tree_attention(q_in, k_in, v_in, tree_mask, prefix_lens, kv_layout);
+  DK_CHECK(q_in.is_cuda(), "q must be a CUDA tensor here, got a tensor on ", q_in.device());
   if (sm_scale) DK_CHECK(std::isfinite(*sm_scale) && *sm_scale != 0.0, "sm_scale must be finite and nonzero, got ", *sm_scale);
   c10::cuda::CUDAGuard guard(q_in.device());
   auto out = at::empty({s.B, s.T, s.Hq, s.D}, q_in.options());
@@ -27,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q_in, c
   auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   auto v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
   auto mask = tree_mask.contiguous();
-  dk::cuda_attn::Params p;
+  cuda::TreeAttnArgs p;
+  p.dtype = int(float_dtype(q, "q"));
   p.B = s.B; p.T = s.T; p.Hq = s.Hq; p.Hkv = s.Hkv; p.D = s.D; p.S = s.S;
   const int sd = s.hnd ? 2 : 1, hd = s.hnd ? 1 : 2;
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_st = q.stride(1); p.q_sh = q.stride(2);
@@ -40,8 +42,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q_in, c
   p.sm_scale = float(sm_scale ? *sm_scale : 1.0 / std::sqrt(double(s.D)));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const int dtype = int(float_dtype(q, "q"));
-  cudaError_t e = dk::cuda_attn::launch_tree_attention(p, dtype, c10::cuda::getCurrentCUDAStream().stream());
+  cudaError_t e = cuda::launch_tree_attention(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(e == cudaSuccess, "tree_attention CUDA launch failed: ", cudaGetErrorString(e));
   return {out, lse};
 }
