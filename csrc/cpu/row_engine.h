@@ -30,7 +30,7 @@ struct Scratch {
   std::vector<float> val, wt;  // candidates: value, weight (index order)
   std::vector<int32_t> idx;
   std::vector<float> tmp;
-  std::vector<VW> pairs;
+  std::vector<VW> pairs, pairs2;
   std::vector<double> chunks;
 };
 inline Scratch& scratch() {
@@ -204,8 +204,7 @@ inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float mi
 // Top-p threshold by mass quickselect over a[0..n) (value, weight pairs): the smallest value v
 // such that the mass of the values strictly greater than v is < P. Linear expected time; a is
 // permuted.
-inline float top_p_threshold(VW* a, int64_t n, double P) {
-  double base = 0.0;
+inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
   int64_t lo = 0, hi = n;
   float best = kPosInf;
   while (hi > lo) {
@@ -239,6 +238,41 @@ inline float top_p_threshold(VW* a, int64_t n, double P) {
     lo = lt;
   }
   return best;
+}
+
+// The same threshold for a large candidate list: one branch-free pass bins the candidates by
+// value (1/8-nat bins below the max for logits, 1/8-octave bins of the probability for probs),
+// the bin where the cumulative mass from the top reaches P is found, and only that bin goes
+// through the quickselect, starting from the exact mass of the bins above it.
+inline float top_p_threshold_binned(VW* a, int64_t n, double P, const Weight& w, std::vector<VW>& tmp) {
+  constexpr int NB = 256;
+  double bm[NB] = {};
+  const uint32_t mbits = float_to_bits(w.m);
+  auto bin = [&](float v) -> int {
+    if (w.probs) {
+      uint32_t d = (mbits - float_to_bits(v)) >> 20;  // v <= m, both positive
+      return d < uint32_t(NB) ? int(d) : NB - 1;
+    }
+    float d = (w.m - v) * w.invT * 8.f;
+    return d < float(NB - 1) ? int(d) : NB - 1;
+  };
+  for (int64_t i = 0; i < n; ++i) bm[bin(a[i].v)] += double(a[i].w);
+  double base = 0.0;
+  int bstar = -1, last = 0;
+  for (int b = 0; b < NB; ++b) {
+    if (bm[b] > 0.0) last = b;
+    if (base + bm[b] >= P) { bstar = b; break; }
+    base += bm[b];
+  }
+  if (bstar < 0) {  // rounding left the total just under P: the last non-empty bin holds the cut
+    bstar = last;
+    base = 0.0;
+    for (int b = 0; b < bstar; ++b) base += bm[b];
+  }
+  tmp.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (bin(a[i].v) == bstar) tmp.push_back(a[i]);
+  return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and weight >= minw }.
@@ -292,7 +326,9 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
       Z = zfull;
       if (!complete && mc < double(rp.p) * Z) { r.need_full = true; return r; }
     }
-    float tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), double(rp.p) * Z);
+    const int64_t np = int64_t(s.pairs.size());
+    float tp = np > 2048 ? top_p_threshold_binned(s.pairs.data(), np, double(rp.p) * Z, w, s.pairs2)
+                         : top_p_threshold(s.pairs.data(), np, double(rp.p) * Z);
     t = std::max(t, tp);
   }
   r.t = t;

@@ -5,6 +5,10 @@ from ._ops import ops  # noqa: F401
 from . import _C
 from .sampling import *  # noqa: F401,F403
 from .sampling import __all__ as _sampling_all
+from .speculative import *  # noqa: F401,F403
+from .speculative import __all__ as _speculative_all
+from .attention import *  # noqa: F401,F403
+from .attention import __all__ as _attention_all
 
 __version__ = "0.1.0"
 
@@ -23,4 +27,5 @@ def set_isa(name: str) -> str:
     return _C.set_isa(name)
 
 
-__all__ = ["cpu_features", "build_info", "set_isa"] + list(_sampling_all)
+__all__ = (["cpu_features", "build_info", "set_isa"] + list(_sampling_all) + list(_speculative_all)
+           + list(_attention_all))

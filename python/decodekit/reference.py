@@ -6,6 +6,7 @@ Convention for bad rows (NaN / +inf / all -inf logits; NaN, negative, inf or all
 mask ops return the row unchanged, renorm ops return zeros, softmax returns NaN, samplers
 return token 0 with valid=False.
 """
+import math
 from typing import Optional
 
 import torch
@@ -185,3 +186,426 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, gener
         probs = x.softmax(-1)
         x = x.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, NEG_INF)
     return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# =================================================================================================
+# Speculative verification (chain / tree, stochastic / greedy) and build_tree
+# =================================================================================================
+# The stochastic references draw decodekit's own Philox uniforms (csrc/include/decodekit/philox.h,
+# speculative.h) so that, for probability inputs, they give the kernels' tokens: acceptance tests are
+# the same float64 comparisons; residual draws differ from the kernels only if u * Z falls within
+# float64 rounding of a cumulative-sum boundary (never, in practice). Everything else is plain torch
+# / Python, one row and one node at a time.
+
+_M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(c, k0, k1):
+    c0, c1, c2, c3 = c
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _M32, p1 & _M32, ((p0 >> 32) ^ c3 ^ k1) & _M32, p0 & _M32
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def _u53_open(a, b):
+    k = ((a >> 5) << 26) | (b >> 6)
+    return (float(k) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+def _spec_key(seed, offset, b):
+    """(k0, k1, stream, offset_lo, offset_hi16) of batch row b: per-row seeds (a tensor) use stream 0,
+    one scalar seed uses stream b."""
+    if isinstance(seed, torch.Tensor):
+        s, stream = int(seed[b]), 0
+    else:
+        s, stream = int(seed), b
+    s &= (1 << 64) - 1
+    return (s & _M32, (s >> 32) & _M32, stream & _M32, offset & _M32, (offset >> 32) & 0xFFFF)
+
+
+def _spec_philox(key, purpose, block):
+    k0, k1, stream, lo, hi16 = key
+    return _philox4x32_10((block & _M32, (purpose & 0xFFFF) | (hi16 << 16), stream, lo), k0, k1)
+
+
+def spec_accept_uniform(key, depth, sib=0):
+    r = _spec_philox(key, 256 + 2 * depth, sib >> 1)
+    return _u53_open(r[2], r[3]) if sib & 1 else _u53_open(r[0], r[1])
+
+
+def spec_draw_uniform(key, depth):
+    r = _spec_philox(key, 256 + 2 * depth + 1, 0)
+    return _u53_open(r[0], r[1])
+
+
+def _inverse_cdf(w: torch.Tensor, u: float) -> int:
+    """First index whose float64 cumulative weight exceeds u * total; -1 without positive mass."""
+    c = torch.cumsum(w.double(), 0)
+    Z = float(c[-1])
+    if not Z > 0:
+        return -1
+    i = int(torch.searchsorted(c, torch.tensor([u * Z], dtype=torch.float64), right=True)[0])
+    return min(i, int(torch.nonzero(w > 0).max()))
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _verify_node(p, q, kids, key, depth):
+    """One node: p target row (float32 probs), q draft row or None, kids = child tokens in order.
+    Returns (index of the accepted child or -1, emitted token)."""
+    removed = []
+    Mr = Mq = 0.0
+    r_f, Zr = None, 1.0            # materialised residual (float32 row) and its mass
+    scf = _f32(1.0)
+    for i, x in enumerate(kids):
+        u = spec_accept_uniform(key, depth, i)
+        if q is None:
+            px = float(p[x])
+            if u * (1.0 - Mr) < px:
+                return i, x
+            Mr += px
+        else:
+            qi = float(q[x]) / (1.0 - Mq)
+            rx = float(p[x]) if r_f is None else float(r_f[x]) / Zr
+            if u * qi < rx:
+                return i, x
+            scf = _f32(1.0 / (1.0 - Mq))
+            Mq += float(q[x])
+        removed.append(x)
+        if q is not None and i + 1 < len(kids):
+            base = p.clamp(min=0) if r_f is None else r_f * _f32(1.0 / Zr)
+            r_f = (base - q * scf).clamp(min=0)
+            r_f[removed] = 0
+            Zr = float(r_f.double().sum())
+    u = spec_draw_uniform(key, depth)
+    bonus = p.clamp(min=0)
+    if not removed:
+        w = bonus
+    elif q is None:
+        w = bonus.clone()
+        w[removed] = 0
+    else:
+        base = bonus if r_f is None else r_f * _f32(1.0 / Zr)
+        w = (base - q * scf).clamp(min=0)
+        w[removed] = 0
+    tok = _inverse_cdf(w, u)
+    if tok < 0:
+        tok = _inverse_cdf(bonus, u)
+    return -1, max(tok, 0)
+
+
+def _argmax(row: torch.Tensor) -> int:
+    """Lowest index of the max (token 0 for a row with NaN / +inf / nothing above -inf)."""
+    if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()) or not bool((row > NEG_INF).any()):
+        return 0
+    return int(torch.argmax(row.float()))
+
+
+def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, num_draft_tokens=None, seed=0,
+                               offset=0, greedy_rows=None):
+    """Chain verification (DESIGN.md section 4) with decodekit's uniforms. target_probs [B, N+1, V]
+    float32, draft_probs [B, N, V] or None (one-hot). greedy_rows: optional bool [B] of rows whose
+    target rows are LOGITS verified greedily. Returns (ids [B, N+1] -1 padded, accepted [B], emitted [B])."""
+    B, N = draft_token_ids.shape
+    out = torch.full((B, N + 1), -1, dtype=torch.int64)
+    acc = torch.zeros(B, dtype=torch.int32)
+    emi = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        key = _spec_key(seed, offset, b)
+        n = N if num_draft_tokens is None else int(num_draft_tokens[b])
+        greedy = greedy_rows is not None and bool(greedy_rows[b])
+        stop, emit = None, 0
+        for j in range(n):
+            x = int(draft_token_ids[b, j])
+            p = target_probs[b, j]
+            q = None if draft_probs is None else draft_probs[b, j]
+            if greedy:
+                ok, e = x == _argmax(p), _argmax(p)
+            elif stop is None:
+                i, e = _verify_node(p, q, [x], key, j)
+                ok = i == 0
+            else:
+                ok = spec_accept_uniform(key, j, 0) * (1.0 if q is None else float(q[x])) < float(p[x])
+            acc[b] += int(ok)
+            if stop is None:
+                if ok:
+                    out[b, j] = x
+                else:
+                    stop, emit = j, e
+        if stop is None:
+            stop = n
+            emit = _argmax(target_probs[b, n]) if greedy else _verify_node(target_probs[b, n], None, [], key, n)[1]
+        out[b, stop] = emit
+        emi[b] = stop
+    return out, acc, emi
+
+
+def greedy_verify(draft_token_ids, target_logits, *, num_draft_tokens=None):
+    B = draft_token_ids.shape[0]
+    return chain_speculative_sampling(None, draft_token_ids, target_logits, num_draft_tokens=num_draft_tokens,
+                                      greedy_rows=torch.ones(B, dtype=torch.bool))
+
+
+def _filtered_probs(logits, temperature, top_k, top_p, min_p, order):
+    """[B, R, V] logits -> float32 [B, R, V] target distributions per row's parameters; plus the
+    bool [B] of greedy rows (temperature 0, whose rows are returned as the logits themselves)."""
+    B, R, V = logits.shape
+    T = _rows(temperature, B, torch.float64)
+    greedy = T == 0
+    out = torch.empty(B, R, V, dtype=torch.float32)
+    for b in range(B):
+        if greedy[b]:
+            out[b] = logits[b].float()
+            continue
+        kw = dict(temperature=float(T[b]), order=order)
+        for name, v, dt in (("top_k", top_k, torch.int64), ("top_p", top_p, torch.float64),
+                            ("min_p", min_p, torch.float64)):
+            if v is not None:
+                kw[name] = _rows(v, B, dt)[b].item()
+        out[b] = target_distribution(logits[b].float(), **kw).float()
+    return out, greedy
+
+
+def chain_speculative_sampling_from_logits(draft_probs, draft_token_ids, target_logits, *, temperature=1.0,
+                                           top_k=None, top_p=None, min_p=None, order="sequential",
+                                           num_draft_tokens=None, seed=0, offset=0):
+    """The logits form: each position's target is the filtered distribution of section 3."""
+    probs, greedy = _filtered_probs(target_logits, temperature, top_k, top_p, min_p, order)
+    return chain_speculative_sampling(draft_probs, draft_token_ids, probs, num_draft_tokens=num_draft_tokens,
+                                      seed=seed, offset=offset, greedy_rows=greedy)
+
+
+def build_tree(parents, prefix_lens):
+    """(tree_mask uint8 [B, T, ceil(T/8)], positions int64 [B*T], retrive_index, retrive_next_token,
+    retrive_next_sibling int64 [B, T]) from a valid parent array."""
+    B, T = parents.shape
+    W = (T + 7) // 8
+    prefix = _rows(prefix_lens, B, torch.int64) if not isinstance(prefix_lens, torch.Tensor) else prefix_lens
+    dense = torch.zeros(B, T, W * 8, dtype=torch.bool)
+    positions = torch.zeros(B * T, dtype=torch.int64)
+    ri = torch.arange(B * T, dtype=torch.int64).reshape(B, T)
+    nt = torch.full((B, T), -1, dtype=torch.int64)
+    ns = torch.full((B, T), -1, dtype=torch.int64)
+    for b in range(B):
+        par = [int(v) for v in parents[b]]
+        assert par[0] == -1 and all(0 <= par[t] < t for t in range(1, T)), "invalid tree"
+        for t in range(T):
+            a, depth = t, 0
+            while a != -1:
+                dense[b, t, a] = True
+                a = par[a]
+                depth += 1 if a != -1 else 0
+            positions[b * T + t] = int(prefix[b]) + depth
+        for t in range(1, T):
+            kids = [c for c in range(1, T) if par[c] == par[t]]
+            if kids[0] == t:
+                nt[b, par[t]] = t
+            i = kids.index(t)
+            if i + 1 < len(kids):
+                ns[b, t] = kids[i + 1]
+    weights = (1 << torch.arange(8, dtype=torch.int64))
+    mask = (dense.reshape(B, T, W, 8).long() * weights).sum(-1).to(torch.uint8)
+    return mask, positions, ri, nt, ns
+
+
+def _children(nt, ns, node):
+    out, c = [], int(nt[node])
+    while c != -1:
+        out.append(c)
+        c = int(ns[c])
+    return out
+
+
+def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
+                              draft_probs=None, *, num_speculative_tokens=None, seed=0, offset=0, greedy_rows=None,
+                              target_predict=None):
+    """Tree verification in SGLang's layout (DESIGN.md section 4). Returns (predicts [B*T] (-1 where not
+    written), accept_index int32 [B, W] (-1 padded), accept_token_num int32 [B]). greedy_rows: bool [B]
+    of rows whose target rows are logits verified greedily; target_predict [B, T]: greedy ids."""
+    B, T = candidates.shape
+    W = T if num_speculative_tokens is None else num_speculative_tokens
+    predicts = torch.full((B * T,), -1, dtype=torch.int64)
+    accept_index = torch.full((B, W), -1, dtype=torch.int32)
+    accept_num = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        key = _spec_key(seed, offset, b)
+        greedy = target_predict is not None or (greedy_rows is not None and bool(greedy_rows[b]))
+        ri = retrive_index[b]
+        accept_index[b, 0] = int(ri[0])
+        cur, acc = 0, 0
+        while True:
+            kids = _children(retrive_next_token[b], retrive_next_sibling[b], cur) if acc < W - 1 else []
+            toks = [int(candidates[b, c]) for c in kids]
+            if greedy:
+                choice = int(target_predict[b, cur]) if target_predict is not None else _argmax(target_probs[b, cur])
+                i, e = (toks.index(choice), choice) if choice in toks else (-1, choice)
+            else:
+                q = None if draft_probs is None else draft_probs[b, cur]
+                i, e = _verify_node(target_probs[b, cur], q, toks, key, acc)
+            predicts[int(ri[cur])] = e
+            if i < 0:
+                break
+            acc += 1
+            cur = kids[i]
+            accept_index[b, acc] = int(ri[cur])
+        accept_num[b] = acc
+    return predicts, accept_index, accept_num
+
+
+def verify_tree_greedy(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, *,
+                       num_speculative_tokens=None):
+    """target: logits [B, T, V] or predicted ids [B, T]."""
+    if target.dtype.is_floating_point:
+        return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
+                                         num_speculative_tokens=num_speculative_tokens,
+                                         greedy_rows=torch.ones(candidates.shape[0], dtype=torch.bool))
+    return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, None,
+                                     num_speculative_tokens=num_speculative_tokens, target_predict=target)
+
+
+def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
+                                          target_logits, draft_probs=None, *, temperature=1.0, top_k=None,
+                                          top_p=None, min_p=None, order="sequential", num_speculative_tokens=None,
+                                          seed=0, offset=0):
+    probs, greedy = _filtered_probs(target_logits, temperature, top_k, top_p, min_p, order)
+    return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs,
+                                     draft_probs, num_speculative_tokens=num_speculative_tokens, seed=seed,
+                                     offset=offset, greedy_rows=greedy)
+
+
+# ---- benchmark baselines (plain torch, what serving code does) ---------------------------------
+def chain_speculative_sampling_hf(draft_probs, draft_token_ids, target_probs, generator=None):
+    """Hugging Face assisted generation's _speculative_sampling logic, batched over B rows: full-row
+    probability ratios p/q for every draft position, torch.rand acceptance (r <= ratio), the residual
+    clamp(p - q, 0) / sum for every position (the stop position differs per row), then multinomial
+    from the residual at the stop (or p_{N+1} when all are accepted). Returns (ids, emitted)."""
+    B, N = draft_token_ids.shape
+    ids = draft_token_ids.long()
+    ratio = target_probs[:, :N] / draft_probs                       # [B, N, V]
+    ratio_i = ratio.gather(-1, ids[..., None]).squeeze(-1)           # [B, N]
+    r = torch.rand(ratio_i.shape, generator=generator)
+    accepted = r <= ratio_i
+    n_matches = ((~accepted).cumsum(-1) < 1).sum(-1)                 # [B]
+    resid = (target_probs[:, :N] - draft_probs).clamp(min=0)
+    resid = resid / resid.sum(-1, keepdim=True)
+    rows = torch.cat([resid, target_probs[:, N:]], 1)[torch.arange(B), n_matches]
+    t = torch.multinomial(rows, 1, generator=generator).squeeze(-1)
+    pos = torch.arange(N + 1)
+    out = torch.where(pos[None, :] < n_matches[:, None], torch.cat([ids, ids[:, :1]], 1), torch.full_like(pos, -1))
+    out[torch.arange(B), n_matches] = t
+    return out, n_matches
+
+
+def chain_speculative_sampling_gather(draft_probs, draft_token_ids, target_probs, generator=None):
+    """A leaner plain-torch port: gather p(x_j), q(x_j) first and build the residual only for the one
+    row each batch row stops at (still several full passes over that row: sub, clamp, sum, div,
+    multinomial)."""
+    B, N = draft_token_ids.shape
+    ids = draft_token_ids.long()
+    ar = torch.arange(B)
+    p_i = target_probs[:, :N].gather(-1, ids[..., None]).squeeze(-1)
+    q_i = draft_probs.gather(-1, ids[..., None]).squeeze(-1)
+    accepted = torch.rand(p_i.shape, generator=generator) * q_i < p_i
+    n_matches = ((~accepted).cumsum(-1) < 1).sum(-1)
+    p_rows = target_probs[ar, n_matches]
+    q_rows = draft_probs[ar, n_matches.clamp(max=N - 1)]
+    resid = torch.where((n_matches < N)[:, None], (p_rows - q_rows).clamp(min=0), p_rows)
+    t = torch.multinomial(resid / resid.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    pos = torch.arange(N + 1)
+    out = torch.where(pos[None, :] < n_matches[:, None], torch.cat([ids, ids[:, :1]], 1), torch.full_like(pos, -1))
+    out[ar, n_matches] = t
+    return out, n_matches
+# =============================================================================================
+# Tree attention (verification step of tree speculative decoding)
+# ---------------------------------------------------------------------------------------------
+# A token tree of T nodes is given by a parent array (parent[i] < i, -1 for the root(s)). Its
+# attention mask is "ancestor-or-self": node t sees node j iff j is t or an ancestor of t. The
+# tree's keys sit at cache positions prefix_len .. prefix_len + T - 1 and a node's position id is
+# prefix_len + depth. Query t of batch b attends every key s < prefix_lens[b] and tree key j iff
+# tree_mask[b, t, j]; lse is the NATURAL log of the sum of exp(scaled scores).
+# =============================================================================================
+def tree_mask_from_parents(parents) -> torch.Tensor:
+    """Ancestor-or-self mask bool [B, T, T] from parent arrays [B, T] (parent < child, -1 = root)."""
+    parents = torch.as_tensor(parents, dtype=torch.int64)
+    if parents.dim() == 1:
+        parents = parents[None]
+    B, T = parents.shape
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            j = t
+            while j >= 0:
+                mask[b, t, j] = True
+                p = int(parents[b, j])
+                assert p < j, "parents must satisfy parent < child"
+                j = p
+    return mask
+
+
+def tree_depths(parents) -> torch.Tensor:
+    """Depth of every node (roots have depth 0), int64 [B, T]."""
+    parents = torch.as_tensor(parents, dtype=torch.int64)
+    if parents.dim() == 1:
+        parents = parents[None]
+    depth = torch.zeros_like(parents)
+    for b in range(parents.shape[0]):
+        for t in range(parents.shape[1]):
+            p = int(parents[b, t])
+            depth[b, t] = 0 if p < 0 else depth[b, p] + 1
+    return depth
+
+
+def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [B, T, T] -> uint8 [B, T, ceil(T/8)], bit j % 8 of byte j // 8 (little-endian bit order,
+    as FlashInfer segment_packbits(bitorder="little") applied per row)."""
+    B, T, T2 = mask.shape
+    out = torch.zeros(B, T, (T2 + 7) // 8, dtype=torch.uint8)
+    for j in range(T2):
+        out[:, :, j // 8] |= (mask[:, :, j].to(torch.uint8) << (j % 8))
+    return out
+
+
+def unpack_tree_mask(packed: torch.Tensor, T: int) -> torch.Tensor:
+    """uint8 [B, T, ceil(T/8)] -> bool [B, T, T]."""
+    cols = [((packed[:, :, j // 8] >> (j % 8)) & 1).bool() for j in range(T)]
+    return torch.stack(cols, dim=-1)
+
+
+def tree_attention_dense_mask(tree_mask: torch.Tensor, prefix_lens, kv_len: int) -> torch.Tensor:
+    """The dense bool mask [B, 1, T, kv_len] (True = attend) equivalent to (tree_mask, prefix_lens)."""
+    B, T = tree_mask.shape[:2]
+    if tree_mask.dtype != torch.bool:
+        tree_mask = unpack_tree_mask(tree_mask, T)
+    prefix_lens = torch.as_tensor(prefix_lens, dtype=torch.int64).reshape(-1).expand(B)
+    dense = torch.zeros(B, 1, T, kv_len, dtype=torch.bool)
+    for b in range(B):
+        P = int(prefix_lens[b])
+        dense[b, 0, :, :P] = True
+        dense[b, 0, :, P:P + T] = tree_mask[b].cpu()
+    return dense.to(tree_mask.device)
+
+
+def tree_attention(q, k, v, tree_mask, prefix_lens, *, sm_scale=None, kv_layout="NHD"):
+    """Reference tree attention in float64. Returns (out [B,T,Hq,D] in q's dtype, lse [B,T,Hq] float32).
+    A query that attends nothing (prefix 0 and an empty mask row) gets out = 0 and lse = -inf."""
+    if kv_layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    mask = tree_attention_dense_mask(tree_mask, prefix_lens, S)[:, 0]  # [B, T, S]
+    G = Hq // Hkv
+    kk = k.double().repeat_interleave(G, dim=2)  # [B, S, Hq, D]
+    vv = v.double().repeat_interleave(G, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), kk) * scale
+    scores = scores.masked_fill(~mask[:, None], NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, T]
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhts,bshd->bthd", p, vv)
+    return out.to(q.dtype), lse.transpose(1, 2).float().contiguous()

@@ -1,0 +1,127 @@
+// CUDA implementations of the sampling/filtering ops: the same checks and argument packing as
+// csrc/torch/sampling_cpu.cpp (shared in csrc/torch/checks.h), then one launch on the current
+// stream. No math here; the kernels live in csrc/cuda/sampling.cuh.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include "cuda/sampling.cuh"
+#include "torch/checks.h"
+
+namespace dk::torchb {
+namespace {
+
+static_assert(int(cpu::DType::F32) == int(cuda::DType::F32) && int(cpu::DType::BF16) == int(cuda::DType::BF16) &&
+                  int(cpu::DType::F16) == int(cuda::DType::F16),
+              "dtype codes shared by the CPU and CUDA kernels");
+
+void check_cuda(const at::Tensor& x, const char* name) {
+  DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
+           "); all tensor arguments must be on the same device");
+}
+
+cuda::RowFilterArgs cuda_filter(const FilterPack& fp) {
+  cuda::RowFilterArgs f;
+  f.is_probs = fp.is_probs;
+  f.order = int(fp.order);
+  f.temperature = fp.T_ptr();
+  f.temperature_val = fp.T_val;
+  f.top_k = fp.k_ptr();
+  f.top_k_val = fp.k_val;
+  f.top_p = fp.p_ptr();
+  f.top_p_val = fp.p_val;
+  f.min_p = fp.mp_ptr();
+  f.min_p_val = fp.mp_val;
+  return f;
+}
+
+cuda::SampleArgs sample_args(const RowSetup& rs, int64_t seed_val, int64_t offset) {
+  cuda::SampleArgs a;
+  cpu::Matrix m = as_matrix(rs.x);
+  a.x = m.data;
+  a.dtype = cuda::DType(int(m.dtype));
+  a.rows = m.rows;
+  a.V = m.V;
+  a.row_stride = m.row_stride;
+  a.indices = rs.idx_ptr();
+  a.n_out = rs.n_out;
+  a.seeds = rs.seeds_ptr();
+  a.seed = uint64_t(seed_val);
+  a.offset = uint64_t(offset);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& indices, bool is_probs,
+    const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
+    const std::optional<at::Tensor>& p_arr, double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val,
+    int64_t order, const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
+  check_cuda(x, is_probs ? "probs" : "logits");
+  c10::cuda::CUDAGuard guard(x.device());
+  RowSetup rs = setup_rows(x, indices, seed_arr, is_probs ? "probs" : "logits");
+  FilterPack fp = pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+  auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
+  auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
+  auto logprobs = at::empty({rs.n_out}, x.options().dtype(at::kFloat));
+  if (rs.n_out == 0) return {tokens, valid, logprobs};
+  cuda::SampleArgs a = sample_args(rs, seed_val, offset);
+  a.filter = cuda_filter(fp);
+  auto ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.V)}, x.options().dtype(at::kDouble));
+  a.workspace = ws.data_ptr<double>();
+  a.out_tokens = tokens.data_ptr<int64_t>();
+  a.out_valid = valid.data_ptr<bool>();
+  a.out_logprob = logprobs.data_ptr<float>();
+  C10_CUDA_CHECK(cuda::launch_sample(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return {tokens, valid, logprobs};
+}
+
+std::tuple<at::Tensor, at::Tensor> gumbel_sample_cuda(const at::Tensor& x, const std::optional<at::Tensor>& indices,
+                                                      const std::optional<at::Tensor>& seed_arr, int64_t seed_val,
+                                                      int64_t offset) {
+  check_cuda(x, "logits");
+  c10::cuda::CUDAGuard guard(x.device());
+  RowSetup rs = setup_rows(x, indices, seed_arr, "logits");
+  auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
+  auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
+  if (rs.n_out == 0) return {tokens, valid};
+  cuda::SampleArgs a = sample_args(rs, seed_val, offset);
+  a.out_tokens = tokens.data_ptr<int64_t>();
+  a.out_valid = valid.data_ptr<bool>();
+  C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return {tokens, valid};
+}
+
+at::Tensor filter_cuda(const at::Tensor& x, int64_t kind, bool is_probs, const std::optional<at::Tensor>& T_arr,
+                       double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
+                       const std::optional<at::Tensor>& p_arr, double p_val, const std::optional<at::Tensor>& mp_arr,
+                       double mp_val, int64_t order) {
+  check_cuda(x, is_probs ? "probs" : "logits");
+  c10::cuda::CUDAGuard guard(x.device());
+  check_filter_input(x, kind, is_probs);
+  FilterPack fp = pack_filter(x, x.size(0), is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+  at::Tensor out = kind == 0 ? at::empty(x.sizes(), x.options()) : at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  if (x.size(0) == 0) return out;
+  cuda::FilterArgs a;
+  cpu::Matrix m = as_matrix(x);
+  a.x = m.data;
+  a.dtype = cuda::DType(int(m.dtype));
+  a.rows = m.rows;
+  a.V = m.V;
+  a.row_stride = m.row_stride;
+  a.filter = cuda_filter(fp);
+  a.kind = cuda::FilterOut(kind);
+  a.out = out.data_ptr();
+  a.out_stride = out.size(1);
+  C10_CUDA_CHECK(cuda::launch_filter(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decodekit, CUDA, m) {
+  m.impl("sample", &sample_cuda);
+  m.impl("gumbel_sample", &gumbel_sample_cuda);
+  m.impl("filter", &filter_cuda);
+}
+
+}  // namespace dk::torchb

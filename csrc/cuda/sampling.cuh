@@ -1,0 +1,740 @@
+// CUDA kernels of the sampling / filter family: `sample` (inverse-CDF with temperature, top-k,
+// top-p, min-p; sequential or joint order), `gumbel_sample` (Gumbel-max) and `filter` (mask
+// logits / renorm probs / softmax). Torch-free: compiles with plain nvcc (see .ci/cuda_compile.sh);
+// csrc/cuda/sampling.cu is the thin torch launcher.
+//
+// Contract: a GPU run gives the SAME tokens as the CPU engine (csrc/cpu/row_engine.h and
+// csrc/cpu/isa/sampling.cpp) for the same inputs and seed. The CPU defines the canonical result;
+// these kernels compute the same quantities in the same floating-point order wherever the
+// result depends on it:
+//   * every per-element value comes from the shared DK_HOST_DEVICE code (dk_exp, dk_log,
+//     gumbel_from_uniform in fmath.h, float_key / to_float in common.h, Philox in philox.h,
+//     row_uniform in rng.h); this file must be compiled with -fmad=false (CMakeLists.txt and
+//     .ci/cuda_compile.sh do), so no a*b+c is fused behind our back; the FMAs are the explicit
+//     __fmaf_rn of v_fma.
+//   * the 16-virtual-lane double sums (whole-row mass, per-4096-chunk masses) are summed lane
+//     by lane in index order and the lanes reduced j = 0..15, exactly as vd_add / vd_reduce.
+//   * every "sequential" double sum (top-p's Z over the top-k survivors, the list draw, the scan
+//     inside a chunk) runs on one thread in index order (adding +0.0 for skipped elements is a
+//     no-op, so those are skipped).
+//   * top-k: the k-th largest value (radix select over float_key: exact).
+//   * the method choice (list walk when |S| <= 2048 and S lies in the CPU's candidate list,
+//     else the chunked draw) and the fallbacks of the chunked draw follow draw() in row_engine.h.
+//
+// Where CUDA can differ from the CPU (documented, rare):
+//   * top-p cut: both pick the smallest value v with mass(> v) < p*Z. Z is bit-identical, but
+//     mass(> v) is summed in a different order (CPU: quickselect partition order; here: a
+//     fixed-shape block reduction), so when mass(> v) lies within a few double ulps of p*Z the
+//     two may put the cut on neighbouring values. Deterministic on each device.
+//   * logprobs: log(double) of CUDA's libdevice vs glibc may differ by one double ulp before the
+//     float rounding; the float log-probability can then differ in its last bit.
+//   * min-p alone uses the CPU's candidate window test -logf(min_p) + 0.25f <= min(80, ...); with
+//     glibc logf that is exactly min_p >= kMinPWindowMin (0x05f66f6f, ~2.3e-35), hard-coded here
+//     (the list-vs-chunk method choice for min_p below ~2.3e-35 would otherwise depend on logf).
+#pragma once
+#if !defined(DK_CUDA_EMULATE)  // tests/cuda_emu runs these kernels on CPU threads
+#include <cuda_runtime.h>
+#endif
+#include <cfloat>
+#include <cstdint>
+#include "decodekit/common.h"
+#include "decodekit/fmath.h"
+#include "decodekit/philox.h"
+#include "decodekit/rng.h"
+
+namespace dk::cuda {
+
+// ---- torch-free argument structs (filled by csrc/cuda/sampling.cu) ------------------------
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };                      // = dk::cpu::DType
+enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };  // = dk::cpu::FilterOut
+
+// Per-row parameters: a device pointer to one value per (output) row, or a scalar.
+struct RowFilterArgs {
+  bool is_probs = false;
+  int order = 0;  // 0 = sequential (top-k first), 1 = joint
+  const float* temperature = nullptr;
+  float temperature_val = 1.f;
+  const int64_t* top_k = nullptr;
+  int64_t top_k_val = 0;
+  const float* top_p = nullptr;
+  float top_p_val = 1.f;
+  const float* min_p = nullptr;
+  float min_p_val = 0.f;
+};
+
+struct SampleArgs {
+  const void* x = nullptr;  // [rows, V] device, contiguous in the last dim
+  DType dtype = DType::F32;
+  int64_t rows = 0, V = 0, row_stride = 0;
+  RowFilterArgs filter;
+  const int64_t* indices = nullptr;  // output i reads row indices[i] (nullptr: i)
+  int64_t n_out = 0;
+  const int64_t* seeds = nullptr;  // one per output row, or nullptr (scalar seed)
+  uint64_t seed = 0, offset = 0;
+  int64_t* out_tokens = nullptr;
+  bool* out_valid = nullptr;
+  float* out_logprob = nullptr;
+  double* workspace = nullptr;  // sample: sample_workspace_elems(n_out, V) doubles
+};
+
+struct FilterArgs {
+  const void* x = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, V = 0, row_stride = 0;
+  RowFilterArgs filter;
+  FilterOut kind = FilterOut::MaskLogits;
+  void* out = nullptr;  // same dtype as x for MaskLogits, float32 otherwise
+  int64_t out_stride = 0;
+};
+
+// ---- constants shared with the CPU engine -------------------------------------------------
+#ifndef DK_CUDA_THREADS
+#define DK_CUDA_THREADS 512
+#endif
+constexpr int kThreads = DK_CUDA_THREADS;  // one block per row
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kListMax = 2048;  // row_engine.h kListMax
+constexpr int64_t kChunk = 4096;    // row_engine.h kChunk
+constexpr int kTile = 4096;         // shared-memory tile (= one chunk)
+static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
+static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
+// Smallest float min_p for which the CPU's min-p-alone window test passes with glibc logf:
+// bits 0x05f66f6f (computed by bisection over float bit patterns; monotone).
+constexpr uint32_t kMinPWindowMinBits = 0x05f66f6fu;
+
+inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
+inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
+
+namespace detail {
+
+DK_DEVICE float key_to_float(uint32_t k) {
+  return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+template <class T> DK_DEVICE T neg_inf_value();
+template <> DK_DEVICE float neg_inf_value<float>() { return kNegInf; }
+template <> DK_DEVICE bf16_t neg_inf_value<bf16_t>() { return bf16_t{0xFF80}; }
+template <> DK_DEVICE f16_t neg_inf_value<f16_t>() { return f16_t{0xFC00}; }
+
+template <class T> DK_DEVICE float ld(const T* x, int64_t i) { return to_float(x[i]); }
+
+// The weight of a value: exp((x - m) * invT) for logits, x itself for probabilities
+// (row_engine.h Weight, scalar overload).
+struct Weight {
+  bool probs;
+  float m, invT;
+  DK_DEVICE float operator()(float x) const { return probs ? x : dk_exp<float>((x - m) * invT); }
+};
+
+struct RowParams {
+  float T = 1.f;
+  int64_t k = 0;
+  float p = 1.f;
+  float minp = 0.f;
+  int order = 0;
+};
+
+DK_DEVICE RowParams row_params(const RowFilterArgs& f, int64_t r) {
+  RowParams rp;
+  rp.T = f.is_probs ? 1.f : (f.temperature ? f.temperature[r] : f.temperature_val);
+  rp.k = f.top_k ? f.top_k[r] : f.top_k_val;
+  rp.p = f.top_p ? f.top_p[r] : f.top_p_val;
+  rp.minp = f.min_p ? f.min_p[r] : f.min_p_val;
+  rp.order = f.order;
+  return rp;
+}
+
+struct Smem {
+  union {
+    struct {
+      int32_t idx[kListMax];
+      float w[kListMax];
+    } list;
+    float tile[kTile];
+    uint32_t hist[256];
+  } u;
+  double dred[kWarps];
+  float fred[kWarps];
+  int64_t ired[kWarps];
+  int32_t wcount[kWarps];
+  double lanes[16];
+  double dbc;
+  float fbc;
+  int64_t ibc;
+  uint32_t ubc;
+};
+
+// ---- block primitives (deterministic: fixed shapes, results broadcast from thread 0) ------
+DK_DEVICE double block_sum(double v, Smem& s) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) s.dred[wid] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kWarps; ++w) t += s.dred[w];
+    s.dbc = t;
+  }
+  __syncthreads();
+  double r = s.dbc;
+  __syncthreads();
+  return r;
+}
+
+DK_DEVICE int64_t block_count(int64_t v, Smem& s) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) s.ired[wid] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t t = 0;
+    for (int w = 0; w < kWarps; ++w) t += s.ired[w];
+    s.ibc = t;
+  }
+  __syncthreads();
+  int64_t r = s.ibc;
+  __syncthreads();
+  return r;
+}
+
+DK_DEVICE bool block_any(bool b, Smem& s) { return block_count(b ? 1 : 0, s) != 0; }
+
+// (max value, lowest index attaining it); NaN values are ignored (such rows are bad anyway).
+DK_DEVICE void block_argmax(float& v, int64_t& idx, Smem& s) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_down_sync(0xffffffffu, v, o);
+    int64_t oi = __shfl_down_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+  }
+  if (lane == 0) { s.fred[wid] = v; s.ired[wid] = idx; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float bv = s.fred[0];
+    int64_t bi = s.ired[0];
+    for (int w = 1; w < kWarps; ++w)
+      if (s.fred[w] > bv || (s.fred[w] == bv && s.ired[w] < bi)) { bv = s.fred[w]; bi = s.ired[w]; }
+    s.fbc = bv;
+    s.ibc = bi;
+  }
+  __syncthreads();
+  v = s.fbc;
+  idx = s.ibc;
+  __syncthreads();
+}
+
+// Rank of this thread among the flagged threads of the block (thread order); total flagged.
+DK_DEVICE int block_rank(bool flag, Smem& s, int& total) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const unsigned b = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) s.wcount[wid] = __popc(b);
+  __syncthreads();
+  int before = 0, tot = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    int c = s.wcount[w];
+    before += w < wid ? c : 0;
+    tot += c;
+  }
+  __syncthreads();
+  total = tot;
+  return before + __popc(b & ((1u << lane) - 1u));
+}
+
+// ---- row passes -----------------------------------------------------------------------------
+// Pass A (row_engine.h scan_row): the max, the lowest index of the max, and the bad-row flag
+// (NaN or +inf anywhere; probs: a negative value; nothing with positive possible weight).
+struct Scan {
+  float m;
+  int64_t argmax;
+  bool bad;
+};
+
+template <class T>
+DK_DEVICE Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
+  float m = kNegInf;
+  int64_t am = INT64_MAX;
+  bool bad = false;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    float v = ld(x, i);
+    bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
+    if (v > m || (v == m && i < am)) { m = v; am = i; }
+  }
+  bad = block_any(bad, s);
+  block_argmax(m, am, s);
+  Scan r;
+  r.m = m;
+  r.argmax = am;
+  r.bad = bad || !(m > (probs ? 0.f : kNegInf));
+  return r;
+}
+
+// The k-th largest value of the row (ties counted), by a 4 x 8-bit radix select over float_key.
+// Requires 1 <= k <= V.
+template <class T>
+DK_DEVICE float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
+  uint32_t prefix = 0, mask = 0;
+  int64_t kk = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += kThreads) s.u.hist[i] = 0u;
+    __syncthreads();
+    // warp-aggregated: lanes holding the same digit add once (logits share their top bits, so
+    // plain per-element atomics would serialise on one bin)
+    for (int64_t base = 0; base < V; base += kThreads) {
+      const int64_t i = base + threadIdx.x;
+      unsigned digit = 256u;  // 256: not counted
+      if (i < V) {
+        const uint32_t key = float_key(ld(x, i));
+        if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
+        atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t cum = 0;
+      int d = 255;
+      for (; d > 0; --d) {
+        if (cum + int64_t(s.u.hist[d]) >= kk) break;
+        cum += s.u.hist[d];
+      }
+      s.ubc = prefix | (uint32_t(d) << shift);
+      s.ibc = kk - cum;
+    }
+    __syncthreads();
+    prefix = s.ubc;
+    kk = s.ibc;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return key_to_float(prefix);
+}
+
+// Sequential double sum in index order of w(x_i) over { i : x_i >= t } (the CPU's top-p Z over
+// the top-k survivors). Non-zero weights of each stretch of the row are compacted (in order)
+// into shared memory and added by thread 0; zero weights are skipped (adding +0.0 is a no-op).
+template <class T>
+DK_DEVICE double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t, Smem& s) {
+  double acc = 0.0;  // thread 0
+  int fill = 0;
+  for (int64_t base = 0; base < V; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    float e = 0.f;
+    if (i < V) {
+      float v = ld(x, i);
+      if (v >= t) e = w(v);
+    }
+    const bool flag = e != 0.f;
+    int total;
+    const int pos = block_rank(flag, s, total);
+    if (flag) s.u.tile[fill + pos] = e;
+    fill += total;
+    if (fill > kTile - kThreads || base + kThreads >= V) {
+      __syncthreads();
+      if (threadIdx.x == 0)
+        for (int j = 0; j < fill; ++j) acc += double(s.u.tile[j]);
+      __syncthreads();
+      fill = 0;
+    }
+  }
+  if (threadIdx.x == 0) s.dbc = acc;
+  __syncthreads();
+  double r = s.dbc;
+  __syncthreads();
+  return r;
+}
+
+// 16-virtual-lane double sums of the masked weights keep ? w(x) : 0, keep = x >= t && w(x) >= minw
+// (row_engine.h row_mass and the chunk masses of draw()): lane j adds the elements i = j (mod 16)
+// in index order, the lanes are reduced j = 0..15. chunk_out == nullptr: one sum over the whole
+// row (returned to every thread); else the lanes restart at every 4096-element chunk and chunk c's
+// mass is written to chunk_out[c] (returns 0).
+template <class T>
+DK_DEVICE double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
+                             Smem& s) {
+  double lane = 0.0;  // threads 0..15: lane threadIdx.x
+  for (int64_t base = 0; base < V; base += kTile) {
+    for (int j = threadIdx.x; j < kTile; j += kThreads) {
+      const int64_t i = base + j;
+      float e = 0.f;
+      if (i < V) {
+        float v = ld(x, i);
+        float ew = w(v);
+        if (v >= t && ew >= minw) e = ew;
+      }
+      s.u.tile[j] = e;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16)
+      for (int q = 0; q < kTile / 16; ++q) lane += double(s.u.tile[threadIdx.x + 16 * q]);
+    if (chunk_out) {
+      if (threadIdx.x < 16) s.lanes[threadIdx.x] = lane;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        double c = 0.0;
+        for (int j = 0; j < 16; ++j) c += s.lanes[j];
+        chunk_out[base / kTile] = c;
+      }
+      lane = 0.0;
+    }
+    __syncthreads();
+  }
+  if (chunk_out) return 0.0;
+  if (threadIdx.x < 16) s.lanes[threadIdx.x] = lane;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double z = 0.0;
+    for (int j = 0; j < 16; ++j) z += s.lanes[j];
+    s.dbc = z;
+  }
+  __syncthreads();
+  double r = s.dbc;
+  __syncthreads();
+  return r;
+}
+
+// Top-p threshold: the smallest value v of the considered elements (all, or x >= tk when
+// within_k) such that the mass of the considered elements strictly greater than v is < P.
+// Bisection over float_key: the smallest key K with M(K) = sum_{key(x) > K} w(x) < P is the key of
+// an element (M only drops at element keys), and M(0) = total >= P > 0 = M(2^32 - 1).
+// CPU/GPU note: M is a deterministic block reduction here, a quickselect-order sum on the CPU;
+// only a mass within double rounding of P can put the cut on a different value.
+template <class T>
+DK_DEVICE float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P,
+                                Smem& s) {
+  uint32_t lo = 0u, hi = 0xffffffffu;
+  while (hi - lo > 1u) {
+    const uint32_t mid = lo + (hi - lo) / 2u;
+    double part = 0.0;
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      float v = ld(x, i);
+      if (within_k && !(v >= tk)) continue;
+      if (float_key(v) > mid) part += double(w(v));
+    }
+    const double M = block_sum(part, s);
+    if (M < P) hi = mid; else lo = mid;
+  }
+  return key_to_float(hi);
+}
+
+// Resolved filters of one row: survivors S = { x >= t and w(x) >= minw } (row_engine.h Resolved).
+struct Selection {
+  bool valid = false;
+  Weight w{false, 0.f, 1.f};
+  float t = kNegInf;
+  float minw = 0.f;
+  bool in_c = false;  // the CPU would walk S as a list (when |S| <= kListMax)
+  float lo = -FLT_MAX;  // the CPU's candidate lists hold only x >= lo
+};
+
+template <class T>
+DK_DEVICE Selection select_row(const T* x, int64_t V, bool probs, const RowParams& rp, Smem& s) {
+  Selection sel;
+  const bool k_on = rp.k >= 1 && rp.k < V;
+  const bool p_on = rp.p < 1.f;
+  const bool mp_on = rp.minp > 0.f;
+  Scan sc = scan_row(x, V, probs, s);
+  if (sc.bad) return sel;
+  sel.valid = true;
+  const float temp = probs ? 1.f : rp.T;
+  sel.w = Weight{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, temp)};
+  sel.lo = probs ? FLT_TRUE_MIN : -FLT_MAX;
+  // top-k: the k-th largest value; fewer than k elements >= lo: no cut (the CPU's tk = -inf)
+  float tk = kNegInf;
+  if (k_on) {
+    tk = kth_largest(x, V, rp.k, s);
+    if (!(tk >= sel.lo)) tk = kNegInf;
+  }
+  float t = tk;
+  if (p_on) {
+    const bool within_k = rp.order == 0 && k_on;
+    // Z: sequential over the top-k survivors (index order) or the 16-lane whole-row mass
+    const double Z = within_k ? ordered_sum_ge(x, V, sel.w, tk, s) : lane16_mass(x, V, sel.w, kNegInf, 0.f, nullptr, s);
+    const double P = double(rp.p) * Z;
+    const float tp = top_p_threshold(x, V, sel.w, within_k, tk, P, s);
+    t = (t < tp) ? tp : t;  // std::max(t, tp)
+  }
+  sel.t = t;
+  sel.minw = mp_on ? (probs ? rp.minp * sc.m : rp.minp) : 0.f;
+  sel.in_c = k_on || p_on || (mp_on && float_to_bits(rp.minp) >= kMinPWindowMinBits);
+  return sel;
+}
+
+// ---- kernels ----------------------------------------------------------------------------------
+DK_DEVICE RngKey row_key(const SampleArgs& a, int64_t o) {
+  if (a.seeds) return make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u);
+  return make_rng_key(a.seed, a.offset, uint32_t(o));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
+  __shared__ Smem s;
+  const int64_t o = blockIdx.x;
+  const int64_t src = a.indices ? a.indices[o] : o;
+  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
+  const int64_t V = a.V;
+  const RowParams rp = row_params(a.filter, o);
+  const bool probs = a.filter.is_probs;
+  int64_t tok = 0;
+  bool valid = false;
+  float logprob = 0.f;
+  if (!probs && rp.T == 0.f) {  // greedy: lowest index of the max
+    Scan sc = scan_row(x, V, false, s);
+    if (!sc.bad) { valid = true; tok = sc.argmax; }
+  } else {
+    const Selection sel = select_row(x, V, probs, rp, s);
+    if (sel.valid) {
+      valid = true;
+      const Weight& w = sel.w;
+      bool done = false;
+      if (sel.in_c) {
+        // S in index order (the first kListMax of them kept), |S| counted exactly
+        int64_t n = 0;
+        for (int64_t base = 0; base < V; base += kThreads) {
+          const int64_t i = base + threadIdx.x;
+          float e = 0.f;
+          bool flag = false;
+          if (i < V) {
+            float v = ld(x, i);
+            if (v >= sel.lo && v >= sel.t) {
+              e = w(v);
+              flag = e >= sel.minw;
+            }
+          }
+          int total;
+          const int pos = block_rank(flag, s, total);
+          if (flag && n + pos < kListMax) { s.u.list.idx[n + pos] = int32_t(i); s.u.list.w[n + pos] = e; }
+          n += total;
+        }
+        __syncthreads();
+        if (n <= kListMax) {
+          done = true;
+          if (threadIdx.x == 0) {  // row_engine.h draw(), list branch
+            const double u = row_uniform(row_key(a, o), 0u);
+            double Z = 0.0;
+            for (int64_t i = 0; i < n; ++i) Z += double(s.u.list.w[i]);
+            const double target = u * Z;
+            double cum = 0.0;
+            int64_t last = -1, pick = -1;
+            for (int64_t i = 0; i < n; ++i) {
+              const float e = s.u.list.w[i];
+              if (e > 0.f) last = i;
+              cum += double(e);
+              if (cum > target) { pick = i; break; }
+            }
+            if (pick < 0) pick = last;
+            float wt = 1.f;
+            if (pick >= 0) { tok = s.u.list.idx[pick]; wt = s.u.list.w[pick]; }
+            logprob = float(log(double(wt)) - log(Z));
+          }
+        }
+        __syncthreads();
+      }
+      if (!done) {  // row_engine.h draw(), chunked branch
+        const int64_t nch = (V + kChunk - 1) / kChunk;
+        double* chunks = a.workspace + o * nch;
+        lane16_mass(x, V, w, sel.t, sel.minw, chunks, s);  // ends with __syncthreads (global writes visible)
+        if (threadIdx.x == 0) {
+          double Z = 0.0;
+          for (int64_t c = 0; c < nch; ++c) Z += chunks[c];
+          const double u = row_uniform(row_key(a, o), 0u);
+          const double target = u * Z;
+          double cum = 0.0;
+          int64_t c = 0;
+          for (; c < nch - 1; ++c) {
+            if (cum + chunks[c] > target) break;
+            cum += chunks[c];
+          }
+          while (c > 0 && chunks[c] <= 0.0) --c;
+          s.ibc = c;
+          s.dbc = target - cum;
+          s.lanes[0] = Z;
+        }
+        __syncthreads();
+        const int64_t c = s.ibc;
+        const double local = s.dbc, Z = s.lanes[0];
+        __syncthreads();
+        // weights of the chosen chunk's survivors with positive weight, 0 elsewhere
+        const int64_t cbeg = c * kChunk, cend = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
+        for (int j = threadIdx.x; j < kTile; j += kThreads) {
+          const int64_t i = cbeg + j;
+          float e = 0.f;
+          if (i < cend) {
+            float v = ld(x, i);
+            if (v >= sel.t) {
+              float ew = w(v);
+              if (ew >= sel.minw && ew > 0.f) e = ew;
+            }
+          }
+          s.u.tile[j] = e;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          double acc = 0.0;
+          int64_t last = -1, pick = -1;
+          float lastw = 0.f, wt = 0.f;
+          for (int64_t i = cbeg; i < cend; ++i) {
+            const float e = s.u.tile[i - cbeg];
+            if (!(e > 0.f)) continue;
+            last = i;
+            lastw = e;
+            acc += double(e);
+            if (acc > local) { pick = i; wt = e; break; }
+          }
+          if (pick < 0) { pick = last >= 0 ? last : 0; wt = lastw; }
+          tok = pick;
+          logprob = float(log(double(wt)) - log(Z));
+        }
+      }
+    }
+  }
+  if (threadIdx.x == 0) {
+    a.out_tokens[o] = tok;
+    if (a.out_valid) a.out_valid[o] = valid;
+    if (a.out_logprob) a.out_logprob[o] = valid ? logprob : 0.f;
+  }
+}
+
+// Gumbel-max: token = argmax_i (x_i + g_i), lowest index on ties. Element i uses Philox block
+// 16*(i/32) + (i%16), words (0,1) if (i/16) is even else (2,3) (as gumbel_rows_t on the CPU).
+template <class T>
+__global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
+  __shared__ Smem s;
+  const int64_t o = blockIdx.x;
+  const int64_t src = a.indices ? a.indices[o] : o;
+  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
+  const int64_t V = a.V;
+  const RngKey key = row_key(a, o);
+  const float s32 = 2.3283064365386963e-10f, s64 = 5.421010862427522e-20f, half64 = 2.710505431213761e-20f,
+              umax = 0.99999994f;
+  float best = kNegInf;
+  int64_t bidx = INT64_MAX;
+  bool bad = false;
+  const int64_t npairs = ((V + 31) / 32) * 16;
+  for (int64_t q = threadIdx.x; q < npairs; q += kThreads) {
+    const int64_t g = q >> 4;
+    const int j = int(q & 15);
+    const Philox4 r = philox_draw(key, 0u, uint32_t(16 * g) + uint32_t(j));
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t i = 32 * g + 16 * half + j;
+      if (i >= V) break;
+      const float v = ld(x, i);
+      bad |= (v != v) || (v == kPosInf);
+      const uint32_t wa = half ? r.v[2] : r.v[0], wb = half ? r.v[3] : r.v[1];
+      float u = __fadd_rn(__fadd_rn(__fmul_rn(__uint2float_rn(wa), s32), __fmul_rn(__uint2float_rn(wb), s64)), half64);
+      u = v_min(u, umax);
+      const float score = __fadd_rn(v, gumbel_from_uniform<float>(u));
+      if (score > best || (score == best && i < bidx)) { best = score; bidx = i; }
+    }
+  }
+  bad = block_any(bad, s);
+  block_argmax(best, bidx, s);
+  if (threadIdx.x == 0) {
+    const bool valid = !bad && best > kNegInf;
+    a.out_tokens[o] = valid ? bidx : 0;
+    if (a.out_valid) a.out_valid[o] = valid;
+    if (a.out_logprob) a.out_logprob[o] = 0.f;
+  }
+}
+
+// Filters writing a [rows, V] output (filter_rows_t on the CPU).
+template <class T>
+__global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
+  __shared__ Smem s;
+  const int64_t r = blockIdx.x;
+  const T* x = static_cast<const T*>(a.x) + r * a.row_stride;
+  const int64_t V = a.V;
+  const RowParams rp = row_params(a.filter, r);
+  if (a.kind == FilterOut::Softmax) {
+    float* out = static_cast<float*>(a.out) + r * a.out_stride;
+    Scan sc = scan_row(x, V, false, s);
+    if (sc.bad) {
+      for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = __int_as_float(0x7fc00000);
+      return;
+    }
+    const Weight w{false, sc.m, __fdiv_rn(1.f, rp.T)};
+    const double Z = lane16_mass(x, V, w, kNegInf, 0.f, nullptr, s);
+    const float inv = float(1.0 / Z);
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = w(ld(x, i)) * inv;
+    return;
+  }
+  const bool probs = a.filter.is_probs;
+  const Selection sel = select_row(x, V, probs, rp, s);
+  if (a.kind == FilterOut::MaskLogits) {
+    T* out = static_cast<T*>(a.out) + r * a.out_stride;
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      if (!sel.valid) { out[i] = x[i]; continue; }
+      const float v = ld(x, i);
+      const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
+      out[i] = keep ? x[i] : neg_inf_value<T>();
+    }
+    return;
+  }
+  float* out = static_cast<float*>(a.out) + r * a.out_stride;  // RenormProbs
+  if (!sel.valid) {
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = 0.f;
+    return;
+  }
+  const double Z = lane16_mass(x, V, sel.w, sel.t, sel.minw, nullptr, s);
+  const float inv = float(1.0 / Z);
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float v = ld(x, i);
+    const float e = sel.w(v);
+    out[i] = (v >= sel.t && e >= sel.minw) ? e * inv : 0.f;
+  }
+}
+
+}  // namespace detail
+
+// ---- host launchers (no torch) ------------------------------------------------------------------
+#if !defined(DK_CUDA_EMULATE)
+inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream) {
+  if (a.n_out == 0) return cudaSuccess;
+  const dim3 grid(unsigned(a.n_out)), block(kThreads);
+  switch (a.dtype) {
+    case DType::F32: detail::sample_kernel<float><<<grid, block, 0, stream>>>(a); break;
+    case DType::BF16: detail::sample_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
+    case DType::F16: detail::sample_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
+  }
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream) {
+  if (a.n_out == 0) return cudaSuccess;
+  const dim3 grid(unsigned(a.n_out)), block(kThreads);
+  switch (a.dtype) {
+    case DType::F32: detail::gumbel_kernel<float><<<grid, block, 0, stream>>>(a); break;
+    case DType::BF16: detail::gumbel_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
+    case DType::F16: detail::gumbel_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
+  }
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  const dim3 grid(unsigned(a.rows)), block(kThreads);
+  switch (a.dtype) {
+    case DType::F32: detail::filter_kernel<float><<<grid, block, 0, stream>>>(a); break;
+    case DType::BF16: detail::filter_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
+    case DType::F16: detail::filter_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
+  }
+  return cudaGetLastError();
+}
+
+// Odr-uses every launcher (hence every kernel instantiation) of this header; .ci/cuda_compile.sh
+// references it to compile all of them with plain nvcc.
+inline void instantiate_sampling() {
+  SampleArgs s;
+  FilterArgs f;
+  (void)launch_sample(s, nullptr);
+  (void)launch_gumbel(s, nullptr);
+  (void)launch_filter(f, nullptr);
+}
+#endif  // !DK_CUDA_EMULATE
+
+}  // namespace dk::cuda

@@ -1,0 +1,82 @@
+// Tree-attention input checks shared by the CPU and CUDA impls. No math: shapes, dtypes, devices.
+#pragma once
+#include <string>
+#include "torch/checks.h"
+
+namespace dk::torchb {
+
+// Shared by the CPU and CUDA impls: validates every argument and returns the sizes.
+struct AttnShape {
+  int64_t B, T, Hq, Hkv, D, S;
+  bool hnd, packed;
+};
+
+inline AttnShape check_tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& tree_mask, const at::Tensor& prefix_lens,
+                                      c10::string_view kv_layout) {
+  DK_CHECK(kv_layout == "NHD" || kv_layout == "HND", "kv_layout must be \"NHD\" or \"HND\", got \"",
+           std::string(kv_layout), "\"");
+  const bool hnd = kv_layout == "HND";
+  DK_CHECK(q.dim() == 4, "q must be 4-D [B, T, Hq, D], got shape ", q.sizes());
+  const char* kv_shape = hnd ? "[B, Hkv, S, D] (kv_layout=\"HND\")" : "[B, S, Hkv, D] (kv_layout=\"NHD\")";
+  DK_CHECK(k.dim() == 4, "k must be 4-D ", kv_shape, ", got shape ", k.sizes());
+  DK_CHECK(v.dim() == 4, "v must be 4-D ", kv_shape, ", got shape ", v.sizes());
+  float_dtype(q, "q");
+  DK_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype ", q.scalar_type(), ", got ", k.scalar_type());
+  DK_CHECK(v.scalar_type() == q.scalar_type(), "v must have q's dtype ", q.scalar_type(), ", got ", v.scalar_type());
+  DK_CHECK(k.device() == q.device(), "k must be on q's device ", q.device(), ", got ", k.device());
+  DK_CHECK(v.device() == q.device(), "v must be on q's device ", q.device(), ", got ", v.device());
+  DK_CHECK(tree_mask.device() == q.device(), "tree_mask must be on q's device ", q.device(), ", got ",
+           tree_mask.device());
+  DK_CHECK(prefix_lens.device() == q.device(), "prefix_lens must be on q's device ", q.device(), ", got ",
+           prefix_lens.device());
+  AttnShape s;
+  s.B = q.size(0);
+  s.T = q.size(1);
+  s.Hq = q.size(2);
+  s.D = q.size(3);
+  s.hnd = hnd;
+  const int64_t kB = k.size(0), kS = k.size(hnd ? 2 : 1), kH = k.size(hnd ? 1 : 2), kD = k.size(3);
+  DK_CHECK(s.D == 64 || s.D == 80 || s.D == 96 || s.D == 128 || s.D == 256,
+           "q head dim must be one of 64, 80, 96, 128, 256, got ", s.D);
+  DK_CHECK(kB == s.B, "k batch size must equal q's (", s.B, "), got ", kB, " (k shape ", k.sizes(), ")");
+  DK_CHECK(kD == s.D, "k head dim must equal q's (", s.D, "), got ", kD, " (k shape ", k.sizes(), ")");
+  DK_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  s.Hkv = kH;
+  s.S = kS;
+  DK_CHECK(s.Hkv >= 1 && s.Hq % s.Hkv == 0, "q heads (", s.Hq, ") must be a multiple of the k/v heads (", s.Hkv,
+           ") for grouped-query attention");
+  const int64_t T8 = (s.T + 7) / 8;
+  DK_CHECK(tree_mask.dim() == 3 && tree_mask.size(0) == s.B && tree_mask.size(1) == s.T, "tree_mask must be bool [",
+           s.B, ", ", s.T, ", ", s.T, "] or packed uint8 [", s.B, ", ", s.T, ", ", T8, "], got shape ",
+           tree_mask.sizes());
+  if (tree_mask.scalar_type() == at::kBool) {
+    DK_CHECK(tree_mask.size(2) == s.T, "tree_mask (bool) must have shape [", s.B, ", ", s.T, ", ", s.T,
+             "], got ", tree_mask.sizes());
+    s.packed = false;
+  } else {
+    DK_CHECK(tree_mask.scalar_type() == at::kByte, "tree_mask must be bool [B, T, T] or packed uint8 [B, T, ceil(T/8)], got dtype ",
+             tree_mask.scalar_type());
+    DK_CHECK(tree_mask.size(2) == T8, "tree_mask (packed uint8) must have shape [", s.B, ", ", s.T, ", ", T8,
+             "], got ", tree_mask.sizes());
+    s.packed = true;
+  }
+  DK_CHECK(prefix_lens.dim() == 1 && prefix_lens.size(0) == s.B, "prefix_lens must be 1-D of length ", s.B,
+           ", got shape ", prefix_lens.sizes());
+  DK_CHECK(prefix_lens.scalar_type() == at::kLong || prefix_lens.scalar_type() == at::kInt,
+           "prefix_lens must be int32 or int64, got ", prefix_lens.scalar_type());
+  return s;
+}
+
+// prefix_lens values (an int64 tensor): 0 <= prefix_lens[b] and prefix_lens[b] + T <= S.
+inline void check_prefix_lens_values(const at::Tensor& plens, const AttnShape& s) {
+  if (s.B == 0) return;
+  const auto mn = plens.min().item<int64_t>();
+  const auto mx = plens.max().item<int64_t>();
+  DK_CHECK(mn >= 0, "prefix_lens must be >= 0, got ", mn);
+  DK_CHECK(mx + s.T <= s.S, "prefix_lens[b] + T must be <= the k/v length S = ", s.S,
+           " (the tree's keys are at positions prefix_lens[b] .. prefix_lens[b] + T - 1), got max prefix_lens ", mx,
+           " with T = ", s.T);
+}
+
+}  // namespace dk::torchb

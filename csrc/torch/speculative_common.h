@@ -1,0 +1,267 @@
+// Input checks and argument packing of the speculative ops, shared by the CPU and CUDA bindings.
+// No math here: shapes, dtypes, devices, ranges, and the error messages of the tree walks.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+#include "cpu/spec_kernels.h"
+#include "decodekit/speculative.h"
+#include "torch/checks.h"
+
+namespace dk::torchb::spec {
+
+inline void check_int_tensor(const at::Tensor& t, const char* name) {
+  DK_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name, " must be int32 or int64, got ",
+           t.scalar_type());
+}
+
+inline void check_last_contig(const at::Tensor& t, const char* name) {
+  DK_CHECK(t.numel() == 0 || t.size(-1) == 1 || t.stride(-1) == 1, name,
+           " must be contiguous in the last dimension (stride(-1) == 1), got strides ", t.strides());
+}
+
+inline void check_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  DK_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), " (the device of the draft token ids), got ",
+           t.device());
+}
+
+inline cpu::SpecTarget make_target(const at::Tensor& target, int64_t kind) {
+  cpu::SpecTarget t;
+  t.kind = cpu::SpecTargetKind(kind);
+  if (kind == 2) return t;  // ids: filled by the caller
+  t.data = target.data_ptr();
+  t.dtype = float_dtype(target, kind == 0 ? "target_probs" : "target_logits");
+  t.V = target.size(2);
+  t.stride_b = target.stride(0);
+  t.stride_r = target.stride(1);
+  return t;
+}
+
+struct FilterKeep {
+  std::optional<at::Tensor> T, k, p, mp;
+};
+
+inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::optional<at::Tensor>& T_arr, double T_val,
+                                  const std::optional<at::Tensor>& k_arr, int64_t k_val,
+                                  const std::optional<at::Tensor>& p_arr, double p_val,
+                                  const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
+  DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
+  cpu::RowFilter f;
+  f.is_probs = false;
+  f.order = cpu::FilterOrder(order);
+  keep.T = per_row(T_arr ? std::optional<at::Tensor>(T_arr->cpu()) : std::nullopt, n, at::kFloat, "temperature");
+  keep.k = per_row(k_arr ? std::optional<at::Tensor>(k_arr->cpu()) : std::nullopt, n, at::kLong, "top_k");
+  keep.p = per_row(p_arr ? std::optional<at::Tensor>(p_arr->cpu()) : std::nullopt, n, at::kFloat, "top_p");
+  keep.mp = per_row(mp_arr ? std::optional<at::Tensor>(mp_arr->cpu()) : std::nullopt, n, at::kFloat, "min_p");
+  if (keep.T) { check_temperature(*keep.T); f.temperature.ptr = keep.T->data_ptr<float>(); }
+  else { check_temperature(T_val); f.temperature.scalar = float(T_val); }
+  if (keep.k) f.top_k.ptr = keep.k->data_ptr<int64_t>(); else f.top_k.scalar = k_val;
+  if (keep.p) { check_top_p(*keep.p); f.top_p.ptr = keep.p->data_ptr<float>(); }
+  else { check_top_p(p_val); f.top_p.scalar = float(p_val); }
+  if (keep.mp) { check_min_p(*keep.mp); f.min_p.ptr = keep.mp->data_ptr<float>(); }
+  else { check_min_p(mp_val); f.min_p.scalar = float(mp_val); }
+  return f;
+}
+
+inline std::optional<at::Tensor> seeds_of(const std::optional<at::Tensor>& seed_arr, const at::Tensor& ref,
+                                          int64_t B) {
+  if (!seed_arr) return std::nullopt;
+  DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
+           "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
+  check_device(ref, *seed_arr, "seed");
+  return per_row(seed_arr, B, at::kLong, "seed");
+}
+
+inline void check_target_kind(const at::Tensor& target, int64_t kind, bool tree) {
+  DK_CHECK(kind == 0 || kind == 1 || (tree && kind == 2), "target_kind must be 0 (probs), 1 (logits)",
+           tree ? " or 2 (predicted ids)" : "", ", got ", kind);
+  if (kind == 0)
+    DK_CHECK(target.scalar_type() == at::kFloat, "target_probs must be float32, got ", target.scalar_type());
+  if (kind == 1) float_dtype(target, "target_logits");
+}
+
+struct ChainSetup {
+  int64_t B = 0, N = 0, V = 0;
+  at::Tensor ids;
+  std::optional<at::Tensor> num_draft, seeds;
+};
+
+inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_token_ids,
+                              const std::optional<at::Tensor>& draft_probs,
+                              const std::optional<at::Tensor>& num_draft_tokens, int64_t kind,
+                              const std::optional<at::Tensor>& seed_arr) {
+  const char* tname = kind == 0 ? "target_probs" : "target_logits";
+  check_target_kind(target, kind, false);
+  DK_CHECK(draft_token_ids.dim() == 2, "draft_token_ids must be 2-D [B, N], got shape ", draft_token_ids.sizes());
+  check_int_tensor(draft_token_ids, "draft_token_ids");
+  ChainSetup s;
+  s.B = draft_token_ids.size(0);
+  s.N = draft_token_ids.size(1);
+  DK_CHECK(s.N <= kSpecMaxDepth - 1, "draft_token_ids may have at most ", kSpecMaxDepth - 1, " columns, got ", s.N);
+  DK_CHECK(target.dim() == 3, tname, " must be 3-D [B, N+1, V], got shape ", target.sizes());
+  check_device(draft_token_ids, target, tname);
+  DK_CHECK(target.size(0) == s.B && target.size(1) == s.N + 1, tname, " must have shape [B, N+1, V] = [", s.B, ", ",
+           s.N + 1, ", V] to match draft_token_ids ", draft_token_ids.sizes(), ", got ", target.sizes());
+  s.V = target.size(2);
+  DK_CHECK(s.V >= 1, tname, " must have V >= 1, got shape ", target.sizes());
+  DK_CHECK(s.V < (int64_t(1) << 31), tname, " must have V < 2^31, got ", s.V);
+  check_last_contig(target, tname);
+  if (draft_probs) {
+    check_device(draft_token_ids, *draft_probs, "draft_probs");
+    DK_CHECK(draft_probs->scalar_type() == at::kFloat, "draft_probs must be float32, got ", draft_probs->scalar_type());
+    DK_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == s.B && draft_probs->size(1) == s.N &&
+                 draft_probs->size(2) == s.V,
+             "draft_probs must have shape [B, N, V] = [", s.B, ", ", s.N, ", ", s.V, "], got ", draft_probs->sizes());
+    check_last_contig(*draft_probs, "draft_probs");
+  }
+  s.ids = draft_token_ids.to(at::kLong).contiguous();
+  at::Tensor valid;
+  if (num_draft_tokens) {
+    check_device(draft_token_ids, *num_draft_tokens, "num_draft_tokens");
+    check_int_tensor(*num_draft_tokens, "num_draft_tokens");
+    DK_CHECK(num_draft_tokens->dim() == 1 && num_draft_tokens->size(0) == s.B,
+             "num_draft_tokens must be a 1-D tensor of length B = ", s.B, ", got shape ", num_draft_tokens->sizes());
+    s.num_draft = num_draft_tokens->to(at::kLong).contiguous();
+    if (s.B > 0) {
+      const int64_t mn = s.num_draft->min().item<int64_t>(), mx = s.num_draft->max().item<int64_t>();
+      DK_CHECK(mn >= 0 && mx <= s.N, "num_draft_tokens values must be in [0, N] = [0, ", s.N, "], got range [", mn,
+               ", ", mx, "]");
+    }
+    valid = at::arange(s.N, s.ids.options()).unsqueeze(0) < s.num_draft->unsqueeze(1);
+  }
+  if (s.B > 0 && s.N > 0) {
+    at::Tensor v = valid.defined() ? s.ids.masked_select(valid) : s.ids;
+    if (v.numel() > 0) {
+      const int64_t mn = v.min().item<int64_t>(), mx = v.max().item<int64_t>();
+      DK_CHECK(mn >= 0 && mx < s.V, "draft_token_ids must be in [0, V) = [0, ", s.V, "), got range [", mn, ", ", mx,
+               "]");
+    }
+  }
+  s.seeds = seeds_of(seed_arr, draft_token_ids, s.B);
+  return s;
+}
+
+struct TreeSetup {
+  int64_t B = 0, T = 0, V = 0;
+  at::Tensor cand, ri, nt, ns;
+  std::optional<at::Tensor> seeds;
+};
+
+inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retrive_index,
+                            const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
+                            const at::Tensor& target, const std::optional<at::Tensor>& draft_probs, int64_t W,
+                            int64_t kind, const std::optional<at::Tensor>& seed_arr) {
+  check_target_kind(target, kind, true);
+  DK_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be 2-D [B, T] with T >= 1, got shape ",
+           candidates.sizes());
+  check_int_tensor(candidates, "candidates");
+  TreeSetup s;
+  s.B = candidates.size(0);
+  s.T = candidates.size(1);
+  const std::pair<const at::Tensor*, const char*> links[] = {
+      {&retrive_index, "retrive_index"}, {&retrive_next_token, "retrive_next_token"},
+      {&retrive_next_sibling, "retrive_next_sibling"}};
+  for (const auto& l : links) {
+    check_int_tensor(*l.first, l.second);
+    check_device(candidates, *l.first, l.second);
+    DK_CHECK(l.first->dim() == 2 && l.first->size(0) == s.B && l.first->size(1) == s.T, l.second,
+             " must have the shape of candidates [", s.B, ", ", s.T, "], got ", l.first->sizes());
+  }
+  DK_CHECK(W >= 1 && W <= kSpecMaxDepth, "num_speculative_tokens must be in [1, ", kSpecMaxDepth, "], got ", W);
+  DK_CHECK(s.B * s.T < (int64_t(1) << 31), "B * T must be < 2^31, got ", s.B * s.T);
+  check_device(candidates, target, "target");
+  if (kind == 2) {
+    check_int_tensor(target, "target_predict");
+    DK_CHECK(target.dim() == 2 && target.size(0) == s.B && target.size(1) == s.T,
+             "target_predict must have the shape of candidates [", s.B, ", ", s.T, "], got ", target.sizes());
+    DK_CHECK(!draft_probs, "draft_probs must be None for greedy verification with predicted ids");
+  } else {
+    const char* tname = kind == 0 ? "target_probs" : "target_logits";
+    DK_CHECK(target.dim() == 3 && target.size(0) == s.B && target.size(1) == s.T, tname,
+             " must have shape [B, T, V] = [", s.B, ", ", s.T, ", V] to match candidates, got ", target.sizes());
+    s.V = target.size(2);
+    DK_CHECK(s.V >= 1 && s.V < (int64_t(1) << 31), tname, " must have 1 <= V < 2^31, got shape ", target.sizes());
+    check_last_contig(target, tname);
+    if (draft_probs) {
+      check_device(candidates, *draft_probs, "draft_probs");
+      DK_CHECK(draft_probs->scalar_type() == at::kFloat, "draft_probs must be float32, got ",
+               draft_probs->scalar_type());
+      DK_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == s.B && draft_probs->size(1) == s.T &&
+                   draft_probs->size(2) == s.V,
+               "draft_probs must have shape [B, T, V] = [", s.B, ", ", s.T, ", ", s.V, "], got ",
+               draft_probs->sizes());
+      check_last_contig(*draft_probs, "draft_probs");
+    }
+  }
+  s.cand = candidates.to(at::kLong).contiguous();
+  s.ri = retrive_index.to(at::kLong).contiguous();
+  s.nt = retrive_next_token.to(at::kLong).contiguous();
+  s.ns = retrive_next_sibling.to(at::kLong).contiguous();
+  if (s.B > 0) {
+    // retrive_index addresses predicts [B*T]: every value in range and distinct (rows never share a slot)
+    at::Tensor flat = s.ri.reshape(-1);
+    const int64_t mn = flat.min().item<int64_t>(), mx = flat.max().item<int64_t>();
+    DK_CHECK(mn >= 0 && mx < s.B * s.T, "retrive_index values must be in [0, B*T) = [0, ", s.B * s.T,
+             "), got range [", mn, ", ", mx, "]");
+    // distinct: the canonical layout (b*T + t, as build_tree makes) or, otherwise, no slot counted twice
+    if (flat.numel() > 1 && !at::equal(flat, at::arange(s.B * s.T, flat.options()))) {
+      DK_CHECK(at::bincount(flat, {}, s.B * s.T).max().item<int64_t>() <= 1,
+               "retrive_index values must be distinct (each node owns one predicts slot)");
+    }
+  }
+  s.seeds = seeds_of(seed_arr, candidates, s.B);
+  return s;
+}
+
+struct BuildSetup {
+  int64_t B = 0, T = 0;
+  at::Tensor parents, prefix_lens;
+};
+
+inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefix_lens) {
+  DK_CHECK(parents.dim() == 2 && parents.size(1) >= 1, "parents must be 2-D [B, T] with T >= 1, got shape ",
+           parents.sizes());
+  check_int_tensor(parents, "parents");
+  check_int_tensor(prefix_lens, "prefix_lens");
+  BuildSetup s;
+  s.B = parents.size(0);
+  s.T = parents.size(1);
+  DK_CHECK(s.B * s.T < (int64_t(1) << 31), "B * T must be < 2^31, got ", s.B * s.T);
+  DK_CHECK(prefix_lens.device() == parents.device(), "prefix_lens must be on ", parents.device(), ", got ",
+           prefix_lens.device());
+  DK_CHECK(prefix_lens.dim() == 1 && prefix_lens.size(0) == s.B, "prefix_lens must be a 1-D tensor of length B = ",
+           s.B, ", got shape ", prefix_lens.sizes());
+  s.parents = parents.to(at::kLong).contiguous();
+  s.prefix_lens = prefix_lens.to(at::kLong).contiguous();
+  if (s.B > 0) DK_CHECK(s.prefix_lens.min().item<int64_t>() >= 0, "prefix_lens must be >= 0");
+  return s;
+}
+
+inline std::string tree_error(int code, int64_t node) {
+  const std::string n = std::to_string(node);
+  switch (code) {
+    case kTreeRootNotFirst: return "node 0 must be the root (parent -1), got parents[0] != -1";
+    case kTreeTwoRoots: return "node " + n + " has parent -1: two roots (only node 0 may be the root)";
+    case kTreeParentRange: return "node " + n + " links to an index outside [-1, T)";
+    case kTreeCycle: return "node " + n + " lies on a cycle of parent links";
+    case kTreeParentAfterChild: return "node " + n + " has a parent with a larger index (parents must come before their children)";
+    case kTreeRootAsChild: return "node " + n + " links to node 0 (the root cannot be a child or a sibling)";
+    case kTreeReachedTwice: return "node " + n + " is reached twice (a cycle or a shared child in retrive_next_token / retrive_next_sibling)";
+    case kTreeDupSiblings: return "node " + n + " carries the same token as an earlier sibling (sibling tokens must be distinct)";
+    case kTreeTokenRange: return "node " + n + " has a candidate token outside [0, V)";
+    default: return "error " + std::to_string(code) + " at node " + n;
+  }
+}
+
+// Raise the first row's tree error (err/err_node computed by the kernels; any device).
+inline void raise_tree_errors(const at::Tensor& err, const at::Tensor& err_node, bool build) {
+  if (err.numel() == 0) return;
+  at::Tensor nz = (err != 0).nonzero();
+  if (nz.numel() == 0) return;
+  const int64_t b = nz[0][0].item<int64_t>();
+  const int code = err[b].item<int>();
+  const int64_t node = err_node[b].item<int64_t>();
+  DK_CHECK(false, build ? "parents" : "tree", " of batch row ", b, " is not a valid tree: ", tree_error(code, node));
+}
+
+}  // namespace dk::torchb::spec

@@ -1,0 +1,175 @@
+// Speculative verification: op schemas (a TORCH_LIBRARY_FRAGMENT of decodekit) and the CPU impls.
+// Checks, allocation, argument packing and at::parallel_for over rows only; the math lives in
+// csrc/cpu/isa/speculative.cpp and csrc/include/decodekit/speculative.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <string>
+#include "cpu/spec_kernels.h"
+#include "decodekit/speculative.h"
+#include "torch/checks.h"
+#include "torch/speculative_common.h"
+
+TORCH_LIBRARY_FRAGMENT(decodekit, m) {
+  // Chain verification. target_kind: 0 = target probs [B, N+1, V] (float32), 1 = target logits
+  // [B, N+1, V] with per-row temperature (0 = greedy) / top-k / top-p / min-p applied inside the
+  // kernel. draft_probs [B, N, V] float32 or None (one-hot drafts). num_draft_tokens [B] or None.
+  // Returns (output_token_ids int64 [B, N+1] padded with -1, accepted_num int32 [B],
+  // emitted_num int32 [B]).
+  m.def("chain_verify(Tensor target, Tensor draft_token_ids, Tensor? draft_probs, Tensor? num_draft_tokens, "
+        "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
+        "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
+        "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
+  // Tree verification in SGLang's layout. target_kind: 0 = probs [B, T, V], 1 = logits [B, T, V]
+  // (filters as above), 2 = predicted ids [B, T] (greedy). num_speculative_tokens = accept_index
+  // width W. Returns (predicts int64 [B*T] (-1 where not written), accept_index int32 [B, W]
+  // (-1 padded), accept_token_num int32 [B]).
+  m.def("tree_verify(Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
+        "Tensor retrive_next_sibling, Tensor target, Tensor? draft_probs, int num_speculative_tokens, "
+        "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
+        "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
+        "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
+  // Tree from a parent array [B, T] (-1 for the root, node 0). Returns (packed tree mask uint8
+  // [B, T, ceil(T/8)], positions int64 [B*T], retrive_index, retrive_next_token,
+  // retrive_next_sibling int64 [B, T]).
+  m.def("build_tree(Tensor parents, Tensor prefix_lens) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace dk::torchb {
+namespace {
+
+
+template <class Fn>
+void parallel_rows(int64_t n, Fn fn) {
+  if (n == 0) return;
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(b, e); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cpu(
+    const at::Tensor& target, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
+    const std::optional<at::Tensor>& num_draft_tokens, int64_t target_kind, const std::optional<at::Tensor>& T_arr,
+    double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr,
+    double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
+    const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
+  spec::ChainSetup cs = spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr);
+  spec::FilterKeep keep;
+  cpu::ChainArgs a;
+  a.target = spec::make_target(target, target_kind);
+  if (target_kind == 1)
+    a.target.filter = spec::make_filter(keep, cs.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+  auto out_ids = at::empty({cs.B, cs.N + 1}, draft_token_ids.options().dtype(at::kLong));
+  auto accepted = at::zeros({cs.B}, draft_token_ids.options().dtype(at::kInt));
+  auto emitted = at::zeros({cs.B}, draft_token_ids.options().dtype(at::kInt));
+  if (cs.B == 0) return {out_ids, accepted, emitted};
+  if (draft_probs) {
+    a.draft.data = draft_probs->data_ptr<float>();
+    a.draft.stride_b = draft_probs->stride(0);
+    a.draft.stride_r = draft_probs->stride(1);
+  }
+  a.draft_ids = cs.ids.data_ptr<int64_t>();
+  a.num_draft = cs.num_draft ? cs.num_draft->data_ptr<int64_t>() : nullptr;
+  a.B = cs.B;
+  a.N = cs.N;
+  a.rng.seeds = cs.seeds ? cs.seeds->data_ptr<int64_t>() : nullptr;
+  a.rng.seed = uint64_t(seed_val);
+  a.rng.offset = uint64_t(offset);
+  a.out_ids = out_ids.data_ptr<int64_t>();
+  a.out_accepted = accepted.data_ptr<int32_t>();
+  a.out_emitted = emitted.data_ptr<int32_t>();
+  const auto& tab = cpu::spec_active();
+  parallel_rows(cs.B, [&](int64_t b, int64_t e) { tab.chain_rows(a, b, e); });
+  return {out_ids, accepted, emitted};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
+    const at::Tensor& candidates, const at::Tensor& retrive_index, const at::Tensor& retrive_next_token,
+    const at::Tensor& retrive_next_sibling, const at::Tensor& target, const std::optional<at::Tensor>& draft_probs,
+    int64_t W, int64_t target_kind, const std::optional<at::Tensor>& T_arr, double T_val,
+    const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
+    const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order, const std::optional<at::Tensor>& seed_arr,
+    int64_t seed_val, int64_t offset) {
+  spec::TreeSetup ts = spec::setup_tree(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
+                                        draft_probs, W, target_kind, seed_arr);
+  spec::FilterKeep keep;
+  cpu::TreeArgs a;
+  a.target = spec::make_target(target, target_kind);
+  if (target_kind == 1)
+    a.target.filter = spec::make_filter(keep, ts.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+  auto opts = candidates.options();
+  auto predicts = at::full({ts.B * ts.T}, -1, opts.dtype(at::kLong));
+  auto accept_index = at::full({ts.B, W}, -1, opts.dtype(at::kInt));
+  auto accept_num = at::zeros({ts.B}, opts.dtype(at::kInt));
+  if (ts.B == 0) return {predicts, accept_index, accept_num};
+  at::Tensor tids;
+  if (target_kind == 2) {
+    tids = target.to(at::kLong).contiguous();
+    a.target.data = tids.data_ptr<int64_t>();
+    a.target.stride_b = ts.T;
+    a.target.stride_r = 1;
+  }
+  if (draft_probs) {
+    a.draft.data = draft_probs->data_ptr<float>();
+    a.draft.stride_b = draft_probs->stride(0);
+    a.draft.stride_r = draft_probs->stride(1);
+  }
+  auto err = at::zeros({ts.B}, opts.dtype(at::kInt));
+  auto err_node = at::zeros({ts.B}, opts.dtype(at::kLong));
+  a.cand = ts.cand.data_ptr<int64_t>();
+  a.retrive_index = ts.ri.data_ptr<int64_t>();
+  a.next_token = ts.nt.data_ptr<int64_t>();
+  a.next_sibling = ts.ns.data_ptr<int64_t>();
+  a.B = ts.B;
+  a.T = ts.T;
+  a.W = W;
+  a.rng.seeds = ts.seeds ? ts.seeds->data_ptr<int64_t>() : nullptr;
+  a.rng.seed = uint64_t(seed_val);
+  a.rng.offset = uint64_t(offset);
+  a.predicts = predicts.data_ptr<int64_t>();
+  a.accept_index = accept_index.data_ptr<int32_t>();
+  a.accept_num = accept_num.data_ptr<int32_t>();
+  a.err = err.data_ptr<int32_t>();
+  a.err_node = err_node.data_ptr<int64_t>();
+  const auto& tab = cpu::spec_active();
+  parallel_rows(ts.B, [&](int64_t b, int64_t e) { tab.tree_rows(a, b, e); });
+  spec::raise_tree_errors(err, err_node, false);
+  return {predicts, accept_index, accept_num};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cpu(const at::Tensor& parents,
+                                                                                   const at::Tensor& prefix_lens) {
+  spec::BuildSetup bs = spec::setup_build(parents, prefix_lens);
+  auto opts = parents.options();
+  const int64_t B = bs.B, T = bs.T, W = (T + 7) / 8;
+  auto mask = at::empty({B, T, W}, opts.dtype(at::kByte));
+  auto positions = at::empty({B * T}, opts.dtype(at::kLong));
+  auto ri = at::empty({B, T}, opts.dtype(at::kLong));
+  auto nt = at::empty({B, T}, opts.dtype(at::kLong));
+  auto ns = at::empty({B, T}, opts.dtype(at::kLong));
+  if (B == 0) return {mask, positions, ri, nt, ns};
+  auto err = at::zeros({B}, opts.dtype(at::kInt));
+  auto err_node = at::zeros({B}, opts.dtype(at::kLong));
+  cpu::BuildTreeArgs a;
+  a.parents = bs.parents.data_ptr<int64_t>();
+  a.prefix_lens = bs.prefix_lens.data_ptr<int64_t>();
+  a.B = B;
+  a.T = T;
+  a.mask = mask.data_ptr<uint8_t>();
+  a.positions = positions.data_ptr<int64_t>();
+  a.retrive_index = ri.data_ptr<int64_t>();
+  a.next_token = nt.data_ptr<int64_t>();
+  a.next_sibling = ns.data_ptr<int64_t>();
+  a.err = err.data_ptr<int32_t>();
+  a.err_node = err_node.data_ptr<int64_t>();
+  parallel_rows(B, [&](int64_t b, int64_t e) { cpu::build_tree_rows(a, b, e); });
+  spec::raise_tree_errors(err, err_node, true);
+  return {mask, positions, ri, nt, ns};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decodekit, CPU, m) {
+  m.impl("chain_verify", &chain_verify_cpu);
+  m.impl("tree_verify", &tree_verify_cpu);
+  m.impl("build_tree", &build_tree_cpu);
+}
+
+}  // namespace dk::torchb

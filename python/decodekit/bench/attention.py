@@ -1,0 +1,269 @@
+"""Tree attention: benchmark against torch SDPA (CPU, bool mask) and a tree speculative decoding
+demo on a tiny random Llama.
+
+    python -c "from decodekit.bench import attention as a; a.run(quick=True)"
+    python -c "from decodekit.bench import attention as a; a.demo()"
+"""
+import copy
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+
+SHAPES_T = (16, 64, 128)
+SHAPES_PREFIX = (512, 2048, 8192)
+HQ, D = 32, 128
+
+
+def _random_parents(T: int, gen: torch.Generator) -> torch.Tensor:
+    par = torch.full((T,), -1, dtype=torch.int64)
+    for i in range(1, T):
+        par[i] = int(torch.randint(0, i, (1,), generator=gen))
+    return par
+
+
+def _tree_mask(parents: torch.Tensor) -> torch.Tensor:
+    T = parents.shape[0]
+    m = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        j = t
+        while j >= 0:
+            m[t, j] = True
+            j = int(parents[j])
+    return m
+
+
+def _case(T, P, Hkv, dtype, gen, B=1):
+    S = P + T
+    q = torch.randn(B, T, HQ, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)  # HND: the Hugging Face cache layout
+    v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    tm = _tree_mask(_random_parents(T, gen))[None].expand(B, T, T).contiguous()
+    return q, k, v, tm, torch.full((B,), P, dtype=torch.int64)
+
+
+def run(quick: bool = False, threads: Optional[int] = None, json_path: Optional[str] = None) -> Dict:
+    """Time decodekit.tree_attention against torch SDPA (bool mask, same inputs) and print a table."""
+    import decodekit
+
+    if threads is None:
+        threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    print(f"tree attention: {harness.machine()}; torch.set_num_threads({threads}); "
+          f"decodekit ISA {decodekit.cpu_features()['active_isa']}")
+    bw = harness.bandwidth(cold=True)
+    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s (K/V floor = bytes of K and V / bandwidth)")
+    if quick:
+        configs = [(torch.float32, 64, 2048, 32), (torch.float32, 64, 2048, 8), (torch.bfloat16, 64, 2048, 32),
+                   (torch.bfloat16, 64, 2048, 8), (torch.float32, 16, 512, 8), (torch.bfloat16, 16, 512, 8)]
+    else:
+        configs = [(dt, T, P, Hkv) for dt in (torch.float32, torch.bfloat16) for Hkv in (32, 8)
+                   for P in SHAPES_PREFIX for T in SHAPES_T]
+    gen = torch.Generator().manual_seed(0)
+    rows: List[Dict] = []
+    table = []
+    for dtype, T, P, Hkv in configs:
+        q, k, v, tm, pl = _case(T, P, Hkv, dtype, gen)
+        dense = decodekit.tree_attention_mask(tm, pl, P + T)  # [B, 1, T, S] bool
+        q_sdpa = q.transpose(1, 2).contiguous()
+        gqa = Hkv != HQ
+
+        def f_dk():
+            return decodekit.tree_attention(q, k, v, tm, pl, kv_layout="HND")
+
+        def f_sdpa():
+            return F.scaled_dot_product_attention(q_sdpa, k, v, attn_mask=dense, enable_gqa=gqa)
+
+        big = T * P >= 128 * 8192 // 2
+        kw = dict(warmup=1, reps=5, min_time=0.1) if big else dict(warmup=2, reps=9, min_time=0.2)
+        t_dk = harness.timeit(f_dk, **kw)
+        t_sd = harness.timeit(f_sdpa, **kw)
+        nnz = int(tm.sum())
+        flops = 4.0 * HQ * D * (T * P + nnz)
+        kv_bytes = 2 * Hkv * (P + T) * D * k.element_size()
+        floor = kv_bytes / bw
+        r = dict(dtype=str(dtype).replace("torch.", ""), T=T, prefix=P, Hq=HQ, Hkv=Hkv, D=D,
+                 decodekit_s=t_dk, sdpa_s=t_sd, speedup=t_sd / t_dk, decodekit_gflops=flops / t_dk / 1e9,
+                 sdpa_gflops=flops / t_sd / 1e9, kv_floor_s=floor)
+        rows.append(r)
+        table.append([r["dtype"], T, P, f"{HQ}/{Hkv}", harness.fmt_us(t_dk), harness.fmt_us(t_sd),
+                      f"{r['speedup']:.2f}x", f"{r['decodekit_gflops']:.1f}", f"{r['sdpa_gflops']:.1f}",
+                      harness.fmt_us(floor)])
+    harness.print_table(f"tree attention, B=1, D={D}, HND cache, random tree (times in us, median)",
+                        ["dtype", "T", "prefix", "Hq/Hkv", "decodekit", "torch SDPA", "speedup",
+                         "dk GFLOP/s", "SDPA GFLOP/s", "K/V floor"], table)
+    result = dict(machine=harness.machine(), threads=threads, bandwidth=bw,
+                  isa=decodekit.cpu_features()["active_isa"], rows=rows)
+    if json_path:
+        harness.save_json(json_path, result)
+    return result
+
+
+# ---- demo: tree speculative decoding on a tiny Llama ---------------------------------------------
+def _build_draft_tree(draft, committed: torch.Tensor, root: int, depth: int, branching: int):
+    """BFS token tree: node 0 = root; each node gets the draft's top-`branching` next tokens as
+    children, down to `depth`. Returns (tokens [T], parents [T])."""
+    tokens, parents, depths = [root], [-1], [0]
+    frontier = [0]
+    for _ in range(depth):
+        new = []
+        for node in frontier:
+            path, j = [], node
+            while j >= 0:
+                path.append(tokens[j])
+                j = parents[j]
+            seq = torch.cat([committed, torch.tensor(path[::-1])])[None]
+            with torch.no_grad():
+                top = draft(seq).logits[0, -1].topk(branching).indices.tolist()
+            for tok in top:
+                tokens.append(tok)
+                parents.append(node)
+                depths.append(depths[node] + 1)
+                new.append(len(tokens) - 1)
+        frontier = new
+    return torch.tensor(tokens), torch.tensor(parents)
+
+
+def _greedy_walk(tokens, parents, target_predict):
+    """Accept children while they equal the target's argmax; returns (accepted node ids, bonus token)."""
+    node, acc = 0, [0]
+    while True:
+        pred = int(target_predict[node])
+        child = next((c for c in range(len(tokens)) if int(parents[c]) == node and int(tokens[c]) == pred), None)
+        if child is None:
+            return acc, pred
+        acc.append(child)
+        node = child
+
+
+def _retrive_lists(parents: torch.Tensor):
+    """SGLang's first-child / next-sibling lists for one tree."""
+    T = parents.shape[0]
+    nxt = torch.full((T,), -1, dtype=torch.int64)
+    sib = torch.full((T,), -1, dtype=torch.int64)
+    last = {}
+    for c in range(1, T):
+        p = int(parents[c])
+        if p in last:
+            sib[last[p]] = c
+        else:
+            nxt[p] = c
+        last[p] = c
+    return nxt, sib
+
+
+def _verify(tokens, parents, target_predict, log):
+    acc, bonus = _greedy_walk(tokens, parents, target_predict)
+    import decodekit
+    if hasattr(decodekit, "verify_tree_greedy"):
+        try:  # SGLang layout (DESIGN.md section 4); cross-check against the plain walk
+            nxt, sib = _retrive_lists(parents)
+            res = decodekit.verify_tree_greedy(tokens[None], torch.arange(len(tokens))[None], nxt[None], sib[None],
+                                               target_predict[None])
+            predicts, accept_index, accept_num = res[0], res[1], res[2]
+            n = int(accept_num.reshape(-1)[0]) + 1
+            idx = [int(i) for i in accept_index.reshape(-1)[:n]]
+            if idx == acc:
+                log(f"  decodekit.verify_tree_greedy agrees: accepted nodes {idx}")
+            else:
+                log(f"  decodekit.verify_tree_greedy returned {idx}, plain walk {acc}: using the walk")
+        except Exception as e:  # noqa: BLE001  (API of another branch; the demo must not depend on it)
+            log(f"  decodekit.verify_tree_greedy not usable here ({type(e).__name__}: {e}); plain greedy walk")
+    return acc, bonus
+
+
+def demo(rounds: int = 6, depth: int = 3, branching: int = 2, prompt_len: int = 12, verbose: bool = True,
+         seed: int = 0) -> Dict:
+    """Tree speculative decoding, greedy: a perturbed copy of a tiny random Llama drafts a token tree,
+    the target verifies the whole tree in ONE forward pass through decodekit's tree attention kernel
+    (registered as a transformers attention implementation), and the accepted path's KV entries are
+    kept. The result must equal plain greedy decoding of the target."""
+    import transformers
+    import decodekit
+    import decodekit.attention as dka
+
+    log = print if verbose else (lambda *a, **k: None)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                   max_position_embeddings=512, initializer_range=0.1)
+    target = transformers.LlamaForCausalLM(cfg).eval()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))  # draft = target with 10% weight noise
+    draft.set_attn_implementation("sdpa")
+    name = decodekit.register_hf_attention()
+    target.set_attn_implementation(name)
+
+    calls = [0]
+    orig = dka.tree_attention
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return orig(*a, **k)
+
+    dka.tree_attention = counting
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen)
+        cache = transformers.DynamicCache(config=cfg)
+        with torch.no_grad():
+            root = int(target(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        committed = prompt.clone()  # tokens whose KV is in the cache; `root` is decided but not cached
+        accepted_per_round = []
+        log(f"tree speculative decoding demo: tiny Llama ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"{cfg.num_attention_heads} q / {cfg.num_key_value_heads} kv heads, head dim {cfg.head_dim}), "
+            f"draft = perturbed copy, tree depth {depth} x branching {branching}")
+        for r in range(rounds):
+            tokens, parents = _build_draft_tree(draft, committed, root, depth, branching)
+            T, P = tokens.shape[0], committed.shape[0]
+            tm = dka.pack_tree_mask(_tree_mask(parents))[None]
+            depths = torch.zeros(T, dtype=torch.int64)
+            for c in range(1, T):
+                depths[c] = depths[int(parents[c])] + 1
+            with torch.no_grad():
+                logits = target(tokens[None], past_key_values=cache, position_ids=(P + depths)[None],
+                                attention_mask=decodekit.tree_attention_mask(tm, [P], P + T, dtype=torch.float32)
+                                ).logits[0]
+            acc, bonus = _verify(tokens, parents, logits.argmax(-1), log)
+            # keep the KV entries of the accepted path (root first), drop the rest of the tree
+            keep = torch.cat([torch.arange(P), P + torch.tensor(acc)])
+            for layer in cache.layers:
+                layer.keys = layer.keys[:, :, keep].contiguous()
+                layer.values = layer.values[:, :, keep].contiguous()
+            committed = torch.cat([committed, tokens[acc]])
+            root = bonus
+            accepted_per_round.append(len(acc))
+            log(f"  round {r}: tree of {T} nodes, one forward pass, emitted {len(acc)} token(s) "
+                f"{tokens[acc][1:].tolist() + [bonus]}")
+        out = torch.cat([committed, torch.tensor([root])])[prompt_len:]
+    finally:
+        dka.tree_attention = orig
+    # plain greedy decoding of the target (SDPA, KV cache), same number of tokens
+    target.set_attn_implementation("sdpa")
+    cache = transformers.DynamicCache(config=cfg)
+    seq = prompt[None]
+    ref_tokens = []
+    with torch.no_grad():
+        logits = target(seq, past_key_values=cache, use_cache=True).logits
+        for _ in range(out.shape[0]):
+            nxt = logits[0, -1].argmax()
+            ref_tokens.append(int(nxt))
+            logits = target(nxt.reshape(1, 1), past_key_values=cache, use_cache=True).logits
+    ok = out.tolist() == ref_tokens
+    log(f"{out.shape[0]} tokens in {rounds} target forward passes (plain greedy needs {out.shape[0]}); "
+        f"identical to plain greedy decoding: {ok}; tree-attention kernel calls: {calls[0]}")
+    return dict(matches_greedy=ok, tokens=out.tolist(), reference=ref_tokens, accepted_per_round=accepted_per_round,
+                kernel_calls=calls[0])
+
+
+if __name__ == "__main__":
+    import sys
+    if "demo" in sys.argv[1:]:
+        demo()
+    else:
+        run(quick="--quick" in sys.argv[1:], json_path=os.environ.get("DK_BENCH_JSON"))

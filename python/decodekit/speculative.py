@@ -1,0 +1,245 @@
+"""Lossless speculative verification: chain and tree, stochastic and greedy.
+
+Names and argument orders follow FlashInfer (`chain_speculative_sampling`) and SGLang (trees:
+`candidates`, `retrive_index`, `retrive_next_token`, `retrive_next_sibling`; outputs `predicts`,
+`accept_index`, `accept_token_num`), so switching is a rename of the import. decodekit extensions
+are keyword-only. Semantics: DESIGN.md sections 3 and 4; the accept rules are spelled out in
+csrc/cpu/isa/speculative.cpp and the randomness layout in csrc/include/decodekit/speculative.h.
+
+Decisions where the peers are silent or differ:
+- Token ids are int64 (torch convention; ``out_dtype=torch.int32`` gives FlashInfer's/SGLang's
+  dtype); counts and ``accept_index`` are int32 as in FlashInfer / SGLang.
+- ``accepted_num`` is FlashInfer's metric: the number of drafts that pass the accept test when each
+  is considered on its own (not stopping at the first rejection); ``emitted_num`` is the accepted
+  prefix length. ``maybe_output_*`` tensors, when given, are incremented in place (FlashInfer) and
+  returned.
+- Probability rows are used as given (assumed to sum to 1); NaN or negative entries count as 0 in
+  residual draws. A logits row that is all -inf or holds NaN / +inf stops verification at that
+  position and emits token 0.
+- Trees: children are tried in ``retrive_next_sibling`` order; sibling tokens must be distinct (a
+  ValueError otherwise). With draft probs, the i-th child is taken to be drawn from the node's draft
+  distribution with the earlier siblings removed (sampling without replacement, the only way to get
+  distinct siblings from a stochastic drafter); this makes multi-child verification exactly
+  lossless. Without draft probs (one-hot / top-k drafters, SGLang's "target only") it is lossless
+  for any set of distinct children.
+- ``predicts`` is [B*T] indexed by ``retrive_index``; slots that are not written hold -1.
+- The seed / offset / generator rules are the sampling family's (DESIGN.md section 3).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._ops import ops
+from .sampling import Param, _order, _seed, _split
+
+__all__ = [
+    "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify",
+    "build_tree", "SpecTree", "tree_speculative_sampling", "tree_speculative_sampling_from_logits",
+    "verify_tree_greedy",
+]
+
+_PROBS, _LOGITS, _IDS = 0, 1, 2
+_NO_FILTERS = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)
+
+
+def _seed_args(seed, offset, generator, device):
+    seed_arr, seed_val, off = _seed(seed, offset, generator, device)
+    if seed_arr is None and seed_val >= 2**63:
+        seed_val -= 2**64
+    return seed_arr, seed_val, off
+
+
+def _filter_args(temperature, top_k, top_p, min_p, order):
+    T_arr, T_val = _split(temperature, 1.0, "temperature")
+    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    return (T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, _order(order))
+
+
+def _ids_out(ids, out_dtype):
+    if out_dtype is None or out_dtype == torch.int64:
+        return ids
+    if out_dtype != torch.int32:
+        raise ValueError(f"out_dtype must be torch.int64 or torch.int32, got {out_dtype}")
+    return ids.to(torch.int32)
+
+
+def _accumulate(out, value, name):
+    if out is None:
+        return value
+    if not isinstance(out, torch.Tensor) or out.shape != value.shape:
+        raise ValueError(f"{name} must be a tensor of shape {tuple(value.shape)}")
+    out.add_(value.to(out.dtype))
+    return out
+
+
+def _check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# chains
+def chain_speculative_sampling(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
+                               target_probs: torch.Tensor, maybe_output_accepted_token_num: Optional[torch.Tensor] = None,
+                               maybe_output_emitted_draft_token_num: Optional[torch.Tensor] = None,
+                               deterministic: bool = True, generator: Optional[torch.Generator] = None,
+                               seed=None, offset=None, *, num_draft_tokens: Optional[torch.Tensor] = None,
+                               out_dtype=None):
+    """Verify a chain of N drafts per row against the target (lossless rejection sampling).
+
+    draft_probs [B, N, V] float32 or None (one-hot drafts: n-gram / EAGLE-style drafters),
+    draft_token_ids [B, N], target_probs [B, N+1, V] float32. Draft j is accepted with probability
+    min(1, p_j(x_j) / q_j(x_j)) (one-hot: p_j(x_j)); at the first rejection a token is drawn from
+    normalize(max(p_j - q_j, 0)) (one-hot: p_j without x_j); if all are accepted a bonus token is
+    drawn from p_{N+1}. num_draft_tokens [B] (keyword) makes the batch ragged: row b verifies its
+    first num_draft_tokens[b] drafts, its bonus comes from target_probs[b, num_draft_tokens[b]].
+
+    Returns (output_token_ids [B, N+1] padded with -1, accepted_num [B], emitted_num [B]).
+    """
+    _check_tensor(target_probs, "target_probs")
+    _check_tensor(draft_token_ids, "draft_token_ids")
+    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
+    ids, acc, emi = ops.chain_verify(target_probs, draft_token_ids, draft_probs, num_draft_tokens, _PROBS,
+                                     *_NO_FILTERS, seed_arr, seed_val, off)
+    acc = _accumulate(maybe_output_accepted_token_num, acc, "maybe_output_accepted_token_num")
+    emi = _accumulate(maybe_output_emitted_draft_token_num, emi, "maybe_output_emitted_draft_token_num")
+    return _ids_out(ids, out_dtype), acc, emi
+
+
+def chain_speculative_sampling_from_logits(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
+                                           target_logits: torch.Tensor, *, temperature: Param = 1.0,
+                                           top_k: Param = None, top_p: Param = None, min_p: Param = None,
+                                           order: str = "sequential", num_draft_tokens=None,
+                                           maybe_output_accepted_token_num=None,
+                                           maybe_output_emitted_draft_token_num=None, generator=None, seed=None,
+                                           offset=None, out_dtype=None):
+    """chain_speculative_sampling against target LOGITS [B, N+1, V] (fp32/bf16/fp16) and the row's
+    sampling parameters: the target at every position is the filtered, renormalised distribution
+    the ordinary sampler draws from (temperature -> top-k -> top-p -> min-p, DESIGN.md section 3),
+    resolved inside the kernel, so verified and replacement tokens obey the same filters.
+    temperature == 0 (per row) means greedy verification (accept while draft == argmax)."""
+    _check_tensor(target_logits, "target_logits")
+    _check_tensor(draft_token_ids, "draft_token_ids")
+    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
+    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, draft_probs, num_draft_tokens, _LOGITS,
+                                     *_filter_args(temperature, top_k, top_p, min_p, order), seed_arr, seed_val, off)
+    acc = _accumulate(maybe_output_accepted_token_num, acc, "maybe_output_accepted_token_num")
+    emi = _accumulate(maybe_output_emitted_draft_token_num, emi, "maybe_output_emitted_draft_token_num")
+    return _ids_out(ids, out_dtype), acc, emi
+
+
+def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, num_draft_tokens=None,
+                  out_dtype=None):
+    """Greedy chain verification: accept drafts while draft == argmax(target_logits[:, j]) (lowest
+    index on ties), then emit the argmax at the first mismatch (or at position N).
+    Returns (output_token_ids [B, N+1] padded with -1, accepted_num [B], emitted_num [B]) with
+    accepted_num counting every position whose draft equals the argmax."""
+    _check_tensor(target_logits, "target_logits")
+    _check_tensor(draft_token_ids, "draft_token_ids")
+    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, None, num_draft_tokens, _LOGITS, None, 0.0, None,
+                                     0, None, 1.0, None, 0.0, 0, None, 0, 0)
+    return _ids_out(ids, out_dtype), acc, emi
+
+
+# ---------------------------------------------------------------------------------------------
+# trees
+class SpecTree(NamedTuple):
+    """build_tree's outputs (a tuple; unpack it or use the names)."""
+    tree_mask: torch.Tensor             # uint8 [B, T, ceil(T/8)], little-endian bits
+    positions: torch.Tensor             # int64 [B*T], prefix_len + depth
+    retrive_index: torch.Tensor         # int64 [B, T], b*T + t
+    retrive_next_token: torch.Tensor    # int64 [B, T], first child (lowest index) or -1
+    retrive_next_sibling: torch.Tensor  # int64 [B, T], next sibling (by index) or -1
+
+
+def build_tree(parents: torch.Tensor, prefix_lens) -> SpecTree:
+    """Tree structures from a parent array [B, T] (parents[b, 0] == -1: node 0 is the root, the last
+    verified token; every other node's parent has a smaller index). prefix_lens: int or [B].
+
+    Returns SpecTree(tree_mask, positions, retrive_index, retrive_next_token, retrive_next_sibling):
+    the packed mask (bit j of row t set iff j is t or an ancestor of t, FlashInfer segment_packbits
+    layout; feed it to tree_attention), positions = prefix_len + depth in SGLang's flat [B*T] layout,
+    and SGLang's retrive_* lists (children in increasing index order). An invalid tree (two roots,
+    a parent out of range or after its child, a cycle) is a ValueError naming the row and node."""
+    _check_tensor(parents, "parents")
+    if not isinstance(prefix_lens, torch.Tensor):
+        if isinstance(prefix_lens, bool) or not isinstance(prefix_lens, int):
+            raise ValueError(f"prefix_lens must be an int or a 1-D int tensor, got {type(prefix_lens).__name__}")
+        B = parents.shape[0] if parents.dim() >= 1 else 0
+        prefix_lens = torch.full((B,), prefix_lens, dtype=torch.int64, device=parents.device)
+    return SpecTree(*ops.build_tree(parents, prefix_lens))
+
+
+def _tree_width(num_speculative_tokens, candidates):
+    if num_speculative_tokens is None:
+        return candidates.shape[1] if candidates.dim() == 2 else 1
+    if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int):
+        raise ValueError(f"num_speculative_tokens must be an int, got {type(num_speculative_tokens).__name__}")
+    return num_speculative_tokens
+
+
+def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Tensor,
+                              retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor,
+                              target_probs: torch.Tensor, draft_probs: Optional[torch.Tensor] = None, *,
+                              num_speculative_tokens: Optional[int] = None, deterministic: bool = True,
+                              generator=None, seed=None, offset=None, out_dtype=None):
+    """Multi-draft rejection sampling down a token tree (SpecInfer), SGLang's layout.
+
+    candidates [B, T] (node 0 = root, the last verified token), retrive_* [B, T] (build_tree),
+    target_probs [B, T, V] (target_probs[b, t] = the target after node t), draft_probs [B, T, V]
+    (the draft distribution node t's children were drawn from) or None (one-hot drafts).
+    From the root: the children of the current node are tried in order against the residual target
+    (see the module docstring); the walk moves to the accepted child, and a node where no child is
+    accepted emits a token from the residual (a leaf or the depth limit: a bonus token from p).
+    num_speculative_tokens = W, the width of accept_index (at most W - 1 drafts are accepted;
+    default T).
+
+    Returns (predicts [B*T]: predicts[retrive_index[b, t]] = the token following accepted node t,
+    -1 elsewhere; accept_index [B, W]: retrive_index of the root and the accepted nodes, -1 padded;
+    accept_token_num [B]: accepted drafts)."""
+    _check_tensor(candidates, "candidates")
+    _check_tensor(target_probs, "target_probs")
+    seed_arr, seed_val, off = _seed_args(seed, offset, generator, candidates.device)
+    W = _tree_width(num_speculative_tokens, candidates)
+    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
+                                   draft_probs, W, _PROBS, *_NO_FILTERS, seed_arr, seed_val, off)
+    return _ids_out(pred, out_dtype), ai, an
+
+
+def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
+                                          target_logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None, *,
+                                          temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
+                                          min_p: Param = None, order: str = "sequential",
+                                          num_speculative_tokens: Optional[int] = None, generator=None, seed=None,
+                                          offset=None, out_dtype=None):
+    """tree_speculative_sampling against target LOGITS [B, T, V] plus per-row sampling parameters,
+    the filters applied inside the kernel at every node visited; temperature 0 = greedy."""
+    _check_tensor(candidates, "candidates")
+    _check_tensor(target_logits, "target_logits")
+    seed_arr, seed_val, off = _seed_args(seed, offset, generator, candidates.device)
+    W = _tree_width(num_speculative_tokens, candidates)
+    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_logits,
+                                   draft_probs, W, _LOGITS, *_filter_args(temperature, top_k, top_p, min_p, order),
+                                   seed_arr, seed_val, off)
+    return _ids_out(pred, out_dtype), ai, an
+
+
+def verify_tree_greedy(candidates: torch.Tensor, retrive_index: torch.Tensor, retrive_next_token: torch.Tensor,
+                       retrive_next_sibling: torch.Tensor, target: torch.Tensor, *,
+                       num_speculative_tokens: Optional[int] = None, out_dtype=None):
+    """Greedy tree verification (SGLang verify_tree_greedy): from the root, accept the child whose
+    token equals the target's choice at the current node, until none does; then emit that choice.
+    target: logits [B, T, V] (argmax, lowest index on ties, computed only at the nodes visited) or
+    SGLang's target_predict ids [B, T]. Returns (predicts, accept_index, accept_token_num)."""
+    _check_tensor(candidates, "candidates")
+    _check_tensor(target, "target")
+    W = _tree_width(num_speculative_tokens, candidates)
+    if target.dtype.is_floating_point:
+        args = (_LOGITS, None, 0.0, None, 0, None, 1.0, None, 0.0, 0)
+    else:
+        args = (_IDS,) + _NO_FILTERS
+    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, None,
+                                   W, *args, None, 0, 0)
+    return _ids_out(pred, out_dtype), ai, an
