@@ -164,6 +164,17 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
   }
 }
 
+// Greedy rule shared by every op: the lowest index of the max of a logits row; false on a bad row.
+template <class T>
+inline bool row_argmax(const T* x, int64_t V, Scratch& s, int64_t* out) {
+  RowScan sc = scan_row(x, V, Window{false, 0.f}, true, s);
+  *out = 0;
+  if (sc.bad) return false;
+  for (int64_t i = 0; i < sc.n; ++i)
+    if (s.val[i] == sc.m) { *out = s.idx[i]; break; }
+  return true;
+}
+
 // Every element with positive possible weight, in index order (the exact fallback).
 template <class T>
 inline int64_t collect_all(const T* x, int64_t V, bool probs, Scratch& s) {

@@ -16,14 +16,7 @@ static void sample_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
     bool valid = false;
     float logprob = 0.f;
     if (!a.filter.is_probs && rp.T == 0.f) {  // greedy: lowest index of the max
-      Window win{false, 0.f};
-      RowScan sc = scan_row(x, V, win, true, s);
-      if (!sc.bad) {
-        valid = true;
-        int64_t n = sc.n;
-        tok = 0;
-        for (int64_t i = 0; i < n; ++i) if (s.val[i] == sc.m) { tok = s.idx[i]; break; }
-      }
+      valid = row_argmax(x, V, s, &tok);
     } else {
       Selection sel = select_row(x, V, a.filter.is_probs, rp, s, false);
       if (sel.valid) {

@@ -52,20 +52,6 @@ struct TNode {
   int64_t argmax = 0;
 };
 
-// Lowest index of the max of a logits row (the sampling family's greedy rule); false on a bad row.
-template <class T>
-inline bool row_argmax(const T* x, int64_t V, Scratch& s, int64_t* out) {
-  Window win{false, 0.f};
-  RowScan sc = scan_row(x, V, win, std::min<int64_t>(kMinCap, V + 16), s);
-  *out = 0;
-  if (sc.bad) return false;
-  int64_t n = sc.n;
-  if (sc.overflow) n = collect_all(x, V, false, s);
-  for (int64_t i = 0; i < n; ++i)
-    if (s.val[i] == sc.m) { *out = s.idx[i]; break; }
-  return true;
-}
-
 template <class T>
 inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kind, const RowParamsF& rp,
                          Scratch& s) {
@@ -87,7 +73,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
   tn.list = tn.sel.res.in_c;
   if (tn.list) {
     double Z = 0.0;
-    for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(tn.sel.w(s.val[i]));
+    for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(s.wt[i]);  // weights from the engine
     tn.Z = Z;
   } else {
     tn.Z = row_mass(x, V, tn.sel.w, tn.sel.res.t, tn.sel.res.minw);

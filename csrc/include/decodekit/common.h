@@ -13,7 +13,7 @@
 #else
 #define DK_HOST_DEVICE static inline
 #define DK_HOST_DEVICE_SPEC inline
-#define DK_DEVICE static inline
+#define DK_DEVICE inline  // device-only code: never compiled into the per-ISA CPU objects
 #endif
 
 namespace dk {
