@@ -255,7 +255,8 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
 // value (1/8-nat bins below the max for logits, 1/8-octave bins of the probability for probs),
 // the bin where the cumulative mass from the top reaches P is found, and only that bin goes
 // through the quickselect, starting from the exact mass of the bins above it.
-inline float top_p_threshold_binned(VW* a, int64_t n, double P, const Weight& w, std::vector<VW>& tmp) {
+inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
+                                    std::vector<VW>& tmp) {
   constexpr int NB = 256;
   double bm[NB] = {};
   const uint32_t mbits = float_to_bits(w.m);
@@ -267,7 +268,7 @@ inline float top_p_threshold_binned(VW* a, int64_t n, double P, const Weight& w,
     float d = (w.m - v) * w.invT * 8.f;
     return d < float(NB - 1) ? int(d) : NB - 1;
   };
-  for (int64_t i = 0; i < n; ++i) bm[bin(a[i].v)] += double(a[i].w);
+  for (int64_t i = 0; i < n; ++i) bm[bin(vals[i])] += double(wts[i]);
   double base = 0.0;
   int bstar = -1, last = 0;
   for (int b = 0; b < NB; ++b) {
@@ -282,7 +283,7 @@ inline float top_p_threshold_binned(VW* a, int64_t n, double P, const Weight& w,
   }
   tmp.clear();
   for (int64_t i = 0; i < n; ++i)
-    if (bin(a[i].v) == bstar) tmp.push_back(a[i]);
+    if (bin(vals[i]) == bstar) tmp.push_back({vals[i], wts[i]});
   return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
 }
 
@@ -325,10 +326,14 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
   float t = tk;
   if (p_on) {
     const bool within_k = rp.order == FilterOrder::Sequential && k_on;
+    double mc = 0.0;  // mass of the top-p candidates (index order)
     s.pairs.clear();
-    double mc = 0.0;  // mass of the candidates (index order)
-    for (int64_t i = 0; i < n; ++i)
-      if (!within_k || vals[i] >= tk) { s.pairs.push_back({vals[i], wts[i]}); mc += double(wts[i]); }
+    if (within_k) {
+      for (int64_t i = 0; i < n; ++i)
+        if (vals[i] >= tk) { s.pairs.push_back({vals[i], wts[i]}); mc += double(wts[i]); }
+    } else {
+      for (int64_t i = 0; i < n; ++i) mc += double(wts[i]);
+    }
     double Z;
     if (within_k) {
       Z = mc;
@@ -337,9 +342,16 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
       Z = zfull;
       if (!complete && mc < double(rp.p) * Z) { r.need_full = true; return r; }
     }
-    const int64_t np = int64_t(s.pairs.size());
-    float tp = np > 2048 ? top_p_threshold_binned(s.pairs.data(), np, double(rp.p) * Z, w, s.pairs2)
-                         : top_p_threshold(s.pairs.data(), np, double(rp.p) * Z);
+    const double P = double(rp.p) * Z;
+    float tp;
+    if (within_k) {
+      tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), P);
+    } else if (n > 2048) {
+      tp = top_p_threshold_binned(vals, wts, n, P, w, s.pairs2);
+    } else {
+      for (int64_t i = 0; i < n; ++i) s.pairs.push_back({vals[i], wts[i]});
+      tp = top_p_threshold(s.pairs.data(), n, P);
+    }
     t = std::max(t, tp);
   }
   r.t = t;
@@ -357,7 +369,7 @@ struct Selection {
   bool valid = false;
   Weight w{false, 0.f, 1.f};
   Resolved res;
-  int64_t nS = 0;      // |S| when res.in_c
+  int64_t nS = 0;      // |S| when res.in_c and |S| <= kListMax (then S is listed); kListMax+1 otherwise
   int64_t argmax = 0;  // lowest index of the max (logits)
 };
 
@@ -426,12 +438,20 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
     widen();
   }
   if (sel.res.in_c) {
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      float v = s.val[i], e = s.wt[i];
-      if (v >= sel.res.t && e >= sel.res.minw) { s.val[m] = v; s.wt[m] = e; s.idx[m] = s.idx[i]; ++m; }
+    // |S| decides the draw method; S is only listed when the list method will use it.
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < n && cnt <= kListMax; ++i)
+      cnt += (s.val[i] >= sel.res.t) & (s.wt[i] >= sel.res.minw);
+    if (cnt > kListMax) {
+      sel.nS = kListMax + 1;  // "large": the chunked draw over the row
+    } else {
+      int64_t m = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        float v = s.val[i], e = s.wt[i];
+        if (v >= sel.res.t && e >= sel.res.minw) { s.val[m] = v; s.wt[m] = e; s.idx[m] = s.idx[i]; ++m; }
+      }
+      sel.nS = m;
     }
-    sel.nS = m;
   }
   return sel;
 }

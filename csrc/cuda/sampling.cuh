@@ -42,6 +42,14 @@
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
 
+// Device functions of this file (common.h's DK_DEVICE is `static inline` on the host, which the
+// CPU-thread emulator of tests/cuda_emu cannot use for member functions).
+#if defined(__CUDACC__)
+#define DK_CUDA_FN __device__ __forceinline__
+#else
+#define DK_CUDA_FN inline
+#endif
+
 namespace dk::cuda {
 
 // ---- torch-free argument structs (filled by csrc/cuda/sampling.cu) ------------------------
@@ -108,23 +116,22 @@ inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out *
 
 namespace detail {
 
-DK_DEVICE float key_to_float(uint32_t k) {
+DK_CUDA_FN float key_to_float(uint32_t k) {
   return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-template <class T> DK_DEVICE T neg_inf_value();
-template <> DK_DEVICE float neg_inf_value<float>() { return kNegInf; }
-template <> DK_DEVICE bf16_t neg_inf_value<bf16_t>() { return bf16_t{0xFF80}; }
-template <> DK_DEVICE f16_t neg_inf_value<f16_t>() { return f16_t{0xFC00}; }
+DK_CUDA_FN float neg_inf_of(const float*) { return kNegInf; }
+DK_CUDA_FN bf16_t neg_inf_of(const bf16_t*) { return bf16_t{0xFF80}; }
+DK_CUDA_FN f16_t neg_inf_of(const f16_t*) { return f16_t{0xFC00}; }
 
-template <class T> DK_DEVICE float ld(const T* x, int64_t i) { return to_float(x[i]); }
+template <class T> DK_CUDA_FN float ld(const T* x, int64_t i) { return to_float(x[i]); }
 
 // The weight of a value: exp((x - m) * invT) for logits, x itself for probabilities
 // (row_engine.h Weight, scalar overload).
 struct Weight {
   bool probs;
   float m, invT;
-  DK_DEVICE float operator()(float x) const { return probs ? x : dk_exp<float>((x - m) * invT); }
+  DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>((x - m) * invT); }
 };
 
 struct RowParams {
@@ -135,7 +142,7 @@ struct RowParams {
   int order = 0;
 };
 
-DK_DEVICE RowParams row_params(const RowFilterArgs& f, int64_t r) {
+DK_CUDA_FN RowParams row_params(const RowFilterArgs& f, int64_t r) {
   RowParams rp;
   rp.T = f.is_probs ? 1.f : (f.temperature ? f.temperature[r] : f.temperature_val);
   rp.k = f.top_k ? f.top_k[r] : f.top_k_val;
@@ -166,7 +173,7 @@ struct Smem {
 };
 
 // ---- block primitives (deterministic: fixed shapes, results broadcast from thread 0) ------
-DK_DEVICE double block_sum(double v, Smem& s) {
+DK_CUDA_FN double block_sum(double v, Smem& s) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -183,7 +190,7 @@ DK_DEVICE double block_sum(double v, Smem& s) {
   return r;
 }
 
-DK_DEVICE int64_t block_count(int64_t v, Smem& s) {
+DK_CUDA_FN int64_t block_count(int64_t v, Smem& s) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -200,10 +207,10 @@ DK_DEVICE int64_t block_count(int64_t v, Smem& s) {
   return r;
 }
 
-DK_DEVICE bool block_any(bool b, Smem& s) { return block_count(b ? 1 : 0, s) != 0; }
+DK_CUDA_FN bool block_any(bool b, Smem& s) { return block_count(b ? 1 : 0, s) != 0; }
 
 // (max value, lowest index attaining it); NaN values are ignored (such rows are bad anyway).
-DK_DEVICE void block_argmax(float& v, int64_t& idx, Smem& s) {
+DK_CUDA_FN void block_argmax(float& v, int64_t& idx, Smem& s) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -228,7 +235,7 @@ DK_DEVICE void block_argmax(float& v, int64_t& idx, Smem& s) {
 }
 
 // Rank of this thread among the flagged threads of the block (thread order); total flagged.
-DK_DEVICE int block_rank(bool flag, Smem& s, int& total) {
+DK_CUDA_FN int block_rank(bool flag, Smem& s, int& total) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const unsigned b = __ballot_sync(0xffffffffu, flag);
   if (lane == 0) s.wcount[wid] = __popc(b);
@@ -254,7 +261,7 @@ struct Scan {
 };
 
 template <class T>
-DK_DEVICE Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
+DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   float m = kNegInf;
   int64_t am = INT64_MAX;
   bool bad = false;
@@ -275,7 +282,7 @@ DK_DEVICE Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
 // The k-th largest value of the row (ties counted), by a 4 x 8-bit radix select over float_key.
 // Requires 1 <= k <= V.
 template <class T>
-DK_DEVICE float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
+DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
   uint32_t prefix = 0, mask = 0;
   int64_t kk = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -318,7 +325,7 @@ DK_DEVICE float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
 // the top-k survivors). Non-zero weights of each stretch of the row are compacted (in order)
 // into shared memory and added by thread 0; zero weights are skipped (adding +0.0 is a no-op).
 template <class T>
-DK_DEVICE double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t, Smem& s) {
+DK_CUDA_FN double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t, Smem& s) {
   double acc = 0.0;  // thread 0
   int fill = 0;
   for (int64_t base = 0; base < V; base += kThreads) {
@@ -354,7 +361,7 @@ DK_DEVICE double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t,
 // row (returned to every thread); else the lanes restart at every 4096-element chunk and chunk c's
 // mass is written to chunk_out[c] (returns 0).
 template <class T>
-DK_DEVICE double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
+DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
                              Smem& s) {
   double lane = 0.0;  // threads 0..15: lane threadIdx.x
   for (int64_t base = 0; base < V; base += kTile) {
@@ -404,7 +411,7 @@ DK_DEVICE double lane16_mass(const T* x, int64_t V, const Weight& w, float t, fl
 // CPU/GPU note: M is a deterministic block reduction here, a quickselect-order sum on the CPU;
 // only a mass within double rounding of P can put the cut on a different value.
 template <class T>
-DK_DEVICE float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P,
+DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P,
                                 Smem& s) {
   uint32_t lo = 0u, hi = 0xffffffffu;
   while (hi - lo > 1u) {
@@ -432,7 +439,7 @@ struct Selection {
 };
 
 template <class T>
-DK_DEVICE Selection select_row(const T* x, int64_t V, bool probs, const RowParams& rp, Smem& s) {
+DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowParams& rp, Smem& s) {
   Selection sel;
   const bool k_on = rp.k >= 1 && rp.k < V;
   const bool p_on = rp.p < 1.f;
@@ -465,7 +472,7 @@ DK_DEVICE Selection select_row(const T* x, int64_t V, bool probs, const RowParam
 }
 
 // ---- kernels ----------------------------------------------------------------------------------
-DK_DEVICE RngKey row_key(const SampleArgs& a, int64_t o) {
+DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) {
   if (a.seeds) return make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u);
   return make_rng_key(a.seed, a.offset, uint32_t(o));
 }
@@ -671,7 +678,7 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
       if (!sel.valid) { out[i] = x[i]; continue; }
       const float v = ld(x, i);
       const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
-      out[i] = keep ? x[i] : neg_inf_value<T>();
+      out[i] = keep ? x[i] : neg_inf_of(x);
     }
     return;
   }

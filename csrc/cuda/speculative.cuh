@@ -15,7 +15,9 @@
 // Logits with top-k / top-p / min-p need the filter engine, which is CPU-only so far (the launcher
 // rejects them with a clear error).
 #pragma once
+#if !defined(DK_CUDA_EMULATE)  // tests/cuda_emu runs these kernels on CPU threads
 #include <cuda_runtime.h>
+#endif
 #include <cstdint>
 #include "decodekit/common.h"
 #include "decodekit/fmath.h"
@@ -23,7 +25,12 @@
 
 namespace dk::cuda::spec {
 
+#ifdef DK_SPEC_THREADS
+constexpr int kThreads = DK_SPEC_THREADS;  // the emulator tests use small blocks
+#else
 constexpr int kThreads = 256;
+#endif
+static_assert(kThreads >= 16 && (kThreads & (kThreads - 1)) == 0, "block size: a power of two >= 16");
 constexpr int64_t kChunk = 4096;  // the CPU's chunk (row_engine.h kChunk)
 
 enum class Kind : int { Probs = 0, Logits = 1, Ids = 2 };
@@ -102,7 +109,24 @@ struct Shared {
   int64_t ired[kThreads];
   double bd;
   int64_t bi;
+  int flag;
 };
+
+// Explicitly rounded arithmetic (no contraction on the device; the emulator builds with
+// -ffp-contract=off and uses the plain host operations).
+#if defined(__CUDA_ARCH__)
+DK_DEVICE double dadd(double a, double b) { return __dadd_rn(a, b); }
+DK_DEVICE double dmul(double a, double b) { return __dmul_rn(a, b); }
+DK_DEVICE double dsub(double a, double b) { return __dsub_rn(a, b); }
+DK_DEVICE float fmul(float a, float b) { return __fmul_rn(a, b); }
+DK_DEVICE float fsub(float a, float b) { return __fsub_rn(a, b); }
+#else
+DK_DEVICE double dadd(double a, double b) { return a + b; }
+DK_DEVICE double dmul(double a, double b) { return a * b; }
+DK_DEVICE double dsub(double a, double b) { return a - b; }
+DK_DEVICE float fmul(float a, float b) { return a * b; }
+DK_DEVICE float fsub(float a, float b) { return a - b; }
+#endif
 
 // Per-row view of the scratch.
 struct RowWs {
@@ -112,9 +136,9 @@ struct RowWs {
   int64_t nremoved;
 };
 
-__device__ __forceinline__ float relu_x86(float v) { return v > 0.f ? v : 0.f; }  // CPU vmax(v, 0)
+DK_DEVICE float relu_x86(float v) { return v > 0.f ? v : 0.f; }  // CPU vmax(v, 0)
 
-__device__ inline bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
+DK_DEVICE bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;
@@ -125,17 +149,17 @@ __device__ inline bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
 
 // 16 lane sums over the whole row, then lane by lane (the CPU's row_mass / materialise order).
 template <class W>
-__device__ double block_row_mass(int64_t V, const W& w, Shared& sh) {
+DK_DEVICE double block_row_mass(int64_t V, const W& w, Shared& sh) {
   const int tid = threadIdx.x;
   if (tid < 16) {
     double s = 0.0;
-    for (int64_t i = tid; i < V; i += 16) s = __dadd_rn(s, double(w(i)));
+    for (int64_t i = tid; i < V; i += 16) s = dadd(s, double(w(i)));
     sh.dred[tid] = s;
   }
   __syncthreads();
   if (tid == 0) {
     double z = 0.0;
-    for (int j = 0; j < 16; ++j) z = __dadd_rn(z, sh.dred[j]);
+    for (int j = 0; j < 16; ++j) z = dadd(z, sh.dred[j]);
     sh.bd = z;
   }
   __syncthreads();
@@ -146,16 +170,16 @@ __device__ double block_row_mass(int64_t V, const W& w, Shared& sh) {
 
 // The CPU's draw_blocks: exact inverse-CDF draw over w(0..V); -1 without positive mass.
 template <class W>
-__device__ int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared& sh) {
+DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared& sh) {
   const int tid = threadIdx.x;
   const int64_t nch = (V + kChunk - 1) / kChunk;
   double* lanes = ws.lanes;          // [nch * 16]
   double* chunks = ws.lanes + nch * 16;  // [nch]
-  for (int64_t pair = tid; pair < nch * 16; pair += blockDim.x) {
+  for (int64_t pair = tid; pair < nch * 16; pair += kThreads) {
     const int64_t c = pair >> 4, j = pair & 15;
     const int64_t end = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
     double s = 0.0;
-    for (int64_t i = c * kChunk + j; i < end; i += 16) s = __dadd_rn(s, double(w(i)));
+    for (int64_t i = c * kChunk + j; i < end; i += 16) s = dadd(s, double(w(i)));
     lanes[pair] = s;
   }
   __syncthreads();
@@ -163,24 +187,24 @@ __device__ int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared
     double Z = 0.0;
     for (int64_t c = 0; c < nch; ++c) {
       double s = 0.0;
-      for (int j = 0; j < 16; ++j) s = __dadd_rn(s, lanes[c * 16 + j]);
+      for (int j = 0; j < 16; ++j) s = dadd(s, lanes[c * 16 + j]);
       chunks[c] = s;
-      Z = __dadd_rn(Z, s);
+      Z = dadd(Z, s);
     }
     int64_t c = -1;
     double local = 0.0;
     if (Z > 0.0) {
-      const double target = __dmul_rn(u, Z);
+      const double target = dmul(u, Z);
       double cum = 0.0;
       c = 0;
       for (; c < nch - 1; ++c) {
-        if (__dadd_rn(cum, chunks[c]) > target) break;
-        cum = __dadd_rn(cum, chunks[c]);
+        if (dadd(cum, chunks[c]) > target) break;
+        cum = dadd(cum, chunks[c]);
       }
-      local = __dsub_rn(target, cum);
+      local = dsub(target, cum);
       if (!(chunks[c] > 0.0)) {
         while (c > 0 && !(chunks[c] > 0.0)) --c;
-        local = __longlong_as_double(0x7ff0000000000000LL);  // +inf
+        local = double(kPosInf);
       }
     }
     sh.bi = c;
@@ -193,7 +217,7 @@ __device__ int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared
   if (c < 0) return -1;
   const int64_t start = c * kChunk;
   const int64_t n = (start + kChunk < V ? kChunk : V - start);
-  for (int64_t k = tid; k < n; k += blockDim.x) sh.stage[k] = w(start + k);
+  for (int64_t k = tid; k < n; k += kThreads) sh.stage[k] = w(start + k);
   __syncthreads();
   if (tid == 0) {
     double acc = 0.0;
@@ -202,7 +226,7 @@ __device__ int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared
       const float x = sh.stage[k];
       if (!(x > 0.f)) continue;
       last = start + k;
-      acc = __dadd_rn(acc, double(x));
+      acc = dadd(acc, double(x));
       if (acc > local) { tok = start + k; break; }
     }
     sh.bi = tok >= 0 ? tok : last;
@@ -223,17 +247,17 @@ struct Node {
   double Z = 1.0;
   float invZf = 1.f;
   int64_t argmax = 0;
-  __device__ float e(int64_t i) const {  // logits weight, as the CPU's Weight
-    return dk_exp(__fmul_rn(__fsub_rn(to_float(x[i]), m), invT));
+  DK_DEVICE float e(int64_t i) const {  // logits weight, as the CPU's Weight
+    return dk_exp(fmul(fsub(to_float(x[i]), m), invT));
   }
-  __device__ float w(int64_t i) const {  // unnormalised target weight (CPU wblock)
+  DK_DEVICE float w(int64_t i) const {  // unnormalised target weight (CPU wblock)
     if (probs) return relu_x86(to_float(x[i]));
     return e(i);
   }
-  __device__ float p(int64_t i) const {  // normalised target as float (CPU pblock)
-    return probs ? w(i) : __fmul_rn(e(i), invZf);
+  DK_DEVICE float p(int64_t i) const {  // normalised target as float (CPU pblock)
+    return probs ? w(i) : fmul(e(i), invZf);
   }
-  __device__ double pd(int64_t tok) const {  // p(tok) in double (CPU target_p)
+  DK_DEVICE double pd(int64_t tok) const {  // p(tok) in double (CPU target_p)
     const float v = to_float(x[tok]);
     if (probs) return double(v);
     return double(e(tok)) / Z;
@@ -242,22 +266,26 @@ struct Node {
 
 // Max (lowest index among equals) and the bad-row flag of a logits row.
 template <class T>
-__device__ void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, int64_t* i_out, bool* bad_out) {
+DK_DEVICE void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, int64_t* i_out, bool* bad_out) {
   const int tid = threadIdx.x;
   float m = kNegInf;
   int64_t idx = V;
   int bad = 0;
-  for (int64_t i = tid; i < V; i += blockDim.x) {
+  for (int64_t i = tid; i < V; i += kThreads) {
     const float v = to_float(x[i]);
     if (v != v || v == kPosInf) bad = 1;
     if (v > m) { m = v; idx = i; }
     else if (v == m && i < idx) idx = i;
   }
-  bad = __syncthreads_or(bad);
+  if (tid == 0) sh.flag = 0;
+  __syncthreads();
+  if (bad) sh.flag = 1;
+  __syncthreads();
+  bad = sh.flag;
   sh.fred[tid] = m;
   sh.ired[tid] = idx;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
     if (tid < s) {
       const float om = sh.fred[tid + s];
       const int64_t oi = sh.ired[tid + s];
@@ -272,7 +300,7 @@ __device__ void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, in
 }
 
 template <class T>
-__device__ Node<T> prepare_node(const Target& tg, const T* x, float temperature, Shared& sh) {
+DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, float temperature, Shared& sh) {
   Node<T> n;
   n.x = x;
   n.V = tg.V;
@@ -303,27 +331,27 @@ __device__ Node<T> prepare_node(const Target& tg, const T* x, float temperature,
 // Children of one node: a chain position (one child) or a tree node (a sibling list).
 struct ChainKids {
   int64_t tok;
-  __device__ int64_t first() const { return 0; }
-  __device__ int64_t next(int64_t) const { return -1; }
-  __device__ int64_t token(int64_t) const { return tok; }
+  DK_DEVICE int64_t first() const { return 0; }
+  DK_DEVICE int64_t next(int64_t) const { return -1; }
+  DK_DEVICE int64_t token(int64_t) const { return tok; }
 };
 struct NoKids {
-  __device__ int64_t first() const { return -1; }
-  __device__ int64_t next(int64_t) const { return -1; }
-  __device__ int64_t token(int64_t) const { return 0; }
+  DK_DEVICE int64_t first() const { return -1; }
+  DK_DEVICE int64_t next(int64_t) const { return -1; }
+  DK_DEVICE int64_t token(int64_t) const { return 0; }
 };
 struct TreeKids {
   int64_t head;
   const int64_t* ns;
   const int64_t* cand;
-  __device__ int64_t first() const { return head; }
-  __device__ int64_t next(int64_t c) const { return ns[c]; }
-  __device__ int64_t token(int64_t c) const { return cand[c]; }
+  DK_DEVICE int64_t first() const { return head; }
+  DK_DEVICE int64_t next(int64_t c) const { return ns[c]; }
+  DK_DEVICE int64_t token(int64_t c) const { return cand[c]; }
 };
 
 // The CPU's verify_node, block-wide. Returns the accepted child handle or -1 (*emit set).
 template <class T, class K>
-__device__ int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, const RngKey& key, int64_t depth,
+DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, const RngKey& key, int64_t depth,
                                int64_t* emit, RowWs& ws, Shared& sh) {
   const int tid = threadIdx.x;
   if (!tn.valid) { *emit = 0; return -1; }
@@ -370,11 +398,11 @@ __device__ int64_t verify_node(const Node<T>& tn, const float* q, const K& kids,
       const float vinv = float(1.0 / Zr);
       const int64_t Vp = (V + 15) / 16 * 16;
       const int64_t nr = ws.nremoved;
-      for (int64_t e = tid; e < Vp; e += blockDim.x) {
+      for (int64_t e = tid; e < Vp; e += kThreads) {
         float d = 0.f;
         if (e < V) {
-          const float r = mat ? __fmul_rn(ws.resid[e], vinv) : tn.p(e);
-          d = relu_x86(__fsub_rn(r, __fmul_rn(q[e], scf)));
+          const float r = mat ? fmul(ws.resid[e], vinv) : tn.p(e);
+          d = relu_x86(fsub(r, fmul(q[e], scf)));
           if (in_sorted(ws.removed, nr, e)) d = 0.f;
         }
         ws.resid[e] = d;
@@ -400,8 +428,8 @@ __device__ int64_t verify_node(const Node<T>& tn, const float* q, const K& kids,
     const float finv = float(1.0 / Zr);
     tok = block_draw(V, [&](int64_t e) {
       if (in_sorted(rm, nr, e)) return 0.f;
-      const float r = mat ? __fmul_rn(rb[e], finv) : tn.p(e);
-      return relu_x86(__fsub_rn(r, __fmul_rn(q[e], scf)));
+      const float r = mat ? fmul(rb[e], finv) : tn.p(e);
+      return relu_x86(fsub(r, fmul(q[e], scf)));
     }, u, ws, sh);
   }
   if (tok < 0) tok = block_draw(V, bonus, u, ws, sh);
@@ -409,16 +437,16 @@ __device__ int64_t verify_node(const Node<T>& tn, const float* q, const K& kids,
   return -1;
 }
 
-__device__ inline RngKey row_key(const Rng& r, int64_t b) {
+DK_DEVICE RngKey row_key(const Rng& r, int64_t b) {
   if (r.seeds) return make_rng_key(uint64_t(r.seeds[b]), r.offset, 0u);
   return make_rng_key(r.seed, r.offset, uint32_t(b));
 }
 
-__device__ inline float row_temperature(const Target& t, int64_t b) {
+DK_DEVICE float row_temperature(const Target& t, int64_t b) {
   return t.temperature ? t.temperature[b] : t.temperature_val;
 }
 
-__device__ inline RowWs row_ws(const Workspace& w, int64_t b) {
+DK_DEVICE RowWs row_ws(const Workspace& w, int64_t b) {
   RowWs r;
   r.lanes = w.lanes + b * w.lanes_per_row;
   r.resid = w.resid ? w.resid + b * w.resid_per_row : nullptr;
@@ -531,8 +559,8 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
   if (tid == 0) a.accept_num[b] = int32_t(acc);
 }
 
-__global__ void build_tree_kernel(BuildArgs a) {
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildArgs a) {  // one thread per row
+  const int64_t b = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= a.B) return;
   const int64_t T = a.T, W = (T + 7) / 8;
   int64_t bad = -1;
@@ -541,6 +569,7 @@ __global__ void build_tree_kernel(BuildArgs a) {
   a.err_node[b] = bad;
 }
 
+#if !defined(DK_CUDA_EMULATE)
 // ---- launchers ---------------------------------------------------------------------------------
 template <template <class> class K, class Args>
 inline cudaError_t launch_typed(const Args& a, const Target& t, int64_t B, cudaStream_t s) {
@@ -568,8 +597,24 @@ inline cudaError_t launch_tree(const TreeArgs& a, cudaStream_t s) {
 }
 inline cudaError_t launch_build_tree(const BuildArgs& a, cudaStream_t s) {
   if (a.B == 0) return cudaSuccess;
-  build_tree_kernel<<<unsigned((a.B + 127) / 128), 128, 0, s>>>(a);
+  build_tree_kernel<<<unsigned((a.B + kThreads - 1) / kThreads), kThreads, 0, s>>>(a);
   return cudaGetLastError();
 }
 
+#endif  // !DK_CUDA_EMULATE
+
 }  // namespace dk::cuda::spec
+
+#if !defined(DK_CUDA_EMULATE)
+namespace dk::cuda {
+// For .ci/cuda_compile.sh: odr-uses every kernel and launcher of this header.
+inline void instantiate_speculative() {
+  spec::ChainArgs c;
+  spec::TreeArgs t;
+  spec::BuildArgs b;
+  (void)spec::launch_chain(c, nullptr);
+  (void)spec::launch_tree(t, nullptr);
+  (void)spec::launch_build_tree(b, nullptr);
+}
+}  // namespace dk::cuda
+#endif  // !DK_CUDA_EMULATE

@@ -20,6 +20,7 @@ SOURCES = [HERE / "emu_runtime.h", HERE / "emu_sampling.cpp", ROOT / "csrc/cuda/
            *sorted((ROOT / "csrc/include/decodekit").glob("*.h"))]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _libs = {}
+_failed = {}
 
 
 def compiler():
@@ -44,8 +45,15 @@ def build(threads: int = 64) -> Path:
 
 
 def load(threads: int = 64):
+    if threads in _failed:  # build once per session, fail fast afterwards
+        raise RuntimeError(f"the CUDA emulator failed to build: {_failed[threads]}")
     if threads not in _libs:
-        lib = ctypes.CDLL(str(build(threads)))
+        try:
+            path = build(threads)
+        except Exception as e:
+            _failed[threads] = e
+            raise
+        lib = ctypes.CDLL(str(path))
         P, I, L, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
         lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, P, I]
         lib.dk_emu_sample.restype = None

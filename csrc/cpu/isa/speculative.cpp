@@ -70,7 +70,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
   tn.sel = select_row(x, V, false, rp, s, false);
   tn.valid = tn.sel.valid;
   if (!tn.valid) return;
-  tn.list = tn.sel.res.in_c;
+  tn.list = tn.sel.res.in_c && tn.sel.nS <= kListMax;  // S is listed only when small
   if (tn.list) {
     double Z = 0.0;
     for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(s.wt[i]);  // weights from the engine
@@ -259,7 +259,7 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
         double Z = 0.0;
         for (int64_t kk = 0; kk < n; ++kk) {
           const int64_t tok = s.idx[kk];
-          const float r = mat ? ss.rbuf[size_t(kk)] * float(1.0 / Zr) : tn.sel.w(s.val[kk]) * tn.invZf;
+          const float r = mat ? ss.rbuf[size_t(kk)] * float(1.0 / Zr) : s.wt[kk] * tn.invZf;
           float d = r - q[tok] * scf;
           d = d > 0.f ? d : 0.f;
           if (std::binary_search(ss.removed.begin(), ss.removed.end(), tok)) d = 0.f;
@@ -290,14 +290,14 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
   Excl ex{&ss.removed};
   if (rejected == 0 || (q && mat && !(Zr > 0.0))) {
     // bonus: the target itself
-    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return tn.sel.w(s.val[kk]); }, s.idx.data(), u);
+    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
     else tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
   } else if (!q) {
     // p without the rejected children
     if (tn.list) {
       tok = draw_list(tn.sel.nS, [&](int64_t kk) {
         return std::binary_search(ss.removed.begin(), ss.removed.end(), int64_t(s.idx[kk])) ? 0.f
-                                                                                             : tn.sel.w(s.val[kk]);
+                                                                                             : s.wt[kk];
       }, s.idx.data(), u);
     } else {
       tok = draw_blocks(V, [&](int64_t b) { return vblend(ex.mask(b), wblock(tn, b), zero); }, u, ss.chunks);
@@ -310,7 +310,7 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
       tok = draw_list(tn.sel.nS, [&](int64_t kk) {
         const int64_t t = s.idx[kk];
         if (std::binary_search(ss.removed.begin(), ss.removed.end(), t)) return 0.f;
-        const float r = mat ? ss.rbuf[size_t(kk)] * finv : tn.sel.w(s.val[kk]) * tn.invZf;
+        const float r = mat ? ss.rbuf[size_t(kk)] * finv : s.wt[kk] * tn.invZf;
         const float d = r - q[t] * scf;
         return d > 0.f ? d : 0.f;
       }, s.idx.data(), u);
@@ -323,7 +323,7 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
     }
   }
   if (tok < 0) {  // the residual has no mass (rounding or invalid input): fall back to p itself
-    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return tn.sel.w(s.val[kk]); }, s.idx.data(), u);
+    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
     else tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
   }
   *emit = tok < 0 ? 0 : tok;

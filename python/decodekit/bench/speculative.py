@@ -13,8 +13,8 @@ Timings are medians with the caches flushed before every call (harness.timeit(co
 "hot" column repeats decodekit without flushing.
 
     python -m decodekit.bench.speculative [--quick] [--threads N]
+    (or benchmarks/run.py --only speculative, which calls run(quick=...))
 """
-import os
 import sys
 from typing import Dict, List
 
@@ -47,8 +47,8 @@ def _bytes_read(emitted: torch.Tensor, N: int, V: int) -> int:
 
 
 def run(quick: bool = False, threads: int = None, V: int = V_DEFAULT) -> Dict:
-    if threads is None:
-        threads = min(8, os.cpu_count() or 1)
+    if threads is None:  # keep what the caller (benchmarks/run.py --threads) set
+        threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     shapes = [(1, 1), (8, 4)] if quick else [(b, n) for b in (1, 8, 32) for n in (1, 4, 8)]
     reps = 5 if quick else 11

@@ -1,0 +1,123 @@
+"""Runs csrc/cuda/speculative.cuh's kernels on CPU threads (emu_runtime.h) with the calling
+convention of torch.ops.decodekit.{chain_verify, tree_verify, build_tree} (inputs already valid;
+the checks are the bindings' job), so tests can compare the CUDA kernels with the CPU kernels
+on a machine without a GPU. Built with the host compiler on first use, cached under build/."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+SOURCES = [HERE / "emu_runtime.h", HERE / "emu_speculative.cpp", ROOT / "csrc/cuda/speculative.cuh",
+           *sorted((ROOT / "csrc/include/decodekit").glob("*.h"))]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_libs = {}
+
+
+def compiler():
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def load(threads: int = 64):
+    if threads in _libs:
+        return _libs[threads]
+    h = hashlib.sha256(str(threads).encode())
+    for s in SOURCES:
+        h.update(s.read_bytes())
+    out_dir = ROOT / "build" / "cuda_emu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"emu_speculative_{threads}_{h.hexdigest()[:16]}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
+        subprocess.run([compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
+                        f"-DDK_SPEC_THREADS={threads}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
+                        f"-I{HERE}", str(HERE / "emu_speculative.cpp"), "-o", str(tmp)], check=True)
+        os.replace(tmp, lib)
+    L = ctypes.CDLL(str(lib))
+    P, I, Q, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
+    L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
+    L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P]
+    L.dk_emu_tree.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, P, P, Q, Q, Q, P, U, U, P, P, P, P, P, P, P, P,
+                              P, P]
+    L.dk_emu_build_tree.argtypes = [P, P, Q, Q, P, P, P, P, P, P, P]
+    for f in (L.dk_emu_chain, L.dk_emu_tree, L.dk_emu_build_tree):
+        f.restype = None
+    _libs[threads] = L
+    return L
+
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+def _i64(t):
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+def _target(target, kind, T_arr, T_val):
+    if kind == 2:
+        t = _i64(target)
+        return t, 0, 0, t.shape[1], 1, None
+    temp = None if T_arr is None else T_arr.to(torch.float32).contiguous()
+    return target, _DTYPES[target.dtype], target.shape[2], target.stride(0), target.stride(1), temp
+
+
+def chain_verify(target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0,
+                 threads=64):
+    L = load(threads)
+    B, N = ids.shape
+    tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
+    ids64, nd, seeds = _i64(ids), _i64(num_draft), _i64(seed_arr)
+    out = torch.empty(B, N + 1, dtype=torch.int64)
+    acc = torch.zeros(B, dtype=torch.int32)
+    emi = torch.zeros(B, dtype=torch.int32)
+    lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
+    removed = torch.empty(B, 1, dtype=torch.int64)
+    L.dk_emu_chain(_p(tgt), kind, dt, V, sb, sr, _p(temp), float(T_val), _p(draft),
+                   0 if draft is None else draft.stride(0), 0 if draft is None else draft.stride(1), _p(ids64),
+                   _p(nd), B, N, _p(seeds), seed_val & (2**64 - 1), offset, _p(out), _p(acc), _p(emi), _p(lanes),
+                   _p(removed))
+    return out, acc, emi
+
+
+def tree_verify(cand, ri, nt, ns, target, draft, W, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0,
+                threads=64):
+    L = load(threads)
+    B, T = cand.shape
+    tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
+    V = V if kind != 2 else 1
+    c, r, n1, n2, seeds = _i64(cand), _i64(ri), _i64(nt), _i64(ns), _i64(seed_arr)
+    pred = torch.full((B * T,), -1, dtype=torch.int64)
+    ai = torch.full((B, W), -1, dtype=torch.int32)
+    an = torch.zeros(B, dtype=torch.int32)
+    err = torch.zeros(B, dtype=torch.int32)
+    err_node = torch.zeros(B, dtype=torch.int64)
+    lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
+    resid = torch.empty(B, (V + 15) // 16 * 16, dtype=torch.float32)
+    removed = torch.empty(B, T, dtype=torch.int64)
+    seen = torch.empty(B, T, dtype=torch.uint8)
+    stack = torch.empty(B, T, dtype=torch.int64)
+    L.dk_emu_tree(_p(tgt), kind, dt, V, sb, sr, _p(temp), float(T_val), _p(draft),
+                  0 if draft is None else draft.stride(0), 0 if draft is None else draft.stride(1), _p(c), _p(r),
+                  _p(n1), _p(n2), B, T, W, _p(seeds), seed_val & (2**64 - 1), offset, _p(pred), _p(ai), _p(an),
+                  _p(err), _p(err_node), _p(lanes), _p(resid), _p(removed), _p(seen), _p(stack))
+    return pred, ai, an, err, err_node
+
+
+def build_tree(parents, prefix_lens, threads=64):
+    L = load(threads)
+    B, T = parents.shape
+    W = (T + 7) // 8
+    par, pre = _i64(parents), _i64(prefix_lens)
+    mask = torch.empty(B, T, W, dtype=torch.uint8)
+    pos = torch.empty(B * T, dtype=torch.int64)
+    ri, nt, ns = (torch.empty(B, T, dtype=torch.int64) for _ in range(3))
+    err = torch.zeros(B, dtype=torch.int32)
+    err_node = torch.zeros(B, dtype=torch.int64)
+    L.dk_emu_build_tree(_p(par), _p(pre), B, T, _p(mask), _p(pos), _p(ri), _p(nt), _p(ns), _p(err), _p(err_node))
+    return (mask, pos, ri, nt, ns), err, err_node

@@ -1,0 +1,118 @@
+// C entry points that run csrc/cuda/speculative.cuh's kernels under the CPU emulator
+// (tests/cuda_emu/emu_spec.py loads this through ctypes; host pointers stand in for device
+// pointers). Flat argument lists mirror the fields of the kernels' argument structs.
+#include "emu_runtime.h"
+#include "cuda/speculative.cuh"
+
+using namespace dk::cuda::spec;
+
+template <class T> struct ChainK { static void fn(ChainArgs a) { chain_kernel<T>(a); } };
+template <class T> struct TreeK { static void fn(TreeArgs a) { tree_kernel<T>(a); } };
+static void build_fn(BuildArgs a) { build_tree_kernel(a); }
+
+template <template <class> class K, class A>
+static void run(const Target& t, unsigned grid, const A& a) {
+  if (t.kind != Kind::Logits || t.dtype == DType::F32) dkemu::launch(grid, kThreads, K<float>::fn, a);
+  else if (t.dtype == DType::BF16) dkemu::launch(grid, kThreads, K<dk::bf16_t>::fn, a);
+  else dkemu::launch(grid, kThreads, K<dk::f16_t>::fn, a);
+}
+
+static Target make_target(const void* data, int kind, int dtype, int64_t V, int64_t sb, int64_t sr, const float* temp,
+                          float temp_val) {
+  Target t;
+  t.kind = Kind(kind);
+  t.data = data;
+  t.dtype = DType(dtype);
+  t.V = V;
+  t.stride_b = sb;
+  t.stride_r = sr;
+  t.temperature = temp;
+  t.temperature_val = temp_val;
+  return t;
+}
+
+extern "C" {
+int dk_emu_spec_threads() { return kThreads; }
+int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
+
+void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
+                  float temp_val, const float* draft, int64_t dsb, int64_t dsr, const int64_t* ids,
+                  const int64_t* num_draft, int64_t B, int64_t N, const int64_t* seeds, uint64_t seed, uint64_t offset,
+                  int64_t* out_ids, int32_t* out_acc, int32_t* out_emi, double* lanes, int64_t* removed) {
+  ChainArgs a;
+  a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
+  a.draft.data = draft;
+  a.draft.stride_b = dsb;
+  a.draft.stride_r = dsr;
+  a.ids = ids;
+  a.num_draft = num_draft;
+  a.B = B;
+  a.N = N;
+  a.rng.seeds = seeds;
+  a.rng.seed = seed;
+  a.rng.offset = offset;
+  a.out_ids = out_ids;
+  a.out_accepted = out_acc;
+  a.out_emitted = out_emi;
+  a.ws.lanes = lanes;
+  a.ws.lanes_per_row = lanes_per_row(V);
+  a.ws.removed = removed;
+  a.ws.removed_per_row = 1;
+  run<ChainK>(a.target, unsigned(B), a);
+}
+
+void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
+                 float temp_val, const float* draft, int64_t dsb, int64_t dsr, const int64_t* cand, const int64_t* ri,
+                 const int64_t* nt, const int64_t* ns, int64_t B, int64_t T, int64_t W, const int64_t* seeds,
+                 uint64_t seed, uint64_t offset, int64_t* predicts, int32_t* accept_index, int32_t* accept_num,
+                 int32_t* err, int64_t* err_node, double* lanes, float* resid, int64_t* removed, uint8_t* seen,
+                 int64_t* stack) {
+  TreeArgs a;
+  a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
+  a.draft.data = draft;
+  a.draft.stride_b = dsb;
+  a.draft.stride_r = dsr;
+  a.cand = cand;
+  a.retrive_index = ri;
+  a.next_token = nt;
+  a.next_sibling = ns;
+  a.B = B;
+  a.T = T;
+  a.W = W;
+  a.rng.seeds = seeds;
+  a.rng.seed = seed;
+  a.rng.offset = offset;
+  a.predicts = predicts;
+  a.accept_index = accept_index;
+  a.accept_num = accept_num;
+  a.err = err;
+  a.err_node = err_node;
+  a.ws.lanes = lanes;
+  a.ws.lanes_per_row = lanes_per_row(V > 0 ? V : 1);
+  a.ws.resid = resid;
+  a.ws.resid_per_row = (V + 15) / 16 * 16;
+  a.ws.removed = removed;
+  a.ws.removed_per_row = T;
+  a.ws.seen = seen;
+  a.ws.stack = stack;
+  a.ws.tree_per_row = T;
+  run<TreeK>(a.target, unsigned(B), a);
+}
+
+void dk_emu_build_tree(const int64_t* parents, const int64_t* prefix, int64_t B, int64_t T, uint8_t* mask,
+                       int64_t* positions, int64_t* ri, int64_t* nt, int64_t* ns, int32_t* err, int64_t* err_node) {
+  BuildArgs a;
+  a.parents = parents;
+  a.prefix_lens = prefix;
+  a.B = B;
+  a.T = T;
+  a.mask = mask;
+  a.positions = positions;
+  a.retrive_index = ri;
+  a.next_token = nt;
+  a.next_sibling = ns;
+  a.err = err;
+  a.err_node = err_node;
+  dkemu::launch(unsigned((B + kThreads - 1) / kThreads), kThreads, build_fn, a);
+}
+}

@@ -1,0 +1,144 @@
+"""The CUDA speculative kernels (csrc/cuda/speculative.cuh) run on CPU threads by the emulator
+(tests/cuda_emu) and compared with the CPU ops: same seed -> same tokens, counts, accept indices,
+tree errors and build_tree outputs. This checks the CUDA kernels' logic (counter layout, the CPU's
+summation order, the residual / materialisation steps, the walks) without a GPU; test_speculative.py's
+test_cuda_matches_cpu runs the same comparison on a real GPU."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import emu_spec  # noqa: E402
+import decodekit as dk  # noqa: E402
+
+ops = torch.ops.decodekit
+pytestmark = pytest.mark.skipif(emu_spec.compiler() is None, reason="no host C++ compiler to build the emulator")
+NOF = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)  # no filters
+
+
+def _gen(s):
+    return torch.Generator().manual_seed(s)
+
+
+def _chain_inputs(B=6, N=3, V=5000, seed=0):
+    g = _gen(seed)
+    lp = torch.randn(B, N + 1, V, generator=g) * 1.5
+    p = lp.softmax(-1)
+    q = (lp[:, :N] + torch.randn(B, N, V, generator=g) * 0.5).softmax(-1)
+    ids = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, N)
+    return p, q, ids, lp
+
+
+def _same(a, b, what):
+    for x, y, name in zip(a, b, ("0", "1", "2")):
+        assert torch.equal(x.long(), y.long()), f"{what}: output {name}\n{x}\n{y}"
+
+
+CHAIN = [
+    ("probs-draft-ragged", dict(kind=0, draft=True, ragged=True, seed=11)),
+    ("probs-onehot-rowseeds", dict(kind=0, draft=False, rowseeds=True, offset=2**40 + 3)),
+    ("logits-temp-draft", dict(kind=1, draft=True, T=0.8)),
+    ("logits-temprows-bf16-onehot", dict(kind=1, draft=False, T="rows", dtype=torch.bfloat16)),
+    ("greedy-f16", dict(kind=1, draft=False, T=0.0, dtype=torch.float16, ragged=True)),
+]
+
+
+@pytest.mark.parametrize("case", CHAIN, ids=[c[0] for c in CHAIN])
+def test_chain_matches_cpu(case):
+    _, c = case
+    p, q, ids, lp = _chain_inputs(seed=len(case[0]))
+    B, N = ids.shape
+    kind = c["kind"]
+    target = p if kind == 0 else lp.to(c.get("dtype", torch.float32))
+    draft = q if c.get("draft") else None
+    nd = torch.tensor([0, 3, 1, 2, 3, 2])[:B] if c.get("ragged") else None
+    seed_arr = torch.randint(0, 2**62, (B,), generator=_gen(7)) if c.get("rowseeds") else None
+    seed_val, off = c.get("seed", 5), c.get("offset", 0)
+    T = c.get("T", 1.0)
+    T_arr = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.9]) if T == "rows" else None
+    T_val = 1.0 if T == "rows" else T
+    cpu = ops.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, *NOF[2:], seed_arr, seed_val, off)
+    got = emu_spec.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, seed_arr, seed_val, off)
+    _same(cpu, got, case[0])
+
+
+def _tree_inputs(B=5, V=5000, seed=0):
+    T = 9
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
+    tree = dk.build_tree(parents, 0)
+    g = _gen(seed)
+    lt = torch.randn(B, T, V, generator=g)
+    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
+    cand = torch.zeros(B, T, dtype=torch.int64)
+    for node in range(T):
+        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
+        if kids:
+            u = torch.rand(B, V, generator=g, dtype=torch.float64)
+            cand[:, kids] = (qt[:, node].double().log() - (-u.log()).log()).topk(len(kids), -1).indices
+    return tree, cand, lt, qt
+
+
+TREE = [
+    ("probs-draft", dict(kind=0, draft=True)),
+    ("probs-onehot-rowseeds-W2", dict(kind=0, draft=False, rowseeds=True, W=2)),
+    ("logits-temp-draft", dict(kind=1, draft=True, T=1.1)),
+    ("greedy-logits", dict(kind=1, draft=False, T=0.0)),
+    ("greedy-ids", dict(kind=2, draft=False)),
+]
+
+
+@pytest.mark.parametrize("case", TREE, ids=[c[0] for c in TREE])
+def test_tree_matches_cpu(case):
+    _, c = case
+    tree, cand, lt, qt = _tree_inputs(seed=len(case[0]))
+    B, T = cand.shape
+    kind = c["kind"]
+    target = lt.softmax(-1) if kind == 0 else (lt if kind == 1 else lt.argmax(-1))
+    draft = qt if c.get("draft") else None
+    seed_arr = torch.randint(0, 2**62, (B,), generator=_gen(3)) if c.get("rowseeds") else None
+    W = c.get("W", T)
+    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, draft, W, kind)
+    cpu = ops.tree_verify(*args, None, c.get("T", 1.0), *NOF[2:], seed_arr, 9, 0)
+    got = emu_spec.tree_verify(*args, None, c.get("T", 1.0), seed_arr, 9, 0)
+    _same(cpu, got[:3], case[0])
+    assert bool((got[3] == 0).all())
+
+
+def test_tree_errors_match_cpu():
+    tree, cand, lt, qt = _tree_inputs(B=3, V=40)
+    nt = tree.retrive_next_token.clone()
+    nt[1, 3] = 1  # row 1: a cycle 1 -> 3 -> 1
+    cand2 = cand.clone()
+    cand2[2, 2] = cand2[2, 1]  # row 2: duplicate siblings
+    _, _, _, err, node = emu_spec.tree_verify(cand2, tree.retrive_index, nt, tree.retrive_next_sibling,
+                                              lt.softmax(-1), None, 9, 0)
+    assert err.tolist()[0] == 0 and err.tolist()[1] == 7 and err.tolist()[2] == 8  # reached twice, dup siblings
+    with pytest.raises(ValueError, match="batch row 1 .* reached twice"):
+        dk.tree_speculative_sampling(cand2, tree.retrive_index, nt, tree.retrive_next_sibling, lt.softmax(-1))
+
+
+def test_build_tree_matches_cpu():
+    g = _gen(4)
+    for T in (1, 9, 20):
+        B = 70  # more than one block of rows
+        parents = torch.tensor([[-1] + [int(torch.randint(0, t, (1,), generator=g)) for t in range(1, T)]
+                                for _ in range(B)])
+        prefix = torch.randint(0, 100, (B,), generator=g)
+        cpu = ops.build_tree(parents, prefix)
+        got, err, _ = emu_spec.build_tree(parents, prefix)
+        assert bool((err == 0).all())
+        assert all(torch.equal(a, b) for a, b in zip(cpu, got))
+    _, err, node = emu_spec.build_tree(torch.tensor([[-1, 0, -1], [-1, 2, 1]]), torch.zeros(2, dtype=torch.int64))
+    assert err.tolist() == [2, 4] and node.tolist() == [2, 1]
+
+
+def test_bad_logits_rows_and_real_block_size():
+    p, q, ids, lp = _chain_inputs(B=4, V=3000, seed=9)
+    lp[1, 0, 5] = float("nan")
+    lp[2, 1] = float("-inf")
+    for threads in (64, 256):
+        cpu = ops.chain_verify(lp, ids, q, None, 1, None, 0.9, *NOF[2:], None, 3, 0)
+        got = emu_spec.chain_verify(lp, ids, q, None, 1, None, 0.9, None, 3, 0, threads=threads)
+        _same(cpu, got, f"bad rows, {threads} threads")
