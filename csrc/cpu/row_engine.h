@@ -258,7 +258,8 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
 inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
                                     std::vector<VW>& tmp) {
   constexpr int NB = 256;
-  double bm[NB] = {};
+  double h[4][NB] = {};  // four interleaved histograms break the store-to-load dependency chains
+  double bm[NB];
   const uint32_t mbits = float_to_bits(w.m);
   auto bin = [&](float v) -> int {
     if (w.probs) {
@@ -268,7 +269,15 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     float d = (w.m - v) * w.invT * 8.f;
     return d < float(NB - 1) ? int(d) : NB - 1;
   };
-  for (int64_t i = 0; i < n; ++i) bm[bin(vals[i])] += double(wts[i]);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    h[0][bin(vals[i])] += double(wts[i]);
+    h[1][bin(vals[i + 1])] += double(wts[i + 1]);
+    h[2][bin(vals[i + 2])] += double(wts[i + 2]);
+    h[3][bin(vals[i + 3])] += double(wts[i + 3]);
+  }
+  for (; i < n; ++i) h[0][bin(vals[i])] += double(wts[i]);
+  for (int b = 0; b < NB; ++b) bm[b] = ((h[0][b] + h[1][b]) + h[2][b]) + h[3][b];
   double base = 0.0;
   int bstar = -1, last = 0;
   for (int b = 0; b < NB; ++b) {
@@ -282,8 +291,8 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     for (int b = 0; b < bstar; ++b) base += bm[b];
   }
   tmp.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (bin(vals[i]) == bstar) tmp.push_back({vals[i], wts[i]});
+  for (int64_t j = 0; j < n; ++j)
+    if (bin(vals[j]) == bstar) tmp.push_back({vals[j], wts[j]});
   return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
 }
 
@@ -331,8 +340,12 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     if (within_k) {
       for (int64_t i = 0; i < n; ++i)
         if (vals[i] >= tk) { s.pairs.push_back({vals[i], wts[i]}); mc += double(wts[i]); }
-    } else {
-      for (int64_t i = 0; i < n; ++i) mc += double(wts[i]);
+    } else {  // 16 double lanes, fixed order (a sequential double sum is latency-bound)
+      VD acc = vd_zero();
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) vd_add(acc, vload(wts + i));
+      if (i < n) vd_add(acc, vload_partial(wts + i, int(n - i), 0.f));
+      mc = vd_reduce(acc);
     }
     double Z;
     if (within_k) {
