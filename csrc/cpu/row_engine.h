@@ -73,7 +73,6 @@ template <class T>
 inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
   const float fill = kNegInf;
   const VF vthr = vset(thr);
-  alignas(64) float lane[16];
   int64_t n = 0, cap = int64_t(s.val.size()) - 16;
   for (int64_t i = 0; i < V; i += 16) {
     VF v = load_block(x, i, V, fill);
@@ -84,13 +83,7 @@ inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
       s.val.resize(cap + 16);
       s.idx.resize(cap + 16);
     }
-    vstore(lane, v);
-    for (M16 b = msk; b; b &= b - 1) {
-      int j = __builtin_ctz(b);
-      s.val[n] = lane[j];
-      s.idx[n] = int32_t(i + j);
-      ++n;
-    }
+    n += vcompress(s.val.data() + n, s.idx.data() + n, msk, v, int32_t(i));
   }
   return n;
 }
@@ -290,10 +283,13 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     base = 0.0;
     for (int b = 0; b < bstar; ++b) base += bm[b];
   }
-  tmp.clear();
-  for (int64_t j = 0; j < n; ++j)
-    if (bin(vals[j]) == bstar) tmp.push_back({vals[j], wts[j]});
-  return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
+  if (int64_t(tmp.size()) < n + 1) tmp.resize(n + 1);
+  int64_t cnt = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branch-free gather of the crossing bin
+    tmp[cnt] = VW{vals[j], wts[j]};
+    cnt += bin(vals[j]) == bstar;
+  }
+  return top_p_threshold(tmp.data(), cnt, P, base);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and weight >= minw }.

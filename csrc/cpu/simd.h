@@ -207,6 +207,31 @@ inline VF u32_to_float(VI a) {
 #undef DK_LOOP
 #endif
 
+// Stores the lanes of v selected by m (in lane order) to val[0..) and their element indices
+// base + lane to idx[0..); returns how many. Both buffers need 16 writable slots.
+#if defined(DK_ISA_AVX512)
+inline int vcompress(float* val, int32_t* idx, M16 m, VF v, int32_t base) {
+  const __mmask16 k = __mmask16(m);
+  _mm512_mask_compressstoreu_ps(val, k, v.v);
+  __m512i id = _mm512_add_epi32(_mm512_set1_epi32(base), _mm512_setr_epi32(0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15));
+  _mm512_mask_compressstoreu_epi32(idx, k, id);
+  return popcount16(m);
+}
+#else
+inline int vcompress(float* val, int32_t* idx, M16 m, VF v, int32_t base) {
+  alignas(64) float lane[16];
+  vstore(lane, v);
+  int n = 0;
+  for (M16 b = m; b; b &= b - 1) {
+    int j = __builtin_ctz(b);
+    val[n] = lane[j];
+    idx[n] = base + j;
+    ++n;
+  }
+  return n;
+}
+#endif
+
 // 16-lane loads of a partial block (n < 16 valid elements), the rest filled with `fill`.
 template <class T>
 inline VF vload_partial(const T* p, int n, float fill) {
