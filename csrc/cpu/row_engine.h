@@ -379,12 +379,10 @@ struct Selection {
   Weight w{false, 0.f, 1.f};
   Resolved res;
   int64_t nS = 0;      // |S| when res.in_c and |S| <= kListMax (then S is listed); kListMax+1 otherwise
-  int64_t argmax = 0;  // lowest index of the max (logits)
 };
 
 template <class T>
-inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF& rp, Scratch& s,
-                            bool need_argmax) {
+inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF& rp, Scratch& s) {
   Selection sel;
   const bool k_on = rp.k >= 1 && rp.k < V;
   const bool p_on = rp.p < 1.f;
@@ -398,11 +396,11 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   const bool any_filter = k_on || p_on || mp_on;
   // With top-k the window is chosen by count (profile pass) before collecting; otherwise the
   // default window is collected right away.
-  RowScan sc = scan_row(x, V, win, !k_on && (any_filter || need_argmax), s);
+  RowScan sc = scan_row(x, V, win, !k_on && any_filter, s);
   if (sc.bad) return sel;
   sel.valid = true;
   sel.w = Weight{probs, sc.m, probs ? 1.f : 1.f / temp};
-  if (!any_filter && !need_argmax) return sel;  // plain sampling: the chunked draw over the row
+  if (!any_filter) return sel;  // plain sampling: the chunked draw over the row
   bool complete = false;
   bool profiled = false;
   double zfull = -1.0;
@@ -435,10 +433,6 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
     }
   };
   if (k_on) widen();
-  if (need_argmax) {
-    sel.argmax = -1;
-    for (int64_t i = 0; i < n; ++i) if (s.val[i] == sc.m) { sel.argmax = s.idx[i]; break; }
-  }
   // Resolve on C; if C is too small (fewer than k values, or less than p of the mass), widen.
   for (;;) {
     candidate_weights(sel.w, n, s);
@@ -532,7 +526,7 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
     }
   }
   *wout = lastw;
-  return last >= 0 ? last : sel.argmax;
+  return last >= 0 ? last : 0;  // unreachable: the chosen chunk has mass
 }
 
 inline RowParamsF row_params(const RowFilter& f, int64_t out_row) {

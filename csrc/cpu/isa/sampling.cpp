@@ -18,7 +18,7 @@ static void sample_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
     if (!a.filter.is_probs && rp.T == 0.f) {  // greedy: lowest index of the max
       valid = row_argmax(x, V, s, &tok);
     } else {
-      Selection sel = select_row(x, V, a.filter.is_probs, rp, s, false);
+      Selection sel = select_row(x, V, a.filter.is_probs, rp, s);
       if (sel.valid) {
         valid = true;
         double u = row_uniform(row_key(a, o), 0u);
@@ -113,7 +113,7 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
       }
       continue;
     }
-    Selection sel = select_row(x, V, a.filter.is_probs, rp, s, false);
+    Selection sel = select_row(x, V, a.filter.is_probs, rp, s);
     if (a.kind == FilterOut::MaskLogits) {
       T* out = static_cast<T*>(a.out) + r * a.out_stride;
       if (!sel.valid) { for (int64_t i = 0; i < V; ++i) out[i] = x[i]; continue; }

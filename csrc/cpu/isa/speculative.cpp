@@ -67,7 +67,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
     tn.valid = row_argmax(x, V, s, &tn.argmax);
     return;
   }
-  tn.sel = select_row(x, V, false, rp, s, false);
+  tn.sel = select_row(x, V, false, rp, s);
   tn.valid = tn.sel.valid;
   if (!tn.valid) return;
   tn.list = tn.sel.res.in_c && tn.sel.nS <= kListMax;  // S is listed only when small
