@@ -1,8 +1,11 @@
 // pybind11 part of decodekit._C: non-tensor helpers only (ops are registered via TORCH_LIBRARY).
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 #include "cpu/kernels.h"
 
 #ifndef DK_TORCH_VERSION
@@ -35,6 +38,19 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["compiler"] = __VERSION__;
     d["isa_paths"] = py::make_tuple("scalar", "avx2", "avx512");
+#ifdef INTRA_OP_PARALLEL
+    d["intra_op_parallel"] = true;  // at::parallel_for in the bindings really forks (see CMakeLists.txt)
+#else
+    d["intra_op_parallel"] = false;
+#endif
     return d;
+  });
+  m.def("_parallel_probe", [](int64_t n) {
+    // How many distinct threads an at::parallel_for over n one-item chunks used, as the bindings call it.
+    std::vector<int> tid(size_t(std::max<int64_t>(n, 0)), -1);
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) tid[size_t(i)] = at::get_thread_num();
+    });
+    return std::set<int>(tid.begin(), tid.end()).size();
   });
 }

@@ -122,6 +122,20 @@ SAMPLERS = {
 }
 
 
+def test_bindings_really_run_in_parallel():
+    """The thread-count tests below only mean something if at::parallel_for in the bindings forks:
+    it is a header template that stays serial unless the extension is built with OpenMP."""
+    assert dk.build_info()["intra_op_parallel"]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert dk._C._parallel_probe(8) == 2
+        torch.set_num_threads(1)
+        assert dk._C._parallel_probe(8) == 1
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_same_seed_same_tokens_across_runs_threads_isas(name):
     x = _batch(16, 4000, seed=8)

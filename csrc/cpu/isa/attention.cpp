@@ -62,6 +62,7 @@ struct VT {
   static float hmax(V a) { return _mm512_reduce_max_ps(a); }
   static float hmin(V a) { return _mm512_reduce_min_ps(a); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  static bool any_gt(V a, float x) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_GT_OQ) != 0; }
   template <int Deg = 7>
   static V exp2(V x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // -inf -> 2^-127 (~1e-38): negligible next to 1
@@ -120,6 +121,7 @@ struct VT {
     h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
     return _mm_cvtss_f32(h);
   }
+  static bool any_gt(V a, float x) { return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(x), _CMP_GT_OQ)) != 0; }
   template <int Deg = 7>
   static V exp2(V x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));  // -inf -> 2^-126: negligible next to 1
@@ -160,6 +162,7 @@ struct VT {
   static float hmax(V a) { return a; }
   static float hmin(V a) { return a; }
   static float hsum(V a) { return a; }
+  static bool any_gt(V a, float x) { return a > x; }
   template <int Deg = 7>
   static V exp2(V x) { return std::exp2(x); }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
@@ -273,49 +276,55 @@ void pv_tile_f32(float* O, int64_t D, const float* alpha, const float* P, int nv
 
 // Online-softmax update of R (<= 16) rows from their raw score tile S (kN wide, first nv valid):
 // x = c * S (log2 domain), m_new = max(m, max x), alpha = 2^(m - m_new), P = 2^(x - m_new),
-// l = l * alpha + sum P. P is written as fp32 ([R][kN]) or, with kBf16Out, as bf16 ([R][kN]).
+// L = L * alpha + P summed lane-wise. P is written as fp32 ([R][kN]) or, with kBf16Out, as bf16
+// ([R][kN]). L holds W lanes per row (summed once, after the prefix): no horizontal sum per block.
+// The running max only moves when some scaled score exceeds it; that is tested with one vector
+// compare, so the horizontal max is taken only in the (rare, after the first blocks) moving case.
 template <bool kBf16Out>
-void softmax_rows(int R, float* S, int nv, float c, void* Pout, float* alpha, float* m, float* l) {
+void softmax_rows(int R, float* S, int nv, float c, void* Pout, float* alpha, float* m, float* L) {
   // padded keys: a score whose scaled value is -inf, so its weight is 0 (at most 2^-126)
   if (nv < kN)
     for (int r = 0; r < R; ++r)
       for (int n = nv; n < kN; ++n) S[r * kN + n] = c > 0 ? kNegInf : -kNegInf;
   alignas(64) float mo[32], mn[32], al[32];
+  const V cv = VT::set1(c);
   for (int r = 0; r < R; ++r) {
     const float* s = S + r * kN;
-    float x;
+    V a = VT::load(s);
     if (c > 0) {
-      V a = VT::load(s);
       for (int n = W; n < kN; n += W) a = VT::max(a, VT::load(s + n));
-      x = c * VT::hmax(a);
     } else {
-      V a = VT::load(s);
       for (int n = W; n < kN; n += W) a = VT::min(a, VT::load(s + n));
-      x = c * VT::hmin(a);
     }
+    const V x = VT::mul(a, cv);  // its largest lane is the block's largest scaled score
     mo[r] = m[r];
-    mn[r] = std::max(m[r], x);
+    mn[r] = VT::any_gt(x, m[r]) ? std::max(m[r], VT::hmax(x)) : m[r];
   }
   for (int r = R; r < (R + W - 1) / W * W; ++r) mo[r] = mn[r] = 0.f;
   for (int r = 0; r < R; r += W) VT::store(al + r, VT::exp2(VT::sub(VT::load(mo + r), VT::load(mn + r))));
-  const V cv = VT::set1(c);
   for (int r = 0; r < R; ++r) {
     const float* s = S + r * kN;
     const V mv = VT::set1(-mn[r]);
     V sum = VT::zero();
-    for (int n = 0; n < kN; n += W) {
-      V e = VT::template exp2<kBf16Out ? 4 : 7>(VT::fma(VT::load(s + n), cv, mv));
-      sum = VT::add(sum, e);
-      if constexpr (kBf16Out) {
 #if defined(DK_ISA_AVX512)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(Pout) + r * kN + n),
-                            (__m256i)_mm512_cvtneps_pbh(e));
+    if constexpr (kBf16Out) {
+      for (int n = 0; n < kN; n += 32) {  // two vectors -> one 32-wide bf16 store
+        V e0 = VT::template exp2<4>(VT::fma(VT::load(s + n), cv, mv));
+        V e1 = VT::template exp2<4>(VT::fma(VT::load(s + n + 16), cv, mv));
+        sum = VT::add(sum, VT::add(e0, e1));
+        _mm512_storeu_si512(static_cast<uint16_t*>(Pout) + r * kN + n, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+    } else
 #endif
-      } else {
-        VT::store(static_cast<float*>(Pout) + r * kN + n, e);
+    {
+      for (int n = 0; n < kN; n += W) {
+        V e = VT::template exp2<kBf16Out ? 4 : 7>(VT::fma(VT::load(s + n), cv, mv));
+        sum = VT::add(sum, e);
+        if constexpr (!kBf16Out) VT::store(static_cast<float*>(Pout) + r * kN + n, e);
       }
     }
-    l[r] = l[r] * al[r] + VT::hsum(sum);
+    float* lr = L + r * W;
+    VT::store(lr, al[r] == 1.f ? VT::add(VT::load(lr), sum) : VT::fma(VT::load(lr), VT::set1(al[r]), sum));
     m[r] = mn[r];
     alpha[r] = al[r];
   }
@@ -535,23 +544,28 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row
 struct BlockPrefetch {
   const char* k = nullptr;
   const char* v = nullptr;
-  int64_t ks = 0, vs = 0, lines_per_row = 0, total = 0, pos = 0, per_step = 0;
+  int64_t ks = 0, vs = 0, rows = 0, lines_per_row = 0, per_step = 0;
+  int64_t row = 0, line = 0;  // next line to prefetch: row in [0, 2*rows) (K rows, then V rows)
   template <class T>
-  void start(const T* kn, int64_t k_ss, const T* vn, int64_t v_ss, int64_t rows, int64_t D, int64_t steps) {
+  void start(const T* kn, int64_t k_ss, const T* vn, int64_t v_ss, int64_t nrows, int64_t D, int64_t steps) {
     k = reinterpret_cast<const char*>(kn);
     v = reinterpret_cast<const char*>(vn);
     ks = k_ss * int64_t(sizeof(T));
     vs = v_ss * int64_t(sizeof(T));
+    rows = std::max<int64_t>(nrows, 0);
     lines_per_row = (D * int64_t(sizeof(T)) + 63) / 64;
-    total = rows > 0 ? 2 * rows * lines_per_row : 0;
-    pos = 0;
-    per_step = (total + steps - 1) / std::max<int64_t>(steps, 1);
+    per_step = (2 * rows * lines_per_row + steps - 1) / std::max<int64_t>(steps, 1);
+    row = line = 0;
   }
+  // Counters instead of a division per line: this runs inside the compute loops.
   void step() {
-    for (int64_t e = std::min(total, pos + per_step); pos < e; ++pos) {
-      const int64_t half = total / 2, i = pos < half ? pos : pos - half;
-      const char* base = pos < half ? k + (i / lines_per_row) * ks : v + (i / lines_per_row) * vs;
-      __builtin_prefetch(base + (i % lines_per_row) * 64, 0, 2);
+    int64_t n = per_step;
+    while (n > 0 && row < 2 * rows) {
+      const char* base = row < rows ? k + row * ks : v + (row - rows) * vs;
+      const int64_t e = std::min(lines_per_row, line + n);
+      n -= e - line;
+      for (; line < e; ++line) __builtin_prefetch(base + line * 64, 0, 2);
+      if (line == lines_per_row) line = 0, ++row;
     }
   }
 };
@@ -686,10 +700,12 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
 
   float* O = s.o.get<float>(size_t(Mp * D));
-  float* mrow = s.ml.get<float>(size_t(2 * M));
+  float* mrow = s.ml.get<float>(size_t((2 + W) * M));
   float* lrow = mrow + M;
+  float* Lv = lrow + M;  // W lane sums per row during the prefix (reduced into lrow after it)
   std::memset(O, 0, size_t(Mp * D) * sizeof(float));
   for (int64_t i = 0; i < M; ++i) mrow[i] = kNegInf, lrow[i] = 0.f;
+  std::memset(Lv, 0, size_t(W * M) * sizeof(float));
   float* row = s.row.get<float>(size_t(4 * D + 64));
 
   // Q rows of the group: fp32, or raw bf16 for the vdpbf16ps / AMX paths (zero pad rows for AMX).
@@ -733,7 +749,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           const int R = int(std::min<int64_t>(kR, M - r0));
           dispatch_rows(R, [&](auto RC) { s_tile_bf16<decltype(RC)::value>(Qw + r0 * D2, D2, Kp, S); });
           pf.step();
-          softmax_rows<true>(R, S, nv, c, Pw, alpha, mrow + r0, lrow + r0);
+          softmax_rows<true>(R, S, nv, c, Pw, alpha, mrow + r0, Lv + r0 * W);
           dispatch_rows(R, [&](auto RC) {
             pv_tile_bf16<decltype(RC)::value>(O + r0 * D, D, alpha, Pw, npairs, Vp);
           });
@@ -766,7 +782,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           float* Scur = S2 + (i & 1) * 16 * kN;
           if (r0 + 16 < Mp) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
           pf.step();
-          softmax_rows<true>(R, Scur, nv, c, Pb, alpha, mrow + r0, lrow + r0);
+          softmax_rows<true>(R, Scur, nv, c, Pb, alpha, mrow + r0, Lv + r0 * W);
           for (int r = 0; r < R; ++r) {
             if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
             const __m512 av = _mm512_set1_ps(alpha[r]);
@@ -810,7 +826,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         }
         for (int64_t r0 = 0; r0 < M; r0 += 16) {
           const int R = int(std::min<int64_t>(16, M - r0));
-          softmax_rows<false>(R, Sall + r0 * kN, nv, c, Sall + r0 * kN, alall + r0, mrow + r0, lrow + r0);
+          softmax_rows<false>(R, Sall + r0 * kN, nv, c, Sall + r0 * kN, alall + r0, mrow + r0, Lv + r0 * W);
         }
         for (int64_t r0 = 0; r0 < M; r0 += kR) {
           const int R = int(std::min<int64_t>(kR, M - r0));
@@ -822,6 +838,8 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       }
     }
   }
+
+  for (int64_t i = 0; i < M; ++i) lrow[i] = VT::hsum(VT::load(Lv + i * W));
 
   // ---- 2. sparse tree part ----
   {
