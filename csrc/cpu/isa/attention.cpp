@@ -761,8 +761,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       uint32_t* Kp = s.kt.get<uint32_t>(size_t(Dq / 2 * kN));
       if (Dq > D) std::memset(Kp + D / 2 * kN, 0, size_t((Dq - D) / 2 * kN) * 4);
       uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
-      uint16_t* Pb = s.sc.get<uint16_t>(size_t(16 * kN));
-      std::memset(Pb, 0, size_t(16 * kN) * 2);
+      uint16_t* Pb = s.sc.get<uint16_t>(size_t(2 * 16 * kN));  // two P buffers (pipeline)
       float* S2 = s.p.get<float>(size_t(2 * 16 * kN));
       amx_config();
       for (int64_t s0 = 0; s0 < P; s0 += kN) {
@@ -774,24 +773,29 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
         if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
-        // Software pipeline: the tile unit computes the next row tile's scores while the vector
-        // units run the softmax of the current one (two score buffers).
+        // Software pipeline over row tiles: in step i the tile unit is given the scores of tile i+1
+        // and P V of tile i-1 before the vector units run the softmax of tile i, so the two overlap
+        // (two score and two P buffers). The pipeline drains at the end of the key block.
+        const int64_t ntiles = Mp / 16;
         amx_scores(Qb, Dq, Kp, S2);
-        for (int64_t r0 = 0, i = 0; r0 < Mp; r0 += 16, ++i) {
+        for (int64_t i = 0; i < ntiles; ++i) {
+          const int64_t r0 = i * 16;
           const int R = int(std::min<int64_t>(16, M - r0));
           float* Scur = S2 + (i & 1) * 16 * kN;
-          if (r0 + 16 < Mp) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          uint16_t* Pcur = Pb + (i & 1) * 16 * kN;
+          if (i + 1 < ntiles) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          if (i > 0) amx_pv(Pb + ((i - 1) & 1) * 16 * kN, Vp, D, O + (r0 - 16) * D);
           pf.step();
-          softmax_rows<true>(R, Scur, nv, c, Pb, alpha, mrow + r0, Lv + r0 * W);
-          for (int r = 0; r < R; ++r) {
+          softmax_rows<true>(R, Scur, nv, c, Pcur, alpha, mrow + r0, Lv + r0 * W);
+          if (R < 16) std::memset(Pcur + R * kN, 0, size_t((16 - R) * kN) * 2);  // pad rows: P = 0
+          for (int r = 0; r < R; ++r) {  // O *= alpha before this tile's P V (next step)
             if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
             const __m512 av = _mm512_set1_ps(alpha[r]);
             float* o = O + (r0 + r) * D;
             for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
           }
-          amx_pv(Pb, Vp, D, O + r0 * D);
-          if (R < 16) std::memset(Pb + R * kN, 0, size_t((16 - R) * kN) * 2);  // keep pad rows zero
         }
+        amx_pv(Pb + ((ntiles - 1) & 1) * 16 * kN, Vp, D, O + (ntiles - 1) * 16 * D);
       }
       amx_release();
 #endif
