@@ -410,34 +410,27 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   bool profiled = false;
   double zfull = -1.0;
   int64_t n = sc.n;
+  const bool within_k = rp.order == FilterOrder::Sequential && k_on;  // top-p inside the top k
+  const Window unit{probs, probs ? std::exp(-1.f) : temp};               // the window of 1 nat
   // Top-k by count alone (no mass needed): first try a window chosen from a profile of every 8th
   // block (an eighth of the work) with a 4x margin on k, if its estimated size is modest; if that
   // window holds fewer than k values resolve() asks for more and the exact profile below decides.
   // Either way the window contains every survivor, so the choice changes the cost, never the result.
-  bool estimated = !(k_on && !(p_on && !(rp.order == FilterOrder::Sequential)) && V >= 16 * 1024);
-  auto widen = [&]() {  // profile once, then collect the narrowest sufficient window
+  bool estimated = !(k_on && (!p_on || within_k) && V >= 16 * 1024);
+  auto widen = [&]() {  // estimate or profile once each, then collect the narrowest sufficient window
     int pick = kProfiles;
+    double cnt[kProfiles], mass[kProfiles];
     if (!estimated) {
       estimated = true;
       constexpr int64_t kStride = 8;
-      double cnt[kProfiles], mass[kProfiles];
-      Window unit{probs, probs ? std::exp(-1.f) : temp};
       window_profile(x, V, unit, sc.m, sel.w, false, cnt, mass, kStride);
       for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
         if (cnt[j] * double(kStride) >= 4.0 * double(rp.k)) pick = j;
       // a sparse head the sample missed makes the estimate jump to a wide window: not worth it
-      if (pick < kProfiles && cnt[pick] * double(kStride) <= 32.0 * double(rp.k) + 2048.0) {
-        Window wider{probs, probs ? std::exp(-kProfileNats[pick]) : kProfileNats[pick] * temp};
-        n = collect_geq(x, V, wider.of(sc.m), s);
-        return;
-      }
-      pick = kProfiles;
+      if (pick < kProfiles && cnt[pick] * double(kStride) > 32.0 * double(rp.k) + 2048.0) pick = kProfiles;
     }
-    if (!profiled) {
+    if (pick == kProfiles && !profiled) {
       profiled = true;
-      double cnt[kProfiles], mass[kProfiles];
-      Window unit{probs, probs ? std::exp(-1.f) : temp};
-      const bool within_k = rp.order == FilterOrder::Sequential && k_on;
       window_profile(x, V, unit, sc.m, sel.w, p_on && !within_k, cnt, mass);
       if (p_on && !within_k && zfull < 0.0) zfull = row_mass(x, V, sel.w, kNegInf, 0.f);
       for (int j = 0; j < kProfiles && pick == kProfiles; ++j) {

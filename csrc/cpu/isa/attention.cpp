@@ -704,7 +704,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   float* lrow = mrow + M;
   float* Lv = lrow + M;  // W lane sums per row during the prefix (reduced into lrow after it)
   std::memset(O, 0, size_t(Mp * D) * sizeof(float));
-  for (int64_t i = 0; i < M; ++i) mrow[i] = kNegInf, lrow[i] = 0.f;
+  for (int64_t i = 0; i < M; ++i) mrow[i] = kNegInf;  // lrow is set from Lv after the prefix
   std::memset(Lv, 0, size_t(W * M) * sizeof(float));
   float* row = s.row.get<float>(size_t(4 * D + 64));
 
