@@ -146,13 +146,11 @@ def measure(fn: Callable, prep: Optional[Callable] = None, *, cold: bool = False
 measure.last_min = None
 
 
-_BW_CPU: Dict[bool, float] = {}
-
-
 def bandwidth(cold: bool) -> float:
     """Read bandwidth (bytes/s) for the floor, measured with the benchmark's clock: harness.bandwidth for
-    the wall clock (the better of the configured threads and 1 thread); for clock='cpu' the same sum (1 GiB cold, 1 MiB hot, best run) timed with the
-    calling thread's CPU time, so that the floor and the ops it is compared with use one clock."""
+    the wall clock (the better of the configured threads and 1 thread); for clock='cpu' the same sum (1 GiB
+    cold, 1 MiB hot, best run) timed with the calling thread's CPU time, so that the floor and the ops it
+    is compared with use one clock."""
     if _CLOCK[0] is time.perf_counter:
         # the better of the configured thread count and one thread: on a busy machine a 2-thread sum of
         # 1 MiB can wait milliseconds at the OpenMP barrier for a preempted thread (seen: 0.1 GB/s)
@@ -165,17 +163,7 @@ def bandwidth(cold: bool) -> float:
             finally:
                 torch.set_num_threads(th)
         return bw
-    if cold not in _BW_CPU:
-        n = (1 << 30) if cold else (1 << 20)
-        buf = torch.ones(n // 4, dtype=torch.float32)
-        buf.sum()
-        times = []
-        for _ in range(7 if cold else 200):
-            t0 = time.thread_time()
-            buf.sum()
-            times.append(time.thread_time() - t0)
-        _BW_CPU[cold] = n / min(times)
-    return _BW_CPU[cold]
+    return H.bandwidth(cold, clock=time.thread_time)
 
 
 def floor_seconds(nbytes: int, cold: bool) -> float:
