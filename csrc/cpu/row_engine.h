@@ -26,7 +26,21 @@ constexpr float kWindowNats = 12.0f; // candidate window below the running max (
 constexpr int64_t kMinCap = 4096;    // initial candidate buffer size (grows as needed)
 
 struct VW { float v, w; };  // a candidate's value and weight
+
+// Next-row prefetch: the passes after pass A run on the cache-hot row and leave the memory
+// system idle, so they pull the next row of this thread's range towards L2, one 64-byte line per
+// 16-value block they process (pass A of the next row then streams from cache instead of DRAM).
+// Loops copy it to a local and store it back, so it lives in registers.
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  void step() {
+    if (p < end) { __builtin_prefetch(p, 0, 2); p += 64; }
+  }
+};
+
 struct Scratch {
+  Prefetch pf;                 // the next row (empty when there is none)
   std::vector<float> val, wt;  // candidates: value, weight (index order)
   std::vector<int32_t> idx;
   std::vector<float> tmp;
@@ -74,7 +88,9 @@ inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
   const float fill = kNegInf;
   const VF vthr = vset(thr);
   int64_t n = 0, cap = int64_t(s.val.size()) - 16;
+  Prefetch pf = s.pf;
   for (int64_t i = 0; i < V; i += 16) {
+    pf.step();
     VF v = load_block(x, i, V, fill);
     M16 msk = vge(v, vthr);
     if (!msk) continue;
@@ -85,6 +101,7 @@ inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
     }
     n += vcompress(s.val.data() + n, s.idx.data() + n, msk, v, int32_t(i));
   }
+  s.pf = pf;
   return n;
 }
 
@@ -126,7 +143,7 @@ constexpr int kProfiles = 10;
 constexpr float kProfileNats[kProfiles] = {0.5f, 1.f, 2.f, 3.f, 4.5f, 7.f, 11.f, 16.f, 32.f, 70.f};
 template <class T>
 inline void window_profile(const T* x, int64_t V, const Window& unit, float m, const Weight& w,
-                           bool need_mass, double* cnt, double* mass, int64_t stride = 1) {
+                           bool need_mass, double* cnt, double* mass, Prefetch& pfr, int64_t stride = 1) {
   // unit: the window for 1 nat (logits: span T; probs: ratio e^-1)
   VF thr[kProfiles], accc[kProfiles], accm[kProfiles];
   for (int j = 0; j < kProfiles; ++j) {
@@ -141,7 +158,9 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
   // narrower windows, so only the wider ones are updated for it (most of an LLM row's blocks lie
   // far below the max); skipping additions of 0 leaves every sum bit-identical.
   constexpr int kInner = 7;
+  Prefetch pf = pfr;
   for (int64_t i = 0; i < V; i += 16 * stride) {
+    pf.step();
     VF v = load_block(x, i, V, fill);
     if (!vge(v, thr[kProfiles - 1])) continue;
     const int j0 = vge(v, thr[kInner]) ? 0 : kInner + 1;
@@ -151,6 +170,7 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
       for (int j = j0; j < kProfiles; ++j) accm[j] = vadd(accm[j], vblend(vge(v, thr[j]), zero, e));
     }
   }
+  pfr = pf;
   alignas(64) float lc[16], lm[16];
   for (int j = 0; j < kProfiles; ++j) {
     vstore(lc, accc[j]);
@@ -197,16 +217,19 @@ inline void candidate_weights(const Weight& w, int64_t n, Scratch& s) {
 
 // Sum of weights over the whole row, 16 double lanes, fixed order.
 template <class T>
-inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float minw) {
+inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float minw, Prefetch& pfr) {
   VD acc = vd_zero();
   const float fill = w.probs ? 0.f : kNegInf;
   const VF vt = vset(t), vmw = vset(minw), zero = vset(0.f);
+  Prefetch pf = pfr;
   for (int64_t i = 0; i < V; i += 16) {
+    pf.step();
     VF v = load_block(x, i, V, fill);
     VF e = w(v);
     M16 keep = vge(v, vt) & vge(e, vmw);
     vd_add(acc, vblend(keep, zero, e));
   }
+  pfr = pf;
   return vd_reduce(acc);
 }
 
@@ -352,7 +375,7 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     if (within_k) {
       Z = mc;
     } else {
-      if (zfull < 0.0) zfull = row_mass(x, V, w, kNegInf, 0.f);  // once per row
+      if (zfull < 0.0) zfull = row_mass(x, V, w, kNegInf, 0.f, s.pf);  // once per row
       Z = zfull;
       if (!complete && mc < double(rp.p) * Z) { r.need_full = true; return r; }
     }
@@ -423,7 +446,7 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
     if (!estimated) {
       estimated = true;
       constexpr int64_t kStride = 8;
-      window_profile(x, V, unit, sc.m, sel.w, false, cnt, mass, kStride);
+      window_profile(x, V, unit, sc.m, sel.w, false, cnt, mass, s.pf, kStride);
       for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
         if (cnt[j] * double(kStride) >= 4.0 * double(rp.k)) pick = j;
       // a sparse head the sample missed makes the estimate jump to a wide window: not worth it
@@ -431,8 +454,8 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
     }
     if (pick == kProfiles && !profiled) {
       profiled = true;
-      window_profile(x, V, unit, sc.m, sel.w, p_on && !within_k, cnt, mass);
-      if (p_on && !within_k && zfull < 0.0) zfull = row_mass(x, V, sel.w, kNegInf, 0.f);
+      window_profile(x, V, unit, sc.m, sel.w, p_on && !within_k, cnt, mass, s.pf);
+      if (p_on && !within_k && zfull < 0.0) zfull = row_mass(x, V, sel.w, kNegInf, 0.f, s.pf);
       for (int j = 0; j < kProfiles && pick == kProfiles; ++j) {
         if (kProfileNats[j] < D && !k_on) continue;  // only wider than what failed
         bool ok = !(k_on && cnt[j] < double(rp.k));
@@ -504,10 +527,12 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   const float fill = w.probs ? 0.f : kNegInf;
   const VF vt = vset(sel.res.t), vmw = vset(sel.res.minw), zero = vset(0.f);
   double Z = 0.0;
+  Prefetch pf = s.pf;
   for (int64_t c = 0; c < nch; ++c) {
     VD acc = vd_zero();
     const int64_t end = std::min(V, (c + 1) * kChunk);
     for (int64_t i = c * kChunk; i < end; i += 16) {
+      pf.step();
       VF v = load_block(x, i, V, fill);
       VF e = w(v);
       M16 keep = vge(v, vt) & vge(e, vmw);
@@ -516,6 +541,7 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
     s.chunks[c] = vd_reduce(acc);
     Z += s.chunks[c];
   }
+  s.pf = pf;
   *Zout = Z;
   double target = u * Z, cum = 0.0;
   int64_t c = 0;
@@ -546,6 +572,16 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   }
   *wout = lastw;
   return last >= 0 ? last : 0;  // unreachable: the chosen chunk has mass
+}
+
+// Points s.pf at the row this thread handles after `o` (none after the last one).
+template <class T>
+inline void prefetch_next(Scratch& s, const T* base, int64_t row_stride, int64_t V, const int64_t* indices,
+                          int64_t o, int64_t end) {
+  if (o + 1 >= end) { s.pf = Prefetch{}; return; }
+  const int64_t src = indices ? indices[o + 1] : o + 1;
+  const char* p = reinterpret_cast<const char*>(base + src * row_stride);
+  s.pf = Prefetch{p, p + V * int64_t(sizeof(T))};
 }
 
 inline RowParamsF row_params(const RowFilter& f, int64_t out_row) {

@@ -11,6 +11,7 @@ static void sample_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     const int64_t src = a.indices ? a.indices[o] : o;
     const T* x = base + src * a.in.row_stride;
+    prefetch_next(s, base, a.in.row_stride, V, a.indices, o, end);
     RowParamsF rp = row_params(a.filter, o);
     int64_t tok = 0;
     bool valid = false;
@@ -97,6 +98,7 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
   const float fill = a.filter.is_probs ? 0.f : kNegInf;
   for (int64_t r = begin; r < end; ++r) {
     const T* x = base + r * a.in.row_stride;
+    prefetch_next(s, base, a.in.row_stride, V, nullptr, r, end);
     RowParamsF rp = row_params(a.filter, r);
     if (a.kind == FilterOut::Softmax) {
       float* out = static_cast<float*>(a.out) + r * a.out_stride;
@@ -104,7 +106,7 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
       RowScan sc = scan_row(x, V, win, false, s);
       if (sc.bad) { for (int64_t i = 0; i < V; ++i) out[i] = NAN; continue; }
       Weight w{false, sc.m, 1.f / rp.T};
-      double Z = row_mass(x, V, w, kNegInf, 0.f);
+      double Z = row_mass(x, V, w, kNegInf, 0.f, s.pf);
       VF inv = vset(float(1.0 / Z));
       for (int64_t i = 0; i < V; i += 16) {
         VF e = vmul(w(load_block(x, i, V, kNegInf)), inv);
@@ -127,7 +129,7 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
     } else {  // RenormProbs
       float* out = static_cast<float*>(a.out) + r * a.out_stride;
       if (!sel.valid) { for (int64_t i = 0; i < V; ++i) out[i] = 0.f; continue; }
-      double Z = row_mass(x, V, sel.w, sel.res.t, sel.res.minw);
+      double Z = row_mass(x, V, sel.w, sel.res.t, sel.res.minw, s.pf);
       const VF vt = vset(sel.res.t), vmw = vset(sel.res.minw), zero = vset(0.f);
       const VF inv = vset(float(1.0 / Z));
       for (int64_t i = 0; i < V; i += 16) {

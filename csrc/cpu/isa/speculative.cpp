@@ -76,7 +76,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
     for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(s.wt[i]);  // weights from the engine
     tn.Z = Z;
   } else {
-    tn.Z = row_mass(x, V, tn.sel.w, tn.sel.res.t, tn.sel.res.minw);
+    tn.Z = row_mass(x, V, tn.sel.w, tn.sel.res.t, tn.sel.res.minw, s.pf);
   }
   if (!(tn.Z > 0.0)) { tn.valid = false; return; }
   tn.invZf = float(1.0 / tn.Z);
@@ -352,6 +352,7 @@ inline RowParamsF spec_params(const SpecTarget& t, int64_t b) {
 template <class T>
 static void chain_rows_t(const ChainArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
+  s.pf = Prefetch{};  // no next-row prefetch here
   SpecScratch& ss = spec_scratch();
   const T* base = static_cast<const T*>(a.target.data);
   const int64_t N = a.N, V = a.target.V;
@@ -417,6 +418,7 @@ inline int check_distinct_siblings(const int64_t* cand, const int64_t* nt, const
 template <class T>
 static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
+  s.pf = Prefetch{};  // no next-row prefetch here
   SpecScratch& ss = spec_scratch();
   const int64_t T_ = a.T, V = a.target.V;
   const bool ids_target = a.target.kind == SpecTargetKind::Ids;
