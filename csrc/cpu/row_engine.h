@@ -272,32 +272,38 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
   return best;
 }
 
-// The same threshold for a large candidate list: one branch-free pass bins the candidates by
-// value (1/8-nat bins below the max for logits, 1/8-octave bins of the probability for probs),
-// the bin where the cumulative mass from the top reaches P is found, and only that bin goes
-// through the quickselect, starting from the exact mass of the bins above it.
+// The same threshold for a large candidate list: one pass bins the candidates by value (1/8-nat
+// bins below the max for logits, 1/8-octave bins of the probability for probs; bin numbers are
+// computed 16 at a time), the bin where the cumulative mass from the top reaches P is found, and
+// only that bin (gathered by a vector compare) goes through the quickselect, starting from the
+// exact mass of the bins above it.
 inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
                                     std::vector<VW>& tmp) {
   constexpr int NB = 256;
   double h[4][NB] = {};  // four interleaved histograms break the store-to-load dependency chains
   double bm[NB];
   const uint32_t mbits = float_to_bits(w.m);
-  auto bin = [&](float v) -> int {
-    if (w.probs) {
-      uint32_t d = (mbits - float_to_bits(v)) >> 20;  // v <= m, both positive
-      return d < uint32_t(NB) ? int(d) : NB - 1;
-    }
-    float d = (w.m - v) * w.invT * 8.f;
-    return d < float(NB - 1) ? int(d) : NB - 1;
+  const VF vlast = vset(float(NB - 1)), vm = vset(w.m), vscale = vset(w.invT), v8 = vset(8.f);
+  auto bins = [&](VF v) -> VF {  // the bin of each lane, as a float in [0, NB-1]
+    if (w.probs) return vmin(vbitdist<20>(v, mbits), vlast);  // v <= m, both positive
+    VF d = vmul(vmul(vsub(vm, v), vscale), v8);
+    return vblend(vlt(d, vlast), vlast, vfloor(d));
   };
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    h[0][bin(vals[i])] += double(wts[i]);
-    h[1][bin(vals[i + 1])] += double(wts[i + 1]);
-    h[2][bin(vals[i + 2])] += double(wts[i + 2]);
-    h[3][bin(vals[i + 3])] += double(wts[i + 3]);
+  alignas(64) float bf[16];
+  for (int64_t i = 0; i < n; i += 16) {
+    vstore(bf, bins(vload(vals + i)));  // the buffers have 16 spare slots
+    const int lanes = int(std::min<int64_t>(16, n - i));
+    if (lanes == 16) {
+      for (int j = 0; j < 16; j += 4) {
+        h[0][int(bf[j])] += double(wts[i + j]);
+        h[1][int(bf[j + 1])] += double(wts[i + j + 1]);
+        h[2][int(bf[j + 2])] += double(wts[i + j + 2]);
+        h[3][int(bf[j + 3])] += double(wts[i + j + 3]);
+      }
+    } else {
+      for (int j = 0; j < lanes; ++j) h[j & 3][int(bf[j])] += double(wts[i + j]);
+    }
   }
-  for (; i < n; ++i) h[0][bin(vals[i])] += double(wts[i]);
   for (int b = 0; b < NB; ++b) bm[b] = ((h[0][b] + h[1][b]) + h[2][b]) + h[3][b];
   double base = 0.0;
   int bstar = -1, last = 0;
@@ -311,13 +317,17 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     base = 0.0;
     for (int b = 0; b < bstar; ++b) base += bm[b];
   }
-  if (int64_t(tmp.size()) < n + 1) tmp.resize(n + 1);
-  int64_t cnt = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branch-free gather of the crossing bin
-    tmp[cnt] = VW{vals[j], wts[j]};
-    cnt += bin(vals[j]) == bstar;
+  tmp.clear();
+  const VF vstar = vset(float(bstar));
+  for (int64_t i = 0; i < n; i += 16) {  // the crossing bin, in index order
+    M16 hit = veq(bins(vload(vals + i)), vstar);
+    if (n - i < 16) hit &= (M16(1) << (n - i)) - 1;
+    for (; hit; hit &= hit - 1) {
+      const int64_t j = i + __builtin_ctz(hit);
+      tmp.push_back(VW{vals[j], wts[j]});
+    }
   }
-  return top_p_threshold(tmp.data(), cnt, P, base);
+  return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and weight >= minw }.

@@ -80,6 +80,11 @@ inline void imulhilo(VI a, uint32_t m, VI& hi, VI& lo) {
 inline VF u32_to_float(VI a) {  // exact for values < 2^24, else rounded: unsigned convert
   return {_mm512_cvtepu32_ps(a.v)};
 }
+// float((mbits - bits(v)) >> S) per lane (distance of a positive v below m in its bit pattern)
+template <int S> inline VF vbitdist(VF v, uint32_t mbits) {
+  __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(int(mbits)), _mm512_castps_si512(v.v));
+  return {_mm512_cvtepu32_ps(_mm512_srli_epi32(d, S))};
+}
 #elif defined(DK_ISA_AVX2)
 struct VF { __m256 a, b; };
 struct VI { __m256i a, b; };
@@ -165,6 +170,13 @@ inline __m256 u32f8(__m256i a) {
   return _mm256_add_ps(fhi, _mm256_cvtepi32_ps(lo));                             // one rounding
 }
 inline VF u32_to_float(VI x) { return {u32f8(x.a), u32f8(x.b)}; }
+template <int S> inline __m256 bitdist8(__m256 v, __m256i M) {
+  return u32f8(_mm256_srli_epi32(_mm256_sub_epi32(M, _mm256_castps_si256(v)), S));
+}
+template <int S> inline VF vbitdist(VF v, uint32_t mbits) {
+  const __m256i M = _mm256_set1_epi32(int(mbits));
+  return {bitdist8<S>(v.a, M), bitdist8<S>(v.b, M)};
+}
 #else  // scalar
 struct VF { float v[16]; };
 struct VI { uint32_t v[16]; };
@@ -203,6 +215,11 @@ inline VF u32_to_float(VI a) {
     r.v[j] = fhi + float(a.v[j] & 0xffffu);
   }
   return r;
+}
+template <int S> inline VF vbitdist(VF v, uint32_t mbits) {
+  VI d;
+  DK_LOOP { uint32_t b; std::memcpy(&b, &v.v[j], 4); d.v[j] = (mbits - b) >> S; }
+  return u32_to_float(d);
 }
 #undef DK_LOOP
 #endif
