@@ -446,8 +446,8 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   const bool within_k = rp.order == FilterOrder::Sequential && k_on;  // top-p inside the top k
   const Window unit{probs, probs ? std::exp(-1.f) : temp};               // the window of 1 nat
   // Top-k by count alone (no mass needed): first try a window chosen from a profile of every 8th
-  // block (an eighth of the work) with a 4x margin on k, if its estimated size is modest; if that
-  // window holds fewer than k values resolve() asks for more and the exact profile below decides.
+  // block (an eighth of the work) with a 4x (else 1x) margin on k, if its estimated size is modest;
+  // if that window holds fewer than k values resolve() asks for more and the exact profile decides.
   // Either way the window contains every survivor, so the choice changes the cost, never the result.
   bool estimated = !(k_on && (!p_on || within_k) && V >= 16 * 1024);
   auto widen = [&]() {  // estimate or profile once each, then collect the narrowest sufficient window
@@ -457,10 +457,15 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
       estimated = true;
       constexpr int64_t kStride = 8;
       window_profile(x, V, unit, sc.m, sel.w, false, cnt, mass, s.pf, kStride);
-      for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
-        if (cnt[j] * double(kStride) >= 4.0 * double(rp.k)) pick = j;
-      // a sparse head the sample missed makes the estimate jump to a wide window: not worth it
-      if (pick < kProfiles && cnt[pick] * double(kStride) > 32.0 * double(rp.k) + 2048.0) pick = kProfiles;
+      // the narrowest window estimated to hold 4k values, else (when that one is too wide: a
+      // sparse head above the bulk) the narrowest estimated to hold k; a window that turns
+      // out to hold fewer than k values costs one extra collect before the exact profile
+      auto too_wide = [&](int j) { return cnt[j] * double(kStride) > 32.0 * double(rp.k) + 2048.0; };
+      for (double margin : {4.0, 1.0}) {
+        int j = 0;
+        while (j < kProfiles && cnt[j] * double(kStride) < margin * double(rp.k)) ++j;
+        if (j < kProfiles && !too_wide(j)) { pick = j; break; }
+      }
     }
     if (pick == kProfiles && !profiled) {
       profiled = true;
