@@ -37,6 +37,15 @@ struct Prefetch {
   void step() {
     if (p < end) { __builtin_prefetch(p, 0, 2); p += 64; }
   }
+  void step4() {  // four blocks' worth (may touch up to 3 lines past the end: harmless)
+    if (p < end) {
+      __builtin_prefetch(p, 0, 2);
+      __builtin_prefetch(p + 64, 0, 2);
+      __builtin_prefetch(p + 128, 0, 2);
+      __builtin_prefetch(p + 192, 0, 2);
+      p += 256;
+    }
+  }
 };
 
 struct Scratch {
@@ -82,24 +91,50 @@ inline VF load_block(const T* x, int64_t i, int64_t V, float fill) {
   return (i + 16 <= V) ? vload(x + i) : vload_partial(x + i, int(V - i), fill);
 }
 
-// Collects C = {x >= thr} (index order) into s.val / s.idx; returns |C|.
+// Collects C = {x >= thr} (index order) into s.val / s.idx; returns |C|. The buffers grow
+// between runs of blocks that cannot overflow them (each block adds at most 16), so the inner
+// loop makes no calls and tests one OR of four block masks per 64 values.
 template <class T>
 inline int64_t collect_geq(const T* x, int64_t V, float thr, Scratch& s) {
-  const float fill = kNegInf;
   const VF vthr = vset(thr);
-  int64_t n = 0, cap = int64_t(s.val.size()) - 16;
+  int64_t n = 0, i = 0;
   Prefetch pf = s.pf;
-  for (int64_t i = 0; i < V; i += 16) {
-    pf.step();
-    VF v = load_block(x, i, V, fill);
-    M16 msk = vge(v, vthr);
-    if (!msk) continue;
-    if (n + 16 > cap) {
+  auto room = [&]() {  // blocks that fit; grows the buffers when fewer than 4 do
+    int64_t cap = int64_t(s.val.size()) - 16;
+    if ((cap - n) / 16 < 4 && cap < V) {
       cap = std::min<int64_t>(V, std::max<int64_t>(2 * cap, kMinCap));
       s.val.resize(cap + 16);
       s.idx.resize(cap + 16);
     }
-    n += vcompress(s.val.data() + n, s.idx.data() + n, msk, v, int32_t(i));
+    return (cap - n) / 16;  // >= 1 while a full block is left, as n <= i
+  };
+  const int64_t Vfull = V & ~int64_t(15);
+  while (i < Vfull) {
+    const int64_t end = std::min(Vfull, i + 16 * room());
+    float* val = s.val.data();
+    int32_t* idx = s.idx.data();
+    for (; i + 64 <= end; i += 64) {
+      pf.step4();
+      const VF a = vload(x + i), b = vload(x + i + 16), c = vload(x + i + 32), d = vload(x + i + 48);
+      const M16 ma = vge(a, vthr), mb = vge(b, vthr), mc = vge(c, vthr), md = vge(d, vthr);
+      if (!(ma | mb | mc | md)) continue;
+      if (ma) n += vcompress(val + n, idx + n, ma, a, int32_t(i));
+      if (mb) n += vcompress(val + n, idx + n, mb, b, int32_t(i + 16));
+      if (mc) n += vcompress(val + n, idx + n, mc, c, int32_t(i + 32));
+      if (md) n += vcompress(val + n, idx + n, md, d, int32_t(i + 48));
+    }
+    for (; i < end; i += 16) {
+      pf.step();
+      const VF v = vload(x + i);
+      const M16 m = vge(v, vthr);
+      if (m) n += vcompress(val + n, idx + n, m, v, int32_t(i));
+    }
+  }
+  if (i < V) {  // the partial last block
+    room();
+    const VF v = vload_partial(x + i, int(V - i), kNegInf);
+    const M16 m = vge(v, vthr);
+    if (m) n += vcompress(s.val.data() + n, s.idx.data() + n, m, v, int32_t(i));
   }
   s.pf = pf;
   return n;
