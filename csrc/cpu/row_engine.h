@@ -146,26 +146,37 @@ template <class T>
 inline RowScan scan_row(const T* x, int64_t V, const Window& win, bool collect, Scratch& s) {
   RowScan r;
   const float fill = win.probs ? 0.f : kNegInf;
-  const VF pinf = vset(kPosInf), zero = vset(0.f);
-  VF mx0 = vset(kNegInf), mx1 = mx0;
+  // One NaN compare per pair of blocks; +inf shows as a max of +inf, a negative probability as a
+  // min below 0 (-0 passes), so no per-block compare is needed for either.
+  VF mx0 = vset(kNegInf), mx1 = mx0, mn = vset(0.f);
   M16 badm = 0;
   int64_t i = 0;
-  for (; i + 32 <= V; i += 32) {  // two independent max chains
-    VF a = vload(x + i), b = vload(x + i + 16);
-    badm |= vnan(a) | veq(a, pinf) | vnan(b) | veq(b, pinf);
-    if (win.probs) badm |= vlt(a, zero) | vlt(b, zero);
-    mx0 = vmax(mx0, a);
-    mx1 = vmax(mx1, b);
+  if (win.probs) {
+    for (; i + 32 <= V; i += 32) {  // two independent max chains
+      VF a = vload(x + i), b = vload(x + i + 16);
+      badm |= vnan2(a, b);
+      mx0 = vmax(mx0, a);
+      mx1 = vmax(mx1, b);
+      mn = vmin(mn, vmin(a, b));
+    }
+  } else {
+    for (; i + 32 <= V; i += 32) {
+      VF a = vload(x + i), b = vload(x + i + 16);
+      badm |= vnan2(a, b);
+      mx0 = vmax(mx0, a);
+      mx1 = vmax(mx1, b);
+    }
   }
   for (; i < V; i += 16) {
     VF v = load_block(x, i, V, fill);
-    badm |= vnan(v) | veq(v, pinf);
-    if (win.probs) badm |= vlt(v, zero);
+    badm |= vnan(v);
     mx0 = vmax(mx0, v);
+    mn = vmin(mn, v);
   }
   r.m = vhmax(vmax(mx0, mx1));
   r.thr = win.of(r.m);
-  r.bad = badm != 0 || !(r.m > (win.probs ? 0.f : kNegInf));
+  const bool neg = win.probs && vlt(mn, vset(0.f)) != 0;
+  r.bad = badm != 0 || neg || r.m == kPosInf || !(r.m > (win.probs ? 0.f : kNegInf));
   if (collect && !r.bad) r.n = collect_geq(x, V, r.thr, s);
   return r;
 }

@@ -55,6 +55,7 @@ inline M16 vgt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
 inline M16 vlt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
 inline M16 veq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline M16 vnan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
+inline M16 vnan2(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q); }  // a or b NaN
 inline VF vblend(M16 m, VF a, VF b) { return {_mm512_mask_blend_ps(__mmask16(m), a.v, b.v)}; }  // m ? b : a
 inline float vhmax(VF a) { return _mm512_reduce_max_ps(a.v); }
 inline VF vpow2i(VF n) {
@@ -119,6 +120,7 @@ inline M16 vgt(VF x, VF y) { return vcmp<_CMP_GT_OQ>(x, y); }
 inline M16 vlt(VF x, VF y) { return vcmp<_CMP_LT_OQ>(x, y); }
 inline M16 veq(VF x, VF y) { return vcmp<_CMP_EQ_OQ>(x, y); }
 inline M16 vnan(VF x) { return vcmp<_CMP_UNORD_Q>(x, x); }
+inline M16 vnan2(VF x, VF y) { return vcmp<_CMP_UNORD_Q>(x, y); }
 inline __m256 mask8(M16 m) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   __m256i v = _mm256_and_si256(_mm256_set1_epi32(int(m & 0xff)), bits);
@@ -198,6 +200,7 @@ inline M16 vgt(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] > b.v[j]) << j; 
 inline M16 vlt(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] < b.v[j]) << j; return m; }
 inline M16 veq(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] == b.v[j]) << j; return m; }
 inline M16 vnan(VF a) { M16 m = 0; DK_LOOP m |= M16(a.v[j] != a.v[j]) << j; return m; }
+inline M16 vnan2(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] != a.v[j] || b.v[j] != b.v[j]) << j; return m; }
 inline VF vblend(M16 m, VF a, VF b) { VF r; DK_LOOP r.v[j] = ((m >> j) & 1) ? b.v[j] : a.v[j]; return r; }
 inline float vhmax(VF a) { float m = a.v[0]; for (int j = 1; j < 16; ++j) m = a.v[j] > m ? a.v[j] : m; return m; }
 inline VF vpow2i(VF n) { VF r; DK_LOOP r.v[j] = dk::v_pow2i(n.v[j]); return r; }
