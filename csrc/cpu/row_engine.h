@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
@@ -199,22 +200,28 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
     accc[j] = accm[j] = vset(0.f);
   }
   const float fill = unit.probs ? 0.f : kNegInf;
-  const VF zero = vset(0.f), one = vset(1.f);
-  // Thresholds fall as j grows. A block with no value inside window kInner adds exactly 0 to the
+  const VF one = vset(1.f);
+  // Thresholds fall as j grows. A block with no value inside window j adds exactly 0 to the
   // narrower windows, so only the wider ones are updated for it (most of an LLM row's blocks lie
-  // far below the max); skipping additions of 0 leaves every sum bit-identical.
-  constexpr int kInner = 7;
+  // far below the max); skipping additions of 0 leaves every sum bit-identical. The first updated
+  // window is a compile-time constant (0, 5 or 8), so the accumulators stay in registers.
+  auto update = [&](VF v, auto J0) {
+#pragma GCC unroll 10
+    for (int j = decltype(J0)::value; j < kProfiles; ++j) accc[j] = vadd_mask(accc[j], vge(v, thr[j]), one);
+    if (need_mass) {
+      const VF e = w(v);
+#pragma GCC unroll 10
+      for (int j = decltype(J0)::value; j < kProfiles; ++j) accm[j] = vadd_mask(accm[j], vge(v, thr[j]), e);
+    }
+  };
   Prefetch pf = pfr;
   for (int64_t i = 0; i < V; i += 16 * stride) {
     pf.step();
     VF v = load_block(x, i, V, fill);
     if (!vge(v, thr[kProfiles - 1])) continue;
-    const int j0 = vge(v, thr[kInner]) ? 0 : kInner + 1;
-    for (int j = j0; j < kProfiles; ++j) accc[j] = vadd(accc[j], vblend(vge(v, thr[j]), zero, one));
-    if (need_mass) {
-      VF e = w(v);
-      for (int j = j0; j < kProfiles; ++j) accm[j] = vadd(accm[j], vblend(vge(v, thr[j]), zero, e));
-    }
+    if (vge(v, thr[4])) update(v, std::integral_constant<int, 0>{});
+    else if (vge(v, thr[7])) update(v, std::integral_constant<int, 5>{});
+    else update(v, std::integral_constant<int, 8>{});
   }
   pfr = pf;
   alignas(64) float lc[16], lm[16];

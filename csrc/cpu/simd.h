@@ -57,6 +57,7 @@ inline M16 veq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline M16 vnan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
 inline M16 vnan2(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q); }  // a or b NaN
 inline VF vblend(M16 m, VF a, VF b) { return {_mm512_mask_blend_ps(__mmask16(m), a.v, b.v)}; }  // m ? b : a
+inline VF vadd_mask(VF acc, M16 m, VF b) { return {_mm512_mask_add_ps(acc.v, __mmask16(m), acc.v, b.v)}; }  // acc + (m ? b : 0)
 inline float vhmax(VF a) { return _mm512_reduce_max_ps(a.v); }
 inline VF vpow2i(VF n) {
   __m512i i = _mm512_cvtps_epi32(n.v);
@@ -129,6 +130,7 @@ inline __m256 mask8(M16 m) {
 inline VF vblend(M16 m, VF x, VF y) {
   return {_mm256_blendv_ps(x.a, y.a, mask8(m)), _mm256_blendv_ps(x.b, y.b, mask8(m >> 8))};
 }
+inline VF vadd_mask(VF acc, M16 m, VF b) { return vadd(acc, vblend(m, vset(0.f), b)); }  // acc >= +0: same bits
 inline float vhmax(VF x) {
   __m256 m = _mm256_max_ps(x.a, x.b);
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -202,6 +204,7 @@ inline M16 veq(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] == b.v[j]) << j;
 inline M16 vnan(VF a) { M16 m = 0; DK_LOOP m |= M16(a.v[j] != a.v[j]) << j; return m; }
 inline M16 vnan2(VF a, VF b) { M16 m = 0; DK_LOOP m |= M16(a.v[j] != a.v[j] || b.v[j] != b.v[j]) << j; return m; }
 inline VF vblend(M16 m, VF a, VF b) { VF r; DK_LOOP r.v[j] = ((m >> j) & 1) ? b.v[j] : a.v[j]; return r; }
+inline VF vadd_mask(VF acc, M16 m, VF b) { VF r; DK_LOOP r.v[j] = ((m >> j) & 1) ? acc.v[j] + b.v[j] : acc.v[j]; return r; }
 inline float vhmax(VF a) { float m = a.v[0]; for (int j = 1; j < 16; ++j) m = a.v[j] > m ? a.v[j] : m; return m; }
 inline VF vpow2i(VF n) { VF r; DK_LOOP r.v[j] = dk::v_pow2i(n.v[j]); return r; }
 inline void vsplit(VF x, VF& m, VF& e) { DK_LOOP dk::v_split(x.v[j], m.v[j], e.v[j]); }
