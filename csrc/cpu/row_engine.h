@@ -499,7 +499,7 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   const bool within_k = rp.order == FilterOrder::Sequential && k_on;  // top-p inside the top k
   const Window unit{probs, probs ? std::exp(-1.f) : temp};               // the window of 1 nat
   // Top-k by count alone (no mass needed): first try a window chosen from a profile of every 8th
-  // block (an eighth of the work) with a 4x (else 1x) margin on k, if its estimated size is modest;
+  // block (an eighth of the work) with a 4x (else 2x, 1x) margin on k, if its estimated size is modest;
   // if that window holds fewer than k values resolve() asks for more and the exact profile decides.
   // Either way the window contains every survivor, so the choice changes the cost, never the result.
   bool estimated = !(k_on && (!p_on || within_k) && V >= 16 * 1024);
@@ -510,14 +510,18 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
       estimated = true;
       constexpr int64_t kStride = 8;
       window_profile(x, V, unit, sc.m, sel.w, false, cnt, mass, s.pf, kStride);
-      // the narrowest window estimated to hold 4k values, else (when that one is too wide: a
-      // sparse head above the bulk) the narrowest estimated to hold k; a window that turns
-      // out to hold fewer than k values costs one extra collect before the exact profile
-      auto too_wide = [&](int j) { return cnt[j] * double(kStride) > 32.0 * double(rp.k) + 2048.0; };
-      for (double margin : {4.0, 1.0}) {
+      // the narrowest window estimated to hold 4k values, unless it is estimated to hold far more
+      // (the next window down jumps past the bulk's edge: the selection would then run over
+      // thousands of candidates); else the narrowest estimated to hold 2k, then k, unless that
+      // is too wide too (a sparse head above the bulk). A window that turns out to hold fewer
+      // than k values costs one extra collect before the exact profile.
+      const double k = double(rp.k);
+      const double margin[3] = {4.0, 2.0, 1.0};
+      const double limit[3] = {16.0 * k + 256.0, 32.0 * k + 2048.0, 32.0 * k + 2048.0};
+      for (int t = 0; t < 3 && pick == kProfiles; ++t) {
         int j = 0;
-        while (j < kProfiles && cnt[j] * double(kStride) < margin * double(rp.k)) ++j;
-        if (j < kProfiles && !too_wide(j)) { pick = j; break; }
+        while (j < kProfiles && cnt[j] * double(kStride) < margin[t] * k) ++j;
+        if (j < kProfiles && cnt[j] * double(kStride) <= limit[t]) pick = j;
       }
     }
     if (pick == kProfiles && !profiled) {
