@@ -103,30 +103,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
   CudaTemp keepT;
   cs::ChainArgs a;
   a.target = cuda_target(target, target_kind, s.B, keepT, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
-  auto opts = draft_token_ids.options();
-  auto out_ids = at::empty({s.B, s.N + 1}, opts.dtype(at::kLong));
-  auto accepted = at::zeros({s.B}, opts.dtype(at::kInt));
-  auto emitted = at::zeros({s.B}, opts.dtype(at::kInt));
-  if (s.B == 0) return {out_ids, accepted, emitted};
+  const auto opts = draft_token_ids.options();
+  spec::ChainOut o = spec::chain_outputs(s, opts);
+  if (s.B == 0) return {o.out_ids, o.accepted, o.emitted};
   CudaWs keep;
   a.ws = make_ws(keep, opts, s.B, s.V, 0, false);
-  if (draft_probs) {
-    a.draft.data = draft_probs->data_ptr<float>();
-    a.draft.stride_b = draft_probs->stride(0);
-    a.draft.stride_r = draft_probs->stride(1);
-  }
-  a.ids = s.ids.data_ptr<int64_t>();
-  a.num_draft = s.num_draft ? s.num_draft->data_ptr<int64_t>() : nullptr;
-  a.B = s.B;
-  a.N = s.N;
-  a.rng.seeds = s.seeds ? s.seeds->data_ptr<int64_t>() : nullptr;
-  a.rng.seed = uint64_t(seed_val);
-  a.rng.offset = uint64_t(offset);
-  a.out_ids = out_ids.data_ptr<int64_t>();
-  a.out_accepted = accepted.data_ptr<int32_t>();
-  a.out_emitted = emitted.data_ptr<int32_t>();
+  spec::pack_chain(a, s, o, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_chain(a, stream_of(draft_token_ids)));
-  return {out_ids, accepted, emitted};
+  return {o.out_ids, o.accepted, o.emitted};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
@@ -144,45 +128,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
   CudaTemp keepT;
   cs::TreeArgs a;
   a.target = cuda_target(target, target_kind, s.B, keepT, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
-  auto opts = candidates.options();
-  auto predicts = at::full({s.B * s.T}, -1, opts.dtype(at::kLong));
-  auto accept_index = at::full({s.B, W}, -1, opts.dtype(at::kInt));
-  auto accept_num = at::zeros({s.B}, opts.dtype(at::kInt));
-  if (s.B == 0) return {predicts, accept_index, accept_num};
-  at::Tensor tids;
-  if (target_kind == 2) {
-    tids = target.to(at::kLong).contiguous();
-    a.target.data = tids.data_ptr<int64_t>();
-    a.target.stride_b = s.T;
-    a.target.stride_r = 1;
-  }
+  const auto opts = candidates.options();
+  spec::TreeOut o = spec::tree_outputs(s, W, opts);
+  if (s.B == 0) return {o.predicts, o.accept_index, o.accept_num};
   CudaWs keep;
   a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value());
-  if (draft_probs) {
-    a.draft.data = draft_probs->data_ptr<float>();
-    a.draft.stride_b = draft_probs->stride(0);
-    a.draft.stride_r = draft_probs->stride(1);
-  }
-  auto err = at::zeros({s.B}, opts.dtype(at::kInt));
-  auto err_node = at::zeros({s.B}, opts.dtype(at::kLong));
-  a.cand = s.cand.data_ptr<int64_t>();
-  a.retrive_index = s.ri.data_ptr<int64_t>();
-  a.next_token = s.nt.data_ptr<int64_t>();
-  a.next_sibling = s.ns.data_ptr<int64_t>();
-  a.B = s.B;
-  a.T = s.T;
-  a.W = W;
-  a.rng.seeds = s.seeds ? s.seeds->data_ptr<int64_t>() : nullptr;
-  a.rng.seed = uint64_t(seed_val);
-  a.rng.offset = uint64_t(offset);
-  a.predicts = predicts.data_ptr<int64_t>();
-  a.accept_index = accept_index.data_ptr<int32_t>();
-  a.accept_num = accept_num.data_ptr<int32_t>();
-  a.err = err.data_ptr<int32_t>();
-  a.err_node = err_node.data_ptr<int64_t>();
+  spec::pack_tree(a, s, W, o, target_kind, target, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_tree(a, stream_of(candidates)));
-  spec::raise_tree_errors(err, err_node, false);
-  return {predicts, accept_index, accept_num};
+  spec::raise_tree_errors(o.err, o.err_node, false);
+  return {o.predicts, o.accept_index, o.accept_num};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cuda(const at::Tensor& parents,
@@ -190,31 +144,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
   check_cuda(parents, "parents");
   c10::cuda::CUDAGuard guard(parents.device());
   spec::BuildSetup s = spec::setup_build(parents, prefix_lens);
-  auto opts = parents.options();
-  const int64_t B = s.B, T = s.T, W = (T + 7) / 8;
-  auto mask = at::empty({B, T, W}, opts.dtype(at::kByte));
-  auto positions = at::empty({B * T}, opts.dtype(at::kLong));
-  auto ri = at::empty({B, T}, opts.dtype(at::kLong));
-  auto nt = at::empty({B, T}, opts.dtype(at::kLong));
-  auto ns = at::empty({B, T}, opts.dtype(at::kLong));
-  if (B == 0) return {mask, positions, ri, nt, ns};
-  auto err = at::zeros({B}, opts.dtype(at::kInt));
-  auto err_node = at::zeros({B}, opts.dtype(at::kLong));
-  cs::BuildArgs a;
-  a.parents = s.parents.data_ptr<int64_t>();
-  a.prefix_lens = s.prefix_lens.data_ptr<int64_t>();
-  a.B = B;
-  a.T = T;
-  a.mask = mask.data_ptr<uint8_t>();
-  a.positions = positions.data_ptr<int64_t>();
-  a.retrive_index = ri.data_ptr<int64_t>();
-  a.next_token = nt.data_ptr<int64_t>();
-  a.next_sibling = ns.data_ptr<int64_t>();
-  a.err = err.data_ptr<int32_t>();
-  a.err_node = err_node.data_ptr<int64_t>();
-  C10_CUDA_CHECK(cs::launch_build_tree(a, stream_of(parents)));
-  spec::raise_tree_errors(err, err_node, true);
-  return {mask, positions, ri, nt, ns};
+  spec::BuildOut o = spec::build_outputs(s, parents.options());
+  if (s.B > 0) {
+    cs::BuildArgs a;
+    spec::pack_build(a, s, o);
+    C10_CUDA_CHECK(cs::launch_build_tree(a, stream_of(parents)));
+    spec::raise_tree_errors(o.err, o.err_node, true);
+  }
+  return {o.mask, o.positions, o.ri, o.nt, o.ns};
 }
 
 }  // namespace

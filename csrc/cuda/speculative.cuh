@@ -67,7 +67,7 @@ inline int64_t lanes_per_row(int64_t V) { return ((V + kChunk - 1) / kChunk) * 1
 struct ChainArgs {
   Target target;
   Draft draft;
-  const int64_t* ids = nullptr;        // [B, N]
+  const int64_t* draft_ids = nullptr;  // [B, N]
   const int64_t* num_draft = nullptr;  // [B] or null
   int64_t B = 0, N = 0;
   Rng rng;
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
   for (int64_t j = 0; j < n; ++j) {
     const Node<T> tn = prepare_node(a.target, base + b * a.target.stride_b + j * a.target.stride_r, temp, sh);
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + j * a.draft.stride_r : nullptr;
-    const int64_t x = a.ids[b * N + j];
+    const int64_t x = a.draft_ids[b * N + j];
     if (stop >= 0) {
       bool ok = false;
       if (tn.valid) ok = tn.greedy ? x == tn.argmax : spec_accept(spec_accept_uniform(key, j, 0), tn.pd(x), q ? double(q[x]) : 1.0);

@@ -237,6 +237,119 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
   return s;
 }
 
+// ---- outputs and argument packing, shared by the CPU and CUDA bindings -----------------------
+// The CPU (cpu::ChainArgs, ...) and CUDA (cuda::spec::ChainArgs, ...) argument structs use the same
+// field names, so one template fills either; the caller adds its device's workspace and launches.
+
+template <class A>
+void pack_draft_rng(A& a, const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& seeds,
+                    int64_t seed_val, int64_t offset) {
+  if (draft_probs) {
+    a.draft.data = draft_probs->data_ptr<float>();
+    a.draft.stride_b = draft_probs->stride(0);
+    a.draft.stride_r = draft_probs->stride(1);
+  }
+  a.rng.seeds = seeds ? seeds->data_ptr<int64_t>() : nullptr;
+  a.rng.seed = uint64_t(seed_val);
+  a.rng.offset = uint64_t(offset);
+}
+
+struct ChainOut {
+  at::Tensor out_ids, accepted, emitted;
+};
+
+inline ChainOut chain_outputs(const ChainSetup& s, const at::TensorOptions& opts) {
+  return {at::empty({s.B, s.N + 1}, opts.dtype(at::kLong)), at::zeros({s.B}, opts.dtype(at::kInt)),
+          at::zeros({s.B}, opts.dtype(at::kInt))};
+}
+
+template <class A>
+void pack_chain(A& a, const ChainSetup& s, ChainOut& o, const std::optional<at::Tensor>& draft_probs,
+                int64_t seed_val, int64_t offset) {
+  pack_draft_rng(a, draft_probs, s.seeds, seed_val, offset);
+  a.draft_ids = s.ids.data_ptr<int64_t>();
+  a.num_draft = s.num_draft ? s.num_draft->data_ptr<int64_t>() : nullptr;
+  a.B = s.B;
+  a.N = s.N;
+  a.out_ids = o.out_ids.data_ptr<int64_t>();
+  a.out_accepted = o.accepted.data_ptr<int32_t>();
+  a.out_emitted = o.emitted.data_ptr<int32_t>();
+}
+
+struct TreeOut {
+  at::Tensor predicts, accept_index, accept_num, err, err_node;
+  at::Tensor target_ids;  // target_kind 2: the predicted ids as contiguous int64
+};
+
+inline TreeOut tree_outputs(const TreeSetup& s, int64_t W, const at::TensorOptions& opts) {
+  TreeOut o;
+  o.predicts = at::full({s.B * s.T}, -1, opts.dtype(at::kLong));
+  o.accept_index = at::full({s.B, W}, -1, opts.dtype(at::kInt));
+  o.accept_num = at::zeros({s.B}, opts.dtype(at::kInt));
+  return o;
+}
+
+// For B > 0: the error buffers, the predicted ids (target_kind 2) and every field but the target's
+// kind / logits data (set by the caller's make_target).
+template <class A>
+void pack_tree(A& a, const TreeSetup& s, int64_t W, TreeOut& o, int64_t kind, const at::Tensor& target,
+               const std::optional<at::Tensor>& draft_probs, int64_t seed_val, int64_t offset) {
+  const auto opts = s.cand.options();
+  o.err = at::zeros({s.B}, opts.dtype(at::kInt));
+  o.err_node = at::zeros({s.B}, opts.dtype(at::kLong));
+  if (kind == 2) {
+    o.target_ids = target.to(at::kLong).contiguous();
+    a.target.data = o.target_ids.data_ptr<int64_t>();
+    a.target.stride_b = s.T;
+    a.target.stride_r = 1;
+  }
+  pack_draft_rng(a, draft_probs, s.seeds, seed_val, offset);
+  a.cand = s.cand.data_ptr<int64_t>();
+  a.retrive_index = s.ri.data_ptr<int64_t>();
+  a.next_token = s.nt.data_ptr<int64_t>();
+  a.next_sibling = s.ns.data_ptr<int64_t>();
+  a.B = s.B;
+  a.T = s.T;
+  a.W = W;
+  a.predicts = o.predicts.data_ptr<int64_t>();
+  a.accept_index = o.accept_index.data_ptr<int32_t>();
+  a.accept_num = o.accept_num.data_ptr<int32_t>();
+  a.err = o.err.data_ptr<int32_t>();
+  a.err_node = o.err_node.data_ptr<int64_t>();
+}
+
+struct BuildOut {
+  at::Tensor mask, positions, ri, nt, ns, err, err_node;
+};
+
+inline BuildOut build_outputs(const BuildSetup& s, const at::TensorOptions& opts) {
+  const int64_t B = s.B, T = s.T, W = (T + 7) / 8;
+  BuildOut o;
+  o.mask = at::empty({B, T, W}, opts.dtype(at::kByte));
+  o.positions = at::empty({B * T}, opts.dtype(at::kLong));
+  o.ri = at::empty({B, T}, opts.dtype(at::kLong));
+  o.nt = at::empty({B, T}, opts.dtype(at::kLong));
+  o.ns = at::empty({B, T}, opts.dtype(at::kLong));
+  o.err = at::zeros({B}, opts.dtype(at::kInt));
+  o.err_node = at::zeros({B}, opts.dtype(at::kLong));
+  return o;
+}
+
+template <class A>
+void pack_build(A& a, const BuildSetup& s, BuildOut& o) {
+  a.parents = s.parents.data_ptr<int64_t>();
+  a.prefix_lens = s.prefix_lens.data_ptr<int64_t>();
+  a.B = s.B;
+  a.T = s.T;
+  a.mask = o.mask.data_ptr<uint8_t>();
+  a.positions = o.positions.data_ptr<int64_t>();
+  a.retrive_index = o.ri.data_ptr<int64_t>();
+  a.next_token = o.nt.data_ptr<int64_t>();
+  a.next_sibling = o.ns.data_ptr<int64_t>();
+  a.err = o.err.data_ptr<int32_t>();
+  a.err_node = o.err_node.data_ptr<int64_t>();
+}
+
 inline std::string tree_error(int code, int64_t node) {
   const std::string n = std::to_string(node);
   switch (code) {

@@ -56,28 +56,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cpu(
   a.target = spec::make_target(target, target_kind);
   if (target_kind == 1)
     a.target.filter = spec::make_filter(keep, cs.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
-  auto out_ids = at::empty({cs.B, cs.N + 1}, draft_token_ids.options().dtype(at::kLong));
-  auto accepted = at::zeros({cs.B}, draft_token_ids.options().dtype(at::kInt));
-  auto emitted = at::zeros({cs.B}, draft_token_ids.options().dtype(at::kInt));
-  if (cs.B == 0) return {out_ids, accepted, emitted};
-  if (draft_probs) {
-    a.draft.data = draft_probs->data_ptr<float>();
-    a.draft.stride_b = draft_probs->stride(0);
-    a.draft.stride_r = draft_probs->stride(1);
+  spec::ChainOut o = spec::chain_outputs(cs, draft_token_ids.options());
+  if (cs.B > 0) {
+    spec::pack_chain(a, cs, o, draft_probs, seed_val, offset);
+    const auto& tab = cpu::spec_active();
+    parallel_rows(cs.B, [&](int64_t b, int64_t e) { tab.chain_rows(a, b, e); });
   }
-  a.draft_ids = cs.ids.data_ptr<int64_t>();
-  a.num_draft = cs.num_draft ? cs.num_draft->data_ptr<int64_t>() : nullptr;
-  a.B = cs.B;
-  a.N = cs.N;
-  a.rng.seeds = cs.seeds ? cs.seeds->data_ptr<int64_t>() : nullptr;
-  a.rng.seed = uint64_t(seed_val);
-  a.rng.offset = uint64_t(offset);
-  a.out_ids = out_ids.data_ptr<int64_t>();
-  a.out_accepted = accepted.data_ptr<int32_t>();
-  a.out_emitted = emitted.data_ptr<int32_t>();
-  const auto& tab = cpu::spec_active();
-  parallel_rows(cs.B, [&](int64_t b, int64_t e) { tab.chain_rows(a, b, e); });
-  return {out_ids, accepted, emitted};
+  return {o.out_ids, o.accepted, o.emitted};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
@@ -94,74 +79,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
   a.target = spec::make_target(target, target_kind);
   if (target_kind == 1)
     a.target.filter = spec::make_filter(keep, ts.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
-  auto opts = candidates.options();
-  auto predicts = at::full({ts.B * ts.T}, -1, opts.dtype(at::kLong));
-  auto accept_index = at::full({ts.B, W}, -1, opts.dtype(at::kInt));
-  auto accept_num = at::zeros({ts.B}, opts.dtype(at::kInt));
-  if (ts.B == 0) return {predicts, accept_index, accept_num};
-  at::Tensor tids;
-  if (target_kind == 2) {
-    tids = target.to(at::kLong).contiguous();
-    a.target.data = tids.data_ptr<int64_t>();
-    a.target.stride_b = ts.T;
-    a.target.stride_r = 1;
+  spec::TreeOut o = spec::tree_outputs(ts, W, candidates.options());
+  if (ts.B > 0) {
+    spec::pack_tree(a, ts, W, o, target_kind, target, draft_probs, seed_val, offset);
+    const auto& tab = cpu::spec_active();
+    parallel_rows(ts.B, [&](int64_t b, int64_t e) { tab.tree_rows(a, b, e); });
+    spec::raise_tree_errors(o.err, o.err_node, false);
   }
-  if (draft_probs) {
-    a.draft.data = draft_probs->data_ptr<float>();
-    a.draft.stride_b = draft_probs->stride(0);
-    a.draft.stride_r = draft_probs->stride(1);
-  }
-  auto err = at::zeros({ts.B}, opts.dtype(at::kInt));
-  auto err_node = at::zeros({ts.B}, opts.dtype(at::kLong));
-  a.cand = ts.cand.data_ptr<int64_t>();
-  a.retrive_index = ts.ri.data_ptr<int64_t>();
-  a.next_token = ts.nt.data_ptr<int64_t>();
-  a.next_sibling = ts.ns.data_ptr<int64_t>();
-  a.B = ts.B;
-  a.T = ts.T;
-  a.W = W;
-  a.rng.seeds = ts.seeds ? ts.seeds->data_ptr<int64_t>() : nullptr;
-  a.rng.seed = uint64_t(seed_val);
-  a.rng.offset = uint64_t(offset);
-  a.predicts = predicts.data_ptr<int64_t>();
-  a.accept_index = accept_index.data_ptr<int32_t>();
-  a.accept_num = accept_num.data_ptr<int32_t>();
-  a.err = err.data_ptr<int32_t>();
-  a.err_node = err_node.data_ptr<int64_t>();
-  const auto& tab = cpu::spec_active();
-  parallel_rows(ts.B, [&](int64_t b, int64_t e) { tab.tree_rows(a, b, e); });
-  spec::raise_tree_errors(err, err_node, false);
-  return {predicts, accept_index, accept_num};
+  return {o.predicts, o.accept_index, o.accept_num};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cpu(const at::Tensor& parents,
                                                                                    const at::Tensor& prefix_lens) {
   spec::BuildSetup bs = spec::setup_build(parents, prefix_lens);
-  auto opts = parents.options();
-  const int64_t B = bs.B, T = bs.T, W = (T + 7) / 8;
-  auto mask = at::empty({B, T, W}, opts.dtype(at::kByte));
-  auto positions = at::empty({B * T}, opts.dtype(at::kLong));
-  auto ri = at::empty({B, T}, opts.dtype(at::kLong));
-  auto nt = at::empty({B, T}, opts.dtype(at::kLong));
-  auto ns = at::empty({B, T}, opts.dtype(at::kLong));
-  if (B == 0) return {mask, positions, ri, nt, ns};
-  auto err = at::zeros({B}, opts.dtype(at::kInt));
-  auto err_node = at::zeros({B}, opts.dtype(at::kLong));
-  cpu::BuildTreeArgs a;
-  a.parents = bs.parents.data_ptr<int64_t>();
-  a.prefix_lens = bs.prefix_lens.data_ptr<int64_t>();
-  a.B = B;
-  a.T = T;
-  a.mask = mask.data_ptr<uint8_t>();
-  a.positions = positions.data_ptr<int64_t>();
-  a.retrive_index = ri.data_ptr<int64_t>();
-  a.next_token = nt.data_ptr<int64_t>();
-  a.next_sibling = ns.data_ptr<int64_t>();
-  a.err = err.data_ptr<int32_t>();
-  a.err_node = err_node.data_ptr<int64_t>();
-  parallel_rows(B, [&](int64_t b, int64_t e) { cpu::build_tree_rows(a, b, e); });
-  spec::raise_tree_errors(err, err_node, true);
-  return {mask, positions, ri, nt, ns};
+  spec::BuildOut o = spec::build_outputs(bs, parents.options());
+  if (bs.B > 0) {
+    cpu::BuildTreeArgs a;
+    spec::pack_build(a, bs, o);
+    parallel_rows(bs.B, [&](int64_t b, int64_t e) { cpu::build_tree_rows(a, b, e); });
+    spec::raise_tree_errors(o.err, o.err_node, true);
+  }
+  return {o.mask, o.positions, o.ri, o.nt, o.ns};
 }
 
 }  // namespace

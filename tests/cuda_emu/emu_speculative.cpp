@@ -44,7 +44,7 @@ void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t ts
   a.draft.data = draft;
   a.draft.stride_b = dsb;
   a.draft.stride_r = dsr;
-  a.ids = ids;
+  a.draft_ids = ids;
   a.num_draft = num_draft;
   a.B = B;
   a.N = N;
