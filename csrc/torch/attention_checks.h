@@ -1,5 +1,7 @@
 // Tree-attention input checks shared by the CPU and CUDA impls. No math: shapes, dtypes, devices.
 #pragma once
+#include <cmath>
+#include <optional>
 #include <string>
 #include "torch/checks.h"
 
@@ -77,6 +79,54 @@ inline void check_prefix_lens_values(const at::Tensor& plens, const AttnShape& s
   DK_CHECK(mx + s.T <= s.S, "prefix_lens[b] + T must be <= the k/v length S = ", s.S,
            " (the tree's keys are at positions prefix_lens[b] .. prefix_lens[b] + T - 1), got max prefix_lens ", mx,
            " with T = ", s.T);
+}
+
+// Everything an impl needs after the checks: outputs, the int64 prefix lengths and the inputs with
+// a unit last stride (the only layout requirement of the kernels). empty: nothing to compute.
+struct AttnPrep {
+  AttnShape s;
+  at::Tensor out, lse, plens, q, k, v, mask;
+  bool empty = false;
+};
+
+inline AttnPrep prepare_tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& tree_mask, const at::Tensor& prefix_lens,
+                                       std::optional<double> sm_scale, c10::string_view kv_layout) {
+  AttnPrep p;
+  p.s = check_tree_attention(q, k, v, tree_mask, prefix_lens, kv_layout);
+  const AttnShape& s = p.s;
+  if (sm_scale)
+    DK_CHECK(std::isfinite(*sm_scale) && *sm_scale != 0.0, "sm_scale must be finite and nonzero, got ", *sm_scale);
+  p.out = at::empty({s.B, s.T, s.Hq, s.D}, q.options());
+  p.lse = at::empty({s.B, s.T, s.Hq}, q.options().dtype(at::kFloat));
+  p.plens = prefix_lens.to(at::kLong).contiguous();
+  check_prefix_lens_values(p.plens, s);
+  p.empty = s.B == 0 || s.T == 0 || s.Hq == 0;
+  if (p.empty) return p;
+  p.q = q.stride(3) == 1 ? q : q.contiguous();
+  p.k = k.stride(3) == 1 ? k : k.contiguous();
+  p.v = v.stride(3) == 1 ? v : v.contiguous();
+  p.mask = tree_mask.contiguous();
+  return p;
+}
+
+// Fills the CPU (cpu::AttnArgs) or CUDA (cuda::TreeAttnArgs) kernel arguments: same field names.
+template <class A>
+void pack_tree_attention(A& a, const AttnPrep& p, std::optional<double> sm_scale) {
+  const AttnShape& s = p.s;
+  a.dtype = decltype(a.dtype)(float_dtype(p.q, "q"));
+  a.B = s.B; a.T = s.T; a.Hq = s.Hq; a.Hkv = s.Hkv; a.D = s.D; a.S = s.S;
+  const int sd = s.hnd ? 2 : 1, hd = s.hnd ? 1 : 2;
+  a.q = p.q.data_ptr(); a.q_sb = p.q.stride(0); a.q_st = p.q.stride(1); a.q_sh = p.q.stride(2);
+  a.k = p.k.data_ptr(); a.k_sb = p.k.stride(0); a.k_ss = p.k.stride(sd); a.k_sh = p.k.stride(hd);
+  a.v = p.v.data_ptr(); a.v_sb = p.v.stride(0); a.v_ss = p.v.stride(sd); a.v_sh = p.v.stride(hd);
+  a.mask = static_cast<const uint8_t*>(p.mask.data_ptr());
+  a.mask_packed = s.packed;
+  a.mask_sb = p.mask.stride(0); a.mask_st = p.mask.stride(1);
+  a.prefix_lens = p.plens.data_ptr<int64_t>();
+  a.sm_scale = float(sm_scale ? *sm_scale : 1.0 / std::sqrt(double(s.D)));
+  a.out = p.out.data_ptr();
+  a.lse = p.lse.data_ptr<float>();
 }
 
 }  // namespace dk::torchb

@@ -17,43 +17,16 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
 namespace dk::torchb {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, const at::Tensor& tree_mask,
-                                                      const at::Tensor& prefix_lens, std::optional<double> sm_scale,
-                                                      c10::string_view kv_layout) {
-  AttnShape s = check_tree_attention(q_in, k_in, v_in, tree_mask, prefix_lens, kv_layout);
-  if (sm_scale) DK_CHECK(std::isfinite(*sm_scale) && *sm_scale != 0.0, "sm_scale must be finite and nonzero, got ", *sm_scale);
-  auto out = at::empty({s.B, s.T, s.Hq, s.D}, q_in.options());
-  auto lse = at::empty({s.B, s.T, s.Hq}, q_in.options().dtype(at::kFloat));
-  auto plens = prefix_lens.to(at::kLong).contiguous();
-  check_prefix_lens_values(plens, s);
-  if (s.B == 0 || s.T == 0 || s.Hq == 0) return {out, lse};
-  // The kernel needs a unit stride in the last dimension only.
-  auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-  auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  auto v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
-  auto mask = tree_mask.contiguous();
-
+std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& tree_mask, const at::Tensor& prefix_lens,
+                                                      std::optional<double> sm_scale, c10::string_view kv_layout) {
+  AttnPrep p = prepare_tree_attention(q, k, v, tree_mask, prefix_lens, sm_scale, kv_layout);
+  if (p.empty) return {p.out, p.lse};
   cpu::AttnArgs a;
-  a.dtype = float_dtype(q, "q");
-  a.B = s.B; a.T = s.T; a.Hq = s.Hq; a.Hkv = s.Hkv; a.D = s.D; a.S = s.S;
-  a.q = q.data_ptr();
-  a.q_sb = q.stride(0); a.q_st = q.stride(1); a.q_sh = q.stride(2);
-  const int sd = s.hnd ? 2 : 1, hd = s.hnd ? 1 : 2;
-  a.k = k.data_ptr();
-  a.k_sb = k.stride(0); a.k_ss = k.stride(sd); a.k_sh = k.stride(hd);
-  a.v = v.data_ptr();
-  a.v_sb = v.stride(0); a.v_ss = v.stride(sd); a.v_sh = v.stride(hd);
-  a.mask = static_cast<const uint8_t*>(mask.data_ptr());
-  a.mask_packed = s.packed;
-  a.mask_sb = mask.stride(0); a.mask_st = mask.stride(1);
-  a.prefix_lens = plens.data_ptr<int64_t>();
-  a.sm_scale = float(sm_scale ? *sm_scale : 1.0 / std::sqrt(double(s.D)));
-  a.out = out.data_ptr();
-  a.lse = lse.data_ptr<float>();
+  pack_tree_attention(a, p, sm_scale);
   const auto& tab = cpu::attn_active();
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t b, int64_t e) { tab.tree_attention(a, b, e); });
-  return {out, lse};
+  at::parallel_for(0, p.s.B * p.s.Hkv, 1, [&](int64_t b, int64_t e) { tab.tree_attention(a, b, e); });
+  return {p.out, p.lse};
 }
 
 }  // namespace
