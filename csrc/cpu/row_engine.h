@@ -55,6 +55,7 @@ struct Scratch {
   std::vector<int32_t> idx;
   std::vector<float> tmp;
   std::vector<VW> pairs, pairs2;
+  std::vector<float> gv, gw;   // the crossing bin of the binned top-p cut (values, weights)
   std::vector<double> chunks;
 };
 inline Scratch& scratch() {
@@ -328,18 +329,21 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
 // The same threshold for a large candidate list: one pass bins the candidates by value (1/8-nat
 // bins below the max for logits, 1/8-octave bins of the probability for probs; bin numbers are
 // computed 16 at a time), the bin where the cumulative mass from the top reaches P is found, and
-// only that bin (gathered by a vector compare) goes through the quickselect, starting from the
-// exact mass of the bins above it.
+// that bin's candidates are gathered branch-free (compress stores, index order). A large crossing
+// bin is split again into 32 sub-bins the same way, and only the crossing sub-bin goes through the
+// quickselect, starting from the exact mass above it. (Per-candidate branches cost more than the
+// arithmetic here: a branchy gather or quickselect over thousands of values is mispredict-bound.)
 inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
-                                    std::vector<VW>& tmp) {
-  constexpr int NB = 256;
+                                    std::vector<float>& gv, std::vector<float>& gw, std::vector<VW>& tmp) {
+  constexpr int NB = 256, kSub = 32;
   double h[4][NB] = {};  // four interleaved histograms break the store-to-load dependency chains
   double bm[NB];
   const uint32_t mbits = float_to_bits(w.m);
   const VF vlast = vset(float(NB - 1)), vm = vset(w.m), vscale = vset(w.invT), v8 = vset(8.f);
+  auto dist8 = [&](VF v) { return vmul(vmul(vsub(vm, v), vscale), v8); };  // logits: 8 * nats below the max
   auto bins = [&](VF v) -> VF {  // the bin of each lane, as a float in [0, NB-1]
     if (w.probs) return vmin(vbitdist<20>(v, mbits), vlast);  // v <= m, both positive
-    VF d = vmul(vmul(vsub(vm, v), vscale), v8);
+    VF d = dist8(v);
     return vblend(vlt(d, vlast), vlast, vfloor(d));
   };
   alignas(64) float bf[16];
@@ -370,17 +374,55 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     base = 0.0;
     for (int b = 0; b < bstar; ++b) base += bm[b];
   }
-  tmp.clear();
+  if (int64_t(gv.size()) < n + 16) { gv.resize(n + 16); gw.resize(n + 16); }
+  int64_t cnt = 0;
   const VF vstar = vset(float(bstar));
   for (int64_t i = 0; i < n; i += 16) {  // the crossing bin, in index order
-    M16 hit = veq(bins(vload(vals + i)), vstar);
+    const VF v = vload(vals + i);
+    M16 hit = veq(bins(v), vstar);
     if (n - i < 16) hit &= (M16(1) << (n - i)) - 1;
-    for (; hit; hit &= hit - 1) {
-      const int64_t j = i + __builtin_ctz(hit);
-      tmp.push_back(VW{vals[j], wts[j]});
-    }
+    if (hit) cnt += vcompress2(gv.data() + cnt, gw.data() + cnt, hit, v, vload(wts + i));
   }
-  return top_p_threshold(tmp.data(), int64_t(tmp.size()), P, base);
+  tmp.clear();
+  if (cnt > 512) {  // 32 sub-bins of the crossing bin (monotone in the value; clamped at both ends)
+    const VF vsub0 = vset(float(bstar * kSub)), vhi = vset(float(kSub - 1)), zero = vset(0.f);
+    double hs[kSub] = {};
+    for (int64_t i = 0; i < cnt; i += 16) {
+      const VF v = vload(gv.data() + i);
+      VF f = w.probs ? vsub(vbitdist<15>(v, mbits), vsub0) : vfloor(vmul(vsub(dist8(v), vstar), vset(float(kSub))));
+      f = vmin(vmax(f, zero), vhi);
+      vstore(bf, f);
+      const int lanes = int(std::min<int64_t>(16, cnt - i));
+      for (int j = 0; j < lanes; ++j) hs[int(bf[j])] += double(gw[i + j]);
+    }
+    int sstar = -1, slast = 0;
+    double sbase = base;
+    for (int b = 0; b < kSub; ++b) {
+      if (hs[b] > 0.0) slast = b;
+      if (sbase + hs[b] >= P) { sstar = b; break; }
+      sbase += hs[b];
+    }
+    if (sstar < 0) {
+      sstar = slast;
+      sbase = base;
+      for (int b = 0; b < sstar; ++b) sbase += hs[b];
+    }
+    const VF vs = vset(float(sstar));
+    int64_t m = 0;
+    for (int64_t i = 0; i < cnt; i += 16) {  // compact the crossing sub-bin in place (order kept)
+      const VF v = vload(gv.data() + i);
+      VF f = w.probs ? vsub(vbitdist<15>(v, mbits), vsub0) : vfloor(vmul(vsub(dist8(v), vstar), vset(float(kSub))));
+      f = vmin(vmax(f, zero), vhi);
+      M16 hit = veq(f, vs);
+      if (cnt - i < 16) hit &= (M16(1) << (cnt - i)) - 1;
+      if (hit) m += vcompress2(gv.data() + m, gw.data() + m, hit, v, vload(gw.data() + i));
+    }
+    cnt = m;
+    base = sbase;
+  }
+  tmp.resize(size_t(cnt));
+  for (int64_t i = 0; i < cnt; ++i) tmp[size_t(i)] = VW{gv[size_t(i)], gw[size_t(i)]};
+  return top_p_threshold(tmp.data(), cnt, P, base);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and weight >= minw }.
@@ -447,7 +489,7 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     if (within_k) {
       tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), P);
     } else if (n > 2048) {
-      tp = top_p_threshold_binned(vals, wts, n, P, w, s.pairs2);
+      tp = top_p_threshold_binned(vals, wts, n, P, w, s.gv, s.gw, s.pairs2);
     } else {
       for (int64_t i = 0; i < n; ++i) s.pairs.push_back({vals[i], wts[i]});
       tp = top_p_threshold(s.pairs.data(), n, P);

@@ -240,7 +240,27 @@ inline int vcompress(float* val, int32_t* idx, M16 m, VF v, int32_t base) {
   _mm512_mask_compressstoreu_epi32(idx, k, id);
   return popcount16(m);
 }
+// The lanes of a and b selected by m, in lane order, to pa[0..) and pb[0..); returns how many.
+inline int vcompress2(float* pa, float* pb, M16 m, VF a, VF b) {
+  const __mmask16 k = __mmask16(m);
+  _mm512_mask_compressstoreu_ps(pa, k, a.v);
+  _mm512_mask_compressstoreu_ps(pb, k, b.v);
+  return popcount16(m);
+}
 #else
+inline int vcompress2(float* pa, float* pb, M16 m, VF a, VF b) {
+  alignas(64) float la[16], lb[16];
+  vstore(la, a);
+  vstore(lb, b);
+  int n = 0;
+  for (M16 t = m; t; t &= t - 1) {
+    const int j = __builtin_ctz(t);
+    pa[n] = la[j];
+    pb[n] = lb[j];
+    ++n;
+  }
+  return n;
+}
 inline int vcompress(float* val, int32_t* idx, M16 m, VF v, int32_t base) {
   alignas(64) float lane[16];
   vstore(lane, v);
