@@ -56,6 +56,7 @@ struct Scratch {
   std::vector<float> tmp;
   std::vector<VW> pairs, pairs2;
   std::vector<float> gv, gw;   // the crossing bin of the binned top-p cut (values, weights)
+  std::vector<double> hist;    // its per-lane histograms
   std::vector<double> chunks;
 };
 inline Scratch& scratch() {
@@ -326,6 +327,33 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
   return best;
 }
 
+// h16[bin * 16 + lane] += weight for the candidates vals/wts[0..n) (lane = index mod 16),
+// every cell a sequential sum in index order on every ISA.
+template <class Bins>
+inline void hist_update(double* h16, const float* vals, const float* wts, int64_t n, const Bins& bins) {
+  int64_t i = 0;
+#if defined(DK_ISA_AVX512)
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i ix = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvttps_epi32(bins(vload(vals + i)).v), 4), lane);
+    const __m512 e = _mm512_loadu_ps(wts + i);
+    const __m256i ilo = _mm512_castsi512_si256(ix), ihi = _mm512_extracti64x4_epi64(ix, 1);
+    __m512d a = _mm512_i32gather_pd(ilo, h16, 8);
+    a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    _mm512_i32scatter_pd(h16, ilo, a, 8);
+    __m512d b = _mm512_i32gather_pd(ihi, h16, 8);
+    b = _mm512_add_pd(b, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    _mm512_i32scatter_pd(h16, ihi, b, 8);
+  }
+#endif
+  alignas(64) float bf[16];
+  for (; i < n; i += 16) {
+    vstore(bf, bins(vload(vals + i)));  // the buffers have 16 spare slots
+    const int lanes = int(std::min<int64_t>(16, n - i));
+    for (int j = 0; j < lanes; ++j) h16[size_t(bf[j]) * 16 + size_t(j)] += double(wts[i + j]);
+  }
+}
+
 // The same threshold for a large candidate list: one pass bins the candidates by value (1/8-nat
 // bins below the max for logits, 1/8-octave bins of the probability for probs; bin numbers are
 // computed 16 at a time), the bin where the cumulative mass from the top reaches P is found, and
@@ -334,9 +362,9 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
 // quickselect, starting from the exact mass above it. (Per-candidate branches cost more than the
 // arithmetic here: a branchy gather or quickselect over thousands of values is mispredict-bound.)
 inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
-                                    std::vector<float>& gv, std::vector<float>& gw, std::vector<VW>& tmp) {
+                                    std::vector<float>& gv, std::vector<float>& gw, std::vector<VW>& tmp,
+                                    std::vector<double>& hist) {
   constexpr int NB = 256, kSub = 32;
-  double h[4][NB] = {};  // four interleaved histograms break the store-to-load dependency chains
   double bm[NB];
   const uint32_t mbits = float_to_bits(w.m);
   const VF vlast = vset(float(NB - 1)), vm = vset(w.m), vscale = vset(w.invT), v8 = vset(8.f);
@@ -347,21 +375,17 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     return vblend(vlt(d, vlast), vlast, vfloor(d));
   };
   alignas(64) float bf[16];
-  for (int64_t i = 0; i < n; i += 16) {
-    vstore(bf, bins(vload(vals + i)));  // the buffers have 16 spare slots
-    const int lanes = int(std::min<int64_t>(16, n - i));
-    if (lanes == 16) {
-      for (int j = 0; j < 16; j += 4) {
-        h[0][int(bf[j])] += double(wts[i + j]);
-        h[1][int(bf[j + 1])] += double(wts[i + j + 1]);
-        h[2][int(bf[j + 2])] += double(wts[i + j + 2]);
-        h[3][int(bf[j + 3])] += double(wts[i + j + 3]);
-      }
-    } else {
-      for (int j = 0; j < lanes; ++j) h[j & 3][int(bf[j])] += double(wts[i + j]);
-    }
+  // One histogram per lane (h16[bin][lane], lane = index mod 16, each a sequential sum in index
+  // order), so the AVX-512 path can update 8 lanes with one gather/add/scatter (no two lanes of a
+  // block share a cell); the bin masses are the lane sums in lane order.
+  std::vector<double>& h16 = hist;
+  h16.assign(size_t(NB) * 16, 0.0);
+  hist_update(h16.data(), vals, wts, n, bins);
+  for (int b = 0; b < NB; ++b) {
+    double t = 0.0;
+    for (int l = 0; l < 16; ++l) t += h16[size_t(b) * 16 + l];
+    bm[b] = t;
   }
-  for (int b = 0; b < NB; ++b) bm[b] = ((h[0][b] + h[1][b]) + h[2][b]) + h[3][b];
   double base = 0.0;
   int bstar = -1, last = 0;
   for (int b = 0; b < NB; ++b) {
@@ -489,7 +513,7 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     if (within_k) {
       tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), P);
     } else if (n > 2048) {
-      tp = top_p_threshold_binned(vals, wts, n, P, w, s.gv, s.gw, s.pairs2);
+      tp = top_p_threshold_binned(vals, wts, n, P, w, s.gv, s.gw, s.pairs2, s.hist);
     } else {
       for (int64_t i = 0; i < n; ++i) s.pairs.push_back({vals[i], wts[i]});
       tp = top_p_threshold(s.pairs.data(), n, P);
