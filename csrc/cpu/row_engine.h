@@ -614,23 +614,28 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   };
   if (k_on) widen();
   // Resolve on C; if C is too small (fewer than k values, or less than p of the mass), widen.
+  // Probabilities are their own weights: the candidates' values serve as their weights until S is
+  // listed (no copy of a list that can hold the whole row).
   for (;;) {
-    candidate_weights(sel.w, n, s);
-    sel.res = resolve(x, V, s.val.data(), s.wt.data(), n, complete, minp_window_ok, rp, sel.w, s, zfull);
+    if (!probs) candidate_weights(sel.w, n, s);
+    sel.res = resolve(x, V, s.val.data(), probs ? s.val.data() : s.wt.data(), n, complete, minp_window_ok, rp,
+                      sel.w, s, zfull);
     if (!sel.res.need_full || complete) break;
     widen();
   }
   if (sel.res.in_c) {
     // |S| decides the draw method; S is only listed when the list method will use it.
+    const float* wts = probs ? s.val.data() : s.wt.data();
     int64_t cnt = 0;
     for (int64_t i = 0; i < n && cnt <= kListMax; ++i)
-      cnt += (s.val[i] >= sel.res.t) & (s.wt[i] >= sel.res.minw);
+      cnt += (s.val[i] >= sel.res.t) & (wts[i] >= sel.res.minw);
     if (cnt > kListMax) {
       sel.nS = kListMax + 1;  // "large": the chunked draw over the row
     } else {
+      if (int64_t(s.wt.size()) < cnt + 16) s.wt.resize(cnt + 16);
       int64_t m = 0;
       for (int64_t i = 0; i < n; ++i) {
-        float v = s.val[i], e = s.wt[i];
+        float v = s.val[i], e = wts[i];  // (m <= i: in-place compaction reads before it writes)
         if (v >= sel.res.t && e >= sel.res.minw) { s.val[m] = v; s.wt[m] = e; s.idx[m] = s.idx[i]; ++m; }
       }
       sel.nS = m;
