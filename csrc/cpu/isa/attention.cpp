@@ -768,7 +768,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         const int nv = int(std::min<int64_t>(kN, P - s0));
         BlockPrefetch pf;
         pf.start(k + (s0 + kN) * a.k_ss, a.k_ss, v + (s0 + kN) * a.v_ss, a.v_ss,
-                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, Mp / 16);
+                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, 4 * (Mp / 16));
         pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
         pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
         const int npairs = (nv + 1) / 2;
@@ -783,10 +783,15 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           const int R = int(std::min<int64_t>(16, M - r0));
           float* Scur = S2 + (i & 1) * 16 * kN;
           uint16_t* Pcur = Pb + (i & 1) * 16 * kN;
+          // the next block's K/V prefetches go out in four small bursts per tile (a burst of ~30
+          // lines stalls on the fill buffers)
+          pf.step();
           if (i + 1 < ntiles) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          pf.step();
           if (i > 0) amx_pv(Pb + ((i - 1) & 1) * 16 * kN, Vp, D, O + (r0 - 16) * D);
           pf.step();
           softmax_rows<true>(R, Scur, nv, c, Pcur, alpha, mrow + r0, Lv + r0 * W);
+          pf.step();
           if (R < 16) std::memset(Pcur + R * kN, 0, size_t((16 - R) * kN) * 2);  // pad rows: P = 0
           for (int r = 0; r < R; ++r) {  // O *= alpha before this tile's P V (next step)
             if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
