@@ -327,6 +327,21 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
   return best;
 }
 
+// The bin of h[0..nb) (masses, from the top) where base + the cumulative mass first reaches P;
+// base becomes the mass above it. If rounding leaves the total just under P, the last non-empty bin.
+inline int crossing_bin(const double* h, int nb, double P, double& base) {
+  const double base0 = base;
+  int last = 0;
+  for (int b = 0; b < nb; ++b) {
+    if (h[b] > 0.0) last = b;
+    if (base + h[b] >= P) return b;
+    base += h[b];
+  }
+  base = base0;
+  for (int b = 0; b < last; ++b) base += h[b];
+  return last;
+}
+
 // h16[bin * 16 + lane] += weight for the candidates vals/wts[0..n) (lane = index mod 16),
 // every cell a sequential sum in index order on every ISA.
 template <class Bins>
@@ -387,17 +402,7 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     bm[b] = t;
   }
   double base = 0.0;
-  int bstar = -1, last = 0;
-  for (int b = 0; b < NB; ++b) {
-    if (bm[b] > 0.0) last = b;
-    if (base + bm[b] >= P) { bstar = b; break; }
-    base += bm[b];
-  }
-  if (bstar < 0) {  // rounding left the total just under P: the last non-empty bin holds the cut
-    bstar = last;
-    base = 0.0;
-    for (int b = 0; b < bstar; ++b) base += bm[b];
-  }
+  const int bstar = crossing_bin(bm, NB, P, base);
   if (int64_t(gv.size()) < n + 16) { gv.resize(n + 16); gw.resize(n + 16); }
   int64_t cnt = 0;
   const VF vstar = vset(float(bstar));
@@ -409,40 +414,27 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
   }
   tmp.clear();
   if (cnt > 512) {  // 32 sub-bins of the crossing bin (monotone in the value; clamped at both ends)
-    const VF vsub0 = vset(float(bstar * kSub)), vhi = vset(float(kSub - 1)), zero = vset(0.f);
+    const VF vsub0 = vset(float(bstar * kSub)), vhi = vset(float(kSub - 1)), zero = vset(0.f), vk = vset(float(kSub));
+    auto subbin = [&](VF v) {
+      VF f = w.probs ? vsub(vbitdist<15>(v, mbits), vsub0) : vfloor(vmul(vsub(dist8(v), vstar), vk));
+      return vmin(vmax(f, zero), vhi);
+    };
     double hs[kSub] = {};
     for (int64_t i = 0; i < cnt; i += 16) {
-      const VF v = vload(gv.data() + i);
-      VF f = w.probs ? vsub(vbitdist<15>(v, mbits), vsub0) : vfloor(vmul(vsub(dist8(v), vstar), vset(float(kSub))));
-      f = vmin(vmax(f, zero), vhi);
-      vstore(bf, f);
+      vstore(bf, subbin(vload(gv.data() + i)));
       const int lanes = int(std::min<int64_t>(16, cnt - i));
       for (int j = 0; j < lanes; ++j) hs[int(bf[j])] += double(gw[i + j]);
     }
-    int sstar = -1, slast = 0;
-    double sbase = base;
-    for (int b = 0; b < kSub; ++b) {
-      if (hs[b] > 0.0) slast = b;
-      if (sbase + hs[b] >= P) { sstar = b; break; }
-      sbase += hs[b];
-    }
-    if (sstar < 0) {
-      sstar = slast;
-      sbase = base;
-      for (int b = 0; b < sstar; ++b) sbase += hs[b];
-    }
+    const int sstar = crossing_bin(hs, kSub, P, base);
     const VF vs = vset(float(sstar));
     int64_t m = 0;
     for (int64_t i = 0; i < cnt; i += 16) {  // compact the crossing sub-bin in place (order kept)
       const VF v = vload(gv.data() + i);
-      VF f = w.probs ? vsub(vbitdist<15>(v, mbits), vsub0) : vfloor(vmul(vsub(dist8(v), vstar), vset(float(kSub))));
-      f = vmin(vmax(f, zero), vhi);
-      M16 hit = veq(f, vs);
+      M16 hit = veq(subbin(v), vs);
       if (cnt - i < 16) hit &= (M16(1) << (cnt - i)) - 1;
       if (hit) m += vcompress2(gv.data() + m, gw.data() + m, hit, v, vload(gw.data() + i));
     }
     cnt = m;
-    base = sbase;
   }
   tmp.resize(size_t(cnt));
   for (int64_t i = 0; i < cnt; ++i) tmp[size_t(i)] = VW{gv[size_t(i)], gw[size_t(i)]};
