@@ -59,9 +59,12 @@ struct Scratch {
   std::vector<double> hist;    // its per-lane histograms
   std::vector<double> chunks;
 };
+// A kernel's range starts with no next-row prefetch; row loops that want one set it per row
+// (prefetch_next), so a cursor left by another op never points into a freed buffer.
 inline Scratch& scratch() {
   thread_local Scratch s;
   if (s.val.size() < size_t(kMinCap + 16)) { s.val.resize(kMinCap + 16); s.idx.resize(kMinCap + 16); }
+  s.pf = Prefetch{};
   return s;
 }
 
@@ -376,9 +379,11 @@ inline void hist_update(double* h16, const float* vals, const float* wts, int64_
 // bin is split again into 32 sub-bins the same way, and only the crossing sub-bin goes through the
 // quickselect, starting from the exact mass above it. (Per-candidate branches cost more than the
 // arithmetic here: a branchy gather or quickselect over thousands of values is mispredict-bound.)
+// Uses s.hist, s.gv, s.gw and s.pairs2 as buffers.
 inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t n, double P, const Weight& w,
-                                    std::vector<float>& gv, std::vector<float>& gw, std::vector<VW>& tmp,
-                                    std::vector<double>& hist) {
+                                    Scratch& s) {
+  std::vector<float>& gv = s.gv;
+  std::vector<float>& gw = s.gw;
   constexpr int NB = 256, kSub = 32;
   double bm[NB];
   const uint32_t mbits = float_to_bits(w.m);
@@ -393,12 +398,11 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
   // One histogram per lane (h16[bin][lane], lane = index mod 16, each a sequential sum in index
   // order), so the AVX-512 path can update 8 lanes with one gather/add/scatter (no two lanes of a
   // block share a cell); the bin masses are the lane sums in lane order.
-  std::vector<double>& h16 = hist;
-  h16.assign(size_t(NB) * 16, 0.0);
-  hist_update(h16.data(), vals, wts, n, bins);
+  s.hist.assign(size_t(NB) * 16, 0.0);
+  hist_update(s.hist.data(), vals, wts, n, bins);
   for (int b = 0; b < NB; ++b) {
     double t = 0.0;
-    for (int l = 0; l < 16; ++l) t += h16[size_t(b) * 16 + l];
+    for (int l = 0; l < 16; ++l) t += s.hist[size_t(b) * 16 + l];
     bm[b] = t;
   }
   double base = 0.0;
@@ -412,7 +416,6 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     if (n - i < 16) hit &= (M16(1) << (n - i)) - 1;
     if (hit) cnt += vcompress2(gv.data() + cnt, gw.data() + cnt, hit, v, vload(wts + i));
   }
-  tmp.clear();
   if (cnt > 512) {  // 32 sub-bins of the crossing bin (monotone in the value; clamped at both ends)
     const VF vsub0 = vset(float(bstar * kSub)), vhi = vset(float(kSub - 1)), zero = vset(0.f), vk = vset(float(kSub));
     auto subbin = [&](VF v) {
@@ -436,9 +439,10 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
     }
     cnt = m;
   }
-  tmp.resize(size_t(cnt));
-  for (int64_t i = 0; i < cnt; ++i) tmp[size_t(i)] = VW{gv[size_t(i)], gw[size_t(i)]};
-  return top_p_threshold(tmp.data(), cnt, P, base);
+  std::vector<VW>& pairs = s.pairs2;
+  pairs.resize(size_t(cnt));
+  for (int64_t i = 0; i < cnt; ++i) pairs[size_t(i)] = VW{gv[size_t(i)], gw[size_t(i)]};
+  return top_p_threshold(pairs.data(), cnt, P, base);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and weight >= minw }.
@@ -505,7 +509,7 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     if (within_k) {
       tp = top_p_threshold(s.pairs.data(), int64_t(s.pairs.size()), P);
     } else if (n > 2048) {
-      tp = top_p_threshold_binned(vals, wts, n, P, w, s.gv, s.gw, s.pairs2, s.hist);
+      tp = top_p_threshold_binned(vals, wts, n, P, w, s);
     } else {
       for (int64_t i = 0; i < n; ++i) s.pairs.push_back({vals[i], wts[i]});
       tp = top_p_threshold(s.pairs.data(), n, P);

@@ -352,7 +352,6 @@ inline RowParamsF spec_params(const SpecTarget& t, int64_t b) {
 template <class T>
 static void chain_rows_t(const ChainArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
-  s.pf = Prefetch{};  // no next-row prefetch here
   SpecScratch& ss = spec_scratch();
   const T* base = static_cast<const T*>(a.target.data);
   const int64_t N = a.N, V = a.target.V;
@@ -418,7 +417,6 @@ inline int check_distinct_siblings(const int64_t* cand, const int64_t* nt, const
 template <class T>
 static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
-  s.pf = Prefetch{};  // no next-row prefetch here
   SpecScratch& ss = spec_scratch();
   const int64_t T_ = a.T, V = a.target.V;
   const bool ids_target = a.target.kind == SpecTargetKind::Ids;
