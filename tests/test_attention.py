@@ -114,6 +114,31 @@ def test_bf16_kernels(mode, monkeypatch):
         decodekit.set_isa("auto")
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("mode", ["amx", "dpbf16"])
+def test_bf16_kernels_rescaling_and_tree_blocks(mode, monkeypatch):
+    """Scores that grow along the prefix (the running max moves often and by a lot: the AMX path's
+    lazy rescaling), trees longer than one 64-key block (the AMX path runs the tree keys as masked
+    blocks and skips row tiles that attend none of a block), chains, prefix 0 and odd head dims."""
+    monkeypatch.setenv("DECODEKIT_ATTN_BF16", mode)
+    decodekit.set_isa("avx512")
+    try:
+        gen = torch.Generator().manual_seed(9)
+        for D, T, P, (Hq, Hkv) in ((128, 130, 300, (8, 1)), (80, 70, 0, (4, 2)), (96, 65, 64, (2, 2)), (256, 9, 200, (4, 1))):
+            q, k, v, tm, pl = make_case(1, T, Hq, Hkv, D, [P], torch.bfloat16, "HND", gen)
+            # keys whose scores rise by ~4 (natural log units) per 64 keys
+            ramp = torch.linspace(0.2, 1.0 + 0.07 * P / 8, k.shape[2])[None, None, :, None]
+            k = (k.float() * ramp).to(torch.bfloat16)
+            for mask in (tm, torch.ones(T, T, dtype=torch.bool).tril()[None]):
+                out, lse = decodekit.tree_attention(q, k, v, decodekit.pack_tree_mask(mask), pl, kv_layout="HND",
+                                                    return_lse=True)
+                check_close(out, sdpa_expected(q, k, v, mask, pl, "HND"), torch.bfloat16, f"{mode} D={D} T={T} P={P}")
+                rlse = ref.tree_attention(q, k, v, mask, pl, kv_layout="HND")[1]
+                torch.testing.assert_close(lse, rlse, atol=5e-3, rtol=1e-4)
+    finally:
+        decodekit.set_isa("auto")
+
+
 def test_edge_shapes(isa):
     gen = torch.Generator().manual_seed(3)
     # T = 1 (plain decode), prefix 0 everywhere, T not a multiple of 8, a 256-node tree
@@ -129,10 +154,11 @@ def test_edge_shapes(isa):
     check_close(out, sdpa_expected(q, k, v, chain, pl, "HND"), torch.float32, "chain")
 
 
-def test_empty_rows_and_batches():
-    q = torch.randn(2, 3, 4, 64)
-    k = torch.randn(2, 8, 2, 64)
-    v = torch.randn(2, 8, 2, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_empty_rows_and_batches(dtype):
+    q = torch.randn(2, 3, 4, 64).to(dtype)
+    k = torch.randn(2, 8, 2, 64).to(dtype)
+    v = torch.randn(2, 8, 2, 64).to(dtype)
     tm = torch.zeros(2, 3, 3, dtype=torch.bool)
     tm[1, 2, 0] = True
     out, lse = decodekit.tree_attention(q, k, v, tm, torch.tensor([0, 0]), return_lse=True)

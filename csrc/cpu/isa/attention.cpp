@@ -8,7 +8,10 @@
 //      of kR rows: S = Q K^T (kR x kN, registers), online-softmax update, O = O*alpha + P V.
 //      Only a kR x kN score tile ever exists; the [T, S] score matrix is never formed.
 //   2. tree (sparse): query t attends only the tree keys j with mask[t][j] set (typically its
-//      ancestors and itself), gathered per query and shared by its G heads.
+//      ancestors and itself), gathered per query and shared by its G heads. The AMX path instead
+//      runs the tree keys as further key blocks of its tile pipeline with per-row lane masks, and
+//      skips every (row tile, tree block) pair with no attended key (so a deep tree's early tokens
+//      never touch its later blocks).
 //   3. out = O / l, lse = ln(sum exp(scaled scores)).
 // Scores are kept in the log2 domain (scaled by sm_scale * log2(e)) so the softmax uses exp2.
 #include <algorithm>
@@ -34,12 +37,17 @@ constexpr int kN = 64;  // keys per prefix block
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kLazy = 8.f;  // AMX softmax: how far (log2) scores may exceed the running max
 
 // 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k! (degree 7: relative error < 1e-8 + rounding).
 // A lower degree is used where the probabilities are rounded to bf16 anyway (degree 4: < 5e-5).
 constexpr float kExp2Coef[8] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
                                 0.009618129107628477f, 0.0013333558146428443f, 0.00015403530393381608f,
                                 1.525273380405984e-05f};
+// Degree 3, fitted for minimal relative error on [-0.5, 0.5] (< 7.6e-5, below the 2^-9 rounding of
+// the bf16 weights it feeds): the AMX path's weights.
+constexpr float kExp2Mm3[4] = {0.9999281764030457f, 0.6932609677314758f, 0.24260972440242767f,
+                               0.05517098307609558f};
 
 // ---- fp32 vector traits ----------------------------------------------------------------------
 #if defined(DK_ISA_AVX512)
@@ -63,17 +71,19 @@ struct VT {
   static float hmin(V a) { return _mm512_reduce_min_ps(a); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
   static bool any_gt(V a, float x) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_GT_OQ) != 0; }
-  template <int Deg = 7>
+  // Deg 3 uses kExp2Mm3; kClamp = false needs x > -inf (no NaN from -inf - -inf).
+  template <int Deg = 7, bool kClamp = true>
   static V exp2(V x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // -inf -> 2^-127 (~1e-38): negligible next to 1
+    if constexpr (kClamp) x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // -inf -> 2^-127 (~1e-38)
     V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V f = _mm512_sub_ps(x, n);
     return _mm512_scalef_ps(poly2<Deg>(f), n);
   }
   template <int Deg>
   static V poly2(V f) {
-    V p = _mm512_set1_ps(kExp2Coef[Deg]);
-    for (int i = Deg - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Coef[i]));
+    const float* k = Deg == 3 ? kExp2Mm3 : kExp2Coef;
+    V p = _mm512_set1_ps(k[Deg]);
+    for (int i = Deg - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(k[i]));
     return p;
   }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) {
@@ -191,6 +201,55 @@ inline void store_val(f16_t* p, float x) {
   std::memcpy(&p->x, &h, 2);
 }
 
+// dst[0 .. D) = o * inv in the storage type (D a multiple of 16), rounded as store_val does.
+template <class T>
+void store_scaled(T* dst, const float* o, float inv, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    const V iv = VT::set1(inv);
+    for (int64_t d = 0; d < D; d += W) VT::store(dst + d, VT::mul(VT::load(o + d), iv));
+  } else {
+#if defined(DK_ISA_AVX512)
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + d), iv);
+      __m256i h;
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                      _mm512_set1_epi32(0x7f800000));
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+        h = _mm512_cvtepi32_epi16(r);
+      } else {
+        h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), h);
+    }
+#elif defined(DK_ISA_AVX2)
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(o + d), iv);
+      __m128i h;
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        const __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+        __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+        // NaN: |u| > 0x7f800000 (signed compare is fine: both sides are below 2^31)
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+        h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      } else {
+        h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), h);
+    }
+#else
+    for (int64_t d = 0; d < D; ++d) store_val(dst + d, o[d] * inv);
+#endif
+  }
+}
+
 // ---- per-thread scratch ----------------------------------------------------------------------
 struct Buf {
   void* p = nullptr;
@@ -208,7 +267,7 @@ struct Buf {
   ~Buf() { std::free(p); }
 };
 struct Scratch {
-  Buf q, o, ml, s, p, kt, vb, tk, tv, row, sc, keys;
+  Buf q, o, ml, s, p, kt, vb, tk, tv, row, sc, keys, qt, ot, km, act;
 };
 Scratch& scratch() {
   static thread_local Scratch s;
@@ -619,70 +678,194 @@ DK_AMX_TARGET void amx_config() {
 }
 DK_AMX_TARGET void amx_release() { _tile_release(); }
 
-// S[16][kN] = Q[16][D] . Kp (bf16 in, fp32 out).
-DK_AMX_TARGET void amx_scores(const uint16_t* Q, int64_t D, const uint32_t* Kp, float* S) {
+// The AMX path works transposed, with the 16 query rows of a tile in the N (column) dimension:
+//   S^T[key][row] = K . Q^T     A = 16 key rows x 32 d, read straight from the cache (or a padded
+//                               copy); B = Q^T as pairs, Qt[Dq/2][16] words (packed once per item)
+//   O^T[d][row] += V^T . P^T    A = 16 d rows x 32 keys of Vt[D][kN] (bf16, packed per block);
+//                               B = P^T as pairs, Pt[kN/2][16] words (written by the softmax)
+// so the online softmax works on vectors whose 16 lanes are the 16 rows of the tile: per-row maxima,
+// rescale factors and sums are plain lane-wise operations (no horizontal reductions, no per-row
+// branches), and K needs no packing.
+
+// St[kN][16] = K . Qt, K packed as Kc[Dq/32][kN][32] bf16 (each A tile one contiguous 1 KiB).
+DK_AMX_TARGET void amx_scores_t(const uint32_t* Qt, int64_t Dq, const bf16_t* Kc, float* St) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t dc = 0; dc < D; dc += 32) {
-    const uint32_t* kp = Kp + (dc / 2) * kN;
-    _tile_loadd(4, Q + dc, D * 2);
-    _tile_loadd(6, kp, kN * 4);
-    _tile_loadd(7, kp + 16, kN * 4);
+  for (int64_t dc = 0; dc < Dq; dc += 32) {
+    const bf16_t* kp = Kc + dc * kN;
+    _tile_loadd(6, Qt + (dc / 2) * 16, 64);
+    _tile_loadd(4, kp, 64);
+    _tile_loadd(5, kp + 512, 64);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(6, kp + 32, kN * 4);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(7, kp + 48, kN * 4);
-    _tile_dpbf16ps(2, 4, 6);
-    _tile_dpbf16ps(3, 4, 7);
+    _tile_loadd(7, kp + 1024, 64);
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_loadd(4, kp + 1536, 64);
+    _tile_dpbf16ps(2, 7, 6);
+    _tile_dpbf16ps(3, 4, 6);
   }
-  _tile_stored(0, S, kN * 4);
-  _tile_stored(1, S + 16, kN * 4);
-  _tile_stored(2, S + 32, kN * 4);
-  _tile_stored(3, S + 48, kN * 4);
+  _tile_stored(0, St, 64);
+  _tile_stored(1, St + 256, 64);
+  _tile_stored(2, St + 512, 64);
+  _tile_stored(3, St + 768, 64);
 }
 
-// O[16][D] += Pb[16][kN] . Vp (the P halves stay in tiles 4, 5 across the d groups).
-DK_AMX_TARGET void amx_pv(const uint16_t* Pb, const uint32_t* Vp, int64_t D, float* O) {
-  _tile_loadd(4, Pb, kN * 2);
-  _tile_loadd(5, Pb + 32, kN * 2);
-  const uint32_t* v1 = Vp + 16 * D;  // key pairs 16..31
-  int64_t d = 0;
+// Kc[Dq/32][kN][32] from nv key rows ks apart (zero for d >= D and keys >= nv). A contiguous copy
+// beats tile loads straight from the cache rows (~0.5 ms of 4 at T=64, prefix 2048, GQA 32/8).
+void pack_kc_bf16(const bf16_t* k, int64_t ks, int nv, int64_t D, int64_t Dq, bf16_t* Kc) {
+  for (int64_t dc = 0; dc < Dq; dc += 32) {
+    const __mmask32 lm = D - dc >= 32 ? ~__mmask32(0) : __mmask32((1u << (D - dc)) - 1);
+    bf16_t* dst = Kc + dc * kN;
+    for (int n = 0; n < kN; ++n)
+      _mm512_store_si512(dst + n * 32, n < nv ? _mm512_maskz_loadu_epi16(lm, k + n * ks + dc) : _mm512_setzero_si512());
+  }
+}
+
+// Ot[d][16] += Vt[d][kN] . Pt for d in [d0, d1) (the two P^T halves stay in tiles 6, 7 across the
+// d tiles).
+DK_AMX_TARGET void amx_pv_t(const uint32_t* Pt, const uint32_t* Vt, int64_t d0, int64_t D, float* Ot) {
+  _tile_loadd(6, Pt, 64);
+  _tile_loadd(7, Pt + 256, 64);
+  int64_t d = d0;
   for (; d + 64 <= D; d += 64) {
-    _tile_loadd(0, O + d, D * 4);
-    _tile_loadd(1, O + d + 16, D * 4);
-    _tile_loadd(2, O + d + 32, D * 4);
-    _tile_loadd(3, O + d + 48, D * 4);
-    _tile_loadd(6, Vp + d, D * 4);
-    _tile_loadd(7, v1 + d, D * 4);
+    float* o = Ot + d * 16;
+    const uint32_t* vt = Vt + d * (kN / 2);
+    _tile_loadd(0, o, 64);
+    _tile_loadd(1, o + 256, 64);
+    _tile_loadd(2, o + 512, 64);
+    _tile_loadd(3, o + 768, 64);
+    _tile_loadd(4, vt, kN * 2);
+    _tile_loadd(5, vt + 16, kN * 2);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(0, 5, 7);
-    _tile_loadd(6, Vp + d + 16, D * 4);
-    _tile_loadd(7, v1 + d + 16, D * 4);
+    _tile_loadd(4, vt + 16 * (kN / 2), kN * 2);
+    _tile_loadd(5, vt + 16 * (kN / 2) + 16, kN * 2);
     _tile_dpbf16ps(1, 4, 6);
     _tile_dpbf16ps(1, 5, 7);
-    _tile_loadd(6, Vp + d + 32, D * 4);
-    _tile_loadd(7, v1 + d + 32, D * 4);
+    _tile_loadd(4, vt + 32 * (kN / 2), kN * 2);
+    _tile_loadd(5, vt + 32 * (kN / 2) + 16, kN * 2);
     _tile_dpbf16ps(2, 4, 6);
     _tile_dpbf16ps(2, 5, 7);
-    _tile_loadd(6, Vp + d + 48, D * 4);
-    _tile_loadd(7, v1 + d + 48, D * 4);
+    _tile_loadd(4, vt + 48 * (kN / 2), kN * 2);
+    _tile_loadd(5, vt + 48 * (kN / 2) + 16, kN * 2);
     _tile_dpbf16ps(3, 4, 6);
     _tile_dpbf16ps(3, 5, 7);
-    _tile_stored(0, O + d, D * 4);
-    _tile_stored(1, O + d + 16, D * 4);
-    _tile_stored(2, O + d + 32, D * 4);
-    _tile_stored(3, O + d + 48, D * 4);
+    _tile_stored(0, o, 64);
+    _tile_stored(1, o + 256, 64);
+    _tile_stored(2, o + 512, 64);
+    _tile_stored(3, o + 768, 64);
   }
-  for (; d < D; d += 16) {  // D = 80, 96: 16-wide remainder
-    _tile_loadd(0, O + d, D * 4);
-    _tile_loadd(6, Vp + d, D * 4);
-    _tile_loadd(7, v1 + d, D * 4);
+  for (; d < D; d += 16) {  // D = 80, 96: 16-row remainder
+    float* o = Ot + d * 16;
+    const uint32_t* vt = Vt + d * (kN / 2);
+    _tile_loadd(0, o, 64);
+    _tile_loadd(4, vt, kN * 2);
+    _tile_loadd(5, vt + 16, kN * 2);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(0, 5, 7);
-    _tile_stored(0, O + d, D * 4);
+    _tile_stored(0, o, 64);
   }
+}
+
+// Online softmax of one transposed tile: St[kN][16] raw scores (key n of the 16 rows in one vector).
+// m, L: the 16 rows' running max (log2 domain) and sum. Key n takes part in the lanes of km[n]
+// (kMasked: padded keys of a partial block, or tree keys a row does not attend: weight exactly 0).
+// Writes the bf16 weights as pairs Pt[kN/2][16] and returns the rescale factors 2^(m_old - m_new).
+// hook(0) runs after the max pass and hook(1) after half of the weights: the caller issues tile work
+// there (between the softmax's own vector work).
+template <bool kMasked, class Hook>
+__m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, float* m, float* L, Hook&& hook) {
+  const __m512 cv = _mm512_set1_ps(c);
+  const __m512 m_old = _mm512_load_ps(m);
+  // The weights 2^(c*s - mu) of the block for row maxima mu: written to Pt as bf16 pairs (rounded to
+  // nearest: the round bit is added, then the low half dropped), summed into sum; tmax gets the
+  // largest exponent c*s - mu of the keys that take part.
+  auto weights = [&](__m512 mu, __m512& sum, __m512& tmax, auto with_hooks) {
+    const __m512 negm = _mm512_sub_ps(_mm512_setzero_ps(), mu);
+    if constexpr (with_hooks) hook(0);
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    __m512 t0max = _mm512_set1_ps(kNegInf), t1max = t0max;
+    const __m512i half = _mm512_set1_epi32(0x8000), hi16 = _mm512_set1_epi32(int(0xffff0000u));
+    for (int n = 0; n < kN; n += 2) {
+      const __m512 t0 = _mm512_fmadd_ps(_mm512_load_ps(St + 16 * n), cv, negm);
+      const __m512 t1 = _mm512_fmadd_ps(_mm512_load_ps(St + 16 * n + 16), cv, negm);
+      // lanes that do not take part may be +-inf / NaN here (mu = -inf): the masks exclude them
+      __m512 e0 = VT::template exp2<3, false>(t0);
+      __m512 e1 = VT::template exp2<3, false>(t1);
+      if constexpr (kMasked) {
+        e0 = _mm512_maskz_mov_ps(km[n], e0);
+        e1 = _mm512_maskz_mov_ps(km[n + 1], e1);
+        t0max = _mm512_mask_max_ps(t0max, km[n], t0max, t0);
+        t1max = _mm512_mask_max_ps(t1max, km[n + 1], t1max, t1);
+      } else {
+        t0max = _mm512_max_ps(t0max, t0);
+        t1max = _mm512_max_ps(t1max, t1);
+      }
+      sum0 = _mm512_add_ps(sum0, e0);
+      sum1 = _mm512_add_ps(sum1, e1);
+      // word = (bf16(e1) << 16) | bf16(e0): (u1 & 0xffff0000) | (u0 >> 16)
+      const __m512i u0 = _mm512_add_epi32(_mm512_castps_si512(e0), half);
+      const __m512i u1 = _mm512_add_epi32(_mm512_castps_si512(e1), half);
+      _mm512_store_si512(Pt + 8 * n, _mm512_ternarylogic_epi32(hi16, u1, _mm512_srli_epi32(u0, 16), 0xca));
+      if constexpr (with_hooks)
+        if (n == kN / 2 - 2) hook(1);
+    }
+    sum = _mm512_add_ps(sum0, sum1);
+    tmax = _mm512_max_ps(t0max, t1max);
+  };
+  // Lazy rescaling: a row's running max only moves when the block's scaled scores exceed it by more
+  // than kLazy (log2 units). Weights up to 2^kLazy are exact enough in fp32 / bf16, most blocks leave
+  // O^T alone (with the exact max, each new block raised some lane's max most of the time), and once
+  // every row has a finite max the weights are computed in one pass over the scores: only when some
+  // row's max has to move (rare after the first blocks) are they computed again.
+  __m512 m_new = m_old, sum, tmax;
+  if (_mm512_cmp_ps_mask(m_old, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ) == 0) {
+    weights(m_old, sum, tmax, std::true_type{});
+    const __mmask16 up = _mm512_cmp_ps_mask(tmax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
+    if (up) {
+      m_new = _mm512_mask_add_ps(m_old, up, m_old, tmax);
+      weights(m_new, sum, tmax, std::false_type{});
+    }
+  } else {
+    // block max of the scaled scores, taken on the raw scores (c > 0: max, c < 0: min), four chains
+    __m512 mx[4];
+    for (int j = 0; j < 4; ++j) mx[j] = _mm512_set1_ps(c > 0 ? kNegInf : -kNegInf);
+    if (c > 0) {
+      for (int n = 0; n < kN; n += 4)
+        for (int j = 0; j < 4; ++j)
+          mx[j] = kMasked ? _mm512_mask_max_ps(mx[j], km[n + j], mx[j], _mm512_load_ps(St + 16 * (n + j)))
+                          : _mm512_max_ps(mx[j], _mm512_load_ps(St + 16 * (n + j)));
+      mx[0] = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+    } else {
+      for (int n = 0; n < kN; n += 4)
+        for (int j = 0; j < 4; ++j)
+          mx[j] = kMasked ? _mm512_mask_min_ps(mx[j], km[n + j], mx[j], _mm512_load_ps(St + 16 * (n + j)))
+                          : _mm512_min_ps(mx[j], _mm512_load_ps(St + 16 * (n + j)));
+      mx[0] = _mm512_min_ps(_mm512_min_ps(mx[0], mx[1]), _mm512_min_ps(mx[2], mx[3]));
+    }
+    const __m512 x = _mm512_mul_ps(mx[0], cv);
+    m_new = _mm512_mask_mov_ps(m_old, _mm512_cmp_ps_mask(x, _mm512_add_ps(m_old, _mm512_set1_ps(kLazy)), _CMP_GT_OQ), x);
+    weights(m_new, sum, tmax, std::true_type{});
+  }
+  const __m512 alpha = VT::exp2(_mm512_sub_ps(m_old, m_new));
+  _mm512_store_ps(m, m_new);
+  _mm512_store_ps(L, _mm512_fmadd_ps(_mm512_load_ps(L), alpha, sum));
+  return alpha;
+}
+
+// Vt[D][kN] bf16 (keys consecutive per d; keys nv .. kN-1 zero) from nv value rows vs apart.
+void pack_vt_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vp, uint32_t* Vt) {
+  pack_v_bf16(v, vs, nv, D, Vp);  // Vp[np][D] words: (V[2np][d], V[2np+1][d])
+  const int npairs = (nv + 1) / 2;
+  if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
+  for (int p0 = 0; p0 < kN / 2; p0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(Vp + (p0 + i) * D + d0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Vt + (d0 + i) * (kN / 2) + p0, r[i]);
+    }
 }
 #endif
 
@@ -700,11 +883,12 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;
 
   float* O = s.o.get<float>(size_t(Mp * D));
-  float* mrow = s.ml.get<float>(size_t((2 + W) * M));
-  float* lrow = mrow + M;
-  float* Lv = lrow + M;  // W lane sums per row during the prefix (reduced into lrow after it)
+  float* mrow = s.ml.get<float>(size_t((2 + W) * Mp));
+  float* lrow = mrow + Mp;
+  float* Lv = lrow + Mp;  // W lane sums per row during the prefix (reduced into lrow after it)
   std::memset(O, 0, size_t(Mp * D) * sizeof(float));
-  for (int64_t i = 0; i < M; ++i) mrow[i] = kNegInf;  // lrow is set from Lv after the prefix
+  for (int64_t i = 0; i < Mp; ++i) mrow[i] = kNegInf;
+  std::memset(lrow, 0, size_t(Mp) * sizeof(float));  // (the W-lane paths set lrow from Lv after the prefix)
   std::memset(Lv, 0, size_t(W * M) * sizeof(float));
   float* row = s.row.get<float>(size_t(4 * D + 64));
 
@@ -726,7 +910,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   }
 
   // ---- 1. dense prefix ----
-  if (P > 0) {
+  if (P > 0 || kMode == 2) {  // (the AMX path runs the tree keys as masked blocks too)
     constexpr int RT = kMode == 2 ? 16 : kR;  // rows per tile
     float* S = s.s.get<float>(size_t(RT * kN));
     float alpha[16];
@@ -758,51 +942,123 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
 #endif
     } else if constexpr (kMode == 2) {
 #if defined(DK_ISA_AVX512)
-      uint32_t* Kp = s.kt.get<uint32_t>(size_t(Dq / 2 * kN));
-      if (Dq > D) std::memset(Kp + D / 2 * kN, 0, size_t((Dq - D) / 2 * kN) * 4);
+      // Q^T pairs per row tile: Qt[i][p][r] = word p of row 16i + r (the 16 x 16 word blocks of Qb,
+      // transposed).
+      const int64_t ntiles = Mp / 16, D2q = Dq / 2;
+      uint32_t* Qt = s.qt.get<uint32_t>(size_t(Mp * D2q));
+      for (int64_t i = 0; i < ntiles; ++i)
+        for (int64_t p0 = 0; p0 < D2q; p0 += 16) {
+          __m512i r[16];
+          for (int j = 0; j < 16; ++j)
+            r[j] = _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(Qb) + (16 * i + j) * D2q + p0);
+          transpose16(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_si512(Qt + (i * D2q + p0 + j) * 16, r[j]);
+        }
+      float* Ot = s.ot.get<float>(size_t(Mp * D));  // O^T per row tile: [ntiles][D][16]
+      std::memset(Ot, 0, size_t(Mp * D) * sizeof(float));
       uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
-      uint16_t* Pb = s.sc.get<uint16_t>(size_t(2 * 16 * kN));  // two P buffers (pipeline)
-      float* S2 = s.p.get<float>(size_t(2 * 16 * kN));
+      uint32_t* Vt = s.kt.get<uint32_t>(size_t(kN / 2 * D));
+      bf16_t* Kb = s.tk.get<bf16_t>(size_t(kN * Dq));  // Kc: the key block, packed
+      float* St = s.p.get<float>(size_t(2 * 16 * kN));  // two of each: the tile pipeline below
+      uint32_t* Pt = s.sc.get<uint32_t>(size_t(2 * 16 * kN / 2));
+      const int64_t Dh = (D / 16 + 1) / 2 * 16;  // P V is issued in two halves of d: [0, Dh), [Dh, D)
+      uint16_t* kmt = s.km.get<uint16_t>(size_t(ntiles * kN));  // tree blocks: lane masks per tile
+      int32_t* tl = s.act.get<int32_t>(size_t(ntiles));          // the row tiles a block is run for
+      alignas(64) uint16_t km[kN];
+      // Key blocks: the prefix in blocks of kN, then the tree keys P .. P+T-1 in blocks of kN, which
+      // run the same tile code with per-lane masks (row m attends tree key j iff mask[m / G][j]);
+      // a row tile that attends no key of a tree block skips it.
+      const int64_t nprefix = (P + kN - 1) / kN, nblocks = nprefix + (T_ + kN - 1) / kN;
+      auto block_range = [&](int64_t bi, int64_t& s0, int& nv) {
+        s0 = bi < nprefix ? bi * kN : P + (bi - nprefix) * kN;
+        nv = int(std::min<int64_t>(kN, (bi < nprefix ? P : P + T_) - s0));
+      };
+      const uint8_t* mb = a.mask + b * a.mask_sb;
+      bool first = true;
       amx_config();
-      for (int64_t s0 = 0; s0 < P; s0 += kN) {
-        const int nv = int(std::min<int64_t>(kN, P - s0));
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        int64_t s0, s1 = 0;
+        int nv, nv1 = 0;
+        block_range(bi, s0, nv);
+        if (bi + 1 < nblocks) block_range(bi + 1, s1, nv1);
+        const bool tree = bi >= nprefix, masked = tree || nv < kN;
+        const uint16_t* kmask = km;
+        int64_t kmask_st = 0;  // lane masks of tile i: kmask + i * kmask_st
+        int64_t nt = 0;
+        if (!tree) {
+          for (int n = 0; n < kN; ++n) km[n] = n < nv ? 0xffff : 0;
+          for (int64_t i = 0; i < ntiles; ++i) tl[nt++] = int32_t(i);
+        } else {
+          std::memset(kmt, 0, size_t(ntiles * kN) * 2);
+          const int64_t j0 = s0 - P;
+          for (int64_t t = 0; t < T_; ++t) {
+            const uint8_t* mr = mb + t * a.mask_st;
+            uint64_t bits = 0;
+            for (int n = 0; n < nv; ++n) {
+              const int64_t j = j0 + n;
+              const bool on = a.mask_packed ? (mr[j >> 3] >> (j & 7)) & 1 : mr[j] != 0;
+              bits |= uint64_t(on) << n;
+            }
+            for (int64_t g = 0; g < G && bits; ++g) {
+              const int64_t m = t * G + g;
+              for (uint64_t x = bits; x; x &= x - 1)
+                kmt[(m >> 4) * kN + __builtin_ctzll(x)] |= uint16_t(1u << (m & 15));
+            }
+          }
+          for (int64_t i = 0; i < ntiles; ++i) {
+            bool any = false;
+            for (int n = 0; n < nv && !any; ++n) any = kmt[i * kN + n] != 0;
+            if (any) tl[nt++] = int32_t(i);
+          }
+          kmask = kmt;
+          kmask_st = kN;
+        }
         BlockPrefetch pf;
-        pf.start(k + (s0 + kN) * a.k_ss, a.k_ss, v + (s0 + kN) * a.v_ss, a.v_ss,
-                 std::min<int64_t>(kN, std::max<int64_t>(0, P - s0 - kN)), D, 4 * (Mp / 16));
-        pack_k_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Kp);
-        pack_v_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp);
-        const int npairs = (nv + 1) / 2;
-        if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
-        // Software pipeline over row tiles: in step i the tile unit is given the scores of tile i+1
-        // and P V of tile i-1 before the vector units run the softmax of tile i, so the two overlap
-        // (two score and two P buffers). The pipeline drains at the end of the key block.
-        const int64_t ntiles = Mp / 16;
-        amx_scores(Qb, Dq, Kp, S2);
-        for (int64_t i = 0; i < ntiles; ++i) {
-          const int64_t r0 = i * 16;
-          const int R = int(std::min<int64_t>(16, M - r0));
-          float* Scur = S2 + (i & 1) * 16 * kN;
-          uint16_t* Pcur = Pb + (i & 1) * 16 * kN;
+        pf.start(k + s1 * a.k_ss, a.k_ss, v + s1 * a.v_ss, a.v_ss, nv1, D, 5 * std::max<int64_t>(nt, 1));
+        if (nt == 0) continue;
+        pack_kc_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Dq, Kb);
+        pack_vt_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp, Vt);
+        // Software pipeline over the row tiles: in step j the tile unit is given the scores of tile
+        // j+1 and P V of tile j-1 before the vector units run the softmax of tile j, so the two
+        // overlap (two score and two P buffers). The pipeline drains at the end of the key block.
+        amx_scores_t(Qt + tl[0] * D2q * 16, Dq, Kb, St);
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t i = tl[j];
+          float* Scur = St + (j & 1) * 16 * kN;
+          uint32_t* Pcur = Pt + (j & 1) * 8 * kN;
           // the next block's K/V prefetches go out in four small bursts per tile (a burst of ~30
           // lines stalls on the fill buffers)
           pf.step();
-          if (i + 1 < ntiles) amx_scores(Qb + (r0 + 16) * Dq, Dq, Kp, S2 + ((i + 1) & 1) * 16 * kN);
+          if (j + 1 < nt) amx_scores_t(Qt + tl[j + 1] * D2q * 16, Dq, Kb, St + ((j + 1) & 1) * 16 * kN);
           pf.step();
-          if (i > 0) amx_pv(Pb + ((i - 1) & 1) * 16 * kN, Vp, D, O + (r0 - 16) * D);
+          // P V of the previous tile in two d halves, issued from inside this tile's softmax
+          auto hook = [&](int phase) {
+            if (j > 0)
+              amx_pv_t(Pt + ((j - 1) & 1) * 8 * kN, Vt, phase ? Dh : 0, phase ? D : Dh, Ot + tl[j - 1] * 16 * D);
+            pf.step();
+          };
+          const uint16_t* kmi = kmask + i * kmask_st;
+          const __m512 al = masked ? softmax_t<true>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i, hook)
+                                   : softmax_t<false>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i, hook);
           pf.step();
-          softmax_rows<true>(R, Scur, nv, c, Pcur, alpha, mrow + r0, Lv + r0 * W);
-          pf.step();
-          if (R < 16) std::memset(Pcur + R * kN, 0, size_t((16 - R) * kN) * 2);  // pad rows: P = 0
-          for (int r = 0; r < R; ++r) {  // O *= alpha before this tile's P V (next step)
-            if (alpha[r] == 1.f) continue;  // the running max did not move (the common case)
-            const __m512 av = _mm512_set1_ps(alpha[r]);
-            float* o = O + (r0 + r) * D;
-            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+          // O^T *= alpha before this tile's P V (next step); the running max rarely moves
+          if (!first && _mm512_cmp_ps_mask(al, _mm512_set1_ps(1.f), _CMP_NEQ_UQ)) {
+            float* o = Ot + i * 16 * D;
+            for (int64_t d = 0; d < D; ++d) _mm512_store_ps(o + 16 * d, _mm512_mul_ps(_mm512_load_ps(o + 16 * d), al));
           }
         }
-        amx_pv(Pb + ((ntiles - 1) & 1) * 16 * kN, Vp, D, O + (ntiles - 1) * 16 * D);
+        amx_pv_t(Pt + ((nt - 1) & 1) * 8 * kN, Vt, 0, D, Ot + tl[nt - 1] * 16 * D);
+        first = false;
       }
       amx_release();
+      // O (row-major) from O^T, 16 x 16 blocks
+      for (int64_t i = 0; i < ntiles; ++i)
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          __m512i r[16];
+          for (int j = 0; j < 16; ++j) r[j] = _mm512_load_si512(Ot + (i * D + d0 + j) * 16);
+          transpose16(r);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_si512(O + (16 * i + j) * D + d0, r[j]);
+        }
 #endif
     } else {
       float* Kt = s.kt.get<float>(size_t(D * kN));
@@ -848,10 +1104,11 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
     }
   }
 
-  for (int64_t i = 0; i < M; ++i) lrow[i] = VT::hsum(VT::load(Lv + i * W));
+  if constexpr (kMode != 2)  // the AMX path keeps lrow itself
+    for (int64_t i = 0; i < M; ++i) lrow[i] = VT::hsum(VT::load(Lv + i * W));
 
-  // ---- 2. sparse tree part ----
-  {
+  // ---- 2. sparse tree part (the AMX path did it above) ----
+  if constexpr (kMode != 2) {
     float* Kt = s.tk.get<float>(size_t(T_ * D));  // tree keys / values, fp32 rows
     float* Vt = s.tv.get<float>(size_t(T_ * D));
     for (int64_t j = 0; j < T_; ++j) {
@@ -918,13 +1175,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       T* dst = out + oi * D;
       const float l = lrow[m];
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float* o = O + m * D;
-      if constexpr (std::is_same_v<T, float>) {
-        const V iv = VT::set1(inv);
-        for (int64_t d = 0; d < D; d += W) VT::store(dst + d, VT::mul(VT::load(o + d), iv));
-      } else {
-        for (int64_t d = 0; d < D; ++d) store_val(dst + d, o[d] * inv);
-      }
+      store_scaled(dst, O + m * D, inv, D);
       a.lse[oi] = l > 0.f ? mrow[m] * kLn2 + std::log(l) : kNegInf;
     }
 }
