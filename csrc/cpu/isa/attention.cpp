@@ -854,17 +854,33 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
   return alpha;
 }
 
-// Vt[D][kN] bf16 (keys consecutive per d; keys nv .. kN-1 zero) from nv value rows vs apart.
-void pack_vt_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vp, uint32_t* Vt) {
-  pack_v_bf16(v, vs, nv, D, Vp);  // Vp[np][D] words: (V[2np][d], V[2np+1][d])
-  const int npairs = (nv + 1) / 2;
-  if (npairs < kN / 2) std::memset(Vp + npairs * D, 0, size_t((kN / 2 - npairs) * D) * 4);
+// Vt[D][kN] bf16 (keys consecutive per d; keys nv .. kN-1 zero) from nv value rows vs apart: per
+// 16 key pairs and 16 d, the pair-interleaved words (V[2np][d], V[2np+1][d]) of each pair, then a
+// 16 x 16 word transpose straight into Vt (no intermediate buffer: it would take L1 from the
+// tile operands).
+void pack_vt_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vt) {
+  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i idx_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
+                                          54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int p0 = 0; p0 < kN / 2; p0 += 16)
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(Vp + (p0 + i) * D + d0);
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Vt + (d0 + i) * (kN / 2) + p0, r[i]);
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      const bool two = d0 + 32 <= D;  // else 16 d remain (D = 80)
+      const __mmask32 lm = two ? ~__mmask32(0) : __mmask32(0xffff);
+      __m512i lo[16], hi[16];
+      for (int i = 0; i < 16; ++i) {
+        const int n = 2 * (p0 + i);
+        const __m512i A = n < nv ? _mm512_maskz_loadu_epi16(lm, v + n * vs + d0) : _mm512_setzero_si512();
+        const __m512i B = n + 1 < nv ? _mm512_maskz_loadu_epi16(lm, v + (n + 1) * vs + d0) : _mm512_setzero_si512();
+        lo[i] = _mm512_permutex2var_epi16(A, idx_lo, B);
+        if (two) hi[i] = _mm512_permutex2var_epi16(A, idx_hi, B);
+      }
+      transpose16(lo);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Vt + (d0 + i) * (kN / 2) + p0, lo[i]);
+      if (two) {
+        transpose16(hi);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Vt + (d0 + 16 + i) * (kN / 2) + p0, hi[i]);
+      }
     }
 }
 #endif
@@ -956,7 +972,6 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         }
       float* Ot = s.ot.get<float>(size_t(Mp * D));  // O^T per row tile: [ntiles][D][16]
       std::memset(Ot, 0, size_t(Mp * D) * sizeof(float));
-      uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
       uint32_t* Vt = s.kt.get<uint32_t>(size_t(kN / 2 * D));
       bf16_t* Kb = s.tk.get<bf16_t>(size_t(kN * Dq));  // Kc: the key block, packed
       float* St = s.p.get<float>(size_t(2 * 16 * kN));  // two of each: the tile pipeline below
@@ -1017,7 +1032,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         pf.start(k + s1 * a.k_ss, a.k_ss, v + s1 * a.v_ss, a.v_ss, nv1, D, 5 * std::max<int64_t>(nt, 1));
         if (nt == 0) continue;
         pack_kc_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Dq, Kb);
-        pack_vt_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vp, Vt);
+        pack_vt_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vt);
         // Software pipeline over the row tiles: in step j the tile unit is given the scores of tile
         // j+1 and P V of tile j-1 before the vector units run the softmax of tile j, so the two
         // overlap (two score and two P buffers). The pipeline drains at the end of the key block.
