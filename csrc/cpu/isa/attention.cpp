@@ -722,12 +722,11 @@ void pack_kc_bf16(const bf16_t* k, int64_t ks, int nv, int64_t D, int64_t Dq, bf
   }
 }
 
-// Ot[d][16] += Vt[d][kN] . Pt for d in [d0, d1) (the two P^T halves stay in tiles 6, 7 across the
-// d tiles).
-DK_AMX_TARGET void amx_pv_t(const uint32_t* Pt, const uint32_t* Vt, int64_t d0, int64_t D, float* Ot) {
+// Ot[D][16] += Vt[D][kN] . Pt (the two P^T halves stay in tiles 6, 7 across the d tiles).
+DK_AMX_TARGET void amx_pv_t(const uint32_t* Pt, const uint32_t* Vt, int64_t D, float* Ot) {
   _tile_loadd(6, Pt, 64);
   _tile_loadd(7, Pt + 256, 64);
-  int64_t d = d0;
+  int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
     float* o = Ot + d * 16;
     const uint32_t* vt = Vt + d * (kN / 2);
@@ -772,18 +771,15 @@ DK_AMX_TARGET void amx_pv_t(const uint32_t* Pt, const uint32_t* Vt, int64_t d0, 
 // m, L: the 16 rows' running max (log2 domain) and sum. Key n takes part in the lanes of km[n]
 // (kMasked: padded keys of a partial block, or tree keys a row does not attend: weight exactly 0).
 // Writes the bf16 weights as pairs Pt[kN/2][16] and returns the rescale factors 2^(m_old - m_new).
-// hook(0) runs after the max pass and hook(1) after half of the weights: the caller issues tile work
-// there (between the softmax's own vector work).
-template <bool kMasked, class Hook>
-__m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, float* m, float* L, Hook&& hook) {
+template <bool kMasked>
+__m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, float* m, float* L) {
   const __m512 cv = _mm512_set1_ps(c);
   const __m512 m_old = _mm512_load_ps(m);
   // The weights 2^(c*s - mu) of the block for row maxima mu: written to Pt as bf16 pairs (rounded to
   // nearest: the round bit is added, then the low half dropped), summed into sum; tmax gets the
   // largest exponent c*s - mu of the keys that take part.
-  auto weights = [&](__m512 mu, __m512& sum, __m512& tmax, auto with_hooks) {
+  auto weights = [&](__m512 mu, __m512& sum, __m512& tmax) {
     const __m512 negm = _mm512_sub_ps(_mm512_setzero_ps(), mu);
-    if constexpr (with_hooks) hook(0);
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     __m512 t0max = _mm512_set1_ps(kNegInf), t1max = t0max;
     const __m512i half = _mm512_set1_epi32(0x8000), hi16 = _mm512_set1_epi32(int(0xffff0000u));
@@ -808,8 +804,6 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
       const __m512i u0 = _mm512_add_epi32(_mm512_castps_si512(e0), half);
       const __m512i u1 = _mm512_add_epi32(_mm512_castps_si512(e1), half);
       _mm512_store_si512(Pt + 8 * n, _mm512_ternarylogic_epi32(hi16, u1, _mm512_srli_epi32(u0, 16), 0xca));
-      if constexpr (with_hooks)
-        if (n == kN / 2 - 2) hook(1);
     }
     sum = _mm512_add_ps(sum0, sum1);
     tmax = _mm512_max_ps(t0max, t1max);
@@ -821,11 +815,11 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
   // row's max has to move (rare after the first blocks) are they computed again.
   __m512 m_new = m_old, sum, tmax;
   if (_mm512_cmp_ps_mask(m_old, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ) == 0) {
-    weights(m_old, sum, tmax, std::true_type{});
+    weights(m_old, sum, tmax);
     const __mmask16 up = _mm512_cmp_ps_mask(tmax, _mm512_set1_ps(kLazy), _CMP_GT_OQ);
     if (up) {
       m_new = _mm512_mask_add_ps(m_old, up, m_old, tmax);
-      weights(m_new, sum, tmax, std::false_type{});
+      weights(m_new, sum, tmax);
     }
   } else {
     // block max of the scaled scores, taken on the raw scores (c > 0: max, c < 0: min), four chains
@@ -846,7 +840,7 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
     }
     const __m512 x = _mm512_mul_ps(mx[0], cv);
     m_new = _mm512_mask_mov_ps(m_old, _mm512_cmp_ps_mask(x, _mm512_add_ps(m_old, _mm512_set1_ps(kLazy)), _CMP_GT_OQ), x);
-    weights(m_new, sum, tmax, std::true_type{});
+    weights(m_new, sum, tmax);
   }
   const __m512 alpha = VT::exp2(_mm512_sub_ps(m_old, m_new));
   _mm512_store_ps(m, m_new);
@@ -976,7 +970,6 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       bf16_t* Kb = s.tk.get<bf16_t>(size_t(kN * Dq));  // Kc: the key block, packed
       float* St = s.p.get<float>(size_t(2 * 16 * kN));  // two of each: the tile pipeline below
       uint32_t* Pt = s.sc.get<uint32_t>(size_t(2 * 16 * kN / 2));
-      const int64_t Dh = (D / 16 + 1) / 2 * 16;  // P V is issued in two halves of d: [0, Dh), [Dh, D)
       uint16_t* kmt = s.km.get<uint16_t>(size_t(ntiles * kN));  // tree blocks: lane masks per tile
       int32_t* tl = s.act.get<int32_t>(size_t(ntiles));          // the row tiles a block is run for
       alignas(64) uint16_t km[kN];
@@ -1034,8 +1027,9 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
         pack_kc_bf16(reinterpret_cast<const bf16_t*>(k + s0 * a.k_ss), a.k_ss, nv, D, Dq, Kb);
         pack_vt_bf16(reinterpret_cast<const bf16_t*>(v + s0 * a.v_ss), a.v_ss, nv, D, Vt);
         // Software pipeline over the row tiles: in step j the tile unit is given the scores of tile
-        // j+1 and P V of tile j-1 before the vector units run the softmax of tile j, so the two
-        // overlap (two score and two P buffers). The pipeline drains at the end of the key block.
+        // j+1 and P V of tile j-1 (whole: issuing P V in two halves from inside the softmax was ~7%
+        // slower) before the vector units run the softmax of tile j (two score and two P buffers).
+        // The pipeline drains at the end of the key block (running it across blocks was slower).
         amx_scores_t(Qt + tl[0] * D2q * 16, Dq, Kb, St);
         for (int64_t j = 0; j < nt; ++j) {
           const int64_t i = tl[j];
@@ -1046,15 +1040,11 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           pf.step();
           if (j + 1 < nt) amx_scores_t(Qt + tl[j + 1] * D2q * 16, Dq, Kb, St + ((j + 1) & 1) * 16 * kN);
           pf.step();
-          // P V of the previous tile in two d halves, issued from inside this tile's softmax
-          auto hook = [&](int phase) {
-            if (j > 0)
-              amx_pv_t(Pt + ((j - 1) & 1) * 8 * kN, Vt, phase ? Dh : 0, phase ? D : Dh, Ot + tl[j - 1] * 16 * D);
-            pf.step();
-          };
+          if (j > 0) amx_pv_t(Pt + ((j - 1) & 1) * 8 * kN, Vt, D, Ot + tl[j - 1] * 16 * D);
+          pf.step();
           const uint16_t* kmi = kmask + i * kmask_st;
-          const __m512 al = masked ? softmax_t<true>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i, hook)
-                                   : softmax_t<false>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i, hook);
+          const __m512 al = masked ? softmax_t<true>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i)
+                                   : softmax_t<false>(Scur, kmi, c, Pcur, mrow + 16 * i, lrow + 16 * i);
           pf.step();
           // O^T *= alpha before this tile's P V (next step); the running max rarely moves
           if (!first && _mm512_cmp_ps_mask(al, _mm512_set1_ps(1.f), _CMP_NEQ_UQ)) {
@@ -1062,7 +1052,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
             for (int64_t d = 0; d < D; ++d) _mm512_store_ps(o + 16 * d, _mm512_mul_ps(_mm512_load_ps(o + 16 * d), al));
           }
         }
-        amx_pv_t(Pt + ((nt - 1) & 1) * 8 * kN, Vt, 0, D, Ot + tl[nt - 1] * 16 * D);
+        amx_pv_t(Pt + ((nt - 1) & 1) * 8 * kN, Vt, D, Ot + tl[nt - 1] * 16 * D);
         first = false;
       }
       amx_release();
