@@ -170,6 +170,7 @@ int main() {
               {2, 13, 8, 2, D, {0, 70}, false, true, dt},
               {1, 1, 4, 4, D, {129}, true, false, dt},
               {2, 5, 8, 1, D, {64, 3}, true, true, dt},
+              {1, 70, 4, 1, D, {0}, true, true, dt},  // two tree blocks (the AMX path runs them as masked blocks)
           };
           for (const Case& c : cs) {
             fails += run_case(*tab, c, rng);
