@@ -31,6 +31,21 @@ using M16 = uint32_t;  // low 16 bits used
 
 inline int popcount16(M16 m) { return __builtin_popcount(m & 0xffffu); }
 
+// float -> bf16 / fp16 bits, round to nearest even (NaN stays a quiet NaN). The vector vstore
+// overloads below round the same way.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u = float_to_bits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+inline uint16_t f16_bits(float x) {
+  const _Float16 h = static_cast<_Float16>(x);
+  uint16_t r;
+  std::memcpy(&r, &h, 2);
+  return r;
+}
+
 #if defined(DK_ISA_AVX512)
 struct VF { __m512 v; };
 struct VI { __m512i v; };
@@ -42,6 +57,18 @@ inline VF vload(const bf16_t* p) {
 }
 inline VF vload(const f16_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
 inline void vstore(float* p, VF a) { _mm512_storeu_ps(p, a.v); }
+inline void vstore(bf16_t* p, VF a) {
+  const __m512i u = _mm512_castps_si512(a.v), hi = _mm512_srli_epi32(u, 16);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+inline void vstore(f16_t* p, VF a) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline VF vadd(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline VF vsub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VF vmul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -102,6 +129,23 @@ inline VF vload(const f16_t* p) {
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
 }
 inline void vstore(float* p, VF x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
+inline __m128i bf16_8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+  // NaN: |u| > 0x7f800000 (a signed compare is fine: both sides are below 2^31)
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline void vstore(bf16_t* p, VF x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_8(x.a));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), bf16_8(x.b));
+}
+inline void vstore(f16_t* p, VF x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(x.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #define DK_AVX2_BIN(name, op) inline VF name(VF x, VF y) { return {op(x.a, y.a), op(x.b, y.b)}; }
 DK_AVX2_BIN(vadd, _mm256_add_ps)
 DK_AVX2_BIN(vsub, _mm256_sub_ps)
@@ -188,6 +232,8 @@ struct VI { uint32_t v[16]; };
 inline VF vset(float c) { VF r; DK_LOOP r.v[j] = c; return r; }
 template <class T> inline VF vload(const T* p) { VF r; DK_LOOP r.v[j] = to_float(p[j]); return r; }
 inline void vstore(float* p, VF a) { DK_LOOP p[j] = a.v[j]; }
+inline void vstore(bf16_t* p, VF a) { DK_LOOP p[j].x = bf16_bits(a.v[j]); }
+inline void vstore(f16_t* p, VF a) { DK_LOOP p[j].x = f16_bits(a.v[j]); }
 inline VF vadd(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] + b.v[j]; return r; }
 inline VF vsub(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] - b.v[j]; return r; }
 inline VF vmul(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] * b.v[j]; return r; }

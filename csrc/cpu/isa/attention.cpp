@@ -21,6 +21,7 @@
 #include <new>
 #include <type_traits>
 #include "cpu/attention_kernels.h"
+#include "cpu/simd.h"
 #if defined(DK_ISA_AVX512) || defined(DK_ISA_AVX2)
 #include <immintrin.h>
 #endif
@@ -188,66 +189,12 @@ inline void cvt_row(const float* s, float* d, int64_t n) { std::memcpy(d, s, siz
 inline void cvt_row(const bf16_t* s, float* d, int64_t n) { VT::cvt_row(s, d, n); }
 inline void cvt_row(const f16_t* s, float* d, int64_t n) { VT::cvt_row(s, d, n); }
 
-// float -> storage type, round to nearest even.
-inline void store_val(float* p, float x) { *p = x; }
-inline void store_val(bf16_t* p, float x) {
-  uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { p->x = uint16_t((u >> 16) | 0x40u); return; }  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p->x = uint16_t(u >> 16);
-}
-inline void store_val(f16_t* p, float x) {
-  _Float16 h = static_cast<_Float16>(x);
-  std::memcpy(&p->x, &h, 2);
-}
-
-// dst[0 .. D) = o * inv in the storage type (D a multiple of 16), rounded as store_val does.
+// dst[0 .. D) = o * inv in the storage type (D a multiple of 16; bf16 / fp16 rounded to nearest
+// even, as simd::vstore does on every ISA).
 template <class T>
 void store_scaled(T* dst, const float* o, float inv, int64_t D) {
-  if constexpr (std::is_same_v<T, float>) {
-    const V iv = VT::set1(inv);
-    for (int64_t d = 0; d < D; d += W) VT::store(dst + d, VT::mul(VT::load(o + d), iv));
-  } else {
-#if defined(DK_ISA_AVX512)
-    const __m512 iv = _mm512_set1_ps(inv);
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + d), iv);
-      __m256i h;
-      if constexpr (std::is_same_v<T, bf16_t>) {
-        const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
-        __m512i r = _mm512_srli_epi32(
-            _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)))), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                      _mm512_set1_epi32(0x7f800000));
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-        h = _mm512_cvtepi32_epi16(r);
-      } else {
-        h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), h);
-    }
-#elif defined(DK_ISA_AVX2)
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(o + d), iv);
-      __m128i h;
-      if constexpr (std::is_same_v<T, bf16_t>) {
-        const __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
-        __m256i r = _mm256_srli_epi32(
-            _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
-        // NaN: |u| > 0x7f800000 (signed compare is fine: both sides are below 2^31)
-        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-        r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
-        h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-      } else {
-        h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), h);
-    }
-#else
-    for (int64_t d = 0; d < D; ++d) store_val(dst + d, o[d] * inv);
-#endif
-  }
+  const simd::VF iv = simd::vset(inv);
+  for (int64_t d = 0; d < D; d += 16) simd::vstore(dst + d, simd::vmul(simd::vload(o + d), iv));
 }
 
 // ---- per-thread scratch ----------------------------------------------------------------------
@@ -687,6 +634,14 @@ DK_AMX_TARGET void amx_release() { _tile_release(); }
 // rescale factors and sums are plain lane-wise operations (no horizontal reductions, no per-row
 // branches), and K needs no packing.
 
+// C tiles 0-3 (16 x 16 fp32 each) to p, p + 256, p + 512, p + 768 (rows 64 bytes apart).
+DK_AMX_TARGET inline void store_c4(float* p) {
+  _tile_stored(0, p, 64);
+  _tile_stored(1, p + 256, 64);
+  _tile_stored(2, p + 512, 64);
+  _tile_stored(3, p + 768, 64);
+}
+
 // St[kN][16] = K . Qt, K packed as Kc[Dq/32][kN][32] bf16 (each A tile one contiguous 1 KiB).
 DK_AMX_TARGET void amx_scores_t(const uint32_t* Qt, int64_t Dq, const bf16_t* Kc, float* St) {
   _tile_zero(0);
@@ -705,10 +660,7 @@ DK_AMX_TARGET void amx_scores_t(const uint32_t* Qt, int64_t Dq, const bf16_t* Kc
     _tile_dpbf16ps(2, 7, 6);
     _tile_dpbf16ps(3, 4, 6);
   }
-  _tile_stored(0, St, 64);
-  _tile_stored(1, St + 256, 64);
-  _tile_stored(2, St + 512, 64);
-  _tile_stored(3, St + 768, 64);
+  store_c4(St);
 }
 
 // Kc[Dq/32][kN][32] from nv key rows ks apart (zero for d >= D and keys >= nv). A contiguous copy
@@ -752,10 +704,7 @@ DK_AMX_TARGET void amx_pv_t(const uint32_t* Pt, const uint32_t* Vt, int64_t D, f
     _tile_loadd(5, vt + 48 * (kN / 2) + 16, kN * 2);
     _tile_dpbf16ps(3, 4, 6);
     _tile_dpbf16ps(3, 5, 7);
-    _tile_stored(0, o, 64);
-    _tile_stored(1, o + 256, 64);
-    _tile_stored(2, o + 512, 64);
-    _tile_stored(3, o + 768, 64);
+    store_c4(o);
   }
   for (; d < D; d += 16) {  // D = 80, 96: 16-row remainder
     float* o = Ot + d * 16;
