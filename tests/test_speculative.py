@@ -87,6 +87,23 @@ def _without_replacement(probs, k, g):
     return keys.topk(k, dim=-1).indices
 
 
+def fixed_tree_case(B, V, seed):
+    """A fixed 9-node tree (parents [-1, 0, 0, 0, 1, 1, 2, 4, 4] in every row), random target
+    logits lt [B, T, V], draft probabilities qt and candidates drawn from qt without replacement
+    among siblings. Returns (parents, lt, qt, cand)."""
+    T = 9
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
+    g = _gen(seed)
+    lt = torch.randn(B, T, V, generator=g)
+    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
+    cand = torch.zeros(B, T, dtype=torch.int64)
+    for node in range(T):
+        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
+        if kids:
+            cand[:, kids] = _without_replacement(qt[:, node], len(kids), g)
+    return parents, lt, qt, cand
+
+
 # ---- chain losslessness ------------------------------------------------------------------------
 def _chain_pairs(tg, with_draft, n, seed):
     """First two emitted tokens of a generation verified with N = 2 drafts per round (a second round
@@ -513,17 +530,8 @@ def _all_outputs():
         outs += dk.chain_speculative_sampling_from_logits(q, ids, lp, seed=7, **kw)
         outs += dk.chain_speculative_sampling_from_logits(None, ids, lp.to(torch.bfloat16), seed=8, **kw)
     outs += dk.greedy_verify(ids, lp)
-    T = 9
-    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
+    parents, lt, qt, cand = fixed_tree_case(B, V, 23)
     tree = dk.build_tree(parents, 0)
-    g = _gen(23)
-    lt = torch.randn(B, T, V, generator=g)
-    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
-    cand = torch.zeros(B, T, dtype=torch.int64)
-    for node in range(T):
-        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
-        if kids:
-            cand[:, kids] = _without_replacement(qt[:, node], len(kids), g)
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling)
     outs += dk.tree_speculative_sampling(*args, lt.softmax(-1), qt, seed=9)
     outs += dk.tree_speculative_sampling(*args, lt.softmax(-1), None, seed=10)
@@ -752,16 +760,7 @@ def test_cuda_matches_cpu():
         lambda d: dk.chain_speculative_sampling_from_logits(None, ids.to(d), lp.to(d).half(), seed=7),
         lambda d: dk.greedy_verify(ids.to(d), lp.to(d)),
     ]
-    T = 9
-    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
-    g = _gen(53)
-    lt = torch.randn(B, T, V, generator=g)
-    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
-    cand = torch.zeros(B, T, dtype=torch.int64)
-    for node in range(T):
-        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
-        if kids:
-            cand[:, kids] = _without_replacement(qt[:, node], len(kids), g)
+    parents, lt, qt, cand = fixed_tree_case(B, V, 53)
 
     def tree(d):
         t = dk.build_tree(parents.to(d), 3)

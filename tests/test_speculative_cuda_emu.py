@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import emu_spec  # noqa: E402
 import decodekit as dk  # noqa: E402
+from test_speculative import fixed_tree_case  # noqa: E402
 
 ops = torch.ops.decodekit
 pytestmark = pytest.mark.skipif(emu_spec.compiler() is None, reason="no host C++ compiler to build the emulator")
@@ -65,19 +66,8 @@ def test_chain_matches_cpu(case):
 
 
 def _tree_inputs(B=5, V=5000, seed=0):
-    T = 9
-    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
-    tree = dk.build_tree(parents, 0)
-    g = _gen(seed)
-    lt = torch.randn(B, T, V, generator=g)
-    qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
-    cand = torch.zeros(B, T, dtype=torch.int64)
-    for node in range(T):
-        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
-        if kids:
-            u = torch.rand(B, V, generator=g, dtype=torch.float64)
-            cand[:, kids] = (qt[:, node].double().log() - (-u.log()).log()).topk(len(kids), -1).indices
-    return tree, cand, lt, qt
+    parents, lt, qt, cand = fixed_tree_case(B, V, seed)
+    return dk.build_tree(parents, 0), cand, lt, qt
 
 
 TREE = [
