@@ -79,6 +79,20 @@ def _check_tensor(x, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+def _chain(target, target_name, draft_token_ids, draft_probs, num_draft_tokens, kind, filters, seed, offset,
+           generator, out_acc, out_emi, out_dtype):
+    """The common body of the chain wrappers: argument checks, seeds, the op, the optional
+    accumulation into caller tensors (FlashInfer's maybe_output_* arguments) and the id dtype."""
+    _check_tensor(target, target_name)
+    _check_tensor(draft_token_ids, "draft_token_ids")
+    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
+    ids, acc, emi = ops.chain_verify(target, draft_token_ids, draft_probs, num_draft_tokens, kind, *filters,
+                                     seed_arr, seed_val, off)
+    acc = _accumulate(out_acc, acc, "maybe_output_accepted_token_num")
+    emi = _accumulate(out_emi, emi, "maybe_output_emitted_draft_token_num")
+    return _ids_out(ids, out_dtype), acc, emi
+
+
 # ---------------------------------------------------------------------------------------------
 # chains
 def chain_speculative_sampling(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
@@ -98,14 +112,9 @@ def chain_speculative_sampling(draft_probs: Optional[torch.Tensor], draft_token_
 
     Returns (output_token_ids [B, N+1] padded with -1, accepted_num [B], emitted_num [B]).
     """
-    _check_tensor(target_probs, "target_probs")
-    _check_tensor(draft_token_ids, "draft_token_ids")
-    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
-    ids, acc, emi = ops.chain_verify(target_probs, draft_token_ids, draft_probs, num_draft_tokens, _PROBS,
-                                     *_NO_FILTERS, seed_arr, seed_val, off)
-    acc = _accumulate(maybe_output_accepted_token_num, acc, "maybe_output_accepted_token_num")
-    emi = _accumulate(maybe_output_emitted_draft_token_num, emi, "maybe_output_emitted_draft_token_num")
-    return _ids_out(ids, out_dtype), acc, emi
+    return _chain(target_probs, "target_probs", draft_token_ids, draft_probs, num_draft_tokens, _PROBS, _NO_FILTERS,
+                  seed, offset, generator, maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num,
+                  out_dtype)
 
 
 def chain_speculative_sampling_from_logits(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
@@ -120,14 +129,9 @@ def chain_speculative_sampling_from_logits(draft_probs: Optional[torch.Tensor], 
     the ordinary sampler draws from (temperature -> top-k -> top-p -> min-p, DESIGN.md section 3),
     resolved inside the kernel, so verified and replacement tokens obey the same filters.
     temperature == 0 (per row) means greedy verification (accept while draft == argmax)."""
-    _check_tensor(target_logits, "target_logits")
-    _check_tensor(draft_token_ids, "draft_token_ids")
-    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
-    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, draft_probs, num_draft_tokens, _LOGITS,
-                                     *_filter_args(temperature, top_k, top_p, min_p, order), seed_arr, seed_val, off)
-    acc = _accumulate(maybe_output_accepted_token_num, acc, "maybe_output_accepted_token_num")
-    emi = _accumulate(maybe_output_emitted_draft_token_num, emi, "maybe_output_emitted_draft_token_num")
-    return _ids_out(ids, out_dtype), acc, emi
+    return _chain(target_logits, "target_logits", draft_token_ids, draft_probs, num_draft_tokens, _LOGITS,
+                  _filter_args(temperature, top_k, top_p, min_p, order), seed, offset, generator,
+                  maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num, out_dtype)
 
 
 def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, num_draft_tokens=None,
