@@ -31,6 +31,23 @@ static Target make_target(const void* data, int kind, int dtype, int64_t V, int6
   return t;
 }
 
+// The fields every verification kernel's arguments share: target, draft, counter-based RNG and
+// the per-row lane workspace.
+template <class A>
+void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
+                float temp_val, const float* draft, int64_t dsb, int64_t dsr, const int64_t* seeds, uint64_t seed,
+                uint64_t offset, double* lanes, int64_t lanes_per_row_) {
+  a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
+  a.draft.data = draft;
+  a.draft.stride_b = dsb;
+  a.draft.stride_r = dsr;
+  a.rng.seeds = seeds;
+  a.rng.seed = seed;
+  a.rng.offset = offset;
+  a.ws.lanes = lanes;
+  a.ws.lanes_per_row = lanes_per_row_;
+}
+
 extern "C" {
 int dk_emu_spec_threads() { return kThreads; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
@@ -40,22 +57,15 @@ void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t ts
                   const int64_t* num_draft, int64_t B, int64_t N, const int64_t* seeds, uint64_t seed, uint64_t offset,
                   int64_t* out_ids, int32_t* out_acc, int32_t* out_emi, double* lanes, int64_t* removed) {
   ChainArgs a;
-  a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
-  a.draft.data = draft;
-  a.draft.stride_b = dsb;
-  a.draft.stride_r = dsr;
+  set_common(a, target, kind, dtype, V, tsb, tsr, temp, temp_val, draft, dsb, dsr, seeds, seed, offset, lanes,
+             lanes_per_row(V));
   a.draft_ids = ids;
   a.num_draft = num_draft;
   a.B = B;
   a.N = N;
-  a.rng.seeds = seeds;
-  a.rng.seed = seed;
-  a.rng.offset = offset;
   a.out_ids = out_ids;
   a.out_accepted = out_acc;
   a.out_emitted = out_emi;
-  a.ws.lanes = lanes;
-  a.ws.lanes_per_row = lanes_per_row(V);
   a.ws.removed = removed;
   a.ws.removed_per_row = 1;
   run<ChainK>(a.target, unsigned(B), a);
@@ -68,10 +78,8 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
                  int32_t* err, int64_t* err_node, double* lanes, float* resid, int64_t* removed, uint8_t* seen,
                  int64_t* stack) {
   TreeArgs a;
-  a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
-  a.draft.data = draft;
-  a.draft.stride_b = dsb;
-  a.draft.stride_r = dsr;
+  set_common(a, target, kind, dtype, V, tsb, tsr, temp, temp_val, draft, dsb, dsr, seeds, seed, offset, lanes,
+             lanes_per_row(V > 0 ? V : 1));
   a.cand = cand;
   a.retrive_index = ri;
   a.next_token = nt;
@@ -79,16 +87,11 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
   a.B = B;
   a.T = T;
   a.W = W;
-  a.rng.seeds = seeds;
-  a.rng.seed = seed;
-  a.rng.offset = offset;
   a.predicts = predicts;
   a.accept_index = accept_index;
   a.accept_num = accept_num;
   a.err = err;
   a.err_node = err_node;
-  a.ws.lanes = lanes;
-  a.ws.lanes_per_row = lanes_per_row(V > 0 ? V : 1);
   a.ws.resid = resid;
   a.ws.resid_per_row = (V + 15) / 16 * 16;
   a.ws.removed = removed;
