@@ -31,14 +31,8 @@ using M16 = uint32_t;  // low 16 bits used
 
 inline int popcount16(M16 m) { return __builtin_popcount(m & 0xffffu); }
 
-// float -> bf16 / fp16 bits, round to nearest even (NaN stays a quiet NaN). The vector vstore
+// float -> fp16 bits, round to nearest even (bf16: dk::bf16_bits in common.h). The vector vstore
 // overloads below round the same way.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 inline uint16_t f16_bits(float x) {
   const _Float16 h = static_cast<_Float16>(x);
   uint16_t r;
@@ -232,7 +226,7 @@ struct VI { uint32_t v[16]; };
 inline VF vset(float c) { VF r; DK_LOOP r.v[j] = c; return r; }
 template <class T> inline VF vload(const T* p) { VF r; DK_LOOP r.v[j] = to_float(p[j]); return r; }
 inline void vstore(float* p, VF a) { DK_LOOP p[j] = a.v[j]; }
-inline void vstore(bf16_t* p, VF a) { DK_LOOP p[j].x = bf16_bits(a.v[j]); }
+inline void vstore(bf16_t* p, VF a) { DK_LOOP p[j].x = dk::bf16_bits(a.v[j]); }
 inline void vstore(f16_t* p, VF a) { DK_LOOP p[j].x = f16_bits(a.v[j]); }
 inline VF vadd(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] + b.v[j]; return r; }
 inline VF vsub(VF a, VF b) { VF r; DK_LOOP r.v[j] = a.v[j] - b.v[j]; return r; }

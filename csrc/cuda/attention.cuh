@@ -56,12 +56,7 @@ DK_HOST_DEVICE size_t smem_floats(int64_t D) { return size_t(kRows * D + kKeys *
 
 // float -> storage, round to nearest even (bit-exact on host and device).
 DK_HOST_DEVICE void store_val(float* p, float x) { *p = x; }
-DK_HOST_DEVICE void store_val(bf16_t* p, float x) {
-  uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { p->x = uint16_t((u >> 16) | 0x40u); return; }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  p->x = uint16_t(u >> 16);
-}
+DK_HOST_DEVICE void store_val(bf16_t* p, float x) { p->x = bf16_bits(x); }
 DK_HOST_DEVICE void store_val(f16_t* p, float x) {
   const uint32_t u = float_to_bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;

@@ -13,12 +13,6 @@
 
 using namespace dk::cpu;
 
-static uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 static float from_bits16(uint16_t h, DType dt) {
   if (dt == DType::BF16) return dk::to_float(dk::bf16_t{h});
   return dk::to_float(dk::f16_t{h});
@@ -55,7 +49,7 @@ static int run_case(const AttnTable& tab, const Case& c, std::mt19937& rng) {
       if (c.dt == DType::F32) {
         std::memcpy(raw + 4 * i, &x, 4);
       } else {
-        uint16_t h = c.dt == DType::BF16 ? to_bf16(x) : to_f16(x);
+        uint16_t h = c.dt == DType::BF16 ? dk::bf16_bits(x) : to_f16(x);
         std::memcpy(raw + 2 * i, &h, 2);
         x = from_bits16(h, c.dt);
       }

@@ -55,6 +55,14 @@ DK_HOST_DEVICE float to_float(f16_t v) {
   return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
 }
 
+// float -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN. Bit-exact on host and device.
+DK_HOST_DEVICE uint16_t bf16_bits(float x) {
+  uint32_t u = float_to_bits(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
 // Order-preserving map float -> uint32 (larger float => larger key). NaN is not ordered.
 DK_HOST_DEVICE uint32_t float_key(float f) {
   uint32_t u = float_to_bits(f);
