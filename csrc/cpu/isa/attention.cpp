@@ -626,13 +626,13 @@ DK_AMX_TARGET void amx_config() {
 DK_AMX_TARGET void amx_release() { _tile_release(); }
 
 // The AMX path works transposed, with the 16 query rows of a tile in the N (column) dimension:
-//   S^T[key][row] = K . Q^T     A = 16 key rows x 32 d, read straight from the cache (or a padded
-//                               copy); B = Q^T as pairs, Qt[Dq/2][16] words (packed once per item)
+//   S^T[key][row] = K . Q^T     A = 16 key rows x 32 d of Kc (K copied per block, not transposed);
+//                               B = Q^T as pairs, Qt[Dq/2][16] words (packed once per item)
 //   O^T[d][row] += V^T . P^T    A = 16 d rows x 32 keys of Vt[D][kN] (bf16, packed per block);
 //                               B = P^T as pairs, Pt[kN/2][16] words (written by the softmax)
 // so the online softmax works on vectors whose 16 lanes are the 16 rows of the tile: per-row maxima,
 // rescale factors and sums are plain lane-wise operations (no horizontal reductions, no per-row
-// branches), and K needs no packing.
+// branches).
 
 // C tiles 0-3 (16 x 16 fp32 each) to p, p + 256, p + 512, p + 768 (rows 64 bytes apart).
 DK_AMX_TARGET inline void store_c4(float* p) {
@@ -847,10 +847,12 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   float* mrow = s.ml.get<float>(size_t((2 + W) * Mp));
   float* lrow = mrow + Mp;
   float* Lv = lrow + Mp;  // W lane sums per row during the prefix (reduced into lrow after it)
-  std::memset(O, 0, size_t(Mp * D) * sizeof(float));
   for (int64_t i = 0; i < Mp; ++i) mrow[i] = kNegInf;
   std::memset(lrow, 0, size_t(Mp) * sizeof(float));  // (the W-lane paths set lrow from Lv after the prefix)
-  std::memset(Lv, 0, size_t(W * M) * sizeof(float));
+  if constexpr (kMode != 2) {  // (the AMX path accumulates in O^T and writes all of O from it)
+    std::memset(O, 0, size_t(Mp * D) * sizeof(float));
+    std::memset(Lv, 0, size_t(W * M) * sizeof(float));
+  }
   float* row = s.row.get<float>(size_t(4 * D + 64));
 
   // Q rows of the group: fp32, or raw bf16 for the vdpbf16ps / AMX paths (zero pad rows for AMX).
@@ -872,11 +874,10 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
 
   // ---- 1. dense prefix ----
   if (P > 0 || kMode == 2) {  // (the AMX path runs the tree keys as masked blocks too)
-    constexpr int RT = kMode == 2 ? 16 : kR;  // rows per tile
-    float* S = s.s.get<float>(size_t(RT * kN));
-    float alpha[16];
     if constexpr (kMode == 1) {
 #if defined(DK_ISA_AVX512)
+      float* S = s.s.get<float>(size_t(kR * kN));
+      float alpha[16];
       const uint32_t* Qw = reinterpret_cast<const uint32_t*>(Qb);
       uint32_t* Kp = s.kt.get<uint32_t>(size_t(D / 2 * kN));
       uint32_t* Vp = s.vb.get<uint32_t>(size_t(kN / 2 * D));
