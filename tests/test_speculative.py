@@ -87,14 +87,14 @@ def _without_replacement(probs, k, g):
     return keys.topk(k, dim=-1).indices
 
 
-def fixed_tree_case(B, V, seed):
+def fixed_tree_case(B, V, seed, scale=1.0):
     """A fixed 9-node tree (parents [-1, 0, 0, 0, 1, 1, 2, 4, 4] in every row), random target
-    logits lt [B, T, V], draft probabilities qt and candidates drawn from qt without replacement
-    among siblings. Returns (parents, lt, qt, cand)."""
+    logits lt [B, T, V] (standard normal times scale), draft probabilities qt and candidates drawn
+    from qt without replacement among siblings. Returns (parents, lt, qt, cand)."""
     T = 9
     parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
     g = _gen(seed)
-    lt = torch.randn(B, T, V, generator=g)
+    lt = torch.randn(B, T, V, generator=g) * scale
     qt = (lt + torch.randn(B, T, V, generator=g)).softmax(-1)
     cand = torch.zeros(B, T, dtype=torch.int64)
     for node in range(T):
@@ -347,18 +347,10 @@ def test_chain_matches_reference(V):
 
 @pytest.mark.parametrize("V", [12, 5000])
 def test_tree_matches_reference(V):
-    B, T = 48, 9
-    g = _gen(V)
-    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4]).expand(B, T)
+    B = 48
+    parents, lp, q, cand = fixed_tree_case(B, V, V, scale=2)
     tree = dk.build_tree(parents, 3)
-    lp = torch.randn(B, T, V, generator=g) * 2
     p = lp.softmax(-1)
-    q = (lp + torch.randn(B, T, V, generator=g)).softmax(-1)
-    cand = torch.zeros(B, T, dtype=torch.int64)
-    for node in range(T):
-        kids = [c for c in range(1, T) if int(parents[0, c]) == node]
-        if kids:
-            cand[:, kids] = _without_replacement(q[:, node], len(kids), g)
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, p)
     for dq, W, seed in itertools.product((q, None), (None, 2, 1), (99, torch.arange(B) * 7919)):
         got = dk.tree_speculative_sampling(*args, dq, seed=seed, num_speculative_tokens=W)
