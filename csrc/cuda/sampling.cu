@@ -35,7 +35,7 @@ cuda::RowFilterArgs cuda_filter(const FilterPack& fp) {
   return f;
 }
 
-cuda::SampleArgs sample_args(const RowSetup& rs, int64_t seed_val, int64_t offset) {
+cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   cuda::SampleArgs a;
   cpu::Matrix m = as_matrix(rs.x);
   a.x = m.data;
@@ -46,7 +46,7 @@ cuda::SampleArgs sample_args(const RowSetup& rs, int64_t seed_val, int64_t offse
   a.indices = rs.idx_ptr();
   a.n_out = rs.n_out;
   a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(seed_val);
+  a.seed = uint64_t(rs.seed_val);
   a.offset = uint64_t(offset);
   return a;
 }
@@ -58,13 +58,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     int64_t order, const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
   check_cuda(x, is_probs ? "probs" : "logits");
   c10::cuda::CUDAGuard guard(x.device());
-  RowSetup rs = setup_rows(x, indices, seed_arr, is_probs ? "probs" : "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, is_probs ? "probs" : "logits");
   FilterPack fp = pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
   auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
   auto logprobs = at::empty({rs.n_out}, x.options().dtype(at::kFloat));
   if (rs.n_out == 0) return {tokens, valid, logprobs};
-  cuda::SampleArgs a = sample_args(rs, seed_val, offset);
+  cuda::SampleArgs a = sample_args(rs, offset);
   a.filter = cuda_filter(fp);
   auto ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.V)}, x.options().dtype(at::kDouble));
   a.workspace = ws.data_ptr<double>();
@@ -80,11 +80,11 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sample_cuda(const at::Tensor& x, const
                                                       int64_t offset) {
   check_cuda(x, "logits");
   c10::cuda::CUDAGuard guard(x.device());
-  RowSetup rs = setup_rows(x, indices, seed_arr, "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
   auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
   if (rs.n_out == 0) return {tokens, valid};
-  cuda::SampleArgs a = sample_args(rs, seed_val, offset);
+  cuda::SampleArgs a = sample_args(rs, offset);
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
   C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));

@@ -688,11 +688,11 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
     return;
   }
   const double Z = lane16_mass(x, V, sel.w, sel.t, sel.minw, nullptr, s);
-  const float inv = float(1.0 / Z);
+  const RenormScale sc = renorm_scale(Z);  // tiny total mass: exact 2^64 pre-scaling (common.h)
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
     const float v = ld(x, i);
     const float e = sel.w(v);
-    out[i] = (v >= sel.t && e >= sel.minw) ? e * inv : 0.f;
+    out[i] = (v >= sel.t && e >= sel.minw) ? __fmul_rn(__fmul_rn(e, sc.pre), sc.inv) : 0.f;
   }
 }
 

@@ -51,8 +51,7 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTe
            "temperature alone");
   if (T_arr) {
     check_cuda(*T_arr, "temperature");
-    keep.T = per_row(T_arr, B, at::kFloat, "temperature");
-    check_temperature(*keep.T);
+    keep.T = temperature_rows(row_shape(*T_arr, B, "temperature"));
     t.temperature = keep.T->data_ptr<float>();
   } else {
     check_temperature(T_val);

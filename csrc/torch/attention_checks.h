@@ -76,7 +76,7 @@ inline void check_prefix_lens_values(const at::Tensor& plens, const AttnShape& s
   const auto mn = plens.min().item<int64_t>();
   const auto mx = plens.max().item<int64_t>();
   DK_CHECK(mn >= 0, "prefix_lens must be >= 0, got ", mn);
-  DK_CHECK(mx + s.T <= s.S, "prefix_lens[b] + T must be <= the k/v length S = ", s.S,
+  DK_CHECK(mx <= s.S - s.T, "prefix_lens[b] + T must be <= the k/v length S = ", s.S,
            " (the tree's keys are at positions prefix_lens[b] .. prefix_lens[b] + T - 1), got max prefix_lens ", mx,
            " with T = ", s.T);
 }

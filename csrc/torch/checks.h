@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <cmath>
 #include <optional>
 #include <string>
 #include "cpu/kernels.h"
@@ -21,11 +22,25 @@ inline cpu::DType float_dtype(const at::Tensor& t, const char* name) {
   return cpu::DType::F32;
 }
 
+// Numeric limits (README "Limits"): V and the number of rows fit in int32 (token ids and Philox
+// streams are 32-bit), offsets fit in 48 bits (the counter layout of philox.h).
+constexpr int64_t kMaxV = 2147483647;         // 2^31 - 1
+constexpr int64_t kMaxRows = 2147483647;      // 2^31 - 1
+constexpr int64_t kMaxOffset = 281474976710655;  // 2^48 - 1
+constexpr double kF32Max = 3.4028234663852886e38;
+constexpr double kF32MinNormal = 1.1754943508222875e-38;
+
 inline void check_matrix(const at::Tensor& t, const char* name) {
   DK_CHECK(t.dim() == 2, name, " must be 2-D [B, V], got shape ", t.sizes());
   DK_CHECK(t.size(1) >= 1, name, " must have V >= 1 columns, got shape ", t.sizes());
+  DK_CHECK(t.size(1) <= kMaxV, name, " has V = ", t.size(1), " columns; decodekit supports V <= 2^31 - 1");
+  DK_CHECK(t.size(0) <= kMaxRows, name, " has ", t.size(0), " rows; decodekit supports at most 2^31 - 1");
   DK_CHECK(t.size(0) == 0 || t.size(1) == 1 || t.stride(1) == 1, name,
            " must be contiguous in the last dimension (stride(1) == 1), got strides ", t.strides());
+}
+
+inline void check_offset(int64_t offset) {
+  DK_CHECK(offset >= 0 && offset <= kMaxOffset, "offset must be in [0, 2^48), got ", offset);
 }
 
 inline cpu::Matrix as_matrix(const at::Tensor& t) {
@@ -42,13 +57,11 @@ inline void check_same_device(const at::Tensor& ref, const std::optional<at::Ten
   if (t) DK_CHECK(t->device() == ref.device(), name, " must be on ", ref.device(), ", got ", t->device());
 }
 
-// A per-row parameter tensor: 1-D of length n, converted to `dtype`, contiguous.
-inline std::optional<at::Tensor> per_row(const std::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype,
-                                         const char* name) {
-  if (!t) return std::nullopt;
-  DK_CHECK(t->dim() == 1 && t->size(0) == n, name, " must be a scalar or a 1-D tensor of length ", n,
-           ", got shape ", t->sizes());
-  return t->to(dtype).contiguous();
+// A per-row parameter tensor must be 1-D of length n (returned unchanged).
+inline const at::Tensor& row_shape(const at::Tensor& t, int64_t n, const char* name) {
+  DK_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be a scalar or a 1-D tensor of length ", n,
+           ", got shape ", t.sizes());
+  return t;
 }
 
 inline void check_indices(const at::Tensor& idx, int64_t B, const char* name) {
@@ -61,22 +74,58 @@ inline void check_indices(const at::Tensor& idx, int64_t B, const char* name) {
   }
 }
 
-// Range checks of filter parameters (scalar and tensor forms).
-inline void check_temperature(double v) { DK_CHECK(v >= 0.0, "temperature must be >= 0 (0 = greedy), got ", v); }
-inline void check_top_p(double v) { DK_CHECK(v > 0.0, "top_p must be in (0, 1], got ", v); }
-inline void check_min_p(double v) { DK_CHECK(v >= 0.0 && v <= 1.0, "min_p must be in [0, 1], got ", v); }
-inline void check_temperature(const at::Tensor& t) {
-  if (t.numel()) DK_CHECK(!(t < 0).any().item<bool>() && !t.isnan().any().item<bool>(),
-                          "temperature must be >= 0 (0 = greedy) in every row, got min ", t.min().item<double>());
+// Range checks of filter parameters, on the values as given (a float64 tensor or a double), before
+// any conversion to the kernels' float32, so a message quotes what the user passed:
+//   temperature: 0 (greedy) or a normal float32 in [2^-126, FLT_MAX] (1 / T must be finite);
+//   top_p: > 0 (p >= 1 disables; a p below float32's range keeps the argmax tie group, as any p < 1/V);
+//   min_p: in [0, 1].
+inline bool temperature_ok(double v) { return v == 0.0 || (v >= kF32MinNormal && v <= kF32Max); }
+inline bool top_p_ok(double v) { return v > 0.0; }
+inline bool min_p_ok(double v) { return v >= 0.0 && v <= 1.0; }
+inline const char* temperature_rule() {
+  return "temperature must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
 }
-inline void check_top_p(const at::Tensor& t) {
-  if (t.numel()) DK_CHECK(!(t <= 0).any().item<bool>() && !t.isnan().any().item<bool>(),
-                          "top_p must be in (0, 1] in every row, got min ", t.min().item<double>());
+inline void check_temperature(double v) { DK_CHECK(temperature_ok(v), temperature_rule(), ", got ", v); }
+inline void check_top_p(double v) { DK_CHECK(top_p_ok(v), "top_p must be in (0, 1] (values >= 1 disable it), got ", v); }
+inline void check_min_p(double v) { DK_CHECK(min_p_ok(v), "min_p must be in [0, 1], got ", v); }
+
+// The first value of a per-row parameter tensor outside its range (NaN counts as outside), if any.
+template <class Ok>
+std::optional<double> first_bad(const at::Tensor& t, Ok ok) {
+  if (t.numel() == 0) return std::nullopt;
+  at::Tensor d = t.to(at::kDouble).cpu().contiguous();
+  const double* v = d.data_ptr<double>();
+  for (int64_t i = 0; i < d.numel(); ++i)
+    if (!ok(v[i])) return v[i];
+  return std::nullopt;
 }
-inline void check_min_p(const at::Tensor& t) {
-  if (t.numel()) DK_CHECK(!((t < 0) | (t > 1)).any().item<bool>() && !t.isnan().any().item<bool>(),
-                          "min_p must be in [0, 1] in every row, got range [", t.min().item<double>(), ", ",
-                          t.max().item<double>(), "]");
+
+// float32 copies the kernels read; a positive top_p below float32's range becomes FLT_MIN (same result).
+inline float top_p_f32(double v) { return v > 0.0 && v < kF32MinNormal ? float(kF32MinNormal) : float(v); }
+
+// Checked per-row parameter tensors in the kernels' dtypes (float32 / int64), contiguous, on `dev`.
+inline at::Tensor temperature_rows(const at::Tensor& t) {
+  auto bad = first_bad(t, temperature_ok);
+  DK_CHECK(!bad, temperature_rule(), " in every row, got ", *bad);
+  return t.to(at::kFloat).contiguous();
+}
+inline at::Tensor top_p_rows(const at::Tensor& t) {
+  auto bad = first_bad(t, top_p_ok);
+  DK_CHECK(!bad, "top_p must be in (0, 1] in every row (values >= 1 disable it), got ", *bad);
+  return t.to(at::kDouble).clamp_min(kF32MinNormal).to(at::kFloat).contiguous();
+}
+inline at::Tensor min_p_rows(const at::Tensor& t) {
+  auto bad = first_bad(t, min_p_ok);
+  DK_CHECK(!bad, "min_p must be in [0, 1] in every row, got ", *bad);
+  return t.to(at::kFloat).contiguous();
+}
+// top_k: integers; k <= 0 or k >= V disables, so float values beyond +-4e18 (and +-inf) are
+// clamped there before the int64 conversion (same meaning, no overflow).
+inline at::Tensor top_k_rows(const at::Tensor& t) {
+  if (!t.is_floating_point()) return t.to(at::kLong).contiguous();
+  auto bad = first_bad(t, [](double v) { return std::isinf(v) || v == std::floor(v); });
+  DK_CHECK(!bad, "top_k must hold integers in every row, got ", *bad);
+  return t.to(at::kDouble).clamp(-4e18, 4e18).to(at::kLong).contiguous();
 }
 
 // ---- argument packing shared by the CPU and CUDA bindings of the sampling/filter ops ---------
@@ -96,27 +145,53 @@ struct FilterPack {
   const float* mp_ptr() const { return mp ? mp->data_ptr<float>() : nullptr; }
 };
 
+// The checks and conversions of the four filter parameters, shared by every op that takes them
+// (sampling, filters, speculative verification from logits). Tensors are 1-D of length n.
+inline FilterPack pack_filter_params(int64_t n, bool is_probs, const std::optional<at::Tensor>& T_arr, double T_val,
+                                     const std::optional<at::Tensor>& k_arr, int64_t k_val,
+                                     const std::optional<at::Tensor>& p_arr, double p_val,
+                                     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
+  DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential/top_k_first) or 1 (joint), got ", order);
+  FilterPack f;
+  f.is_probs = is_probs;
+  f.order = order;
+  if (T_arr) f.T = temperature_rows(row_shape(*T_arr, n, "temperature"));
+  else { check_temperature(T_val); f.T_val = float(T_val); }
+  if (k_arr) f.k = top_k_rows(row_shape(*k_arr, n, "top_k"));
+  else f.k_val = k_val;
+  if (p_arr) f.p = top_p_rows(row_shape(*p_arr, n, "top_p"));
+  else { check_top_p(p_val); f.p_val = top_p_f32(p_val); }
+  if (mp_arr) f.mp = min_p_rows(row_shape(*mp_arr, n, "min_p"));
+  else { check_min_p(mp_val); f.mp_val = float(mp_val); }
+  return f;
+}
+
 inline FilterPack pack_filter(const at::Tensor& x, int64_t n, bool is_probs, const std::optional<at::Tensor>& T_arr,
                               double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
                               const std::optional<at::Tensor>& p_arr, double p_val,
                               const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
-  DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential/top_k_first) or 1 (joint), got ", order);
   check_same_device(x, T_arr, "temperature");
   check_same_device(x, k_arr, "top_k");
   check_same_device(x, p_arr, "top_p");
   check_same_device(x, mp_arr, "min_p");
-  FilterPack f;
-  f.is_probs = is_probs;
-  f.order = order;
-  f.T = per_row(T_arr, n, at::kFloat, "temperature");
-  f.k = per_row(k_arr, n, at::kLong, "top_k");
-  f.p = per_row(p_arr, n, at::kFloat, "top_p");
-  f.mp = per_row(mp_arr, n, at::kFloat, "min_p");
-  if (f.T) check_temperature(*f.T); else { check_temperature(T_val); f.T_val = float(T_val); }
-  if (!f.k) f.k_val = k_val;
-  if (f.p) check_top_p(*f.p); else { check_top_p(p_val); f.p_val = float(p_val); }
-  if (f.mp) check_min_p(*f.mp); else { check_min_p(mp_val); f.mp_val = float(mp_val); }
-  return f;
+  return pack_filter_params(n, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+}
+
+// Seeds of n output rows: a tensor of n seeds (row i's stream is keyed by seed[i] alone), or a
+// tensor holding ONE seed, which is the scalar form (read here into seed_val: every output row
+// draws its own stream, the row index being part of the counter). For n == 1 both readings give the
+// same stream. The one-seed tensor is how a seed drawn inside a compiled graph reaches the op.
+inline std::optional<at::Tensor> seed_rows(const std::optional<at::Tensor>& seed_arr, int64_t n, int64_t& seed_val) {
+  if (!seed_arr) return std::nullopt;
+  DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
+           "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
+  DK_CHECK(seed_arr->dim() <= 1 && (seed_arr->numel() == n || seed_arr->numel() == 1), "seed must be an int or an "
+           "int64 tensor of length 1 or ", n, " (one seed per output row), got shape ", seed_arr->sizes());
+  if (seed_arr->numel() == 1 && n != 1) {
+    seed_val = seed_arr->to(at::kLong).cpu().item<int64_t>();
+    return std::nullopt;
+  }
+  return seed_arr->reshape({-1}).to(at::kLong).contiguous();
 }
 
 // Rows of a sampling op: the checked input, gathered indices (int64) and per-output-row seeds.
@@ -124,29 +199,31 @@ struct RowSetup {
   at::Tensor x;
   std::optional<at::Tensor> idx, seeds;
   int64_t n_out = 0;
+  int64_t seed_val = 0;  // the scalar seed when seed_arr held one seed (else the caller's)
   const int64_t* idx_ptr() const { return idx ? idx->data_ptr<int64_t>() : nullptr; }
   const int64_t* seeds_ptr() const { return seeds ? seeds->data_ptr<int64_t>() : nullptr; }
 };
 
 inline RowSetup setup_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& indices,
-                           const std::optional<at::Tensor>& seed_arr, const char* xname) {
+                           const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset,
+                           const char* xname) {
+  check_offset(offset);
   check_matrix(x_in, xname);
   float_dtype(x_in, xname);
   check_same_device(x_in, indices, "indices");
-  check_same_device(x_in, seed_arr, "seed");
+  if (seed_arr && !seed_arr->is_cpu()) check_same_device(x_in, seed_arr, "seed");
   RowSetup r;
   r.x = x_in;
+  r.seed_val = seed_val;
   r.n_out = x_in.size(0);
   if (indices) {
     check_indices(*indices, x_in.size(0), "indices");
     r.idx = indices->to(at::kLong).contiguous();
     r.n_out = indices->size(0);
   }
-  if (seed_arr) {
-    DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
-             "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
-    r.seeds = per_row(seed_arr, r.n_out, at::kLong, "seed");
-  }
+  DK_CHECK(r.n_out <= kMaxRows, "indices has ", r.n_out, " entries; decodekit supports at most 2^31 - 1 output rows");
+  r.seeds = seed_rows(seed_arr, r.n_out, r.seed_val);
+  if (r.seeds && r.seeds->device() != x_in.device()) r.seeds = r.seeds->to(x_in.device());
   return r;
 }
 

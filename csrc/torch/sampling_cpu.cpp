@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
     const std::optional<at::Tensor>& p_arr, double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val,
     int64_t order, const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
-  RowSetup rs = setup_rows(x, indices, seed_arr, is_probs ? "probs" : "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, is_probs ? "probs" : "logits");
   FilterPack fp = pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
   cpu::SampleArgs a;
   a.filter = cpu_filter(fp);
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   a.indices = rs.idx_ptr();
   a.n_out = rs.n_out;
   a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(seed_val);
+  a.seed = uint64_t(rs.seed_val);
   a.offset = uint64_t(offset);
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
 std::tuple<at::Tensor, at::Tensor> gumbel_sample_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
                                                      const std::optional<at::Tensor>& seed_arr, int64_t seed_val,
                                                      int64_t offset) {
-  RowSetup rs = setup_rows(x, indices, seed_arr, "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
   auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
   if (rs.n_out == 0) return {tokens, valid};
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sample_cpu(const at::Tensor& x, const 
   a.indices = rs.idx_ptr();
   a.n_out = rs.n_out;
   a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(seed_val);
+  a.seed = uint64_t(rs.seed_val);
   a.offset = uint64_t(offset);
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();

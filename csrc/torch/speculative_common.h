@@ -37,39 +37,44 @@ inline cpu::SpecTarget make_target(const at::Tensor& target, int64_t kind) {
   return t;
 }
 
-struct FilterKeep {
-  std::optional<at::Tensor> T, k, p, mp;
-};
+// The filter parameters of the logits form, checked and converted by the sampling family's
+// pack_filter_params (the kernels read them on the host, so the tensors are brought to the CPU).
+using FilterKeep = FilterPack;
+
+inline std::optional<at::Tensor> on_cpu(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->cpu()) : std::nullopt;
+}
 
 inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::optional<at::Tensor>& T_arr, double T_val,
                                   const std::optional<at::Tensor>& k_arr, int64_t k_val,
                                   const std::optional<at::Tensor>& p_arr, double p_val,
                                   const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
-  DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
+  keep = pack_filter_params(n, false, on_cpu(T_arr), T_val, on_cpu(k_arr), k_val, on_cpu(p_arr), p_val, on_cpu(mp_arr),
+                            mp_val, order);
   cpu::RowFilter f;
   f.is_probs = false;
   f.order = cpu::FilterOrder(order);
-  keep.T = per_row(T_arr ? std::optional<at::Tensor>(T_arr->cpu()) : std::nullopt, n, at::kFloat, "temperature");
-  keep.k = per_row(k_arr ? std::optional<at::Tensor>(k_arr->cpu()) : std::nullopt, n, at::kLong, "top_k");
-  keep.p = per_row(p_arr ? std::optional<at::Tensor>(p_arr->cpu()) : std::nullopt, n, at::kFloat, "top_p");
-  keep.mp = per_row(mp_arr ? std::optional<at::Tensor>(mp_arr->cpu()) : std::nullopt, n, at::kFloat, "min_p");
-  if (keep.T) { check_temperature(*keep.T); f.temperature.ptr = keep.T->data_ptr<float>(); }
-  else { check_temperature(T_val); f.temperature.scalar = float(T_val); }
-  if (keep.k) f.top_k.ptr = keep.k->data_ptr<int64_t>(); else f.top_k.scalar = k_val;
-  if (keep.p) { check_top_p(*keep.p); f.top_p.ptr = keep.p->data_ptr<float>(); }
-  else { check_top_p(p_val); f.top_p.scalar = float(p_val); }
-  if (keep.mp) { check_min_p(*keep.mp); f.min_p.ptr = keep.mp->data_ptr<float>(); }
-  else { check_min_p(mp_val); f.min_p.scalar = float(mp_val); }
+  f.temperature.ptr = keep.T_ptr();
+  f.temperature.scalar = keep.T_val;
+  f.top_k.ptr = keep.k_ptr();
+  f.top_k.scalar = keep.k_val;
+  f.top_p.ptr = keep.p_ptr();
+  f.top_p.scalar = keep.p_val;
+  f.min_p.ptr = keep.mp_ptr();
+  f.min_p.scalar = keep.mp_val;
   return f;
 }
 
+// Seeds of B rows (checks.h seed_rows: n seeds, or one seed read as the scalar form into seed_val).
 inline std::optional<at::Tensor> seeds_of(const std::optional<at::Tensor>& seed_arr, const at::Tensor& ref,
-                                          int64_t B) {
+                                          int64_t B, std::optional<int64_t>& scalar_seed) {
   if (!seed_arr) return std::nullopt;
-  DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
-           "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
-  check_device(ref, *seed_arr, "seed");
-  return per_row(seed_arr, B, at::kLong, "seed");
+  if (!seed_arr->is_cpu()) check_device(ref, *seed_arr, "seed");
+  int64_t v = 0;
+  auto seeds = seed_rows(seed_arr, B, v);
+  if (!seeds) scalar_seed = v;
+  else if (seeds->device() != ref.device()) seeds = seeds->to(ref.device());
+  return seeds;
 }
 
 inline void check_target_kind(const at::Tensor& target, int64_t kind, bool tree) {
@@ -84,6 +89,7 @@ struct ChainSetup {
   int64_t B = 0, N = 0, V = 0;
   at::Tensor ids;
   std::optional<at::Tensor> num_draft, seeds;
+  std::optional<int64_t> scalar_seed;  // a one-seed tensor read as the scalar form
 };
 
 inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_token_ids,
@@ -137,7 +143,7 @@ inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_
                "]");
     }
   }
-  s.seeds = seeds_of(seed_arr, draft_token_ids, s.B);
+  s.seeds = seeds_of(seed_arr, draft_token_ids, s.B, s.scalar_seed);
   return s;
 }
 
@@ -145,6 +151,7 @@ struct TreeSetup {
   int64_t B = 0, T = 0, V = 0;
   at::Tensor cand, ri, nt, ns;
   std::optional<at::Tensor> seeds;
+  std::optional<int64_t> scalar_seed;  // a one-seed tensor read as the scalar form
 };
 
 inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retrive_index,
@@ -209,7 +216,7 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
                "retrive_index values must be distinct (each node owns one predicts slot)");
     }
   }
-  s.seeds = seeds_of(seed_arr, candidates, s.B);
+  s.seeds = seeds_of(seed_arr, candidates, s.B, s.scalar_seed);
   return s;
 }
 
@@ -233,7 +240,13 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
            s.B, ", got shape ", prefix_lens.sizes());
   s.parents = parents.to(at::kLong).contiguous();
   s.prefix_lens = prefix_lens.to(at::kLong).contiguous();
-  if (s.B > 0) DK_CHECK(s.prefix_lens.min().item<int64_t>() >= 0, "prefix_lens must be >= 0");
+  if (s.B > 0) {
+    const auto mn = s.prefix_lens.min().item<int64_t>(), mx = s.prefix_lens.max().item<int64_t>();
+    DK_CHECK(mn >= 0, "prefix_lens must be >= 0, got ", mn);
+    // positions are prefix_lens[b] + depth with depth <= T - 1: keep them inside int64
+    DK_CHECK(mx <= INT64_MAX - s.T, "prefix_lens must be <= 2^63 - 1 - T (positions = prefix_lens + depth must fit "
+             "in int64), got ", mx, " with T = ", s.T);
+  }
   return s;
 }
 
@@ -244,6 +257,7 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
 template <class A>
 void pack_draft_rng(A& a, const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& seeds,
                     int64_t seed_val, int64_t offset) {
+  check_offset(offset);
   if (draft_probs) {
     a.draft.data = draft_probs->data_ptr<float>();
     a.draft.stride_b = draft_probs->stride(0);
@@ -266,7 +280,7 @@ inline ChainOut chain_outputs(const ChainSetup& s, const at::TensorOptions& opts
 template <class A>
 void pack_chain(A& a, const ChainSetup& s, ChainOut& o, const std::optional<at::Tensor>& draft_probs,
                 int64_t seed_val, int64_t offset) {
-  pack_draft_rng(a, draft_probs, s.seeds, seed_val, offset);
+  pack_draft_rng(a, draft_probs, s.seeds, s.scalar_seed.value_or(seed_val), offset);
   a.draft_ids = s.ids.data_ptr<int64_t>();
   a.num_draft = s.num_draft ? s.num_draft->data_ptr<int64_t>() : nullptr;
   a.B = s.B;
@@ -303,7 +317,7 @@ void pack_tree(A& a, const TreeSetup& s, int64_t W, TreeOut& o, int64_t kind, co
     a.target.stride_b = s.T;
     a.target.stride_r = 1;
   }
-  pack_draft_rng(a, draft_probs, s.seeds, seed_val, offset);
+  pack_draft_rng(a, draft_probs, s.seeds, s.scalar_seed.value_or(seed_val), offset);
   a.cand = s.cand.data_ptr<int64_t>();
   a.retrive_index = s.ri.data_ptr<int64_t>();
   a.next_token = s.nt.data_ptr<int64_t>();

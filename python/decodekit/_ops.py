@@ -24,6 +24,11 @@ def _gumbel_fake(logits, indices, seed_arr, seed_val, offset):
     return logits.new_empty((n,), dtype=torch.int64), logits.new_empty((n,), dtype=torch.bool)
 
 
+@torch.library.register_fake("decodekit::draw_seed")
+def _draw_seed_fake():
+    return torch.empty((1,), dtype=torch.int64, device="cpu")
+
+
 @torch.library.register_fake("decodekit::filter")
 def _filter_fake(x, kind, is_probs, temperature_arr, temperature_val, top_k_arr, top_k_val, top_p_arr, top_p_val,
                  min_p_arr, min_p_val, order):

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._ops import ops
+from .sampling import _is_int
 
 __all__ = ["tree_attention", "tree_attention_mask", "pack_tree_mask", "unpack_tree_mask", "register_hf_attention"]
 
@@ -17,16 +18,22 @@ PrefixLens = Union[int, Sequence[int], torch.Tensor]
 
 
 def _prefix_tensor(prefix_lens: PrefixLens, B: int, device) -> torch.Tensor:
+    """prefix_lens as an int64 tensor [B] (an int, a sequence of ints or an int tensor is accepted;
+    Python / numpy ints must lie in [0, 2^63), the op checks the rest)."""
     if isinstance(prefix_lens, torch.Tensor):
         if prefix_lens.dim() == 0:
             return prefix_lens.reshape(1).expand(B).to(device=device, dtype=torch.int64)
         return prefix_lens
-    if isinstance(prefix_lens, bool) or not isinstance(prefix_lens, (int, list, tuple)):
+    vals = [prefix_lens] if _is_int(prefix_lens) else prefix_lens
+    if not isinstance(vals, (list, tuple)) or not all(_is_int(v) for v in vals):
         raise TypeError(f"prefix_lens must be an int, a sequence of ints or an int tensor [B], got "
                         f"{type(prefix_lens).__name__}")
-    if isinstance(prefix_lens, int):
-        return torch.full((B,), prefix_lens, dtype=torch.int64, device=device)
-    return torch.tensor(list(prefix_lens), dtype=torch.int64, device=device)
+    bad = [int(v) for v in vals if not 0 <= int(v) < 2**63]
+    if bad:
+        raise ValueError(f"prefix_lens must be in [0, 2^63), got {bad[0]}")
+    if _is_int(prefix_lens):
+        return torch.full((B,), int(prefix_lens), dtype=torch.int64, device=device)
+    return torch.tensor([int(v) for v in vals], dtype=torch.int64, device=device)
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,

@@ -4,8 +4,11 @@ Semantics: ../DESIGN.md section 3 (summarised in the README). Every sampler draw
 renormalised survivors of its filters with a counter-based Philox stream, so the same seed gives
 the same tokens on every CPU path and thread count.
 """
+import math
+import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from ._ops import ops
@@ -22,22 +25,47 @@ _ORDERS = {"sequential": 0, "top_k_first": 0, "joint": 1}
 _MASK, _RENORM, _SOFTMAX = 0, 1, 2
 
 
+def _is_int(v) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    """A Python or numpy real number (not a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+_K_DISABLED = 2**62  # |top_k| beyond this means "disabled" (k <= 0 or k >= V) and fits int64
+
+
 def _split(value: Param, default, name: str, kind=float):
-    """A per-row parameter as (tensor or None, scalar)."""
+    """A per-row parameter as (tensor or None, scalar). Python and numpy scalars and 0-D tensors are
+    scalars; a 1-D tensor is one value per row. Range checks happen in the op (on the values as
+    given, before any float32 conversion), so they hold for every caller."""
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):
-        if kind is int and value.is_floating_point():
-            if bool((value != value.round()).any()):
-                raise ValueError(f"{name} must be an integer (or an integer tensor), got {value.tolist()}")
-        if value.dim() == 0:
-            return None, kind(value.item())
-        return value, default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if value.dim() != 0:
+            return value, default
+        value = value.item()
+    if not _is_real(value):
         raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer, got {value}")
-    return None, kind(value)
+    if kind is int:
+        if not _is_int(value):
+            f = _float(value)
+            if math.isnan(f) or (math.isfinite(f) and not f.is_integer()):
+                raise ValueError(f"{name} must be an integer, got {value}")
+            value = int(max(min(f, 2.0**62), -2.0**62))
+        # k <= 0 or k >= V disables: a k outside int64 keeps that meaning
+        return None, max(min(int(value), _K_DISABLED), -_K_DISABLED)
+    return None, _float(value)
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float64's range
+        return math.copysign(math.inf, v)
 
 
 def _order(order: str) -> int:
@@ -46,26 +74,64 @@ def _order(order: str) -> int:
     return _ORDERS[order]
 
 
-def _seed(seed, offset, generator, device):
-    """(seed tensor or None, scalar seed, offset). seed None: one 63-bit draw from the generator."""
+MAX_OFFSET = 2**48 - 1  # the Philox counter holds 48 bits of offset (README "Limits")
+
+
+def _offset(offset) -> int:
     if offset is None:
-        offset = 0
-    if isinstance(offset, torch.Tensor):
-        offset = int(offset.item())
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        return 0
+    if isinstance(offset, torch.Tensor) and offset.dim() == 0 and not offset.is_floating_point():
+        offset = offset.item()
+    if not _is_int(offset) or not 0 <= int(offset) <= MAX_OFFSET:
+        raise ValueError(f"offset must be an int in [0, 2^48), got {offset!r}")
+    return int(offset)
+
+
+def _seed(seed, offset, generator, device):
+    """(seed tensor or None, scalar seed as int64, offset) for the ops.
+
+    seed None: one 63-bit value drawn from `generator` (or torch's default CPU generator). Eagerly
+    it is drawn here; inside torch.compile the op decodekit::draw_seed draws the same value from the
+    default generator at run time (dynamo cannot trace a data-dependent Python int, and inductor
+    would replace torch.randint with its own generator), and passes it as a one-seed tensor, which
+    the ops read as the scalar form. A torch.Generator object cannot enter a compiled graph."""
+    off = _offset(offset)
     if seed is None:
+        if torch.compiler.is_compiling():
+            if generator is not None:
+                raise ValueError("generator= cannot be used inside torch.compile (dynamo cannot trace a "
+                                 "torch.Generator); pass seed= (an int or an int64 tensor) or leave both None "
+                                 "to draw from torch's default generator")
+            return ops.draw_seed(), 0, off
         s = torch.randint(0, 2**63 - 1, (1,), generator=generator, device="cpu").item()
-        return None, int(s), offset
+        return None, int(s), off
     if isinstance(seed, torch.Tensor):
-        if seed.dim() == 0:
-            return None, int(seed.item()), offset
         if seed.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"seed must be an int or an int64 tensor, got dtype {seed.dtype}")
-        return seed.to(device), 0, offset
-    if isinstance(seed, bool) or not isinstance(seed, int):
+        if seed.dim() == 0:
+            return None, _seed_int(seed.item()), off
+        return seed.to(device) if seed.numel() != 1 else seed, 0, off
+    if not _is_int(seed):
         raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
-    return None, seed & 0xFFFFFFFFFFFFFFFF if seed >= 0 else seed, offset
+    return None, _seed_int(seed), off
+
+
+def _seed_int(seed) -> int:
+    """A scalar seed as the int64 the op takes: any value in [-2^63, 2^64) (the 64-bit key's bits)."""
+    seed = int(seed)
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be in [-2^63, 2^64) (a 64-bit key), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _indices(indices, device, name="indices"):
+    """An index tensor argument (a Python / numpy sequence of ints is accepted)."""
+    if indices is None or isinstance(indices, torch.Tensor):
+        return indices
+    try:
+        return torch.as_tensor(indices, dtype=torch.int64, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"{name} must be a 1-D int tensor or a sequence of ints, got {indices!r}") from None
 
 
 def _check_nan(x, check_nan, name):
@@ -97,9 +163,7 @@ def _run_sample(x, is_probs, *, temperature=1.0, top_k=None, top_p=None, min_p=N
     p_arr, p_val = _split(top_p, 1.0, "top_p")
     mp_arr, mp_val = _split(min_p, 0.0, "min_p")
     seed_arr, seed_val, off = _seed(seed, offset, generator, x.device)
-    if seed_arr is None and seed_val >= 2**63:
-        seed_val -= 2**64
-    tokens, valid, logprobs = ops.sample(x, indices, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
+    tokens, valid, logprobs = ops.sample(x, _indices(indices, x.device), is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
                                          mp_val, order, seed_arr, seed_val, off)
     return _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs)
 
@@ -164,9 +228,7 @@ def sampling_from_logits(logits, indices=None, deterministic=True, generator=Non
         raise TypeError("logits must be a torch.Tensor")
     _check_nan(logits, check_nan, "logits")
     seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
-    if seed_arr is None and seed_val >= 2**63:
-        seed_val -= 2**64
-    tokens, valid = ops.gumbel_sample(logits, indices, seed_arr, seed_val, off)
+    tokens, valid = ops.gumbel_sample(logits, _indices(indices, logits.device), seed_arr, seed_val, off)
     return _finish(tokens, valid, None, out_dtype, return_valid)
 
 

@@ -30,7 +30,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._ops import ops
-from .sampling import Param, _order, _seed, _split
+from .attention import _prefix_tensor
+from .sampling import Param, _indices, _order, _seed, _split
 
 __all__ = [
     "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify",
@@ -40,13 +41,6 @@ __all__ = [
 
 _PROBS, _LOGITS, _IDS = 0, 1, 2
 _NO_FILTERS = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)
-
-
-def _seed_args(seed, offset, generator, device):
-    seed_arr, seed_val, off = _seed(seed, offset, generator, device)
-    if seed_arr is None and seed_val >= 2**63:
-        seed_val -= 2**64
-    return seed_arr, seed_val, off
 
 
 def _filter_args(temperature, top_k, top_p, min_p, order):
@@ -79,15 +73,22 @@ def _check_tensor(x, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+def _num_draft(num_draft_tokens, draft_token_ids):
+    """num_draft_tokens as a tensor (a sequence of ints is accepted), on the drafts' device."""
+    if num_draft_tokens is None or isinstance(num_draft_tokens, torch.Tensor):
+        return num_draft_tokens
+    return _indices(num_draft_tokens, draft_token_ids.device, "num_draft_tokens")
+
+
 def _chain(target, target_name, draft_token_ids, draft_probs, num_draft_tokens, kind, filters, seed, offset,
            generator, out_acc, out_emi, out_dtype):
     """The common body of the chain wrappers: argument checks, seeds, the op, the optional
     accumulation into caller tensors (FlashInfer's maybe_output_* arguments) and the id dtype."""
     _check_tensor(target, target_name)
     _check_tensor(draft_token_ids, "draft_token_ids")
-    seed_arr, seed_val, off = _seed_args(seed, offset, generator, draft_token_ids.device)
-    ids, acc, emi = ops.chain_verify(target, draft_token_ids, draft_probs, num_draft_tokens, kind, *filters,
-                                     seed_arr, seed_val, off)
+    seed_arr, seed_val, off = _seed(seed, offset, generator, draft_token_ids.device)
+    ids, acc, emi = ops.chain_verify(target, draft_token_ids, draft_probs, _num_draft(num_draft_tokens, draft_token_ids),
+                                     kind, *filters, seed_arr, seed_val, off)
     acc = _accumulate(out_acc, acc, "maybe_output_accepted_token_num")
     emi = _accumulate(out_emi, emi, "maybe_output_emitted_draft_token_num")
     return _ids_out(ids, out_dtype), acc, emi
@@ -142,8 +143,8 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
     accepted_num counting every position whose draft equals the argmax."""
     _check_tensor(target_logits, "target_logits")
     _check_tensor(draft_token_ids, "draft_token_ids")
-    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, None, num_draft_tokens, _LOGITS, None, 0.0, None,
-                                     0, None, 1.0, None, 0.0, 0, None, 0, 0)
+    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, None, _num_draft(num_draft_tokens, draft_token_ids),
+                                     _LOGITS, None, 0.0, None, 0, None, 1.0, None, 0.0, 0, None, 0, 0)
     return _ids_out(ids, out_dtype), acc, emi
 
 
@@ -168,12 +169,8 @@ def build_tree(parents: torch.Tensor, prefix_lens) -> SpecTree:
     and SGLang's retrive_* lists (children in increasing index order). An invalid tree (two roots,
     a parent out of range or after its child, a cycle) is a ValueError naming the row and node."""
     _check_tensor(parents, "parents")
-    if not isinstance(prefix_lens, torch.Tensor):
-        if isinstance(prefix_lens, bool) or not isinstance(prefix_lens, int):
-            raise ValueError(f"prefix_lens must be an int or a 1-D int tensor, got {type(prefix_lens).__name__}")
-        B = parents.shape[0] if parents.dim() >= 1 else 0
-        prefix_lens = torch.full((B,), prefix_lens, dtype=torch.int64, device=parents.device)
-    return SpecTree(*ops.build_tree(parents, prefix_lens))
+    B = parents.shape[0] if parents.dim() >= 1 else 0
+    return SpecTree(*ops.build_tree(parents, _prefix_tensor(prefix_lens, B, parents.device)))
 
 
 def _tree_width(num_speculative_tokens, candidates):
@@ -205,7 +202,7 @@ def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Ten
     accept_token_num [B]: accepted drafts)."""
     _check_tensor(candidates, "candidates")
     _check_tensor(target_probs, "target_probs")
-    seed_arr, seed_val, off = _seed_args(seed, offset, generator, candidates.device)
+    seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
                                    draft_probs, W, _PROBS, *_NO_FILTERS, seed_arr, seed_val, off)
@@ -222,7 +219,7 @@ def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_nex
     the filters applied inside the kernel at every node visited; temperature 0 = greedy."""
     _check_tensor(candidates, "candidates")
     _check_tensor(target_logits, "target_logits")
-    seed_arr, seed_val, off = _seed_args(seed, offset, generator, candidates.device)
+    seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_logits,
                                    draft_probs, W, _LOGITS, *_filter_args(temperature, top_k, top_p, min_p, order),

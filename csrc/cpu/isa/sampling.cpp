@@ -44,13 +44,15 @@ static void gumbel_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
   const VF pinf = vset(kPosInf);
   const VF s32 = vset(2.3283064365386963e-10f), s64 = vset(5.421010862427522e-20f),
            half64 = vset(2.710505431213761e-20f), vmaxu = vset(0.99999994f);
-  alignas(64) float bv[16], bi[16];
+  alignas(64) float bv[16];
+  int64_t bi[16];  // per lane: the index of its best score (int64: exact for any V)
   for (int64_t o = begin; o < end; ++o) {
     const int64_t src = a.indices ? a.indices[o] : o;
     const T* x = base + src * a.in.row_stride;
     RngKey key = row_key(a, o);
     const uint32_t c1 = 0u | (key.offset_hi16 << 16);
-    VF best = vset(kNegInf), bidx = vset(0.f);
+    VF best = vset(kNegInf);
+    for (int j = 0; j < 16; ++j) bi[j] = 0;
     M16 badm = 0;
     for (int64_t g = 0; g * 32 < V; ++g) {
       VPhilox r = vphilox(iiota(uint32_t(16 * g)), c1, key.stream, key.offset_lo, key.k0, key.k1);
@@ -65,17 +67,17 @@ static void gumbel_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
         VF score = vadd(v, gumbel_from_uniform(u));
         M16 better = vgt(score, best);
         best = vblend(better, best, score);
-        alignas(64) float ii[16];
-        for (int j = 0; j < 16; ++j) ii[j] = float(i + j);
-        bidx = vblend(better, bidx, vload(ii));
+        for (M16 m = better; m; m &= m - 1) {  // rare after the first blocks: a lane's max moved
+          const int j = __builtin_ctz(m);
+          bi[j] = i + j;
+        }
       }
     }
     vstore(bv, best);
-    vstore(bi, bidx);
     float bs = kNegInf;
     int64_t tok = 0;
     for (int j = 0; j < 16; ++j) {
-      int64_t id = int64_t(bi[j]);
+      const int64_t id = bi[j];
       if (bv[j] > bs || (bv[j] == bs && bs > kNegInf && id < tok)) { bs = bv[j]; tok = id; }
     }
     bool valid = badm == 0 && bs > kNegInf;
@@ -131,12 +133,15 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
       if (!sel.valid) { for (int64_t i = 0; i < V; ++i) out[i] = 0.f; continue; }
       double Z = row_mass(x, V, sel.w, sel.res.t, sel.res.minw, s.pf);
       const VF vt = vset(sel.res.t), vmw = vset(sel.res.minw), zero = vset(0.f);
-      const VF inv = vset(float(1.0 / Z));
+      // out = e / Z as e * float(1 / Z); a total mass below 2^-64 (1 / Z would overflow float32
+      // under ~2.9e-39) first scales e and Z by 2^64, which is exact
+      const RenormScale sc = renorm_scale(Z);
+      const VF pre = vset(sc.pre), inv = vset(sc.inv);
       for (int64_t i = 0; i < V; i += 16) {
         VF v = load_block(x, i, V, fill);
         VF e = sel.w(v);
         M16 keep = vge(v, vt) & vge(e, vmw);
-        VF o = vblend(keep, zero, vmul(e, inv));
+        VF o = vblend(keep, zero, vmul(vmul(e, pre), inv));
         if (i + 16 <= V) vstore(out + i, o);
         else { alignas(64) float t[16]; vstore(t, o); for (int64_t j = 0; j < V - i; ++j) out[i + j] = t[j]; }
       }

@@ -69,6 +69,18 @@ DK_HOST_DEVICE uint32_t float_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Renormalisation e / Z as (e * pre) * inv with inv = float(1 / (Z * pre)): pre = 1 unless the total
+// mass Z is below 2^-64, where pre = 2^64 keeps 1 / (Z * pre) inside float32 (1 / Z overflows for
+// Z < ~2.9e-39). Scaling by a power of two is exact, and e <= Z keeps e * pre finite.
+struct RenormScale { float pre, inv; };
+DK_HOST_DEVICE RenormScale renorm_scale(double Z) {
+  const double pre = Z < 5.421010862427522e-20 ? 18446744073709551616.0 : 1.0;
+  RenormScale r;
+  r.pre = float(pre);
+  r.inv = float(1.0 / (Z * pre));
+  return r;
+}
+
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
 
