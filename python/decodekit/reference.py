@@ -67,7 +67,9 @@ def top_p_keep(w: torch.Tensor, p, among: Optional[torch.Tensor] = None) -> torc
     if p is None:
         return keep
     for b in range(B):
-        if p[b] >= 1:
+        if p[b] >= 1:  # disabled: keeps what the earlier filters kept
+            if among is not None:
+                keep[b] = among[b]
             continue
         wb = w[b] if among is None else torch.where(among[b], w[b], torch.zeros_like(w[b]))
         Z = wb.sum()
@@ -252,6 +254,11 @@ def _inverse_cdf(w: torch.Tensor, u: float) -> int:
     return min(i, int(torch.nonzero(w > 0).max()))
 
 
+def _div(a: float, b: float) -> float:
+    """IEEE float64 division (x / 0 is +-inf or NaN, as in the kernels, not a ZeroDivisionError)."""
+    return float(torch.tensor(a, dtype=torch.float64) / b)
+
+
 def _f32(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
@@ -271,11 +278,11 @@ def _verify_node(p, q, kids, key, depth):
                 return i, x
             Mr += px
         else:
-            qi = float(q[x]) / (1.0 - Mq)
+            qi = _div(float(q[x]), 1.0 - Mq)
             rx = float(p[x]) if r_f is None else float(r_f[x]) / Zr
             if u * qi < rx:
                 return i, x
-            scf = _f32(1.0 / (1.0 - Mq))
+            scf = _f32(_div(1.0, 1.0 - Mq))
             Mq += float(q[x])
         removed.append(x)
         if q is not None and i + 1 < len(kids):
@@ -283,9 +290,11 @@ def _verify_node(p, q, kids, key, depth):
             r_f = (base - q * scf).clamp(min=0)
             r_f[removed] = 0
             Zr = float(r_f.double().sum())
+            if not Zr > 0:  # no residual mass left (rounding, or an all-zero target): stop, draw from p
+                break
     u = spec_draw_uniform(key, depth)
     bonus = p.clamp(min=0)
-    if not removed:
+    if not removed or (r_f is not None and not Zr > 0):
         w = bonus
     elif q is None:
         w = bonus.clone()
@@ -300,11 +309,20 @@ def _verify_node(p, q, kids, key, depth):
     return -1, max(tok, 0)
 
 
+def _bad_row(row: torch.Tensor) -> bool:
+    """A logits row with NaN, +inf or nothing above -inf (README: verification stops there, emits 0)."""
+    return bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()) or not bool((row > NEG_INF).any())
+
+
 def _argmax(row: torch.Tensor) -> int:
-    """Lowest index of the max (token 0 for a row with NaN / +inf / nothing above -inf)."""
-    if bool(torch.isnan(row).any()) or bool(torch.isposinf(row).any()) or not bool((row > NEG_INF).any()):
-        return 0
-    return int(torch.argmax(row.float()))
+    """Lowest index of the max (token 0 for a bad row)."""
+    return 0 if _bad_row(row) else int(torch.argmax(row.float()))
+
+
+def _greedy_choice(row: torch.Tensor):
+    """Greedy verification at one position: (the token to accept / emit, whether a draft may be
+    accepted). A bad row accepts nothing, even a draft equal to the token 0 it emits."""
+    return _argmax(row), not _bad_row(row)
 
 
 def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, num_draft_tokens=None, seed=0,
@@ -326,7 +344,8 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, nu
             p = target_probs[b, j]
             q = None if draft_probs is None else draft_probs[b, j]
             if greedy:
-                ok, e = x == _argmax(p), _argmax(p)
+                e, usable = _greedy_choice(p)
+                ok = usable and x == e
             elif stop is None:
                 i, e = _verify_node(p, q, [x], key, j)
                 ok = i == 0
@@ -443,8 +462,11 @@ def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, ret
             kids = _children(retrive_next_token[b], retrive_next_sibling[b], cur) if acc < W - 1 else []
             toks = [int(candidates[b, c]) for c in kids]
             if greedy:
-                choice = int(target_predict[b, cur]) if target_predict is not None else _argmax(target_probs[b, cur])
-                i, e = (toks.index(choice), choice) if choice in toks else (-1, choice)
+                if target_predict is not None:
+                    choice, usable = int(target_predict[b, cur]), True
+                else:
+                    choice, usable = _greedy_choice(target_probs[b, cur])
+                i, e = (toks.index(choice), choice) if usable and choice in toks else (-1, choice)
             else:
                 q = None if draft_probs is None else draft_probs[b, cur]
                 i, e = _verify_node(target_probs[b, cur], q, toks, key, acc)
