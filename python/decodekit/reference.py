@@ -1,4 +1,4 @@
-"""Executable specification: plain torch, slow, obviously correct (DESIGN.md section 3).
+"""Executable specification: plain torch, slow, obviously correct (README "Sampling semantics").
 
 Tests compare the kernels with these functions; benchmarks use them as the torch baseline.
 Filters are computed in float64 so that the reference itself has no rounding surprises.
@@ -99,9 +99,14 @@ def min_p_keep(w: torch.Tensor, min_p) -> torch.Tensor:
 
 def survivors(x: torch.Tensor, *, is_probs=False, temperature=1.0, top_k=None, top_p=None, min_p=None,
               order="sequential") -> torch.Tensor:
-    """Bool mask of the tokens that survive the filters (DESIGN.md section 3)."""
-    w = weights(x, is_probs, None if is_probs else temperature)
-    vals = x.double() if is_probs else x.double() / _rows(temperature, x.shape[0], torch.float64)[:, None]
+    """Bool mask of the tokens that survive the filters (README "Sampling semantics"). A row with
+    temperature 0 is greedy: its only survivor is the argmax (lowest index on ties)."""
+    T = None if is_probs else _rows(temperature, x.shape[0], torch.float64)
+    greedy = torch.zeros(x.shape[0], dtype=torch.bool) if T is None else T == 0
+    if bool(greedy.any()):
+        T = torch.where(greedy, torch.ones_like(T), T)
+    w = weights(x, is_probs, T)
+    vals = x.double() if is_probs else x.double() / T[:, None]
     keep = top_k_keep(vals, top_k)
     if top_p is not None:
         if order == "joint":
@@ -111,6 +116,9 @@ def survivors(x: torch.Tensor, *, is_probs=False, temperature=1.0, top_k=None, t
     if min_p is not None:
         keep &= min_p_keep(w, min_p)
     keep &= w > 0
+    for b in torch.nonzero(greedy).reshape(-1).tolist():
+        keep[b] = False
+        keep[b, int(torch.argmax(x[b].double()))] = True
     return keep
 
 
