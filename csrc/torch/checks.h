@@ -177,6 +177,22 @@ inline FilterPack pack_filter(const at::Tensor& x, int64_t n, bool is_probs, con
   return pack_filter_params(n, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
 }
 
+// The CPU kernels' view of checked filter parameters (pointers into the pack's tensors).
+inline cpu::RowFilter cpu_filter(const FilterPack& fp) {
+  cpu::RowFilter f;
+  f.is_probs = fp.is_probs;
+  f.order = cpu::FilterOrder(fp.order);
+  f.temperature.ptr = fp.T_ptr();
+  f.temperature.scalar = fp.T_val;
+  f.top_k.ptr = fp.k_ptr();
+  f.top_k.scalar = fp.k_val;
+  f.top_p.ptr = fp.p_ptr();
+  f.top_p.scalar = fp.p_val;
+  f.min_p.ptr = fp.mp_ptr();
+  f.min_p.scalar = fp.mp_val;
+  return f;
+}
+
 // Seeds of n output rows: a tensor of n seeds (row i's stream is keyed by seed[i] alone), or a
 // tensor holding ONE seed, which is the scalar form (read here into seed_val: every output row
 // draws its own stream, the row index being part of the counter). For n == 1 both readings give the

@@ -6,21 +6,6 @@
 namespace dk::torchb {
 namespace {
 
-cpu::RowFilter cpu_filter(const FilterPack& fp) {
-  cpu::RowFilter f;
-  f.is_probs = fp.is_probs;
-  f.order = cpu::FilterOrder(fp.order);
-  f.temperature.ptr = fp.T_ptr();
-  f.temperature.scalar = fp.T_val;
-  f.top_k.ptr = fp.k_ptr();
-  f.top_k.scalar = fp.k_val;
-  f.top_p.ptr = fp.p_ptr();
-  f.top_p.scalar = fp.p_val;
-  f.min_p.ptr = fp.mp_ptr();
-  f.min_p.scalar = fp.mp_val;
-  return f;
-}
-
 template <class Fn>
 void parallel_rows(int64_t n, Fn fn) {
   if (n == 0) return;

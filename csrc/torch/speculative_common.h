@@ -51,18 +51,7 @@ inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::option
                                   const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
   keep = pack_filter_params(n, false, on_cpu(T_arr), T_val, on_cpu(k_arr), k_val, on_cpu(p_arr), p_val, on_cpu(mp_arr),
                             mp_val, order);
-  cpu::RowFilter f;
-  f.is_probs = false;
-  f.order = cpu::FilterOrder(order);
-  f.temperature.ptr = keep.T_ptr();
-  f.temperature.scalar = keep.T_val;
-  f.top_k.ptr = keep.k_ptr();
-  f.top_k.scalar = keep.k_val;
-  f.top_p.ptr = keep.p_ptr();
-  f.top_p.scalar = keep.p_val;
-  f.min_p.ptr = keep.mp_ptr();
-  f.min_p.scalar = keep.mp_val;
-  return f;
+  return cpu_filter(keep);
 }
 
 // Seeds of B rows (checks.h seed_rows: n seeds, or one seed read as the scalar form into seed_val).
