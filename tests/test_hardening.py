@@ -348,3 +348,14 @@ def test_tiny_mass_sampling_is_exact():
     draws = dk.sampling_from_probs(probs, indices=torch.zeros(1_000_000, dtype=torch.int64), seed=11)
     ok, pv, msg = chisquare_ok(draws, target)
     assert ok, msg
+
+
+def test_min_p_threshold_is_exact_on_probability_rows(isa):
+    """Found by the long hypothesis run: keep p_i iff p_i >= min_p * max p exactly. A float32
+    rounding of min_p * max (here in the subnormal range: 13.15 units rounds to 13) kept token 1."""
+    p = torch.tensor([[3.0829e-44, 1.8217e-44, 1.3593e-43, 3.6854e-43, 2.2421e-43, 2.2421e-43]])
+    out = dk.min_p_renorm_probs(p, 0.05)
+    assert float(out[0, 1]) == 0.0 and bool((out[0, [0, 2, 3, 4, 5]] > 0).all())
+    assert torch.equal(out > 0, R.min_p_renorm_probs(p, 0.05) > 0)
+    draws = dk.min_p_sampling_from_probs(p, 0.05, indices=torch.zeros(20000, dtype=torch.int64), seed=1)
+    assert not bool((draws == 1).any())

@@ -517,7 +517,7 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     t = std::max(t, tp);
   }
   r.t = t;
-  r.minw = mp_on ? (w.probs ? rp.minp * w.m : rp.minp) : 0.f;
+  r.minw = mp_on ? (w.probs ? min_p_threshold(rp.minp, w.m) : rp.minp) : 0.f;
   // S is inside the candidate list whenever top-k or top-p is active (their thresholds are
   // values of C, an upper set) or min-p alone is active with a wide enough window. The method
   // choice below depends on nothing else (not on whether C overflowed), so it is canonical.

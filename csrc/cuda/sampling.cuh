@@ -466,7 +466,7 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
     t = (t < tp) ? tp : t;  // std::max(t, tp)
   }
   sel.t = t;
-  sel.minw = mp_on ? (probs ? rp.minp * sc.m : rp.minp) : 0.f;
+  sel.minw = mp_on ? (probs ? min_p_threshold(rp.minp, sc.m) : rp.minp) : 0.f;
   sel.in_c = k_on || p_on || (mp_on && float_to_bits(rp.minp) >= kMinPWindowMinBits);
   return sel;
 }

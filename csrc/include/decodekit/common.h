@@ -81,6 +81,17 @@ DK_HOST_DEVICE RenormScale renorm_scale(double Z) {
   return r;
 }
 
+// The min-p weight threshold of a probability row: keep p_i iff p_i >= min_p * max_j p_j, exactly.
+// The product of two floats is exact in double; rounding it UP to a float keeps a float compare
+// deciding the same (a float rounding of min_p * max could keep a p_i just below the product, e.g.
+// in the subnormal range). Logits rows need none of this: their max weight is exp(0) = 1.
+DK_HOST_DEVICE float min_p_threshold(float min_p, float max_p) {
+  const double prod = double(min_p) * double(max_p);
+  float f = float(prod);
+  if (double(f) < prod) f = bits_to_float(float_to_bits(f) + 1u);  // prod >= 0: the next float up
+  return f;
+}
+
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
 
