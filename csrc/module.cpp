@@ -37,7 +37,11 @@ PYBIND11_MODULE(_C, m) {
     d["cuda"] = false;
 #endif
     d["compiler"] = __VERSION__;
+#if DK_X86_PATHS
     d["isa_paths"] = py::make_tuple("scalar", "avx2", "avx512");
+#else
+    d["isa_paths"] = py::make_tuple("scalar");  // not x86-64: the scalar path is the only one compiled
+#endif
 #ifdef INTRA_OP_PARALLEL
     d["intra_op_parallel"] = true;  // at::parallel_for in the bindings really forks (see CMakeLists.txt)
 #else

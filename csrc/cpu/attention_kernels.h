@@ -40,8 +40,10 @@ const AttnTable& attn_table_avx512();
 // static: this header is also compiled into the per-ISA objects (see decodekit/common.h on ODR).
 static inline const AttnTable& attn_active() {
   switch (active_isa_id()) {
+#if DK_X86_PATHS
     case 2: return attn_table_avx512();
     case 1: return attn_table_avx2();
+#endif
     default: return attn_table_scalar();
   }
 }

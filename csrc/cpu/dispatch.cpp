@@ -1,6 +1,9 @@
-// Runtime ISA selection by cpuid. Compiled with baseline flags only.
+// Runtime ISA selection by cpuid. Compiled with baseline flags only. On a CPU that is not x86-64
+// only the scalar path is compiled (DK_X86_PATHS == 0) and there is no cpuid to ask.
 #include "cpu/kernels.h"
+#if DK_X86_PATHS
 #include <cpuid.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -9,6 +12,7 @@
 
 namespace dk::cpu {
 namespace {
+#if DK_X86_PATHS
 uint64_t xgetbv0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -33,10 +37,16 @@ struct Features {
     avx512bf16 = avx512 && (a & (1u << 5));
   }
 };
+#else
+struct Features {
+  bool avx2 = false, avx512 = false, avx512bf16 = false;
+};
+#endif
 const Features& feats() { static Features f; return f; }
 
 const KernelTable* pick(const std::string& want) {
   if (want == "scalar") return &table_scalar();
+#if DK_X86_PATHS
   if (want == "avx2") {
     if (!feats().avx2) throw std::runtime_error("DECODEKIT_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
     return &table_avx2();
@@ -51,6 +61,11 @@ const KernelTable* pick(const std::string& want) {
     if (feats().avx2) return &table_avx2();
     return &table_scalar();
   }
+#else
+  if (want == "avx2" || want == "avx512")
+    throw std::runtime_error("DECODEKIT_ISA=" + want + ": this build is not for x86-64, only the scalar path exists");
+  if (want.empty() || want == "auto") return &table_scalar();
+#endif
   throw std::runtime_error("DECODEKIT_ISA must be one of scalar, avx2, avx512, auto; got '" + want + "'");
 }
 std::atomic<const KernelTable*> g_table{nullptr};
@@ -71,8 +86,12 @@ const KernelTable& active() {
 }
 const char* active_isa() { return active().name; }
 int active_isa_id() {
+#if DK_X86_PATHS
   const KernelTable* t = &active();
   return t == &table_avx512() ? 2 : t == &table_avx2() ? 1 : 0;
+#else
+  return 0;
+#endif
 }
 void set_isa(const char* name) { g_table.store(pick(name ? name : ""), std::memory_order_release); }
 

@@ -4,6 +4,14 @@
 #include <cstdint>
 #include "decodekit/common.h"
 
+// The AVX2 and AVX-512 builds of the kernels exist only on x86-64; elsewhere CMakeLists.txt
+// compiles the scalar path alone and DK_X86_PATHS is 0.
+#if defined(__x86_64__) || defined(_M_X64)
+#define DK_X86_PATHS 1
+#else
+#define DK_X86_PATHS 0
+#endif
+
 namespace dk::cpu {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };

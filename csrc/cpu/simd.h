@@ -31,13 +31,29 @@ using M16 = uint32_t;  // low 16 bits used
 
 inline int popcount16(M16 m) { return __builtin_popcount(m & 0xffffu); }
 
-// float -> fp16 bits, round to nearest even (bf16: dk::bf16_bits in common.h). The vector vstore
-// overloads below round the same way.
+// float -> fp16 bits, round to nearest even (bf16: dk::bf16_bits in common.h); NaN stays NaN with
+// the quiet bit set and the top payload bits kept. Bit-identical to F16C's vcvtps2ph (the vector
+// vstore overloads below) on all 2^32 inputs. Integer code, not a _Float16 cast: the cast calls
+// libgcc's __truncsfhf2@GCC_12.0.0, which raised the wheel's manylinux tag, and g++ < 13 has no
+// C++ _Float16 on Arm.
 inline uint16_t f16_bits(float x) {
-  const _Float16 h = static_cast<_Float16>(x);
-  uint16_t r;
-  std::memcpy(&r, &h, 2);
-  return r;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 (and inf) -> inf
+  if (a >= 0x38800000u) {  // normal half: rebias the exponent (127 -> 15), round at bit 13
+    uint32_t r = a - 0x38000000u;
+    r += 0x0fffu + ((r >> 13) & 1u);
+    return uint16_t(sign | (r >> 13));
+  }
+  if (a < 0x33000000u) return uint16_t(sign);  // below 2^-25 (or exactly it: tie to even) -> 0
+  // subnormal half: units of 2^-24; the mantissa with its implicit bit, shifted by 14..24
+  const uint32_t shift = 126u - (a >> 23), m = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  uint32_t q = m >> shift;
+  q += (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+  return uint16_t(sign | q);
 }
 
 #if defined(DK_ISA_AVX512)

@@ -17,8 +17,10 @@ void build_tree_rows(const BuildTreeArgs& a, int64_t begin, int64_t end) {
 
 const SpecTable& spec_active() {
   switch (active_isa_id()) {
+#if DK_X86_PATHS
     case 2: return spec_table_avx512();
     case 1: return spec_table_avx2();
+#endif
     default: return spec_table_scalar();
   }
 }

@@ -7,6 +7,7 @@ comparison tables.
                                                the benchmarks (quick subset unless --full)
 """
 import argparse
+import importlib.util
 import sys
 import time
 
@@ -110,9 +111,34 @@ def demo():
           f"outside support: {int((emp[target == 0] > 0).sum())}")
 
 
+# Optional packages, what is skipped without them, and how to get them. The bench extra
+# (pip install "decodekit[bench]") brings transformers and matplotlib; llama-cpp-python compiles
+# llama.cpp, so no extra pulls it in.
+OPTIONAL = (  # (module, what needs it, demo part or only the tables, what installs it)
+    ("transformers", "the attention demo (a tiny Llama) and the Hugging Face column of the tables", True,
+     "pip install 'decodekit[bench]'"),
+    ("matplotlib", "the plots", False, "pip install 'decodekit[bench]'"),
+    ("llama_cpp", "the llama.cpp column of the sampling tables", False, "pip install llama-cpp-python"),
+)
+
+
+def missing_optional():
+    """The OPTIONAL entries whose package is not installed."""
+    return [o for o in OPTIONAL if importlib.util.find_spec(o[0]) is None]
+
+
+def report_skipped(tables: bool):
+    for mod, what, in_demo, how in missing_optional():
+        if in_demo or tables:
+            print(f"skipped {what}: {mod} is not installed ({how} adds it)")
+
+
 def _other_demos():
+    missing = {o[0] for o in missing_optional()}
     for name in ("speculative", "attention"):
         mod = runner.load(name)
+        if name == "attention" and "transformers" in missing:
+            continue  # reported by report_skipped()
         if mod is not None and hasattr(mod, "demo"):
             print(f"\n--- {name} demo ---")
             try:
@@ -135,6 +161,7 @@ def main(argv=None) -> int:
     info()
     if a.what == "info":
         return 0
+    report_skipped(tables=a.what == "all")
     demo()
     _other_demos()
     if a.what == "demo":

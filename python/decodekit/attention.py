@@ -2,7 +2,7 @@
 
 T draft tokens arranged as a tree are scored in one forward pass. Query t of batch b attends every
 cached key s < prefix_lens[b] (dense) and the tree key at position prefix_lens[b] + j iff
-tree_mask[b, t, j] (sparse; usually "ancestor-or-self"). Semantics: DESIGN.md, section 4.
+tree_mask[b, t, j] (sparse; usually "ancestor-or-self"). Semantics: docs/semantics.md, "Tree attention".
 """
 import math
 from typing import Optional, Sequence, Union

@@ -1,4 +1,4 @@
-"""Executable specification: plain torch, slow, obviously correct (README "Sampling semantics").
+"""Executable specification: plain torch, slow, obviously correct (docs/semantics.md).
 
 Tests compare the kernels with these functions; benchmarks use them as the torch baseline.
 Filters are computed in float64 so that the reference itself has no rounding surprises.
@@ -99,7 +99,7 @@ def min_p_keep(w: torch.Tensor, min_p) -> torch.Tensor:
 
 def survivors(x: torch.Tensor, *, is_probs=False, temperature=1.0, top_k=None, top_p=None, min_p=None,
               order="sequential") -> torch.Tensor:
-    """Bool mask of the tokens that survive the filters (README "Sampling semantics"). A row with
+    """Bool mask of the tokens that survive the filters (docs/semantics.md, "Filters"). A row with
     temperature 0 is greedy: its only survivor is the argmax (lowest index on ties)."""
     T = None if is_probs else _rows(temperature, x.shape[0], torch.float64)
     greedy = torch.zeros(x.shape[0], dtype=torch.bool) if T is None else T == 0
@@ -335,7 +335,7 @@ def _greedy_choice(row: torch.Tensor):
 
 def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, num_draft_tokens=None, seed=0,
                                offset=0, greedy_rows=None):
-    """Chain verification (DESIGN.md section 4) with decodekit's uniforms. target_probs [B, N+1, V]
+    """Chain verification (docs/semantics.md, "Chain") with decodekit's uniforms. target_probs [B, N+1, V]
     float32, draft_probs [B, N, V] or None (one-hot). greedy_rows: optional bool [B] of rows whose
     target rows are LOGITS verified greedily. Returns (ids [B, N+1] -1 padded, accepted [B], emitted [B])."""
     B, N = draft_token_ids.shape
@@ -452,7 +452,7 @@ def _children(nt, ns, node):
 def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
                               draft_probs=None, *, num_speculative_tokens=None, seed=0, offset=0, greedy_rows=None,
                               target_predict=None):
-    """Tree verification in SGLang's layout (DESIGN.md section 4). Returns (predicts [B*T] (-1 where not
+    """Tree verification in SGLang's layout (docs/semantics.md, "Trees"). Returns (predicts [B*T] (-1 where not
     written), accept_index int32 [B, W] (-1 padded), accept_token_num int32 [B]). greedy_rows: bool [B]
     of rows whose target rows are logits verified greedily; target_predict [B, T]: greedy ids."""
     B, T = candidates.shape

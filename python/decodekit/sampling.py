@@ -1,6 +1,6 @@
 """Filtering and exact sampling (FlashInfer-compatible names and argument orders).
 
-Semantics: ../DESIGN.md section 3 (summarised in the README). Every sampler draws EXACTLY from the
+Semantics: docs/semantics.md, "Filters" and "Sampling" (decisions in the README). Every sampler draws EXACTLY from the
 renormalised survivors of its filters with a counter-based Philox stream, so the same seed gives
 the same tokens on every CPU path and thread count.
 """

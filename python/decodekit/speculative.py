@@ -3,7 +3,7 @@
 Names and argument orders follow FlashInfer (`chain_speculative_sampling`) and SGLang (trees:
 `candidates`, `retrive_index`, `retrive_next_token`, `retrive_next_sibling`; outputs `predicts`,
 `accept_index`, `accept_token_num`), so switching is a rename of the import. decodekit extensions
-are keyword-only. Semantics: DESIGN.md sections 3 and 4; the accept rules are spelled out in
+are keyword-only. Semantics: docs/semantics.md, "Speculative verification"; the accept rules are spelled out in
 csrc/cpu/isa/speculative.cpp and the randomness layout in csrc/include/decodekit/speculative.h.
 
 Decisions where the peers are silent or differ:
@@ -23,7 +23,7 @@ Decisions where the peers are silent or differ:
   lossless. Without draft probs (one-hot / top-k drafters, SGLang's "target only") it is lossless
   for any set of distinct children.
 - ``predicts`` is [B*T] indexed by ``retrive_index``; slots that are not written hold -1.
-- The seed / offset / generator rules are the sampling family's (DESIGN.md section 3).
+- The seed / offset / generator rules are the sampling family's (docs/semantics.md, "Randomness").
 """
 from typing import NamedTuple, Optional
 
@@ -127,7 +127,7 @@ def chain_speculative_sampling_from_logits(draft_probs: Optional[torch.Tensor], 
                                            offset=None, out_dtype=None):
     """chain_speculative_sampling against target LOGITS [B, N+1, V] (fp32/bf16/fp16) and the row's
     sampling parameters: the target at every position is the filtered, renormalised distribution
-    the ordinary sampler draws from (temperature -> top-k -> top-p -> min-p, DESIGN.md section 3),
+    the ordinary sampler draws from (temperature -> top-k -> top-p -> min-p, docs/semantics.md "Filters"),
     resolved inside the kernel, so verified and replacement tokens obey the same filters.
     temperature == 0 (per row) means greedy verification (accept while draft == argmax)."""
     return _chain(target_logits, "target_logits", draft_token_ids, draft_probs, num_draft_tokens, _LOGITS,

@@ -6,7 +6,7 @@
 // 16-lane blocks of simd.h; the walks are plain C++. Sums run in a fixed order (16 virtual double
 // lanes per 4096-element chunk, then sequentially), so every ISA path gives the same tokens.
 //
-// The accept rules (DESIGN.md sections 3 and 4), at a node with target distribution p and children
+// The accept rules (docs/semantics.md, "Speculative verification"), at a node with target distribution p and children
 // x_1..x_k tried in order:
 //   with draft probs q  : x_i is accepted with probability min(1, r(x_i) / q_i(x_i)), where r is the
 //                         residual (r = p before the first rejection) and q_i is q with the earlier

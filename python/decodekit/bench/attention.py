@@ -169,7 +169,7 @@ def _verify(tokens, parents, target_predict, log):
     acc, bonus = _greedy_walk(tokens, parents, target_predict)
     import decodekit
     if hasattr(decodekit, "verify_tree_greedy"):
-        try:  # SGLang layout (DESIGN.md section 4); cross-check against the plain walk
+        try:  # SGLang layout (docs/semantics.md, "Trees"); cross-check against the plain walk
             nxt, sib = _retrive_lists(parents)
             res = decodekit.verify_tree_greedy(tokens[None], torch.arange(len(tokens))[None], nxt[None], sib[None],
                                                target_predict[None])
