@@ -33,6 +33,7 @@ struct PipeScratch {
   std::vector<int32_t> ord;      // per-list order
   std::vector<float> tv;         // nth_element scratch
   std::vector<std::pair<float, int32_t>> top;  // top-n (value, index)
+  std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
     if (int64_t(stamp.size()) < V) { stamp.assign(size_t(V), 0u); serial = 0; }
@@ -105,25 +106,22 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
   *mraw_out = vhmax(mr);
   if (badm) return false;
   float m = vhmax(mx);
-  // The sparse steps, in the reference's order. `hit_max`: a token holding the max changed, so the
-  // max must be recomputed; otherwise it is the larger of m and the changed values.
-  bool hit_max = false, nan = false;
-  float mfix = kNegInf;
-  auto changed = [&](float before, float after) {
-    if (before == m && !(after >= m)) hit_max = true;
-    if (after != after) nan = true;
-    mfix = std::max(mfix, after);
-  };
+  // The sparse steps, in the reference's order. Every changed token is listed with its value
+  // before the first change; afterwards the max is the larger of m and the changed tokens' final
+  // values, unless a token that held the max went down (then y is scanned again).
+  auto& touched = ps.touched;
+  touched.clear();
+  auto changed = [&](int64_t t) { touched.push_back({int32_t(t), y[t]}); };
   if (a.banned) {
     const int64_t* ids = a.banned + o * a.n_banned;
     for (int64_t j = 0; j < a.n_banned; ++j)
-      if (ids[j] >= 0) { changed(y[ids[j]], kNegInf); y[ids[j]] = kNegInf; }
+      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = kNegInf; }
   }
   if (a.bias_ids) {
     const int64_t* ids = a.bias_ids + o * a.n_bias;
     const float* bv = a.bias_vals + o * a.n_bias;
     for (int64_t j = 0; j < a.n_bias; ++j)
-      if (ids[j] >= 0) { const float b = y[ids[j]], n = b + bv[j]; changed(b, n); y[ids[j]] = n; }
+      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = y[ids[j]] + bv[j]; }
   }
   if (pr.rep != 1.f && (a.prompt || a.output)) {
     if (++ps.serial == 0) { std::fill(ps.stamp.begin(), ps.stamp.end(), 0u); ps.serial = 1; }
@@ -133,9 +131,8 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
         const int64_t t = ids[j];
         if (t < 0 || ps.stamp[t] == cur) continue;
         ps.stamp[t] = cur;
-        const float b = y[t], nv = repetition_apply(b, pr.rep);
-        changed(b, nv);
-        y[t] = nv;
+        changed(t);
+        y[t] = repetition_apply(y[t], pr.rep);
       }
     };
     if (a.prompt) pen(a.prompt + o * a.n_prompt, a.n_prompt);
@@ -148,13 +145,19 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
     for (int64_t j = 0; j < a.n_output; ++j) {
       const int64_t t = ids[j];
       if (t < 0 || ps.count[t] == 0) continue;
-      const float b = y[t], nv = count_penalty_apply(b, pr.freq, pr.pres, ps.count[t]);
+      changed(t);
+      y[t] = count_penalty_apply(y[t], pr.freq, pr.pres, ps.count[t]);
       ps.count[t] = 0;
-      changed(b, nv);
-      y[t] = nv;
     }
   }
-  if (nan || mfix == kPosInf) return false;
+  bool hit_max = false;
+  float mfix = kNegInf;
+  for (const auto& [t, before] : touched) {
+    const float v = y[t];
+    if (v != v || v == kPosInf) return false;
+    if (before == m && v < m) hit_max = true;
+    mfix = std::max(mfix, v);
+  }
   if (hit_max) {
     VF mm = ninf;
     for (int64_t i = 0; i < V; i += 16) mm = vmax(mm, vload(y + i));  // y's tail slots hold -inf
@@ -522,7 +525,9 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     }
     const bool joint = order == PipeOrder::Joint;
     const int64_t k = (!joint && step_on(Step::TopK, pr, V)) ? std::max(pr.k, pr.mtk) : 0;
-    const int64_t n0 = (any || a.top_n > 0 || a.want_logprob || a.mode == 0) ? collect_start(y, V, m, temp, lo, k, s) : 0;
+    // joint: every truncation sees the whole finite row; top-n-sigma is one more intersected filter
+    const float lo0 = joint ? -FLT_MAX : lo;
+    const int64_t n0 = collect_start(y, V, m, temp, lo0, k, s);
     if (int64_t(ps.lv.size()) < n0 + 16) { ps.lv.resize(size_t(n0 + 16)); ps.lw.resize(size_t(n0 + 16)); ps.li.resize(size_t(n0 + 16)); }
     std::copy(s.val.data(), s.val.data() + n0, ps.lv.data());
     std::copy(s.idx.data(), s.idx.data() + n0, ps.li.data());
@@ -532,7 +537,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       vstore(L.w + j, wt(v));
     }
     std::vector<uint8_t> keep, acc;
-    if (joint) acc.assign(size_t(L.n), 1);
+    if (joint) {
+      acc.resize(size_t(L.n));
+      for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] = L.v[t] >= lo;
+    }
     for (int j = 0; j < 7; ++j) {
       if (!step_on(steps[j], pr, V)) continue;
       step_keep(steps[j], L, pr, m, invT, ps, keep);
