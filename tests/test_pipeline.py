@@ -323,3 +323,12 @@ def test_sampler_survivors_equal_reference(isa, dtype, order):
             got[b, ids] = True
         assert torch.equal(got, keep), (f, (got != keep).sum())
         assert keep[torch.arange(6), out.tokens].all()
+
+
+def test_python_m_decodekit_shows_the_whole_step(capsys):
+    from decodekit.__main__ import pipeline_demo
+    pipeline_demo()
+    out = capsys.readouterr().out
+    assert "top-5 ids equal reference.pipeline: True" in out
+    assert "tokens inside the reference survivors: True" in out
+    assert "valid=False: True" in out and ": True; row 3" in out
