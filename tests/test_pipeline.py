@@ -332,3 +332,13 @@ def test_python_m_decodekit_shows_the_whole_step(capsys):
     assert "top-5 ids equal reference.pipeline: True" in out
     assert "tokens inside the reference survivors: True" in out
     assert "valid=False: True" in out and ": True; row 3" in out
+
+
+def test_pipeline_benchmark_runs(tmp_path):
+    from decodekit.bench import pipeline as PB
+    path = tmp_path / "p.json"
+    res = PB.run(shapes=[(2, 3000)], json_path=str(path))
+    r = res["results"][0]
+    for k in ("decodekit_hot", "torch_cold", "floor_cold"):
+        assert r[k] > 0
+    assert path.exists()

@@ -533,31 +533,61 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
   auto better = [](const std::pair<float, int32_t>& p, const std::pair<float, int32_t>& q) {
     return p.first > q.first || (p.first == q.first && p.second < q.second);
   };
-  auto& heap = ps.top;  // front: the worst of the k best so far
+  auto& heap = ps.top;  // front: the worst of the k best so far (only values > -inf enter)
   heap.clear();
-  VF mr = ninf, mx = ninf;
-  M16 badm = 0;
-  for (int64_t i = 0; i < V; i += 16) {
-    VF v = load_block(x, i, V, kNegInf);
-    badm |= vnan(v) | veq(v, pinf);
-    mr = vmax(mr, v);
-    v = processed(v, i);
-    mx = vmax(mx, v);
-    if (int64_t(heap.size()) == k && !vgt(v, vset(heap.front().first))) continue;
+  VF vthr = ninf;  // a value enters iff it beats vthr (the heap's worst once the heap is full)
+  auto insert = [&](VF v, int64_t i) {
+    M16 hit = vgt(v, vthr);
+    if (!hit) return;
     vstore(buf, v);
-    const int lanes = int(std::min<int64_t>(16, V - i));
-    for (int j = 0; j < lanes; ++j) {
+    for (; hit; hit &= hit - 1) {
+      const int j = __builtin_ctz(hit);
       const std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
       if (int64_t(heap.size()) < k) {
         heap.push_back(e);
         std::push_heap(heap.begin(), heap.end(), better);
+        if (int64_t(heap.size()) == k) vthr = vset(heap.front().first);
       } else if (better(e, heap.front())) {
         std::pop_heap(heap.begin(), heap.end(), better);
         heap.back() = e;
         std::push_heap(heap.begin(), heap.end(), better);
+        vthr = vset(heap.front().first);
       }
     }
+  };
+  // mu: max of the blocks left as they are (raw = processed); mr / mx: raw / processed max of the others
+  VF mu = ninf, mr = ninf, mx = ninf;
+  M16 badm = 0;
+  const int64_t Vfull = V & ~int64_t(63);
+  int64_t i = 0;
+  for (; i < Vfull; i += 64) {  // four blocks per step: one NaN compare per pair, one threshold test
+    VF a = vload(x + i), b = vload(x + i + 16), c = vload(x + i + 32), d = vload(x + i + 48);
+    badm |= vnan2(a, b) | vnan2(c, d);
+    if (bm || ps.bmark[i >> 4] == cur || ps.bmark[(i >> 4) + 1] == cur || ps.bmark[(i >> 4) + 2] == cur ||
+        ps.bmark[(i >> 4) + 3] == cur) {
+      mr = vmax(mr, vmax(vmax(a, b), vmax(c, d)));  // +inf shows in the raw max
+      a = processed(a, i); b = processed(b, i + 16); c = processed(c, i + 32); d = processed(d, i + 48);
+      const VF m4 = vmax(vmax(a, b), vmax(c, d));
+      mx = vmax(mx, m4);
+      if (!vgt(m4, vthr)) continue;
+    } else {
+      const VF m4 = vmax(vmax(a, b), vmax(c, d));
+      mu = vmax(mu, m4);
+      if (!vgt(m4, vthr)) continue;
+    }
+    insert(a, i); insert(b, i + 16); insert(c, i + 32); insert(d, i + 48);
   }
+  for (; i < V; i += 16) {
+    VF v = load_block(x, i, V, kNegInf);
+    badm |= vnan(v);
+    mr = vmax(mr, v);
+    v = processed(v, i);
+    mx = vmax(mx, v);
+    insert(v, i);
+  }
+  mr = vmax(mr, mu);
+  mx = vmax(mx, mu);
+  if (vhmax(mr) == kPosInf) badm = 1;
   *mraw_out = vhmax(mr);
   if (badm || bad_fix) return 1;
   const float m = vhmax(mx);

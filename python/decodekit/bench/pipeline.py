@@ -21,6 +21,8 @@ histories) at the measured read bandwidth, hot (L2) and cold (DRAM; caches flush
 """
 from __future__ import annotations
 
+import os
+import time
 from typing import Dict, List
 
 import torch
@@ -29,6 +31,7 @@ import decodekit as dk
 from decodekit import reference as ref
 
 from . import harness as H
+from . import sampling as S
 from .sampling import Inputs, bandwidth, llm_logits, measure
 
 REP, FREQ, PRES, TEMP, TOP_K, TOP_P, MIN_P, TOP_N = 1.1, 0.5, 0.5, 0.7, 50, 0.9, 0.05, 5
@@ -63,8 +66,19 @@ def _hf_chain():
                                    LP.TopPLogitsWarper(TOP_P)])
 
 
-def run(quick: bool = False, json_path=None, shapes=None, threads=None) -> Dict:
+def run(quick: bool = False, json_path=None, shapes=None, threads=None, clock: str = "wall") -> Dict:
+    """clock="cpu": CPU time of the calling thread (the runner then uses 1 thread), for figures that
+    hold on a busy shared machine; "wall": median wall time."""
+    S._CLOCK[0] = time.thread_time if clock == "cpu" else time.perf_counter
+    try:
+        return _run(quick, json_path, shapes, clock)
+    finally:
+        S._CLOCK[0] = time.perf_counter
+
+
+def _run(quick, json_path, shapes, clock) -> Dict:
     shapes = shapes or (SHAPES_QUICK if quick else SHAPES_FULL)
+    load0 = os.getloadavg()
     hf = _hf_chain()
     bw_hot, bw_cold = bandwidth(False), bandwidth(True)
     rows: List[List[str]] = []
@@ -111,7 +125,11 @@ def run(quick: bool = False, json_path=None, shapes=None, threads=None) -> Dict:
                   "min-p 0.05, top-k 50, top-p 0.9, top-5 logprobs), microseconds",
                   ["BxV", "cache", "decodekit", "torch (vLLM way)", "x", "HF processors", "x", "read floor",
                    "dk / floor"], rows)
-    payload = {"machine": H.machine(), "bandwidth_hot": bw_hot, "bandwidth_cold": bw_cold, "results": results}
+    load1 = os.getloadavg()
+    print(f"clock={clock}, {H.machine()}; load average {[round(v, 2) for v in load0]} at the start, "
+          f"{[round(v, 2) for v in load1]} at the end (the machine is shared with other jobs)")
+    payload = {"machine": H.machine(), "clock": clock, "loadavg": [load0, load1], "bandwidth_hot": bw_hot,
+               "bandwidth_cold": bw_cold, "results": results}
     if json_path:
         H.save_json(json_path, payload)
     return payload
