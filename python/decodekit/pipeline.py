@@ -57,8 +57,23 @@ def _column(value, default, name, n, integral):
     return torch.full((n,), float(value), dtype=torch.float64)
 
 
+def _scalar(value, default, name, integral):
+    """A plain Python number (or None) as a float; None when value is a tensor / other type."""
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if integral and float(value) != int(value):
+        raise ValueError(f"{name} must be an integer, got {value}")
+    return float(value)
+
+
 def pack_params(n: int, **kw) -> torch.Tensor:
-    """float64 [n, 13] per-row parameters (missing keywords: off); ranges are checked by the op."""
+    """float64 [n, 13] per-row parameters (missing keywords: off); ranges are checked by the op.
+    All scalars (the common case): one small tensor, broadcast (the op makes it contiguous)."""
+    row = [_scalar(kw.get(name), d, name, integral) for name, d, integral in PARAMS]
+    if all(v is not None for v in row):
+        return torch.tensor([row], dtype=torch.float64).expand(n, len(PARAMS))
     return torch.stack([_column(kw.get(name), d, name, n, integral) for name, d, integral in PARAMS], 1)
 
 
