@@ -37,6 +37,8 @@ struct PipeScratch {
   std::vector<float> tv;         // nth_element scratch
   std::vector<std::pair<float, int32_t>> top;  // top-n (value, index)
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
+  std::vector<VW> pairs;           // top-p's (value, weight) pairs
+  std::vector<uint8_t> keep, acc;  // per-list keep flags of a step / of all steps (joint)
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
     if (int64_t(stamp.size()) < V) { stamp.assign(size_t(V), 0u); serial = 0; }
@@ -291,7 +293,8 @@ inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, flo
     }
     case Step::TopP: {
       const double Z = list_mass(L);
-      std::vector<VW> pairs(static_cast<size_t>(n));
+      std::vector<VW>& pairs = ps.pairs;
+      pairs.resize(size_t(n));
       for (int64_t j = 0; j < n; ++j) pairs[size_t(j)] = VW{L.v[j], L.w[j]};
       const float t = top_p_threshold(pairs.data(), n, double(r.p) * Z);
       for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t || L.v[j] >= vm;
@@ -715,7 +718,8 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       const VF v = (j + 16 <= n0) ? vload(L.v + j) : vload_partial(L.v + j, int(n0 - j), 0.f);
       vstore(L.w + j, wt(v));
     }
-    std::vector<uint8_t> keep, acc;
+    std::vector<uint8_t>& keep = ps.keep;
+    std::vector<uint8_t>& acc = ps.acc;
     if (joint) {
       acc.resize(size_t(L.n));
       for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] = L.v[t] >= lo;
