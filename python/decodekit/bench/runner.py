@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-BENCHMARKS = ("sampling", "speculative", "attention")
+BENCHMARKS = ("sampling", "pipeline", "speculative", "attention")
 
 
 def available() -> List[str]:
