@@ -1,6 +1,7 @@
 // Input checks and argument packing of the pipeline ops (shared by the CPU and CUDA bindings).
 // Shapes, dtypes, devices and ranges only; every error is a ValueError naming the argument.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include "torch/checks.h"
 
@@ -18,8 +19,8 @@ inline const char* pipe_param_name(int c) {
 inline const char* pipe_param_error(int c, double v) {
   if (std::isnan(v)) return "must not be NaN";
   switch (c) {
-    case kPT: return (v >= 0.0 && std::isfinite(v)) ? nullptr : "must be finite and >= 0 (0 = greedy)";
-    case kPTopK: return std::isfinite(v) && v == std::floor(v) ? nullptr : "must be an integer";
+    case kPT: return temperature_ok(v) ? nullptr : "must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
+    case kPTopK: return std::isinf(v) || v == std::floor(v) ? nullptr : "must be an integer";
     case kPTopP: return v > 0.0 ? nullptr : "must be in (0, 1]";
     case kPMinP: return v >= 0.0 && v <= 1.0 ? nullptr : "must be in [0, 1]";
     case kPRep: return v > 0.0 && std::isfinite(v) ? nullptr : "must be finite and > 0 (1 = off)";
@@ -86,12 +87,18 @@ inline PipelinePack pack_pipeline(const at::Tensor& x, int64_t n, const at::Tens
   DK_CHECK(params.dim() == 2 && params.size(0) == n && params.size(1) == kPipeParams,
            "params must be [", n, ", ", int(kPipeParams), "], got shape ", params.sizes());
   p.params = params.to(at::kCPU).to(at::kDouble).contiguous();
-  const double* q = p.params.data_ptr<double>();
+  double* q = p.params.data_ptr<double>();
   for (int64_t r = 0; r < n; ++r)
     for (int c = 0; c < kPipeParams; ++c)
       if (const char* e = pipe_param_error(c, q[r * kPipeParams + c]))
         DK_CHECK(false, pipe_param_name(c), " ", e, ", got ", q[r * kPipeParams + c],
                  n > 1 ? " (in one of the rows)" : "");
+  // top_k <= 0 or >= V disables: values beyond +-4e18 (and +-inf) keep that meaning in int64
+  if (p.params.is_alias_of(params)) {  // never write into the caller's tensor
+    p.params = p.params.clone();
+    q = p.params.data_ptr<double>();
+  }
+  for (int64_t r = 0; r < n; ++r) q[r * kPipeParams + kPTopK] = std::clamp(q[r * kPipeParams + kPTopK], -4e18, 4e18);
   if (bitmask) {
     check_same_device(x, bitmask, "allowed_token_bitmask");
     DK_CHECK(bitmask->scalar_type() == at::kInt, "allowed_token_bitmask must be int32, got ", bitmask->scalar_type());

@@ -33,7 +33,7 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
                   const std::optional<at::Tensor>& prompt, const std::optional<at::Tensor>& output, int64_t mode,
                   int64_t top_n, bool raw_logprobs, bool want_logprob, const std::optional<at::Tensor>& seed_arr,
                   int64_t seed_val, int64_t offset) {
-  RowSetup rs = setup_rows(x, indices, seed_arr, "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
   const int64_t n = rs.n_out, V = x.size(1);
   PipelinePack pk = pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode,
                                   top_n);
@@ -51,7 +51,7 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
   a.n_out = n;
   pk.fill(a);
   a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(seed_val);
+  a.seed = uint64_t(rs.seed_val);
   a.offset = uint64_t(offset);
   a.mode = int(mode);
   a.top_n = top_n;

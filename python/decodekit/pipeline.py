@@ -118,8 +118,6 @@ def run_pipeline(logits, *, indices=None, seed=None, offset=None, generator=None
     banned, bias_ids, bias_vals, prompt, output = _history(logits, n, prompt_token_ids, output_token_ids, logit_bias,
                                                            banned_token_ids)
     seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
-    if seed_arr is None and seed_val >= 2**63:
-        seed_val -= 2**64
     want = bool(return_logprobs) or n_top > 0
     tokens, valid, lp, rank, top_ids, top_lp, _ = ops.pipeline(
         logits, indices, P.to(logits.device), ORDERS[order], allowed_token_bitmask, banned, bias_ids, bias_vals,
