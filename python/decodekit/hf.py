@@ -1,0 +1,376 @@
+"""decodekit inside Hugging Face transformers' `generate`.
+
+    out = model.generate(input_ids, do_sample=True, temperature=0.7, top_k=50, top_p=0.9,
+                         custom_generate=decodekit.hf.generate)
+
+transformers (>= 5.x) calls a callable `custom_generate` as the decoding loop after its usual
+input, cache, processor and stopping-criteria preparation. `generate` below is that loop: the
+temperature / top-k / top-p / min-p warpers at the end of HF's processor list become ONE decodekit
+`sample` call per step (no softmax row, no sort, no `torch.multinomial`); every other processor
+stays in HF's list and runs first, on the raw logits, as in HF. Greedy (`do_sample=False`) is HF's
+argmax of the processed scores. `torch.manual_seed` reproduces a run (decodekit draws its Philox
+seed from torch's default generator each step).
+
+Assisted generation: pass `draft_model=<a small model with the same vocabulary>` (or HF's own
+`assistant_model=`): the draft proposes `num_draft_tokens` tokens, the target scores them in one
+forward pass and decodekit's chain verification (`chain_speculative_sampling_from_logits`, or
+`greedy_verify` for greedy) accepts a prefix: sampling follows the non-assisted distribution
+exactly, greedy gives the same tokens. `dk_stats={}` receives the acceptance counts.
+
+The drop-in classes (`TopKLogitsWarper`, ...) subclass transformers' own, keep their constructor
+arguments and validation, and compute the same outputs with decodekit's filter kernels (the one
+difference: decodekit's top-p keeps or drops tied tokens together; HF's sort order can split a
+tie).
+"""
+import inspect
+import math
+from typing import Optional
+
+import torch
+import transformers
+from transformers import LogitsProcessorList
+from transformers.generation import logits_process as _lp
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import sampling as _sampling
+from ._ops import ops
+from .speculative import chain_speculative_sampling_from_logits, greedy_verify
+
+__all__ = [
+    "generate", "split_processors", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+    "MinPLogitsWarper",
+]
+
+_MASK, _RENORM = 0, 1
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# drop-in warpers (transformers' names, constructor arguments, validation and outputs)
+def _mask(scores: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
+    """decodekit's one-pass mask: scores with -inf outside the survivors (bad rows pass through)."""
+    x = scores if scores.dtype in (torch.float32, torch.bfloat16, torch.float16) else scores.float()
+    return ops.filter(x.contiguous(), _MASK, False, None, 1.0, None, int(top_k), None, float(top_p), None,
+                      float(min_p), 0)
+
+
+def _finish(scores, masked, filter_value):
+    if filter_value != NEG_INF:  # HF lets the caller pick the fill value
+        masked = masked.masked_fill(masked == NEG_INF, filter_value)
+    return masked.to(scores.dtype)
+
+
+def _keep_at_least(scores, masked, min_tokens_to_keep):
+    """HF's min_tokens_to_keep: survivors of top-p / min-p are the largest values, so keeping at
+    least m tokens is the union with the top-m set."""
+    if min_tokens_to_keep <= 1:
+        return masked
+    return torch.maximum(masked, _mask(scores, top_k=min(min_tokens_to_keep, scores.shape[-1])))
+
+
+class TemperatureLogitsWarper(_lp.TemperatureLogitsWarper):
+    """transformers.TemperatureLogitsWarper (scores / temperature); absorbed into decodekit's
+    sampler by `decodekit.hf.generate`."""
+
+
+class TopKLogitsWarper(_lp.TopKLogitsWarper):
+    """transformers.TopKLogitsWarper: -inf (filter_value) below the k-th largest score (ties kept)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        return _finish(scores, _mask(scores, top_k=k if k < scores.shape[-1] else 0), self.filter_value)
+
+
+class TopPLogitsWarper(_lp.TopPLogitsWarper):
+    """transformers.TopPLogitsWarper: keeps the smallest set of most probable tokens whose mass
+    reaches top_p (decodekit rule: token i is kept iff the mass strictly more probable than i is
+    < top_p, so tied tokens are kept or dropped together)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.top_p >= 1.0:
+            return scores.clone()
+        if self.top_p <= 0.0:  # HF keeps only min_tokens_to_keep tokens
+            masked = _mask(scores, top_k=min(self.min_tokens_to_keep, scores.shape[-1]))
+        else:
+            masked = _keep_at_least(scores, _mask(scores, top_p=self.top_p), self.min_tokens_to_keep)
+        return _finish(scores, masked, self.filter_value)
+
+
+class MinPLogitsWarper(_lp.MinPLogitsWarper):
+    """transformers.MinPLogitsWarper: drops tokens with probability < min_p * (max probability)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        masked = _keep_at_least(scores, _mask(scores, min_p=self.min_p), self.min_tokens_to_keep)
+        return _finish(scores, masked, self.filter_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# which processors decodekit's sampler absorbs
+# HF appends its warpers in this order (GenerationMixin._get_logits_processor); decodekit's
+# sequential order is the same: temperature -> top-k -> top-p (on the renormalised top-k
+# survivors) -> min-p. A warper is absorbed only where that gives HF's distribution exactly.
+_RANK = ((_lp.TemperatureLogitsWarper, 0), (_lp.TopKLogitsWarper, 1), (_lp.TopPLogitsWarper, 2),
+         (_lp.MinPLogitsWarper, 3))
+
+
+def _absorb(proc, params: dict) -> Optional[int]:
+    """The rank of `proc` in decodekit's filter order, after writing its parameter into params, or
+    None when decodekit cannot take it over exactly."""
+    for cls, rank in _RANK:
+        if isinstance(proc, cls):
+            break
+    else:
+        return None
+    if rank == 0:
+        t = proc.temperature
+        if not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t):
+            return None
+        params["temperature"] = float(t)
+        return 0
+    if getattr(proc, "filter_value", NEG_INF) != NEG_INF:
+        return None  # a finite fill value leaves filtered tokens some probability
+    if rank == 1:
+        params["top_k"] = int(proc.top_k)  # already max(top_k, min_tokens_to_keep); >= V disables
+        return 1
+    if proc.min_tokens_to_keep != 1:
+        return None
+    if rank == 2:
+        if not 0.0 < proc.top_p:
+            return None
+        params["top_p"] = min(float(proc.top_p), 1.0)
+        return 2
+    params["min_p"] = float(proc.min_p)
+    return 3
+
+
+def split_processors(processors):
+    """Split HF's processor list into (head, params): `head` (a LogitsProcessorList) keeps every
+    processor decodekit does not take over and runs first; `params` are the sample() keywords
+    (temperature, top_k, top_p, min_p) of the trailing warpers decodekit applies in one pass.
+    Only a trailing run of warpers in decodekit's order is absorbed, so the composition is HF's."""
+    procs = list(processors or [])
+    params: dict = {}
+    cut, last = len(procs), 4
+    while cut > 0:
+        trial: dict = {}
+        rank = _absorb(procs[cut - 1], trial)
+        if rank is None or rank >= last:
+            break
+        params.update(trial)
+        last, cut = rank, cut - 1
+    return LogitsProcessorList(procs[:cut]), params
+
+
+def _hf_scores(scores: torch.Tensor, params: dict) -> torch.Tensor:
+    """What HF's absorbed warpers would have returned for `scores` (output_scores keeps HF's
+    meaning): scores / temperature with -inf outside the survivors. Costs a [B, V] write."""
+    if not params:
+        return scores
+    T = params.get("temperature", 1.0)
+    masked = ops.filter(scores.contiguous(), _MASK, False, None, float(T), None, params.get("top_k", 0), None,
+                        params.get("top_p", 1.0), None, params.get("min_p", 0.0), 0)
+    return masked / T if T != 1.0 else masked
+
+
+def _draw(scores: torch.Tensor, params: dict, do_sample: bool) -> torch.Tensor:
+    if not do_sample:
+        return torch.argmax(scores, dim=-1)
+    return _sampling.sample(scores, temperature=params.get("temperature", 1.0), top_k=params.get("top_k"),
+                            top_p=params.get("top_p"), min_p=params.get("min_p"))
+
+
+def _draft_probs(scores: torch.Tensor, params: dict) -> torch.Tensor:
+    """The draft's filtered, renormalised distribution q (float32 [B, V]) that its token is drawn from."""
+    return ops.filter(scores.contiguous(), _RENORM, False, None, float(params.get("temperature", 1.0)), None,
+                      int(params.get("top_k", 0) or 0), None, float(params.get("top_p", 1.0)), None,
+                      float(params.get("min_p", 0.0)), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoding loop
+def _caller_assistant():
+    """transformers 5.x does not forward `assistant_model=` to a callable custom_generate; read it
+    from the calling `generate` frame when it is there."""
+    f = inspect.currentframe()
+    try:
+        f = f.f_back.f_back if f is not None and f.f_back is not None else None
+        if f is not None and f.f_code.co_name == "generate":
+            return f.f_locals.get("assistant_model")
+    finally:
+        del f
+    return None
+
+
+def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
+             generation_config=None, synced_gpus: bool = False, streamer=None, draft_model=None,
+             num_draft_tokens: Optional[int] = None, dk_stats: Optional[dict] = None, **model_kwargs):
+    """The decoding loop for `model.generate(..., custom_generate=decodekit.hf.generate)`.
+
+    Extra `generate` keywords: `draft_model` (assisted generation; HF's `assistant_model=` works
+    too), `num_draft_tokens` (drafts per round, default generation_config.num_assistant_tokens or
+    4), `dk_stats` (a dict that receives steps / rounds / drafted / accepted / acceptance_rate).
+    Returns what HF's `_sample` returns (a LongTensor, or GenerateDecoderOnlyOutput with
+    return_dict_in_generate=True; `scores` / `logits` have HF's meaning)."""
+    if synced_gpus:
+        raise ValueError("synced_gpus: decodekit.hf.generate runs on one process (synced_gpus=False)")
+    if model.config.is_encoder_decoder:
+        raise ValueError("model: decodekit.hf.generate supports decoder-only models")
+    cfg = generation_config
+    if getattr(cfg, "num_beams", 1) not in (None, 1):
+        raise ValueError(f"num_beams must be 1 with decodekit.hf.generate, got {cfg.num_beams}")
+    logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+    stopping_criteria = stopping_criteria if stopping_criteria is not None else transformers.StoppingCriteriaList()
+    do_sample = bool(cfg.do_sample)
+    if do_sample:
+        head, params = split_processors(logits_processor)
+    else:
+        head, params = LogitsProcessorList(logits_processor), {}
+    draft = draft_model if draft_model is not None else _caller_assistant()
+    stats = dk_stats if dk_stats is not None else {}
+    stats.update(steps=0, rounds=0, drafted=0, accepted=0, absorbed=dict(params), head=[type(p).__name__ for p in head])
+    if draft is not None:
+        return _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer,
+                         num_draft_tokens, stats, model_kwargs)
+
+    pad = cfg._pad_token_tensor
+    ret = cfg.return_dict_in_generate
+    want_scores, want_logits = ret and cfg.output_scores, ret and cfg.output_logits
+    want_att, want_hid = ret and cfg.output_attentions, ret and cfg.output_hidden_states
+    scores_t, logits_t, att_t, hid_t = (), (), (), ()
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    B = input_ids.shape[0]
+    unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    if pad is not None:
+        pad = pad.to(input_ids.device)
+
+    outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=not cfg.is_assistant)
+    first = True
+    while True:
+        if not first:
+            inputs = model.prepare_inputs_for_generation(
+                input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs)
+            outputs = model(**inputs, return_dict=True)
+        first = False
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        logits = outputs.logits[:, -1]
+        if logits.dtype != torch.float32 or head or want_logits:
+            logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
+        scores = head(input_ids, logits) if head else logits
+        tokens = _draw(scores, params, do_sample)
+        if ret:
+            if want_scores:
+                scores_t += (_hf_scores(scores, params),)
+            if want_logits:
+                logits_t += (logits,)
+            if want_att:
+                att_t += (outputs.attentions,)
+            if want_hid:
+                hid_t += (outputs.hidden_states,)
+        if has_eos:
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        stats["steps"] += 1
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores_t if want_scores else None)
+        del outputs
+        if unfinished.max() == 0:
+            break
+    if streamer is not None:
+        streamer.end()
+    if ret:
+        cache = model_kwargs.get("cache")
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores_t if want_scores else None,
+                                         logits=logits_t if want_logits else None,
+                                         attentions=att_t if want_att else None,
+                                         hidden_states=hid_t if want_hid else None, cache=cache)
+    return input_ids
+
+
+def _forward(model, tokens, cache, start: int, keep: int):
+    """One forward of `tokens` [1, n] at positions start.. over `cache`; logits of the last `keep`."""
+    n = tokens.shape[1]
+    pos = torch.arange(start, start + n, device=tokens.device)[None]
+    out = model(input_ids=tokens, cache=cache, position_ids=pos, use_cache=True, logits_to_keep=keep,
+                return_dict=True)
+    return out.logits[:, -keep:].float()
+
+
+def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer, n_draft, stats,
+              model_kwargs):
+    """Assisted (speculative) generation verified by decodekit's chain verification, batch 1."""
+    from transformers import DynamicCache
+
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: assisted generation with decodekit.hf.generate needs batch size 1, got "
+                         f"{input_ids.shape[0]}")
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise ValueError("attention_mask: assisted generation with decodekit.hf.generate does not take padding")
+    if cfg.return_dict_in_generate:
+        raise ValueError("return_dict_in_generate is not supported with assisted generation in decodekit.hf.generate")
+    N = int(n_draft or getattr(cfg, "num_assistant_tokens", None) or 4)
+    if N < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1, got {N}")
+    cache = model_kwargs.get("cache")
+    if cache is None or not hasattr(cache, "crop"):
+        cache = DynamicCache(config=model.config)
+    dcache = DynamicCache(config=draft.config)
+    prompt_len = input_ids.shape[1]
+    max_len = stopping_criteria.max_length if stopping_criteria.max_length is not None else prompt_len + 64
+    seq = input_ids
+    done = False
+    while not done:
+        L = seq.shape[1]
+        n = max(1, min(N, max_len - L))
+        # draft n tokens, one at a time, from the draft's filtered distribution q
+        drafts, qs, dseq = [], [], seq
+        dlen = dcache.get_seq_length()
+        for j in range(n):
+            dl = _forward(draft, dseq[:, dlen:], dcache, dlen, 1)[:, -1]
+            dlen = dseq.shape[1]
+            ds = head(dseq, dl) if head else dl
+            if do_sample:
+                q = _draft_probs(ds, params)
+                tok = _sampling.sampling_from_probs(q)
+                qs.append(q)
+            else:
+                tok = torch.argmax(ds, dim=-1)
+            drafts.append(tok)
+            dseq = torch.cat([dseq, tok[:, None]], dim=-1)
+        d = torch.stack(drafts, dim=1)                              # [1, n]
+        # target: one forward over the uncached tokens and the drafts; logits of the last n + 1
+        tlen = cache.get_seq_length()
+        tl = _forward(model, dseq[:, tlen:], cache, tlen, n + 1)  # [1, n + 1, V]
+        if head:
+            tl = torch.stack([head(dseq[:, :L + j], tl[:, j]) for j in range(n + 1)], dim=1)
+        if do_sample:
+            out, _, emitted = chain_speculative_sampling_from_logits(
+                torch.stack(qs, dim=1), d, tl, temperature=params.get("temperature", 1.0),
+                top_k=params.get("top_k"), top_p=params.get("top_p"), min_p=params.get("min_p"))
+        else:
+            out, _, emitted = greedy_verify(d, tl)
+        m = int(emitted[0])
+        new = out[0, :m + 1]
+        stats["rounds"] += 1
+        stats["drafted"] += n
+        stats["accepted"] += m
+        # append one token at a time so that a stop (EOS, max_length) ends the sequence where HF's would
+        for t in new.tolist():
+            seq = torch.cat([seq, torch.tensor([[t]], dtype=seq.dtype, device=seq.device)], dim=-1)
+            stats["steps"] += 1
+            if streamer is not None:
+                streamer.put(seq[:, -1:].cpu())
+            if bool(stopping_criteria(seq, None).all()):
+                done = True
+                break
+        # keep cache entries only for tokens that stay (the last token of seq is not cached yet)
+        keep = seq.shape[1] - 1
+        for c in (cache, dcache):
+            extra = c.get_seq_length() - keep
+            if extra > 0:
+                c.crop(-extra)
+    if streamer is not None:
+        streamer.end()
+    stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
+    return seq
