@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/pipeline.h"
 
 namespace dk::cpu {
 
@@ -61,6 +62,55 @@ struct FilterArgs {
   int64_t out_stride = 0;
 };
 
+// The whole sampling step (issue 11): one pass per row, no [B, V] intermediate. Row o of the
+// outputs reads source row indices[o]; every other input is per OUTPUT row.
+struct PipelineArgs {
+  Matrix in;
+  const int64_t* indices = nullptr;
+  int64_t n_out = 0;
+  const double* params = nullptr;  // [n_out, dk::kPipeParams] (decodekit/pipeline.h)
+  int order = 0;                   // dk::PipeOrder
+  const int32_t* bitmask = nullptr;  // [n_out, words] or nullptr
+  int64_t bitmask_words = 0;
+  const int64_t* banned = nullptr;  // [n_out, n_banned], -1 padded
+  int64_t n_banned = 0;
+  const int64_t* bias_ids = nullptr;  // [n_out, n_bias], -1 padded
+  const float* bias_vals = nullptr;
+  int64_t n_bias = 0;
+  const int64_t* prompt = nullptr;  // [n_out, n_prompt], -1 padded
+  int64_t n_prompt = 0;
+  const int64_t* output = nullptr;  // [n_out, n_output], -1 padded
+  int64_t n_output = 0;
+  // randomness (as SampleArgs)
+  const int64_t* seeds = nullptr;
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  int mode = 0;              // 0: sample; 1: write the processed, truncated logits (out_logits)
+  int64_t top_n = 0;         // top logprobs per row
+  bool raw_logprobs = false; // logprobs of the raw logits (else of the processed distribution)
+  bool want_logprob = false; // the sampled token's logprob and rank
+  // outputs
+  int64_t* out_tokens = nullptr;
+  bool* out_valid = nullptr;
+  float* out_logprob = nullptr;
+  int64_t* out_rank = nullptr;
+  int64_t* out_top_ids = nullptr;  // [n_out, top_n]
+  float* out_top_lp = nullptr;     // [n_out, top_n]
+  void* out_logits = nullptr;      // mode 1: [n_out, V], dtype of in
+};
+
+// apply_token_bitmask_inplace: rows j in [begin, end) mask row r = indices ? indices[j] : j of
+// `data` with word row r of `words` (tokens [0, tokens) only).
+struct BitmaskArgs {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t row_stride = 0;
+  const int32_t* words = nullptr;
+  int64_t word_stride = 0;
+  int64_t tokens = 0;
+  const int64_t* indices = nullptr;
+};
+
 struct KernelTable {
   const char* name;
   // inverse-CDF sampling with optional filters (one uniform per row)
@@ -69,6 +119,9 @@ struct KernelTable {
   void (*gumbel_rows)(const SampleArgs&, int64_t begin, int64_t end);
   // filters that write a [B, V] output
   void (*filter_rows)(const FilterArgs&, int64_t begin, int64_t end);
+  // the whole sampling step (PipelineArgs)
+  void (*pipeline_rows)(const PipelineArgs&, int64_t begin, int64_t end);
+  void (*bitmask_rows)(const BitmaskArgs&, int64_t begin, int64_t end);
 };
 
 const KernelTable& table_scalar();

@@ -5,6 +5,8 @@ from ._ops import ops  # noqa: F401
 from . import _C
 from .sampling import *  # noqa: F401,F403
 from .sampling import __all__ as _sampling_all
+from .pipeline import *  # noqa: F401,F403
+from .pipeline import __all__ as _pipeline_all
 from .speculative import *  # noqa: F401,F403
 from .speculative import __all__ as _speculative_all
 from .attention import *  # noqa: F401,F403
@@ -27,5 +29,5 @@ def set_isa(name: str) -> str:
     return _C.set_isa(name)
 
 
-__all__ = (["cpu_features", "build_info", "set_isa"] + list(_sampling_all) + list(_speculative_all)
+__all__ = (["cpu_features", "build_info", "set_isa"] + list(_sampling_all) + list(_pipeline_all) + list(_speculative_all)
            + list(_attention_all))

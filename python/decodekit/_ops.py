@@ -30,6 +30,22 @@ def _filter_fake(x, kind, is_probs, temperature_arr, temperature_val, top_k_arr,
     return x.new_empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
 
 
+@torch.library.register_fake("decodekit::pipeline")
+def _pipeline_fake(x, indices, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode, top_n,
+                   raw_logprobs, want_logprob, seed_arr, seed_val, offset):
+    n = _n_out(x, indices)
+    s = n if mode == 0 else 0
+    return (x.new_empty((s,), dtype=torch.int64), x.new_empty((s,), dtype=torch.bool),
+            x.new_empty((s,), dtype=torch.float32), x.new_empty((s,), dtype=torch.int64),
+            x.new_empty((s, top_n), dtype=torch.int64), x.new_empty((s, top_n), dtype=torch.float32),
+            x.new_empty((n - s, x.shape[1])))
+
+
+@torch.library.register_fake("decodekit::apply_token_bitmask_inplace")
+def _bitmask_fake(logits, bitmask, indices):
+    return None
+
+
 # ---- speculative verification (chain / tree / build_tree) -----------------------------------
 @torch.library.register_fake("decodekit::chain_verify")
 def _chain_verify_fake(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, temperature_arr,

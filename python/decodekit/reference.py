@@ -609,3 +609,321 @@ def tree_attention(q, k, v, tree_mask, prefix_lens, *, sm_scale=None, kv_layout=
     p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhts,bshd->bthd", p, vv)
     return out.to(q.dtype), lse.transpose(1, 2).float().contiguous()
+
+
+# =================================================================================================
+# The whole sampling step (issue 11): bitmask, bans, logit bias, penalties, temperature, every
+# truncation (top-n-sigma, top-k, top-p, min-p, typical, epsilon, eta, top-h, min_tokens_to_keep)
+# in "sequential", "vllm" or "joint" order, the draw, and raw / processed logprobs.
+# Processing (bitmask .. penalties) is float32 arithmetic, element by element in a fixed order, so
+# the kernels reproduce it bit for bit; the truncations are float64 on the processed logits.
+# =================================================================================================
+PIPELINE_STEPS = {
+    "sequential": ["top_n_sigma", "top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_h"],
+    "vllm": ["top_n_sigma", "min_p", "top_k", "top_p", "typical", "epsilon", "eta", "top_h"],
+    "joint": ["top_n_sigma", "top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_h"],
+}
+TOP_H_CANDIDATES = 100  # TopHLogitsWarper.top_n in transformers
+
+
+def unpack_bitmask(bitmask: torch.Tensor, V: int) -> torch.Tensor:
+    """bool [B, V]: bit j of int32 word w allows token 32*w + j (xgrammar's layout); tokens past
+    32 * bitmask.shape[-1] are allowed."""
+    bm = bitmask.to(torch.int64)
+    bits = (bm[..., None] >> torch.arange(32)) & 1
+    bits = bits.reshape(*bm.shape[:-1], -1).bool()
+    if bits.shape[-1] >= V:
+        return bits[..., :V]
+    pad = torch.ones(*bits.shape[:-1], V - bits.shape[-1], dtype=torch.bool)
+    return torch.cat([bits, pad], -1)
+
+
+def apply_token_bitmask_inplace(logits: torch.Tensor, bitmask: torch.Tensor, indices=None) -> None:
+    """xgrammar semantics: logits[i] (every i, or each i in `indices`) gets -inf where bit
+    i of bitmask[i] is 0; only the first min(V, 32 * bitmask.shape[-1]) tokens are touched."""
+    x = logits if logits.dim() == 2 else logits[None]
+    bm = bitmask if bitmask.dim() == 2 else bitmask[None]
+    n = min(x.shape[-1], 32 * bm.shape[-1])
+    rows = range(x.shape[0]) if indices is None else [int(i) for i in indices]
+    for i in rows:
+        allowed = unpack_bitmask(bm[i:i + 1], n)[0]
+        x[i, :n] = torch.where(allowed, x[i, :n], torch.full_like(x[i, :n], NEG_INF))
+
+
+def _ids(t, b):
+    if t is None:
+        return []
+    return [int(v) for v in t[b].tolist() if int(v) >= 0]
+
+
+def process_logits(logits, *, allowed_token_bitmask=None, banned_token_ids=None, logit_bias=None,
+                   prompt_token_ids=None, output_token_ids=None, repetition_penalty=1.0, frequency_penalty=0.0,
+                   presence_penalty=0.0) -> torch.Tensor:
+    """float32 [B, V]: bitmask and bans (-inf), then logit bias (y += v, entry by entry in order),
+    then the repetition penalty once per distinct token of prompt + output (y / r if y > 0 else
+    y * r), then y = (y - f * count) - q for every token with count > 0 in the output."""
+    y = logits.float().clone()
+    B, V = y.shape
+    if allowed_token_bitmask is not None:
+        y[~unpack_bitmask(allowed_token_bitmask, V)] = NEG_INF
+    for b in range(B):
+        for t in _ids(banned_token_ids, b):
+            y[b, t] = NEG_INF
+    if logit_bias is not None:
+        ids, vals = logit_bias
+        vals = vals.float()
+        for b in range(B):
+            for j, t in enumerate(ids[b].tolist()):
+                if t >= 0:
+                    y[b, t] = y[b, t] + vals[b, j]
+    r = _rows(repetition_penalty, B, torch.float32)
+    f = _rows(frequency_penalty, B, torch.float32)
+    q = _rows(presence_penalty, B, torch.float32)
+    for b in range(B):
+        hist = sorted(set(_ids(prompt_token_ids, b)) | set(_ids(output_token_ids, b)))
+        if r[b] != 1 and hist:
+            v = y[b, hist]
+            y[b, hist] = torch.where(v > 0, v / r[b], v * r[b])
+        out = _ids(output_token_ids, b)
+        if out and (f[b] != 0 or q[b] != 0):
+            cnt = torch.bincount(torch.tensor(out), minlength=V)
+            toks = torch.nonzero(cnt).reshape(-1)
+            y[b, toks] = (y[b, toks] - f[b] * cnt[toks].float()) - q[b]
+    return y
+
+
+def _mth_largest(z, A, m):
+    v = torch.sort(z[A], descending=True).values
+    return v[min(m, len(v)) - 1]
+
+
+def _step_keep(step, y, z, A, prm, mtk):
+    """Keep mask of one truncation acting on the renormalised distribution over the set A."""
+    V = z.shape[0]
+    za = torch.where(A, z, torch.full_like(z, NEG_INF))
+    mx = za.max()
+    w = torch.where(A, torch.exp(za - mx), torch.zeros_like(z))
+    Z = w.sum()
+    p = w / Z
+    lp = torch.where(A, za - mx - torch.log(Z), torch.zeros_like(z))
+    ent = -(p * lp).sum()
+    top_m = z >= _mth_largest(z, A, mtk)  # min_tokens_to_keep (ties at the m-th value kept)
+    if step == "top_n_sigma":
+        n = prm["top_n_sigma"]
+        ya = y.double()[A]
+        mean = ya.sum() / ya.numel()
+        sd = torch.sqrt(((ya - mean) ** 2).sum() / ya.numel())
+        return y.double() >= ya.max() - n * sd
+    if step == "top_k":
+        k = max(int(prm["top_k"]), mtk)
+        if int(A.sum()) <= k:
+            return torch.ones_like(A)
+        return z >= _mth_largest(z, A, k)
+    if step == "top_p":
+        keep = top_p_keep(w[None], float(prm["top_p"]), among=A[None])[0]
+        return keep | top_m
+    if step == "min_p":
+        return (w >= prm["min_p"] * w.max()) | top_m
+    if step == "typical":
+        s = torch.where(A, (-lp - ent).abs(), torch.full_like(z, float("inf")))
+        ss, order = torch.sort(s)
+        ps = p[order]
+        # mass of the tokens with a strictly smaller shifted score (ties grouped)
+        uniq, inv = torch.unique_consecutive(ss, return_inverse=True)
+        csum = torch.cumsum(ps, 0)
+        first = torch.zeros(len(uniq), dtype=torch.long)
+        first.scatter_reduce_(0, inv, torch.arange(V), reduce="amin", include_self=False)
+        below = torch.where(first > 0, csum[(first - 1).clamp(min=0)], torch.zeros_like(uniq))
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[order] = below[inv] < prm["typical_p"]
+        sm = torch.sort(s[A]).values[min(mtk, int(A.sum())) - 1]
+        return keep | (s <= sm)
+    if step == "epsilon":
+        return (p >= prm["epsilon"]) | top_m
+    if step == "eta":
+        e = prm["eta"]
+        eta = min(e, math.sqrt(e) * math.exp(-float(ent)))
+        return (p >= eta) | top_m
+    if step == "top_h":
+        N = A & (z >= _mth_largest(z, A, TOP_H_CANDIDATES))
+        zn = torch.where(N, z, torch.full_like(z, NEG_INF))
+        wn = torch.where(N, torch.exp(zn - mx), torch.zeros_like(z))
+        qn = wn / wn.sum()
+        lq = torch.where(N, zn - mx - torch.log(wn.sum()), torch.zeros_like(z))
+        term = -qn * lq
+        tau = prm["top_h"] * float(term.sum())
+        # cumulative entropy of the strictly more probable tokens plus the token's own term
+        above = torch.zeros(V, dtype=torch.float64)
+        idx = torch.nonzero(N).reshape(-1)
+        vals = z[idx]
+        srt, o = torch.sort(vals, descending=True)
+        cum, j = 0.0, 0
+        while j < len(srt):
+            g = j
+            while g < len(srt) and srt[g] == srt[j]:
+                g += 1
+            for t in range(j, g):
+                above[idx[o[t]]] = cum
+            cum += float(term[idx[o[j:g]]].sum())
+            j = g
+        keep = N & (above + term <= tau)
+        return keep | (z >= mx) | top_m
+    raise ValueError(step)
+
+
+def _enabled(step, prm, V):
+    v = prm.get(step)
+    if v is None:
+        return False
+    if step == "top_k":
+        return 1 <= int(v) < V
+    if step == "top_p":
+        return v < 1
+    if step == "typical_p":
+        return v < 1
+    return v > 0
+
+
+PIPELINE_PARAMS = ("temperature", "top_k", "top_p", "min_p", "top_n_sigma", "typical_p", "epsilon", "eta", "top_h",
+                   "min_tokens_to_keep")
+_STEP_PARAM = {"top_n_sigma": "top_n_sigma", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+               "typical": "typical_p", "epsilon": "epsilon", "eta": "eta", "top_h": "top_h"}
+
+
+def _row_params(b, kw, B):
+    prm = {}
+    for name in PIPELINE_PARAMS:
+        v = kw.get(name)
+        if v is None:
+            prm[name] = None
+        elif isinstance(v, torch.Tensor) and v.dim() == 1:
+            prm[name] = v[b].item()
+        else:
+            prm[name] = float(v) if not isinstance(v, torch.Tensor) else v.item()
+    return prm
+
+
+def pipeline_keep(y: torch.Tensor, *, order="sequential", **kw) -> torch.Tensor:
+    """bool [B, V]: the survivors of the truncations on processed float32 logits y (temperature
+    0 means greedy: no truncation). Empty rows stay empty (the caller's bad row)."""
+    B, V = y.shape
+    out = torch.zeros(B, V, dtype=torch.bool)
+    for b in range(B):
+        prm = _row_params(b, kw, B)
+        T = 1.0 if prm["temperature"] is None else prm["temperature"]
+        mtk = 1 if prm["min_tokens_to_keep"] is None else int(prm["min_tokens_to_keep"])
+        yb = y[b]
+        finite = yb.double() > NEG_INF
+        if not bool(finite.any()) or T == 0:
+            out[b] = finite
+            continue
+        z = yb.double() / T
+        alive = finite.clone()
+        for step in PIPELINE_STEPS[order]:
+            sp = {_STEP_PARAM[step]: prm[_STEP_PARAM[step]]}
+            if not _enabled(_STEP_PARAM[step], sp, V):
+                continue
+            A = finite if order == "joint" else alive
+            alive = alive & _step_keep(step, yb, z, A, sp, mtk)
+        out[b] = alive
+    return out
+
+
+def _ids_ok(t, V, name):
+    if t is not None and t.numel() and (int(t.min()) < -1 or int(t.max()) >= V):
+        raise ValueError(f"{name} must hold token ids in [0, {V}) or -1 (padding)")
+
+
+def pipeline(logits, *, indices=None, temperature=1.0, top_k=None, top_p=None, min_p=None, top_n_sigma=None,
+             typical_p=None, epsilon=None, eta=None, top_h=None, min_tokens_to_keep=1, order="sequential",
+             allowed_token_bitmask=None, banned_token_ids=None, logit_bias=None, prompt_token_ids=None,
+             output_token_ids=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+             top_logprobs=0, logprobs_mode="processed", uniforms=None):
+    """The whole step for every output row (row i reads logits[indices[i]]). Returns a dict:
+    processed (float32 logits after bitmask .. penalties), keep (survivors), valid, dist (float64
+    renormalised survivor distribution; one-hot at the greedy token for temperature 0),
+    logprobs (float64 [B, V] of the chosen mode: raw = log_softmax(logits), processed =
+    log-distribution of the survivors, -inf elsewhere, log_softmax(processed) for temperature 0),
+    top_ids / top_logprobs ([B, n], descending logprob, ties by lowest index) and, given
+    `uniforms` (one float64 in (0, 1) per row), tokens / token_logprobs / ranks (rank = number of
+    tokens whose logprob is >= the token's)."""
+    x = logits if indices is None else logits[indices.long()]
+    B, V = x.shape
+    for name, t in (("banned_token_ids", banned_token_ids), ("prompt_token_ids", prompt_token_ids),
+                    ("output_token_ids", output_token_ids), ("logit_bias", None if logit_bias is None else logit_bias[0])):
+        _ids_ok(t, V, name)
+    y = process_logits(x, allowed_token_bitmask=allowed_token_bitmask, banned_token_ids=banned_token_ids,
+                       logit_bias=logit_bias, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+                       repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma,
+              typical_p=typical_p, epsilon=epsilon, eta=eta, top_h=top_h, min_tokens_to_keep=min_tokens_to_keep)
+    keep = pipeline_keep(y, order=order, **kw)
+    valid = ~(bad_rows(x, False) | bad_rows(y, False))
+    T = _rows(temperature, B, torch.float64)
+    dist = torch.zeros(B, V, dtype=torch.float64)
+    proc_lp = torch.full((B, V), NEG_INF, dtype=torch.float64)
+    for b in range(B):
+        if not valid[b]:
+            continue
+        yb = y[b].double()
+        if T[b] == 0:
+            g = _argmax(y[b])
+            dist[b, g] = 1.0
+            proc_lp[b] = torch.log_softmax(yb, -1)
+            continue
+        z = torch.where(keep[b], yb / T[b], torch.full_like(yb, NEG_INF))
+        proc_lp[b] = torch.log_softmax(z, -1)
+        dist[b] = proc_lp[b].exp()
+    lp = torch.log_softmax(x.double(), -1) if logprobs_mode == "raw" else proc_lp
+    res = dict(processed=y, keep=keep, valid=valid, dist=dist, logprobs=lp)
+    n = int(top_logprobs or 0)
+    if n:
+        ids = torch.zeros(B, n, dtype=torch.int64)
+        vals = torch.full((B, n), NEG_INF, dtype=torch.float64)
+        for b in range(B):
+            if valid[b]:
+                o = sorted(range(V), key=lambda i: (-float(lp[b, i]), i))[:n]
+                ids[b] = torch.tensor(o)
+                vals[b] = lp[b, o]
+        res.update(top_ids=ids, top_logprobs=vals)
+    if uniforms is not None:
+        toks = torch.zeros(B, dtype=torch.int64)
+        tlp = torch.zeros(B, dtype=torch.float64)
+        ranks = torch.zeros(B, dtype=torch.int64)
+        for b in range(B):
+            if not valid[b]:
+                continue
+            t = _inverse_cdf(dist[b], float(uniforms[b]))
+            toks[b] = t
+            tlp[b] = lp[b, t]
+            ranks[b] = int((lp[b] >= lp[b, t]).sum())
+        res.update(tokens=toks, token_logprobs=tlp, ranks=ranks)
+    return res
+
+
+def pipeline_torch_vllm(logits, *, bitmask_bool, prompt_mask, output_counts, repetition_penalty, frequency_penalty,
+                        presence_penalty, temperature, top_k, top_p, min_p, top_logprobs, generator=None):
+    """The same chain written in torch the way vLLM's V1 sampler writes it (the benchmark baseline):
+    dense [B, V] masks and counts, each step a full-row torch op."""
+    x = logits.float()
+    x = x.masked_fill(~bitmask_bool, NEG_INF)
+    rep = torch.where(prompt_mask | (output_counts > 0), repetition_penalty, 1.0)
+    x = torch.where(x > 0, x / rep, x * rep)
+    x = x - frequency_penalty * output_counts
+    x = x - presence_penalty * (output_counts > 0).float()
+    x = x / temperature
+    probs = x.softmax(-1)
+    x = x.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), NEG_INF)
+    srt, idx = x.sort(-1, descending=False)
+    kth = srt.gather(-1, (srt.shape[-1] - top_k) * torch.ones_like(srt[:, :1], dtype=torch.long))
+    srt = srt.masked_fill(srt < kth, NEG_INF)
+    ps = srt.softmax(-1)
+    mask = ps.cumsum(-1) <= 1 - top_p
+    mask[:, -1] = False
+    srt = srt.masked_fill(mask, NEG_INF)
+    x = srt.scatter(-1, idx, srt)
+    lp = x.log_softmax(-1)
+    tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+    top = lp.topk(top_logprobs, -1)
+    return tok, lp.gather(-1, tok[:, None]), top

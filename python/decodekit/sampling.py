@@ -206,10 +206,20 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
 
 def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
            min_p: Param = None, order: str = "sequential", indices=None, seed=None, offset=None, generator=None,
-           check_nan=False, return_valid=False, return_logprobs=False, out_dtype=None):
+           check_nan=False, return_valid=False, return_logprobs=False, out_dtype=None, **step):
     """decodekit's one-pass sampler: temperature -> top-k -> top-p -> min-p (Hugging Face order, or
     order="joint"), then an exact draw from the renormalised survivors. temperature 0 = greedy.
-    No probability row is materialised and the vocabulary is never sorted."""
+    No probability row is materialised and the vocabulary is never sorted.
+
+    The whole step (decodekit.pipeline; README "The whole sampling step") adds the keywords
+    allowed_token_bitmask, banned_token_ids, logit_bias, prompt_token_ids, output_token_ids,
+    repetition_penalty, frequency_penalty, presence_penalty, top_n_sigma, typical_p, epsilon, eta,
+    top_h, min_tokens_to_keep, top_logprobs, logprobs_mode and order="vllm"."""
+    if step or order == "vllm":
+        from .pipeline import run_pipeline
+        return run_pipeline(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=order,
+                            indices=indices, seed=seed, offset=offset, generator=generator, check_nan=check_nan,
+                            return_valid=return_valid, return_logprobs=return_logprobs, out_dtype=out_dtype, **step)
     return _run_sample(logits, False, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        order=_order(order), indices=indices, generator=generator, seed=seed, offset=offset,
                        check_nan=check_nan, return_valid=return_valid, return_logprobs=return_logprobs,

@@ -1,5 +1,6 @@
 // Sampling and filtering kernels; compiled once per ISA (see CMakeLists.txt).
 #include "cpu/row_engine.h"
+#include "cpu/pipeline.h"
 
 namespace dk::cpu::DK_ISA_NAME {
 
@@ -144,6 +145,21 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+template <class T>
+static void pipeline_rows_t(const PipelineArgs& a, int64_t begin, int64_t end) {
+  Scratch& s = scratch();
+  PipeScratch& ps = pipe_scratch();
+  for (int64_t o = begin; o < end; ++o) pipeline_row<T>(a, o, s, ps);
+}
+
+template <class T>
+static void bitmask_rows_t(const BitmaskArgs& a, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t r = a.indices ? a.indices[j] : j;
+    bitmask_apply_row(static_cast<T*>(a.data) + r * a.row_stride, a.tokens, a.words + r * a.word_stride, neg_inf_value<T>());
+  }
+}
+
 #define DK_DISPATCH_DTYPE(dt, fn, ...)                               \
   switch (dt) {                                                      \
     case DType::F32: fn<float>(__VA_ARGS__); break;                  \
@@ -154,6 +170,8 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
 static void sample_rows(const SampleArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, sample_rows_t, a, b, e) }
 static void gumbel_rows(const SampleArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, gumbel_rows_t, a, b, e) }
 static void filter_rows(const FilterArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, filter_rows_t, a, b, e) }
+static void pipeline_rows(const PipelineArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, pipeline_rows_t, a, b, e) }
+static void bitmask_rows(const BitmaskArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.dtype, bitmask_rows_t, a, b, e) }
 
 }  // namespace dk::cpu::DK_ISA_NAME
 
@@ -165,7 +183,8 @@ static void filter_rows(const FilterArgs& a, int64_t b, int64_t e) { DK_DISPATCH
 namespace dk::cpu {
 const KernelTable& DK_CAT(table_, DK_ISA_NAME)() {
   static const KernelTable t{DK_STR(DK_ISA_NAME), &DK_ISA_NAME::sample_rows, &DK_ISA_NAME::gumbel_rows,
-                             &DK_ISA_NAME::filter_rows};
+                             &DK_ISA_NAME::filter_rows, &DK_ISA_NAME::pipeline_rows,
+                             &DK_ISA_NAME::bitmask_rows};
   return t;
 }
 }  // namespace dk::cpu

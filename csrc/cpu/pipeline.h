@@ -1,0 +1,618 @@
+// The whole sampling step for one row (issue 11), written once against simd.h and compiled per
+// ISA (included by csrc/cpu/isa/sampling.cpp after row_engine.h):
+//   1. one streaming pass over the row writes the processed row y into a thread-local buffer
+//      (the bitmask is applied on the way; the row's max is tracked), then the sparse steps run on
+//      y: bans, logit bias, the repetition penalty once per distinct history token, frequency /
+//      presence penalties (a per-thread count array, reset after the row);
+//   2. the truncations: top-n-sigma (mean and std of the finite logits, one pass over the
+//      cache-hot y) and top-k are upper sets of values and commute with each other and with
+//      min-p, so the starting list L is collected from y directly (a window profile chooses how
+//      far below the max to collect, as in the sampler); the remaining truncations run on L in
+//      the chosen order, each on the renormalised survivors of the ones before it;
+//   3. the exact inverse-CDF draw from L and the logprobs (raw or processed, top n).
+// Only y (one row, cache resident) is written; there is no [B, V] intermediate. The list steps
+// are scalar code in a fixed order, so every ISA gives the same survivors and tokens.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+#include "cpu/row_engine.h"
+#include "decodekit/pipeline.h"
+
+namespace dk::cpu::DK_ISA_NAME {
+
+struct PipeScratch {
+  std::vector<float> y;          // the processed row (V + 16)
+  std::vector<uint32_t> stamp;   // per token: the row serial that last applied the repetition penalty
+  std::vector<uint32_t> count;   // per token: output count of the current row (zero between rows)
+  uint32_t serial = 0;
+  std::vector<float> lv, lw;     // the list L: values, weights (index order)
+  std::vector<int32_t> li;
+  std::vector<double> ld;        // per-list scratch (log-probabilities, scores)
+  std::vector<int32_t> ord;      // per-list order
+  std::vector<float> tv;         // nth_element scratch
+  std::vector<std::pair<float, int32_t>> top;  // top-n (value, index)
+  std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
+  void ensure(int64_t V) {
+    if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
+    if (int64_t(stamp.size()) < V) { stamp.assign(size_t(V), 0u); serial = 0; }
+    if (int64_t(count.size()) < V) count.assign(size_t(V), 0u);
+  }
+};
+inline PipeScratch& pipe_scratch() {
+  thread_local PipeScratch p;
+  return p;
+}
+
+struct PipeRow {
+  float T = 1.f;
+  int64_t k = 0;
+  float p = 1.f, minp = 0.f;
+  float rep = 1.f, freq = 0.f, pres = 0.f;
+  double nsig = 0.0, typ = 1.0, eps = 0.0, eta = 0.0, toph = 0.0;
+  int64_t mtk = 1;
+};
+
+inline PipeRow pipe_row(const double* q) {
+  PipeRow r;
+  r.T = float(q[kPT]);
+  r.k = int64_t(q[kPTopK]);
+  r.p = float(q[kPTopP]);
+  r.minp = float(q[kPMinP]);
+  r.rep = float(q[kPRep]);
+  r.freq = float(q[kPFreq]);
+  r.pres = float(q[kPPres]);
+  r.nsig = q[kPNSigma];
+  r.typ = q[kPTypical];
+  r.eps = q[kPEps];
+  r.eta = q[kPEta];
+  r.toph = q[kPTopH];
+  r.mtk = std::max<int64_t>(1, int64_t(q[kPMtk]));
+  return r;
+}
+
+// The smallest float f with double(f) >= t (so that x >= f <=> double(x) >= t for every float x).
+inline float float_at_least(double t) {
+  if (!(t > -double(FLT_MAX))) return -FLT_MAX;
+  float f = float(t);
+  if (double(f) < t) f = std::nextafter(f, kPosInf);
+  return f;
+}
+
+// Pass 1 + sparse steps: y = processed row; returns false when the raw row is bad (NaN / +inf).
+// *m = max of y (-inf when nothing is finite), *mraw = max of the raw row.
+template <class T>
+inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr,
+                            PipeScratch& ps, float* m_out, float* mraw_out) {
+  float* y = ps.y.data();
+  const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
+  const int64_t bm_tokens = bm ? std::min<int64_t>(V, 32 * a.bitmask_words) : 0;
+  const VF ninf = vset(kNegInf), pinf = vset(kPosInf);
+  VF mx = ninf, mr = ninf;
+  M16 badm = 0;
+  for (int64_t i = 0; i < V; i += 16) {
+    VF v = load_block(x, i, V, kNegInf);
+    badm |= vnan(v) | veq(v, pinf);
+    mr = vmax(mr, v);
+    if (i < bm_tokens) {
+      M16 allow = bitmask_block16(bm, i);
+      if (bm_tokens - i < 16) allow |= ~((M16(1) << (bm_tokens - i)) - 1) & 0xFFFFu;  // past the mask: allowed
+      v = vblend(allow, ninf, v);
+    }
+    mx = vmax(mx, v);
+    vstore(y + i, v);  // y has 16 spare slots
+  }
+  *mraw_out = vhmax(mr);
+  if (badm) return false;
+  float m = vhmax(mx);
+  // The sparse steps, in the reference's order. Every changed token is listed with its value
+  // before the first change; afterwards the max is the larger of m and the changed tokens' final
+  // values, unless a token that held the max went down (then y is scanned again).
+  auto& touched = ps.touched;
+  touched.clear();
+  auto changed = [&](int64_t t) { touched.push_back({int32_t(t), y[t]}); };
+  if (a.banned) {
+    const int64_t* ids = a.banned + o * a.n_banned;
+    for (int64_t j = 0; j < a.n_banned; ++j)
+      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = kNegInf; }
+  }
+  if (a.bias_ids) {
+    const int64_t* ids = a.bias_ids + o * a.n_bias;
+    const float* bv = a.bias_vals + o * a.n_bias;
+    for (int64_t j = 0; j < a.n_bias; ++j)
+      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = y[ids[j]] + bv[j]; }
+  }
+  if (pr.rep != 1.f && (a.prompt || a.output)) {
+    if (++ps.serial == 0) { std::fill(ps.stamp.begin(), ps.stamp.end(), 0u); ps.serial = 1; }
+    const uint32_t cur = ps.serial;
+    auto pen = [&](const int64_t* ids, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = ids[j];
+        if (t < 0 || ps.stamp[t] == cur) continue;
+        ps.stamp[t] = cur;
+        changed(t);
+        y[t] = repetition_apply(y[t], pr.rep);
+      }
+    };
+    if (a.prompt) pen(a.prompt + o * a.n_prompt, a.n_prompt);
+    if (a.output) pen(a.output + o * a.n_output, a.n_output);
+  }
+  if (a.output && (pr.freq != 0.f || pr.pres != 0.f)) {
+    const int64_t* ids = a.output + o * a.n_output;
+    for (int64_t j = 0; j < a.n_output; ++j)
+      if (ids[j] >= 0) ++ps.count[ids[j]];
+    for (int64_t j = 0; j < a.n_output; ++j) {
+      const int64_t t = ids[j];
+      if (t < 0 || ps.count[t] == 0) continue;
+      changed(t);
+      y[t] = count_penalty_apply(y[t], pr.freq, pr.pres, ps.count[t]);
+      ps.count[t] = 0;
+    }
+  }
+  bool hit_max = false;
+  float mfix = kNegInf;
+  for (const auto& [t, before] : touched) {
+    const float v = y[t];
+    if (v != v || v == kPosInf) return false;
+    if (before == m && v < m) hit_max = true;
+    mfix = std::max(mfix, v);
+  }
+  if (hit_max) {
+    VF mm = ninf;
+    for (int64_t i = 0; i < V; i += 16) mm = vmax(mm, vload(y + i));  // y's tail slots hold -inf
+    m = vhmax(mm);
+  } else {
+    m = std::max(m, mfix);
+  }
+  *m_out = m;
+  return true;
+}
+
+// Mean and population standard deviation of the finite values of y (16 double lanes, fixed order).
+inline void finite_stats(const float* y, int64_t V, double* mean, double* sd) {
+  VD s = vd_zero(), c = vd_zero();
+  const VF ninf = vset(kNegInf), zero = vset(0.f), one = vset(1.f);
+  for (int64_t i = 0; i < V; i += 16) {
+    const VF v = vload(y + i);
+    const M16 f = vgt(v, ninf);
+    vd_add(s, vblend(f, zero, v));
+    vd_add(c, vblend(f, zero, one));
+  }
+  const double n = vd_reduce(c);
+  const double mu = vd_reduce(s) / n;
+  // second pass: sum of squared deviations, in double per lane (16 lanes, fixed order)
+  alignas(64) double lanes[16] = {};
+  alignas(64) float buf[16];
+  for (int64_t i = 0; i < V; i += 16) {
+    vstore(buf, vload(y + i));
+    for (int j = 0; j < 16; ++j)
+      if (buf[j] > kNegInf) { const double d = double(buf[j]) - mu; lanes[j] += d * d; }
+  }
+  double ss = 0.0;
+  for (int j = 0; j < 16; ++j) ss += lanes[j];
+  *mean = mu;
+  *sd = std::sqrt(ss / n);
+}
+
+// The list L: (value, index) of the current survivors in index order, their weights.
+struct PipeList {
+  float* v;
+  float* w;
+  int32_t* i;
+  int64_t n;
+};
+
+// Value of the m-th largest of L (m >= 1, clamped to n).
+inline float list_mth_largest(const PipeList& L, int64_t m, PipeScratch& ps) {
+  m = std::min(m, L.n);
+  ps.tv.assign(L.v, L.v + L.n);
+  std::nth_element(ps.tv.begin(), ps.tv.begin() + (m - 1), ps.tv.end(), std::greater<float>());
+  return ps.tv[size_t(m - 1)];
+}
+
+inline double list_mass(const PipeList& L) {
+  double Z = 0.0;
+  for (int64_t j = 0; j < L.n; ++j) Z += double(L.w[j]);
+  return Z;
+}
+
+// Keeps the entries with keep[j] (order preserved).
+template <class F>
+inline void list_filter(PipeList& L, F keep) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < L.n; ++j)
+    if (keep(j)) { L.v[n] = L.v[j]; L.w[n] = L.w[j]; L.i[n] = L.i[j]; ++n; }
+  L.n = n;
+}
+
+// Entropy of the renormalised distribution of L; ps.ld[j] = log p_j.
+inline double list_entropy(const PipeList& L, float m, float invT, double Z, PipeScratch& ps) {
+  ps.ld.resize(size_t(L.n));
+  const double lz = std::log(Z);
+  double H = 0.0;
+  for (int64_t j = 0; j < L.n; ++j) {
+    const double lp = double((L.v[j] - m) * invT) - lz;
+    ps.ld[size_t(j)] = lp;
+    if (L.w[j] > 0.f) H -= (double(L.w[j]) / Z) * lp;
+  }
+  return H;
+}
+
+// One truncation step on L (the renormalised survivors so far); `A` = the set it is evaluated
+// on (L itself, or the full finite row for "joint": then keep flags are intersected by the caller).
+enum class Step { TopK, TopP, MinP, Typical, Epsilon, Eta, TopH };
+
+inline bool step_on(Step st, const PipeRow& r, int64_t V) {
+  switch (st) {
+    case Step::TopK: return r.k >= 1 && r.k < V;
+    case Step::TopP: return r.p < 1.f;
+    case Step::MinP: return r.minp > 0.f;
+    case Step::Typical: return r.typ < 1.0;
+    case Step::Epsilon: return r.eps > 0.0;
+    case Step::Eta: return r.eta > 0.0;
+    case Step::TopH: return r.toph > 0.0;
+  }
+  return false;
+}
+
+// Computes keep flags (ps.ord reused as 0/1 flags) of step `st` over L.
+inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, float invT, PipeScratch& ps,
+                      std::vector<uint8_t>& keep) {
+  keep.assign(size_t(L.n), 0);
+  const int64_t n = L.n;
+  if (n == 0) return;
+  const float vm = list_mth_largest(L, r.mtk, ps);  // min_tokens_to_keep: values >= the mtk-th largest
+  switch (st) {
+    case Step::TopK: {
+      const int64_t k = std::max(r.k, r.mtk);
+      const float t = n > k ? list_mth_largest(L, k, ps) : kNegInf;
+      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t;
+      return;
+    }
+    case Step::TopP: {
+      const double Z = list_mass(L);
+      std::vector<VW> pairs(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) pairs[size_t(j)] = VW{L.v[j], L.w[j]};
+      const float t = top_p_threshold(pairs.data(), n, double(r.p) * Z);
+      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t || L.v[j] >= vm;
+      return;
+    }
+    case Step::MinP: {
+      float wmax = 0.f;
+      for (int64_t j = 0; j < n; ++j) wmax = std::max(wmax, L.w[j]);
+      const double t = double(r.minp) * double(wmax);
+      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) >= t || L.v[j] >= vm;
+      return;
+    }
+    case Step::Epsilon:
+    case Step::Eta: {
+      const double Z = list_mass(L);
+      double cut = r.eps;
+      if (st == Step::Eta) {
+        const double H = list_entropy(L, m, invT, Z, ps);
+        cut = std::min(r.eta, std::sqrt(r.eta) * std::exp(-H));
+      }
+      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) / Z >= cut || L.v[j] >= vm;
+      return;
+    }
+    case Step::Typical: {
+      const double Z = list_mass(L);
+      const double H = list_entropy(L, m, invT, Z, ps);
+      for (int64_t j = 0; j < n; ++j) ps.ld[size_t(j)] = std::fabs(-ps.ld[size_t(j)] - H);  // shifted score
+      ps.ord.resize(size_t(n));
+      for (int64_t j = 0; j < n; ++j) ps.ord[size_t(j)] = int32_t(j);
+      std::sort(ps.ord.begin(), ps.ord.end(), [&](int32_t a, int32_t b) {
+        return ps.ld[size_t(a)] < ps.ld[size_t(b)] || (ps.ld[size_t(a)] == ps.ld[size_t(b)] && a < b);
+      });
+      // keep a tie group of scores while the mass of strictly smaller scores is < typical_p
+      const double P = r.typ * Z;
+      double below = 0.0;
+      const double sm = ps.ld[size_t(ps.ord[size_t(std::min(r.mtk, n) - 1)])];  // the mtk-th smallest score
+      for (int64_t g = 0; g < n;) {
+        const double s = ps.ld[size_t(ps.ord[size_t(g)])];
+        int64_t e = g;
+        double gm = 0.0;
+        while (e < n && ps.ld[size_t(ps.ord[size_t(e)])] == s) { gm += double(L.w[ps.ord[size_t(e)]]); ++e; }
+        const bool k = below < P || s <= sm;
+        for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
+        below += gm;
+        g = e;
+      }
+      return;
+    }
+    case Step::TopH: {
+      // the candidates: values >= the 100th largest (ties kept), most probable first
+      const float cv = list_mth_largest(L, kTopHCandidates, ps);
+      ps.ord.clear();
+      for (int64_t j = 0; j < n; ++j)
+        if (L.v[j] >= cv) ps.ord.push_back(int32_t(j));
+      std::sort(ps.ord.begin(), ps.ord.end(), [&](int32_t a, int32_t b) {
+        return L.v[a] > L.v[b] || (L.v[a] == L.v[b] && a < b);
+      });
+      const int64_t nc = int64_t(ps.ord.size());
+      double Zn = 0.0;
+      for (int64_t t = 0; t < nc; ++t) Zn += double(L.w[ps.ord[size_t(t)]]);
+      const double lz = std::log(Zn);
+      ps.ld.resize(size_t(nc));
+      double H = 0.0;
+      for (int64_t t = 0; t < nc; ++t) {
+        const int32_t j = ps.ord[size_t(t)];
+        const double q = double(L.w[j]) / Zn;
+        const double term = q > 0.0 ? -q * (double((L.v[j] - m) * invT) - lz) : 0.0;
+        ps.ld[size_t(t)] = term;
+        H += term;
+      }
+      const double tau = r.toph * H;
+      double cum = 0.0;
+      for (int64_t g = 0; g < nc;) {
+        const float v = L.v[ps.ord[size_t(g)]];
+        int64_t e = g;
+        double gs = 0.0;
+        while (e < nc && L.v[ps.ord[size_t(e)]] == v) { gs += ps.ld[size_t(e)]; ++e; }
+        const bool k = g == 0 || cum + ps.ld[size_t(g)] <= tau;
+        for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
+        cum += gs;
+        g = e;
+      }
+      for (int64_t j = 0; j < n; ++j) keep[j] = keep[j] || L.v[j] >= vm;
+      return;
+    }
+  }
+}
+
+// Collects the starting list: {y >= lo} restricted to the top k values when k is on (k >= 1).
+// Returns n; the values / indices are left in s.val / s.idx (index order).
+inline int64_t collect_start(const float* y, int64_t V, float m, float T, float lo, int64_t k, Scratch& s) {
+  if (k <= 0) return collect_geq(y, V, lo, s);
+  const Window unit{false, T};
+  const Weight w{false, m, 1.f / T};
+  double cnt[kProfiles], mass[kProfiles];
+  int pick = kProfiles;
+  {  // estimate from every 8th block: the narrowest window estimated to hold 4k values
+    constexpr int64_t kStride = 8;
+    window_profile(y, V, unit, m, w, false, cnt, mass, s.pf, kStride);
+    for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
+      if (cnt[j] * double(kStride) >= 4.0 * double(k)) pick = j;
+  }
+  int64_t n = 0;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (pick < kProfiles) {
+      const float t = std::max(m - kProfileNats[pick] * T, -FLT_MAX);
+      if (t <= lo) return collect_geq(y, V, lo, s);
+      n = collect_geq(y, V, t, s);
+      if (n >= k) break;
+    }
+    if (attempt == 1) return collect_geq(y, V, lo, s);
+    window_profile(y, V, unit, m, w, false, cnt, mass, s.pf);  // exact counts
+    pick = kProfiles;
+    for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
+      if (cnt[j] >= double(k)) pick = j;
+    if (pick == kProfiles) return collect_geq(y, V, lo, s);
+  }
+  // keep values >= max(lo, k-th largest)
+  if (n > k) {
+    s.tmp.assign(s.val.data(), s.val.data() + n);
+    std::nth_element(s.tmp.begin(), s.tmp.begin() + (k - 1), s.tmp.end(), std::greater<float>());
+    lo = std::max(lo, s.tmp[size_t(k - 1)]);
+  }
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if (s.val[j] >= lo) { s.val[c] = s.val[j]; s.idx[c] = s.idx[j]; ++c; }
+  return c;
+}
+
+// Top n of `vals` restricted to `cand` (value descending, index ascending), padded by the lowest
+// indices outside `cand` at -inf. Writes ids / values.
+inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n, PipeScratch& ps, int64_t* ids,
+                       float* vals_out) {
+  ps.top.resize(size_t(nl));
+  for (int64_t j = 0; j < nl; ++j) ps.top[size_t(j)] = {v[j], idx[j]};
+  auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  const int64_t h = std::min(n, nl);
+  std::partial_sort(ps.top.begin(), ps.top.begin() + h, ps.top.end(), better);
+  for (int64_t j = 0; j < h; ++j) { ids[j] = ps.top[size_t(j)].second; vals_out[j] = ps.top[size_t(j)].first; }
+  if (h < n) {  // pad: lowest indices not in the list (idx is sorted ascending)
+    int64_t j = h, t = 0, c = 0;
+    while (j < n) {
+      if (c < nl && idx[c] == t) { ++c; ++t; continue; }
+      ids[j] = t; vals_out[j] = kNegInf; ++j; ++t;
+    }
+  }
+}
+
+// Top n of a full row (value descending, index ascending): blocks below the current n-th best
+// are skipped with one compare.
+template <class T>
+inline void top_n_row(const T* x, int64_t V, int64_t n, PipeScratch& ps, int64_t* ids, float* vals_out) {
+  auto& top = ps.top;
+  top.clear();
+  auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  alignas(64) float buf[16];
+  for (int64_t i = 0; i < V; i += 16) {
+    const VF v = load_block(x, i, V, kNegInf);
+    if (int64_t(top.size()) == n && !vgt(v, vset(top.back().first))) continue;
+    vstore(buf, v);
+    const int lanes = int(std::min<int64_t>(16, V - i));
+    for (int j = 0; j < lanes; ++j) {
+      std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
+      if (int64_t(top.size()) == n) {
+        if (!better(e, top.back())) continue;
+        top.pop_back();
+      }
+      top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) { ids[j] = top[size_t(j)].second; vals_out[j] = top[size_t(j)].first; }
+}
+
+// Number of values of a row >= t.
+template <class T>
+inline int64_t count_geq(const T* x, int64_t V, float t) {
+  int64_t c = 0;
+  const VF vt = vset(t);
+  for (int64_t i = 0; i < V; i += 16) c += popcount16(vge(load_block(x, i, V, kNegInf), vt));
+  return c;
+}
+
+template <class T> inline void store_elem(T* p, float v);
+template <> inline void store_elem<float>(float* p, float v) { *p = v; }
+template <> inline void store_elem<bf16_t>(bf16_t* p, float v) { p->x = dk::bf16_bits(v); }
+template <> inline void store_elem<f16_t>(f16_t* p, float v) { p->x = f16_bits(v); }
+
+// xgrammar's in-place mask of one row: -inf where the bit of token i < n is 0.
+template <class T>
+inline void bitmask_apply_row(T* x, int64_t n, const int32_t* words, T ninf) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    uint32_t bits = ~uint32_t(words[w]);
+    if (n - w * 32 < 32) bits &= (uint32_t(1) << (n - w * 32)) - 1u;
+    for (; bits; bits &= bits - 1) x[w * 32 + __builtin_ctz(bits)] = ninf;
+  }
+}
+
+template <class T>
+inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScratch& ps) {
+  const int64_t V = a.in.V;
+  const T* base = static_cast<const T*>(a.in.data);
+  const int64_t src = a.indices ? a.indices[o] : o;
+  const T* x = base + src * a.in.row_stride;
+  prefetch_next(s, base, a.in.row_stride, V, a.indices, o, a.n_out);
+  const PipeRow pr = pipe_row(a.params + o * kPipeParams);
+  const PipeOrder order = PipeOrder(a.order);
+  ps.ensure(V);
+  float* y = ps.y.data();
+  float m = kNegInf, mraw = kNegInf;
+  const bool ok = build_processed(x, V, a, o, pr, ps, &m, &mraw);
+  const bool valid = ok && m > kNegInf;
+  T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
+  auto fail = [&]() {
+    if (out) {
+      if (!ok) for (int64_t i = 0; i < V; ++i) out[i] = x[i];   // a bad raw row passes through
+      else for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]);
+      return;
+    }
+    a.out_tokens[o] = 0;
+    a.out_valid[o] = false;
+    if (a.out_logprob) a.out_logprob[o] = 0.f;
+    if (a.out_rank) a.out_rank[o] = 0;
+    for (int64_t j = 0; j < a.top_n; ++j) { a.out_top_ids[o * a.top_n + j] = 0; a.out_top_lp[o * a.top_n + j] = kNegInf; }
+  };
+  if (!valid) { fail(); return; }
+  const bool greedy = a.mode == 0 && pr.T == 0.f;
+  const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
+  const float invT = 1.f / temp;
+  // ---- the truncations --------------------------------------------------------------------------
+  const Step seq[7] = {Step::TopK, Step::TopP, Step::MinP, Step::Typical, Step::Epsilon, Step::Eta, Step::TopH};
+  const Step vllm[7] = {Step::MinP, Step::TopK, Step::TopP, Step::Typical, Step::Epsilon, Step::Eta, Step::TopH};
+  const Step* steps = order == PipeOrder::Vllm ? vllm : seq;
+  bool any = pr.nsig > 0.0;
+  for (int j = 0; j < 7; ++j) any = any || step_on(steps[j], pr, V);
+  if (greedy || !any) {
+    if (out) { for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]); return; }
+  }
+  PipeList L{nullptr, nullptr, nullptr, 0};
+  const Weight wt{false, m, invT};
+  if (!greedy) {
+    float lo = -FLT_MAX;
+    if (pr.nsig > 0.0) {
+      double mu, sd;
+      finite_stats(y, V, &mu, &sd);
+      lo = float_at_least(double(m) - pr.nsig * sd);
+    }
+    const bool joint = order == PipeOrder::Joint;
+    const int64_t k = (!joint && step_on(Step::TopK, pr, V)) ? std::max(pr.k, pr.mtk) : 0;
+    // joint: every truncation sees the whole finite row; top-n-sigma is one more intersected filter
+    const float lo0 = joint ? -FLT_MAX : lo;
+    const int64_t n0 = collect_start(y, V, m, temp, lo0, k, s);
+    if (int64_t(ps.lv.size()) < n0 + 16) { ps.lv.resize(size_t(n0 + 16)); ps.lw.resize(size_t(n0 + 16)); ps.li.resize(size_t(n0 + 16)); }
+    std::copy(s.val.data(), s.val.data() + n0, ps.lv.data());
+    std::copy(s.idx.data(), s.idx.data() + n0, ps.li.data());
+    L = PipeList{ps.lv.data(), ps.lw.data(), ps.li.data(), n0};
+    for (int64_t j = 0; j < n0; j += 16) {  // weights, vector exp (bit-identical to the scalar one)
+      const VF v = (j + 16 <= n0) ? vload(L.v + j) : vload_partial(L.v + j, int(n0 - j), 0.f);
+      vstore(L.w + j, wt(v));
+    }
+    std::vector<uint8_t> keep, acc;
+    if (joint) {
+      acc.resize(size_t(L.n));
+      for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] = L.v[t] >= lo;
+    }
+    for (int j = 0; j < 7; ++j) {
+      if (!step_on(steps[j], pr, V)) continue;
+      step_keep(steps[j], L, pr, m, invT, ps, keep);
+      if (joint) { for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] &= keep[size_t(t)]; }
+      else list_filter(L, [&](int64_t t) { return keep[size_t(t)] != 0; });
+    }
+    if (joint) list_filter(L, [&](int64_t t) { return acc[size_t(t)] != 0; });
+  }
+  if (out) {  // mode 1: the survivors keep their processed logit, everything else -inf
+    for (int64_t i = 0; i < V; ++i) store_elem(out + i, kNegInf);
+    for (int64_t j = 0; j < L.n; ++j) store_elem(out + L.i[j], y[L.i[j]]);
+    return;
+  }
+  // ---- the draw -----------------------------------------------------------------------------------
+  int64_t tok = 0;
+  double Z = 1.0;
+  float tw = 1.f;
+  if (greedy) {
+    for (int64_t i = 0; i < V; ++i)
+      if (y[i] == m) { tok = i; break; }
+  } else {
+    Z = list_mass(L);
+    const double u = row_uniform(row_key(a, o), 0u);
+    const double target = u * Z;
+    double cum = 0.0;
+    int64_t last = -1;
+    for (int64_t j = 0; j < L.n; ++j) {
+      if (L.w[j] > 0.f) last = j;
+      cum += double(L.w[j]);
+      if (cum > target) { last = j; break; }
+    }
+    if (last < 0) { fail(); return; }  // no positive weight (cannot happen: the max has weight 1)
+    tok = L.i[last];
+    tw = L.w[last];
+  }
+  a.out_tokens[o] = tok;
+  a.out_valid[o] = true;
+  if (!a.want_logprob && a.top_n == 0) return;
+  // ---- logprobs -------------------------------------------------------------------------------
+  int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
+  float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
+  if (a.raw_logprobs || greedy) {
+    // log_softmax of the raw row (raw) or of the processed row at temperature 1 (greedy, processed)
+    const bool raw = a.raw_logprobs;
+    const float mm = raw ? mraw : m;
+    const Weight w1{false, mm, 1.f};
+    Prefetch none{};
+    const double lz = std::log(raw ? row_mass(x, V, w1, kNegInf, 0.f, none) : row_mass(y, V, w1, kNegInf, 0.f, none));
+    auto lp = [&](float v) { return float(double(v - mm) - lz); };
+    const float vt = raw ? to_float(x[tok]) : y[tok];
+    if (a.out_logprob) a.out_logprob[o] = lp(vt);
+    if (a.out_rank) a.out_rank[o] = raw ? count_geq(x, V, vt) : count_geq(y, V, vt);
+    if (tids) {
+      if (raw) top_n_row(x, V, a.top_n, ps, tids, tlp);
+      else top_n_row(y, V, a.top_n, ps, tids, tlp);
+      for (int64_t j = 0; j < a.top_n; ++j) tlp[j] = tlp[j] > kNegInf ? lp(tlp[j]) : kNegInf;
+    }
+    return;
+  }
+  const double lz = std::log(Z);
+  auto lpw = [&](float w) { return w > 0.f ? float(std::log(double(w)) - lz) : kNegInf; };
+  if (a.out_logprob) a.out_logprob[o] = lpw(tw);
+  if (a.out_rank) {
+    const float vt = y[tok];
+    int64_t c = 0;
+    for (int64_t j = 0; j < L.n; ++j) c += L.v[j] >= vt;
+    a.out_rank[o] = c;
+  }
+  if (tids) {
+    top_n_list(L.v, L.i, L.n, a.top_n, ps, tids, tlp);
+    for (int64_t j = 0; j < a.top_n; ++j) tlp[j] = tlp[j] > kNegInf ? lpw(wt(tlp[j])) : kNegInf;
+  }
+}
+
+}  // namespace dk::cpu::DK_ISA_NAME

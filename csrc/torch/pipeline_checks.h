@@ -1,0 +1,164 @@
+// Input checks and argument packing of the pipeline ops (shared by the CPU and CUDA bindings).
+// Shapes, dtypes, devices and ranges only; every error is a ValueError naming the argument.
+#pragma once
+#include <cmath>
+#include "torch/checks.h"
+
+namespace dk::torchb {
+
+// Names of the params columns (decodekit/pipeline.h PipeParam), as the Python keywords.
+inline const char* pipe_param_name(int c) {
+  static const char* names[kPipeParams] = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                          "frequency_penalty", "presence_penalty", "top_n_sigma", "typical_p",
+                                          "epsilon", "eta", "top_h", "min_tokens_to_keep"};
+  return names[c];
+}
+
+// Range of one parameter value; returns the rule it breaks (nullptr when fine).
+inline const char* pipe_param_error(int c, double v) {
+  if (std::isnan(v)) return "must not be NaN";
+  switch (c) {
+    case kPT: return (v >= 0.0 && std::isfinite(v)) ? nullptr : "must be finite and >= 0 (0 = greedy)";
+    case kPTopK: return std::isfinite(v) && v == std::floor(v) ? nullptr : "must be an integer";
+    case kPTopP: return v > 0.0 ? nullptr : "must be in (0, 1]";
+    case kPMinP: return v >= 0.0 && v <= 1.0 ? nullptr : "must be in [0, 1]";
+    case kPRep: return v > 0.0 && std::isfinite(v) ? nullptr : "must be finite and > 0 (1 = off)";
+    case kPFreq:
+    case kPPres:
+    case kPNSigma: return std::isfinite(v) ? nullptr : "must be finite";
+    case kPTypical: return v > 0.0 && v <= 1.0 ? nullptr : "must be in (0, 1] (1 = off)";
+    case kPEps:
+    case kPEta: return v >= 0.0 && v < 1.0 ? nullptr : "must be in [0, 1) (0 = off)";
+    case kPTopH: return v >= 0.0 && v <= 1.0 ? nullptr : "must be in [0, 1] (0 = off)";
+    case kPMtk: return v >= 1.0 && v < 9.2e18 && v == std::floor(v) ? nullptr : "must be an integer >= 1";
+    default: return nullptr;
+  }
+}
+
+// A [n, M] table of token ids padded with -1 (int32 or int64), as contiguous int64.
+inline std::optional<at::Tensor> id_table(const at::Tensor& x, const std::optional<at::Tensor>& t, int64_t n,
+                                          int64_t V, const char* name) {
+  if (!t) return std::nullopt;
+  check_same_device(x, t, name);
+  DK_CHECK(t->scalar_type() == at::kLong || t->scalar_type() == at::kInt, name, " must be int64 or int32, got ",
+           t->scalar_type());
+  DK_CHECK(t->dim() == 2 && t->size(0) == n, name, " must be 2-D [", n, ", M] (one row per output row), got shape ",
+           t->sizes());
+  at::Tensor c = t->to(at::kLong).contiguous();
+  if (c.numel()) {
+    const int64_t mn = c.min().item<int64_t>(), mx = c.max().item<int64_t>();
+    DK_CHECK(mn >= -1 && mx < V, name, " must hold token ids in [0, ", V, ") or -1 (padding), got range [", mn, ", ",
+             mx, "]");
+  }
+  return c;
+}
+
+struct PipelinePack {
+  at::Tensor params;
+  int order = 0;
+  std::optional<at::Tensor> bitmask, banned, bias_ids, bias_vals, prompt, output;
+  void fill(cpu::PipelineArgs& a) const {
+    a.params = params.data_ptr<double>();
+    a.order = order;
+    if (bitmask) { a.bitmask = bitmask->data_ptr<int32_t>(); a.bitmask_words = bitmask->size(1); }
+    if (banned) { a.banned = banned->data_ptr<int64_t>(); a.n_banned = banned->size(1); }
+    if (bias_ids) {
+      a.bias_ids = bias_ids->data_ptr<int64_t>();
+      a.bias_vals = bias_vals->data_ptr<float>();
+      a.n_bias = bias_ids->size(1);
+    }
+    if (prompt) { a.prompt = prompt->data_ptr<int64_t>(); a.n_prompt = prompt->size(1); }
+    if (output) { a.output = output->data_ptr<int64_t>(); a.n_output = output->size(1); }
+  }
+};
+
+inline PipelinePack pack_pipeline(const at::Tensor& x, int64_t n, const at::Tensor& params, int64_t order,
+                                  const std::optional<at::Tensor>& bitmask, const std::optional<at::Tensor>& banned,
+                                  const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_vals,
+                                  const std::optional<at::Tensor>& prompt, const std::optional<at::Tensor>& output,
+                                  int64_t mode, int64_t top_n) {
+  const int64_t V = x.size(1);
+  DK_CHECK(order >= 0 && order <= 2, "order must be 0 (sequential), 1 (joint) or 2 (vllm), got ", order);
+  DK_CHECK(mode == 0 || mode == 1, "mode must be 0 (sample) or 1 (mask logits), got ", mode);
+  DK_CHECK(top_n >= 0 && top_n <= V, "top_logprobs must be in [0, V = ", V, "], got ", top_n);
+  PipelinePack p;
+  p.order = int(order);
+  DK_CHECK(params.dim() == 2 && params.size(0) == n && params.size(1) == kPipeParams,
+           "params must be [", n, ", ", int(kPipeParams), "], got shape ", params.sizes());
+  p.params = params.to(at::kCPU).to(at::kDouble).contiguous();
+  const double* q = p.params.data_ptr<double>();
+  for (int64_t r = 0; r < n; ++r)
+    for (int c = 0; c < kPipeParams; ++c)
+      if (const char* e = pipe_param_error(c, q[r * kPipeParams + c]))
+        DK_CHECK(false, pipe_param_name(c), " ", e, ", got ", q[r * kPipeParams + c],
+                 n > 1 ? " (in one of the rows)" : "");
+  if (bitmask) {
+    check_same_device(x, bitmask, "allowed_token_bitmask");
+    DK_CHECK(bitmask->scalar_type() == at::kInt, "allowed_token_bitmask must be int32, got ", bitmask->scalar_type());
+    DK_CHECK(bitmask->dim() == 2 && bitmask->size(0) == n && bitmask->size(1) == (V + 31) / 32,
+             "allowed_token_bitmask must be [", n, ", ", (V + 31) / 32, "] (int32 words, ceil(V/32)), got shape ",
+             bitmask->sizes());
+    p.bitmask = bitmask->contiguous();
+  }
+  p.banned = id_table(x, banned, n, V, "banned_token_ids");
+  p.bias_ids = id_table(x, bias_ids, n, V, "logit_bias");
+  DK_CHECK(bool(bias_ids) == bool(bias_vals), "logit_bias must be a pair (token_ids, values)");
+  if (bias_vals) {
+    check_same_device(x, bias_vals, "logit_bias");
+    DK_CHECK(bias_vals->sizes() == bias_ids->sizes(), "logit_bias values must have the shape of its token ids ",
+             bias_ids->sizes(), ", got ", bias_vals->sizes());
+    p.bias_vals = bias_vals->to(at::kFloat).contiguous();
+    if (p.bias_vals->numel())
+      DK_CHECK(p.bias_vals->isfinite().all().item<bool>(), "logit_bias values must be finite");
+  }
+  p.prompt = id_table(x, prompt, n, V, "prompt_token_ids");
+  p.output = id_table(x, output, n, V, "output_token_ids");
+  return p;
+}
+
+// apply_token_bitmask_inplace (xgrammar semantics).
+struct BitmaskPack {
+  at::Tensor logits, bitmask;
+  std::optional<at::Tensor> idx;
+  int64_t rows = 0;
+  cpu::BitmaskArgs args() const {
+    cpu::BitmaskArgs a;
+    a.data = logits.data_ptr();
+    a.dtype = float_dtype(logits, "logits");
+    a.row_stride = logits.dim() == 2 ? logits.stride(0) : 0;
+    a.words = bitmask.data_ptr<int32_t>();
+    a.word_stride = bitmask.dim() == 2 ? bitmask.stride(0) : 0;
+    a.tokens = std::min<int64_t>(logits.size(-1), 32 * bitmask.size(-1));
+    a.indices = idx ? idx->data_ptr<int64_t>() : nullptr;
+    return a;
+  }
+};
+
+inline BitmaskPack pack_bitmask_inplace(const at::Tensor& logits, const at::Tensor& bitmask,
+                                        const std::optional<at::Tensor>& indices) {
+  float_dtype(logits, "logits");
+  check_same_device(logits, bitmask, "bitmask");
+  check_same_device(logits, indices, "indices");
+  DK_CHECK(logits.dim() == 1 || logits.dim() == 2, "logits must be 1-D or 2-D, got shape ", logits.sizes());
+  DK_CHECK(bitmask.dim() == logits.dim(), "bitmask must have the same number of dimensions as logits, got ",
+           bitmask.dim(), " and ", logits.dim());
+  DK_CHECK(bitmask.scalar_type() == at::kInt, "bitmask must be int32, got ", bitmask.scalar_type());
+  DK_CHECK(logits.stride(-1) == 1, "logits must be contiguous in the last dimension");
+  BitmaskPack p;
+  p.logits = logits;
+  p.bitmask = bitmask.contiguous();
+  const int64_t B = logits.dim() == 2 ? logits.size(0) : 1;
+  DK_CHECK(p.bitmask.dim() == 1 || p.bitmask.size(0) == B, "bitmask must have one row per logits row (", B,
+           "), got shape ", bitmask.sizes());
+  if (indices) {
+    DK_CHECK(logits.dim() == 2, "indices need 2-D logits");
+    check_indices(*indices, B, "indices");
+    p.idx = indices->to(at::kLong).contiguous();
+    p.rows = indices->size(0);
+  } else {
+    p.rows = B;
+  }
+  return p;
+}
+
+}  // namespace dk::torchb
