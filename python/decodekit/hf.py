@@ -33,13 +33,15 @@ from transformers import LogitsProcessorList
 from transformers.generation import logits_process as _lp
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import pipeline as _pipeline
 from . import sampling as _sampling
 from ._ops import ops
-from .speculative import chain_speculative_sampling_from_logits, greedy_verify
+from .speculative import chain_speculative_sampling, chain_speculative_sampling_from_logits, greedy_verify
 
 __all__ = [
     "generate", "split_processors", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
-    "MinPLogitsWarper",
+    "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper",
+    "RepetitionPenaltyLogitsProcessor",
 ]
 
 _MASK, _RENORM = 0, 1
@@ -105,23 +107,101 @@ class MinPLogitsWarper(_lp.MinPLogitsWarper):
         return _finish(scores, masked, self.filter_value)
 
 
+def _float_scores(scores):
+    return scores if scores.dtype in (torch.float32, torch.bfloat16, torch.float16) else scores.float()
+
+
+class TypicalLogitsWarper(_lp.TypicalLogitsWarper):
+    """transformers.TypicalLogitsWarper (locally typical sampling), one decodekit pass per row."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = _pipeline.typical_mask_logits(_float_scores(scores).contiguous(), self.mass, self.min_tokens_to_keep)
+        return _finish(scores, out, self.filter_value)
+
+
+class EpsilonLogitsWarper(_lp.EpsilonLogitsWarper):
+    """transformers.EpsilonLogitsWarper: drops tokens with probability < epsilon."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = _pipeline.epsilon_mask_logits(_float_scores(scores).contiguous(), self.epsilon, self.min_tokens_to_keep)
+        return _finish(scores, out, self.filter_value)
+
+
+class EtaLogitsWarper(_lp.EtaLogitsWarper):
+    """transformers.EtaLogitsWarper: drops tokens with probability < min(eta, sqrt(eta) * exp(-entropy))."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = _pipeline.eta_mask_logits(_float_scores(scores).contiguous(), self.epsilon, self.min_tokens_to_keep)
+        return _finish(scores, out, self.filter_value)
+
+
+class TopHLogitsWarper(_lp.TopHLogitsWarper):
+    """transformers.TopHLogitsWarper: of the 100 most probable tokens, the leading ones whose
+    cumulative entropy stays <= top_h * the entropy of those 100."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        out = _pipeline.top_h_mask_logits(_float_scores(scores).contiguous(), self.top_h)
+        return _finish(scores, out, self.filter_value)
+
+
+def _penalty_history(input_ids: torch.Tensor, prompt_ignore_length, V: int) -> torch.Tensor:
+    """The token history the repetition penalty sees (HF: input_ids after prompt_ignore_length),
+    int64 [B, L] padded with -1; ids outside the output vocabulary are ignored, as in HF."""
+    ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+    ids = ids.to(torch.int64)
+    if isinstance(prompt_ignore_length, int):
+        ids = ids[:, prompt_ignore_length:]
+    elif isinstance(prompt_ignore_length, torch.Tensor):
+        if ids.shape[0] != prompt_ignore_length.shape[0]:
+            raise ValueError("prompt_ignore_length: incompatible batch size")
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        ids = ids.masked_fill(pos[None, :] < prompt_ignore_length.to(ids.device)[:, None], -1)
+    return ids.masked_fill(ids >= V, -1).contiguous()
+
+
+class RepetitionPenaltyLogitsProcessor(_lp.RepetitionPenaltyLogitsProcessor):
+    """transformers.RepetitionPenaltyLogitsProcessor: every token seen in input_ids (after
+    prompt_ignore_length) gets score * penalty if negative, score / penalty otherwise; decodekit's
+    apply_penalties on 2-D scores (3-D continuous-batching scores use transformers' own code)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.dim() != 2 or input_ids.dim() > 2:
+            return super().__call__(input_ids, scores)
+        hist = _penalty_history(input_ids, self.prompt_ignore_length, scores.shape[-1])
+        if hist.shape[0] != scores.shape[0]:
+            hist = hist.expand(scores.shape[0], -1)
+        out = _pipeline.apply_penalties(_float_scores(scores).contiguous(), prompt_token_ids=hist,
+                                        repetition_penalty=self.penalty)
+        return out.to(scores.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # which processors decodekit's sampler absorbs
-# HF appends its warpers in this order (GenerationMixin._get_logits_processor); decodekit's
-# sequential order is the same: temperature -> top-k -> top-p (on the renormalised top-k
-# survivors) -> min-p. A warper is absorbed only where that gives HF's distribution exactly.
-_RANK = ((_lp.TemperatureLogitsWarper, 0), (_lp.TopKLogitsWarper, 1), (_lp.TopPLogitsWarper, 2),
-         (_lp.MinPLogitsWarper, 3))
+# HF appends its processors, then its warpers in the order temperature, top-h, top-k, top-p, min-p,
+# typical, epsilon, eta (GenerationMixin._get_logits_processor). decodekit's one pass applies the
+# repetition penalty, then temperature -> top-k -> top-p (on the renormalised top-k survivors) ->
+# min-p -> typical -> epsilon -> eta -> top-h. A trailing run of HF's list is absorbed when it is in
+# decodekit's order (so top-h, which HF applies before top-k, is absorbed only when nothing after
+# it is) and only where that gives HF's distribution exactly.
+_RANK = ((_lp.RepetitionPenaltyLogitsProcessor, -1), (_lp.TemperatureLogitsWarper, 0), (_lp.TopKLogitsWarper, 1),
+         (_lp.TopPLogitsWarper, 2), (_lp.MinPLogitsWarper, 3), (_lp.TypicalLogitsWarper, 4),
+         (_lp.EpsilonLogitsWarper, 5), (_lp.EtaLogitsWarper, 6), (_lp.TopHLogitsWarper, 7))
 
 
 def _absorb(proc, params: dict) -> Optional[int]:
-    """The rank of `proc` in decodekit's filter order, after writing its parameter into params, or
+    """The rank of `proc` in decodekit's order, after writing its sample() keywords into params, or
     None when decodekit cannot take it over exactly."""
     for cls, rank in _RANK:
-        if isinstance(proc, cls):
+        if type(proc) is cls or type(proc) is globals().get(cls.__name__):
             break
     else:
-        return None
+        return None  # subclasses of HF's classes may change __call__: they stay in HF's list
+    if rank == -1:
+        if not (isinstance(proc.penalty, (int, float)) and proc.penalty > 0 and math.isfinite(proc.penalty)):
+            return None
+        params["repetition_penalty"] = float(proc.penalty)
+        params["_prompt_ignore_length"] = proc.prompt_ignore_length
+        return -1
     if rank == 0:
         t = proc.temperature
         if not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t):
@@ -130,61 +210,95 @@ def _absorb(proc, params: dict) -> Optional[int]:
         return 0
     if getattr(proc, "filter_value", NEG_INF) != NEG_INF:
         return None  # a finite fill value leaves filtered tokens some probability
+    mtk = getattr(proc, "min_tokens_to_keep", 1)
     if rank == 1:
         params["top_k"] = int(proc.top_k)  # already max(top_k, min_tokens_to_keep); >= V disables
         return 1
-    if proc.min_tokens_to_keep != 1:
-        return None
     if rank == 2:
         if not 0.0 < proc.top_p:
             return None
         params["top_p"] = min(float(proc.top_p), 1.0)
-        return 2
-    params["min_p"] = float(proc.min_p)
-    return 3
+    elif rank == 3:
+        params["min_p"] = float(proc.min_p)
+    elif rank == 4:
+        params["typical_p"] = float(proc.mass)
+    elif rank == 5:
+        params["epsilon"] = float(proc.epsilon)
+    elif rank == 6:
+        params["eta"] = float(proc.epsilon)
+    else:
+        if getattr(proc, "top_n", 100) != 100:
+            return None
+        params["top_h"] = float(proc.top_h)
+        mtk = 1
+    if mtk != 1:
+        params["min_tokens_to_keep"] = int(mtk)
+    return rank
 
 
 def split_processors(processors):
     """Split HF's processor list into (head, params): `head` (a LogitsProcessorList) keeps every
     processor decodekit does not take over and runs first; `params` are the sample() keywords
     (temperature, top_k, top_p, min_p) of the trailing warpers decodekit applies in one pass.
-    Only a trailing run of warpers in decodekit's order is absorbed, so the composition is HF's."""
+    Only a trailing run of warpers in decodekit's order is absorbed, so the composition is HF's.
+    (The internal key `_prompt_ignore_length` goes with repetition_penalty.)"""
     procs = list(processors or [])
     params: dict = {}
-    cut, last = len(procs), 4
+    cut, last = len(procs), 8
     while cut > 0:
         trial: dict = {}
         rank = _absorb(procs[cut - 1], trial)
         if rank is None or rank >= last:
+            break
+        # one min_tokens_to_keep for the whole pass (HF's generate gives every warper the same one)
+        m_new, m_old = trial.get("min_tokens_to_keep", 1), params.get("min_tokens_to_keep", 1)
+        if rank in (2, 3, 4, 5, 6) and any(r in params for r in ("top_p", "min_p", "typical_p", "epsilon", "eta",
+                                                                  "top_h")) and m_new != m_old:
             break
         params.update(trial)
         last, cut = rank, cut - 1
     return LogitsProcessorList(procs[:cut]), params
 
 
-def _hf_scores(scores: torch.Tensor, params: dict) -> torch.Tensor:
-    """What HF's absorbed warpers would have returned for `scores` (output_scores keeps HF's
-    meaning): scores / temperature with -inf outside the survivors. Costs a [B, V] write."""
-    if not params:
+_BASIC = ("temperature", "top_k", "top_p", "min_p")
+
+
+def _step_kwargs(params: dict, input_ids: torch.Tensor, V: int) -> dict:
+    """decodekit sample() keywords for this step (the repetition penalty needs the history)."""
+    kw = {k: v for k, v in params.items() if not k.startswith("_")}
+    if "repetition_penalty" in kw:
+        kw["prompt_token_ids"] = _penalty_history(input_ids, params.get("_prompt_ignore_length"), V)
+    return kw
+
+
+def _hf_scores(scores: torch.Tensor, kw: dict) -> torch.Tensor:
+    """What HF's absorbed processors would have returned for `scores` (output_scores keeps HF's
+    meaning): (penalised scores) / temperature with -inf outside the survivors. Costs a [B, V] write."""
+    if not kw:
         return scores
-    T = params.get("temperature", 1.0)
-    masked = ops.filter(scores.contiguous(), _MASK, False, None, float(T), None, params.get("top_k", 0), None,
-                        params.get("top_p", 1.0), None, params.get("min_p", 0.0), 0)
+    T = kw.get("temperature", 1.0)
+    if all(k in _BASIC for k in kw):
+        masked = ops.filter(scores.contiguous(), _MASK, False, None, float(T), None, kw.get("top_k", 0), None,
+                            kw.get("top_p", 1.0), None, kw.get("min_p", 0.0), 0)
+    else:
+        masked = _pipeline._mask(scores.contiguous(), **kw)
     return masked / T if T != 1.0 else masked
 
 
-def _draw(scores: torch.Tensor, params: dict, do_sample: bool) -> torch.Tensor:
+def _draw(scores: torch.Tensor, kw: dict, do_sample: bool) -> torch.Tensor:
     if not do_sample:  # greedy: the lowest index of the max, as torch.argmax (7x faster at [8, 128256])
         return _sampling.sample(scores, temperature=0.0, seed=0)  # seed given: no draw from torch RNG
-    return _sampling.sample(scores, temperature=params.get("temperature", 1.0), top_k=params.get("top_k"),
-                            top_p=params.get("top_p"), min_p=params.get("min_p"))
+    return _sampling.sample(scores, **kw)
 
 
-def _draft_probs(scores: torch.Tensor, params: dict) -> torch.Tensor:
+def _draft_probs(scores: torch.Tensor, kw: dict) -> torch.Tensor:
     """The draft's filtered, renormalised distribution q (float32 [B, V]) that its token is drawn from."""
-    return ops.filter(scores.contiguous(), _RENORM, False, None, float(params.get("temperature", 1.0)), None,
-                      int(params.get("top_k", 0) or 0), None, float(params.get("top_p", 1.0)), None,
-                      float(params.get("min_p", 0.0)), 0)
+    if all(k in _BASIC for k in kw):
+        return ops.filter(scores.contiguous(), _RENORM, False, None, float(kw.get("temperature", 1.0)), None,
+                          int(kw.get("top_k", 0) or 0), None, float(kw.get("top_p", 1.0)), None,
+                          float(kw.get("min_p", 0.0)), 0)
+    T = kw.get("temperature", 1.0)
+    return torch.softmax(_pipeline._mask(scores.contiguous(), **kw).float() / T, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +371,11 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         if logits.dtype != torch.float32 or head or want_logits:
             logits = logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
         scores = head(input_ids, logits) if head else logits
-        tokens = _draw(scores, params, do_sample)
+        kw = _step_kwargs(params, input_ids, scores.shape[-1]) if do_sample else {}
+        tokens = _draw(scores, kw, do_sample)
         if ret:
             if want_scores:
-                scores_t += (_hf_scores(scores, params),)
+                scores_t += (_hf_scores(scores, kw),)
             if want_logits:
                 logits_t += (logits,)
             if want_att:
@@ -332,11 +447,11 @@ def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteri
             dlen = dseq.shape[1]
             ds = head(dseq, dl) if head else dl
             if do_sample:
-                q = _draft_probs(ds, params)
+                q = _draft_probs(ds, _step_kwargs(params, dseq, ds.shape[-1]))
                 tok = _sampling.sampling_from_probs(q)
                 qs.append(q)
             else:
-                tok = _draw(ds, params, False)
+                tok = _draw(ds, {}, False)
             drafts.append(tok)
             dseq = torch.cat([dseq, tok[:, None]], dim=-1)
         d = torch.stack(drafts, dim=1)                              # [1, n]
@@ -346,9 +461,15 @@ def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteri
         if head:
             tl = torch.stack([head(dseq[:, :L + j], tl[:, j]) for j in range(n + 1)], dim=1)
         if do_sample:
-            out, _, emitted = chain_speculative_sampling_from_logits(
-                torch.stack(qs, dim=1), d, tl, temperature=params.get("temperature", 1.0),
-                top_k=params.get("top_k"), top_p=params.get("top_p"), min_p=params.get("min_p"))
+            Q = torch.stack(qs, dim=1)
+            if all(k in _BASIC for k in params):  # the filters are resolved inside the verification kernel
+                out, _, emitted = chain_speculative_sampling_from_logits(
+                    Q, d, tl, temperature=params.get("temperature", 1.0), top_k=params.get("top_k"),
+                    top_p=params.get("top_p"), min_p=params.get("min_p"))
+            else:  # the whole step (penalties, entropy truncations) per position, then verification from probs
+                Pt = torch.stack([_draft_probs(tl[:, j], _step_kwargs(params, dseq[:, :L + j], tl.shape[-1]))
+                                  for j in range(n + 1)], dim=1)
+                out, _, emitted = chain_speculative_sampling(Q, d, Pt)
         else:
             out, _, emitted = greedy_verify(d, tl)
         m = int(emitted[0])
