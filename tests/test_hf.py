@@ -591,3 +591,20 @@ def test_hook_fallback_rule_for_padding(hook_counts):
     assert torch.equal(outs["decodekit_tree"], outs["eager"])
     assert dict(hook_counts) == {PREFILL: 2,
                                  "fallback: mask is not a tree over a fully visible prefix (padding, window or bias)": 6}
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark and `python -m decodekit` line (tiny shapes; timings not checked)
+def test_bench_hf_runs_tiny(tmp_path, capsys):
+    import json
+    from decodekit.bench import hf as bench_hf, runner
+    assert "hf" in runner.available()
+    path = tmp_path / "hf.json"
+    res = bench_hf.run(shapes=[(1000, 2)], new_tokens=4, reps=1, json_path=str(path), clock="cpu")
+    out = capsys.readouterr().out
+    assert "sampling inside model.generate" in out and "dk.hf greedy" in out
+    row = json.loads(path.read_text())["rows"][0]
+    assert set(row["seconds"]) == {"HF", "HF+dk procs", "dk.hf", "greedy", "dk.hf greedy"}
+    assert all(v > 0 for v in row["seconds"].values()) and res["clock"] == "cpu"
+    demo = bench_hf.one_line_demo(V=1000, B=2, new_tokens=4)
+    assert demo["speedup"] > 0 and len(demo["tokens"]) == 4
