@@ -301,3 +301,44 @@ def test_full_chain_draws_chi_square(name):
     target = ref["dist"][0]
     assert 3 < int((target > 0).sum()) < V
     assert_matches(tok, target, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("order", ["sequential", "vllm"])
+def test_sampler_survivors_equal_reference(isa, dtype, order):
+    """The sampler's own survivor set (its processed top-V logprobs are finite exactly on it) equals
+    reference.pipeline_keep; top-k runs on the sampler's fast path here (no processed row written),
+    bf16 rows bring ties at the k-th value."""
+    V = 3000
+    x = (_logits(6, V, 12) * 0.5).to(dtype)
+    kw = _inputs(6, V, 12, L=300)
+    for f in (dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05), dict(temperature=1.1, top_k=7),
+              dict(temperature=0.9, top_k=200, typical_p=0.8, eta=1e-3, min_tokens_to_keep=3)):
+        out = dk.sample(x, order=order, top_logprobs=V, seed=4, **kw, **f)
+        y = R.process_logits(x, **kw)
+        keep = R.pipeline_keep(y, order=order, **f)
+        got = torch.zeros_like(keep)
+        for b in range(6):
+            ids = out.top_ids[b][out.top_logprobs[b] > NEG]
+            got[b, ids] = True
+        assert torch.equal(got, keep), (f, (got != keep).sum())
+        assert keep[torch.arange(6), out.tokens].all()
+
+
+def test_python_m_decodekit_shows_the_whole_step(capsys):
+    from decodekit.__main__ import pipeline_demo
+    pipeline_demo()
+    out = capsys.readouterr().out
+    assert "top-5 ids equal reference.pipeline: True" in out
+    assert "tokens inside the reference survivors: True" in out
+    assert "valid=False: True" in out and ": True; row 3" in out
+
+
+def test_pipeline_benchmark_runs(tmp_path):
+    from decodekit.bench import pipeline as PB
+    path = tmp_path / "p.json"
+    res = PB.run(shapes=[(2, 3000)], json_path=str(path))
+    r = res["results"][0]
+    for k in ("decodekit_hot", "torch_cold", "floor_cold"):
+        assert r[k] > 0
+    assert path.exists()

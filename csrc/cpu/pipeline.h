@@ -27,6 +27,9 @@ struct PipeScratch {
   std::vector<uint32_t> stamp;   // per token: the row serial that last applied the repetition penalty
   std::vector<uint32_t> count;   // per token: output count of the current row (zero between rows)
   uint32_t serial = 0;
+  std::vector<uint32_t> mark;    // fast top-k path: the row serial that last touched the token
+  std::vector<uint32_t> bmark;   // ... and the 16-token block holding it
+  uint32_t mserial = 0;
   std::vector<float> lv, lw;     // the list L: values, weights (index order)
   std::vector<int32_t> li;
   std::vector<double> ld;        // per-list scratch (log-probabilities, scores)
@@ -38,6 +41,11 @@ struct PipeScratch {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
     if (int64_t(stamp.size()) < V) { stamp.assign(size_t(V), 0u); serial = 0; }
     if (int64_t(count.size()) < V) count.assign(size_t(V), 0u);
+    if (int64_t(mark.size()) < V) {
+      mark.assign(size_t(V), 0u);
+      bmark.assign(size_t(V / 16 + 1), 0u);
+      mserial = 0;
+    }
   }
 };
 inline PipeScratch& pipe_scratch() {
@@ -80,6 +88,59 @@ inline float float_at_least(double t) {
   return f;
 }
 
+// The sparse steps of reference.process_logits, in its order: bans (-inf), logit bias, the
+// repetition penalty once per distinct token of prompt + output, frequency / presence penalties.
+// at(t) returns a reference to token t's current processed value (and may record t).
+template <class At>
+inline void sparse_steps(const PipelineArgs& a, int64_t o, const PipeRow& pr, PipeScratch& ps, At&& at) {
+  if (a.banned) {
+    const int64_t* ids = a.banned + o * a.n_banned;
+    for (int64_t j = 0; j < a.n_banned; ++j)
+      if (ids[j] >= 0) at(ids[j]) = kNegInf;
+  }
+  if (a.bias_ids) {
+    const int64_t* ids = a.bias_ids + o * a.n_bias;
+    const float* bv = a.bias_vals + o * a.n_bias;
+    for (int64_t j = 0; j < a.n_bias; ++j)
+      if (ids[j] >= 0) { float& v = at(ids[j]); v = v + bv[j]; }
+  }
+  if (pr.rep != 1.f && (a.prompt || a.output)) {
+    if (++ps.serial == 0) { std::fill(ps.stamp.begin(), ps.stamp.end(), 0u); ps.serial = 1; }
+    const uint32_t cur = ps.serial;
+    auto pen = [&](const int64_t* ids, int64_t n) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t t = ids[j];
+        if (t < 0 || ps.stamp[t] == cur) continue;
+        ps.stamp[t] = cur;
+        float& v = at(t);
+        v = repetition_apply(v, pr.rep);
+      }
+    };
+    if (a.prompt) pen(a.prompt + o * a.n_prompt, a.n_prompt);
+    if (a.output) pen(a.output + o * a.n_output, a.n_output);
+  }
+  if (a.output && (pr.freq != 0.f || pr.pres != 0.f)) {
+    const int64_t* ids = a.output + o * a.n_output;
+    for (int64_t j = 0; j < a.n_output; ++j)
+      if (ids[j] >= 0) ++ps.count[ids[j]];
+    for (int64_t j = 0; j < a.n_output; ++j) {
+      const int64_t t = ids[j];
+      if (t < 0 || ps.count[t] == 0) continue;
+      float& v = at(t);
+      v = count_penalty_apply(v, pr.freq, pr.pres, ps.count[t]);
+      ps.count[t] = 0;
+    }
+  }
+}
+
+// The 16 allowed-bits of the block at token i (all set past the mask / without one).
+inline M16 allow16(const int32_t* bm, int64_t bm_tokens, int64_t i) {
+  if (!bm || i >= bm_tokens) return 0xFFFFu;
+  M16 allow = bitmask_block16(bm, i);
+  if (bm_tokens - i < 16) allow |= ~((M16(1) << (bm_tokens - i)) - 1) & 0xFFFFu;
+  return allow;
+}
+
 // Pass 1 + sparse steps: y = processed row; returns false when the raw row is bad (NaN / +inf).
 // *m = max of y (-inf when nothing is finite), *mraw = max of the raw row.
 template <class T>
@@ -95,61 +156,19 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
     VF v = load_block(x, i, V, kNegInf);
     badm |= vnan(v) | veq(v, pinf);
     mr = vmax(mr, v);
-    if (i < bm_tokens) {
-      M16 allow = bitmask_block16(bm, i);
-      if (bm_tokens - i < 16) allow |= ~((M16(1) << (bm_tokens - i)) - 1) & 0xFFFFu;  // past the mask: allowed
-      v = vblend(allow, ninf, v);
-    }
+    if (bm) v = vblend(allow16(bm, bm_tokens, i), ninf, v);
     mx = vmax(mx, v);
     vstore(y + i, v);  // y has 16 spare slots
   }
   *mraw_out = vhmax(mr);
   if (badm) return false;
   float m = vhmax(mx);
-  // The sparse steps, in the reference's order. Every changed token is listed with its value
-  // before the first change; afterwards the max is the larger of m and the changed tokens' final
-  // values, unless a token that held the max went down (then y is scanned again).
+  // The sparse steps; every changed token is listed with its value before the first change.
+  // Afterwards the max is the larger of m and the changed tokens' final values, unless a token
+  // that held the max went down (then y is scanned again).
   auto& touched = ps.touched;
   touched.clear();
-  auto changed = [&](int64_t t) { touched.push_back({int32_t(t), y[t]}); };
-  if (a.banned) {
-    const int64_t* ids = a.banned + o * a.n_banned;
-    for (int64_t j = 0; j < a.n_banned; ++j)
-      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = kNegInf; }
-  }
-  if (a.bias_ids) {
-    const int64_t* ids = a.bias_ids + o * a.n_bias;
-    const float* bv = a.bias_vals + o * a.n_bias;
-    for (int64_t j = 0; j < a.n_bias; ++j)
-      if (ids[j] >= 0) { changed(ids[j]); y[ids[j]] = y[ids[j]] + bv[j]; }
-  }
-  if (pr.rep != 1.f && (a.prompt || a.output)) {
-    if (++ps.serial == 0) { std::fill(ps.stamp.begin(), ps.stamp.end(), 0u); ps.serial = 1; }
-    const uint32_t cur = ps.serial;
-    auto pen = [&](const int64_t* ids, int64_t n) {
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t t = ids[j];
-        if (t < 0 || ps.stamp[t] == cur) continue;
-        ps.stamp[t] = cur;
-        changed(t);
-        y[t] = repetition_apply(y[t], pr.rep);
-      }
-    };
-    if (a.prompt) pen(a.prompt + o * a.n_prompt, a.n_prompt);
-    if (a.output) pen(a.output + o * a.n_output, a.n_output);
-  }
-  if (a.output && (pr.freq != 0.f || pr.pres != 0.f)) {
-    const int64_t* ids = a.output + o * a.n_output;
-    for (int64_t j = 0; j < a.n_output; ++j)
-      if (ids[j] >= 0) ++ps.count[ids[j]];
-    for (int64_t j = 0; j < a.n_output; ++j) {
-      const int64_t t = ids[j];
-      if (t < 0 || ps.count[t] == 0) continue;
-      changed(t);
-      y[t] = count_penalty_apply(y[t], pr.freq, pr.pres, ps.count[t]);
-      ps.count[t] = 0;
-    }
-  }
+  sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& { touched.push_back({int32_t(t), y[t]}); return y[t]; });
   bool hit_max = false;
   float mfix = kNegInf;
   for (const auto& [t, before] : touched) {
@@ -361,19 +380,59 @@ inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, flo
   }
 }
 
+// ps.top = the n largest values of a row with their indices (value descending, index ascending), by one
+// pass in which a block with no value above the current n-th best costs one compare.
+template <class T>
+inline void top_scan(const T* x, int64_t V, int64_t n, PipeScratch& ps) {
+  auto& top = ps.top;
+  top.clear();
+  auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  alignas(64) float buf[16];
+  for (int64_t i = 0; i < V; i += 16) {
+    const VF v = load_block(x, i, V, kNegInf);
+    if (int64_t(top.size()) == n && !vgt(v, vset(top.back().first))) continue;
+    vstore(buf, v);
+    const int lanes = int(std::min<int64_t>(16, V - i));
+    for (int j = 0; j < lanes; ++j) {
+      std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
+      if (int64_t(top.size()) == n) {
+        if (!better(e, top.back())) continue;
+        top.pop_back();
+      }
+      top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
+    }
+  }
+}
+
+constexpr int64_t kTopScanMax = 512;  // top-k up to this k: streaming scan; above: windows + nth_element
+
 // Collects the starting list: {y >= lo} restricted to the top k values when k is on (k >= 1).
 // Returns n; the values / indices are left in s.val / s.idx (index order).
-inline int64_t collect_start(const float* y, int64_t V, float m, float T, float lo, int64_t k, Scratch& s) {
+inline int64_t collect_start(const float* y, int64_t V, float m, float T, float lo, int64_t k, Scratch& s,
+                             PipeScratch& ps) {
   if (k <= 0) return collect_geq(y, V, lo, s);
+  if (k <= kTopScanMax) {  // the k-th largest value by a streaming scan, then one collect
+    top_scan(y, V, k, ps);
+    return collect_geq(y, V, std::max(lo, ps.top[size_t(k - 1)].first), s);
+  }
   const Window unit{false, T};
   const Weight w{false, m, 1.f / T};
   double cnt[kProfiles], mass[kProfiles];
   int pick = kProfiles;
-  {  // estimate from every 8th block: the narrowest window estimated to hold 4k values
+  {  // estimate from every 8th block (the sampler's rule, select_row): the narrowest window estimated
+     // to hold 4k values unless that is far more (the bulk's edge), else 2k, else k
     constexpr int64_t kStride = 8;
     window_profile(y, V, unit, m, w, false, cnt, mass, s.pf, kStride);
-    for (int j = 0; j < kProfiles && pick == kProfiles; ++j)
-      if (cnt[j] * double(kStride) >= 4.0 * double(k)) pick = j;
+    const double kd = double(k);
+    const double margin[3] = {4.0, 2.0, 1.0};
+    const double limit[3] = {16.0 * kd + 256.0, 32.0 * kd + 2048.0, 32.0 * kd + 2048.0};
+    for (int t = 0; t < 3 && pick == kProfiles; ++t) {
+      int j = 0;
+      while (j < kProfiles && cnt[j] * double(kStride) < margin[t] * kd) ++j;
+      if (j < kProfiles && cnt[j] * double(kStride) <= limit[t]) pick = j;
+    }
   }
   int64_t n = 0;
   for (int attempt = 0; attempt < 2; ++attempt) {
@@ -423,31 +482,140 @@ inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n
   }
 }
 
-// Top n of a full row (value descending, index ascending): blocks below the current n-th best
-// are skipped with one compare.
+
+// Fast start for top-k (k <= kTopScanMax; no top-n-sigma; not joint; T > 0): the processed row is
+// never written. The sparse steps run first, on the tokens they touch only (their processed values
+// live in ps.y[t]; the 16-token blocks holding one are marked). One pass over x then applies the
+// bitmask, patches the touched tokens into their blocks and keeps the k largest values in a binary
+// heap (a block with nothing above the heap's worst costs one compare), and L0 = {y >= k-th largest}
+// is collected from the cache-hot x the same way (index order). Returns 0 (L0 in s.val / s.idx, *n),
+// 1 (bad row) or 2 (nothing finite).
+template <class T>
+inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr, int64_t k,
+                           PipeScratch& ps, Scratch& s, float* m_out, float* mraw_out, int64_t* n_out) {
+  const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
+  const int64_t bm_tokens = bm ? std::min<int64_t>(V, 32 * a.bitmask_words) : 0;
+  if (++ps.mserial == 0) {
+    std::fill(ps.mark.begin(), ps.mark.end(), 0u);
+    std::fill(ps.bmark.begin(), ps.bmark.end(), 0u);
+    ps.mserial = 1;
+  }
+  const uint32_t cur = ps.mserial;
+  auto& touched = ps.touched;
+  touched.clear();
+  float* y = ps.y.data();
+  sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& {
+    if (ps.mark[t] != cur) {
+      ps.mark[t] = cur;
+      ps.bmark[t >> 4] = cur;
+      y[t] = (bm && t < bm_tokens && !bitmask_allows(bm, t)) ? kNegInf : to_float(x[t]);
+      touched.push_back({int32_t(t), y[t]});
+    }
+    return y[t];
+  });
+  bool bad_fix = false;
+  for (const auto& tv : touched) {
+    const float v = y[tv.first];
+    bad_fix |= v != v || v == kPosInf;
+  }
+  const VF ninf = vset(kNegInf), pinf = vset(kPosInf);
+  alignas(64) float buf[16];
+  auto processed = [&](VF v, int64_t i) {  // bitmask, then the touched tokens' values
+    if (bm) v = vblend(allow16(bm, bm_tokens, i), ninf, v);
+    if (ps.bmark[i >> 4] == cur) {
+      vstore(buf, v);
+      for (int j = 0; j < 16 && i + j < V; ++j)
+        if (ps.mark[i + j] == cur) buf[j] = y[i + j];
+      v = vload(buf);
+    }
+    return v;
+  };
+  auto better = [](const std::pair<float, int32_t>& p, const std::pair<float, int32_t>& q) {
+    return p.first > q.first || (p.first == q.first && p.second < q.second);
+  };
+  auto& heap = ps.top;  // front: the worst of the k best so far (only values > -inf enter)
+  heap.clear();
+  VF vthr = ninf;  // a value enters iff it beats vthr (the heap's worst once the heap is full)
+  auto insert = [&](VF v, int64_t i) {
+    M16 hit = vgt(v, vthr);
+    if (!hit) return;
+    vstore(buf, v);
+    for (; hit; hit &= hit - 1) {
+      const int j = __builtin_ctz(hit);
+      const std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
+      if (int64_t(heap.size()) < k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), better);
+        if (int64_t(heap.size()) == k) vthr = vset(heap.front().first);
+      } else if (better(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), better);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), better);
+        vthr = vset(heap.front().first);
+      }
+    }
+  };
+  // mu: max of the blocks left as they are (raw = processed); mr / mx: raw / processed max of the others
+  VF mu = ninf, mr = ninf, mx = ninf;
+  M16 badm = 0;
+  const int64_t Vfull = V & ~int64_t(63);
+  int64_t i = 0;
+  for (; i < Vfull; i += 64) {  // four blocks per step: one NaN compare per pair, one threshold test
+    VF a = vload(x + i), b = vload(x + i + 16), c = vload(x + i + 32), d = vload(x + i + 48);
+    badm |= vnan2(a, b) | vnan2(c, d);
+    if (bm || ps.bmark[i >> 4] == cur || ps.bmark[(i >> 4) + 1] == cur || ps.bmark[(i >> 4) + 2] == cur ||
+        ps.bmark[(i >> 4) + 3] == cur) {
+      mr = vmax(mr, vmax(vmax(a, b), vmax(c, d)));  // +inf shows in the raw max
+      a = processed(a, i); b = processed(b, i + 16); c = processed(c, i + 32); d = processed(d, i + 48);
+      const VF m4 = vmax(vmax(a, b), vmax(c, d));
+      mx = vmax(mx, m4);
+      if (!vgt(m4, vthr)) continue;
+    } else {
+      const VF m4 = vmax(vmax(a, b), vmax(c, d));
+      mu = vmax(mu, m4);
+      if (!vgt(m4, vthr)) continue;
+    }
+    insert(a, i); insert(b, i + 16); insert(c, i + 32); insert(d, i + 48);
+  }
+  for (; i < V; i += 16) {
+    VF v = load_block(x, i, V, kNegInf);
+    badm |= vnan(v);
+    mr = vmax(mr, v);
+    v = processed(v, i);
+    mx = vmax(mx, v);
+    insert(v, i);
+  }
+  mr = vmax(mr, mu);
+  mx = vmax(mx, mu);
+  if (vhmax(mr) == kPosInf) badm = 1;
+  *mraw_out = vhmax(mr);
+  if (badm || bad_fix) return 1;
+  const float m = vhmax(mx);
+  if (!(m > kNegInf)) return 2;
+  const float thr = int64_t(heap.size()) == k ? std::max(-FLT_MAX, heap.front().first) : -FLT_MAX;
+  // L0: {y >= thr} in index order; this pass also prefetches this thread's next row
+  const VF vt = vset(thr);
+  Prefetch pf = s.pf;
+  int64_t n = 0;
+  for (int64_t i = 0; i < V; i += 16) {
+    pf.step();
+    const VF v = processed(load_block(x, i, V, kNegInf), i);
+    const M16 hit = vge(v, vt);
+    if (!hit) continue;
+    if (int64_t(s.val.size()) < n + 32) { s.val.resize(size_t(2 * (n + 32))); s.idx.resize(size_t(2 * (n + 32))); }
+    n += vcompress(s.val.data() + n, s.idx.data() + n, hit, v, int32_t(i));
+  }
+  s.pf = pf;
+  *m_out = m;
+  *n_out = n;
+  return 0;
+}
+
+// Top n of a full row: ids and values.
 template <class T>
 inline void top_n_row(const T* x, int64_t V, int64_t n, PipeScratch& ps, int64_t* ids, float* vals_out) {
-  auto& top = ps.top;
-  top.clear();
-  auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  alignas(64) float buf[16];
-  for (int64_t i = 0; i < V; i += 16) {
-    const VF v = load_block(x, i, V, kNegInf);
-    if (int64_t(top.size()) == n && !vgt(v, vset(top.back().first))) continue;
-    vstore(buf, v);
-    const int lanes = int(std::min<int64_t>(16, V - i));
-    for (int j = 0; j < lanes; ++j) {
-      std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
-      if (int64_t(top.size()) == n) {
-        if (!better(e, top.back())) continue;
-        top.pop_back();
-      }
-      top.insert(std::upper_bound(top.begin(), top.end(), e, better), e);
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) { ids[j] = top[size_t(j)].second; vals_out[j] = top[size_t(j)].first; }
+  top_scan(x, V, n, ps);
+  for (int64_t j = 0; j < n; ++j) { ids[j] = ps.top[size_t(j)].second; vals_out[j] = ps.top[size_t(j)].first; }
 }
 
 // Number of values of a row >= t.
@@ -486,8 +654,19 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   ps.ensure(V);
   float* y = ps.y.data();
   float m = kNegInf, mraw = kNegInf;
-  const bool ok = build_processed(x, V, a, o, pr, ps, &m, &mraw);
-  const bool valid = ok && m > kNegInf;
+  const int64_t kk = step_on(Step::TopK, pr, V) ? std::max(pr.k, pr.mtk) : 0;
+  const bool fast = a.mode == 0 && pr.T > 0.f && order != PipeOrder::Joint && pr.nsig <= 0.0 && kk >= 1 &&
+                    kk <= kTopScanMax;
+  int64_t n_fast = 0;
+  bool ok = true, valid = true;
+  if (fast) {
+    const int r = fast_topk_start(x, V, a, o, pr, kk, ps, s, &m, &mraw, &n_fast);
+    ok = r != 1;
+    valid = r == 0;
+  } else {
+    ok = build_processed(x, V, a, o, pr, ps, &m, &mraw);
+    valid = ok && m > kNegInf;
+  }
   T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
   auto fail = [&]() {
     if (out) {
@@ -527,7 +706,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     const int64_t k = (!joint && step_on(Step::TopK, pr, V)) ? std::max(pr.k, pr.mtk) : 0;
     // joint: every truncation sees the whole finite row; top-n-sigma is one more intersected filter
     const float lo0 = joint ? -FLT_MAX : lo;
-    const int64_t n0 = collect_start(y, V, m, temp, lo0, k, s);
+    const int64_t n0 = fast ? n_fast : collect_start(y, V, m, temp, lo0, k, s, ps);
     if (int64_t(ps.lv.size()) < n0 + 16) { ps.lv.resize(size_t(n0 + 16)); ps.lw.resize(size_t(n0 + 16)); ps.li.resize(size_t(n0 + 16)); }
     std::copy(s.val.data(), s.val.data() + n0, ps.lv.data());
     std::copy(s.idx.data(), s.idx.data() + n0, ps.li.data());
@@ -557,7 +736,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   // ---- the draw -----------------------------------------------------------------------------------
   int64_t tok = 0;
   double Z = 1.0;
-  float tw = 1.f;
+  float tw = 1.f, tv = 0.f;  // the token's weight and processed value
   if (greedy) {
     for (int64_t i = 0; i < V; ++i)
       if (y[i] == m) { tok = i; break; }
@@ -575,6 +754,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     if (last < 0) { fail(); return; }  // no positive weight (cannot happen: the max has weight 1)
     tok = L.i[last];
     tw = L.w[last];
+    tv = L.v[last];
   }
   a.out_tokens[o] = tok;
   a.out_valid[o] = true;
@@ -604,9 +784,8 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   auto lpw = [&](float w) { return w > 0.f ? float(std::log(double(w)) - lz) : kNegInf; };
   if (a.out_logprob) a.out_logprob[o] = lpw(tw);
   if (a.out_rank) {
-    const float vt = y[tok];
     int64_t c = 0;
-    for (int64_t j = 0; j < L.n; ++j) c += L.v[j] >= vt;
+    for (int64_t j = 0; j < L.n; ++j) c += L.v[j] >= tv;
     a.out_rank[o] = c;
   }
   if (tids) {

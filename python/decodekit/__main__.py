@@ -110,6 +110,38 @@ def demo():
           f"outside support: {int((emp[target == 0] > 0).sum())}")
 
 
+def pipeline_demo():
+    """The whole sampling step (issue 11) on 4 rows: grammar bitmask, EOS ban, logit bias, penalties
+    from the token history, every truncation, top-5 logprobs; checked against reference.pipeline."""
+    from decodekit.bench.pipeline import chain_inputs
+    from decodekit.bench.sampling import llm_logits
+    B, V = 4, 32000
+    print(f"\n--- the whole sampling step: {B} rows, V={V}: bitmask (30% allowed), EOS (id 2) banned, bias +3 on "
+          "id 7, rep 1.1 / freq 0.5 / pres 0.5 over a 512-token history, T 0.8, top-k 50, top-p 0.95, min-p 0.02, "
+          "typical 0.95, eta 1e-4, top_logprobs 5 ---")
+    x = llm_logits(B, V, seed=3)
+    step = dict(chain_inputs(B, V, seed=3), banned_token_ids=torch.full((B, 1), 2), logit_bias=(
+        torch.full((B, 1), 7), torch.full((B, 1), 3.0)), repetition_penalty=1.1, frequency_penalty=0.5,
+        presence_penalty=0.5, temperature=0.8, top_k=50, top_p=0.95, min_p=0.02, typical_p=0.95, eta=1e-4)
+    step["allowed_token_bitmask"][3] = 0  # row 3: the grammar allows nothing -> a bad row
+    outs = {}
+    for isa in _isa_paths():
+        dk.set_isa(isa)
+        outs[isa] = dk.sample(x, top_logprobs=5, seed=9, **step)
+    dk.set_isa("auto")
+    out = next(iter(outs.values()))
+    r = ref.pipeline(x, top_logprobs=5, **step)
+    for b in range(B):
+        n_surv = int(r["keep"][b].sum()) if bool(r["valid"][b]) else 0
+        print(f"row {b}: token {int(out.tokens[b])} (valid={bool(out.valid[b])}, logprob {float(out.logprobs[b]):.3f}, "
+              f"rank {int(out.ranks[b])}), {n_surv} survivors; top-5 ids {out.top_ids[b].tolist()}")
+    same = all(all(torch.equal(a, c) for a, c in zip(o, out)) for o in outs.values())
+    in_support = all(bool(r["dist"][b, int(out.tokens[b])] > 0) for b in range(B) if bool(out.valid[b]))
+    print(f"top-5 ids equal reference.pipeline: {torch.equal(out.top_ids, r['top_ids'])}; tokens inside the "
+          f"reference survivors: {in_support}; same outputs on every ISA path ({', '.join(outs)}): {same}; "
+          f"row 3 (nothing allowed) valid=False: {not bool(out.valid[3])}")
+
+
 def _other_demos():
     for name in ("speculative", "attention"):
         mod = runner.load(name)
@@ -154,6 +186,7 @@ def main(argv=None) -> int:
     if a.what == "info":
         return 0
     demo()
+    pipeline_demo()
     _other_demos()
     hf_demo()
     if a.what == "demo":

@@ -902,21 +902,36 @@ def pipeline(logits, *, indices=None, temperature=1.0, top_k=None, top_p=None, m
     return res
 
 
-def pipeline_torch_vllm(logits, *, bitmask_bool, prompt_mask, output_counts, repetition_penalty, frequency_penalty,
-                        presence_penalty, temperature, top_k, top_p, min_p, top_logprobs, generator=None):
+def pipeline_torch_vllm(logits, *, allowed_token_bitmask, prompt_token_ids, output_token_ids, repetition_penalty,
+                        frequency_penalty, presence_penalty, temperature, top_k, top_p, min_p, top_logprobs,
+                        generator=None):
     """The same chain written in torch the way vLLM's V1 sampler writes it (the benchmark baseline):
-    dense [B, V] masks and counts, each step a full-row torch op."""
+    the bitmask expanded to a [B, V] bool mask, [B, V] token counts rebuilt from the histories by
+    scatter_add every step, penalties, temperature, min-p, then top-k / top-p by a full sort, the
+    multinomial draw and the top-n logprobs of the processed distribution. Each step is a full-row
+    torch op that writes a [B, V] tensor."""
+    B, V = logits.shape
     x = logits.float()
-    x = x.masked_fill(~bitmask_bool, NEG_INF)
-    rep = torch.where(prompt_mask | (output_counts > 0), repetition_penalty, 1.0)
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((allowed_token_bitmask[:, :, None] >> shifts) & 1).reshape(B, -1)[:, :V].bool()
+    x = x.masked_fill(~allowed, NEG_INF)
+
+    def counts(ids):
+        c = torch.zeros(B, V + 1, dtype=torch.int64)
+        c.scatter_add_(1, torch.where(ids < 0, V, ids), torch.ones_like(ids))
+        return c[:, :V]
+
+    out_counts = counts(output_token_ids)
+    seen = (counts(prompt_token_ids) > 0) | (out_counts > 0)
+    rep = torch.where(seen, torch.tensor(repetition_penalty, dtype=torch.float32), torch.tensor(1.0))
     x = torch.where(x > 0, x / rep, x * rep)
-    x = x - frequency_penalty * output_counts
-    x = x - presence_penalty * (output_counts > 0).float()
+    x = x - frequency_penalty * out_counts
+    x = x - presence_penalty * (out_counts > 0).float()
     x = x / temperature
     probs = x.softmax(-1)
     x = x.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), NEG_INF)
     srt, idx = x.sort(-1, descending=False)
-    kth = srt.gather(-1, (srt.shape[-1] - top_k) * torch.ones_like(srt[:, :1], dtype=torch.long))
+    kth = srt[:, V - top_k:V - top_k + 1]
     srt = srt.masked_fill(srt < kth, NEG_INF)
     ps = srt.softmax(-1)
     mask = ps.cumsum(-1) <= 1 - top_p
@@ -924,6 +939,8 @@ def pipeline_torch_vllm(logits, *, bitmask_bool, prompt_mask, output_counts, rep
     srt = srt.masked_fill(mask, NEG_INF)
     x = srt.scatter(-1, idx, srt)
     lp = x.log_softmax(-1)
-    tok = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+    tok = torch.multinomial(lp.exp(), 1, generator=generator)
+    tok_lp = lp.gather(-1, tok)
+    rank = (lp >= tok_lp).sum(-1)
     top = lp.topk(top_logprobs, -1)
-    return tok, lp.gather(-1, tok[:, None]), top
+    return tok.squeeze(-1), tok_lp.squeeze(-1), rank, top.indices, top.values
