@@ -4,6 +4,7 @@ T draft tokens arranged as a tree are scored in one forward pass. Query t of bat
 cached key s < prefix_lens[b] (dense) and the tree key at position prefix_lens[b] + j iff
 tree_mask[b, t, j] (sparse; usually "ancestor-or-self"). Semantics: docs/semantics.md, "Tree attention".
 """
+import collections
 import math
 from typing import Optional, Sequence, Union
 
@@ -160,30 +161,87 @@ def _tree_from_dense(attention_mask: torch.Tensor, T: int, S: int):
     return vis[..., P:].contiguous(), P
 
 
+# How the hook decided, per call: "kernel" or "fallback: <reason>" (see hf_attention_forward).
+HOOK_COUNTS: "collections.Counter[str]" = collections.Counter()
+
+# Decode steps (one query per sequence over the whole cache) take the kernel where it was measured
+# to be at least as fast as SDPA: fp32 with B * Hq * S * D >= HOOK_MIN_DECODE_WORK (development
+# machine, 1 thread: 0.96-1.36x SDPA's time ratio from 2^17-2^19, 8.3x at Hq/Hkv 32/8, D 128,
+# S 2048; below ~2^17 the op's fixed cost (~10 us) loses to SDPA; bf16 decode was slower than
+# SDPA at every size measured up to S = 1024).
+HOOK_MIN_DECODE_WORK = 1 << 18
+
+
+def _fallback_reason(query, key, value, dropout, kwargs) -> Optional[str]:
+    D = query.shape[-1]
+    if dropout != 0.0:
+        return "dropout"
+    if D not in (64, 80, 96, 128, 256):
+        return f"head dim {D}"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float32, torch.bfloat16,
+                                                                             torch.float16):
+        return "dtype"
+    if query.device.type != "cpu":
+        return "device"  # the CUDA kernel exists but has not run on a GPU yet
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return "score bias / softcap"
+    if kwargs.get("output_attentions"):
+        return "output_attentions"
+    return None
+
+
 def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                          scaling: Optional[float] = None, **kwargs):
     """A transformers attention function (AttentionInterface signature) that runs decodekit's tree
-    attention kernel when the step is a tree (or causal) verification step over a KV cache:
-    query [B, Hq, T, D], key/value [B, Hkv, S, D] (the HF cache layout = kv_layout "HND"), the tree in
-    the last T cache slots. The tree mask comes from kwargs `tree_mask` / `prefix_lens` when given
-    to the model call, else it is read off the 4-D attention mask (e.g. tree_attention_mask(...)).
-    Anything else (no mask, padding, biases, dropout, unsupported head dim) falls back to SDPA."""
+    attention kernel: query [B, Hq, T, D], key/value [B, Hkv, S, D] (the HF cache layout, kv_layout
+    "HND"; GQA without repeat_kv).
+
+    Which calls take the kernel (the fallback rule; every decision is counted in HOOK_COUNTS):
+    - a tree passed as `tree_mask` / `prefix_lens` keywords to the model call: always;
+    - a 4-D mask (bool or additive 0 / min) whose first P = S - T keys are all visible (P >= 1) and
+      whose last T keys form any T x T pattern: a tree (or causal) verification step over the
+      cache, e.g. from tree_attention_mask(...);
+    - a decode step (T = 1; transformers passes no mask when there is no padding) over the whole
+      cache, when it is fp32 and B * Hq * S * D >= HOOK_MIN_DECODE_WORK (where the kernel was
+      measured to be at least as fast as SDPA).
+    SDPA takes the rest: a prefill (T > 1 queries and no cached prefix: SDPA's dense causal path
+    beat the kernel's per-query tree walk at every size measured), smaller or non-fp32 decode
+    steps, padding or a sliding window in the prefix, a mask that is not 0 / min, is_causal=False
+    without a mask, dropout, a head dim outside {64, 80, 96, 128, 256}, mixed or other dtypes, a
+    non-CPU device, softcap / position bias, output_attentions."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     B, Hq, T, D = query.shape
     S = key.shape[2]
-    tree_mask, prefix_lens = kwargs.get("tree_mask"), kwargs.get("prefix_lens")
-    ok = (dropout == 0.0 and D in (64, 80, 96, 128, 256) and query.dtype == key.dtype == value.dtype
-          and query.device.type == "cpu" and kwargs.get("softcap") is None)
-    if ok and tree_mask is None:
-        found = _tree_from_dense(attention_mask, T, S)
-        if found is not None:
-            tree_mask, P = found
-            tree_mask = tree_mask.expand(B, T, T)
-            prefix_lens = torch.full((B,), P, dtype=torch.int64)
-    if not ok or tree_mask is None:
+    tree_mask, prefix_lens = kwargs.pop("tree_mask", None), kwargs.pop("prefix_lens", None)
+    reason = _fallback_reason(query, key, value, dropout, kwargs)
+    if reason is None and tree_mask is None:
+        P = None
+        if attention_mask is not None:
+            found = _tree_from_dense(attention_mask, T, S)
+            if found is None:
+                reason = "mask is not a tree over a fully visible prefix (padding, window or bias)"
+            else:
+                tree_mask, P = found
+        elif T == 1:
+            tree_mask, P = torch.ones((1, 1, 1), dtype=torch.bool), S - 1
+        elif not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+            reason = "no mask and not causal"
+        else:
+            P = 0  # SDPA's is_causal without a mask: a prefill
+        if reason is None:
+            if P == 0 and T > 1:
+                reason = "prefill (no cached prefix)"
+            elif T == 1 and (query.dtype != torch.float32 or B * Hq * S * D < HOOK_MIN_DECODE_WORK):
+                reason = "decode step below the kernel's break-even size (or not fp32)"
+            else:
+                tree_mask = tree_mask.expand(B, T, T)
+                prefix_lens = torch.full((B,), P, dtype=torch.int64)
+    if reason is not None:
+        HOOK_COUNTS[f"fallback: {reason}"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    HOOK_COUNTS["kernel"] += 1
     out = tree_attention(query.transpose(1, 2), key, value, tree_mask, prefix_lens, sm_scale=scaling,
                          kv_layout="HND")
     return out, None

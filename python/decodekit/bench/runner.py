@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-BENCHMARKS = ("sampling", "pipeline", "speculative", "attention")
+BENCHMARKS = ("sampling", "pipeline", "speculative", "attention", "hf")
 
 
 def available() -> List[str]:
