@@ -2,8 +2,9 @@
 
 Names and argument orders follow FlashInfer (`chain_speculative_sampling`) and SGLang (trees:
 `candidates`, `retrive_index`, `retrive_next_token`, `retrive_next_sibling`; outputs `predicts`,
-`accept_index`, `accept_token_num`), so switching is a rename of the import. decodekit extensions
-are keyword-only. Semantics: DESIGN.md sections 3 and 4; the accept rules are spelled out in
+`accept_index`, `accept_token_num`), with decodekit's conventions (outputs returned, int64 ids);
+decodekit.compat.flashinfer / decodekit.compat.sglang take the peers' exact signatures. decodekit
+extensions are keyword-only. Semantics: DESIGN.md sections 3 and 4; the accept rules are spelled out in
 csrc/cpu/isa/speculative.cpp and the randomness layout in csrc/include/decodekit/speculative.h.
 
 Decisions where the peers are silent or differ:
