@@ -62,6 +62,16 @@ def _probs(B, V):
     return x / x.sum(-1, keepdim=True)
 
 
+def _rand_probs_case(B, V, k=0):
+    """The common start of FlashInfer's support tests: skip k > V, torch.manual_seed(42), and
+    normalised torch.rand probabilities [B, V]."""
+    if k > V:
+        pytest.skip("k should be less than vocab_size")
+    _ci(B=B, V=V)
+    torch.manual_seed(42)
+    return _probs(B, V)
+
+
 def _top_p_mask(probs, p, eps=0.0, strict=True):
     """FlashInfer's mask: ascending sort, a token is kept when the cdf up to it is > 1 - p (- eps)."""
     srt, idx = torch.sort(probs, descending=False)
@@ -167,16 +177,22 @@ def test_sampling_from_logits_freq(vocab_size, distribution):
 
 
 # ---- supports: every draw in range / in the filter's set -------------------------------------------
+def _draws_in(call, vocab_size, mask=None):
+    """TRIALS calls; every id in [0, V) and, with a mask [B, V], where the mask is 1."""
+    for _ in range(TRIALS):
+        s = call()
+        assert bool(((s >= 0) & (s < vocab_size)).all())
+        if mask is not None:
+            assert bool((mask[torch.arange(mask.shape[0]), s.long()] == 1).all())
+
+
 @pytest.mark.parametrize("vocab_size", VOCAB)
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_sampling(batch_size, vocab_size):
     """FlashInfer test_sampling: sampling_from_probs returns ids in [0, V)."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
-    for _ in range(TRIALS):
-        s = sampling.sampling_from_probs(probs)
-        assert s.shape == (batch_size,) and bool(((s >= 0) & (s < vocab_size)).all())
+    probs = _rand_probs_case(batch_size, vocab_size)
+    assert sampling.sampling_from_probs(probs).shape == (batch_size,)
+    _draws_in(lambda: sampling.sampling_from_probs(probs), vocab_size)
 
 
 @pytest.mark.parametrize("vocab_size", VOCAB)
@@ -186,9 +202,7 @@ def test_sampling_from_logits(batch_size, vocab_size):
     _ci(B=batch_size, V=vocab_size)
     torch.manual_seed(42)
     logits = torch.randn(batch_size, vocab_size, device=DEV)
-    for _ in range(TRIALS):
-        s = sampling.sampling_from_logits(logits)
-        assert bool(((s >= 0) & (s < vocab_size)).all())
+    _draws_in(lambda: sampling.sampling_from_logits(logits), vocab_size)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -196,14 +210,8 @@ def test_sampling_from_logits(batch_size, vocab_size):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_top_p_sampling(batch_size, vocab_size, p):
     """FlashInfer test_top_p_sampling: every draw lies in the nucleus (cdf > 1 - p - 1e-4)."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
-    mask = _top_p_mask(probs, p, eps=1e-4)
-    rows = torch.arange(batch_size)
-    for _ in range(TRIALS):
-        s = sampling.top_p_sampling_from_probs(probs, p)
-        assert bool(((s >= 0) & (s < vocab_size)).all()) and bool((mask[rows, s.long()] == 1).all())
+    probs = _rand_probs_case(batch_size, vocab_size)
+    _draws_in(lambda: sampling.top_p_sampling_from_probs(probs, p), vocab_size, _top_p_mask(probs, p, eps=1e-4))
 
 
 @pytest.mark.parametrize("k", [10, 100, 500])
@@ -211,17 +219,9 @@ def test_top_p_sampling(batch_size, vocab_size, p):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_top_k_sampling(batch_size, vocab_size, k):
     """FlashInfer test_top_k_sampling: every draw is >= the k-th largest probability."""
-    if k > vocab_size:
-        pytest.skip("k should be less than vocab_size")
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size, k)
     pivot = torch.sort(probs, descending=True)[0][:, k - 1]
-    mask = (probs >= pivot[:, None]).int()
-    rows = torch.arange(batch_size)
-    for _ in range(TRIALS):
-        s = sampling.top_k_sampling_from_probs(probs, k)
-        assert bool(((s >= 0) & (s < vocab_size)).all()) and bool((mask[rows, s.long()] == 1).all())
+    _draws_in(lambda: sampling.top_k_sampling_from_probs(probs, k), vocab_size, (probs >= pivot[:, None]).int())
 
 
 @pytest.mark.parametrize("k", [10, 100, 500])
@@ -229,18 +229,11 @@ def test_top_k_sampling(batch_size, vocab_size, k):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_top_k_sampling_with_variable_k(batch_size, vocab_size, k):
     """FlashInfer test_top_k_sampling_with_variable_k: a per-row top_k tensor (1..k)."""
-    if k > vocab_size:
-        pytest.skip("k should be less than vocab_size")
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size, k)
     ks = torch.randint(1, k + 1, (batch_size,), device=DEV)
     rows = torch.arange(batch_size)
     pivot = torch.sort(probs, descending=True)[0][rows, ks - 1]
-    mask = (probs >= pivot[:, None]).int()
-    for _ in range(TRIALS):
-        s = sampling.top_k_sampling_from_probs(probs, ks)
-        assert bool(((s >= 0) & (s < vocab_size)).all()) and bool((mask[rows, s.long()] == 1).all())
+    _draws_in(lambda: sampling.top_k_sampling_from_probs(probs, ks), vocab_size, (probs >= pivot[:, None]).int())
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.2, 0.7, 1])
@@ -248,15 +241,10 @@ def test_top_k_sampling_with_variable_k(batch_size, vocab_size, k):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_min_p_sampling(batch_size, vocab_size, p):
     """FlashInfer test_min_p_sampling: every draw has probability >= min_p * max probability."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     mask = (probs >= p * probs.max(-1, keepdim=True).values).int()
     min_p = torch.full((batch_size,), p, device=DEV)
-    rows = torch.arange(batch_size)
-    for _ in range(TRIALS):
-        s = sampling.min_p_sampling_from_probs(probs, min_p)
-        assert bool((mask[rows, s.long()] == 1).all())
+    _draws_in(lambda: sampling.min_p_sampling_from_probs(probs, min_p), vocab_size, mask)
 
 
 def _joint_k(vocab_size, p):
@@ -277,10 +265,8 @@ def test_top_k_top_p_joint_sampling_from_probs(batch_size, vocab_size, p):
     mask = torch.minimum(_top_p_mask(probs, p, eps=1e-4), (probs >= pivot[:, None]).int())
     tp = torch.full((batch_size,), p, device=DEV)
     tk = torch.full((batch_size,), k, device=DEV)
-    rows = torch.arange(batch_size)
-    for _ in range(TRIALS):
-        s = sampling.top_k_top_p_sampling_from_probs(probs, tk, tp, filter_apply_order="joint")
-        assert bool(((s >= 0) & (s < vocab_size)).all()) and bool((mask[rows, s.long()] == 1).all())
+    _draws_in(lambda: sampling.top_k_top_p_sampling_from_probs(probs, tk, tp, filter_apply_order="joint"),
+              vocab_size, mask)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -325,9 +311,7 @@ def test_top_k_top_p_joint_sampling_from_logits(batch_size, vocab_size, p):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_top_p_renorm_probs(batch_size, vocab_size, p):
     """FlashInfer test_top_p_renorm_probs: equals the sort-based renormalised nucleus within 1e-3."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     expect = probs * _top_p_mask(probs, p, strict=False)
     expect = expect / expect.sum(-1, keepdim=True)
     torch.testing.assert_close(expect, sampling.top_p_renorm_probs(probs, p), rtol=1e-3, atol=1e-3)
@@ -337,9 +321,7 @@ def test_top_p_renorm_probs(batch_size, vocab_size, p):
 @pytest.mark.parametrize("batch_size", [4, 99, 989])
 def test_top_p_renorm_probs_per_request(batch_size, vocab_size):
     """FlashInfer test_top_p_renorm_probs_per_request: per-row top_p = linspace(0.1, 0.9, B)."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     tp = torch.linspace(0.1, 0.9, batch_size, device=DEV)
     srt, idx = torch.sort(probs, descending=False)
     keep = (torch.cumsum(srt, -1) >= (1 - tp[:, None])).int()
@@ -511,8 +493,7 @@ def _param_checks(call, good_scalar, make, batch_size, vocab_size):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_tensor_validation_min_p(batch_size, vocab_size, p):
     """FlashInfer test_tensor_validation_min_p: 0-D / 2-D / wrong-length min_p tensors raise."""
-    _ci(B=batch_size, V=vocab_size)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     _param_checks(lambda mp: sampling.min_p_sampling_from_probs(probs, mp), p,
                   lambda v: torch.tensor(v, dtype=torch.float32, device=DEV), batch_size, vocab_size)
 
@@ -523,8 +504,7 @@ def test_tensor_validation_min_p(batch_size, vocab_size, p):
 def test_check_tensor_param_top_p(batch_size, vocab_size, p):
     """FlashInfer test_check_tensor_param_top_p: top_p_renorm_probs with an int32 top_p tensor (the
     values truncate to 0: the most probable token only) and the 0-D / 2-D / length errors."""
-    _ci(B=batch_size, V=vocab_size)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     out = sampling.top_p_renorm_probs(probs, torch.tensor([p] * batch_size, dtype=torch.int, device=DEV))
     assert bool((out.argmax(-1) == probs.argmax(-1)).all()) and bool(((out > 0).sum(-1) == 1).all())
     _param_checks(lambda tp: sampling.top_p_renorm_probs(probs, tp), p,
@@ -536,10 +516,7 @@ def test_check_tensor_param_top_p(batch_size, vocab_size, p):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_check_tensor_param_top_k(batch_size, vocab_size, k):
     """FlashInfer test_check_tensor_param_top_k: the same checks for top_k_renorm_probs."""
-    if k > vocab_size:
-        pytest.skip("k should be less than vocab_size")
-    _ci(B=batch_size, V=vocab_size)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size, k)
     _param_checks(lambda tk: sampling.top_k_renorm_probs(probs, tk), k,
                   lambda v: torch.tensor(v, dtype=torch.int, device=DEV), batch_size, vocab_size)
 
@@ -549,9 +526,7 @@ def test_check_tensor_param_top_k(batch_size, vocab_size, k):
 @pytest.mark.parametrize("batch_size", BATCH)
 def test_sampling_from_probs_seed_offset_reproducibility(batch_size, vocab_size):
     """FlashInfer test_sampling_from_probs_seed_offset_reproducibility."""
-    _ci(B=batch_size, V=vocab_size)
-    torch.manual_seed(42)
-    probs = _probs(batch_size, vocab_size)
+    probs = _rand_probs_case(batch_size, vocab_size)
     a = sampling.sampling_from_probs(probs, seed=12345, offset=0)
     assert torch.equal(a, sampling.sampling_from_probs(probs, seed=12345, offset=0))
 
