@@ -10,7 +10,8 @@ What the conventions are (FlashInfer's python/flashinfer/sampling.py and csrc/sa
 - ``top_k_renorm_probs`` and ``top_k_mask_logits`` return the input dtype (fp32 / fp16 / bf16);
   ``top_p_renorm_probs`` and ``softmax`` return float32 (FlashInfer converts their input to float32).
 - A parameter given as a tensor must be 1-D with one entry per row of the input (ValueError for a
-  0-D or 2-D tensor or another length, as FlashInfer's check_tensor_param); an integer tensor is
+  0-D or 2-D tensor or another length, as FlashInfer's check_tensor_param for the filter parameters;
+  softmax's temperature tensor is checked the same way, where FlashInfer does not check); an integer tensor is
   converted (``top_p`` to float, ``top_k`` to int). A ``top_p`` of 0 or less (e.g. an int tensor
   made from 0.5) keeps only the most probable token(s) (the limit p -> 0+); decodekit's own
   functions reject it.
@@ -21,6 +22,8 @@ What the conventions are (FlashInfer's python/flashinfer/sampling.py and csrc/sa
   value (all entries equal), since decodekit's counters take one offset per call.
 - ``deterministic`` and ``is_deterministic`` are accepted and ignored (decodekit is always
   deterministic). ``check_nan=True`` raises ValueError on NaN input.
+- ``get_seed_and_offset`` (which advances a CUDA Philox generator's state) is not provided: decodekit
+  draws one seed from ``generator`` instead.
 - ``chain_speculative_sampling`` returns (output_token_ids int32 [B, N+1] padded with -1,
   accepted_num, emitted_num); the ``maybe_output_*`` tensors, when given, are incremented in place
   and returned (int32 zeros otherwise). ``draft_probs=None`` (one-hot drafts) is a decodekit
