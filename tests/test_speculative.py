@@ -783,6 +783,19 @@ def test_cuda_matches_cpu():
         lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.to(d)),
         lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.argmax(-1).to(d)),
     ]
+    rep = cand.clone()
+    rep[:, 2] = rep[:, 1]  # repeated sibling tokens
+    coins, fin = torch.rand(B, 9, generator=_gen(54)), torch.rand(B, generator=_gen(55))
+
+    def rtree(d):
+        t = dk.build_tree(parents.to(d), 3)
+        return (rep.to(d), t.retrive_index, t.retrive_next_token, t.retrive_next_sibling)
+    cases += [
+        lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), qt.to(d), seed=10),
+        lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), coins=coins.to(d),
+                                               coins_final=fin.to(d), threshold_acc=0.7),
+        lambda d: dk.verify_tree_greedy(*rtree(d), lt.argmax(-1).to(d)),
+    ]
     for i, case in enumerate(cases):
         cpu, gpu = case("cpu"), case(dev)
         for a, b in zip(cpu, gpu):
