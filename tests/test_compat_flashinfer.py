@@ -446,6 +446,8 @@ def test_chain_speculative_sampling(batch_size, vocab_size, num_speculate_tokens
     and emitted + 1 = the number of ids that are not -1. Ten calls per case, int32 counters."""
     _ci(B=batch_size, V=vocab_size)
     n = num_speculate_tokens
+    if batch_size * (2 * n + 1) * vocab_size * 4 > 2**31:
+        pytest.skip("draft + target probabilities > 2 GiB: too much for the shared CPU machine")
     q = torch.rand(batch_size, n, vocab_size, device=DEV)
     q = q / q.sum(-1, keepdim=True)
     ids = torch.randint(vocab_size, (batch_size, n), device=DEV)
