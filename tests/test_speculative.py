@@ -609,6 +609,10 @@ def test_opcheck_and_compile():
     torch.library.opcheck(ops.tree_verify, (cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling, tp,
                                             None, 3, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 5, 0),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.tree_verify, (cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling, tp,
+                                            None, 3, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 5, 0,
+                                            torch.rand(3, 4), torch.rand(3), 0.5, 0.7),
+                          test_utils=("test_schema", "test_faketensor"))
 
     @torch.compile(fullgraph=True)
     def f(ids, lg):
@@ -672,7 +676,22 @@ def _bad_tree_cases():
         ("is reached twice", lambda: S(cand, ri, nt, mod(ns, 0, 2, 1), tp)),           # sibling cycle
         ("outside [-1, T)", lambda: S(cand, ri, mod(nt, 0, 0, 5), ns, tp)),
         ("links to node 0", lambda: S(cand, ri, mod(nt, 0, 1, 0), ns, tp)),
-        ("same token as an earlier sibling", lambda: S(mod(cand, 1, 2, 1), ri, nt, ns, tp)),
+        ("coins and coins_final must be given together", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0])),
+        ("coins must have shape", lambda: S(cand, ri, nt, ns, tp, coins=tp[:, 0], coins_final=tp[:, 0, 0])),
+        ("coins_final must have shape", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0], coins_final=tp[0, 0])),
+        ("coins must hold values in", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0] + 1,
+                                                coins_final=tp[:, 0, 0])),
+        ("coins_final must hold values in", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
+                                                      coins_final=tp[:, 0, 0] * float("nan"))),
+        ("coins are supported with one-hot drafts only", lambda: S(cand, ri, nt, ns, tp, tp, coins=tp[..., 0],
+                                                                   coins_final=tp[:, 0, 0])),
+        ("coins must be a floating tensor", lambda: S(cand, ri, nt, ns, tp, coins=cand,
+                                                      coins_final=tp[:, 0, 0])),
+        ("need caller coins", lambda: S(cand, ri, nt, ns, tp, threshold_acc=0.5)),
+        ("threshold_single must be in [0, 1]", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
+                                                        coins_final=tp[:, 0, 0], threshold_single=2.0)),
+        ("threshold_acc must be in [0, 1]", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
+                                                     coins_final=tp[:, 0, 0], threshold_acc=-1.0)),
         ("candidate token outside [0, V)", lambda: S(mod(cand, 0, 4, 10), ri, nt, ns, tp)),
         ("num_speculative_tokens must be in", lambda: S(cand, ri, nt, ns, tp, num_speculative_tokens=0)),
         ("draft_probs must be None", lambda: torch.ops.decodekit.tree_verify(
@@ -680,7 +699,6 @@ def _bad_tree_cases():
         ("target_probs must be float32", lambda: S(cand, ri, nt, ns, tp.half())),
         ("must be int32 or int64", lambda: S(cand.float(), ri, nt, ns, tp)),
         ("is reached twice", lambda: dk.verify_tree_greedy(cand, ri, mod(nt, 1, 3, 1), ns, tp.argmax(-1))),
-        ("same token as an earlier sibling", lambda: dk.verify_tree_greedy(mod(cand, 1, 2, 1), ri, nt, ns, tp)),
     ]
 
 
@@ -765,6 +783,19 @@ def test_cuda_matches_cpu():
         lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.to(d)),
         lambda d: dk.verify_tree_greedy(*tree(d)[1], lt.argmax(-1).to(d)),
     ]
+    rep = cand.clone()
+    rep[:, 2] = rep[:, 1]  # repeated sibling tokens
+    coins, fin = torch.rand(B, 9, generator=_gen(54)), torch.rand(B, generator=_gen(55))
+
+    def rtree(d):
+        t = dk.build_tree(parents.to(d), 3)
+        return (rep.to(d), t.retrive_index, t.retrive_next_token, t.retrive_next_sibling)
+    cases += [
+        lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), qt.to(d), seed=10),
+        lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), coins=coins.to(d),
+                                               coins_final=fin.to(d), threshold_acc=0.7),
+        lambda d: dk.verify_tree_greedy(*rtree(d), lt.argmax(-1).to(d)),
+    ]
     for i, case in enumerate(cases):
         cpu, gpu = case("cpu"), case(dev)
         for a, b in zip(cpu, gpu):
@@ -775,7 +806,8 @@ def test_cuda_matches_cpu():
 
 def test_unreachable_nodes_are_ignored():
     """Nodes no walk can reach (SGLang leaves such nodes when a drafted parent is dropped) are never
-    visited, even if their links form a cycle; wide stars are checked by sorting, not quadratically."""
+    visited, even if their links form a cycle; a wide star with a repeated token is walked (the first
+    matching sibling wins)."""
     t = dk.build_tree(torch.tensor([[-1, 0, 0, 1, 1]]), 0)
     nt, ns = t.retrive_next_token.clone(), t.retrive_next_sibling.clone()
     nt[0, 1] = -1
@@ -786,7 +818,90 @@ def test_unreachable_nodes_are_ignored():
     T = 3000
     t = dk.build_tree(torch.tensor([[-1] + [0] * (T - 1)]), 0)
     cand = torch.arange(T)[None].clone()
-    cand[0, 2500] = 7
-    with pytest.raises(ValueError, match="node 2500 carries the same token"):
-        dk.verify_tree_greedy(cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling,
-                              torch.zeros(1, T, 4000))
+    cand[0, 2500] = 7  # repeats node 7's token
+    tgt = torch.zeros(1, T, 4000)
+    tgt[0, 0, 7] = 1.0
+    pred, ai, an = dk.verify_tree_greedy(cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling, tgt)
+    assert ai[0, :2].tolist() == [0, 7] and int(an[0]) == 1  # the first matching sibling wins
+
+
+# ---- repeated sibling tokens and caller coins --------------------------------------------------
+def _repeat_star_first_tokens(p, q, n, seed, coins=False, chunk=250_000):
+    """Root children x1, x1, x2, x2, x1 (x1 != x2; drawn from q without replacement when q is given,
+    else uniformly), each a leaf. Returns the token emitted after the root in n independent rows."""
+    V = p.shape[0]
+    T = 6
+    g = _gen(seed)
+    out = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        src = (q if q is not None else torch.full((V,), 1.0 / V)).expand(m, V)
+        x = _without_replacement(src, 2, g)
+        cand = torch.stack([torch.zeros(m, dtype=torch.int64), x[:, 0], x[:, 0], x[:, 1], x[:, 1], x[:, 0]], 1)
+        tree = dk.build_tree(torch.tensor([-1, 0, 0, 0, 0, 0]).expand(m, T), 0)
+        tp = p.expand(m, T, V)
+        dq = None if q is None else q.expand(m, T, V)
+        kw = dict(coins=torch.rand(m, T, generator=g), coins_final=torch.rand(m, generator=g)) if coins else {}
+        pred, _, _ = dk.tree_speculative_sampling(cand, tree.retrive_index, tree.retrive_next_token,
+                                                  tree.retrive_next_sibling, tp, dq, seed=seed + start, **kw)
+        out.append(pred.reshape(m, T)[:, 0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("mode", ["one_hot", "draft_probs", "one_hot_coins"])
+def test_repeated_siblings_lossless(mode):
+    """Repeated sibling tokens (a rejected token repeated later among the siblings) keep verification
+    lossless: the token after the root follows the target exactly (chi-square, n = 10^6). With draft
+    probs the distinct children are a draw without replacement from q and the repeats are skipped;
+    with caller coins (one coin per node, thresholds 1) the one-hot rule is driven by the coins."""
+    g = _gen(11)
+    V = 8
+    p = (torch.randn(V, generator=g) * 1.5).softmax(-1)
+    q = (p.log() + torch.randn(V, generator=g)).softmax(-1) if mode == "draft_probs" else None
+    toks = _repeat_star_first_tokens(p, q, N_STAT, seed=7, coins=mode == "one_hot_coins")
+    assert_matches(toks, p, what=f"repeated siblings, {mode}")
+
+
+def _repeat_tree_case(B, V, seed):
+    parents, lt, qt, cand = fixed_tree_case(B, V, seed, scale=2)
+    cand = cand.clone()
+    cand[:, 2] = cand[:, 1]      # root children: x, x, y
+    cand[1::2, 8] = cand[1::2, 7]  # node 4's children repeat in odd rows
+    return parents, lt, qt, cand
+
+
+@pytest.mark.parametrize("V", [12, 5000])
+def test_repeated_siblings_and_coins_match_reference(V):
+    """The kernel follows reference.py exactly with repeated sibling tokens (draft probs, one-hot,
+    greedy logits / ids: first match wins) and with caller coins and thresholds."""
+    B = 40
+    parents, lt, qt, cand = _repeat_tree_case(B, V, V + 1)
+    tree = dk.build_tree(parents, 0)
+    links = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling)
+    p = lt.softmax(-1)
+    for dq, W in itertools.product((qt, None), (None, 3)):
+        got = dk.tree_speculative_sampling(*links, p, dq, seed=5, num_speculative_tokens=W)
+        exp = ref.tree_speculative_sampling(*links, p, dq, seed=5, num_speculative_tokens=W)
+        assert all(torch.equal(a.long(), b.long()) for a, b in zip(got, exp)), (dq is None, W)
+    ids = lt.argmax(-1)
+    ids[::3, 0] = cand[::3, 1]   # the repeated token is the target's choice at the root
+    for target in (ids, torch.nn.functional.one_hot(ids, V).float()):
+        got = dk.verify_tree_greedy(*links, target)
+        exp = ref.verify_tree_greedy(*links, target)
+        assert all(torch.equal(a.long(), b.long()) for a, b in zip(got, exp))
+    assert int(got[2][::3].min()) >= 1  # rows whose root choice is the repeated token accept it
+    g = _gen(V)
+    coins, fin = torch.rand(B, 9, generator=g), torch.rand(B, generator=g)
+    for ts, ta in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.3), (0.0, 0.0)):
+        got = dk.tree_speculative_sampling(*links, p, coins=coins, coins_final=fin, threshold_single=ts,
+                                           threshold_acc=ta)
+        exp = ref.tree_speculative_sampling(*links, p, coins=coins, coins_final=fin, threshold_single=ts,
+                                            threshold_acc=ta)
+        assert all(torch.equal(a.long(), b.long()) for a, b in zip(got, exp)), (ts, ta)
+        if ts == 0.0:  # threshold_single 0 accepts the first child at every depth
+            assert got[2].tolist() == [3] * B
+    got = dk.tree_speculative_sampling_from_logits(*links, lt, coins=coins, coins_final=fin, temperature=0.7)
+    exp = ref.tree_speculative_sampling_from_logits(*links, lt, coins=coins, coins_final=fin, temperature=0.7)
+    # the reference filters logits in float64: only decisions within rounding of a coin may differ
+    assert float((got[2] == exp[2]).double().mean()) >= 0.95
+    assert float((got[0] == exp[0]).double().mean()) >= 0.95

@@ -53,6 +53,9 @@ struct TreeArgs {
   int64_t B = 0, T = 0;
   int64_t W = 0;  // accept_index width: at most W - 1 drafts are accepted
   SpecRng rng;
+  const double* coins = nullptr;        // [B, T] caller coins per node (SpecCoin), or nullptr (Philox)
+  const double* coins_final = nullptr;  // [B] residual / bonus coins (with coins)
+  double thr_single = 1.0, thr_acc = 1.0;
   int64_t* predicts = nullptr;      // [B * T] (indexed by retrive_index), pre-filled with -1
   int32_t* accept_index = nullptr;  // [B, W], pre-filled with -1
   int32_t* accept_num = nullptr;    // [B]

@@ -118,11 +118,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
     int64_t W, int64_t target_kind, const std::optional<at::Tensor>& T_arr, double T_val,
     const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order, const std::optional<at::Tensor>& seed_arr,
-    int64_t seed_val, int64_t offset) {
+    int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& coins,
+    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc) {
   check_cuda(candidates, "candidates");
   c10::cuda::CUDAGuard guard(candidates.device());
   spec::TreeSetup s = spec::setup_tree(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
                                        draft_probs, W, target_kind, seed_arr);
+  spec::setup_coins(s, candidates, coins, coins_final, threshold_single, threshold_acc, draft_probs);
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
   CudaTemp keepT;
   cs::TreeArgs a;

@@ -83,6 +83,9 @@ struct TreeArgs {
   const int64_t *cand = nullptr, *retrive_index = nullptr, *next_token = nullptr, *next_sibling = nullptr;
   int64_t B = 0, T = 0, W = 0;
   Rng rng;
+  const double* coins = nullptr;        // [B, T] caller coins (SpecCoin) or null (Philox)
+  const double* coins_final = nullptr;  // [B]
+  double thr_single = 1.0, thr_acc = 1.0;
   int64_t* predicts = nullptr;
   int32_t* accept_index = nullptr;
   int32_t* accept_num = nullptr;
@@ -349,10 +352,12 @@ struct TreeKids {
   DK_DEVICE int64_t token(int64_t c) const { return cand[c]; }
 };
 
-// The CPU's verify_node, block-wide. Returns the accepted child handle or -1 (*emit set).
+// The CPU's verify_node, block-wide (repeated sibling tokens skipped, the residual of a rejected
+// child materialised only when another child is tested, caller coins). Returns the accepted child
+// handle or -1 (*emit set).
 template <class T, class K>
 DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, const RngKey& key, int64_t depth,
-                               int64_t* emit, RowWs& ws, Shared& sh) {
+                               int64_t* emit, RowWs& ws, Shared& sh, const SpecCoin* coin = nullptr) {
   const int tid = threadIdx.x;
   if (!tn.valid) { *emit = 0; return -1; }
   if (tn.greedy) {
@@ -364,24 +369,49 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
   const int64_t V = tn.V;
   ws.nremoved = 0;
   double Mr = 0.0, Mq = 0.0, Zr = 1.0;
-  bool mat = false;
+  bool mat = false, pending = false;
   float scf = 1.f;
   int64_t rejected = 0;
   int64_t i = 0;
   bool broke = false;
   for (int64_t c = kids.first(); c != -1; c = kids.next(c), ++i) {
     const int64_t x = kids.token(c);
-    const double u = spec_accept_uniform(key, depth, i);
+    if (rejected > 0 && in_sorted(ws.removed, ws.nremoved, x)) continue;  // repeated token
     if (!q) {
       const double px = tn.pd(x);
-      if (spec_accept(u, px, 1.0 - Mr)) return c;
+      const bool ok = coin ? spec_coin_accept(*coin, Mr, px)
+                           : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
+      if (ok) return c;
       Mr += px;
     } else {
+      if (pending) {
+        // materialise r <- max(r - q_prev, 0) with the rejected tokens forced to 0
+        const float vinv = float(1.0 / Zr);
+        const int64_t Vp = (V + 15) / 16 * 16;
+        const int64_t nr = ws.nremoved;
+        for (int64_t e = tid; e < Vp; e += kThreads) {
+          float d = 0.f;
+          if (e < V) {
+            const float r = mat ? fmul(ws.resid[e], vinv) : tn.p(e);
+            d = relu_x86(fsub(r, fmul(q[e], scf)));
+            if (in_sorted(ws.removed, nr, e)) d = 0.f;
+          }
+          ws.resid[e] = d;
+        }
+        __syncthreads();
+        const float* rb = ws.resid;
+        Zr = block_row_mass(V, [&](int64_t e) { return rb[e]; }, sh);
+        mat = true;
+        pending = false;
+        if (!(Zr > 0.0)) { broke = true; break; }
+      }
+      const double u = spec_accept_uniform(key, depth, i);
       const double qi = double(q[x]) / (1.0 - Mq);
       const double rx = mat ? double(ws.resid[x]) / Zr : tn.pd(x);
       if (spec_accept(u, rx, qi)) return c;
       scf = float(1.0 / (1.0 - Mq));
       Mq += double(q[x]);
+      pending = true;
     }
     // insert x into the sorted removed list (thread 0), then everyone sees it
     __syncthreads();
@@ -393,34 +423,14 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
     ws.nremoved += 1;
     ++rejected;
     __syncthreads();
-    if (q && kids.next(c) != -1) {
-      // materialise r <- max(r - q_i, 0) with the rejected tokens forced to 0
-      const float vinv = float(1.0 / Zr);
-      const int64_t Vp = (V + 15) / 16 * 16;
-      const int64_t nr = ws.nremoved;
-      for (int64_t e = tid; e < Vp; e += kThreads) {
-        float d = 0.f;
-        if (e < V) {
-          const float r = mat ? fmul(ws.resid[e], vinv) : tn.p(e);
-          d = relu_x86(fsub(r, fmul(q[e], scf)));
-          if (in_sorted(ws.removed, nr, e)) d = 0.f;
-        }
-        ws.resid[e] = d;
-      }
-      __syncthreads();
-      const float* rb = ws.resid;
-      Zr = block_row_mass(V, [&](int64_t e) { return rb[e]; }, sh);
-      mat = true;
-      if (!(Zr > 0.0)) { broke = true; break; }
-    }
   }
-  const double u = spec_draw_uniform(key, depth);
+  const double u = coin ? coin->final : spec_draw_uniform(key, depth);
   const int64_t nr = ws.nremoved;
   const int64_t* rm = ws.removed;
   const float* rb = ws.resid;
   int64_t tok;
   auto bonus = [&](int64_t e) { return tn.w(e); };
-  if (rejected == 0 || (q && mat && broke)) {
+  if (rejected == 0 || broke) {
     tok = block_draw(V, bonus, u, ws, sh);
   } else if (!q) {
     tok = block_draw(V, [&](int64_t e) { return in_sorted(rm, nr, e) ? 0.f : tn.w(e); }, u, ws, sh);
@@ -543,7 +553,9 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + cur * a.draft.stride_r : nullptr;
     int64_t emit = 0;
     const TreeKids kids{acc < a.W - 1 ? nt[cur] : -1, ns, cand};
-    const int64_t c = verify_node(tn, q, kids, key, acc, &emit, ws, sh);
+    SpecCoin coin;
+    if (a.coins) coin = SpecCoin{a.coins[b * T_ + cur], a.coins_final[b], a.thr_single, a.thr_acc};
+    const int64_t c = verify_node(tn, q, kids, key, acc, &emit, ws, sh, a.coins ? &coin : nullptr);
     if (c >= 0) {
       if (tid == 0) {
         a.predicts[ri[cur]] = cand[c];

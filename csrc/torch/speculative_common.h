@@ -141,7 +141,47 @@ struct TreeSetup {
   at::Tensor cand, ri, nt, ns;
   std::optional<at::Tensor> seeds;
   std::optional<int64_t> scalar_seed;  // a one-seed tensor read as the scalar form
+  std::optional<at::Tensor> coins, coins_final;  // float64, contiguous (caller coins)
+  double thr_single = 1.0, thr_acc = 1.0;
 };
+
+// Caller coins (SGLang's uniform_samples [B, T] and uniform_samples_for_final_sampling [B]) and the
+// acceptance thresholds: both coin tensors or neither, floating, values in [0, 1]; one-hot drafts
+// only; thresholds in [0, 1], and other than 1 only with coins.
+inline void setup_coins(TreeSetup& s, const at::Tensor& candidates, const std::optional<at::Tensor>& coins,
+                        const std::optional<at::Tensor>& coins_final, double thr_single, double thr_acc,
+                        const std::optional<at::Tensor>& draft_probs) {
+  DK_CHECK(thr_single >= 0.0 && thr_single <= 1.0, "threshold_single must be in [0, 1], got ", thr_single);
+  DK_CHECK(thr_acc >= 0.0 && thr_acc <= 1.0, "threshold_acc must be in [0, 1], got ", thr_acc);
+  DK_CHECK(coins.has_value() == coins_final.has_value(),
+           "coins and coins_final must be given together (or neither), got ", coins ? "coins only" : "coins_final only");
+  if (!coins) {
+    DK_CHECK(thr_single == 1.0 && thr_acc == 1.0,
+             "threshold_single / threshold_acc other than 1 need caller coins (coins, coins_final)");
+    return;
+  }
+  DK_CHECK(!draft_probs, "coins are supported with one-hot drafts only (draft_probs must be None)");
+  const std::pair<const at::Tensor*, const char*> cs[] = {{&*coins, "coins"}, {&*coins_final, "coins_final"}};
+  for (const auto& c : cs) {
+    check_device(candidates, *c.first, c.second);
+    DK_CHECK(at::isFloatingType(c.first->scalar_type()), c.second, " must be a floating tensor, got ",
+             c.first->scalar_type());
+  }
+  DK_CHECK(coins->dim() == 2 && coins->size(0) == s.B && coins->size(1) == s.T, "coins must have shape [B, T] = [",
+           s.B, ", ", s.T, "], got ", coins->sizes());
+  DK_CHECK(coins_final->dim() == 1 && coins_final->size(0) == s.B, "coins_final must have shape [B] = [", s.B,
+           "], got ", coins_final->sizes());
+  s.coins = coins->to(at::kDouble).contiguous();
+  s.coins_final = coins_final->to(at::kDouble).contiguous();
+  for (const auto& c : {std::make_pair(*s.coins, "coins"), std::make_pair(*s.coins_final, "coins_final")}) {
+    if (c.first.numel() == 0) continue;
+    // NaN fails both comparisons
+    DK_CHECK(at::logical_and(c.first >= 0.0, c.first <= 1.0).all().item<bool>(), c.second,
+             " must hold values in [0, 1] (uniform coins), got a value outside or NaN");
+  }
+  s.thr_single = thr_single;
+  s.thr_acc = thr_acc;
+}
 
 inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retrive_index,
                             const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -317,6 +357,10 @@ void pack_tree(A& a, const TreeSetup& s, int64_t W, TreeOut& o, int64_t kind, co
   a.predicts = o.predicts.data_ptr<int64_t>();
   a.accept_index = o.accept_index.data_ptr<int32_t>();
   a.accept_num = o.accept_num.data_ptr<int32_t>();
+  a.coins = s.coins ? s.coins->data_ptr<double>() : nullptr;
+  a.coins_final = s.coins_final ? s.coins_final->data_ptr<double>() : nullptr;
+  a.thr_single = s.thr_single;
+  a.thr_acc = s.thr_acc;
   a.err = o.err.data_ptr<int32_t>();
   a.err_node = o.err_node.data_ptr<int64_t>();
 }
@@ -363,7 +407,6 @@ inline std::string tree_error(int code, int64_t node) {
     case kTreeParentAfterChild: return "node " + n + " has a parent with a larger index (parents must come before their children)";
     case kTreeRootAsChild: return "node " + n + " links to node 0 (the root cannot be a child or a sibling)";
     case kTreeReachedTwice: return "node " + n + " is reached twice (a cycle or a shared child in retrive_next_token / retrive_next_sibling)";
-    case kTreeDupSiblings: return "node " + n + " carries the same token as an earlier sibling (sibling tokens must be distinct)";
     case kTreeTokenRange: return "node " + n + " has a candidate token outside [0, V)";
     default: return "error " + std::to_string(code) + " at node " + n;
   }

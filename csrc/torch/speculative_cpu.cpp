@@ -21,13 +21,16 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
         "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
   // Tree verification in SGLang's layout. target_kind: 0 = probs [B, T, V], 1 = logits [B, T, V]
   // (filters as above), 2 = predicted ids [B, T] (greedy). num_speculative_tokens = accept_index
-  // width W. Returns (predicts int64 [B*T] (-1 where not written), accept_index int32 [B, W]
+  // width W. coins [B, T] / coins_final [B] (both or neither; one-hot drafts): caller uniforms
+  // instead of Philox, with SGLang's threshold_single / threshold_acc (decodekit/speculative.h
+  // SpecCoin). Returns (predicts int64 [B*T] (-1 where not written), accept_index int32 [B, W]
   // (-1 padded), accept_token_num int32 [B]).
   m.def("tree_verify(Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
         "Tensor retrive_next_sibling, Tensor target, Tensor? draft_probs, int num_speculative_tokens, "
         "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
         "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
-        "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
+        "int seed_val, int offset, Tensor? coins=None, Tensor? coins_final=None, float threshold_single=1.0, "
+        "float threshold_acc=1.0) -> (Tensor, Tensor, Tensor)");
   // Tree from a parent array [B, T] (-1 for the root, node 0). Returns (packed tree mask uint8
   // [B, T, ceil(T/8)], positions int64 [B*T], retrive_index, retrive_next_token,
   // retrive_next_sibling int64 [B, T]).
@@ -71,9 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
     int64_t W, int64_t target_kind, const std::optional<at::Tensor>& T_arr, double T_val,
     const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order, const std::optional<at::Tensor>& seed_arr,
-    int64_t seed_val, int64_t offset) {
+    int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& coins,
+    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc) {
   spec::TreeSetup ts = spec::setup_tree(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
                                         draft_probs, W, target_kind, seed_arr);
+  spec::setup_coins(ts, candidates, coins, coins_final, threshold_single, threshold_acc, draft_probs);
   spec::FilterKeep keep;
   cpu::TreeArgs a;
   a.target = spec::make_target(target, target_kind);

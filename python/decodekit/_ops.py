@@ -64,7 +64,8 @@ def _chain_verify_fake(target, draft_token_ids, draft_probs, num_draft_tokens, t
 @torch.library.register_fake("decodekit::tree_verify")
 def _tree_verify_fake(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, draft_probs,
                       num_speculative_tokens, target_kind, temperature_arr, temperature_val, top_k_arr, top_k_val,
-                      top_p_arr, top_p_val, min_p_arr, min_p_val, order, seed_arr, seed_val, offset):
+                      top_p_arr, top_p_val, min_p_arr, min_p_val, order, seed_arr, seed_val, offset, coins=None,
+                      coins_final=None, threshold_single=1.0, threshold_acc=1.0):
     B, T = candidates.shape
     return (candidates.new_empty((B * T,), dtype=torch.int64),
             candidates.new_empty((B, num_speculative_tokens), dtype=torch.int32),

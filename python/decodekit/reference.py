@@ -271,38 +271,49 @@ def _f32(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
-def _verify_node(p, q, kids, key, depth):
+def _verify_node(p, q, kids, key, depth, coin=None):
     """One node: p target row (float32 probs), q draft row or None, kids = child tokens in order.
-    Returns (index of the accepted child or -1, emitted token)."""
+    A token repeated among the children is skipped once its first copy is rejected (no residual mass
+    left). coin = (node coin, final coin, threshold_single, threshold_acc): caller coins (one-hot
+    drafts only), SGLang's rule. Returns (index of the accepted child or -1, emitted token)."""
     removed = []
     Mr = Mq = 0.0
     r_f, Zr = None, 1.0            # materialised residual (float32 row) and its mass
     scf = _f32(1.0)
+    pending = broke = False        # draft probs: the last rejection not yet subtracted / no mass left
     for i, x in enumerate(kids):
-        u = spec_accept_uniform(key, depth, i)
+        if x in removed:
+            continue
         if q is None:
             px = float(p[x])
-            if u * (1.0 - Mr) < px:
+            if coin is not None:
+                ok = coin[0] <= (Mr + px) / max(coin[3], 1e-9) or px >= coin[2]
+            else:
+                ok = spec_accept_uniform(key, depth, i) * (1.0 - Mr) < px
+            if ok:
                 return i, x
             Mr += px
         else:
+            if pending:
+                base = p.clamp(min=0) if r_f is None else r_f * _f32(1.0 / Zr)
+                r_f = (base - q * scf).clamp(min=0)
+                r_f[removed] = 0
+                Zr = float(r_f.double().sum())
+                pending = False
+                if not Zr > 0:  # no residual mass left (rounding, or an all-zero target): draw from p
+                    broke = True
+                    break
             qi = _div(float(q[x]), 1.0 - Mq)
             rx = float(p[x]) if r_f is None else float(r_f[x]) / Zr
-            if u * qi < rx:
+            if spec_accept_uniform(key, depth, i) * qi < rx:
                 return i, x
             scf = _f32(_div(1.0, 1.0 - Mq))
             Mq += float(q[x])
+            pending = True
         removed.append(x)
-        if q is not None and i + 1 < len(kids):
-            base = p.clamp(min=0) if r_f is None else r_f * _f32(1.0 / Zr)
-            r_f = (base - q * scf).clamp(min=0)
-            r_f[removed] = 0
-            Zr = float(r_f.double().sum())
-            if not Zr > 0:  # no residual mass left (rounding, or an all-zero target): stop, draw from p
-                break
-    u = spec_draw_uniform(key, depth)
+    u = spec_draw_uniform(key, depth) if coin is None else coin[1]
     bonus = p.clamp(min=0)
-    if not removed or (r_f is not None and not Zr > 0):
+    if not removed or broke:
         w = bonus
     elif q is None:
         w = bonus.clone()
@@ -451,10 +462,12 @@ def _children(nt, ns, node):
 
 def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
                               draft_probs=None, *, num_speculative_tokens=None, seed=0, offset=0, greedy_rows=None,
-                              target_predict=None):
+                              target_predict=None, coins=None, coins_final=None, threshold_single=1.0,
+                              threshold_acc=1.0):
     """Tree verification in SGLang's layout (docs/semantics.md, "Trees"). Returns (predicts [B*T] (-1 where not
     written), accept_index int32 [B, W] (-1 padded), accept_token_num int32 [B]). greedy_rows: bool [B]
-    of rows whose target rows are logits verified greedily; target_predict [B, T]: greedy ids."""
+    of rows whose target rows are logits verified greedily; target_predict [B, T]: greedy ids.
+    coins [B, T] / coins_final [B]: caller uniforms (one coin per node) with SGLang's thresholds."""
     B, T = candidates.shape
     W = T if num_speculative_tokens is None else num_speculative_tokens
     predicts = torch.full((B * T,), -1, dtype=torch.int64)
@@ -477,7 +490,9 @@ def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, ret
                 i, e = (toks.index(choice), choice) if usable and choice in toks else (-1, choice)
             else:
                 q = None if draft_probs is None else draft_probs[b, cur]
-                i, e = _verify_node(target_probs[b, cur], q, toks, key, acc)
+                coin = None if coins is None else (float(coins[b, cur]), float(coins_final[b]), threshold_single,
+                                                   threshold_acc)
+                i, e = _verify_node(target_probs[b, cur], q, toks, key, acc, coin)
             predicts[int(ri[cur])] = e
             if i < 0:
                 break
@@ -502,11 +517,11 @@ def verify_tree_greedy(candidates, retrive_index, retrive_next_token, retrive_ne
 def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
                                           target_logits, draft_probs=None, *, temperature=1.0, top_k=None,
                                           top_p=None, min_p=None, order="sequential", num_speculative_tokens=None,
-                                          seed=0, offset=0):
+                                          seed=0, offset=0, **coins):
     probs, greedy = _filtered_probs(target_logits, temperature, top_k, top_p, min_p, order)
     return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs,
                                      draft_probs, num_speculative_tokens=num_speculative_tokens, seed=seed,
-                                     offset=offset, greedy_rows=greedy)
+                                     offset=offset, greedy_rows=greedy, **coins)
 
 
 # ---- benchmark baselines (plain torch, what serving code does) ---------------------------------

@@ -2,8 +2,9 @@
 
 Names and argument orders follow FlashInfer (`chain_speculative_sampling`) and SGLang (trees:
 `candidates`, `retrive_index`, `retrive_next_token`, `retrive_next_sibling`; outputs `predicts`,
-`accept_index`, `accept_token_num`), so switching is a rename of the import. decodekit extensions
-are keyword-only. Semantics: docs/semantics.md, "Speculative verification"; the accept rules are spelled out in
+`accept_index`, `accept_token_num`), with decodekit's conventions (outputs returned, int64 ids);
+decodekit.compat.flashinfer / decodekit.compat.sglang take the peers' exact signatures. decodekit
+extensions are keyword-only. Semantics: docs/semantics.md, "Speculative verification"; the accept rules are spelled out in
 csrc/cpu/isa/speculative.cpp and the randomness layout in csrc/include/decodekit/speculative.h.
 
 Decisions where the peers are silent or differ:
@@ -16,12 +17,20 @@ Decisions where the peers are silent or differ:
 - Probability rows are used as given (assumed to sum to 1); NaN or negative entries count as 0 in
   residual draws. A logits row that is all -inf or holds NaN / +inf stops verification at that
   position and emits token 0.
-- Trees: children are tried in ``retrive_next_sibling`` order; sibling tokens must be distinct (a
-  ValueError otherwise). With draft probs, the i-th child is taken to be drawn from the node's draft
-  distribution with the earlier siblings removed (sampling without replacement, the only way to get
-  distinct siblings from a stochastic drafter); this makes multi-child verification exactly
-  lossless. Without draft probs (one-hot / top-k drafters, SGLang's "target only") it is lossless
-  for any set of distinct children.
+- Trees: children are tried in ``retrive_next_sibling`` order. With draft probs, the i-th child is
+  taken to be drawn from the node's draft distribution with the earlier siblings removed (sampling
+  without replacement); this makes multi-child verification exactly lossless. Without draft probs
+  (one-hot / top-k drafters, SGLang's "target only") it is lossless for any children.
+- Repeated sibling tokens are accepted (SGLang's drafters produce them). Greedy: the first matching
+  child in sibling order wins. Stochastic: a child whose token was already rejected at the same node
+  is skipped (its residual mass is 0, so it could never be accepted); it changes nothing, so the
+  walk is the walk of the tree without the repeat: lossless for one-hot drafts, and with draft
+  probs lossless when the children left after removing repeats are a draw without replacement.
+- ``coins`` [B, T] / ``coins_final`` [B] (keyword, one-hot drafts): caller uniforms in place of
+  Philox, SGLang's convention: one coin per node whose children are tried (child x_i accepted iff
+  coin <= (M + p(x_i)) / threshold_acc or p(x_i) >= threshold_single, M = target mass of the
+  children rejected before it) and one coin for the residual / bonus draw. Thresholds of 1 are the
+  lossless case (exactly the one-hot rule, driven by one coin per node).
 - ``predicts`` is [B*T] indexed by ``retrive_index``; slots that are not written hold -1.
 - The seed / offset / generator rules are the sampling family's (docs/semantics.md, "Randomness").
 """
@@ -185,7 +194,8 @@ def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Ten
                               retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor,
                               target_probs: torch.Tensor, draft_probs: Optional[torch.Tensor] = None, *,
                               num_speculative_tokens: Optional[int] = None, deterministic: bool = True,
-                              generator=None, seed=None, offset=None, out_dtype=None):
+                              generator=None, seed=None, offset=None, out_dtype=None, coins=None, coins_final=None,
+                              threshold_single: float = 1.0, threshold_acc: float = 1.0):
     """Multi-draft rejection sampling down a token tree (SpecInfer), SGLang's layout.
 
     candidates [B, T] (node 0 = root, the last verified token), retrive_* [B, T] (build_tree),
@@ -195,7 +205,7 @@ def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Ten
     (see the module docstring); the walk moves to the accepted child, and a node where no child is
     accepted emits a token from the residual (a leaf or the depth limit: a bonus token from p).
     num_speculative_tokens = W, the width of accept_index (at most W - 1 drafts are accepted;
-    default T).
+    default T). coins / coins_final / threshold_*: caller uniforms (see the module docstring).
 
     Returns (predicts [B*T]: predicts[retrive_index[b, t]] = the token following accepted node t,
     -1 elsewhere; accept_index [B, W]: retrive_index of the root and the accepted nodes, -1 padded;
@@ -205,7 +215,8 @@ def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Ten
     seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
-                                   draft_probs, W, _PROBS, *_NO_FILTERS, seed_arr, seed_val, off)
+                                   draft_probs, W, _PROBS, *_NO_FILTERS, seed_arr, seed_val, off, coins, coins_final,
+                                   float(threshold_single), float(threshold_acc))
     return _ids_out(pred, out_dtype), ai, an
 
 
@@ -214,7 +225,8 @@ def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_nex
                                           temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
                                           min_p: Param = None, order: str = "sequential",
                                           num_speculative_tokens: Optional[int] = None, generator=None, seed=None,
-                                          offset=None, out_dtype=None):
+                                          offset=None, out_dtype=None, coins=None, coins_final=None,
+                                          threshold_single: float = 1.0, threshold_acc: float = 1.0):
     """tree_speculative_sampling against target LOGITS [B, T, V] plus per-row sampling parameters,
     the filters applied inside the kernel at every node visited; temperature 0 = greedy."""
     _check_tensor(candidates, "candidates")
@@ -223,7 +235,8 @@ def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_nex
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_logits,
                                    draft_probs, W, _LOGITS, *_filter_args(temperature, top_k, top_p, min_p, order),
-                                   seed_arr, seed_val, off)
+                                   seed_arr, seed_val, off, coins, coins_final, float(threshold_single),
+                                   float(threshold_acc))
     return _ids_out(pred, out_dtype), ai, an
 
 

@@ -43,7 +43,7 @@ def load(threads: int = 64):
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P]
     L.dk_emu_tree.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, P, P, Q, Q, Q, P, U, U, P, P, P, P, P, P, P, P,
-                              P, P]
+                              P, P, P, P, ctypes.c_double, ctypes.c_double]
     L.dk_emu_build_tree.argtypes = [P, P, Q, Q, P, P, P, P, P, P, P]
     for f in (L.dk_emu_chain, L.dk_emu_tree, L.dk_emu_build_tree):
         f.restype = None
@@ -86,7 +86,7 @@ def chain_verify(target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, see
 
 
 def tree_verify(cand, ri, nt, ns, target, draft, W, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0,
-                threads=64):
+                threads=64, coins=None, coins_final=None, threshold_single=1.0, threshold_acc=1.0):
     L = load(threads)
     B, T = cand.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
@@ -102,10 +102,13 @@ def tree_verify(cand, ri, nt, ns, target, draft, W, kind, T_arr=None, T_val=1.0,
     removed = torch.empty(B, T, dtype=torch.int64)
     seen = torch.empty(B, T, dtype=torch.uint8)
     stack = torch.empty(B, T, dtype=torch.int64)
+    co = None if coins is None else coins.double().contiguous()
+    cf = None if coins_final is None else coins_final.double().contiguous()
     L.dk_emu_tree(_p(tgt), kind, dt, V, sb, sr, _p(temp), float(T_val), _p(draft),
                   0 if draft is None else draft.stride(0), 0 if draft is None else draft.stride(1), _p(c), _p(r),
                   _p(n1), _p(n2), B, T, W, _p(seeds), seed_val & (2**64 - 1), offset, _p(pred), _p(ai), _p(an),
-                  _p(err), _p(err_node), _p(lanes), _p(resid), _p(removed), _p(seen), _p(stack))
+                  _p(err), _p(err_node), _p(lanes), _p(resid), _p(removed), _p(seen), _p(stack),
+                  _p(co), _p(cf), float(threshold_single), float(threshold_acc))
     return pred, ai, an, err, err_node
 
 

@@ -76,8 +76,13 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
                  const int64_t* nt, const int64_t* ns, int64_t B, int64_t T, int64_t W, const int64_t* seeds,
                  uint64_t seed, uint64_t offset, int64_t* predicts, int32_t* accept_index, int32_t* accept_num,
                  int32_t* err, int64_t* err_node, double* lanes, float* resid, int64_t* removed, uint8_t* seen,
-                 int64_t* stack) {
+                 int64_t* stack, const double* coins, const double* coins_final, double thr_single,
+                 double thr_acc) {
   TreeArgs a;
+  a.coins = coins;
+  a.coins_final = coins_final;
+  a.thr_single = thr_single;
+  a.thr_acc = thr_acc;
   set_common(a, target, kind, dtype, V, tsb, tsr, temp, temp_val, draft, dsb, dsr, seeds, seed, offset, lanes,
              lanes_per_row(V > 0 ? V : 1));
   a.cand = cand;

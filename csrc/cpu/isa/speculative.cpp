@@ -18,6 +18,10 @@
 //   greedy              : x_i is accepted iff x_i == argmax p (lowest index on ties).
 // When no child is accepted the node emits one token drawn from r (greedy: the argmax); a node
 // without children (a chain's position N, a tree leaf, the depth limit) emits a bonus token from p.
+// Repeated sibling tokens: greedy takes the first matching child; otherwise a child whose token
+// was rejected earlier at the same node is skipped (r(x) = 0 there, so it could never be
+// accepted, and it changes neither r nor the draft's without-replacement residual). Caller-given
+// coins (SpecCoin, one-hot drafts): speculative.h.
 #include "cpu/row_engine.h"
 #include "cpu/spec_kernels.h"
 #include "decodekit/speculative.h"
@@ -210,7 +214,7 @@ inline void insert_sorted(std::vector<int64_t>& r, int64_t x) {
 // or -1 with *emit = the token the node emits. q: the node's draft row (nullptr = one-hot drafts).
 template <class T>
 int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int64_t k, const RngKey& key,
-                    int64_t depth, int64_t* emit, Scratch& s, SpecScratch& ss) {
+                    int64_t depth, int64_t* emit, Scratch& s, SpecScratch& ss, const SpecCoin* coin = nullptr) {
   if (!tn.valid) { *emit = 0; return -1; }
   if (tn.greedy) {
     for (int64_t i = 0; i < k; ++i)
@@ -224,34 +228,26 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
   double Mr = 0.0;     // one-hot: target mass of the rejected children
   double Mq = 0.0;     // draft probs: draft mass of the rejected children
   bool mat = false;    // draft probs: residual materialised in ss.rbuf (scaled by 1/Zr)
+  bool pending = false;  // draft probs: the last rejection's subtraction is not materialised yet
+  bool broke = false;    // draft probs: the materialised residual has no mass (rounding)
   double Zr = 1.0;
   float scf = 1.f;     // scale of q in the pending subtraction (1 / (1 - Mq) at the last rejection)
   int64_t rejected = 0;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t x = kids[i];
-    const double u = spec_accept_uniform(key, depth, i);
+    if (rejected > 0 && std::binary_search(ss.removed.begin(), ss.removed.end(), x)) continue;  // repeated token
     if (!q) {
       const double px = target_p(tn, x);
-      if (spec_accept(u, px, 1.0 - Mr)) return i;
+      const bool ok = coin ? spec_coin_accept(*coin, Mr, px)
+                           : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
+      if (ok) return i;
       Mr += px;
       insert_sorted(ss.removed, x);
       ++rejected;
       continue;
     }
-    const double qi = double(q[x]) / (1.0 - Mq);
-    double rx;
-    if (!mat) rx = target_p(tn, x);
-    else if (tn.list) {
-      const int64_t pos = list_pos(s, tn.sel.nS, x);
-      rx = pos < 0 ? 0.0 : double(ss.rbuf[size_t(pos)]) / Zr;
-    } else rx = double(ss.rbuf[size_t(x)]) / Zr;
-    if (spec_accept(u, rx, qi)) return i;
-    scf = float(1.0 / (1.0 - Mq));
-    Mq += double(q[x]);
-    insert_sorted(ss.removed, x);
-    ++rejected;
-    if (i + 1 < k) {
-      // materialise r <- max(r - q_i, 0) (rejected tokens forced to 0), and its mass
+    if (pending) {
+      // materialise r <- max(r - q_prev, 0) (rejected tokens forced to 0), and its mass
       const VF vs = vset(scf), vinv = vset(float(1.0 / Zr));
       if (tn.list) {
         const int64_t n = tn.sel.nS;
@@ -282,13 +278,28 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
         Zr = vd_reduce(acc);
       }
       mat = true;
-      if (!(Zr > 0.0)) break;  // no residual mass left (only through rounding): draw from p below
+      pending = false;
+      if (!(Zr > 0.0)) { broke = true; break; }  // no residual mass left (only through rounding): draw from p
     }
+    const double u = spec_accept_uniform(key, depth, i);
+    const double qi = double(q[x]) / (1.0 - Mq);
+    double rx;
+    if (!mat) rx = target_p(tn, x);
+    else if (tn.list) {
+      const int64_t pos = list_pos(s, tn.sel.nS, x);
+      rx = pos < 0 ? 0.0 : double(ss.rbuf[size_t(pos)]) / Zr;
+    } else rx = double(ss.rbuf[size_t(x)]) / Zr;
+    if (spec_accept(u, rx, qi)) return i;
+    scf = float(1.0 / (1.0 - Mq));
+    Mq += double(q[x]);
+    insert_sorted(ss.removed, x);
+    ++rejected;
+    pending = true;
   }
-  const double u = spec_draw_uniform(key, depth);
+  const double u = coin ? coin->final : spec_draw_uniform(key, depth);
   int64_t tok = -1;
   Excl ex{&ss.removed};
-  if (rejected == 0 || (q && mat && !(Zr > 0.0))) {
+  if (rejected == 0 || broke) {
     // bonus: the target itself
     if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
     else tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
@@ -393,27 +404,6 @@ static void chain_rows_t(const ChainArgs& a, int64_t begin, int64_t end) {
 }
 
 // ---- tree ------------------------------------------------------------------------------------
-// Sibling tokens distinct (after check_tree_row: the reachable nodes, marked in ss.seen, have finite
-// sibling chains; unreachable ones are never walked): sort per node.
-inline int check_distinct_siblings(const int64_t* cand, const int64_t* nt, const int64_t* ns, int64_t T,
-                                   SpecScratch& ss, int64_t* bad) {
-  for (int64_t n = 0; n < T; ++n) {
-    if (!ss.seen[size_t(n)] || nt[n] == -1 || ns[nt[n]] == -1) continue;  // reachable nodes only
-    ss.kids.clear();
-    for (int64_t c = nt[n]; c != -1; c = ns[c]) ss.kids.push_back(cand[c]);
-    std::sort(ss.kids.begin(), ss.kids.end());
-    for (size_t i = 1; i < ss.kids.size(); ++i)
-      if (ss.kids[i] == ss.kids[i - 1]) {
-        for (int64_t c = nt[n]; c != -1; c = ns[c])  // report the later of the two siblings
-          for (int64_t d = nt[n]; d != c; d = ns[d])
-            if (cand[d] == ss.kids[i] && cand[c] == ss.kids[i]) { *bad = c; return kTreeDupSiblings; }
-        *bad = n;
-        return kTreeDupSiblings;
-      }
-  }
-  return kTreeOk;
-}
-
 template <class T>
 static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   Scratch& s = scratch();
@@ -429,8 +419,7 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
     const int64_t* nt = a.next_token + b * T_;
     const int64_t* ns = a.next_sibling + b * T_;
     int64_t bad = -1;
-    int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : V, ss.seen.data(), ss.stack.data(), &bad, false);
-    if (e == kTreeOk) e = check_distinct_siblings(cand, nt, ns, T_, ss, &bad);
+    const int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : V, ss.seen.data(), ss.stack.data(), &bad);
     a.err[b] = e;
     a.err_node[b] = bad;
     a.accept_num[b] = 0;
@@ -455,7 +444,10 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
       }
       const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + cur * a.draft.stride_r : nullptr;
       int64_t emit = 0;
-      const int64_t r = verify_node(tn, q, ss.kids.data(), int64_t(ss.kids.size()), key, acc, &emit, s, ss);
+      SpecCoin coin;
+      if (a.coins) coin = SpecCoin{a.coins[b * T_ + cur], a.coins_final[b], a.thr_single, a.thr_acc};
+      const int64_t r = verify_node(tn, q, ss.kids.data(), int64_t(ss.kids.size()), key, acc, &emit, s, ss,
+                                    a.coins ? &coin : nullptr);
       if (r >= 0) {
         const int64_t c = ss.kid_nodes[size_t(r)];
         a.predicts[ri[cur]] = ss.kids[size_t(r)];

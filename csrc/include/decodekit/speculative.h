@@ -39,6 +39,22 @@ DK_HOST_DEVICE double spec_draw_uniform(const RngKey& k, int64_t depth) {
 // q(x) = 0 < r(x) always accepts.
 DK_HOST_DEVICE bool spec_accept(double u, double r, double q) { return u * q < r; }
 
+// Caller-given coins (SGLang's tree_speculative_sampling_target_only convention; one-hot drafts only):
+// one uniform per node (`node`, the coin of the node whose children are tried) replaces the
+// per-sibling uniforms, and `final` replaces the residual / bonus uniform. Child x_i (p = its target
+// probability, M = the target mass of the children rejected before it) is accepted iff
+// node <= (M + p) / max(thr_acc, 1e-9) or p >= thr_single. With thr_single = thr_acc = 1 this is the
+// one-hot rule above driven by one coin (u_i = (node - M) / (1 - M) is uniform given the earlier
+// rejections): lossless. Smaller thresholds accept more (SGLang's relaxed, lossy acceptance).
+struct SpecCoin {
+  double node = 0.0, final = 0.0;
+  double thr_single = 1.0, thr_acc = 1.0;
+};
+DK_HOST_DEVICE bool spec_coin_accept(const SpecCoin& c, double M, double p) {
+  const double ta = c.thr_acc > 1e-9 ? c.thr_acc : 1e-9;
+  return c.node <= (M + p) / ta || p >= c.thr_single;
+}
+
 // ---- trees ------------------------------------------------------------------------------------
 // Error codes of the tree walks (0 = ok). `node` receives the offending node.
 enum SpecTreeError : int {
@@ -50,7 +66,8 @@ enum SpecTreeError : int {
   kTreeParentAfterChild = 5, // build_tree: parents[t] > t without a cycle
   kTreeRootAsChild = 6,      // verify: node 0 appears as a child or a sibling
   kTreeReachedTwice = 7,     // verify: a node is reached twice (cycle or shared child)
-  kTreeDupSiblings = 8,      // verify: two siblings carry the same token
+                             // (8 was "two siblings carry the same token": repeated siblings are
+                             // allowed now, see verify_node in csrc/cpu/isa/speculative.cpp)
   kTreeTokenRange = 9,       // verify: a reachable node's token is outside [0, V)
 };
 
@@ -115,13 +132,12 @@ DK_HOST_DEVICE int build_tree_row(const I* parents, int64_t T, int64_t prefix_le
 
 // Check that retrive_next_token / retrive_next_sibling describe a tree rooted at node 0: every link
 // in [-1, T), node 0 never a child, no node reached twice (so every walk ends), reachable tokens in
-// [0, V) and distinct among siblings. `seen` is scratch of T bytes. Iterative (explicit stack in
-// `stack`, T entries). Returns an error code and sets *bad_node. The sibling check here is
-// quadratic in the number of children; check_dups = false skips it (the CPU kernels check
-// distinctness by sorting instead).
+// [0, V). Sibling tokens may repeat (the walks give a repeated token no mass once its first copy is
+// rejected). `seen` is scratch of T bytes. Iterative (explicit stack in `stack`, T entries). Returns
+// an error code and sets *bad_node.
 template <class I>
 DK_HOST_DEVICE int check_tree_row(const I* cand, const I* next_token, const I* next_sibling, int64_t T, int64_t V,
-                                  uint8_t* seen, int64_t* stack, int64_t* bad_node, bool check_dups = true) {
+                                  uint8_t* seen, int64_t* stack, int64_t* bad_node) {
   for (int64_t t = 0; t < T; ++t) seen[t] = 0;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t a = int64_t(next_token[t]), b = int64_t(next_sibling[t]);
@@ -142,9 +158,6 @@ DK_HOST_DEVICE int check_tree_row(const I* cand, const I* next_token, const I* n
       seen[c] = 1;
       const int64_t x = int64_t(cand[c]);
       if (x < 0 || x >= V) return kTreeTokenRange;
-      if (check_dups)
-        for (int64_t d = int64_t(next_token[n]); d != c; d = int64_t(next_sibling[d]))
-          if (int64_t(cand[d]) == x) return kTreeDupSiblings;
       stack[sp++] = c;
     }
   }
