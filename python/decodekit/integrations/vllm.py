@@ -232,6 +232,11 @@ def _vllm_processing_needed(sm) -> bool:
     return False
 
 
+def _rows(x, b0, b1):
+    """Rows b0..b1 of a per-row parameter (scalars and None pass through)."""
+    return x[b0:b1] if isinstance(x, torch.Tensor) else x
+
+
 def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
     """Replacement of vllm.v1.sample.rejection_sampler.RejectionSampler.forward."""
     from vllm.v1.outputs import SamplerOutput
@@ -252,8 +257,6 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
         reason = "min-p"
     elif logits.device.type == "cuda" and filtered and not sm.all_greedy:
         reason = "top-k/top-p on CUDA"
-    elif metadata.max_spec_len == 0:
-        reason = "no draft tokens"
     if reason is not None:
         _fallback("rejection sampler", reason)
         return _originals["rejection"](self, metadata, draft_probs, logits, sampling_metadata)
@@ -284,30 +287,29 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
             b = max(i for i in range(B) if starts[i] <= pos)
             n[b] = min(n[b], pos - starts[b])
         draft_ids = draft_ids.clamp(min=0)
-    ragged = any(nb != N for nb in n)
-
-    if all(nb == N for nb in metadata.num_draft_tokens):
-        target = flat.view(B, N + 1, V)
-        ids = draft_ids.view(B, N)
-        q = None if draft_probs is None else draft_probs.view(B, N, V)
-    else:
-        # gather every request's rows into [B, N+1, V] (positions past a request's own count are
-        # never read; they repeat its bonus row)
-        j = torch.arange(N + 1)
-        nd = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64)
-        row0 = torch.tensor(starts, dtype=torch.int64) + torch.arange(B)
-        rows = (row0[:, None] + torch.minimum(j[None, :], nd[:, None])).to(device)
-        target = flat[rows]
-        drow = (torch.tensor(starts, dtype=torch.int64)[:, None]
-                + torch.minimum(j[None, :N], (nd[:, None] - 1).clamp(min=0))).clamp(max=s - 1).to(device)
-        ids = draft_ids[drow] if draft_ids.numel() else torch.zeros(B, N, dtype=torch.int64, device=device)
-        q = None if draft_probs is None else draft_probs[drow]
-    num = torch.tensor(n, dtype=torch.int64, device=device) if ragged else None
 
     T = _temperature(sm, B, device)
     greedy = isinstance(T, float)  # all greedy: no filters, no randomness
-    out, _, _ = dk.chain_speculative_sampling_from_logits(
-        None if q is None else q.to(torch.float32), ids, target, temperature=T,
-        top_k=None if greedy else sm.top_k, top_p=None if greedy else sm.top_p, num_draft_tokens=num,
-        seed=0 if greedy else _seeds(sm, B, device), out_dtype=torch.int32)
+    seeds = 0 if greedy else _seeds(sm, B, device)
+    k = None if greedy else sm.top_k
+    p = None if greedy else sm.top_p
+    out = torch.full((B, N + 1), -1, dtype=torch.int32, device=device)
+    # Requests with the same draft count that follow each other in the batch lie back to back in
+    # the flat logits, so each such run is a [L, n+1, V] view: one call per run, no copy.
+    nd = metadata.num_draft_tokens
+    b0 = 0
+    while b0 < B:
+        nb, b1 = nd[b0], b0 + 1
+        while b1 < B and nd[b1] == nb:
+            b1 += 1
+        L, r0, d0 = b1 - b0, starts[b0] + b0, starts[b0]
+        trunc = n[b0:b1]
+        res, _, _ = dk.chain_speculative_sampling_from_logits(
+            None if draft_probs is None else draft_probs[d0:d0 + L * nb].view(L, nb, V).to(torch.float32),
+            draft_ids[d0:d0 + L * nb].view(L, nb), flat[r0:r0 + L * (nb + 1)].view(L, nb + 1, V),
+            temperature=_rows(T, b0, b1), top_k=_rows(k, b0, b1), top_p=_rows(p, b0, b1),
+            num_draft_tokens=torch.tensor(trunc, dtype=torch.int64, device=device) if min(trunc) < nb else None,
+            seed=_rows(seeds, b0, b1), out_dtype=torch.int32)
+        out[b0:b1, :nb + 1] = res
+        b0 = b1
     return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
