@@ -202,18 +202,20 @@ def test_ngram_speculative_greedy_equals_plain_greedy():
 # ---------------------------------------------------------------------------------------------
 # the routed methods on vLLM's own classes, statistically
 
-def _reference_vllm_order(logits, T, k, p, min_p):
-    """vLLM's sampler in float64: temperature, min-p on the scaled distribution, top-k (ties kept),
-    top-p on the renormalised survivors (mass strictly above < p), renormalise."""
+def _reference(logits, T, k, p, min_p, order):
+    """The filtered distribution in float64. order "vllm": temperature, min-p on the scaled
+    distribution, top-k (ties kept), top-p on the renormalised survivors (mass strictly above < p).
+    order "sequential" (decodekit's own): temperature, top-k, top-p on the top-k survivors, min-p."""
     x = logits.double() / T
     prob = torch.softmax(x, -1)
-    keep = prob >= min_p * prob.max()
+    min_p_keep = prob >= min_p * prob.max()
+    keep = min_p_keep.clone() if order == "vllm" else torch.ones_like(min_p_keep)
     kth = torch.sort(x[keep], descending=True).values[min(k, int(keep.sum())) - 1]
     keep &= x >= kth
     q = torch.where(keep, prob, torch.zeros_like(prob))
     q = q / q.sum()
     above = torch.tensor([q[q > q[i]].sum() for i in range(len(q))], dtype=torch.float64)
-    keep &= above < p
+    keep &= (above < p) & min_p_keep
     q = torch.where(keep, prob, torch.zeros_like(prob))
     return q / q.sum()
 
@@ -231,9 +233,9 @@ def test_sampler_distribution_in_vllm_order():
     V, B, T, k, p, mp = 64, 4096, 0.8, 12, 0.7, 0.05
     g = torch.Generator().manual_seed(5)
     row = torch.randn(V, generator=g) * 2.0
-    expected = _reference_vllm_order(row, T, k, p, mp)
+    expected = _reference(row, T, k, p, mp, "vllm")
     # the case tells the orders apart: decodekit's own sequential order (min-p last) differs
-    seq = decodekit_sequential(row, T, k, p, mp)
+    seq = _reference(row, T, k, p, mp, "sequential")
     assert (expected - seq).abs().max() > 0.01
 
     cfg = VllmConfig()
@@ -255,18 +257,6 @@ def test_sampler_distribution_in_vllm_order():
                for _ in range(-(-N_DRAWS // B))]
     assert dv.stats["min_p"] - before == len(samples)
     assert_matches(torch.cat(samples), expected, what="vLLM order through the plugin")
-
-
-def decodekit_sequential(row, T, k, p, mp):
-    x = row.double() / T
-    prob = torch.softmax(x, -1)
-    keep = x >= torch.sort(x, descending=True).values[k - 1]
-    q = torch.where(keep, prob, torch.zeros_like(prob))
-    q = q / q.sum()
-    above = torch.tensor([q[q > q[i]].sum() for i in range(len(q))], dtype=torch.float64)
-    keep &= (above < p) & (prob >= mp * prob.max())
-    q = torch.where(keep, prob, torch.zeros_like(prob))
-    return q / q.sum()
 
 
 def _spec_md(num_draft_tokens, device="cpu"):
@@ -343,10 +333,7 @@ def test_rejection_sampler_lossless(with_draft_probs):
     n = [N] * B
     md = _spec_md(n)
     sm = _plain_md(B, temperature=torch.full((B,), T), top_k=torch.full((B,), k, dtype=torch.int32))
-    x = target_row[0].double() / T
-    keep = x >= torch.sort(x, descending=True).values[k - 1]
-    expected = torch.where(keep, torch.softmax(x, -1), torch.zeros_like(x))
-    expected /= expected.sum()
+    expected = _reference(target_row[0], T, k, 1.0, 0.0, "vllm")
     rs = RejectionSampler(Sampler())
     dv.install()
     samples = []
