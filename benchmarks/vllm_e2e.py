@@ -5,7 +5,7 @@ decodekit in the same venv; see the README section "vLLM plugin").
     python benchmarks/vllm_e2e.py [--vocab 128256 151936] [--prompts 64] [--tokens 64] [--repeats 3]
                                   [--no-spec] [--json out.json]
 
-For each vocabulary size a tiny random Llama (decodekit.bench.tiny_model, built locally) is served
+For each vocabulary size (each in a process of its own) a tiny random Llama (decodekit.bench.tiny_model, built locally) is served
 by ``vllm.LLM`` offline on the CPU (in-process engine, eager mode). The same engine generates the
 same batch (64 prompts x 64 new tokens, temperature 0.7, top-k 50, top-p 0.9, a seed per request)
 with vLLM's own sampler and with the plugin installed, in alternating rounds; the table reports
@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -191,8 +192,20 @@ def main(argv=None):
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     step = [] if args.no_step else sampler_step(args.vocab, [1, 8, 64])
     rows = []
-    for vocab in ([] if args.no_engine else args.vocab):
-        rows += bench_vocab(vocab, args, args.workdir)
+    vocabs = [] if args.no_engine else args.vocab
+    if len(vocabs) == 1:
+        rows = bench_vocab(vocabs[0], args, args.workdir)
+    else:
+        # vLLM 0.32.0 cannot start a third engine in one process (its CPU kernel overrides fail to
+        # register again), so each vocabulary runs in a child process of this script
+        for vocab in vocabs:
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                cmd = [sys.executable, os.path.abspath(__file__), "--vocab", str(vocab), "--no-step", "--prompts",
+                       str(args.prompts), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--workdir",
+                       args.workdir, "--json", tmp.name] + (["--no-spec"] if args.no_spec else [])
+                subprocess.run(cmd, check=True)
+                with open(tmp.name) as f:
+                    rows += json.load(f)["rows"]
     if step:
         print("\n| V | B | vLLM Sampler ms | routed to decodekit ms | speed-up | DRAM floor ms |")
         print("|---|---|---|---|---|---|")
