@@ -1,11 +1,12 @@
 """Checks what .ci/run built before anything is installed from it.
 
-    python .ci/check_dist.py wheel WHEEL   the METADATA pins the torch of this Python (torch==<its
-                                           release>), the tag is manylinux, the package files are
-                                           there and the extension holds all three CPU ISA paths
-    python .ci/check_dist.py sdist SDIST   sources only: no objects, libraries, wheels, build
-                                           folders, environments or caches
+python .ci/check_dist.py wheel WHEEL   the METADATA pins the torch of this Python (torch==<its
+                                       release>), the tag is manylinux, the package files are
+                                       there and the extension holds all three CPU ISA paths
+python .ci/check_dist.py sdist SDIST   sources only: no objects, libraries, wheels, build
+                                       folders, environments or caches
 """
+
 import os
 import re
 import subprocess
@@ -46,17 +47,22 @@ def check_wheel(path):
     # is always there; build_info()["isa_paths"] is checked by the tests on the installed wheel).
     with tempfile.TemporaryDirectory() as d:
         z.extract(so[0], d)
-        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", os.path.join(d, so[0])],
-                             capture_output=True, text=True, check=True).stdout
+        asm = subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", os.path.join(d, so[0])], capture_output=True, text=True, check=True
+        ).stdout
     n_zmm, n_ymm = asm.count("%zmm"), asm.count("%ymm")
     if n_zmm < 1000 or n_ymm < 1000:
         fail(f"the extension lacks vector code: {n_zmm} zmm and {n_ymm} ymm operands")
-    print(f"check_dist: ok: {os.path.basename(path)}: Requires-Dist {pin}, tags {', '.join(tags)}, "
-          f"AVX-512 and AVX2 code in {so[0]} ({n_zmm} zmm / {n_ymm} ymm operands)")
+    print(
+        f"check_dist: ok: {os.path.basename(path)}: Requires-Dist {pin}, tags {', '.join(tags)}, "
+        f"AVX-512 and AVX2 code in {so[0]} ({n_zmm} zmm / {n_ymm} ymm operands)"
+    )
 
 
-BAD = re.compile(r"(^|/)(build|dist|\.venv|venv|\.ci-venv|\.ci-test-venv|\.format-venv|__pycache__|"
-                 r"bench_results|\.git)(/|$)|\.(o|a|so|whl|pyc)$")
+BAD = re.compile(
+    r"(^|/)(build|dist|\.venv|venv|\.ci-venv|\.ci-test-venv|\.format-venv|__pycache__|"
+    r"bench_results|\.git)(/|$)|\.(o|a|so|whl|pyc)$"
+)
 
 
 def check_sdist(path):
@@ -64,8 +70,15 @@ def check_sdist(path):
     bad = [m for m in members if BAD.search(m)]
     if bad:
         fail(f"the sdist holds non-source files: {bad[:10]}")
-    for want in ("pyproject.toml", "CMakeLists.txt", "build_support/dk_metadata.py", "csrc/module.cpp",
-                 "python/decodekit/__init__.py", "docs/semantics.md", "docs/design.md"):
+    for want in (
+        "pyproject.toml",
+        "CMakeLists.txt",
+        "build_support/dk_metadata.py",
+        "csrc/module.cpp",
+        "python/decodekit/__init__.py",
+        "docs/semantics.md",
+        "docs/design.md",
+    ):
         if want not in members:
             fail(f"{want} missing from the sdist")
     print(f"check_dist: ok: {os.path.basename(path)}: {len(members)} entries, sources only")

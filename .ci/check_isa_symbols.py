@@ -8,6 +8,7 @@ are standard-library template instantiations (std::vector<float>, std::sort on f
 those the scalar objects come first on the link line, so the linker keeps their baseline copies.
 This script fails if (a) an object of avx2/avx512 defines a shared non-std symbol, or (b) the
 scalar objects do not precede the others in the link command."""
+
 import glob
 import os
 import subprocess
@@ -26,7 +27,9 @@ def defined(obj):
     return syms
 
 
-objs = {isa: sorted(glob.glob(f"{build}/**/dk_{isa}.dir/**/*.o", recursive=True)) for isa in ("scalar", "avx2", "avx512")}
+objs = {
+    isa: sorted(glob.glob(f"{build}/**/dk_{isa}.dir/**/*.o", recursive=True)) for isa in ("scalar", "avx2", "avx512")
+}
 if not all(objs.values()):
     print(f"no per-ISA objects under {build}; build first")
     sys.exit(1)
@@ -37,9 +40,14 @@ bad = []
 for isa in ("avx2", "avx512"):
     for o in objs[isa]:
         for name, kind in defined(o).items():
-            if name in scalar and not (name.startswith("std::") or name.startswith("__gnu_cxx::")
-                                       or name.startswith("void std::") or " std::" in name.split("(")[0]
-                                       or name.startswith("operator new") or name.startswith("typeinfo")):
+            if name in scalar and not (
+                name.startswith("std::")
+                or name.startswith("__gnu_cxx::")
+                or name.startswith("void std::")
+                or " std::" in name.split("(")[0]
+                or name.startswith("operator new")
+                or name.startswith("typeinfo")
+            ):
                 bad.append(f"{isa}: {name}")
 if bad:
     print("symbols shared between the scalar and a vector ISA object (ODR hazard):")

@@ -6,6 +6,7 @@
 Runs decodekit.bench.<name>.run(quick=...) for every benchmark module present in the installed
 decodekit; results (JSON + PNG) go to bench_results/.
 """
+
 import sys
 
 from decodekit.bench.runner import main

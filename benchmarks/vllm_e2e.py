@@ -15,6 +15,7 @@ round checked token for token against the first engine's greedy output. The tiny
 forward pass cheap, so the sampling step is a large part of the time, as it is for a small model
 on a CPU server with a large vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,14 @@ def _prompts(n: int, vocab: int):
 def _engine(path: str, spec: bool, max_num_seqs: int):
     from vllm import LLM
 
-    kw = dict(model=path, dtype="float32", max_model_len=512, max_num_seqs=max_num_seqs, enforce_eager=True,
-              seed=0)
+    kw = dict(model=path, dtype="float32", max_model_len=512, max_num_seqs=max_num_seqs, enforce_eager=True, seed=0)
     if spec:
-        kw["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-                                    "prompt_lookup_min": 2}
+        kw["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2,
+        }
     return LLM(**kw)
 
 
@@ -76,11 +80,13 @@ def bench_vocab(vocab: int, args, workdir: str):
 
     path = build_tiny_llama(os.path.join(workdir, f"tiny-llama-{vocab}"), vocab)
     prompts = _prompts(args.prompts, vocab)
-    sampled = [SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=args.tokens, ignore_eos=True,
-                              seed=1000 + i) for i in range(len(prompts))]
+    sampled = [
+        SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=args.tokens, ignore_eos=True, seed=1000 + i)
+        for i in range(len(prompts))
+    ]
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     rows, greedy_ref = [], None
-    for spec in ([False] if args.no_spec else [False, True]):
+    for spec in [False] if args.no_spec else [False, True]:
         llm = _engine(path, spec, max(args.prompts, 8))
         name = "n-gram spec (4 drafts)" if spec else "plain decoding"
         for label, params in (("T=0.7 top-k 50 top-p 0.9", sampled), ("greedy", greedy)):
@@ -93,7 +99,7 @@ def bench_vocab(vocab: int, args, workdir: str):
             dv.install()
             _run(llm, prompts[:8], params if not isinstance(params, list) else params[:8])  # warm-up
             for r in range(args.repeats):
-                for side in (sides if r % 2 == 0 else sides[::-1]):
+                for side in sides if r % 2 == 0 else sides[::-1]:
                     (dv.install if side == "decodekit" else dv.uninstall)()
                     before = sum(dv.stats.values())
                     rate, toks[side] = _run(llm, prompts, params)
@@ -111,12 +117,23 @@ def bench_vocab(vocab: int, args, workdir: str):
                     assert toks["decodekit"] == greedy_ref, "speculative greedy differs from plain greedy"
             v = statistics.median(rates["vllm"]) if "vllm" in rates else None
             d = statistics.median(rates["decodekit"])
-            rows.append(dict(vocab=vocab, mode=name, sampling=label, vllm_tok_s=v, decodekit_tok_s=d,
-                             ratio=d / v if v else None,
-                             greedy_identical=same if label == "greedy" else None,
-                             rounds={k: [round(x, 1) for x in xs] for k, xs in rates.items()}))
-            print(f"  V={vocab} {name:24s} {label:26s} vLLM {_f(v)} tok/s  decodekit {_f(d)} tok/s  "
-                  f"{_x(rows[-1]['ratio'])}", flush=True)
+            rows.append(
+                dict(
+                    vocab=vocab,
+                    mode=name,
+                    sampling=label,
+                    vllm_tok_s=v,
+                    decodekit_tok_s=d,
+                    ratio=d / v if v else None,
+                    greedy_identical=same if label == "greedy" else None,
+                    rounds={k: [round(x, 1) for x in xs] for k, xs in rates.items()},
+                )
+            )
+            print(
+                f"  V={vocab} {name:24s} {label:26s} vLLM {_f(v)} tok/s  decodekit {_f(d)} tok/s  "
+                f"{_x(rows[-1]['ratio'])}",
+                flush=True,
+            )
         del llm
         import gc
 
@@ -131,11 +148,23 @@ def _metadata(B, device="cpu"):
     import torch
 
     return SamplingMetadata(
-        temperature=torch.full((B,), 0.7), all_greedy=False, all_random=True, top_p=torch.full((B,), 0.9),
-        top_k=torch.full((B,), 50, dtype=torch.int32), generators={}, max_num_logprobs=None, no_penalties=True,
-        prompt_token_ids=None, frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-        repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)], allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors([]))
+        temperature=torch.full((B,), 0.7),
+        all_greedy=False,
+        all_random=True,
+        top_p=torch.full((B,), 0.9),
+        top_k=torch.full((B,), 50, dtype=torch.int32),
+        generators={},
+        max_num_logprobs=None,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(B),
+        presence_penalties=torch.zeros(B),
+        repetition_penalties=torch.ones(B),
+        output_token_ids=[[] for _ in range(B)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors([]),
+    )
 
 
 def sampler_step(vocabs, batches):
@@ -159,13 +188,29 @@ def sampler_step(vocabs, batches):
             for side in ("vllm", "decodekit"):
                 (dv.install if side == "decodekit" else dv.uninstall)()
                 it = iter(range(10**9))
-                t[side] = harness.timeit(lambda: sampler(pool[next(it) % 2].clone(), md), warmup=1,
-                                         reps=3 if side == "vllm" and B * V > 4e6 else 7, min_time=0.0, cold=True)
+                t[side] = harness.timeit(
+                    lambda: sampler(pool[next(it) % 2].clone(), md),
+                    warmup=1,
+                    reps=3 if side == "vllm" and B * V > 4e6 else 7,
+                    min_time=0.0,
+                    cold=True,
+                )
             floor = harness.floor_seconds(B * V * 4, cold=True)
-            rows.append(dict(vocab=V, B=B, vllm_ms=t["vllm"] * 1e3, decodekit_ms=t["decodekit"] * 1e3,
-                             ratio=t["vllm"] / t["decodekit"], floor_ms=floor * 1e3))
-            print(f"  sampler step V={V} B={B}: vLLM {t['vllm'] * 1e3:.2f} ms, decodekit {t['decodekit'] * 1e3:.2f} ms"
-                  f" ({t['vllm'] / t['decodekit']:.1f}x), floor {floor * 1e3:.2f} ms", flush=True)
+            rows.append(
+                dict(
+                    vocab=V,
+                    B=B,
+                    vllm_ms=t["vllm"] * 1e3,
+                    decodekit_ms=t["decodekit"] * 1e3,
+                    ratio=t["vllm"] / t["decodekit"],
+                    floor_ms=floor * 1e3,
+                )
+            )
+            print(
+                f"  sampler step V={V} B={B}: vLLM {t['vllm'] * 1e3:.2f} ms, decodekit {t['decodekit'] * 1e3:.2f} ms"
+                f" ({t['vllm'] / t['decodekit']:.1f}x), floor {floor * 1e3:.2f} ms",
+                flush=True,
+            )
     dv.install()
     return rows
 
@@ -188,8 +233,10 @@ def main(argv=None):
 
     import decodekit
 
-    print(f"vllm {vllm.__version__}, torch {torch.__version__}, decodekit ISA {decodekit.cpu_features()['active_isa']}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    print(
+        f"vllm {vllm.__version__}, torch {torch.__version__}, decodekit ISA {decodekit.cpu_features()['active_isa']}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}"
+    )
     step = [] if args.no_step else sampler_step(args.vocab, [1, 8, 64])
     rows = []
     vocabs = [] if args.no_engine else args.vocab
@@ -200,9 +247,23 @@ def main(argv=None):
         # register again), so each vocabulary runs in a child process of this script
         for vocab in vocabs:
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                cmd = [sys.executable, os.path.abspath(__file__), "--vocab", str(vocab), "--no-step", "--prompts",
-                       str(args.prompts), "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--workdir",
-                       args.workdir, "--json", tmp.name] + (["--no-spec"] if args.no_spec else [])
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--vocab",
+                    str(vocab),
+                    "--no-step",
+                    "--prompts",
+                    str(args.prompts),
+                    "--tokens",
+                    str(args.tokens),
+                    "--repeats",
+                    str(args.repeats),
+                    "--workdir",
+                    args.workdir,
+                    "--json",
+                    tmp.name,
+                ] + (["--no-spec"] if args.no_spec else [])
                 subprocess.run(cmd, check=True)
                 with open(tmp.name) as f:
                     rows += json.load(f)["rows"]
@@ -210,20 +271,25 @@ def main(argv=None):
         print("\n| V | B | vLLM Sampler ms | routed to decodekit ms | speed-up | DRAM floor ms |")
         print("|---|---|---|---|---|---|")
         for r in step:
-            print(f"| {r['vocab']} | {r['B']} | {r['vllm_ms']:,.2f} | {r['decodekit_ms']:,.2f} | {r['ratio']:.1f}x | "
-                  f"{r['floor_ms']:.2f} |")
+            print(
+                f"| {r['vocab']} | {r['B']} | {r['vllm_ms']:,.2f} | {r['decodekit_ms']:,.2f} | {r['ratio']:.1f}x | "
+                f"{r['floor_ms']:.2f} |"
+            )
     print()
     print(f"| V | decoding | sampling | vLLM tok/s | vLLM + decodekit tok/s | speed-up | greedy identical |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         g = "-" if r["greedy_identical"] is None else ("yes" if r["greedy_identical"] else "NO")
-        print(f"| {r['vocab']} | {r['mode']} | {r['sampling']} | {_f(r['vllm_tok_s'])} | "
-              f"{_f(r['decodekit_tok_s'])} | {_x(r['ratio'])} | {g} |")
+        print(
+            f"| {r['vocab']} | {r['mode']} | {r['sampling']} | {_f(r['vllm_tok_s'])} | "
+            f"{_f(r['decodekit_tok_s'])} | {_x(r['ratio'])} | {g} |"
+        )
     print(f"load average at the end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, sampler_step=step, machine=platform.processor(), cpus=os.cpu_count()), f,
-                      indent=1)
+            json.dump(
+                dict(rows=rows, sampler_step=step, machine=platform.processor(), cpus=os.cpu_count()), f, indent=1
+            )
     return 0
 
 

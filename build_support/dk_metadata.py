@@ -11,6 +11,7 @@ build environment (builds run with --no-build-isolation) and returns
 An sdist is source only: it records `torch` unpinned (marked Dynamic in PKG-INFO) and the base
 version, and the wheel built from it gets the pin of the torch it is built against.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -66,8 +67,12 @@ def dynamic_metadata(settings, project) -> dict:
         return {"version": base, "dependencies": deps + ["torch"]}
     found = installed_torch()
     if found is None:
-        raise RuntimeError("decodekit is compiled against the installed torch and pins it: install torch "
-                           "first, then build with `pip install --no-build-isolation ...`")
+        raise RuntimeError(
+            "decodekit is compiled against the installed torch and pins it: install torch "
+            "first, then build with `pip install --no-build-isolation ...`"
+        )
     torch_version, torch_cuda = found
-    return {"version": wheel_version(base, torch_version, torch_cuda, cuda_requested()),
-            "dependencies": deps + [torch_pin(torch_version)]}
+    return {
+        "version": wheel_version(base, torch_version, torch_cuda, cuda_requested()),
+        "dependencies": deps + [torch_pin(torch_version)],
+    }

@@ -24,10 +24,15 @@ PYBIND11_MODULE(_C, m) {
     d["active_isa"] = std::string(dk::cpu::active_isa());
     return d;
   });
-  m.def("set_isa", [](const std::string& name) {
-    try { dk::cpu::set_isa(name.c_str()); } catch (const std::runtime_error& e) { throw py::value_error(e.what()); }
-    return std::string(dk::cpu::active_isa());
-  }, "Force the CPU kernel path: 'scalar', 'avx2', 'avx512' or 'auto'.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        try {
+          dk::cpu::set_isa(name.c_str());
+        } catch (const std::runtime_error& e) { throw py::value_error(e.what()); }
+        return std::string(dk::cpu::active_isa());
+      },
+      "Force the CPU kernel path: 'scalar', 'avx2', 'avx512' or 'auto'.");
   m.def("build_info", []() {
     py::dict d;
     d["torch"] = DK_TORCH_VERSION;

@@ -5,6 +5,7 @@ tests/test_cuda_emu.py (the CUDA kernels run on CPU threads).
 Each case yields the positional arguments of torch.ops.decodekit.{sample,gumbel_sample,filter}
 on the CPU; `to_device` moves the tensor arguments.
 """
+
 import torch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -69,7 +70,10 @@ FILTERS = [
     ("k3000_p0.95_minp0.01_T1.3_joint", dict(T=1.3, k=3000, p=0.95, mp=0.01, order=JOINT)),
     ("k20_minp0.1", dict(k=20, mp=0.1)),
     ("p0.5_minp0.2_joint", dict(p=0.5, mp=0.2, order=JOINT)),
-    ("per_row", dict(T=[0.5, 1.0, 0.0, 2.0], k=[0, 10, 300, 5000], p=[1.0, 0.9, 0.5, 0.97], mp=[0.0, 0.0, 0.05, 0.001])),
+    (
+        "per_row",
+        dict(T=[0.5, 1.0, 0.0, 2.0], k=[0, 10, 300, 5000], p=[1.0, 0.9, 0.5, 0.97], mp=[0.0, 0.0, 0.05, 0.001]),
+    ),
 ]
 
 
@@ -88,8 +92,23 @@ def sample_args(x, is_probs, f, *, indices=None, seeds=None, seed=1234, offset=0
     k_arr, k_val = _param(f.get("k"), n, torch.int64, 0)
     p_arr, p_val = _param(f.get("p"), n, torch.float32, 1.0)
     mp_arr, mp_val = _param(f.get("mp"), n, torch.float32, 0.0)
-    return (x, indices, is_probs, T_arr, float(T_val), k_arr, int(k_val), p_arr, float(p_val), mp_arr, float(mp_val),
-            int(f.get("order", SEQ)), seeds, seed, offset)
+    return (
+        x,
+        indices,
+        is_probs,
+        T_arr,
+        float(T_val),
+        k_arr,
+        int(k_val),
+        p_arr,
+        float(p_val),
+        mp_arr,
+        float(mp_val),
+        int(f.get("order", SEQ)),
+        seeds,
+        seed,
+        offset,
+    )
 
 
 def filter_args(x, kind, is_probs, f):
@@ -98,8 +117,20 @@ def filter_args(x, kind, is_probs, f):
     k_arr, k_val = _param(f.get("k"), B, torch.int64, 0)
     p_arr, p_val = _param(f.get("p"), B, torch.float32, 1.0)
     mp_arr, mp_val = _param(f.get("mp"), B, torch.float32, 0.0)
-    return (x, kind, is_probs, T_arr, float(T_val), k_arr, int(k_val), p_arr, float(p_val), mp_arr, float(mp_val),
-            int(f.get("order", SEQ)))
+    return (
+        x,
+        kind,
+        is_probs,
+        T_arr,
+        float(T_val),
+        k_arr,
+        int(k_val),
+        p_arr,
+        float(p_val),
+        mp_arr,
+        float(mp_val),
+        int(f.get("order", SEQ)),
+    )
 
 
 def to_device(args, device):
@@ -135,8 +166,12 @@ def special_sample_cases():
     x = logits_family("randn", 3, 5000, seed=11)
     idx = torch.tensor([2, 2, 2, 0, 1, 2])
     out.append(("indices-scalar-seed", sample_args(x, False, dict(k=40), indices=idx, seed=9)))
-    out.append(("indices-per-row-seeds", sample_args(x, False, dict(p=0.9), indices=idx,
-                                                       seeds=torch.tensor([5, 5, 6, -1, 2**62, 7]), seed=0)))
+    out.append(
+        (
+            "indices-per-row-seeds",
+            sample_args(x, False, dict(p=0.9), indices=idx, seeds=torch.tensor([5, 5, 6, -1, 2**62, 7]), seed=0),
+        )
+    )
     out.append(("offset-high-bits", sample_args(x, False, dict(), seed=-3, offset=2**40 + 17)))
     out.append(("bad-rows", sample_args(logits_family("bad", 6, 700), False, dict(k=10, p=0.9))))
     out.append(("bad-rows-plain", sample_args(logits_family("bad", 6, 700), False, dict())))

@@ -1,4 +1,5 @@
 """Statistical helpers shared by every test file (exactness is tested statistically)."""
+
 import numpy as np
 import torch
 from scipy import stats as _st

@@ -1,5 +1,6 @@
 """Tree attention: kernel vs torch SDPA (dense equivalent mask) and the float64 reference, on every
 ISA path; the dense-mask helper; a tiny Llama scoring a token tree in one forward pass; bad input."""
+
 import math
 
 import pytest
@@ -70,8 +71,9 @@ def test_matches_sdpa(isa, dtype):
                 mask = tm if cases % 2 else decodekit.pack_tree_mask(tm)
                 out = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout)
                 assert out.dtype == dtype and out.shape == q.shape
-                check_close(out, sdpa_expected(q, k, v, tm, pl, layout), dtype,
-                            f"{isa} {dtype} D={D} G={ratio} {layout} T={T}")
+                check_close(
+                    out, sdpa_expected(q, k, v, tm, pl, layout), dtype, f"{isa} {dtype} D={D} G={ratio} {layout} T={T}"
+                )
                 cases += 1
     assert cases == 30
 
@@ -124,14 +126,20 @@ def test_bf16_kernels_rescaling_and_tree_blocks(mode, monkeypatch):
     decodekit.set_isa("avx512")
     try:
         gen = torch.Generator().manual_seed(9)
-        for D, T, P, (Hq, Hkv) in ((128, 130, 300, (8, 1)), (80, 70, 0, (4, 2)), (96, 65, 64, (2, 2)), (256, 9, 200, (4, 1))):
+        for D, T, P, (Hq, Hkv) in (
+            (128, 130, 300, (8, 1)),
+            (80, 70, 0, (4, 2)),
+            (96, 65, 64, (2, 2)),
+            (256, 9, 200, (4, 1)),
+        ):
             q, k, v, tm, pl = make_case(1, T, Hq, Hkv, D, [P], torch.bfloat16, "HND", gen)
             # keys whose scores rise by ~4 (natural log units) per 64 keys
             ramp = torch.linspace(0.2, 1.0 + 0.07 * P / 8, k.shape[2])[None, None, :, None]
             k = (k.float() * ramp).to(torch.bfloat16)
             for mask in (tm, torch.ones(T, T, dtype=torch.bool).tril()[None]):
-                out, lse = decodekit.tree_attention(q, k, v, decodekit.pack_tree_mask(mask), pl, kv_layout="HND",
-                                                    return_lse=True)
+                out, lse = decodekit.tree_attention(
+                    q, k, v, decodekit.pack_tree_mask(mask), pl, kv_layout="HND", return_lse=True
+                )
                 check_close(out, sdpa_expected(q, k, v, mask, pl, "HND"), torch.bfloat16, f"{mode} D={D} T={T} P={P}")
                 rlse = ref.tree_attention(q, k, v, mask, pl, kv_layout="HND")[1]
                 torch.testing.assert_close(lse, rlse, atol=5e-3, rtol=1e-4)
@@ -224,8 +232,10 @@ def test_opcheck_and_compile():
     gen = torch.Generator().manual_seed(6)
     q, k, v, tm, pl = make_case(2, 6, 4, 2, 64, [3, 10], torch.float32, "NHD", gen)
     torch.library.opcheck(decodekit.ops.tree_attention, (q, k, v, tm, pl, None, "NHD"))
-    torch.library.opcheck(decodekit.ops.tree_attention, (q.bfloat16(), k.bfloat16(), v.bfloat16(),
-                                                         decodekit.pack_tree_mask(tm), pl.int(), 0.2, "NHD"))
+    torch.library.opcheck(
+        decodekit.ops.tree_attention,
+        (q.bfloat16(), k.bfloat16(), v.bfloat16(), decodekit.pack_tree_mask(tm), pl.int(), 0.2, "NHD"),
+    )
     f = torch.compile(lambda *a: decodekit.tree_attention(*a, return_lse=True), fullgraph=True, backend="eager")
     o, l = f(q, k, v, tm, pl)
     o2, l2 = decodekit.tree_attention(q, k, v, tm, pl, return_lse=True)
@@ -244,11 +254,24 @@ def test_bad_input():
         with pytest.raises(ValueError, match=match):
             decodekit.tree_attention(*args, **kw)
 
-    bad("v must have k's shape", q, k, torch.randn(2, 20, 4, 64), tm, pl)                 # mismatched kv heads
-    bad("must be a multiple of the k/v heads", torch.randn(2, 4, 6, 64), torch.randn(2, 20, 4, 64),
-        torch.randn(2, 20, 4, 64), tm, pl)                                               # Hq % Hkv != 0
+    bad("v must have k's shape", q, k, torch.randn(2, 20, 4, 64), tm, pl)  # mismatched kv heads
+    bad(
+        "must be a multiple of the k/v heads",
+        torch.randn(2, 4, 6, 64),
+        torch.randn(2, 20, 4, 64),
+        torch.randn(2, 20, 4, 64),
+        tm,
+        pl,
+    )  # Hq % Hkv != 0
     bad("k head dim", q, torch.randn(2, 20, 2, 128), torch.randn(2, 20, 2, 128), tm, pl)
-    bad("head dim must be one of", torch.randn(2, 4, 8, 32), torch.randn(2, 20, 2, 32), torch.randn(2, 20, 2, 32), tm, pl)
+    bad(
+        "head dim must be one of",
+        torch.randn(2, 4, 8, 32),
+        torch.randn(2, 20, 2, 32),
+        torch.randn(2, 20, 2, 32),
+        tm,
+        pl,
+    )
     bad("k batch size", q, k[:1], v[:1], tm, pl)
     bad(r"prefix_lens\[b\] \+ T must be <= the k/v length S = 20", q, k, v, tm, torch.tensor([3, 17]))
     bad("prefix_lens must be >= 0", q, k, v, tm, torch.tensor([-1, 2]))
@@ -273,9 +296,16 @@ def test_bad_input():
 # ---- a real model: tiny Llama, one forward pass over a token tree ---------------------------------
 def _tiny_llama(Hq=2, Hkv=1, D=64, layers=2):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=Hq * D, intermediate_size=256,
-                                   num_hidden_layers=layers, num_attention_heads=Hq, num_key_value_heads=Hkv,
-                                   head_dim=D, max_position_embeddings=512)
+    cfg = transformers.LlamaConfig(
+        vocab_size=101,
+        hidden_size=Hq * D,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hkv,
+        head_dim=D,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     return cfg, transformers.LlamaForCausalLM(cfg).eval()
 
@@ -294,6 +324,7 @@ def test_llama_tree_forward_equals_sequential(impl, monkeypatch):
     calls = []
     if impl == "decodekit":
         import decodekit.attention as dka
+
         orig = dka.tree_attention
         monkeypatch.setattr(dka, "tree_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
         model.set_attn_implementation(decodekit.register_hf_attention())
@@ -321,12 +352,15 @@ def test_llama_tree_forward_equals_sequential(impl, monkeypatch):
 def test_demo_runs(capsys):
     pytest.importorskip("transformers")
     from decodekit.bench import attention as bench_attn
+
     res = bench_attn.demo(rounds=3, verbose=False)
     assert res["matches_greedy"], res
     assert res["kernel_calls"] > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA path is compiled, not run, in CI)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA path is compiled, not run, in CI)"
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
 def test_cuda_matches_cpu(dtype):
     gen = torch.Generator().manual_seed(9)
@@ -335,8 +369,9 @@ def test_cuda_matches_cpu(dtype):
             q, k, v, tm, pl = make_case(2, 37, 8, 2, D, [0, 100], dtype, layout, gen)
             mask = decodekit.pack_tree_mask(tm)
             o_cpu, l_cpu = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout, return_lse=True)
-            o_gpu, l_gpu = decodekit.tree_attention(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), pl.cuda(),
-                                                    kv_layout=layout, return_lse=True)
+            o_gpu, l_gpu = decodekit.tree_attention(
+                q.cuda(), k.cuda(), v.cuda(), mask.cuda(), pl.cuda(), kv_layout=layout, return_lse=True
+            )
             check_close(o_gpu.cpu(), o_cpu.float(), dtype, f"cuda {dtype} D={D} {layout}")
             torch.testing.assert_close(l_gpu.cpu(), l_cpu, atol=1e-3, rtol=1e-5)
 
@@ -345,8 +380,10 @@ def test_cuda_matches_cpu(dtype):
 def _emu():
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
     import emu_attn
+
     if emu_attn.compiler() is None:
         pytest.skip("no host C++ compiler to build the CUDA emulator")
     return emu_attn
@@ -358,8 +395,13 @@ def test_cuda_kernel_emulated_matches_cpu(dtype):
     layouts, packed and bool masks, GQA, prefix 0 and prefixes off the 32-key tile, T = 1 and T > 32."""
     emu = _emu()
     gen = torch.Generator().manual_seed(10)
-    cases = [(64, "NHD", 2, 37, 8, 2, [0, 45]), (80, "HND", 1, 1, 4, 4, [33]), (96, "NHD", 1, 5, 8, 1, [0]),
-             (128, "HND", 2, 9, 4, 1, [64, 7]), (256, "NHD", 1, 3, 2, 2, [31])]
+    cases = [
+        (64, "NHD", 2, 37, 8, 2, [0, 45]),
+        (80, "HND", 1, 1, 4, 4, [33]),
+        (96, "NHD", 1, 5, 8, 1, [0]),
+        (128, "HND", 2, 9, 4, 1, [64, 7]),
+        (256, "NHD", 1, 3, 2, 2, [31]),
+    ]
     for i, (D, layout, B, T, Hq, Hkv, prefix) in enumerate(cases):
         q, k, v, tm, pl = make_case(B, T, Hq, Hkv, D, prefix, dtype, layout, gen)
         mask = decodekit.pack_tree_mask(tm) if i % 2 else tm

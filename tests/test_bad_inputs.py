@@ -8,6 +8,7 @@ defined result and leave the other rows alone).
 
 The cases of one op run in one child; if the child dies, the cases it did not finish run again in a
 new child, so only the crashing case fails."""
+
 import json
 import os
 import subprocess
@@ -77,8 +78,13 @@ def _probs_filter_cases(op, param, bad_values):
 _K_BAD = [("top_k must be an integer", "1.5"), ("top_k must be an integer", "math.nan")]
 _P_BAD = [("top_p", "0.0"), ("top_p", "-1e-50"), ("top_p", "math.nan"), ("top_p", "torch.tensor([0.5, 0.0, 0.5])")]
 _MP_BAD = [("min_p", "1.5"), ("min_p", "-0.1"), ("min_p", "math.nan"), ("min_p", "math.inf")]
-_T_BAD = [("temperature", "math.inf"), ("temperature", "1e39"), ("temperature", "-1.0"), ("temperature", "1e-39"),
-          ("temperature", "0.0")]
+_T_BAD = [
+    ("temperature", "math.inf"),
+    ("temperature", "1e39"),
+    ("temperature", "-1.0"),
+    ("temperature", "1e-39"),
+    ("temperature", "0.0"),
+]
 
 
 def _sampler_cases(call, x="X", bad=NotImplemented):
@@ -98,8 +104,10 @@ def _sampler_cases(call, x="X", bad=NotImplemented):
         (c(f"{x}", ", indices=[2, 2, 0], seed=1"), "ok:r.shape == (3,)"),
         (c(f"{x}", ", out_dtype=torch.float32"), V_ERR + "out_dtype"),
         (c(f"torch.empty(0, 5)", ""), "ok:r.shape == (0,)"),
-        (c(f"{bad}", ", seed=3, return_valid=True"), "ok:r[0][1] == 0 and not bool(r[1][1]) and bool(r[1][0]) and "
-                                                    "bool(r[1][2])"),
+        (
+            c(f"{bad}", ", seed=3, return_valid=True"),
+            "ok:r[0][1] == 0 and not bool(r[1][1]) and bool(r[1][0]) and bool(r[1][2])",
+        ),
     ]
 
 
@@ -120,18 +128,22 @@ CASES = {
     + [(f"dk.top_p_sampling_from_probs(P, {v})", V_ERR + n) for n, v in _P_BAD],
     "min_p_sampling_from_probs": _sampler_cases("dk.min_p_sampling_from_probs({x}, 0.1{kw})", "P", "PZERO")
     + [(f"dk.min_p_sampling_from_probs(P, {v})", V_ERR + n) for n, v in _MP_BAD],
-    "top_k_top_p_sampling_from_probs": _sampler_cases("dk.top_k_top_p_sampling_from_probs({x}, 5, 0.9{kw})", "P",
-                                                      "PZERO")
+    "top_k_top_p_sampling_from_probs": _sampler_cases(
+        "dk.top_k_top_p_sampling_from_probs({x}, 5, 0.9{kw})", "P", "PZERO"
+    )
     + [("dk.top_k_top_p_sampling_from_probs(P, 5, 0.9, filter_apply_order='x')", V_ERR + "filter_apply_order")],
-    "top_k_top_p_sampling_from_logits": _sampler_cases("dk.top_k_top_p_sampling_from_logits({x}, 5, 0.9{kw})", "X",
-                                                       "NEGROW"),
+    "top_k_top_p_sampling_from_logits": _sampler_cases(
+        "dk.top_k_top_p_sampling_from_logits({x}, 5, 0.9{kw})", "X", "NEGROW"
+    ),
     "sample": _sampler_cases("dk.sample({x}, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05{kw})", "X", "NANROW")
     + [(f"dk.sample(X, temperature={v})", V_ERR + n) for n, v in _T_BAD if v != "0.0"]
     + [(f"dk.sample(X, top_p={v})", V_ERR + n) for n, v in _P_BAD]
     + [(f"dk.sample(X, min_p={v})", V_ERR + n) for n, v in _MP_BAD]
-    + [("dk.sample(X, top_k=2**70, seed=1)", "ok:torch.equal(r, dk.sample(X, seed=1))"),
-       ("dk.sample(X, order='x')", V_ERR + "filter_apply_order"),
-       ("dk.sample(X, temperature=0.0, seed=torch.tensor([1, 2, 3]))", "ok:torch.equal(r, X.argmax(-1))")],
+    + [
+        ("dk.sample(X, top_k=2**70, seed=1)", "ok:torch.equal(r, dk.sample(X, seed=1))"),
+        ("dk.sample(X, order='x')", V_ERR + "filter_apply_order"),
+        ("dk.sample(X, temperature=0.0, seed=torch.tensor([1, 2, 3]))", "ok:torch.equal(r, X.argmax(-1))"),
+    ],
     "chain_speculative_sampling": [
         ("dk.chain_speculative_sampling(DP, IDS, TP, seed=1)", "ok:r[0].shape == (3, 3)"),
         ("dk.chain_speculative_sampling(DP, IDS + 40, TP)", V_ERR + "draft"),
@@ -145,25 +157,33 @@ CASES = {
         ("dk.chain_speculative_sampling(DP, IDS, TP, num_draft_tokens=[1, 2, 0], seed=2)", "ok:r[0].shape == (3, 3)"),
         ("dk.chain_speculative_sampling(DP, IDS, TP * math.nan, seed=2)", "ok:bool((r[0][:, 0] >= 0).all())"),
         ("dk.chain_speculative_sampling(DP, IDS, torch.zeros_like(TP), seed=2)", "ok:bool((r[0][:, 0] >= 0).all())"),
-        ("dk.chain_speculative_sampling(None, torch.zeros(2, 0, dtype=torch.long), TP[:2, :1], seed=2)",
-         "ok:r[0].shape == (2, 1)"),
+        (
+            "dk.chain_speculative_sampling(None, torch.zeros(2, 0, dtype=torch.long), TP[:2, :1], seed=2)",
+            "ok:r[0].shape == (2, 1)",
+        ),
     ],
     "chain_speculative_sampling_from_logits": [
-        ("dk.chain_speculative_sampling_from_logits(None, IDS, TL, temperature=0.5, top_k=5, seed=1)",
-         "ok:r[0].shape == (3, 3)"),
+        (
+            "dk.chain_speculative_sampling_from_logits(None, IDS, TL, temperature=0.5, top_k=5, seed=1)",
+            "ok:r[0].shape == (3, 3)",
+        ),
         ("dk.chain_speculative_sampling_from_logits(None, IDS, TL, temperature=math.inf)", V_ERR + "temperature"),
         ("dk.chain_speculative_sampling_from_logits(None, IDS, TL, top_p=0.0)", V_ERR + "top_p"),
         ("dk.chain_speculative_sampling_from_logits(None, IDS, TL, min_p=2.0)", V_ERR + "min_p"),
         ("dk.chain_speculative_sampling_from_logits(None, IDS, TL.double())", V_ERR + "target_logits"),
-        ("dk.chain_speculative_sampling_from_logits(None, IDS, TL * math.nan, seed=1)",
-         "ok:torch.equal(r[0][:, 0], torch.zeros(3, dtype=torch.long))"),
+        (
+            "dk.chain_speculative_sampling_from_logits(None, IDS, TL * math.nan, seed=1)",
+            "ok:torch.equal(r[0][:, 0], torch.zeros(3, dtype=torch.long))",
+        ),
     ],
     "greedy_verify": [
         ("dk.greedy_verify(IDS, TL)", "ok:r[0].shape == (3, 3)"),
         ("dk.greedy_verify(IDS + 40, TL)", V_ERR + "draft"),
         ("dk.greedy_verify(IDS, TL[:, :2])", V_ERR + "target_logits"),
-        ("dk.greedy_verify(torch.zeros_like(IDS), torch.full_like(TL, -math.inf))",
-         "ok:torch.equal(r[2], torch.zeros(3, dtype=torch.int32))"),
+        (
+            "dk.greedy_verify(torch.zeros_like(IDS), torch.full_like(TL, -math.inf))",
+            "ok:torch.equal(r[2], torch.zeros(3, dtype=torch.int32))",
+        ),
     ],
     "build_tree": [
         ("dk.build_tree(torch.tensor([[-1, 0, 1]]), 2**63 - 1)", V_ERR + "prefix_lens"),
@@ -187,8 +207,10 @@ CASES = {
         ("dk.tree_speculative_sampling(*TT, TTP, num_speculative_tokens=2**40)", V_ERR + "num_speculative_tokens"),
     ],
     "tree_speculative_sampling_from_logits": [
-        ("dk.tree_speculative_sampling_from_logits(*TT, TTL, temperature=0.8, top_p=0.9, seed=1)",
-         "ok:r[0].shape == (8,)"),
+        (
+            "dk.tree_speculative_sampling_from_logits(*TT, TTL, temperature=0.8, top_p=0.9, seed=1)",
+            "ok:r[0].shape == (8,)",
+        ),
         ("dk.tree_speculative_sampling_from_logits(*TT, TTL, temperature=1e39)", V_ERR + "temperature"),
         ("dk.tree_speculative_sampling_from_logits(*TT, TTL * math.nan, seed=1)", "ok:r[0].shape == (8,)"),
     ],
@@ -196,8 +218,10 @@ CASES = {
         ("dk.verify_tree_greedy(*TT, TTL)", "ok:r[0].shape == (8,)"),
         ("dk.verify_tree_greedy(*TT, TTL[..., :3])", V_ERR + "candidate"),
         ("dk.verify_tree_greedy(*TT, CAND)", "ok:r[0].shape == (8,)"),
-        ("dk.verify_tree_greedy(*TT, torch.full_like(TTL, math.nan))",
-         "ok:torch.equal(r[2], torch.zeros(2, dtype=torch.int32))"),
+        (
+            "dk.verify_tree_greedy(*TT, torch.full_like(TTL, math.nan))",
+            "ok:torch.equal(r[2], torch.zeros(2, dtype=torch.int32))",
+        ),
     ],
     "tree_attention": [
         ("dk.tree_attention(Q, K, VV, M, 2**63 - 1)", V_ERR + "prefix_lens"),
@@ -211,8 +235,10 @@ CASES = {
         ("dk.tree_attention(Q.half(), K, VV, M, 0)", V_ERR + "dtype"),
         ("dk.tree_attention(Q, K, VV, M[..., :2], 0)", V_ERR + "tree_mask"),
         ("dk.tree_attention(Q, K, VV, M, 0, kv_layout='XYZ')", V_ERR + "kv_layout"),
-        ("dk.tree_attention(torch.randn(1, 3, 3, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), M, 0)",
-         V_ERR + "q heads"),
+        (
+            "dk.tree_attention(torch.randn(1, 3, 3, 64), torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64), M, 0)",
+            V_ERR + "q heads",
+        ),
         ("dk.tree_attention(Q, K * math.nan, VV, M, 0)", "ok:r.shape == Q.shape"),
     ],
     "tree_attention_mask": [
@@ -286,10 +312,12 @@ def test_matrix_covers_every_public_op():
 @pytest.mark.parametrize("op,i", PARAMS, ids=[f"{op}-{i}" for op, i in PARAMS])
 def test_bad_input(op, i):
     import re
+
     call, expect = CASES[op][i]
     r = _run_op(op)[i]
-    assert r["outcome"] not in ("crashed", "missing"), f"{call}: child {r['outcome']} (rc {r.get('rc')}):\n" \
-                                                       f"{r.get('stderr')}"
+    assert r["outcome"] not in ("crashed", "missing"), (
+        f"{call}: child {r['outcome']} (rc {r.get('rc')}):\n{r.get('stderr')}"
+    )
     if expect.startswith("raise:"):
         _, types, pattern = expect.split(":", 2)
         assert r["outcome"] == "raised", f"{call} returned instead of raising {types}"

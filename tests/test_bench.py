@@ -1,4 +1,5 @@
 """Smoke tests for the benchmark runner and `python -m decodekit` (tiny shapes; timings not checked)."""
+
 import json
 import subprocess
 import sys
@@ -38,9 +39,11 @@ def test_llama_chain_matches_reference_survivors():
     if L is None:
         pytest.skip("llama-cpp-python not installed")
     from decodekit import reference as ref
+
     x = sampling.llm_logits(8, 5000, seed=3)
-    ch = sampling.LlamaChain(L, 8, 5000, [("temp", 0.7), ("top_k", 50), ("top_p", 0.9, 1), ("min_p", 0.05, 1),
-                                          ("dist",)])
+    ch = sampling.LlamaChain(
+        L, 8, 5000, [("temp", 0.7), ("top_k", 50), ("top_p", 0.9, 1), ("min_p", 0.05, 1), ("dist",)]
+    )
     keep = ref.survivors(x, temperature=0.7, top_k=50, top_p=0.9, min_p=0.05)
     try:
         for _ in range(5):

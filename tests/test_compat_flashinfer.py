@@ -15,6 +15,7 @@ takes the subset that fits CI (batch 1 up to V = 32000, batch <= 99 at V = 111, 
 tests at V = 111, 10 calls per loop); DECODEKIT_COMPAT_FULL=1 runs every item with 1000 calls per
 loop (hours on 2 CPU cores).
 """
+
 import os
 
 import pytest
@@ -39,6 +40,7 @@ def _ci(*, B=1, V=111):
 def normal_distribution(std):
     def f(shape, device):
         return torch.randn(shape, device=device) * std
+
     f.__name__ = f"normal(std={std})"
     return f
 
@@ -47,6 +49,7 @@ def gumbel_distribution(beta):
     def f(shape, device):
         u = torch.rand(shape, device=device)
         return torch.log(-torch.log(u + 1e-20) + 1e-20) / beta
+
     f.__name__ = f"gumbel(beta={beta})"
     return f
 
@@ -265,8 +268,9 @@ def test_top_k_top_p_joint_sampling_from_probs(batch_size, vocab_size, p):
     mask = torch.minimum(_top_p_mask(probs, p, eps=1e-4), (probs >= pivot[:, None]).int())
     tp = torch.full((batch_size,), p, device=DEV)
     tk = torch.full((batch_size,), k, device=DEV)
-    _draws_in(lambda: sampling.top_k_top_p_sampling_from_probs(probs, tk, tp, filter_apply_order="joint"),
-              vocab_size, mask)
+    _draws_in(
+        lambda: sampling.top_k_top_p_sampling_from_probs(probs, tk, tp, filter_apply_order="joint"), vocab_size, mask
+    )
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -282,8 +286,9 @@ def test_top_k_top_p_sampling_from_probs_logits_alignment(batch_size, vocab_size
     g1 = torch.Generator(DEV)
     g2 = g1.clone_state()
     a = sampling.top_k_top_p_sampling_from_logits(logits, k, p, filter_apply_order="top_k_first", generator=g1)
-    b = sampling.top_k_top_p_sampling_from_probs(torch.softmax(logits, -1), k, p, filter_apply_order="top_k_first",
-                                                 generator=g2)
+    b = sampling.top_k_top_p_sampling_from_probs(
+        torch.softmax(logits, -1), k, p, filter_apply_order="top_k_first", generator=g2
+    )
     assert float((a == b).double().mean()) >= 0.95
 
 
@@ -300,8 +305,9 @@ def test_top_k_top_p_joint_sampling_from_logits(batch_size, vocab_size, p):
     g2 = g1.clone_state()
     k = _joint_k(vocab_size, p)
     a = sampling.top_k_top_p_sampling_from_logits(logits, k, p, filter_apply_order="joint", generator=g1)
-    b = sampling.top_k_top_p_sampling_from_probs(torch.softmax(logits, -1), k, p, filter_apply_order="joint",
-                                                 generator=g2)
+    b = sampling.top_k_top_p_sampling_from_probs(
+        torch.softmax(logits, -1), k, p, filter_apply_order="joint", generator=g2
+    )
     assert torch.equal(a, b)
 
 
@@ -412,14 +418,18 @@ def test_top_k_mask_logits(batch_size, vocab_size, k, distribution, neginf_input
     out = sampling.top_k_mask_logits(logits, k)
     assert out.dtype == dtype
     sums = torch.softmax(out.float(), -1).sum(-1)
-    live = torch.isfinite(logits).any(-1)   # an all -inf row has no softmax (NaN in torch as well)
+    live = torch.isfinite(logits).any(-1)  # an all -inf row has no softmax (NaN in torch as well)
     torch.testing.assert_close(sums[live], torch.ones_like(sums[live]), rtol=1e-3, atol=1e-3)
     finite = torch.isfinite(out).sum(-1)
     n_in = torch.isfinite(logits).sum(-1)
     ek = torch.minimum(torch.full_like(n_in, k), n_in)
     srt = torch.sort(logits, descending=True)[0]
-    pivot = torch.stack([srt[i, int(ek[i]) - 1] if int(ek[i]) > 0 else torch.tensor(float("-inf"), dtype=dtype)
-                         for i in range(batch_size)])
+    pivot = torch.stack(
+        [
+            srt[i, int(ek[i]) - 1] if int(ek[i]) > 0 else torch.tensor(float("-inf"), dtype=dtype)
+            for i in range(batch_size)
+        ]
+    )
     upper = (logits > pivot[:, None]).sum(-1) + ((logits == pivot[:, None]) & torch.isfinite(logits)).sum(-1)
     assert bool((finite >= (ek - 1).clamp(min=0)).all()) and bool((finite <= upper + 1).all())
 
@@ -472,7 +482,7 @@ def test_chain_speculative_sampling(batch_size, vocab_size, num_speculate_tokens
                 pos = torch.nonzero(bad[r]).flatten()
                 if len(pos):
                     assert bool((pos[1:] == pos[:-1] + 1).all())
-                    assert bool((out[r, pos[0] + 1:] == -1).all())
+                    assert bool((out[r, pos[0] + 1 :] == -1).all())
         assert torch.equal(emi + 1, (out != -1).sum(1).int())
 
 
@@ -481,8 +491,11 @@ def _param_checks(call, good_scalar, make, batch_size, vocab_size):
     assert call(good_scalar).shape[0] == batch_size
     with pytest.raises(ValueError, match=r"Expected a 1D tensor or scalar.*got a 2D tensor"):
         call(make([[good_scalar] * vocab_size] * batch_size))
-    with pytest.raises(ValueError, match=r"Expected a 1D tensor of shape \(batch_size,\) or scalar.*got a "
-                                         r"0-dimensional tensor"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected a 1D tensor of shape \(batch_size,\) or scalar.*got a "
+        r"0-dimensional tensor",
+    ):
         call(make(good_scalar))
     if batch_size > 1:
         with pytest.raises(ValueError, match="Sampling parameter.*batch size mismatch"):
@@ -496,8 +509,13 @@ def _param_checks(call, good_scalar, make, batch_size, vocab_size):
 def test_tensor_validation_min_p(batch_size, vocab_size, p):
     """FlashInfer test_tensor_validation_min_p: 0-D / 2-D / wrong-length min_p tensors raise."""
     probs = _rand_probs_case(batch_size, vocab_size)
-    _param_checks(lambda mp: sampling.min_p_sampling_from_probs(probs, mp), p,
-                  lambda v: torch.tensor(v, dtype=torch.float32, device=DEV), batch_size, vocab_size)
+    _param_checks(
+        lambda mp: sampling.min_p_sampling_from_probs(probs, mp),
+        p,
+        lambda v: torch.tensor(v, dtype=torch.float32, device=DEV),
+        batch_size,
+        vocab_size,
+    )
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -510,8 +528,13 @@ def test_check_tensor_param_top_p(batch_size, vocab_size, p):
     out = sampling.top_p_renorm_probs(probs, torch.tensor([p] * batch_size, dtype=torch.int, device=DEV))
     # top_p 0 keeps the most probable token(s): every entry equal to the row max (the tie rule)
     assert torch.equal(out > 0, probs == probs.max(-1, keepdim=True).values)
-    _param_checks(lambda tp: sampling.top_p_renorm_probs(probs, tp), p,
-                  lambda v: torch.tensor(v, dtype=torch.int, device=DEV), batch_size, vocab_size)
+    _param_checks(
+        lambda tp: sampling.top_p_renorm_probs(probs, tp),
+        p,
+        lambda v: torch.tensor(v, dtype=torch.int, device=DEV),
+        batch_size,
+        vocab_size,
+    )
 
 
 @pytest.mark.parametrize("k", [10, 100, 500])
@@ -520,8 +543,13 @@ def test_check_tensor_param_top_p(batch_size, vocab_size, p):
 def test_check_tensor_param_top_k(batch_size, vocab_size, k):
     """FlashInfer test_check_tensor_param_top_k: the same checks for top_k_renorm_probs."""
     probs = _rand_probs_case(batch_size, vocab_size, k)
-    _param_checks(lambda tk: sampling.top_k_renorm_probs(probs, tk), k,
-                  lambda v: torch.tensor(v, dtype=torch.int, device=DEV), batch_size, vocab_size)
+    _param_checks(
+        lambda tk: sampling.top_k_renorm_probs(probs, tk),
+        k,
+        lambda v: torch.tensor(v, dtype=torch.int, device=DEV),
+        batch_size,
+        vocab_size,
+    )
 
 
 # ---- seeds, offsets, generators ---------------------------------------------------------------------
@@ -575,8 +603,9 @@ def test_int64_indices_sampling(batch_size, vocab_size, sampling_type, indices_d
         "top_p": lambda: sampling.top_p_sampling_from_probs(probs, 0.9, indices=idx),
         "top_k": lambda: sampling.top_k_sampling_from_probs(probs, k, indices=idx),
         "min_p": lambda: sampling.min_p_sampling_from_probs(probs, 0.1, indices=idx),
-        "top_k_top_p": lambda: sampling.top_k_top_p_sampling_from_probs(probs, k, 0.9, indices=idx,
-                                                                        filter_apply_order="joint"),
+        "top_k_top_p": lambda: sampling.top_k_top_p_sampling_from_probs(
+            probs, k, 0.9, indices=idx, filter_apply_order="joint"
+        ),
     }[sampling_type]()
     assert s.dtype == indices_dtype and s.shape == (batch_size,)
     assert bool(((s >= 0) & (s < vocab_size)).all())
@@ -592,9 +621,11 @@ def test_sampling_with_default_device_cuda(batch_size, vocab_size):
     try:
         torch.set_default_device(DEV)
         logits = torch.randn(batch_size, vocab_size, device=DEV)
-        for s in (sampling.top_k_top_p_sampling_from_logits(logits, top_k=100, top_p=0.9),
-                  sampling.sampling_from_probs(torch.softmax(logits, -1)),
-                  sampling.top_p_sampling_from_probs(torch.softmax(logits, -1), 0.9)):
+        for s in (
+            sampling.top_k_top_p_sampling_from_logits(logits, top_k=100, top_p=0.9),
+            sampling.sampling_from_probs(torch.softmax(logits, -1)),
+            sampling.top_p_sampling_from_probs(torch.softmax(logits, -1), 0.9),
+        ):
             assert s.shape == (batch_size,) and bool(((s >= 0) & (s < vocab_size)).all())
     finally:
         torch.set_default_device(old)
@@ -610,12 +641,15 @@ def test_sampling_nan_input(batch_size, vocab_size):
     bad = sorted({0, batch_size // 2, batch_size - 1})
     probs[bad] = float("nan")
     good = [i for i in range(batch_size) if i not in bad]
-    for s, v in (sampling.sampling_from_probs(probs, return_valid=True),
-                 sampling.top_k_sampling_from_probs(probs, top_k=50, return_valid=True),
-                 sampling.top_p_sampling_from_probs(probs, top_p=0.9, return_valid=True),
-                 sampling.min_p_sampling_from_probs(probs, min_p=0.1, return_valid=True),
-                 sampling.top_k_top_p_sampling_from_probs(probs, top_k=50, top_p=0.9, filter_apply_order="joint",
-                                                          return_valid=True)):
+    for s, v in (
+        sampling.sampling_from_probs(probs, return_valid=True),
+        sampling.top_k_sampling_from_probs(probs, top_k=50, return_valid=True),
+        sampling.top_p_sampling_from_probs(probs, top_p=0.9, return_valid=True),
+        sampling.min_p_sampling_from_probs(probs, min_p=0.1, return_valid=True),
+        sampling.top_k_top_p_sampling_from_probs(
+            probs, top_k=50, top_p=0.9, filter_apply_order="joint", return_valid=True
+        ),
+    ):
         assert all(int(s[i]) == 0 and not bool(v[i]) for i in bad)
         assert all(bool(v[i]) and 0 <= int(s[i]) < vocab_size for i in good)
 
@@ -625,28 +659,92 @@ def test_signatures_and_conventions():
     """Every function of flashinfer.sampling exists with FlashInfer's parameter names in order; ids
     are int32; FlashInfer's errors (seed / offset mix, bad filter order, NaN check) are raised."""
     import inspect
+
     expect = {
         "softmax": ["logits", "temperature", "enable_pdl"],
         "sampling_from_logits": ["logits", "indices", "deterministic", "generator", "check_nan", "seed", "offset"],
-        "sampling_from_probs": ["probs", "indices", "deterministic", "generator", "check_nan", "seed", "offset",
-                                "return_valid"],
-        "top_p_sampling_from_probs": ["probs", "top_p", "indices", "deterministic", "generator", "check_nan", "seed",
-                                      "offset", "return_valid"],
-        "top_k_sampling_from_probs": ["probs", "top_k", "indices", "deterministic", "generator", "check_nan", "seed",
-                                      "offset", "return_valid"],
-        "min_p_sampling_from_probs": ["probs", "min_p", "indices", "deterministic", "generator", "check_nan", "seed",
-                                      "offset", "return_valid"],
-        "top_k_top_p_sampling_from_logits": ["logits", "top_k", "top_p", "indices", "filter_apply_order",
-                                             "deterministic", "generator", "check_nan", "seed", "offset"],
-        "top_k_top_p_sampling_from_probs": ["probs", "top_k", "top_p", "indices", "filter_apply_order",
-                                            "deterministic", "generator", "check_nan", "seed", "offset",
-                                            "return_valid"],
+        "sampling_from_probs": [
+            "probs",
+            "indices",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+            "return_valid",
+        ],
+        "top_p_sampling_from_probs": [
+            "probs",
+            "top_p",
+            "indices",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+            "return_valid",
+        ],
+        "top_k_sampling_from_probs": [
+            "probs",
+            "top_k",
+            "indices",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+            "return_valid",
+        ],
+        "min_p_sampling_from_probs": [
+            "probs",
+            "min_p",
+            "indices",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+            "return_valid",
+        ],
+        "top_k_top_p_sampling_from_logits": [
+            "logits",
+            "top_k",
+            "top_p",
+            "indices",
+            "filter_apply_order",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+        ],
+        "top_k_top_p_sampling_from_probs": [
+            "probs",
+            "top_k",
+            "top_p",
+            "indices",
+            "filter_apply_order",
+            "deterministic",
+            "generator",
+            "check_nan",
+            "seed",
+            "offset",
+            "return_valid",
+        ],
         "top_p_renorm_probs": ["probs", "top_p", "is_deterministic"],
         "top_k_renorm_probs": ["probs", "top_k"],
         "top_k_mask_logits": ["logits", "top_k"],
-        "chain_speculative_sampling": ["draft_probs", "draft_token_ids", "target_probs",
-                                       "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num",
-                                       "deterministic", "generator", "seed", "offset"],
+        "chain_speculative_sampling": [
+            "draft_probs",
+            "draft_token_ids",
+            "target_probs",
+            "maybe_output_accepted_token_num",
+            "maybe_output_emitted_draft_token_num",
+            "deterministic",
+            "generator",
+            "seed",
+            "offset",
+        ],
     }
     for name, params in expect.items():
         assert list(inspect.signature(getattr(sampling, name)).parameters) == params, name
@@ -665,11 +763,13 @@ def test_signatures_and_conventions():
     assert torch.equal(a, b) and a.dtype == torch.int32
     c = sampling.sampling_from_probs(probs, seed=torch.arange(4), offset=torch.tensor([3, 3, 3, 3]))
     # a per-row seed gives the row the tokens it gets alone (row 0 of a one-row call with that seed)
-    assert torch.equal(c[2:3], sampling.sampling_from_probs(probs[2:3], seed=torch.tensor([2]),
-                                                            offset=torch.tensor([3])))
+    assert torch.equal(
+        c[2:3], sampling.sampling_from_probs(probs[2:3], seed=torch.tensor([2]), offset=torch.tensor([3]))
+    )
     with pytest.raises(ValueError, match="offset"):
         sampling.sampling_from_probs(probs, seed=torch.arange(4), offset=torch.tensor([0, 1, 2, 3]))
     # seed alone (no offset) draws from the generator, as FlashInfer
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(sampling.sampling_from_probs(probs, generator=g1, seed=5),
-                       sampling.sampling_from_probs(probs, generator=g2))
+    assert torch.equal(
+        sampling.sampling_from_probs(probs, generator=g1, seed=5), sampling.sampling_from_probs(probs, generator=g2)
+    )

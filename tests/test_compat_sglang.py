@@ -11,6 +11,7 @@ caller-buffer semantics, losslessness with SGLang's coins and repeated siblings 
 n = 10^6), and the sampler backend's own logic (SGLang itself pins torch 2.14.1 and CUDA
 packages, so it is not installed next to decodekit's torch here; see the README).
 """
+
 import importlib.util
 
 import pytest
@@ -43,8 +44,11 @@ def _fixed_tree():
 
 
 def _outputs(n_pred, B, W):
-    return (torch.full((n_pred,), -1, dtype=torch.int32, device=DEV),
-            torch.full((B, W), -1, dtype=torch.int32, device=DEV), torch.zeros(B, dtype=torch.int32, device=DEV))
+    return (
+        torch.full((n_pred,), -1, dtype=torch.int32, device=DEV),
+        torch.full((B, W), -1, dtype=torch.int32, device=DEV),
+        torch.zeros(B, dtype=torch.int32, device=DEV),
+    )
 
 
 @pytest.mark.parametrize("spelling", ["retrive", "retrieve"])
@@ -52,23 +56,31 @@ def test_verify_tree_greedy(spelling):
     """sgl-kernel test_verify_tree_greedy (expected outputs from sgl-kernel); both keyword spellings."""
     cand, ri, nt, ns, logits = _fixed_tree()
     predicts, accept_index, accept_num = _outputs(12, 2, 4)
-    out = sgl.verify_tree_greedy(predicts=predicts, accept_index=accept_index, accept_token_num=accept_num,
-                                 candidates=cand, **{f"{spelling}_index": ri, f"{spelling}_next_token": nt,
-                                                     f"{spelling}_next_sibling": ns},
-                                 target_predict=logits.argmax(-1))
+    out = sgl.verify_tree_greedy(
+        predicts=predicts,
+        accept_index=accept_index,
+        accept_token_num=accept_num,
+        candidates=cand,
+        **{f"{spelling}_index": ri, f"{spelling}_next_token": nt, f"{spelling}_next_sibling": ns},
+        target_predict=logits.argmax(-1),
+    )
     assert out is None
     assert predicts.tolist() == [3, -1, -1, 4, 5, 18, 11, -1, -1, -1, 12, 18]
     assert accept_index.tolist() == [[0, 3, 4, 5], [6, 10, 11, -1]]
     assert accept_num.tolist() == [3, 2]
 
 
-@pytest.mark.parametrize("threshold_single,threshold_acc,exp_pred,exp_ai,exp_num", [
-    (1, 1, [3, -1, -1, 4, 5, 18, 11, -1, -1, -1, 12, 18], [[0, 3, 4, 5], [6, 10, 11, -1]], [3, 2]),
-    (0, 0, [1, 2, 18, -1, -1, -1, 11, -1, -1, -1, 12, 18], [[0, 1, 2, -1], [6, 10, 11, -1]], [2, 2]),
-])
+@pytest.mark.parametrize(
+    "threshold_single,threshold_acc,exp_pred,exp_ai,exp_num",
+    [
+        (1, 1, [3, -1, -1, 4, 5, 18, 11, -1, -1, -1, 12, 18], [[0, 3, 4, 5], [6, 10, 11, -1]], [3, 2]),
+        (0, 0, [1, 2, 18, -1, -1, -1, 11, -1, -1, -1, 12, 18], [[0, 1, 2, -1], [6, 10, 11, -1]], [2, 2]),
+    ],
+)
 @pytest.mark.parametrize("draft_probs_kwarg", [False, True])
-def test_tree_speculative_sampling_target_only(threshold_single, threshold_acc, exp_pred, exp_ai, exp_num,
-                                               draft_probs_kwarg):
+def test_tree_speculative_sampling_target_only(
+    threshold_single, threshold_acc, exp_pred, exp_ai, exp_num, draft_probs_kwarg
+):
     """sgl-kernel test_tree_speculative_sampling_target_only: target probs softmax(logits / 0.01),
     random coins, thresholds (1, 1) = lossless and (0, 0) = accept the first child at every depth
     (expected outputs from sgl-kernel). The older signature's draft_probs keyword is accepted."""
@@ -78,11 +90,21 @@ def test_tree_speculative_sampling_target_only(threshold_single, threshold_acc, 
     target_probs = torch.softmax(logits / torch.tensor([0.01, 0.01])[:, None, None], -1)
     extra = dict(draft_probs=torch.zeros_like(target_probs)) if draft_probs_kwarg else {}
     sgl.tree_speculative_sampling_target_only(
-        predicts=predicts, accept_index=accept_index, accept_token_num=accept_num, candidates=cand,
-        retrive_index=ri, retrive_next_token=nt, retrive_next_sibling=ns,
-        uniform_samples=torch.rand(B, T, device=DEV), uniform_samples_for_final_sampling=torch.rand(B, device=DEV),
-        target_probs=target_probs, threshold_single=threshold_single, threshold_acc=threshold_acc,
-        deterministic=True, **extra)
+        predicts=predicts,
+        accept_index=accept_index,
+        accept_token_num=accept_num,
+        candidates=cand,
+        retrive_index=ri,
+        retrive_next_token=nt,
+        retrive_next_sibling=ns,
+        uniform_samples=torch.rand(B, T, device=DEV),
+        uniform_samples_for_final_sampling=torch.rand(B, device=DEV),
+        target_probs=target_probs,
+        threshold_single=threshold_single,
+        threshold_acc=threshold_acc,
+        deterministic=True,
+        **extra,
+    )
     assert predicts.tolist() == exp_pred
     assert accept_index.tolist() == exp_ai
     assert accept_num.tolist() == exp_num
@@ -151,8 +173,14 @@ def test_verify_tree_greedy_chain_topk1(bs):
 
 def test_verify_tree_greedy_chain_hand_case():
     """SGLang CPU test_verify_tree_greedy_chain_hand_case: drafts 3, 4 match, 5 does not."""
-    pred, ai, num = _run_greedy(torch.tensor([[10, 3, 4, 5]]), torch.arange(4)[None], torch.tensor([[1, 2, 3, -1]]),
-                                torch.full((1, 4), -1), torch.tensor([[3, 4, 9, 9]]), 4)
+    pred, ai, num = _run_greedy(
+        torch.tensor([[10, 3, 4, 5]]),
+        torch.arange(4)[None],
+        torch.tensor([[1, 2, 3, -1]]),
+        torch.full((1, 4), -1),
+        torch.tensor([[3, 4, 9, 9]]),
+        4,
+    )
     assert pred.tolist() == [3, 4, 9, -1] and ai.tolist() == [[0, 1, 2, -1]] and num.tolist() == [2]
 
 
@@ -163,7 +191,7 @@ def _eagle_parents(bs, topk, steps, draft_token_num, g):
     under parents). Returns parents [bs, draft_token_num] in node order."""
     out = []
     for _ in range(bs):
-        nodes = [(-1, 1.0)]            # (parent node id, cumulative score); node 0 = root
+        nodes = [(-1, 1.0)]  # (parent node id, cumulative score); node 0 = root
         frontier = [0]
         for _ in range(steps):
             new = []
@@ -191,8 +219,9 @@ def test_verify_tree_greedy_tree_topk4(bs):
         assert int((tree.retrive_next_sibling != -1).sum()) > 0  # the trees branch
         cand = torch.randint(0, vocab, (bs, T), generator=g)
         target = torch.randint(0, vocab, (bs, T), generator=g)
-        _, _, num = _run_greedy(cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling,
-                                target, steps + 1)
+        _, _, num = _run_greedy(
+            cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, steps + 1
+        )
         if rep == 0:
             assert int(num.sum()) > 0
 
@@ -238,10 +267,18 @@ def test_target_only_lossless_with_coins_and_repeated_siblings():
     cand = torch.stack([torch.zeros_like(x), x, x, y, x], 1)
     tree = dk.build_tree(torch.tensor([-1, 0, 0, 0, 0]).expand(B, T), 0)
     predicts, accept_index, accept_num = _outputs(B * T, B, T)
-    sgl.tree_speculative_sampling_target_only(predicts, accept_index, accept_num, cand, tree.retrive_index,
-                                              tree.retrive_next_token, tree.retrive_next_sibling,
-                                              torch.rand(B, T, generator=g), torch.rand(B, generator=g),
-                                              p.expand(B, T, V))
+    sgl.tree_speculative_sampling_target_only(
+        predicts,
+        accept_index,
+        accept_num,
+        cand,
+        tree.retrive_index,
+        tree.retrive_next_token,
+        tree.retrive_next_sibling,
+        torch.rand(B, T, generator=g),
+        torch.rand(B, generator=g),
+        p.expand(B, T, V),
+    )
     assert_matches(predicts.reshape(B, T)[:, 0], p, what="target-only with coins and repeated siblings")
     # the repeat is never accepted: an accepted root child is node 1 (x) or node 3 (y)
     acc = accept_index[:, 1][accept_num > 0] - torch.arange(B)[accept_num > 0] * T
@@ -252,12 +289,19 @@ def test_target_only_lossless_with_coins_and_repeated_siblings():
 def _backend_draws(probs_row, top_k, top_p, min_p, need_min_p):
     B = N_DRAWS
     V = probs_row.shape[0]
-    return sgl.sample_from_probs(probs_row.expand(B, V), torch.full((B,), top_k, dtype=torch.int32),
-                                 torch.full((B,), top_p), torch.full((B,), min_p), need_min_p)
+    return sgl.sample_from_probs(
+        probs_row.expand(B, V),
+        torch.full((B,), top_k, dtype=torch.int32),
+        torch.full((B,), top_p),
+        torch.full((B,), min_p),
+        need_min_p,
+    )
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p,need_min_p", [(1 << 30, 1.0, 0.0, False), (5, 0.8, 0.0, False),
-                                                         (1 << 30, 0.6, 0.0, False), (6, 0.9, 0.15, True)])
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p,need_min_p",
+    [(1 << 30, 1.0, 0.0, False), (5, 0.8, 0.0, False), (1 << 30, 0.6, 0.0, False), (6, 0.9, 0.15, True)],
+)
 def test_sampler_backend_follows_sglang_filters(top_k, top_p, min_p, need_min_p):
     """sample_from_probs draws exactly from SGLang's filtered distribution (chi-square, n = 10^6):
     joint top-k / top-p without min-p; top-k -> top-p -> min-p with min-p. top_k = 1 << 30 is
@@ -268,8 +312,9 @@ def test_sampler_backend_follows_sglang_filters(top_k, top_p, min_p, need_min_p)
     s = _backend_draws(probs, top_k, top_p, min_p, need_min_p)
     assert s.dtype == torch.int32
     order = "sequential" if need_min_p else "joint"
-    expect = ref.target_distribution(probs[None], is_probs=True, top_k=min(top_k, V), top_p=top_p,
-                                     min_p=min_p if need_min_p else None, order=order)[0]
+    expect = ref.target_distribution(
+        probs[None], is_probs=True, top_k=min(top_k, V), top_p=top_p, min_p=min_p if need_min_p else None, order=order
+    )[0]
     assert_matches(s, expect, what=f"backend k={top_k} p={top_p} min_p={min_p}")
 
 
@@ -281,8 +326,12 @@ def test_sampler_backend_seeds():
     seeds, pos = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([10, 11, 12, 13, 14, 15])
     a = sgl.sample_from_probs(probs, *args, sampling_seed=seeds, positions=pos)
     assert torch.equal(a, sgl.sample_from_probs(probs, *args, sampling_seed=seeds, positions=pos))
-    b = sgl.sample_from_probs(probs[2:4], *(x[2:4] if isinstance(x, torch.Tensor) else x for x in args),
-                              sampling_seed=seeds[2:4], positions=pos[2:4])
+    b = sgl.sample_from_probs(
+        probs[2:4],
+        *(x[2:4] if isinstance(x, torch.Tensor) else x for x in args),
+        sampling_seed=seeds[2:4],
+        positions=pos[2:4],
+    )
     assert torch.equal(a[2:4], b)
     c = sgl.sample_from_probs(probs, *args, sampling_seed=seeds, positions=pos + 1)
     assert bool((a != c).any())  # another position, another draw

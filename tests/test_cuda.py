@@ -6,6 +6,7 @@ through the CUDA kernels' code on CPU threads in tests/test_cuda_emu.py.
 Known, documented divergence (csrc/cuda/sampling.cuh): a top-p cut whose mass lies within double
 rounding of p * Z may land on a neighbouring value; none of these inputs come near that.
 """
+
 import pytest
 import torch
 
@@ -67,9 +68,16 @@ def test_filter_matches_cpu(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("label,f", [("plain", {}), ("k50_p0.9", dict(k=50, p=0.9)), ("p0.95", dict(p=0.95)),
-                                     ("minp0.02_T0.8", dict(mp=0.02, T=0.8)),
-                                     ("k1000_p0.98_joint", dict(k=1000, p=0.98, order=cc.JOINT))])
+@pytest.mark.parametrize(
+    "label,f",
+    [
+        ("plain", {}),
+        ("k50_p0.9", dict(k=50, p=0.9)),
+        ("p0.95", dict(p=0.95)),
+        ("minp0.02_T0.8", dict(mp=0.02, T=0.8)),
+        ("k1000_p0.98_joint", dict(k=1000, p=0.98, order=cc.JOINT)),
+    ],
+)
 def test_llm_vocab(dtype, label, f):
     """A real vocabulary size (128256, 32 chunks), a batch of 16 rows."""
     x = cc.logits_family("randn", 16, 128256, seed=1).to(dtype)

@@ -3,6 +3,7 @@ emulator (tests/cuda_emu) and compared with the CPU ops: same seed -> same token
 filter outputs. This checks the kernels' logic (counter layout, canonical sums, thresholds,
 method choice) on machines without a GPU; tests/test_cuda.py runs the same cases on a real GPU.
 """
+
 import sys
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """Regression tests of the hardening issue: each case was a crash, a silent wrong result, a wrong
 reference or an unclear error before its fix. Cases that crashed run in a subprocess."""
+
 import math
 import subprocess
 import sys
@@ -112,10 +113,14 @@ def test_gumbel_index_exact_past_2_24(isa):
 # 5. vocabularies of 2^31 or more -----------------------------------------------------------------
 def test_vocabulary_of_2_31_raises():
     x = torch.empty((1, 2**31 + 64), dtype=torch.bfloat16)  # never touched: the check comes first
-    for fn in (lambda: dk.sample(x, seed=0), lambda: dk.sample(x, temperature=0.0),
-               lambda: dk.top_k_sampling_from_probs(x, 1, seed=0),
-               lambda: dk.sampling_from_logits(x, seed=0), lambda: dk.top_k_mask_logits(x, 1),
-               lambda: dk.softmax(x)):
+    for fn in (
+        lambda: dk.sample(x, seed=0),
+        lambda: dk.sample(x, temperature=0.0),
+        lambda: dk.top_k_sampling_from_probs(x, 1, seed=0),
+        lambda: dk.sampling_from_logits(x, seed=0),
+        lambda: dk.top_k_mask_logits(x, 1),
+        lambda: dk.softmax(x),
+    ):
         with pytest.raises(ValueError, match=r"V = 2147483712.*2\^31"):
             fn()
 
@@ -241,8 +246,8 @@ def test_compile_default_seed_samplers():
         lambda: (dk.min_p_sampling_from_probs(p, 0.1),),
         lambda: (dk.top_k_top_p_sampling_from_probs(p, 10, 0.8),),
         lambda: (dk.top_k_top_p_sampling_from_logits(x, 10, 0.8),),
-        lambda: (dk.sample(x, indices=torch.tensor([0, 0, 3])),),   # n_out != B: scalar-seed streams
-        lambda: (dk.sample(x[:1]),),                                # n_out == 1
+        lambda: (dk.sample(x, indices=torch.tensor([0, 0, 3])),),  # n_out != B: scalar-seed streams
+        lambda: (dk.sample(x[:1]),),  # n_out == 1
     ]
     for fn in fns:
         _compiled_equals_eager(fn)
@@ -300,10 +305,12 @@ def test_compile_with_generator_is_a_clear_error():
 # 12. schema-cast errors become clear messages or valid calls -------------------------------------
 def test_huge_ints_and_lists():
     x = _logits()
-    assert torch.equal(dk.sample(x, top_k=2**70, seed=1), dk.sample(x, seed=1))      # k >= V disables
-    assert torch.equal(dk.sample(x, top_k=-2**70, seed=1), dk.sample(x, seed=1))     # k <= 0 disables
-    assert torch.equal(dk.top_k_mask_logits(x, torch.tensor([1e30, 2.0, -1e30, 3.0])),
-                       R.top_k_mask_logits(x, torch.tensor([0, 2, 0, 3])))
+    assert torch.equal(dk.sample(x, top_k=2**70, seed=1), dk.sample(x, seed=1))  # k >= V disables
+    assert torch.equal(dk.sample(x, top_k=-(2**70), seed=1), dk.sample(x, seed=1))  # k <= 0 disables
+    assert torch.equal(
+        dk.top_k_mask_logits(x, torch.tensor([1e30, 2.0, -1e30, 3.0])),
+        R.top_k_mask_logits(x, torch.tensor([0, 2, 0, 3])),
+    )
     with pytest.raises(ValueError, match="offset"):
         dk.sample(x, seed=1, offset=2**63)
     with pytest.raises(ValueError, match="seed"):
@@ -323,8 +330,15 @@ def test_huge_ints_and_lists():
 def test_numpy_scalars_are_accepted():
     x = _logits()
     ref = dk.sample(x, seed=5, top_k=5, top_p=0.9, temperature=0.7, min_p=0.01, offset=3)
-    got = dk.sample(x, seed=np.int64(5), top_k=np.int64(5), top_p=np.float32(0.9), temperature=np.float64(0.7),
-                    min_p=np.float32(0.01), offset=np.int32(3))
+    got = dk.sample(
+        x,
+        seed=np.int64(5),
+        top_k=np.int64(5),
+        top_p=np.float32(0.9),
+        temperature=np.float64(0.7),
+        min_p=np.float32(0.01),
+        offset=np.int32(3),
+    )
     # float32(0.9) is the same float32 the kernel reads for 0.9
     assert torch.equal(ref, got)
     assert torch.equal(dk.top_k_mask_logits(x, np.int32(3)), dk.top_k_mask_logits(x, 3))

@@ -1,4 +1,5 @@
 """decodekit.hf: custom_generate loop, drop-in warpers, assisted generation (tiny random Llama, no hub)."""
+
 import pytest
 import torch
 
@@ -14,10 +15,20 @@ NEG = float("-inf")
 
 def tiny_llama(V=64, seed=0, layers=1, hidden=32, init=0.3):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                   head_dim=hidden // 2, max_position_embeddings=512, initializer_range=init,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=512,
+        initializer_range=init,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -30,8 +41,14 @@ SAMPLING = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05
 
 def hf_warp(scores, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05):
     """transformers' own warper chain in its generate order."""
-    chain = transformers.LogitsProcessorList([lp.TemperatureLogitsWarper(temperature), lp.TopKLogitsWarper(top_k),
-                                              lp.TopPLogitsWarper(top_p), lp.MinPLogitsWarper(min_p)])
+    chain = transformers.LogitsProcessorList(
+        [
+            lp.TemperatureLogitsWarper(temperature),
+            lp.TopKLogitsWarper(top_k),
+            lp.TopPLogitsWarper(top_p),
+            lp.MinPLogitsWarper(min_p),
+        ]
+    )
     return chain(None, scores)
 
 
@@ -50,8 +67,15 @@ def test_greedy_token_identical_to_hf():
 def test_greedy_eos_padding_and_outputs_like_hf():
     model = tiny_llama()
     ids = prompts(4, 5, 64, seed=2)
-    kw = dict(do_sample=False, max_new_tokens=16, eos_token_id=[3, 7, 11], pad_token_id=0,
-              return_dict_in_generate=True, output_scores=True, output_logits=True)
+    kw = dict(
+        do_sample=False,
+        max_new_tokens=16,
+        eos_token_id=[3, 7, 11],
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
     ref = model.generate(ids, **kw)
     out = model.generate(ids, custom_generate=dkhf.generate, **kw)
     assert torch.equal(out.sequences, ref.sequences)
@@ -74,27 +98,32 @@ def test_seeding_reproduces_a_run():
 
 
 def test_split_processors_absorbs_only_a_trailing_run_in_order():
-    T, K, P, M = (lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(5), lp.TopPLogitsWarper(0.9),
-                  lp.MinPLogitsWarper(0.1))
+    T, K, P, M = (
+        lp.TemperatureLogitsWarper(0.7),
+        lp.TopKLogitsWarper(5),
+        lp.TopPLogitsWarper(0.9),
+        lp.MinPLogitsWarper(0.1),
+    )
     rep, ngram = lp.RepetitionPenaltyLogitsProcessor(1.2), lp.NoRepeatNGramLogitsProcessor(2)
     head, params = dkhf.split_processors([rep, T, K, P, M])
-    assert len(head) == 0 and params == dict(repetition_penalty=1.2, _prompt_ignore_length=None, temperature=0.7,
-                                             top_k=5, top_p=0.9, min_p=0.1)
-    head, params = dkhf.split_processors([rep, ngram, T, K])    # an unknown processor ends the run
+    assert len(head) == 0 and params == dict(
+        repetition_penalty=1.2, _prompt_ignore_length=None, temperature=0.7, top_k=5, top_p=0.9, min_p=0.1
+    )
+    head, params = dkhf.split_processors([rep, ngram, T, K])  # an unknown processor ends the run
     assert list(head) == [rep, ngram] and params == dict(temperature=0.7, top_k=5)
-    head, params = dkhf.split_processors([T, ngram, K, P])      # temperature after an unknown processor
+    head, params = dkhf.split_processors([T, ngram, K, P])  # temperature after an unknown processor
     assert list(head) == [T, ngram] and params == dict(top_k=5, top_p=0.9)
-    head, params = dkhf.split_processors([P, K])                # not decodekit's order: only the last
+    head, params = dkhf.split_processors([P, K])  # not decodekit's order: only the last
     assert list(head) == [P] and params == dict(top_k=5)
-    H = lp.TopHLogitsWarper(0.5)                                 # HF: top-h before top-k; decodekit: last
+    H = lp.TopHLogitsWarper(0.5)  # HF: top-h before top-k; decodekit: last
     head, params = dkhf.split_processors([T, H, K])
     assert list(head) == [T, H] and params == dict(top_k=5)
     head, params = dkhf.split_processors([T, H])
     assert len(head) == 0 and params == dict(temperature=0.7, top_h=0.5)
     odd = [lp.TopPLogitsWarper(0.9, min_tokens_to_keep=2), lp.MinPLogitsWarper(0.1, min_tokens_to_keep=3)]
-    head, params = dkhf.split_processors(odd)                   # one min_tokens_to_keep per pass
+    head, params = dkhf.split_processors(odd)  # one min_tokens_to_keep per pass
     assert list(head) == odd[:1] and params == dict(min_p=0.1, min_tokens_to_keep=3)
-    odd = [lp.TopKLogitsWarper(3, filter_value=-1e4)]           # a finite fill value: not exact, stays in HF
+    odd = [lp.TopKLogitsWarper(3, filter_value=-1e4)]  # a finite fill value: not exact, stays in HF
     head, params = dkhf.split_processors(odd)
     assert list(head) == odd and params == {}
     head, params = dkhf.split_processors([dkhf.TemperatureLogitsWarper(0.5), dkhf.TopKLogitsWarper(4)])
@@ -102,15 +131,38 @@ def test_split_processors_absorbs_only_a_trailing_run_in_order():
 
 
 STEP_CONFIGS = {
-    "T+top-k+top-p+min-p": (SAMPLING, lambda: [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(20),
-                                               lp.TopPLogitsWarper(0.9), lp.MinPLogitsWarper(0.05)]),
+    "T+top-k+top-p+min-p": (
+        SAMPLING,
+        lambda: [
+            lp.TemperatureLogitsWarper(0.7),
+            lp.TopKLogitsWarper(20),
+            lp.TopPLogitsWarper(0.9),
+            lp.MinPLogitsWarper(0.05),
+        ],
+    ),
     "rep+T+top-k+typical+epsilon+eta": (
-        dict(do_sample=True, repetition_penalty=1.3, temperature=0.8, top_k=40, typical_p=0.9, epsilon_cutoff=3e-3,
-             eta_cutoff=2e-3),
-        lambda: [lp.RepetitionPenaltyLogitsProcessor(1.3), lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(40),
-                 lp.TypicalLogitsWarper(0.9), lp.EpsilonLogitsWarper(3e-3), lp.EtaLogitsWarper(2e-3)]),
-    "T+top-h": (dict(do_sample=True, temperature=0.9, top_h=0.6, top_k=0),  # top_k=0: no default top-k 50
-                lambda: [lp.TemperatureLogitsWarper(0.9), lp.TopHLogitsWarper(0.6)]),
+        dict(
+            do_sample=True,
+            repetition_penalty=1.3,
+            temperature=0.8,
+            top_k=40,
+            typical_p=0.9,
+            epsilon_cutoff=3e-3,
+            eta_cutoff=2e-3,
+        ),
+        lambda: [
+            lp.RepetitionPenaltyLogitsProcessor(1.3),
+            lp.TemperatureLogitsWarper(0.8),
+            lp.TopKLogitsWarper(40),
+            lp.TypicalLogitsWarper(0.9),
+            lp.EpsilonLogitsWarper(3e-3),
+            lp.EtaLogitsWarper(2e-3),
+        ],
+    ),
+    "T+top-h": (
+        dict(do_sample=True, temperature=0.9, top_h=0.6, top_k=0),  # top_k=0: no default top-k 50
+        lambda: [lp.TemperatureLogitsWarper(0.9), lp.TopHLogitsWarper(0.6)],
+    ),
 }
 
 
@@ -125,13 +177,21 @@ def test_survivor_sets_equal_hf_warpers_at_every_step(config):
     ids = prompts(8, 6, V)
     torch.manual_seed(0)
     stats = {}
-    out = model.generate(ids, max_new_tokens=40, custom_generate=dkhf.generate, return_dict_in_generate=True,
-                         output_scores=True, output_logits=True, dk_stats=stats, **gen_kw)
+    out = model.generate(
+        ids,
+        max_new_tokens=40,
+        custom_generate=dkhf.generate,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        dk_stats=stats,
+        **gen_kw,
+    )
     assert stats["head"] == [], stats
     hf = transformers.LogitsProcessorList(chain())
     sizes = []
     for step, (s, raw) in enumerate(zip(out.scores, out.logits)):
-        ref = hf(out.sequences[:, :6 + step], raw.clone())
+        ref = hf(out.sequences[:, : 6 + step], raw.clone())
         assert torch.equal(torch.isfinite(s), torch.isfinite(ref)), step
         torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-6)
         tok = out.sequences[:, 6 + step]
@@ -162,8 +222,7 @@ def test_first_token_distribution_is_hf_chi_square(rep):
     B, draws = 125_000, []
     torch.manual_seed(1234)
     while sum(d.numel() for d in draws) < N_DRAWS:
-        out = model.generate(prompt.expand(B, -1), max_new_tokens=1, custom_generate=dkhf.generate, **SAMPLING,
-                             **extra)
+        out = model.generate(prompt.expand(B, -1), max_new_tokens=1, custom_generate=dkhf.generate, **SAMPLING, **extra)
         draws.append(out[:, -1])
     assert_matches(torch.cat(draws), probs, what=f"first token, repetition_penalty={rep}")
 
@@ -212,8 +271,9 @@ def test_ported_top_p_cases():
     dist = torch.log(torch.tensor([[0.3, 0.1, 0.1, 0.5], [0.15, 0.3, 0.3, 0.25]]))
     warp = dkhf.TopPLogitsWarper(0.8)
     filtered = torch.exp(warp(None, dist))
-    torch.testing.assert_close(filtered, torch.tensor([[0.3, 0.0, 0.0, 0.5], [0.0, 0.3, 0.3, 0.25]]),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        filtered, torch.tensor([[0.3, 0.0, 0.0, 0.5], [0.0, 0.3, 0.3, 0.25]]), rtol=1e-3, atol=1e-3
+    )
     assert not torch.all(warp(None, dist) == dist)
     ramp = torch.arange(10, dtype=torch.float).unsqueeze(0).repeat(2, 1) - 5
     ramp[1] *= 100.0
@@ -228,8 +288,12 @@ def test_ported_min_p_cases():
     dist = torch.log(torch.tensor([[0.9, 0.0274, 0.047, 0.0274], [0.15, 0.3, 0.3, 0.25], [0.97, 0.01, 0.01, 0.01]]))
     warp = dkhf.MinPLogitsWarper(0.05)
     filtered = torch.exp(warp(None, dist))
-    torch.testing.assert_close(filtered, torch.tensor([[0.9, 0.0, 0.047, 0.0], [0.15, 0.3, 0.3, 0.25],
-                                                       [0.97, 0.0, 0.0, 0.0]]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        filtered,
+        torch.tensor([[0.9, 0.0, 0.047, 0.0], [0.15, 0.3, 0.3, 0.25], [0.97, 0.0, 0.0, 0.0]]),
+        rtol=1e-3,
+        atol=1e-3,
+    )
     assert not torch.all(warp(None, dist) == dist)
     ramp = torch.arange(10, dtype=torch.float) - 5
     ramp = ramp.unsqueeze(0).repeat(2, 1)
@@ -242,16 +306,24 @@ def test_ported_min_p_cases():
 
 
 WARPERS = [
-    ("TopKLogitsWarper", dict(top_k=5)), ("TopKLogitsWarper", dict(top_k=1, min_tokens_to_keep=4)),
-    ("TopKLogitsWarper", dict(top_k=5000)), ("TopPLogitsWarper", dict(top_p=0.9)),
+    ("TopKLogitsWarper", dict(top_k=5)),
+    ("TopKLogitsWarper", dict(top_k=1, min_tokens_to_keep=4)),
+    ("TopKLogitsWarper", dict(top_k=5000)),
+    ("TopPLogitsWarper", dict(top_p=0.9)),
     ("TopPLogitsWarper", dict(top_p=0.3, min_tokens_to_keep=3, filter_value=-50.0)),
-    ("TopPLogitsWarper", dict(top_p=0.0)), ("TopPLogitsWarper", dict(top_p=1.0)),
-    ("MinPLogitsWarper", dict(min_p=0.1)), ("MinPLogitsWarper", dict(min_p=0.5, min_tokens_to_keep=5)),
-    ("MinPLogitsWarper", dict(min_p=0.0)), ("TemperatureLogitsWarper", dict(temperature=0.6)),
-    ("TypicalLogitsWarper", dict(mass=0.9)), ("TypicalLogitsWarper", dict(mass=0.3, min_tokens_to_keep=4)),
+    ("TopPLogitsWarper", dict(top_p=0.0)),
+    ("TopPLogitsWarper", dict(top_p=1.0)),
+    ("MinPLogitsWarper", dict(min_p=0.1)),
+    ("MinPLogitsWarper", dict(min_p=0.5, min_tokens_to_keep=5)),
+    ("MinPLogitsWarper", dict(min_p=0.0)),
+    ("TemperatureLogitsWarper", dict(temperature=0.6)),
+    ("TypicalLogitsWarper", dict(mass=0.9)),
+    ("TypicalLogitsWarper", dict(mass=0.3, min_tokens_to_keep=4)),
     ("TypicalLogitsWarper", dict(mass=0.5, filter_value=-7.0)),
-    ("EpsilonLogitsWarper", dict(epsilon=3e-3)), ("EpsilonLogitsWarper", dict(epsilon=0.2, min_tokens_to_keep=3)),
-    ("EtaLogitsWarper", dict(epsilon=2e-3)), ("EtaLogitsWarper", dict(epsilon=0.3, min_tokens_to_keep=2)),
+    ("EpsilonLogitsWarper", dict(epsilon=3e-3)),
+    ("EpsilonLogitsWarper", dict(epsilon=0.2, min_tokens_to_keep=3)),
+    ("EtaLogitsWarper", dict(epsilon=2e-3)),
+    ("EtaLogitsWarper", dict(epsilon=0.3, min_tokens_to_keep=2)),
     ("TopHLogitsWarper", dict(top_h=0.4)),
     ("TopHLogitsWarper", dict(top_h=0.7, filter_value=0.0)),
 ]
@@ -265,8 +337,12 @@ def test_drop_in_equals_transformers_without_ties(name, kw):
     g = torch.Generator().manual_seed(7)
     rows = [torch.randn(6, 1000, generator=g) * scale for scale in (0.5, 3.0)]
     # bf16: 200 distinct values (spacing 0.03 > bf16's 2^-6 step below 4) in random order
-    rows += [torch.stack([(torch.randperm(200, generator=g).float() * 0.03 - 3.0) * scale for _ in range(4)])
-             .to(torch.bfloat16) for scale in (1.0, 0.5)]
+    rows += [
+        torch.stack([(torch.randperm(200, generator=g).float() * 0.03 - 3.0) * scale for _ in range(4)]).to(
+            torch.bfloat16
+        )
+        for scale in (1.0, 0.5)
+    ]
     for x in rows:
         ref = getattr(lp, name)(**kw)(None, x.float()).to(x.dtype)
         out = getattr(dkhf, name)(**kw)(None, x)
@@ -278,8 +354,9 @@ def test_drop_in_equals_transformers_without_ties(name, kw):
 def test_ported_typical_cases():
     dist = torch.log(torch.tensor([[0.97, 0.01, 0.01, 0.01], [0.4, 0.2, 0.2, 0.2]]))
     warp = dkhf.TypicalLogitsWarper(0.5)
-    torch.testing.assert_close(torch.exp(warp(None, dist)), torch.tensor([[0.97, 0.0, 0.0, 0.0], [0.0, 0.2, 0.2, 0.2]]),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        torch.exp(warp(None, dist)), torch.tensor([[0.97, 0.0, 0.0, 0.0], [0.0, 0.2, 0.2, 0.2]]), rtol=1e-3, atol=1e-3
+    )
     assert not torch.all(warp(None, dist) == dist)
     safety = dkhf.TypicalLogitsWarper(mass=0.5, filter_value=0.0, min_tokens_to_keep=3)
     assert (safety(None, _uniform(2, 5)) == 0.0).long().sum(-1).tolist() == [0, 0]
@@ -295,8 +372,9 @@ def test_ported_typical_cases():
 def test_ported_epsilon_cases():
     dist = torch.log(torch.tensor([[0.87, 0.099, 0.001, 0.03], [0.4, 0.299, 0.101, 0.2]]))
     warp = dkhf.EpsilonLogitsWarper(0.1)
-    torch.testing.assert_close(torch.exp(warp(None, dist)),
-                               torch.tensor([[0.87, 0, 0, 0], [0.4, 0.299, 0.101, 0.2]]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        torch.exp(warp(None, dist)), torch.tensor([[0.87, 0, 0, 0], [0.4, 0.299, 0.101, 0.2]]), rtol=1e-3, atol=1e-3
+    )
     assert not torch.all(warp(None, dist) == dist)
     ramp = torch.arange(10, dtype=torch.float).unsqueeze(0).repeat(2, 1) - 5
     ramp[1] *= 100.0
@@ -310,8 +388,9 @@ def test_ported_epsilon_cases():
 def test_ported_eta_cases():
     dist = torch.log(torch.tensor([[0.0, 0.1, 0.8, 0.1], [0.01, 0.04, 0.9, 0.05]]))
     warp = dkhf.EtaLogitsWarper(0.0625, device="cpu")
-    torch.testing.assert_close(torch.exp(warp(None, dist)),
-                               torch.tensor([[0.0, 0.1, 0.8, 0.1], [0.0, 0.0, 0.9, 0.0]]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        torch.exp(warp(None, dist)), torch.tensor([[0.0, 0.1, 0.8, 0.1], [0.0, 0.0, 0.9, 0.0]]), rtol=1e-3, atol=1e-3
+    )
     assert not torch.all(warp(None, dist) == dist)
     ramp = torch.arange(10, dtype=torch.float).unsqueeze(0).repeat(2, 1) - 5
     ramp[1] *= 100.0
@@ -323,8 +402,12 @@ def test_ported_eta_cases():
 
 
 def test_ported_top_h_cases():
-    cases = [([0.97, 0.01, 0.01, 0.01], 0.3, [0.97, 0.0, 0.0, 0.0]), ([0.4, 0.3, 0.2, 0.1], 0.7, [0.4, 0.3, 0.0, 0.0]),
-             ([0.25, 0.25, 0.25, 0.25], 1.0, [0.25, 0.25, 0.25, 0.25]), ([0.75, 0.25, 0.0, 0.0], 0.4, [0.75, 0, 0, 0])]
+    cases = [
+        ([0.97, 0.01, 0.01, 0.01], 0.3, [0.97, 0.0, 0.0, 0.0]),
+        ([0.4, 0.3, 0.2, 0.1], 0.7, [0.4, 0.3, 0.0, 0.0]),
+        ([0.25, 0.25, 0.25, 0.25], 1.0, [0.25, 0.25, 0.25, 0.25]),
+        ([0.75, 0.25, 0.0, 0.0], 0.4, [0.75, 0, 0, 0]),
+    ]
     for probs, h, expected in cases:
         dist = torch.log(torch.tensor([probs]))
         out = torch.exp(dkhf.TopHLogitsWarper(top_h=h)(None, dist.clone()))
@@ -408,8 +491,9 @@ def test_drop_in_classes_inside_generate():
     ids = prompts(2, 5, 64)
     procs = transformers.LogitsProcessorList([dkhf.TopKLogitsWarper(4), dkhf.MinPLogitsWarper(0.2)])
     torch.manual_seed(3)
-    out = model.generate(ids, do_sample=True, max_new_tokens=12, logits_processor=procs,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(
+        ids, do_sample=True, max_new_tokens=12, logits_processor=procs, return_dict_in_generate=True, output_scores=True
+    )
     for s in out.scores:  # plain HF generate with decodekit's classes in its list
         assert int(torch.isfinite(s).sum(-1).max()) <= 4
 
@@ -418,6 +502,7 @@ def test_drop_in_classes_inside_generate():
 # assisted generation verified by decodekit's chain verification
 def _draft_of(target, noise, seed=0):
     import copy
+
     draft = copy.deepcopy(target)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -433,16 +518,25 @@ def test_assisted_greedy_identical_to_plain_greedy():
         ids = prompts(1, 6, 64, seed=seed)
         ref = target.generate(ids, do_sample=False, max_new_tokens=30, repetition_penalty=1.2)
         stats = {}
-        out = target.generate(ids, do_sample=False, max_new_tokens=30, repetition_penalty=1.2,
-                              custom_generate=dkhf.generate, draft_model=draft, num_draft_tokens=3, dk_stats=stats)
+        out = target.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=30,
+            repetition_penalty=1.2,
+            custom_generate=dkhf.generate,
+            draft_model=draft,
+            num_draft_tokens=3,
+            dk_stats=stats,
+        )
         assert torch.equal(out, ref), seed
         assert stats["drafted"] > 0 and 0 < stats["accepted"] <= stats["drafted"]
         assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
         assert stats["steps"] == 30 and stats["rounds"] < 30  # fewer target passes than tokens
     # HF's own keyword reaches the loop too
     stats = {}
-    out = target.generate(ids, do_sample=False, max_new_tokens=12, custom_generate=dkhf.generate,
-                          assistant_model=draft, dk_stats=stats)
+    out = target.generate(
+        ids, do_sample=False, max_new_tokens=12, custom_generate=dkhf.generate, assistant_model=draft, dk_stats=stats
+    )
     assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=12)) and stats["rounds"] > 0
 
 
@@ -453,19 +547,35 @@ def test_assisted_stops_at_eos_like_plain_generate():
     plain = target.generate(ids, do_sample=False, max_new_tokens=20)
     eos = int(plain[0, 6 + 5])  # a token the greedy run emits at step 6
     ref = target.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=eos)
-    out = target.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=eos, custom_generate=dkhf.generate,
-                          draft_model=draft, num_draft_tokens=4)
+    out = target.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=20,
+        eos_token_id=eos,
+        custom_generate=dkhf.generate,
+        draft_model=draft,
+        num_draft_tokens=4,
+    )
     assert torch.equal(out, ref)
 
 
 ASSISTED = {
     # absorbed warpers all resolved inside the chain-verification kernel (logits form)
-    "T+top-k+top-p": (2000, dict(do_sample=True, temperature=1.3, top_k=12, top_p=0.95),
-                      lambda: [lp.TemperatureLogitsWarper(1.3), lp.TopKLogitsWarper(12), lp.TopPLogitsWarper(0.95)]),
+    "T+top-k+top-p": (
+        2000,
+        dict(do_sample=True, temperature=1.3, top_k=12, top_p=0.95),
+        lambda: [lp.TemperatureLogitsWarper(1.3), lp.TopKLogitsWarper(12), lp.TopPLogitsWarper(0.95)],
+    ),
     # the whole step (repetition penalty, typical) per position, verification from probabilities
-    "rep+T+typical": (1000, dict(do_sample=True, repetition_penalty=1.4, temperature=1.2, top_k=0, typical_p=0.9),
-                      lambda: [lp.RepetitionPenaltyLogitsProcessor(1.4), lp.TemperatureLogitsWarper(1.2),
-                               lp.TypicalLogitsWarper(0.9)]),
+    "rep+T+typical": (
+        1000,
+        dict(do_sample=True, repetition_penalty=1.4, temperature=1.2, top_k=0, typical_p=0.9),
+        lambda: [
+            lp.RepetitionPenaltyLogitsProcessor(1.4),
+            lp.TemperatureLogitsWarper(1.2),
+            lp.TypicalLogitsWarper(0.9),
+        ],
+    ),
 }
 
 
@@ -493,8 +603,15 @@ def test_assisted_sampling_is_lossless_chi_square(config):
     torch.manual_seed(99)
     for _ in range(runs):
         stats = {}
-        out = target.generate(prompt, max_new_tokens=2, custom_generate=dkhf.generate, draft_model=draft,
-                              num_draft_tokens=2, dk_stats=stats, **kw)
+        out = target.generate(
+            prompt,
+            max_new_tokens=2,
+            custom_generate=dkhf.generate,
+            draft_model=draft,
+            num_draft_tokens=2,
+            dk_stats=stats,
+            **kw,
+        )
         draws.append(int(out[0, 5]) * V + int(out[0, 6]))
         accepted, drafted = accepted + stats["accepted"], drafted + stats["drafted"]
     assert stats["head"] == []
@@ -508,16 +625,27 @@ def test_assisted_sampling_is_lossless_chi_square(config):
 def _hook_llama(V=96, layers=2, Hq=32, Hkv=8, D=128, hidden=256):
     """A tiny random Llama with Llama-8B-shaped attention (32 q / 8 kv heads, head dim 128)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_hidden_layers=layers, num_attention_heads=Hq, num_key_value_heads=Hkv,
-                                   head_dim=D, max_position_embeddings=512, initializer_range=0.05,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hkv,
+        head_dim=D,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
 def hook_counts():
     import decodekit.attention as dka
+
     dka.HOOK_COUNTS.clear()
     yield dka.HOOK_COUNTS
     dka.HOOK_COUNTS.clear()
@@ -531,6 +659,7 @@ def test_hook_reaches_kernel_in_plain_generate(hook_counts):
     """Plain greedy generate: every decode step (T = 1) runs the kernel, the prefill goes to SDPA,
     and tokens and logits equal eager attention's."""
     import decodekit.attention as dka
+
     model = _hook_llama()
     ids = prompts(2, 40, 96)
     assert 2 * 32 * 40 * 128 >= dka.HOOK_MIN_DECODE_WORK
@@ -559,6 +688,7 @@ def test_hook_forward_equals_eager_with_the_cache_api(hook_counts):
     keyword): logits equal eager attention at fp32 tolerance; the causal block and the tree take the
     kernel, the prefill and the short decode step (B * Hq * S * D = 53k) go to SDPA."""
     from decodekit import reference as ref
+
     model = _hook_llama()
     ids = prompts(1, 30, 96, seed=3)
     parents = torch.tensor([[-1, 0, 0, 1, 1, 2, 3]])
@@ -572,8 +702,13 @@ def test_hook_forward_equals_eager_with_the_cache_api(hook_counts):
             b = model(ids[:, 12:13], cache=cache, use_cache=True).logits
             c = model(ids[:, 13:18], cache=cache, use_cache=True).logits
             mask = dk.tree_attention_mask(tm, [18], 25, dtype=torch.float32)
-            d = model(ids[:, 18:25], cache=cache, position_ids=18 + ref.tree_depths(parents), attention_mask=mask,
-                      use_cache=True).logits
+            d = model(
+                ids[:, 18:25],
+                cache=cache,
+                position_ids=18 + ref.tree_depths(parents),
+                attention_mask=mask,
+                use_cache=True,
+            ).logits
         res[impl] = torch.cat([a, b, c, d], 1)
     torch.testing.assert_close(res["decodekit_tree"], res["eager"], atol=2e-5, rtol=1e-4)
     assert dict(hook_counts) == {PREFILL: 2, SMALL_DECODE: 2, "kernel": 2 * 2}
@@ -589,8 +724,10 @@ def test_hook_fallback_rule_for_padding(hook_counts):
         model.set_attn_implementation(impl)
         outs[impl] = model.generate(padded, attention_mask=mask, do_sample=False, max_new_tokens=4, pad_token_id=0)
     assert torch.equal(outs["decodekit_tree"], outs["eager"])
-    assert dict(hook_counts) == {PREFILL: 2,
-                                 "fallback: mask is not a tree over a fully visible prefix (padding, window or bias)": 6}
+    assert dict(hook_counts) == {
+        PREFILL: 2,
+        "fallback: mask is not a tree over a fully visible prefix (padding, window or bias)": 6,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +735,7 @@ def test_hook_fallback_rule_for_padding(hook_counts):
 def test_bench_hf_runs_tiny(tmp_path, capsys):
     import json
     from decodekit.bench import hf as bench_hf, runner
+
     assert "hf" in runner.available()
     path = tmp_path / "hf.json"
     res = bench_hf.run(shapes=[(1000, 2)], new_tokens=4, reps=1, json_path=str(path), clock="cpu")

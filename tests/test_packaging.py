@@ -1,5 +1,6 @@
 """What a user installs: the torch pin in the package metadata, the import-time torch check, the
 compiled CPU paths, and `python -m decodekit` without the optional packages."""
+
 import importlib.metadata
 import importlib.util
 import os
@@ -74,7 +75,8 @@ def fake_build(tmp_path: Path, torch_version: str, torch_cuda) -> Path:
     pkg = tmp_path / "dk_fake_build"
     shutil.copytree(Path(decodekit.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (pkg / "_build_config.py").write_text(
-        f'VERSION = "{_build_config.VERSION}"\nTORCH_VERSION = "{torch_version}"\nTORCH_CUDA = {torch_cuda!r}\n')
+        f'VERSION = "{_build_config.VERSION}"\nTORCH_VERSION = "{torch_version}"\nTORCH_CUDA = {torch_cuda!r}\n'
+    )
     return pkg
 
 
@@ -86,12 +88,19 @@ def test_import_against_another_torch_fails_with_one_sentence(tmp_path, case):
     fake_build(tmp_path, built, built_cuda)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", "import dk_fake_build"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", "import dk_fake_build"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    expected = decodekit._torch_mismatch(built, built_cuda, torch.__version__, torch.version.cuda,
-                                         _build_config.VERSION)
+    expected = decodekit._torch_mismatch(
+        built, built_cuda, torch.__version__, torch.version.cuda, _build_config.VERSION
+    )
     assert last == f"ImportError: {expected}", r.stderr
     assert one_sentence(expected)
     assert "undefined symbol" not in r.stderr
@@ -99,6 +108,7 @@ def test_import_against_another_torch_fails_with_one_sentence(tmp_path, case):
 
 def test_python_m_decodekit_names_the_extra_for_each_skipped_part(monkeypatch, capsys):
     import decodekit.__main__ as main
+
     real = importlib.util.find_spec
     gone = {"transformers", "matplotlib", "llama_cpp"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a))

@@ -1,6 +1,7 @@
 """The whole sampling step (issue 11) against reference.py and transformers, on every ISA path:
 processed logits bit for bit, survivor masks exactly, logprobs / ranks / top-n, tokens identical
 across ISAs, bad rows, input errors, and the chain's draws (10^6, chi-square, zero outside)."""
+
 import pytest
 import torch
 
@@ -10,8 +11,11 @@ from decodekit.pipeline import _mask
 from stats import N_DRAWS, assert_matches
 
 NEG = float("-inf")
-ISA_LIST = ["scalar"] + (["avx2"] if dk.cpu_features()["avx2"] else []) + (
-    ["avx512"] if dk.cpu_features()["avx512"] and dk.cpu_features()["avx512_bf16"] else [])
+ISA_LIST = (
+    ["scalar"]
+    + (["avx2"] if dk.cpu_features()["avx2"] else [])
+    + (["avx512"] if dk.cpu_features()["avx512"] and dk.cpu_features()["avx512_bf16"] else [])
+)
 
 
 def _logits(B, V, seed, head=5):
@@ -23,7 +27,7 @@ def _logits(B, V, seed, head=5):
 
 def _inputs(B, V, seed, L=40):
     g = torch.Generator().manual_seed(1000 + seed)
-    bm = torch.randint(-2**31, 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, generator=g)
+    bm = torch.randint(-(2**31), 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, generator=g)
     bm[:, 0] |= 0x1F  # the head stays allowed
     hist = torch.randint(-1, V, (B, L), generator=g)
     bans = torch.randint(-1, V, (B, 3), generator=g)
@@ -31,9 +35,16 @@ def _inputs(B, V, seed, L=40):
     bias_ids[:, 0] = 2  # repeated ids add up in order
     bias_ids[:, 1] = 2
     bias_vals = torch.randn(B, 4, generator=g)
-    return dict(allowed_token_bitmask=bm, banned_token_ids=bans, logit_bias=(bias_ids, bias_vals),
-                prompt_token_ids=hist[:, : L // 2], output_token_ids=hist[:, L // 2:], repetition_penalty=1.3,
-                frequency_penalty=0.4, presence_penalty=0.3)
+    return dict(
+        allowed_token_bitmask=bm,
+        banned_token_ids=bans,
+        logit_bias=(bias_ids, bias_vals),
+        prompt_token_ids=hist[:, : L // 2],
+        output_token_ids=hist[:, L // 2 :],
+        repetition_penalty=1.3,
+        frequency_penalty=0.4,
+        presence_penalty=0.3,
+    )
 
 
 FILTERS = {
@@ -45,8 +56,18 @@ FILTERS = {
     "k_p_minp": dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05),
     "k_typ_eta_h_mtk": dict(temperature=1.3, top_k=50, typical_p=0.9, eta=1e-3, top_h=0.8, min_tokens_to_keep=3),
     "p_minp_eps_sigma": dict(top_p=0.9, min_p=0.1, epsilon=1e-3, top_n_sigma=2.0),
-    "everything": dict(temperature=0.8, top_n_sigma=3.0, top_k=300, top_p=0.97, min_p=0.001, typical_p=0.95,
-                       epsilon=1e-4, eta=1e-4, top_h=0.9, min_tokens_to_keep=2),
+    "everything": dict(
+        temperature=0.8,
+        top_n_sigma=3.0,
+        top_k=300,
+        top_p=0.97,
+        min_p=0.001,
+        typical_p=0.95,
+        epsilon=1e-4,
+        eta=1e-4,
+        top_h=0.9,
+        min_tokens_to_keep=2,
+    ),
     "mtk_large": dict(top_p=0.05, min_p=0.5, epsilon=0.2, min_tokens_to_keep=7),
 }
 
@@ -131,7 +152,7 @@ def test_top_n_sigma_mask(isa):
 def test_apply_token_bitmask_inplace(isa, dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 100, generator=g).to(dtype)
-    bm = torch.randint(-2**31, 2**31 - 1, (4, 4), dtype=torch.int32, generator=g)
+    bm = torch.randint(-(2**31), 2**31 - 1, (4, 4), dtype=torch.int32, generator=g)
     a, b = x.clone(), x.clone()
     dk.apply_token_bitmask_inplace(a, bm)
     R.apply_token_bitmask_inplace(b, bm)
@@ -262,9 +283,27 @@ def test_opcheck_and_compile():
     x = _logits(3, 200, 1)
     kw = _inputs(3, 200, 1)
     from decodekit.pipeline import pack_params
+
     P = pack_params(3, temperature=0.8, top_k=20, typical_p=0.9)
-    args = (x, None, P, 0, kw["allowed_token_bitmask"], kw["banned_token_ids"], kw["logit_bias"][0],
-            kw["logit_bias"][1], kw["prompt_token_ids"], kw["output_token_ids"], 0, 4, False, True, None, 7, 0)
+    args = (
+        x,
+        None,
+        P,
+        0,
+        kw["allowed_token_bitmask"],
+        kw["banned_token_ids"],
+        kw["logit_bias"][0],
+        kw["logit_bias"][1],
+        kw["prompt_token_ids"],
+        kw["output_token_ids"],
+        0,
+        4,
+        False,
+        True,
+        None,
+        7,
+        0,
+    )
     torch.library.opcheck(torch.ops.decodekit.pipeline, args, test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(lambda t: dk.sample(t, temperature=0.8, top_k=20, typical_p=0.9, seed=7, **kw), fullgraph=False)
     assert torch.equal(f(x), dk.sample(x, temperature=0.8, top_k=20, typical_p=0.9, seed=7, **kw))
@@ -312,8 +351,11 @@ def test_sampler_survivors_equal_reference(isa, dtype, order):
     V = 3000
     x = (_logits(6, V, 12) * 0.5).to(dtype)
     kw = _inputs(6, V, 12, L=300)
-    for f in (dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05), dict(temperature=1.1, top_k=7),
-              dict(temperature=0.9, top_k=200, typical_p=0.8, eta=1e-3, min_tokens_to_keep=3)):
+    for f in (
+        dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05),
+        dict(temperature=1.1, top_k=7),
+        dict(temperature=0.9, top_k=200, typical_p=0.8, eta=1e-3, min_tokens_to_keep=3),
+    ):
         out = dk.sample(x, order=order, top_logprobs=V, seed=4, **kw, **f)
         y = R.process_logits(x, **kw)
         keep = R.pipeline_keep(y, order=order, **f)
@@ -327,6 +369,7 @@ def test_sampler_survivors_equal_reference(isa, dtype, order):
 
 def test_python_m_decodekit_shows_the_whole_step(capsys):
     from decodekit.__main__ import pipeline_demo
+
     pipeline_demo()
     out = capsys.readouterr().out
     assert "top-5 ids equal reference.pipeline: True" in out
@@ -336,6 +379,7 @@ def test_python_m_decodekit_shows_the_whole_step(capsys):
 
 def test_pipeline_benchmark_runs(tmp_path):
     from decodekit.bench import pipeline as PB
+
     path = tmp_path / "p.json"
     res = PB.run(shapes=[(2, 3000)], json_path=str(path))
     r = res["results"][0]

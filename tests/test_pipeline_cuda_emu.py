@@ -1,5 +1,6 @@
 """csrc/cuda/pipeline.cuh (the processing part of the whole step on CUDA: bitmask, bans, logit bias,
 penalties) run on CPU threads by tests/cuda_emu and compared with the CPU kernel bit for bit."""
+
 import sys
 from pathlib import Path
 
@@ -23,10 +24,23 @@ def test_processing_matches_cpu(dtype):
     x[4, 17] = float("nan")  # a bad row passes through on both
     kw = _inputs(B, V, 3)
     cpu = dk.apply_penalties(x, **kw)
-    P = pack_params(B, repetition_penalty=kw["repetition_penalty"], frequency_penalty=kw["frequency_penalty"],
-                    presence_penalty=kw["presence_penalty"])
-    got = emu_pipe.process(x, P, bitmask=kw["allowed_token_bitmask"], banned=kw["banned_token_ids"],
-                           bias_ids=kw["logit_bias"][0], bias_vals=kw["logit_bias"][1], prompt=kw["prompt_token_ids"],
-                           output=kw["output_token_ids"])
-    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       cpu.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    P = pack_params(
+        B,
+        repetition_penalty=kw["repetition_penalty"],
+        frequency_penalty=kw["frequency_penalty"],
+        presence_penalty=kw["presence_penalty"],
+    )
+    got = emu_pipe.process(
+        x,
+        P,
+        bitmask=kw["allowed_token_bitmask"],
+        banned=kw["banned_token_ids"],
+        bias_ids=kw["logit_bias"][0],
+        bias_vals=kw["logit_bias"][1],
+        prompt=kw["prompt_token_ids"],
+        output=kw["output_token_ids"],
+    )
+    assert torch.equal(
+        got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        cpu.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )

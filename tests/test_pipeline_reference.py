@@ -1,6 +1,7 @@
 """reference.py's whole-step definitions against transformers' own processors (issue 11): every
 truncation alone and in HF's warper order, with min_tokens_to_keep, and the repetition penalty.
 Random rows have no exact ties, so the documented tie rule never comes into play here."""
+
 import pytest
 import torch
 
@@ -55,11 +56,19 @@ def test_warper_chain_matches_hf():
     renormalised survivors of the ones before it (HF's warper list)."""
     for seed in range(6):
         x = _rows(100 + seed)
-        kw = dict(temperature=0.8, top_k=300, top_p=0.97, min_p=0.001, typical_p=0.95, epsilon=1e-4, eta=1e-4,
-                  top_h=0.9)
-        procs = [LP.TemperatureLogitsWarper(0.8), LP.TopKLogitsWarper(300), LP.TopPLogitsWarper(0.97),
-                 LP.MinPLogitsWarper(0.001), LP.TypicalLogitsWarper(0.95), LP.EpsilonLogitsWarper(1e-4),
-                 LP.EtaLogitsWarper(1e-4), LP.TopHLogitsWarper(0.9)]
+        kw = dict(
+            temperature=0.8, top_k=300, top_p=0.97, min_p=0.001, typical_p=0.95, epsilon=1e-4, eta=1e-4, top_h=0.9
+        )
+        procs = [
+            LP.TemperatureLogitsWarper(0.8),
+            LP.TopKLogitsWarper(300),
+            LP.TopPLogitsWarper(0.97),
+            LP.MinPLogitsWarper(0.001),
+            LP.TypicalLogitsWarper(0.95),
+            LP.EpsilonLogitsWarper(1e-4),
+            LP.EtaLogitsWarper(1e-4),
+            LP.TopHLogitsWarper(0.9),
+        ]
         s = x.clone()
         for p in procs:
             s = p(None, s)

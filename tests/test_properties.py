@@ -4,6 +4,7 @@ dtypes, ties, -inf entries, bad rows, per-row parameters and extreme values.
 CI runs a fixed, derandomised budget (profile "ci"). A longer search:
     DECODEKIT_HYPOTHESIS_EXAMPLES=5000 python -m pytest tests/test_properties.py -q
 (the variable sets max_examples per test and switches to random seeds; see the README)."""
+
 import math
 import os
 
@@ -17,10 +18,22 @@ from decodekit import reference as R
 from conftest import ISAS
 
 _N = int(os.environ.get("DECODEKIT_HYPOTHESIS_EXAMPLES", "0"))
-settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
-settings.register_profile("long", max_examples=max(_N, 1), derandomize=False, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "long",
+    max_examples=max(_N, 1),
+    derandomize=False,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 PROFILE = settings.get_profile("long" if _N else "ci")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -50,8 +63,11 @@ def logits_rows(draw, min_b=0, max_b=5, max_v=300, dtypes=DTYPES, bad=True):
     for _ in range(B):
         scale = draw(st.sampled_from([0.01, 1.0, 3.0, 10.0, 100.0]))
         r = torch.randn(V, generator=g, dtype=torch.float64) * scale
-        style = draw(st.sampled_from(["plain", "ties", "holes", "extreme", "bad"] if bad else
-                                     ["plain", "ties", "holes", "extreme"]))
+        style = draw(
+            st.sampled_from(
+                ["plain", "ties", "holes", "extreme", "bad"] if bad else ["plain", "ties", "holes", "extreme"]
+            )
+        )
         if style == "ties":
             r = torch.round(r / scale * 2) / 2
         elif style == "holes":
@@ -143,9 +159,11 @@ def test_renorms_equal_reference(any_isa, data):
     probs = data.draw(probs_rows())
     B = probs.shape[0]
     which = data.draw(st.sampled_from(["top_k", "top_p", "min_p"]))
-    arg = {"top_k": lambda: _k_rows(per_row(data.draw, B, K)),
-           "top_p": lambda: _f32_rows(per_row(data.draw, B, P)),
-           "min_p": lambda: _f32_rows(per_row(data.draw, B, MINP))}[which]()
+    arg = {
+        "top_k": lambda: _k_rows(per_row(data.draw, B, K)),
+        "top_p": lambda: _f32_rows(per_row(data.draw, B, P)),
+        "min_p": lambda: _f32_rows(per_row(data.draw, B, MINP)),
+    }[which]()
     got = getattr(dk, f"{which}_renorm_probs")(probs, arg)
     ref = getattr(R, f"{which}_renorm_probs")(probs, arg)
     assert torch.equal(got > 0, ref > 0), "kept sets differ"
@@ -181,7 +199,7 @@ def test_sample_draws_a_survivor(any_isa, data):
     p = _f32_rows(per_row(data.draw, B, P))
     mp = _f32_rows(per_row(data.draw, B, MINP))
     order = data.draw(st.sampled_from(["sequential", "joint"]))
-    seed = data.draw(st.integers(-2**63, 2**64 - 1))
+    seed = data.draw(st.integers(-(2**63), 2**64 - 1))
     tok, valid = dk.sample(x, temperature=T, top_k=k, top_p=p, min_p=mp, order=order, seed=seed, return_valid=True)
     bad = R.bad_rows(x, False)
     assert torch.equal(valid, ~bad)
@@ -193,9 +211,10 @@ def test_sample_draws_a_survivor(any_isa, data):
         if Tr[b] == 0:
             assert int(tok[b]) == int(torch.argmax(x[b].double()))
             continue
-        row = lambda v: v[b:b + 1] if isinstance(v, torch.Tensor) else v  # noqa: E731
-        keep = R.survivors(x[b:b + 1], temperature=float(Tr[b]), top_k=row(k), top_p=row(p), min_p=row(mp),
-                           order=order)[0]
+        row = lambda v: v[b : b + 1] if isinstance(v, torch.Tensor) else v  # noqa: E731
+        keep = R.survivors(
+            x[b : b + 1], temperature=float(Tr[b]), top_k=row(k), top_p=row(p), min_p=row(mp), order=order
+        )[0]
         assert bool(keep[int(tok[b])]), (b, int(tok[b]))
 
 
@@ -350,8 +369,9 @@ def test_tree_attention_matches_reference(any_isa, data):
     mask = torch.rand(B, T, T, generator=g) < data.draw(st.sampled_from([0.0, 0.3, 1.0]))
     if data.draw(st.booleans()):
         mask = dk.pack_tree_mask(mask) if B > 0 else mask  # the packed form
-    out, lse = dk.tree_attention(q, k, v, mask, torch.tensor(plens, dtype=torch.int64), kv_layout=layout,
-                                 return_lse=True)
+    out, lse = dk.tree_attention(
+        q, k, v, mask, torch.tensor(plens, dtype=torch.int64), kv_layout=layout, return_lse=True
+    )
     ro, rl = R.tree_attention(q, k, v, mask, torch.tensor(plens, dtype=torch.int64), kv_layout=layout)
     tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(out.float(), ro.float(), rtol=tol, atol=tol)

@@ -1,6 +1,7 @@
 """Deterministic facts of the filtering/sampling ops: masks and renormalised probabilities equal
 reference.py, reproducibility across runs / threads / ISA paths / batch composition, dtypes,
 bad rows and bad arguments, opcheck and torch.compile."""
+
 import math
 
 import pytest
@@ -48,9 +49,17 @@ def test_min_p_mask_equals_reference(isa, mp):
     assert torch.equal(dk.min_p_mask_logits(x, mp), R.min_p_mask_logits(x, mp))
 
 
-@pytest.mark.parametrize("op,arg", [("top_k_renorm_probs", 7), ("top_k_renorm_probs", 100),
-                                    ("top_p_renorm_probs", 0.3), ("top_p_renorm_probs", 0.95),
-                                    ("min_p_renorm_probs", 0.05), ("min_p_renorm_probs", 0.5)])
+@pytest.mark.parametrize(
+    "op,arg",
+    [
+        ("top_k_renorm_probs", 7),
+        ("top_k_renorm_probs", 100),
+        ("top_p_renorm_probs", 0.3),
+        ("top_p_renorm_probs", 0.95),
+        ("min_p_renorm_probs", 0.05),
+        ("min_p_renorm_probs", 0.5),
+    ],
+)
 def test_renorm_equals_reference(isa, op, arg):
     probs = torch.softmax(_mixed_rows().double(), -1).float()
     a = getattr(dk, op)(probs, arg)
@@ -100,8 +109,14 @@ def test_survivors_of_sample_match_reference():
 def test_half_dtypes_equal_fp32(isa, dtype):
     x = _batch(8, 5000, seed=7).to(dtype)
     x32 = x.float()
-    for kw in [dict(), dict(top_k=20), dict(top_p=0.8), dict(min_p=0.1, temperature=0.8),
-               dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05), dict(temperature=0.0)]:
+    for kw in [
+        dict(),
+        dict(top_k=20),
+        dict(top_p=0.8),
+        dict(min_p=0.1, temperature=0.8),
+        dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05),
+        dict(temperature=0.0),
+    ]:
         assert torch.equal(dk.sample(x, seed=3, **kw), dk.sample(x32, seed=3, **kw)), kw
     assert torch.equal(dk.sampling_from_logits(x, seed=4), dk.sampling_from_logits(x32, seed=4))
     m = dk.top_k_mask_logits(x, 10)
@@ -118,7 +133,8 @@ SAMPLERS = {
     "gumbel": lambda x, **kw: dk.sampling_from_logits(x, **kw),
     "top_p_probs": lambda x, **kw: dk.top_p_sampling_from_probs(torch.softmax(x, -1), 0.8, **kw),
     "top_k_top_p_probs_joint": lambda x, **kw: dk.top_k_top_p_sampling_from_probs(
-        torch.softmax(x, -1), 20, 0.9, filter_apply_order="joint", **kw),
+        torch.softmax(x, -1), 20, 0.9, filter_apply_order="joint", **kw
+    ),
 }
 
 
@@ -164,8 +180,14 @@ def test_wide_nucleus_same_result_on_every_isa():
         dk.set_isa(isa)
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append((dk.sample(x, top_p=0.9, seed=4), dk.top_p_sampling_from_probs(p, 0.7, seed=4),
-                         dk.top_p_renorm_probs(p, 0.5), dk.top_p_mask_logits(x, 0.95)))
+            outs.append(
+                (
+                    dk.sample(x, top_p=0.9, seed=4),
+                    dk.top_p_sampling_from_probs(p, 0.7, seed=4),
+                    dk.top_p_renorm_probs(p, 0.5),
+                    dk.top_p_mask_logits(x, 0.95),
+                )
+            )
     dk.set_isa("auto")
     for o in outs[1:]:
         for a, b in zip(o, outs[0]):
@@ -287,7 +309,10 @@ BAD_ARGS = [
     (lambda: dk.sample(torch.randn(2, 16)[:, ::2]), "contiguous in the last dimension"),
     (lambda: dk.sample(torch.randn(2, 8), temperature=-1.0), r"temperature must be 0 \(greedy\) or in"),
     (lambda: dk.sample(torch.randn(2, 8), temperature=float("nan")), r"temperature must be 0 \(greedy\) or in"),
-    (lambda: dk.sample(torch.randn(2, 8), temperature=torch.tensor([1.0, -0.5])), r"temperature must be 0 \(greedy\) or in"),
+    (
+        lambda: dk.sample(torch.randn(2, 8), temperature=torch.tensor([1.0, -0.5])),
+        r"temperature must be 0 \(greedy\) or in",
+    ),
     (lambda: dk.sample(torch.randn(2, 8), top_p=0.0), "top_p must be in"),
     (lambda: dk.sample(torch.randn(2, 8), top_p=-0.5), "top_p must be in"),
     (lambda: dk.sample(torch.randn(2, 8), top_p=float("nan")), "top_p must be in"),
@@ -295,9 +320,15 @@ BAD_ARGS = [
     (lambda: dk.sample(torch.randn(2, 8), min_p=1.5), "min_p must be in"),
     (lambda: dk.sample(torch.randn(2, 8), min_p=-0.1), "min_p must be in"),
     (lambda: dk.sample(torch.randn(2, 8), min_p=torch.tensor([0.5, 2.0])), "min_p must be in"),
-    (lambda: dk.sample(torch.randn(2, 8), top_k=torch.tensor([1, 2, 3])), "top_k must be a scalar or a 1-D tensor of length 2"),
+    (
+        lambda: dk.sample(torch.randn(2, 8), top_k=torch.tensor([1, 2, 3])),
+        "top_k must be a scalar or a 1-D tensor of length 2",
+    ),
     (lambda: dk.sample(torch.randn(2, 8), top_p=torch.ones(2, 1)), "top_p must be a scalar or a 1-D tensor"),
-    (lambda: dk.sample(torch.randn(2, 8), seed=torch.tensor([1, 2, 3])), "seed must be an int or an int64 tensor of length 1 or 2"),
+    (
+        lambda: dk.sample(torch.randn(2, 8), seed=torch.tensor([1, 2, 3])),
+        "seed must be an int or an int64 tensor of length 1 or 2",
+    ),
     (lambda: dk.sample(torch.randn(2, 8), seed=torch.tensor([1.0, 2.0])), "seed must be an int"),
     (lambda: dk.sample(torch.randn(2, 8), seed="x"), "seed must be an int"),
     (lambda: dk.sample(torch.randn(2, 8), offset=-1), "offset must be"),
@@ -306,8 +337,10 @@ BAD_ARGS = [
     (lambda: dk.sample(torch.randn(2, 8), indices=torch.tensor([[0]])), "indices must be 1-D"),
     (lambda: dk.sample(torch.randn(2, 8), indices=torch.tensor([0.0])), "indices must be int32 or int64"),
     (lambda: dk.sample(torch.randn(2, 8), order="random"), "filter_apply_order must be one of"),
-    (lambda: dk.top_k_top_p_sampling_from_probs(torch.rand(2, 8), 2, 0.5, filter_apply_order="x"),
-     "filter_apply_order must be one of"),
+    (
+        lambda: dk.top_k_top_p_sampling_from_probs(torch.rand(2, 8), 2, 0.5, filter_apply_order="x"),
+        "filter_apply_order must be one of",
+    ),
     (lambda: dk.top_k_mask_logits(torch.randn(2, 8), 1.5), "top_k must be an integer"),
     (lambda: dk.top_k_mask_logits(torch.randn(2, 8), torch.tensor([1.5, 2.0])), "top_k must hold integers"),
     (lambda: dk.top_p_renorm_probs(torch.rand(2, 8), 0.0), "top_p must be in"),
@@ -334,10 +367,46 @@ def _opcheck_cases():
     ops = torch.ops.decodekit
     return [
         (ops.sample.default, (x, None, False, None, 0.7, None, 5, None, 0.9, None, 0.05, 0, None, 1, 0)),
-        (ops.sample.default, (p, torch.tensor([0, 2, 2, 1]), True, None, 1.0, torch.tensor([1, 2, 3, 4]), 0,
-                              torch.tensor([0.5, 0.6, 0.7, 1.0]), 1.0, None, 0.0, 1, torch.tensor([1, 2, 3, 4]), 0, 3)),
-        (ops.sample.default, (x.bfloat16(), None, False, torch.tensor([0.0, 0.5, 1.0]), 1.0, None, 0, None, 1.0,
-                              None, 0.1, 0, None, 9, 0)),
+        (
+            ops.sample.default,
+            (
+                p,
+                torch.tensor([0, 2, 2, 1]),
+                True,
+                None,
+                1.0,
+                torch.tensor([1, 2, 3, 4]),
+                0,
+                torch.tensor([0.5, 0.6, 0.7, 1.0]),
+                1.0,
+                None,
+                0.0,
+                1,
+                torch.tensor([1, 2, 3, 4]),
+                0,
+                3,
+            ),
+        ),
+        (
+            ops.sample.default,
+            (
+                x.bfloat16(),
+                None,
+                False,
+                torch.tensor([0.0, 0.5, 1.0]),
+                1.0,
+                None,
+                0,
+                None,
+                1.0,
+                None,
+                0.1,
+                0,
+                None,
+                9,
+                0,
+            ),
+        ),
         (ops.gumbel_sample.default, (x, None, None, 3, 0)),
         (ops.gumbel_sample.default, (x.half(), torch.tensor([1, 1]), torch.tensor([5, 6]), 0, 2)),
         (ops.filter.default, (x, 0, False, None, 1.0, None, 3, None, 1.0, None, 0.0, 0)),

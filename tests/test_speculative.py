@@ -1,5 +1,6 @@
 """Speculative verification: losslessness (chi-square, n = 10^6), acceptance rates, exact agreement
 with reference.py, determinism across runs / threads / ISA paths, and the bad-input matrix."""
+
 import itertools
 import math
 
@@ -11,8 +12,11 @@ import decodekit.reference as ref
 from stats import assert_matches
 
 N_STAT = 1_000_000
-ISAS = ["scalar"] + (["avx2"] if dk.cpu_features()["avx2"] else []) + (
-    ["avx512"] if dk.cpu_features()["avx512"] and dk.cpu_features()["avx512_bf16"] else [])
+ISAS = (
+    ["scalar"]
+    + (["avx2"] if dk.cpu_features()["avx2"] else [])
+    + (["avx512"] if dk.cpu_features()["avx512"] and dk.cpu_features()["avx512_bf16"] else [])
+)
 
 
 @pytest.fixture(autouse=True)
@@ -132,8 +136,9 @@ def _chain_pairs(tg, with_draft, n, seed):
     return y1, y2, E1, (E1[:, None] * E2).reshape(-1), V
 
 
-@pytest.mark.parametrize("form,filt", [("probs", "none"), ("logits", "temp"), ("logits", "top_k"),
-                                       ("logits", "top_p"), ("logits", "min_p")])
+@pytest.mark.parametrize(
+    "form,filt", [("probs", "none"), ("logits", "temp"), ("logits", "top_k"), ("logits", "top_p"), ("logits", "min_p")]
+)
 @pytest.mark.parametrize("with_draft", [True, False], ids=["draft_probs", "one_hot"])
 def test_chain_lossless(form, filt, with_draft):
     tg = Target(form, filt)
@@ -185,8 +190,9 @@ def _tree_pairs(tg, shape, with_draft, n, seed, chunk=250_000):
     ys1, ys2 = [], []
     for ci, start in enumerate(range(0, n, chunk)):
         m = min(chunk, n - start)
-        pred, ai, an = _tree_round(tg, SHAPES[shape], R1.expand(m, V), Q1.expand(m, V), R2, Q2, R3, with_draft, g,
-                                   seed + 100 * ci)
+        pred, ai, an = _tree_round(
+            tg, SHAPES[shape], R1.expand(m, V), Q1.expand(m, V), R2, Q2, R3, with_draft, g, seed + 100 * ci
+        )
         y1 = pred[:, 0].clone()
         assert int(y1.min()) >= 0
         y2 = torch.full_like(y1, -1)
@@ -283,9 +289,11 @@ def test_tree_lossless(shape, with_draft):
     _check_tree(Target("probs", "none"), shape, with_draft, 5 + list(SHAPES).index(shape), f"tree {shape}")
 
 
-@pytest.mark.parametrize("filt,shape,with_draft", [
-    (f, s, d) for f, s in (("top_k", "star3"), ("top_p", "binary"), ("min_p", "mixed")) for d in (True, False)]
-    + [("temp", "star3", True)])
+@pytest.mark.parametrize(
+    "filt,shape,with_draft",
+    [(f, s, d) for f, s in (("top_k", "star3"), ("top_p", "binary"), ("min_p", "mixed")) for d in (True, False)]
+    + [("temp", "star3", True)],
+)
 def test_tree_lossless_filtered_logits(filt, shape, with_draft):
     _check_tree(Target("logits", filt), shape, with_draft, 40 + list(FILTERS).index(filt), f"tree {shape} ({filt})")
 
@@ -302,15 +310,18 @@ def test_chain_acceptance_rate(with_draft):
     p = (torch.randn(N + 1, V, generator=g) * 1.5).softmax(-1)
     q = (p[:N].log() + torch.randn(N, V, generator=g)).softmax(-1)
     ids = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(N)], 1)
-    out, acc, emi = dk.chain_speculative_sampling(q.expand(n, N, V) if with_draft else None, ids,
-                                                  p.expand(n, N + 1, V), seed=77)
+    out, acc, emi = dk.chain_speculative_sampling(
+        q.expand(n, N, V) if with_draft else None, ids, p.expand(n, N + 1, V), seed=77
+    )
     pd, qd = p.double(), q.double()
     alpha = torch.minimum(pd[:N], qd).sum(-1) if with_draft else (pd[:N] * qd).sum(-1)
-    probs = torch.tensor([float(torch.prod(alpha[:k])) * (1 - float(alpha[k])) for k in range(N)]
-                         + [float(torch.prod(alpha))], dtype=torch.float64)
+    probs = torch.tensor(
+        [float(torch.prod(alpha[:k])) * (1 - float(alpha[k])) for k in range(N)] + [float(torch.prod(alpha))],
+        dtype=torch.float64,
+    )
     assert_matches(emi, probs, what="emitted count distribution")
     ks = torch.arange(N + 1, dtype=torch.float64)
-    mean, var = float((probs * ks).sum()), float((probs * ks ** 2).sum() - (probs * ks).sum() ** 2)
+    mean, var = float((probs * ks).sum()), float((probs * ks**2).sum() - (probs * ks).sum() ** 2)
     z = (emi.double().mean().item() - mean) / math.sqrt(var / n)
     assert abs(z) < 5, f"mean emitted {emi.double().mean().item():.5f} vs theory {mean:.5f} (z={z:.1f})"
     a_mean, a_var = float(alpha.sum()), float((alpha * (1 - alpha)).sum())
@@ -378,15 +389,16 @@ def _greedy_case(kind, B, T, V, g, boost=0.8):
         for node in range(T):
             kids = [c for c in range(1, T) if int(parents[b, c]) == node]
             if kids:
-                cand[b, kids] = torch.randperm(V, generator=g)[:len(kids)]
+                cand[b, kids] = torch.randperm(V, generator=g)[: len(kids)]
                 if float(torch.rand(1, generator=g)) < boost:
                     pick = kids[int(torch.randint(0, len(kids), (1,), generator=g))]
                     logits[b, node, cand[b, pick]] = logits[b, node].max() + 1.0
     return parents, cand, logits
 
 
-@pytest.mark.parametrize("kind,T", [("random", 12), ("random", 40), ("chain", 24), ("star", 30), ("random", 1),
-                                    ("chain", 1)])
+@pytest.mark.parametrize(
+    "kind,T", [("random", 12), ("random", 40), ("chain", 24), ("star", 30), ("random", 1), ("chain", 1)]
+)
 def test_verify_tree_greedy_matches_reference(kind, T):
     g = _gen(T * 31 + len(kind))
     B, V = 32, 48
@@ -418,7 +430,7 @@ def test_verify_tree_greedy_whole_depth():
             for node in range(T):
                 kids = [c for c in range(1, T) if parents_row[c] == node]
                 if kids:
-                    cand[b, kids] = torch.randperm(V, generator=g)[:len(kids)]
+                    cand[b, kids] = torch.randperm(V, generator=g)[: len(kids)]
         # deepest path: follow parents from the last-created deepest node
         depth = [0] * T
         for t in range(1, T):
@@ -431,13 +443,15 @@ def test_verify_tree_greedy_whole_depth():
         for a, c in zip(path, path[1:]):
             logits[torch.arange(B), a, cand[:, c]] = logits[:, a].max(-1).values + 1
         tree = dk.build_tree(parents, 0)
-        pred, ai, an = dk.verify_tree_greedy(cand, tree.retrive_index, tree.retrive_next_token,
-                                             tree.retrive_next_sibling, logits)
+        pred, ai, an = dk.verify_tree_greedy(
+            cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, logits
+        )
         assert bool((an == depth[leaf]).all())
-        exp = ref.verify_tree_greedy(cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling,
-                                     logits)
+        exp = ref.verify_tree_greedy(
+            cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, logits
+        )
         assert all(torch.equal(x.long(), y.long()) for x, y in zip((pred, ai, an), exp))
-        assert torch.equal(ai[:, 1:len(path)].long() % T, torch.tensor(path[1:]).expand(B, -1))
+        assert torch.equal(ai[:, 1 : len(path)].long() % T, torch.tensor(path[1:]).expand(B, -1))
         assert torch.equal(pred.reshape(B, T)[:, leaf], logits[:, leaf].argmax(-1))
 
 
@@ -566,10 +580,12 @@ def test_per_row_seeds_independent_of_batch():
     tp = torch.randn(B, T, V, generator=_gen(33)).softmax(-1)
     tf = dk.build_tree(par, 0)
     ts = dk.build_tree(par[idx], 0)
-    pf, af, nf = dk.tree_speculative_sampling(cand, tf.retrive_index, tf.retrive_next_token,
-                                              tf.retrive_next_sibling, tp, seed=seeds)
-    ps, as_, ns = dk.tree_speculative_sampling(cand[idx], ts.retrive_index, ts.retrive_next_token,
-                                               ts.retrive_next_sibling, tp[idx], seed=seeds[idx])
+    pf, af, nf = dk.tree_speculative_sampling(
+        cand, tf.retrive_index, tf.retrive_next_token, tf.retrive_next_sibling, tp, seed=seeds
+    )
+    ps, as_, ns = dk.tree_speculative_sampling(
+        cand[idx], ts.retrive_index, ts.retrive_next_token, ts.retrive_next_sibling, tp[idx], seed=seeds[idx]
+    )
     assert torch.equal(pf.reshape(B, T)[idx], ps.reshape(len(idx), T)) and torch.equal(nf[idx], ns)
     assert torch.equal(af[idx] % T, as_ % T)
     # one scalar seed: rows draw independent streams; the generator makes runs reproducible
@@ -598,25 +614,79 @@ def test_output_conventions():
 def test_opcheck_and_compile():
     p, q, ids, lp = _chain_inputs(3, 2, 16, seed=2)
     ops = torch.ops.decodekit
-    torch.library.opcheck(ops.chain_verify, (p, ids, q, None, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None,
-                                             5, 0), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.chain_verify,
+        (p, ids, q, None, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 5, 0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     parents = torch.tensor([[-1, 0, 0, 1]] * 3)
-    torch.library.opcheck(ops.build_tree, (parents, torch.zeros(3, dtype=torch.int64)),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.build_tree, (parents, torch.zeros(3, dtype=torch.int64)), test_utils=("test_schema", "test_faketensor")
+    )
     t = dk.build_tree(parents, 0)
     cand = torch.tensor([[0, 1, 2, 3]] * 3)
     tp = torch.rand(3, 4, 16).softmax(-1)
-    torch.library.opcheck(ops.tree_verify, (cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling, tp,
-                                            None, 3, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 5, 0),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.tree_verify, (cand, t.retrive_index, t.retrive_next_token, t.retrive_next_sibling, tp,
-                                            None, 3, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 5, 0,
-                                            torch.rand(3, 4), torch.rand(3), 0.5, 0.7),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.tree_verify,
+        (
+            cand,
+            t.retrive_index,
+            t.retrive_next_token,
+            t.retrive_next_sibling,
+            tp,
+            None,
+            3,
+            0,
+            None,
+            1.0,
+            None,
+            0,
+            None,
+            1.0,
+            None,
+            0.0,
+            0,
+            None,
+            5,
+            0,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        ops.tree_verify,
+        (
+            cand,
+            t.retrive_index,
+            t.retrive_next_token,
+            t.retrive_next_sibling,
+            tp,
+            None,
+            3,
+            0,
+            None,
+            1.0,
+            None,
+            0,
+            None,
+            1.0,
+            None,
+            0.0,
+            0,
+            None,
+            5,
+            0,
+            torch.rand(3, 4),
+            torch.rand(3),
+            0.5,
+            0.7,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
     @torch.compile(fullgraph=True)
     def f(ids, lg):
         return dk.greedy_verify(ids, lg)
+
     assert all(torch.equal(a, b) for a, b in zip(f(ids, lp), dk.greedy_verify(ids, lp)))
 
 
@@ -665,6 +735,7 @@ def _bad_tree_cases():
         x = x.clone()
         x[b, i] = v
         return x
+
     return [
         ("candidates must be 2-D", lambda: S(cand[0], ri, nt, ns, tp)),
         ("retrive_next_token must have the shape", lambda: S(cand, ri, nt[:, :4], ns, tp)),
@@ -672,30 +743,40 @@ def _bad_tree_cases():
         ("draft_probs must have shape", lambda: S(cand, ri, nt, ns, tp, tp[..., :9])),
         ("retrive_index values must be distinct", lambda: S(cand, mod(ri, 1, 2, 0), nt, ns, tp)),
         ("retrive_index values must be in", lambda: S(cand, mod(ri, 1, 2, 10), nt, ns, tp)),
-        ("is reached twice", lambda: S(cand, ri, mod(nt, 1, 3, 1), ns, tp)),           # cycle 1 -> 3 -> 1
-        ("is reached twice", lambda: S(cand, ri, nt, mod(ns, 0, 2, 1), tp)),           # sibling cycle
+        ("is reached twice", lambda: S(cand, ri, mod(nt, 1, 3, 1), ns, tp)),  # cycle 1 -> 3 -> 1
+        ("is reached twice", lambda: S(cand, ri, nt, mod(ns, 0, 2, 1), tp)),  # sibling cycle
         ("outside [-1, T)", lambda: S(cand, ri, mod(nt, 0, 0, 5), ns, tp)),
         ("links to node 0", lambda: S(cand, ri, mod(nt, 0, 1, 0), ns, tp)),
         ("coins and coins_final must be given together", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0])),
         ("coins must have shape", lambda: S(cand, ri, nt, ns, tp, coins=tp[:, 0], coins_final=tp[:, 0, 0])),
         ("coins_final must have shape", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0], coins_final=tp[0, 0])),
-        ("coins must hold values in", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0] + 1,
-                                                coins_final=tp[:, 0, 0])),
-        ("coins_final must hold values in", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
-                                                      coins_final=tp[:, 0, 0] * float("nan"))),
-        ("coins are supported with one-hot drafts only", lambda: S(cand, ri, nt, ns, tp, tp, coins=tp[..., 0],
-                                                                   coins_final=tp[:, 0, 0])),
-        ("coins must be a floating tensor", lambda: S(cand, ri, nt, ns, tp, coins=cand,
-                                                      coins_final=tp[:, 0, 0])),
+        ("coins must hold values in", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0] + 1, coins_final=tp[:, 0, 0])),
+        (
+            "coins_final must hold values in",
+            lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0], coins_final=tp[:, 0, 0] * float("nan")),
+        ),
+        (
+            "coins are supported with one-hot drafts only",
+            lambda: S(cand, ri, nt, ns, tp, tp, coins=tp[..., 0], coins_final=tp[:, 0, 0]),
+        ),
+        ("coins must be a floating tensor", lambda: S(cand, ri, nt, ns, tp, coins=cand, coins_final=tp[:, 0, 0])),
         ("need caller coins", lambda: S(cand, ri, nt, ns, tp, threshold_acc=0.5)),
-        ("threshold_single must be in [0, 1]", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
-                                                        coins_final=tp[:, 0, 0], threshold_single=2.0)),
-        ("threshold_acc must be in [0, 1]", lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0],
-                                                     coins_final=tp[:, 0, 0], threshold_acc=-1.0)),
+        (
+            "threshold_single must be in [0, 1]",
+            lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0], coins_final=tp[:, 0, 0], threshold_single=2.0),
+        ),
+        (
+            "threshold_acc must be in [0, 1]",
+            lambda: S(cand, ri, nt, ns, tp, coins=tp[..., 0], coins_final=tp[:, 0, 0], threshold_acc=-1.0),
+        ),
         ("candidate token outside [0, V)", lambda: S(mod(cand, 0, 4, 10), ri, nt, ns, tp)),
         ("num_speculative_tokens must be in", lambda: S(cand, ri, nt, ns, tp, num_speculative_tokens=0)),
-        ("draft_probs must be None", lambda: torch.ops.decodekit.tree_verify(
-            cand, ri, nt, ns, cand, tp, 5, 2, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 0, 0)),
+        (
+            "draft_probs must be None",
+            lambda: torch.ops.decodekit.tree_verify(
+                cand, ri, nt, ns, cand, tp, 5, 2, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, None, 0, 0
+            ),
+        ),
         ("target_probs must be float32", lambda: S(cand, ri, nt, ns, tp.half())),
         ("must be int32 or int64", lambda: S(cand.float(), ri, nt, ns, tp)),
         ("is reached twice", lambda: dk.verify_tree_greedy(cand, ri, mod(nt, 1, 3, 1), ns, tp.argmax(-1))),
@@ -755,8 +836,9 @@ def test_bad_rows_do_not_crash():
 
 
 # ---- CUDA (compiled here, run where a GPU exists): same tokens as the CPU for the same seed ------
-@pytest.mark.skipif(not torch.cuda.is_available() or not dk.build_info().get("cuda", False),
-                    reason="needs a CUDA build and a GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not dk.build_info().get("cuda", False), reason="needs a CUDA build and a GPU"
+)
 def test_cuda_matches_cpu():
     dev = "cuda"
     B, N, V = 16, 4, 5000
@@ -775,6 +857,7 @@ def test_cuda_matches_cpu():
     def tree(d):
         t = dk.build_tree(parents.to(d), 3)
         return t, (cand.to(d), t.retrive_index, t.retrive_next_token, t.retrive_next_sibling)
+
     cases += [
         lambda d: tuple(tree(d)[0]),
         lambda d: dk.tree_speculative_sampling(*tree(d)[1], lt.softmax(-1).to(d), qt.to(d), seed=8),
@@ -790,10 +873,12 @@ def test_cuda_matches_cpu():
     def rtree(d):
         t = dk.build_tree(parents.to(d), 3)
         return (rep.to(d), t.retrive_index, t.retrive_next_token, t.retrive_next_sibling)
+
     cases += [
         lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), qt.to(d), seed=10),
-        lambda d: dk.tree_speculative_sampling(*rtree(d), lt.softmax(-1).to(d), coins=coins.to(d),
-                                               coins_final=fin.to(d), threshold_acc=0.7),
+        lambda d: dk.tree_speculative_sampling(
+            *rtree(d), lt.softmax(-1).to(d), coins=coins.to(d), coins_final=fin.to(d), threshold_acc=0.7
+        ),
         lambda d: dk.verify_tree_greedy(*rtree(d), lt.argmax(-1).to(d)),
     ]
     for i, case in enumerate(cases):
@@ -842,8 +927,16 @@ def _repeat_star_first_tokens(p, q, n, seed, coins=False, chunk=250_000):
         tp = p.expand(m, T, V)
         dq = None if q is None else q.expand(m, T, V)
         kw = dict(coins=torch.rand(m, T, generator=g), coins_final=torch.rand(m, generator=g)) if coins else {}
-        pred, _, _ = dk.tree_speculative_sampling(cand, tree.retrive_index, tree.retrive_next_token,
-                                                  tree.retrive_next_sibling, tp, dq, seed=seed + start, **kw)
+        pred, _, _ = dk.tree_speculative_sampling(
+            cand,
+            tree.retrive_index,
+            tree.retrive_next_token,
+            tree.retrive_next_sibling,
+            tp,
+            dq,
+            seed=seed + start,
+            **kw,
+        )
         out.append(pred.reshape(m, T)[:, 0])
     return torch.cat(out)
 
@@ -865,7 +958,7 @@ def test_repeated_siblings_lossless(mode):
 def _repeat_tree_case(B, V, seed):
     parents, lt, qt, cand = fixed_tree_case(B, V, seed, scale=2)
     cand = cand.clone()
-    cand[:, 2] = cand[:, 1]      # root children: x, x, y
+    cand[:, 2] = cand[:, 1]  # root children: x, x, y
     cand[1::2, 8] = cand[1::2, 7]  # node 4's children repeat in odd rows
     return parents, lt, qt, cand
 
@@ -884,7 +977,7 @@ def test_repeated_siblings_and_coins_match_reference(V):
         exp = ref.tree_speculative_sampling(*links, p, dq, seed=5, num_speculative_tokens=W)
         assert all(torch.equal(a.long(), b.long()) for a, b in zip(got, exp)), (dq is None, W)
     ids = lt.argmax(-1)
-    ids[::3, 0] = cand[::3, 1]   # the repeated token is the target's choice at the root
+    ids[::3, 0] = cand[::3, 1]  # the repeated token is the target's choice at the root
     for target in (ids, torch.nn.functional.one_hot(ids, V).float()):
         got = dk.verify_tree_greedy(*links, target)
         exp = ref.verify_tree_greedy(*links, target)
@@ -893,10 +986,12 @@ def test_repeated_siblings_and_coins_match_reference(V):
     g = _gen(V)
     coins, fin = torch.rand(B, 9, generator=g), torch.rand(B, generator=g)
     for ts, ta in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.3), (0.0, 0.0)):
-        got = dk.tree_speculative_sampling(*links, p, coins=coins, coins_final=fin, threshold_single=ts,
-                                           threshold_acc=ta)
-        exp = ref.tree_speculative_sampling(*links, p, coins=coins, coins_final=fin, threshold_single=ts,
-                                            threshold_acc=ta)
+        got = dk.tree_speculative_sampling(
+            *links, p, coins=coins, coins_final=fin, threshold_single=ts, threshold_acc=ta
+        )
+        exp = ref.tree_speculative_sampling(
+            *links, p, coins=coins, coins_final=fin, threshold_single=ts, threshold_acc=ta
+        )
         assert all(torch.equal(a.long(), b.long()) for a, b in zip(got, exp)), (ts, ta)
         if ts == 0.0:  # threshold_single 0 accepts the first child at every depth
             assert got[2].tolist() == [3] * B

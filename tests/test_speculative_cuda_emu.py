@@ -3,6 +3,7 @@
 tree errors and build_tree outputs. This checks the CUDA kernels' logic (counter layout, the CPU's
 summation order, the residual / materialisation steps, the walks) without a GPU; test_speculative.py's
 test_cuda_matches_cpu runs the same comparison on a real GPU."""
+
 import sys
 from pathlib import Path
 
@@ -104,8 +105,12 @@ def test_tree_matches_cpu(case):
     co = {}
     if c.get("coins"):
         g = _gen(5)
-        co = dict(coins=torch.rand(B, T, generator=g), coins_final=torch.rand(B, generator=g),
-                  threshold_single=c["coins"][0], threshold_acc=c["coins"][1])
+        co = dict(
+            coins=torch.rand(B, T, generator=g),
+            coins_final=torch.rand(B, generator=g),
+            threshold_single=c["coins"][0],
+            threshold_acc=c["coins"][1],
+        )
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, draft, W, kind)
     cpu = ops.tree_verify(*args, None, c.get("T", 1.0), *NOF[2:], seed_arr, 9, 0, *co.values())
     got = emu_spec.tree_verify(*args, None, c.get("T", 1.0), seed_arr, 9, 0, **co)
@@ -119,8 +124,9 @@ def test_tree_errors_match_cpu():
     nt[1, 3] = 1  # row 1: a cycle 1 -> 3 -> 1
     cand2 = cand.clone()
     cand2[2, 2] = cand2[2, 1]  # row 2: repeated sibling tokens (allowed)
-    _, _, _, err, node = emu_spec.tree_verify(cand2, tree.retrive_index, nt, tree.retrive_next_sibling,
-                                              lt.softmax(-1), None, 9, 0)
+    _, _, _, err, node = emu_spec.tree_verify(
+        cand2, tree.retrive_index, nt, tree.retrive_next_sibling, lt.softmax(-1), None, 9, 0
+    )
     assert err.tolist() == [0, 7, 0]  # row 1: reached twice
     with pytest.raises(ValueError, match="batch row 1 .* reached twice"):
         dk.tree_speculative_sampling(cand2, tree.retrive_index, nt, tree.retrive_next_sibling, lt.softmax(-1))
@@ -130,8 +136,9 @@ def test_build_tree_matches_cpu():
     g = _gen(4)
     for T in (1, 9, 20):
         B = 70  # more than one block of rows
-        parents = torch.tensor([[-1] + [int(torch.randint(0, t, (1,), generator=g)) for t in range(1, T)]
-                                for _ in range(B)])
+        parents = torch.tensor(
+            [[-1] + [int(torch.randint(0, t, (1,), generator=g)) for t in range(1, T)] for _ in range(B)]
+        )
         prefix = torch.randint(0, 100, (B,), generator=g)
         cpu = ops.build_tree(parents, prefix)
         got, err, _ = emu_spec.build_tree(parents, prefix)

@@ -6,6 +6,7 @@ served by `vllm.LLM` offline on the CPU with the engine in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so `decodekit.integrations.vllm.stats` counts the calls the
 plugin served. "Without the plugin" is the same engine after `uninstall()` (vLLM's own methods).
 """
+
 import os
 import subprocess
 import sys
@@ -40,8 +41,12 @@ def _engine(vocab, spec=False):
     path = build_tiny_llama(os.path.join(MODEL_DIR, f"tiny-llama-{vocab}"), vocab)
     kw = dict(model=path, dtype="float32", max_model_len=256, max_num_seqs=32, enforce_eager=True, seed=0)
     if spec:
-        kw["speculative_config"] = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-                                    "prompt_lookup_min": 2}
+        kw["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2,
+        }
     llm = vllm.LLM(**kw)
     assert dv.installed(), "the vllm.general_plugins entry point did not install the plugin"
     return llm
@@ -83,10 +88,14 @@ def engine(request):
 # ---------------------------------------------------------------------------------------------
 # opt-in
 
-OPT_IN_CASES = [({}, False), ({"VLLM_PLUGINS": "decodekit"}, True), ({"DECODEKIT_VLLM": "1"}, True),
-                ({"VLLM_PLUGINS": "lora_filesystem_resolver,decodekit"}, True),
-                ({"VLLM_PLUGINS": "decodekit", "DECODEKIT_VLLM": "0"}, False),
-                ({"VLLM_PLUGINS": "lora_filesystem_resolver"}, False)]
+OPT_IN_CASES = [
+    ({}, False),
+    ({"VLLM_PLUGINS": "decodekit"}, True),
+    ({"DECODEKIT_VLLM": "1"}, True),
+    ({"VLLM_PLUGINS": "lora_filesystem_resolver,decodekit"}, True),
+    ({"VLLM_PLUGINS": "decodekit", "DECODEKIT_VLLM": "0"}, False),
+    ({"VLLM_PLUGINS": "lora_filesystem_resolver"}, False),
+]
 
 
 def test_plugin_is_opt_in():
@@ -113,14 +122,16 @@ print(json.dumps(out))
     import json
 
     clean = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "DECODEKIT_VLLM")}
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(OPT_IN_CASES)], env=clean, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(OPT_IN_CASES)], env=clean, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [e for _, e in OPT_IN_CASES]
 
 
 # ---------------------------------------------------------------------------------------------
 # the engine, plain decoding
+
 
 def test_greedy_identical_with_and_without_plugin(engine):
     vocab, llm = engine
@@ -141,8 +152,12 @@ def test_greedy_rows_of_a_mixed_batch(engine):
     prompts = _prompts(12, vocab, seed=1)
     greedy = vllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     ref = _gen(llm, prompts, greedy)
-    mixed = [greedy if i % 2 == 0 else vllm.SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16,
-                                                          ignore_eos=True, seed=i) for i in range(len(prompts))]
+    mixed = [
+        greedy
+        if i % 2 == 0
+        else vllm.SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16, ignore_eos=True, seed=i)
+        for i in range(len(prompts))
+    ]
     got, n = _served("sample", lambda: _gen(llm, prompts, mixed))
     assert n > 0
     for i in range(0, len(prompts), 2):
@@ -152,8 +167,18 @@ def test_greedy_rows_of_a_mixed_batch(engine):
 def test_seeded_sampling_reproducible(engine):
     vocab, llm = engine
     prompts = _prompts(16, vocab, seed=2)
-    params = [vllm.SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02 if i % 4 == 0 else 0.0,
-                                  max_tokens=24, ignore_eos=True, seed=100 + i) for i in range(len(prompts))]
+    params = [
+        vllm.SamplingParams(
+            temperature=0.7,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.02 if i % 4 == 0 else 0.0,
+            max_tokens=24,
+            ignore_eos=True,
+            seed=100 + i,
+        )
+        for i in range(len(prompts))
+    ]
     a, n = _served("sample", lambda: _gen(llm, prompts, params))
     assert n > 0
     b = _gen(llm, prompts, params)
@@ -163,8 +188,10 @@ def test_seeded_sampling_reproducible(engine):
     c = _gen(llm, [prompts[i] for i in order], [params[i] for i in order])
     assert c == [a[i] for i in order]
     # and different seeds give different continuations
-    other = [vllm.SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=24, ignore_eos=True, seed=900 + i)
-             for i in range(len(prompts))]
+    other = [
+        vllm.SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=24, ignore_eos=True, seed=900 + i)
+        for i in range(len(prompts))
+    ]
     d = _gen(llm, prompts, other)
     assert sum(x != y for x, y in zip(a, d)) >= len(prompts) // 2
     assert all(0 <= t < vocab for row in a for t in row)
@@ -172,6 +199,7 @@ def test_seeded_sampling_reproducible(engine):
 
 # ---------------------------------------------------------------------------------------------
 # speculative decoding with vLLM's n-gram proposer
+
 
 def test_ngram_speculative_greedy_equals_plain_greedy():
     vocab = 128256
@@ -189,8 +217,10 @@ def test_ngram_speculative_greedy_equals_plain_greedy():
     assert got == ref
     # seeded speculative sampling with top-k / top-p (vLLM's own CPU path cannot run it: see the
     # README on the expand kernel) is reproducible and stays in the vocabulary
-    sampled = [vllm.SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=32, ignore_eos=True, seed=i)
-               for i in range(len(prompts))]
+    sampled = [
+        vllm.SamplingParams(temperature=0.7, top_k=50, top_p=0.9, max_tokens=32, ignore_eos=True, seed=i)
+        for i in range(len(prompts))
+    ]
     a, n = _served("rejection", lambda: _gen(llm, prompts, sampled))
     assert n > 0
     assert a == _gen(llm, prompts, sampled)
@@ -201,6 +231,7 @@ def test_ngram_speculative_greedy_equals_plain_greedy():
 
 # ---------------------------------------------------------------------------------------------
 # the routed methods on vLLM's own classes, statistically
+
 
 def _reference(logits, T, k, p, min_p, order):
     """The filtered distribution in float64. order "vllm": temperature, min-p on the scaled
@@ -241,20 +272,34 @@ def test_sampler_distribution_in_vllm_order():
     cfg = VllmConfig()
     cfg.scheduler_config.max_num_seqs = B
     min_p_proc = MinPLogitsProcessor(cfg, torch.device("cpu"), False)
-    min_p_proc.update_state(BatchUpdate(batch_size=B, removed=[], moved=[],
-                                        added=[(i, vllm.SamplingParams(min_p=mp), None, []) for i in range(B)]))
+    min_p_proc.update_state(
+        BatchUpdate(
+            batch_size=B, removed=[], moved=[], added=[(i, vllm.SamplingParams(min_p=mp), None, []) for i in range(B)]
+        )
+    )
     md = SamplingMetadata(
-        temperature=torch.full((B,), T), all_greedy=False, all_random=True, top_p=torch.full((B,), p),
-        top_k=torch.full((B,), k, dtype=torch.int32), generators={}, max_num_logprobs=None, no_penalties=True,
-        prompt_token_ids=None, frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-        repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)], allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors([min_p_proc]))
+        temperature=torch.full((B,), T),
+        all_greedy=False,
+        all_random=True,
+        top_p=torch.full((B,), p),
+        top_k=torch.full((B,), k, dtype=torch.int32),
+        generators={},
+        max_num_logprobs=None,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(B),
+        presence_penalties=torch.zeros(B),
+        repetition_penalties=torch.ones(B),
+        output_token_ids=[[] for _ in range(B)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors([min_p_proc]),
+    )
     dv.install()
     sampler = Sampler()
     torch.manual_seed(0)
     before = dv.stats["min_p"]
-    samples = [sampler(row.expand(B, V).contiguous(), md).sampled_token_ids.flatten()
-               for _ in range(-(-N_DRAWS // B))]
+    samples = [sampler(row.expand(B, V).contiguous(), md).sampled_token_ids.flatten() for _ in range(-(-N_DRAWS // B))]
     assert dv.stats["min_p"] - before == len(samples)
     assert_matches(torch.cat(samples), expected, what="vLLM order through the plugin")
 
@@ -271,10 +316,15 @@ def _spec_md(num_draft_tokens, device="cpu"):
         bon.append(s + x)
         s += x + 1
     i32 = dict(dtype=torch.int32, device=device)
-    return SpecDecodeMetadata(draft_token_ids=torch.zeros(sum(n), **i32), num_draft_tokens=n,
-                              cu_num_draft_tokens=cu.to(device), cu_num_sampled_tokens=cu_s.to(device),
-                              target_logits_indices=torch.tensor(tgt, **i32),
-                              bonus_logits_indices=torch.tensor(bon, **i32), logits_indices=torch.arange(s, **i32))
+    return SpecDecodeMetadata(
+        draft_token_ids=torch.zeros(sum(n), **i32),
+        num_draft_tokens=n,
+        cu_num_draft_tokens=cu.to(device),
+        cu_num_sampled_tokens=cu_s.to(device),
+        target_logits_indices=torch.tensor(tgt, **i32),
+        bonus_logits_indices=torch.tensor(bon, **i32),
+        logits_indices=torch.arange(s, **i32),
+    )
 
 
 def _plain_md(B, temperature=None, top_k=None, top_p=None, generators=None):
@@ -282,11 +332,23 @@ def _plain_md(B, temperature=None, top_k=None, top_p=None, generators=None):
     from vllm.v1.sample.metadata import SamplingMetadata
 
     return SamplingMetadata(
-        temperature=temperature, all_greedy=temperature is None, all_random=temperature is not None,
-        top_p=top_p, top_k=top_k, generators=generators or {}, max_num_logprobs=None, no_penalties=True,
-        prompt_token_ids=None, frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-        repetition_penalties=torch.ones(B), output_token_ids=[[] for _ in range(B)], allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors([]))
+        temperature=temperature,
+        all_greedy=temperature is None,
+        all_random=temperature is not None,
+        top_p=top_p,
+        top_k=top_k,
+        generators=generators or {},
+        max_num_logprobs=None,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(B),
+        presence_penalties=torch.zeros(B),
+        repetition_penalties=torch.ones(B),
+        output_token_ids=[[] for _ in range(B)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors([]),
+    )
 
 
 def test_rejection_sampler_greedy_ragged_matches_vllm():
@@ -339,8 +401,11 @@ def test_rejection_sampler_lossless(with_draft_probs):
     samples = []
     torch.manual_seed(1)
     for _ in range(N_DRAWS // B):
-        drafts = torch.multinomial(draft_p, B, replacement=True).T.contiguous() if with_draft_probs else \
-            torch.randint(0, V, (B, N))
+        drafts = (
+            torch.multinomial(draft_p, B, replacement=True).T.contiguous()
+            if with_draft_probs
+            else torch.randint(0, V, (B, N))
+        )
         md.draft_token_ids = drafts.flatten().to(torch.int32)
         logits = target_row.expand(B, N + 1, V).reshape(B * (N + 1), V).contiguous()
         q = draft_p.expand(B, N, V).reshape(B * N, V).contiguous() if with_draft_probs else None
@@ -361,8 +426,9 @@ def test_vllm_cpu_expand_kernel_bug_is_why_intent_is_followed():
     assert k64.tolist() == [50, 50, 7, 7, 7, 3]
     temp = expand_batch_to_tokens(torch.tensor([0.7, 1.3, 0.9]), cu, 6, replace_from=0, replace_to=1)
     k32 = expand_batch_to_tokens(torch.tensor([50, 7, 3], dtype=torch.int32), cu, 6)
-    assert not (torch.allclose(temp, torch.tensor([0.7, 0.7, 1.3, 1.3, 1.3, 0.9]))
-                and k32.tolist() == [50, 50, 7, 7, 7, 3]), "fixed upstream: revisit the README note"
+    assert not (
+        torch.allclose(temp, torch.tensor([0.7, 0.7, 1.3, 1.3, 1.3, 0.9])) and k32.tolist() == [50, 50, 7, 7, 7, 3]
+    ), "fixed upstream: revisit the README note"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -378,9 +444,13 @@ def test_cuda_sampler_and_greedy_rejection_match_cpu():
     out = {}
     for dev in ("cpu", "cuda"):
         gens = {i: torch.Generator().manual_seed(40 + i) for i in range(B)}
-        md = _plain_md(B, temperature=torch.full((B,), 0.7, device=dev),
-                       top_k=torch.full((B,), 50, dtype=torch.int32, device=dev),
-                       top_p=torch.full((B,), 0.9, device=dev), generators=gens)
+        md = _plain_md(
+            B,
+            temperature=torch.full((B,), 0.7, device=dev),
+            top_k=torch.full((B,), 50, dtype=torch.int32, device=dev),
+            top_p=torch.full((B,), 0.9, device=dev),
+            generators=gens,
+        )
         out[dev] = Sampler()(logits.to(dev), md).sampled_token_ids.cpu()
     assert torch.equal(out["cpu"], out["cuda"])
     n = [3, 0, 2, 3]

@@ -20,10 +20,10 @@ struct AttnArgs {
   // Tree mask: bool [B, T, T] (mask_packed = false) or little-endian bits uint8 [B, T, ceil(T/8)].
   const uint8_t* mask = nullptr;
   bool mask_packed = false;
-  int64_t mask_sb = 0, mask_st = 0;  // byte strides
+  int64_t mask_sb = 0, mask_st = 0;      // byte strides
   const int64_t* prefix_lens = nullptr;  // [B], 0 <= prefix_lens[b] and prefix_lens[b] + T <= S
   float sm_scale = 1.f;
-  void* out = nullptr;  // [B, T, Hq, D] contiguous, dtype
+  void* out = nullptr;   // [B, T, Hq, D] contiguous, dtype
   float* lse = nullptr;  // [B, T, Hq] contiguous, natural log
 };
 

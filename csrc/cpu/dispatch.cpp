@@ -42,7 +42,10 @@ struct Features {
   bool avx2 = false, avx512 = false, avx512bf16 = false;
 };
 #endif
-const Features& feats() { static Features f; return f; }
+const Features& feats() {
+  static Features f;
+  return f;
+}
 
 const KernelTable* pick(const std::string& want) {
   if (want == "scalar") return &table_scalar();

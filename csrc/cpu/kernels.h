@@ -76,8 +76,8 @@ struct PipelineArgs {
   Matrix in;
   const int64_t* indices = nullptr;
   int64_t n_out = 0;
-  const double* params = nullptr;  // [n_out, dk::kPipeParams] (decodekit/pipeline.h)
-  int order = 0;                   // dk::PipeOrder
+  const double* params = nullptr;    // [n_out, dk::kPipeParams] (decodekit/pipeline.h)
+  int order = 0;                     // dk::PipeOrder
   const int32_t* bitmask = nullptr;  // [n_out, words] or nullptr
   int64_t bitmask_words = 0;
   const int64_t* banned = nullptr;  // [n_out, n_banned], -1 padded
@@ -93,10 +93,10 @@ struct PipelineArgs {
   const int64_t* seeds = nullptr;
   uint64_t seed = 0;
   uint64_t offset = 0;
-  int mode = 0;              // 0: sample; 1: write the processed, truncated logits (out_logits)
-  int64_t top_n = 0;         // top logprobs per row
-  bool raw_logprobs = false; // logprobs of the raw logits (else of the processed distribution)
-  bool want_logprob = false; // the sampled token's logprob and rank
+  int mode = 0;               // 0: sample; 1: write the processed, truncated logits (out_logits)
+  int64_t top_n = 0;          // top logprobs per row
+  bool raw_logprobs = false;  // logprobs of the raw logits (else of the processed distribution)
+  bool want_logprob = false;  // the sampled token's logprob and rank
   // outputs
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;

@@ -23,25 +23,28 @@
 namespace dk::cpu::DK_ISA_NAME {
 
 struct PipeScratch {
-  std::vector<float> y;          // the processed row (V + 16)
-  std::vector<uint32_t> stamp;   // per token: the row serial that last applied the repetition penalty
-  std::vector<uint32_t> count;   // per token: output count of the current row (zero between rows)
+  std::vector<float> y;         // the processed row (V + 16)
+  std::vector<uint32_t> stamp;  // per token: the row serial that last applied the repetition penalty
+  std::vector<uint32_t> count;  // per token: output count of the current row (zero between rows)
   uint32_t serial = 0;
-  std::vector<uint32_t> mark;    // fast top-k path: the row serial that last touched the token
-  std::vector<uint32_t> bmark;   // ... and the 16-token block holding it
+  std::vector<uint32_t> mark;   // fast top-k path: the row serial that last touched the token
+  std::vector<uint32_t> bmark;  // ... and the 16-token block holding it
   uint32_t mserial = 0;
-  std::vector<float> lv, lw;     // the list L: values, weights (index order)
+  std::vector<float> lv, lw;  // the list L: values, weights (index order)
   std::vector<int32_t> li;
-  std::vector<double> ld;        // per-list scratch (log-probabilities, scores)
-  std::vector<int32_t> ord;      // per-list order
-  std::vector<float> tv;         // nth_element scratch
-  std::vector<std::pair<float, int32_t>> top;  // top-n (value, index)
+  std::vector<double> ld;                          // per-list scratch (log-probabilities, scores)
+  std::vector<int32_t> ord;                        // per-list order
+  std::vector<float> tv;                           // nth_element scratch
+  std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
-  std::vector<VW> pairs;           // top-p's (value, weight) pairs
-  std::vector<uint8_t> keep, acc;  // per-list keep flags of a step / of all steps (joint)
+  std::vector<VW> pairs;                           // top-p's (value, weight) pairs
+  std::vector<uint8_t> keep, acc;                  // per-list keep flags of a step / of all steps (joint)
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
-    if (int64_t(stamp.size()) < V) { stamp.assign(size_t(V), 0u); serial = 0; }
+    if (int64_t(stamp.size()) < V) {
+      stamp.assign(size_t(V), 0u);
+      serial = 0;
+    }
     if (int64_t(count.size()) < V) count.assign(size_t(V), 0u);
     if (int64_t(mark.size()) < V) {
       mark.assign(size_t(V), 0u);
@@ -104,10 +107,16 @@ inline void sparse_steps(const PipelineArgs& a, int64_t o, const PipeRow& pr, Pi
     const int64_t* ids = a.bias_ids + o * a.n_bias;
     const float* bv = a.bias_vals + o * a.n_bias;
     for (int64_t j = 0; j < a.n_bias; ++j)
-      if (ids[j] >= 0) { float& v = at(ids[j]); v = v + bv[j]; }
+      if (ids[j] >= 0) {
+        float& v = at(ids[j]);
+        v = v + bv[j];
+      }
   }
   if (pr.rep != 1.f && (a.prompt || a.output)) {
-    if (++ps.serial == 0) { std::fill(ps.stamp.begin(), ps.stamp.end(), 0u); ps.serial = 1; }
+    if (++ps.serial == 0) {
+      std::fill(ps.stamp.begin(), ps.stamp.end(), 0u);
+      ps.serial = 1;
+    }
     const uint32_t cur = ps.serial;
     auto pen = [&](const int64_t* ids, int64_t n) {
       for (int64_t j = 0; j < n; ++j) {
@@ -146,8 +155,8 @@ inline M16 allow16(const int32_t* bm, int64_t bm_tokens, int64_t i) {
 // Pass 1 + sparse steps: y = processed row; returns false when the raw row is bad (NaN / +inf).
 // *m = max of y (-inf when nothing is finite), *mraw = max of the raw row.
 template <class T>
-inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr,
-                            PipeScratch& ps, float* m_out, float* mraw_out) {
+inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr, PipeScratch& ps,
+                            float* m_out, float* mraw_out) {
   float* y = ps.y.data();
   const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
   const int64_t bm_tokens = bm ? std::min<int64_t>(V, 32 * a.bitmask_words) : 0;
@@ -170,7 +179,10 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
   // that held the max went down (then y is scanned again).
   auto& touched = ps.touched;
   touched.clear();
-  sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& { touched.push_back({int32_t(t), y[t]}); return y[t]; });
+  sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& {
+    touched.push_back({int32_t(t), y[t]});
+    return y[t];
+  });
   bool hit_max = false;
   float mfix = kNegInf;
   for (const auto& [t, before] : touched) {
@@ -208,7 +220,10 @@ inline void finite_stats(const float* y, int64_t V, double* mean, double* sd) {
   for (int64_t i = 0; i < V; i += 16) {
     vstore(buf, vload(y + i));
     for (int j = 0; j < 16; ++j)
-      if (buf[j] > kNegInf) { const double d = double(buf[j]) - mu; lanes[j] += d * d; }
+      if (buf[j] > kNegInf) {
+        const double d = double(buf[j]) - mu;
+        lanes[j] += d * d;
+      }
   }
   double ss = 0.0;
   for (int j = 0; j < 16; ++j) ss += lanes[j];
@@ -243,7 +258,12 @@ template <class F>
 inline void list_filter(PipeList& L, F keep) {
   int64_t n = 0;
   for (int64_t j = 0; j < L.n; ++j)
-    if (keep(j)) { L.v[n] = L.v[j]; L.w[n] = L.w[j]; L.i[n] = L.i[j]; ++n; }
+    if (keep(j)) {
+      L.v[n] = L.v[j];
+      L.w[n] = L.w[j];
+      L.i[n] = L.i[j];
+      ++n;
+    }
   L.n = n;
 }
 
@@ -335,7 +355,10 @@ inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, flo
         const double s = ps.ld[size_t(ps.ord[size_t(g)])];
         int64_t e = g;
         double gm = 0.0;
-        while (e < n && ps.ld[size_t(ps.ord[size_t(e)])] == s) { gm += double(L.w[ps.ord[size_t(e)]]); ++e; }
+        while (e < n && ps.ld[size_t(ps.ord[size_t(e)])] == s) {
+          gm += double(L.w[ps.ord[size_t(e)]]);
+          ++e;
+        }
         const bool k = below < P || s <= sm;
         for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
         below += gm;
@@ -349,9 +372,8 @@ inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, flo
       ps.ord.clear();
       for (int64_t j = 0; j < n; ++j)
         if (L.v[j] >= cv) ps.ord.push_back(int32_t(j));
-      std::sort(ps.ord.begin(), ps.ord.end(), [&](int32_t a, int32_t b) {
-        return L.v[a] > L.v[b] || (L.v[a] == L.v[b] && a < b);
-      });
+      std::sort(ps.ord.begin(), ps.ord.end(),
+                [&](int32_t a, int32_t b) { return L.v[a] > L.v[b] || (L.v[a] == L.v[b] && a < b); });
       const int64_t nc = int64_t(ps.ord.size());
       double Zn = 0.0;
       for (int64_t t = 0; t < nc; ++t) Zn += double(L.w[ps.ord[size_t(t)]]);
@@ -371,7 +393,10 @@ inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, flo
         const float v = L.v[ps.ord[size_t(g)]];
         int64_t e = g;
         double gs = 0.0;
-        while (e < nc && L.v[ps.ord[size_t(e)]] == v) { gs += ps.ld[size_t(e)]; ++e; }
+        while (e < nc && L.v[ps.ord[size_t(e)]] == v) {
+          gs += ps.ld[size_t(e)];
+          ++e;
+        }
         const bool k = g == 0 || cum + ps.ld[size_t(g)] <= tau;
         for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
         cum += gs;
@@ -460,7 +485,11 @@ inline int64_t collect_start(const float* y, int64_t V, float m, float T, float 
   }
   int64_t c = 0;
   for (int64_t j = 0; j < n; ++j)
-    if (s.val[j] >= lo) { s.val[c] = s.val[j]; s.idx[c] = s.idx[j]; ++c; }
+    if (s.val[j] >= lo) {
+      s.val[c] = s.val[j];
+      s.idx[c] = s.idx[j];
+      ++c;
+    }
   return c;
 }
 
@@ -475,16 +504,25 @@ inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n
   };
   const int64_t h = std::min(n, nl);
   std::partial_sort(ps.top.begin(), ps.top.begin() + h, ps.top.end(), better);
-  for (int64_t j = 0; j < h; ++j) { ids[j] = ps.top[size_t(j)].second; vals_out[j] = ps.top[size_t(j)].first; }
+  for (int64_t j = 0; j < h; ++j) {
+    ids[j] = ps.top[size_t(j)].second;
+    vals_out[j] = ps.top[size_t(j)].first;
+  }
   if (h < n) {  // pad: lowest indices not in the list (idx is sorted ascending)
     int64_t j = h, t = 0, c = 0;
     while (j < n) {
-      if (c < nl && idx[c] == t) { ++c; ++t; continue; }
-      ids[j] = t; vals_out[j] = kNegInf; ++j; ++t;
+      if (c < nl && idx[c] == t) {
+        ++c;
+        ++t;
+        continue;
+      }
+      ids[j] = t;
+      vals_out[j] = kNegInf;
+      ++j;
+      ++t;
     }
   }
 }
-
 
 // Fast start for top-k (k <= kTopScanMax; no top-n-sigma; not joint; T > 0): the processed row is
 // never written. The sparse steps run first, on the tokens they touch only (their processed values
@@ -569,7 +607,10 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     if (bm || ps.bmark[i >> 4] == cur || ps.bmark[(i >> 4) + 1] == cur || ps.bmark[(i >> 4) + 2] == cur ||
         ps.bmark[(i >> 4) + 3] == cur) {
       mr = vmax(mr, vmax(vmax(a, b), vmax(c, d)));  // +inf shows in the raw max
-      a = processed(a, i); b = processed(b, i + 16); c = processed(c, i + 32); d = processed(d, i + 48);
+      a = processed(a, i);
+      b = processed(b, i + 16);
+      c = processed(c, i + 32);
+      d = processed(d, i + 48);
       const VF m4 = vmax(vmax(a, b), vmax(c, d));
       mx = vmax(mx, m4);
       if (!vgt(m4, vthr)) continue;
@@ -578,7 +619,10 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
       mu = vmax(mu, m4);
       if (!vgt(m4, vthr)) continue;
     }
-    insert(a, i); insert(b, i + 16); insert(c, i + 32); insert(d, i + 48);
+    insert(a, i);
+    insert(b, i + 16);
+    insert(c, i + 32);
+    insert(d, i + 48);
   }
   for (; i < V; i += 16) {
     VF v = load_block(x, i, V, kNegInf);
@@ -605,7 +649,10 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     const VF v = processed(load_block(x, i, V, kNegInf), i);
     const M16 hit = vge(v, vt);
     if (!hit) continue;
-    if (int64_t(s.val.size()) < n + 32) { s.val.resize(size_t(2 * (n + 32))); s.idx.resize(size_t(2 * (n + 32))); }
+    if (int64_t(s.val.size()) < n + 32) {
+      s.val.resize(size_t(2 * (n + 32)));
+      s.idx.resize(size_t(2 * (n + 32)));
+    }
     n += vcompress(s.val.data() + n, s.idx.data() + n, hit, v, int32_t(i));
   }
   s.pf = pf;
@@ -618,7 +665,10 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
 template <class T>
 inline void top_n_row(const T* x, int64_t V, int64_t n, PipeScratch& ps, int64_t* ids, float* vals_out) {
   top_scan(x, V, n, ps);
-  for (int64_t j = 0; j < n; ++j) { ids[j] = ps.top[size_t(j)].second; vals_out[j] = ps.top[size_t(j)].first; }
+  for (int64_t j = 0; j < n; ++j) {
+    ids[j] = ps.top[size_t(j)].second;
+    vals_out[j] = ps.top[size_t(j)].first;
+  }
 }
 
 // Number of values of a row >= t.
@@ -630,10 +680,20 @@ inline int64_t count_geq(const T* x, int64_t V, float t) {
   return c;
 }
 
-template <class T> inline void store_elem(T* p, float v);
-template <> inline void store_elem<float>(float* p, float v) { *p = v; }
-template <> inline void store_elem<bf16_t>(bf16_t* p, float v) { p->x = dk::bf16_bits(v); }
-template <> inline void store_elem<f16_t>(f16_t* p, float v) { p->x = f16_bits(v); }
+template <class T>
+inline void store_elem(T* p, float v);
+template <>
+inline void store_elem<float>(float* p, float v) {
+  *p = v;
+}
+template <>
+inline void store_elem<bf16_t>(bf16_t* p, float v) {
+  p->x = dk::bf16_bits(v);
+}
+template <>
+inline void store_elem<f16_t>(f16_t* p, float v) {
+  p->x = f16_bits(v);
+}
 
 // xgrammar's in-place mask of one row: -inf where the bit of token i < n is 0.
 template <class T>
@@ -658,8 +718,8 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   float* y = ps.y.data();
   float m = kNegInf, mraw = kNegInf;
   const int64_t kk = step_on(Step::TopK, pr, V) ? std::max(pr.k, pr.mtk) : 0;
-  const bool fast = a.mode == 0 && pr.T > 0.f && order != PipeOrder::Joint && pr.nsig <= 0.0 && kk >= 1 &&
-                    kk <= kTopScanMax;
+  const bool fast =
+      a.mode == 0 && pr.T > 0.f && order != PipeOrder::Joint && pr.nsig <= 0.0 && kk >= 1 && kk <= kTopScanMax;
   int64_t n_fast = 0;
   bool ok = true, valid = true;
   if (fast) {
@@ -673,17 +733,25 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
   auto fail = [&]() {
     if (out) {
-      if (!ok) for (int64_t i = 0; i < V; ++i) out[i] = x[i];   // a bad raw row passes through
-      else for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]);
+      if (!ok)
+        for (int64_t i = 0; i < V; ++i) out[i] = x[i];  // a bad raw row passes through
+      else
+        for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]);
       return;
     }
     a.out_tokens[o] = 0;
     a.out_valid[o] = false;
     if (a.out_logprob) a.out_logprob[o] = 0.f;
     if (a.out_rank) a.out_rank[o] = 0;
-    for (int64_t j = 0; j < a.top_n; ++j) { a.out_top_ids[o * a.top_n + j] = 0; a.out_top_lp[o * a.top_n + j] = kNegInf; }
+    for (int64_t j = 0; j < a.top_n; ++j) {
+      a.out_top_ids[o * a.top_n + j] = 0;
+      a.out_top_lp[o * a.top_n + j] = kNegInf;
+    }
   };
-  if (!valid) { fail(); return; }
+  if (!valid) {
+    fail();
+    return;
+  }
   const bool greedy = a.mode == 0 && pr.T == 0.f;
   const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
   const float invT = 1.f / temp;
@@ -694,7 +762,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   bool any = pr.nsig > 0.0;
   for (int j = 0; j < 7; ++j) any = any || step_on(steps[j], pr, V);
   if (greedy || !any) {
-    if (out) { for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]); return; }
+    if (out) {
+      for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]);
+      return;
+    }
   }
   PipeList L{nullptr, nullptr, nullptr, 0};
   const Weight wt{false, m, invT};
@@ -710,7 +781,11 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     // joint: every truncation sees the whole finite row; top-n-sigma is one more intersected filter
     const float lo0 = joint ? -FLT_MAX : lo;
     const int64_t n0 = fast ? n_fast : collect_start(y, V, m, temp, lo0, k, s, ps);
-    if (int64_t(ps.lv.size()) < n0 + 16) { ps.lv.resize(size_t(n0 + 16)); ps.lw.resize(size_t(n0 + 16)); ps.li.resize(size_t(n0 + 16)); }
+    if (int64_t(ps.lv.size()) < n0 + 16) {
+      ps.lv.resize(size_t(n0 + 16));
+      ps.lw.resize(size_t(n0 + 16));
+      ps.li.resize(size_t(n0 + 16));
+    }
     std::copy(s.val.data(), s.val.data() + n0, ps.lv.data());
     std::copy(s.idx.data(), s.idx.data() + n0, ps.li.data());
     L = PipeList{ps.lv.data(), ps.lw.data(), ps.li.data(), n0};
@@ -727,8 +802,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     for (int j = 0; j < 7; ++j) {
       if (!step_on(steps[j], pr, V)) continue;
       step_keep(steps[j], L, pr, m, invT, ps, keep);
-      if (joint) { for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] &= keep[size_t(t)]; }
-      else list_filter(L, [&](int64_t t) { return keep[size_t(t)] != 0; });
+      if (joint) {
+        for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] &= keep[size_t(t)];
+      } else
+        list_filter(L, [&](int64_t t) { return keep[size_t(t)] != 0; });
     }
     if (joint) list_filter(L, [&](int64_t t) { return acc[size_t(t)] != 0; });
   }
@@ -743,7 +820,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   float tw = 1.f, tv = 0.f;  // the token's weight and processed value
   if (greedy) {
     for (int64_t i = 0; i < V; ++i)
-      if (y[i] == m) { tok = i; break; }
+      if (y[i] == m) {
+        tok = i;
+        break;
+      }
   } else {
     Z = list_mass(L);
     const double u = row_uniform(row_key(a, o), 0u);
@@ -753,9 +833,15 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     for (int64_t j = 0; j < L.n; ++j) {
       if (L.w[j] > 0.f) last = j;
       cum += double(L.w[j]);
-      if (cum > target) { last = j; break; }
+      if (cum > target) {
+        last = j;
+        break;
+      }
     }
-    if (last < 0) { fail(); return; }  // no positive weight (cannot happen: the max has weight 1)
+    if (last < 0) {
+      fail();
+      return;
+    }  // no positive weight (cannot happen: the max has weight 1)
     tok = L.i[last];
     tw = L.w[last];
     tv = L.v[last];
@@ -778,8 +864,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     if (a.out_logprob) a.out_logprob[o] = lp(vt);
     if (a.out_rank) a.out_rank[o] = raw ? count_geq(x, V, vt) : count_geq(y, V, vt);
     if (tids) {
-      if (raw) top_n_row(x, V, a.top_n, ps, tids, tlp);
-      else top_n_row(y, V, a.top_n, ps, tids, tlp);
+      if (raw)
+        top_n_row(x, V, a.top_n, ps, tids, tlp);
+      else
+        top_n_row(y, V, a.top_n, ps, tids, tlp);
       for (int64_t j = 0; j < a.top_n; ++j) tlp[j] = tlp[j] > kNegInf ? lp(tlp[j]) : kNegInf;
     }
     return;

@@ -21,12 +21,14 @@
 namespace dk::cpu::DK_ISA_NAME {
 using namespace dk::simd;
 
-constexpr int64_t kListMax = 2048;   // survivors sampled by walking a list when |S| <= this
-constexpr int64_t kChunk = 4096;     // otherwise: chunked inverse-CDF pass over the row
-constexpr float kWindowNats = 12.0f; // candidate window below the running max (nats)
-constexpr int64_t kMinCap = 4096;    // initial candidate buffer size (grows as needed)
+constexpr int64_t kListMax = 2048;    // survivors sampled by walking a list when |S| <= this
+constexpr int64_t kChunk = 4096;      // otherwise: chunked inverse-CDF pass over the row
+constexpr float kWindowNats = 12.0f;  // candidate window below the running max (nats)
+constexpr int64_t kMinCap = 4096;     // initial candidate buffer size (grows as needed)
 
-struct VW { float v, w; };  // a candidate's value and weight
+struct VW {
+  float v, w;
+};  // a candidate's value and weight
 
 // Next-row prefetch: the passes after pass A run on the cache-hot row and leave the memory
 // system idle, so they pull the next row of this thread's range towards L2, one 64-byte line per
@@ -36,7 +38,10 @@ struct Prefetch {
   const char* p = nullptr;
   const char* end = nullptr;
   void step() {
-    if (p < end) { __builtin_prefetch(p, 0, 2); p += 64; }
+    if (p < end) {
+      __builtin_prefetch(p, 0, 2);
+      p += 64;
+    }
   }
   void step4() {  // four blocks' worth (may touch up to 3 lines past the end: harmless)
     if (p < end) {
@@ -55,15 +60,18 @@ struct Scratch {
   std::vector<int32_t> idx;
   std::vector<float> tmp;
   std::vector<VW> pairs, pairs2;
-  std::vector<float> gv, gw;   // the crossing bin of the binned top-p cut (values, weights)
-  std::vector<double> hist;    // its per-lane histograms
+  std::vector<float> gv, gw;  // the crossing bin of the binned top-p cut (values, weights)
+  std::vector<double> hist;   // its per-lane histograms
   std::vector<double> chunks;
 };
 // A kernel's range starts with no next-row prefetch; row loops that want one set it per row
 // (prefetch_next), so a cursor left by another op never points into a freed buffer.
 inline Scratch& scratch() {
   thread_local Scratch s;
-  if (s.val.size() < size_t(kMinCap + 16)) { s.val.resize(kMinCap + 16); s.idx.resize(kMinCap + 16); }
+  if (s.val.size() < size_t(kMinCap + 16)) {
+    s.val.resize(kMinCap + 16);
+    s.idx.resize(kMinCap + 16);
+  }
   s.pf = Prefetch{};
   return s;
 }
@@ -78,18 +86,16 @@ struct Weight {
 
 // What pass A found about a row.
 struct RowScan {
-  float m = kNegInf;   // max value
-  bool bad = false;    // NaN / +inf / (probs: negative) / nothing with positive weight
-  float thr = 0.f;     // C = { i : x_i >= thr }
-  int64_t n = 0;       // |C|
+  float m = kNegInf;  // max value
+  bool bad = false;   // NaN / +inf / (probs: negative) / nothing with positive weight
+  float thr = 0.f;    // C = { i : x_i >= thr }
+  int64_t n = 0;      // |C|
 };
 
 struct Window {
   bool probs;
   float span;  // logits: D*T (x >= m - span); probs: ratio exp(-D) (x >= m * span)
-  float of(float m) const {
-    return probs ? std::max(m * span, FLT_TRUE_MIN) : std::max(m - span, -FLT_MAX);
-  }
+  float of(float m) const { return probs ? std::max(m * span, FLT_TRUE_MIN) : std::max(m - span, -FLT_MAX); }
 };
 
 template <class T>
@@ -194,8 +200,8 @@ inline RowScan scan_row(const T* x, int64_t V, const Window& win, bool collect, 
 constexpr int kProfiles = 10;
 constexpr float kProfileNats[kProfiles] = {0.5f, 1.f, 2.f, 3.f, 4.5f, 7.f, 11.f, 16.f, 32.f, 70.f};
 template <class T>
-inline void window_profile(const T* x, int64_t V, const Window& unit, float m, const Weight& w,
-                           bool need_mass, double* cnt, double* mass, Prefetch& pfr, int64_t stride = 1) {
+inline void window_profile(const T* x, int64_t V, const Window& unit, float m, const Weight& w, bool need_mass,
+                           double* cnt, double* mass, Prefetch& pfr, int64_t stride = 1) {
   // unit: the window for 1 nat (logits: span T; probs: ratio e^-1)
   VF thr[kProfiles], accc[kProfiles], accm[kProfiles];
   for (int j = 0; j < kProfiles; ++j) {
@@ -224,9 +230,12 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
     pf.step();
     VF v = load_block(x, i, V, fill);
     if (!vge(v, thr[kProfiles - 1])) continue;
-    if (vge(v, thr[4])) update(v, std::integral_constant<int, 0>{});
-    else if (vge(v, thr[7])) update(v, std::integral_constant<int, 5>{});
-    else update(v, std::integral_constant<int, 8>{});
+    if (vge(v, thr[4]))
+      update(v, std::integral_constant<int, 0>{});
+    else if (vge(v, thr[7]))
+      update(v, std::integral_constant<int, 5>{});
+    else
+      update(v, std::integral_constant<int, 8>{});
   }
   pfr = pf;
   alignas(64) float lc[16], lm[16];
@@ -234,7 +243,10 @@ inline void window_profile(const T* x, int64_t V, const Window& unit, float m, c
     vstore(lc, accc[j]);
     vstore(lm, accm[j]);
     double c = 0.0, t = 0.0;
-    for (int l = 0; l < 16; ++l) { c += double(lc[l]); t += double(lm[l]); }
+    for (int l = 0; l < 16; ++l) {
+      c += double(lc[l]);
+      t += double(lm[l]);
+    }
     cnt[j] = c;
     mass[j] = t;
   }
@@ -247,19 +259,29 @@ inline bool row_argmax(const T* x, int64_t V, Scratch& s, int64_t* out) {
   *out = 0;
   if (sc.bad) return false;
   for (int64_t i = 0; i < sc.n; ++i)
-    if (s.val[i] == sc.m) { *out = s.idx[i]; break; }
+    if (s.val[i] == sc.m) {
+      *out = s.idx[i];
+      break;
+    }
   return true;
 }
 
 // Every element with positive possible weight, in index order (the exact fallback).
 template <class T>
 inline int64_t collect_all(const T* x, int64_t V, bool probs, Scratch& s) {
-  if (int64_t(s.val.size()) < V + 16) { s.val.resize(V + 16); s.idx.resize(V + 16); }
+  if (int64_t(s.val.size()) < V + 16) {
+    s.val.resize(V + 16);
+    s.idx.resize(V + 16);
+  }
   int64_t n = 0;
   const float lo = probs ? FLT_TRUE_MIN : -FLT_MAX;
   for (int64_t i = 0; i < V; ++i) {
     float v = to_float(x[i]);
-    if (v >= lo) { s.val[n] = v; s.idx[n] = int32_t(i); ++n; }
+    if (v >= lo) {
+      s.val[n] = v;
+      s.idx[n] = int32_t(i);
+      ++n;
+    }
   }
   return n;
 }
@@ -305,7 +327,10 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
         float v = a[i].v;
         best = v;
         double g = 0.0;
-        while (i < hi && a[i].v == v) { g += double(a[i].w); ++i; }
+        while (i < hi && a[i].v == v) {
+          g += double(a[i].w);
+          ++i;
+        }
         base += g;
       }
       return best;
@@ -317,11 +342,23 @@ inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
     double mgt = 0.0, meq = 0.0;
     while (i < lt) {
       float v = a[i].v;
-      if (v > piv) { mgt += double(a[i].w); std::swap(a[gt], a[i]); ++gt; ++i; }
-      else if (v < piv) { --lt; std::swap(a[i], a[lt]); }
-      else { meq += double(a[i].w); ++i; }
+      if (v > piv) {
+        mgt += double(a[i].w);
+        std::swap(a[gt], a[i]);
+        ++gt;
+        ++i;
+      } else if (v < piv) {
+        --lt;
+        std::swap(a[i], a[lt]);
+      } else {
+        meq += double(a[i].w);
+        ++i;
+      }
     }
-    if (base + mgt >= P) { hi = gt; continue; }
+    if (base + mgt >= P) {
+      hi = gt;
+      continue;
+    }
     best = piv;
     base += mgt + meq;
     if (base >= P || lt == hi) return best;
@@ -389,7 +426,7 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
   const uint32_t mbits = float_to_bits(w.m);
   const VF vlast = vset(float(NB - 1)), vm = vset(w.m), vscale = vset(w.invT), v8 = vset(8.f);
   auto dist8 = [&](VF v) { return vmul(vmul(vsub(vm, v), vscale), v8); };  // logits: 8 * nats below the max
-  auto bins = [&](VF v) -> VF {  // the bin of each lane, as a float in [0, NB-1]
+  auto bins = [&](VF v) -> VF {                               // the bin of each lane, as a float in [0, NB-1]
     if (w.probs) return vmin(vbitdist<20>(v, mbits), vlast);  // v <= m, both positive
     VF d = dist8(v);
     return vblend(vlt(d, vlast), vlast, vfloor(d));
@@ -407,7 +444,10 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
   }
   double base = 0.0;
   const int bstar = crossing_bin(bm, NB, P, base);
-  if (int64_t(gv.size()) < n + 16) { gv.resize(n + 16); gw.resize(n + 16); }
+  if (int64_t(gv.size()) < n + 16) {
+    gv.resize(n + 16);
+    gw.resize(n + 16);
+  }
   int64_t cnt = 0;
   const VF vstar = vset(float(bstar));
   for (int64_t i = 0; i < n; i += 16) {  // the crossing bin, in index order
@@ -449,7 +489,7 @@ inline float top_p_threshold_binned(const float* vals, const float* wts, int64_t
 struct Resolved {
   float t = kNegInf;
   float minw = 0.f;
-  bool in_c = false;    // S is a subset of the candidate list (whose contents are exact)
+  bool in_c = false;  // S is a subset of the candidate list (whose contents are exact)
   bool need_full = false;
 };
 
@@ -464,8 +504,7 @@ struct RowParamsF {
 // Resolve top-k / top-p / min-p on the candidate list (vals[0..n), index order).
 template <class T>
 inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* wts, int64_t n, bool complete,
-                        bool minp_window_ok, const RowParamsF& rp, const Weight& w, Scratch& s,
-                        double& zfull) {
+                        bool minp_window_ok, const RowParamsF& rp, const Weight& w, Scratch& s, double& zfull) {
   Resolved r;
   const bool k_on = rp.k >= 1 && rp.k < V;
   const bool p_on = rp.p < 1.f;
@@ -488,7 +527,10 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     s.pairs.clear();
     if (within_k) {
       for (int64_t i = 0; i < n; ++i)
-        if (vals[i] >= tk) { s.pairs.push_back({vals[i], wts[i]}); mc += double(wts[i]); }
+        if (vals[i] >= tk) {
+          s.pairs.push_back({vals[i], wts[i]});
+          mc += double(wts[i]);
+        }
     } else {  // 16 double lanes, fixed order (a sequential double sum is latency-bound)
       VD acc = vd_zero();
       int64_t i = 0;
@@ -502,7 +544,10 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
     } else {
       if (zfull < 0.0) zfull = row_mass(x, V, w, kNegInf, 0.f, s.pf);  // once per row
       Z = zfull;
-      if (!complete && mc < double(rp.p) * Z) { r.need_full = true; return r; }
+      if (!complete && mc < double(rp.p) * Z) {
+        r.need_full = true;
+        return r;
+      }
     }
     const double P = double(rp.p) * Z;
     float tp;
@@ -531,7 +576,7 @@ struct Selection {
   bool valid = false;
   Weight w{false, 0.f, 1.f};
   Resolved res;
-  int64_t nS = 0;      // |S| when res.in_c and |S| <= kListMax (then S is listed); kListMax+1 otherwise
+  int64_t nS = 0;  // |S| when res.in_c and |S| <= kListMax (then S is listed); kListMax+1 otherwise
 };
 
 template <class T>
@@ -559,7 +604,7 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   double zfull = -1.0;
   int64_t n = sc.n;
   const bool within_k = rp.order == FilterOrder::Sequential && k_on;  // top-p inside the top k
-  const Window unit{probs, probs ? std::exp(-1.f) : temp};               // the window of 1 nat
+  const Window unit{probs, probs ? std::exp(-1.f) : temp};            // the window of 1 nat
   // Top-k by count alone (no mass needed): first try a window chosen from a profile of every 8th
   // block (an eighth of the work) with a 4x (else 2x, 1x) margin on k, if its estimated size is modest;
   // if that window holds fewer than k values resolve() asks for more and the exact profile decides.
@@ -614,8 +659,8 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
   // listed (no copy of a list that can hold the whole row).
   for (;;) {
     if (!probs) candidate_weights(sel.w, n, s);
-    sel.res = resolve(x, V, s.val.data(), probs ? s.val.data() : s.wt.data(), n, complete, minp_window_ok, rp,
-                      sel.w, s, zfull);
+    sel.res = resolve(x, V, s.val.data(), probs ? s.val.data() : s.wt.data(), n, complete, minp_window_ok, rp, sel.w, s,
+                      zfull);
     if (!sel.res.need_full || complete) break;
     widen();
   }
@@ -623,8 +668,7 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
     // |S| decides the draw method; S is only listed when the list method will use it.
     const float* wts = probs ? s.val.data() : s.wt.data();
     int64_t cnt = 0;
-    for (int64_t i = 0; i < n && cnt <= kListMax; ++i)
-      cnt += (s.val[i] >= sel.res.t) & (wts[i] >= sel.res.minw);
+    for (int64_t i = 0; i < n && cnt <= kListMax; ++i) cnt += (s.val[i] >= sel.res.t) & (wts[i] >= sel.res.minw);
     if (cnt > kListMax) {
       sel.nS = kListMax + 1;  // "large": the chunked draw over the row
     } else {
@@ -632,7 +676,12 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
       int64_t m = 0;
       for (int64_t i = 0; i < n; ++i) {
         float v = s.val[i], e = wts[i];  // (m <= i: in-place compaction reads before it writes)
-        if (v >= sel.res.t && e >= sel.res.minw) { s.val[m] = v; s.wt[m] = e; s.idx[m] = s.idx[i]; ++m; }
+        if (v >= sel.res.t && e >= sel.res.minw) {
+          s.val[m] = v;
+          s.wt[m] = e;
+          s.idx[m] = s.idx[i];
+          ++m;
+        }
       }
       sel.nS = m;
     }
@@ -643,8 +692,7 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
 // Exact inverse-CDF draw from S with uniform u in (0,1). Returns the token and its weight and
 // the total mass Z_S.
 template <class T>
-inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scratch& s,
-                    double* Zout, float* wout) {
+inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scratch& s, double* Zout, float* wout) {
   const Weight& w = sel.w;
   if (sel.res.in_c && sel.nS <= kListMax) {
     double Z = 0.0;
@@ -655,9 +703,14 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
       float e = s.wt[i];
       if (e > 0.f) last = i;
       cum += double(e);
-      if (cum > target) { *Zout = Z; *wout = e; return s.idx[i]; }
+      if (cum > target) {
+        *Zout = Z;
+        *wout = e;
+        return s.idx[i];
+      }
     }
-    *Zout = Z; *wout = s.wt[last];
+    *Zout = Z;
+    *wout = s.wt[last];
     return s.idx[last];
   }
   // chunked: per-chunk masses (16 double lanes), then a sequential scan of one chunk
@@ -704,9 +757,13 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
     vstore(lane, e);
     for (M16 b = keep; b; b &= b - 1) {
       int j = __builtin_ctz(b);
-      last = i + j; lastw = lane[j];
+      last = i + j;
+      lastw = lane[j];
       acc += double(lane[j]);
-      if (acc > local) { *wout = lane[j]; return i + j; }
+      if (acc > local) {
+        *wout = lane[j];
+        return i + j;
+      }
     }
   }
   *wout = lastw;
@@ -715,9 +772,12 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
 
 // Points s.pf at the row this thread handles after `o` (none after the last one).
 template <class T>
-inline void prefetch_next(Scratch& s, const T* base, int64_t row_stride, int64_t V, const int64_t* indices,
-                          int64_t o, int64_t end) {
-  if (o + 1 >= end) { s.pf = Prefetch{}; return; }
+inline void prefetch_next(Scratch& s, const T* base, int64_t row_stride, int64_t V, const int64_t* indices, int64_t o,
+                          int64_t end) {
+  if (o + 1 >= end) {
+    s.pf = Prefetch{};
+    return;
+  }
   const int64_t src = indices ? indices[o + 1] : o + 1;
   const char* p = reinterpret_cast<const char*>(base + src * row_stride);
   s.pf = Prefetch{p, p + V * int64_t(sizeof(T))};

@@ -12,7 +12,7 @@ enum class SpecTargetKind : int { Probs = 0, Logits = 1, Ids = 2 };
 // Target rows [B, R, V] (R = N + 1 for a chain, T for a tree), last dim contiguous.
 struct SpecTarget {
   SpecTargetKind kind = SpecTargetKind::Probs;
-  const void* data = nullptr;     // probs: float; logits: dtype; ids: int64 [B, R] (no V)
+  const void* data = nullptr;  // probs: float; logits: dtype; ids: int64 [B, R] (no V)
   DType dtype = DType::F32;
   int64_t V = 0;
   int64_t stride_b = 0, stride_r = 0;  // elements
@@ -34,8 +34,8 @@ struct SpecRng {
 struct ChainArgs {
   SpecTarget target;
   SpecDraft draft;
-  const int64_t* draft_ids = nullptr;   // [B, N] contiguous
-  const int64_t* num_draft = nullptr;   // [B] or nullptr (every row has N)
+  const int64_t* draft_ids = nullptr;  // [B, N] contiguous
+  const int64_t* num_draft = nullptr;  // [B] or nullptr (every row has N)
   int64_t B = 0, N = 0;
   SpecRng rng;
   int64_t* out_ids = nullptr;       // [B, N + 1], padded with -1
@@ -46,7 +46,7 @@ struct ChainArgs {
 struct TreeArgs {
   SpecTarget target;
   SpecDraft draft;
-  const int64_t* cand = nullptr;        // [B, T] contiguous, node 0 = root
+  const int64_t* cand = nullptr;  // [B, T] contiguous, node 0 = root
   const int64_t* retrive_index = nullptr;
   const int64_t* next_token = nullptr;
   const int64_t* next_sibling = nullptr;
@@ -76,16 +76,16 @@ const SpecTable& spec_active();  // by active_isa_id()
 
 // build_tree: a walk, plain C++ (csrc/cpu/spec_tree.cpp).
 struct BuildTreeArgs {
-  const int64_t* parents = nullptr;     // [B, T] contiguous
-  const int64_t* prefix_lens = nullptr; // [B]
+  const int64_t* parents = nullptr;      // [B, T] contiguous
+  const int64_t* prefix_lens = nullptr;  // [B]
   int64_t B = 0, T = 0;
-  uint8_t* mask = nullptr;              // [B, T, ceil(T/8)]
-  int64_t* positions = nullptr;         // [B * T]
-  int64_t* retrive_index = nullptr;     // [B, T]
-  int64_t* next_token = nullptr;        // [B, T]
-  int64_t* next_sibling = nullptr;      // [B, T]
-  int32_t* err = nullptr;               // [B]
-  int64_t* err_node = nullptr;          // [B]
+  uint8_t* mask = nullptr;           // [B, T, ceil(T/8)]
+  int64_t* positions = nullptr;      // [B * T]
+  int64_t* retrive_index = nullptr;  // [B, T]
+  int64_t* next_token = nullptr;     // [B, T]
+  int64_t* next_sibling = nullptr;   // [B, T]
+  int32_t* err = nullptr;            // [B]
+  int64_t* err_node = nullptr;       // [B]
 };
 void build_tree_rows(const BuildTreeArgs& a, int64_t begin, int64_t end);
 

@@ -8,9 +8,8 @@ void build_tree_rows(const BuildTreeArgs& a, int64_t begin, int64_t end) {
   const int64_t T = a.T, W = (a.T + 7) / 8;
   for (int64_t b = begin; b < end; ++b) {
     int64_t bad = -1;
-    a.err[b] = build_tree_row(a.parents + b * T, T, a.prefix_lens[b], b * T, a.mask + b * T * W,
-                              a.positions + b * T, a.retrive_index + b * T, a.next_token + b * T,
-                              a.next_sibling + b * T, &bad);
+    a.err[b] = build_tree_row(a.parents + b * T, T, a.prefix_lens[b], b * T, a.mask + b * T * W, a.positions + b * T,
+                              a.retrive_index + b * T, a.next_token + b * T, a.next_sibling + b * T, &bad);
     a.err_node[b] = bad;
   }
 }

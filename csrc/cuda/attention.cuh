@@ -36,7 +36,7 @@ struct TreeAttnArgs {
   int64_t mask_sb = 0, mask_st = 0;  // byte strides
   const int64_t* prefix_lens = nullptr;
   float sm_scale = 1.f;
-  void* out = nullptr;  // [B, T, Hq, D] contiguous, dtype
+  void* out = nullptr;   // [B, T, Hq, D] contiguous, dtype
   float* lse = nullptr;  // [B, T, Hq]
 };
 
@@ -63,7 +63,7 @@ DK_HOST_DEVICE void store_val(f16_t* p, float x) {
   uint32_t h;
   if (a >= 0x7f800000u) {
     h = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN, inf
-  } else if (a >= 0x38800000u) {             // normal half (overflow rounds into 0x7c00 = inf)
+  } else if (a >= 0x38800000u) {              // normal half (overflow rounds into 0x7c00 = inf)
     const uint32_t r = a - 0x38000000u;
     h = (r + 0xfffu + ((r >> 13) & 1u)) >> 13;
   } else {  // subnormal half or zero: round(M * 2^(e - 126)), M the 24-bit significand

@@ -70,10 +70,18 @@ struct BitmaskInplaceArgs {
 
 namespace pdetail {
 
-template <class T> DK_PIPE_FN void store(T* p, float v);
-template <> DK_PIPE_FN void store<float>(float* p, float v) { *p = v; }
-template <> DK_PIPE_FN void store<bf16_t>(bf16_t* p, float v) { p->x = dk::bf16_bits(v); }
-template <> DK_PIPE_FN void store<f16_t>(f16_t* p, float v) {  // round to nearest even, as the CPU
+template <class T>
+DK_PIPE_FN void store(T* p, float v);
+template <>
+DK_PIPE_FN void store<float>(float* p, float v) {
+  *p = v;
+}
+template <>
+DK_PIPE_FN void store<bf16_t>(bf16_t* p, float v) {
+  p->x = dk::bf16_bits(v);
+}
+template <>
+DK_PIPE_FN void store<f16_t>(f16_t* p, float v) {  // round to nearest even, as the CPU
 #if defined(__CUDACC__)
   p->x = __half_as_ushort(__float2half_rn(v));
 #else
@@ -132,15 +140,27 @@ DK_PIPE_FN void process_row(const ProcessArgs& a, int64_t o, unsigned tid, unsig
     float v = base(t);
     bool changed = false;
     for (int64_t j = 0; j < a.n_banned; ++j)
-      if (a.banned[o * a.n_banned + j] == t) { v = -__builtin_huge_valf(); changed = true; }
+      if (a.banned[o * a.n_banned + j] == t) {
+        v = -__builtin_huge_valf();
+        changed = true;
+      }
     for (int64_t j = 0; j < a.n_bias; ++j)
-      if (a.bias_ids[o * a.n_bias + j] == t) { v = v + a.bias_vals[o * a.n_bias + j]; changed = true; }
+      if (a.bias_ids[o * a.n_bias + j] == t) {
+        v = v + a.bias_vals[o * a.n_bias + j];
+        changed = true;
+      }
     bool seen = false;
     uint32_t c = 0;
     for (int64_t j = 0; j < a.n_prompt; ++j) seen |= a.prompt[o * a.n_prompt + j] == t;
     for (int64_t j = 0; j < a.n_output; ++j) c += a.output[o * a.n_output + j] == t;
-    if (rep_on && (seen || c > 0)) { v = repetition_apply(v, rep); changed = true; }
-    if (cnt_on && c > 0) { v = count_penalty_apply(v, freq, pres, c); changed = true; }
+    if (rep_on && (seen || c > 0)) {
+      v = repetition_apply(v, rep);
+      changed = true;
+    }
+    if (cnt_on && c > 0) {
+      v = count_penalty_apply(v, freq, pres, c);
+      changed = true;
+    }
     if (changed) store(out + t, v);
   }
 }

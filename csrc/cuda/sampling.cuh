@@ -53,7 +53,7 @@
 namespace dk::cuda {
 
 // ---- torch-free argument structs (filled by csrc/cuda/sampling.cu) ------------------------
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };                      // = dk::cpu::DType
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };                        // = dk::cpu::DType
 enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };  // = dk::cpu::FilterOut
 
 // Per-row parameters: a device pointer to one value per (output) row, or a scalar.
@@ -116,15 +116,16 @@ inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out *
 
 namespace detail {
 
-DK_CUDA_FN float key_to_float(uint32_t k) {
-  return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
+DK_CUDA_FN float key_to_float(uint32_t k) { return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
 
 DK_CUDA_FN float neg_inf_of(const float*) { return kNegInf; }
 DK_CUDA_FN bf16_t neg_inf_of(const bf16_t*) { return bf16_t{0xFF80}; }
 DK_CUDA_FN f16_t neg_inf_of(const f16_t*) { return f16_t{0xFC00}; }
 
-template <class T> DK_CUDA_FN float ld(const T* x, int64_t i) { return to_float(x[i]); }
+template <class T>
+DK_CUDA_FN float ld(const T* x, int64_t i) {
+  return to_float(x[i]);
+}
 
 // The weight of a value: exp((x - m) * invT) for logits, x itself for probabilities
 // (row_engine.h Weight, scalar overload).
@@ -216,15 +217,24 @@ DK_CUDA_FN void block_argmax(float& v, int64_t& idx, Smem& s) {
   for (int o = 16; o > 0; o >>= 1) {
     float ov = __shfl_down_sync(0xffffffffu, v, o);
     int64_t oi = __shfl_down_sync(0xffffffffu, idx, o);
-    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
   }
-  if (lane == 0) { s.fred[wid] = v; s.ired[wid] = idx; }
+  if (lane == 0) {
+    s.fred[wid] = v;
+    s.ired[wid] = idx;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     float bv = s.fred[0];
     int64_t bi = s.ired[0];
     for (int w = 1; w < kWarps; ++w)
-      if (s.fred[w] > bv || (s.fred[w] == bv && s.ired[w] < bi)) { bv = s.fred[w]; bi = s.ired[w]; }
+      if (s.fred[w] > bv || (s.fred[w] == bv && s.ired[w] < bi)) {
+        bv = s.fred[w];
+        bi = s.ired[w];
+      }
     s.fbc = bv;
     s.ibc = bi;
   }
@@ -268,7 +278,10 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
     float v = ld(x, i);
     bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
-    if (v > m || (v == m && i < am)) { m = v; am = i; }
+    if (v > m || (v == m && i < am)) {
+      m = v;
+      am = i;
+    }
   }
   bad = block_any(bad, s);
   block_argmax(m, am, s);
@@ -298,8 +311,7 @@ DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
         if ((key & mask) == prefix) digit = (key >> shift) & 255u;
       }
       const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
-        atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
+      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -361,8 +373,7 @@ DK_CUDA_FN double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t
 // row (returned to every thread); else the lanes restart at every 4096-element chunk and chunk c's
 // mass is written to chunk_out[c] (returns 0).
 template <class T>
-DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
-                             Smem& s) {
+DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out, Smem& s) {
   double lane = 0.0;  // threads 0..15: lane threadIdx.x
   for (int64_t base = 0; base < V; base += kTile) {
     for (int j = threadIdx.x; j < kTile; j += kThreads) {
@@ -411,8 +422,7 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
 // CPU/GPU note: M is a deterministic block reduction here, a quickselect-order sum on the CPU;
 // only a mass within double rounding of P can put the cut on a different value.
 template <class T>
-DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P,
-                                Smem& s) {
+DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
   uint32_t lo = 0u, hi = 0xffffffffu;
   while (hi - lo > 1u) {
     const uint32_t mid = lo + (hi - lo) / 2u;
@@ -423,7 +433,10 @@ DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool wi
       if (float_key(v) > mid) part += double(w(v));
     }
     const double M = block_sum(part, s);
-    if (M < P) hi = mid; else lo = mid;
+    if (M < P)
+      hi = mid;
+    else
+      lo = mid;
   }
   return key_to_float(hi);
 }
@@ -434,7 +447,7 @@ struct Selection {
   Weight w{false, 0.f, 1.f};
   float t = kNegInf;
   float minw = 0.f;
-  bool in_c = false;  // the CPU would walk S as a list (when |S| <= kListMax)
+  bool in_c = false;    // the CPU would walk S as a list (when |S| <= kListMax)
   float lo = -FLT_MAX;  // the CPU's candidate lists hold only x >= lo
 };
 
@@ -491,7 +504,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   float logprob = 0.f;
   if (!probs && rp.T == 0.f) {  // greedy: lowest index of the max
     Scan sc = scan_row(x, V, false, s);
-    if (!sc.bad) { valid = true; tok = sc.argmax; }
+    if (!sc.bad) {
+      valid = true;
+      tok = sc.argmax;
+    }
   } else {
     const Selection sel = select_row(x, V, probs, rp, s);
     if (sel.valid) {
@@ -514,7 +530,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           }
           int total;
           const int pos = block_rank(flag, s, total);
-          if (flag && n + pos < kListMax) { s.u.list.idx[n + pos] = int32_t(i); s.u.list.w[n + pos] = e; }
+          if (flag && n + pos < kListMax) {
+            s.u.list.idx[n + pos] = int32_t(i);
+            s.u.list.w[n + pos] = e;
+          }
           n += total;
         }
         __syncthreads();
@@ -531,11 +550,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
               const float e = s.u.list.w[i];
               if (e > 0.f) last = i;
               cum += double(e);
-              if (cum > target) { pick = i; break; }
+              if (cum > target) {
+                pick = i;
+                break;
+              }
             }
             if (pick < 0) pick = last;
             float wt = 1.f;
-            if (pick >= 0) { tok = s.u.list.idx[pick]; wt = s.u.list.w[pick]; }
+            if (pick >= 0) {
+              tok = s.u.list.idx[pick];
+              wt = s.u.list.w[pick];
+            }
             logprob = float(log(double(wt)) - log(Z));
           }
         }
@@ -590,9 +615,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
             last = i;
             lastw = e;
             acc += double(e);
-            if (acc > local) { pick = i; wt = e; break; }
+            if (acc > local) {
+              pick = i;
+              wt = e;
+              break;
+            }
           }
-          if (pick < 0) { pick = last >= 0 ? last : 0; wt = lastw; }
+          if (pick < 0) {
+            pick = last >= 0 ? last : 0;
+            wt = lastw;
+          }
           tok = pick;
           logprob = float(log(double(wt)) - log(Z));
         }
@@ -636,7 +668,10 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
       float u = __fadd_rn(__fadd_rn(__fmul_rn(__uint2float_rn(wa), s32), __fmul_rn(__uint2float_rn(wb), s64)), half64);
       u = v_min(u, umax);
       const float score = __fadd_rn(v, gumbel_from_uniform<float>(u));
-      if (score > best || (score == best && i < bidx)) { best = score; bidx = i; }
+      if (score > best || (score == best && i < bidx)) {
+        best = score;
+        bidx = i;
+      }
     }
   }
   bad = block_any(bad, s);
@@ -675,7 +710,10 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
   if (a.kind == FilterOut::MaskLogits) {
     T* out = static_cast<T*>(a.out) + r * a.out_stride;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      if (!sel.valid) { out[i] = x[i]; continue; }
+      if (!sel.valid) {
+        out[i] = x[i];
+        continue;
+      }
       const float v = ld(x, i);
       const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
       out[i] = keep ? x[i] : neg_inf_of(x);

@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cuda(const at::Tensor& parents,
-                                                                                    const at::Tensor& prefix_lens) {
+                                                                                       const at::Tensor& prefix_lens) {
   check_cuda(parents, "parents");
   c10::cuda::CUDAGuard guard(parents.device());
   spec::BuildSetup s = spec::setup_build(parents, prefix_lens);

@@ -145,7 +145,10 @@ DK_DEVICE bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;
-    if (r[mid] < x) lo = mid + 1; else hi = mid;
+    if (r[mid] < x)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo < n && r[lo] == x;
 }
@@ -176,7 +179,7 @@ template <class W>
 DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared& sh) {
   const int tid = threadIdx.x;
   const int64_t nch = (V + kChunk - 1) / kChunk;
-  double* lanes = ws.lanes;          // [nch * 16]
+  double* lanes = ws.lanes;              // [nch * 16]
   double* chunks = ws.lanes + nch * 16;  // [nch]
   for (int64_t pair = tid; pair < nch * 16; pair += kThreads) {
     const int64_t c = pair >> 4, j = pair & 15;
@@ -230,7 +233,10 @@ DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared&
       if (!(x > 0.f)) continue;
       last = start + k;
       acc = dadd(acc, double(x));
-      if (acc > local) { tok = start + k; break; }
+      if (acc > local) {
+        tok = start + k;
+        break;
+      }
     }
     sh.bi = tok >= 0 ? tok : last;
   }
@@ -277,8 +283,11 @@ DK_DEVICE void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, int
   for (int64_t i = tid; i < V; i += kThreads) {
     const float v = to_float(x[i]);
     if (v != v || v == kPosInf) bad = 1;
-    if (v > m) { m = v; idx = i; }
-    else if (v == m && i < idx) idx = i;
+    if (v > m) {
+      m = v;
+      idx = i;
+    } else if (v == m && i < idx)
+      idx = i;
   }
   if (tid == 0) sh.flag = 0;
   __syncthreads();
@@ -292,7 +301,10 @@ DK_DEVICE void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, int
     if (tid < s) {
       const float om = sh.fred[tid + s];
       const int64_t oi = sh.ired[tid + s];
-      if (om > sh.fred[tid] || (om == sh.fred[tid] && oi < sh.ired[tid])) { sh.fred[tid] = om; sh.ired[tid] = oi; }
+      if (om > sh.fred[tid] || (om == sh.fred[tid] && oi < sh.ired[tid])) {
+        sh.fred[tid] = om;
+        sh.ired[tid] = oi;
+      }
     }
     __syncthreads();
   }
@@ -357,9 +369,12 @@ struct TreeKids {
 // handle or -1 (*emit set).
 template <class T, class K>
 DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, const RngKey& key, int64_t depth,
-                               int64_t* emit, RowWs& ws, Shared& sh, const SpecCoin* coin = nullptr) {
+                              int64_t* emit, RowWs& ws, Shared& sh, const SpecCoin* coin = nullptr) {
   const int tid = threadIdx.x;
-  if (!tn.valid) { *emit = 0; return -1; }
+  if (!tn.valid) {
+    *emit = 0;
+    return -1;
+  }
   if (tn.greedy) {
     for (int64_t c = kids.first(); c != -1; c = kids.next(c))
       if (kids.token(c) == tn.argmax) return c;
@@ -379,8 +394,8 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
     if (rejected > 0 && in_sorted(ws.removed, ws.nremoved, x)) continue;  // repeated token
     if (!q) {
       const double px = tn.pd(x);
-      const bool ok = coin ? spec_coin_accept(*coin, Mr, px)
-                           : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
+      const bool ok =
+          coin ? spec_coin_accept(*coin, Mr, px) : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
       if (ok) return c;
       Mr += px;
     } else {
@@ -403,7 +418,10 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
         Zr = block_row_mass(V, [&](int64_t e) { return rb[e]; }, sh);
         mat = true;
         pending = false;
-        if (!(Zr > 0.0)) { broke = true; break; }
+        if (!(Zr > 0.0)) {
+          broke = true;
+          break;
+        }
       }
       const double u = spec_accept_uniform(key, depth, i);
       const double qi = double(q[x]) / (1.0 - Mq);
@@ -417,7 +435,10 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
     __syncthreads();
     if (tid == 0) {
       int64_t k = ws.nremoved;
-      while (k > 0 && ws.removed[k - 1] > x) { ws.removed[k] = ws.removed[k - 1]; --k; }
+      while (k > 0 && ws.removed[k - 1] > x) {
+        ws.removed[k] = ws.removed[k - 1];
+        --k;
+      }
       ws.removed[k] = x;
     }
     ws.nremoved += 1;
@@ -436,11 +457,14 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
     tok = block_draw(V, [&](int64_t e) { return in_sorted(rm, nr, e) ? 0.f : tn.w(e); }, u, ws, sh);
   } else {
     const float finv = float(1.0 / Zr);
-    tok = block_draw(V, [&](int64_t e) {
-      if (in_sorted(rm, nr, e)) return 0.f;
-      const float r = mat ? fmul(rb[e], finv) : tn.p(e);
-      return relu_x86(fsub(r, fmul(q[e], scf)));
-    }, u, ws, sh);
+    tok = block_draw(
+        V,
+        [&](int64_t e) {
+          if (in_sorted(rm, nr, e)) return 0.f;
+          const float r = mat ? fmul(rb[e], finv) : tn.p(e);
+          return relu_x86(fsub(r, fmul(q[e], scf)));
+        },
+        u, ws, sh);
   }
   if (tok < 0) tok = block_draw(V, bonus, u, ws, sh);
   *emit = tok < 0 ? 0 : tok;
@@ -486,7 +510,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
     const int64_t x = a.draft_ids[b * N + j];
     if (stop >= 0) {
       bool ok = false;
-      if (tn.valid) ok = tn.greedy ? x == tn.argmax : spec_accept(spec_accept_uniform(key, j, 0), tn.pd(x), q ? double(q[x]) : 1.0);
+      if (tn.valid)
+        ok = tn.greedy ? x == tn.argmax : spec_accept(spec_accept_uniform(key, j, 0), tn.pd(x), q ? double(q[x]) : 1.0);
       acc += ok ? 1 : 0;
       continue;
     }
@@ -523,8 +548,8 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
   const bool ids_target = a.target.kind == Kind::Ids;
   if (tid == 0) {
     int64_t bad = -1;
-    const int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : a.target.V, a.ws.seen + b * a.ws.tree_per_row,
-                                 a.ws.stack + b * a.ws.tree_per_row, &bad);
+    const int e = check_tree_row(cand, nt, ns, T_, ids_target ? INT64_MAX : a.target.V,
+                                 a.ws.seen + b * a.ws.tree_per_row, a.ws.stack + b * a.ws.tree_per_row, &bad);
     a.err[b] = e;
     a.err_node[b] = bad;
     a.accept_num[b] = 0;
@@ -587,9 +612,12 @@ template <template <class> class K, class Args>
 inline cudaError_t launch_typed(const Args& a, const Target& t, int64_t B, cudaStream_t s) {
   if (B == 0) return cudaSuccess;
   const dim3 grid{unsigned(B)}, block{unsigned(kThreads)};
-  if (t.kind != Kind::Logits || t.dtype == DType::F32) K<float>::launch(a, grid, block, s);
-  else if (t.dtype == DType::BF16) K<bf16_t>::launch(a, grid, block, s);
-  else K<f16_t>::launch(a, grid, block, s);
+  if (t.kind != Kind::Logits || t.dtype == DType::F32)
+    K<float>::launch(a, grid, block, s);
+  else if (t.dtype == DType::BF16)
+    K<bf16_t>::launch(a, grid, block, s);
+  else
+    K<f16_t>::launch(a, grid, block, s);
   return cudaGetLastError();
 }
 template <class T>

@@ -53,14 +53,14 @@ inline AttnShape check_tree_attention(const at::Tensor& q, const at::Tensor& k, 
            s.B, ", ", s.T, ", ", s.T, "] or packed uint8 [", s.B, ", ", s.T, ", ", T8, "], got shape ",
            tree_mask.sizes());
   if (tree_mask.scalar_type() == at::kBool) {
-    DK_CHECK(tree_mask.size(2) == s.T, "tree_mask (bool) must have shape [", s.B, ", ", s.T, ", ", s.T,
-             "], got ", tree_mask.sizes());
+    DK_CHECK(tree_mask.size(2) == s.T, "tree_mask (bool) must have shape [", s.B, ", ", s.T, ", ", s.T, "], got ",
+             tree_mask.sizes());
     s.packed = false;
   } else {
-    DK_CHECK(tree_mask.scalar_type() == at::kByte, "tree_mask must be bool [B, T, T] or packed uint8 [B, T, ceil(T/8)], got dtype ",
-             tree_mask.scalar_type());
-    DK_CHECK(tree_mask.size(2) == T8, "tree_mask (packed uint8) must have shape [", s.B, ", ", s.T, ", ", T8,
-             "], got ", tree_mask.sizes());
+    DK_CHECK(tree_mask.scalar_type() == at::kByte,
+             "tree_mask must be bool [B, T, T] or packed uint8 [B, T, ceil(T/8)], got dtype ", tree_mask.scalar_type());
+    DK_CHECK(tree_mask.size(2) == T8, "tree_mask (packed uint8) must have shape [", s.B, ", ", s.T, ", ", T8, "], got ",
+             tree_mask.sizes());
     s.packed = true;
   }
   DK_CHECK(prefix_lens.dim() == 1 && prefix_lens.size(0) == s.B, "prefix_lens must be 1-D of length ", s.B,
@@ -115,14 +115,29 @@ template <class A>
 void pack_tree_attention(A& a, const AttnPrep& p, std::optional<double> sm_scale) {
   const AttnShape& s = p.s;
   a.dtype = decltype(a.dtype)(float_dtype(p.q, "q"));
-  a.B = s.B; a.T = s.T; a.Hq = s.Hq; a.Hkv = s.Hkv; a.D = s.D; a.S = s.S;
+  a.B = s.B;
+  a.T = s.T;
+  a.Hq = s.Hq;
+  a.Hkv = s.Hkv;
+  a.D = s.D;
+  a.S = s.S;
   const int sd = s.hnd ? 2 : 1, hd = s.hnd ? 1 : 2;
-  a.q = p.q.data_ptr(); a.q_sb = p.q.stride(0); a.q_st = p.q.stride(1); a.q_sh = p.q.stride(2);
-  a.k = p.k.data_ptr(); a.k_sb = p.k.stride(0); a.k_ss = p.k.stride(sd); a.k_sh = p.k.stride(hd);
-  a.v = p.v.data_ptr(); a.v_sb = p.v.stride(0); a.v_ss = p.v.stride(sd); a.v_sh = p.v.stride(hd);
+  a.q = p.q.data_ptr();
+  a.q_sb = p.q.stride(0);
+  a.q_st = p.q.stride(1);
+  a.q_sh = p.q.stride(2);
+  a.k = p.k.data_ptr();
+  a.k_sb = p.k.stride(0);
+  a.k_ss = p.k.stride(sd);
+  a.k_sh = p.k.stride(hd);
+  a.v = p.v.data_ptr();
+  a.v_sb = p.v.stride(0);
+  a.v_ss = p.v.stride(sd);
+  a.v_sh = p.v.stride(hd);
   a.mask = static_cast<const uint8_t*>(p.mask.data_ptr());
   a.mask_packed = s.packed;
-  a.mask_sb = p.mask.stride(0); a.mask_st = p.mask.stride(1);
+  a.mask_sb = p.mask.stride(0);
+  a.mask_st = p.mask.stride(1);
   a.prefix_lens = p.plens.data_ptr<int64_t>();
   a.sm_scale = float(sm_scale ? *sm_scale : 1.0 / std::sqrt(double(s.D)));
   a.out = p.out.data_ptr();

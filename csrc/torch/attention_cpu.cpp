@@ -10,8 +10,9 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
   // q [B,T,Hq,D]; k, v [B,S,Hkv,D] (kv_layout "NHD") or [B,Hkv,S,D] ("HND"); tree_mask bool [B,T,T] or
   // packed uint8 [B,T,ceil(T/8)] (little-endian bits); prefix_lens int [B]. sm_scale None means 1/sqrt(D).
   // Returns (out [B,T,Hq,D] in q's dtype, lse [B,T,Hq] float32, natural log).
-  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor tree_mask, Tensor prefix_lens, float? sm_scale, "
-        "str kv_layout) -> (Tensor, Tensor)");
+  m.def(
+      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor tree_mask, Tensor prefix_lens, float? sm_scale, "
+      "str kv_layout) -> (Tensor, Tensor)");
 }
 
 namespace dk::torchb {

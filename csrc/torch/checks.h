@@ -24,8 +24,8 @@ inline cpu::DType float_dtype(const at::Tensor& t, const char* name) {
 
 // Numeric limits (README "Limits"): V and the number of rows fit in int32 (token ids and Philox
 // streams are 32-bit), offsets fit in 48 bits (the counter layout of philox.h).
-constexpr int64_t kMaxV = 2147483647;         // 2^31 - 1
-constexpr int64_t kMaxRows = 2147483647;      // 2^31 - 1
+constexpr int64_t kMaxV = 2147483647;            // 2^31 - 1
+constexpr int64_t kMaxRows = 2147483647;         // 2^31 - 1
 constexpr int64_t kMaxOffset = 281474976710655;  // 2^48 - 1
 constexpr double kF32Max = 3.4028234663852886e38;
 constexpr double kF32MinNormal = 1.1754943508222875e-38;
@@ -59,8 +59,8 @@ inline void check_same_device(const at::Tensor& ref, const std::optional<at::Ten
 
 // A per-row parameter tensor must be 1-D of length n (returned unchanged).
 inline const at::Tensor& row_shape(const at::Tensor& t, int64_t n, const char* name) {
-  DK_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be a scalar or a 1-D tensor of length ", n,
-           ", got shape ", t.sizes());
+  DK_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be a scalar or a 1-D tensor of length ", n, ", got shape ",
+           t.sizes());
   return t;
 }
 
@@ -86,7 +86,9 @@ inline const char* temperature_rule() {
   return "temperature must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
 }
 inline void check_temperature(double v) { DK_CHECK(temperature_ok(v), temperature_rule(), ", got ", v); }
-inline void check_top_p(double v) { DK_CHECK(top_p_ok(v), "top_p must be in (0, 1] (values >= 1 disable it), got ", v); }
+inline void check_top_p(double v) {
+  DK_CHECK(top_p_ok(v), "top_p must be in (0, 1] (values >= 1 disable it), got ", v);
+}
 inline void check_min_p(double v) { DK_CHECK(min_p_ok(v), "min_p must be in [0, 1], got ", v); }
 
 // The first value of a per-row parameter tensor outside its range (NaN counts as outside), if any.
@@ -155,14 +157,28 @@ inline FilterPack pack_filter_params(int64_t n, bool is_probs, const std::option
   FilterPack f;
   f.is_probs = is_probs;
   f.order = order;
-  if (T_arr) f.T = temperature_rows(row_shape(*T_arr, n, "temperature"));
-  else { check_temperature(T_val); f.T_val = float(T_val); }
-  if (k_arr) f.k = top_k_rows(row_shape(*k_arr, n, "top_k"));
-  else f.k_val = k_val;
-  if (p_arr) f.p = top_p_rows(row_shape(*p_arr, n, "top_p"));
-  else { check_top_p(p_val); f.p_val = top_p_f32(p_val); }
-  if (mp_arr) f.mp = min_p_rows(row_shape(*mp_arr, n, "min_p"));
-  else { check_min_p(mp_val); f.mp_val = float(mp_val); }
+  if (T_arr)
+    f.T = temperature_rows(row_shape(*T_arr, n, "temperature"));
+  else {
+    check_temperature(T_val);
+    f.T_val = float(T_val);
+  }
+  if (k_arr)
+    f.k = top_k_rows(row_shape(*k_arr, n, "top_k"));
+  else
+    f.k_val = k_val;
+  if (p_arr)
+    f.p = top_p_rows(row_shape(*p_arr, n, "top_p"));
+  else {
+    check_top_p(p_val);
+    f.p_val = top_p_f32(p_val);
+  }
+  if (mp_arr)
+    f.mp = min_p_rows(row_shape(*mp_arr, n, "min_p"));
+  else {
+    check_min_p(mp_val);
+    f.mp_val = float(mp_val);
+  }
   return f;
 }
 
@@ -201,8 +217,10 @@ inline std::optional<at::Tensor> seed_rows(const std::optional<at::Tensor>& seed
   if (!seed_arr) return std::nullopt;
   DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
            "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
-  DK_CHECK(seed_arr->dim() <= 1 && (seed_arr->numel() == n || seed_arr->numel() == 1), "seed must be an int or an "
-           "int64 tensor of length 1 or ", n, " (one seed per output row), got shape ", seed_arr->sizes());
+  DK_CHECK(seed_arr->dim() <= 1 && (seed_arr->numel() == n || seed_arr->numel() == 1),
+           "seed must be an int or an "
+           "int64 tensor of length 1 or ",
+           n, " (one seed per output row), got shape ", seed_arr->sizes());
   if (seed_arr->numel() == 1 && n != 1) {
     seed_val = seed_arr->to(at::kLong).cpu().item<int64_t>();
     return std::nullopt;

@@ -9,9 +9,19 @@ namespace dk::torchb {
 
 // Names of the params columns (decodekit/pipeline.h PipeParam), as the Python keywords.
 inline const char* pipe_param_name(int c) {
-  static const char* names[kPipeParams] = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                          "frequency_penalty", "presence_penalty", "top_n_sigma", "typical_p",
-                                          "epsilon", "eta", "top_h", "min_tokens_to_keep"};
+  static const char* names[kPipeParams] = {"temperature",
+                                           "top_k",
+                                           "top_p",
+                                           "min_p",
+                                           "repetition_penalty",
+                                           "frequency_penalty",
+                                           "presence_penalty",
+                                           "top_n_sigma",
+                                           "typical_p",
+                                           "epsilon",
+                                           "eta",
+                                           "top_h",
+                                           "min_tokens_to_keep"};
   return names[c];
 }
 
@@ -19,7 +29,8 @@ inline const char* pipe_param_name(int c) {
 inline const char* pipe_param_error(int c, double v) {
   if (std::isnan(v)) return "must not be NaN";
   switch (c) {
-    case kPT: return temperature_ok(v) ? nullptr : "must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
+    case kPT:
+      return temperature_ok(v) ? nullptr : "must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
     case kPTopK: return std::isinf(v) || v == std::floor(v) ? nullptr : "must be an integer";
     case kPTopP: return v > 0.0 ? nullptr : "must be in (0, 1]";
     case kPMinP: return v >= 0.0 && v <= 1.0 ? nullptr : "must be in [0, 1]";
@@ -37,8 +48,8 @@ inline const char* pipe_param_error(int c, double v) {
 }
 
 // A [n, M] table of token ids padded with -1 (int32 or int64), as contiguous int64.
-inline std::optional<at::Tensor> id_table(const at::Tensor& x, const std::optional<at::Tensor>& t, int64_t n,
-                                          int64_t V, const char* name) {
+inline std::optional<at::Tensor> id_table(const at::Tensor& x, const std::optional<at::Tensor>& t, int64_t n, int64_t V,
+                                          const char* name) {
   if (!t) return std::nullopt;
   check_same_device(x, t, name);
   DK_CHECK(t->scalar_type() == at::kLong || t->scalar_type() == at::kInt, name, " must be int64 or int32, got ",
@@ -61,15 +72,27 @@ struct PipelinePack {
   void fill(cpu::PipelineArgs& a) const {
     a.params = params.data_ptr<double>();
     a.order = order;
-    if (bitmask) { a.bitmask = bitmask->data_ptr<int32_t>(); a.bitmask_words = bitmask->size(1); }
-    if (banned) { a.banned = banned->data_ptr<int64_t>(); a.n_banned = banned->size(1); }
+    if (bitmask) {
+      a.bitmask = bitmask->data_ptr<int32_t>();
+      a.bitmask_words = bitmask->size(1);
+    }
+    if (banned) {
+      a.banned = banned->data_ptr<int64_t>();
+      a.n_banned = banned->size(1);
+    }
     if (bias_ids) {
       a.bias_ids = bias_ids->data_ptr<int64_t>();
       a.bias_vals = bias_vals->data_ptr<float>();
       a.n_bias = bias_ids->size(1);
     }
-    if (prompt) { a.prompt = prompt->data_ptr<int64_t>(); a.n_prompt = prompt->size(1); }
-    if (output) { a.output = output->data_ptr<int64_t>(); a.n_output = output->size(1); }
+    if (prompt) {
+      a.prompt = prompt->data_ptr<int64_t>();
+      a.n_prompt = prompt->size(1);
+    }
+    if (output) {
+      a.output = output->data_ptr<int64_t>();
+      a.n_output = output->size(1);
+    }
   }
 };
 
@@ -84,8 +107,8 @@ inline PipelinePack pack_pipeline(const at::Tensor& x, int64_t n, const at::Tens
   DK_CHECK(top_n >= 0 && top_n <= V, "top_logprobs must be in [0, V = ", V, "], got ", top_n);
   PipelinePack p;
   p.order = int(order);
-  DK_CHECK(params.dim() == 2 && params.size(0) == n && params.size(1) == kPipeParams,
-           "params must be [", n, ", ", int(kPipeParams), "], got shape ", params.sizes());
+  DK_CHECK(params.dim() == 2 && params.size(0) == n && params.size(1) == kPipeParams, "params must be [", n, ", ",
+           int(kPipeParams), "], got shape ", params.sizes());
   p.params = params.to(at::kCPU).to(at::kDouble).contiguous();
   double* q = p.params.data_ptr<double>();
   for (int64_t r = 0; r < n; ++r)
@@ -115,8 +138,7 @@ inline PipelinePack pack_pipeline(const at::Tensor& x, int64_t n, const at::Tens
     DK_CHECK(bias_vals->sizes() == bias_ids->sizes(), "logit_bias values must have the shape of its token ids ",
              bias_ids->sizes(), ", got ", bias_vals->sizes());
     p.bias_vals = bias_vals->to(at::kFloat).contiguous();
-    if (p.bias_vals->numel())
-      DK_CHECK(p.bias_vals->isfinite().all().item<bool>(), "logit_bias values must be finite");
+    if (p.bias_vals->numel()) DK_CHECK(p.bias_vals->isfinite().all().item<bool>(), "logit_bias values must be finite");
   }
   p.prompt = id_table(x, prompt, n, V, "prompt_token_ids");
   p.output = id_table(x, output, n, V, "output_token_ids");

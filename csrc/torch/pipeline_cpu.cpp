@@ -13,10 +13,11 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
   // with -1; bias_vals float32 like bias_ids. mode 0: sample -> (tokens int64 [n], valid bool [n],
   // logprob f32 [n], rank int64 [n], top_ids int64 [n, top_n], top_logprobs f32 [n, top_n], empty);
   // mode 1: (empties..., logits [n, V] in x's dtype: processed logits, -inf outside the survivors).
-  m.def("pipeline(Tensor x, Tensor? indices, Tensor params, int order, Tensor? bitmask, Tensor? banned, "
-        "Tensor? bias_ids, Tensor? bias_vals, Tensor? prompt, Tensor? output, int mode, int top_n, "
-        "bool raw_logprobs, bool want_logprob, Tensor? seed_arr, int seed_val, int offset) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "pipeline(Tensor x, Tensor? indices, Tensor params, int order, Tensor? bitmask, Tensor? banned, "
+      "Tensor? bias_ids, Tensor? bias_vals, Tensor? prompt, Tensor? output, int mode, int top_n, "
+      "bool raw_logprobs, bool want_logprob, Tensor? seed_arr, int seed_val, int offset) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // xgrammar's apply_token_bitmask_inplace: logits[i] (each i, or each i in indices) gets -inf
   // where bit i of bitmask[i] is 0; only the first min(V, 32 * words) tokens are touched.
   m.def("apply_token_bitmask_inplace(Tensor(a!) logits, Tensor bitmask, Tensor? indices) -> ()");
@@ -35,8 +36,8 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
                   int64_t seed_val, int64_t offset) {
   RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
   const int64_t n = rs.n_out, V = x.size(1);
-  PipelinePack pk = pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode,
-                                  top_n);
+  PipelinePack pk =
+      pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode, top_n);
   auto L = x.options().dtype(at::kLong);
   auto F = x.options().dtype(at::kFloat);
   const bool sample = mode == 0;

@@ -55,14 +55,16 @@ inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::option
 }
 
 // Seeds of B rows (checks.h seed_rows: n seeds, or one seed read as the scalar form into seed_val).
-inline std::optional<at::Tensor> seeds_of(const std::optional<at::Tensor>& seed_arr, const at::Tensor& ref,
-                                          int64_t B, std::optional<int64_t>& scalar_seed) {
+inline std::optional<at::Tensor> seeds_of(const std::optional<at::Tensor>& seed_arr, const at::Tensor& ref, int64_t B,
+                                          std::optional<int64_t>& scalar_seed) {
   if (!seed_arr) return std::nullopt;
   if (!seed_arr->is_cpu()) check_device(ref, *seed_arr, "seed");
   int64_t v = 0;
   auto seeds = seed_rows(seed_arr, B, v);
-  if (!seeds) scalar_seed = v;
-  else if (seeds->device() != ref.device()) seeds = seeds->to(ref.device());
+  if (!seeds)
+    scalar_seed = v;
+  else if (seeds->device() != ref.device())
+    seeds = seeds->to(ref.device());
   return seeds;
 }
 
@@ -140,7 +142,7 @@ struct TreeSetup {
   int64_t B = 0, T = 0, V = 0;
   at::Tensor cand, ri, nt, ns;
   std::optional<at::Tensor> seeds;
-  std::optional<int64_t> scalar_seed;  // a one-seed tensor read as the scalar form
+  std::optional<int64_t> scalar_seed;            // a one-seed tensor read as the scalar form
   std::optional<at::Tensor> coins, coins_final;  // float64, contiguous (caller coins)
   double thr_single = 1.0, thr_acc = 1.0;
 };
@@ -154,7 +156,8 @@ inline void setup_coins(TreeSetup& s, const at::Tensor& candidates, const std::o
   DK_CHECK(thr_single >= 0.0 && thr_single <= 1.0, "threshold_single must be in [0, 1], got ", thr_single);
   DK_CHECK(thr_acc >= 0.0 && thr_acc <= 1.0, "threshold_acc must be in [0, 1], got ", thr_acc);
   DK_CHECK(coins.has_value() == coins_final.has_value(),
-           "coins and coins_final must be given together (or neither), got ", coins ? "coins only" : "coins_final only");
+           "coins and coins_final must be given together (or neither), got ",
+           coins ? "coins only" : "coins_final only");
   if (!coins) {
     DK_CHECK(thr_single == 1.0 && thr_acc == 1.0,
              "threshold_single / threshold_acc other than 1 need caller coins (coins, coins_final)");
@@ -167,8 +170,8 @@ inline void setup_coins(TreeSetup& s, const at::Tensor& candidates, const std::o
     DK_CHECK(at::isFloatingType(c.first->scalar_type()), c.second, " must be a floating tensor, got ",
              c.first->scalar_type());
   }
-  DK_CHECK(coins->dim() == 2 && coins->size(0) == s.B && coins->size(1) == s.T, "coins must have shape [B, T] = [",
-           s.B, ", ", s.T, "], got ", coins->sizes());
+  DK_CHECK(coins->dim() == 2 && coins->size(0) == s.B && coins->size(1) == s.T, "coins must have shape [B, T] = [", s.B,
+           ", ", s.T, "], got ", coins->sizes());
   DK_CHECK(coins_final->dim() == 1 && coins_final->size(0) == s.B, "coins_final must have shape [B] = [", s.B,
            "], got ", coins_final->sizes());
   s.coins = coins->to(at::kDouble).contiguous();
@@ -194,9 +197,9 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
   TreeSetup s;
   s.B = candidates.size(0);
   s.T = candidates.size(1);
-  const std::pair<const at::Tensor*, const char*> links[] = {
-      {&retrive_index, "retrive_index"}, {&retrive_next_token, "retrive_next_token"},
-      {&retrive_next_sibling, "retrive_next_sibling"}};
+  const std::pair<const at::Tensor*, const char*> links[] = {{&retrive_index, "retrive_index"},
+                                                             {&retrive_next_token, "retrive_next_token"},
+                                                             {&retrive_next_sibling, "retrive_next_sibling"}};
   for (const auto& l : links) {
     check_int_tensor(*l.first, l.second);
     check_device(candidates, *l.first, l.second);
@@ -224,8 +227,7 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
                draft_probs->scalar_type());
       DK_CHECK(draft_probs->dim() == 3 && draft_probs->size(0) == s.B && draft_probs->size(1) == s.T &&
                    draft_probs->size(2) == s.V,
-               "draft_probs must have shape [B, T, V] = [", s.B, ", ", s.T, ", ", s.V, "], got ",
-               draft_probs->sizes());
+               "draft_probs must have shape [B, T, V] = [", s.B, ", ", s.T, ", ", s.V, "], got ", draft_probs->sizes());
       check_last_contig(*draft_probs, "draft_probs");
     }
   }
@@ -237,8 +239,8 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
     // retrive_index addresses predicts [B*T]: every value in range and distinct (rows never share a slot)
     at::Tensor flat = s.ri.reshape(-1);
     const int64_t mn = flat.min().item<int64_t>(), mx = flat.max().item<int64_t>();
-    DK_CHECK(mn >= 0 && mx < s.B * s.T, "retrive_index values must be in [0, B*T) = [0, ", s.B * s.T,
-             "), got range [", mn, ", ", mx, "]");
+    DK_CHECK(mn >= 0 && mx < s.B * s.T, "retrive_index values must be in [0, B*T) = [0, ", s.B * s.T, "), got range [",
+             mn, ", ", mx, "]");
     // distinct: the canonical layout (b*T + t, as build_tree makes) or, otherwise, no slot counted twice
     if (flat.numel() > 1 && !at::equal(flat, at::arange(s.B * s.T, flat.options()))) {
       DK_CHECK(at::bincount(flat, {}, s.B * s.T).max().item<int64_t>() <= 1,
@@ -265,16 +267,18 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
   DK_CHECK(s.B * s.T < (int64_t(1) << 31), "B * T must be < 2^31, got ", s.B * s.T);
   DK_CHECK(prefix_lens.device() == parents.device(), "prefix_lens must be on ", parents.device(), ", got ",
            prefix_lens.device());
-  DK_CHECK(prefix_lens.dim() == 1 && prefix_lens.size(0) == s.B, "prefix_lens must be a 1-D tensor of length B = ",
-           s.B, ", got shape ", prefix_lens.sizes());
+  DK_CHECK(prefix_lens.dim() == 1 && prefix_lens.size(0) == s.B, "prefix_lens must be a 1-D tensor of length B = ", s.B,
+           ", got shape ", prefix_lens.sizes());
   s.parents = parents.to(at::kLong).contiguous();
   s.prefix_lens = prefix_lens.to(at::kLong).contiguous();
   if (s.B > 0) {
     const auto mn = s.prefix_lens.min().item<int64_t>(), mx = s.prefix_lens.max().item<int64_t>();
     DK_CHECK(mn >= 0, "prefix_lens must be >= 0, got ", mn);
     // positions are prefix_lens[b] + depth with depth <= T - 1: keep them inside int64
-    DK_CHECK(mx <= INT64_MAX - s.T, "prefix_lens must be <= 2^63 - 1 - T (positions = prefix_lens + depth must fit "
-             "in int64), got ", mx, " with T = ", s.T);
+    DK_CHECK(mx <= INT64_MAX - s.T,
+             "prefix_lens must be <= 2^63 - 1 - T (positions = prefix_lens + depth must fit "
+             "in int64), got ",
+             mx, " with T = ", s.T);
   }
   return s;
 }
@@ -307,8 +311,8 @@ inline ChainOut chain_outputs(const ChainSetup& s, const at::TensorOptions& opts
 }
 
 template <class A>
-void pack_chain(A& a, const ChainSetup& s, ChainOut& o, const std::optional<at::Tensor>& draft_probs,
-                int64_t seed_val, int64_t offset) {
+void pack_chain(A& a, const ChainSetup& s, ChainOut& o, const std::optional<at::Tensor>& draft_probs, int64_t seed_val,
+                int64_t offset) {
   pack_draft_rng(a, draft_probs, s.seeds, s.scalar_seed.value_or(seed_val), offset);
   a.draft_ids = s.ids.data_ptr<int64_t>();
   a.num_draft = s.num_draft ? s.num_draft->data_ptr<int64_t>() : nullptr;
@@ -404,9 +408,11 @@ inline std::string tree_error(int code, int64_t node) {
     case kTreeTwoRoots: return "node " + n + " has parent -1: two roots (only node 0 may be the root)";
     case kTreeParentRange: return "node " + n + " links to an index outside [-1, T)";
     case kTreeCycle: return "node " + n + " lies on a cycle of parent links";
-    case kTreeParentAfterChild: return "node " + n + " has a parent with a larger index (parents must come before their children)";
+    case kTreeParentAfterChild:
+      return "node " + n + " has a parent with a larger index (parents must come before their children)";
     case kTreeRootAsChild: return "node " + n + " links to node 0 (the root cannot be a child or a sibling)";
-    case kTreeReachedTwice: return "node " + n + " is reached twice (a cycle or a shared child in retrive_next_token / retrive_next_sibling)";
+    case kTreeReachedTwice:
+      return "node " + n + " is reached twice (a cycle or a shared child in retrive_next_token / retrive_next_sibling)";
     case kTreeTokenRange: return "node " + n + " has a candidate token outside [0, V)";
     default: return "error " + std::to_string(code) + " at node " + n;
   }

@@ -15,22 +15,24 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
   // kernel. draft_probs [B, N, V] float32 or None (one-hot drafts). num_draft_tokens [B] or None.
   // Returns (output_token_ids int64 [B, N+1] padded with -1, accepted_num int32 [B],
   // emitted_num int32 [B]).
-  m.def("chain_verify(Tensor target, Tensor draft_token_ids, Tensor? draft_probs, Tensor? num_draft_tokens, "
-        "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
-        "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
-        "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "chain_verify(Tensor target, Tensor draft_token_ids, Tensor? draft_probs, Tensor? num_draft_tokens, "
+      "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
+      "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
+      "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
   // Tree verification in SGLang's layout. target_kind: 0 = probs [B, T, V], 1 = logits [B, T, V]
   // (filters as above), 2 = predicted ids [B, T] (greedy). num_speculative_tokens = accept_index
   // width W. coins [B, T] / coins_final [B] (both or neither; one-hot drafts): caller uniforms
   // instead of Philox, with SGLang's threshold_single / threshold_acc (decodekit/speculative.h
   // SpecCoin). Returns (predicts int64 [B*T] (-1 where not written), accept_index int32 [B, W]
   // (-1 padded), accept_token_num int32 [B]).
-  m.def("tree_verify(Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
-        "Tensor retrive_next_sibling, Tensor target, Tensor? draft_probs, int num_speculative_tokens, "
-        "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
-        "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
-        "int seed_val, int offset, Tensor? coins=None, Tensor? coins_final=None, float threshold_single=1.0, "
-        "float threshold_acc=1.0) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "tree_verify(Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
+      "Tensor retrive_next_sibling, Tensor target, Tensor? draft_probs, int num_speculative_tokens, "
+      "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
+      "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
+      "int seed_val, int offset, Tensor? coins=None, Tensor? coins_final=None, float threshold_single=1.0, "
+      "float threshold_acc=1.0) -> (Tensor, Tensor, Tensor)");
   // Tree from a parent array [B, T] (-1 for the root, node 0). Returns (packed tree mask uint8
   // [B, T, ceil(T/8)], positions int64 [B*T], retrive_index, retrive_next_token,
   // retrive_next_sibling int64 [B, T]).
@@ -39,7 +41,6 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
 
 namespace dk::torchb {
 namespace {
-
 
 template <class Fn>
 void parallel_rows(int64_t n, Fn fn) {
@@ -53,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cpu(
     double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr,
     double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
     const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
-  spec::ChainSetup cs = spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr);
+  spec::ChainSetup cs =
+      spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr);
   spec::FilterKeep keep;
   cpu::ChainArgs a;
   a.target = spec::make_target(target, target_kind);
@@ -95,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tree_cpu(const at::Tensor& parents,
-                                                                                   const at::Tensor& prefix_lens) {
+                                                                                      const at::Tensor& prefix_lens) {
   spec::BuildSetup bs = spec::setup_build(parents, prefix_lens);
   spec::BuildOut o = spec::build_outputs(bs, parents.options());
   if (bs.B > 0) {

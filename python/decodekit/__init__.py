@@ -1,4 +1,5 @@
 """decodekit: hand-written CPU (AVX2/AVX-512) and CUDA kernels for LLM token selection."""
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _build_config
@@ -11,22 +12,28 @@ def _torch_mismatch(built: str, built_cuda, running: str, running_cuda, version:
     (the version without its local tag: 2.13.0+cpu and 2.13.0 are the same release) must be
     the one it was compiled against, and a CUDA build needs a CUDA torch of the same major
     CUDA version."""
+
     def public(v):
         return str(v).split("+", 1)[0]
 
     rebuild = "or rebuild decodekit from its source against this torch (pip install --no-build-isolation .)"
     if public(built) != public(running):
-        return (f"decodekit {version} was built against torch {built} but torch {running} is installed: "
-                f"install torch=={public(built)} {rebuild}.")
+        return (
+            f"decodekit {version} was built against torch {built} but torch {running} is installed: "
+            f"install torch=={public(built)} {rebuild}."
+        )
     if built_cuda and (not running_cuda or str(running_cuda).split(".")[0] != str(built_cuda).split(".")[0]):
-        return (f"decodekit {version} was built with CUDA kernels against torch {built} (CUDA {built_cuda}) "
-                f"but the installed torch {running} has {'no CUDA' if not running_cuda else 'CUDA ' + str(running_cuda)}: "
-                f"install a CUDA {str(built_cuda).split('.')[0]}.x build of torch=={public(built)} {rebuild}.")
+        return (
+            f"decodekit {version} was built with CUDA kernels against torch {built} (CUDA {built_cuda}) "
+            f"but the installed torch {running} has {'no CUDA' if not running_cuda else 'CUDA ' + str(running_cuda)}: "
+            f"install a CUDA {str(built_cuda).split('.')[0]}.x build of torch=={public(built)} {rebuild}."
+        )
     return None
 
 
-_why = _torch_mismatch(_build_config.TORCH_VERSION, _build_config.TORCH_CUDA, torch.__version__,
-                       torch.version.cuda, _build_config.VERSION)
+_why = _torch_mismatch(
+    _build_config.TORCH_VERSION, _build_config.TORCH_CUDA, torch.__version__, torch.version.cuda, _build_config.VERSION
+)
 if _why:
     raise ImportError(_why)
 
@@ -58,5 +65,10 @@ def set_isa(name: str) -> str:
     return _C.set_isa(name)
 
 
-__all__ = (["cpu_features", "build_info", "set_isa"] + list(_sampling_all) + list(_pipeline_all) + list(_speculative_all)
-           + list(_attention_all))
+__all__ = (
+    ["cpu_features", "build_info", "set_isa"]
+    + list(_sampling_all)
+    + list(_pipeline_all)
+    + list(_speculative_all)
+    + list(_attention_all)
+)

@@ -4,6 +4,7 @@ T draft tokens arranged as a tree are scored in one forward pass. Query t of bat
 cached key s < prefix_lens[b] (dense) and the tree key at position prefix_lens[b] + j iff
 tree_mask[b, t, j] (sparse; usually "ancestor-or-self"). Semantics: docs/semantics.md, "Tree attention".
 """
+
 import collections
 import math
 from typing import Optional, Sequence, Union
@@ -27,8 +28,9 @@ def _prefix_tensor(prefix_lens: PrefixLens, B: int, device) -> torch.Tensor:
         return prefix_lens
     vals = [prefix_lens] if _is_int(prefix_lens) else prefix_lens
     if not isinstance(vals, (list, tuple)) or not all(_is_int(v) for v in vals):
-        raise TypeError(f"prefix_lens must be an int, a sequence of ints or an int tensor [B], got "
-                        f"{type(prefix_lens).__name__}")
+        raise TypeError(
+            f"prefix_lens must be an int, a sequence of ints or an int tensor [B], got {type(prefix_lens).__name__}"
+        )
     bad = [int(v) for v in vals if not 0 <= int(v) < 2**63]
     if bad:
         raise ValueError(f"prefix_lens must be in [0, 2^63), got {bad[0]}")
@@ -37,9 +39,17 @@ def _prefix_tensor(prefix_lens: PrefixLens, B: int, device) -> torch.Tensor:
     return torch.tensor([int(v) for v in vals], dtype=torch.int64, device=device)
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor,
-                   prefix_lens: PrefixLens, *, sm_scale: Optional[float] = None, kv_layout: str = "NHD",
-                   return_lse: bool = False):
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor,
+    prefix_lens: PrefixLens,
+    *,
+    sm_scale: Optional[float] = None,
+    kv_layout: str = "NHD",
+    return_lse: bool = False,
+):
     """Attention of T tree queries over a KV cache holding the prefix and the tree's own keys.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] (kv_layout="NHD") or [B, Hkv, S, D] ("HND", the Hugging
@@ -87,8 +97,9 @@ def unpack_tree_mask(packed: torch.Tensor, T: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :T].bool()
 
 
-def tree_attention_mask(tree_mask: torch.Tensor, prefix_lens: PrefixLens, kv_len: Optional[int] = None, *,
-                        dtype: torch.dtype = torch.bool) -> torch.Tensor:
+def tree_attention_mask(
+    tree_mask: torch.Tensor, prefix_lens: PrefixLens, kv_len: Optional[int] = None, *, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """The dense mask [B, 1, T, kv_len] equivalent to tree_attention's (tree_mask, prefix_lens), for
     torch SDPA (attn_mask=) or a Hugging Face model (a 4-D attention_mask is used as given).
 
@@ -98,17 +109,21 @@ def tree_attention_mask(tree_mask: torch.Tensor, prefix_lens: PrefixLens, kv_len
     additive mask: 0 where visible, torch.finfo(dtype).min where hidden (the Hugging Face convention).
     """
     if tree_mask.dim() != 3:
-        raise ValueError(f"tree_mask must be bool [B, T, T] or packed uint8 [B, T, ceil(T/8)], got shape "
-                         f"{tuple(tree_mask.shape)}")
+        raise ValueError(
+            f"tree_mask must be bool [B, T, T] or packed uint8 [B, T, ceil(T/8)], got shape {tuple(tree_mask.shape)}"
+        )
     B, T = tree_mask.shape[:2]
     if tree_mask.dtype == torch.uint8:
         if tree_mask.shape[2] != (T + 7) // 8:
-            raise ValueError(f"tree_mask (packed uint8) must have shape [{B}, {T}, {(T + 7) // 8}], got "
-                             f"{tuple(tree_mask.shape)}")
+            raise ValueError(
+                f"tree_mask (packed uint8) must have shape [{B}, {T}, {(T + 7) // 8}], got {tuple(tree_mask.shape)}"
+            )
         tree_mask = unpack_tree_mask(tree_mask, T)
     elif tree_mask.dtype != torch.bool or tree_mask.shape[2] != T:
-        raise ValueError(f"tree_mask must be bool [{B}, {T}, {T}] or packed uint8 [{B}, {T}, {(T + 7) // 8}], got "
-                         f"{tree_mask.dtype} {tuple(tree_mask.shape)}")
+        raise ValueError(
+            f"tree_mask must be bool [{B}, {T}, {T}] or packed uint8 [{B}, {T}, {(T + 7) // 8}], got "
+            f"{tree_mask.dtype} {tuple(tree_mask.shape)}"
+        )
     device = tree_mask.device
     plens = _prefix_tensor(prefix_lens, B, device).to(device=device, dtype=torch.int64)
     if plens.shape != (B,):
@@ -121,13 +136,13 @@ def tree_attention_mask(tree_mask: torch.Tensor, prefix_lens: PrefixLens, kv_len
     elif kv_len < need:
         raise ValueError(f"kv_len must be >= max(prefix_lens) + T = {need}, got {kv_len}")
     s = torch.arange(kv_len, device=device)
-    P = plens[:, None]                                   # [B, 1]
-    prefix = (s[None, :] < P)[:, None, :]                # [B, 1, S]
-    j = s[None, :] - P                                   # tree index of key s, [B, S]
+    P = plens[:, None]  # [B, 1]
+    prefix = (s[None, :] < P)[:, None, :]  # [B, 1, S]
+    j = s[None, :] - P  # tree index of key s, [B, S]
     in_tree = (j >= 0) & (j < T)
     jc = j.clamp(0, max(T - 1, 0))[:, None, :].expand(B, T, kv_len)
     tree = torch.gather(tree_mask, 2, jc) & in_tree[:, None, :]
-    dense = (prefix | tree)[:, None]                     # [B, 1, T, S]
+    dense = (prefix | tree)[:, None]  # [B, 1, T, S]
     if dtype == torch.bool:
         return dense
     if not dtype.is_floating_point:
@@ -178,8 +193,11 @@ def _fallback_reason(query, key, value, dropout, kwargs) -> Optional[str]:
         return "dropout"
     if D not in (64, 80, 96, 128, 256):
         return f"head dim {D}"
-    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float32, torch.bfloat16,
-                                                                             torch.float16):
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
         return "dtype"
     if query.device.type != "cpu":
         return "device"  # the CUDA kernel exists but has not run on a GPU yet
@@ -190,8 +208,9 @@ def _fallback_reason(query, key, value, dropout, kwargs) -> Optional[str]:
     return None
 
 
-def hf_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                         scaling: Optional[float] = None, **kwargs):
+def hf_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs
+):
     """A transformers attention function (AttentionInterface signature) that runs decodekit's tree
     attention kernel: query [B, Hq, T, D], key/value [B, Hkv, S, D] (the HF cache layout, kv_layout
     "HND"; GQA without repeat_kv).
@@ -239,11 +258,11 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout: flo
                 prefix_lens = torch.full((B,), P, dtype=torch.int64)
     if reason is not None:
         HOOK_COUNTS[f"fallback: {reason}"] += 1
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     HOOK_COUNTS["kernel"] += 1
-    out = tree_attention(query.transpose(1, 2), key, value, tree_mask, prefix_lens, sm_scale=scaling,
-                         kv_layout="HND")
+    out = tree_attention(query.transpose(1, 2), key, value, tree_mask, prefix_lens, sm_scale=scaling, kv_layout="HND")
     return out, None
 
 

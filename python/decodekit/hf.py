@@ -23,6 +23,7 @@ arguments and validation, and compute the same outputs with decodekit's filter k
 difference: decodekit's top-p keeps or drops tied tokens together; HF's sort order can split a
 tie).
 """
+
 import inspect
 import math
 from typing import Optional
@@ -39,8 +40,16 @@ from ._ops import ops
 from .speculative import chain_speculative_sampling, chain_speculative_sampling_from_logits, greedy_verify
 
 __all__ = [
-    "generate", "split_processors", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
-    "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper",
+    "generate",
+    "split_processors",
+    "TemperatureLogitsWarper",
+    "TopKLogitsWarper",
+    "TopPLogitsWarper",
+    "MinPLogitsWarper",
+    "TypicalLogitsWarper",
+    "EpsilonLogitsWarper",
+    "EtaLogitsWarper",
+    "TopHLogitsWarper",
     "RepetitionPenaltyLogitsProcessor",
 ]
 
@@ -53,8 +62,9 @@ NEG_INF = float("-inf")
 def _mask(scores: torch.Tensor, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
     """decodekit's one-pass mask: scores with -inf outside the survivors (bad rows pass through)."""
     x = scores if scores.dtype in (torch.float32, torch.bfloat16, torch.float16) else scores.float()
-    return ops.filter(x.contiguous(), _MASK, False, None, 1.0, None, int(top_k), None, float(top_p), None,
-                      float(min_p), 0)
+    return ops.filter(
+        x.contiguous(), _MASK, False, None, 1.0, None, int(top_k), None, float(top_p), None, float(min_p), 0
+    )
 
 
 def _finish(scores, masked, filter_value):
@@ -170,8 +180,9 @@ class RepetitionPenaltyLogitsProcessor(_lp.RepetitionPenaltyLogitsProcessor):
         hist = _penalty_history(input_ids, self.prompt_ignore_length, scores.shape[-1])
         if hist.shape[0] != scores.shape[0]:
             hist = hist.expand(scores.shape[0], -1)
-        out = _pipeline.apply_penalties(_float_scores(scores).contiguous(), prompt_token_ids=hist,
-                                        repetition_penalty=self.penalty)
+        out = _pipeline.apply_penalties(
+            _float_scores(scores).contiguous(), prompt_token_ids=hist, repetition_penalty=self.penalty
+        )
         return out.to(scores.dtype)
 
 
@@ -183,9 +194,17 @@ class RepetitionPenaltyLogitsProcessor(_lp.RepetitionPenaltyLogitsProcessor):
 # min-p -> typical -> epsilon -> eta -> top-h. A trailing run of HF's list is absorbed when it is in
 # decodekit's order (so top-h, which HF applies before top-k, is absorbed only when nothing after
 # it is) and only where that gives HF's distribution exactly.
-_RANK = ((_lp.RepetitionPenaltyLogitsProcessor, -1), (_lp.TemperatureLogitsWarper, 0), (_lp.TopKLogitsWarper, 1),
-         (_lp.TopPLogitsWarper, 2), (_lp.MinPLogitsWarper, 3), (_lp.TypicalLogitsWarper, 4),
-         (_lp.EpsilonLogitsWarper, 5), (_lp.EtaLogitsWarper, 6), (_lp.TopHLogitsWarper, 7))
+_RANK = (
+    (_lp.RepetitionPenaltyLogitsProcessor, -1),
+    (_lp.TemperatureLogitsWarper, 0),
+    (_lp.TopKLogitsWarper, 1),
+    (_lp.TopPLogitsWarper, 2),
+    (_lp.MinPLogitsWarper, 3),
+    (_lp.TypicalLogitsWarper, 4),
+    (_lp.EpsilonLogitsWarper, 5),
+    (_lp.EtaLogitsWarper, 6),
+    (_lp.TopHLogitsWarper, 7),
+)
 
 
 def _absorb(proc, params: dict) -> Optional[int]:
@@ -252,8 +271,11 @@ def split_processors(processors):
             break
         # one min_tokens_to_keep for the whole pass (HF's generate gives every warper the same one)
         m_new, m_old = trial.get("min_tokens_to_keep", 1), params.get("min_tokens_to_keep", 1)
-        if rank in (2, 3, 4, 5, 6) and any(r in params for r in ("top_p", "min_p", "typical_p", "epsilon", "eta",
-                                                                  "top_h")) and m_new != m_old:
+        if (
+            rank in (2, 3, 4, 5, 6)
+            and any(r in params for r in ("top_p", "min_p", "typical_p", "epsilon", "eta", "top_h"))
+            and m_new != m_old
+        ):
             break
         params.update(trial)
         last, cut = rank, cut - 1
@@ -278,8 +300,20 @@ def _hf_scores(scores: torch.Tensor, kw: dict) -> torch.Tensor:
         return scores
     T = kw.get("temperature", 1.0)
     if all(k in _BASIC for k in kw):
-        masked = ops.filter(scores.contiguous(), _MASK, False, None, float(T), None, kw.get("top_k", 0), None,
-                            kw.get("top_p", 1.0), None, kw.get("min_p", 0.0), 0)
+        masked = ops.filter(
+            scores.contiguous(),
+            _MASK,
+            False,
+            None,
+            float(T),
+            None,
+            kw.get("top_k", 0),
+            None,
+            kw.get("top_p", 1.0),
+            None,
+            kw.get("min_p", 0.0),
+            0,
+        )
     else:
         masked = _pipeline._mask(scores.contiguous(), **kw)
     return masked / T if T != 1.0 else masked
@@ -294,9 +328,20 @@ def _draw(scores: torch.Tensor, kw: dict, do_sample: bool) -> torch.Tensor:
 def _draft_probs(scores: torch.Tensor, kw: dict) -> torch.Tensor:
     """The draft's filtered, renormalised distribution q (float32 [B, V]) that its token is drawn from."""
     if all(k in _BASIC for k in kw):
-        return ops.filter(scores.contiguous(), _RENORM, False, None, float(kw.get("temperature", 1.0)), None,
-                          int(kw.get("top_k", 0) or 0), None, float(kw.get("top_p", 1.0)), None,
-                          float(kw.get("min_p", 0.0)), 0)
+        return ops.filter(
+            scores.contiguous(),
+            _RENORM,
+            False,
+            None,
+            float(kw.get("temperature", 1.0)),
+            None,
+            int(kw.get("top_k", 0) or 0),
+            None,
+            float(kw.get("top_p", 1.0)),
+            None,
+            float(kw.get("min_p", 0.0)),
+            0,
+        )
     T = kw.get("temperature", 1.0)
     return torch.softmax(_pipeline._mask(scores.contiguous(), **kw).float() / T, -1)
 
@@ -316,9 +361,19 @@ def _caller_assistant():
     return None
 
 
-def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
-             generation_config=None, synced_gpus: bool = False, streamer=None, draft_model=None,
-             num_draft_tokens: Optional[int] = None, dk_stats: Optional[dict] = None, **model_kwargs):
+def generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    draft_model=None,
+    num_draft_tokens: Optional[int] = None,
+    dk_stats: Optional[dict] = None,
+    **model_kwargs,
+):
     """The decoding loop for `model.generate(..., custom_generate=decodekit.hf.generate)`.
 
     Extra `generate` keywords: `draft_model` (assisted generation; HF's `assistant_model=` works
@@ -344,8 +399,20 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     stats = dk_stats if dk_stats is not None else {}
     stats.update(steps=0, rounds=0, drafted=0, accepted=0, absorbed=dict(params), head=[type(p).__name__ for p in head])
     if draft is not None:
-        return _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer,
-                         num_draft_tokens, stats, model_kwargs)
+        return _assisted(
+            model,
+            draft,
+            input_ids,
+            head,
+            params,
+            do_sample,
+            stopping_criteria,
+            cfg,
+            streamer,
+            num_draft_tokens,
+            stats,
+            model_kwargs,
+        )
 
     pad = cfg._pad_token_tensor
     ret = cfg.return_dict_in_generate
@@ -363,7 +430,8 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     while True:
         if not first:
             inputs = model.prepare_inputs_for_generation(
-                input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs)
+                input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs
+            )
             outputs = model(**inputs, return_dict=True)
         first = False
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
@@ -396,10 +464,14 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
         streamer.end()
     if ret:
         cache = model_kwargs.get("cache")
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores_t if want_scores else None,
-                                         logits=logits_t if want_logits else None,
-                                         attentions=att_t if want_att else None,
-                                         hidden_states=hid_t if want_hid else None, cache=cache)
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=scores_t if want_scores else None,
+            logits=logits_t if want_logits else None,
+            attentions=att_t if want_att else None,
+            hidden_states=hid_t if want_hid else None,
+            cache=cache,
+        )
     return input_ids
 
 
@@ -407,19 +479,20 @@ def _forward(model, tokens, cache, start: int, keep: int):
     """One forward of `tokens` [1, n] at positions start.. over `cache`; logits of the last `keep`."""
     n = tokens.shape[1]
     pos = torch.arange(start, start + n, device=tokens.device)[None]
-    out = model(input_ids=tokens, cache=cache, position_ids=pos, use_cache=True, logits_to_keep=keep,
-                return_dict=True)
+    out = model(input_ids=tokens, cache=cache, position_ids=pos, use_cache=True, logits_to_keep=keep, return_dict=True)
     return out.logits[:, -keep:].float()
 
 
-def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer, n_draft, stats,
-              model_kwargs):
+def _assisted(
+    model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer, n_draft, stats, model_kwargs
+):
     """Assisted (speculative) generation verified by decodekit's chain verification, batch 1."""
     from transformers import DynamicCache
 
     if input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids: assisted generation with decodekit.hf.generate needs batch size 1, got "
-                         f"{input_ids.shape[0]}")
+        raise ValueError(
+            f"input_ids: assisted generation with decodekit.hf.generate needs batch size 1, got {input_ids.shape[0]}"
+        )
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool((mask == 1).all()):
         raise ValueError("attention_mask: assisted generation with decodekit.hf.generate does not take padding")
@@ -454,26 +527,37 @@ def _assisted(model, draft, input_ids, head, params, do_sample, stopping_criteri
                 tok = _draw(ds, {}, False)
             drafts.append(tok)
             dseq = torch.cat([dseq, tok[:, None]], dim=-1)
-        d = torch.stack(drafts, dim=1)                              # [1, n]
+        d = torch.stack(drafts, dim=1)  # [1, n]
         # target: one forward over the uncached tokens and the drafts; logits of the last n + 1
         tlen = cache.get_seq_length()
         tl = _forward(model, dseq[:, tlen:], cache, tlen, n + 1)  # [1, n + 1, V]
         if head:
-            tl = torch.stack([head(dseq[:, :L + j], tl[:, j]) for j in range(n + 1)], dim=1)
+            tl = torch.stack([head(dseq[:, : L + j], tl[:, j]) for j in range(n + 1)], dim=1)
         if do_sample:
             Q = torch.stack(qs, dim=1)
             if all(k in _BASIC for k in params):  # the filters are resolved inside the verification kernel
                 out, _, emitted = chain_speculative_sampling_from_logits(
-                    Q, d, tl, temperature=params.get("temperature", 1.0), top_k=params.get("top_k"),
-                    top_p=params.get("top_p"), min_p=params.get("min_p"))
+                    Q,
+                    d,
+                    tl,
+                    temperature=params.get("temperature", 1.0),
+                    top_k=params.get("top_k"),
+                    top_p=params.get("top_p"),
+                    min_p=params.get("min_p"),
+                )
             else:  # the whole step (penalties, entropy truncations) per position, then verification from probs
-                Pt = torch.stack([_draft_probs(tl[:, j], _step_kwargs(params, dseq[:, :L + j], tl.shape[-1]))
-                                  for j in range(n + 1)], dim=1)
+                Pt = torch.stack(
+                    [
+                        _draft_probs(tl[:, j], _step_kwargs(params, dseq[:, : L + j], tl.shape[-1]))
+                        for j in range(n + 1)
+                    ],
+                    dim=1,
+                )
                 out, _, emitted = chain_speculative_sampling(Q, d, Pt)
         else:
             out, _, emitted = greedy_verify(d, tl)
         m = int(emitted[0])
-        new = out[0, :m + 1]
+        new = out[0, : m + 1]
         stats["rounds"] += 1
         stats["drafted"] += n
         stats["accepted"] += m

@@ -6,21 +6,41 @@ typical, epsilon, eta, top-h (with min_tokens_to_keep), the exact draw and the l
 the standalone ops below share the same kernel. Semantics: reference.pipeline (the executable
 specification) and the README section "The whole sampling step".
 """
+
 from typing import NamedTuple, Optional
 
 import torch
 
 from ._ops import ops
 
-__all__ = ["SampleOutput", "apply_token_bitmask_inplace", "apply_penalties", "typical_mask_logits",
-           "epsilon_mask_logits", "eta_mask_logits", "top_n_sigma_mask_logits", "top_h_mask_logits"]
+__all__ = [
+    "SampleOutput",
+    "apply_token_bitmask_inplace",
+    "apply_penalties",
+    "typical_mask_logits",
+    "epsilon_mask_logits",
+    "eta_mask_logits",
+    "top_n_sigma_mask_logits",
+    "top_h_mask_logits",
+]
 
 # Columns of the per-row parameter matrix (csrc/include/decodekit/pipeline.h PipeParam):
 # (keyword, default = off, integral)
-PARAMS = (("temperature", 1.0, False), ("top_k", 0, True), ("top_p", 1.0, False), ("min_p", 0.0, False),
-          ("repetition_penalty", 1.0, False), ("frequency_penalty", 0.0, False), ("presence_penalty", 0.0, False),
-          ("top_n_sigma", 0.0, False), ("typical_p", 1.0, False), ("epsilon", 0.0, False), ("eta", 0.0, False),
-          ("top_h", 0.0, False), ("min_tokens_to_keep", 1, True))
+PARAMS = (
+    ("temperature", 1.0, False),
+    ("top_k", 0, True),
+    ("top_p", 1.0, False),
+    ("min_p", 0.0, False),
+    ("repetition_penalty", 1.0, False),
+    ("frequency_penalty", 0.0, False),
+    ("presence_penalty", 0.0, False),
+    ("top_n_sigma", 0.0, False),
+    ("typical_p", 1.0, False),
+    ("epsilon", 0.0, False),
+    ("eta", 0.0, False),
+    ("top_h", 0.0, False),
+    ("min_tokens_to_keep", 1, True),
+)
 ORDERS = {"sequential": 0, "top_k_first": 0, "joint": 1, "vllm": 2}
 LOGPROBS_MODES = ("processed", "raw")
 _SAMPLE, _MASK = 0, 1
@@ -28,11 +48,12 @@ _SAMPLE, _MASK = 0, 1
 
 class SampleOutput(NamedTuple):
     """What `sample(..., top_logprobs=n)` returns for n >= 1 (logprobs of `logprobs_mode`)."""
-    tokens: torch.Tensor        # int64 [B] (or out_dtype)
-    valid: torch.Tensor         # bool [B]
-    logprobs: torch.Tensor      # float32 [B]: the sampled token's logprob
-    ranks: torch.Tensor         # int64 [B]: number of tokens with logprob >= the sampled token's
-    top_ids: torch.Tensor       # int64 [B, n], most probable first (ties: lowest id)
+
+    tokens: torch.Tensor  # int64 [B] (or out_dtype)
+    valid: torch.Tensor  # bool [B]
+    logprobs: torch.Tensor  # float32 [B]: the sampled token's logprob
+    ranks: torch.Tensor  # int64 [B]: number of tokens with logprob >= the sampled token's
+    top_ids: torch.Tensor  # int64 [B, n], most probable first (ties: lowest id)
     top_logprobs: torch.Tensor  # float32 [B, n]
 
 
@@ -44,8 +65,9 @@ def _column(value, default, name, n, integral):
             value = value.item()
         else:
             if value.dim() != 1 or value.shape[0] != n:
-                raise ValueError(f"{name} must be a scalar or a 1-D tensor of length {n}, got shape "
-                                 f"{tuple(value.shape)}")
+                raise ValueError(
+                    f"{name} must be a scalar or a 1-D tensor of length {n}, got shape {tuple(value.shape)}"
+                )
             return value.detach().to("cpu", torch.float64)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:  # numpy scalars
@@ -93,16 +115,39 @@ def _history(logits, n, prompt_token_ids, output_token_ids, logit_bias, banned_t
         bias_ids, bias_vals = _ids(logit_bias[0], "logit_bias"), logit_bias[1]
         if not isinstance(bias_vals, torch.Tensor):
             bias_vals = torch.as_tensor(bias_vals, dtype=torch.float32)
-    return (_ids(banned_token_ids, "banned_token_ids"), bias_ids, bias_vals, _ids(prompt_token_ids, "prompt_token_ids"),
-            _ids(output_token_ids, "output_token_ids"))
+    return (
+        _ids(banned_token_ids, "banned_token_ids"),
+        bias_ids,
+        bias_vals,
+        _ids(prompt_token_ids, "prompt_token_ids"),
+        _ids(output_token_ids, "output_token_ids"),
+    )
 
 
-def run_pipeline(logits, *, indices=None, seed=None, offset=None, generator=None, order="sequential",
-                 allowed_token_bitmask=None, banned_token_ids=None, logit_bias=None, prompt_token_ids=None,
-                 output_token_ids=None, top_logprobs=None, logprobs_mode="processed", return_valid=False,
-                 return_logprobs=False, out_dtype=None, check_nan=False, **params):
+def run_pipeline(
+    logits,
+    *,
+    indices=None,
+    seed=None,
+    offset=None,
+    generator=None,
+    order="sequential",
+    allowed_token_bitmask=None,
+    banned_token_ids=None,
+    logit_bias=None,
+    prompt_token_ids=None,
+    output_token_ids=None,
+    top_logprobs=None,
+    logprobs_mode="processed",
+    return_valid=False,
+    return_logprobs=False,
+    out_dtype=None,
+    check_nan=False,
+    **params,
+):
     """decodekit.sample with any of the issue-11 keywords (see `sample` for their meaning)."""
     from .sampling import _check_nan, _finish, _seed
+
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
     if order not in ORDERS:
@@ -115,29 +160,73 @@ def run_pipeline(logits, *, indices=None, seed=None, offset=None, generator=None
     _check_nan(logits, check_nan, "logits")
     n = logits.shape[0] if indices is None else indices.shape[0]
     P = pack_params(n, **params)
-    banned, bias_ids, bias_vals, prompt, output = _history(logits, n, prompt_token_ids, output_token_ids, logit_bias,
-                                                           banned_token_ids)
+    banned, bias_ids, bias_vals, prompt, output = _history(
+        logits, n, prompt_token_ids, output_token_ids, logit_bias, banned_token_ids
+    )
     seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
     want = bool(return_logprobs) or n_top > 0
     tokens, valid, lp, rank, top_ids, top_lp, _ = ops.pipeline(
-        logits, indices, P.to(logits.device), ORDERS[order], allowed_token_bitmask, banned, bias_ids, bias_vals,
-        prompt, output, _SAMPLE, n_top, logprobs_mode == "raw", want, seed_arr, seed_val, off)
+        logits,
+        indices,
+        P.to(logits.device),
+        ORDERS[order],
+        allowed_token_bitmask,
+        banned,
+        bias_ids,
+        bias_vals,
+        prompt,
+        output,
+        _SAMPLE,
+        n_top,
+        logprobs_mode == "raw",
+        want,
+        seed_arr,
+        seed_val,
+        off,
+    )
     if n_top == 0:
         return _finish(tokens, valid, lp, out_dtype, return_valid, return_logprobs)
     tokens = _finish(tokens, valid, lp, out_dtype, False, False)
     return SampleOutput(tokens, valid, lp, rank, top_ids, top_lp)
 
 
-def _mask(logits, indices=None, order="sequential", allowed_token_bitmask=None, banned_token_ids=None,
-          logit_bias=None, prompt_token_ids=None, output_token_ids=None, **params):
+def _mask(
+    logits,
+    indices=None,
+    order="sequential",
+    allowed_token_bitmask=None,
+    banned_token_ids=None,
+    logit_bias=None,
+    prompt_token_ids=None,
+    output_token_ids=None,
+    **params,
+):
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
     n = logits.shape[0] if indices is None else indices.shape[0]
     P = pack_params(n, **params)
-    banned, bias_ids, bias_vals, prompt, output = _history(logits, n, prompt_token_ids, output_token_ids, logit_bias,
-                                                           banned_token_ids)
-    return ops.pipeline(logits, indices, P.to(logits.device), ORDERS[order], allowed_token_bitmask, banned,
-                        bias_ids, bias_vals, prompt, output, _MASK, 0, False, False, None, 0, 0)[6]
+    banned, bias_ids, bias_vals, prompt, output = _history(
+        logits, n, prompt_token_ids, output_token_ids, logit_bias, banned_token_ids
+    )
+    return ops.pipeline(
+        logits,
+        indices,
+        P.to(logits.device),
+        ORDERS[order],
+        allowed_token_bitmask,
+        banned,
+        bias_ids,
+        bias_vals,
+        prompt,
+        output,
+        _MASK,
+        0,
+        False,
+        False,
+        None,
+        0,
+        0,
+    )[6]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,16 +240,32 @@ def apply_token_bitmask_inplace(logits: torch.Tensor, bitmask: torch.Tensor, ind
     ops.apply_token_bitmask_inplace(logits, bitmask, indices)
 
 
-def apply_penalties(logits: torch.Tensor, *, prompt_token_ids=None, output_token_ids=None, repetition_penalty=1.0,
-                    frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, banned_token_ids=None,
-                    allowed_token_bitmask=None) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    *,
+    prompt_token_ids=None,
+    output_token_ids=None,
+    repetition_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
+    logit_bias=None,
+    banned_token_ids=None,
+    allowed_token_bitmask=None,
+) -> torch.Tensor:
     """New logits (same dtype): bitmask and bans (-inf), logit bias, then the repetition penalty over
     prompt + output and the frequency / presence penalties over the output (histories: int64
     [B, L] padded with -1). A row with NaN or +inf is returned unchanged."""
-    return _mask(logits, allowed_token_bitmask=allowed_token_bitmask, banned_token_ids=banned_token_ids,
-                 logit_bias=logit_bias, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
-                 repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                 presence_penalty=presence_penalty)
+    return _mask(
+        logits,
+        allowed_token_bitmask=allowed_token_bitmask,
+        banned_token_ids=banned_token_ids,
+        logit_bias=logit_bias,
+        prompt_token_ids=prompt_token_ids,
+        output_token_ids=output_token_ids,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
 
 
 def typical_mask_logits(logits: torch.Tensor, typical_p, min_tokens_to_keep=1) -> torch.Tensor:

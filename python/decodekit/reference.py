@@ -6,6 +6,7 @@ Convention for bad rows (NaN / +inf / all -inf logits; NaN, negative, inf or all
 mask ops return the row unchanged, renorm ops return zeros, softmax returns NaN, samplers
 return token 0 with valid=False.
 """
+
 import math
 from typing import Optional
 
@@ -97,8 +98,9 @@ def min_p_keep(w: torch.Tensor, min_p) -> torch.Tensor:
     return w >= mp[:, None] * w.max(-1, keepdim=True).values
 
 
-def survivors(x: torch.Tensor, *, is_probs=False, temperature=1.0, top_k=None, top_p=None, min_p=None,
-              order="sequential") -> torch.Tensor:
+def survivors(
+    x: torch.Tensor, *, is_probs=False, temperature=1.0, top_k=None, top_p=None, min_p=None, order="sequential"
+) -> torch.Tensor:
     """Bool mask of the tokens that survive the filters (docs/semantics.md, "Filters"). A row with
     temperature 0 is greedy: its only survivor is the argmax (lowest index on ties)."""
     T = None if is_probs else _rows(temperature, x.shape[0], torch.float64)
@@ -278,9 +280,9 @@ def _verify_node(p, q, kids, key, depth, coin=None):
     drafts only), SGLang's rule. Returns (index of the accepted child or -1, emitted token)."""
     removed = []
     Mr = Mq = 0.0
-    r_f, Zr = None, 1.0            # materialised residual (float32 row) and its mass
+    r_f, Zr = None, 1.0  # materialised residual (float32 row) and its mass
     scf = _f32(1.0)
-    pending = broke = False        # draft probs: the last rejection not yet subtracted / no mass left
+    pending = broke = False  # draft probs: the last rejection not yet subtracted / no mass left
     for i, x in enumerate(kids):
         if x in removed:
             continue
@@ -344,8 +346,9 @@ def _greedy_choice(row: torch.Tensor):
     return _argmax(row), not _bad_row(row)
 
 
-def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, num_draft_tokens=None, seed=0,
-                               offset=0, greedy_rows=None):
+def chain_speculative_sampling(
+    draft_probs, draft_token_ids, target_probs, *, num_draft_tokens=None, seed=0, offset=0, greedy_rows=None
+):
     """Chain verification (docs/semantics.md, "Chain") with decodekit's uniforms. target_probs [B, N+1, V]
     float32, draft_probs [B, N, V] or None (one-hot). greedy_rows: optional bool [B] of rows whose
     target rows are LOGITS verified greedily. Returns (ids [B, N+1] -1 padded, accepted [B], emitted [B])."""
@@ -386,8 +389,13 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs, *, nu
 
 def greedy_verify(draft_token_ids, target_logits, *, num_draft_tokens=None):
     B = draft_token_ids.shape[0]
-    return chain_speculative_sampling(None, draft_token_ids, target_logits, num_draft_tokens=num_draft_tokens,
-                                      greedy_rows=torch.ones(B, dtype=torch.bool))
+    return chain_speculative_sampling(
+        None,
+        draft_token_ids,
+        target_logits,
+        num_draft_tokens=num_draft_tokens,
+        greedy_rows=torch.ones(B, dtype=torch.bool),
+    )
 
 
 def _filtered_probs(logits, temperature, top_k, top_p, min_p, order):
@@ -402,21 +410,42 @@ def _filtered_probs(logits, temperature, top_k, top_p, min_p, order):
             out[b] = logits[b].float()
             continue
         kw = dict(temperature=float(T[b]), order=order)
-        for name, v, dt in (("top_k", top_k, torch.int64), ("top_p", top_p, torch.float64),
-                            ("min_p", min_p, torch.float64)):
+        for name, v, dt in (
+            ("top_k", top_k, torch.int64),
+            ("top_p", top_p, torch.float64),
+            ("min_p", min_p, torch.float64),
+        ):
             if v is not None:
                 kw[name] = _rows(v, B, dt)[b].item()
         out[b] = target_distribution(logits[b].float(), **kw).float()
     return out, greedy
 
 
-def chain_speculative_sampling_from_logits(draft_probs, draft_token_ids, target_logits, *, temperature=1.0,
-                                           top_k=None, top_p=None, min_p=None, order="sequential",
-                                           num_draft_tokens=None, seed=0, offset=0):
+def chain_speculative_sampling_from_logits(
+    draft_probs,
+    draft_token_ids,
+    target_logits,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    order="sequential",
+    num_draft_tokens=None,
+    seed=0,
+    offset=0,
+):
     """The logits form: each position's target is the filtered distribution of section 3."""
     probs, greedy = _filtered_probs(target_logits, temperature, top_k, top_p, min_p, order)
-    return chain_speculative_sampling(draft_probs, draft_token_ids, probs, num_draft_tokens=num_draft_tokens,
-                                      seed=seed, offset=offset, greedy_rows=greedy)
+    return chain_speculative_sampling(
+        draft_probs,
+        draft_token_ids,
+        probs,
+        num_draft_tokens=num_draft_tokens,
+        seed=seed,
+        offset=offset,
+        greedy_rows=greedy,
+    )
 
 
 def build_tree(parents, prefix_lens):
@@ -447,7 +476,7 @@ def build_tree(parents, prefix_lens):
             i = kids.index(t)
             if i + 1 < len(kids):
                 ns[b, t] = kids[i + 1]
-    weights = (1 << torch.arange(8, dtype=torch.int64))
+    weights = 1 << torch.arange(8, dtype=torch.int64)
     mask = (dense.reshape(B, T, W, 8).long() * weights).sum(-1).to(torch.uint8)
     return mask, positions, ri, nt, ns
 
@@ -460,10 +489,24 @@ def _children(nt, ns, node):
     return out
 
 
-def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
-                              draft_probs=None, *, num_speculative_tokens=None, seed=0, offset=0, greedy_rows=None,
-                              target_predict=None, coins=None, coins_final=None, threshold_single=1.0,
-                              threshold_acc=1.0):
+def tree_speculative_sampling(
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target_probs,
+    draft_probs=None,
+    *,
+    num_speculative_tokens=None,
+    seed=0,
+    offset=0,
+    greedy_rows=None,
+    target_predict=None,
+    coins=None,
+    coins_final=None,
+    threshold_single=1.0,
+    threshold_acc=1.0,
+):
     """Tree verification in SGLang's layout (docs/semantics.md, "Trees"). Returns (predicts [B*T] (-1 where not
     written), accept_index int32 [B, W] (-1 padded), accept_token_num int32 [B]). greedy_rows: bool [B]
     of rows whose target rows are logits verified greedily; target_predict [B, T]: greedy ids.
@@ -490,8 +533,11 @@ def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, ret
                 i, e = (toks.index(choice), choice) if usable and choice in toks else (-1, choice)
             else:
                 q = None if draft_probs is None else draft_probs[b, cur]
-                coin = None if coins is None else (float(coins[b, cur]), float(coins_final[b]), threshold_single,
-                                                   threshold_acc)
+                coin = (
+                    None
+                    if coins is None
+                    else (float(coins[b, cur]), float(coins_final[b]), threshold_single, threshold_acc)
+                )
                 i, e = _verify_node(target_probs[b, cur], q, toks, key, acc, coin)
             predicts[int(ri[cur])] = e
             if i < 0:
@@ -503,25 +549,63 @@ def tree_speculative_sampling(candidates, retrive_index, retrive_next_token, ret
     return predicts, accept_index, accept_num
 
 
-def verify_tree_greedy(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, *,
-                       num_speculative_tokens=None):
+def verify_tree_greedy(
+    candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, *, num_speculative_tokens=None
+):
     """target: logits [B, T, V] or predicted ids [B, T]."""
     if target.dtype.is_floating_point:
-        return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
-                                         num_speculative_tokens=num_speculative_tokens,
-                                         greedy_rows=torch.ones(candidates.shape[0], dtype=torch.bool))
-    return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, None,
-                                     num_speculative_tokens=num_speculative_tokens, target_predict=target)
+        return tree_speculative_sampling(
+            candidates,
+            retrive_index,
+            retrive_next_token,
+            retrive_next_sibling,
+            target,
+            num_speculative_tokens=num_speculative_tokens,
+            greedy_rows=torch.ones(candidates.shape[0], dtype=torch.bool),
+        )
+    return tree_speculative_sampling(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        None,
+        num_speculative_tokens=num_speculative_tokens,
+        target_predict=target,
+    )
 
 
-def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
-                                          target_logits, draft_probs=None, *, temperature=1.0, top_k=None,
-                                          top_p=None, min_p=None, order="sequential", num_speculative_tokens=None,
-                                          seed=0, offset=0, **coins):
+def tree_speculative_sampling_from_logits(
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target_logits,
+    draft_probs=None,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    order="sequential",
+    num_speculative_tokens=None,
+    seed=0,
+    offset=0,
+    **coins,
+):
     probs, greedy = _filtered_probs(target_logits, temperature, top_k, top_p, min_p, order)
-    return tree_speculative_sampling(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs,
-                                     draft_probs, num_speculative_tokens=num_speculative_tokens, seed=seed,
-                                     offset=offset, greedy_rows=greedy, **coins)
+    return tree_speculative_sampling(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        probs,
+        draft_probs,
+        num_speculative_tokens=num_speculative_tokens,
+        seed=seed,
+        offset=offset,
+        greedy_rows=greedy,
+        **coins,
+    )
 
 
 # ---- benchmark baselines (plain torch, what serving code does) ---------------------------------
@@ -532,11 +616,11 @@ def chain_speculative_sampling_hf(draft_probs, draft_token_ids, target_probs, ge
     from the residual at the stop (or p_{N+1} when all are accepted). Returns (ids, emitted)."""
     B, N = draft_token_ids.shape
     ids = draft_token_ids.long()
-    ratio = target_probs[:, :N] / draft_probs                       # [B, N, V]
-    ratio_i = ratio.gather(-1, ids[..., None]).squeeze(-1)           # [B, N]
+    ratio = target_probs[:, :N] / draft_probs  # [B, N, V]
+    ratio_i = ratio.gather(-1, ids[..., None]).squeeze(-1)  # [B, N]
     r = torch.rand(ratio_i.shape, generator=generator)
     accepted = r <= ratio_i
-    n_matches = ((~accepted).cumsum(-1) < 1).sum(-1)                 # [B]
+    n_matches = ((~accepted).cumsum(-1) < 1).sum(-1)  # [B]
     resid = (target_probs[:, :N] - draft_probs).clamp(min=0)
     resid = resid / resid.sum(-1, keepdim=True)
     rows = torch.cat([resid, target_probs[:, N:]], 1)[torch.arange(B), n_matches]
@@ -566,6 +650,8 @@ def chain_speculative_sampling_gather(draft_probs, draft_token_ids, target_probs
     out = torch.where(pos[None, :] < n_matches[:, None], torch.cat([ids, ids[:, :1]], 1), torch.full_like(pos, -1))
     out[ar, n_matches] = t
     return out, n_matches
+
+
 # =============================================================================================
 # Tree attention (verification step of tree speculative decoding)
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +698,7 @@ def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
     B, T, T2 = mask.shape
     out = torch.zeros(B, T, (T2 + 7) // 8, dtype=torch.uint8)
     for j in range(T2):
-        out[:, :, j // 8] |= (mask[:, :, j].to(torch.uint8) << (j % 8))
+        out[:, :, j // 8] |= mask[:, :, j].to(torch.uint8) << (j % 8)
     return out
 
 
@@ -632,7 +718,7 @@ def tree_attention_dense_mask(tree_mask: torch.Tensor, prefix_lens, kv_len: int)
     for b in range(B):
         P = int(prefix_lens[b])
         dense[b, 0, :, :P] = True
-        dense[b, 0, :, P:P + T] = tree_mask[b].cpu()
+        dense[b, 0, :, P : P + T] = tree_mask[b].cpu()
     return dense.to(tree_mask.device)
 
 
@@ -691,7 +777,7 @@ def apply_token_bitmask_inplace(logits: torch.Tensor, bitmask: torch.Tensor, ind
     n = min(x.shape[-1], 32 * bm.shape[-1])
     rows = range(x.shape[0]) if indices is None else [int(i) for i in indices]
     for i in rows:
-        allowed = unpack_bitmask(bm[i:i + 1], n)[0]
+        allowed = unpack_bitmask(bm[i : i + 1], n)[0]
         x[i, :n] = torch.where(allowed, x[i, :n], torch.full_like(x[i, :n], NEG_INF))
 
 
@@ -701,9 +787,18 @@ def _ids(t, b):
     return [int(v) for v in t[b].tolist() if int(v) >= 0]
 
 
-def process_logits(logits, *, allowed_token_bitmask=None, banned_token_ids=None, logit_bias=None,
-                   prompt_token_ids=None, output_token_ids=None, repetition_penalty=1.0, frequency_penalty=0.0,
-                   presence_penalty=0.0) -> torch.Tensor:
+def process_logits(
+    logits,
+    *,
+    allowed_token_bitmask=None,
+    banned_token_ids=None,
+    logit_bias=None,
+    prompt_token_ids=None,
+    output_token_ids=None,
+    repetition_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
+) -> torch.Tensor:
     """float32 [B, V]: bitmask and bans (-inf), then logit bias (y += v, entry by entry in order),
     then the repetition penalty once per distinct token of prompt + output (y / r if y > 0 else
     y * r), then y = (y - f * count) - q for every token with count > 0 in the output."""
@@ -829,10 +924,28 @@ def _enabled(step, prm, V):
     return v > 0
 
 
-PIPELINE_PARAMS = ("temperature", "top_k", "top_p", "min_p", "top_n_sigma", "typical_p", "epsilon", "eta", "top_h",
-                   "min_tokens_to_keep")
-_STEP_PARAM = {"top_n_sigma": "top_n_sigma", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-               "typical": "typical_p", "epsilon": "epsilon", "eta": "eta", "top_h": "top_h"}
+PIPELINE_PARAMS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "top_n_sigma",
+    "typical_p",
+    "epsilon",
+    "eta",
+    "top_h",
+    "min_tokens_to_keep",
+)
+_STEP_PARAM = {
+    "top_n_sigma": "top_n_sigma",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical": "typical_p",
+    "epsilon": "epsilon",
+    "eta": "eta",
+    "top_h": "top_h",
+}
 
 
 def _row_params(b, kw, B):
@@ -879,11 +992,33 @@ def _ids_ok(t, V, name):
         raise ValueError(f"{name} must hold token ids in [0, {V}) or -1 (padding)")
 
 
-def pipeline(logits, *, indices=None, temperature=1.0, top_k=None, top_p=None, min_p=None, top_n_sigma=None,
-             typical_p=None, epsilon=None, eta=None, top_h=None, min_tokens_to_keep=1, order="sequential",
-             allowed_token_bitmask=None, banned_token_ids=None, logit_bias=None, prompt_token_ids=None,
-             output_token_ids=None, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
-             top_logprobs=0, logprobs_mode="processed", uniforms=None):
+def pipeline(
+    logits,
+    *,
+    indices=None,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    top_n_sigma=None,
+    typical_p=None,
+    epsilon=None,
+    eta=None,
+    top_h=None,
+    min_tokens_to_keep=1,
+    order="sequential",
+    allowed_token_bitmask=None,
+    banned_token_ids=None,
+    logit_bias=None,
+    prompt_token_ids=None,
+    output_token_ids=None,
+    repetition_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
+    top_logprobs=0,
+    logprobs_mode="processed",
+    uniforms=None,
+):
     """The whole step for every output row (row i reads logits[indices[i]]). Returns a dict:
     processed (float32 logits after bitmask .. penalties), keep (survivors), valid, dist (float64
     renormalised survivor distribution; one-hot at the greedy token for temperature 0),
@@ -894,15 +1029,36 @@ def pipeline(logits, *, indices=None, temperature=1.0, top_k=None, top_p=None, m
     tokens whose logprob is >= the token's)."""
     x = logits if indices is None else logits[indices.long()]
     B, V = x.shape
-    for name, t in (("banned_token_ids", banned_token_ids), ("prompt_token_ids", prompt_token_ids),
-                    ("output_token_ids", output_token_ids), ("logit_bias", None if logit_bias is None else logit_bias[0])):
+    for name, t in (
+        ("banned_token_ids", banned_token_ids),
+        ("prompt_token_ids", prompt_token_ids),
+        ("output_token_ids", output_token_ids),
+        ("logit_bias", None if logit_bias is None else logit_bias[0]),
+    ):
         _ids_ok(t, V, name)
-    y = process_logits(x, allowed_token_bitmask=allowed_token_bitmask, banned_token_ids=banned_token_ids,
-                       logit_bias=logit_bias, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
-                       repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                       presence_penalty=presence_penalty)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_n_sigma=top_n_sigma,
-              typical_p=typical_p, epsilon=epsilon, eta=eta, top_h=top_h, min_tokens_to_keep=min_tokens_to_keep)
+    y = process_logits(
+        x,
+        allowed_token_bitmask=allowed_token_bitmask,
+        banned_token_ids=banned_token_ids,
+        logit_bias=logit_bias,
+        prompt_token_ids=prompt_token_ids,
+        output_token_ids=output_token_ids,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    )
+    kw = dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        top_n_sigma=top_n_sigma,
+        typical_p=typical_p,
+        epsilon=epsilon,
+        eta=eta,
+        top_h=top_h,
+        min_tokens_to_keep=min_tokens_to_keep,
+    )
     keep = pipeline_keep(y, order=order, **kw)
     valid = ~(bad_rows(x, False) | bad_rows(y, False))
     T = _rows(temperature, B, torch.float64)
@@ -947,9 +1103,22 @@ def pipeline(logits, *, indices=None, temperature=1.0, top_k=None, top_p=None, m
     return res
 
 
-def pipeline_torch_vllm(logits, *, allowed_token_bitmask, prompt_token_ids, output_token_ids, repetition_penalty,
-                        frequency_penalty, presence_penalty, temperature, top_k, top_p, min_p, top_logprobs,
-                        generator=None):
+def pipeline_torch_vllm(
+    logits,
+    *,
+    allowed_token_bitmask,
+    prompt_token_ids,
+    output_token_ids,
+    repetition_penalty,
+    frequency_penalty,
+    presence_penalty,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    top_logprobs,
+    generator=None,
+):
     """The same chain written in torch the way vLLM's V1 sampler writes it (the benchmark baseline):
     the bitmask expanded to a [B, V] bool mask, [B, V] token counts rebuilt from the histories by
     scatter_add every step, penalties, temperature, min-p, then top-k / top-p by a full sort, the
@@ -976,7 +1145,7 @@ def pipeline_torch_vllm(logits, *, allowed_token_bitmask, prompt_token_ids, outp
     probs = x.softmax(-1)
     x = x.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), NEG_INF)
     srt, idx = x.sort(-1, descending=False)
-    kth = srt[:, V - top_k:V - top_k + 1]
+    kth = srt[:, V - top_k : V - top_k + 1]
     srt = srt.masked_fill(srt < kth, NEG_INF)
     ps = srt.softmax(-1)
     mask = ps.cumsum(-1) <= 1 - top_p

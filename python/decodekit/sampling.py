@@ -4,6 +4,7 @@ Semantics: docs/semantics.md, "Filters" and "Sampling" (decisions in the README)
 renormalised survivors of its filters with a counter-based Philox stream, so the same seed gives
 the same tokens on every CPU path and thread count.
 """
+
 import math
 import numbers
 from typing import Optional, Union
@@ -14,10 +15,21 @@ import torch
 from ._ops import ops
 
 __all__ = [
-    "softmax", "top_k_mask_logits", "top_p_mask_logits", "min_p_mask_logits",
-    "top_k_renorm_probs", "top_p_renorm_probs", "min_p_renorm_probs",
-    "sampling_from_probs", "sampling_from_logits", "top_k_sampling_from_probs", "top_p_sampling_from_probs",
-    "min_p_sampling_from_probs", "top_k_top_p_sampling_from_probs", "top_k_top_p_sampling_from_logits", "sample",
+    "softmax",
+    "top_k_mask_logits",
+    "top_p_mask_logits",
+    "min_p_mask_logits",
+    "top_k_renorm_probs",
+    "top_p_renorm_probs",
+    "min_p_renorm_probs",
+    "sampling_from_probs",
+    "sampling_from_logits",
+    "top_k_sampling_from_probs",
+    "top_p_sampling_from_probs",
+    "min_p_sampling_from_probs",
+    "top_k_top_p_sampling_from_probs",
+    "top_k_top_p_sampling_from_logits",
+    "sample",
 ]
 
 Param = Union[float, int, torch.Tensor, None]
@@ -55,7 +67,7 @@ def _split(value: Param, default, name: str, kind=float):
             f = _float(value)
             if math.isnan(f) or (math.isfinite(f) and not f.is_integer()):
                 raise ValueError(f"{name} must be an integer, got {value}")
-            value = int(max(min(f, 2.0**62), -2.0**62))
+            value = int(max(min(f, 2.0**62), -(2.0**62)))
         # k <= 0 or k >= V disables: a k outside int64 keeps that meaning
         return None, max(min(int(value), _K_DISABLED), -_K_DISABLED)
     return None, _float(value)
@@ -99,9 +111,11 @@ def _seed(seed, offset, generator, device):
     if seed is None:
         if torch.compiler.is_compiling():
             if generator is not None:
-                raise ValueError("generator= cannot be used inside torch.compile (dynamo cannot trace a "
-                                 "torch.Generator); pass seed= (an int or an int64 tensor) or leave both None "
-                                 "to draw from torch's default generator")
+                raise ValueError(
+                    "generator= cannot be used inside torch.compile (dynamo cannot trace a "
+                    "torch.Generator); pass seed= (an int or an int64 tensor) or leave both None "
+                    "to draw from torch's default generator"
+                )
             return ops.draw_seed(), 0, off
         s = torch.randint(0, 2**63 - 1, (1,), generator=generator, device="cpu").item()
         return None, int(s), off
@@ -119,7 +133,7 @@ def _seed(seed, offset, generator, device):
 def _seed_int(seed) -> int:
     """A scalar seed as the int64 the op takes: any value in [-2^63, 2^64) (the 64-bit key's bits)."""
     seed = int(seed)
-    if not -2**63 <= seed < 2**64:
+    if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must be in [-2^63, 2^64) (a 64-bit key), got {seed}")
     return seed - 2**64 if seed >= 2**63 else seed
 
@@ -152,9 +166,25 @@ def _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs=Fa
     return out[0] if len(out) == 1 else out
 
 
-def _run_sample(x, is_probs, *, temperature=1.0, top_k=None, top_p=None, min_p=None, order=0, indices=None,
-                generator=None, seed=None, offset=None, check_nan=False, return_valid=False, return_logprobs=False,
-                out_dtype=None, name="probs"):
+def _run_sample(
+    x,
+    is_probs,
+    *,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    order=0,
+    indices=None,
+    generator=None,
+    seed=None,
+    offset=None,
+    check_nan=False,
+    return_valid=False,
+    return_logprobs=False,
+    out_dtype=None,
+    name="probs",
+):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor")
     _check_nan(x, check_nan, name)
@@ -163,8 +193,23 @@ def _run_sample(x, is_probs, *, temperature=1.0, top_k=None, top_p=None, min_p=N
     p_arr, p_val = _split(top_p, 1.0, "top_p")
     mp_arr, mp_val = _split(min_p, 0.0, "min_p")
     seed_arr, seed_val, off = _seed(seed, offset, generator, x.device)
-    tokens, valid, logprobs = ops.sample(x, _indices(indices, x.device), is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
-                                         mp_val, order, seed_arr, seed_val, off)
+    tokens, valid, logprobs = ops.sample(
+        x,
+        _indices(indices, x.device),
+        is_probs,
+        T_arr,
+        T_val,
+        k_arr,
+        k_val,
+        p_arr,
+        p_val,
+        mp_arr,
+        mp_val,
+        order,
+        seed_arr,
+        seed_val,
+        off,
+    )
     return _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs)
 
 
@@ -215,14 +260,41 @@ def min_p_renorm_probs(probs: torch.Tensor, min_p: Param) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # samplers (FlashInfer signatures)
-def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
-                        offset=None, return_valid=False, out_dtype=None):
-    return _run_sample(probs, True, indices=indices, generator=generator, seed=seed, offset=offset,
-                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+def sampling_from_probs(
+    probs,
+    indices=None,
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        probs,
+        True,
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+    )
 
 
-def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
-                         offset=None, return_valid=False, out_dtype=None):
+def sampling_from_logits(
+    logits,
+    indices=None,
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
     """Gumbel-max: argmax(logits + Gumbel noise), one Philox word pair per element."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
@@ -232,43 +304,163 @@ def sampling_from_logits(logits, indices=None, deterministic=True, generator=Non
     return _finish(tokens, valid, None, out_dtype, return_valid)
 
 
-def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False, out_dtype=None):
-    return _run_sample(probs, True, top_k=top_k, indices=indices, generator=generator, seed=seed, offset=offset,
-                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+def top_k_sampling_from_probs(
+    probs,
+    top_k,
+    indices=None,
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        probs,
+        True,
+        top_k=top_k,
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+    )
 
 
-def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False, out_dtype=None):
-    return _run_sample(probs, True, top_p=top_p, indices=indices, generator=generator, seed=seed, offset=offset,
-                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+def top_p_sampling_from_probs(
+    probs,
+    top_p,
+    indices=None,
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        probs,
+        True,
+        top_p=top_p,
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+    )
 
 
-def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
-                              seed=None, offset=None, return_valid=False, out_dtype=None):
-    return _run_sample(probs, True, min_p=min_p, indices=indices, generator=generator, seed=seed, offset=offset,
-                       check_nan=check_nan, return_valid=return_valid, out_dtype=out_dtype)
+def min_p_sampling_from_probs(
+    probs,
+    min_p,
+    indices=None,
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        probs,
+        True,
+        min_p=min_p,
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+    )
 
 
-def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
-                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
-                                    return_valid=False, out_dtype=None):
-    return _run_sample(probs, True, top_k=top_k, top_p=top_p, order=_order(filter_apply_order), indices=indices,
-                       generator=generator, seed=seed, offset=offset, check_nan=check_nan,
-                       return_valid=return_valid, out_dtype=out_dtype)
+def top_k_top_p_sampling_from_probs(
+    probs,
+    top_k,
+    top_p,
+    indices=None,
+    filter_apply_order="top_k_first",
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        probs,
+        True,
+        top_k=top_k,
+        top_p=top_p,
+        order=_order(filter_apply_order),
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+    )
 
 
-def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
-                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None,
-                                     return_valid=False, out_dtype=None):
-    return _run_sample(logits, False, top_k=top_k, top_p=top_p, order=_order(filter_apply_order),
-                       indices=indices, generator=generator, seed=seed, offset=offset, check_nan=check_nan,
-                       return_valid=return_valid, out_dtype=out_dtype, name="logits")
+def top_k_top_p_sampling_from_logits(
+    logits,
+    top_k,
+    top_p,
+    indices=None,
+    filter_apply_order="top_k_first",
+    deterministic=True,
+    generator=None,
+    check_nan=False,
+    seed=None,
+    offset=None,
+    return_valid=False,
+    out_dtype=None,
+):
+    return _run_sample(
+        logits,
+        False,
+        top_k=top_k,
+        top_p=top_p,
+        order=_order(filter_apply_order),
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        out_dtype=out_dtype,
+        name="logits",
+    )
 
 
-def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
-           min_p: Param = None, order: str = "sequential", indices=None, seed=None, offset=None, generator=None,
-           check_nan=False, return_valid=False, return_logprobs=False, out_dtype=None, **step):
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: Param = 1.0,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    order: str = "sequential",
+    indices=None,
+    seed=None,
+    offset=None,
+    generator=None,
+    check_nan=False,
+    return_valid=False,
+    return_logprobs=False,
+    out_dtype=None,
+    **step,
+):
     """decodekit's one-pass sampler: temperature -> top-k -> top-p -> min-p (Hugging Face order, or
     order="joint"), then an exact draw from the renormalised survivors. temperature 0 = greedy.
     No probability row is materialised and the vocabulary is never sorted.
@@ -279,10 +471,39 @@ def sample(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = Non
     top_h, min_tokens_to_keep, top_logprobs, logprobs_mode and order="vllm"."""
     if step or order == "vllm":
         from .pipeline import run_pipeline
-        return run_pipeline(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=order,
-                            indices=indices, seed=seed, offset=offset, generator=generator, check_nan=check_nan,
-                            return_valid=return_valid, return_logprobs=return_logprobs, out_dtype=out_dtype, **step)
-    return _run_sample(logits, False, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       order=_order(order), indices=indices, generator=generator, seed=seed, offset=offset,
-                       check_nan=check_nan, return_valid=return_valid, return_logprobs=return_logprobs,
-                       out_dtype=out_dtype, name="logits")
+
+        return run_pipeline(
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            order=order,
+            indices=indices,
+            seed=seed,
+            offset=offset,
+            generator=generator,
+            check_nan=check_nan,
+            return_valid=return_valid,
+            return_logprobs=return_logprobs,
+            out_dtype=out_dtype,
+            **step,
+        )
+    return _run_sample(
+        logits,
+        False,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        order=_order(order),
+        indices=indices,
+        generator=generator,
+        seed=seed,
+        offset=offset,
+        check_nan=check_nan,
+        return_valid=return_valid,
+        return_logprobs=return_logprobs,
+        out_dtype=out_dtype,
+        name="logits",
+    )

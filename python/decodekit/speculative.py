@@ -34,6 +34,7 @@ Decisions where the peers are silent or differ:
 - ``predicts`` is [B*T] indexed by ``retrive_index``; slots that are not written hold -1.
 - The seed / offset / generator rules are the sampling family's (docs/semantics.md, "Randomness").
 """
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -43,8 +44,13 @@ from .attention import _prefix_tensor
 from .sampling import Param, _indices, _order, _seed, _split
 
 __all__ = [
-    "chain_speculative_sampling", "chain_speculative_sampling_from_logits", "greedy_verify",
-    "build_tree", "SpecTree", "tree_speculative_sampling", "tree_speculative_sampling_from_logits",
+    "chain_speculative_sampling",
+    "chain_speculative_sampling_from_logits",
+    "greedy_verify",
+    "build_tree",
+    "SpecTree",
+    "tree_speculative_sampling",
+    "tree_speculative_sampling_from_logits",
     "verify_tree_greedy",
 ]
 
@@ -89,15 +95,37 @@ def _num_draft(num_draft_tokens, draft_token_ids):
     return _indices(num_draft_tokens, draft_token_ids.device, "num_draft_tokens")
 
 
-def _chain(target, target_name, draft_token_ids, draft_probs, num_draft_tokens, kind, filters, seed, offset,
-           generator, out_acc, out_emi, out_dtype):
+def _chain(
+    target,
+    target_name,
+    draft_token_ids,
+    draft_probs,
+    num_draft_tokens,
+    kind,
+    filters,
+    seed,
+    offset,
+    generator,
+    out_acc,
+    out_emi,
+    out_dtype,
+):
     """The common body of the chain wrappers: argument checks, seeds, the op, the optional
     accumulation into caller tensors (FlashInfer's maybe_output_* arguments) and the id dtype."""
     _check_tensor(target, target_name)
     _check_tensor(draft_token_ids, "draft_token_ids")
     seed_arr, seed_val, off = _seed(seed, offset, generator, draft_token_ids.device)
-    ids, acc, emi = ops.chain_verify(target, draft_token_ids, draft_probs, _num_draft(num_draft_tokens, draft_token_ids),
-                                     kind, *filters, seed_arr, seed_val, off)
+    ids, acc, emi = ops.chain_verify(
+        target,
+        draft_token_ids,
+        draft_probs,
+        _num_draft(num_draft_tokens, draft_token_ids),
+        kind,
+        *filters,
+        seed_arr,
+        seed_val,
+        off,
+    )
     acc = _accumulate(out_acc, acc, "maybe_output_accepted_token_num")
     emi = _accumulate(out_emi, emi, "maybe_output_emitted_draft_token_num")
     return _ids_out(ids, out_dtype), acc, emi
@@ -105,12 +133,20 @@ def _chain(target, target_name, draft_token_ids, draft_probs, num_draft_tokens, 
 
 # ---------------------------------------------------------------------------------------------
 # chains
-def chain_speculative_sampling(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
-                               target_probs: torch.Tensor, maybe_output_accepted_token_num: Optional[torch.Tensor] = None,
-                               maybe_output_emitted_draft_token_num: Optional[torch.Tensor] = None,
-                               deterministic: bool = True, generator: Optional[torch.Generator] = None,
-                               seed=None, offset=None, *, num_draft_tokens: Optional[torch.Tensor] = None,
-                               out_dtype=None):
+def chain_speculative_sampling(
+    draft_probs: Optional[torch.Tensor],
+    draft_token_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    maybe_output_accepted_token_num: Optional[torch.Tensor] = None,
+    maybe_output_emitted_draft_token_num: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    seed=None,
+    offset=None,
+    *,
+    num_draft_tokens: Optional[torch.Tensor] = None,
+    out_dtype=None,
+):
     """Verify a chain of N drafts per row against the target (lossless rejection sampling).
 
     draft_probs [B, N, V] float32 or None (one-hot drafts: n-gram / EAGLE-style drafters),
@@ -122,38 +158,89 @@ def chain_speculative_sampling(draft_probs: Optional[torch.Tensor], draft_token_
 
     Returns (output_token_ids [B, N+1] padded with -1, accepted_num [B], emitted_num [B]).
     """
-    return _chain(target_probs, "target_probs", draft_token_ids, draft_probs, num_draft_tokens, _PROBS, _NO_FILTERS,
-                  seed, offset, generator, maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num,
-                  out_dtype)
+    return _chain(
+        target_probs,
+        "target_probs",
+        draft_token_ids,
+        draft_probs,
+        num_draft_tokens,
+        _PROBS,
+        _NO_FILTERS,
+        seed,
+        offset,
+        generator,
+        maybe_output_accepted_token_num,
+        maybe_output_emitted_draft_token_num,
+        out_dtype,
+    )
 
 
-def chain_speculative_sampling_from_logits(draft_probs: Optional[torch.Tensor], draft_token_ids: torch.Tensor,
-                                           target_logits: torch.Tensor, *, temperature: Param = 1.0,
-                                           top_k: Param = None, top_p: Param = None, min_p: Param = None,
-                                           order: str = "sequential", num_draft_tokens=None,
-                                           maybe_output_accepted_token_num=None,
-                                           maybe_output_emitted_draft_token_num=None, generator=None, seed=None,
-                                           offset=None, out_dtype=None):
+def chain_speculative_sampling_from_logits(
+    draft_probs: Optional[torch.Tensor],
+    draft_token_ids: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    temperature: Param = 1.0,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    order: str = "sequential",
+    num_draft_tokens=None,
+    maybe_output_accepted_token_num=None,
+    maybe_output_emitted_draft_token_num=None,
+    generator=None,
+    seed=None,
+    offset=None,
+    out_dtype=None,
+):
     """chain_speculative_sampling against target LOGITS [B, N+1, V] (fp32/bf16/fp16) and the row's
     sampling parameters: the target at every position is the filtered, renormalised distribution
     the ordinary sampler draws from (temperature -> top-k -> top-p -> min-p, docs/semantics.md "Filters"),
     resolved inside the kernel, so verified and replacement tokens obey the same filters.
     temperature == 0 (per row) means greedy verification (accept while draft == argmax)."""
-    return _chain(target_logits, "target_logits", draft_token_ids, draft_probs, num_draft_tokens, _LOGITS,
-                  _filter_args(temperature, top_k, top_p, min_p, order), seed, offset, generator,
-                  maybe_output_accepted_token_num, maybe_output_emitted_draft_token_num, out_dtype)
+    return _chain(
+        target_logits,
+        "target_logits",
+        draft_token_ids,
+        draft_probs,
+        num_draft_tokens,
+        _LOGITS,
+        _filter_args(temperature, top_k, top_p, min_p, order),
+        seed,
+        offset,
+        generator,
+        maybe_output_accepted_token_num,
+        maybe_output_emitted_draft_token_num,
+        out_dtype,
+    )
 
 
-def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, num_draft_tokens=None,
-                  out_dtype=None):
+def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *, num_draft_tokens=None, out_dtype=None):
     """Greedy chain verification: accept drafts while draft == argmax(target_logits[:, j]) (lowest
     index on ties), then emit the argmax at the first mismatch (or at position N).
     Returns (output_token_ids [B, N+1] padded with -1, accepted_num [B], emitted_num [B]) with
     accepted_num counting every position whose draft equals the argmax."""
     _check_tensor(target_logits, "target_logits")
     _check_tensor(draft_token_ids, "draft_token_ids")
-    ids, acc, emi = ops.chain_verify(target_logits, draft_token_ids, None, _num_draft(num_draft_tokens, draft_token_ids),
-                                     _LOGITS, None, 0.0, None, 0, None, 1.0, None, 0.0, 0, None, 0, 0)
+    ids, acc, emi = ops.chain_verify(
+        target_logits,
+        draft_token_ids,
+        None,
+        _num_draft(num_draft_tokens, draft_token_ids),
+        _LOGITS,
+        None,
+        0.0,
+        None,
+        0,
+        None,
+        1.0,
+        None,
+        0.0,
+        0,
+        None,
+        0,
+        0,
+    )
     return _ids_out(ids, out_dtype), acc, emi
 
 
@@ -161,10 +248,11 @@ def greedy_verify(draft_token_ids: torch.Tensor, target_logits: torch.Tensor, *,
 # trees
 class SpecTree(NamedTuple):
     """build_tree's outputs (a tuple; unpack it or use the names)."""
-    tree_mask: torch.Tensor             # uint8 [B, T, ceil(T/8)], little-endian bits
-    positions: torch.Tensor             # int64 [B*T], prefix_len + depth
-    retrive_index: torch.Tensor         # int64 [B, T], b*T + t
-    retrive_next_token: torch.Tensor    # int64 [B, T], first child (lowest index) or -1
+
+    tree_mask: torch.Tensor  # uint8 [B, T, ceil(T/8)], little-endian bits
+    positions: torch.Tensor  # int64 [B*T], prefix_len + depth
+    retrive_index: torch.Tensor  # int64 [B, T], b*T + t
+    retrive_next_token: torch.Tensor  # int64 [B, T], first child (lowest index) or -1
     retrive_next_sibling: torch.Tensor  # int64 [B, T], next sibling (by index) or -1
 
 
@@ -190,12 +278,25 @@ def _tree_width(num_speculative_tokens, candidates):
     return num_speculative_tokens
 
 
-def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Tensor,
-                              retrive_next_token: torch.Tensor, retrive_next_sibling: torch.Tensor,
-                              target_probs: torch.Tensor, draft_probs: Optional[torch.Tensor] = None, *,
-                              num_speculative_tokens: Optional[int] = None, deterministic: bool = True,
-                              generator=None, seed=None, offset=None, out_dtype=None, coins=None, coins_final=None,
-                              threshold_single: float = 1.0, threshold_acc: float = 1.0):
+def tree_speculative_sampling(
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    target_probs: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    *,
+    num_speculative_tokens: Optional[int] = None,
+    deterministic: bool = True,
+    generator=None,
+    seed=None,
+    offset=None,
+    out_dtype=None,
+    coins=None,
+    coins_final=None,
+    threshold_single: float = 1.0,
+    threshold_acc: float = 1.0,
+):
     """Multi-draft rejection sampling down a token tree (SpecInfer), SGLang's layout.
 
     candidates [B, T] (node 0 = root, the last verified token), retrive_* [B, T] (build_tree),
@@ -214,35 +315,87 @@ def tree_speculative_sampling(candidates: torch.Tensor, retrive_index: torch.Ten
     _check_tensor(target_probs, "target_probs")
     seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
     W = _tree_width(num_speculative_tokens, candidates)
-    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
-                                   draft_probs, W, _PROBS, *_NO_FILTERS, seed_arr, seed_val, off, coins, coins_final,
-                                   float(threshold_single), float(threshold_acc))
+    pred, ai, an = ops.tree_verify(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target_probs,
+        draft_probs,
+        W,
+        _PROBS,
+        *_NO_FILTERS,
+        seed_arr,
+        seed_val,
+        off,
+        coins,
+        coins_final,
+        float(threshold_single),
+        float(threshold_acc),
+    )
     return _ids_out(pred, out_dtype), ai, an
 
 
-def tree_speculative_sampling_from_logits(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
-                                          target_logits: torch.Tensor, draft_probs: Optional[torch.Tensor] = None, *,
-                                          temperature: Param = 1.0, top_k: Param = None, top_p: Param = None,
-                                          min_p: Param = None, order: str = "sequential",
-                                          num_speculative_tokens: Optional[int] = None, generator=None, seed=None,
-                                          offset=None, out_dtype=None, coins=None, coins_final=None,
-                                          threshold_single: float = 1.0, threshold_acc: float = 1.0):
+def tree_speculative_sampling_from_logits(
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target_logits: torch.Tensor,
+    draft_probs: Optional[torch.Tensor] = None,
+    *,
+    temperature: Param = 1.0,
+    top_k: Param = None,
+    top_p: Param = None,
+    min_p: Param = None,
+    order: str = "sequential",
+    num_speculative_tokens: Optional[int] = None,
+    generator=None,
+    seed=None,
+    offset=None,
+    out_dtype=None,
+    coins=None,
+    coins_final=None,
+    threshold_single: float = 1.0,
+    threshold_acc: float = 1.0,
+):
     """tree_speculative_sampling against target LOGITS [B, T, V] plus per-row sampling parameters,
     the filters applied inside the kernel at every node visited; temperature 0 = greedy."""
     _check_tensor(candidates, "candidates")
     _check_tensor(target_logits, "target_logits")
     seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
     W = _tree_width(num_speculative_tokens, candidates)
-    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_logits,
-                                   draft_probs, W, _LOGITS, *_filter_args(temperature, top_k, top_p, min_p, order),
-                                   seed_arr, seed_val, off, coins, coins_final, float(threshold_single),
-                                   float(threshold_acc))
+    pred, ai, an = ops.tree_verify(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target_logits,
+        draft_probs,
+        W,
+        _LOGITS,
+        *_filter_args(temperature, top_k, top_p, min_p, order),
+        seed_arr,
+        seed_val,
+        off,
+        coins,
+        coins_final,
+        float(threshold_single),
+        float(threshold_acc),
+    )
     return _ids_out(pred, out_dtype), ai, an
 
 
-def verify_tree_greedy(candidates: torch.Tensor, retrive_index: torch.Tensor, retrive_next_token: torch.Tensor,
-                       retrive_next_sibling: torch.Tensor, target: torch.Tensor, *,
-                       num_speculative_tokens: Optional[int] = None, out_dtype=None):
+def verify_tree_greedy(
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_speculative_tokens: Optional[int] = None,
+    out_dtype=None,
+):
     """Greedy tree verification (SGLang verify_tree_greedy): from the root, accept the child whose
     token equals the target's choice at the current node, until none does; then emit that choice.
     target: logits [B, T, V] (argmax, lowest index on ties, computed only at the nodes visited) or
@@ -254,6 +407,7 @@ def verify_tree_greedy(candidates: torch.Tensor, retrive_index: torch.Tensor, re
         args = (_LOGITS, None, 0.0, None, 0, None, 1.0, None, 0.0, 0)
     else:
         args = (_IDS,) + _NO_FILTERS
-    pred, ai, an = ops.tree_verify(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, None,
-                                   W, *args, None, 0, 0)
+    pred, ai, an = ops.tree_verify(
+        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target, None, W, *args, None, 0, 0
+    )
     return _ids_out(pred, out_dtype), ai, an

@@ -5,6 +5,7 @@ kernels' logic with the CPU engine on a machine without a GPU.
 The shared library is built with the host C++ compiler on first use and cached next to the
 build tree, keyed by a hash of the sources and the block size.
 """
+
 import ctypes
 import hashlib
 import os
@@ -16,8 +17,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-SOURCES = [HERE / "emu_runtime.h", HERE / "emu_sampling.cpp", ROOT / "csrc/cuda/sampling.cuh",
-           *sorted((ROOT / "csrc/include/decodekit").glob("*.h"))]
+SOURCES = [
+    HERE / "emu_runtime.h",
+    HERE / "emu_sampling.cpp",
+    ROOT / "csrc/cuda/sampling.cuh",
+    *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
+]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _libs = {}
 _failed = {}
@@ -36,9 +41,22 @@ def build(threads: int = 64) -> Path:
     lib = out_dir / f"emu_sampling_{threads}_{h.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        cmd = [compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-               f"-DDK_CUDA_THREADS={threads}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
-               f"-I{HERE}", str(HERE / "emu_sampling.cpp"), "-o", str(tmp)]
+        cmd = [
+            compiler(),
+            "-std=c++20",
+            "-O2",
+            "-ffp-contract=off",
+            "-fno-math-errno",
+            "-fPIC",
+            "-shared",
+            f"-DDK_CUDA_THREADS={threads}",
+            f"-I{ROOT / 'csrc/include'}",
+            f"-I{ROOT / 'csrc'}",
+            f"-I{HERE}",
+            str(HERE / "emu_sampling.cpp"),
+            "-o",
+            str(tmp),
+        ]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
     return lib
@@ -79,13 +97,35 @@ def _matrix(x):
 
 
 def _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val):
-    keep = [_row(T_arr, torch.float32), _row(k_arr, torch.int64), _row(p_arr, torch.float32),
-            _row(mp_arr, torch.float32)]
+    keep = [
+        _row(T_arr, torch.float32),
+        _row(k_arr, torch.int64),
+        _row(p_arr, torch.float32),
+        _row(mp_arr, torch.float32),
+    ]
     return keep, [_ptr(keep[0]), T_val, _ptr(keep[1]), k_val, _ptr(keep[2]), p_val, _ptr(keep[3]), mp_val]
 
 
-def sample(x, indices, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, seed_arr, seed_val,
-           offset, *, threads=64, gumbel=False):
+def sample(
+    x,
+    indices,
+    is_probs,
+    T_arr,
+    T_val,
+    k_arr,
+    k_val,
+    p_arr,
+    p_val,
+    mp_arr,
+    mp_val,
+    order,
+    seed_arr,
+    seed_val,
+    offset,
+    *,
+    threads=64,
+    gumbel=False,
+):
     lib = load(threads)
     dt, rows, V, stride = _matrix(x)
     idx = _row(indices, torch.int64)
@@ -97,15 +137,49 @@ def sample(x, indices, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_ar
     lp = torch.empty(n, dtype=torch.float32)
     ws = torch.empty(max(1, lib.dk_emu_workspace_elems(n, V)), dtype=torch.float64)
     if n:
-        lib.dk_emu_sample(x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, _ptr(idx), n,
-                          _ptr(seeds), seed_val & (2**64 - 1), offset, tok.data_ptr(), valid.data_ptr(),
-                          lp.data_ptr(), ws.data_ptr(), int(gumbel))
+        lib.dk_emu_sample(
+            x.data_ptr(),
+            dt,
+            rows,
+            V,
+            stride,
+            int(is_probs),
+            order,
+            *fargs,
+            _ptr(idx),
+            n,
+            _ptr(seeds),
+            seed_val & (2**64 - 1),
+            offset,
+            tok.data_ptr(),
+            valid.data_ptr(),
+            lp.data_ptr(),
+            ws.data_ptr(),
+            int(gumbel),
+        )
     return tok, valid, lp
 
 
 def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=64):
-    tok, valid, _ = sample(logits, indices, False, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, seed_arr, seed_val,
-                           offset, threads=threads, gumbel=True)
+    tok, valid, _ = sample(
+        logits,
+        indices,
+        False,
+        None,
+        1.0,
+        None,
+        0,
+        None,
+        1.0,
+        None,
+        0.0,
+        0,
+        seed_arr,
+        seed_val,
+        offset,
+        threads=threads,
+        gumbel=True,
+    )
     return tok, valid
 
 
@@ -115,6 +189,7 @@ def filter(x, kind, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, 
     keep, fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
     out = torch.empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
     if rows:
-        lib.dk_emu_filter(x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, kind, out.data_ptr(),
-                          out.size(1))
+        lib.dk_emu_filter(
+            x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, kind, out.data_ptr(), out.size(1)
+        )
     return out

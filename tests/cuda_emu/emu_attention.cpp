@@ -32,16 +32,33 @@ struct AttnK {
 extern "C" void dk_emu_tree_attention(int dtype, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t S,
                                       const void* q, int64_t q_sb, int64_t q_st, int64_t q_sh, const void* k,
                                       int64_t k_sb, int64_t k_ss, int64_t k_sh, const void* v, int64_t v_sb,
-                                      int64_t v_ss, int64_t v_sh, const uint8_t* mask, int mask_packed,
-                                      int64_t mask_sb, int64_t mask_st, const int64_t* prefix_lens, float sm_scale,
-                                      void* out, float* lse) {
+                                      int64_t v_ss, int64_t v_sh, const uint8_t* mask, int mask_packed, int64_t mask_sb,
+                                      int64_t mask_st, const int64_t* prefix_lens, float sm_scale, void* out,
+                                      float* lse) {
   TreeAttnArgs p;
   p.dtype = dtype;
-  p.B = B; p.T = T; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.S = S;
-  p.q = q; p.q_sb = q_sb; p.q_st = q_st; p.q_sh = q_sh;
-  p.k = k; p.k_sb = k_sb; p.k_ss = k_ss; p.k_sh = k_sh;
-  p.v = v; p.v_sb = v_sb; p.v_ss = v_ss; p.v_sh = v_sh;
-  p.mask = mask; p.mask_packed = mask_packed != 0; p.mask_sb = mask_sb; p.mask_st = mask_st;
+  p.B = B;
+  p.T = T;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.S = S;
+  p.q = q;
+  p.q_sb = q_sb;
+  p.q_st = q_st;
+  p.q_sh = q_sh;
+  p.k = k;
+  p.k_sb = k_sb;
+  p.k_ss = k_ss;
+  p.k_sh = k_sh;
+  p.v = v;
+  p.v_sb = v_sb;
+  p.v_ss = v_ss;
+  p.v_sh = v_sh;
+  p.mask = mask;
+  p.mask_packed = mask_packed != 0;
+  p.mask_sb = mask_sb;
+  p.mask_st = mask_st;
   p.prefix_lens = prefix_lens;
   p.sm_scale = sm_scale;
   p.out = out;

@@ -5,7 +5,10 @@
 
 using namespace dk::cuda;
 
-template <class T> struct ProcK { static void fn(ProcessArgs a) { pdetail::process_kernel<T>(a); } };
+template <class T>
+struct ProcK {
+  static void fn(ProcessArgs a) { pdetail::process_kernel<T>(a); }
+};
 
 extern "C" {
 void dk_emu_process(const void* x, int dtype, int64_t V, int64_t row_stride, const int64_t* indices, int64_t n_out,

@@ -96,7 +96,8 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       if (live == 0) break;
       bool released = false;
       if (blk.bar_arrived == live) {
-        for (auto& fb : blk.f) if (!fb.done) fb.wait = kRun;
+        for (auto& fb : blk.f)
+          if (!fb.done) fb.wait = kRun;
         blk.bar_arrived = 0;
         released = true;
       }
@@ -181,5 +182,9 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __uint2float_rn(unsigned u) { return float(u); }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
 using std::log;

@@ -6,8 +6,8 @@
 
 using namespace dk::cuda;
 
-static RowFilterArgs make_filter(int is_probs, int order, const float* T, float T_val, const int64_t* k,
-                                 int64_t k_val, const float* p, float p_val, const float* mp, float mp_val) {
+static RowFilterArgs make_filter(int is_probs, int order, const float* T, float T_val, const int64_t* k, int64_t k_val,
+                                 const float* p, float p_val, const float* mp, float mp_val) {
   RowFilterArgs f;
   f.is_probs = is_probs != 0;
   f.order = order;
@@ -30,9 +30,18 @@ static void run(DType dt, unsigned grid, const A& a) {
     case DType::F16: dkemu::launch(grid, kThreads, K<dk::f16_t>::fn, a); break;
   }
 }
-template <class T> struct SampleK { static void fn(SampleArgs a) { detail::sample_kernel<T>(a); } };
-template <class T> struct GumbelK { static void fn(SampleArgs a) { detail::gumbel_kernel<T>(a); } };
-template <class T> struct FilterK { static void fn(FilterArgs a) { detail::filter_kernel<T>(a); } };
+template <class T>
+struct SampleK {
+  static void fn(SampleArgs a) { detail::sample_kernel<T>(a); }
+};
+template <class T>
+struct GumbelK {
+  static void fn(SampleArgs a) { detail::gumbel_kernel<T>(a); }
+};
+template <class T>
+struct FilterK {
+  static void fn(FilterArgs a) { detail::filter_kernel<T>(a); }
+};
 
 extern "C" {
 int dk_emu_threads() { return kThreads; }
@@ -59,8 +68,10 @@ void dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t ro
   a.out_valid = out_valid;
   a.out_logprob = out_logprob;
   a.workspace = workspace;
-  if (gumbel) run<GumbelK>(a.dtype, unsigned(n_out), a);
-  else run<SampleK>(a.dtype, unsigned(n_out), a);
+  if (gumbel)
+    run<GumbelK>(a.dtype, unsigned(n_out), a);
+  else
+    run<SampleK>(a.dtype, unsigned(n_out), a);
 }
 
 void dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t row_stride, int is_probs, int order,

@@ -2,6 +2,7 @@
 convention of torch.ops.decodekit.{chain_verify, tree_verify, build_tree} (inputs already valid;
 the checks are the bindings' job), so tests can compare the CUDA kernels with the CPU kernels
 on a machine without a GPU. Built with the host compiler on first use, cached under build/."""
+
 import ctypes
 import hashlib
 import os
@@ -13,8 +14,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-SOURCES = [HERE / "emu_runtime.h", HERE / "emu_speculative.cpp", ROOT / "csrc/cuda/speculative.cuh",
-           *sorted((ROOT / "csrc/include/decodekit").glob("*.h"))]
+SOURCES = [
+    HERE / "emu_runtime.h",
+    HERE / "emu_speculative.cpp",
+    ROOT / "csrc/cuda/speculative.cuh",
+    *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
+]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _libs = {}
 
@@ -34,16 +39,67 @@ def load(threads: int = 64):
     lib = out_dir / f"emu_speculative_{threads}_{h.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        subprocess.run([compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared",
-                        f"-DDK_SPEC_THREADS={threads}", f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}",
-                        f"-I{HERE}", str(HERE / "emu_speculative.cpp"), "-o", str(tmp)], check=True)
+        subprocess.run(
+            [
+                compiler(),
+                "-std=c++20",
+                "-O2",
+                "-ffp-contract=off",
+                "-fno-math-errno",
+                "-fPIC",
+                "-shared",
+                f"-DDK_SPEC_THREADS={threads}",
+                f"-I{ROOT / 'csrc/include'}",
+                f"-I{ROOT / 'csrc'}",
+                f"-I{HERE}",
+                str(HERE / "emu_speculative.cpp"),
+                "-o",
+                str(tmp),
+            ],
+            check=True,
+        )
         os.replace(tmp, lib)
     L = ctypes.CDLL(str(lib))
     P, I, Q, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P]
-    L.dk_emu_tree.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, P, P, Q, Q, Q, P, U, U, P, P, P, P, P, P, P, P,
-                              P, P, P, P, ctypes.c_double, ctypes.c_double]
+    L.dk_emu_tree.argtypes = [
+        P,
+        I,
+        I,
+        Q,
+        Q,
+        Q,
+        P,
+        F,
+        P,
+        Q,
+        Q,
+        P,
+        P,
+        P,
+        P,
+        Q,
+        Q,
+        Q,
+        P,
+        U,
+        U,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        P,
+        ctypes.c_double,
+        ctypes.c_double,
+    ]
     L.dk_emu_build_tree.argtypes = [P, P, Q, Q, P, P, P, P, P, P, P]
     for f in (L.dk_emu_chain, L.dk_emu_tree, L.dk_emu_build_tree):
         f.restype = None
@@ -67,8 +123,9 @@ def _target(target, kind, T_arr, T_val):
     return target, _DTYPES[target.dtype], target.shape[2], target.stride(0), target.stride(1), temp
 
 
-def chain_verify(target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0,
-                 threads=64):
+def chain_verify(
+    target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0, threads=64
+):
     L = load(threads)
     B, N = ids.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
@@ -78,15 +135,54 @@ def chain_verify(target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, see
     emi = torch.zeros(B, dtype=torch.int32)
     lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
     removed = torch.empty(B, 1, dtype=torch.int64)
-    L.dk_emu_chain(_p(tgt), kind, dt, V, sb, sr, _p(temp), float(T_val), _p(draft),
-                   0 if draft is None else draft.stride(0), 0 if draft is None else draft.stride(1), _p(ids64),
-                   _p(nd), B, N, _p(seeds), seed_val & (2**64 - 1), offset, _p(out), _p(acc), _p(emi), _p(lanes),
-                   _p(removed))
+    L.dk_emu_chain(
+        _p(tgt),
+        kind,
+        dt,
+        V,
+        sb,
+        sr,
+        _p(temp),
+        float(T_val),
+        _p(draft),
+        0 if draft is None else draft.stride(0),
+        0 if draft is None else draft.stride(1),
+        _p(ids64),
+        _p(nd),
+        B,
+        N,
+        _p(seeds),
+        seed_val & (2**64 - 1),
+        offset,
+        _p(out),
+        _p(acc),
+        _p(emi),
+        _p(lanes),
+        _p(removed),
+    )
     return out, acc, emi
 
 
-def tree_verify(cand, ri, nt, ns, target, draft, W, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0,
-                threads=64, coins=None, coins_final=None, threshold_single=1.0, threshold_acc=1.0):
+def tree_verify(
+    cand,
+    ri,
+    nt,
+    ns,
+    target,
+    draft,
+    W,
+    kind,
+    T_arr=None,
+    T_val=1.0,
+    seed_arr=None,
+    seed_val=0,
+    offset=0,
+    threads=64,
+    coins=None,
+    coins_final=None,
+    threshold_single=1.0,
+    threshold_acc=1.0,
+):
     L = load(threads)
     B, T = cand.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
@@ -104,11 +200,43 @@ def tree_verify(cand, ri, nt, ns, target, draft, W, kind, T_arr=None, T_val=1.0,
     stack = torch.empty(B, T, dtype=torch.int64)
     co = None if coins is None else coins.double().contiguous()
     cf = None if coins_final is None else coins_final.double().contiguous()
-    L.dk_emu_tree(_p(tgt), kind, dt, V, sb, sr, _p(temp), float(T_val), _p(draft),
-                  0 if draft is None else draft.stride(0), 0 if draft is None else draft.stride(1), _p(c), _p(r),
-                  _p(n1), _p(n2), B, T, W, _p(seeds), seed_val & (2**64 - 1), offset, _p(pred), _p(ai), _p(an),
-                  _p(err), _p(err_node), _p(lanes), _p(resid), _p(removed), _p(seen), _p(stack),
-                  _p(co), _p(cf), float(threshold_single), float(threshold_acc))
+    L.dk_emu_tree(
+        _p(tgt),
+        kind,
+        dt,
+        V,
+        sb,
+        sr,
+        _p(temp),
+        float(T_val),
+        _p(draft),
+        0 if draft is None else draft.stride(0),
+        0 if draft is None else draft.stride(1),
+        _p(c),
+        _p(r),
+        _p(n1),
+        _p(n2),
+        B,
+        T,
+        W,
+        _p(seeds),
+        seed_val & (2**64 - 1),
+        offset,
+        _p(pred),
+        _p(ai),
+        _p(an),
+        _p(err),
+        _p(err_node),
+        _p(lanes),
+        _p(resid),
+        _p(removed),
+        _p(seen),
+        _p(stack),
+        _p(co),
+        _p(cf),
+        float(threshold_single),
+        float(threshold_acc),
+    )
     return pred, ai, an, err, err_node
 
 

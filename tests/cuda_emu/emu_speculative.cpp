@@ -6,15 +6,24 @@
 
 using namespace dk::cuda::spec;
 
-template <class T> struct ChainK { static void fn(ChainArgs a) { chain_kernel<T>(a); } };
-template <class T> struct TreeK { static void fn(TreeArgs a) { tree_kernel<T>(a); } };
+template <class T>
+struct ChainK {
+  static void fn(ChainArgs a) { chain_kernel<T>(a); }
+};
+template <class T>
+struct TreeK {
+  static void fn(TreeArgs a) { tree_kernel<T>(a); }
+};
 static void build_fn(BuildArgs a) { build_tree_kernel(a); }
 
 template <template <class> class K, class A>
 static void run(const Target& t, unsigned grid, const A& a) {
-  if (t.kind != Kind::Logits || t.dtype == DType::F32) dkemu::launch(grid, kThreads, K<float>::fn, a);
-  else if (t.dtype == DType::BF16) dkemu::launch(grid, kThreads, K<dk::bf16_t>::fn, a);
-  else dkemu::launch(grid, kThreads, K<dk::f16_t>::fn, a);
+  if (t.kind != Kind::Logits || t.dtype == DType::F32)
+    dkemu::launch(grid, kThreads, K<float>::fn, a);
+  else if (t.dtype == DType::BF16)
+    dkemu::launch(grid, kThreads, K<dk::bf16_t>::fn, a);
+  else
+    dkemu::launch(grid, kThreads, K<dk::f16_t>::fn, a);
 }
 
 static Target make_target(const void* data, int kind, int dtype, int64_t V, int64_t sb, int64_t sr, const float* temp,
@@ -76,8 +85,7 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
                  const int64_t* nt, const int64_t* ns, int64_t B, int64_t T, int64_t W, const int64_t* seeds,
                  uint64_t seed, uint64_t offset, int64_t* predicts, int32_t* accept_index, int32_t* accept_num,
                  int32_t* err, int64_t* err_node, double* lanes, float* resid, int64_t* removed, uint8_t* seen,
-                 int64_t* stack, const double* coins, const double* coins_final, double thr_single,
-                 double thr_acc) {
+                 int64_t* stack, const double* coins, const double* coins_final, double thr_single, double thr_acc) {
   TreeArgs a;
   a.coins = coins;
   a.coins_final = coins_final;

@@ -74,8 +74,10 @@ static int run_case(const AttnTable& tab, const Case& c, std::mt19937& rng) {
   for (int64_t bt = 0; bt < B * T; ++bt)
     for (int64_t j = 0; j < T; ++j)
       if (dense[bt * T + j]) {
-        if (c.packed) mask[bt * T8 + j / 8] |= uint8_t(1u << (j % 8));
-        else mask[bt * T + j] = 1;
+        if (c.packed)
+          mask[bt * T8 + j / 8] |= uint8_t(1u << (j % 8));
+        else
+          mask[bt * T + j] = 1;
       }
   int64_t* pl = static_cast<int64_t*>(std::malloc(size_t(B) * 8));
   for (int64_t b = 0; b < B; ++b) pl[b] = c.prefix[size_t(b)];
@@ -84,20 +86,38 @@ static int run_case(const AttnTable& tab, const Case& c, std::mt19937& rng) {
 
   AttnArgs a;
   a.dtype = c.dt;
-  a.B = B; a.T = T; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.S = S;
-  a.q = q; a.q_sb = T * Hq * D; a.q_st = Hq * D; a.q_sh = D;
+  a.B = B;
+  a.T = T;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.D = D;
+  a.S = S;
+  a.q = q;
+  a.q_sb = T * Hq * D;
+  a.q_st = Hq * D;
+  a.q_sh = D;
   auto kv_strides = [&](int64_t& sb, int64_t& ss, int64_t& sh) {
     sb = S * Hkv * D;
-    if (c.hnd) { sh = S * D; ss = D; }
-    else { ss = Hkv * D; sh = D; }
+    if (c.hnd) {
+      sh = S * D;
+      ss = D;
+    } else {
+      ss = Hkv * D;
+      sh = D;
+    }
   };
-  a.k = k; kv_strides(a.k_sb, a.k_ss, a.k_sh);
-  a.v = v; kv_strides(a.v_sb, a.v_ss, a.v_sh);
-  a.mask = mask; a.mask_packed = c.packed;
-  a.mask_sb = c.packed ? T * T8 : T * T; a.mask_st = c.packed ? T8 : T;
+  a.k = k;
+  kv_strides(a.k_sb, a.k_ss, a.k_sh);
+  a.v = v;
+  kv_strides(a.v_sb, a.v_ss, a.v_sh);
+  a.mask = mask;
+  a.mask_packed = c.packed;
+  a.mask_sb = c.packed ? T * T8 : T * T;
+  a.mask_st = c.packed ? T8 : T;
   a.prefix_lens = pl;
   a.sm_scale = float(1.0 / std::sqrt(double(D)));
-  a.out = out; a.lse = lse;
+  a.out = out;
+  a.lse = lse;
   tab.tree_attention(a, 0, B * Hkv);
 
   // double-precision reference
@@ -128,9 +148,11 @@ static int run_case(const AttnTable& tab, const Case& c, std::mt19937& rng) {
         if (std::fabs(lse[oi] - (mx + std::log(l))) > 1e-3) ++bad;
         for (int64_t x = 0; x < D; ++x) {
           double o = 0;
-          for (int64_t s : keys) o += std::exp(sc[size_t(s)] - mx) / l * vf[size_t(b * a.v_sb + s * a.v_ss + h * a.v_sh + x)];
+          for (int64_t s : keys)
+            o += std::exp(sc[size_t(s)] - mx) / l * vf[size_t(b * a.v_sb + s * a.v_ss + h * a.v_sh + x)];
           float got;
-          if (c.dt == DType::F32) std::memcpy(&got, out + 4 * size_t(oi * D + x), 4);
+          if (c.dt == DType::F32)
+            std::memcpy(&got, out + 4 * size_t(oi * D + x), 4);
           else {
             uint16_t hbits;
             std::memcpy(&hbits, out + 2 * size_t(oi * D + x), 2);
@@ -142,7 +164,13 @@ static int run_case(const AttnTable& tab, const Case& c, std::mt19937& rng) {
   if (bad)
     std::printf("FAIL %s dt=%d D=%ld T=%ld Hq=%ld Hkv=%ld hnd=%d packed=%d: %d mismatches\n", tab.name, int(c.dt),
                 long(D), long(T), long(Hq), long(Hkv), int(c.hnd), int(c.packed), bad);
-  std::free(q); std::free(k); std::free(v); std::free(mask); std::free(pl); std::free(out); std::free(lse);
+  std::free(q);
+  std::free(k);
+  std::free(v);
+  std::free(mask);
+  std::free(pl);
+  std::free(out);
+  std::free(lse);
   return bad ? 1 : 0;
 }
 

@@ -11,11 +11,16 @@
 
 using namespace dk::cpu;
 
-static uint16_t to_bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); return uint16_t(u >> 16); }
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t(u >> 16);
+}
 static uint16_t to_f16(float f) {  // crude but valid half encoding for test data
   if (std::isnan(f)) return 0x7e00;
   if (std::isinf(f)) return f > 0 ? 0x7c00 : 0xfc00;
-  int e; float m = std::frexp(std::fabs(f), &e);
+  int e;
+  float m = std::frexp(std::fabs(f), &e);
   uint16_t s = f < 0 ? 0x8000 : 0;
   int he = e + 14;
   if (he <= 0) return s;
@@ -33,15 +38,19 @@ static int run_table(const KernelTable& t) {
       const int64_t B = 6;
       std::vector<float> f(B * V);
       for (auto& v : f) v = nd(rng);
-      for (int64_t i = 0; i < V; ++i) f[1 * V + i] = 0.25f;            // flat row (overflow path)
-      f[2 * V + V / 2] = NAN;                                          // bad row
-      for (int64_t i = 0; i < V; ++i) f[3 * V + i] = -INFINITY;        // all -inf
-      if (V > 3) f[4 * V + 1] = INFINITY;                              // +inf row
+      for (int64_t i = 0; i < V; ++i) f[1 * V + i] = 0.25f;      // flat row (overflow path)
+      f[2 * V + V / 2] = NAN;                                    // bad row
+      for (int64_t i = 0; i < V; ++i) f[3 * V + i] = -INFINITY;  // all -inf
+      if (V > 3) f[4 * V + 1] = INFINITY;                        // +inf row
       size_t esz = dt == 0 ? 4 : 2;
       char* data = static_cast<char*>(std::malloc(B * V * esz));
       for (int64_t i = 0; i < B * V; ++i) {
-        if (dt == 0) std::memcpy(data + 4 * i, &f[i], 4);
-        else { uint16_t h = dt == 1 ? to_bf16(f[i]) : to_f16(f[i]); std::memcpy(data + 2 * i, &h, 2); }
+        if (dt == 0)
+          std::memcpy(data + 4 * i, &f[i], 4);
+        else {
+          uint16_t h = dt == 1 ? to_bf16(f[i]) : to_f16(f[i]);
+          std::memcpy(data + 2 * i, &h, 2);
+        }
       }
       Matrix m{data, DType(dt), B, V, V};
       std::vector<int64_t> tok(B), seeds(B);
@@ -51,42 +60,49 @@ static int run_table(const KernelTable& t) {
       float pvals[] = {1.f, 0.3f, 1e-6f};
       float mpvals[] = {0.f, 0.05f};
       float Tvals[] = {1.f, 0.f, 1e-3f};
-      for (int64_t k : kvals) for (float p : pvals) for (float mp : mpvals) for (int order = 0; order < 2; ++order) {
-        for (int probs = 0; probs < 2; ++probs) for (float T : Tvals) {
-          if (probs && T != 1.f) continue;
-          SampleArgs a;
-          a.in = m;
-          a.filter.is_probs = probs;
-          a.filter.temperature.scalar = T;
-          a.filter.top_k.scalar = k;
-          a.filter.top_p.scalar = p;
-          a.filter.min_p.scalar = mp;
-          a.filter.order = FilterOrder(order);
-          a.n_out = B;
-          a.seeds = seeds.data();
-          a.out_tokens = tok.data();
-          a.out_valid = valid;
-          t.sample_rows(a, 0, B);
-          for (int64_t i = 0; i < B; ++i)
-            if (tok[i] < 0 || tok[i] >= V) { std::printf("FAIL token %lld out of range (V=%lld)\n", (long long)tok[i], (long long)V); return -1; }
-          ++checks;
-          if (k == 3 && order == 0 && T == 1.f) {
-            for (int kind = 0; kind < 3; ++kind) {
-              FilterArgs fa;
-              fa.in = m;
-              fa.filter = a.filter;
-              fa.kind = FilterOut(kind);
-              size_t osz = kind == 0 ? esz : 4;
-              void* out = std::malloc(B * V * osz);
-              fa.out = out;
-              fa.out_stride = V;
-              t.filter_rows(fa, 0, B);
-              std::free(out);
-              ++checks;
+      for (int64_t k : kvals)
+        for (float p : pvals)
+          for (float mp : mpvals)
+            for (int order = 0; order < 2; ++order) {
+              for (int probs = 0; probs < 2; ++probs)
+                for (float T : Tvals) {
+                  if (probs && T != 1.f) continue;
+                  SampleArgs a;
+                  a.in = m;
+                  a.filter.is_probs = probs;
+                  a.filter.temperature.scalar = T;
+                  a.filter.top_k.scalar = k;
+                  a.filter.top_p.scalar = p;
+                  a.filter.min_p.scalar = mp;
+                  a.filter.order = FilterOrder(order);
+                  a.n_out = B;
+                  a.seeds = seeds.data();
+                  a.out_tokens = tok.data();
+                  a.out_valid = valid;
+                  t.sample_rows(a, 0, B);
+                  for (int64_t i = 0; i < B; ++i)
+                    if (tok[i] < 0 || tok[i] >= V) {
+                      std::printf("FAIL token %lld out of range (V=%lld)\n", (long long)tok[i], (long long)V);
+                      return -1;
+                    }
+                  ++checks;
+                  if (k == 3 && order == 0 && T == 1.f) {
+                    for (int kind = 0; kind < 3; ++kind) {
+                      FilterArgs fa;
+                      fa.in = m;
+                      fa.filter = a.filter;
+                      fa.kind = FilterOut(kind);
+                      size_t osz = kind == 0 ? esz : 4;
+                      void* out = std::malloc(B * V * osz);
+                      fa.out = out;
+                      fa.out_stride = V;
+                      t.filter_rows(fa, 0, B);
+                      std::free(out);
+                      ++checks;
+                    }
+                  }
+                }
             }
-          }
-        }
-      }
       SampleArgs g;
       g.in = m;
       g.n_out = B;
@@ -94,7 +110,11 @@ static int run_table(const KernelTable& t) {
       g.out_tokens = tok.data();
       g.out_valid = valid;
       t.gumbel_rows(g, 0, B);
-      for (int64_t i = 0; i < B; ++i) if (tok[i] < 0 || tok[i] >= V) { std::printf("FAIL gumbel token\n"); return -1; }
+      for (int64_t i = 0; i < B; ++i)
+        if (tok[i] < 0 || tok[i] >= V) {
+          std::printf("FAIL gumbel token\n");
+          return -1;
+        }
       ++checks;
       std::free(valid);
       std::free(data);
@@ -124,10 +144,16 @@ static int run_hardening(const KernelTable& t) {
     t.filter_rows(fa, 0, 1);
     double sum = 0.0;
     for (int64_t i = 0; i < V; ++i) {
-      if (!std::isfinite(out[i])) { std::printf("FAIL renorm of a tiny-mass row: out[%lld] = %g\n", (long long)i, out[i]); return -1; }
+      if (!std::isfinite(out[i])) {
+        std::printf("FAIL renorm of a tiny-mass row: out[%lld] = %g\n", (long long)i, out[i]);
+        return -1;
+      }
       sum += out[i];
     }
-    if (std::fabs(sum - 1.0) > 1e-5) { std::printf("FAIL renorm of a tiny-mass row sums to %g\n", sum); return -1; }
+    if (std::fabs(sum - 1.0) > 1e-5) {
+      std::printf("FAIL renorm of a tiny-mass row sums to %g\n", sum);
+      return -1;
+    }
     std::free(out);
     std::free(data);
     ++checks;
@@ -146,7 +172,10 @@ static int run_hardening(const KernelTable& t) {
   g.out_valid = &valid;
   t.gumbel_rows(g, 0, 1);
   std::free(x);
-  if (!valid || tok != (int64_t(1) << 24) + 1) { std::printf("FAIL gumbel index past 2^24: %lld\n", (long long)tok); return -1; }
+  if (!valid || tok != (int64_t(1) << 24) + 1) {
+    std::printf("FAIL gumbel index past 2^24: %lld\n", (long long)tok);
+    return -1;
+  }
   return checks + 1;
 }
 
@@ -159,7 +188,10 @@ int main() {
     int c = run_table(*t);
     const int h = c < 0 ? 0 : run_hardening(*t);
     c = h < 0 ? -1 : c + h;
-    if (c < 0) { std::printf("1 passed, 1 failed\n"); return 1; }
+    if (c < 0) {
+      std::printf("1 passed, 1 failed\n");
+      return 1;
+    }
     std::printf("asan sampling %s: %d kernel calls clean\n", t->name, c);
     total += c;
   }

@@ -42,22 +42,26 @@ constexpr float kLazy = 8.f;  // AMX softmax: how far (log2) scores may exceed t
 
 // 2^f on [-0.5, 0.5]: Taylor coefficients ln(2)^k / k! (degree 7: relative error < 1e-8 + rounding).
 // A lower degree is used where the probabilities are rounded to bf16 anyway (degree 4: < 5e-5).
-constexpr float kExp2Coef[8] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 0.05550410866482158f,
-                                0.009618129107628477f, 0.0013333558146428443f, 0.00015403530393381608f,
+constexpr float kExp2Coef[8] = {1.0f,
+                                0.6931471805599453f,
+                                0.2402265069591007f,
+                                0.05550410866482158f,
+                                0.009618129107628477f,
+                                0.0013333558146428443f,
+                                0.00015403530393381608f,
                                 1.525273380405984e-05f};
 // Degree 3, fitted for minimal relative error on [-0.5, 0.5] (< 7.6e-5, below the 2^-9 rounding of
 // the bf16 weights it feeds): the AMX path's weights.
-constexpr float kExp2Mm3[4] = {0.9999281764030457f, 0.6932609677314758f, 0.24260972440242767f,
-                               0.05517098307609558f};
+constexpr float kExp2Mm3[4] = {0.9999281764030457f, 0.6932609677314758f, 0.24260972440242767f, 0.05517098307609558f};
 
 // ---- fp32 vector traits ----------------------------------------------------------------------
 #if defined(DK_ISA_AVX512)
 struct VT {
   using V = __m512;
   static constexpr int W = 16;
-  static constexpr int kR = 6;    // rows per micro tile
-  static constexpr int kSC = 4;   // key vectors per S micro tile (64 keys)
-  static constexpr int kPV = 4;   // d vectors per PV micro tile
+  static constexpr int kR = 6;   // rows per micro tile
+  static constexpr int kSC = 4;  // key vectors per S micro tile (64 keys)
+  static constexpr int kPV = 4;  // d vectors per PV micro tile
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float c) { return _mm512_set1_ps(c); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -89,8 +93,9 @@ struct VT {
   }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
-      _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), 16)));
+      _mm512_storeu_ps(d + i,
+                       _mm512_castsi512_ps(_mm512_slli_epi32(
+                           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), 16)));
   }
   static void cvt_row(const f16_t* s, float* d, int64_t n) {
     for (int64_t i = 0; i < n; i += 16)
@@ -145,8 +150,9 @@ struct VT {
   }
   static void cvt_row(const bf16_t* s, float* d, int64_t n) {
     for (int64_t i = 0; i < n; i += 8)
-      _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), 16)));
+      _mm256_storeu_ps(d + i,
+                       _mm256_castsi256_ps(_mm256_slli_epi32(
+                           _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), 16)));
   }
   static void cvt_row(const f16_t* s, float* d, int64_t n) {
     for (int64_t i = 0; i < n; i += 8)
@@ -175,9 +181,15 @@ struct VT {
   static float hsum(V a) { return a; }
   static bool any_gt(V a, float x) { return a > x; }
   template <int Deg = 7>
-  static V exp2(V x) { return std::exp2(x); }
-  static void cvt_row(const bf16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
-  static void cvt_row(const f16_t* s, float* d, int64_t n) { for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]); }
+  static V exp2(V x) {
+    return std::exp2(x);
+  }
+  static void cvt_row(const bf16_t* s, float* d, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]);
+  }
+  static void cvt_row(const f16_t* s, float* d, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) d[i] = to_float(s[i]);
+  }
 };
 #endif
 using V = VT::V;
@@ -201,13 +213,17 @@ void store_scaled(T* dst, const float* o, float inv, int64_t D) {
 struct Buf {
   void* p = nullptr;
   size_t cap = 0;
-  template <class T> T* get(size_t n) {
+  template <class T>
+  T* get(size_t n) {
     size_t bytes = n * sizeof(T) + 64;
     if (bytes > cap) {
       std::free(p);
       cap = (bytes + 4095) & ~size_t(4095);
       p = std::aligned_alloc(64, cap);
-      if (!p) { cap = 0; throw std::bad_alloc(); }
+      if (!p) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
     }
     return static_cast<T*>(p);
   }
@@ -455,10 +471,10 @@ void pack_k_bf16(const bf16_t* k, int64_t ks, int nv, int64_t D, uint32_t* Kp) {
 
 // Pack nv bf16 value rows into Vp[ceil(nv/2)][D] words: word (np, d) = (V[2np][d], V[2np+1][d]).
 void pack_v_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vp) {
-  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
-                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i idx_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
-                                          54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i idx_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                          22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int n = 0; n < nv; n += 2) {
     const bf16_t* a = v + n * vs;
     const bf16_t* b = v + (n + 1) * vs;
@@ -483,9 +499,12 @@ void pack_v_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vp) {
 // Pack nv (<= kN) key rows into Kt[D][kN] fp32 (keys in lanes), zero padded.
 #if defined(DK_ISA_AVX512)
 inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16f(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline __m512 load16f(const bf16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 template <class T>
 void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float*) {
@@ -502,7 +521,8 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float*) {
 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8f(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8f(const bf16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -538,8 +558,12 @@ void pack_k_f32(const T* k, int64_t ks, int nv, int64_t D, float* Kt, float* row
     for (int64_t d = 0; d < D; ++d) std::memset(Kt + d * kN + nv, 0, size_t(kN - nv) * 4);
   for (int n = 0; n < nv; ++n) {
     const float* src;
-    if constexpr (std::is_same_v<T, float>) src = k + n * ks;
-    else { cvt_row(k + n * ks, row, D); src = row; }
+    if constexpr (std::is_same_v<T, float>)
+      src = k + n * ks;
+    else {
+      cvt_row(k + n * ks, row, D);
+      src = row;
+    }
     for (int64_t d = 0; d < D; ++d) Kt[d * kN + n] = src[d];
   }
 }
@@ -790,7 +814,8 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
       mx[0] = _mm512_min_ps(_mm512_min_ps(mx[0], mx[1]), _mm512_min_ps(mx[2], mx[3]));
     }
     const __m512 x = _mm512_mul_ps(mx[0], cv);
-    m_new = _mm512_mask_mov_ps(m_old, _mm512_cmp_ps_mask(x, _mm512_add_ps(m_old, _mm512_set1_ps(kLazy)), _CMP_GT_OQ), x);
+    m_new =
+        _mm512_mask_mov_ps(m_old, _mm512_cmp_ps_mask(x, _mm512_add_ps(m_old, _mm512_set1_ps(kLazy)), _CMP_GT_OQ), x);
     weights(m_new, sum, tmax);
   }
   const __m512 alpha = VT::exp2(_mm512_sub_ps(m_old, m_new));
@@ -804,10 +829,10 @@ __m512 softmax_t(const float* St, const uint16_t* km, float c, uint32_t* Pt, flo
 // 16 x 16 word transpose straight into Vt (no intermediate buffer: it would take L1 from the
 // tile operands).
 void pack_vt_bf16(const bf16_t* v, int64_t vs, int nv, int64_t D, uint32_t* Vt) {
-  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
-                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i idx_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23,
-                                          54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i idx_hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                          22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int p0 = 0; p0 < kN / 2; p0 += 16)
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
       const bool two = d0 + 32 <= D;  // else 16 d remain (D = 80)
@@ -849,7 +874,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
   float* Lv = lrow + Mp;  // W lane sums per row during the prefix (reduced into lrow after it)
   for (int64_t i = 0; i < Mp; ++i) mrow[i] = kNegInf;
   std::memset(lrow, 0, size_t(Mp) * sizeof(float));  // (the W-lane paths set lrow from Lv after the prefix)
-  if constexpr (kMode != 2) {  // (the AMX path accumulates in O^T and writes all of O from it)
+  if constexpr (kMode != 2) {                        // (the AMX path accumulates in O^T and writes all of O from it)
     std::memset(O, 0, size_t(Mp * D) * sizeof(float));
     std::memset(Lv, 0, size_t(W * M) * sizeof(float));
   }
@@ -896,9 +921,7 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
           dispatch_rows(R, [&](auto RC) { s_tile_bf16<decltype(RC)::value>(Qw + r0 * D2, D2, Kp, S); });
           pf.step();
           softmax_rows<true>(R, S, nv, c, Pw, alpha, mrow + r0, Lv + r0 * W);
-          dispatch_rows(R, [&](auto RC) {
-            pv_tile_bf16<decltype(RC)::value>(O + r0 * D, D, alpha, Pw, npairs, Vp);
-          });
+          dispatch_rows(R, [&](auto RC) { pv_tile_bf16<decltype(RC)::value>(O + r0 * D, D, alpha, Pw, npairs, Vp); });
         }
       }
 #endif
@@ -919,11 +942,11 @@ void group(const AttnArgs& a, int64_t b, int64_t h) {
       float* Ot = s.ot.get<float>(size_t(Mp * D));  // O^T per row tile: [ntiles][D][16]
       std::memset(Ot, 0, size_t(Mp * D) * sizeof(float));
       uint32_t* Vt = s.kt.get<uint32_t>(size_t(kN / 2 * D));
-      bf16_t* Kb = s.tk.get<bf16_t>(size_t(kN * Dq));  // Kc: the key block, packed
+      bf16_t* Kb = s.tk.get<bf16_t>(size_t(kN * Dq));   // Kc: the key block, packed
       float* St = s.p.get<float>(size_t(2 * 16 * kN));  // two of each: the tile pipeline below
       uint32_t* Pt = s.sc.get<uint32_t>(size_t(2 * 16 * kN / 2));
       uint16_t* kmt = s.km.get<uint16_t>(size_t(ntiles * kN));  // tree blocks: lane masks per tile
-      int32_t* tl = s.act.get<int32_t>(size_t(ntiles));          // the row tiles a block is run for
+      int32_t* tl = s.act.get<int32_t>(size_t(ntiles));         // the row tiles a block is run for
       alignas(64) uint16_t km[kN];
       // Key blocks: the prefix in blocks of kN, then the tree keys P .. P+T-1 in blocks of kN, which
       // run the same tile code with per-lane masks (row m attends tree key j iff mask[m / G][j]);

@@ -79,7 +79,10 @@ static void gumbel_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
     int64_t tok = 0;
     for (int j = 0; j < 16; ++j) {
       const int64_t id = bi[j];
-      if (bv[j] > bs || (bv[j] == bs && bs > kNegInf && id < tok)) { bs = bv[j]; tok = id; }
+      if (bv[j] > bs || (bv[j] == bs && bs > kNegInf && id < tok)) {
+        bs = bv[j];
+        tok = id;
+      }
     }
     bool valid = badm == 0 && bs > kNegInf;
     a.out_tokens[o] = valid ? tok : 0;
@@ -88,10 +91,20 @@ static void gumbel_rows_t(const SampleArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <class T> inline T neg_inf_value();
-template <> inline float neg_inf_value<float>() { return kNegInf; }
-template <> inline bf16_t neg_inf_value<bf16_t>() { return bf16_t{0xFF80}; }
-template <> inline f16_t neg_inf_value<f16_t>() { return f16_t{0xFC00}; }
+template <class T>
+inline T neg_inf_value();
+template <>
+inline float neg_inf_value<float>() {
+  return kNegInf;
+}
+template <>
+inline bf16_t neg_inf_value<bf16_t>() {
+  return bf16_t{0xFF80};
+}
+template <>
+inline f16_t neg_inf_value<f16_t>() {
+  return f16_t{0xFC00};
+}
 
 template <class T>
 static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
@@ -107,21 +120,32 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
       float* out = static_cast<float*>(a.out) + r * a.out_stride;
       Window win{false, 0.f};
       RowScan sc = scan_row(x, V, win, false, s);
-      if (sc.bad) { for (int64_t i = 0; i < V; ++i) out[i] = NAN; continue; }
+      if (sc.bad) {
+        for (int64_t i = 0; i < V; ++i) out[i] = NAN;
+        continue;
+      }
       Weight w{false, sc.m, 1.f / rp.T};
       double Z = row_mass(x, V, w, kNegInf, 0.f, s.pf);
       VF inv = vset(float(1.0 / Z));
       for (int64_t i = 0; i < V; i += 16) {
         VF e = vmul(w(load_block(x, i, V, kNegInf)), inv);
-        if (i + 16 <= V) vstore(out + i, e);
-        else { alignas(64) float t[16]; vstore(t, e); for (int64_t j = 0; j < V - i; ++j) out[i + j] = t[j]; }
+        if (i + 16 <= V)
+          vstore(out + i, e);
+        else {
+          alignas(64) float t[16];
+          vstore(t, e);
+          for (int64_t j = 0; j < V - i; ++j) out[i + j] = t[j];
+        }
       }
       continue;
     }
     Selection sel = select_row(x, V, a.filter.is_probs, rp, s);
     if (a.kind == FilterOut::MaskLogits) {
       T* out = static_cast<T*>(a.out) + r * a.out_stride;
-      if (!sel.valid) { for (int64_t i = 0; i < V; ++i) out[i] = x[i]; continue; }
+      if (!sel.valid) {
+        for (int64_t i = 0; i < V; ++i) out[i] = x[i];
+        continue;
+      }
       const VF vt = vset(sel.res.t), vmw = vset(sel.res.minw);
       for (int64_t i = 0; i < V; i += 16) {
         VF v = load_block(x, i, V, fill);
@@ -131,7 +155,10 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
       }
     } else {  // RenormProbs
       float* out = static_cast<float*>(a.out) + r * a.out_stride;
-      if (!sel.valid) { for (int64_t i = 0; i < V; ++i) out[i] = 0.f; continue; }
+      if (!sel.valid) {
+        for (int64_t i = 0; i < V; ++i) out[i] = 0.f;
+        continue;
+      }
       double Z = row_mass(x, V, sel.w, sel.res.t, sel.res.minw, s.pf);
       const VF vt = vset(sel.res.t), vmw = vset(sel.res.minw), zero = vset(0.f);
       // out = e / Z as e * float(1 / Z); a total mass below 2^-64 (1 / Z would overflow float32
@@ -143,8 +170,13 @@ static void filter_rows_t(const FilterArgs& a, int64_t begin, int64_t end) {
         VF e = sel.w(v);
         M16 keep = vge(v, vt) & vge(e, vmw);
         VF o = vblend(keep, zero, vmul(vmul(e, pre), inv));
-        if (i + 16 <= V) vstore(out + i, o);
-        else { alignas(64) float t[16]; vstore(t, o); for (int64_t j = 0; j < V - i; ++j) out[i + j] = t[j]; }
+        if (i + 16 <= V)
+          vstore(out + i, o);
+        else {
+          alignas(64) float t[16];
+          vstore(t, o);
+          for (int64_t j = 0; j < V - i; ++j) out[i + j] = t[j];
+        }
       }
     }
   }
@@ -161,22 +193,33 @@ template <class T>
 static void bitmask_rows_t(const BitmaskArgs& a, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t r = a.indices ? a.indices[j] : j;
-    bitmask_apply_row(static_cast<T*>(a.data) + r * a.row_stride, a.tokens, a.words + r * a.word_stride, neg_inf_value<T>());
+    bitmask_apply_row(static_cast<T*>(a.data) + r * a.row_stride, a.tokens, a.words + r * a.word_stride,
+                      neg_inf_value<T>());
   }
 }
 
-#define DK_DISPATCH_DTYPE(dt, fn, ...)                               \
-  switch (dt) {                                                      \
-    case DType::F32: fn<float>(__VA_ARGS__); break;                  \
-    case DType::BF16: fn<bf16_t>(__VA_ARGS__); break;                \
-    case DType::F16: fn<f16_t>(__VA_ARGS__); break;                  \
+#define DK_DISPATCH_DTYPE(dt, fn, ...)                \
+  switch (dt) {                                       \
+    case DType::F32: fn<float>(__VA_ARGS__); break;   \
+    case DType::BF16: fn<bf16_t>(__VA_ARGS__); break; \
+    case DType::F16: fn<f16_t>(__VA_ARGS__); break;   \
   }
 
-static void sample_rows(const SampleArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, sample_rows_t, a, b, e) }
-static void gumbel_rows(const SampleArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, gumbel_rows_t, a, b, e) }
-static void filter_rows(const FilterArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, filter_rows_t, a, b, e) }
-static void pipeline_rows(const PipelineArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.in.dtype, pipeline_rows_t, a, b, e) }
-static void bitmask_rows(const BitmaskArgs& a, int64_t b, int64_t e) { DK_DISPATCH_DTYPE(a.dtype, bitmask_rows_t, a, b, e) }
+static void sample_rows(const SampleArgs& a, int64_t b, int64_t e) {
+  DK_DISPATCH_DTYPE(a.in.dtype, sample_rows_t, a, b, e)
+}
+static void gumbel_rows(const SampleArgs& a, int64_t b, int64_t e) {
+  DK_DISPATCH_DTYPE(a.in.dtype, gumbel_rows_t, a, b, e)
+}
+static void filter_rows(const FilterArgs& a, int64_t b, int64_t e) {
+  DK_DISPATCH_DTYPE(a.in.dtype, filter_rows_t, a, b, e)
+}
+static void pipeline_rows(const PipelineArgs& a, int64_t b, int64_t e) {
+  DK_DISPATCH_DTYPE(a.in.dtype, pipeline_rows_t, a, b, e)
+}
+static void bitmask_rows(const BitmaskArgs& a, int64_t b, int64_t e) {
+  DK_DISPATCH_DTYPE(a.dtype, bitmask_rows_t, a, b, e)
+}
 
 }  // namespace dk::cpu::DK_ISA_NAME
 
@@ -187,9 +230,8 @@ static void bitmask_rows(const BitmaskArgs& a, int64_t b, int64_t e) { DK_DISPAT
 
 namespace dk::cpu {
 const KernelTable& DK_CAT(table_, DK_ISA_NAME)() {
-  static const KernelTable t{DK_STR(DK_ISA_NAME), &DK_ISA_NAME::sample_rows, &DK_ISA_NAME::gumbel_rows,
-                             &DK_ISA_NAME::filter_rows, &DK_ISA_NAME::pipeline_rows,
-                             &DK_ISA_NAME::bitmask_rows};
+  static const KernelTable t{DK_STR(DK_ISA_NAME),       &DK_ISA_NAME::sample_rows,   &DK_ISA_NAME::gumbel_rows,
+                             &DK_ISA_NAME::filter_rows, &DK_ISA_NAME::pipeline_rows, &DK_ISA_NAME::bitmask_rows};
   return t;
 }
 }  // namespace dk::cpu

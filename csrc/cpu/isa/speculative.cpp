@@ -29,9 +29,9 @@
 namespace dk::cpu::DK_ISA_NAME {
 
 struct SpecScratch {
-  std::vector<float> rbuf;         // materialised residual (V + 16, or list length)
-  std::vector<double> chunks;      // chunk masses of a draw
-  std::vector<int64_t> removed;    // rejected children of the current node, sorted
+  std::vector<float> rbuf;       // materialised residual (V + 16, or list length)
+  std::vector<double> chunks;    // chunk masses of a draw
+  std::vector<int64_t> removed;  // rejected children of the current node, sorted
   std::vector<int64_t> kids, kid_nodes;
   std::vector<uint8_t> seen;
   std::vector<int64_t> stack;
@@ -49,16 +49,15 @@ struct TNode {
   bool probs = false;
   const T* x = nullptr;
   int64_t V = 0;
-  Selection sel;     // logits: filters resolved by the row engine
-  bool list = false; // logits: survivors S listed in scratch().val/idx[0..sel.nS)
-  double Z = 1.0;    // logits: mass of S
+  Selection sel;      // logits: filters resolved by the row engine
+  bool list = false;  // logits: survivors S listed in scratch().val/idx[0..sel.nS)
+  double Z = 1.0;     // logits: mass of S
   float invZf = 1.f;
   int64_t argmax = 0;
 };
 
 template <class T>
-inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kind, const RowParamsF& rp,
-                         Scratch& s) {
+inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kind, const RowParamsF& rp, Scratch& s) {
   tn.x = x;
   tn.V = V;
   if (kind == SpecTargetKind::Probs) {
@@ -82,7 +81,10 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
   } else {
     tn.Z = row_mass(x, V, tn.sel.w, tn.sel.res.t, tn.sel.res.minw, s.pf);
   }
-  if (!(tn.Z > 0.0)) { tn.valid = false; return; }
+  if (!(tn.Z > 0.0)) {
+    tn.valid = false;
+    return;
+  }
   tn.invZf = float(1.0 / tn.Z);
 }
 
@@ -205,9 +207,7 @@ inline int64_t list_pos(const Scratch& s, int64_t n, int64_t tok) {
   return (it != e && *it == tok) ? int64_t(it - b) : -1;
 }
 
-inline void insert_sorted(std::vector<int64_t>& r, int64_t x) {
-  r.insert(std::upper_bound(r.begin(), r.end(), x), x);
-}
+inline void insert_sorted(std::vector<int64_t>& r, int64_t x) { r.insert(std::upper_bound(r.begin(), r.end(), x), x); }
 
 // ---- one node --------------------------------------------------------------------------------
 // Verify the children (tokens kids[0..k)) of one node. Returns the index of the accepted child,
@@ -215,7 +215,10 @@ inline void insert_sorted(std::vector<int64_t>& r, int64_t x) {
 template <class T>
 int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int64_t k, const RngKey& key,
                     int64_t depth, int64_t* emit, Scratch& s, SpecScratch& ss, const SpecCoin* coin = nullptr) {
-  if (!tn.valid) { *emit = 0; return -1; }
+  if (!tn.valid) {
+    *emit = 0;
+    return -1;
+  }
   if (tn.greedy) {
     for (int64_t i = 0; i < k; ++i)
       if (kids[i] == tn.argmax) return i;
@@ -225,21 +228,21 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
   const int64_t V = tn.V;
   const VF zero = vset(0.f);
   ss.removed.clear();
-  double Mr = 0.0;     // one-hot: target mass of the rejected children
-  double Mq = 0.0;     // draft probs: draft mass of the rejected children
-  bool mat = false;    // draft probs: residual materialised in ss.rbuf (scaled by 1/Zr)
+  double Mr = 0.0;       // one-hot: target mass of the rejected children
+  double Mq = 0.0;       // draft probs: draft mass of the rejected children
+  bool mat = false;      // draft probs: residual materialised in ss.rbuf (scaled by 1/Zr)
   bool pending = false;  // draft probs: the last rejection's subtraction is not materialised yet
   bool broke = false;    // draft probs: the materialised residual has no mass (rounding)
   double Zr = 1.0;
-  float scf = 1.f;     // scale of q in the pending subtraction (1 / (1 - Mq) at the last rejection)
+  float scf = 1.f;  // scale of q in the pending subtraction (1 / (1 - Mq) at the last rejection)
   int64_t rejected = 0;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t x = kids[i];
     if (rejected > 0 && std::binary_search(ss.removed.begin(), ss.removed.end(), x)) continue;  // repeated token
     if (!q) {
       const double px = target_p(tn, x);
-      const bool ok = coin ? spec_coin_accept(*coin, Mr, px)
-                           : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
+      const bool ok =
+          coin ? spec_coin_accept(*coin, Mr, px) : spec_accept(spec_accept_uniform(key, depth, i), px, 1.0 - Mr);
       if (ok) return i;
       Mr += px;
       insert_sorted(ss.removed, x);
@@ -279,16 +282,21 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
       }
       mat = true;
       pending = false;
-      if (!(Zr > 0.0)) { broke = true; break; }  // no residual mass left (only through rounding): draw from p
+      if (!(Zr > 0.0)) {
+        broke = true;
+        break;
+      }  // no residual mass left (only through rounding): draw from p
     }
     const double u = spec_accept_uniform(key, depth, i);
     const double qi = double(q[x]) / (1.0 - Mq);
     double rx;
-    if (!mat) rx = target_p(tn, x);
+    if (!mat)
+      rx = target_p(tn, x);
     else if (tn.list) {
       const int64_t pos = list_pos(s, tn.sel.nS, x);
       rx = pos < 0 ? 0.0 : double(ss.rbuf[size_t(pos)]) / Zr;
-    } else rx = double(ss.rbuf[size_t(x)]) / Zr;
+    } else
+      rx = double(ss.rbuf[size_t(x)]) / Zr;
     if (spec_accept(u, rx, qi)) return i;
     scf = float(1.0 / (1.0 - Mq));
     Mq += double(q[x]);
@@ -301,15 +309,19 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
   Excl ex{&ss.removed};
   if (rejected == 0 || broke) {
     // bonus: the target itself
-    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
-    else tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
+    if (tn.list)
+      tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
+    else
+      tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
   } else if (!q) {
     // p without the rejected children
     if (tn.list) {
-      tok = draw_list(tn.sel.nS, [&](int64_t kk) {
-        return std::binary_search(ss.removed.begin(), ss.removed.end(), int64_t(s.idx[kk])) ? 0.f
-                                                                                             : s.wt[kk];
-      }, s.idx.data(), u);
+      tok = draw_list(
+          tn.sel.nS,
+          [&](int64_t kk) {
+            return std::binary_search(ss.removed.begin(), ss.removed.end(), int64_t(s.idx[kk])) ? 0.f : s.wt[kk];
+          },
+          s.idx.data(), u);
     } else {
       tok = draw_blocks(V, [&](int64_t b) { return vblend(ex.mask(b), wblock(tn, b), zero); }, u, ss.chunks);
     }
@@ -318,24 +330,32 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
     const VF vs = vset(scf), vinv = vset(float(1.0 / Zr));
     const float finv = float(1.0 / Zr);
     if (tn.list) {
-      tok = draw_list(tn.sel.nS, [&](int64_t kk) {
-        const int64_t t = s.idx[kk];
-        if (std::binary_search(ss.removed.begin(), ss.removed.end(), t)) return 0.f;
-        const float r = mat ? ss.rbuf[size_t(kk)] * finv : s.wt[kk] * tn.invZf;
-        const float d = r - q[t] * scf;
-        return d > 0.f ? d : 0.f;
-      }, s.idx.data(), u);
+      tok = draw_list(
+          tn.sel.nS,
+          [&](int64_t kk) {
+            const int64_t t = s.idx[kk];
+            if (std::binary_search(ss.removed.begin(), ss.removed.end(), t)) return 0.f;
+            const float r = mat ? ss.rbuf[size_t(kk)] * finv : s.wt[kk] * tn.invZf;
+            const float d = r - q[t] * scf;
+            return d > 0.f ? d : 0.f;
+          },
+          s.idx.data(), u);
     } else {
-      tok = draw_blocks(V, [&](int64_t b) {
-        VF r = mat ? vmul(vload(ss.rbuf.data() + b), vinv) : pblock(tn, b);
-        VF d = vmax(vsub(r, vmul(load_block(q, b, V, 0.f), vs)), zero);
-        return vblend(ex.mask(b), d, zero);
-      }, u, ss.chunks);
+      tok = draw_blocks(
+          V,
+          [&](int64_t b) {
+            VF r = mat ? vmul(vload(ss.rbuf.data() + b), vinv) : pblock(tn, b);
+            VF d = vmax(vsub(r, vmul(load_block(q, b, V, 0.f), vs)), zero);
+            return vblend(ex.mask(b), d, zero);
+          },
+          u, ss.chunks);
     }
   }
   if (tok < 0) {  // the residual has no mass (rounding or invalid input): fall back to p itself
-    if (tn.list) tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
-    else tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
+    if (tn.list)
+      tok = draw_list(tn.sel.nS, [&](int64_t kk) { return s.wt[kk]; }, s.idx.data(), u);
+    else
+      tok = draw_blocks(V, [&](int64_t b) { return wblock(tn, b); }, u, ss.chunks);
   }
   *emit = tok < 0 ? 0 : tok;
   return -1;
@@ -412,7 +432,10 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   const bool ids_target = a.target.kind == SpecTargetKind::Ids;
   const T* base = ids_target ? nullptr : static_cast<const T*>(a.target.data);
   const int64_t* tids = ids_target ? static_cast<const int64_t*>(a.target.data) : nullptr;
-  if (ss.seen.size() < size_t(T_)) { ss.seen.resize(size_t(T_)); ss.stack.resize(size_t(T_)); }
+  if (ss.seen.size() < size_t(T_)) {
+    ss.seen.resize(size_t(T_));
+    ss.stack.resize(size_t(T_));
+  }
   for (int64_t b = begin; b < end; ++b) {
     const int64_t* cand = a.cand + b * T_;
     const int64_t* ri = a.retrive_index + b * T_;
@@ -433,7 +456,10 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
       ss.kids.clear();
       ss.kid_nodes.clear();
       if (acc < a.W - 1)
-        for (int64_t c = nt[cur]; c != -1; c = ns[c]) { ss.kid_nodes.push_back(c); ss.kids.push_back(cand[c]); }
+        for (int64_t c = nt[cur]; c != -1; c = ns[c]) {
+          ss.kid_nodes.push_back(c);
+          ss.kids.push_back(cand[c]);
+        }
       TNode<T> tn;
       if (ids_target) {
         tn.valid = true;
@@ -463,13 +489,15 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-#define DK_SPEC_DISPATCH(t, fn, ...)                                      \
-  if ((t).kind != SpecTargetKind::Logits) { fn<float>(__VA_ARGS__); }     \
-  else switch ((t).dtype) {                                               \
-    case DType::F32: fn<float>(__VA_ARGS__); break;                       \
-    case DType::BF16: fn<bf16_t>(__VA_ARGS__); break;                     \
-    case DType::F16: fn<f16_t>(__VA_ARGS__); break;                       \
-  }
+#define DK_SPEC_DISPATCH(t, fn, ...)                    \
+  if ((t).kind != SpecTargetKind::Logits) {             \
+    fn<float>(__VA_ARGS__);                             \
+  } else                                                \
+    switch ((t).dtype) {                                \
+      case DType::F32: fn<float>(__VA_ARGS__); break;   \
+      case DType::BF16: fn<bf16_t>(__VA_ARGS__); break; \
+      case DType::F16: fn<f16_t>(__VA_ARGS__); break;   \
+    }
 
 static void chain_rows(const ChainArgs& a, int64_t b, int64_t e) { DK_SPEC_DISPATCH(a.target, chain_rows_t, a, b, e) }
 static void tree_rows(const TreeArgs& a, int64_t b, int64_t e) { DK_SPEC_DISPATCH(a.target, tree_rows_t, a, b, e) }

@@ -19,21 +19,29 @@
 namespace dk {
 
 // Raw 16-bit float storage types (bit patterns); conversions below are exact.
-struct bf16_t { uint16_t x; };
-struct f16_t { uint16_t x; };
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
 
 DK_HOST_DEVICE float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f; __builtin_memcpy(&f, &u, 4); return f;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
 #endif
 }
 DK_HOST_DEVICE uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u; __builtin_memcpy(&u, &f, 4); return u;
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
 #endif
 }
 
@@ -72,7 +80,9 @@ DK_HOST_DEVICE uint32_t float_key(float f) {
 // Renormalisation e / Z as (e * pre) * inv with inv = float(1 / (Z * pre)): pre = 1 unless the total
 // mass Z is below 2^-64, where pre = 2^64 keeps 1 / (Z * pre) inside float32 (1 / Z overflows for
 // Z < ~2.9e-39). Scaling by a power of two is exact, and e <= Z keeps e * pre finite.
-struct RenormScale { float pre, inv; };
+struct RenormScale {
+  float pre, inv;
+};
 DK_HOST_DEVICE RenormScale renorm_scale(double Z) {
   const double pre = Z < 5.421010862427522e-20 ? 18446744073709551616.0 : 1.0;
   RenormScale r;

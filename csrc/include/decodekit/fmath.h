@@ -32,8 +32,12 @@ DK_HOST_DEVICE float v_floor(float a) {
   return __builtin_floorf(a);
 #endif
 }
-template <class F> DK_HOST_DEVICE F v_set(float c);
-template <> DK_HOST_DEVICE_SPEC float v_set<float>(float c) { return c; }
+template <class F>
+DK_HOST_DEVICE F v_set(float c);
+template <>
+DK_HOST_DEVICE_SPEC float v_set<float>(float c) {
+  return c;
+}
 // 2^n for an integral-valued n in [-126, 127]
 DK_HOST_DEVICE float v_pow2i(float n) { return bits_to_float(uint32_t(int32_t(n) + 127) << 23); }
 // x < c ? a : b

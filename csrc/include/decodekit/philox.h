@@ -4,7 +4,9 @@
 
 namespace dk {
 
-struct Philox4 { uint32_t v[4]; };
+struct Philox4 {
+  uint32_t v[4];
+};
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
@@ -47,7 +49,7 @@ DK_HOST_DEVICE Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
 //     stream  : 0 with per-row seeds; the output row index with one scalar seed
 //     offset  : the user's offset (low 32 bits)
 struct RngKey {
-  uint32_t k0, k1;     // key from the seed
+  uint32_t k0, k1;  // key from the seed
   uint32_t stream;
   uint32_t offset_lo;
   uint32_t offset_hi16;

@@ -10,19 +10,19 @@ namespace dk {
 
 // Columns of the per-row parameter matrix ([n_out, kPipeParams] float64) of the pipeline op.
 enum PipeParam : int {
-  kPT = 0,       // temperature (0 = greedy)
-  kPTopK,        // <= 0 or >= V: off
-  kPTopP,        // >= 1: off
-  kPMinP,        // 0: off
-  kPRep,         // repetition penalty r > 0 (1: off)
-  kPFreq,        // frequency penalty (0: off)
-  kPPres,        // presence penalty (0: off)
-  kPNSigma,      // top-n-sigma n (<= 0: off)
-  kPTypical,     // typical_p in (0, 1] (1: off)
-  kPEps,         // epsilon cutoff in [0, 1) (0: off)
-  kPEta,         // eta cutoff in [0, 1) (0: off)
-  kPTopH,        // top-h in [0, 1] (0: off)
-  kPMtk,         // min_tokens_to_keep >= 1
+  kPT = 0,    // temperature (0 = greedy)
+  kPTopK,     // <= 0 or >= V: off
+  kPTopP,     // >= 1: off
+  kPMinP,     // 0: off
+  kPRep,      // repetition penalty r > 0 (1: off)
+  kPFreq,     // frequency penalty (0: off)
+  kPPres,     // presence penalty (0: off)
+  kPNSigma,   // top-n-sigma n (<= 0: off)
+  kPTypical,  // typical_p in (0, 1] (1: off)
+  kPEps,      // epsilon cutoff in [0, 1) (0: off)
+  kPEta,      // eta cutoff in [0, 1) (0: off)
+  kPTopH,     // top-h in [0, 1] (0: off)
+  kPMtk,      // min_tokens_to_keep >= 1
   kPipeParams
 };
 

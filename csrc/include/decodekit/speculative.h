@@ -59,16 +59,16 @@ DK_HOST_DEVICE bool spec_coin_accept(const SpecCoin& c, double M, double p) {
 // Error codes of the tree walks (0 = ok). `node` receives the offending node.
 enum SpecTreeError : int {
   kTreeOk = 0,
-  kTreeRootNotFirst = 1,     // build_tree: parents[0] != -1
-  kTreeTwoRoots = 2,         // build_tree: parents[t] == -1 for t >= 1
-  kTreeParentRange = 3,      // build_tree: parent < -1 or >= T; verify: a link outside [-1, T)
-  kTreeCycle = 4,            // build_tree: a cycle through the node
-  kTreeParentAfterChild = 5, // build_tree: parents[t] > t without a cycle
-  kTreeRootAsChild = 6,      // verify: node 0 appears as a child or a sibling
-  kTreeReachedTwice = 7,     // verify: a node is reached twice (cycle or shared child)
-                             // (8 was "two siblings carry the same token": repeated siblings are
-                             // allowed now, see verify_node in csrc/cpu/isa/speculative.cpp)
-  kTreeTokenRange = 9,       // verify: a reachable node's token is outside [0, V)
+  kTreeRootNotFirst = 1,      // build_tree: parents[0] != -1
+  kTreeTwoRoots = 2,          // build_tree: parents[t] == -1 for t >= 1
+  kTreeParentRange = 3,       // build_tree: parent < -1 or >= T; verify: a link outside [-1, T)
+  kTreeCycle = 4,             // build_tree: a cycle through the node
+  kTreeParentAfterChild = 5,  // build_tree: parents[t] > t without a cycle
+  kTreeRootAsChild = 6,       // verify: node 0 appears as a child or a sibling
+  kTreeReachedTwice = 7,      // verify: a node is reached twice (cycle or shared child)
+                              // (8 was "two siblings carry the same token": repeated siblings are
+                              // allowed now, see verify_node in csrc/cpu/isa/speculative.cpp)
+  kTreeTokenRange = 9,        // verify: a reachable node's token is outside [0, V)
 };
 
 // Build one row of a tree from its parent array (parents[t] = parent of node t, -1 for the root,

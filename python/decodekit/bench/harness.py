@@ -1,5 +1,6 @@
 """Timing helpers shared by every benchmark: median of repeated runs after warm-up, memory
 bandwidth measurement for the read floor, hot/cold cache handling and table printing."""
+
 import json
 import os
 import platform
@@ -20,8 +21,9 @@ def flush_caches(nbytes: int = 512 << 20):
     _FLUSH.add_(1.0)
 
 
-def timeit(fn: Callable, *, warmup: int = 3, reps: int = 15, min_time: float = 0.2, cold: bool = False,
-           max_reps: int = 2000) -> float:
+def timeit(
+    fn: Callable, *, warmup: int = 3, reps: int = 15, min_time: float = 0.2, cold: bool = False, max_reps: int = 2000
+) -> float:
     """Median wall time of fn() in seconds. cold=True flushes the caches before every call."""
     for _ in range(warmup):
         fn()
@@ -83,7 +85,11 @@ def fmt_us(t: Optional[float]) -> str:
 
 
 def print_table(title: str, header: List[str], rows: List[List[str]]):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
+    widths = (
+        [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+        if rows
+        else [len(h) for h in header]
+    )
     print(f"\n{title}")
     print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

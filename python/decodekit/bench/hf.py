@@ -14,6 +14,7 @@ Per-token sampling cost = (generate time - the same loop's greedy time) / new to
 
     python -m decodekit bench --only hf [--full]
 """
+
 import time
 from typing import Dict, Optional
 
@@ -26,21 +27,34 @@ TEMP, TOP_K, TOP_P = 0.7, 50, 0.9
 
 def tiny_llama(V: int, seed: int = 0):
     import transformers
+
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=1024, initializer_range=0.5,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.5,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _calls(model, ids, new_tokens):
     import decodekit.hf as dkhf
     import transformers
+
     common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     samp = dict(do_sample=True, temperature=TEMP, top_k=TOP_K, top_p=TOP_P)
-    procs = transformers.LogitsProcessorList([dkhf.TemperatureLogitsWarper(TEMP), dkhf.TopKLogitsWarper(TOP_K),
-                                              dkhf.TopPLogitsWarper(TOP_P)])
+    procs = transformers.LogitsProcessorList(
+        [dkhf.TemperatureLogitsWarper(TEMP), dkhf.TopKLogitsWarper(TOP_K), dkhf.TopPLogitsWarper(TOP_P)]
+    )
     return {
         "HF": lambda: model.generate(ids, **common, **samp),
         "HF+dk procs": lambda: model.generate(ids, **common, do_sample=True, logits_processor=procs),
@@ -71,16 +85,32 @@ def measure(V: int, B: int, new_tokens: int = 32, prompt_len: int = 8, reps: int
             times[k].append(now() - t0)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     # each loop's sampling cost over its own greedy run (HF's loop does more per step than decodekit's)
-    per_tok = {k: (med[k] - med[base]) / new_tokens
-               for k, base in (("HF", "greedy"), ("HF+dk procs", "greedy"), ("dk.hf", "dk.hf greedy"))}
-    return dict(V=V, B=B, new_tokens=new_tokens, seconds=med, sampling_per_token_s=per_tok,
-                speedup_generate=med["HF"] / med["dk.hf"],
-                speedup_sampling=per_tok["HF"] / per_tok["dk.hf"] if per_tok["dk.hf"] > 0 else None)
+    per_tok = {
+        k: (med[k] - med[base]) / new_tokens
+        for k, base in (("HF", "greedy"), ("HF+dk procs", "greedy"), ("dk.hf", "dk.hf greedy"))
+    }
+    return dict(
+        V=V,
+        B=B,
+        new_tokens=new_tokens,
+        seconds=med,
+        sampling_per_token_s=per_tok,
+        speedup_generate=med["HF"] / med["dk.hf"],
+        speedup_sampling=per_tok["HF"] / per_tok["dk.hf"] if per_tok["dk.hf"] > 0 else None,
+    )
 
 
-def run(quick: bool = False, threads: Optional[int] = None, json_path: Optional[str] = None,
-        shapes=None, new_tokens: Optional[int] = None, clock: str = "wall", reps: Optional[int] = None) -> Dict:
+def run(
+    quick: bool = False,
+    threads: Optional[int] = None,
+    json_path: Optional[str] = None,
+    shapes=None,
+    new_tokens: Optional[int] = None,
+    clock: str = "wall",
+    reps: Optional[int] = None,
+) -> Dict:
     import transformers
+
     if clock == "cpu":
         threads = 1
     if threads:
@@ -93,22 +123,50 @@ def run(quick: bool = False, threads: Optional[int] = None, json_path: Optional[
         rows.append(r)
         s, pt = r["seconds"], r["sampling_per_token_s"]
         xs = r["speedup_sampling"]
-        table.append([V, B, f"{s['HF'] * 1e3:,.1f}", f"{s['HF+dk procs'] * 1e3:,.1f}", f"{s['dk.hf'] * 1e3:,.1f}",
-                      f"{s['greedy'] * 1e3:,.1f}", f"{s['dk.hf greedy'] * 1e3:,.1f}", f"{r['speedup_generate']:.2f}x",
-                      harness.fmt_us(pt["HF"]), harness.fmt_us(pt["HF+dk procs"]), harness.fmt_us(pt["dk.hf"]),
-                      f"{xs:.0f}x" if xs else "-"])
+        table.append(
+            [
+                V,
+                B,
+                f"{s['HF'] * 1e3:,.1f}",
+                f"{s['HF+dk procs'] * 1e3:,.1f}",
+                f"{s['dk.hf'] * 1e3:,.1f}",
+                f"{s['greedy'] * 1e3:,.1f}",
+                f"{s['dk.hf greedy'] * 1e3:,.1f}",
+                f"{r['speedup_generate']:.2f}x",
+                harness.fmt_us(pt["HF"]),
+                harness.fmt_us(pt["HF+dk procs"]),
+                harness.fmt_us(pt["dk.hf"]),
+                f"{xs:.0f}x" if xs else "-",
+            ]
+        )
     harness.print_table(
         f"sampling inside model.generate ({n} new tokens, tiny 1-layer Llama, temperature {TEMP}, top-k {TOP_K}, "
         f"top-p {TOP_P}; transformers {transformers.__version__}; {torch.get_num_threads()} thread(s), "
         f"{'CPU time of the calling thread' if clock == 'cpu' else 'wall time'}; generate times in ms (median), "
         f"per-token sampling cost in us = (time - the same loop's greedy time) / tokens)",
-        ["V", "B", "HF", "HF+dk procs", "dk.hf", "HF greedy", "dk.hf greedy", "generate x", "HF us/tok",
-         "HF+dk procs us/tok", "dk.hf us/tok", "sampling x"], table)
+        [
+            "V",
+            "B",
+            "HF",
+            "HF+dk procs",
+            "dk.hf",
+            "HF greedy",
+            "dk.hf greedy",
+            "generate x",
+            "HF us/tok",
+            "HF+dk procs us/tok",
+            "dk.hf us/tok",
+            "sampling x",
+        ],
+        table,
+    )
     big = [r for r in rows if r["V"] == 128256 and r["B"] == 8]
     if big:
         x = big[0]["speedup_generate"]
-        print(f"target: whole generate >= 5x faster at V=128256, B=8: {x:.2f}x ({'met' if x >= 5 else 'NOT met'}; "
-              f"machine shared with other jobs)")
+        print(
+            f"target: whole generate >= 5x faster at V=128256, B=8: {x:.2f}x ({'met' if x >= 5 else 'NOT met'}; "
+            f"machine shared with other jobs)"
+        )
     result = dict(machine=harness.machine(), transformers=transformers.__version__, clock=clock, rows=rows)
     if json_path:
         harness.save_json(json_path, result)
@@ -118,10 +176,12 @@ def run(quick: bool = False, threads: Optional[int] = None, json_path: Optional[
 def one_line_demo(V: int = 128256, B: int = 8, new_tokens: int = 16) -> Dict:
     """`python -m decodekit`: the one-line generate at work, with its speed-up over HF's own loop."""
     import decodekit.hf as dkhf
+
     model = tiny_llama(V)
     ids = torch.randint(0, V, (B, 8), generator=torch.Generator().manual_seed(1))
-    kw = dict(do_sample=True, temperature=TEMP, top_k=TOP_K, top_p=TOP_P, max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens)
+    kw = dict(
+        do_sample=True, temperature=TEMP, top_k=TOP_K, top_p=TOP_P, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU time of this thread is then the whole cost (stable on a shared machine)
     try:
@@ -139,9 +199,12 @@ def one_line_demo(V: int = 128256, B: int = 8, new_tokens: int = 16) -> Dict:
     finally:
         torch.set_num_threads(threads)
     a, b = sorted(t_hf)[1], sorted(t_dk)[1]
-    return dict(V=V, B=B, new_tokens=new_tokens, hf_ms=a * 1e3, dk_ms=b * 1e3, speedup=a / b, tokens=out[0, 8:].tolist())
+    return dict(
+        V=V, B=B, new_tokens=new_tokens, hf_ms=a * 1e3, dk_ms=b * 1e3, speedup=a / b, tokens=out[0, 8:].tolist()
+    )
 
 
 if __name__ == "__main__":
     import sys
+
     run(quick="--quick" in sys.argv[1:])

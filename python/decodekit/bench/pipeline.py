@@ -19,6 +19,7 @@ distribution with the sampled token's logprob and rank.
 Floor: the bytes every implementation must read once (B*V fp32 logits, the B*V/8-byte bitmask and the
 histories) at the measured read bandwidth, hot (L2) and cold (DRAM; caches flushed before every call).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,11 @@ def chain_inputs(B: int, V: int, seed: int = 0) -> Dict[str, torch.Tensor]:
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     hist = torch.randint(0, V, (B, HIST), generator=g)
     hist[:, ::2] = torch.randint(0, min(2000, V), (B, HIST // 2), generator=g)
-    return dict(allowed_token_bitmask=words, prompt_token_ids=hist[:, : HIST // 2].contiguous(),
-                output_token_ids=hist[:, HIST // 2:].contiguous())
+    return dict(
+        allowed_token_bitmask=words,
+        prompt_token_ids=hist[:, : HIST // 2].contiguous(),
+        output_token_ids=hist[:, HIST // 2 :].contiguous(),
+    )
 
 
 def _hf_chain():
@@ -61,9 +65,15 @@ def _hf_chain():
         from transformers.generation import logits_process as LP
     except Exception:
         return None
-    return LP.LogitsProcessorList([LP.RepetitionPenaltyLogitsProcessor(REP), LP.TemperatureLogitsWarper(TEMP),
-                                   LP.MinPLogitsWarper(MIN_P), LP.TopKLogitsWarper(TOP_K),
-                                   LP.TopPLogitsWarper(TOP_P)])
+    return LP.LogitsProcessorList(
+        [
+            LP.RepetitionPenaltyLogitsProcessor(REP),
+            LP.TemperatureLogitsWarper(TEMP),
+            LP.MinPLogitsWarper(MIN_P),
+            LP.TopKLogitsWarper(TOP_K),
+            LP.TopPLogitsWarper(TOP_P),
+        ]
+    )
 
 
 def run(quick: bool = False, json_path=None, shapes=None, threads=None, clock: str = "wall") -> Dict:
@@ -91,27 +101,50 @@ def _run(quick, json_path, shapes, clock) -> Dict:
         history = torch.cat([c["prompt_token_ids"], c["output_token_ids"]], 1)
         nbytes = B * V * 4 + c["allowed_token_bitmask"].numel() * 4 + history.numel() * 8
         fns = {
-            "decodekit": lambda: dk.sample(x, order="vllm", temperature=TEMP, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P,
-                                           repetition_penalty=REP, frequency_penalty=FREQ, presence_penalty=PRES,
-                                           top_logprobs=TOP_N, seed=SEED, **c),
-            "torch": lambda: ref.pipeline_torch_vllm(x, repetition_penalty=REP, frequency_penalty=FREQ,
-                                                     presence_penalty=PRES, temperature=TEMP, top_k=TOP_K,
-                                                     top_p=TOP_P, min_p=MIN_P, top_logprobs=TOP_N, **c),
+            "decodekit": lambda: dk.sample(
+                x,
+                order="vllm",
+                temperature=TEMP,
+                top_k=TOP_K,
+                top_p=TOP_P,
+                min_p=MIN_P,
+                repetition_penalty=REP,
+                frequency_penalty=FREQ,
+                presence_penalty=PRES,
+                top_logprobs=TOP_N,
+                seed=SEED,
+                **c,
+            ),
+            "torch": lambda: ref.pipeline_torch_vllm(
+                x,
+                repetition_penalty=REP,
+                frequency_penalty=FREQ,
+                presence_penalty=PRES,
+                temperature=TEMP,
+                top_k=TOP_K,
+                top_p=TOP_P,
+                min_p=MIN_P,
+                top_logprobs=TOP_N,
+                **c,
+            ),
         }
         if hf is not None:
+
             def hf_step():
                 s = hf(history, x.masked_fill(~allowed, float("-inf")))
                 lp = torch.log_softmax(s, -1)
                 tok = torch.multinomial(lp.exp(), 1)
                 return tok, lp.gather(-1, tok), lp.topk(TOP_N, -1)
+
             fns["hf"] = hf_step
         res = {"B": B, "V": V, "bytes": nbytes}
         for cold in (False, True):
             tag = "cold" if cold else "hot"
             for name, fn in fns.items():
                 budget = 0.5 if name == "decodekit" else 1.5
-                res[f"{name}_{tag}"] = measure(fn, inp.next_logits, cold=cold, budget=budget,
-                                               reps=11 if name == "decodekit" else 5)
+                res[f"{name}_{tag}"] = measure(
+                    fn, inp.next_logits, cold=cold, budget=budget, reps=11 if name == "decodekit" else 5
+                )
             res[f"floor_{tag}"] = nbytes / (bw_cold if cold else bw_hot)
         results.append(res)
         for tag in ("hot", "cold"):
@@ -119,17 +152,38 @@ def _run(quick, json_path, shapes, clock) -> Dict:
             t = res[f"torch_{tag}"]
             h = res.get(f"hf_{tag}")
             fl = res[f"floor_{tag}"]
-            rows.append([f"{B}x{V}", tag, H.fmt_us(d), H.fmt_us(t), f"{t / d:.0f}x", H.fmt_us(h),
-                         f"{h / d:.0f}x" if h else "-", H.fmt_us(fl), f"{d / fl:.2f}"])
-    H.print_table("the whole sampling step (bitmask 30%, 512-token history, rep 1.1 freq 0.5 pres 0.5, T 0.7, "
-                  "min-p 0.05, top-k 50, top-p 0.9, top-5 logprobs), microseconds",
-                  ["BxV", "cache", "decodekit", "torch (vLLM way)", "x", "HF processors", "x", "read floor",
-                   "dk / floor"], rows)
+            rows.append(
+                [
+                    f"{B}x{V}",
+                    tag,
+                    H.fmt_us(d),
+                    H.fmt_us(t),
+                    f"{t / d:.0f}x",
+                    H.fmt_us(h),
+                    f"{h / d:.0f}x" if h else "-",
+                    H.fmt_us(fl),
+                    f"{d / fl:.2f}",
+                ]
+            )
+    H.print_table(
+        "the whole sampling step (bitmask 30%, 512-token history, rep 1.1 freq 0.5 pres 0.5, T 0.7, "
+        "min-p 0.05, top-k 50, top-p 0.9, top-5 logprobs), microseconds",
+        ["BxV", "cache", "decodekit", "torch (vLLM way)", "x", "HF processors", "x", "read floor", "dk / floor"],
+        rows,
+    )
     load1 = os.getloadavg()
-    print(f"clock={clock}, {H.machine()}; load average {[round(v, 2) for v in load0]} at the start, "
-          f"{[round(v, 2) for v in load1]} at the end (the machine is shared with other jobs)")
-    payload = {"machine": H.machine(), "clock": clock, "loadavg": [load0, load1], "bandwidth_hot": bw_hot,
-               "bandwidth_cold": bw_cold, "results": results}
+    print(
+        f"clock={clock}, {H.machine()}; load average {[round(v, 2) for v in load0]} at the start, "
+        f"{[round(v, 2) for v in load1]} at the end (the machine is shared with other jobs)"
+    )
+    payload = {
+        "machine": H.machine(),
+        "clock": clock,
+        "loadavg": [load0, load1],
+        "bandwidth_hot": bw_hot,
+        "bandwidth_cold": bw_cold,
+        "results": results,
+    }
     if json_path:
         H.save_json(json_path, payload)
     return payload

@@ -3,6 +3,7 @@
 Each benchmark is a module decodekit.bench.<name> with `run(quick: bool = False, json_path=None) -> dict`;
 modules that do not exist (yet) are skipped with a note, so the runner works on any checkout.
 """
+
 import argparse
 import importlib
 import importlib.util
@@ -56,8 +57,9 @@ def parse_only(only) -> List[str]:
     return names
 
 
-def run_all(quick: bool = False, only=None, out_dir: str = "bench_results", threads: Optional[int] = None,
-            clock: str = "wall") -> Dict:
+def run_all(
+    quick: bool = False, only=None, out_dir: str = "bench_results", threads: Optional[int] = None, clock: str = "wall"
+) -> Dict:
     """Run the selected benchmarks; returns {name: result dict or None}. A failing benchmark is reported
     and the others still run."""
     names = parse_only(only)
@@ -65,8 +67,10 @@ def run_all(quick: bool = False, only=None, out_dir: str = "bench_results", thre
     if clock == "cpu":
         threads = 1  # CPU time of the calling thread is only the whole cost when everything runs on it
     torch.set_num_threads(threads)
-    print(f"decodekit benchmarks ({'quick' if quick else 'full'}): torch.set_num_threads({threads}), "
-          f"clock={clock}, results under {out_dir}/")
+    print(
+        f"decodekit benchmarks ({'quick' if quick else 'full'}): torch.set_num_threads({threads}), "
+        f"clock={clock}, results under {out_dir}/"
+    )
     results: Dict = {}
     for name in names:
         mod = load(name)
@@ -77,8 +81,13 @@ def run_all(quick: bool = False, only=None, out_dir: str = "bench_results", thre
         json_path = os.path.join(out_dir, f"{name}{'_quick' if quick else ''}{'_cpu' if clock == 'cpu' else ''}.json")
         t0 = time.perf_counter()
         try:
-            results[name] = _call(mod.run, quick=quick, json_path=json_path, threads=threads,
-                                  **({"clock": clock} if clock != "wall" else {}))
+            results[name] = _call(
+                mod.run,
+                quick=quick,
+                json_path=json_path,
+                threads=threads,
+                **({"clock": clock} if clock != "wall" else {}),
+            )
         except Exception:  # keep going: one broken benchmark must not hide the others
             traceback.print_exc()
             print(f"[{name}] FAILED after {time.perf_counter() - t0:.1f} s")
@@ -93,17 +102,28 @@ def add_args(p: argparse.ArgumentParser, default_quick: bool):
     else:
         p.add_argument("--quick", action="store_true", help="a small subset of shapes (well under a minute each)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for every benchmark (default: min(2, cores) or $DECODEKIT_BENCH_THREADS)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every benchmark (default: min(2, cores) or $DECODEKIT_BENCH_THREADS)",
+    )
     p.add_argument("--out", default="bench_results", help="folder for the JSON files and plots")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall (default): median wall time; cpu: median CPU time of the calling thread with 1 thread "
-                        "(numbers that hold on a busy shared machine; benchmarks without the option ignore it)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall (default): median wall time; cpu: median CPU time of the calling thread with 1 thread "
+        "(numbers that hold on a busy shared machine; benchmarks without the option ignore it)",
+    )
 
 
 def main(argv=None, prog: str = "benchmarks/run.py", default_quick: bool = False) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="decodekit microbenchmarks: decodekit, the torch reference "
-                                "and the installed peers side by side, with the memory-read floor")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="decodekit microbenchmarks: decodekit, the torch reference "
+        "and the installed peers side by side, with the memory-read floor",
+    )
     add_args(p, default_quick)
     a = p.parse_args(argv)
     quick = (not a.full) if default_quick else a.quick

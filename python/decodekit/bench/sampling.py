@@ -25,6 +25,7 @@ covers confident and unsure rows alike and "hot" means "just written by the mode
 samplers edit their candidate array in place (sort, shrink), so it is rebuilt from the logits before
 every call; only ``llama_sampler_apply`` is timed and the rebuild is reported in its own column.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -105,8 +106,12 @@ def logits_stats(x: torch.Tensor) -> Dict[str, List[float]]:
     m = dk.top_p_mask_logits(m, TOP_P)
     m = dk.min_p_mask_logits(m, MIN_P)
     surv = torch.isfinite(m).sum(-1)
-    return {"top_prob_T0.7": quant(p07.max(-1).values), "top_prob_T1": quant(p1.max(-1).values),
-            "top_p_nucleus_T1": quant(nucleus), "all4_survivors": quant(surv)}
+    return {
+        "top_prob_T0.7": quant(p07.max(-1).values),
+        "top_prob_T1": quant(p1.max(-1).values),
+        "top_p_nucleus_T1": quant(nucleus),
+        "all4_survivors": quant(surv),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,8 +120,18 @@ def logits_stats(x: torch.Tensor) -> Dict[str, List[float]]:
 # thread (everything - torch, decodekit, llama.cpp - then runs in the calling thread): the CPU work of a
 # call without the time lost to other processes, for numbers that hold on a busy shared machine.
 _CLOCK = [time.perf_counter]
-def measure(fn: Callable, prep: Optional[Callable] = None, *, cold: bool = False, warmup: int = 2, reps: int = 11,
-            min_reps: int = 3, budget: float = 1.0) -> float:
+
+
+def measure(
+    fn: Callable,
+    prep: Optional[Callable] = None,
+    *,
+    cold: bool = False,
+    warmup: int = 2,
+    reps: int = 11,
+    min_reps: int = 3,
+    budget: float = 1.0,
+) -> float:
     """Median time of fn() in seconds. prep() runs untimed before every call (rewrites the inputs);
     cold=True then flushes the caches. The number of repetitions is cut for slow functions so one
     measurement takes about `budget` seconds."""
@@ -200,23 +215,40 @@ class Inputs:
 def _hf():
     try:
         import transformers  # noqa: F401
+
         try:
-            from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
-                                                                 TemperatureLogitsWarper, TopKLogitsWarper,
-                                                                 TopPLogitsWarper)
+            from transformers.generation.logits_process import (
+                LogitsProcessorList,
+                MinPLogitsWarper,
+                TemperatureLogitsWarper,
+                TopKLogitsWarper,
+                TopPLogitsWarper,
+            )
         except ImportError:  # older layouts export them at the top level
-            from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
-                                      TopKLogitsWarper, TopPLogitsWarper)
+            from transformers import (
+                LogitsProcessorList,
+                MinPLogitsWarper,
+                TemperatureLogitsWarper,
+                TopKLogitsWarper,
+                TopPLogitsWarper,
+            )
     except Exception:
         return None
-    return {"version": transformers.__version__, "List": LogitsProcessorList, "T": TemperatureLogitsWarper,
-            "K": TopKLogitsWarper, "P": TopPLogitsWarper, "M": MinPLogitsWarper}
+    return {
+        "version": transformers.__version__,
+        "List": LogitsProcessorList,
+        "T": TemperatureLogitsWarper,
+        "K": TopKLogitsWarper,
+        "P": TopPLogitsWarper,
+        "M": MinPLogitsWarper,
+    }
 
 
 def _llama():
     try:
         import numpy as np  # noqa: F401
         import llama_cpp as L
+
         if ctypes.sizeof(L.llama_token_data) != 12:
             return None
         return L
@@ -231,6 +263,7 @@ class LlamaChain:
 
     def __init__(self, L, B: int, V: int, stages: List[tuple], seed: int = SEED):
         import numpy as np
+
         self.L, self.B, self.V = L, B, V
         self.dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
         self.buf = np.zeros((B, V), self.dtype)
@@ -301,14 +334,18 @@ def _impls(op: str, inp: Inputs, hf, L, chains: List["LlamaChain"]) -> Dict[str,
         return (ch.apply, lambda: ch.fill(inp.next_np()))
 
     if op == "all4":
-        out["decodekit"] = (lambda: dk.sample(x, temperature=TEMP, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=SEED), nl)
+        out["decodekit"] = (
+            lambda: dk.sample(x, temperature=TEMP, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P, seed=SEED),
+            nl,
+        )
         out["torch"] = (lambda: ref.sample(x, temperature=TEMP, top_k=TOP_K, top_p=TOP_P, min_p=MIN_P), nl)
         if hf:
             chain = hf["List"]([hf["T"](TEMP), hf["K"](TOP_K), hf["P"](TOP_P), hf["M"](MIN_P)])
             out["hf"] = (lambda: torch.multinomial(torch.softmax(chain(ids, x), -1), 1).squeeze(1), nl)
         if L:
-            out["llama.cpp"] = llama([("temp", TEMP), ("top_k", TOP_K), ("top_p", TOP_P, 1), ("min_p", MIN_P, 1),
-                                      ("dist",)])
+            out["llama.cpp"] = llama(
+                [("temp", TEMP), ("top_k", TOP_K), ("top_p", TOP_P, 1), ("min_p", MIN_P, 1), ("dist",)]
+            )
     elif op == "top_p_probs":
         out["decodekit"] = (lambda: dk.top_p_sampling_from_probs(pr, TOP_P, seed=SEED), npb)
         out["torch"] = (lambda: _torch_top_p_from_probs(pr, TOP_P), npb)
@@ -341,7 +378,7 @@ def _bench_group(group: str, make: Callable, plan: List[tuple], hf, L, quick: bo
     budget = 0.25 if quick else 1.0
     reps = 7 if quick else 15
     cold_reps = 3 if quick else 7
-    for (B, V, ops) in plan:
+    for B, V, ops in plan:
         inp = Inputs(make, B, V, seed=B * 1000 + V % 997)
         for op in ops:
             chains: List[LlamaChain] = []
@@ -352,12 +389,14 @@ def _bench_group(group: str, make: Callable, plan: List[tuple], hf, L, quick: bo
                 row["us"][name] = 1e6 * measure(fn, prep, warmup=1 if quick else 2, reps=reps, budget=budget)
                 row["us_min"][name] = 1e6 * measure.last_min
             fn, prep = impls["decodekit"]
-            row["dk_cold_us"] = 1e6 * measure(fn, prep, cold=True, warmup=1, reps=cold_reps, min_reps=cold_reps,
-                                              budget=0.0)
+            row["dk_cold_us"] = 1e6 * measure(
+                fn, prep, cold=True, warmup=1, reps=cold_reps, min_reps=cold_reps, budget=0.0
+            )
             if chains:
                 ch = chains[0]
-                row["llama_build_us"] = 1e6 * measure(lambda: ch.fill(inp.np_pool[0]), warmup=1, reps=reps,
-                                                      budget=budget)
+                row["llama_build_us"] = 1e6 * measure(
+                    lambda: ch.fill(inp.np_pool[0]), warmup=1, reps=reps, budget=budget
+                )
                 for c in chains:
                     c.free()
             row["floor_hot_us"] = 1e6 * floor_seconds(nbytes, cold=False)
@@ -397,8 +436,13 @@ def _table(title: str, rows: List[dict], impls_present: List[str]):
             line.append(_us(r["us"].get(k)))
             if k != "decodekit":
                 line.append(_fmt_ratio(r["ratio"].get(k)))
-        line += [_us(r["floor_hot_us"]), f"{r['dk_over_floor_hot']:.1f}", _us(r["dk_cold_us"]),
-                 _us(r["floor_cold_us"]), f"{r['dk_over_floor_cold']:.1f}"]
+        line += [
+            _us(r["floor_hot_us"]),
+            f"{r['dk_over_floor_hot']:.1f}",
+            _us(r["dk_cold_us"]),
+            _us(r["floor_cold_us"]),
+            f"{r['dk_over_floor_cold']:.1f}",
+        ]
         if "llama.cpp" in impls_present:
             line.append(_us(r.get("llama_build_us")))
         out.append(line)
@@ -419,32 +463,58 @@ def _targets(rows: List[dict]) -> List[dict]:
         r = _find(rows, group, "all4", 1, TARGET_V)
         if r and "hf" in r["ratio"]:
             v = r["ratio"]["hf"]
-            res.append({"group": group, "target": f"sample (4 filters) >= 100x faster than the HF chain, B=1 V={TARGET_V}{tag}",
-                        "value": v, "met": v >= 100,
-                        "detail": f"HF {r['us']['hf']:.1f} us / decodekit {r['us']['decodekit']:.1f} us = {v:.1f}x"})
+            res.append(
+                {
+                    "group": group,
+                    "target": f"sample (4 filters) >= 100x faster than the HF chain, B=1 V={TARGET_V}{tag}",
+                    "value": v,
+                    "met": v >= 100,
+                    "detail": f"HF {r['us']['hf']:.1f} us / decodekit {r['us']['decodekit']:.1f} us = {v:.1f}x",
+                }
+            )
         elif r:
-            res.append({"group": group, "target": f"sample (4 filters) >= 100x faster than HF, B=1 V={TARGET_V}{tag}",
-                        "value": None, "met": None, "detail": "transformers not installed"})
+            res.append(
+                {
+                    "group": group,
+                    "target": f"sample (4 filters) >= 100x faster than HF, B=1 V={TARGET_V}{tag}",
+                    "value": None,
+                    "met": None,
+                    "detail": "transformers not installed",
+                }
+            )
         for op in ("top_p_probs", "top_p_logits"):
             r = _find(rows, group, op, 64, TARGET_V)
             if r:
                 v = r["ratio"]["torch"]
-                res.append({"group": group, "target": f"{OPS[op]} >= 50x faster than sort-based torch, B=64 V={TARGET_V}{tag}",
-                            "value": v, "met": v >= 50,
-                            "detail": f"torch {r['us']['torch']:.1f} us / decodekit {r['us']['decodekit']:.1f} us = {v:.1f}x"})
+                res.append(
+                    {
+                        "group": group,
+                        "target": f"{OPS[op]} >= 50x faster than sort-based torch, B=64 V={TARGET_V}{tag}",
+                        "value": v,
+                        "met": v >= 50,
+                        "detail": f"torch {r['us']['torch']:.1f} us / decodekit {r['us']['decodekit']:.1f} us = {v:.1f}x",
+                    }
+                )
         for op in ("all4", "top_p_probs"):
             r = _find(rows, group, op, 64, TARGET_V)
             if r:
                 v = r["dk_over_floor_cold"]
-                res.append({"group": group, "target": f"{OPS[op]}, B=64 V={TARGET_V}, cold logits within 3x of the DRAM floor{tag}",
-                            "value": v, "met": v <= 3,
-                            "detail": f"decodekit cold {r['dk_cold_us']:.1f} us / floor {r['floor_cold_us']:.1f} us = {v:.2f}x"})
+                res.append(
+                    {
+                        "group": group,
+                        "target": f"{OPS[op]}, B=64 V={TARGET_V}, cold logits within 3x of the DRAM floor{tag}",
+                        "value": v,
+                        "met": v <= 3,
+                        "detail": f"decodekit cold {r['dk_cold_us']:.1f} us / floor {r['floor_cold_us']:.1f} us = {v:.2f}x",
+                    }
+                )
     return res
 
 
 def _plot(rows: List[dict], path: str) -> Optional[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
@@ -463,8 +533,13 @@ def _plot(rows: List[dict], path: str) -> Optional[str]:
         names = [k for k in IMPLS if any(k in r["us"] for r in rs)]
         w = 0.8 / max(1, len(names))
         for j, k in enumerate(names):
-            ax.bar([x + (j - (len(names) - 1) / 2) * w for x in xs], [r["us"].get(k, float("nan")) for r in rs], w,
-                   label=IMPL_TITLES[k], color=colors[k])
+            ax.bar(
+                [x + (j - (len(names) - 1) / 2) * w for x in xs],
+                [r["us"].get(k, float("nan")) for r in rs],
+                w,
+                label=IMPL_TITLES[k],
+                color=colors[k],
+            )
         x0 = [x - (len(names) - 1) / 2 * w for x in xs]  # decodekit's bar
         ax.plot(x0, [r["dk_cold_us"] for r in rs], "k^", label="decodekit cold", ms=5)
         ax.plot(x0, [r["floor_cold_us"] for r in rs], "k_", label="DRAM floor (read once)", ms=14, mew=2)
@@ -474,7 +549,7 @@ def _plot(rows: List[dict], path: str) -> Optional[str]:
         ax.set_title(f"{OPS[op]}" + (" (flat randn)" if g == "flat" else ""), fontsize=9)
         ax.set_ylabel("us (log)")
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"decodekit sampling benchmark ({H.machine()})", fontsize=9)
@@ -485,8 +560,14 @@ def _plot(rows: List[dict], path: str) -> Optional[str]:
     return path
 
 
-def run(quick: bool = False, json_path: Optional[str] = None, threads: Optional[int] = None,
-        plot: bool = True, shapes: Optional[List[tuple]] = None, clock: str = "wall") -> dict:
+def run(
+    quick: bool = False,
+    json_path: Optional[str] = None,
+    threads: Optional[int] = None,
+    plot: bool = True,
+    shapes: Optional[List[tuple]] = None,
+    clock: str = "wall",
+) -> dict:
     """Run the sampling benchmark, print the tables and the targets block, write JSON (+ PNG).
 
     quick=True: B in {1, 64} at V=128256 (B=64: only the rows the targets are about) plus flat-logits
@@ -524,31 +605,48 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
     isa = dk.cpu_features().get("active_isa")
     print(f"\n=== decodekit sampling benchmark ({'quick' if quick else 'full'}, clock={clock}) ===")
     print(f"machine: {H.machine()}")
-    print(f"torch.set_num_threads({threads}); decodekit ISA path: {isa}; decodekit parallelises over rows "
-          f"(B=1 runs on one thread), torch ops may use all {threads} threads")
-    print(f"filters: temperature={TEMP} top_k={TOP_K} top_p={TOP_P} min_p={MIN_P}; fp32 logits; times in us "
-          f"(median after warm-up, {'CPU time of the calling thread' if clock == 'cpu' else 'wall clock'}); "
-          f"x = peer time / decodekit time")
-    print("peers: torch ref = decodekit.reference.sample (topk, sort+cumsum top-p, min-p, multinomial); "
-          + (f"HF = transformers {hf['version']} Temperature/TopK/TopP/MinP warpers + softmax + multinomial; "
-             if hf else "HF chain: transformers not installed; ")
-          + (f"llama.cpp = llama-cpp-python {getattr(__import__('llama_cpp'), '__version__', '?')} sampler chain "
-             "temp/top_k/top_p/min_p/dist (only llama_sampler_apply timed, B rows one after another on one thread; "
-             "'llama build' = rebuilding the {id,logit,p} candidate array from the logits with numpy, which its "
-             "samplers edit in place, so it is needed before every call)" if L else "llama.cpp: llama-cpp-python not installed"))
+    print(
+        f"torch.set_num_threads({threads}); decodekit ISA path: {isa}; decodekit parallelises over rows "
+        f"(B=1 runs on one thread), torch ops may use all {threads} threads"
+    )
+    print(
+        f"filters: temperature={TEMP} top_k={TOP_K} top_p={TOP_P} min_p={MIN_P}; fp32 logits; times in us "
+        f"(median after warm-up, {'CPU time of the calling thread' if clock == 'cpu' else 'wall clock'}); "
+        f"x = peer time / decodekit time"
+    )
+    print(
+        "peers: torch ref = decodekit.reference.sample (topk, sort+cumsum top-p, min-p, multinomial); "
+        + (
+            f"HF = transformers {hf['version']} Temperature/TopK/TopP/MinP warpers + softmax + multinomial; "
+            if hf
+            else "HF chain: transformers not installed; "
+        )
+        + (
+            f"llama.cpp = llama-cpp-python {getattr(__import__('llama_cpp'), '__version__', '?')} sampler chain "
+            "temp/top_k/top_p/min_p/dist (only llama_sampler_apply timed, B rows one after another on one thread; "
+            "'llama build' = rebuilding the {id,logit,p} candidate array from the logits with numpy, which its "
+            "samplers edit in place, so it is needed before every call)"
+            if L
+            else "llama.cpp: llama-cpp-python not installed"
+        )
+    )
     load0 = _loadavg()
     busy = bool(load0) and load0[0] > 0.5 * (os.cpu_count() or 1)
     print(f"load average at start: {load0} on {os.cpu_count()} cores")
     if busy and clock == "wall":
-        print("WARNING: the machine is busy. Wall-clock medians are inflated by the other processes, and "
-              "multi-threaded torch ops (the torch/HF peers) far more than decodekit: an OpenMP team waits at "
-              "every barrier for its preempted thread (seen: torch.softmax of one 128k row at 12 ms instead of "
-              "0.15 ms), which inflates the ratios. For numbers that hold on a busy machine run with "
-              "--clock cpu (CPU time of the calling thread, 1 thread).")
+        print(
+            "WARNING: the machine is busy. Wall-clock medians are inflated by the other processes, and "
+            "multi-threaded torch ops (the torch/HF peers) far more than decodekit: an OpenMP team waits at "
+            "every barrier for its preempted thread (seen: torch.softmax of one 128k row at 12 ms instead of "
+            "0.15 ms), which inflates the ratios. For numbers that hold on a busy machine run with "
+            "--clock cpu (CPU time of the calling thread, 1 thread)."
+        )
     bw_hot, bw_cold = bandwidth(cold=False), bandwidth(cold=True)
-    print(f"bandwidth (torch sum, best run, {clock} clock{', best of 1 and ' + str(threads) + ' threads' if threads > 1 and clock == 'wall' else ''}): hot (1 MiB, L2) {bw_hot / 1e9:.1f} GB/s, cold (1 GiB, DRAM) "
-          f"{bw_cold / 1e9:.1f} GB/s. floor = B*V*4 bytes / bandwidth (read+write for softmax); "
-          "cold = caches flushed (512 MiB stream) before every call")
+    print(
+        f"bandwidth (torch sum, best run, {clock} clock{', best of 1 and ' + str(threads) + ' threads' if threads > 1 and clock == 'wall' else ''}): hot (1 MiB, L2) {bw_hot / 1e9:.1f} GB/s, cold (1 GiB, DRAM) "
+        f"{bw_cold / 1e9:.1f} GB/s. floor = B*V*4 bytes / bandwidth (read+write for softmax); "
+        "cold = caches flushed (512 MiB stream) before every call"
+    )
 
     if quick:
         # B=1: every op; B=64: the rows the targets are about
@@ -561,20 +659,30 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
         llm_plan = [(int(B), int(V), list(OPS)) for B, V in shapes]
         flat_plan = [(int(B), int(V), ["all4", "top_p_probs"]) for B, V in shapes]
 
-    stats = {"llm": logits_stats(llm_logits(64, TARGET_V, seed=7)), "flat": logits_stats(flat_logits(64, TARGET_V, seed=7))}
+    stats = {
+        "llm": logits_stats(llm_logits(64, TARGET_V, seed=7)),
+        "flat": logits_stats(flat_logits(64, TARGET_V, seed=7)),
+    }
     print("logits (quantiles 5/25/50/75/95% over 64 rows at V=128256):")
-    print("  llm = N(0,1) bulk + Zipf head of 256 random tokens (height 10+8c - (0.8+1.7c) ln rank, c ~ U(0,1) per row);"
-          " flat = N(0,1)")
+    print(
+        "  llm = N(0,1) bulk + Zipf head of 256 random tokens (height 10+8c - (0.8+1.7c) ln rank, c ~ U(0,1) per row);"
+        " flat = N(0,1)"
+    )
     for g, s in stats.items():
-        print(f"  {g:5s} top-token prob T=0.7 {s['top_prob_T0.7']}, T=1 {s['top_prob_T1']}; "
-              f"top-p 0.9 nucleus at T=1 {s['top_p_nucleus_T1']}; survivors of all 4 filters {s['all4_survivors']}")
+        print(
+            f"  {g:5s} top-token prob T=0.7 {s['top_prob_T0.7']}, T=1 {s['top_prob_T1']}; "
+            f"top-p 0.9 nucleus at T=1 {s['top_p_nucleus_T1']}; survivors of all 4 filters {s['all4_survivors']}"
+        )
 
     impls_present = ["decodekit", "torch"] + (["hf"] if hf else []) + (["llama.cpp"] if L else [])
 
     def log(r):
         if os.environ.get("DECODEKIT_BENCH_VERBOSE"):
-            print(f"  .. {r['group']} {r['op']} B={r['B']} V={r['V']}: " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in r["us"].items()), flush=True)
+            print(
+                f"  .. {r['group']} {r['op']} B={r['B']} V={r['V']}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r["us"].items()),
+                flush=True,
+            )
 
     rows = _bench_group("llm", llm_logits, llm_plan, hf, L, quick, log)
     _table("LLM-like logits (the realistic case)", rows, impls_present)
@@ -583,37 +691,57 @@ def _run(quick, json_path, threads, plot, t_start, shapes=None, clock="wall"):
     rows += frows
 
     targets = _targets(rows)
-    print(f"\ntargets (V=128256, LLM-like logits; flat-randn stress rows for information; {threads} thread(s), "
-          f"clock={clock}" + ("; BUSY MACHINE, see the warning above" if busy and clock == "wall" else "") + "):")
+    print(
+        f"\ntargets (V=128256, LLM-like logits; flat-randn stress rows for information; {threads} thread(s), "
+        f"clock={clock}" + ("; BUSY MACHINE, see the warning above" if busy and clock == "wall" else "") + "):"
+    )
     for t in targets:
         status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
         if busy and clock == "wall" and t["met"] is not None:
             status += "*"  # verdict from inflated wall-clock numbers
         print(f"  [{status:8s}] {t['target']}: {t['detail']}")
     if busy and clock == "wall":
-        print("  * measured on a busy machine with the wall clock: not a reliable verdict (see the warning above); "
-              "rerun idle, or with --clock cpu")
+        print(
+            "  * measured on a busy machine with the wall clock: not a reliable verdict (see the warning above); "
+            "rerun idle, or with --clock cpu"
+        )
 
     elapsed = time.perf_counter() - t_start
     load1 = _loadavg()
     print(f"(sampling benchmark took {elapsed:.1f} s; load average at end: {load1})")
-    payload = {"benchmark": "sampling", "quick": quick, "machine": H.machine(), "threads": threads, "clock": clock,
-               "isa": isa,
-               "params": {"temperature": TEMP, "top_k": TOP_K, "top_p": TOP_P, "min_p": MIN_P},
-               "peers": {"transformers": hf["version"] if hf else None,
-                         "llama_cpp": getattr(__import__("llama_cpp"), "__version__", "?") if L else None},
-               "bandwidth_GBps": {"hot": bw_hot / 1e9, "cold": bw_cold / 1e9}, "logits_stats": stats,
-               "rows": rows, "targets": targets, "seconds": elapsed,
-               "loadavg": {"start": load0, "end": load1}, "busy": busy}
-    json_path = json_path or os.path.join("bench_results", "sampling" + ("_quick" if quick else "")
-                                          + ("_cpu" if clock == "cpu" else "") + ".json")
+    payload = {
+        "benchmark": "sampling",
+        "quick": quick,
+        "machine": H.machine(),
+        "threads": threads,
+        "clock": clock,
+        "isa": isa,
+        "params": {"temperature": TEMP, "top_k": TOP_K, "top_p": TOP_P, "min_p": MIN_P},
+        "peers": {
+            "transformers": hf["version"] if hf else None,
+            "llama_cpp": getattr(__import__("llama_cpp"), "__version__", "?") if L else None,
+        },
+        "bandwidth_GBps": {"hot": bw_hot / 1e9, "cold": bw_cold / 1e9},
+        "logits_stats": stats,
+        "rows": rows,
+        "targets": targets,
+        "seconds": elapsed,
+        "loadavg": {"start": load0, "end": load1},
+        "busy": busy,
+    }
+    json_path = json_path or os.path.join(
+        "bench_results", "sampling" + ("_quick" if quick else "") + ("_cpu" if clock == "cpu" else "") + ".json"
+    )
     H.save_json(json_path, payload)
     png = _plot(rows, os.path.splitext(json_path)[0] + ".png") if plot else None
-    print(f"results: {json_path}" + (f", plot: {png}" if png else " (no plot: matplotlib not installed)" if plot else ""))
+    print(
+        f"results: {json_path}" + (f", plot: {png}" if png else " (no plot: matplotlib not installed)" if plot else "")
+    )
     payload["json_path"], payload["png_path"] = json_path, png
     return payload
 
 
 if __name__ == "__main__":
     import sys
+
     run(quick="--quick" in sys.argv)

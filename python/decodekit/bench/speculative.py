@@ -15,6 +15,7 @@ Timings are medians with the caches flushed before every call (harness.timeit(co
     python -m decodekit.bench.speculative [--quick] [--threads N]
     (or benchmarks/run.py --only speculative, which calls run(quick=...))
 """
+
 import sys
 from typing import Dict, List
 
@@ -61,29 +62,99 @@ def run(quick: bool = False, threads: int = None, V: int = V_DEFAULT) -> Dict:
         out, acc, emi = dk.chain_speculative_sampling(draft, ids, target, seed=1)
         nbytes = _bytes_read(emi, N, V)
         floor = harness.floor_seconds(nbytes, cold=True)
-        t_dk = harness.timeit(lambda: dk.chain_speculative_sampling(draft, ids, target, seed=1), reps=2 * reps + 1,
-                              warmup=2, cold=True, min_time=0.0)
-        t_hot = harness.timeit(lambda: dk.chain_speculative_sampling(draft, ids, target, seed=1), reps=3 * reps,
-                               warmup=2, min_time=0.1)
-        t_hf = harness.timeit(lambda: ref.chain_speculative_sampling_hf(draft, ids, target, generator=gen),
-                              reps=reps, warmup=1, cold=True, min_time=0.0)
-        t_ga = harness.timeit(lambda: ref.chain_speculative_sampling_gather(draft, ids, target, generator=gen),
-                              reps=reps, warmup=1, cold=True, min_time=0.0)
+        t_dk = harness.timeit(
+            lambda: dk.chain_speculative_sampling(draft, ids, target, seed=1),
+            reps=2 * reps + 1,
+            warmup=2,
+            cold=True,
+            min_time=0.0,
+        )
+        t_hot = harness.timeit(
+            lambda: dk.chain_speculative_sampling(draft, ids, target, seed=1), reps=3 * reps, warmup=2, min_time=0.1
+        )
+        t_hf = harness.timeit(
+            lambda: ref.chain_speculative_sampling_hf(draft, ids, target, generator=gen),
+            reps=reps,
+            warmup=1,
+            cold=True,
+            min_time=0.0,
+        )
+        t_ga = harness.timeit(
+            lambda: ref.chain_speculative_sampling_gather(draft, ids, target, generator=gen),
+            reps=reps,
+            warmup=1,
+            cold=True,
+            min_time=0.0,
+        )
         rate = float(acc.double().sum()) / max(1, B * N)
-        rows.append([B, N, V, f"{rate:.2f}", f"{float(emi.double().mean()):.2f}", harness.fmt_us(t_dk),
-                     harness.fmt_us(t_hot), harness.fmt_us(t_hf), f"{t_hf / t_dk:.1f}x", harness.fmt_us(t_ga),
-                     f"{t_ga / t_dk:.1f}x", f"{nbytes / 1e6:.2f}", harness.fmt_us(floor), f"{t_dk / floor:.1f}"])
-        results.append(dict(B=B, N=N, V=V, accept_rate=rate, mean_emitted=float(emi.double().mean()),
-                            decodekit_s=t_dk, decodekit_hot_s=t_hot, torch_hf_s=t_hf, torch_gather_s=t_ga,
-                            speedup_vs_hf=t_hf / t_dk, speedup_vs_gather=t_ga / t_dk, bytes_read=nbytes,
-                            floor_s=floor))
-    title = (f"chain_speculative_sampling, fp32 probs, V={V}, {threads} threads "
-             f"(torch.set_num_threads), DRAM read bandwidth {bw / 1e9:.1f} GB/s\n{harness.machine()}\n"
-             f"times in us, medians, caches flushed before every call (hot: not flushed)")
-    harness.print_table(title, ["B", "N", "V", "accept", "emitted", "decodekit", "dk hot", "torch HF-logic",
-                                "vs HF", "torch gather", "vs gather", "MB read", "floor", "dk/floor"], rows)
-    return {"benchmark": "chain_speculative_sampling", "threads": threads, "machine": harness.machine(),
-            "bandwidth_Bps": bw, "quick": quick, "results": results}
+        rows.append(
+            [
+                B,
+                N,
+                V,
+                f"{rate:.2f}",
+                f"{float(emi.double().mean()):.2f}",
+                harness.fmt_us(t_dk),
+                harness.fmt_us(t_hot),
+                harness.fmt_us(t_hf),
+                f"{t_hf / t_dk:.1f}x",
+                harness.fmt_us(t_ga),
+                f"{t_ga / t_dk:.1f}x",
+                f"{nbytes / 1e6:.2f}",
+                harness.fmt_us(floor),
+                f"{t_dk / floor:.1f}",
+            ]
+        )
+        results.append(
+            dict(
+                B=B,
+                N=N,
+                V=V,
+                accept_rate=rate,
+                mean_emitted=float(emi.double().mean()),
+                decodekit_s=t_dk,
+                decodekit_hot_s=t_hot,
+                torch_hf_s=t_hf,
+                torch_gather_s=t_ga,
+                speedup_vs_hf=t_hf / t_dk,
+                speedup_vs_gather=t_ga / t_dk,
+                bytes_read=nbytes,
+                floor_s=floor,
+            )
+        )
+    title = (
+        f"chain_speculative_sampling, fp32 probs, V={V}, {threads} threads "
+        f"(torch.set_num_threads), DRAM read bandwidth {bw / 1e9:.1f} GB/s\n{harness.machine()}\n"
+        f"times in us, medians, caches flushed before every call (hot: not flushed)"
+    )
+    harness.print_table(
+        title,
+        [
+            "B",
+            "N",
+            "V",
+            "accept",
+            "emitted",
+            "decodekit",
+            "dk hot",
+            "torch HF-logic",
+            "vs HF",
+            "torch gather",
+            "vs gather",
+            "MB read",
+            "floor",
+            "dk/floor",
+        ],
+        rows,
+    )
+    return {
+        "benchmark": "chain_speculative_sampling",
+        "threads": threads,
+        "machine": harness.machine(),
+        "bandwidth_Bps": bw,
+        "quick": quick,
+        "results": results,
+    }
 
 
 if __name__ == "__main__":

@@ -10,18 +10,32 @@ probability ~0.05-0.5 at T=0.7) instead of almost uniform. The tokenizer: a word
 trained with the ``tokenizers`` package on a corpus of ``vocab_size - 3`` distinct words plus
 three special tokens, so every model id decodes, saved as a Hugging Face fast tokenizer.
 """
+
 from __future__ import annotations
 
 import json
 import os
 
 
-def build_tiny_llama(path: str, vocab_size: int = 128256, *, hidden_size: int = 128, num_layers: int = 2,
-                     head_scale: float = 0.6, seed: int = 0) -> str:
+def build_tiny_llama(
+    path: str,
+    vocab_size: int = 128256,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    head_scale: float = 0.6,
+    seed: int = 0,
+) -> str:
     """Write the checkpoint to ``path`` (reused when a complete one is already there); returns path."""
     marker = os.path.join(path, "decodekit_tiny.json")
-    spec = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_layers": num_layers,
-            "head_scale": head_scale, "seed": seed, "version": 1}
+    spec = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "head_scale": head_scale,
+        "seed": seed,
+        "version": 1,
+    }
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == spec:
@@ -35,20 +49,31 @@ def build_tiny_llama(path: str, vocab_size: int = 128256, *, hidden_size: int = 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=0, special_tokens=specials,
-                                        show_progress=False)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=0, special_tokens=specials, show_progress=False
+    )
     words = [f"w{i}" for i in range(vocab_size - len(specials))]
-    tok.train_from_iterator((" ".join(words[i:i + 4096]) for i in range(0, len(words), 4096)), trainer=trainer)
+    tok.train_from_iterator((" ".join(words[i : i + 4096]) for i in range(0, len(words), 4096)), trainer=trainer)
     assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                                  eos_token="</s>", pad_token="</s>")
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     hf_tok.save_pretrained(path)
 
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
-        max_position_embeddings=1024, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-        tie_word_embeddings=False, torch_dtype="float32")
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        max_position_embeddings=1024,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -9,6 +9,7 @@
 These modules hold no math: only argument checks, dtype and layout conventions, and copies into
 caller buffers; every computation is a decodekit op.
 """
+
 from . import flashinfer, sglang  # noqa: F401
 
 __all__ = ["flashinfer", "sglang"]

@@ -33,6 +33,7 @@ Tie rule (the one documented difference): top-k keeps every value equal to the k
 top-p keeps or drops tied values together (decodekit's filters, README "Sampling semantics");
 FlashInfer may keep only some of the tied values.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -41,10 +42,20 @@ from .. import sampling as _dks
 from .. import speculative as _dkspec
 
 __all__ = [
-    "softmax", "sampling_from_logits", "sampling_from_probs", "top_p_sampling_from_probs",
-    "top_k_sampling_from_probs", "min_p_sampling_from_probs", "top_k_top_p_sampling_from_logits",
-    "top_k_top_p_sampling_from_probs", "top_p_renorm_probs", "top_p_renorm_prob", "top_k_renorm_probs",
-    "top_k_renorm_prob", "top_k_mask_logits", "chain_speculative_sampling",
+    "softmax",
+    "sampling_from_logits",
+    "sampling_from_probs",
+    "top_p_sampling_from_probs",
+    "top_k_sampling_from_probs",
+    "min_p_sampling_from_probs",
+    "top_k_top_p_sampling_from_logits",
+    "top_k_top_p_sampling_from_probs",
+    "top_p_renorm_probs",
+    "top_p_renorm_prob",
+    "top_k_renorm_probs",
+    "top_k_renorm_prob",
+    "top_k_mask_logits",
+    "chain_speculative_sampling",
 ]
 
 _TINY_P = torch.finfo(torch.float32).tiny
@@ -56,14 +67,19 @@ def _param(value, x: torch.Tensor, name: str, kind):
     if not isinstance(value, torch.Tensor):
         return value
     if value.dim() == 0:
-        raise ValueError(f"{name}: Expected a 1D tensor of shape (batch_size,) or scalar for the sampling "
-                         f"parameter, but got a 0-dimensional tensor")
+        raise ValueError(
+            f"{name}: Expected a 1D tensor of shape (batch_size,) or scalar for the sampling "
+            f"parameter, but got a 0-dimensional tensor"
+        )
     if value.dim() > 1:
-        raise ValueError(f"{name}: Expected a 1D tensor or scalar for the sampling parameter, but got a "
-                         f"{value.dim()}D tensor")
+        raise ValueError(
+            f"{name}: Expected a 1D tensor or scalar for the sampling parameter, but got a {value.dim()}D tensor"
+        )
     if value.size(0) != x.size(0):
-        raise ValueError(f"{name}: Sampling parameter tensor batch size mismatch: the input has {x.size(0)} rows, "
-                         f"the parameter has length {value.size(0)}")
+        raise ValueError(
+            f"{name}: Sampling parameter tensor batch size mismatch: the input has {x.size(0)} rows, "
+            f"the parameter has length {value.size(0)}"
+        )
     return value.to(torch.float32) if kind is float else value.to(torch.int64)
 
 
@@ -117,8 +133,16 @@ def _sample(fn, x, indices, generator, check_nan, seed, offset, return_valid, **
         raise TypeError("the input must be a torch.Tensor")
     n = indices.size(0) if indices is not None else x.size(0)
     s, off = _seed_offset(seed, offset, n, x.device)
-    out = fn(x, indices=indices, generator=generator, check_nan=check_nan, seed=s, offset=off,
-             return_valid=return_valid, **params)
+    out = fn(
+        x,
+        indices=indices,
+        generator=generator,
+        check_nan=check_nan,
+        seed=s,
+        offset=off,
+        return_valid=return_valid,
+        **params,
+    )
     dt = _ids_dtype(indices)
     if return_valid:
         ids, valid = out
@@ -127,15 +151,17 @@ def _sample(fn, x, indices, generator, check_nan, seed, offset, return_valid, **
 
 
 # ---- filters --------------------------------------------------------------------------------------
-def softmax(logits: torch.Tensor, temperature: Optional[Union[torch.Tensor, float]] = None,
-            enable_pdl: Optional[bool] = None) -> torch.Tensor:
+def softmax(
+    logits: torch.Tensor, temperature: Optional[Union[torch.Tensor, float]] = None, enable_pdl: Optional[bool] = None
+) -> torch.Tensor:
     """softmax(logits / temperature) in float32; temperature: a number or a [B] tensor (None = 1)."""
     t = _param(temperature, logits, "temperature", float)
     return _dks.softmax(logits, t)
 
 
-def top_p_renorm_probs(probs: torch.Tensor, top_p: Union[torch.Tensor, float],
-                       is_deterministic: bool = False) -> torch.Tensor:
+def top_p_renorm_probs(
+    probs: torch.Tensor, top_p: Union[torch.Tensor, float], is_deterministic: bool = False
+) -> torch.Tensor:
     """Probabilities outside the top-p nucleus set to 0, the rest renormalised; float32 output."""
     return _dks.top_p_renorm_probs(probs, _top_p(top_p, probs))
 
@@ -156,87 +182,175 @@ top_k_renorm_prob = top_k_renorm_probs
 
 
 # ---- samplers -------------------------------------------------------------------------------------
-def sampling_from_logits(logits: torch.Tensor, indices: Optional[torch.Tensor] = None, deterministic: bool = True,
-                         generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                         seed: Optional[Union[int, torch.Tensor]] = None,
-                         offset: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+def sampling_from_logits(
+    logits: torch.Tensor,
+    indices: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
     return _sample(_dks.sampling_from_logits, logits, indices, generator, check_nan, seed, offset, False)
 
 
-def sampling_from_probs(probs: torch.Tensor, indices: Optional[torch.Tensor] = None, deterministic: bool = True,
-                        generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                        seed: Optional[Union[int, torch.Tensor]] = None,
-                        offset: Optional[Union[int, torch.Tensor]] = None,
-                        return_valid: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+def sampling_from_probs(
+    probs: torch.Tensor,
+    indices: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+    return_valid: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     return _sample(_dks.sampling_from_probs, probs, indices, generator, check_nan, seed, offset, return_valid)
 
 
-def top_p_sampling_from_probs(probs: torch.Tensor, top_p: Union[torch.Tensor, float],
-                              indices: Optional[torch.Tensor] = None, deterministic: bool = True,
-                              generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                              seed: Optional[Union[int, torch.Tensor]] = None,
-                              offset: Optional[Union[int, torch.Tensor]] = None,
-                              return_valid: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    return _sample(_dks.top_p_sampling_from_probs, probs, indices, generator, check_nan, seed, offset, return_valid,
-                   top_p=_top_p(top_p, probs))
+def top_p_sampling_from_probs(
+    probs: torch.Tensor,
+    top_p: Union[torch.Tensor, float],
+    indices: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+    return_valid: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    return _sample(
+        _dks.top_p_sampling_from_probs,
+        probs,
+        indices,
+        generator,
+        check_nan,
+        seed,
+        offset,
+        return_valid,
+        top_p=_top_p(top_p, probs),
+    )
 
 
-def top_k_sampling_from_probs(probs: torch.Tensor, top_k: Union[torch.Tensor, int],
-                              indices: Optional[torch.Tensor] = None, deterministic: bool = True,
-                              generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                              seed: Optional[Union[int, torch.Tensor]] = None,
-                              offset: Optional[Union[int, torch.Tensor]] = None,
-                              return_valid: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    return _sample(_dks.top_k_sampling_from_probs, probs, indices, generator, check_nan, seed, offset, return_valid,
-                   top_k=_param(top_k, probs, "top_k", int))
+def top_k_sampling_from_probs(
+    probs: torch.Tensor,
+    top_k: Union[torch.Tensor, int],
+    indices: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+    return_valid: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    return _sample(
+        _dks.top_k_sampling_from_probs,
+        probs,
+        indices,
+        generator,
+        check_nan,
+        seed,
+        offset,
+        return_valid,
+        top_k=_param(top_k, probs, "top_k", int),
+    )
 
 
-def min_p_sampling_from_probs(probs: torch.Tensor, min_p: Union[torch.Tensor, float],
-                              indices: Optional[torch.Tensor] = None, deterministic: bool = True,
-                              generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                              seed: Optional[Union[int, torch.Tensor]] = None,
-                              offset: Optional[Union[int, torch.Tensor]] = None,
-                              return_valid: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    return _sample(_dks.min_p_sampling_from_probs, probs, indices, generator, check_nan, seed, offset, return_valid,
-                   min_p=_param(min_p, probs, "min_p", float))
+def min_p_sampling_from_probs(
+    probs: torch.Tensor,
+    min_p: Union[torch.Tensor, float],
+    indices: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+    return_valid: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    return _sample(
+        _dks.min_p_sampling_from_probs,
+        probs,
+        indices,
+        generator,
+        check_nan,
+        seed,
+        offset,
+        return_valid,
+        min_p=_param(min_p, probs, "min_p", float),
+    )
 
 
-def top_k_top_p_sampling_from_logits(logits: torch.Tensor, top_k: Union[torch.Tensor, int],
-                                     top_p: Union[torch.Tensor, float], indices: Optional[torch.Tensor] = None,
-                                     filter_apply_order: str = "top_k_first", deterministic: bool = True,
-                                     generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                                     seed: Optional[Union[int, torch.Tensor]] = None,
-                                     offset: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-    """"top_k_first": top-k, then top-p on the renormalised survivors; "joint": both on softmax(logits)."""
+def top_k_top_p_sampling_from_logits(
+    logits: torch.Tensor,
+    top_k: Union[torch.Tensor, int],
+    top_p: Union[torch.Tensor, float],
+    indices: Optional[torch.Tensor] = None,
+    filter_apply_order: str = "top_k_first",
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """ "top_k_first": top-k, then top-p on the renormalised survivors; "joint": both on softmax(logits)."""
     if filter_apply_order not in ("top_k_first", "joint"):
         raise ValueError(f"Invalid filter_apply_order: {filter_apply_order}")
-    return _sample(_dks.top_k_top_p_sampling_from_logits, logits, indices, generator, check_nan, seed, offset, False,
-                   top_k=_param(top_k, logits, "top_k", int), top_p=_top_p(top_p, logits),
-                   filter_apply_order=filter_apply_order)
+    return _sample(
+        _dks.top_k_top_p_sampling_from_logits,
+        logits,
+        indices,
+        generator,
+        check_nan,
+        seed,
+        offset,
+        False,
+        top_k=_param(top_k, logits, "top_k", int),
+        top_p=_top_p(top_p, logits),
+        filter_apply_order=filter_apply_order,
+    )
 
 
-def top_k_top_p_sampling_from_probs(probs: torch.Tensor, top_k: Union[torch.Tensor, int],
-                                    top_p: Union[torch.Tensor, float], indices: Optional[torch.Tensor] = None,
-                                    filter_apply_order: str = "top_k_first", deterministic: bool = True,
-                                    generator: Optional[torch.Generator] = None, check_nan: bool = False,
-                                    seed: Optional[Union[int, torch.Tensor]] = None,
-                                    offset: Optional[Union[int, torch.Tensor]] = None,
-                                    return_valid: bool = False
-                                    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+def top_k_top_p_sampling_from_probs(
+    probs: torch.Tensor,
+    top_k: Union[torch.Tensor, int],
+    top_p: Union[torch.Tensor, float],
+    indices: Optional[torch.Tensor] = None,
+    filter_apply_order: str = "top_k_first",
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_nan: bool = False,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+    return_valid: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     if filter_apply_order not in ("top_k_first", "joint"):
         raise ValueError(f"Invalid filter_apply_order: {filter_apply_order}")
-    return _sample(_dks.top_k_top_p_sampling_from_probs, probs, indices, generator, check_nan, seed, offset,
-                   return_valid, top_k=_param(top_k, probs, "top_k", int), top_p=_top_p(top_p, probs),
-                   filter_apply_order=filter_apply_order)
+    return _sample(
+        _dks.top_k_top_p_sampling_from_probs,
+        probs,
+        indices,
+        generator,
+        check_nan,
+        seed,
+        offset,
+        return_valid,
+        top_k=_param(top_k, probs, "top_k", int),
+        top_p=_top_p(top_p, probs),
+        filter_apply_order=filter_apply_order,
+    )
 
 
 # ---- speculative ----------------------------------------------------------------------------------
-def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs,
-                               maybe_output_accepted_token_num: Optional[torch.Tensor] = None,
-                               maybe_output_emitted_draft_token_num: Optional[torch.Tensor] = None,
-                               deterministic: bool = True, generator: Optional[torch.Generator] = None,
-                               seed: Optional[Union[int, torch.Tensor]] = None,
-                               offset: Optional[Union[int, torch.Tensor]] = None):
+def chain_speculative_sampling(
+    draft_probs,
+    draft_token_ids,
+    target_probs,
+    maybe_output_accepted_token_num: Optional[torch.Tensor] = None,
+    maybe_output_emitted_draft_token_num: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    offset: Optional[Union[int, torch.Tensor]] = None,
+):
     """Returns (output_token_ids int32 [B, N+1] padded with -1, accepted_num, emitted_num)."""
     B = draft_token_ids.size(0)
     s, off = _seed_offset(seed, offset, B, draft_token_ids.device)
@@ -248,6 +362,14 @@ def chain_speculative_sampling(draft_probs, draft_token_ids, target_probs,
     if emi is None:
         emi = torch.zeros(B, dtype=torch.int32, device=dev)
     ids, acc, emi = _dkspec.chain_speculative_sampling(
-        None if draft_probs is None else draft_probs.float(), draft_token_ids, target_probs.float(), acc, emi,
-        generator=generator, seed=s, offset=off, out_dtype=torch.int32)
+        None if draft_probs is None else draft_probs.float(),
+        draft_token_ids,
+        target_probs.float(),
+        acc,
+        emi,
+        generator=generator,
+        seed=s,
+        offset=off,
+        out_dtype=torch.int32,
+    )
     return ids, acc, emi

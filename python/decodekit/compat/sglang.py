@@ -31,6 +31,7 @@ Sampler backend: ``register()`` registers decodekit with SGLang's sampler-backen
 then start the server with ``--sampling-backend decodekit``). Its sampling step is
 ``sample_from_probs`` below, which SGLang's Sampler calls with the softmax probabilities.
 """
+
 import functools
 from typing import Optional
 
@@ -41,12 +42,16 @@ from .. import speculative as _dkspec
 
 __all__ = ["verify_tree_greedy", "tree_speculative_sampling_target_only", "sample_from_probs", "register"]
 
-_ALIASES = {"retrieve_index": "retrive_index", "retrieve_next_token": "retrive_next_token",
-            "retrieve_next_sibling": "retrive_next_sibling"}
+_ALIASES = {
+    "retrieve_index": "retrive_index",
+    "retrieve_next_token": "retrive_next_token",
+    "retrieve_next_sibling": "retrive_next_sibling",
+}
 
 
 def _retrieve_spelling(fn):
     """Accept the ``retrieve_*`` keyword spelling next to sgl-kernel's ``retrive_*``."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         for a, b in _ALIASES.items():
@@ -55,6 +60,7 @@ def _retrieve_spelling(fn):
                     raise TypeError(f"{fn.__name__}() got both {a} and {b}")
                 kwargs[b] = kwargs.pop(a)
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -81,9 +87,16 @@ def _width(accept_index):
 
 
 @_retrieve_spelling
-def verify_tree_greedy(predicts: torch.Tensor, accept_index: torch.Tensor, accept_token_num: torch.Tensor,
-                       candidates: torch.Tensor, retrive_index: torch.Tensor, retrive_next_token: torch.Tensor,
-                       retrive_next_sibling: torch.Tensor, target_predict: torch.Tensor) -> None:
+def verify_tree_greedy(
+    predicts: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    target_predict: torch.Tensor,
+) -> None:
     """Greedy tree verification into the caller's outputs (sgl-kernel's verify_tree_greedy)."""
     if not isinstance(target_predict, torch.Tensor) or not isinstance(retrive_index, torch.Tensor):
         raise TypeError("target_predict and retrive_index must be tensors")
@@ -92,33 +105,61 @@ def verify_tree_greedy(predicts: torch.Tensor, accept_index: torch.Tensor, accep
     if retrive_index.numel() > 0 and int(retrive_index.max()) >= flat.numel():
         raise ValueError(f"target_predict has {flat.numel()} entries, retrive_index reaches {int(retrive_index.max())}")
     target = flat[retrive_index.long()]
-    pred, ai, an = _dkspec.verify_tree_greedy(candidates, retrive_index, retrive_next_token, retrive_next_sibling,
-                                              target, num_speculative_tokens=_width(accept_index))
+    pred, ai, an = _dkspec.verify_tree_greedy(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target,
+        num_speculative_tokens=_width(accept_index),
+    )
     _write_outputs(predicts, accept_index, accept_token_num, pred, ai, an)
 
 
 @_retrieve_spelling
-def tree_speculative_sampling_target_only(predicts: torch.Tensor, accept_index: torch.Tensor,
-                                          accept_token_num: torch.Tensor, candidates: torch.Tensor,
-                                          retrive_index: torch.Tensor, retrive_next_token: torch.Tensor,
-                                          retrive_next_sibling: torch.Tensor, uniform_samples: torch.Tensor,
-                                          uniform_samples_for_final_sampling: torch.Tensor,
-                                          target_probs: torch.Tensor, threshold_single: float = 1.0,
-                                          threshold_acc: float = 1.0, deterministic: bool = True, *,
-                                          draft_probs: Optional[torch.Tensor] = None) -> None:
+def tree_speculative_sampling_target_only(
+    predicts: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    uniform_samples: torch.Tensor,
+    uniform_samples_for_final_sampling: torch.Tensor,
+    target_probs: torch.Tensor,
+    threshold_single: float = 1.0,
+    threshold_acc: float = 1.0,
+    deterministic: bool = True,
+    *,
+    draft_probs: Optional[torch.Tensor] = None,
+) -> None:
     """Tree rejection sampling with one-hot drafts and SGLang's coins, into the caller's outputs."""
     pred, ai, an = _dkspec.tree_speculative_sampling(
-        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_probs,
-        num_speculative_tokens=_width(accept_index), coins=uniform_samples,
-        coins_final=uniform_samples_for_final_sampling, threshold_single=float(threshold_single),
-        threshold_acc=float(threshold_acc))
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target_probs,
+        num_speculative_tokens=_width(accept_index),
+        coins=uniform_samples,
+        coins_final=uniform_samples_for_final_sampling,
+        threshold_single=float(threshold_single),
+        threshold_acc=float(threshold_acc),
+    )
     _write_outputs(predicts, accept_index, accept_token_num, pred, ai, an)
 
 
 # ---- sampler backend ----------------------------------------------------------------------------
-def sample_from_probs(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, min_ps: torch.Tensor,
-                      need_min_p_sampling: bool, sampling_seed: Optional[torch.Tensor] = None,
-                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_from_probs(
+    probs: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    need_min_p_sampling: bool,
+    sampling_seed: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The backend's sampling step: SGLang's filter semantics on softmax probabilities [B, V].
 
     Without min-p: top-k and top-p evaluated jointly on the probabilities (SGLang's flashinfer
@@ -134,11 +175,13 @@ def sample_from_probs(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.T
         kw.update(min_p=min_ps.float(), order="sequential")
     seed = None
     if sampling_seed is not None:
-        pos = positions.to(torch.int64) if positions is not None else torch.zeros(B, dtype=torch.int64,
-                                                                                  device=probs.device)
+        pos = (
+            positions.to(torch.int64)
+            if positions is not None
+            else torch.zeros(B, dtype=torch.int64, device=probs.device)
+        )
         seed = (sampling_seed.to(torch.int64) << 32) ^ pos
-    return _dks._run_sample(probs, True, seed=seed, out_dtype=torch.int32, order=_dks._order(kw.pop("order")),
-                            **kw)
+    return _dks._run_sample(probs, True, seed=seed, out_dtype=torch.int32, order=_dks._order(kw.pop("order")), **kw)
 
 
 def register(name: str = "decodekit") -> None:
@@ -153,8 +196,15 @@ def register(name: str = "decodekit") -> None:
         def _sample_from_probs(self, probs, sampling_info, positions, simple_sampling_case):
             if sampling_info.sampling_mask_batch_indices is not None:
                 return super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
-            ids = sample_from_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
-                                    sampling_info.need_min_p_sampling, sampling_info.sampling_seed, positions)
+            ids = sample_from_probs(
+                probs,
+                sampling_info.top_ks,
+                sampling_info.top_ps,
+                sampling_info.min_ps,
+                sampling_info.need_min_p_sampling,
+                sampling_info.sampling_seed,
+                positions,
+            )
             return ids, None
 
     register_sampler_backend(name, DecodekitSampler)

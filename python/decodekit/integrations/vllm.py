@@ -51,6 +51,7 @@ Falls back to vLLM's own code for the whole batch (one log line per reason, once
 
 ``stats`` counts the calls served by decodekit and the fallbacks (per process).
 """
+
 from __future__ import annotations
 
 import logging
@@ -104,8 +105,10 @@ def install() -> None:
     _originals["rejection"] = RejectionSampler.forward
     Sampler.sample = _sample
     RejectionSampler.forward = _rejection_forward
-    _log.info("decodekit: vLLM sampling and rejection sampling routed to decodekit %s", dk.__version__
-              if hasattr(dk, "__version__") else "")
+    _log.info(
+        "decodekit: vLLM sampling and rejection sampling routed to decodekit %s",
+        dk.__version__ if hasattr(dk, "__version__") else "",
+    )
 
 
 def uninstall() -> None:
@@ -129,6 +132,7 @@ def _fallback(kind: str, reason: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # batch inspection
 
+
 def _min_p(sm):
     """vLLM's built-in min-p as a [B] float32 tensor (None when no request uses it), or the string
     "unknown" when an argmax-invariant processor other than min-p is present."""
@@ -149,8 +153,9 @@ def _seeds(sm, B: int, device) -> torch.Tensor:
     seeds = torch.randint(0, 2**63 - 1, (B,), dtype=torch.int64)
     for i, gen in sm.generators.items():
         if i < B:
-            seeds[i] = int(torch.randint(0, 2**63 - 1, (1,), generator=gen, dtype=torch.int64,
-                                         device=gen.device).item())
+            seeds[i] = int(
+                torch.randint(0, 2**63 - 1, (1,), generator=gen, dtype=torch.int64, device=gen.device).item()
+            )
     return seeds.to(device, non_blocking=True)
 
 
@@ -168,6 +173,7 @@ def _supported_device(x: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Sampler.sample
+
 
 def _sample(self, logits, sampling_metadata, logprobs_mode_override=None):
     """Replacement of vllm.v1.sample.sampler.Sampler.sample (same signature and return)."""
@@ -212,6 +218,7 @@ def _sample(self, logits, sampling_metadata, logprobs_mode_override=None):
 
 # ---------------------------------------------------------------------------------------------
 # RejectionSampler.forward
+
 
 def _vllm_processing_needed(sm) -> bool:
     """Whether vLLM's penalties / bad words / masks / non-argmax-invariant processors would change
@@ -305,11 +312,16 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
         L, r0, d0 = b1 - b0, starts[b0] + b0, starts[b0]
         trunc = n[b0:b1]
         res, _, _ = dk.chain_speculative_sampling_from_logits(
-            None if draft_probs is None else draft_probs[d0:d0 + L * nb].view(L, nb, V).to(torch.float32),
-            draft_ids[d0:d0 + L * nb].view(L, nb), flat[r0:r0 + L * (nb + 1)].view(L, nb + 1, V),
-            temperature=_rows(T, b0, b1), top_k=_rows(k, b0, b1), top_p=_rows(p, b0, b1),
+            None if draft_probs is None else draft_probs[d0 : d0 + L * nb].view(L, nb, V).to(torch.float32),
+            draft_ids[d0 : d0 + L * nb].view(L, nb),
+            flat[r0 : r0 + L * (nb + 1)].view(L, nb + 1, V),
+            temperature=_rows(T, b0, b1),
+            top_k=_rows(k, b0, b1),
+            top_p=_rows(p, b0, b1),
             num_draft_tokens=torch.tensor(trunc, dtype=torch.int64, device=device) if min(trunc) < nb else None,
-            seed=_rows(seeds, b0, b1), out_dtype=torch.int32)
-        out[b0:b1, :nb + 1] = res
+            seed=_rows(seeds, b0, b1),
+            out_dtype=torch.int32,
+        )
+        out[b0:b1, : nb + 1] = res
         b0 = b1
     return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
