@@ -247,6 +247,49 @@ CASES = {
         ("dk.tree_attention_mask(M, 2**64)", V_ERR + "prefix_lens"),
         ("dk.tree_attention_mask(M[0], 2)", V_ERR + "tree_mask"),
     ],
+    "typical_mask_logits": _logit_filter_cases(
+        "typical_mask_logits", "0.9", [("typical_p", "0.0"), ("typical_p", "1.5"), ("typical_p", "math.nan")]
+    ),
+    "epsilon_mask_logits": _logit_filter_cases(
+        "epsilon_mask_logits", "1e-3", [("epsilon", "-0.1"), ("epsilon", "1.0"), ("epsilon", "math.nan")]
+    ),
+    "eta_mask_logits": _logit_filter_cases(
+        "eta_mask_logits", "1e-3", [("eta", "-0.1"), ("eta", "1.0"), ("eta", "math.nan")]
+    ),
+    "top_n_sigma_mask_logits": _logit_filter_cases(
+        "top_n_sigma_mask_logits", "1.0", [("top_n_sigma", "math.nan"), ("top_n_sigma", "math.inf")]
+    ),
+    "top_h_mask_logits": _logit_filter_cases(
+        "top_h_mask_logits", "0.5", [("top_h", "-0.1"), ("top_h", "1.5"), ("top_h", "math.nan")]
+    ),
+    "apply_penalties": [
+        (
+            "dk.apply_penalties(X, output_token_ids=IDS, repetition_penalty=1.1, frequency_penalty=0.5)",
+            "ok:r.shape == X.shape",
+        ),
+        ("dk.apply_penalties(X, output_token_ids=IDS + 40, repetition_penalty=1.1)", V_ERR + "output_token_ids"),
+        ("dk.apply_penalties(X, prompt_token_ids=IDS * 0 - 2, repetition_penalty=1.1)", V_ERR + "prompt_token_ids"),
+        ("dk.apply_penalties(X, output_token_ids=IDS[:2], repetition_penalty=1.1)", V_ERR + "output_token_ids"),
+        ("dk.apply_penalties(X, output_token_ids=IDS, repetition_penalty=0.0)", V_ERR + "repetition_penalty"),
+        ("dk.apply_penalties(X, output_token_ids=IDS, frequency_penalty=math.nan)", V_ERR + "frequency_penalty"),
+        ("dk.apply_penalties(X, banned_token_ids=torch.tensor([[2**40]] * 3))", V_ERR + "banned_token_ids"),
+        (
+            "dk.apply_penalties(X, allowed_token_bitmask=torch.zeros(3, 1, dtype=torch.int32))",
+            V_ERR + "allowed_token_bitmask",
+        ),
+        ("dk.apply_penalties(X, logit_bias=(IDS, torch.full((3, 2), math.inf)))", V_ERR + "logit_bias"),
+        ("dk.apply_penalties(NANROW, output_token_ids=IDS, repetition_penalty=1.3)", "ok:fine(r)"),
+    ],
+    "apply_token_bitmask_inplace": [
+        ("dk.apply_token_bitmask_inplace(X.clone(), torch.zeros(3, 2, dtype=torch.int32))", "ok:r is None"),
+        ("dk.apply_token_bitmask_inplace(X.clone(), torch.zeros(3, 2, dtype=torch.int64))", V_ERR + "bitmask"),
+        ("dk.apply_token_bitmask_inplace(X.clone(), torch.zeros(4, 2, dtype=torch.int32))", V_ERR + "bitmask"),
+        (
+            "dk.apply_token_bitmask_inplace(X.clone(), torch.zeros(3, 2, dtype=torch.int32), indices=torch.tensor([5]))",
+            V_ERR + "indices",
+        ),
+        ("dk.apply_token_bitmask_inplace(X.double(), torch.zeros(3, 2, dtype=torch.int32))", V_ERR + "logits"),
+    ],
     "pack_tree_mask": [
         ("dk.unpack_tree_mask(dk.pack_tree_mask(M), 3)", "ok:torch.equal(r, M)"),
     ],
