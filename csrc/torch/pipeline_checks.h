@@ -32,8 +32,8 @@ inline const char* pipe_param_error(int c, double v) {
     case kPT:
       return temperature_ok(v) ? nullptr : "must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
     case kPTopK: return std::isinf(v) || v == std::floor(v) ? nullptr : "must be an integer";
-    case kPTopP: return v > 0.0 ? nullptr : "must be in (0, 1]";
-    case kPMinP: return v >= 0.0 && v <= 1.0 ? nullptr : "must be in [0, 1]";
+    case kPTopP: return top_p_ok(v) ? nullptr : "must be in (0, 1]";
+    case kPMinP: return min_p_ok(v) ? nullptr : "must be in [0, 1]";
     case kPRep: return v > 0.0 && std::isfinite(v) ? nullptr : "must be finite and > 0 (1 = off)";
     case kPFreq:
     case kPPres:
