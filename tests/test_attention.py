@@ -405,11 +405,13 @@ def test_cuda_kernel_emulated_matches_cpu(dtype):
     for i, (D, layout, B, T, Hq, Hkv, prefix) in enumerate(cases):
         q, k, v, tm, pl = make_case(B, T, Hq, Hkv, D, prefix, dtype, layout, gen)
         mask = decodekit.pack_tree_mask(tm) if i % 2 else tm
-        o_emu, l_emu = emu.tree_attention(q, k, v, mask, pl, None, layout)
         o_cpu, l_cpu = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout, return_lse=True)
-        check_close(o_emu, o_cpu.float(), dtype, f"emulated CUDA {dtype} D={D} {layout}")
-        check_close(o_emu, sdpa_expected(q, k, v, tm, pl, layout), dtype, f"emulated CUDA vs SDPA D={D}")
-        torch.testing.assert_close(l_emu, l_cpu, atol=1e-3 if dtype == torch.float32 else 5e-3, rtol=1e-5)
+        # "auto": the tensor-core kernel for bf16 / fp16 at D = 64 / 128 / 256, else the CUDA-core one
+        for impl in ("auto", "simt"):
+            o_emu, l_emu = emu.tree_attention(q, k, v, mask, pl, None, layout, impl=impl)
+            check_close(o_emu, o_cpu.float(), dtype, f"emulated CUDA ({impl}) {dtype} D={D} {layout}")
+            check_close(o_emu, sdpa_expected(q, k, v, tm, pl, layout), dtype, f"emulated CUDA vs SDPA D={D}")
+            torch.testing.assert_close(l_emu, l_cpu, atol=1e-3 if dtype == torch.float32 else 5e-3, rtol=1e-5)
 
 
 def test_cuda_kernel_emulated_empty_rows():

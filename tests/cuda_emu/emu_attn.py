@@ -1,7 +1,9 @@
-"""Runs csrc/cuda/attention.cuh's tree-attention kernel on CPU fibers (emu_runtime.h) with the
-calling convention of torch.ops.decodekit.tree_attention, so tests can compare the CUDA kernel's
-logic with the CPU kernel on a machine without a GPU. Built with the host compiler on first use,
-cached in build/cuda_emu keyed by a hash of the sources."""
+"""Runs the CUDA tree-attention kernels on CPU fibers (emu_runtime.h): csrc/cuda/attention.cuh's
+CUDA-core kernel and csrc/cuda/attention_mma.cuh's tensor-core kernel (mma / ldmatrix / cp.async
+emulated lane by lane by emu_mma.h), with the calling convention of torch.ops.decodekit.tree_attention,
+so tests can compare the CUDA kernels' logic with the CPU kernel on a machine without a GPU. Also
+exposes single-warp mma.sync and ldmatrix for the fragment-layout unit tests. Built with the host
+compiler on first use, cached in build/cuda_emu keyed by a hash of the sources."""
 
 import ctypes
 import hashlib
@@ -17,8 +19,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SOURCES = [
     HERE / "emu_runtime.h",
+    HERE / "emu_mma.h",
     HERE / "emu_attention.cpp",
     ROOT / "csrc/cuda/attention.cuh",
+    ROOT / "csrc/cuda/attention_mma.cuh",
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -61,41 +65,30 @@ def load():
             os.replace(tmp, lib)
         L, P, I, F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         _lib = ctypes.CDLL(str(lib))
-        _lib.dk_emu_tree_attention.argtypes = [
-            I,
-            L,
-            L,
-            L,
-            L,
-            L,
-            L,
-            P,
-            L,
-            L,
-            L,
-            P,
-            L,
-            L,
-            L,
-            P,
-            L,
-            L,
-            L,
-            P,
-            I,
-            L,
-            L,
-            P,
-            F,
-            P,
-            P,
-        ]
+        # dtype, B, T, Hq, Hkv, D, S, q + 3 strides, k + 3, v + 3, mask, packed, 2 mask strides,
+        # prefix_lens, sm_scale, out, lse, impl, force_splits
+        _lib.dk_emu_tree_attention.argtypes = (
+            [I] + [L] * 6 + ([P] + [L] * 3) * 3 + [P, I, L, L, P, F, P, P, I, I]
+        )
         _lib.dk_emu_tree_attention.restype = None
+        _lib.dk_emu_mma_splits.argtypes = [L] * 5
+        _lib.dk_emu_mma_splits.restype = I
+        _lib.dk_emu_mma_fragments.argtypes = [I, P, P, P, P]
+        _lib.dk_emu_mma_fragments.restype = None
+        _lib.dk_emu_ldmatrix.argtypes = [P, L, P, P, I, I, P]
+        _lib.dk_emu_ldmatrix.restype = None
+        _lib.dk_emu_cp_async_probe.argtypes = [P, P, P]
+        _lib.dk_emu_cp_async_probe.restype = None
     return _lib
 
 
-def tree_attention(q, k, v, tree_mask, prefix_lens, sm_scale=None, kv_layout="NHD"):
-    """(out, lse) from the emulated CUDA kernel; same arguments as torch.ops.decodekit.tree_attention."""
+_IMPLS = {"auto": -1, "simt": 0, "mma": 1}
+
+
+def tree_attention(q, k, v, tree_mask, prefix_lens, sm_scale=None, kv_layout="NHD", impl="auto", splits=0):
+    """(out, lse) from the emulated CUDA kernel; same arguments as torch.ops.decodekit.tree_attention.
+    impl: "auto" (what the CUDA launcher picks), "simt" (CUDA-core kernel) or "mma" (tensor cores);
+    splits > 0 forces the tensor-core kernel's split-KV count (0: the launcher's rule)."""
     lib = load()
     B, T, Hq, D = q.shape
     hnd = kv_layout == "HND"
@@ -136,9 +129,45 @@ def tree_attention(q, k, v, tree_mask, prefix_lens, sm_scale=None, kv_layout="NH
         scale,
         out.data_ptr(),
         lse.data_ptr(),
+        _IMPLS[impl],
+        int(splits),
     )
     return out, lse
 
 
+def mma_splits(B, T, Hq, Hkv, S):
+    """Split-KV count the tensor-core launcher's rule picks for these sizes."""
+    return load().dk_emu_mma_splits(B, T, Hq, Hkv, S)
+
+
+def mma_fragments(a, b, c, f16):
+    """Emulated mma.sync m16n8k16 of one warp: a int32 [32, 4], b int32 [32, 2] (packed 16-bit pairs),
+    c float32 [32, 4] per lane; returns d float32 [32, 4]."""
+    a, b, c = (x.contiguous() for x in (a, b, c))
+    d = torch.empty(32, 4, dtype=torch.float32)
+    load().dk_emu_mma_fragments(int(f16), a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr())
+    return d
+
+
+def ldmatrix(src, rows, cols, nmat, trans):
+    """Emulated ldmatrix .x{nmat}{.trans} of one warp from the 16-bit matrix src (int16 2-D, rows
+    16-byte aligned); lane l addresses src[rows[l], cols[l]:]. Returns int32 [32, 4] registers."""
+    assert src.dtype == torch.int16 and src.stride(1) == 1 and src.data_ptr() % 16 == 0
+    rows = torch.as_tensor(rows, dtype=torch.int32).contiguous()
+    cols = torch.as_tensor(cols, dtype=torch.int32).contiguous()
+    out = torch.zeros(32, 4, dtype=torch.int32)
+    load().dk_emu_ldmatrix(src.data_ptr(), src.stride(0), rows.data_ptr(), cols.data_ptr(), nmat, int(trans), out.data_ptr())
+    return out
+
+
 def tree_attention_is_packed(tree_mask):
     return tree_mask.dtype == torch.uint8
+
+
+def cp_async_probe():
+    """The five 16-bit values dk_emu_cp_async_probe observes (see emu_attention.cpp)."""
+    a = torch.full((8,), 0x1111, dtype=torch.int16)
+    b = torch.full((8,), 0x2222, dtype=torch.int16)
+    got = torch.zeros(5, dtype=torch.int16)
+    load().dk_emu_cp_async_probe(a.data_ptr(), b.data_ptr(), got.data_ptr())
+    return [int(x) & 0xFFFF for x in got]

@@ -1,0 +1,153 @@
+// Lane-by-lane CPU versions of the warp-level PTX operations of csrc/cuda/attention_mma.cuh, for the
+// fiber emulator of emu_runtime.h (include that first):
+// - ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16: lanes 8j .. 8j + 7 give the row
+//   addresses of 8x8 matrix j (16 bytes a row); register j of lane l holds, without .trans, row l / 4,
+//   columns 2 (l % 4) and 2 (l % 4) + 1 of matrix j (low half first); with .trans, rows 2 (l % 4) and
+//   2 (l % 4) + 1 of column l / 4.
+// - mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, with g = l / 4, i = l % 4:
+//   A (16x16): a0 = A[g][2i, 2i+1], a1 = A[g+8][2i, 2i+1], a2 = A[g][2i+8, 2i+9], a3 = A[g+8][2i+8, 2i+9];
+//   B (16x8):  b0 = B[2i, 2i+1][g], b1 = B[2i+8, 2i+9][g];
+//   C / D (16x8 fp32): c0, c1 = C[g][2i, 2i+1], c2, c3 = C[g+8][2i, 2i+1].
+//   Each output is c + sum_k a_k b_k with the 16 exact products summed in double, rounded to fp32
+//   once (the hardware's internal order is unspecified; fp32 accumulation either way).
+// - cp.async 16 bytes with commit_group / wait_group as a DEFERRED copy: the destination is poisoned
+//   (0xff bytes: NaN in bf16 and fp16) when the copy is issued, and the data lands only when this
+//   thread executes a wait_group that covers the copy's group; a kernel that reads a buffer
+//   without the wait (or without the __syncthreads after it) reads NaN or stale data.
+// The warp operations meet through dkemu::warp_sync (emu_runtime.h) with a double-buffered per-lane
+// staging area: a lane publishes its operands in buffer (op count & 1), the warp meets once, every
+// lane reads what it needs; the next operation writes the other buffer, which every lane finished
+// reading before it arrived at this operation's meeting.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <type_traits>
+#include <vector>
+#include "decodekit/common.h"
+
+namespace dkemu::mma {
+
+constexpr unsigned kMaxThreads = 1024;
+constexpr int kSlots = 8;  // 32-bit words a lane publishes at most
+inline uint32_t g_stage[2][kMaxThreads][kSlots];
+inline unsigned g_ops[kMaxThreads];  // warp operations this thread has executed
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "dkemu mma: %s (thread %u of block %u)\n", what, threadIdx.x, blockIdx.x);
+  std::abort();
+}
+
+using Row = uint32_t[kSlots];
+// Publishes n words of this lane, meets the warp; returns the warp's 32 staging rows (row = lane).
+inline const Row* exchange(const uint32_t* words, int n) {
+  const unsigned t = threadIdx.x;
+  if (t >= kMaxThreads) fail("thread index beyond the staging area");
+  const unsigned buf = g_ops[t]++ & 1u;
+  std::memcpy(g_stage[buf][t], words, sizeof(uint32_t) * unsigned(n));
+  dkemu::warp_sync();
+  return &g_stage[buf][t & ~31u];
+}
+
+inline void ldmatrix(uint32_t* r, const void* addr, int nmat, bool trans) {
+  uint32_t w[2];
+  const uint64_t a = reinterpret_cast<uintptr_t>(addr);
+  w[0] = uint32_t(a);
+  w[1] = uint32_t(a >> 32);
+  const auto* st = exchange(w, 2);
+  const unsigned lane = threadIdx.x & 31u;
+  auto row_ptr = [&](unsigned src) {
+    const uint64_t p = uint64_t(st[src][0]) | uint64_t(st[src][1]) << 32;
+    if (p % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+    return reinterpret_cast<const uint16_t*>(uintptr_t(p));
+  };
+  for (int j = 0; j < nmat; ++j) {
+    uint16_t h[2];
+    for (unsigned e = 0; e < 2; ++e) {
+      if (!trans) {
+        h[e] = row_ptr(8 * j + lane / 4)[2 * (lane % 4) + e];
+      } else {
+        h[e] = row_ptr(8 * j + 2 * (lane % 4) + e)[lane / 4];
+      }
+    }
+    r[j] = uint32_t(h[0]) | uint32_t(h[1]) << 16;
+  }
+}
+
+inline double half_value(uint32_t word, unsigned hi, bool f16) {
+  const uint16_t x = uint16_t(hi ? word >> 16 : word);
+  if (f16) return double(dk::to_float(dk::f16_t{x}));
+  return double(dk::to_float(dk::bf16_t{x}));
+}
+
+inline void mma_m16n8k16(bool f16, float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  const uint32_t w[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const auto* st = exchange(w, 6);
+  const unsigned lane = threadIdx.x & 31u;
+  for (unsigned i = 0; i < 4; ++i) {
+    const unsigned row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+    double acc = d[i];
+    for (unsigned k = 0; k < 16; ++k) {
+      // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2
+      const uint32_t aw = st[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+      // B[k][col]: lane col * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2
+      const uint32_t bw = st[col * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)];
+      acc += half_value(aw, k % 2, f16) * half_value(bw, k % 2, f16);
+    }
+    d[i] = float(acc);
+  }
+}
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline std::vector<Copy> g_open[kMaxThreads];                  // issued, not yet committed
+inline std::deque<std::vector<Copy>> g_groups[kMaxThreads];    // committed, oldest first
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  const unsigned t = threadIdx.x;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async shared address not 16-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async global address not 16-byte aligned");
+  std::memset(dst, 0xff, 16);
+  g_open[t].push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+  const unsigned t = threadIdx.x;
+  g_groups[t].push_back(std::move(g_open[t]));
+  g_open[t].clear();
+}
+// wait_group n: every group but the newest n is complete (its copies land now).
+inline void cp_async_wait(int n) {
+  const unsigned t = threadIdx.x;
+  while (g_groups[t].size() > size_t(n)) {
+    for (const Copy& c : g_groups[t].front()) {
+      if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    g_groups[t].pop_front();
+  }
+}
+// Copies issued but never waited for (checked after a launch; a kernel must not exit with any).
+inline size_t cp_async_pending() {
+  size_t n = 0;
+  for (unsigned t = 0; t < kMaxThreads; ++t) {
+    n += g_open[t].size();
+    for (const auto& g : g_groups[t]) n += g.size();
+  }
+  return n;
+}
+inline void cp_async_reset() {
+  for (unsigned t = 0; t < kMaxThreads; ++t) {
+    g_open[t].clear();
+    g_groups[t].clear();
+  }
+}
+
+}  // namespace dkemu::mma
