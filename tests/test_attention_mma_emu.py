@@ -171,8 +171,10 @@ def test_mma_kernel_emulated_matches_cpu(case):
 @pytest.mark.skipif(os.environ.get("DK_EMU_FULL") != "1", reason="the full matrix: set DK_EMU_FULL=1 (slow)")
 def test_mma_kernel_emulated_full_matrix():
     emu = _emu()
-    for i, case in enumerate(full_matrix()):
+    cases = full_matrix()
+    for i, case in enumerate(cases):
         run_case(emu, *case, seed=i)
+        print(f"full matrix {i + 1}/{len(cases)} ok: {case}", flush=True)  # progress with -s
 
 
 def test_mma_kernel_emulated_empty_rows_and_split_edges():

@@ -105,8 +105,8 @@ DK_DEVICE uint32_t pack2(f16_t, float lo, float hi) {
 
 // ---- kernel ---------------------------------------------------------------------------------------
 struct MmaAttnArgs : TreeAttnArgs {
-  int splits = 1;     // key-range splits of the prefix (1: no split, out / lse written directly)
-  int64_t chunk = 0;  // prefix keys per split (a multiple of the key block)
+  int splits = 1;             // key-range splits of the prefix (1: no split, out / lse written directly)
+  int64_t chunk = 0;          // prefix keys per split (a multiple of the key block)
   float* part_o = nullptr;    // splits > 1: [splits][B*T*Hq][D] normalised partial outputs
   float* part_lse = nullptr;  // splits > 1: [splits][B*T*Hq]
 };
@@ -122,8 +122,8 @@ struct Cfg {
   static_assert(D == 64 || D == 128 || D == 256, "tensor-core head dims: 64, 128, 256");
   static constexpr int kBN = D == 256 ? 32 : 64;  // keys per block
   static constexpr int kStages = 3;               // cp.async ring depth
-  static constexpr int kLd = D + 8;  // shared row stride in elements: +16 bytes, so the 8 rows of an
-                                     // ldmatrix hit 8 different bank quads
+  // Shared row stride in elements: +16 bytes, so the 8 rows of an ldmatrix hit 8 different bank quads.
+  static constexpr int kLd = D + 8;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr size_t kQElems = size_t(kBM) * kLd, kKvElems = size_t(kBN) * kLd;
   static constexpr size_t kSmemBytes = (kQElems + 2 * kStages * kKvElems) * 2;
@@ -161,6 +161,7 @@ inline void plan(MmaAttnArgs& a, int force = 0) {
 
 DK_HOST_DEVICE int64_t num_blocks(const MmaAttnArgs& a) { return a.B * a.Hkv * row_tiles(a) * a.splits; }
 
+// Every loop over a register array is unrolled (#pragma unroll), or the array goes to local memory.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArgs p) {
   using C = Cfg<D>;
@@ -172,8 +173,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
   extern __shared__ float4 smem_mma[];
   T* const qs = reinterpret_cast<T*>(smem_mma);
 #endif
-  T* const ks = qs + C::kQElems;                  // [kStages][kBN][kLd]
-  T* const vs = ks + kStages * C::kKvElems;       // [kStages][kBN][kLd]
+  T* const ks = qs + C::kQElems;             // [kStages][kBN][kLd]
+  T* const vs = ks + kStages * C::kKvElems;  // [kStages][kBN][kLd]
   const int64_t G = p.Hq / p.Hkv, M = p.T * G, tiles = row_tiles(p);
   int64_t blk = blockIdx.x;
   const int64_t row0 = (blk % tiles) * kBM;
@@ -223,7 +224,9 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
   }
 
   float o[D / 8][4];
+#pragma unroll
   for (int i = 0; i < D / 8; ++i)
+#pragma unroll
     for (int j = 0; j < 4; ++j) o[i][j] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int64_t wrow0 = row0 + 16 * warp;  // this warp's first row
@@ -243,11 +246,15 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
 
     // S = Q K^T: 16 rows x kBN keys, kBN / 8 accumulator tiles.
     float s[kBN / 8][4];
+#pragma unroll
     for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
       for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
+#pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
       mma_ops::ldmatrix_x4(a, qs + (16 * warp + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+#pragma unroll
       for (int n = 0; n < kBN / 8; n += 2) {
         uint32_t kb4[4];  // B fragments of key tiles n (regs 0, 1) and n + 1 (regs 2, 3)
         mma_ops::ldmatrix_x4(kb4, kb + (n * 8 + (lane / 16) * 8 + lane % 8) * kLd + kk * 16 + ((lane / 8) % 2) * 8);
@@ -256,7 +263,9 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
       }
     }
     // Scale and mask (element j of tile n: row quad + 8 (j / 2), key s0 + 8 n + 2 qi + j % 2).
+#pragma unroll
     for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t key = s0 + 8 * n + 2 * qi + (j & 1);
         bool ok = key < s_end;
@@ -273,8 +282,10 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
         s[n][j] = ok ? s[n][j] * c : -INFINITY;
       }
     // Online softmax for rows quad (r = 0: elements 0, 1) and quad + 8 (r = 1: elements 2, 3).
+#pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -INFINITY;
+#pragma unroll
       for (int n = 0; n < kBN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
       mx = fmaxf(mx, attn::shfl_xor(mx, 1));
       mx = fmaxf(mx, attn::shfl_xor(mx, 2));
@@ -283,24 +294,29 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
       const float alpha = exp2f(m[r] - m_use);
       m[r] = m_new;
       float sum = 0.f;
+#pragma unroll
       for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
         for (int j = 2 * r; j < 2 * r + 2; ++j) {
           s[n][j] = exp2f(s[n][j] - m_use);
           sum += s[n][j];
         }
       l[r] = l[r] * alpha + sum;  // this lane's share; the quad's shares are added at the end
+#pragma unroll
       for (int d = 0; d < D / 8; ++d) {
         o[d][2 * r] *= alpha;
         o[d][2 * r + 1] *= alpha;
       }
     }
     // O += P V: P's A fragment for keys 16 k .. 16 k + 15 is S tiles 2k and 2k + 1.
+#pragma unroll
     for (int k = 0; k < kBN / 16; ++k) {
       uint32_t a[4];
       a[0] = mma_ops::pack2(T{}, s[2 * k][0], s[2 * k][1]);
       a[1] = mma_ops::pack2(T{}, s[2 * k][2], s[2 * k][3]);
       a[2] = mma_ops::pack2(T{}, s[2 * k + 1][0], s[2 * k + 1][1]);
       a[3] = mma_ops::pack2(T{}, s[2 * k + 1][2], s[2 * k + 1][3]);
+#pragma unroll
       for (int d = 0; d < D / 8; d += 2) {
         uint32_t vb4[4];  // B fragments of dim tiles d (regs 0, 1) and d + 1 (regs 2, 3)
         mma_ops::ldmatrix_x4_trans(vb4, vb + (k * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + (d + lane / 16) * 8);
@@ -312,10 +328,12 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
   mma_ops::cp_async_wait<0>();  // only empty groups are left; nothing may stay in flight
 
   if (!active) return;
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += attn::shfl_xor(l[r], 1);
     l[r] += attn::shfl_xor(l[r], 2);
   }
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t gr = wrow0 + quad + 8 * r;
     if (gr >= M) continue;
@@ -325,6 +343,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
     const float lse = l[r] > 0.f ? m[r] * 0.6931471805599453f + logf(l[r]) : -INFINITY;
     if (p.splits > 1) {
       const int64_t pi = split * (p.B * p.T * p.Hq) + oi;
+#pragma unroll
       for (int d = 0; d < D / 8; ++d) {
         p.part_o[pi * D + d * 8 + 2 * qi] = o[d][2 * r] * inv;
         p.part_o[pi * D + d * 8 + 2 * qi + 1] = o[d][2 * r + 1] * inv;
@@ -332,6 +351,7 @@ __global__ void __launch_bounds__(kThreads) tree_attention_mma_kernel(MmaAttnArg
       if (qi == 0) p.part_lse[pi] = lse;
     } else {
       T* const out = static_cast<T*>(p.out) + oi * D;
+#pragma unroll
       for (int d = 0; d < D / 8; ++d) {
         attn::store_val(out + d * 8 + 2 * qi, o[d][2 * r] * inv);
         attn::store_val(out + d * 8 + 2 * qi + 1, o[d][2 * r + 1] * inv);

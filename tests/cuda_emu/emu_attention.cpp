@@ -113,8 +113,8 @@ extern "C" void dk_emu_mma_fragments(int f16, const uint32_t* a, const uint32_t*
 
 // One warp: ldmatrix .x{nmat}{.trans} from a 16-bit matrix `src` (row stride ld elements, 16-byte
 // aligned rows): lane l gives the address of row rows[l] at column cols[l]; out [32][4].
-extern "C" void dk_emu_ldmatrix(const uint16_t* src, int64_t ld, const int* rows, const int* cols, int nmat,
-                                int trans, uint32_t* out) {
+extern "C" void dk_emu_ldmatrix(const uint16_t* src, int64_t ld, const int* rows, const int* cols, int nmat, int trans,
+                                uint32_t* out) {
   struct Args {
     const uint16_t* src;
     int64_t ld;

@@ -67,9 +67,7 @@ def load():
         _lib = ctypes.CDLL(str(lib))
         # dtype, B, T, Hq, Hkv, D, S, q + 3 strides, k + 3, v + 3, mask, packed, 2 mask strides,
         # prefix_lens, sm_scale, out, lse, impl, force_splits
-        _lib.dk_emu_tree_attention.argtypes = (
-            [I] + [L] * 6 + ([P] + [L] * 3) * 3 + [P, I, L, L, P, F, P, P, I, I]
-        )
+        _lib.dk_emu_tree_attention.argtypes = [I] + [L] * 6 + ([P] + [L] * 3) * 3 + [P, I, L, L, P, F, P, P, I, I]
         _lib.dk_emu_tree_attention.restype = None
         _lib.dk_emu_mma_splits.argtypes = [L] * 5
         _lib.dk_emu_mma_splits.restype = I
@@ -156,7 +154,9 @@ def ldmatrix(src, rows, cols, nmat, trans):
     rows = torch.as_tensor(rows, dtype=torch.int32).contiguous()
     cols = torch.as_tensor(cols, dtype=torch.int32).contiguous()
     out = torch.zeros(32, 4, dtype=torch.int32)
-    load().dk_emu_ldmatrix(src.data_ptr(), src.stride(0), rows.data_ptr(), cols.data_ptr(), nmat, int(trans), out.data_ptr())
+    load().dk_emu_ldmatrix(
+        src.data_ptr(), src.stride(0), rows.data_ptr(), cols.data_ptr(), nmat, int(trans), out.data_ptr()
+    )
     return out
 
 

@@ -105,8 +105,8 @@ struct Copy {
   const void* src;
   bool valid;
 };
-inline std::vector<Copy> g_open[kMaxThreads];                  // issued, not yet committed
-inline std::deque<std::vector<Copy>> g_groups[kMaxThreads];    // committed, oldest first
+inline std::vector<Copy> g_open[kMaxThreads];                // issued, not yet committed
+inline std::deque<std::vector<Copy>> g_groups[kMaxThreads];  // committed, oldest first
 
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   const unsigned t = threadIdx.x;
