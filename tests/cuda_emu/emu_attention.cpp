@@ -79,13 +79,18 @@ static void run_mma(MmaAttnArgs& p, int force_splits) {
 }
 
 // Number of splits the launcher's rule picks for these sizes (force = 0), for the tests.
-extern "C" int dk_emu_mma_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t S) {
-  MmaAttnArgs p;
+static void set_sizes(TreeAttnArgs& p, int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t S) {
   p.B = B;
   p.T = T;
   p.Hq = Hq;
   p.Hkv = Hkv;
+  p.D = D;
   p.S = S;
+}
+
+extern "C" int dk_emu_mma_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int64_t S) {
+  MmaAttnArgs p;
+  set_sizes(p, B, T, Hq, Hkv, 128, S);  // D and the pointers do not enter the rule
   attn_mma::plan(p, 0);
   return p.splits;
 }
@@ -168,12 +173,7 @@ extern "C" void dk_emu_tree_attention(int dtype, int64_t B, int64_t T, int64_t H
                                       float* lse, int impl, int force_splits) {
   MmaAttnArgs p;
   p.dtype = dtype;
-  p.B = B;
-  p.T = T;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.D = D;
-  p.S = S;
+  set_sizes(p, B, T, Hq, Hkv, D, S);
   p.q = q;
   p.q_sb = q_sb;
   p.q_st = q_st;
