@@ -172,6 +172,9 @@ def test_mma_kernel_emulated_matches_cpu(case):
 def test_mma_kernel_emulated_full_matrix():
     emu = _emu()
     cases = full_matrix()
+    only_t = os.environ.get("DK_EMU_FULL_T")  # e.g. "130": one T value (to split the run over processes)
+    if only_t:
+        cases = [c for c in cases if c[0] == int(only_t)]
     for i, case in enumerate(cases):
         run_case(emu, *case, seed=i)
         print(f"full matrix {i + 1}/{len(cases)} ok: {case}", flush=True)  # progress with -s
