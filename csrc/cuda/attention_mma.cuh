@@ -20,7 +20,7 @@
 // - Split-KV: with few blocks (B x Hkv x row tiles small) the prefix is cut into `splits` chunks of
 //   `chunk` keys, one block each (split 0 also takes the tree keys); each writes a normalised
 //   partial (o, lse) in fp32 and merge_states_kernel combines them exactly:
-//   lse = log sum_j exp(lse_j), o = sum_j exp(lse_j - lse) o_j. Rule in mma_plan().
+//   lse = log sum_j exp(lse_j), o = sum_j exp(lse_j - lse) o_j. The rule is attn_mma::plan().
 // Every PTX operation goes through the intrinsic layer (namespace mma_ops): inline asm on the
 // device, and the lane-by-lane CPU versions of tests/cuda_emu/emu_mma.h under DK_CUDA_EMULATE.
 #pragma once
@@ -135,7 +135,8 @@ DK_HOST_DEVICE int64_t row_tiles(const TreeAttnArgs& p) { return (p.T * (p.Hq / 
 // Split rule (host, from sizes only: no device value is read). base = B * Hkv * row tiles blocks;
 // when base < kTargetBlocks and the longest possible prefix S - T has more than 2 * kMinChunk keys,
 // splits = min(ceil(kTargetBlocks / base), floor((S - T) / kMinChunk), kMaxSplits); chunk =
-// ceil((S - T) / splits) rounded up to 64 keys. force > 0 overrides the count (tests).
+// ceil((S - T) / splits) rounded up to 64 keys. force > 0 overrides the count (tests); either way
+// the count is then cut to ceil((S - T) / chunk), so no split is empty for the longest prefix.
 inline void plan(MmaAttnArgs& a, int force = 0) {
   const int64_t base = a.B * a.Hkv * row_tiles(a), pmax = a.S - a.T;
   int64_t s = 1;
