@@ -56,8 +56,12 @@ def main():
         flashinfer = None
     B, Hq, Hkv, D, T, dt = 1, 32, 8, 128, args.T, torch.bfloat16
     bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("prefix | decodekit us | SDPA us | FlashInfer us | SDPA/dk | FI/dk | dk TFLOP/s | K/V floor us | max |dk - SDPA|")
+    print(
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); copy bandwidth {bw / 1e9:.0f} GB/s"
+    )
+    print(
+        "prefix | decodekit us | SDPA us | FlashInfer us | SDPA/dk | FI/dk | dk TFLOP/s | K/V floor us | max |dk - SDPA|"
+    )
     gen = torch.Generator().manual_seed(0)
     for P in args.prefix:
         S = P + T
