@@ -58,6 +58,7 @@ import logging
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 
 import decodekit as dk
@@ -101,8 +102,10 @@ def install() -> None:
     from vllm.v1.sample.rejection_sampler import RejectionSampler
     from vllm.v1.sample.sampler import Sampler
 
+    _originals["forward"] = Sampler.forward
     _originals["sample"] = Sampler.sample
     _originals["rejection"] = RejectionSampler.forward
+    Sampler.forward = _forward
     Sampler.sample = _sample
     RejectionSampler.forward = _rejection_forward
     _log.info(
@@ -118,6 +121,7 @@ def uninstall() -> None:
     from vllm.v1.sample.rejection_sampler import RejectionSampler
     from vllm.v1.sample.sampler import Sampler
 
+    Sampler.forward = _originals.pop("forward")
     Sampler.sample = _originals.pop("sample")
     RejectionSampler.forward = _originals.pop("rejection")
 
@@ -214,6 +218,172 @@ def _sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         T1 = (T > 0).to(torch.float32) if isinstance(T, torch.Tensor) else 0.0
         tokens = dk.sample(masked, temperature=T1, top_k=sm.top_k, top_p=sm.top_p, seed=seeds)
     return tokens, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler.forward: the whole step (penalties, logit bias, bad words, allowed tokens, min-tokens,
+# logprobs) in one decodekit.sample call
+
+
+def _matched_bad_words(words, past):
+    """The last token of every bad word whose prefix ends `past` (vLLM's rule: a word of length L
+    is checked once at least L - 1 tokens were generated; single-token words always match)."""
+    out = []
+    for w in words:
+        if len(w) > len(past) + 1:
+            continue
+        prefix = w[:-1]
+        if not prefix or list(past[len(past) - len(prefix) :]) == list(prefix):
+            out.append(w[-1])
+    return out
+
+
+def _padded(rows, device, fill=-1, dtype=torch.int64):
+    """list of lists -> [len(rows), max(1, longest)] tensor padded with `fill`."""
+    width = max(1, max(map(len, rows), default=0))
+    a = np.full((len(rows), width), fill, dtype=np.float32 if dtype == torch.float32 else np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            a[i, : len(r)] = r
+    return torch.from_numpy(a).to(device, non_blocking=True)
+
+
+def _bitmask(disallowed: torch.Tensor) -> torch.Tensor:
+    """vLLM's allowed_token_ids_mask rows (bool [B, V], True = masked) as decodekit's int32
+    allowed-token bitmask [B, ceil(V / 32)] (bit j of word w allows token 32 w + j)."""
+    B, V = disallowed.shape
+    W = -(-V // 32)
+    if disallowed.device.type == "cpu":  # bits packed by numpy, little-endian words
+        allowed = np.zeros((B, W * 32), dtype=bool)
+        allowed[:, :V] = ~disallowed.numpy()
+        return torch.from_numpy(np.packbits(allowed, axis=-1, bitorder="little").view("<i4").astype(np.int32))
+    allowed = torch.zeros(B, W * 32, dtype=torch.int64, device=disallowed.device)
+    allowed[:, :V] = (~disallowed).to(torch.int64)
+    words = (allowed.view(B, W, 32) << torch.arange(32, device=disallowed.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _step_plan(self, logits, sm, mode, predict_bonus_token):
+    """The decodekit.sample keywords of this batch's whole step; a string (the reason) when a part
+    of it is not exact in decodekit; None when only temperature / filters are used (the step then
+    goes through vLLM's forward, whose `sample` is routed)."""
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+
+    B, V = logits.shape
+    wants_logprobs = sm.max_num_logprobs is not None or bool(sm.logprob_token_ids)
+    if not _supported_device(logits):
+        return f"logits on {logits.device.type}"
+    if wants_logprobs and mode == "processed_logits":
+        return "logprobs_mode=processed_logits"
+    if sm.logprob_token_ids:
+        return "logprob_token_ids"
+    if sm.max_num_logprobs is not None and sm.max_num_logprobs < 0:
+        return "full-vocabulary logprobs (-1)"
+    holder = sm.thinking_budget_state_holder
+    if holder is not None and holder.has_tracked_requests():
+        return "a thinking-token budget"
+    banned = [[] for _ in range(B)]
+    bias = None
+    for proc in sm.logitsprocs.non_argmax_invariant:
+        if isinstance(proc, LogitBiasLogitsProcessor):
+            if proc.biases:
+                bias = proc.biases
+        elif isinstance(proc, MinTokensLogitsProcessor):
+            for i, (_, _, stop_ids, structured) in proc.min_toks.items():
+                if structured:
+                    return "min_tokens with structured output"
+                if i < B:
+                    banned[i].extend(stop_ids)
+        else:
+            return "a logits processor other than vLLM's built-in ones"
+    min_p = None
+    for proc in sm.logitsprocs.argmax_invariant:
+        if not isinstance(proc, MinPLogitsProcessor):
+            return "an argmax-invariant logits processor other than min-p"
+        if proc.min_p_count:
+            min_p = proc.min_p.reshape(-1)
+    penalties = not sm.no_penalties
+    output_ids = sm.output_token_ids
+    if predict_bonus_token and (penalties or sm.bad_words_token_ids):
+        output_ids = self._combine_outputs_with_spec_tokens(output_ids, sm.spec_token_ids)
+    for i, words in sm.bad_words_token_ids.items():
+        if i < B:
+            banned[i].extend(_matched_bad_words(words, output_ids[i]))
+    routed = (
+        wants_logprobs
+        or penalties
+        or bias is not None
+        or any(banned)
+        or sm.allowed_token_ids_mask is not None
+    )
+    if not routed:
+        return None
+
+    device = logits.device
+    kw = dict(order="vllm", min_p=min_p)
+    if sm.all_greedy:
+        kw["temperature"] = 0.0
+    else:
+        kw.update(temperature=_temperature(sm, B, device), top_k=sm.top_k, top_p=sm.top_p)
+        kw["seed"] = _seeds(sm, B, device)
+    if sm.allowed_token_ids_mask is not None:
+        kw["allowed_token_bitmask"] = _bitmask(sm.allowed_token_ids_mask[:B])
+    if any(banned):
+        kw["banned_token_ids"] = _padded(banned, device)
+    if bias is not None:
+        rows = [list(bias.get(i, {}).items()) for i in range(B)]
+        kw["logit_bias"] = (
+            _padded([[t for t, _ in r] for r in rows], device),
+            _padded([[v for _, v in r] for r in rows], device, 0.0, torch.float32),
+        )
+    if penalties:
+        prompt = sm.prompt_token_ids[:B]
+        kw.update(
+            prompt_token_ids=prompt.masked_fill(prompt >= V, -1),  # vLLM pads with V
+            output_token_ids=_padded(output_ids[:B], device),  # async placeholders (-1): ignored
+            repetition_penalty=sm.repetition_penalties[:B],
+            frequency_penalty=sm.frequency_penalties[:B],
+            presence_penalty=sm.presence_penalties[:B],
+        )
+    if sm.max_num_logprobs is not None:
+        kw["top_logprobs"] = max(1, sm.max_num_logprobs)
+        kw["logprobs_mode"] = "processed" if mode == "processed_logprobs" else "raw"
+    return kw
+
+
+def _forward(self, logits, sampling_metadata, predict_bonus_token=False, logprobs_mode_override=None):
+    """Replacement of vllm.v1.sample.sampler.Sampler.forward (same signature and return)."""
+    from vllm.v1.outputs import LogprobsTensors, SamplerOutput
+
+    sm = sampling_metadata
+    mode = logprobs_mode_override or self.logprobs_mode
+    plan = _step_plan(self, logits, sm, mode, predict_bonus_token)
+    if isinstance(plan, str):
+        _fallback("sampler step", plan)
+    if not isinstance(plan, dict):  # vLLM's own step; its `sample` is decodekit's when exact
+        return _originals["forward"](self, logits, sampling_metadata, predict_bonus_token, logprobs_mode_override)
+    stats["pipeline"] += 1
+    n = sm.max_num_logprobs
+    res = dk.sample(logits, **plan)
+    if n is None:
+        return SamplerOutput(sampled_token_ids=res.to(torch.int32).unsqueeze(-1), logprobs_tensors=None)
+    tokens = res.tokens
+    ids = torch.cat((tokens.unsqueeze(-1), res.top_ids[:, :n]), 1)
+    if mode == "raw_logits":  # the raw logits themselves at decodekit's ids; ranks on the logits
+        raw = logits.to(torch.float32)
+        values = raw.gather(1, ids)
+        ranks = (raw >= values[:, :1]).sum(-1)
+    else:
+        values = torch.cat((res.logprobs.unsqueeze(-1), res.top_logprobs[:, :n]), 1)
+        ranks = res.ranks
+    return SamplerOutput(
+        sampled_token_ids=tokens.to(torch.int32).unsqueeze(-1),
+        logprobs_tensors=LogprobsTensors(ids.to(torch.int32), values.to(torch.float32), ranks.to(torch.int64)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
