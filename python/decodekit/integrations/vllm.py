@@ -9,17 +9,27 @@ workers). This one does nothing unless the user asks for it:
 
 ``DECODEKIT_VLLM=0`` turns it off even when ``VLLM_PLUGINS`` names it.
 
-Once enabled it replaces two methods of vLLM's classes (so every sampler instance, present or
+Once enabled it replaces three methods of vLLM's classes (so every sampler instance, present or
 future, uses them):
 
-``Sampler.sample`` (the step after vLLM's logits processors, penalties, bad words and allowed-token
-masks, which keep running in vLLM's own code before it): the all-greedy fast path, temperature,
-min-p, top-k, top-p and the draw go to ``decodekit.sample`` with one 63-bit seed per row, drawn from
-the request's ``torch.Generator`` when it has one (seeded requests), otherwise from torch's
-default generator. vLLM's order is kept: min-p is evaluated on the temperature-scaled distribution
-BEFORE top-k / top-p (vLLM applies min-p as an argmax-invariant logits processor first), then
-top-k, then top-p on the renormalised top-k survivors. Rows with temperature < 1e-5 are greedy
-(vLLM's ``_SAMPLING_EPS``), lowest index on ties.
+``Sampler.forward`` (the whole step): when a batch uses penalties (repetition / frequency /
+presence over vLLM's prompt and output token ids), logit bias, bad words, allowed-token lists,
+min_tokens or logprobs, the step is ONE ``decodekit.sample`` call with ``order="vllm"``: the
+allowed-token mask as decodekit's bitmask, bad words (single-token, and multi-token ones whose
+prefix ends the request's output, matched exactly as vLLM matches them) and the min_tokens stop ids
+as banned ids, vLLM's logit bias, the penalties from the token histories, then temperature, min-p,
+top-k, top-p, the draw and the logprobs. Logprobs modes: ``raw_logprobs`` and
+``processed_logprobs`` are decodekit's ``logprobs_mode`` "raw" / "processed"; ``raw_logits``
+returns the raw logits at decodekit's ids (ranks counted on the logits). The output is vLLM's:
+int32 ``[B, 1]`` tokens and ``LogprobsTensors`` (sampled token first, then the top n, ranks).
+Batches that use none of these go through vLLM's ``forward``, whose ``sample`` is routed:
+
+``Sampler.sample``: the all-greedy fast path, temperature, min-p, top-k, top-p and the draw go to
+``decodekit.sample`` with one 63-bit seed per row, drawn from the request's ``torch.Generator`` when
+it has one (seeded requests), otherwise from torch's default generator. vLLM's order is kept:
+min-p is evaluated on the temperature-scaled distribution BEFORE top-k / top-p (vLLM applies min-p
+as an argmax-invariant logits processor first), then top-k, then top-p on the renormalised top-k
+survivors. Rows with temperature < 1e-5 are greedy (vLLM's ``_SAMPLING_EPS``), lowest index on ties.
 
 ``RejectionSampler.forward`` (speculative decoding): the target logits of every request (its draft
 positions and its bonus position, after vLLM's own penalties / bad words / masks / min-tokens) go
@@ -40,13 +50,18 @@ of a request uses that request's temperature, top-k and top-p.
 
 Falls back to vLLM's own code for the whole batch (one log line per reason, once per process):
 
-- logprobs in a ``processed_*`` logprobs mode (they need vLLM's processed logits), and in the
-  rejection sampler any logprobs request;
+- in the whole step: logprobs in the ``processed_logits`` mode, ``logprob_token_ids`` and
+  full-vocabulary logprobs (-1), a thinking-token budget, min_tokens of a structured-output request
+  (vLLM restores stop tokens there), a non-argmax-invariant logits processor other than vLLM's
+  logit bias and min-tokens; vLLM's forward then runs, and its ``sample`` stays routed unless the
+  logprobs mode is a processed one;
 - an argmax-invariant logits processor other than vLLM's built-in min-p (an unknown processor);
-- in the rejection sampler: min-p (vLLM does not apply it to the draft positions there, only to the
-  bonus token), synthetic acceptance mode;
+- in the rejection sampler: any logprobs request, min-p (vLLM does not apply it to the draft
+  positions there, only to the bonus token), synthetic acceptance mode; its penalties / bad words /
+  masks run in vLLM's processing code before decodekit's verification;
 - CUDA tensors in the rejection sampler when top-k / top-p are used (decodekit's CUDA logits
-  verification supports temperature only so far);
+  verification supports temperature only so far), and CUDA tensors in the whole step while
+  decodekit's ``pipeline`` op has no CUDA kernel (checked in torch's dispatcher);
 - a device other than CPU or CUDA.
 
 ``stats`` counts the calls served by decodekit and the fallbacks (per process).
@@ -175,6 +190,14 @@ def _supported_device(x: torch.Tensor) -> bool:
     return x.device.type in ("cpu", "cuda")
 
 
+def _pipeline_on(device_type: str) -> bool:
+    """Whether decodekit's one-pass step (the `pipeline` op) has a kernel for this device."""
+    if device_type == "cpu":
+        return True
+    key = {"cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("decodekit::pipeline", key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler.sample
 
@@ -275,8 +298,8 @@ def _step_plan(self, logits, sm, mode, predict_bonus_token):
 
     B, V = logits.shape
     wants_logprobs = sm.max_num_logprobs is not None or bool(sm.logprob_token_ids)
-    if not _supported_device(logits):
-        return f"logits on {logits.device.type}"
+    if not _pipeline_on(logits.device.type):
+        return f"the whole step on {logits.device.type} (no decodekit pipeline kernel there)"
     if wants_logprobs and mode == "processed_logits":
         return "logprobs_mode=processed_logits"
     if sm.logprob_token_ids:
