@@ -547,7 +547,9 @@ def test_whole_step_distribution_matches_vllm():
     md = _step_md(B, V, like=r, **kw)
     assert md.bad_words_token_ids and md.frequency_penalties[0] > 0 and md.repetition_penalties[0] > 1
     assert bool(md.allowed_token_ids_mask[0].any()) and md.logitsprocs.non_argmax_invariant[0].biases
-    full = _vllm_own(Sampler(logprobs_mode="processed_logprobs"), row.expand(B, V), _step_md(B, V, like=r, logprobs=-1, **kw))
+    full = _vllm_own(
+        Sampler(logprobs_mode="processed_logprobs"), row.expand(B, V), _step_md(B, V, like=r, logprobs=-1, **kw)
+    )
     expected = full.logprobs_tensors.logprobs[0].double().exp()
     assert int((expected > 0).sum()) >= 5, "a case with a real choice"
     sampler = Sampler()

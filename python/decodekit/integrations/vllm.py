@@ -336,13 +336,7 @@ def _step_plan(self, logits, sm, mode, predict_bonus_token):
     for i, words in sm.bad_words_token_ids.items():
         if i < B:
             banned[i].extend(_matched_bad_words(words, output_ids[i]))
-    routed = (
-        wants_logprobs
-        or penalties
-        or bias is not None
-        or any(banned)
-        or sm.allowed_token_ids_mask is not None
-    )
+    routed = wants_logprobs or penalties or bias is not None or any(banned) or sm.allowed_token_ids_mask is not None
     if not routed:
         return None
 
