@@ -530,9 +530,10 @@ def test_whole_step_logprobs_match_vllm(mode):
 
 
 def test_whole_step_distribution_matches_vllm():
-    """10^6 draws through the routed Sampler with penalties, logit bias, bad words, an allowed-token
-    mask, min-tokens, min-p, top-k and top-p: chi-square against vLLM's own processed distribution
-    of the same row (its processed_logprobs), no draw outside it."""
+    """10^6 draws through the routed Sampler with penalties, logit bias, an allowed-token mask,
+    min-tokens, min-p, top-k and top-p: chi-square against vLLM's own processed distribution of the
+    same row (its processed_logprobs), no draw outside it. (Bad words are bans: their exactness is
+    in the logprobs tests above; leaving them out here halves the per-row Python of 10^6 rows.)"""
     from vllm.v1.sample.sampler import Sampler
 
     B, V = 4096, 64
@@ -543,9 +544,9 @@ def test_whole_step_distribution_matches_vllm():
         top_p=torch.full((B,), 0.9),
         min_p=[0.02] * B,
     )
-    r = 10  # request 10 of _step_md: penalties, bad words, logit bias, min_tokens, a masked half
+    r = 7  # request 7 of _step_md: penalties, logit bias, min_tokens, a masked half
     md = _step_md(B, V, like=r, **kw)
-    assert md.bad_words_token_ids and md.frequency_penalties[0] > 0 and md.repetition_penalties[0] > 1
+    assert md.frequency_penalties[0] > 0 and md.repetition_penalties[0] > 1
     assert bool(md.allowed_token_ids_mask[0].any()) and md.logitsprocs.non_argmax_invariant[0].biases
     full = _vllm_own(
         Sampler(logprobs_mode="processed_logprobs"), row.expand(B, V), _step_md(B, V, like=r, logprobs=-1, **kw)
