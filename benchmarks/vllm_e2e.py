@@ -8,7 +8,9 @@ decodekit in the same venv; see the README section "vLLM plugin").
 For each vocabulary size (each in a process of its own) a tiny random Llama (decodekit.bench.tiny_model, built locally) is served
 by ``vllm.LLM`` offline on the CPU (in-process engine, eager mode). The same engine generates the
 same batch (64 prompts x 64 new tokens, temperature 0.7, top-k 50, top-p 0.9, a seed per request)
-with vLLM's own sampler and with the plugin installed, in alternating rounds; the table reports
+with vLLM's own sampler and with the plugin installed, in alternating rounds (and once more with
+repetition / frequency / presence penalties and 5 logprobs per token, the whole step the plugin
+routes through decodekit's one-pass sample); the table reports
 generated tokens per second (median over the rounds) for both and the ratio. With speculative
 decoding (vLLM's n-gram proposer, 4 draft tokens), a second engine does the same, plus a greedy
 round checked token for token against the first engine's greedy output. The tiny model makes the
@@ -56,6 +58,9 @@ def _engine(path: str, spec: bool, max_num_seqs: int):
     return LLM(**kw)
 
 
+PENALISED = "same + penalties + 5 logprobs"
+
+
 def _f(v):
     return "fails (expand bug)" if v is None else f"{v:,.1f}"
 
@@ -85,11 +90,31 @@ def bench_vocab(vocab: int, args, workdir: str):
         for i in range(len(prompts))
     ]
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    # the whole step: penalties over the prompt and output history and the top-5 logprobs of each
+    # token (vLLM's default raw logprobs mode), on top of the same filters
+    penalised = [
+        SamplingParams(
+            temperature=0.7,
+            top_k=50,
+            top_p=0.9,
+            repetition_penalty=1.1,
+            frequency_penalty=0.2,
+            presence_penalty=0.1,
+            logprobs=5,
+            max_tokens=args.tokens,
+            ignore_eos=True,
+            seed=2000 + i,
+        )
+        for i in range(len(prompts))
+    ]
     rows, greedy_ref = [], None
     for spec in [False] if args.no_spec else [False, True]:
         llm = _engine(path, spec, max(args.prompts, 8))
         name = "n-gram spec (4 drafts)" if spec else "plain decoding"
-        for label, params in (("T=0.7 top-k 50 top-p 0.9", sampled), ("greedy", greedy)):
+        configs = [("T=0.7 top-k 50 top-p 0.9", sampled), ("greedy", greedy)]
+        if not spec:
+            configs.append((PENALISED, penalised))
+        for label, params in configs:
             # vLLM 0.32.0's own CPU rejection sampler cannot run top-k / top-p (its expand kernel
             # leaves the per-token top-k uninitialised: an index error or garbage), so with
             # speculative decoding the sampled rows are measured with the plugin only.

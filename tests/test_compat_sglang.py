@@ -342,3 +342,56 @@ def test_register_needs_sglang():
     """register() imports SGLang's registry; without sglang it raises ImportError (nothing mocked)."""
     with pytest.raises(ImportError):
         sgl.register()
+
+
+def _sglang_sampler_module():
+    """SGLang's sampler module where it imports (sglang 0.5.23 pins torch 2.14.1: see the README on
+    how it was imported next to torch 2.13), else skip."""
+    if importlib.util.find_spec("sglang") is None:
+        pytest.skip("sglang is not installed")
+    try:
+        import sglang.srt.layers.sampler as mod
+    except Exception as e:  # its import chain needs the serving stack
+        pytest.skip(f"sglang.srt.layers.sampler does not import here: {type(e).__name__}: {e}")
+    return mod
+
+
+def test_register_with_sglang_registry():
+    """register() against SGLang's own registry: the backend name becomes a --sampling-backend
+    choice, SGLang's create_sampler factory entry is a subclass of SGLang's Sampler, and its
+    _sample_from_probs (called with SGLang's own SamplingBatchInfo) draws from SGLang's filtered
+    distribution (joint top-k / top-p; chi-square, 10^6 draws) with int32 ids and no mask capture."""
+    mod = _sglang_sampler_module()
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+    from sglang.srt.server_args import SAMPLING_BACKEND_CHOICES
+
+    sgl.register("decodekit")
+    factory = mod._CUSTOM_SAMPLER_FACTORIES["decodekit"]
+    assert "decodekit" in SAMPLING_BACKEND_CHOICES
+    assert issubclass(factory, mod.Sampler) and factory._sample_from_probs is not mod.Sampler._sample_from_probs
+    # SGLang's Sampler.__init__ reads the tensor-parallel group of a running server: the method
+    # under test needs none of it, so the instance gets nn.Module's initialisation only
+    sampler = factory.__new__(factory)
+    torch.nn.Module.__init__(sampler)
+    V, B, k, p = 40, 100_000, 6, 0.8
+    probs = (torch.randn(V, generator=torch.Generator().manual_seed(4)) * 1.5).softmax(-1)
+    info = SamplingBatchInfo(
+        temperatures=torch.ones(B, 1),
+        top_ps=torch.full((B,), p),
+        top_ks=torch.full((B,), k, dtype=torch.int32),
+        min_ps=torch.zeros(B),
+        is_all_greedy=False,
+        is_any_greedy=False,
+        need_top_p_sampling=True,
+        need_top_k_sampling=True,
+        need_min_p_sampling=False,
+        vocab_size=V,
+        device="cpu",
+    )
+    draws = []
+    for _ in range(N_DRAWS // B):
+        ids, capture = sampler._sample_from_probs(probs.expand(B, V).contiguous(), info, torch.zeros(B), False)
+        assert capture is None and ids.dtype == torch.int32
+        draws.append(ids)
+    expect = ref.target_distribution(probs[None], is_probs=True, top_k=k, top_p=p, order="joint")[0]
+    assert_matches(torch.cat(draws), expect, what="SGLang-registered decodekit backend")

@@ -620,6 +620,75 @@ def test_assisted_sampling_is_lossless_chi_square(config):
     assert 0.2 < accepted / drafted < 0.95, (accepted, drafted)
 
 
+@pytest.mark.parametrize("config", list(ASSISTED))
+def test_assisted_verification_is_lossless_at_1e6_draws(config):
+    """The power the generate-level test above lacks: 10^6 assisted runs of the first two tokens
+    through the code `generate(..., draft_model=)` runs each round: `draft_token` (the draft's
+    filtered q and its draw) and `verify_drafts` (decodekit's chain verification, or the whole step
+    + verification from probabilities), batched. The models' outputs for every context a run can
+    reach (prompt + up to 3 tokens, V=16: 4369 contexts) are computed once by real forward passes,
+    then gathered per run. Round 1 drafts 2 tokens; a run whose first round emits one token gets a
+    second round (1 draft) from prompt + that token. The joint distribution of the first two tokens
+    equals the non-assisted one (HF's own processors on the target's logits): chi-square, no draw
+    outside the support."""
+    _, _, chain = ASSISTED[config]
+    V, chunk = 16, 250_000
+    target = tiny_llama(V=V, layers=1, init=0.15, seed=5)
+    draft = _draft_of(target, 0.6, seed=1)
+    prompt = prompts(1, 5, V, seed=6)
+    procs = transformers.LogitsProcessorList(chain())
+    head, params = dkhf.split_processors(procs)  # what generate() does with HF's processor list
+    assert len(head) == 0 and params, "every processor of the config is absorbed into decodekit's step"
+
+    # contexts prompt + t (t: 0..3 tokens, index = base-V number of t) and the models' last logits there
+    ctx = [prompt]
+    for depth in range(1, 4):
+        prev = ctx[-1]
+        ctx.append(torch.cat([prev.repeat_interleave(V, 0), torch.arange(V).repeat(prev.shape[0])[:, None]], 1))
+    with torch.no_grad():
+        tgt = [target(c).logits[:, -1].float() for c in ctx]
+        drf = [draft(c).logits[:, -1].float() for c in ctx[:3]]
+
+    def run(depth, idx, n):
+        """One round after context (depth, idx) [M] with n drafts: returns (out, emitted)."""
+        M = idx.shape[0]
+        seq = ctx[depth][idx]
+        Q, d, at = [], [], [idx]  # at[j]: index of the context with the first j drafts
+        for j in range(n):
+            tok, q = dkhf.draft_token(drf[depth + j][at[j]], seq, params, True)
+            Q.append(q)
+            d.append(tok)
+            at.append(at[j] * V + tok)
+            seq = torch.cat([seq, tok[:, None]], 1)
+        tl = torch.stack([tgt[depth + j][at[j]] for j in range(n + 1)], 1)
+        out, emitted = dkhf.verify_drafts(torch.stack(Q, 1), torch.stack(d, 1), tl, seq, params, True)
+        assert out.shape == (M, n + 1)
+        return out, emitted
+
+    def dist(c):
+        return torch.softmax(procs(c, target(c).logits[:, -1].float()), -1)
+
+    with torch.no_grad():
+        joint = (dist(ctx[0])[0][:, None] * dist(ctx[1])).reshape(-1)
+    torch.manual_seed(7)
+    draws, accepted, drafted = [], 0, 0
+    for _ in range(N_DRAWS // chunk):
+        out, emitted = run(0, torch.zeros(chunk, dtype=torch.int64), 2)
+        first, second = out[:, 0], out[:, 1].clone()
+        one = emitted == 0
+        assert bool((second[one] == -1).all()) and bool((second[~one] >= 0).all())
+        nxt, e2 = run(1, first[one], 1)  # the next round from prompt + first
+        second[one] = nxt[:, 0]
+        draws.append(first * V + second)
+        accepted += int(emitted.sum()) + int(e2.sum())
+        drafted += 2 * chunk + int(one.sum())
+    draws = torch.cat(draws)
+    assert draws.numel() == N_DRAWS
+    assert_matches(draws, joint, what=f"assisted first two tokens at 10^6 runs, {config}")
+    # a noisy draft: accepted and rejected drafts both occur (the residual path is exercised)
+    assert 0.2 < accepted / drafted < 0.95, (accepted, drafted)
+
+
 # ---------------------------------------------------------------------------------------------
 # the tree-attention hook in a real decode loop
 def _hook_llama(V=96, layers=2, Hq=32, Hkv=8, D=128, hidden=256):

@@ -198,6 +198,97 @@ def test_seeded_sampling_reproducible(engine):
 
 
 # ---------------------------------------------------------------------------------------------
+# the whole step in the engine: penalties, logit bias, bad words, allowed tokens, logprobs
+
+
+def _logprob_rows(outs):
+    """Per request, per generated token: {token id: (logprob, rank)} of vLLM's output."""
+    return [
+        [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])] for o in outs
+    ]
+
+
+def _same_logprobs(a, b, tol=1e-4):
+    for ra, rb in zip(a, b):
+        assert len(ra) == len(rb)
+        for sa, sb in zip(ra, rb):
+            assert sa.keys() == sb.keys()
+            for t in sa:
+                assert abs(sa[t][0] - sb[t][0]) <= tol * max(1.0, abs(sb[t][0])), (t, sa[t], sb[t])
+                assert sa[t][1] == sb[t][1], (t, sa[t], sb[t])
+
+
+def test_whole_step_greedy_identical_with_and_without_plugin(engine):
+    """Greedy requests with penalties, logit bias, single- and two-token bad words, allowed-token
+    lists, min_tokens and logprobs: the plugin routes them through one decodekit.sample call per
+    step (order="vllm") and gives vLLM's tokens, logprobs (raw mode, vLLM's default) and ranks."""
+    vocab, llm = engine
+    tok = llm.get_tokenizer()
+    prompts = _prompts(10, vocab, seed=5)
+    plain = _gen(llm, prompts, vllm.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    word = lambda ids: " ".join(tok.decode([t]) for t in ids)  # noqa: E731  (word-level tokenizer)
+    base = dict(temperature=0.0, max_tokens=20, ignore_eos=True)
+    params = []
+    for i, ref in enumerate(plain):
+        kind = i % 5
+        if kind == 0:
+            kw = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, logprobs=3)
+        elif kind == 1:
+            kw = dict(logit_bias={ref[0]: -30.0, (ref[0] + 7) % (vocab - 3): 0.5}, logprobs=2)
+        elif kind == 2:
+            kw = dict(bad_words=[word([ref[3]])], repetition_penalty=1.1)
+        elif kind == 3:
+            kw = dict(bad_words=[word(ref[5:7])], logprobs=0)  # a two-token word: ref[6] banned after ref[5]
+        else:
+            kw = dict(allowed_token_ids=sorted(set(range(3, 400)) - {ref[2]}), min_tokens=4, logprobs=1)
+        params.append(vllm.SamplingParams(**base, **kw))
+    dv.uninstall()
+    ref_out = llm.generate(prompts, params, use_tqdm=False)
+    dv.install()
+    got_out, n = _served("pipeline", lambda: llm.generate(prompts, params, use_tqdm=False))
+    assert n > 0, "the plugin routed no whole step"
+    ref_toks = [list(o.outputs[0].token_ids) for o in ref_out]
+    got_toks = [list(o.outputs[0].token_ids) for o in got_out]
+    assert got_toks == ref_toks
+    _same_logprobs(_logprob_rows(got_out), _logprob_rows(ref_out))
+    # every feature changed the greedy output (the case tests something)
+    for i in range(len(prompts)):
+        assert got_toks[i] != plain[i], i
+    assert all(3 <= t < 400 and t != plain[4][2] for t in got_toks[4])
+
+
+def test_whole_step_seeded_sampling_reproducible(engine):
+    """Seeded sampling with penalties, bias, bad words and logprobs through the plugin: the same
+    tokens on a rerun and in another batch order; tokens inside the vocabulary."""
+    vocab, llm = engine
+    prompts = _prompts(12, vocab, seed=6)
+    params = [
+        vllm.SamplingParams(
+            temperature=0.8,
+            top_k=40 if i % 2 else -1,
+            top_p=0.9,
+            min_p=0.01 if i % 3 == 0 else 0.0,
+            repetition_penalty=1.2,
+            frequency_penalty=0.3,
+            presence_penalty=0.1,
+            logit_bias={5 + i: 2.0},
+            bad_words=["w1 w2", "w3"],
+            logprobs=2,
+            max_tokens=20,
+            ignore_eos=True,
+            seed=300 + i,
+        )
+        for i in range(len(prompts))
+    ]
+    a, n = _served("pipeline", lambda: _gen(llm, prompts, params))
+    assert n > 0
+    assert _gen(llm, prompts, params) == a
+    order = [7, 2, 11, 0, 5]
+    assert _gen(llm, [prompts[i] for i in order], [params[i] for i in order]) == [a[i] for i in order]
+    assert all(0 <= t < vocab for row in a for t in row)
+
+
+# ---------------------------------------------------------------------------------------------
 # speculative decoding with vLLM's n-gram proposer
 
 
@@ -302,6 +393,199 @@ def test_sampler_distribution_in_vllm_order():
     samples = [sampler(row.expand(B, V).contiguous(), md).sampled_token_ids.flatten() for _ in range(-(-N_DRAWS // B))]
     assert dv.stats["min_p"] - before == len(samples)
     assert_matches(torch.cat(samples), expected, what="vLLM order through the plugin")
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole step on vLLM's own Sampler class (real metadata and logits processors)
+
+
+def _step_md(B, V, *, temperature, top_k=None, top_p=None, min_p=None, logprobs=None, seeds=None, like=None):
+    """SamplingMetadata of a batch using every feature the plugin routes: penalties (prompt and
+    output histories), logit bias, single- and multi-token bad words (matching and not), an
+    allowed-token mask, min_tokens (stop ids banned), min-p, through vLLM's own processors.
+    like=r: every row is request r (its history, bias, bad words, mask and penalties)."""
+    from vllm.config import VllmConfig
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+    from vllm.v1.sample.logits_processor.state import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    g = torch.Generator().manual_seed(21)
+    prompt_len, out_len = 12, 9
+    rows = range(B) if like is None else [like] * B
+    R = max(rows) + 1
+    prompt = torch.randint(0, V, (R, prompt_len), generator=g)
+    prompt[1::3, prompt_len - 4 :] = V  # vLLM pads prompts with V
+    outputs = [torch.randint(0, V, (out_len - (i % 4),), generator=g).tolist() for i in range(R)]
+    cfg = VllmConfig()
+    cfg.scheduler_config.max_num_seqs = B
+    added = []
+    for b, i in enumerate(rows):
+        sp = vllm.SamplingParams(
+            min_p=0.0 if min_p is None else min_p[b],
+            logit_bias={(7 * i) % V: 1.0, (7 * i + 1) % V: -2.5} if i % 3 else None,
+            min_tokens=out_len + 5 if i % 3 == 1 else 0,
+            stop_token_ids=[(5 * i + 2) % V, (5 * i + 3) % V],
+        )
+        added.append((b, sp, None, outputs[i]))
+    procs = [
+        cls(cfg, torch.device("cpu"), False)
+        for cls in (MinPLogitsProcessor, LogitBiasLogitsProcessor, MinTokensLogitsProcessor)
+    ]
+    for p in procs:
+        p.update_state(BatchUpdate(batch_size=B, removed=[], moved=[], added=added))
+    bad = {}
+    for b, i in enumerate(rows):  # one-token words; multi-token words whose prefix does / does not end the output
+        if i % 2 == 0:
+            bad[b] = [[(3 * i + 1) % V], outputs[i][-1:] + [(3 * i + 4) % V], [outputs[i][-1] + 1, (3 * i + 5) % V]]
+            if i % 4 == 0:
+                bad[b].append(outputs[i][-2:] + [(3 * i + 6) % V])
+    masked = torch.zeros(B, V, dtype=torch.bool)  # True = masked (vLLM's convention)
+    for b, i in enumerate(rows):
+        if i % 4 >= 2:
+            masked[b, V // 2 :] = True
+    idx = torch.tensor(list(rows))
+    return SamplingMetadata(
+        temperature=temperature,
+        all_greedy=temperature is None,
+        all_random=temperature is not None and bool((temperature >= 1e-5).all()),
+        top_p=top_p,
+        top_k=top_k,
+        generators={i: torch.Generator().manual_seed(s) for i, s in (seeds or {}).items()},
+        max_num_logprobs=logprobs,
+        no_penalties=False,
+        prompt_token_ids=prompt[idx],
+        frequency_penalties=torch.tensor([0.3 * (i % 3) for i in rows]),
+        presence_penalties=torch.tensor([0.1 + 0.1 * (i % 2) for i in rows]),
+        repetition_penalties=torch.tensor([1.0 + 0.15 * (i % 4) for i in rows]),
+        output_token_ids=[outputs[i] for i in rows],
+        allowed_token_ids_mask=masked,
+        bad_words_token_ids=bad,
+        logitsprocs=LogitsProcessors(procs),
+    )
+
+
+def _routed(sampler, logits, md):
+    dv.install()
+    before = dv.stats["pipeline"]
+    out = sampler(logits.clone(), md)
+    assert dv.stats["pipeline"] == before + 1, "the whole step was not routed"
+    return out
+
+
+def _vllm_own(sampler, logits, md):
+    dv.uninstall()
+    try:
+        return sampler(logits.clone(), md)
+    finally:
+        dv.install()
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs", "raw_logits"])
+def test_whole_step_logprobs_match_vllm(mode):
+    """A mixed batch (greedy rows, sampled rows with per-row T / top-k / top-p / min-p) with every
+    routed feature, through vLLM's Sampler in each logprobs mode the plugin serves: greedy tokens
+    identical to vLLM's; the top-n ids, logprobs and the sampled token's logprob and rank equal to
+    vLLM's own (vLLM's full logprob row at decodekit's token for sampled rows); the sampled token
+    lies inside vLLM's processed support."""
+    from vllm.v1.sample.sampler import Sampler
+
+    B, V, n = 12, 300, 4
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, V, generator=g) * 2.5
+    T = torch.tensor([0.0 if i % 3 == 0 else 0.6 + 0.1 * (i % 5) for i in range(B)])
+    on = T > 0  # vLLM turns top-k / top-p / min-p off for greedy requests (SamplingParams)
+    kw = dict(
+        temperature=T,
+        top_k=torch.tensor([20 if i % 2 == 0 and on[i] else V for i in range(B)], dtype=torch.int32),
+        top_p=torch.tensor([0.85 if i % 3 != 1 and on[i] else 1.0 for i in range(B)]),
+        min_p=[0.05 if i % 4 == 2 and on[i] else 0.0 for i in range(B)],
+        seeds={1: 11, 2: 12},
+    )
+    sampler = Sampler(logprobs_mode=mode)
+    got = _routed(sampler, logits, _step_md(B, V, logprobs=n, **kw))
+    ref = _vllm_own(sampler, logits, _step_md(B, V, logprobs=n, **kw))
+    full = _vllm_own(sampler, logits, _step_md(B, V, logprobs=-1, **kw)).logprobs_tensors.logprobs
+    support = _vllm_own(Sampler(logprobs_mode="processed_logprobs"), logits, _step_md(B, V, logprobs=-1, **kw))
+    support = support.logprobs_tensors.logprobs > float("-inf")
+    tok = got.sampled_token_ids.flatten().long()
+    greedy = T == 0
+    assert got.sampled_token_ids.dtype == torch.int32 and got.sampled_token_ids.shape == (B, 1)
+    assert torch.equal(tok[greedy], ref.sampled_token_ids.flatten().long()[greedy])
+    assert bool(support[torch.arange(B), tok].all()), "a token outside vLLM's processed support"
+    gl, rl = got.logprobs_tensors, ref.logprobs_tensors
+    assert gl.logprob_token_ids.dtype == torch.int32 and gl.logprob_token_ids.shape == (B, n + 1)
+    finite = rl.logprobs[:, 1:] > float("-inf")  # past a row's survivors (processed): ids at -inf, any order
+    assert bool(finite[:, 0].all()) and not bool(finite.all()) == (mode == "processed_logprobs")
+    assert torch.equal(gl.logprob_token_ids[:, 1:][finite], rl.logprob_token_ids[:, 1:][finite])
+    torch.testing.assert_close(gl.logprobs[:, 1:], rl.logprobs[:, 1:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gl.logprob_token_ids[:, 0].long(), tok)
+    torch.testing.assert_close(gl.logprobs[:, 0], full[torch.arange(B), tok], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gl.selected_token_ranks, (full >= full[torch.arange(B), tok][:, None]).sum(-1))
+    assert torch.equal(gl.selected_token_ranks[greedy], rl.selected_token_ranks[greedy])
+
+
+def test_whole_step_distribution_matches_vllm():
+    """10^6 draws through the routed Sampler with penalties, logit bias, an allowed-token mask,
+    min-tokens, min-p, top-k and top-p: chi-square against vLLM's own processed distribution of the
+    same row (its processed_logprobs), no draw outside it. (Bad words are bans: their exactness is
+    in the logprobs tests above; leaving them out here halves the per-row Python of 10^6 rows.)"""
+    from vllm.v1.sample.sampler import Sampler
+
+    B, V = 4096, 64
+    row = torch.randn(V, generator=torch.Generator().manual_seed(8))
+    kw = dict(
+        temperature=torch.full((B,), 0.9),
+        top_k=torch.full((B,), 20, dtype=torch.int32),
+        top_p=torch.full((B,), 0.9),
+        min_p=[0.02] * B,
+    )
+    r = 7  # request 7 of _step_md: penalties, logit bias, min_tokens, a masked half
+    md = _step_md(B, V, like=r, **kw)
+    assert md.frequency_penalties[0] > 0 and md.repetition_penalties[0] > 1
+    assert bool(md.allowed_token_ids_mask[0].any()) and md.logitsprocs.non_argmax_invariant[0].biases
+    full = _vllm_own(
+        Sampler(logprobs_mode="processed_logprobs"), row.expand(B, V), _step_md(B, V, like=r, logprobs=-1, **kw)
+    )
+    expected = full.logprobs_tensors.logprobs[0].double().exp()
+    assert int((expected > 0).sum()) >= 5, "a case with a real choice"
+    sampler = Sampler()
+    torch.manual_seed(0)
+    draws = [_routed(sampler, row.expand(B, V), md).sampled_token_ids.flatten() for _ in range(-(-N_DRAWS // B))]
+    assert_matches(torch.cat(draws), expected, what="the whole step through the plugin vs vLLM's distribution")
+
+
+def test_fallback_runs_vllm_code_and_logs_once(caplog):
+    """What the plugin cannot serve exactly (here logprobs_mode=processed_logits) runs vLLM's own
+    step for that batch, with one log line per reason per process."""
+    import logging
+
+    from vllm.v1.sample.sampler import Sampler
+
+    B, V = 6, 100
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(2))
+    sampler = Sampler(logprobs_mode="processed_logits")
+    md = lambda: _step_md(B, V, temperature=None, logprobs=3)  # noqa: E731  (all greedy)
+    for key in [k for k in dv._logged if "processed_logits" in k[1]]:
+        dv._logged.discard(key)
+    dv.install()
+    before = dv.stats["fallback_sampler step"]
+    with caplog.at_level(logging.WARNING, logger="decodekit.vllm"):
+        a = sampler(logits.clone(), md())
+        first = [r.getMessage() for r in caplog.records if r.name == "decodekit.vllm"]
+        b = sampler(logits.clone(), md())
+        second = [r.getMessage() for r in caplog.records if r.name == "decodekit.vllm"]
+    assert dv.stats["fallback_sampler step"] == before + 2
+    assert any("processed_logits" in m and "logged once" in m for m in first), first
+    assert second == first, "a second batch logged again"
+    ref = _vllm_own(sampler, logits, md())
+    for out in (a, b):
+        assert torch.equal(out.sampled_token_ids, ref.sampled_token_ids)
+        assert torch.equal(out.logprobs_tensors.logprobs, ref.logprobs_tensors.logprobs)
 
 
 def _spec_md(num_draft_tokens, device="cpu"):

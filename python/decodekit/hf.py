@@ -483,6 +483,73 @@ def _forward(model, tokens, cache, start: int, keep: int):
     return out.logits[:, -keep:].float()
 
 
+def draft_token(scores, seq, params, do_sample):
+    """The draft's token after `seq` [B, L] from its (head-processed) scores [B, V]: sampling draws
+    from q, the draft's distribution under the same step as the target's (returned with the token);
+    greedy takes the argmax (q None)."""
+    if not do_sample:
+        return _draw(scores, {}, False), None
+    q = _draft_probs(scores, _step_kwargs(params, seq, scores.shape[-1]))
+    return _sampling.sampling_from_probs(q), q
+
+
+def assist_round(model, draft, seq, cache, dcache, head, params, do_sample, n):
+    """One round of assisted generation, the one `generate(..., draft_model=)` runs each step: the
+    draft proposes n tokens after `seq` [B, L] (rows of equal length), the target scores them in
+    one forward pass and decodekit's chain verification accepts a prefix. The caches hold a prefix
+    of `seq` (or nothing) and are extended, not cropped. Returns (out [B, n + 1] with -1 past the
+    emitted tokens, emitted [B]: the number of accepted drafts; row b emits out[b, : emitted + 1])."""
+    L = seq.shape[1]
+    # draft n tokens, one at a time, from the draft's filtered distribution q
+    drafts, qs, dseq = [], [], seq
+    dlen = dcache.get_seq_length()
+    for _ in range(n):
+        dl = _forward(draft, dseq[:, dlen:], dcache, dlen, 1)[:, -1]
+        dlen = dseq.shape[1]
+        tok, q = draft_token(head(dseq, dl) if head else dl, dseq, params, do_sample)
+        qs.append(q)
+        drafts.append(tok)
+        dseq = torch.cat([dseq, tok[:, None]], dim=-1)
+    d = torch.stack(drafts, dim=1)  # [B, n]
+    # target: one forward over the uncached tokens and the drafts; logits of the last n + 1
+    tlen = cache.get_seq_length()
+    tl = _forward(model, dseq[:, tlen:], cache, tlen, n + 1)  # [B, n + 1, V]
+    if head:
+        tl = torch.stack([head(dseq[:, : L + j], tl[:, j]) for j in range(n + 1)], dim=1)
+    return verify_drafts(torch.stack(qs, dim=1) if do_sample else None, d, tl, dseq, params, do_sample)
+
+
+def verify_drafts(Q, d, tl, dseq, params, do_sample):
+    """decodekit's verification of one assisted round (what `assist_round` does after the forward
+    passes): Q [B, n, V] the draft's distributions the drafts d [B, n] were drawn from, tl
+    [B, n + 1, V] the target's logits (after HF's head processors), dseq [B, L + n] the sequences
+    with the drafts (the repetition penalty's history). Greedy: `greedy_verify`; sampling with only
+    temperature / top-k / top-p / min-p: `chain_speculative_sampling_from_logits` (the filters
+    applied inside the kernel); otherwise the whole step per position, then
+    `chain_speculative_sampling` from probabilities. Returns (out [B, n + 1], emitted [B])."""
+    if not do_sample:
+        out, _, emitted = greedy_verify(d, tl)
+        return out, emitted
+    if all(k in _BASIC for k in params):
+        out, _, emitted = chain_speculative_sampling_from_logits(
+            Q,
+            d,
+            tl,
+            temperature=params.get("temperature", 1.0),
+            top_k=params.get("top_k"),
+            top_p=params.get("top_p"),
+            min_p=params.get("min_p"),
+        )
+    else:
+        n, V = d.shape[1], tl.shape[-1]
+        L = dseq.shape[1] - n
+        Pt = torch.stack(
+            [_draft_probs(tl[:, j], _step_kwargs(params, dseq[:, : L + j], V)) for j in range(n + 1)], dim=1
+        )
+        out, _, emitted = chain_speculative_sampling(Q, d, Pt)
+    return out, emitted
+
+
 def _assisted(
     model, draft, input_ids, head, params, do_sample, stopping_criteria, cfg, streamer, n_draft, stats, model_kwargs
 ):
@@ -510,52 +577,8 @@ def _assisted(
     seq = input_ids
     done = False
     while not done:
-        L = seq.shape[1]
-        n = max(1, min(N, max_len - L))
-        # draft n tokens, one at a time, from the draft's filtered distribution q
-        drafts, qs, dseq = [], [], seq
-        dlen = dcache.get_seq_length()
-        for j in range(n):
-            dl = _forward(draft, dseq[:, dlen:], dcache, dlen, 1)[:, -1]
-            dlen = dseq.shape[1]
-            ds = head(dseq, dl) if head else dl
-            if do_sample:
-                q = _draft_probs(ds, _step_kwargs(params, dseq, ds.shape[-1]))
-                tok = _sampling.sampling_from_probs(q)
-                qs.append(q)
-            else:
-                tok = _draw(ds, {}, False)
-            drafts.append(tok)
-            dseq = torch.cat([dseq, tok[:, None]], dim=-1)
-        d = torch.stack(drafts, dim=1)  # [1, n]
-        # target: one forward over the uncached tokens and the drafts; logits of the last n + 1
-        tlen = cache.get_seq_length()
-        tl = _forward(model, dseq[:, tlen:], cache, tlen, n + 1)  # [1, n + 1, V]
-        if head:
-            tl = torch.stack([head(dseq[:, : L + j], tl[:, j]) for j in range(n + 1)], dim=1)
-        if do_sample:
-            Q = torch.stack(qs, dim=1)
-            if all(k in _BASIC for k in params):  # the filters are resolved inside the verification kernel
-                out, _, emitted = chain_speculative_sampling_from_logits(
-                    Q,
-                    d,
-                    tl,
-                    temperature=params.get("temperature", 1.0),
-                    top_k=params.get("top_k"),
-                    top_p=params.get("top_p"),
-                    min_p=params.get("min_p"),
-                )
-            else:  # the whole step (penalties, entropy truncations) per position, then verification from probs
-                Pt = torch.stack(
-                    [
-                        _draft_probs(tl[:, j], _step_kwargs(params, dseq[:, : L + j], tl.shape[-1]))
-                        for j in range(n + 1)
-                    ],
-                    dim=1,
-                )
-                out, _, emitted = chain_speculative_sampling(Q, d, Pt)
-        else:
-            out, _, emitted = greedy_verify(d, tl)
+        n = max(1, min(N, max_len - seq.shape[1]))
+        out, emitted = assist_round(model, draft, seq, cache, dcache, head, params, do_sample, n)
         m = int(emitted[0])
         new = out[0, : m + 1]
         stats["rounds"] += 1

@@ -9,17 +9,27 @@ workers). This one does nothing unless the user asks for it:
 
 ``DECODEKIT_VLLM=0`` turns it off even when ``VLLM_PLUGINS`` names it.
 
-Once enabled it replaces two methods of vLLM's classes (so every sampler instance, present or
+Once enabled it replaces three methods of vLLM's classes (so every sampler instance, present or
 future, uses them):
 
-``Sampler.sample`` (the step after vLLM's logits processors, penalties, bad words and allowed-token
-masks, which keep running in vLLM's own code before it): the all-greedy fast path, temperature,
-min-p, top-k, top-p and the draw go to ``decodekit.sample`` with one 63-bit seed per row, drawn from
-the request's ``torch.Generator`` when it has one (seeded requests), otherwise from torch's
-default generator. vLLM's order is kept: min-p is evaluated on the temperature-scaled distribution
-BEFORE top-k / top-p (vLLM applies min-p as an argmax-invariant logits processor first), then
-top-k, then top-p on the renormalised top-k survivors. Rows with temperature < 1e-5 are greedy
-(vLLM's ``_SAMPLING_EPS``), lowest index on ties.
+``Sampler.forward`` (the whole step): when a batch uses penalties (repetition / frequency /
+presence over vLLM's prompt and output token ids), logit bias, bad words, allowed-token lists,
+min_tokens or logprobs, the step is ONE ``decodekit.sample`` call with ``order="vllm"``: the
+allowed-token mask as decodekit's bitmask, bad words (single-token, and multi-token ones whose
+prefix ends the request's output, matched exactly as vLLM matches them) and the min_tokens stop ids
+as banned ids, vLLM's logit bias, the penalties from the token histories, then temperature, min-p,
+top-k, top-p, the draw and the logprobs. Logprobs modes: ``raw_logprobs`` and
+``processed_logprobs`` are decodekit's ``logprobs_mode`` "raw" / "processed"; ``raw_logits``
+returns the raw logits at decodekit's ids (ranks counted on the logits). The output is vLLM's:
+int32 ``[B, 1]`` tokens and ``LogprobsTensors`` (sampled token first, then the top n, ranks).
+Batches that use none of these go through vLLM's ``forward``, whose ``sample`` is routed:
+
+``Sampler.sample``: the all-greedy fast path, temperature, min-p, top-k, top-p and the draw go to
+``decodekit.sample`` with one 63-bit seed per row, drawn from the request's ``torch.Generator`` when
+it has one (seeded requests), otherwise from torch's default generator. vLLM's order is kept:
+min-p is evaluated on the temperature-scaled distribution BEFORE top-k / top-p (vLLM applies min-p
+as an argmax-invariant logits processor first), then top-k, then top-p on the renormalised top-k
+survivors. Rows with temperature < 1e-5 are greedy (vLLM's ``_SAMPLING_EPS``), lowest index on ties.
 
 ``RejectionSampler.forward`` (speculative decoding): the target logits of every request (its draft
 positions and its bonus position, after vLLM's own penalties / bad words / masks / min-tokens) go
@@ -40,13 +50,18 @@ of a request uses that request's temperature, top-k and top-p.
 
 Falls back to vLLM's own code for the whole batch (one log line per reason, once per process):
 
-- logprobs in a ``processed_*`` logprobs mode (they need vLLM's processed logits), and in the
-  rejection sampler any logprobs request;
+- in the whole step: logprobs in the ``processed_logits`` mode, ``logprob_token_ids`` and
+  full-vocabulary logprobs (-1), a thinking-token budget, min_tokens of a structured-output request
+  (vLLM restores stop tokens there), a non-argmax-invariant logits processor other than vLLM's
+  logit bias and min-tokens; vLLM's forward then runs, and its ``sample`` stays routed unless the
+  logprobs mode is a processed one;
 - an argmax-invariant logits processor other than vLLM's built-in min-p (an unknown processor);
-- in the rejection sampler: min-p (vLLM does not apply it to the draft positions there, only to the
-  bonus token), synthetic acceptance mode;
+- in the rejection sampler: any logprobs request, min-p (vLLM does not apply it to the draft
+  positions there, only to the bonus token), synthetic acceptance mode; its penalties / bad words /
+  masks run in vLLM's processing code before decodekit's verification;
 - CUDA tensors in the rejection sampler when top-k / top-p are used (decodekit's CUDA logits
-  verification supports temperature only so far);
+  verification supports temperature only so far), and CUDA tensors in the whole step while
+  decodekit's ``pipeline`` op has no CUDA kernel (checked in torch's dispatcher);
 - a device other than CPU or CUDA.
 
 ``stats`` counts the calls served by decodekit and the fallbacks (per process).
@@ -58,6 +73,7 @@ import logging
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 
 import decodekit as dk
@@ -101,8 +117,10 @@ def install() -> None:
     from vllm.v1.sample.rejection_sampler import RejectionSampler
     from vllm.v1.sample.sampler import Sampler
 
+    _originals["forward"] = Sampler.forward
     _originals["sample"] = Sampler.sample
     _originals["rejection"] = RejectionSampler.forward
+    Sampler.forward = _forward
     Sampler.sample = _sample
     RejectionSampler.forward = _rejection_forward
     _log.info(
@@ -118,6 +136,7 @@ def uninstall() -> None:
     from vllm.v1.sample.rejection_sampler import RejectionSampler
     from vllm.v1.sample.sampler import Sampler
 
+    Sampler.forward = _originals.pop("forward")
     Sampler.sample = _originals.pop("sample")
     RejectionSampler.forward = _originals.pop("rejection")
 
@@ -171,6 +190,14 @@ def _supported_device(x: torch.Tensor) -> bool:
     return x.device.type in ("cpu", "cuda")
 
 
+def _pipeline_on(device_type: str) -> bool:
+    """Whether decodekit's one-pass step (the `pipeline` op) has a kernel for this device."""
+    if device_type == "cpu":
+        return True
+    key = {"cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("decodekit::pipeline", key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler.sample
 
@@ -214,6 +241,166 @@ def _sample(self, logits, sampling_metadata, logprobs_mode_override=None):
         T1 = (T > 0).to(torch.float32) if isinstance(T, torch.Tensor) else 0.0
         tokens = dk.sample(masked, temperature=T1, top_k=sm.top_k, top_p=sm.top_p, seed=seeds)
     return tokens, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler.forward: the whole step (penalties, logit bias, bad words, allowed tokens, min-tokens,
+# logprobs) in one decodekit.sample call
+
+
+def _matched_bad_words(words, past):
+    """The last token of every bad word whose prefix ends `past` (vLLM's rule: a word of length L
+    is checked once at least L - 1 tokens were generated; single-token words always match)."""
+    out = []
+    for w in words:
+        if len(w) > len(past) + 1:
+            continue
+        prefix = w[:-1]
+        if not prefix or list(past[len(past) - len(prefix) :]) == list(prefix):
+            out.append(w[-1])
+    return out
+
+
+def _padded(rows, device, fill=-1, dtype=torch.int64):
+    """list of lists -> [len(rows), max(1, longest)] tensor padded with `fill`."""
+    width = max(1, max(map(len, rows), default=0))
+    a = np.full((len(rows), width), fill, dtype=np.float32 if dtype == torch.float32 else np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            a[i, : len(r)] = r
+    return torch.from_numpy(a).to(device, non_blocking=True)
+
+
+def _bitmask(disallowed: torch.Tensor) -> torch.Tensor:
+    """vLLM's allowed_token_ids_mask rows (bool [B, V], True = masked) as decodekit's int32
+    allowed-token bitmask [B, ceil(V / 32)] (bit j of word w allows token 32 w + j)."""
+    B, V = disallowed.shape
+    W = -(-V // 32)
+    if disallowed.device.type == "cpu":  # bits packed by numpy, little-endian words
+        allowed = np.zeros((B, W * 32), dtype=bool)
+        allowed[:, :V] = ~disallowed.numpy()
+        return torch.from_numpy(np.packbits(allowed, axis=-1, bitorder="little").view("<i4").astype(np.int32))
+    allowed = torch.zeros(B, W * 32, dtype=torch.int64, device=disallowed.device)
+    allowed[:, :V] = (~disallowed).to(torch.int64)
+    words = (allowed.view(B, W, 32) << torch.arange(32, device=disallowed.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _step_plan(self, logits, sm, mode, predict_bonus_token):
+    """The decodekit.sample keywords of this batch's whole step; a string (the reason) when a part
+    of it is not exact in decodekit; None when only temperature / filters are used (the step then
+    goes through vLLM's forward, whose `sample` is routed)."""
+    from vllm.v1.sample.logits_processor.builtin import (
+        LogitBiasLogitsProcessor,
+        MinPLogitsProcessor,
+        MinTokensLogitsProcessor,
+    )
+
+    B, V = logits.shape
+    wants_logprobs = sm.max_num_logprobs is not None or bool(sm.logprob_token_ids)
+    if not _pipeline_on(logits.device.type):
+        return f"the whole step on {logits.device.type} (no decodekit pipeline kernel there)"
+    if wants_logprobs and mode == "processed_logits":
+        return "logprobs_mode=processed_logits"
+    if sm.logprob_token_ids:
+        return "logprob_token_ids"
+    if sm.max_num_logprobs is not None and sm.max_num_logprobs < 0:
+        return "full-vocabulary logprobs (-1)"
+    holder = sm.thinking_budget_state_holder
+    if holder is not None and holder.has_tracked_requests():
+        return "a thinking-token budget"
+    banned = [[] for _ in range(B)]
+    bias = None
+    for proc in sm.logitsprocs.non_argmax_invariant:
+        if isinstance(proc, LogitBiasLogitsProcessor):
+            if proc.biases:
+                bias = proc.biases
+        elif isinstance(proc, MinTokensLogitsProcessor):
+            for i, (_, _, stop_ids, structured) in proc.min_toks.items():
+                if structured:
+                    return "min_tokens with structured output"
+                if i < B:
+                    banned[i].extend(stop_ids)
+        else:
+            return "a logits processor other than vLLM's built-in ones"
+    min_p = None
+    for proc in sm.logitsprocs.argmax_invariant:
+        if not isinstance(proc, MinPLogitsProcessor):
+            return "an argmax-invariant logits processor other than min-p"
+        if proc.min_p_count:
+            min_p = proc.min_p.reshape(-1)
+    penalties = not sm.no_penalties
+    output_ids = sm.output_token_ids
+    if predict_bonus_token and (penalties or sm.bad_words_token_ids):
+        output_ids = self._combine_outputs_with_spec_tokens(output_ids, sm.spec_token_ids)
+    for i, words in sm.bad_words_token_ids.items():
+        if i < B:
+            banned[i].extend(_matched_bad_words(words, output_ids[i]))
+    routed = wants_logprobs or penalties or bias is not None or any(banned) or sm.allowed_token_ids_mask is not None
+    if not routed:
+        return None
+
+    device = logits.device
+    kw = dict(order="vllm", min_p=min_p)
+    if sm.all_greedy:
+        kw["temperature"] = 0.0
+    else:
+        kw.update(temperature=_temperature(sm, B, device), top_k=sm.top_k, top_p=sm.top_p)
+        kw["seed"] = _seeds(sm, B, device)
+    if sm.allowed_token_ids_mask is not None:
+        kw["allowed_token_bitmask"] = _bitmask(sm.allowed_token_ids_mask[:B])
+    if any(banned):
+        kw["banned_token_ids"] = _padded(banned, device)
+    if bias is not None:
+        rows = [list(bias.get(i, {}).items()) for i in range(B)]
+        kw["logit_bias"] = (
+            _padded([[t for t, _ in r] for r in rows], device),
+            _padded([[v for _, v in r] for r in rows], device, 0.0, torch.float32),
+        )
+    if penalties:
+        prompt = sm.prompt_token_ids[:B]
+        kw.update(
+            prompt_token_ids=prompt.masked_fill(prompt >= V, -1),  # vLLM pads with V
+            output_token_ids=_padded(output_ids[:B], device),  # async placeholders (-1): ignored
+            repetition_penalty=sm.repetition_penalties[:B],
+            frequency_penalty=sm.frequency_penalties[:B],
+            presence_penalty=sm.presence_penalties[:B],
+        )
+    if sm.max_num_logprobs is not None:
+        kw["top_logprobs"] = max(1, sm.max_num_logprobs)
+        kw["logprobs_mode"] = "processed" if mode == "processed_logprobs" else "raw"
+    return kw
+
+
+def _forward(self, logits, sampling_metadata, predict_bonus_token=False, logprobs_mode_override=None):
+    """Replacement of vllm.v1.sample.sampler.Sampler.forward (same signature and return)."""
+    from vllm.v1.outputs import LogprobsTensors, SamplerOutput
+
+    sm = sampling_metadata
+    mode = logprobs_mode_override or self.logprobs_mode
+    plan = _step_plan(self, logits, sm, mode, predict_bonus_token)
+    if isinstance(plan, str):
+        _fallback("sampler step", plan)
+    if not isinstance(plan, dict):  # vLLM's own step; its `sample` is decodekit's when exact
+        return _originals["forward"](self, logits, sampling_metadata, predict_bonus_token, logprobs_mode_override)
+    stats["pipeline"] += 1
+    n = sm.max_num_logprobs
+    res = dk.sample(logits, **plan)
+    if n is None:
+        return SamplerOutput(sampled_token_ids=res.to(torch.int32).unsqueeze(-1), logprobs_tensors=None)
+    tokens = res.tokens
+    ids = torch.cat((tokens.unsqueeze(-1), res.top_ids[:, :n]), 1)
+    if mode == "raw_logits":  # the raw logits themselves at decodekit's ids; ranks on the logits
+        raw = logits.to(torch.float32)
+        values = raw.gather(1, ids)
+        ranks = (raw >= values[:, :1]).sum(-1)
+    else:
+        values = torch.cat((res.logprobs.unsqueeze(-1), res.top_logprobs[:, :n]), 1)
+        ranks = res.ranks
+    return SamplerOutput(
+        sampled_token_ids=tokens.to(torch.int32).unsqueeze(-1),
+        logprobs_tensors=LogprobsTensors(ids.to(torch.int32), values.to(torch.float32), ranks.to(torch.int64)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
