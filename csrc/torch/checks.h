@@ -79,9 +79,7 @@ inline void check_indices(const at::Tensor& idx, int64_t B, const char* name) {
 //   temperature: 0 (greedy) or a normal float32 in [2^-126, FLT_MAX] (1 / T must be finite);
 //   top_p: > 0 (p >= 1 disables; a p below float32's range keeps the argmax tie group, as any p < 1/V);
 //   min_p: in [0, 1].
-inline bool temperature_ok(double v) { return v == 0.0 || (v >= kF32MinNormal && v <= kF32Max); }
-inline bool top_p_ok(double v) { return v > 0.0; }
-inline bool min_p_ok(double v) { return v >= 0.0 && v <= 1.0; }
+// (temperature_ok, top_p_ok, min_p_ok: decodekit/common.h, shared with the CUDA kernels' per-row checks)
 inline const char* temperature_rule() {
   return "temperature must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
 }
