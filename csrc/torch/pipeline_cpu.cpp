@@ -26,7 +26,7 @@ TORCH_LIBRARY_FRAGMENT(decodekit, m) {
 namespace dk::torchb {
 namespace {
 
-using Out7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Out7 = PipeOut7;
 
 Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices, const at::Tensor& params,
                   int64_t order, const std::optional<at::Tensor>& bitmask, const std::optional<at::Tensor>& banned,
@@ -35,17 +35,11 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
                   int64_t top_n, bool raw_logprobs, bool want_logprob, const std::optional<at::Tensor>& seed_arr,
                   int64_t seed_val, int64_t offset) {
   RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
-  const int64_t n = rs.n_out, V = x.size(1);
+  const int64_t n = rs.n_out;
   PipelinePack pk =
       pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode, top_n);
-  auto L = x.options().dtype(at::kLong);
-  auto F = x.options().dtype(at::kFloat);
-  const bool sample = mode == 0;
-  at::Tensor tokens = at::empty({sample ? n : 0}, L), valid = at::empty({sample ? n : 0}, x.options().dtype(at::kBool));
-  at::Tensor logprob = at::empty({sample ? n : 0}, F), rank = at::empty({sample ? n : 0}, L);
-  at::Tensor top_ids = at::empty({sample ? n : 0, top_n}, L), top_lp = at::empty({sample ? n : 0, top_n}, F);
-  at::Tensor logits = at::empty({sample ? 0 : n, V}, x.options());
-  if (n == 0) return {tokens, valid, logprob, rank, top_ids, top_lp, logits};
+  Out7 outs = pipeline_outputs(x, n, mode, top_n);
+  if (n == 0) return outs;
   cpu::PipelineArgs a;
   a.in = as_matrix(rs.x);
   a.indices = rs.idx_ptr();
@@ -58,19 +52,10 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
   a.top_n = top_n;
   a.raw_logprobs = raw_logprobs;
   a.want_logprob = want_logprob;
-  if (sample) {
-    a.out_tokens = tokens.data_ptr<int64_t>();
-    a.out_valid = valid.data_ptr<bool>();
-    a.out_logprob = logprob.data_ptr<float>();
-    a.out_rank = rank.data_ptr<int64_t>();
-    a.out_top_ids = top_ids.data_ptr<int64_t>();
-    a.out_top_lp = top_lp.data_ptr<float>();
-  } else {
-    a.out_logits = logits.data_ptr();
-  }
+  set_pipeline_outputs(a, outs, mode);
   const auto& tab = cpu::active();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { tab.pipeline_rows(a, b, e); });
-  return {tokens, valid, logprob, rank, top_ids, top_lp, logits};
+  return outs;
 }
 
 void apply_token_bitmask_cpu(at::Tensor logits, const at::Tensor& bitmask, const std::optional<at::Tensor>& indices) {
