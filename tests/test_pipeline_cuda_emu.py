@@ -178,9 +178,7 @@ def test_invalid_values_give_invalid_rows():
     kw, params = _proc(B, V, 2)
     kw["banned_token_ids"][1, 2] = V  # out of range
     kw["logit_bias"][1][2, 3] = float("nan")
-    params.update(
-        temperature=0.9, top_k=20, typical_p=torch.tensor([0.9, 0.9, 0.9, 0.0], dtype=torch.float64)
-    )
+    params.update(temperature=0.9, top_k=20, typical_p=torch.tensor([0.9, 0.9, 0.9, 0.0], dtype=torch.float64))
     args = _args(x, kw, params, top_n=2)
     with pytest.raises(ValueError):
         torch.ops.decodekit.pipeline(*args)
@@ -205,3 +203,32 @@ def test_full_vocabulary_row():
     params.update(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05)
     _check(_args(x, kw, params, top_n=5))
     _check(_args(x, kw, params, top_n=5, raw=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the emulator tests above run anywhere)")
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_device_matches_cpu(order):
+    """On a GPU: the same tokens, valid flags, ranks and top ids as the CPU op; logprobs equal up to
+    the documented last-bit difference of libdevice's double log."""
+    B, V = 6, 32000
+    x = _logits(B, V, 41)
+    x[5, 3] = float("nan")
+    kw, params = _proc(B, V, 41)
+    params.update(temperature=0.8, top_k=60, top_p=0.92, min_p=0.02, typical_p=0.97, min_tokens_to_keep=2)
+    for raw in (False, True):
+        args = _args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw)
+        cpu = torch.ops.decodekit.pipeline(*args)
+        dev_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        dev = [t.cpu() for t in torch.ops.decodekit.pipeline(*dev_args)]
+        for j in (0, 1, 3, 4):
+            assert torch.equal(cpu[j], dev[j])
+        for j in (2, 5):
+            torch.testing.assert_close(dev[j], cpu[j], rtol=2e-7, atol=1e-7)
+    masked = torch.ops.decodekit.pipeline(
+        *tuple(
+            a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(x, kw, params, order=ORDERS[order], mode=1)
+        )
+    )[6]
+    assert torch.equal(
+        masked.cpu(), torch.ops.decodekit.pipeline(*_args(x, kw, params, order=ORDERS[order], mode=1))[6]
+    )

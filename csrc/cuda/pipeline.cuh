@@ -79,8 +79,8 @@ struct PipeArgs {
   int64_t V = 0, row_stride = 0;
   const int64_t* indices = nullptr;  // output row o reads x[indices[o]]
   int64_t n_out = 0;
-  const double* params = nullptr;  // [n_out, kPipeParams]
-  int order = 0;                   // dk::PipeOrder
+  const double* params = nullptr;    // [n_out, kPipeParams]
+  int order = 0;                     // dk::PipeOrder
   const int32_t* bitmask = nullptr;  // [n_out, words]
   int64_t bitmask_words = 0;
   const int64_t* banned = nullptr;  // [n_out, n_banned], -1 padded (as every id table)
@@ -198,8 +198,10 @@ struct RowIn {
     int64_t lo = 0, hi = nt;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (sid[mid] < i) lo = mid + 1;
-      else hi = mid;
+      if (sid[mid] < i)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     return lo;
   }
@@ -481,8 +483,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   }
   PipeList L{reinterpret_cast<float*>(ws + lay.v), reinterpret_cast<float*>(ws + lay.w),
              reinterpret_cast<int32_t*>(ws + lay.i), 0};
-  const ListScratch ls{reinterpret_cast<float*>(ws + lay.tv),    reinterpret_cast<double*>(ws + lay.ld),
-                       reinterpret_cast<int32_t*>(ws + lay.ord), reinterpret_cast<PipeVW*>(ws + lay.ld),
+  const ListScratch ls{reinterpret_cast<float*>(ws + lay.tv),     reinterpret_cast<double*>(ws + lay.ld),
+                       reinterpret_cast<int32_t*>(ws + lay.ord),  reinterpret_cast<PipeVW*>(ws + lay.ld),
                        reinterpret_cast<uint8_t*>(ws + lay.keep), reinterpret_cast<uint8_t*>(ws + lay.acc)};
   int64_t tok = 0;
   if (greedy) {  // the first token holding the max
@@ -536,9 +538,9 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       sh.n = L.n;
       if (!out) {
         const double Z = list_mass(L);
-        const double u = row_uniform(a.seeds ? make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u)
-                                             : make_rng_key(a.seed, a.offset, uint32_t(o)),
-                                     0u);
+        const double u = row_uniform(
+            a.seeds ? make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u) : make_rng_key(a.seed, a.offset, uint32_t(o)),
+            0u);
         const int64_t last = list_draw(L, u * Z);
         sh.fail = last < 0;
         sh.Z = Z;
@@ -612,7 +614,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       if (tid == 0) {
         int32_t* ord = L.i;  // L is not needed any more
         for (int64_t j = 0; j < n; ++j) ord[j] = int32_t(j);
-        heap_sort(ord, n, [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
+        heap_sort(ord, n,
+                  [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
         for (int64_t j = 0; j < n; ++j) {
           const float v = tv[ord[j]];
           tids[j] = ti[ord[j]];
@@ -636,7 +639,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       for (int64_t j = 0; j < L.n; ++j) ord[j] = int32_t(j);
       const float* lv = L.v;
       const int32_t* li = L.i;
-      heap_sort(ord, L.n, [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
+      heap_sort(ord, L.n,
+                [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
       const int64_t h = a.top_n < L.n ? a.top_n : L.n;
       for (int64_t j = 0; j < h; ++j) {
         tids[j] = L.i[ord[j]];

@@ -137,7 +137,8 @@ inline PipelinePack pack_pipeline(const at::Tensor& x, int64_t n, const at::Tens
     DK_CHECK(bias_vals->sizes() == bias_ids->sizes(), "logit_bias values must have the shape of its token ids ",
              bias_ids->sizes(), ", got ", bias_vals->sizes());
     p.bias_vals = bias_vals->to(at::kFloat).contiguous();
-    if (check_values && p.bias_vals->numel()) DK_CHECK(p.bias_vals->isfinite().all().item<bool>(), "logit_bias values must be finite");
+    if (check_values && p.bias_vals->numel())
+      DK_CHECK(p.bias_vals->isfinite().all().item<bool>(), "logit_bias values must be finite");
   }
   p.prompt = id_table(x, prompt, n, V, "prompt_token_ids", check_values);
   p.output = id_table(x, output, n, V, "output_token_ids", check_values);
@@ -151,9 +152,12 @@ inline PipeOut7 pipeline_outputs(const at::Tensor& x, int64_t n, int64_t mode, i
   auto L = x.options().dtype(at::kLong);
   auto F = x.options().dtype(at::kFloat);
   const int64_t s = mode == 0 ? n : 0;
-  return {at::empty({s}, L),        at::empty({s}, x.options().dtype(at::kBool)),
-          at::empty({s}, F),        at::empty({s}, L),
-          at::empty({s, top_n}, L), at::empty({s, top_n}, F),
+  return {at::empty({s}, L),
+          at::empty({s}, x.options().dtype(at::kBool)),
+          at::empty({s}, F),
+          at::empty({s}, L),
+          at::empty({s, top_n}, L),
+          at::empty({s, top_n}, F),
           at::empty({mode == 0 ? 0 : n, x.size(1)}, x.options())};
 }
 template <class Args>  // cpu::PipelineArgs, cuda::PipeArgs

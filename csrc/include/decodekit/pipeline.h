@@ -271,9 +271,12 @@ DK_HOST_DEVICE float nth_largest_select(float* t, int64_t n, int64_t m) {
         ++i;
       }
     }
-    if (want < gt) hi = gt;
-    else if (want < lt) return piv;
-    else lo = lt;
+    if (want < gt)
+      hi = gt;
+    else if (want < lt)
+      return piv;
+    else
+      lo = lt;
   }
   return t[lo];
 }
