@@ -232,3 +232,16 @@ def test_device_matches_cpu(order):
     assert torch.equal(
         masked.cpu(), torch.ops.decodekit.pipeline(*_args(x, kw, params, order=ORDERS[order], mode=1))[6]
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_token_bitmask_inplace_matches_cpu(dtype):
+    B, V = 5, 1000  # 32 words cover 1024 > V: only the first V tokens are touched
+    x = _logits(B, V, 8).to(dtype)
+    bm = torch.randint(-(2**31), 2**31 - 1, (B, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    for idx in (None, torch.tensor([4, 0, 2])):
+        cpu, got = x.clone(), x.clone()
+        decodekit.apply_token_bitmask_inplace(cpu, bm, indices=idx)
+        emu_pipe.apply_token_bitmask_inplace(got, bm, indices=idx)
+        assert torch.equal(_bits(cpu), _bits(got))
+        assert not torch.equal(_bits(cpu), _bits(x))

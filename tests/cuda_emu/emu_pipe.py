@@ -135,3 +135,19 @@ def pipeline(
             int(bool(raw_logprobs)), int(bool(want_logprob)), outs, ws.data_ptr(),
         )  # fmt: skip
     return tokens, valid, lp, rank, top_ids, top_lp, logits
+
+
+def apply_token_bitmask_inplace(logits, bitmask, indices=None):
+    """xgrammar's in-place mask by the CUDA kernel (2-D logits, contiguous rows)."""
+    lib = load()
+    dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
+    bm = bitmask.to(torch.int32).contiguous()
+    idx = None if indices is None else indices.to(torch.int64).contiguous()
+    rows = logits.shape[0] if idx is None else idx.numel()
+    tokens = min(logits.shape[1], 32 * bm.shape[1])
+    L, p = ctypes.c_int64, ctypes.c_void_p
+    lib.dk_emu_bitmask_inplace.argtypes = [p, ctypes.c_int, L, p, L, L, p, L]
+    lib.dk_emu_bitmask_inplace(
+        logits.data_ptr(), dt, logits.stride(0), bm.data_ptr(), bm.shape[1], tokens,
+        None if idx is None else idx.data_ptr(), rows,
+    )  # fmt: skip

@@ -61,3 +61,26 @@ void dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, co
   }
 }
 }
+
+template <class T>
+struct MaskK {
+  static void fn(BitmaskInplaceArgs a) { pdetail::bitmask_inplace_kernel<T>(a); }
+};
+
+extern "C" void dk_emu_bitmask_inplace(void* x, int dtype, int64_t row_stride, const int32_t* words,
+                                       int64_t word_stride, int64_t tokens, const int64_t* indices, int64_t rows) {
+  BitmaskInplaceArgs a;
+  a.x = x;
+  a.dtype = PipeDType(dtype);
+  a.row_stride = row_stride;
+  a.words = words;
+  a.word_stride = word_stride;
+  a.tokens = tokens;
+  a.indices = indices;
+  a.rows = rows;
+  switch (a.dtype) {
+    case PipeDType::F32: dkemu::launch(unsigned(rows), kPipeThreads, MaskK<float>::fn, a); break;
+    case PipeDType::BF16: dkemu::launch(unsigned(rows), kPipeThreads, MaskK<dk::bf16_t>::fn, a); break;
+    case PipeDType::F16: dkemu::launch(unsigned(rows), kPipeThreads, MaskK<dk::f16_t>::fn, a); break;
+  }
+}
