@@ -11,7 +11,8 @@
 //      the chosen order, each on the renormalised survivors of the ones before it;
 //   3. the exact inverse-CDF draw from L and the logprobs (raw or processed, top n).
 // Only y (one row, cache resident) is written; there is no [B, V] intermediate. The list steps
-// are scalar code in a fixed order, so every ISA gives the same survivors and tokens.
+// are scalar code in a fixed order (run_truncations, list_draw, ... in decodekit/pipeline.h,
+// shared with the CUDA kernel), so every ISA and CUDA give the same survivors and tokens.
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -1,5 +1,7 @@
 // The whole sampling step (bitmask, bans, logit bias, penalties, then the truncations): the
-// per-element arithmetic shared by the CPU kernels (csrc/cpu/pipeline.h) and CUDA. Torch-free.
+// per-element arithmetic and the list steps (the truncations on the candidate list, the draw, the
+// logprob formulas) shared by the CPU kernels (csrc/cpu/pipeline.h) and CUDA
+// (csrc/cuda/pipeline.cuh). Torch-free.
 // Every step is float32, element by element, in the order reference.process_logits defines, so
 // all paths produce the same processed logit bit for bit (-ffp-contract=off: nothing is fused).
 #pragma once
