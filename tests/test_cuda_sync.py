@@ -86,7 +86,10 @@ def op_calls(dev):
     aplen = torch.tensor([0, 13, 4, 9], **d)
     return [
         ("sample-logits", lambda: ops.sample(x, idx, False, T, 1.0, k, 0, p, 1.0, mp, 0.0, 0, seed1, 0, 0, offs)),
-        ("sample-probs", lambda: ops.sample(probs, idx, True, None, 1.0, k, 0, p, 1.0, None, 0.0, 1, seeds, 0, 7, off1)),
+        (
+            "sample-probs",
+            lambda: ops.sample(probs, idx, True, None, 1.0, k, 0, p, 1.0, None, 0.0, 1, seeds, 0, 7, off1),
+        ),
         ("gumbel", lambda: ops.gumbel_sample(x, idx, seed1, 0, 0, offs)),
         ("filter-mask", lambda: (ops.filter(x, 0, False, None, 1.0, k[:B], 0, p[:B], 1.0, None, 0.0, 0),)),
         ("filter-renorm", lambda: (ops.filter(probs, 1, True, None, 1.0, None, 0, p[:B], 1.0, mp[:B], 0.0, 1),)),
@@ -106,33 +109,40 @@ def op_calls(dev):
 
 
 def wrapper_calls(dev):
-    """(name, fn) for the public wrappers with device tensors and seed=None (torch's generator)."""
+    """(name, fn) for the public wrappers with device tensors and seed=None (torch's generator).
+    Every input is made here, outside the calls: copying a Python list to the GPU waits."""
     B, V = 4, 500
     d = dict(device=dev)
     x = torch.randn(B, V, **d)
     probs = x.softmax(-1)
     T0 = torch.tensor(0.8, **d)  # 0-D device tensors: broadcast, never read on the host
+    k0, s0, o0 = torch.tensor(20, **d), torch.tensor(5, **d), torch.tensor(9, **d)
+    idx = torch.tensor([1, 0], **d)
+    T_rows, mp_rows, p_rows = torch.full((B,), 0.7, **d), torch.full((B,), 0.1, **d), torch.full((B,), 0.5, **d)
+    offs = torch.arange(B, **d)
     parents, cand, lt, qt = _tree(3, 5, dev)
     tree = dk.build_tree(parents, torch.zeros(3, dtype=torch.int64, **d))
     tr = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling)
     ids = torch.randint(0, V, (B, 2), **d)
     lp = torch.randn(B, 3, V, **d)
+    nd = torch.ones(B, dtype=torch.int64, **d)
+    plen3, aplen = torch.arange(3, **d), torch.tensor([0, 7, 3], **d)
     aq, ak, av, amask = _attn(3, 5, 12, dev)
     return [
-        ("sample", lambda: dk.sample(x, temperature=T0, top_k=torch.tensor(20, **d), top_p=0.9, return_valid=True)),
-        ("sample-rows", lambda: dk.sample(x, temperature=torch.full((B,), 0.7, **d), min_p=torch.full((B,), 0.1, **d))),
-        ("sample-seed-offset", lambda: dk.sample(x, seed=torch.tensor(5, **d), offset=torch.tensor(9, **d))),
-        ("sampling_from_logits", lambda: dk.sampling_from_logits(x, indices=torch.tensor([1, 0], **d))),
-        ("sampling_from_probs", lambda: dk.sampling_from_probs(probs, offset=torch.arange(B, **d))),
-        ("top_k_top_p_sampling_from_logits", lambda: dk.top_k_top_p_sampling_from_logits(x, T0.long() + 9, T0)),
-        ("top_p_sampling_from_probs", lambda: dk.top_p_sampling_from_probs(probs, torch.full((B,), 0.5, **d))),
-        ("top_k_mask_logits", lambda: dk.top_k_mask_logits(x, torch.tensor(3, **d))),
-        ("top_p_renorm_probs", lambda: dk.top_p_renorm_probs(probs, torch.full((B,), 0.5, **d))),
-        ("min_p_renorm_probs", lambda: dk.min_p_renorm_probs(probs, T0 / 8)),
-        ("softmax", lambda: dk.softmax(x, temperature=torch.full((B,), 0.5, **d))),
+        ("sample", lambda: dk.sample(x, temperature=T0, top_k=k0, top_p=0.9, return_valid=True)),
+        ("sample-rows", lambda: dk.sample(x, temperature=T_rows, min_p=mp_rows)),
+        ("sample-seed-offset", lambda: dk.sample(x, seed=s0, offset=o0)),
+        ("sampling_from_logits", lambda: dk.sampling_from_logits(x, indices=idx)),
+        ("sampling_from_probs", lambda: dk.sampling_from_probs(probs, offset=offs)),
+        ("top_k_top_p_sampling_from_logits", lambda: dk.top_k_top_p_sampling_from_logits(x, k0, T0)),
+        ("top_p_sampling_from_probs", lambda: dk.top_p_sampling_from_probs(probs, p_rows)),
+        ("top_k_mask_logits", lambda: dk.top_k_mask_logits(x, k0)),
+        ("top_p_renorm_probs", lambda: dk.top_p_renorm_probs(probs, p_rows)),
+        ("min_p_renorm_probs", lambda: dk.min_p_renorm_probs(probs, mp_rows)),
+        ("softmax", lambda: dk.softmax(x, temperature=T_rows)),
         (
             "chain_speculative_sampling",
-            lambda: dk.chain_speculative_sampling(None, ids, lp.softmax(-1), num_draft_tokens=torch.ones(B, **d).long()),
+            lambda: dk.chain_speculative_sampling(None, ids, lp.softmax(-1), num_draft_tokens=nd),
         ),
         (
             "chain_speculative_sampling_from_logits",
@@ -142,8 +152,8 @@ def wrapper_calls(dev):
         ("tree_speculative_sampling", lambda: dk.tree_speculative_sampling(*tr, lt.softmax(-1), qt)),
         ("tree_speculative_sampling_from_logits", lambda: dk.tree_speculative_sampling_from_logits(*tr, lt)),
         ("verify_tree_greedy", lambda: dk.verify_tree_greedy(*tr, lt)),
-        ("build_tree", lambda: dk.build_tree(parents, torch.arange(3, **d))),
-        ("tree_attention", lambda: dk.tree_attention(aq, ak, av, amask, torch.tensor([0, 7, 3], **d))),
+        ("build_tree", lambda: dk.build_tree(parents, plen3)),
+        ("tree_attention", lambda: dk.tree_attention(aq, ak, av, amask, aplen)),
     ]
 
 
@@ -394,8 +404,21 @@ def test_tree_bad_rows_are_skipped(deferred, bad):
     if co:
         co = (co[0].clamp(0, 1), co[1])
     dk._set_deferred_checks(False)
-    w_pred, w_ai, w_an = ops.tree_verify(cand, tree.retrive_index, tree.retrive_next_token,
-                                         tree.retrive_next_sibling, pt, None, 7, 0, *NOF, None, 5, 0, *co)
+    w_pred, w_ai, w_an = ops.tree_verify(
+        cand,
+        tree.retrive_index,
+        tree.retrive_next_token,
+        tree.retrive_next_sibling,
+        pt,
+        None,
+        7,
+        0,
+        *NOF,
+        None,
+        5,
+        0,
+        *co,
+    )
     dk._set_deferred_checks(True)
     assert torch.equal(ai[good], w_ai[good]) and torch.equal(an[good], w_an[good])
     if bad != "shared":  # the canonical layout: row b owns slots b*T .. b*T + T - 1

@@ -60,8 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   check_cuda(x, is_probs ? "probs" : "logits");
   c10::cuda::CUDAGuard guard(x.device());
   RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, is_probs ? "probs" : "logits", offset_arr);
-  FilterPack fp = pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order,
-                              rs.bad_ptr());
+  FilterPack fp =
+      pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, rs.bad_ptr());
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
   auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
   auto logprobs = at::empty({rs.n_out}, x.options().dtype(at::kFloat));
@@ -141,8 +141,7 @@ std::tuple<at::Tensor, at::Tensor> philox_state_cuda(const at::Tensor& like, int
     st = gen->philox_cuda_state(uint64_t(increment));
   }
   const auto opts = like.options().dtype(at::kLong);
-  if (!st.captured_)
-    return {at::full({1}, int64_t(st.seed_.val), opts), at::full({1}, int64_t(st.offset_.val), opts)};
+  if (!st.captured_) return {at::full({1}, int64_t(st.seed_.val), opts), at::full({1}, int64_t(st.offset_.val), opts)};
   at::Tensor seed = at::from_blob(st.seed_.ptr, {1}, opts).clone();
   at::Tensor off = at::from_blob(st.offset_.ptr, {1}, opts).add(int64_t(st.offset_intragraph_));
   return {seed, off};

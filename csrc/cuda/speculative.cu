@@ -58,7 +58,7 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTe
     check_cuda(**pr.first, pr.second);
     const at::Tensor& v = row_shape(**pr.first, B, pr.second);
     // enabled (NaN counts as enabled): k in [1, V); p < 1 or NaN; min_p > 0 or NaN
-    at::Tensor on = pr.first == &k_arr ? v.ge(1).logical_and(v.lt(V))
+    at::Tensor on = pr.first == &k_arr   ? v.ge(1).logical_and(v.lt(V))
                     : pr.first == &p_arr ? v.ge(1).logical_not()
                                          : v.le(0).logical_not();
     bad.add(on, kErrSpecFilters);

@@ -19,20 +19,20 @@ namespace dk::torchb {
 
 // Error flag bits (one per argument family).
 enum DeferredError : int32_t {
-  kErrIndices = 1 << 0,        // indices outside [0, B)
-  kErrTemperature = 1 << 1,    // temperature outside {0} U [FLT_MIN, FLT_MAX] (or 0 for softmax), NaN
-  kErrTopK = 1 << 2,           // a float top_k that is not an integer
-  kErrTopP = 1 << 3,           // top_p <= 0 or NaN
-  kErrMinP = 1 << 4,           // min_p outside [0, 1] or NaN
-  kErrOffset = 1 << 5,         // an offset tensor value outside [0, 2^48)
-  kErrDraftIds = 1 << 6,       // draft_token_ids outside [0, V) (within num_draft_tokens)
-  kErrNumDraft = 1 << 7,       // num_draft_tokens outside [0, N]
-  kErrSpecFilters = 1 << 8,    // top_k / top_p / min_p enabled in the CUDA logits form of verification
-  kErrRetriveIndex = 1 << 9,   // retrive_index outside [0, B*T) or not distinct
-  kErrTree = 1 << 10,          // candidates / retrive_next_* do not form a valid tree
-  kErrCoins = 1 << 11,         // coins outside [0, 1] or NaN
-  kErrPrefixLens = 1 << 12,    // prefix_lens < 0, or beyond the keys (tree_attention) / int64 (build_tree)
-  kErrParents = 1 << 13,       // parents do not form a valid tree (build_tree)
+  kErrIndices = 1 << 0,       // indices outside [0, B)
+  kErrTemperature = 1 << 1,   // temperature outside {0} U [FLT_MIN, FLT_MAX] (or 0 for softmax), NaN
+  kErrTopK = 1 << 2,          // a float top_k that is not an integer
+  kErrTopP = 1 << 3,          // top_p <= 0 or NaN
+  kErrMinP = 1 << 4,          // min_p outside [0, 1] or NaN
+  kErrOffset = 1 << 5,        // an offset tensor value outside [0, 2^48)
+  kErrDraftIds = 1 << 6,      // draft_token_ids outside [0, V) (within num_draft_tokens)
+  kErrNumDraft = 1 << 7,      // num_draft_tokens outside [0, N]
+  kErrSpecFilters = 1 << 8,   // top_k / top_p / min_p enabled in the CUDA logits form of verification
+  kErrRetriveIndex = 1 << 9,  // retrive_index outside [0, B*T) or not distinct
+  kErrTree = 1 << 10,         // candidates / retrive_next_* do not form a valid tree
+  kErrCoins = 1 << 11,        // coins outside [0, 1] or NaN
+  kErrPrefixLens = 1 << 12,   // prefix_lens < 0, or beyond the keys (tree_attention) / int64 (build_tree)
+  kErrParents = 1 << 13,      // parents do not form a valid tree (build_tree)
 };
 
 // The per-device flag (int32 [1], zero-initialised on first use; allocate it before a graph

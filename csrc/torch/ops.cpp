@@ -174,8 +174,10 @@ void check_errors_now() {
     for (const auto& e : kErrorText)
       if (bits & e.first) msg += std::string(" [") + e.second + "]";
   }
-  TORCH_CHECK_VALUE(msg.empty(), "decodekit: invalid values reached ops with deferred checks (their rows got the "
-                    "documented defined results): ", msg);
+  TORCH_CHECK_VALUE(msg.empty(),
+                    "decodekit: invalid values reached ops with deferred checks (their rows got the "
+                    "documented defined results): ",
+                    msg);
 }
 
 namespace {

@@ -12,15 +12,17 @@ void parallel_rows(int64_t n, Fn fn) {
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { fn(b, e); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& indices, bool is_probs,
-    const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
-    const std::optional<at::Tensor>& p_arr, double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val,
-    int64_t order, const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset,
-    const std::optional<at::Tensor>& offset_arr) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
+                                                          bool is_probs, const std::optional<at::Tensor>& T_arr,
+                                                          double T_val, const std::optional<at::Tensor>& k_arr,
+                                                          int64_t k_val, const std::optional<at::Tensor>& p_arr,
+                                                          double p_val, const std::optional<at::Tensor>& mp_arr,
+                                                          double mp_val, int64_t order,
+                                                          const std::optional<at::Tensor>& seed_arr, int64_t seed_val,
+                                                          int64_t offset, const std::optional<at::Tensor>& offset_arr) {
   RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, is_probs ? "probs" : "logits", offset_arr);
-  FilterPack fp = pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order,
-                              rs.bad_ptr());
+  FilterPack fp =
+      pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, rs.bad_ptr());
   cpu::SampleArgs a;
   a.filter = cpu_filter(fp);
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));

@@ -64,6 +64,7 @@ def _pipeline_fake(
 def _bitmask_fake(logits, bitmask, indices):
     return None
 
+
 # Columns of the per-row parameter matrix (csrc/include/decodekit/pipeline.h PipeParam):
 # (keyword, default = off, integral)
 PARAMS = (

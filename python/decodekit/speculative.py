@@ -60,26 +60,7 @@ _NO_FILTERS = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)
 
 # ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
 @torch.library.register_fake("decodekit::chain_verify")
-def _chain_verify_fake(
-    target,
-    draft_token_ids,
-    draft_probs,
-    num_draft_tokens,
-    target_kind,
-    temperature_arr,
-    temperature_val,
-    top_k_arr,
-    top_k_val,
-    top_p_arr,
-    top_p_val,
-    min_p_arr,
-    min_p_val,
-    order,
-    seed_arr,
-    seed_val,
-    offset,
-    offset_arr=None,
-):
+def _chain_verify_fake(target, draft_token_ids, *_params, **_kw):  # the rest sets no shape
     B, N = draft_token_ids.shape
     return (
         draft_token_ids.new_empty((B, N + 1), dtype=torch.int64),
@@ -97,25 +78,9 @@ def _tree_verify_fake(
     target,
     draft_probs,
     num_speculative_tokens,
-    target_kind,
-    temperature_arr,
-    temperature_val,
-    top_k_arr,
-    top_k_val,
-    top_p_arr,
-    top_p_val,
-    min_p_arr,
-    min_p_val,
-    order,
-    seed_arr,
-    seed_val,
-    offset,
-    coins=None,
-    coins_final=None,
-    threshold_single=1.0,
-    threshold_acc=1.0,
-    offset_arr=None,
-):
+    *_p,
+    **_kw,
+):  # the rest sets no shape
     B, T = candidates.shape
     return (
         candidates.new_empty((B * T,), dtype=torch.int64),
