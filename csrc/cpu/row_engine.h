@@ -746,8 +746,7 @@ inline RowParamsF row_params(const RowFilter& f, int64_t out_row) {
 
 template <class Args>  // SampleArgs, PipelineArgs
 inline RngKey row_key(const Args& a, int64_t out_row) {
-  if (a.seeds) return make_rng_key(uint64_t(a.seeds[out_row]), a.offset, 0u);
-  return make_rng_key(a.seed, a.offset, uint32_t(out_row));
+  return row_rng_key(a, out_row);
 }
 
 }  // namespace dk::cpu::DK_ISA_NAME

@@ -1,27 +1,10 @@
-// The whole sampling step (issue 11): op schemas (a TORCH_LIBRARY_FRAGMENT of decodekit), the
-// input checks and the CPU impls. Checks, allocation and argument packing only; the math lives in
+// The whole sampling step (issue 11): the input checks and
+// the CPU impls (schemas: csrc/torch/ops.cpp). Checks, allocation and argument packing only; the math lives in
 // csrc/cpu/pipeline.h and csrc/include/decodekit/pipeline.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
 #include "torch/pipeline_checks.h"
-
-TORCH_LIBRARY_FRAGMENT(decodekit, m) {
-  // x [B, V] logits; output row o reads x[indices[o]] (indices None: o). params float64
-  // [n_out, 13] (columns: decodekit/pipeline.h PipeParam). order: 0 sequential, 1 joint, 2 vllm.
-  // bitmask int32 [n_out, ceil(V/32)]; banned / bias_ids / prompt / output int64 [n_out, M] padded
-  // with -1; bias_vals float32 like bias_ids. mode 0: sample -> (tokens int64 [n], valid bool [n],
-  // logprob f32 [n], rank int64 [n], top_ids int64 [n, top_n], top_logprobs f32 [n, top_n], empty);
-  // mode 1: (empties..., logits [n, V] in x's dtype: processed logits, -inf outside the survivors).
-  m.def(
-      "pipeline(Tensor x, Tensor? indices, Tensor params, int order, Tensor? bitmask, Tensor? banned, "
-      "Tensor? bias_ids, Tensor? bias_vals, Tensor? prompt, Tensor? output, int mode, int top_n, "
-      "bool raw_logprobs, bool want_logprob, Tensor? seed_arr, int seed_val, int offset) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // xgrammar's apply_token_bitmask_inplace: logits[i] (each i, or each i in indices) gets -inf
-  // where bit i of bitmask[i] is 0; only the first min(V, 32 * words) tokens are touched.
-  m.def("apply_token_bitmask_inplace(Tensor(a!) logits, Tensor bitmask, Tensor? indices) -> ()");
-}
 
 namespace dk::torchb {
 namespace {

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._ops import ops
+from .sampling import _n_out_rows
 
 __all__ = [
     "SampleOutput",
@@ -23,6 +24,46 @@ __all__ = [
     "top_n_sigma_mask_logits",
     "top_h_mask_logits",
 ]
+
+
+# ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
+@torch.library.register_fake("decodekit::pipeline")
+def _pipeline_fake(
+    x,
+    indices,
+    params,
+    order,
+    bitmask,
+    banned,
+    bias_ids,
+    bias_vals,
+    prompt,
+    output,
+    mode,
+    top_n,
+    raw_logprobs,
+    want_logprob,
+    seed_arr,
+    seed_val,
+    offset,
+):
+    n = _n_out_rows(x, indices)
+    s = n if mode == 0 else 0
+    return (
+        x.new_empty((s,), dtype=torch.int64),
+        x.new_empty((s,), dtype=torch.bool),
+        x.new_empty((s,), dtype=torch.float32),
+        x.new_empty((s,), dtype=torch.int64),
+        x.new_empty((s, top_n), dtype=torch.int64),
+        x.new_empty((s, top_n), dtype=torch.float32),
+        x.new_empty((n - s, x.shape[1])),
+    )
+
+
+@torch.library.register_fake("decodekit::apply_token_bitmask_inplace")
+def _bitmask_fake(logits, bitmask, indices):
+    return None
+
 
 # Columns of the per-row parameter matrix (csrc/include/decodekit/pipeline.h PipeParam):
 # (keyword, default = off, integral)
