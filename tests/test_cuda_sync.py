@@ -84,6 +84,8 @@ def op_calls(dev):
     coins_final = torch.rand(4, device=dev)
     aq, ak, av, amask = _attn(4, 7, 20, dev)
     aplen = torch.tensor([0, 13, 4, 9], **d)
+    P, ptabs = _pipe_inputs(n, V, dev)
+    bm = torch.randint(-(2**31), 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, **d)
     return [
         ("sample-logits", lambda: ops.sample(x, idx, False, T, 1.0, k, 0, p, 1.0, mp, 0.0, 0, seed1, 0, 0, offs)),
         (
@@ -105,7 +107,43 @@ def op_calls(dev):
         ),
         ("build-tree", lambda: ops.build_tree(parents, plen)),
         ("tree-attention", lambda: ops.tree_attention(aq, ak, av, amask, aplen, None, "NHD")),
+        ("pipeline-sample", lambda: ops.pipeline(x, idx, P, 0, *ptabs, 0, 3, False, True, seed1, 0, 2, offs)),
+        ("pipeline-vllm-raw", lambda: ops.pipeline(x, idx, P, 2, *ptabs, 0, 2, True, True, seeds, 0, 0, off1)),
+        ("pipeline-mask", lambda: ops.pipeline(x, idx, P, 1, *ptabs, 1, 0, False, False, None, 0, 0)),
+        ("bitmask-inplace", lambda: _bitmask_inplace(x.clone(), bm, idx[:4])),
     ]
+
+
+def _pipe_inputs(n, V, dev):
+    """Per-row params [n, 13] and the pipeline's tables (bitmask, bans, bias, histories), on dev."""
+    from decodekit.pipeline import pack_params
+
+    d = dict(device=dev)
+    P = pack_params(
+        n,
+        dev,
+        temperature=torch.linspace(0.0, 1.2, n, **d),
+        top_k=torch.tensor([0, 5, 50, 1, 200, 10, 7, 3], **d)[:n],
+        top_p=0.9,
+        min_p=0.02,
+        repetition_penalty=1.1,
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        typical_p=torch.full((n,), 0.97, **d),
+    ).contiguous()
+    g = torch.Generator(device="cpu").manual_seed(5)
+    bits = torch.randint(-(2**31), 2**31 - 1, (n, (V + 31) // 32), dtype=torch.int32, generator=g) | 0x0F0F0F0F
+    hist = torch.randint(-1, V, (n, 2, 12), generator=g)
+    ban = torch.randint(-1, V, (n, 3), generator=g)
+    bias_ids = torch.randint(-1, V, (n, 2), generator=g)
+    bias_vals = torch.randn(n, 2, generator=g)
+    tabs = (bits, ban, bias_ids, bias_vals, hist[:, 0], hist[:, 1])
+    return P, tuple(t.to(dev) for t in tabs)
+
+
+def _bitmask_inplace(x, bm, idx):
+    ops.apply_token_bitmask_inplace(x, bm, idx)
+    return x
 
 
 def wrapper_calls(dev):
@@ -128,6 +166,11 @@ def wrapper_calls(dev):
     nd = torch.ones(B, dtype=torch.int64, **d)
     plen3, aplen = torch.arange(3, **d), torch.tensor([0, 7, 3], **d)
     aq, ak, av, amask = _attn(3, 5, 12, dev)
+    hist = torch.randint(-1, V, (B, 16), **d)
+    ban = torch.randint(-1, V, (B, 2), **d)
+    bias = torch.randn(B, 2, **d)
+    bm = torch.randint(-(2**31), 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, **d) | 0x00FF00FF
+    xb = x.clone()
     return [
         ("sample", lambda: dk.sample(x, temperature=T0, top_k=k0, top_p=0.9, return_valid=True)),
         ("sample-rows", lambda: dk.sample(x, temperature=T_rows, min_p=mp_rows)),
@@ -154,7 +197,46 @@ def wrapper_calls(dev):
         ("verify_tree_greedy", lambda: dk.verify_tree_greedy(*tr, lt)),
         ("build_tree", lambda: dk.build_tree(parents, plen3)),
         ("tree_attention", lambda: dk.tree_attention(aq, ak, av, amask, aplen)),
+        (
+            "sample-whole-step",
+            lambda: dk.sample(
+                x,
+                temperature=T0,
+                top_k=k0,
+                top_p=0.9,
+                repetition_penalty=1.1,
+                prompt_token_ids=hist,
+                output_token_ids=hist,
+                allowed_token_bitmask=bm,
+                banned_token_ids=ban,
+                top_logprobs=3,
+            ),
+        ),
+        (
+            "sample-whole-step-rows",
+            lambda: dk.sample(
+                x,
+                temperature=T_rows,
+                typical_p=p_rows + 0.4,
+                seed=s0,
+                offset=offs,
+                order="vllm",
+                min_p=mp_rows,
+                logit_bias=(ban, bias),
+                return_valid=True,
+            ),
+        ),  # fmt: skip
+        ("sample-whole-step-indices", lambda: dk.sample(x, indices=idx, eta=0.01, top_n_sigma=2.0)),
+        ("apply_token_bitmask_inplace", lambda: _bitmask_inplace_wrapper(xb, bm, idx)),
+        ("apply_penalties", lambda: dk.apply_penalties(x, output_token_ids=hist, frequency_penalty=k0 * 0.01)),
+        ("typical_mask_logits", lambda: dk.typical_mask_logits(x, p_rows + 0.4)),
+        ("top_h_mask_logits", lambda: dk.top_h_mask_logits(x, T0)),
     ]
+
+
+def _bitmask_inplace_wrapper(x, bm, idx):
+    dk.apply_token_bitmask_inplace(x, bm, indices=idx)
+    return x
 
 
 def _tensors(out):
@@ -242,6 +324,33 @@ def test_generator_state_advances_like_torch_samplers():
 
 
 @gpu
+def test_whole_step_generator_state_advances():
+    x = torch.zeros(64, 4000, device="cuda")
+    hist = torch.randint(0, 4000, (64, 8), device="cuda")
+    fn = lambda: dk.sample(x, top_k=1000, repetition_penalty=1.3, prompt_token_ids=hist)  # noqa: E731
+    torch.cuda.manual_seed(5)
+    a, b = fn(), fn()
+    torch.cuda.manual_seed(5)
+    assert torch.equal(fn(), a) and not torch.equal(a, b)
+    g, (tok,) = _capture(fn)
+    draws = []
+    for _ in range(2):
+        g.replay()
+        draws.append(tok.clone())
+    assert not torch.equal(draws[0], draws[1])
+
+
+@gpu
+def test_whole_step_bad_values_on_cuda_are_deferred():
+    x = torch.randn(4, 100, device="cuda")
+    dk.check_errors()
+    tok, valid = dk.sample(x, typical_p=torch.tensor([0.9, 0.0, 0.9, 0.9], device="cuda"), seed=1, return_valid=True)
+    assert valid.tolist() == [True, False, True, True] and tok[1].item() == 0
+    with pytest.raises(ValueError, match="pipeline"):
+        dk.check_errors()
+
+
+@gpu
 def test_bad_values_on_cuda_are_deferred():
     x = torch.randn(4, 100, device="cuda")
     dk.check_errors()
@@ -269,6 +378,18 @@ def test_wrappers_cuda_branch_reads_no_value(i):
         name, fn = wrapper_calls("cuda")[i]
         outs = _tensors(fn())
         assert outs and all(t.device.type == "cuda" for t in outs), name
+
+
+def test_pipeline_params_never_pass_through_the_host():
+    """The whole step's per-row parameter matrix is built on the logits' device: on the meta device
+    (which has no values to copy) any move through the CPU or read of a value would raise."""
+    from decodekit.pipeline import pack_params
+
+    m = dict(device="meta")
+    P = pack_params(4, torch.device("meta"), temperature=torch.ones(4, **m), top_k=torch.tensor(3, **m), top_p=0.9)
+    assert P.device.type == "meta" and P.shape == (4, 13) and P.dtype == torch.float64
+    P = pack_params(4, torch.device("meta"), temperature=0.7, min_tokens_to_keep=2)
+    assert P.device.type == "meta" and P.shape == (4, 13)
 
 
 # ---- CPU: the deferred checks (the CUDA bindings' code) with the CPU kernels -------------------
@@ -447,6 +568,97 @@ def test_tree_attention_bad_rows_are_nan(deferred):
     assert out[1].isnan().all() and lse[1].isnan().all()
     want, wlse = ops.tree_attention(q, k, v, mask, torch.tensor([0, 0, 7]), None, "NHD")
     assert torch.equal(out[[0, 2]], want[[0, 2]]) and torch.equal(lse[[0, 2]], wlse[[0, 2]])
+
+
+def _pipe_case():
+    """4 rows, V=300: params with every column on, bitmask, bans, bias, histories (CPU)."""
+    P, tabs = _pipe_inputs(4, 300, "cpu")
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(8)) * 3
+    return x, P, list(tabs)
+
+
+PIPE_BAD = [  # (what, rows, the words check_errors must name)
+    ("params", [1, 3], "pipeline: a sampling parameter"),
+    ("ids", [2], "banned_token_ids"),
+    ("bias", [0], "logit_bias"),
+    ("indices", [1], "indices"),
+    ("offset", [3], "offset"),
+]
+
+
+@pytest.mark.parametrize("case", PIPE_BAD, ids=[c[0] for c in PIPE_BAD])
+def test_pipeline_bad_rows(deferred, case):
+    """The forced deferred checks on the CPU: a bad value gives its row the defined result (sample:
+    token 0, valid False, logprob 0, rank 0, top ids 0 / -inf; mask: the raw row for a bad value,
+    NaN for a bad index), the other rows are what the eager op gives, and check_errors names it."""
+    what, rows, words = case
+    x, P, tabs = _pipe_case()
+    good_P, good_tabs = P.clone(), [t.clone() for t in tabs]
+    idx = torch.tensor([3, 0, 2, 1])
+    offs = torch.tensor([0, 5, 9, 2])
+    bad_idx, bad_offs = idx, offs
+    if what == "params":
+        P[1, 2] = 0.0  # top_p 0
+        P[3, 12] = 0.5  # min_tokens_to_keep not an integer
+    elif what == "ids":
+        tabs[1][2, 1] = 300  # banned id == V
+    elif what == "bias":
+        tabs[3][0, 1] = float("inf")
+    elif what == "indices":
+        bad_idx = torch.tensor([3, 4, 2, 1])
+    else:
+        bad_offs = torch.tensor([0, 5, 9, 2**48])
+    out = ops.pipeline(x, bad_idx, P, 0, *tabs, 0, 3, False, True, None, 7, 0, bad_offs)
+    _raises(words)
+    tok, valid, lp, rank, tid, tlp, _ = out
+    assert valid[rows].tolist() == [False] * len(rows) and tok[rows].eq(0).all() and lp[rows].eq(0).all()
+    assert rank[rows].eq(0).all() and tid[rows].eq(0).all() and tlp[rows].eq(float("-inf")).all()
+    dk._set_deferred_checks(False)
+    want = ops.pipeline(x, idx, good_P, 0, *good_tabs, 0, 3, False, True, None, 7, 0, offs)
+    dk._set_deferred_checks(True)
+    good = [r for r in range(4) if r not in rows]
+    for a, b in zip(out[:6], want[:6]):
+        assert torch.equal(a[good], b[good])
+    assert bool(want[1][rows].all())  # the rows are valid once their values are fixed
+    if what == "offset":
+        return
+    masked = ops.pipeline(x, bad_idx, P, 0, *tabs, 1, 0, False, False, None, 0, 0)[6]
+    _raises(words)
+    dk._set_deferred_checks(False)
+    want_m = ops.pipeline(x, idx, good_P, 0, *good_tabs, 1, 0, False, False, None, 0, 0)[6]
+    dk._set_deferred_checks(True)
+    assert torch.equal(masked[good], want_m[good])
+    for r in rows:
+        assert bool(masked[r].isnan().all()) if what == "indices" else torch.equal(masked[r], x[idx[r]])
+
+
+def test_bitmask_inplace_bad_index_is_skipped(deferred):
+    x = torch.randn(4, 100)
+    bm = torch.randint(-(2**31), 2**31 - 1, (4, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    got = x.clone()
+    dk.apply_token_bitmask_inplace(got, bm, indices=torch.tensor([2, 7, 0, -1]))
+    _raises("indices")
+    want = x.clone()
+    dk.apply_token_bitmask_inplace(want, bm, indices=torch.tensor([2, 0]))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+
+
+def test_pipeline_offset_tensors_and_one_seed_tensor():
+    """The whole step takes offset tensors ([1] or one per row) and a one-seed tensor like sample:
+    an int offset and an offset tensor add; row r with offsets[r] draws as offset=offsets[r] alone."""
+    x = torch.randn(5, 400, generator=torch.Generator().manual_seed(3))
+    kw = dict(top_p=0.9, repetition_penalty=1.2, prompt_token_ids=torch.randint(0, 400, (5, 8)))
+    a = dk.sample(x, seed=11, offset=6, **kw)
+    assert torch.equal(dk.sample(x, seed=11, offset=torch.tensor([6]), **kw), a)
+    assert torch.equal(dk.sample(x, seed=torch.tensor([11]), offset=torch.tensor([6]), **kw), a)
+    offs = torch.tensor([0, 6, 2**40, 9, 6])
+    rows = dk.sample(x, seed=11, offset=offs, **kw)
+    for r, o in enumerate(offs.tolist()):
+        assert rows[r] == dk.sample(x, seed=11, offset=o, **kw)[r]
+    draws = torch.stack([dk.sample(x, seed=11, offset=o, **kw) for o in range(8)])
+    assert (draws != draws[0]).any()  # the offset changes the stream
+    with pytest.raises(ValueError, match="offset"):
+        dk.sample(x, seed=1, offset=torch.tensor([0, 1, 2, 3, -1]), **kw)
 
 
 # ---- seeds and offsets in memory (decodekit/rng.h row_rng_key) ---------------------------------

@@ -196,6 +196,57 @@ def test_invalid_values_give_invalid_rows():
     assert torch.equal(masked[1], x[1]) and torch.equal(masked[2], x[2])  # raw rows pass through
 
 
+def test_invalid_values_set_the_error_flag():
+    """The kernel ORs the launcher's error bit into the flag for a row with a bad value, and leaves
+    it clear when every value is in range; the CPU op with the deferred checks forced gives the
+    same rows (the CUDA launcher's code path with the CPU kernel)."""
+    B, V = 4, 500
+    x = _logits(B, V, 5)
+    kw, params = _proc(B, V, 5)
+    params.update(temperature=0.9, top_k=20)
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu_pipe.pipeline(*_args(x, kw, params, top_n=2), error_flag=flag, error_bit=1 << 14)
+    assert flag.item() == 0
+    kw["output_token_ids"][2, 0] = -2  # below the padding value
+    args = _args(x, kw, params, top_n=2)
+    got = emu_pipe.pipeline(*args, error_flag=flag, error_bit=1 << 14)
+    assert flag.item() == 1 << 14
+    assert got[1].tolist() == [True, True, False, True]
+    decodekit.check_errors()
+    decodekit._set_deferred_checks(True)
+    try:
+        cpu = torch.ops.decodekit.pipeline(*args)
+        with pytest.raises(ValueError, match="output_token_ids"):
+            decodekit.check_errors()
+    finally:
+        decodekit._set_deferred_checks(False)
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        assert torch.equal(_bits(c), _bits(g)), j
+
+
+@pytest.mark.parametrize("n_offsets", [1, 5])
+def test_seed_and_offsets_read_from_memory(n_offsets):
+    """A one-seed tensor and offset tensors reach the kernel as pointers it reads (what the CUDA
+    launcher passes for device tensors: decodekit/rng.h row_rng_key); the tokens equal the CPU op's,
+    where a one-seed CPU tensor is read on the host, and row r draws as with offset 7 + offsets[r]."""
+    B, V = 5, 3000
+    x = _logits(B, V, 12)
+    kw, params = _proc(B, V, 12)
+    params.update(temperature=1.0, top_p=0.95)
+    offs = torch.tensor([3, 0, 2**33 + 1, 9, 3][:n_offsets])
+    seed = torch.tensor([99])
+    args = _args(x, kw, params, top_n=2, seed_arr=seed) + (offs,)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args[:15], 12345, *args[16:])  # the scalar seed is ignored: seed_ptr wins
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        assert torch.equal(_bits(c), _bits(g)), j
+    for r in range(B):
+        o = int(offs[r if n_offsets > 1 else 0])
+        one = list(_args(x, kw, params, top_n=2))
+        one[15], one[16] = 99, 7 + o
+        assert got[0][r] == torch.ops.decodekit.pipeline(*one)[0][r], r
+
+
 def test_full_vocabulary_row():
     B, V = 2, 128256
     x = _logits(B, V, 31).to(torch.bfloat16)

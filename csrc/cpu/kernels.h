@@ -101,6 +101,10 @@ struct PipelineArgs {
   int64_t top_n = 0;          // top logprobs per row
   bool raw_logprobs = false;  // logprobs of the raw logits (else of the processed distribution)
   bool want_logprob = false;  // the sampled token's logprob and rank
+  // deferred checks (forced on the CPU): a row whose values are out of range is invalid and ORs
+  // error_bit into *error_flag; nullptr: the binding checked every value (ValueErrors)
+  int32_t* error_flag = nullptr;
+  int32_t error_bit = 0;
   // outputs
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;

@@ -507,6 +507,20 @@ inline void bitmask_apply_row(T* x, int64_t n, const int32_t* words, T ninf) {
   }
 }
 
+// The deferred checks of one row (decodekit/pipeline.h): its params, list ids and bias values.
+inline bool pipe_row_values_ok(const PipelineArgs& a, int64_t o, int64_t V) {
+  bool ok = pipe_params_ok(a.params + o * kPipeParams);
+  auto ids = [&](const int64_t* t, int64_t m) {
+    for (int64_t j = 0; t && j < m; ++j) ok = ok && pipe_id_ok(t[o * m + j], V);
+  };
+  ids(a.banned, a.n_banned);
+  ids(a.bias_ids, a.n_bias);
+  ids(a.prompt, a.n_prompt);
+  ids(a.output, a.n_output);
+  for (int64_t j = 0; a.bias_vals && j < a.n_bias; ++j) ok = ok && pipe_bias_ok(a.bias_vals[o * a.n_bias + j]);
+  return ok;
+}
+
 template <class T>
 inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScratch& ps) {
   const int64_t V = a.in.V;
@@ -524,7 +538,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       a.mode == 0 && pr.T > 0.f && order != PipeOrder::Joint && pr.nsig <= 0.0 && kk >= 1 && kk <= kTopScanMax;
   int64_t n_fast = 0;
   bool ok = true, valid = true;
-  if (fast) {
+  if (a.error_flag && !pipe_row_values_ok(a, o, V)) {
+    __atomic_fetch_or(a.error_flag, a.error_bit, __ATOMIC_RELAXED);
+    ok = valid = false;
+  } else if (fast) {
     const int r = fast_topk_start(x, V, a, o, pr, kk, ps, s, &m, &mraw, &n_fast);
     ok = r != 1;
     valid = r == 0;

@@ -1,6 +1,7 @@
 // CUDA implementations of the whole-step ops (pipeline, apply_token_bitmask_inplace): the shared
 // checks and packing of csrc/torch/pipeline_checks.h in their metadata-only form (shapes, dtypes,
-// devices; no device value is read on the host), then one launch on the current stream. No math
+// devices; no device value is read on the host: the deferred checks of deferred_checks.h), then
+// one launch on the current stream. Sync-free and graph-capturable. No math
 // here; the kernels live in csrc/cuda/pipeline.cuh.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,10 +28,10 @@ PipeOut7 pipeline_cuda(const at::Tensor& x, const std::optional<at::Tensor>& ind
                        const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_vals,
                        const std::optional<at::Tensor>& prompt, const std::optional<at::Tensor>& output, int64_t mode,
                        int64_t top_n, bool raw_logprobs, bool want_logprob, const std::optional<at::Tensor>& seed_arr,
-                       int64_t seed_val, int64_t offset) {
+                       int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& offset_arr) {
   check_on_cuda(x, "logits");
   c10::cuda::CUDAGuard guard(x.device());
-  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits", offset_arr);  // deferred on CUDA
   const int64_t n = rs.n_out;
   PipelinePack pk = pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode,
                                   top_n, /*check_values=*/false);
@@ -42,20 +43,11 @@ PipeOut7 pipeline_cuda(const at::Tensor& x, const std::optional<at::Tensor>& ind
   a.dtype = cuda::PipeDType(int(m.dtype));
   a.V = m.V;
   a.row_stride = m.row_stride;
-  a.indices = rs.idx_ptr();
-  a.n_out = n;
-  pk.fill(a);
-  a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(rs.seed_val);
-  a.offset = uint64_t(offset);
-  a.mode = int(mode);
-  a.top_n = top_n;
-  a.raw_logprobs = raw_logprobs;
-  a.want_logprob = want_logprob;
-  set_pipeline_outputs(a, outs, mode);
+  fill_pipeline_args(a, rs, pk, offset, mode, top_n, raw_logprobs, want_logprob, outs);
   auto ws = at::empty({cuda::pipe_workspace_bytes(n, a.V, cuda::pipe_list_entries(a))}, x.options().dtype(at::kByte));
   a.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_pipeline(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  finish_bad_pipeline_rows(rs, outs, mode);
   return outs;
 }
 

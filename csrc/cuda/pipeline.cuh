@@ -42,8 +42,9 @@
 //
 // Values the torch launcher does not read (it checks metadata only, no device sync): a token id
 // < -1 or >= V in a list, a non-finite logit-bias value or a parameter out of its range make that
-// row invalid here (sample: token 0, valid=False; mask mode: the raw row passes through), where the
-// CPU binding raises a ValueError.
+// row invalid here (sample: token 0, valid=False; mask mode: the raw row passes through) and set
+// error_bit in *error_flag (read by decodekit.check_errors), where the CPU binding raises a
+// ValueError (the CPU kernel does the same as this one when the deferred checks are forced).
 #pragma once
 #if !defined(DK_CUDA_EMULATE)
 #include <cuda_fp16.h>
@@ -92,8 +93,14 @@ struct PipeArgs {
   int64_t n_prompt = 0;
   const int64_t* output = nullptr;
   int64_t n_output = 0;
-  const int64_t* seeds = nullptr;  // per output row, or nullptr: (seed, offset, row)
+  // randomness: the six fields of decodekit/rng.h row_rng_key (seeds, seed_ptr, offsets in device memory)
+  const int64_t* seeds = nullptr;
   uint64_t seed = 0, offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;
+  int64_t offset_stride = 0;
+  // deferred checks: a row whose values are out of range ORs error_bit into *error_flag (or nullptr)
+  int32_t* error_flag = nullptr;
+  int32_t error_bit = 0;
   int mode = 0;  // 0: sample; 1: write the processed, truncated logits
   int64_t top_n = 0;
   bool raw_logprobs = false, want_logprob = false;
@@ -403,21 +410,18 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   const double* q = a.params + o * kPipeParams;
   T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
   if (tid == 0) {
-    sh.inval = 0;
+    sh.inval = !pipe_params_ok(q);
     sh.bad = 0;
     sh.fail = 0;
-    for (int c = 0; c < kPipeParams; ++c) sh.inval |= !pipe_param_ok(c, q[c]);
   }
   __syncthreads();
   // ---- values the launcher did not check -----------------------------------------------------
   int inval = 0;
   for (int64_t p = tid; p < N; p += kPipeThreads) {
     const int64_t t = list_id(a, o, p);
-    inval |= t < -1 || t >= V;
-    if (p >= a.n_banned && p < a.n_banned + a.n_bias) {
-      const float b = a.bias_vals[o * a.n_bias + (p - a.n_banned)];
-      inval |= !(b - b == 0.f);
-    }
+    inval |= !pipe_id_ok(t, V);
+    if (p >= a.n_banned && p < a.n_banned + a.n_bias)
+      inval |= !pipe_bias_ok(a.bias_vals[o * a.n_bias + (p - a.n_banned)]);
   }
   if (inval) sh.inval = 1;
   __syncthreads();
@@ -441,6 +445,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     }
   };
   if (invalid_values) {
+    if (tid == 0 && a.error_flag) atomicOr(a.error_flag, a.error_bit);
     fail_row(true);
     return;
   }
@@ -538,9 +543,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       sh.n = L.n;
       if (!out) {
         const double Z = list_mass(L);
-        const double u = row_uniform(
-            a.seeds ? make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u) : make_rng_key(a.seed, a.offset, uint32_t(o)),
-            0u);
+        const double u = row_uniform(row_rng_key(a, o), 0u);
         const int64_t last = list_draw(L, u * Z);
         sh.fail = last < 0;
         sh.Z = Z;
@@ -660,6 +663,7 @@ template <class T>
 __global__ void __launch_bounds__(kPipeThreads) bitmask_inplace_kernel(BitmaskInplaceArgs a) {
   const int64_t j = blockIdx.x;
   const int64_t r = a.indices ? a.indices[j] : j;
+  if (r < 0) return;  // an index the deferred checks found bad (the launcher set it to -1)
   T* x = static_cast<T*>(a.x) + r * a.row_stride;
   const int32_t* w = a.words + r * a.word_stride;
   for (int64_t i = threadIdx.x; i < a.tokens; i += kPipeThreads)

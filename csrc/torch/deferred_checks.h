@@ -33,6 +33,7 @@ enum DeferredError : int32_t {
   kErrCoins = 1 << 11,        // coins outside [0, 1] or NaN
   kErrPrefixLens = 1 << 12,   // prefix_lens < 0, or beyond the keys (tree_attention) / int64 (build_tree)
   kErrParents = 1 << 13,      // parents do not form a valid tree (build_tree)
+  kErrPipeValues = 1 << 14,   // pipeline: a params value out of range, a list id outside [-1, V), a non-finite bias
 };
 
 // The per-device flag (int32 [1], zero-initialised on first use; allocate it before a graph

@@ -63,15 +63,16 @@ TORCH_LIBRARY(decodekit, m) {
   // with -1; bias_vals float32 like bias_ids. mode 0: sample -> (tokens int64 [n], valid bool [n],
   // logprob f32 [n], rank int64 [n], top_ids int64 [n, top_n], top_logprobs f32 [n, top_n], empty);
   // mode 1: (empties..., logits [n, V] in x's dtype: processed logits, -inf outside the survivors).
-  //   CPU: pipeline_cpu (torch/pipeline_cpu.cpp)        CUDA: none yet
+  // seed_arr / offset_arr as for sample (device tensors read by the kernel only).
+  //   CPU: pipeline_cpu (torch/pipeline_cpu.cpp)        CUDA: pipeline_cuda (cuda/pipeline.cu)
   m.def(
       "pipeline(Tensor x, Tensor? indices, Tensor params, int order, Tensor? bitmask, Tensor? banned, "
       "Tensor? bias_ids, Tensor? bias_vals, Tensor? prompt, Tensor? output, int mode, int top_n, "
-      "bool raw_logprobs, bool want_logprob, Tensor? seed_arr, int seed_val, int offset) "
+      "bool raw_logprobs, bool want_logprob, Tensor? seed_arr, int seed_val, int offset, Tensor? offset_arr=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // xgrammar's apply_token_bitmask_inplace: logits[i] (each i, or each i in indices) gets -inf
   // where bit i of bitmask[i] is 0; only the first min(V, 32 * words) tokens are touched.
-  //   CPU: apply_token_bitmask_cpu (torch/pipeline_cpu.cpp)  CUDA: none yet
+  //   CPU: apply_token_bitmask_cpu (torch/pipeline_cpu.cpp)  CUDA: apply_token_bitmask_cuda (cuda/pipeline.cu)
   m.def("apply_token_bitmask_inplace(Tensor(a!) logits, Tensor bitmask, Tensor? indices) -> ()");
 
   // ---- speculative verification ---------------------------------------------------------------
@@ -142,6 +143,10 @@ const std::pair<int32_t, const char*> kErrorText[] = {
     {kErrCoins, "coins: a value outside [0, 1] or NaN"},
     {kErrPrefixLens, "prefix_lens: a value < 0, or too large (tree_attention: prefix_lens + T > S)"},
     {kErrParents, "parents: not a valid tree (build_tree)"},
+    {kErrPipeValues,
+     "pipeline: a sampling parameter out of its range (temperature, top_k, top_p, min_p, penalties, typical_p, "
+     "epsilon, eta, top_h, top_n_sigma, min_tokens_to_keep), a token id outside [-1, V) in banned_token_ids / "
+     "logit_bias / prompt_token_ids / output_token_ids, or a non-finite logit_bias value"},
 };
 }  // namespace
 

@@ -1,10 +1,13 @@
 // Input checks and argument packing of the pipeline ops (shared by the CPU and CUDA bindings).
-// Shapes, dtypes, devices and ranges only; every error is a ValueError naming the argument. The
-// CUDA binding checks metadata only (check_values = false: no device value is read on the host);
-// csrc/cuda/pipeline.cuh turns a bad value into an invalid row there.
+// Shapes, dtypes, devices and ranges only; every error is a ValueError naming the argument. With
+// the deferred checks (deferred_checks.h: always on CUDA, forced on the CPU for tests) only
+// metadata is checked here (check_values = false: no device value is read on the host): the
+// kernels (csrc/cuda/pipeline.cuh, csrc/cpu/pipeline.h) make a row with a bad value invalid and set
+// kErrPipeValues in the error flag; bad indices / offsets are handled as for the sampling ops.
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include "torch/checks.h"
 
 namespace dk::torchb {
@@ -160,6 +163,40 @@ inline PipeOut7 pipeline_outputs(const at::Tensor& x, int64_t n, int64_t mode, i
           at::empty({s, top_n}, F),
           at::empty({mode == 0 ? 0 : n, x.size(1)}, x.options())};
 }
+template <class Args>
+void set_pipeline_outputs(Args& a, PipeOut7& o, int64_t mode);
+
+// The argument fields the CPU and CUDA bindings fill alike: rows, tables, randomness (row_rng_key's
+// fields), mode, outputs and (deferred checks) the error flag the kernel sets for a bad value.
+template <class Args>  // cpu::PipelineArgs, cuda::PipeArgs
+void fill_pipeline_args(Args& a, const RowSetup& rs, const PipelinePack& pk, int64_t offset, int64_t mode,
+                        int64_t top_n, bool raw_logprobs, bool want_logprob, PipeOut7& outs) {
+  a.indices = rs.idx_ptr();
+  a.n_out = rs.n_out;
+  pk.fill(a);
+  rs.fill_rng(a, offset);
+  a.mode = int(mode);
+  a.top_n = top_n;
+  a.raw_logprobs = raw_logprobs;
+  a.want_logprob = want_logprob;
+  if (rs.deferred) {
+    a.error_flag = error_flag(rs.x.device()).data_ptr<int32_t>();
+    a.error_bit = kErrPipeValues;
+  }
+  set_pipeline_outputs(a, outs, mode);
+}
+
+// Deferred checks, after the kernel: rows with a bad index or offset get the defined result (sample:
+// token 0, valid False, logprob 0, rank 0, top ids 0 with logprobs -inf; mask mode: a NaN row).
+inline void finish_bad_pipeline_rows(const RowSetup& rs, PipeOut7& o, int64_t mode) {
+  if (!rs.bad.any_possible()) return;
+  if (mode == 1) return finish_bad_filter_rows(rs.bad, std::get<6>(o));
+  finish_bad_rows(rs, std::get<0>(o), std::get<1>(o), &std::get<2>(o));
+  std::get<3>(o).masked_fill_(rs.bad.rows, 0);
+  std::get<4>(o).masked_fill_(rs.bad.rows.unsqueeze(1), 0);
+  std::get<5>(o).masked_fill_(rs.bad.rows.unsqueeze(1), -std::numeric_limits<double>::infinity());
+}
+
 template <class Args>  // cpu::PipelineArgs, cuda::PipeArgs
 void set_pipeline_outputs(Args& a, PipeOut7& o, int64_t mode) {
   if (mode == 0) {
@@ -210,8 +247,18 @@ inline BitmaskPack pack_bitmask_inplace(const at::Tensor& logits, const at::Tens
            "), got shape ", bitmask.sizes());
   if (indices) {
     DK_CHECK(logits.dim() == 2, "indices need 2-D logits");
-    check_indices(*indices, B, "indices");
-    p.idx = indices->to(at::kLong).contiguous();
+    if (deferred(logits)) {  // a bad index (outside [0, B)) becomes -1: the kernels skip that entry
+      DK_CHECK(indices->dim() == 1, "indices must be 1-D, got shape ", indices->sizes());
+      DK_CHECK(indices->scalar_type() == at::kLong || indices->scalar_type() == at::kInt,
+               "indices must be int32 or int64, got ", indices->scalar_type());
+      at::Tensor idx = indices->to(at::kLong);
+      at::Tensor b = idx.lt(0).logical_or(idx.ge(B));
+      RowBad(idx.numel()).add(b, kErrIndices);
+      p.idx = at::where(b, at::full({}, -1, idx.options()), idx).contiguous();
+    } else {
+      check_indices(*indices, B, "indices");
+      p.idx = indices->to(at::kLong).contiguous();
+    }
     p.rows = indices->size(0);
   } else {
     p.rows = B;

@@ -16,28 +16,19 @@ Out7 pipeline_cpu(const at::Tensor& x, const std::optional<at::Tensor>& indices,
                   const std::optional<at::Tensor>& bias_ids, const std::optional<at::Tensor>& bias_vals,
                   const std::optional<at::Tensor>& prompt, const std::optional<at::Tensor>& output, int64_t mode,
                   int64_t top_n, bool raw_logprobs, bool want_logprob, const std::optional<at::Tensor>& seed_arr,
-                  int64_t seed_val, int64_t offset) {
-  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits");
+                  int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& offset_arr) {
+  RowSetup rs = setup_rows(x, indices, seed_arr, seed_val, offset, "logits", offset_arr);
   const int64_t n = rs.n_out;
-  PipelinePack pk =
-      pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode, top_n);
+  PipelinePack pk = pack_pipeline(x, n, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode,
+                                  top_n, /*check_values=*/!rs.deferred);
   Out7 outs = pipeline_outputs(x, n, mode, top_n);
   if (n == 0) return outs;
   cpu::PipelineArgs a;
   a.in = as_matrix(rs.x);
-  a.indices = rs.idx_ptr();
-  a.n_out = n;
-  pk.fill(a);
-  a.seeds = rs.seeds_ptr();
-  a.seed = uint64_t(rs.seed_val);
-  a.offset = uint64_t(offset);
-  a.mode = int(mode);
-  a.top_n = top_n;
-  a.raw_logprobs = raw_logprobs;
-  a.want_logprob = want_logprob;
-  set_pipeline_outputs(a, outs, mode);
+  fill_pipeline_args(a, rs, pk, offset, mode, top_n, raw_logprobs, want_logprob, outs);
   const auto& tab = cpu::active();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { tab.pipeline_rows(a, b, e); });
+  finish_bad_pipeline_rows(rs, outs, mode);
   return outs;
 }
 

@@ -76,8 +76,15 @@ def pipeline(
     seed_arr,
     seed_val,
     offset,
+    offset_arr=None,
+    *,
+    error_flag=None,
+    error_bit=0,
 ):
-    """The 7 outputs of torch.ops.decodekit.pipeline (same arguments), computed by the CUDA kernel."""
+    """The 7 outputs of torch.ops.decodekit.pipeline (same arguments), computed by the CUDA kernel.
+    A one-seed tensor and offset_arr are passed as the CUDA launcher passes device tensors: as
+    pointers the kernel reads (seed_ptr, offsets), never read here. error_flag: an int32 [1] tensor
+    the kernel ORs error_bit into for a row with a bad value (the launcher's deferred checks)."""
     lib = load()
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     n = x.shape[0] if indices is None else indices.numel()
@@ -98,13 +105,19 @@ def pipeline(
     pr, npr = ptr(prompt, torch.int64)
     ou, nou = ptr(output, torch.int64)
     idx, _ = ptr(indices, torch.int64)
-    seeds = None
-    if seed_arr is not None:  # one seed per output row, or one for all (as checks.h seed_rows)
+    seeds = seed_one = offs = None
+    if seed_arr is not None:  # one seed per output row, or one for all in memory (as checks.h seed_rows)
         sa = seed_arr.reshape(-1).to(torch.int64)
         if sa.numel() == 1 and n != 1:
-            seed_val = int(sa.item())
+            seed_one, _ = ptr(sa, torch.int64)
         else:
             seeds, _ = ptr(sa, torch.int64)
+    off_stride = 0
+    if offset_arr is not None:  # [n] or [1] (stride 0), as checks.h pack_offsets
+        oa = offset_arr.reshape(-1).to(torch.int64)
+        off_stride = 0 if oa.numel() == 1 else 1
+        offs, _ = ptr(oa, torch.int64)
+    flag = None if error_flag is None else error_flag.data_ptr()
     P = params.to(torch.float64).contiguous()
     sample = mode == 0
     m = n if sample else 0
@@ -126,12 +139,14 @@ def pipeline(
     xs = x.contiguous()
     lib.dk_emu_pipeline.argtypes = [
         p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
-        ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int, L, ctypes.c_int, ctypes.c_int, p, p,
+        ctypes.c_uint64, ctypes.c_uint64, p, p, L, p, ctypes.c_int32,
+        ctypes.c_int, L, ctypes.c_int, ctypes.c_int, p, p,
     ]  # fmt: skip
     if n:
         lib.dk_emu_pipeline(
             xs.data_ptr(), dt, V, V, idx, n, P.data_ptr(), int(order), ins, dims, seeds,
-            int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), int(mode), int(top_n),
+            int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), seed_one, offs, off_stride, flag,
+            int(error_bit), int(mode), int(top_n),
             int(bool(raw_logprobs)), int(bool(want_logprob)), outs, ws.data_ptr(),
         )  # fmt: skip
     return tokens, valid, lp, rank, top_ids, top_lp, logits

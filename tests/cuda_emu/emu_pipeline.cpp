@@ -17,8 +17,9 @@ int64_t dk_emu_pipeline_ws_bytes(int64_t n_out, int64_t V, int64_t N) { return p
 // n_bias, n_prompt, n_output]; outs: [tokens, valid, logprob, rank, top_ids, top_lp, logits].
 void dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, const int64_t* indices, int64_t n_out,
                      const double* params, int order, void** ins, const int64_t* dims, const int64_t* seeds,
-                     uint64_t seed, uint64_t offset, int mode, int64_t top_n, int raw_logprobs, int want_logprob,
-                     void** outs, void* workspace) {
+                     uint64_t seed, uint64_t offset, const int64_t* seed_ptr, const int64_t* offsets,
+                     int64_t offset_stride, int32_t* error_flag, int32_t error_bit, int mode, int64_t top_n,
+                     int raw_logprobs, int want_logprob, void** outs, void* workspace) {
   PipeArgs a;
   a.x = x;
   a.dtype = PipeDType(dtype);
@@ -42,6 +43,11 @@ void dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, co
   a.seeds = seeds;
   a.seed = seed;
   a.offset = offset;
+  a.seed_ptr = seed_ptr;
+  a.offsets = offsets;
+  a.offset_stride = offset_stride;
+  a.error_flag = error_flag;
+  a.error_bit = error_bit;
   a.mode = mode;
   a.top_n = top_n;
   a.raw_logprobs = raw_logprobs != 0;

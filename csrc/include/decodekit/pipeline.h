@@ -57,6 +57,17 @@ DK_HOST_DEVICE bool pipe_param_ok(int c, double v) {
   }
 }
 
+// Every column of one params row in range; a token id of a list in [-1, V) (-1: padding); a
+// logit-bias value finite. The CPU binding checks these eagerly (ValueErrors); with the deferred
+// checks (CUDA, or forced on the CPU) the kernels make a row that fails them invalid.
+DK_HOST_DEVICE bool pipe_params_ok(const double* q) {
+  bool ok = true;
+  for (int c = 0; c < kPipeParams; ++c) ok = ok && pipe_param_ok(c, q[c]);
+  return ok;
+}
+DK_HOST_DEVICE bool pipe_id_ok(int64_t t, int64_t V) { return t >= -1 && t < V; }
+DK_HOST_DEVICE bool pipe_bias_ok(float b) { return b - b == 0.f; }
+
 // Bit j of word w allows token 32*w + j (xgrammar's int32 layout).
 DK_HOST_DEVICE bool bitmask_allows(const int32_t* words, int64_t i) {
   return ((uint32_t(words[i >> 5]) >> uint32_t(i & 31)) & 1u) != 0u;
