@@ -766,8 +766,10 @@ def test_signatures_and_conventions():
     assert torch.equal(
         c[2:3], sampling.sampling_from_probs(probs[2:3], seed=torch.tensor([2]), offset=torch.tensor([3]))
     )
-    with pytest.raises(ValueError, match="offset"):
-        sampling.sampling_from_probs(probs, seed=torch.arange(4), offset=torch.tensor([0, 1, 2, 3]))
+    # offset tensors: length B = per-row offsets (row r as with offset[r] alone), as FlashInfer
+    d = sampling.sampling_from_probs(probs, seed=torch.tensor([7]), offset=torch.tensor([0, 1, 2, 3]))
+    for r in range(4):
+        assert d[r] == sampling.sampling_from_probs(probs, seed=7, offset=r)[r]
     # seed alone (no offset) draws from the generator, as FlashInfer
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(

@@ -1,5 +1,7 @@
-"""csrc/cuda/pipeline.cuh (the processing part of the whole step on CUDA: bitmask, bans, logit bias,
-penalties) run on CPU threads by tests/cuda_emu and compared with the CPU kernel bit for bit."""
+"""csrc/cuda/pipeline.cuh (the whole sampling step on CUDA) run on CPU threads by tests/cuda_emu
+and compared with the CPU op bit for bit: tokens, valid flags, logprobs, ranks, top-n lists and
+masked logits, over every truncation alone and combined, each order, both logprob modes, bad rows,
+three dtypes, indices, per-row parameters and one full-vocabulary row."""
 
 import sys
 from pathlib import Path
@@ -10,37 +12,287 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import emu  # noqa: E402
 import emu_pipe  # noqa: E402
-import decodekit as dk  # noqa: E402
+import decodekit  # noqa: E402, F401  (registers the ops)
 from decodekit.pipeline import pack_params  # noqa: E402
-from test_pipeline import _inputs, _logits  # noqa: E402
+from test_pipeline import FILTERS, _inputs, _logits  # noqa: E402
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ compiler to build the CUDA emulator")
 
+ORDERS = {"sequential": 0, "joint": 1, "vllm": 2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_processing_matches_cpu(dtype):
+
+def _bits(t):
+    if t.dtype in (torch.float32,):
+        return t.view(torch.int32)
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    return t
+
+
+def _args(x, kw, params, *, indices=None, order=0, mode=0, top_n=0, raw=False, want=True, seed_arr=None):
+    n = x.shape[0] if indices is None else indices.shape[0]
+    P = pack_params(n, **params).contiguous()
+    bias = kw.get("logit_bias") or (None, None)
+    return (
+        x,
+        indices,
+        P,
+        order,
+        kw.get("allowed_token_bitmask"),
+        kw.get("banned_token_ids"),
+        bias[0],
+        bias[1],
+        kw.get("prompt_token_ids"),
+        kw.get("output_token_ids"),
+        mode,
+        top_n,
+        raw,
+        want,
+        seed_arr,
+        12345,
+        7,
+    )
+
+
+def _check(args, rows=None):
+    """Runs the CPU op and the emulated CUDA kernel; asserts bitwise equality (of `rows` only)."""
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args)
+    mode, top_n, want = args[10], args[11], args[13]
+    names = ["tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits"]
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        if mode == 0 and j in (2, 3) and not want:
+            continue  # not computed
+        if rows is not None and c.shape[0]:
+            c, g = c[rows], g[rows]
+        assert c.shape == g.shape, names[j]
+        assert torch.equal(_bits(c), _bits(g)), f"{names[j]} differ:\ncpu {c}\nemu {g}"
+    return cpu, got
+
+
+def _proc(B, V, seed):
+    kw = _inputs(B, V, seed)
+    params = {k: kw.pop(k) for k in ("repetition_penalty", "frequency_penalty", "presence_penalty")}
+    return kw, params
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_each_truncation_each_order(name, order):
+    B, V = 4, 1003
+    x = _logits(B, V, 3)
+    kw, params = _proc(B, V, 3)
+    params.update(FILTERS[name])
+    params.setdefault("temperature", 0.9)
+    for mode in (0, 1):
+        _check(_args(x, kw, params, order=ORDERS[order], mode=mode, top_n=3 if mode == 0 else 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_all_truncations_combined(dtype, order):
+    B, V = 5, 777  # V not a multiple of the tile (64 threads) nor of 32
+    x = _logits(B, V, 11).to(dtype)
+    kw, params = _proc(B, V, 11)
+    params.update(
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.02,
+        typical_p=0.9,
+        epsilon=1e-4,
+        eta=1e-4,
+        top_h=0.9,
+        top_n_sigma=2.5,
+        min_tokens_to_keep=2,
+    )
+    for raw in (False, True):
+        _check(_args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw))
+    _check(_args(x, kw, params, order=ORDERS[order], mode=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_processing_only_matches_cpu(dtype):
+    """apply_penalties' path (mask mode, nothing truncated) and a plain draw."""
     B, V = 5, 1003
     x = _logits(B, V, 3).to(dtype)
     x[4, 17] = float("nan")  # a bad row passes through on both
-    kw = _inputs(B, V, 3)
-    cpu = dk.apply_penalties(x, **kw)
-    P = pack_params(
-        B,
-        repetition_penalty=kw["repetition_penalty"],
-        frequency_penalty=kw["frequency_penalty"],
-        presence_penalty=kw["presence_penalty"],
+    kw, params = _proc(B, V, 3)
+    _check(_args(x, kw, params, mode=1))
+    _check(_args(x, kw, params, top_n=4))
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_logprobs_greedy_and_modes(raw):
+    B, V = 4, 600
+    x = _logits(B, V, 5)
+    x[1, 10] = x[1, 3] = 50.0  # a tied max: the lowest index wins
+    kw, params = _proc(B, V, 5)
+    for T in (0.0, 0.6, 1.0):
+        p = dict(params, temperature=T, top_k=30, top_p=0.9)
+        for n in (0, 1, 7, 45):  # 45 > |survivors| of some rows: padded with the lowest free ids
+            _check(_args(x, kw, p, top_n=n, raw=raw))
+        _check(_args(x, kw, p, top_n=0, raw=raw, want=False))
+
+
+def test_top_k_paths_and_min_tokens_to_keep():
+    """top-k <= 512 (the CPU's streaming scan), > 512 (its window profile), >= V; min_tokens_to_keep."""
+    B, V = 3, 1500
+    x = _logits(B, V, 9)
+    kw, _ = _proc(B, V, 9)
+    for k in (1, 50, 700, 1499, 5000):
+        for mtk in (1, 3, 900):
+            p = dict(temperature=1.3, top_k=k, top_p=0.97, min_p=0.01, typical_p=0.95, min_tokens_to_keep=mtk)
+            for order in (0, 2):
+                _check(_args(x, kw, p, order=order, top_n=2))
+                _check(_args(x, {}, p, order=order, mode=1))
+
+
+def test_bad_rows_and_indices_and_per_row_params():
+    B, V = 6, 900
+    x = _logits(B, V, 21)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    kw, params = _proc(4, V, 21)
+    kw["allowed_token_bitmask"][2] = 0  # nothing allowed: a bad row
+    kw["banned_token_ids"][3, 0] = 0  # the row's head banned
+    idx = torch.tensor([0, 1, 5, 5])  # output rows read rows 0, 1, 5, 5
+    params.update(
+        temperature=torch.tensor([0.5, 1.0, 0.0, 2.0], dtype=torch.float64),
+        top_k=torch.tensor([5, 0, 3, 100], dtype=torch.float64),
+        top_p=0.9,
     )
-    got = emu_pipe.process(
-        x,
-        P,
-        bitmask=kw["allowed_token_bitmask"],
-        banned=kw["banned_token_ids"],
-        bias_ids=kw["logit_bias"][0],
-        bias_vals=kw["logit_bias"][1],
-        prompt=kw["prompt_token_ids"],
-        output=kw["output_token_ids"],
-    )
+    seeds = torch.tensor([1, 2, 3, 4])
+    for raw in (False, True):
+        cpu, _ = _check(_args(x, kw, params, indices=idx, top_n=3, raw=raw, seed_arr=seeds))
+        assert cpu[1].tolist() == [False, False, False, True]
+    _check(_args(x, kw, params, indices=idx, mode=1))
+
+
+def test_invalid_values_give_invalid_rows():
+    """Values the CUDA launcher does not read (no sync): bad ids, non-finite bias, out-of-range
+    parameters; the CPU binding raises ValueError, the kernel marks only that row invalid."""
+    B, V = 4, 500
+    x = _logits(B, V, 2)
+    kw, params = _proc(B, V, 2)
+    kw["banned_token_ids"][1, 2] = V  # out of range
+    kw["logit_bias"][1][2, 3] = float("nan")
+    params.update(temperature=0.9, top_k=20, typical_p=torch.tensor([0.9, 0.9, 0.9, 0.0], dtype=torch.float64))
+    args = _args(x, kw, params, top_n=2)
+    with pytest.raises(ValueError):
+        torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args)
+    assert got[1].tolist() == [True, False, False, False]
+    assert got[0][1:].tolist() == [0, 0, 0]
+    ok = dict(kw)
+    ok["banned_token_ids"] = kw["banned_token_ids"].clamp(max=V - 1)
+    bias_vals = kw["logit_bias"][1].nan_to_num(0.0)
+    ok["logit_bias"] = (kw["logit_bias"][0], bias_vals)
+    params["typical_p"] = 0.9
+    cpu = torch.ops.decodekit.pipeline(*_args(x, ok, params, top_n=2))
+    assert torch.equal(cpu[0][:1], got[0][:1]) and torch.equal(_bits(cpu[2][:1]), _bits(got[2][:1]))
+    masked = emu_pipe.pipeline(*_args(x, kw, params | {"typical_p": 0.9}, mode=1))[6]
+    assert torch.equal(masked[1], x[1]) and torch.equal(masked[2], x[2])  # raw rows pass through
+
+
+def test_invalid_values_set_the_error_flag():
+    """The kernel ORs the launcher's error bit into the flag for a row with a bad value, and leaves
+    it clear when every value is in range; the CPU op with the deferred checks forced gives the
+    same rows (the CUDA launcher's code path with the CPU kernel)."""
+    B, V = 4, 500
+    x = _logits(B, V, 5)
+    kw, params = _proc(B, V, 5)
+    params.update(temperature=0.9, top_k=20)
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu_pipe.pipeline(*_args(x, kw, params, top_n=2), error_flag=flag, error_bit=1 << 14)
+    assert flag.item() == 0
+    kw["output_token_ids"][2, 0] = -2  # below the padding value
+    args = _args(x, kw, params, top_n=2)
+    got = emu_pipe.pipeline(*args, error_flag=flag, error_bit=1 << 14)
+    assert flag.item() == 1 << 14
+    assert got[1].tolist() == [True, True, False, True]
+    decodekit.check_errors()
+    decodekit._set_deferred_checks(True)
+    try:
+        cpu = torch.ops.decodekit.pipeline(*args)
+        with pytest.raises(ValueError, match="output_token_ids"):
+            decodekit.check_errors()
+    finally:
+        decodekit._set_deferred_checks(False)
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        assert torch.equal(_bits(c), _bits(g)), j
+
+
+@pytest.mark.parametrize("n_offsets", [1, 5])
+def test_seed_and_offsets_read_from_memory(n_offsets):
+    """A one-seed tensor and offset tensors reach the kernel as pointers it reads (what the CUDA
+    launcher passes for device tensors: decodekit/rng.h row_rng_key); the tokens equal the CPU op's,
+    where a one-seed CPU tensor is read on the host, and row r draws as with offset 7 + offsets[r]."""
+    B, V = 5, 3000
+    x = _logits(B, V, 12)
+    kw, params = _proc(B, V, 12)
+    params.update(temperature=1.0, top_p=0.95)
+    offs = torch.tensor([3, 0, 2**33 + 1, 9, 3][:n_offsets])
+    seed = torch.tensor([99])
+    args = _args(x, kw, params, top_n=2, seed_arr=seed) + (offs,)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args[:15], 12345, *args[16:])  # the scalar seed is ignored: seed_ptr wins
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        assert torch.equal(_bits(c), _bits(g)), j
+    for r in range(B):
+        o = int(offs[r if n_offsets > 1 else 0])
+        one = list(_args(x, kw, params, top_n=2))
+        one[15], one[16] = 99, 7 + o
+        assert got[0][r] == torch.ops.decodekit.pipeline(*one)[0][r], r
+
+
+def test_full_vocabulary_row():
+    B, V = 2, 128256
+    x = _logits(B, V, 31).to(torch.bfloat16)
+    kw, params = _proc(B, V, 31)
+    params.update(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05)
+    _check(_args(x, kw, params, top_n=5))
+    _check(_args(x, kw, params, top_n=5, raw=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the emulator tests above run anywhere)")
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_device_matches_cpu(order):
+    """On a GPU: the same tokens, valid flags, ranks and top ids as the CPU op; logprobs equal up to
+    the documented last-bit difference of libdevice's double log."""
+    B, V = 6, 32000
+    x = _logits(B, V, 41)
+    x[5, 3] = float("nan")
+    kw, params = _proc(B, V, 41)
+    params.update(temperature=0.8, top_k=60, top_p=0.92, min_p=0.02, typical_p=0.97, min_tokens_to_keep=2)
+    for raw in (False, True):
+        args = _args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw)
+        cpu = torch.ops.decodekit.pipeline(*args)
+        dev_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        dev = [t.cpu() for t in torch.ops.decodekit.pipeline(*dev_args)]
+        for j in (0, 1, 3, 4):
+            assert torch.equal(cpu[j], dev[j])
+        for j in (2, 5):
+            torch.testing.assert_close(dev[j], cpu[j], rtol=2e-7, atol=1e-7)
+    masked = torch.ops.decodekit.pipeline(
+        *tuple(
+            a.cuda() if isinstance(a, torch.Tensor) else a for a in _args(x, kw, params, order=ORDERS[order], mode=1)
+        )
+    )[6]
     assert torch.equal(
-        got.view(torch.int16 if dtype != torch.float32 else torch.int32),
-        cpu.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        masked.cpu(), torch.ops.decodekit.pipeline(*_args(x, kw, params, order=ORDERS[order], mode=1))[6]
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_token_bitmask_inplace_matches_cpu(dtype):
+    B, V = 5, 1000  # 32 words cover 1024 > V: only the first V tokens are touched
+    x = _logits(B, V, 8).to(dtype)
+    bm = torch.randint(-(2**31), 2**31 - 1, (B, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    for idx in (None, torch.tensor([4, 0, 2])):
+        cpu, got = x.clone(), x.clone()
+        decodekit.apply_token_bitmask_inplace(cpu, bm, indices=idx)
+        emu_pipe.apply_token_bitmask_inplace(got, bm, indices=idx)
+        assert torch.equal(_bits(cpu), _bits(got))
+        assert not torch.equal(_bits(cpu), _bits(x))

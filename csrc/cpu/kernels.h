@@ -54,6 +54,8 @@ struct SampleArgs {
   const int64_t* seeds = nullptr;  // per output row (already gathered) or nullptr
   uint64_t seed = 0;               // scalar seed (when seeds == nullptr)
   uint64_t offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // seed / offsets in memory (decodekit/rng.h)
+  int64_t offset_stride = 0;
   // outputs (per output row)
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;
@@ -93,10 +95,16 @@ struct PipelineArgs {
   const int64_t* seeds = nullptr;
   uint64_t seed = 0;
   uint64_t offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;
+  int64_t offset_stride = 0;
   int mode = 0;               // 0: sample; 1: write the processed, truncated logits (out_logits)
   int64_t top_n = 0;          // top logprobs per row
   bool raw_logprobs = false;  // logprobs of the raw logits (else of the processed distribution)
   bool want_logprob = false;  // the sampled token's logprob and rank
+  // deferred checks (forced on the CPU): a row whose values are out of range is invalid and ORs
+  // error_bit into *error_flag; nullptr: the binding checked every value (ValueErrors)
+  int32_t* error_flag = nullptr;
+  int32_t error_bit = 0;
   // outputs
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;

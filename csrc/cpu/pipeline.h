@@ -11,7 +11,8 @@
 //      the chosen order, each on the renormalised survivors of the ones before it;
 //   3. the exact inverse-CDF draw from L and the logprobs (raw or processed, top n).
 // Only y (one row, cache resident) is written; there is no [B, V] intermediate. The list steps
-// are scalar code in a fixed order, so every ISA gives the same survivors and tokens.
+// are scalar code in a fixed order (run_truncations, list_draw, ... in decodekit/pipeline.h,
+// shared with the CUDA kernel), so every ISA and CUDA give the same survivors and tokens.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -37,8 +38,21 @@ struct PipeScratch {
   std::vector<float> tv;                           // nth_element scratch
   std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
-  std::vector<VW> pairs;                           // top-p's (value, weight) pairs
+  std::vector<PipeVW> pairs;                       // top-p's (value, weight) pairs
   std::vector<uint8_t> keep, acc;                  // per-list keep flags of a step / of all steps (joint)
+  // The list steps' scratch (decodekit/pipeline.h) with room for n entries.
+  ListScratch list_scratch(int64_t n) {
+    if (int64_t(ld.size()) < n) {
+      const size_t c = size_t(n);
+      tv.resize(c);
+      ld.resize(c);
+      ord.resize(c);
+      pairs.resize(c);
+      keep.resize(c);
+      acc.resize(c);
+    }
+    return ListScratch{tv.data(), ld.data(), ord.data(), pairs.data(), keep.data(), acc.data()};
+  }
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
     if (int64_t(stamp.size()) < V) {
@@ -53,44 +67,22 @@ struct PipeScratch {
     }
   }
 };
+// The list steps' primitives on the CPU: std::nth_element / std::sort (the values and total
+// orders they produce are those of decodekit/pipeline.h's portable ones).
+struct StdListOps {
+  float nth_largest(float* t, int64_t n, int64_t m) const {
+    std::nth_element(t, t + (m - 1), t + n, std::greater<float>());
+    return t[m - 1];
+  }
+  template <class Less>
+  void sort(int32_t* ord, int64_t n, const Less& less) const {
+    std::sort(ord, ord + n, less);
+  }
+};
+
 inline PipeScratch& pipe_scratch() {
   thread_local PipeScratch p;
   return p;
-}
-
-struct PipeRow {
-  float T = 1.f;
-  int64_t k = 0;
-  float p = 1.f, minp = 0.f;
-  float rep = 1.f, freq = 0.f, pres = 0.f;
-  double nsig = 0.0, typ = 1.0, eps = 0.0, eta = 0.0, toph = 0.0;
-  int64_t mtk = 1;
-};
-
-inline PipeRow pipe_row(const double* q) {
-  PipeRow r;
-  r.T = float(q[kPT]);
-  r.k = int64_t(q[kPTopK]);
-  r.p = float(q[kPTopP]);
-  r.minp = float(q[kPMinP]);
-  r.rep = float(q[kPRep]);
-  r.freq = float(q[kPFreq]);
-  r.pres = float(q[kPPres]);
-  r.nsig = q[kPNSigma];
-  r.typ = q[kPTypical];
-  r.eps = q[kPEps];
-  r.eta = q[kPEta];
-  r.toph = q[kPTopH];
-  r.mtk = std::max<int64_t>(1, int64_t(q[kPMtk]));
-  return r;
-}
-
-// The smallest float f with double(f) >= t (so that x >= f <=> double(x) >= t for every float x).
-inline float float_at_least(double t) {
-  if (!(t > -double(FLT_MAX))) return -FLT_MAX;
-  float f = float(t);
-  if (double(f) < t) f = std::nextafter(f, kPosInf);
-  return f;
 }
 
 // The sparse steps of reference.process_logits, in its order: bans (-inf), logit bias, the
@@ -231,183 +223,6 @@ inline void finite_stats(const float* y, int64_t V, double* mean, double* sd) {
   *sd = std::sqrt(ss / n);
 }
 
-// The list L: (value, index) of the current survivors in index order, their weights.
-struct PipeList {
-  float* v;
-  float* w;
-  int32_t* i;
-  int64_t n;
-};
-
-// Value of the m-th largest of L (m >= 1, clamped to n).
-inline float list_mth_largest(const PipeList& L, int64_t m, PipeScratch& ps) {
-  m = std::min(m, L.n);
-  ps.tv.assign(L.v, L.v + L.n);
-  std::nth_element(ps.tv.begin(), ps.tv.begin() + (m - 1), ps.tv.end(), std::greater<float>());
-  return ps.tv[size_t(m - 1)];
-}
-
-inline double list_mass(const PipeList& L) {
-  double Z = 0.0;
-  for (int64_t j = 0; j < L.n; ++j) Z += double(L.w[j]);
-  return Z;
-}
-
-// Keeps the entries with keep[j] (order preserved).
-template <class F>
-inline void list_filter(PipeList& L, F keep) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < L.n; ++j)
-    if (keep(j)) {
-      L.v[n] = L.v[j];
-      L.w[n] = L.w[j];
-      L.i[n] = L.i[j];
-      ++n;
-    }
-  L.n = n;
-}
-
-// Entropy of the renormalised distribution of L; ps.ld[j] = log p_j.
-inline double list_entropy(const PipeList& L, float m, float invT, double Z, PipeScratch& ps) {
-  ps.ld.resize(size_t(L.n));
-  const double lz = std::log(Z);
-  double H = 0.0;
-  for (int64_t j = 0; j < L.n; ++j) {
-    const double lp = double((L.v[j] - m) * invT) - lz;
-    ps.ld[size_t(j)] = lp;
-    if (L.w[j] > 0.f) H -= (double(L.w[j]) / Z) * lp;
-  }
-  return H;
-}
-
-// One truncation step on L (the renormalised survivors so far); `A` = the set it is evaluated
-// on (L itself, or the full finite row for "joint": then keep flags are intersected by the caller).
-enum class Step { TopK, TopP, MinP, Typical, Epsilon, Eta, TopH };
-
-inline bool step_on(Step st, const PipeRow& r, int64_t V) {
-  switch (st) {
-    case Step::TopK: return r.k >= 1 && r.k < V;
-    case Step::TopP: return r.p < 1.f;
-    case Step::MinP: return r.minp > 0.f;
-    case Step::Typical: return r.typ < 1.0;
-    case Step::Epsilon: return r.eps > 0.0;
-    case Step::Eta: return r.eta > 0.0;
-    case Step::TopH: return r.toph > 0.0;
-  }
-  return false;
-}
-
-// Computes keep flags (ps.ord reused as 0/1 flags) of step `st` over L.
-inline void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, float invT, PipeScratch& ps,
-                      std::vector<uint8_t>& keep) {
-  keep.assign(size_t(L.n), 0);
-  const int64_t n = L.n;
-  if (n == 0) return;
-  const float vm = list_mth_largest(L, r.mtk, ps);  // min_tokens_to_keep: values >= the mtk-th largest
-  switch (st) {
-    case Step::TopK: {
-      const int64_t k = std::max(r.k, r.mtk);
-      const float t = n > k ? list_mth_largest(L, k, ps) : kNegInf;
-      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t;
-      return;
-    }
-    case Step::TopP: {
-      const double Z = list_mass(L);
-      std::vector<VW>& pairs = ps.pairs;
-      pairs.resize(size_t(n));
-      for (int64_t j = 0; j < n; ++j) pairs[size_t(j)] = VW{L.v[j], L.w[j]};
-      const float t = top_p_threshold(pairs.data(), n, double(r.p) * Z);
-      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t || L.v[j] >= vm;
-      return;
-    }
-    case Step::MinP: {
-      float wmax = 0.f;
-      for (int64_t j = 0; j < n; ++j) wmax = std::max(wmax, L.w[j]);
-      const double t = double(r.minp) * double(wmax);
-      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) >= t || L.v[j] >= vm;
-      return;
-    }
-    case Step::Epsilon:
-    case Step::Eta: {
-      const double Z = list_mass(L);
-      double cut = r.eps;
-      if (st == Step::Eta) {
-        const double H = list_entropy(L, m, invT, Z, ps);
-        cut = std::min(r.eta, std::sqrt(r.eta) * std::exp(-H));
-      }
-      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) / Z >= cut || L.v[j] >= vm;
-      return;
-    }
-    case Step::Typical: {
-      const double Z = list_mass(L);
-      const double H = list_entropy(L, m, invT, Z, ps);
-      for (int64_t j = 0; j < n; ++j) ps.ld[size_t(j)] = std::fabs(-ps.ld[size_t(j)] - H);  // shifted score
-      ps.ord.resize(size_t(n));
-      for (int64_t j = 0; j < n; ++j) ps.ord[size_t(j)] = int32_t(j);
-      std::sort(ps.ord.begin(), ps.ord.end(), [&](int32_t a, int32_t b) {
-        return ps.ld[size_t(a)] < ps.ld[size_t(b)] || (ps.ld[size_t(a)] == ps.ld[size_t(b)] && a < b);
-      });
-      // keep a tie group of scores while the mass of strictly smaller scores is < typical_p
-      const double P = r.typ * Z;
-      double below = 0.0;
-      const double sm = ps.ld[size_t(ps.ord[size_t(std::min(r.mtk, n) - 1)])];  // the mtk-th smallest score
-      for (int64_t g = 0; g < n;) {
-        const double s = ps.ld[size_t(ps.ord[size_t(g)])];
-        int64_t e = g;
-        double gm = 0.0;
-        while (e < n && ps.ld[size_t(ps.ord[size_t(e)])] == s) {
-          gm += double(L.w[ps.ord[size_t(e)]]);
-          ++e;
-        }
-        const bool k = below < P || s <= sm;
-        for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
-        below += gm;
-        g = e;
-      }
-      return;
-    }
-    case Step::TopH: {
-      // the candidates: values >= the 100th largest (ties kept), most probable first
-      const float cv = list_mth_largest(L, kTopHCandidates, ps);
-      ps.ord.clear();
-      for (int64_t j = 0; j < n; ++j)
-        if (L.v[j] >= cv) ps.ord.push_back(int32_t(j));
-      std::sort(ps.ord.begin(), ps.ord.end(),
-                [&](int32_t a, int32_t b) { return L.v[a] > L.v[b] || (L.v[a] == L.v[b] && a < b); });
-      const int64_t nc = int64_t(ps.ord.size());
-      double Zn = 0.0;
-      for (int64_t t = 0; t < nc; ++t) Zn += double(L.w[ps.ord[size_t(t)]]);
-      const double lz = std::log(Zn);
-      ps.ld.resize(size_t(nc));
-      double H = 0.0;
-      for (int64_t t = 0; t < nc; ++t) {
-        const int32_t j = ps.ord[size_t(t)];
-        const double q = double(L.w[j]) / Zn;
-        const double term = q > 0.0 ? -q * (double((L.v[j] - m) * invT) - lz) : 0.0;
-        ps.ld[size_t(t)] = term;
-        H += term;
-      }
-      const double tau = r.toph * H;
-      double cum = 0.0;
-      for (int64_t g = 0; g < nc;) {
-        const float v = L.v[ps.ord[size_t(g)]];
-        int64_t e = g;
-        double gs = 0.0;
-        while (e < nc && L.v[ps.ord[size_t(e)]] == v) {
-          gs += ps.ld[size_t(e)];
-          ++e;
-        }
-        const bool k = g == 0 || cum + ps.ld[size_t(g)] <= tau;
-        for (int64_t t = g; t < e; ++t) keep[size_t(ps.ord[size_t(t)])] = k;
-        cum += gs;
-        g = e;
-      }
-      for (int64_t j = 0; j < n; ++j) keep[j] = keep[j] || L.v[j] >= vm;
-      return;
-    }
-  }
-}
-
 // ps.top = the n largest values of a row with their indices (value descending, index ascending), by one
 // pass in which a block with no value above the current n-th best costs one compare.
 template <class T>
@@ -508,20 +323,7 @@ inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n
     ids[j] = ps.top[size_t(j)].second;
     vals_out[j] = ps.top[size_t(j)].first;
   }
-  if (h < n) {  // pad: lowest indices not in the list (idx is sorted ascending)
-    int64_t j = h, t = 0, c = 0;
-    while (j < n) {
-      if (c < nl && idx[c] == t) {
-        ++c;
-        ++t;
-        continue;
-      }
-      ids[j] = t;
-      vals_out[j] = kNegInf;
-      ++j;
-      ++t;
-    }
-  }
+  top_n_pad(idx, nl, h, n, ids, vals_out);  // the lowest indices not in the list (idx ascending)
 }
 
 // Fast start for top-k (k <= kTopScanMax; no top-n-sigma; not joint; T > 0): the processed row is
@@ -705,6 +507,20 @@ inline void bitmask_apply_row(T* x, int64_t n, const int32_t* words, T ninf) {
   }
 }
 
+// The deferred checks of one row (decodekit/pipeline.h): its params, list ids and bias values.
+inline bool pipe_row_values_ok(const PipelineArgs& a, int64_t o, int64_t V) {
+  bool ok = pipe_params_ok(a.params + o * kPipeParams);
+  auto ids = [&](const int64_t* t, int64_t m) {
+    for (int64_t j = 0; t && j < m; ++j) ok = ok && pipe_id_ok(t[o * m + j], V);
+  };
+  ids(a.banned, a.n_banned);
+  ids(a.bias_ids, a.n_bias);
+  ids(a.prompt, a.n_prompt);
+  ids(a.output, a.n_output);
+  for (int64_t j = 0; a.bias_vals && j < a.n_bias; ++j) ok = ok && pipe_bias_ok(a.bias_vals[o * a.n_bias + j]);
+  return ok;
+}
+
 template <class T>
 inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScratch& ps) {
   const int64_t V = a.in.V;
@@ -722,7 +538,10 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       a.mode == 0 && pr.T > 0.f && order != PipeOrder::Joint && pr.nsig <= 0.0 && kk >= 1 && kk <= kTopScanMax;
   int64_t n_fast = 0;
   bool ok = true, valid = true;
-  if (fast) {
+  if (a.error_flag && !pipe_row_values_ok(a, o, V)) {
+    __atomic_fetch_or(a.error_flag, a.error_bit, __ATOMIC_RELAXED);
+    ok = valid = false;
+  } else if (fast) {
     const int r = fast_topk_start(x, V, a, o, pr, kk, ps, s, &m, &mraw, &n_fast);
     ok = r != 1;
     valid = r == 0;
@@ -756,11 +575,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
   const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
   const float invT = 1.f / temp;
   // ---- the truncations --------------------------------------------------------------------------
-  const Step seq[7] = {Step::TopK, Step::TopP, Step::MinP, Step::Typical, Step::Epsilon, Step::Eta, Step::TopH};
-  const Step vllm[7] = {Step::MinP, Step::TopK, Step::TopP, Step::Typical, Step::Epsilon, Step::Eta, Step::TopH};
-  const Step* steps = order == PipeOrder::Vllm ? vllm : seq;
-  bool any = pr.nsig > 0.0;
-  for (int j = 0; j < 7; ++j) any = any || step_on(steps[j], pr, V);
+  const bool any = any_truncation(pr, V);
   if (greedy || !any) {
     if (out) {
       for (int64_t i = 0; i < V; ++i) store_elem(out + i, y[i]);
@@ -793,21 +608,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       const VF v = (j + 16 <= n0) ? vload(L.v + j) : vload_partial(L.v + j, int(n0 - j), 0.f);
       vstore(L.w + j, wt(v));
     }
-    std::vector<uint8_t>& keep = ps.keep;
-    std::vector<uint8_t>& acc = ps.acc;
-    if (joint) {
-      acc.resize(size_t(L.n));
-      for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] = L.v[t] >= lo;
-    }
-    for (int j = 0; j < 7; ++j) {
-      if (!step_on(steps[j], pr, V)) continue;
-      step_keep(steps[j], L, pr, m, invT, ps, keep);
-      if (joint) {
-        for (int64_t t = 0; t < L.n; ++t) acc[size_t(t)] &= keep[size_t(t)];
-      } else
-        list_filter(L, [&](int64_t t) { return keep[size_t(t)] != 0; });
-    }
-    if (joint) list_filter(L, [&](int64_t t) { return acc[size_t(t)] != 0; });
+    run_truncations(L, pr, order, V, m, invT, lo, ps.list_scratch(L.n), StdListOps{});
   }
   if (out) {  // mode 1: the survivors keep their processed logit, everything else -inf
     for (int64_t i = 0; i < V; ++i) store_elem(out + i, kNegInf);
@@ -828,16 +629,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     Z = list_mass(L);
     const double u = row_uniform(row_key(a, o), 0u);
     const double target = u * Z;
-    double cum = 0.0;
-    int64_t last = -1;
-    for (int64_t j = 0; j < L.n; ++j) {
-      if (L.w[j] > 0.f) last = j;
-      cum += double(L.w[j]);
-      if (cum > target) {
-        last = j;
-        break;
-      }
-    }
+    const int64_t last = list_draw(L, target);
     if (last < 0) {
       fail();
       return;
@@ -859,7 +651,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     const Weight w1{false, mm, 1.f};
     Prefetch none{};
     const double lz = std::log(raw ? row_mass(x, V, w1, kNegInf, 0.f, none) : row_mass(y, V, w1, kNegInf, 0.f, none));
-    auto lp = [&](float v) { return float(double(v - mm) - lz); };
+    auto lp = [&](float v) { return logprob_of_value(v, mm, lz); };
     const float vt = raw ? to_float(x[tok]) : y[tok];
     if (a.out_logprob) a.out_logprob[o] = lp(vt);
     if (a.out_rank) a.out_rank[o] = raw ? count_geq(x, V, vt) : count_geq(y, V, vt);
@@ -873,7 +665,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     return;
   }
   const double lz = std::log(Z);
-  auto lpw = [&](float w) { return w > 0.f ? float(std::log(double(w)) - lz) : kNegInf; };
+  auto lpw = [&](float w) { return logprob_of_weight(w, lz); };
   if (a.out_logprob) a.out_logprob[o] = lpw(tw);
   if (a.out_rank) {
     int64_t c = 0;

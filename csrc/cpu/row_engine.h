@@ -314,58 +314,9 @@ inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float mi
 }
 
 // Top-p threshold by mass quickselect over a[0..n) (value, weight pairs): the smallest value v
-// such that the mass of the values strictly greater than v is < P. Linear expected time; a is
-// permuted.
-inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) {
-  int64_t lo = 0, hi = n;
-  float best = kPosInf;
-  while (hi > lo) {
-    if (hi - lo <= 24) {
-      std::sort(a + lo, a + hi, [](const VW& x, const VW& y) { return x.v > y.v; });
-      int64_t i = lo;
-      while (i < hi && base < P) {
-        float v = a[i].v;
-        best = v;
-        double g = 0.0;
-        while (i < hi && a[i].v == v) {
-          g += double(a[i].w);
-          ++i;
-        }
-        base += g;
-      }
-      return best;
-    }
-    float x = a[lo].v, y = a[lo + (hi - lo) / 2].v, z = a[hi - 1].v;
-    float piv = std::max(std::min(x, y), std::min(std::max(x, y), z));
-    // 3-way partition: [lo, gt) > piv, [gt, lt) == piv, [lt, hi) < piv
-    int64_t gt = lo, i = lo, lt = hi;
-    double mgt = 0.0, meq = 0.0;
-    while (i < lt) {
-      float v = a[i].v;
-      if (v > piv) {
-        mgt += double(a[i].w);
-        std::swap(a[gt], a[i]);
-        ++gt;
-        ++i;
-      } else if (v < piv) {
-        --lt;
-        std::swap(a[i], a[lt]);
-      } else {
-        meq += double(a[i].w);
-        ++i;
-      }
-    }
-    if (base + mgt >= P) {
-      hi = gt;
-      continue;
-    }
-    best = piv;
-    base += mgt + meq;
-    if (base >= P || lt == hi) return best;
-    lo = lt;
-  }
-  return best;
-}
+// such that the mass of the values strictly greater than v is < P (decodekit/pipeline.h's
+// top_p_quickselect, shared with the pipeline's list steps on CPU and CUDA); a is permuted.
+inline float top_p_threshold(VW* a, int64_t n, double P, double base = 0.0) { return top_p_quickselect(a, n, P, base); }
 
 // The bin of h[0..nb) (masses, from the top) where base + the cumulative mass first reaches P;
 // base becomes the mass above it. If rounding leaves the total just under P, the last non-empty bin.
@@ -795,8 +746,7 @@ inline RowParamsF row_params(const RowFilter& f, int64_t out_row) {
 
 template <class Args>  // SampleArgs, PipelineArgs
 inline RngKey row_key(const Args& a, int64_t out_row) {
-  if (a.seeds) return make_rng_key(uint64_t(a.seeds[out_row]), a.offset, 0u);
-  return make_rng_key(a.seed, a.offset, uint32_t(out_row));
+  return row_rng_key(a, out_row);
 }
 
 }  // namespace dk::cpu::DK_ISA_NAME

@@ -29,6 +29,8 @@ struct SpecRng {
   const int64_t* seeds = nullptr;  // per batch row, or nullptr
   uint64_t seed = 0;
   uint64_t offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // seed / offsets in memory (decodekit/rng.h)
+  int64_t offset_stride = 0;
 };
 
 struct ChainArgs {
@@ -61,6 +63,7 @@ struct TreeArgs {
   int32_t* accept_num = nullptr;    // [B]
   int32_t* err = nullptr;           // [B] SpecTreeError per row (0 = ok)
   int64_t* err_node = nullptr;      // [B]
+  const bool* skip = nullptr;       // [B] rows to leave untouched (deferred checks), or nullptr
 };
 
 struct SpecTable {

@@ -34,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   }
   cudaError_t e = cuda::launch_tree_attention_auto(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(e == cudaSuccess, "tree_attention CUDA launch failed: ", cudaGetErrorString(e));
+  finish_tree_attention(p);
   return {p.out, p.lse};
 }
 

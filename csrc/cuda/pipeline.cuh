@@ -1,17 +1,50 @@
-// CUDA kernels of the whole sampling step (issue 11), first part: the processing of a row
-// (grammar bitmask, bans, logit bias, repetition / frequency / presence penalties), i.e. what
-// decodekit.apply_penalties returns, and xgrammar's apply_token_bitmask_inplace. Torch-free:
-// compiles with plain nvcc (.ci/cuda_compile.sh); tests/cuda_emu runs it on CPU threads.
+// CUDA kernel of the whole sampling step (issue 11): the op `pipeline` (decodekit.sample with the
+// issue-11 keywords, the *_mask_logits ops and apply_penalties), plus xgrammar's
+// apply_token_bitmask_inplace. Torch-free: compiles with plain nvcc (.ci/cuda_compile.sh);
+// tests/cuda_emu runs it on CPU threads; csrc/cuda/pipeline.cu is the torch launcher.
 //
-// Contract: the same processed logits as the CPU kernel (csrc/cpu/pipeline.h) bit for bit. Every
-// per-element step is the shared DK_HOST_DEVICE code of decodekit/pipeline.h, in the same order:
-// the CPU applies the sparse steps step by step over the lists, which for one token is the
-// sequence ban -> its bias entries in list order -> the repetition penalty once -> the count
-// penalties, and tokens never interact; here one thread owns each distinct touched token and runs
-// that sequence for it (O(N^2 / threads) per row for N list entries, no shared state).
+// Design: one block per output row, no [B, V] intermediate. The processed value of token i (bitmask,
+// bans, logit bias, penalties) is recomputed on the fly in every pass over the row: the base value
+// (-inf where the bitmask forbids i, else the logit) unless i is one of the few tokens the sparse
+// steps touched, whose final values sit in a per-row list sorted by token id (each thread walks it
+// with a cursor as its strided loop advances). Per row, in order:
+//   S  the touched list: one thread per distinct token runs the CPU's per-token sequence (ban ->
+//      its bias entries in list order -> repetition once -> count penalties: the shared
+//      DK_HOST_DEVICE code of decodekit/pipeline.h), then the list is sorted by rank counting
+//      (O(N^2 / threads) for N list entries);
+//   A  one pass: raw max, processed max m, NaN / +inf check;
+//   σ  top-n-sigma only: mean and standard deviation of the finite values, 2 passes summed exactly
+//      as the CPU's 16 double lanes (lane j = tokens j mod 16 in index order, lanes reduced 0..15);
+//      16 threads of the block do it;
+//   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
+//      per pass over the order-preserving float key; exact);
+//   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (ballot
+//      compaction), weights exp((y - m) / T) in parallel;
+//   then thread 0 runs the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the
+//   chosen order, each on the renormalised survivors) and the inverse-CDF draw: the SAME shared
+//   functions the CPU calls (run_truncations, list_draw, ... in decodekit/pipeline.h), on the same
+//   list in the same order, so survivors and tokens match the CPU bit for bit;
+//   logprobs: processed mode from L (one thread); raw / greedy mode: one more 16-lane exact mass
+//   pass, a count pass and, for top_logprobs n, a radix select of the n-th largest and one collect.
+// Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 2 (σ);
+// + 2..7 for raw / greedy logprobs. The list L and its scratch live in a workspace of
+// pipe_workspace_bytes(...) (about 30 bytes per token per row plus 16 bytes per history entry).
+// The list steps run on one thread: fine for the short lists of top-k / top-p / min-p; typical and
+// top-h over a whole vocabulary sort it on one thread (O(V log V), slow, but exact).
 //
-// Not here yet: the truncations (top-n-sigma, top-k, ..., top-h), the draw and the logprobs of the
-// pipeline op on CUDA.
+// Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
+// (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
+// (tests/test_pipeline_cuda_emu.py). Where a GPU can differ (as for sampling.cuh): double log / exp
+// (entropy of typical / eta / top-h, logprobs) come from libdevice instead of glibc and may differ
+// by one double ulp; a float logprob can then differ in its last bit and a typical / eta / top-h cut
+// that lies within that ulp can move by one tie group. Everything else (float exp dk_exp, sums,
+// selections) is the same arithmetic in the same order; compile with -fmad=false.
+//
+// Values the torch launcher does not read (it checks metadata only, no device sync): a token id
+// < -1 or >= V in a list, a non-finite logit-bias value or a parameter out of its range make that
+// row invalid here (sample: token 0, valid=False; mask mode: the raw row passes through) and set
+// error_bit in *error_flag (read by decodekit.check_errors), where the CPU binding raises a
+// ValueError (the CPU kernel does the same as this one when the deferred checks are forced).
 #pragma once
 #if !defined(DK_CUDA_EMULATE)
 #include <cuda_fp16.h>
@@ -19,7 +52,10 @@
 #endif
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/fmath.h"
+#include "decodekit/philox.h"
 #include "decodekit/pipeline.h"
+#include "decodekit/rng.h"
 
 #if defined(__CUDACC__)
 #define DK_PIPE_FN __device__ __forceinline__
@@ -32,20 +68,23 @@ namespace dk::cuda {
 #ifndef DK_PIPE_THREADS
 #define DK_PIPE_THREADS 256
 #endif
-constexpr unsigned kPipeThreads = DK_PIPE_THREADS;
+constexpr unsigned kPipeThreads = DK_PIPE_THREADS;  // a power of two, >= 32
+constexpr unsigned kPipeWarps = kPipeThreads / 32;
 
 enum class PipeDType : int { F32 = 0, BF16 = 1, F16 = 2 };  // = dk::cpu::DType
 
-struct ProcessArgs {
+// The pipeline op (see csrc/torch/pipeline_cpu.cpp for the schema). Every pointer is device memory.
+struct PipeArgs {
   const void* x = nullptr;
   PipeDType dtype = PipeDType::F32;
   int64_t V = 0, row_stride = 0;
   const int64_t* indices = nullptr;  // output row o reads x[indices[o]]
   int64_t n_out = 0;
   const double* params = nullptr;    // [n_out, kPipeParams]
+  int order = 0;                     // dk::PipeOrder
   const int32_t* bitmask = nullptr;  // [n_out, words]
   int64_t bitmask_words = 0;
-  const int64_t* banned = nullptr;
+  const int64_t* banned = nullptr;  // [n_out, n_banned], -1 padded (as every id table)
   int64_t n_banned = 0;
   const int64_t* bias_ids = nullptr;
   const float* bias_vals = nullptr;
@@ -54,7 +93,25 @@ struct ProcessArgs {
   int64_t n_prompt = 0;
   const int64_t* output = nullptr;
   int64_t n_output = 0;
-  void* out = nullptr;  // [n_out, V], dtype of x
+  // randomness: the six fields of decodekit/rng.h row_rng_key (seeds, seed_ptr, offsets in device memory)
+  const int64_t* seeds = nullptr;
+  uint64_t seed = 0, offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;
+  int64_t offset_stride = 0;
+  // deferred checks: a row whose values are out of range ORs error_bit into *error_flag (or nullptr)
+  int32_t* error_flag = nullptr;
+  int32_t error_bit = 0;
+  int mode = 0;  // 0: sample; 1: write the processed, truncated logits
+  int64_t top_n = 0;
+  bool raw_logprobs = false, want_logprob = false;
+  int64_t* out_tokens = nullptr;
+  bool* out_valid = nullptr;
+  float* out_logprob = nullptr;
+  int64_t* out_rank = nullptr;
+  int64_t* out_top_ids = nullptr;  // [n_out, top_n]
+  float* out_top_lp = nullptr;
+  void* out_logits = nullptr;  // mode 1: [n_out, V], dtype of x
+  void* workspace = nullptr;   // pipe_workspace_bytes(n_out, V, history entries)
 };
 
 struct BitmaskInplaceArgs {
@@ -67,6 +124,36 @@ struct BitmaskInplaceArgs {
   const int64_t* indices = nullptr;
   int64_t rows = 0;
 };
+
+// Entries of the concatenated id lists [banned | bias ids | prompt | output] of a row.
+DK_HOST_DEVICE int64_t pipe_list_entries(const PipeArgs& a) { return a.n_banned + a.n_bias + a.n_prompt + a.n_output; }
+
+// Per-row workspace layout (byte offsets; every region 8-byte aligned).
+struct PipeWs {
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, row;
+};
+DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N) {
+  auto r8 = [](int64_t b) { return (b + 7) & ~int64_t(7); };
+  PipeWs L;
+  int64_t o = 0;
+  L.ld = o, o += 8 * V;  // doubles (top-p's pairs alias them)
+  L.v = o, o += r8(4 * V);
+  L.w = o, o += r8(4 * V);
+  L.i = o, o += r8(4 * V);
+  L.tv = o, o += r8(4 * V);
+  L.ord = o, o += r8(4 * V);
+  L.keep = o, o += r8(V);
+  L.acc = o, o += r8(V);
+  L.sid = o, o += r8(4 * N);
+  L.sval = o, o += r8(4 * N);
+  L.fid = o, o += r8(4 * N);
+  L.fval = o, o += r8(4 * N);
+  L.row = o;
+  return L;
+}
+DK_HOST_DEVICE int64_t pipe_workspace_bytes(int64_t n_out, int64_t V, int64_t N) {
+  return n_out * pipe_ws_layout(V, N).row;
+}
 
 namespace pdetail {
 
@@ -90,8 +177,7 @@ DK_PIPE_FN void store<f16_t>(f16_t* p, float v) {  // round to nearest even, as 
 #endif
 }
 
-// Entry p of the concatenated id lists [banned | bias ids | prompt | output] of row o.
-DK_PIPE_FN int64_t list_id(const ProcessArgs& a, int64_t o, int64_t p) {
+DK_PIPE_FN int64_t list_id(const PipeArgs& a, int64_t o, int64_t p) {
   if (p < a.n_banned) return a.banned[o * a.n_banned + p];
   p -= a.n_banned;
   if (p < a.n_bias) return a.bias_ids[o * a.n_bias + p];
@@ -101,79 +187,483 @@ DK_PIPE_FN int64_t list_id(const ProcessArgs& a, int64_t o, int64_t p) {
   return a.output[o * a.n_output + p];
 }
 
+// One row's input as the passes see it: processed value = touched value (sid / sval sorted by id)
+// or the base value (bitmask, then the logit).
 template <class T>
-DK_PIPE_FN void process_row(const ProcessArgs& a, int64_t o, unsigned tid, unsigned nthreads) {
-  const int64_t V = a.V;
-  const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
-  T* out = static_cast<T*>(a.out) + o * V;
-  const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
-  const int64_t bm_tokens = bm ? (V < 32 * a.bitmask_words ? V : 32 * a.bitmask_words) : 0;
-  const double* q = a.params + o * kPipeParams;
-  const float rep = float(q[kPRep]), freq = float(q[kPFreq]), pres = float(q[kPPres]);
-  auto base = [&](int64_t t) {
-    return (bm && t < bm_tokens && !bitmask_allows(bm, t)) ? -__builtin_huge_valf() : to_float(x[t]);
-  };
-  // a row with NaN or +inf passes through unchanged (as the CPU's mask mode)
-  __shared__ int bad;
-  if (tid == 0) bad = 0;
+struct RowIn {
+  const T* x;
+  const int32_t* bm;
+  int64_t bm_tokens;
+  const int32_t* sid;
+  const float* sval;
+  int64_t nt;
+  DK_PIPE_FN float raw(int64_t i) const { return to_float(x[i]); }
+  DK_PIPE_FN float base(int64_t i) const {
+    return (bm && i < bm_tokens && !bitmask_allows(bm, i)) ? kNegInf : to_float(x[i]);
+  }
+  DK_PIPE_FN int64_t lower(int64_t i) const {  // first c with sid[c] >= i
+    int64_t lo = 0, hi = nt;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sid[mid] < i)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
+  }
+  // Processed value of i; c: a cursor that only moves forward (i must not decrease between calls).
+  DK_PIPE_FN float at(int64_t i, int64_t& c) const {
+    while (c < nt && sid[c] < i) ++c;
+    return (c < nt && sid[c] == i) ? sval[c] : base(i);
+  }
+  DK_PIPE_FN float at(int64_t i) const {
+    int64_t c = lower(i);
+    return at(i, c);
+  }
+  // raw (processed = false) or processed value with a cursor
+  DK_PIPE_FN float get(bool processed, int64_t i, int64_t& c) const { return processed ? at(i, c) : raw(i); }
+};
+
+// Block-wide reductions through shared memory (exact operations only: max, min, integer sums).
+template <class T, class Op>
+DK_PIPE_FN T block_reduce(T v, Op op, T* buf) {
+  const unsigned tid = threadIdx.x;
+  buf[tid] = v;
   __syncthreads();
-  for (int64_t i = tid; i < V; i += nthreads) {
-    const float v = to_float(x[i]);
-    if (v != v || v == __builtin_huge_valf()) bad = 1;
+  for (unsigned s = kPipeThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) buf[tid] = op(buf[tid], buf[tid + s]);
+    __syncthreads();
+  }
+  const T r = buf[0];
+  __syncthreads();
+  return r;
+}
+
+struct MaxF {
+  DK_PIPE_FN float operator()(float a, float b) const { return a > b ? a : b; }
+};
+struct MinI {
+  DK_PIPE_FN int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+struct SumI {
+  DK_PIPE_FN int64_t operator()(int64_t a, int64_t b) const { return a + b; }
+};
+
+// Shared memory of one row's block.
+struct PipeShared {
+  float f[kPipeThreads];
+  int64_t i[kPipeThreads];
+  double lane[16];
+  unsigned hist[256];
+  unsigned warp_cnt[kPipeWarps];
+  int64_t nt, n, tok, sel_rank;
+  uint32_t sel_prefix;
+  int inval, bad, fail;
+  float tw, tv;
+  double Z;
+};
+
+// Order key of a value with -0 == +0 (float compares treat them as equal).
+DK_PIPE_FN uint32_t sel_key(float v) { return float_key(v == 0.f ? 0.f : v); }
+
+// The m-th largest (1 <= m <= V) of the row's raw / processed values by radix select; all threads
+// return it.
+template <class T>
+DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V, int64_t m, PipeShared& sh) {
+  const unsigned tid = threadIdx.x;
+  if (tid == 0) {
+    sh.sel_prefix = 0;
+    sh.sel_rank = m;  // rank wanted among the values matching the prefix
   }
   __syncthreads();
-  if (bad) {
-    for (int64_t i = tid; i < V; i += nthreads) out[i] = x[i];
-    return;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (unsigned b = tid; b < 256; b += kPipeThreads) sh.hist[b] = 0;
+    __syncthreads();
+    const uint32_t prefix = sh.sel_prefix;
+    const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+    int64_t c = processed ? r.lower(tid) : 0;
+    for (int64_t i = tid; i < V; i += kPipeThreads) {
+      const uint32_t k = sel_key(r.get(processed, i, c));
+      if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int64_t want = sh.sel_rank;
+      int b = 255;
+      for (; b > 0; --b) {
+        if (int64_t(sh.hist[b]) >= want) break;
+        want -= int64_t(sh.hist[b]);
+      }
+      sh.sel_prefix = prefix | (uint32_t(b) << shift);
+      sh.sel_rank = want;
+    }
+    __syncthreads();
   }
-  for (int64_t i = tid; i < V; i += nthreads) store(out + i, base(i));
+  const uint32_t k = sh.sel_prefix;
   __syncthreads();
-  const int64_t N = a.n_banned + a.n_bias + a.n_prompt + a.n_output;
-  const bool rep_on = rep != 1.f, cnt_on = freq != 0.f || pres != 0.f;
-  for (int64_t p = tid; p < N; p += nthreads) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;  // inverse of float_key
+  return bits_to_float(u);
+}
+
+// Ordered compaction: every i in [0, V) with pred(i) (index order) is passed to emit(position, i);
+// returns the count (all threads). pred(i, c) gets the thread's cursor.
+template <class Pred, class Emit>
+DK_PIPE_FN int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
+  const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+  int64_t count = 0, c = c0;
+  for (int64_t base = 0; base < V; base += kPipeThreads) {
+    const int64_t i = base + tid;
+    const bool f = i < V && pred(i, c);
+    const unsigned bal = __ballot_sync(0xFFFFFFFFu, f);
+    if (lane == 0) sh.warp_cnt[warp] = unsigned(__popc(bal));
+    __syncthreads();
+    int64_t before = 0, total = 0;
+    for (unsigned w = 0; w < kPipeWarps; ++w) {
+      before += w < warp ? sh.warp_cnt[w] : 0u;
+      total += sh.warp_cnt[w];
+    }
+    if (f) emit(count + before + __popc(bal & ((1u << lane) - 1u)), i);
+    count += total;
+    __syncthreads();
+  }
+  return count;
+}
+
+// Sum over the row of g(value) in double exactly as the CPU's 16 virtual lanes (lane j: tokens
+// j, j + 16, ... in index order; lanes reduced 0..15). Threads 0..15 each run one lane.
+template <class T, class G>
+DK_PIPE_FN double lane_sum(const RowIn<T>& r, bool processed, int64_t V, G g, PipeShared& sh) {
+  const unsigned tid = threadIdx.x;
+  if (tid < 16) {
+    double acc = 0.0;
+    int64_t c = processed ? r.lower(tid) : 0;
+    for (int64_t i = tid; i < V; i += 16) acc += g(r.get(processed, i, c));
+    sh.lane[tid] = acc;
+  }
+  __syncthreads();
+  double s = 0.0;
+  for (int j = 0; j < 16; ++j) s += sh.lane[j];
+  __syncthreads();
+  return s;
+}
+
+// The touched list of row o: fid / fval [N] (the first entry naming a token holds its final value,
+// others -1), then sid / sval sorted by id; returns the count (all threads). Sets sh.bad when a
+// final value is NaN / +inf.
+template <class T>
+DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r, int32_t* fid, float* fval,
+                                int32_t* sid, float* sval, PipeShared& sh) {
+  const unsigned tid = threadIdx.x;
+  const int64_t N = pipe_list_entries(a);
+  const PipeRow pr = pipe_row(a.params + o * kPipeParams);
+  const bool rep_on = pr.rep != 1.f, cnt_on = pr.freq != 0.f || pr.pres != 0.f;
+  for (int64_t p = tid; p < N; p += kPipeThreads) {
     const int64_t t = list_id(a, o, p);
+    fid[p] = -1;
     if (t < 0) continue;
     bool first = true;  // the thread of the first entry naming t owns t
-    for (int64_t r = 0; r < p && first; ++r) first = list_id(a, o, r) != t;
+    for (int64_t q = 0; q < p && first; ++q) first = list_id(a, o, q) != t;
     if (!first) continue;
-    float v = base(t);
-    bool changed = false;
+    float v = r.base(t);
     for (int64_t j = 0; j < a.n_banned; ++j)
-      if (a.banned[o * a.n_banned + j] == t) {
-        v = -__builtin_huge_valf();
-        changed = true;
-      }
+      if (a.banned[o * a.n_banned + j] == t) v = kNegInf;
     for (int64_t j = 0; j < a.n_bias; ++j)
-      if (a.bias_ids[o * a.n_bias + j] == t) {
-        v = v + a.bias_vals[o * a.n_bias + j];
-        changed = true;
-      }
+      if (a.bias_ids[o * a.n_bias + j] == t) v = v + a.bias_vals[o * a.n_bias + j];
     bool seen = false;
-    uint32_t c = 0;
+    uint32_t cnt = 0;
     for (int64_t j = 0; j < a.n_prompt; ++j) seen |= a.prompt[o * a.n_prompt + j] == t;
-    for (int64_t j = 0; j < a.n_output; ++j) c += a.output[o * a.n_output + j] == t;
-    if (rep_on && (seen || c > 0)) {
-      v = repetition_apply(v, rep);
-      changed = true;
+    for (int64_t j = 0; j < a.n_output; ++j) cnt += a.output[o * a.n_output + j] == t;
+    if (rep_on && (seen || cnt > 0)) v = repetition_apply(v, pr.rep);
+    if (cnt_on && cnt > 0) v = count_penalty_apply(v, pr.freq, pr.pres, cnt);
+    if (v != v || v == kPosInf) sh.bad = 1;
+    fid[p] = int32_t(t);
+    fval[p] = v;
+  }
+  __syncthreads();
+  int64_t mine = 0;
+  for (int64_t p = tid; p < N; p += kPipeThreads) {
+    const int32_t t = fid[p];
+    if (t < 0) continue;
+    ++mine;
+    int64_t rank = 0;
+    for (int64_t q = 0; q < N; ++q) rank += fid[q] >= 0 && fid[q] < t;
+    sid[rank] = t;
+    sval[rank] = fval[p];
+  }
+  return block_reduce<int64_t>(mine, SumI{}, sh.i);
+}
+
+template <class T>
+DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
+  __shared__ PipeShared sh;
+  const unsigned tid = threadIdx.x;
+  const int64_t V = a.V, N = pipe_list_entries(a);
+  const int64_t src = a.indices ? a.indices[o] : o;
+  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
+  const PipeWs lay = pipe_ws_layout(V, N);
+  char* ws = static_cast<char*>(a.workspace) + o * lay.row;
+  int32_t* sid = reinterpret_cast<int32_t*>(ws + lay.sid);
+  float* sval = reinterpret_cast<float*>(ws + lay.sval);
+  const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
+  RowIn<T> r{x, bm, bm ? (V < 32 * a.bitmask_words ? V : 32 * a.bitmask_words) : 0, sid, sval, 0};
+  const double* q = a.params + o * kPipeParams;
+  T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
+  if (tid == 0) {
+    sh.inval = !pipe_params_ok(q);
+    sh.bad = 0;
+    sh.fail = 0;
+  }
+  __syncthreads();
+  // ---- values the launcher did not check -----------------------------------------------------
+  int inval = 0;
+  for (int64_t p = tid; p < N; p += kPipeThreads) {
+    const int64_t t = list_id(a, o, p);
+    inval |= !pipe_id_ok(t, V);
+    if (p >= a.n_banned && p < a.n_banned + a.n_bias)
+      inval |= !pipe_bias_ok(a.bias_vals[o * a.n_bias + (p - a.n_banned)]);
+  }
+  if (inval) sh.inval = 1;
+  __syncthreads();
+  const bool invalid_values = sh.inval != 0;
+  __syncthreads();
+  auto fail_row = [&](bool raw_through) {  // every thread calls it
+    if (out) {
+      int64_t c = r.lower(tid);
+      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, raw_through ? r.raw(i) : r.at(i, c));
+      return;
     }
-    if (cnt_on && c > 0) {
-      v = count_penalty_apply(v, freq, pres, c);
-      changed = true;
+    if (tid == 0) {
+      a.out_tokens[o] = 0;
+      a.out_valid[o] = false;
+      if (a.out_logprob) a.out_logprob[o] = 0.f;
+      if (a.out_rank) a.out_rank[o] = 0;
     }
-    if (changed) store(out + t, v);
+    for (int64_t j = tid; j < a.top_n; j += kPipeThreads) {
+      a.out_top_ids[o * a.top_n + j] = 0;
+      a.out_top_lp[o * a.top_n + j] = kNegInf;
+    }
+  };
+  if (invalid_values) {
+    if (tid == 0 && a.error_flag) atomicOr(a.error_flag, a.error_bit);
+    fail_row(true);
+    return;
+  }
+  const PipeRow pr = pipe_row(q);
+  const PipeOrder order = PipeOrder(a.order);
+  // ---- S: the touched list -------------------------------------------------------------------
+  r.nt = touched_list(a, o, r, reinterpret_cast<int32_t*>(ws + lay.fid), reinterpret_cast<float*>(ws + lay.fval), sid,
+                      sval, sh);
+  __syncthreads();
+  // ---- A: maxima and the bad-row check --------------------------------------------------------
+  float mr = kNegInf, mx = kNegInf;
+  int bad = 0;
+  {
+    int64_t c = r.lower(tid);
+    for (int64_t i = tid; i < V; i += kPipeThreads) {
+      const float v = r.raw(i);
+      bad |= v != v || v == kPosInf;
+      mr = v > mr ? v : mr;
+      const float y = r.at(i, c);
+      mx = y > mx ? y : mx;
+    }
+  }
+  if (bad) sh.bad = 1;
+  const float mraw = block_reduce(mr, MaxF{}, sh.f);
+  const float m = block_reduce(mx, MaxF{}, sh.f);
+  const bool ok = sh.bad == 0;
+  __syncthreads();
+  if (!ok || !(m > kNegInf)) {
+    fail_row(!ok);
+    return;
+  }
+  const bool greedy = a.mode == 0 && pr.T == 0.f;
+  const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
+  const float invT = 1.f / temp;
+  const bool any = any_truncation(pr, V);
+  if (out && !any) {  // mask mode, nothing to truncate: the processed row
+    int64_t c = r.lower(tid);
+    for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, r.at(i, c));
+    return;
+  }
+  PipeList L{reinterpret_cast<float*>(ws + lay.v), reinterpret_cast<float*>(ws + lay.w),
+             reinterpret_cast<int32_t*>(ws + lay.i), 0};
+  const ListScratch ls{reinterpret_cast<float*>(ws + lay.tv),     reinterpret_cast<double*>(ws + lay.ld),
+                       reinterpret_cast<int32_t*>(ws + lay.ord),  reinterpret_cast<PipeVW*>(ws + lay.ld),
+                       reinterpret_cast<uint8_t*>(ws + lay.keep), reinterpret_cast<uint8_t*>(ws + lay.acc)};
+  int64_t tok = 0;
+  if (greedy) {  // the first token holding the max
+    int64_t first = V, c = r.lower(tid);
+    for (int64_t i = tid; i < V; i += kPipeThreads)
+      if (r.at(i, c) == m && i < first) first = i;
+    tok = block_reduce<int64_t>(first, MinI{}, sh.i);
+  } else {
+    // ---- σ: top-n-sigma's threshold ---------------------------------------------------------
+    float lo = -3.4028234663852886e38f;
+    if (pr.nsig > 0.0) {
+      const double n = lane_sum(r, true, V, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, sh);
+      const double mu = lane_sum(r, true, V, [](float v) { return double(v > kNegInf ? v : 0.f); }, sh) / n;
+      const double ss = lane_sum(
+          r, true, V,
+          [mu](float v) {
+            const double d = double(v) - mu;
+            return v > kNegInf ? d * d : 0.0;
+          },
+          sh);
+      lo = float_at_least(double(m) - pr.nsig * ::sqrt(ss / n));
+    }
+    const bool joint = order == PipeOrder::Joint;
+    float thr = joint ? -3.4028234663852886e38f : lo;
+    // ---- K: top-k's k-th largest ------------------------------------------------------------
+    if (!joint && step_on(Step::TopK, pr, V)) {
+      const int64_t k = pr.k > pr.mtk ? pr.k : pr.mtk;
+      const float kth = select_mth_largest(r, true, V, k < V ? k : V, sh);
+      thr = kth > thr ? kth : thr;
+    }
+    // ---- C: the start list --------------------------------------------------------------------
+    float cur = 0.f;  // the value pred just tested (emit follows it for the same i)
+    const int64_t n0 = collect(
+        V, r.lower(tid),
+        [&](int64_t i, int64_t& c) {
+          cur = r.at(i, c);
+          return cur >= thr;
+        },
+        [&](int64_t pos, int64_t i) {
+          L.v[pos] = cur;
+          L.i[pos] = int32_t(i);
+        },
+        sh);
+    __syncthreads();
+    for (int64_t j = tid; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
+    __syncthreads();
+    // ---- the list steps and the draw (one thread: the CPU's sequence) ------------------------
+    if (tid == 0) {
+      L.n = n0;
+      run_truncations(L, pr, order, V, m, invT, lo, ls, PortableListOps{});
+      sh.n = L.n;
+      if (!out) {
+        const double Z = list_mass(L);
+        const double u = row_uniform(row_rng_key(a, o), 0u);
+        const int64_t last = list_draw(L, u * Z);
+        sh.fail = last < 0;
+        sh.Z = Z;
+        sh.tok = last < 0 ? 0 : L.i[last];
+        sh.tw = last < 0 ? 1.f : L.w[last];
+        sh.tv = last < 0 ? 0.f : L.v[last];
+      }
+    }
+    __syncthreads();
+    L.n = sh.n;
+    if (out) {  // mask mode: the survivors keep their processed logit, everything else -inf
+      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, kNegInf);
+      __syncthreads();
+      for (int64_t j = tid; j < L.n; j += kPipeThreads) store(out + L.i[j], L.v[j]);
+      return;
+    }
+    if (sh.fail) {  // no positive weight (cannot happen: the max has weight 1)
+      fail_row(false);
+      return;
+    }
+    tok = sh.tok;
+  }
+  if (tid == 0) {
+    a.out_tokens[o] = tok;
+    a.out_valid[o] = true;
+  }
+  if (!a.want_logprob && a.top_n == 0) return;
+  // ---- logprobs -------------------------------------------------------------------------------
+  int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
+  float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
+  if (a.raw_logprobs || greedy) {
+    // log_softmax of the raw row (raw) or of the processed row at temperature 1 (greedy, processed)
+    const bool proc = !a.raw_logprobs;
+    const float mm = proc ? m : mraw;
+    const double lz = ::log(lane_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, sh));
+    const float vt = proc ? r.at(tok) : r.raw(tok);
+    int64_t cnt = 0;
+    {
+      int64_t c = r.lower(tid);
+      for (int64_t i = tid; i < V; i += kPipeThreads) cnt += r.get(proc, i, c) >= vt;
+    }
+    cnt = block_reduce<int64_t>(cnt, SumI{}, sh.i);
+    if (tid == 0) {
+      if (a.out_logprob) a.out_logprob[o] = logprob_of_value(vt, mm, lz);
+      if (a.out_rank) a.out_rank[o] = cnt;
+    }
+    if (tids) {
+      // the n largest (value descending, index ascending): those above the n-th largest value
+      // vn, then the lowest indices holding vn; sorted by one thread
+      const int64_t n = a.top_n;
+      const float vn = select_mth_largest(r, proc, V, n, sh);
+      float* tv = ls.tv;
+      int32_t* ti = ls.ord;
+      const int64_t above = collect(
+          V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) > vn; },
+          [&](int64_t pos, int64_t i) {
+            tv[pos] = proc ? r.at(i) : r.raw(i);
+            ti[pos] = int32_t(i);
+          },
+          sh);
+      collect(
+          V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) == vn; },
+          [&](int64_t pos, int64_t i) {
+            if (above + pos < n) {
+              tv[above + pos] = proc ? r.at(i) : r.raw(i);
+              ti[above + pos] = int32_t(i);
+            }
+          },
+          sh);
+      __syncthreads();
+      if (tid == 0) {
+        int32_t* ord = L.i;  // L is not needed any more
+        for (int64_t j = 0; j < n; ++j) ord[j] = int32_t(j);
+        heap_sort(ord, n,
+                  [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = tv[ord[j]];
+          tids[j] = ti[ord[j]];
+          tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
+        }
+      }
+    }
+    return;
+  }
+  // processed: the renormalised survivors
+  const double lz = ::log(sh.Z);
+  const float tv = sh.tv;
+  int64_t cnt = 0;
+  for (int64_t j = tid; j < L.n; j += kPipeThreads) cnt += L.v[j] >= tv;
+  cnt = block_reduce<int64_t>(cnt, SumI{}, sh.i);
+  if (tid == 0) {
+    if (a.out_logprob) a.out_logprob[o] = logprob_of_weight(sh.tw, lz);
+    if (a.out_rank) a.out_rank[o] = cnt;
+    if (tids) {
+      int32_t* ord = ls.ord;
+      for (int64_t j = 0; j < L.n; ++j) ord[j] = int32_t(j);
+      const float* lv = L.v;
+      const int32_t* li = L.i;
+      heap_sort(ord, L.n,
+                [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
+      const int64_t h = a.top_n < L.n ? a.top_n : L.n;
+      for (int64_t j = 0; j < h; ++j) {
+        tids[j] = L.i[ord[j]];
+        tlp[j] = logprob_of_weight(pipe_weight(L.v[ord[j]], m, invT), lz);
+      }
+      top_n_pad(L.i, L.n, h, a.top_n, tids, tlp);
+    }
   }
 }
 
 template <class T>
-__global__ void __launch_bounds__(kPipeThreads) process_kernel(ProcessArgs a) {
-  process_row<T>(a, int64_t(blockIdx.x), threadIdx.x, kPipeThreads);
+__global__ void __launch_bounds__(kPipeThreads) pipeline_kernel(PipeArgs a) {
+  pipeline_row<T>(a, int64_t(blockIdx.x));
 }
 
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads) bitmask_inplace_kernel(BitmaskInplaceArgs a) {
   const int64_t j = blockIdx.x;
   const int64_t r = a.indices ? a.indices[j] : j;
+  if (r < 0) return;  // an index the deferred checks found bad (the launcher set it to -1)
   T* x = static_cast<T*>(a.x) + r * a.row_stride;
   const int32_t* w = a.words + r * a.word_stride;
   for (int64_t i = threadIdx.x; i < a.tokens; i += kPipeThreads)
@@ -183,13 +673,13 @@ __global__ void __launch_bounds__(kPipeThreads) bitmask_inplace_kernel(BitmaskIn
 }  // namespace pdetail
 
 #if !defined(DK_CUDA_EMULATE)
-inline cudaError_t launch_process(const ProcessArgs& a, cudaStream_t stream) {
+inline cudaError_t launch_pipeline(const PipeArgs& a, cudaStream_t stream) {
   if (a.n_out == 0) return cudaSuccess;
   const dim3 grid(unsigned(a.n_out)), block(kPipeThreads);
   switch (a.dtype) {
-    case PipeDType::F32: pdetail::process_kernel<float><<<grid, block, 0, stream>>>(a); break;
-    case PipeDType::BF16: pdetail::process_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
-    case PipeDType::F16: pdetail::process_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
+    case PipeDType::F32: pdetail::pipeline_kernel<float><<<grid, block, 0, stream>>>(a); break;
+    case PipeDType::BF16: pdetail::pipeline_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
+    case PipeDType::F16: pdetail::pipeline_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
   }
   return cudaGetLastError();
 }
@@ -207,9 +697,9 @@ inline cudaError_t launch_bitmask_inplace(const BitmaskInplaceArgs& a, cudaStrea
 
 // Odr-uses every launcher of this header (.ci/cuda_compile.sh compiles all instantiations).
 inline void instantiate_pipeline() {
-  ProcessArgs p;
+  PipeArgs p;
   BitmaskInplaceArgs b;
-  (void)launch_process(p, nullptr);
+  (void)launch_pipeline(p, nullptr);
   (void)launch_bitmask_inplace(b, nullptr);
 }
 #endif

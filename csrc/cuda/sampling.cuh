@@ -79,6 +79,8 @@ struct SampleArgs {
   int64_t n_out = 0;
   const int64_t* seeds = nullptr;  // one per output row, or nullptr (scalar seed)
   uint64_t seed = 0, offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // device seed / offsets (decodekit/rng.h row_rng_key)
+  int64_t offset_stride = 0;
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;
   float* out_logprob = nullptr;
@@ -485,10 +487,7 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
 }
 
 // ---- kernels ----------------------------------------------------------------------------------
-DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) {
-  if (a.seeds) return make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u);
-  return make_rng_key(a.seed, a.offset, uint32_t(o));
-}
+DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) { return row_rng_key(a, o); }
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {

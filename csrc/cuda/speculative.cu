@@ -27,7 +27,9 @@ struct CudaTemp {
   std::optional<at::Tensor> T;
 };
 
-cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTemp& keep,
+// Sync-free: scalar filter values are host values (checked here); per-row tensors are checked on
+// the device, a row with top_k / top_p / min_p enabled (or a bad temperature) being a bad row.
+cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTemp& keep, RowBad& bad,
                        const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr,
                        int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
                        const std::optional<at::Tensor>& mp_arr, double mp_val) {
@@ -42,16 +44,28 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTe
   t.stride_r = ct.stride_r;
   if (kind != 1) return t;
   const int64_t V = t.V;
-  const bool k_on = k_arr ? ((*k_arr >= 1) & (*k_arr < V)).any().item<bool>() : (k_val >= 1 && k_val < V);
-  const bool p_on = p_arr ? (*p_arr < 1).any().item<bool>() : p_val < 1.0;
-  const bool mp_on = mp_arr ? (*mp_arr > 0).any().item<bool>() : mp_val > 0.0;
+  const bool k_on = !k_arr && k_val >= 1 && k_val < V;
+  const bool p_on = !p_arr && p_val < 1.0;
+  const bool mp_on = !mp_arr && mp_val > 0.0;
   DK_CHECK(!k_on && !p_on && !mp_on,
            "top_k / top_p / min_p in the logits form of speculative verification run on the CPU only for now; on "
            "CUDA pass target probabilities (filtered with top_k_renorm_probs / top_p_renorm_probs / ...) or "
            "temperature alone");
+  const std::pair<const std::optional<at::Tensor>*, const char*> per_row[] = {
+      {&k_arr, "top_k"}, {&p_arr, "top_p"}, {&mp_arr, "min_p"}};
+  for (const auto& pr : per_row) {
+    if (!*pr.first) continue;
+    check_cuda(**pr.first, pr.second);
+    const at::Tensor& v = row_shape(**pr.first, B, pr.second);
+    // enabled (NaN counts as enabled): k in [1, V); p < 1 or NaN; min_p > 0 or NaN
+    at::Tensor on = pr.first == &k_arr   ? v.ge(1).logical_and(v.lt(V))
+                    : pr.first == &p_arr ? v.ge(1).logical_not()
+                                         : v.le(0).logical_not();
+    bad.add(on, kErrSpecFilters);
+  }
   if (T_arr) {
     check_cuda(*T_arr, "temperature");
-    keep.T = temperature_rows(row_shape(*T_arr, B, "temperature"));
+    keep.T = deferred_temperature(row_shape(*T_arr, B, "temperature"), bad, true);
     t.temperature = keep.T->data_ptr<float>();
   } else {
     check_temperature(T_val);
@@ -94,14 +108,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
     const std::optional<at::Tensor>& num_draft_tokens, int64_t target_kind, const std::optional<at::Tensor>& T_arr,
     double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr,
     double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
-    const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
+    const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset,
+    const std::optional<at::Tensor>& offset_arr) {
   check_cuda(draft_token_ids, "draft_token_ids");
   c10::cuda::CUDAGuard guard(draft_token_ids.device());
-  spec::ChainSetup s = spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr);
+  spec::ChainSetup s =
+      spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr, offset_arr);
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
   CudaTemp keepT;
   cs::ChainArgs a;
-  a.target = cuda_target(target, target_kind, s.B, keepT, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
+  a.target =
+      cuda_target(target, target_kind, s.B, keepT, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
   const auto opts = draft_token_ids.options();
   spec::ChainOut o = spec::chain_outputs(s, opts);
   if (s.B == 0) return {o.out_ids, o.accepted, o.emitted};
@@ -109,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
   a.ws = make_ws(keep, opts, s.B, s.V, 0, false);
   spec::pack_chain(a, s, o, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_chain(a, stream_of(draft_token_ids)));
+  spec::finish_chain_rows(s, o);
   return {o.out_ids, o.accepted, o.emitted};
 }
 
@@ -119,16 +137,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
     const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order, const std::optional<at::Tensor>& seed_arr,
     int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& coins,
-    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc) {
+    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc,
+    const std::optional<at::Tensor>& offset_arr) {
   check_cuda(candidates, "candidates");
   c10::cuda::CUDAGuard guard(candidates.device());
   spec::TreeSetup s = spec::setup_tree(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
-                                       draft_probs, W, target_kind, seed_arr);
+                                       draft_probs, W, target_kind, seed_arr, offset_arr);
   spec::setup_coins(s, candidates, coins, coins_final, threshold_single, threshold_acc, draft_probs);
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
   CudaTemp keepT;
   cs::TreeArgs a;
-  a.target = cuda_target(target, target_kind, s.B, keepT, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
+  a.target =
+      cuda_target(target, target_kind, s.B, keepT, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
   const auto opts = candidates.options();
   spec::TreeOut o = spec::tree_outputs(s, W, opts);
   if (s.B == 0) return {o.predicts, o.accept_index, o.accept_num};
@@ -136,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
   a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value());
   spec::pack_tree(a, s, W, o, target_kind, target, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_tree(a, stream_of(candidates)));
-  spec::raise_tree_errors(o.err, o.err_node, false);
+  spec::finish_tree_rows(s, o);
   return {o.predicts, o.accept_index, o.accept_num};
 }
 
@@ -150,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
     cs::BuildArgs a;
     spec::pack_build(a, s, o);
     C10_CUDA_CHECK(cs::launch_build_tree(a, stream_of(parents)));
-    spec::raise_tree_errors(o.err, o.err_node, true);
+    spec::finish_build_rows(s, o);
   }
   return {o.mask, o.positions, o.ri, o.nt, o.ns};
 }

@@ -51,6 +51,8 @@ struct Draft {
 struct Rng {
   const int64_t* seeds = nullptr;
   uint64_t seed = 0, offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // device seed / offsets (decodekit/rng.h row_rng_key)
+  int64_t offset_stride = 0;
 };
 // Per-row global scratch (the launcher allocates B rows of each).
 struct Workspace {
@@ -92,6 +94,7 @@ struct TreeArgs {
   int32_t* err = nullptr;
   int64_t* err_node = nullptr;
   Workspace ws;
+  const bool* skip = nullptr;  // [B] rows to leave untouched (the bindings' deferred checks), or null
 };
 
 struct BuildArgs {
@@ -471,10 +474,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
   return -1;
 }
 
-DK_DEVICE RngKey row_key(const Rng& r, int64_t b) {
-  if (r.seeds) return make_rng_key(uint64_t(r.seeds[b]), r.offset, 0u);
-  return make_rng_key(r.seed, r.offset, uint32_t(b));
-}
+DK_DEVICE RngKey row_key(const Rng& r, int64_t b) { return row_rng_key(r, b); }
 
 DK_DEVICE float row_temperature(const Target& t, int64_t b) {
   return t.temperature ? t.temperature[b] : t.temperature_val;
@@ -539,6 +539,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
+  if (a.skip && a.skip[b]) return;  // a row the deferred checks found bad: outputs stay pre-filled
   const int tid = threadIdx.x;
   const int64_t T_ = a.T;
   const int64_t* cand = a.cand + b * T_;

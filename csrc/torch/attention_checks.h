@@ -1,6 +1,7 @@
 // Tree-attention input checks shared by the CPU and CUDA impls. No math: shapes, dtypes, devices.
 #pragma once
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include "torch/checks.h"
@@ -87,7 +88,26 @@ struct AttnPrep {
   AttnShape s;
   at::Tensor out, lse, plens, q, k, v, mask;
   bool empty = false;
+  RowBad bad{0};  // deferred checks: batch rows whose prefix_lens is out of range
 };
+
+// Deferred checks (deferred_checks.h): a prefix length outside [0, S - T] marks its batch row bad
+// and reads as 0; S < T is a shape error (no prefix length fits).
+inline at::Tensor deferred_prefix_lens(const at::Tensor& plens, const AttnShape& s, RowBad& bad) {
+  DK_CHECK(s.B == 0 || s.S >= s.T, "prefix_lens[b] + T must be <= the k/v length S = ", s.S,
+           ", which is shorter than the T = ", s.T, " tree keys");
+  at::Tensor b = plens.lt(0).logical_or(plens.gt(s.S - s.T));
+  bad.add(b, kErrPrefixLens);
+  return safe_index(plens, b).contiguous();
+}
+
+// Deferred checks, after the kernel: a bad batch row's out and lse are NaN.
+inline void finish_tree_attention(AttnPrep& p) {
+  if (!p.bad.any_possible()) return;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  p.out.masked_fill_(p.bad.rows.reshape({p.s.B, 1, 1, 1}), nan);
+  p.lse.masked_fill_(p.bad.rows.reshape({p.s.B, 1, 1}), nan);
+}
 
 inline AttnPrep prepare_tree_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& tree_mask, const at::Tensor& prefix_lens,
@@ -100,7 +120,12 @@ inline AttnPrep prepare_tree_attention(const at::Tensor& q, const at::Tensor& k,
   p.out = at::empty({s.B, s.T, s.Hq, s.D}, q.options());
   p.lse = at::empty({s.B, s.T, s.Hq}, q.options().dtype(at::kFloat));
   p.plens = prefix_lens.to(at::kLong).contiguous();
-  check_prefix_lens_values(p.plens, s);
+  if (deferred(q)) {
+    p.bad = RowBad(s.B);
+    p.plens = deferred_prefix_lens(p.plens, s, p.bad);
+  } else {
+    check_prefix_lens_values(p.plens, s);
+  }
   p.empty = s.B == 0 || s.T == 0 || s.Hq == 0;
   if (p.empty) return p;
   p.q = q.stride(3) == 1 ? q : q.contiguous();

@@ -1,19 +1,10 @@
-// Tree attention: op schema, input checks, argument packing and the CPU impl (no math here:
+// Tree attention: input checks, argument packing and the CPU impl (schema: csrc/torch/ops.cpp; no math here:
 // the kernel is csrc/cpu/isa/attention.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <cmath>
 #include "cpu/attention_kernels.h"
 #include "torch/attention_checks.h"
-
-TORCH_LIBRARY_FRAGMENT(decodekit, m) {
-  // q [B,T,Hq,D]; k, v [B,S,Hkv,D] (kv_layout "NHD") or [B,Hkv,S,D] ("HND"); tree_mask bool [B,T,T] or
-  // packed uint8 [B,T,ceil(T/8)] (little-endian bits); prefix_lens int [B]. sm_scale None means 1/sqrt(D).
-  // Returns (out [B,T,Hq,D] in q's dtype, lse [B,T,Hq] float32, natural log).
-  m.def(
-      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor tree_mask, Tensor prefix_lens, float? sm_scale, "
-      "str kv_layout) -> (Tensor, Tensor)");
-}
 
 namespace dk::torchb {
 namespace {
@@ -27,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const
   pack_tree_attention(a, p, sm_scale);
   const auto& tab = cpu::attn_active();
   at::parallel_for(0, p.s.B * p.s.Hkv, 1, [&](int64_t b, int64_t e) { tab.tree_attention(a, b, e); });
+  finish_tree_attention(p);
   return {p.out, p.lse};
 }
 

@@ -3,9 +3,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include "cpu/kernels.h"
+#include "torch/deferred_checks.h"
 
 namespace dk::torchb {
 
@@ -79,9 +81,7 @@ inline void check_indices(const at::Tensor& idx, int64_t B, const char* name) {
 //   temperature: 0 (greedy) or a normal float32 in [2^-126, FLT_MAX] (1 / T must be finite);
 //   top_p: > 0 (p >= 1 disables; a p below float32's range keeps the argmax tie group, as any p < 1/V);
 //   min_p: in [0, 1].
-inline bool temperature_ok(double v) { return v == 0.0 || (v >= kF32MinNormal && v <= kF32Max); }
-inline bool top_p_ok(double v) { return v > 0.0; }
-inline bool min_p_ok(double v) { return v >= 0.0 && v <= 1.0; }
+// (temperature_ok, top_p_ok, min_p_ok: decodekit/common.h, shared with the CUDA kernels' per-row checks)
 inline const char* temperature_rule() {
   return "temperature must be 0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (a normal float32)";
 }
@@ -147,34 +147,67 @@ struct FilterPack {
   const float* mp_ptr() const { return mp ? mp->data_ptr<float>() : nullptr; }
 };
 
+// The deferred form of the range checks above (deferred_checks.h): computed on t's device, the bad
+// rows noted in `bad` (with `bit`) and given the neutral value (the filter disabled, T = 1).
+inline at::Tensor deferred_temperature(const at::Tensor& t, RowBad& bad, bool zero_ok) {
+  at::Tensor d = t.to(at::kDouble);
+  at::Tensor ok = d.ge(kF32MinNormal).logical_and(d.le(kF32Max));
+  if (zero_ok) ok = ok.logical_or(d.eq(0.0));
+  bad.add(ok.logical_not(), kErrTemperature);
+  return at::where(ok, d, 1.0).to(at::kFloat).contiguous();
+}
+inline at::Tensor deferred_top_p(const at::Tensor& t, RowBad& bad) {
+  at::Tensor d = t.to(at::kDouble);
+  at::Tensor ok = d.gt(0.0);
+  bad.add(ok.logical_not(), kErrTopP);
+  return at::where(ok, d, 1.0).clamp_min(kF32MinNormal).to(at::kFloat).contiguous();
+}
+inline at::Tensor deferred_min_p(const at::Tensor& t, RowBad& bad) {
+  at::Tensor d = t.to(at::kDouble);
+  at::Tensor ok = d.ge(0.0).logical_and(d.le(1.0));
+  bad.add(ok.logical_not(), kErrMinP);
+  return at::where(ok, d, 0.0).to(at::kFloat).contiguous();
+}
+inline at::Tensor deferred_top_k(const at::Tensor& t, RowBad& bad) {
+  if (!t.is_floating_point()) return t.to(at::kLong).contiguous();
+  at::Tensor d = t.to(at::kDouble);
+  at::Tensor ok = d.isinf().logical_or(d.eq(d.floor()));
+  bad.add(ok.logical_not(), kErrTopK);
+  return at::where(ok, d, 0.0).clamp(-4e18, 4e18).to(at::kLong).contiguous();
+}
+
 // The checks and conversions of the four filter parameters, shared by every op that takes them
 // (sampling, filters, speculative verification from logits). Tensors are 1-D of length n.
+// bad == nullptr: eager ValueErrors (the CPU); else the deferred checks (CUDA), bad rows noted there.
+// zero_temperature_ok: false for softmax (temperature must be > 0 there).
 inline FilterPack pack_filter_params(int64_t n, bool is_probs, const std::optional<at::Tensor>& T_arr, double T_val,
                                      const std::optional<at::Tensor>& k_arr, int64_t k_val,
                                      const std::optional<at::Tensor>& p_arr, double p_val,
-                                     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
+                                     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
+                                     RowBad* bad = nullptr, bool zero_temperature_ok = true) {
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential/top_k_first) or 1 (joint), got ", order);
   FilterPack f;
   f.is_probs = is_probs;
   f.order = order;
   if (T_arr)
-    f.T = temperature_rows(row_shape(*T_arr, n, "temperature"));
+    f.T = bad ? deferred_temperature(row_shape(*T_arr, n, "temperature"), *bad, zero_temperature_ok)
+              : temperature_rows(row_shape(*T_arr, n, "temperature"));
   else {
     check_temperature(T_val);
     f.T_val = float(T_val);
   }
   if (k_arr)
-    f.k = top_k_rows(row_shape(*k_arr, n, "top_k"));
+    f.k = bad ? deferred_top_k(row_shape(*k_arr, n, "top_k"), *bad) : top_k_rows(row_shape(*k_arr, n, "top_k"));
   else
     f.k_val = k_val;
   if (p_arr)
-    f.p = top_p_rows(row_shape(*p_arr, n, "top_p"));
+    f.p = bad ? deferred_top_p(row_shape(*p_arr, n, "top_p"), *bad) : top_p_rows(row_shape(*p_arr, n, "top_p"));
   else {
     check_top_p(p_val);
     f.p_val = top_p_f32(p_val);
   }
   if (mp_arr)
-    f.mp = min_p_rows(row_shape(*mp_arr, n, "min_p"));
+    f.mp = bad ? deferred_min_p(row_shape(*mp_arr, n, "min_p"), *bad) : min_p_rows(row_shape(*mp_arr, n, "min_p"));
   else {
     check_min_p(mp_val);
     f.mp_val = float(mp_val);
@@ -185,12 +218,14 @@ inline FilterPack pack_filter_params(int64_t n, bool is_probs, const std::option
 inline FilterPack pack_filter(const at::Tensor& x, int64_t n, bool is_probs, const std::optional<at::Tensor>& T_arr,
                               double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
                               const std::optional<at::Tensor>& p_arr, double p_val,
-                              const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
+                              const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
+                              RowBad* bad = nullptr, bool zero_temperature_ok = true) {
   check_same_device(x, T_arr, "temperature");
   check_same_device(x, k_arr, "top_k");
   check_same_device(x, p_arr, "top_p");
   check_same_device(x, mp_arr, "min_p");
-  return pack_filter_params(n, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+  return pack_filter_params(n, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, bad,
+                            zero_temperature_ok);
 }
 
 // The CPU kernels' view of checked filter parameters (pointers into the pack's tensors).
@@ -210,10 +245,13 @@ inline cpu::RowFilter cpu_filter(const FilterPack& fp) {
 }
 
 // Seeds of n output rows: a tensor of n seeds (row i's stream is keyed by seed[i] alone), or a
-// tensor holding ONE seed, which is the scalar form (read here into seed_val: every output row
-// draws its own stream, the row index being part of the counter). For n == 1 both readings give the
-// same stream. The one-seed tensor is how a seed drawn inside a compiled graph reaches the op.
-inline std::optional<at::Tensor> seed_rows(const std::optional<at::Tensor>& seed_arr, int64_t n, int64_t& seed_val) {
+// tensor holding ONE seed, which is the scalar form (every output row draws its own stream, the
+// row index being part of the counter). A one-seed CPU tensor is read here into seed_val; one on
+// a device is kept in `one` and read by the kernel (seed_ptr), never on the host. For n == 1 both
+// readings give the same stream. The one-seed tensor is how a seed drawn inside a compiled graph,
+// or by torch's CUDA generator (philox_state), reaches the op.
+inline std::optional<at::Tensor> seed_rows(const std::optional<at::Tensor>& seed_arr, int64_t n, int64_t& seed_val,
+                                           std::optional<at::Tensor>* one = nullptr) {
   if (!seed_arr) return std::nullopt;
   DK_CHECK(seed_arr->scalar_type() == at::kLong || seed_arr->scalar_type() == at::kInt,
            "seed must be an int or an int64 tensor, got ", seed_arr->scalar_type());
@@ -222,25 +260,78 @@ inline std::optional<at::Tensor> seed_rows(const std::optional<at::Tensor>& seed
            "int64 tensor of length 1 or ",
            n, " (one seed per output row), got shape ", seed_arr->sizes());
   if (seed_arr->numel() == 1 && n != 1) {
+    if (one && !seed_arr->is_cpu()) {
+      *one = seed_arr->reshape({-1}).to(at::kLong).contiguous();
+      return std::nullopt;
+    }
     seed_val = seed_arr->to(at::kLong).cpu().item<int64_t>();
     return std::nullopt;
   }
   return seed_arr->reshape({-1}).to(at::kLong).contiguous();
 }
 
-// Rows of a sampling op: the checked input, gathered indices (int64) and per-output-row seeds.
+// Offsets as a tensor (offset_arr, added to the int offset): int64 [n] (per output row) or [1], on
+// the input's device. Eager: every value in [0, 2^48) (a ValueError otherwise); deferred: a bad
+// value marks its rows (all rows for a [1] tensor) and reads as 0.
+struct OffsetPack {
+  std::optional<at::Tensor> t;
+  int64_t stride = 0;
+  const int64_t* ptr() const { return t ? t->data_ptr<int64_t>() : nullptr; }
+};
+
+inline OffsetPack pack_offsets(const std::optional<at::Tensor>& offset_arr, int64_t n, const at::Tensor& ref,
+                               RowBad* bad) {
+  OffsetPack o;
+  if (!offset_arr) return o;
+  DK_CHECK(offset_arr->scalar_type() == at::kLong || offset_arr->scalar_type() == at::kInt,
+           "offset must be an int or an int64 tensor, got ", offset_arr->scalar_type());
+  DK_CHECK(offset_arr->dim() <= 1 && (offset_arr->numel() == n || offset_arr->numel() == 1),
+           "offset must be an int or an int64 tensor of length 1 or ", n, " (one offset per output row), got shape ",
+           offset_arr->sizes());
+  DK_CHECK(offset_arr->device() == ref.device(), "offset must be on ", ref.device(), ", got ", offset_arr->device());
+  at::Tensor v = offset_arr->reshape({-1}).to(at::kLong).contiguous();
+  if (bad) {
+    at::Tensor b = v.lt(0).logical_or(v.gt(kMaxOffset));
+    bad->add(b, kErrOffset);
+    v = safe_index(v, b).contiguous();
+  } else {
+    auto first = first_bad(v, [](double d) { return d >= 0 && d <= double(kMaxOffset); });
+    DK_CHECK(!first, "offset must be in [0, 2^48) in every row, got ", int64_t(*first));
+  }
+  o.stride = v.numel() == 1 ? 0 : 1;
+  o.t = v;
+  return o;
+}
+
+// Rows of a sampling op: the checked input, gathered indices (int64), per-output-row seeds, the
+// device seed / offsets, and (deferred checks) the rows found bad.
 struct RowSetup {
   at::Tensor x;
-  std::optional<at::Tensor> idx, seeds;
+  std::optional<at::Tensor> idx, seeds, seed_one;
+  OffsetPack offsets;
   int64_t n_out = 0;
   int64_t seed_val = 0;  // the scalar seed when seed_arr held one seed (else the caller's)
+  bool deferred = false;
+  RowBad bad{0};
+  RowBad* bad_ptr() { return deferred ? &bad : nullptr; }
   const int64_t* idx_ptr() const { return idx ? idx->data_ptr<int64_t>() : nullptr; }
   const int64_t* seeds_ptr() const { return seeds ? seeds->data_ptr<int64_t>() : nullptr; }
+  const int64_t* seed_one_ptr() const { return seed_one ? seed_one->data_ptr<int64_t>() : nullptr; }
+  // Copies the randomness fields into a kernel argument struct (CPU or CUDA: same field names).
+  template <class A>
+  void fill_rng(A& a, int64_t offset) const {
+    a.seeds = seeds_ptr();
+    a.seed = uint64_t(seed_val);
+    a.seed_ptr = seed_one_ptr();
+    a.offset = uint64_t(offset);
+    a.offsets = offsets.ptr();
+    a.offset_stride = offsets.stride;
+  }
 };
 
 inline RowSetup setup_rows(const at::Tensor& x_in, const std::optional<at::Tensor>& indices,
                            const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset,
-                           const char* xname) {
+                           const char* xname, const std::optional<at::Tensor>& offset_arr = std::nullopt) {
   check_offset(offset);
   check_matrix(x_in, xname);
   float_dtype(x_in, xname);
@@ -250,15 +341,43 @@ inline RowSetup setup_rows(const at::Tensor& x_in, const std::optional<at::Tenso
   r.x = x_in;
   r.seed_val = seed_val;
   r.n_out = x_in.size(0);
+  r.deferred = deferred(x_in);
   if (indices) {
-    check_indices(*indices, x_in.size(0), "indices");
-    r.idx = indices->to(at::kLong).contiguous();
     r.n_out = indices->size(0);
+    if (r.deferred) {
+      DK_CHECK(indices->dim() == 1, "indices must be 1-D, got shape ", indices->sizes());
+      DK_CHECK(indices->scalar_type() == at::kLong || indices->scalar_type() == at::kInt,
+               "indices must be int32 or int64, got ", indices->scalar_type());
+      DK_CHECK(x_in.size(0) > 0 || r.n_out == 0, "indices must be in [0, B) but ", xname, " has no rows (B = 0)");
+      at::Tensor idx = indices->to(at::kLong);
+      at::Tensor b = idx.lt(0).logical_or(idx.ge(x_in.size(0)));
+      r.bad = RowBad(r.n_out);
+      r.bad.add(b, kErrIndices);
+      r.idx = safe_index(idx, b).contiguous();
+    } else {
+      check_indices(*indices, x_in.size(0), "indices");
+      r.idx = indices->to(at::kLong).contiguous();
+    }
   }
   DK_CHECK(r.n_out <= kMaxRows, "indices has ", r.n_out, " entries; decodekit supports at most 2^31 - 1 output rows");
-  r.seeds = seed_rows(seed_arr, r.n_out, r.seed_val);
+  if (r.bad.n != r.n_out) r.bad = RowBad(r.n_out);
+  r.seeds = seed_rows(seed_arr, r.n_out, r.seed_val, &r.seed_one);
   if (r.seeds && r.seeds->device() != x_in.device()) r.seeds = r.seeds->to(x_in.device());
+  r.offsets = pack_offsets(offset_arr, r.n_out, x_in, r.bad_ptr());
   return r;
+}
+
+// Deferred checks, after the kernel: the bad rows of a sampling op get token 0, valid False, logprob 0.
+inline void finish_bad_rows(const RowSetup& rs, at::Tensor& tokens, at::Tensor& valid, at::Tensor* logprobs) {
+  if (!rs.bad.any_possible()) return;
+  tokens.masked_fill_(rs.bad.rows, 0);
+  valid.masked_fill_(rs.bad.rows, false);
+  if (logprobs) logprobs->masked_fill_(rs.bad.rows, 0.0);
+}
+
+// Deferred checks, after the kernel: a filter row whose parameter is bad comes out as NaN.
+inline void finish_bad_filter_rows(const RowBad& bad, at::Tensor& out) {
+  if (bad.any_possible()) out.masked_fill_(bad.rows.unsqueeze(1), std::numeric_limits<double>::quiet_NaN());
 }
 
 inline void check_filter_input(const at::Tensor& x, int64_t kind, bool is_probs) {

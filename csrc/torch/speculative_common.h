@@ -48,25 +48,39 @@ inline std::optional<at::Tensor> on_cpu(const std::optional<at::Tensor>& t) {
 inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::optional<at::Tensor>& T_arr, double T_val,
                                   const std::optional<at::Tensor>& k_arr, int64_t k_val,
                                   const std::optional<at::Tensor>& p_arr, double p_val,
-                                  const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
+                                  const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
+                                  RowBad* bad = nullptr) {
   keep = pack_filter_params(n, false, on_cpu(T_arr), T_val, on_cpu(k_arr), k_val, on_cpu(p_arr), p_val, on_cpu(mp_arr),
-                            mp_val, order);
+                            mp_val, order, bad);
   return cpu_filter(keep);
 }
 
-// Seeds of B rows (checks.h seed_rows: n seeds, or one seed read as the scalar form into seed_val).
+// Seeds of B rows (checks.h seed_rows: n seeds, or one seed: read as the scalar form into
+// seed_val from a CPU tensor, kept in `one` for the kernels from a device tensor).
 inline std::optional<at::Tensor> seeds_of(const std::optional<at::Tensor>& seed_arr, const at::Tensor& ref, int64_t B,
-                                          std::optional<int64_t>& scalar_seed) {
+                                          std::optional<int64_t>& scalar_seed, std::optional<at::Tensor>& one) {
   if (!seed_arr) return std::nullopt;
   if (!seed_arr->is_cpu()) check_device(ref, *seed_arr, "seed");
   int64_t v = 0;
-  auto seeds = seed_rows(seed_arr, B, v);
-  if (!seeds)
+  auto seeds = seed_rows(seed_arr, B, v, &one);
+  if (!seeds && !one)
     scalar_seed = v;
-  else if (seeds->device() != ref.device())
+  else if (seeds && seeds->device() != ref.device())
     seeds = seeds->to(ref.device());
   return seeds;
 }
+
+// What every speculative setup shares: seeds (per-row, one device seed, or a scalar read from a
+// CPU tensor), offsets, and the deferred checks' bad rows.
+struct SpecRows {
+  int64_t B = 0;
+  std::optional<at::Tensor> seeds, seed_one;
+  std::optional<int64_t> scalar_seed;  // a one-seed CPU tensor read as the scalar form
+  OffsetPack offsets;
+  bool deferred = false;
+  RowBad bad{0};
+  RowBad* bad_ptr() { return deferred ? &bad : nullptr; }
+};
 
 inline void check_target_kind(const at::Tensor& target, int64_t kind, bool tree) {
   DK_CHECK(kind == 0 || kind == 1 || (tree && kind == 2), "target_kind must be 0 (probs), 1 (logits)",
@@ -76,17 +90,17 @@ inline void check_target_kind(const at::Tensor& target, int64_t kind, bool tree)
   if (kind == 1) float_dtype(target, "target_logits");
 }
 
-struct ChainSetup {
-  int64_t B = 0, N = 0, V = 0;
+struct ChainSetup : SpecRows {
+  int64_t N = 0, V = 0;
   at::Tensor ids;
-  std::optional<at::Tensor> num_draft, seeds;
-  std::optional<int64_t> scalar_seed;  // a one-seed tensor read as the scalar form
+  std::optional<at::Tensor> num_draft;
 };
 
 inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_token_ids,
                               const std::optional<at::Tensor>& draft_probs,
                               const std::optional<at::Tensor>& num_draft_tokens, int64_t kind,
-                              const std::optional<at::Tensor>& seed_arr) {
+                              const std::optional<at::Tensor>& seed_arr,
+                              const std::optional<at::Tensor>& offset_arr = std::nullopt) {
   const char* tname = kind == 0 ? "target_probs" : "target_logits";
   check_target_kind(target, kind, false);
   DK_CHECK(draft_token_ids.dim() == 2, "draft_token_ids must be 2-D [B, N], got shape ", draft_token_ids.sizes());
@@ -94,6 +108,8 @@ inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_
   ChainSetup s;
   s.B = draft_token_ids.size(0);
   s.N = draft_token_ids.size(1);
+  s.deferred = deferred(draft_token_ids);
+  s.bad = RowBad(s.B);
   DK_CHECK(s.N <= kSpecMaxDepth - 1, "draft_token_ids may have at most ", kSpecMaxDepth - 1, " columns, got ", s.N);
   DK_CHECK(target.dim() == 3, tname, " must be 3-D [B, N+1, V], got shape ", target.sizes());
   check_device(draft_token_ids, target, tname);
@@ -119,14 +135,23 @@ inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_
     DK_CHECK(num_draft_tokens->dim() == 1 && num_draft_tokens->size(0) == s.B,
              "num_draft_tokens must be a 1-D tensor of length B = ", s.B, ", got shape ", num_draft_tokens->sizes());
     s.num_draft = num_draft_tokens->to(at::kLong).contiguous();
-    if (s.B > 0) {
+    if (s.deferred) {
+      at::Tensor b = s.num_draft->lt(0).logical_or(s.num_draft->gt(s.N));
+      s.bad.add(b, kErrNumDraft);
+      s.num_draft = safe_index(*s.num_draft, b).contiguous();
+    } else if (s.B > 0) {
       const int64_t mn = s.num_draft->min().item<int64_t>(), mx = s.num_draft->max().item<int64_t>();
       DK_CHECK(mn >= 0 && mx <= s.N, "num_draft_tokens values must be in [0, N] = [0, ", s.N, "], got range [", mn,
                ", ", mx, "]");
     }
     valid = at::arange(s.N, s.ids.options()).unsqueeze(0) < s.num_draft->unsqueeze(1);
   }
-  if (s.B > 0 && s.N > 0) {
+  if (s.deferred && s.B > 0 && s.N > 0) {
+    at::Tensor oob = s.ids.lt(0).logical_or(s.ids.ge(s.V));
+    if (valid.defined()) oob = oob.logical_and(valid);
+    s.bad.add(oob.any(1), kErrDraftIds);
+    s.ids = safe_index(s.ids, oob).contiguous();
+  } else if (s.B > 0 && s.N > 0) {
     at::Tensor v = valid.defined() ? s.ids.masked_select(valid) : s.ids;
     if (v.numel() > 0) {
       const int64_t mn = v.min().item<int64_t>(), mx = v.max().item<int64_t>();
@@ -134,15 +159,14 @@ inline ChainSetup setup_chain(const at::Tensor& target, const at::Tensor& draft_
                "]");
     }
   }
-  s.seeds = seeds_of(seed_arr, draft_token_ids, s.B, s.scalar_seed);
+  s.seeds = seeds_of(seed_arr, draft_token_ids, s.B, s.scalar_seed, s.seed_one);
+  s.offsets = pack_offsets(offset_arr, s.B, draft_token_ids, s.bad_ptr());
   return s;
 }
 
-struct TreeSetup {
-  int64_t B = 0, T = 0, V = 0;
+struct TreeSetup : SpecRows {
+  int64_t T = 0, V = 0;
   at::Tensor cand, ri, nt, ns;
-  std::optional<at::Tensor> seeds;
-  std::optional<int64_t> scalar_seed;            // a one-seed tensor read as the scalar form
   std::optional<at::Tensor> coins, coins_final;  // float64, contiguous (caller coins)
   double thr_single = 1.0, thr_acc = 1.0;
 };
@@ -176,7 +200,13 @@ inline void setup_coins(TreeSetup& s, const at::Tensor& candidates, const std::o
            "], got ", coins_final->sizes());
   s.coins = coins->to(at::kDouble).contiguous();
   s.coins_final = coins_final->to(at::kDouble).contiguous();
+  if (s.deferred) {
+    at::Tensor ok = s.coins->ge(0.0).logical_and(s.coins->le(1.0)).all(1);
+    ok = ok.logical_and(s.coins_final->ge(0.0).logical_and(s.coins_final->le(1.0)));
+    s.bad.add(ok.logical_not(), kErrCoins);
+  }
   for (const auto& c : {std::make_pair(*s.coins, "coins"), std::make_pair(*s.coins_final, "coins_final")}) {
+    if (s.deferred) break;
     if (c.first.numel() == 0) continue;
     // NaN fails both comparisons
     DK_CHECK(at::logical_and(c.first >= 0.0, c.first <= 1.0).all().item<bool>(), c.second,
@@ -189,7 +219,8 @@ inline void setup_coins(TreeSetup& s, const at::Tensor& candidates, const std::o
 inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retrive_index,
                             const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
                             const at::Tensor& target, const std::optional<at::Tensor>& draft_probs, int64_t W,
-                            int64_t kind, const std::optional<at::Tensor>& seed_arr) {
+                            int64_t kind, const std::optional<at::Tensor>& seed_arr,
+                            const std::optional<at::Tensor>& offset_arr = std::nullopt) {
   check_target_kind(target, kind, true);
   DK_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be 2-D [B, T] with T >= 1, got shape ",
            candidates.sizes());
@@ -197,6 +228,8 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
   TreeSetup s;
   s.B = candidates.size(0);
   s.T = candidates.size(1);
+  s.deferred = deferred(candidates);
+  s.bad = RowBad(s.B);
   const std::pair<const at::Tensor*, const char*> links[] = {{&retrive_index, "retrive_index"},
                                                              {&retrive_next_token, "retrive_next_token"},
                                                              {&retrive_next_sibling, "retrive_next_sibling"}};
@@ -235,7 +268,16 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
   s.ri = retrive_index.to(at::kLong).contiguous();
   s.nt = retrive_next_token.to(at::kLong).contiguous();
   s.ns = retrive_next_sibling.to(at::kLong).contiguous();
-  if (s.B > 0) {
+  if (s.deferred && s.B > 0) {
+    // as below, on the device: a row with a value out of range or a slot shared with any node
+    // (in its own row or another) is bad, and its kernel block is skipped (TreeArgs::skip)
+    at::Tensor flat = s.ri.reshape(-1);
+    at::Tensor oob = flat.lt(0).logical_or(flat.ge(s.B * s.T));
+    at::Tensor slot = safe_index(flat, oob);
+    at::Tensor count = at::zeros({s.B * s.T}, flat.options()).index_add_(0, slot, oob.logical_not().to(at::kLong));
+    at::Tensor shared = count.index_select(0, slot).gt(1).logical_and(oob.logical_not());
+    s.bad.add(oob.logical_or(shared).reshape({s.B, s.T}).any(1), kErrRetriveIndex);
+  } else if (s.B > 0) {
     // retrive_index addresses predicts [B*T]: every value in range and distinct (rows never share a slot)
     at::Tensor flat = s.ri.reshape(-1);
     const int64_t mn = flat.min().item<int64_t>(), mx = flat.max().item<int64_t>();
@@ -247,13 +289,16 @@ inline TreeSetup setup_tree(const at::Tensor& candidates, const at::Tensor& retr
                "retrive_index values must be distinct (each node owns one predicts slot)");
     }
   }
-  s.seeds = seeds_of(seed_arr, candidates, s.B, s.scalar_seed);
+  s.seeds = seeds_of(seed_arr, candidates, s.B, s.scalar_seed, s.seed_one);
+  s.offsets = pack_offsets(offset_arr, s.B, candidates, s.bad_ptr());
   return s;
 }
 
 struct BuildSetup {
   int64_t B = 0, T = 0;
   at::Tensor parents, prefix_lens;
+  bool deferred = false;
+  RowBad bad{0};
 };
 
 inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefix_lens) {
@@ -271,7 +316,13 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
            ", got shape ", prefix_lens.sizes());
   s.parents = parents.to(at::kLong).contiguous();
   s.prefix_lens = prefix_lens.to(at::kLong).contiguous();
-  if (s.B > 0) {
+  s.deferred = deferred(parents);
+  s.bad = RowBad(s.B);
+  if (s.deferred) {
+    at::Tensor b = s.prefix_lens.lt(0).logical_or(s.prefix_lens.gt(INT64_MAX - s.T));
+    s.bad.add(b, kErrPrefixLens);
+    s.prefix_lens = safe_index(s.prefix_lens, b).contiguous();
+  } else if (s.B > 0) {
     const auto mn = s.prefix_lens.min().item<int64_t>(), mx = s.prefix_lens.max().item<int64_t>();
     DK_CHECK(mn >= 0, "prefix_lens must be >= 0, got ", mn);
     // positions are prefix_lens[b] + depth with depth <= T - 1: keep them inside int64
@@ -288,17 +339,20 @@ inline BuildSetup setup_build(const at::Tensor& parents, const at::Tensor& prefi
 // field names, so one template fills either; the caller adds its device's workspace and launches.
 
 template <class A>
-void pack_draft_rng(A& a, const std::optional<at::Tensor>& draft_probs, const std::optional<at::Tensor>& seeds,
-                    int64_t seed_val, int64_t offset) {
+void pack_draft_rng(A& a, const std::optional<at::Tensor>& draft_probs, const SpecRows& r, int64_t seed_val,
+                    int64_t offset) {
   check_offset(offset);
   if (draft_probs) {
     a.draft.data = draft_probs->data_ptr<float>();
     a.draft.stride_b = draft_probs->stride(0);
     a.draft.stride_r = draft_probs->stride(1);
   }
-  a.rng.seeds = seeds ? seeds->data_ptr<int64_t>() : nullptr;
-  a.rng.seed = uint64_t(seed_val);
+  a.rng.seeds = r.seeds ? r.seeds->data_ptr<int64_t>() : nullptr;
+  a.rng.seed = uint64_t(r.scalar_seed.value_or(seed_val));
+  a.rng.seed_ptr = r.seed_one ? r.seed_one->data_ptr<int64_t>() : nullptr;
   a.rng.offset = uint64_t(offset);
+  a.rng.offsets = r.offsets.ptr();
+  a.rng.offset_stride = r.offsets.stride;
 }
 
 struct ChainOut {
@@ -313,7 +367,7 @@ inline ChainOut chain_outputs(const ChainSetup& s, const at::TensorOptions& opts
 template <class A>
 void pack_chain(A& a, const ChainSetup& s, ChainOut& o, const std::optional<at::Tensor>& draft_probs, int64_t seed_val,
                 int64_t offset) {
-  pack_draft_rng(a, draft_probs, s.seeds, s.scalar_seed.value_or(seed_val), offset);
+  pack_draft_rng(a, draft_probs, s, seed_val, offset);
   a.draft_ids = s.ids.data_ptr<int64_t>();
   a.num_draft = s.num_draft ? s.num_draft->data_ptr<int64_t>() : nullptr;
   a.B = s.B;
@@ -350,7 +404,8 @@ void pack_tree(A& a, const TreeSetup& s, int64_t W, TreeOut& o, int64_t kind, co
     a.target.stride_b = s.T;
     a.target.stride_r = 1;
   }
-  pack_draft_rng(a, draft_probs, s.seeds, s.scalar_seed.value_or(seed_val), offset);
+  pack_draft_rng(a, draft_probs, s, seed_val, offset);
+  a.skip = s.bad.any_possible() ? s.bad.rows.data_ptr<bool>() : nullptr;
   a.cand = s.cand.data_ptr<int64_t>();
   a.retrive_index = s.ri.data_ptr<int64_t>();
   a.next_token = s.nt.data_ptr<int64_t>();
@@ -416,6 +471,28 @@ inline std::string tree_error(int code, int64_t node) {
     case kTreeTokenRange: return "node " + n + " has a candidate token outside [0, V)";
     default: return "error " + std::to_string(code) + " at node " + n;
   }
+}
+
+// Deferred checks, after the kernels: the defined results of bad rows, and the kernels' tree
+// errors folded into the error flag (the eager path raises them instead).
+inline void finish_chain_rows(const ChainSetup& s, ChainOut& o) {
+  if (!s.bad.any_possible()) return;
+  o.out_ids.masked_fill_(s.bad.rows.unsqueeze(1), -1);  // nothing emitted
+  o.accepted.masked_fill_(s.bad.rows, 0);
+  o.emitted.masked_fill_(s.bad.rows, 0);
+}
+inline void finish_tree_rows(TreeSetup& s, const TreeOut& o) {
+  // skipped rows keep the pre-filled outputs (predicts -1, accept_index -1, accept_num 0), as do
+  // rows whose tree the kernel found invalid
+  if (o.err.defined()) s.bad.add(o.err.ne(0), kErrTree);
+}
+inline void finish_build_rows(BuildSetup& s, BuildOut& o) {
+  s.bad.add(o.err.ne(0), kErrParents);
+  if (!s.bad.any_possible()) return;
+  const at::Tensor rows = s.bad.rows;
+  o.mask.masked_fill_(rows.reshape({s.B, 1, 1}), 0);
+  o.positions.view({s.B, s.T}).masked_fill_(rows.unsqueeze(1), -1);
+  for (at::Tensor* t : {&o.ri, &o.nt, &o.ns}) t->masked_fill_(rows.unsqueeze(1), -1);
 }
 
 // Raise the first row's tree error (err/err_node computed by the kernels; any device).

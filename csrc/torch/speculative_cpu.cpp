@@ -1,4 +1,4 @@
-// Speculative verification: op schemas (a TORCH_LIBRARY_FRAGMENT of decodekit) and the CPU impls.
+// Speculative verification: the CPU impls (schemas: csrc/torch/ops.cpp).
 // Checks, allocation, argument packing and at::parallel_for over rows only; the math lives in
 // csrc/cpu/isa/speculative.cpp and csrc/include/decodekit/speculative.h.
 #include <ATen/Parallel.h>
@@ -8,36 +8,6 @@
 #include "decodekit/speculative.h"
 #include "torch/checks.h"
 #include "torch/speculative_common.h"
-
-TORCH_LIBRARY_FRAGMENT(decodekit, m) {
-  // Chain verification. target_kind: 0 = target probs [B, N+1, V] (float32), 1 = target logits
-  // [B, N+1, V] with per-row temperature (0 = greedy) / top-k / top-p / min-p applied inside the
-  // kernel. draft_probs [B, N, V] float32 or None (one-hot drafts). num_draft_tokens [B] or None.
-  // Returns (output_token_ids int64 [B, N+1] padded with -1, accepted_num int32 [B],
-  // emitted_num int32 [B]).
-  m.def(
-      "chain_verify(Tensor target, Tensor draft_token_ids, Tensor? draft_probs, Tensor? num_draft_tokens, "
-      "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
-      "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
-      "int seed_val, int offset) -> (Tensor, Tensor, Tensor)");
-  // Tree verification in SGLang's layout. target_kind: 0 = probs [B, T, V], 1 = logits [B, T, V]
-  // (filters as above), 2 = predicted ids [B, T] (greedy). num_speculative_tokens = accept_index
-  // width W. coins [B, T] / coins_final [B] (both or neither; one-hot drafts): caller uniforms
-  // instead of Philox, with SGLang's threshold_single / threshold_acc (decodekit/speculative.h
-  // SpecCoin). Returns (predicts int64 [B*T] (-1 where not written), accept_index int32 [B, W]
-  // (-1 padded), accept_token_num int32 [B]).
-  m.def(
-      "tree_verify(Tensor candidates, Tensor retrive_index, Tensor retrive_next_token, "
-      "Tensor retrive_next_sibling, Tensor target, Tensor? draft_probs, int num_speculative_tokens, "
-      "int target_kind, Tensor? temperature_arr, float temperature_val, Tensor? top_k_arr, int top_k_val, "
-      "Tensor? top_p_arr, float top_p_val, Tensor? min_p_arr, float min_p_val, int order, Tensor? seed_arr, "
-      "int seed_val, int offset, Tensor? coins=None, Tensor? coins_final=None, float threshold_single=1.0, "
-      "float threshold_acc=1.0) -> (Tensor, Tensor, Tensor)");
-  // Tree from a parent array [B, T] (-1 for the root, node 0). Returns (packed tree mask uint8
-  // [B, T, ceil(T/8)], positions int64 [B*T], retrive_index, retrive_next_token,
-  // retrive_next_sibling int64 [B, T]).
-  m.def("build_tree(Tensor parents, Tensor prefix_lens) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 namespace dk::torchb {
 namespace {
@@ -53,19 +23,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cpu(
     const std::optional<at::Tensor>& num_draft_tokens, int64_t target_kind, const std::optional<at::Tensor>& T_arr,
     double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr,
     double p_val, const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order,
-    const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset) {
+    const std::optional<at::Tensor>& seed_arr, int64_t seed_val, int64_t offset,
+    const std::optional<at::Tensor>& offset_arr) {
   spec::ChainSetup cs =
-      spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr);
+      spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr, offset_arr);
   spec::FilterKeep keep;
   cpu::ChainArgs a;
   a.target = spec::make_target(target, target_kind);
   if (target_kind == 1)
-    a.target.filter = spec::make_filter(keep, cs.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+    a.target.filter =
+        spec::make_filter(keep, cs.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, cs.bad_ptr());
   spec::ChainOut o = spec::chain_outputs(cs, draft_token_ids.options());
   if (cs.B > 0) {
     spec::pack_chain(a, cs, o, draft_probs, seed_val, offset);
     const auto& tab = cpu::spec_active();
     parallel_rows(cs.B, [&](int64_t b, int64_t e) { tab.chain_rows(a, b, e); });
+    spec::finish_chain_rows(cs, o);
   }
   return {o.out_ids, o.accepted, o.emitted};
 }
@@ -77,21 +50,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cpu(
     const std::optional<at::Tensor>& k_arr, int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
     const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order, const std::optional<at::Tensor>& seed_arr,
     int64_t seed_val, int64_t offset, const std::optional<at::Tensor>& coins,
-    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc) {
+    const std::optional<at::Tensor>& coins_final, double threshold_single, double threshold_acc,
+    const std::optional<at::Tensor>& offset_arr) {
   spec::TreeSetup ts = spec::setup_tree(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target,
-                                        draft_probs, W, target_kind, seed_arr);
+                                        draft_probs, W, target_kind, seed_arr, offset_arr);
   spec::setup_coins(ts, candidates, coins, coins_final, threshold_single, threshold_acc, draft_probs);
   spec::FilterKeep keep;
   cpu::TreeArgs a;
   a.target = spec::make_target(target, target_kind);
   if (target_kind == 1)
-    a.target.filter = spec::make_filter(keep, ts.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order);
+    a.target.filter =
+        spec::make_filter(keep, ts.B, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, ts.bad_ptr());
   spec::TreeOut o = spec::tree_outputs(ts, W, candidates.options());
   if (ts.B > 0) {
     spec::pack_tree(a, ts, W, o, target_kind, target, draft_probs, seed_val, offset);
     const auto& tab = cpu::spec_active();
     parallel_rows(ts.B, [&](int64_t b, int64_t e) { tab.tree_rows(a, b, e); });
-    spec::raise_tree_errors(o.err, o.err_node, false);
+    if (ts.deferred)
+      spec::finish_tree_rows(ts, o);
+    else
+      spec::raise_tree_errors(o.err, o.err_node, false);
   }
   return {o.predicts, o.accept_index, o.accept_num};
 }
@@ -104,7 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_tre
     cpu::BuildTreeArgs a;
     spec::pack_build(a, bs, o);
     parallel_rows(bs.B, [&](int64_t b, int64_t e) { cpu::build_tree_rows(a, b, e); });
-    spec::raise_tree_errors(o.err, o.err_node, true);
+    if (bs.deferred)
+      spec::finish_build_rows(bs, o);
+    else
+      spec::raise_tree_errors(o.err, o.err_node, true);
   }
   return {o.mask, o.positions, o.ri, o.nt, o.ns};
 }

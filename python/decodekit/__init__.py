@@ -60,13 +60,30 @@ def build_info():
     return _C.build_info()
 
 
+def check_errors() -> None:
+    """Raise the problems the deferred (sync-free) checks of CUDA ops found since the last call.
+
+    On CUDA tensors the ops check only shapes, dtypes and devices on the host; bad VALUES (indices,
+    parameters, offsets, num_draft_tokens, retrive_index, coins, prefix_lens, trees) give their rows
+    the documented defined results and set a per-device error flag. This reads the flags (one host
+    sync, the only one), resets them and raises a ValueError naming the arguments; it returns None
+    when every flag is clear. README "CUDA in a serving engine"."""
+    ops.check_errors()
+
+
+def _set_deferred_checks(on: bool) -> None:
+    """Tests only: make the CPU ops use the deferred checks of the CUDA path (no eager ValueError
+    on bad values; defined results plus the error flag read by check_errors)."""
+    ops._set_deferred_checks(bool(on))
+
+
 def set_isa(name: str) -> str:
     """Force the CPU kernel path ('scalar', 'avx2', 'avx512' or 'auto'); returns the active one."""
     return _C.set_isa(name)
 
 
 __all__ = (
-    ["cpu_features", "build_info", "set_isa"]
+    ["cpu_features", "build_info", "set_isa", "check_errors"]
     + list(_sampling_all)
     + list(_pipeline_all)
     + list(_speculative_all)

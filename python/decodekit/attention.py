@@ -19,6 +19,13 @@ __all__ = ["tree_attention", "tree_attention_mask", "pack_tree_mask", "unpack_tr
 PrefixLens = Union[int, Sequence[int], torch.Tensor]
 
 
+# ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
+@torch.library.register_fake("decodekit::tree_attention")
+def _tree_attention_fake(q, k, v, tree_mask, prefix_lens, sm_scale, kv_layout):
+    B, T, Hq, D = q.shape
+    return q.new_empty((B, T, Hq, D)), q.new_empty((B, T, Hq), dtype=torch.float32)
+
+
 def _prefix_tensor(prefix_lens: PrefixLens, B: int, device) -> torch.Tensor:
     """prefix_lens as an int64 tensor [B] (an int, a sequence of ints or an int tensor is accepted;
     Python / numpy ints must lie in [0, 2^63), the op checks the rest)."""

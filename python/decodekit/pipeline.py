@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._ops import ops
+from .sampling import _n_out_rows
 
 __all__ = [
     "SampleOutput",
@@ -23,6 +24,47 @@ __all__ = [
     "top_n_sigma_mask_logits",
     "top_h_mask_logits",
 ]
+
+
+# ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
+@torch.library.register_fake("decodekit::pipeline")
+def _pipeline_fake(
+    x,
+    indices,
+    params,
+    order,
+    bitmask,
+    banned,
+    bias_ids,
+    bias_vals,
+    prompt,
+    output,
+    mode,
+    top_n,
+    raw_logprobs,
+    want_logprob,
+    seed_arr,
+    seed_val,
+    offset,
+    offset_arr=None,
+):
+    n = _n_out_rows(x, indices)
+    s = n if mode == 0 else 0
+    return (
+        x.new_empty((s,), dtype=torch.int64),
+        x.new_empty((s,), dtype=torch.bool),
+        x.new_empty((s,), dtype=torch.float32),
+        x.new_empty((s,), dtype=torch.int64),
+        x.new_empty((s, top_n), dtype=torch.int64),
+        x.new_empty((s, top_n), dtype=torch.float32),
+        x.new_empty((n - s, x.shape[1])),
+    )
+
+
+@torch.library.register_fake("decodekit::apply_token_bitmask_inplace")
+def _bitmask_fake(logits, bitmask, indices):
+    return None
+
 
 # Columns of the per-row parameter matrix (csrc/include/decodekit/pipeline.h PipeParam):
 # (keyword, default = off, integral)
@@ -57,18 +99,21 @@ class SampleOutput(NamedTuple):
     top_logprobs: torch.Tensor  # float32 [B, n]
 
 
-def _column(value, default, name, n, integral):
+def _column(value, default, name, n, integral, device):
+    """One params column: float64 [n] on `device`. A device tensor is never read on the host."""
     if value is None:
-        return torch.full((n,), float(default), dtype=torch.float64)
+        return torch.full((n,), float(default), dtype=torch.float64, device=device)
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
+        if value.dim() == 0 and value.device.type == "cpu":
             value = value.item()
+        elif value.dim() == 0:  # a 0-D device tensor: broadcast on the device
+            return value.detach().reshape(1).to(device, torch.float64).expand(n)
         else:
             if value.dim() != 1 or value.shape[0] != n:
                 raise ValueError(
                     f"{name} must be a scalar or a 1-D tensor of length {n}, got shape {tuple(value.shape)}"
                 )
-            return value.detach().to("cpu", torch.float64)
+            return value.detach().to(device, torch.float64)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:  # numpy scalars
             value = value.item()
@@ -76,7 +121,7 @@ def _column(value, default, name, n, integral):
             raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}") from None
     if integral and float(value) != int(value):
         raise ValueError(f"{name} must be an integer, got {value}")
-    return torch.full((n,), float(value), dtype=torch.float64)
+    return torch.full((n,), float(value), dtype=torch.float64, device=device)
 
 
 def _scalar(value, default, name, integral):
@@ -90,13 +135,39 @@ def _scalar(value, default, name, integral):
     return float(value)
 
 
-def pack_params(n: int, **kw) -> torch.Tensor:
-    """float64 [n, 13] per-row parameters (missing keywords: off); ranges are checked by the op.
-    All scalars (the common case): one small tensor, broadcast (the op makes it contiguous)."""
+_PARAM_ROWS = {}  # (device, values) -> float64 [1, 13] on that device, kept for the process
+_PARAM_ROWS_MAX = 256
+
+
+def _param_row(row, device):
+    """One params row of scalars on `device`. Not on the CPU: written by fills on the device (no
+    host-to-device copy, which would sync and could not be graph-captured) and cached, so repeated
+    calls with the same scalars launch nothing."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor([row], dtype=torch.float64)
+    key = (str(device), tuple(row))
+    t = _PARAM_ROWS.get(key)
+    if t is not None:
+        return t
+    t = torch.stack([torch.full((), v, dtype=torch.float64, device=device) for v in row]).unsqueeze(0)
+    cacheable = type(t) is torch.Tensor and not torch.compiler.is_compiling()
+    if cacheable and device.type == "cuda":
+        cacheable = not torch.cuda.is_current_stream_capturing()
+    if cacheable and len(_PARAM_ROWS) < _PARAM_ROWS_MAX:
+        _PARAM_ROWS[key] = t
+    return t
+
+
+def pack_params(n: int, device=None, **kw) -> torch.Tensor:
+    """float64 [n, 13] per-row parameters on `device` (default the CPU; missing keywords: off);
+    ranges are checked by the op. All scalars (the common case): one row, broadcast (the op makes
+    it contiguous). No tensor value is read on the host and nothing moves through the CPU."""
+    device = torch.device("cpu") if device is None else device
     row = [_scalar(kw.get(name), d, name, integral) for name, d, integral in PARAMS]
     if all(v is not None for v in row):
-        return torch.tensor([row], dtype=torch.float64).expand(n, len(PARAMS))
-    return torch.stack([_column(kw.get(name), d, name, n, integral) for name, d, integral in PARAMS], 1)
+        return _param_row(row, device).expand(n, len(PARAMS))
+    return torch.stack([_column(kw.get(name), d, name, n, integral, device) for name, d, integral in PARAMS], 1)
 
 
 def _ids(t, name):
@@ -146,7 +217,7 @@ def run_pipeline(
     **params,
 ):
     """decodekit.sample with any of the issue-11 keywords (see `sample` for their meaning)."""
-    from .sampling import _check_nan, _finish, _seed
+    from .sampling import _check_nan, _finish, _indices, _rng
 
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
@@ -158,17 +229,18 @@ def run_pipeline(
     if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 0:
         raise ValueError(f"top_logprobs must be an int >= 0, got {top_logprobs!r}")
     _check_nan(logits, check_nan, "logits")
+    indices = _indices(indices, logits.device)
     n = logits.shape[0] if indices is None else indices.shape[0]
-    P = pack_params(n, **params)
+    P = pack_params(n, logits.device, **params)
     banned, bias_ids, bias_vals, prompt, output = _history(
         logits, n, prompt_token_ids, output_token_ids, logit_bias, banned_token_ids
     )
-    seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, logits)
     want = bool(return_logprobs) or n_top > 0
     tokens, valid, lp, rank, top_ids, top_lp, _ = ops.pipeline(
         logits,
         indices,
-        P.to(logits.device),
+        P,
         ORDERS[order],
         allowed_token_bitmask,
         banned,
@@ -183,6 +255,7 @@ def run_pipeline(
         seed_arr,
         seed_val,
         off,
+        off_arr,
     )
     if n_top == 0:
         return _finish(tokens, valid, lp, out_dtype, return_valid, return_logprobs)
@@ -204,14 +277,14 @@ def _mask(
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
     n = logits.shape[0] if indices is None else indices.shape[0]
-    P = pack_params(n, **params)
+    P = pack_params(n, logits.device, **params)
     banned, bias_ids, bias_vals, prompt, output = _history(
         logits, n, prompt_token_ids, output_token_ids, logit_bias, banned_token_ids
     )
     return ops.pipeline(
         logits,
         indices,
-        P.to(logits.device),
+        P,
         ORDERS[order],
         allowed_token_bitmask,
         banned,

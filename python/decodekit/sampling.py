@@ -37,6 +37,42 @@ _ORDERS = {"sequential": 0, "top_k_first": 0, "joint": 1}
 _MASK, _RENORM, _SOFTMAX = 0, 1, 2
 
 
+# ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
+def _n_out_rows(x, indices):
+    return x.shape[0] if indices is None else indices.shape[0]
+
+
+@torch.library.register_fake("decodekit::sample")
+def _sample_fake(x, indices, *_params, **_kw):  # the other schema arguments set no shape
+    n = _n_out_rows(x, indices)
+    return (
+        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty((n,), dtype=torch.bool),
+        x.new_empty((n,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("decodekit::gumbel_sample")
+def _gumbel_fake(logits, indices, seed_arr, seed_val, offset, offset_arr=None):
+    n = _n_out_rows(logits, indices)
+    return logits.new_empty((n,), dtype=torch.int64), logits.new_empty((n,), dtype=torch.bool)
+
+
+@torch.library.register_fake("decodekit::draw_seed")
+def _draw_seed_fake():
+    return torch.empty((1,), dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake("decodekit::filter")
+def _filter_fake(x, kind, *_params):  # the filter parameters set no shape
+    return x.new_empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
+
+
+@torch.library.register_fake("decodekit::philox_state")
+def _philox_state_fake(like, increment, generator=None):
+    return like.new_empty((1,), dtype=torch.int64), like.new_empty((1,), dtype=torch.int64)
+
+
 def _is_int(v) -> bool:
     """A Python or numpy integer (not a bool)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
@@ -50,15 +86,23 @@ def _is_real(v) -> bool:
 _K_DISABLED = 2**62  # |top_k| beyond this means "disabled" (k <= 0 or k >= V) and fits int64
 
 
-def _split(value: Param, default, name: str, kind=float):
-    """A per-row parameter as (tensor or None, scalar). Python and numpy scalars and 0-D tensors are
-    scalars; a 1-D tensor is one value per row. Range checks happen in the op (on the values as
-    given, before any float32 conversion), so they hold for every caller."""
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading t's values in Python costs no device sync (CPU and meta-free host tensors)."""
+    return t.device.type == "cpu"
+
+
+def _split(value: Param, default, name: str, kind=float, n=None):
+    """A per-row parameter as (tensor or None, scalar). Python and numpy scalars and 0-D CPU tensors
+    are scalars; a 1-D tensor is one value per row; a 0-D device tensor is broadcast to the n rows
+    (never read on the host). Range checks happen in the op (on the values as given, before any
+    float32 conversion), so they hold for every caller."""
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             return value, default
+        if not _on_host(value) and n is not None:
+            return value.reshape(1).expand(n), default
         value = value.item()
     if not _is_real(value):
         raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}")
@@ -89,14 +133,43 @@ def _order(order: str) -> int:
 MAX_OFFSET = 2**48 - 1  # the Philox counter holds 48 bits of offset (README "Limits")
 
 
-def _offset(offset) -> int:
+def _offset(offset):
+    """(int offset, offset tensor or None). A device tensor (0-D, [1] or one per row) is passed to
+    the op as offset_arr and read by the kernels only; a 0-D CPU tensor is read here."""
     if offset is None:
-        return 0
-    if isinstance(offset, torch.Tensor) and offset.dim() == 0 and not offset.is_floating_point():
-        offset = offset.item()
+        return 0, None
+    if isinstance(offset, torch.Tensor) and not offset.is_floating_point() and offset.dtype != torch.bool:
+        if offset.dim() == 0 and _on_host(offset):
+            offset = offset.item()
+        else:
+            return 0, offset.reshape(1) if offset.dim() == 0 else offset
     if not _is_int(offset) or not 0 <= int(offset) <= MAX_OFFSET:
         raise ValueError(f"offset must be an int in [0, 2^48), got {offset!r}")
-    return int(offset)
+    return int(offset), None
+
+
+_PHILOX_INCREMENT = 4  # how far one call advances torch's CUDA generator (its offsets move in fours)
+
+
+def _rng(seed, offset, generator, like):
+    """(seed tensor or None, scalar seed as int64, int offset, offset tensor or None) for the ops
+    that take offset_arr; `like` is the op's input tensor (its device picks the generator).
+
+    seed None on a CUDA input with generator None or a CUDA generator: torch's Philox state of that
+    generator (decodekit::philox_state), as device tensors the kernels read, so CUDA graph replays
+    draw fresh streams and nothing syncs. Otherwise as _seed."""
+    off, off_arr = _offset(offset)
+    gen_cuda = generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cuda")
+    if seed is None and like.device.type == "cuda" and gen_cuda:
+        if generator is not None and torch.compiler.is_compiling():
+            raise ValueError(
+                "generator= cannot be used inside torch.compile (dynamo cannot trace a torch.Generator); "
+                "pass seed= or leave both None to use torch's default CUDA generator"
+            )
+        seed_t, off_t = ops.philox_state(like, _PHILOX_INCREMENT, generator)
+        return seed_t, 0, off, off_t if off_arr is None else off_t + off_arr
+    seed_arr, seed_val, _ = _seed(seed, off, generator, like.device)
+    return seed_arr, seed_val, off, off_arr
 
 
 def _seed(seed, offset, generator, device):
@@ -107,7 +180,9 @@ def _seed(seed, offset, generator, device):
     default generator at run time (dynamo cannot trace a data-dependent Python int, and inductor
     would replace torch.randint with its own generator), and passes it as a one-seed tensor, which
     the ops read as the scalar form. A torch.Generator object cannot enter a compiled graph."""
-    off = _offset(offset)
+    off, off_arr = _offset(offset)
+    if off_arr is not None:
+        raise ValueError("offset must be an int (or a 0-D CPU tensor) for this op, got a tensor")
     if seed is None:
         if torch.compiler.is_compiling():
             if generator is not None:
@@ -123,6 +198,8 @@ def _seed(seed, offset, generator, device):
         if seed.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"seed must be an int or an int64 tensor, got dtype {seed.dtype}")
         if seed.dim() == 0:
+            if not _on_host(seed):
+                return seed.reshape(1), 0, off  # a device seed: read by the kernels only
             return None, _seed_int(seed.item()), off
         return seed.to(device) if seed.numel() != 1 else seed, 0, off
     if not _is_int(seed):
@@ -148,7 +225,17 @@ def _indices(indices, device, name="indices"):
         raise ValueError(f"{name} must be a 1-D int tensor or a sequence of ints, got {indices!r}") from None
 
 
+def _n_rows(x, indices):
+    """The number of output rows (a shape, never a value); None for a non-tensor x."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    if indices is not None and indices.dim() >= 1:
+        return indices.shape[0]
+    return x.shape[0] if x.dim() >= 1 else 1
+
+
 def _check_nan(x, check_nan, name):
+    # check_nan=True asks for an eager check: on a CUDA input this reads the device (one sync)
     if check_nan and bool(torch.isnan(x).any()):
         raise ValueError(f"{name} contains NaN")
 
@@ -188,14 +275,16 @@ def _run_sample(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor")
     _check_nan(x, check_nan, name)
-    T_arr, T_val = _split(temperature, 1.0, "temperature")
-    k_arr, k_val = _split(top_k, 0, "top_k", int)
-    p_arr, p_val = _split(top_p, 1.0, "top_p")
-    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
-    seed_arr, seed_val, off = _seed(seed, offset, generator, x.device)
+    indices = _indices(indices, x.device)
+    n = _n_rows(x, indices)
+    T_arr, T_val = _split(temperature, 1.0, "temperature", n=n)
+    k_arr, k_val = _split(top_k, 0, "top_k", int, n=n)
+    p_arr, p_val = _split(top_p, 1.0, "top_p", n=n)
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p", n=n)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, x)
     tokens, valid, logprobs = ops.sample(
         x,
-        _indices(indices, x.device),
+        indices,
         is_probs,
         T_arr,
         T_val,
@@ -209,6 +298,7 @@ def _run_sample(
         seed_arr,
         seed_val,
         off,
+        off_arr,
     )
     return _finish(tokens, valid, logprobs, out_dtype, return_valid, return_logprobs)
 
@@ -217,44 +307,44 @@ def _run_sample(
 # filters
 def softmax(logits: torch.Tensor, temperature: Param = None, enable_pdl=None) -> torch.Tensor:
     """softmax(logits / temperature) in float32 (temperature None means 1)."""
-    T_arr, T_val = _split(temperature, 1.0, "temperature")
+    T_arr, T_val = _split(temperature, 1.0, "temperature", n=_n_rows(logits, None))
     if T_arr is None and T_val == 0:
         raise ValueError("temperature must be > 0 for softmax, got 0")
-    if T_arr is not None and bool((T_arr == 0).any()):
+    if T_arr is not None and _on_host(T_arr) and bool((T_arr == 0).any()):  # on a device: the op's deferred check
         raise ValueError("temperature must be > 0 for softmax in every row")
     return ops.filter(logits, _SOFTMAX, False, T_arr, T_val, None, 0, None, 1.0, None, 0.0, 0)
 
 
 def top_k_mask_logits(logits: torch.Tensor, top_k: Param) -> torch.Tensor:
     """Logits with -inf outside the top-k (ties at the k-th value kept); same dtype."""
-    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    k_arr, k_val = _split(top_k, 0, "top_k", int, n=_n_rows(logits, None))
     return ops.filter(logits, _MASK, False, None, 1.0, k_arr, k_val, None, 1.0, None, 0.0, 0)
 
 
 def top_p_mask_logits(logits: torch.Tensor, top_p: Param) -> torch.Tensor:
     """Logits with -inf outside the top-p nucleus of softmax(logits); same dtype."""
-    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    p_arr, p_val = _split(top_p, 1.0, "top_p", n=_n_rows(logits, None))
     return ops.filter(logits, _MASK, False, None, 1.0, None, 0, p_arr, p_val, None, 0.0, 0)
 
 
 def min_p_mask_logits(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     """Logits with -inf where softmax prob < min_p * max prob; same dtype."""
-    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p", n=_n_rows(logits, None))
     return ops.filter(logits, _MASK, False, None, 1.0, None, 0, None, 1.0, mp_arr, mp_val, 0)
 
 
 def top_k_renorm_probs(probs: torch.Tensor, top_k: Param) -> torch.Tensor:
-    k_arr, k_val = _split(top_k, 0, "top_k", int)
+    k_arr, k_val = _split(top_k, 0, "top_k", int, n=_n_rows(probs, None))
     return ops.filter(probs, _RENORM, True, None, 1.0, k_arr, k_val, None, 1.0, None, 0.0, 0)
 
 
 def top_p_renorm_probs(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
-    p_arr, p_val = _split(top_p, 1.0, "top_p")
+    p_arr, p_val = _split(top_p, 1.0, "top_p", n=_n_rows(probs, None))
     return ops.filter(probs, _RENORM, True, None, 1.0, None, 0, p_arr, p_val, None, 0.0, 0)
 
 
 def min_p_renorm_probs(probs: torch.Tensor, min_p: Param) -> torch.Tensor:
-    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p", n=_n_rows(probs, None))
     return ops.filter(probs, _RENORM, True, None, 1.0, None, 0, None, 1.0, mp_arr, mp_val, 0)
 
 
@@ -299,8 +389,8 @@ def sampling_from_logits(
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
     _check_nan(logits, check_nan, "logits")
-    seed_arr, seed_val, off = _seed(seed, offset, generator, logits.device)
-    tokens, valid = ops.gumbel_sample(logits, _indices(indices, logits.device), seed_arr, seed_val, off)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, logits)
+    tokens, valid = ops.gumbel_sample(logits, _indices(indices, logits.device), seed_arr, seed_val, off, off_arr)
     return _finish(tokens, valid, None, out_dtype, return_valid)
 
 

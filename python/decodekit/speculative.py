@@ -41,7 +41,7 @@ import torch
 
 from ._ops import ops
 from .attention import _prefix_tensor
-from .sampling import Param, _indices, _order, _seed, _split
+from .sampling import Param, _indices, _order, _rng, _split
 
 __all__ = [
     "chain_speculative_sampling",
@@ -58,11 +58,55 @@ _PROBS, _LOGITS, _IDS = 0, 1, 2
 _NO_FILTERS = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)
 
 
-def _filter_args(temperature, top_k, top_p, min_p, order):
-    T_arr, T_val = _split(temperature, 1.0, "temperature")
-    k_arr, k_val = _split(top_k, 0, "top_k", int)
-    p_arr, p_val = _split(top_p, 1.0, "top_p")
-    mp_arr, mp_val = _split(min_p, 0.0, "min_p")
+# ---- fake (meta) impls of this module's ops (schemas: csrc/torch/ops.cpp) ----------------------
+@torch.library.register_fake("decodekit::chain_verify")
+def _chain_verify_fake(target, draft_token_ids, *_params, **_kw):  # the rest sets no shape
+    B, N = draft_token_ids.shape
+    return (
+        draft_token_ids.new_empty((B, N + 1), dtype=torch.int64),
+        draft_token_ids.new_empty((B,), dtype=torch.int32),
+        draft_token_ids.new_empty((B,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("decodekit::tree_verify")
+def _tree_verify_fake(
+    candidates,
+    retrive_index,
+    retrive_next_token,
+    retrive_next_sibling,
+    target,
+    draft_probs,
+    num_speculative_tokens,
+    *_p,
+    **_kw,
+):  # the rest sets no shape
+    B, T = candidates.shape
+    return (
+        candidates.new_empty((B * T,), dtype=torch.int64),
+        candidates.new_empty((B, num_speculative_tokens), dtype=torch.int32),
+        candidates.new_empty((B,), dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("decodekit::build_tree")
+def _build_tree_fake(parents, prefix_lens):
+    B, T = parents.shape
+    return (
+        parents.new_empty((B, T, (T + 7) // 8), dtype=torch.uint8),
+        parents.new_empty((B * T,), dtype=torch.int64),
+        parents.new_empty((B, T), dtype=torch.int64),
+        parents.new_empty((B, T), dtype=torch.int64),
+        parents.new_empty((B, T), dtype=torch.int64),
+    )
+
+
+def _filter_args(temperature, top_k, top_p, min_p, order, B=None):
+    """The filter arguments of the ops; B (batch rows) broadcasts 0-D device tensors."""
+    T_arr, T_val = _split(temperature, 1.0, "temperature", n=B)
+    k_arr, k_val = _split(top_k, 0, "top_k", int, n=B)
+    p_arr, p_val = _split(top_p, 1.0, "top_p", n=B)
+    mp_arr, mp_val = _split(min_p, 0.0, "min_p", n=B)
     return (T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, _order(order))
 
 
@@ -81,6 +125,11 @@ def _accumulate(out, value, name):
         raise ValueError(f"{name} must be a tensor of shape {tuple(value.shape)}")
     out.add_(value.to(out.dtype))
     return out
+
+
+def _batch(t):
+    """B of a [B, ...] tensor argument (a shape, never a value)."""
+    return t.shape[0] if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
 
 
 def _check_tensor(x, name):
@@ -114,7 +163,7 @@ def _chain(
     accumulation into caller tensors (FlashInfer's maybe_output_* arguments) and the id dtype."""
     _check_tensor(target, target_name)
     _check_tensor(draft_token_ids, "draft_token_ids")
-    seed_arr, seed_val, off = _seed(seed, offset, generator, draft_token_ids.device)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, draft_token_ids)
     ids, acc, emi = ops.chain_verify(
         target,
         draft_token_ids,
@@ -125,6 +174,7 @@ def _chain(
         seed_arr,
         seed_val,
         off,
+        off_arr,
     )
     acc = _accumulate(out_acc, acc, "maybe_output_accepted_token_num")
     emi = _accumulate(out_emi, emi, "maybe_output_emitted_draft_token_num")
@@ -205,7 +255,7 @@ def chain_speculative_sampling_from_logits(
         draft_probs,
         num_draft_tokens,
         _LOGITS,
-        _filter_args(temperature, top_k, top_p, min_p, order),
+        _filter_args(temperature, top_k, top_p, min_p, order, _batch(draft_token_ids)),
         seed,
         offset,
         generator,
@@ -313,7 +363,7 @@ def tree_speculative_sampling(
     accept_token_num [B]: accepted drafts)."""
     _check_tensor(candidates, "candidates")
     _check_tensor(target_probs, "target_probs")
-    seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, candidates)
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(
         candidates,
@@ -332,6 +382,7 @@ def tree_speculative_sampling(
         coins_final,
         float(threshold_single),
         float(threshold_acc),
+        off_arr,
     )
     return _ids_out(pred, out_dtype), ai, an
 
@@ -363,7 +414,7 @@ def tree_speculative_sampling_from_logits(
     the filters applied inside the kernel at every node visited; temperature 0 = greedy."""
     _check_tensor(candidates, "candidates")
     _check_tensor(target_logits, "target_logits")
-    seed_arr, seed_val, off = _seed(seed, offset, generator, candidates.device)
+    seed_arr, seed_val, off, off_arr = _rng(seed, offset, generator, candidates)
     W = _tree_width(num_speculative_tokens, candidates)
     pred, ai, an = ops.tree_verify(
         candidates,
@@ -374,7 +425,7 @@ def tree_speculative_sampling_from_logits(
         draft_probs,
         W,
         _LOGITS,
-        *_filter_args(temperature, top_k, top_p, min_p, order),
+        *_filter_args(temperature, top_k, top_p, min_p, order, _batch(candidates)),
         seed_arr,
         seed_val,
         off,
@@ -382,6 +433,7 @@ def tree_speculative_sampling_from_logits(
         coins_final,
         float(threshold_single),
         float(threshold_acc),
+        off_arr,
     )
     return _ids_out(pred, out_dtype), ai, an
 

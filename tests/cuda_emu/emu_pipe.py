@@ -1,6 +1,6 @@
-"""Runs csrc/cuda/pipeline.cuh's processing kernel on CPU threads (emu_runtime.h) with the calling
-convention of decodekit.apply_penalties' op (inputs already checked by the binding). Built with the
-host compiler on first use, cached under build/cuda_emu."""
+"""Runs csrc/cuda/pipeline.cuh's kernel on CPU threads (emu_runtime.h) with the calling convention
+of the torch op decodekit::pipeline (what csrc/cuda/pipeline.cu passes: metadata checked, values
+not). Built with the host compiler on first use, cached under build/cuda_emu."""
 
 import ctypes
 import hashlib
@@ -58,10 +58,33 @@ def load(threads: int = 64):
     return _lib[0]
 
 
-def process(
-    x, params, *, indices=None, bitmask=None, banned=None, bias_ids=None, bias_vals=None, prompt=None, output=None
+def pipeline(
+    x,
+    indices,
+    params,
+    order,
+    bitmask,
+    banned,
+    bias_ids,
+    bias_vals,
+    prompt,
+    output,
+    mode,
+    top_n,
+    raw_logprobs,
+    want_logprob,
+    seed_arr,
+    seed_val,
+    offset,
+    offset_arr=None,
+    *,
+    error_flag=None,
+    error_bit=0,
 ):
-    """The processed logits [n_out, V] (x's dtype), as decodekit.apply_penalties."""
+    """The 7 outputs of torch.ops.decodekit.pipeline (same arguments), computed by the CUDA kernel.
+    A one-seed tensor and offset_arr are passed as the CUDA launcher passes device tensors: as
+    pointers the kernel reads (seed_ptr, offsets), never read here. error_flag: an int32 [1] tensor
+    the kernel ORs error_bit into for a row with a bad value (the launcher's deferred checks)."""
     lib = load()
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     n = x.shape[0] if indices is None else indices.numel()
@@ -75,37 +98,71 @@ def process(
         keep.append(t)
         return t.data_ptr(), (t.shape[1] if t.dim() == 2 else 0)
 
-    out = torch.empty(n, V, dtype=x.dtype)
-    P = params.to(torch.float64).contiguous()
-    idx, _ = ptr(indices, torch.int64)
     bm, words = ptr(bitmask, torch.int32)
     ban, nb = ptr(banned, torch.int64)
     bid, nbias = ptr(bias_ids, torch.int64)
     bv, _ = ptr(bias_vals, torch.float32)
     pr, npr = ptr(prompt, torch.int64)
     ou, nou = ptr(output, torch.int64)
+    idx, _ = ptr(indices, torch.int64)
+    seeds = seed_one = offs = None
+    if seed_arr is not None:  # one seed per output row, or one for all in memory (as checks.h seed_rows)
+        sa = seed_arr.reshape(-1).to(torch.int64)
+        if sa.numel() == 1 and n != 1:
+            seed_one, _ = ptr(sa, torch.int64)
+        else:
+            seeds, _ = ptr(sa, torch.int64)
+    off_stride = 0
+    if offset_arr is not None:  # [n] or [1] (stride 0), as checks.h pack_offsets
+        oa = offset_arr.reshape(-1).to(torch.int64)
+        off_stride = 0 if oa.numel() == 1 else 1
+        offs, _ = ptr(oa, torch.int64)
+    flag = None if error_flag is None else error_flag.data_ptr()
+    P = params.to(torch.float64).contiguous()
+    sample = mode == 0
+    m = n if sample else 0
+    tokens = torch.zeros(m, dtype=torch.int64)
+    valid = torch.zeros(m, dtype=torch.bool)
+    lp = torch.zeros(m, dtype=torch.float32)
+    rank = torch.zeros(m, dtype=torch.int64)
+    top_ids = torch.zeros(m, top_n, dtype=torch.int64)
+    top_lp = torch.zeros(m, top_n, dtype=torch.float32)
+    logits = torch.zeros(0 if sample else n, V, dtype=x.dtype)
+    N = nb + nbias + npr + nou
     L, p = ctypes.c_int64, ctypes.c_void_p
-    lib.dk_emu_process.argtypes = [p, ctypes.c_int, L, L, p, L, p, p, L, p, L, p, p, L, p, L, p, L, p]
+    lib.dk_emu_pipeline_ws_bytes.restype = L
+    lib.dk_emu_pipeline_ws_bytes.argtypes = [L, L, L]
+    ws = torch.empty(max(1, lib.dk_emu_pipeline_ws_bytes(n, V, N)), dtype=torch.uint8)
+    ins = (p * 6)(bm, ban, bid, bv, pr, ou)
+    dims = (L * 5)(words, nb, nbias, npr, nou)
+    outs = (p * 7)(*[t.data_ptr() for t in (tokens, valid, lp, rank, top_ids, top_lp, logits)])
     xs = x.contiguous()
-    lib.dk_emu_process(
-        xs.data_ptr(),
-        dt,
-        V,
-        V,
-        idx,
-        n,
-        P.data_ptr(),
-        bm,
-        words,
-        ban,
-        nb,
-        bid,
-        bv,
-        nbias,
-        pr,
-        npr,
-        ou,
-        nou,
-        out.data_ptr(),
-    )
-    return out
+    lib.dk_emu_pipeline.argtypes = [
+        p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
+        ctypes.c_uint64, ctypes.c_uint64, p, p, L, p, ctypes.c_int32,
+        ctypes.c_int, L, ctypes.c_int, ctypes.c_int, p, p,
+    ]  # fmt: skip
+    if n:
+        lib.dk_emu_pipeline(
+            xs.data_ptr(), dt, V, V, idx, n, P.data_ptr(), int(order), ins, dims, seeds,
+            int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), seed_one, offs, off_stride, flag,
+            int(error_bit), int(mode), int(top_n),
+            int(bool(raw_logprobs)), int(bool(want_logprob)), outs, ws.data_ptr(),
+        )  # fmt: skip
+    return tokens, valid, lp, rank, top_ids, top_lp, logits
+
+
+def apply_token_bitmask_inplace(logits, bitmask, indices=None):
+    """xgrammar's in-place mask by the CUDA kernel (2-D logits, contiguous rows)."""
+    lib = load()
+    dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[logits.dtype]
+    bm = bitmask.to(torch.int32).contiguous()
+    idx = None if indices is None else indices.to(torch.int64).contiguous()
+    rows = logits.shape[0] if idx is None else idx.numel()
+    tokens = min(logits.shape[1], 32 * bm.shape[1])
+    L, p = ctypes.c_int64, ctypes.c_void_p
+    lib.dk_emu_bitmask_inplace.argtypes = [p, ctypes.c_int, L, p, L, L, p, L]
+    lib.dk_emu_bitmask_inplace(
+        logits.data_ptr(), dt, logits.stride(0), bm.data_ptr(), bm.shape[1], tokens,
+        None if idx is None else idx.data_ptr(), rows,
+    )  # fmt: skip

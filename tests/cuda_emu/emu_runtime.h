@@ -178,6 +178,11 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {  // fibers never interleave
   *p = old + v;
   return old;
 }
+inline int atomicOr(int* p, int v) {  // fibers never interleave inside it
+  int old = *p;
+  *p = old | v;
+  return old;
+}
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }

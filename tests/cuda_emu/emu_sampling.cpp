@@ -43,8 +43,19 @@ struct FilterK {
   static void fn(FilterArgs a) { detail::filter_kernel<T>(a); }
 };
 
+// Device-side randomness (decodekit/rng.h row_rng_key): a seed and offsets "in device memory",
+// set before dk_emu_sample / dk_emu_sample's gumbel form and applied to the next calls.
+static const int64_t* g_seed_ptr = nullptr;
+static const int64_t* g_offsets = nullptr;
+static int64_t g_offset_stride = 0;
+
 extern "C" {
 int dk_emu_threads() { return kThreads; }
+void dk_emu_set_device_rng(const int64_t* seed_ptr, const int64_t* offsets, int64_t offset_stride) {
+  g_seed_ptr = seed_ptr;
+  g_offsets = offsets;
+  g_offset_stride = offset_stride;
+}
 int64_t dk_emu_workspace_elems(int64_t n_out, int64_t V) { return sample_workspace_elems(n_out, V); }
 
 void dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row_stride, int is_probs, int order,
@@ -64,6 +75,9 @@ void dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t ro
   a.seeds = seeds;
   a.seed = seed;
   a.offset = offset;
+  a.seed_ptr = g_seed_ptr;
+  a.offsets = g_offsets;
+  a.offset_stride = g_offset_stride;
   a.out_tokens = out_tokens;
   a.out_valid = out_valid;
   a.out_logprob = out_logprob;

@@ -57,8 +57,12 @@ void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_
   a.ws.lanes_per_row = lanes_per_row_;
 }
 
+// Rows the bindings' deferred checks skip (TreeArgs::skip), set before dk_emu_tree.
+static const bool* g_tree_skip = nullptr;
+
 extern "C" {
 int dk_emu_spec_threads() { return kThreads; }
+void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
 
 void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
@@ -105,6 +109,7 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
   a.accept_num = accept_num;
   a.err = err;
   a.err_node = err_node;
+  a.skip = g_tree_skip;
   a.ws.resid = resid;
   a.ws.resid_per_row = (V + 15) / 16 * 16;
   a.ws.removed = removed;

@@ -193,6 +193,7 @@ template <class T>
 static void bitmask_rows_t(const BitmaskArgs& a, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t r = a.indices ? a.indices[j] : j;
+    if (r < 0) continue;  // an index the deferred checks found bad (the binding set it to -1)
     bitmask_apply_row(static_cast<T*>(a.data) + r * a.row_stride, a.tokens, a.words + r * a.word_stride,
                       neg_inf_value<T>());
   }

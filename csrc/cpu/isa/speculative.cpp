@@ -369,10 +369,7 @@ inline bool accept_alone(const TNode<T>& tn, const float* q, int64_t x, const Rn
   return spec_accept(spec_accept_uniform(key, depth, 0), target_p(tn, x), q ? double(q[x]) : 1.0);
 }
 
-inline RngKey spec_key(const SpecRng& r, int64_t b) {
-  if (r.seeds) return make_rng_key(uint64_t(r.seeds[b]), r.offset, 0u);
-  return make_rng_key(r.seed, r.offset, uint32_t(b));
-}
+inline RngKey spec_key(const SpecRng& r, int64_t b) { return row_rng_key(r, b); }
 
 inline RowParamsF spec_params(const SpecTarget& t, int64_t b) {
   if (t.kind != SpecTargetKind::Logits) return RowParamsF{};
@@ -437,6 +434,7 @@ static void tree_rows_t(const TreeArgs& a, int64_t begin, int64_t end) {
     ss.stack.resize(size_t(T_));
   }
   for (int64_t b = begin; b < end; ++b) {
+    if (a.skip && a.skip[b]) continue;  // a row the deferred checks found bad: outputs stay pre-filled
     const int64_t* cand = a.cand + b * T_;
     const int64_t* ri = a.retrive_index + b * T_;
     const int64_t* nt = a.next_token + b * T_;

@@ -105,4 +105,12 @@ DK_HOST_DEVICE float min_p_threshold(float min_p, float max_p) {
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
 
+// Ranges of the filter parameters (the torch bindings' ValueErrors and the CUDA kernels' per-row
+// checks): temperature 0 (greedy) or a normal float32 in [2^-126, FLT_MAX]; top_p > 0; min_p in [0, 1].
+DK_HOST_DEVICE bool temperature_ok(double v) {
+  return v == 0.0 || (v >= 1.1754943508222875e-38 && v <= 3.4028234663852886e38);
+}
+DK_HOST_DEVICE bool top_p_ok(double v) { return v > 0.0; }
+DK_HOST_DEVICE bool min_p_ok(double v) { return v >= 0.0 && v <= 1.0; }
+
 }  // namespace dk

@@ -114,13 +114,9 @@ def _seed_offset(seed, offset, batch_size: int, device):
         seed = seed.view(torch.int64)
     if offset.dtype == torch.uint64:
         offset = offset.view(torch.int64)
-    offs = offset.unique()
-    if offs.numel() != 1:
-        raise ValueError("offset tensor: decodekit takes one offset per call; per-row offsets must all be equal")
-    off = int(offs.item())
-    if seed.size(0) == 1:
-        return int(seed.item()), off
-    return seed, off
+    # passed on as they are: the kernels read seed and offset tensors ([1] or per row) from the
+    # input's device, so a CUDA call never reads them on the host
+    return seed, offset
 
 
 def _ids_dtype(indices):
