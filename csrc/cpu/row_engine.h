@@ -21,8 +21,8 @@
 namespace dk::cpu::DK_ISA_NAME {
 using namespace dk::simd;
 
-constexpr int64_t kListMax = 2048;    // survivors sampled by walking a list when |S| <= this
-constexpr int64_t kChunk = 4096;      // otherwise: chunked inverse-CDF pass over the row
+using dk::contract::kChunk;    // the list / chunked draw sizes are part of the CPU/CUDA contract
+using dk::contract::kListMax;  // (decodekit/contract.h)
 constexpr float kWindowNats = 12.0f;  // candidate window below the running max (nats)
 constexpr int64_t kMinCap = 4096;     // initial candidate buffer size (grows as needed)
 
@@ -795,8 +795,7 @@ inline RowParamsF row_params(const RowFilter& f, int64_t out_row) {
 
 template <class Args>  // SampleArgs, PipelineArgs
 inline RngKey row_key(const Args& a, int64_t out_row) {
-  if (a.seeds) return make_rng_key(uint64_t(a.seeds[out_row]), a.offset, 0u);
-  return make_rng_key(a.seed, a.offset, uint32_t(out_row));
+  return contract::row_rng_key(a.seeds, a.seed, a.offset, out_row);
 }
 
 }  // namespace dk::cpu::DK_ISA_NAME

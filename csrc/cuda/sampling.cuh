@@ -38,6 +38,7 @@
 #include <cfloat>
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
@@ -53,8 +54,8 @@
 namespace dk::cuda {
 
 // ---- torch-free argument structs (filled by csrc/cuda/sampling.cu) ------------------------
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };                        // = dk::cpu::DType
-enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };  // = dk::cpu::FilterOut
+using dk::DType;  // the argument enums are the CPU/CUDA contract (decodekit/contract.h)
+using dk::FilterOut;
 
 // Per-row parameters: a device pointer to one value per (output) row, or a scalar.
 struct RowFilterArgs {
@@ -102,16 +103,14 @@ struct FilterArgs {
 constexpr int kThreads = DK_CUDA_THREADS;  // one block per row
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kListMax = 2048;  // row_engine.h kListMax
-constexpr int64_t kChunk = 4096;    // row_engine.h kChunk
+using contract::kChunk;  // the CPU/CUDA contract (decodekit/contract.h)
+using contract::kListMax;
+using contract::kMinPWindowMinBits;
+using contract::num_chunks;
 constexpr int kTile = 4096;         // shared-memory tile (= one chunk)
 static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
-// Smallest float min_p for which the CPU's min-p-alone window test passes with glibc logf:
-// bits 0x05f66f6f (computed by bisection over float bit patterns; monotone).
-constexpr uint32_t kMinPWindowMinBits = 0x05f66f6fu;
 
-inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
 
 namespace detail {
@@ -132,7 +131,7 @@ DK_CUDA_FN float ld(const T* x, int64_t i) {
 struct Weight {
   bool probs;
   float m, invT;
-  DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>((x - m) * invT); }
+  DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>(v_mul(v_sub(x, m), invT)); }
 };
 
 struct RowParams {
@@ -486,8 +485,7 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
 
 // ---- kernels ----------------------------------------------------------------------------------
 DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) {
-  if (a.seeds) return make_rng_key(uint64_t(a.seeds[o]), a.offset, 0u);
-  return make_rng_key(a.seed, a.offset, uint32_t(o));
+  return contract::row_rng_key(a.seeds, a.seed, a.offset, o);
 }
 
 template <class T>

@@ -20,6 +20,7 @@
 #endif
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/speculative.h"
 
@@ -31,10 +32,9 @@ constexpr int kThreads = DK_SPEC_THREADS;  // the emulator tests use small block
 constexpr int kThreads = 256;
 #endif
 static_assert(kThreads >= 16 && (kThreads & (kThreads - 1)) == 0, "block size: a power of two >= 16");
-constexpr int64_t kChunk = 4096;  // the CPU's chunk (row_engine.h kChunk)
-
-enum class Kind : int { Probs = 0, Logits = 1, Ids = 2 };
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+using contract::kChunk;  // the CPU/CUDA contract (decodekit/contract.h)
+using Kind = dk::SpecTargetKind;
+using dk::DType;
 
 struct Target {
   Kind kind = Kind::Probs;
@@ -335,7 +335,7 @@ DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, float temperature, 
   }
   if (bad) return n;
   n.m = m;
-  n.invT = 1.f / temperature;
+  n.invT = v_div(1.f, temperature);  // IEEE division whatever -prec-div says
   const Node<T>& cn = n;
   n.Z = block_row_mass(tg.V, [&](int64_t i) { return cn.e(i); }, sh);
   n.valid = n.Z > 0.0;
@@ -472,8 +472,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
 }
 
 DK_DEVICE RngKey row_key(const Rng& r, int64_t b) {
-  if (r.seeds) return make_rng_key(uint64_t(r.seeds[b]), r.offset, 0u);
-  return make_rng_key(r.seed, r.offset, uint32_t(b));
+  return contract::row_rng_key(r.seeds, r.seed, r.offset, b);
 }
 
 DK_DEVICE float row_temperature(const Target& t, int64_t b) {

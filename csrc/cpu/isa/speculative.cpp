@@ -370,8 +370,7 @@ inline bool accept_alone(const TNode<T>& tn, const float* q, int64_t x, const Rn
 }
 
 inline RngKey spec_key(const SpecRng& r, int64_t b) {
-  if (r.seeds) return make_rng_key(uint64_t(r.seeds[b]), r.offset, 0u);
-  return make_rng_key(r.seed, r.offset, uint32_t(b));
+  return contract::row_rng_key(r.seeds, r.seed, r.offset, b);
 }
 
 inline RowParamsF spec_params(const SpecTarget& t, int64_t b) {
