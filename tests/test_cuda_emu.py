@@ -26,9 +26,13 @@ pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ comp
 SEEDS_PER_CASE = 2
 
 
-def _schedules(i):
-    """The schedule seeds of case i (never 0: that is the fixed order)."""
-    return [1 + SEEDS_PER_CASE * i + j for j in range(SEEDS_PER_CASE)]
+def _emulated(i, fn, *args):
+    """fn(*args) under each of case i's schedule seeds (never 0: that is the fixed order)."""
+    out = []
+    for j in range(SEEDS_PER_CASE):
+        emu.set_schedule_seed(1 + SEEDS_PER_CASE * i + j)
+        out.append(fn(*args))
+    return out
 
 
 # smaller rows than the GPU tests (the emulator pays per barrier); still > one 4096-chunk
@@ -48,9 +52,8 @@ def _same_sample(cpu, got, args):
 def test_sample_matches_cpu(i):
     _, args = SAMPLE[i]
     cpu = ops.sample(*args)
-    for seed in _schedules(i):
-        emu.set_schedule_seed(seed)
-        _same_sample(cpu, emu.sample(*args), args)
+    for got in _emulated(i, emu.sample, *args):
+        _same_sample(cpu, got, args)
 
 
 GUMBEL = cc.gumbel_cases()
@@ -60,9 +63,7 @@ GUMBEL = cc.gumbel_cases()
 def test_gumbel_matches_cpu(i):
     _, args = GUMBEL[i]
     tc, vc = ops.gumbel_sample(*args)
-    for seed in _schedules(i):
-        emu.set_schedule_seed(seed)
-        tg, vg = emu.gumbel_sample(*args)
+    for tg, vg in _emulated(i, emu.gumbel_sample, *args):
         assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
 
 
@@ -73,9 +74,7 @@ FILTER = cc.filter_cases(V=4500, light=True)
 def test_filter_matches_cpu(i):
     _, args = FILTER[i]
     c = ops.filter(*args)
-    for seed in _schedules(i):
-        emu.set_schedule_seed(seed)
-        g = emu.filter(*args)
+    for g in _emulated(i, emu.filter, *args):
         assert c.dtype == g.dtype
         assert torch.equal(c.isnan(), g.isnan())
         assert torch.equal(torch.nan_to_num(c), torch.nan_to_num(g))

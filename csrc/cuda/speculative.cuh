@@ -5,9 +5,10 @@
 // read single elements and Philox counters, so all threads reach the same decisions without
 // communication); the wide steps (row max / argmax, normaliser, residual materialisation, residual
 // draw) are block-wide. To give the CPU's tokens for the same seed, every floating-point sum runs in
-// the CPU's order (csrc/cpu/isa/speculative.cpp): a row mass is 16 lane sums (lane j = elements
-// j, j+16, ... in order, in double) added lane by lane; a residual draw takes per-4096-chunk masses
-// the same way, picks the chunk sequentially and scans it sequentially (one thread, from shared
+// the CPU's order (csrc/cpu/isa/speculative.cpp), the canonical order of decodekit/contract.h: a
+// row mass is, per 4096-element chunk, 16 lane sums (lane j = elements j, j+16, ... in order, in
+// double) added lane by lane, the chunk masses added in chunk order; a residual draw takes the same
+// chunk masses, picks the chunk sequentially and scans it sequentially (one thread, from shared
 // memory). Element values use explicitly rounded intrinsics (no contraction), dk_exp from fmath.h.
 //
 // Supported here: probability targets (chain and tree, with or without draft probs), greedy
@@ -153,25 +154,32 @@ DK_DEVICE bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
   return lo < n && r[lo] == x;
 }
 
-// 16 lane sums over the whole row, then lane by lane (the CPU's row_mass / materialise order).
+// The canonical row mass (decodekit/contract.h; the CPU's row_mass / materialise order): per
+// kChunk-element chunk 16 lane sums added lane by lane, the chunk masses added in chunk order. All
+// (chunk, lane) sums of kThreads / 16 chunks run at once; thread 0 folds the chunk masses.
 template <class W>
 DK_DEVICE double block_row_mass(int64_t V, const W& w, Shared& sh) {
-  const int tid = threadIdx.x;
-  if (tid < 16) {
-    double s = 0.0;
-    for (int64_t i = tid; i < V; i += 16) s = dadd(s, double(w(i)));
-    sh.dred[tid] = s;
+  constexpr int kLanes = contract::kLanes, kGroup = kThreads / kLanes;
+  const int tid = threadIdx.x, j = tid % kLanes, g = tid / kLanes;
+  const int64_t nch = contract::num_chunks(V);
+  double z = 0.0;  // thread 0
+  for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
+    const int64_t c = c0 + g;
+    sh.dred[tid] = c < nch ? contract::chunk_lane_sum(V, c, j, w) : 0.0;
+    __syncthreads();
+    if (tid == 0)
+      for (int q = 0; q < kGroup && c0 + q < nch; ++q) {
+        double m = 0.0;
+        for (int l = 0; l < kLanes; ++l) m = dadd(m, sh.dred[q * kLanes + l]);
+        z = dadd(z, m);
+      }
+    __syncthreads();
   }
+  if (tid == 0) sh.bd = z;
   __syncthreads();
-  if (tid == 0) {
-    double z = 0.0;
-    for (int j = 0; j < 16; ++j) z = dadd(z, sh.dred[j]);
-    sh.bd = z;
-  }
+  const double r = sh.bd;
   __syncthreads();
-  const double z = sh.bd;
-  __syncthreads();
-  return z;
+  return r;
 }
 
 // The CPU's draw_blocks: exact inverse-CDF draw over w(0..V); -1 without positive mass.
@@ -535,7 +543,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
@@ -595,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
   if (tid == 0) a.accept_num[b] = int32_t(acc);
 }
 
-__global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildArgs a) {  // one thread per row
+__global__ void __launch_bounds__(kThreads, 1) build_tree_kernel(BuildArgs a) {  // one thread per row
   const int64_t b = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= a.B) return;
   const int64_t T = a.T, W = (T + 7) / 8;

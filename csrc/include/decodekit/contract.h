@@ -59,6 +59,22 @@ DK_HOST_DEVICE RngKey row_rng_key(const int64_t* seeds, uint64_t seed, uint64_t 
   return make_rng_key(seed, offset, uint32_t(row));
 }
 
+// Lane j of chunk c of the canonical order: w(i) for i = c * kChunk + j, + kLanes, ... (< V),
+// added in index order in double (IEEE round-to-nearest on the device too).
+template <class W>
+DK_HOST_DEVICE double chunk_lane_sum(int64_t V, int64_t c, int j, const W& w) {
+  const int64_t end = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
+  double s = 0.0;
+  for (int64_t i = c * kChunk + j; i < end; i += kLanes) {
+#if defined(__CUDA_ARCH__)
+    s = __dadd_rn(s, double(w(i)));
+#else
+    s += double(w(i));
+#endif
+  }
+  return s;
+}
+
 // a[0] + a[1] + ... + a[n-1], left to right (the chunk-order fold of the canonical order).
 DK_HOST_DEVICE double add_in_order(const double* a, int64_t n) {
   double z = 0.0;
