@@ -21,8 +21,8 @@
 namespace dk::cpu::DK_ISA_NAME {
 using namespace dk::simd;
 
-using dk::contract::kChunk;    // the list / chunked draw sizes are part of the CPU/CUDA contract
-using dk::contract::kListMax;  // (decodekit/contract.h)
+using dk::contract::kChunk;           // the list / chunked draw sizes are part of the CPU/CUDA contract
+using dk::contract::kListMax;         // (decodekit/contract.h)
 constexpr float kWindowNats = 12.0f;  // candidate window below the running max (nats)
 constexpr int64_t kMinCap = 4096;     // initial candidate buffer size (grows as needed)
 

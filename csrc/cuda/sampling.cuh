@@ -109,7 +109,7 @@ using contract::kLanes;
 using contract::kListMax;
 using contract::kMinPWindowMinBits;
 using contract::num_chunks;
-constexpr int kTile = 4096;         // shared-memory tile (= one chunk)
+constexpr int kTile = 4096;  // shared-memory tile (= one chunk)
 static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
 
@@ -167,8 +167,8 @@ struct Smem {
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
-  double dlane[kThreads];             // lane16_mass: one (chunk, lane) sum per thread
-  double dchunk[kThreads / kLanes];   // lane16_mass: the chunk masses of one round
+  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread
+  double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
   double dbc;
   float fbc;
   int64_t ibc;
@@ -380,15 +380,15 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   constexpr int kGroup = kThreads / kLanes;
   const int64_t nch = num_chunks(V);
   const int j = threadIdx.x % kLanes, g = threadIdx.x / kLanes;
+  const auto kept = [&](int64_t i) {  // adding +0.0 to a lane sum (>= +0) changes nothing
+    const float v = ld(x, i);
+    const float e = w(v);
+    return v >= t && e >= minw ? e : 0.f;
+  };
   double z = 0.0;  // thread 0
   for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
     const int64_t c = c0 + g;
-    s.dlane[threadIdx.x] = c < nch ? contract::chunk_lane_sum(V, c, j, [&](int64_t i) {
-      const float v = ld(x, i);
-      const float e = w(v);
-      return v >= t && e >= minw ? e : 0.f;  // adding +0.0 to a lane sum (>= +0) changes nothing
-    })
-                                   : 0.0;
+    s.dlane[threadIdx.x] = c < nch ? contract::chunk_lane_sum(V, c, j, kept) : 0.0;
     __syncthreads();
     if (threadIdx.x < kGroup && c0 + threadIdx.x < nch) {
       double m = 0.0;

@@ -479,9 +479,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
   return -1;
 }
 
-DK_DEVICE RngKey row_key(const Rng& r, int64_t b) {
-  return contract::row_rng_key(r.seeds, r.seed, r.offset, b);
-}
+DK_DEVICE RngKey row_key(const Rng& r, int64_t b) { return contract::row_rng_key(r.seeds, r.seed, r.offset, b); }
 
 DK_DEVICE float row_temperature(const Target& t, int64_t b) {
   return t.temperature ? t.temperature[b] : t.temperature_val;

@@ -373,9 +373,7 @@ inline bool accept_alone(const TNode<T>& tn, const float* q, int64_t x, const Rn
   return spec_accept(spec_accept_uniform(key, depth, 0), target_p(tn, x), q ? double(q[x]) : 1.0);
 }
 
-inline RngKey spec_key(const SpecRng& r, int64_t b) {
-  return contract::row_rng_key(r.seeds, r.seed, r.offset, b);
-}
+inline RngKey spec_key(const SpecRng& r, int64_t b) { return contract::row_rng_key(r.seeds, r.seed, r.offset, b); }
 
 inline RowParamsF spec_params(const SpecTarget& t, int64_t b) {
   if (t.kind != SpecTargetKind::Logits) return RowParamsF{};

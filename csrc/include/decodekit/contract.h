@@ -25,7 +25,8 @@
 //    -ftz=true (subnormal weights flushed to zero): the build files never pass it.
 #pragma once
 #if defined(__USE_FAST_MATH__) || defined(__FAST_MATH__)
-#error "decodekit: do not build with --use_fast_math / -ffast-math: CPU and CUDA tokens are defined by IEEE rounding (decodekit/contract.h)"
+#error \
+    "decodekit: do not build with --use_fast_math / -ffast-math: CPU and CUDA tokens are defined by IEEE rounding (decodekit/contract.h)"
 #endif
 #include <cstdint>
 #include "decodekit/common.h"
