@@ -2,7 +2,8 @@
 (tests/cuda_emu) and compared with the CPU ops: same seed -> same tokens, counts, accept indices,
 tree errors and build_tree outputs. This checks the CUDA kernels' logic (counter layout, the CPU's
 summation order, the residual / materialisation steps, the walks) without a GPU; test_speculative.py's
-test_cuda_matches_cpu runs the same comparison on a real GPU."""
+test_cuda_matches_cpu runs the same comparison on a real GPU. Every case runs at the production
+block size (speculative.cuh's kThreads) under two randomised thread orders of the emulator."""
 
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import emu  # noqa: E402
 import emu_spec  # noqa: E402
 import decodekit as dk  # noqa: E402
 from test_speculative import fixed_tree_case  # noqa: E402
@@ -18,6 +20,12 @@ from test_speculative import fixed_tree_case  # noqa: E402
 ops = torch.ops.decodekit
 pytestmark = pytest.mark.skipif(emu_spec.compiler() is None, reason="no host C++ compiler to build the emulator")
 NOF = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)  # no filters
+
+
+def _schedules(name):
+    """Two schedule seeds per case (never 0, the fixed thread order), different across cases."""
+    h = sum(map(ord, name))
+    return [1 + 2 * h, 2 + 2 * h]
 
 
 def _gen(s):
@@ -62,8 +70,10 @@ def test_chain_matches_cpu(case):
     T_arr = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.9]) if T == "rows" else None
     T_val = 1.0 if T == "rows" else T
     cpu = ops.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, *NOF[2:], seed_arr, seed_val, off)
-    got = emu_spec.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, seed_arr, seed_val, off)
-    _same(cpu, got, case[0])
+    for sched in _schedules(case[0]):
+        emu.set_schedule_seed(sched)
+        got = emu_spec.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, seed_arr, seed_val, off)
+        _same(cpu, got, f"{case[0]}, schedule {sched}")
 
 
 def _tree_inputs(B=5, V=5000, seed=0):
@@ -113,9 +123,11 @@ def test_tree_matches_cpu(case):
         )
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, draft, W, kind)
     cpu = ops.tree_verify(*args, None, c.get("T", 1.0), *NOF[2:], seed_arr, 9, 0, *co.values())
-    got = emu_spec.tree_verify(*args, None, c.get("T", 1.0), seed_arr, 9, 0, **co)
-    _same(cpu, got[:3], case[0])
-    assert bool((got[3] == 0).all())
+    for sched in _schedules(case[0]):
+        emu.set_schedule_seed(sched)
+        got = emu_spec.tree_verify(*args, None, c.get("T", 1.0), seed_arr, 9, 0, **co)
+        _same(cpu, got[:3], f"{case[0]}, schedule {sched}")
+        assert bool((got[3] == 0).all())
 
 
 def test_tree_errors_match_cpu():
@@ -152,7 +164,8 @@ def test_bad_logits_rows_and_real_block_size():
     p, q, ids, lp = _chain_inputs(B=4, V=3000, seed=9)
     lp[1, 0, 5] = float("nan")
     lp[2, 1] = float("-inf")
-    for threads in (64, 256):
+    emu.set_schedule_seed(5)
+    for threads in (64, None):  # None: the production block size
         cpu = ops.chain_verify(lp, ids, q, None, 1, None, 0.9, *NOF[2:], None, 3, 0)
         got = emu_spec.chain_verify(lp, ids, q, None, 1, None, 0.9, None, 3, 0, threads=threads)
-        _same(cpu, got, f"bad rows, {threads} threads")
+        _same(cpu, got, f"bad rows, {threads or 'production'} threads")

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/pipeline.h"
 
 // The AVX2 and AVX-512 builds of the kernels exist only on x86-64; elsewhere CMakeLists.txt
@@ -15,7 +16,9 @@
 
 namespace dk::cpu {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+using dk::DType;  // the argument enums are the CPU/CUDA contract (decodekit/contract.h)
+using dk::FilterOrder;
+using dk::FilterOut;
 
 // A per-row parameter: a pointer to B values (indexed by SOURCE row) or one scalar.
 template <class T>
@@ -24,8 +27,6 @@ struct Param {
   T scalar{};
   T at(int64_t row) const { return ptr ? ptr[row] : scalar; }
 };
-
-enum class FilterOrder : int { Sequential = 0, Joint = 1 };
 
 // Rows of `data` are logits (weights exp((x - max)/T)) or probabilities (weights = x).
 struct RowFilter {
@@ -61,8 +62,6 @@ struct SampleArgs {
   bool* out_valid = nullptr;
   float* out_logprob = nullptr;  // optional
 };
-
-enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };
 
 struct FilterArgs {
   Matrix in;

@@ -21,8 +21,8 @@
 namespace dk::cpu::DK_ISA_NAME {
 using namespace dk::simd;
 
-constexpr int64_t kListMax = 2048;    // survivors sampled by walking a list when |S| <= this
-constexpr int64_t kChunk = 4096;      // otherwise: chunked inverse-CDF pass over the row
+using dk::contract::kChunk;           // the list / chunked draw sizes are part of the CPU/CUDA contract
+using dk::contract::kListMax;         // (decodekit/contract.h)
 constexpr float kWindowNats = 12.0f;  // candidate window below the running max (nats)
 constexpr int64_t kMinCap = 4096;     // initial candidate buffer size (grows as needed)
 
@@ -295,22 +295,30 @@ inline void candidate_weights(const Weight& w, int64_t n, Scratch& s) {
   }
 }
 
-// Sum of weights over the whole row, 16 double lanes, fixed order.
+// Sum of the kept weights over the whole row in the canonical order (decodekit/contract.h): per
+// kChunk-element chunk 16 double lanes reduced lane by lane, the chunk masses added in chunk order
+// (the chunked draw's Z; a GPU computes every chunk at once).
 template <class T>
 inline double row_mass(const T* x, int64_t V, const Weight& w, float t, float minw, Prefetch& pfr) {
-  VD acc = vd_zero();
+  static_assert(kChunk % 16 == 0, "chunks are whole blocks");
   const float fill = w.probs ? 0.f : kNegInf;
   const VF vt = vset(t), vmw = vset(minw), zero = vset(0.f);
   Prefetch pf = pfr;
-  for (int64_t i = 0; i < V; i += 16) {
-    pf.step();
-    VF v = load_block(x, i, V, fill);
-    VF e = w(v);
-    M16 keep = vge(v, vt) & vge(e, vmw);
-    vd_add(acc, vblend(keep, zero, e));
+  double z = 0.0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    VD acc = vd_zero();
+    const int64_t end = std::min(V, c0 + kChunk);
+    for (int64_t i = c0; i < end; i += 16) {
+      pf.step();
+      VF v = load_block(x, i, V, fill);
+      VF e = w(v);
+      M16 keep = vge(v, vt) & vge(e, vmw);
+      vd_add(acc, vblend(keep, zero, e));
+    }
+    z += vd_reduce(acc);
   }
   pfr = pf;
-  return vd_reduce(acc);
+  return z;
 }
 
 // Top-p threshold by mass quickselect over a[0..n) (value, weight pairs): the smallest value v

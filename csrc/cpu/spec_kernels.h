@@ -7,7 +7,7 @@
 
 namespace dk::cpu {
 
-enum class SpecTargetKind : int { Probs = 0, Logits = 1, Ids = 2 };
+using dk::SpecTargetKind;  // decodekit/contract.h
 
 // Target rows [B, R, V] (R = N + 1 for a chain, T for a tree), last dim contiguous.
 struct SpecTarget {

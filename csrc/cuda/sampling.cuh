@@ -9,11 +9,12 @@
 // result depends on it:
 //   * every per-element value comes from the shared DK_HOST_DEVICE code (dk_exp, dk_log,
 //     gumbel_from_uniform in fmath.h, float_key / to_float in common.h, Philox in philox.h,
-//     row_uniform in rng.h); this file must be compiled with -fmad=false (CMakeLists.txt and
-//     .ci/cuda_compile.sh do), so no a*b+c is fused behind our back; the FMAs are the explicit
-//     __fmaf_rn of v_fma.
-//   * the 16-virtual-lane double sums (whole-row mass, per-4096-chunk masses) are summed lane
-//     by lane in index order and the lanes reduced j = 0..15, exactly as vd_add / vd_reduce.
+//     row_uniform in rng.h); float operations are the explicitly rounded intrinsics (fmath.h's
+//     v_* on the device), so no a*b+c is fused behind our back whatever -fmad says; the FMAs are
+//     the explicit __fmaf_rn of v_fma.
+//   * row masses follow the canonical reduction order of decodekit/contract.h (per 4096-element
+//     chunk 16 lanes summed in index order and reduced j = 0..15, chunk masses in chunk order),
+//     exactly as row_engine.h's row_mass / draw(); every (chunk, lane) sum is its own thread.
 //   * every "sequential" double sum (top-p's Z over the top-k survivors, the list draw, the scan
 //     inside a chunk) runs on one thread in index order (adding +0.0 for skipped elements is a
 //     no-op, so those are skipped).
@@ -38,6 +39,7 @@
 #include <cfloat>
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
@@ -53,8 +55,8 @@
 namespace dk::cuda {
 
 // ---- torch-free argument structs (filled by csrc/cuda/sampling.cu) ------------------------
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };                        // = dk::cpu::DType
-enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };  // = dk::cpu::FilterOut
+using dk::DType;  // the argument enums are the CPU/CUDA contract (decodekit/contract.h)
+using dk::FilterOut;
 
 // Per-row parameters: a device pointer to one value per (output) row, or a scalar.
 struct RowFilterArgs {
@@ -104,16 +106,15 @@ struct FilterArgs {
 constexpr int kThreads = DK_CUDA_THREADS;  // one block per row
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size");
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kListMax = 2048;  // row_engine.h kListMax
-constexpr int64_t kChunk = 4096;    // row_engine.h kChunk
-constexpr int kTile = 4096;         // shared-memory tile (= one chunk)
+using contract::kChunk;  // the CPU/CUDA contract (decodekit/contract.h)
+using contract::kLanes;
+using contract::kListMax;
+using contract::kMinPWindowMinBits;
+using contract::num_chunks;
+constexpr int kTile = 4096;  // shared-memory tile (= one chunk)
 static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
-// Smallest float min_p for which the CPU's min-p-alone window test passes with glibc logf:
-// bits 0x05f66f6f (computed by bisection over float bit patterns; monotone).
-constexpr uint32_t kMinPWindowMinBits = 0x05f66f6fu;
 
-inline int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
 inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
 
 namespace detail {
@@ -134,7 +135,7 @@ DK_CUDA_FN float ld(const T* x, int64_t i) {
 struct Weight {
   bool probs;
   float m, invT;
-  DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>((x - m) * invT); }
+  DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>(v_mul(v_sub(x, m), invT)); }
 };
 
 struct RowParams {
@@ -168,7 +169,8 @@ struct Smem {
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
-  double lanes[16];
+  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread
+  double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
   double dbc;
   float fbc;
   int64_t ibc;
@@ -369,50 +371,41 @@ DK_CUDA_FN double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t
   return r;
 }
 
-// 16-virtual-lane double sums of the masked weights keep ? w(x) : 0, keep = x >= t && w(x) >= minw
-// (row_engine.h row_mass and the chunk masses of draw()): lane j adds the elements i = j (mod 16)
-// in index order, the lanes are reduced j = 0..15. chunk_out == nullptr: one sum over the whole
-// row (returned to every thread); else the lanes restart at every 4096-element chunk and chunk c's
-// mass is written to chunk_out[c] (returns 0).
+// The canonical row mass (decodekit/contract.h) of the masked weights keep ? w(x) : 0, keep =
+// x >= t && w(x) >= minw (row_engine.h row_mass and the chunk masses of draw()): lane j of chunk c
+// adds the elements c * kChunk + j (mod 16) in index order, the lanes of a chunk are added j =
+// 0..15, the chunk masses in chunk order. All (chunk, lane) sums run at once, kGroup chunks per
+// round (one thread each); thread 0 folds the chunk masses. chunk_out != nullptr: chunk c's mass
+// is also written to chunk_out[c]. Returns the total to every thread.
 template <class T>
 DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out, Smem& s) {
-  double lane = 0.0;  // threads 0..15: lane threadIdx.x
-  for (int64_t base = 0; base < V; base += kTile) {
-    for (int j = threadIdx.x; j < kTile; j += kThreads) {
-      const int64_t i = base + j;
-      float e = 0.f;
-      if (i < V) {
-        float v = ld(x, i);
-        float ew = w(v);
-        if (v >= t && ew >= minw) e = ew;
-      }
-      s.u.tile[j] = e;
+  constexpr int kGroup = kThreads / kLanes;
+  const int64_t nch = num_chunks(V);
+  const int j = threadIdx.x % kLanes, g = threadIdx.x / kLanes;
+  const auto kept = [&](int64_t i) {  // adding +0.0 to a lane sum (>= +0) changes nothing
+    const float v = ld(x, i);
+    const float e = w(v);
+    return v >= t && e >= minw ? e : 0.f;
+  };
+  double z = 0.0;  // thread 0
+  for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
+    const int64_t c = c0 + g;
+    s.dlane[threadIdx.x] = c < nch ? contract::chunk_lane_sum(V, c, j, kept) : 0.0;
+    __syncthreads();
+    if (threadIdx.x < kGroup && c0 + threadIdx.x < nch) {
+      double m = 0.0;
+      for (int q = 0; q < kLanes; ++q) m = __dadd_rn(m, s.dlane[threadIdx.x * kLanes + q]);
+      s.dchunk[threadIdx.x] = m;
+      if (chunk_out) chunk_out[c0 + threadIdx.x] = m;
     }
     __syncthreads();
-    if (threadIdx.x < 16)
-      for (int q = 0; q < kTile / 16; ++q) lane += double(s.u.tile[threadIdx.x + 16 * q]);
-    if (chunk_out) {
-      if (threadIdx.x < 16) s.lanes[threadIdx.x] = lane;
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        double c = 0.0;
-        for (int j = 0; j < 16; ++j) c += s.lanes[j];
-        chunk_out[base / kTile] = c;
-      }
-      lane = 0.0;
-    }
-    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int q = 0; q < kGroup && c0 + q < nch; ++q) z = __dadd_rn(z, s.dchunk[q]);
+    // (the next round's writes of dchunk follow its first barrier, which thread 0 reaches after this fold)
   }
-  if (chunk_out) return 0.0;
-  if (threadIdx.x < 16) s.lanes[threadIdx.x] = lane;
+  if (threadIdx.x == 0) s.dbc = z;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double z = 0.0;
-    for (int j = 0; j < 16; ++j) z += s.lanes[j];
-    s.dbc = z;
-  }
-  __syncthreads();
-  double r = s.dbc;
+  const double r = s.dbc;
   __syncthreads();
   return r;
 }
@@ -566,12 +559,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         __syncthreads();
       }
       if (!done) {  // row_engine.h draw(), chunked branch
-        const int64_t nch = (V + kChunk - 1) / kChunk;
+        const int64_t nch = num_chunks(V);
         double* chunks = a.workspace + o * nch;
-        lane16_mass(x, V, w, sel.t, sel.minw, chunks, s);  // ends with __syncthreads (global writes visible)
+        const double Z = lane16_mass(x, V, w, sel.t, sel.minw, chunks, s);  // ends with __syncthreads
         if (threadIdx.x == 0) {
-          double Z = 0.0;
-          for (int64_t c = 0; c < nch; ++c) Z += chunks[c];
           const double u = row_uniform(row_key(a, o), 0u);
           const double target = u * Z;
           double cum = 0.0;
@@ -583,11 +574,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           while (c > 0 && chunks[c] <= 0.0) --c;
           s.ibc = c;
           s.dbc = target - cum;
-          s.lanes[0] = Z;
         }
         __syncthreads();
         const int64_t c = s.ibc;
-        const double local = s.dbc, Z = s.lanes[0];
+        const double local = s.dbc;
         __syncthreads();
         // weights of the chosen chunk's survivors with positive weight, 0 elsewhere
         const int64_t cbeg = c * kChunk, cend = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;

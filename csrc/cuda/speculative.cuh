@@ -5,9 +5,10 @@
 // read single elements and Philox counters, so all threads reach the same decisions without
 // communication); the wide steps (row max / argmax, normaliser, residual materialisation, residual
 // draw) are block-wide. To give the CPU's tokens for the same seed, every floating-point sum runs in
-// the CPU's order (csrc/cpu/isa/speculative.cpp): a row mass is 16 lane sums (lane j = elements
-// j, j+16, ... in order, in double) added lane by lane; a residual draw takes per-4096-chunk masses
-// the same way, picks the chunk sequentially and scans it sequentially (one thread, from shared
+// the CPU's order (csrc/cpu/isa/speculative.cpp), the canonical order of decodekit/contract.h: a
+// row mass is, per 4096-element chunk, 16 lane sums (lane j = elements j, j+16, ... in order, in
+// double) added lane by lane, the chunk masses added in chunk order; a residual draw takes the same
+// chunk masses, picks the chunk sequentially and scans it sequentially (one thread, from shared
 // memory). Element values use explicitly rounded intrinsics (no contraction), dk_exp from fmath.h.
 //
 // Supported here: probability targets (chain and tree, with or without draft probs), greedy
@@ -20,6 +21,7 @@
 #endif
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/speculative.h"
 
@@ -31,10 +33,9 @@ constexpr int kThreads = DK_SPEC_THREADS;  // the emulator tests use small block
 constexpr int kThreads = 256;
 #endif
 static_assert(kThreads >= 16 && (kThreads & (kThreads - 1)) == 0, "block size: a power of two >= 16");
-constexpr int64_t kChunk = 4096;  // the CPU's chunk (row_engine.h kChunk)
-
-enum class Kind : int { Probs = 0, Logits = 1, Ids = 2 };
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+using contract::kChunk;  // the CPU/CUDA contract (decodekit/contract.h)
+using Kind = dk::SpecTargetKind;
+using dk::DType;
 
 struct Target {
   Kind kind = Kind::Probs;
@@ -156,25 +157,32 @@ DK_DEVICE bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
   return lo < n && r[lo] == x;
 }
 
-// 16 lane sums over the whole row, then lane by lane (the CPU's row_mass / materialise order).
+// The canonical row mass (decodekit/contract.h; the CPU's row_mass / materialise order): per
+// kChunk-element chunk 16 lane sums added lane by lane, the chunk masses added in chunk order. All
+// (chunk, lane) sums of kThreads / 16 chunks run at once; thread 0 folds the chunk masses.
 template <class W>
 DK_DEVICE double block_row_mass(int64_t V, const W& w, Shared& sh) {
-  const int tid = threadIdx.x;
-  if (tid < 16) {
-    double s = 0.0;
-    for (int64_t i = tid; i < V; i += 16) s = dadd(s, double(w(i)));
-    sh.dred[tid] = s;
+  constexpr int kLanes = contract::kLanes, kGroup = kThreads / kLanes;
+  const int tid = threadIdx.x, j = tid % kLanes, g = tid / kLanes;
+  const int64_t nch = contract::num_chunks(V);
+  double z = 0.0;  // thread 0
+  for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
+    const int64_t c = c0 + g;
+    sh.dred[tid] = c < nch ? contract::chunk_lane_sum(V, c, j, w) : 0.0;
+    __syncthreads();
+    if (tid == 0)
+      for (int q = 0; q < kGroup && c0 + q < nch; ++q) {
+        double m = 0.0;
+        for (int l = 0; l < kLanes; ++l) m = dadd(m, sh.dred[q * kLanes + l]);
+        z = dadd(z, m);
+      }
+    __syncthreads();
   }
+  if (tid == 0) sh.bd = z;
   __syncthreads();
-  if (tid == 0) {
-    double z = 0.0;
-    for (int j = 0; j < 16; ++j) z = dadd(z, sh.dred[j]);
-    sh.bd = z;
-  }
+  const double r = sh.bd;
   __syncthreads();
-  const double z = sh.bd;
-  __syncthreads();
-  return z;
+  return r;
 }
 
 // The CPU's draw_blocks: exact inverse-CDF draw over w(0..V); -1 without positive mass.
@@ -338,7 +346,7 @@ DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, float temperature, 
   }
   if (bad) return n;
   n.m = m;
-  n.invT = 1.f / temperature;
+  n.invT = v_div(1.f, temperature);  // IEEE division whatever -prec-div says
   const Node<T>& cn = n;
   n.Z = block_row_mass(tg.V, [&](int64_t i) { return cn.e(i); }, sh);
   n.valid = n.Z > 0.0;
@@ -536,7 +544,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
   __shared__ Shared sh;
   const int64_t b = blockIdx.x;
   if (a.skip && a.skip[b]) return;  // a row the deferred checks found bad: outputs stay pre-filled
@@ -597,7 +605,7 @@ __global__ void __launch_bounds__(kThreads) tree_kernel(TreeArgs a) {
   if (tid == 0) a.accept_num[b] = int32_t(acc);
 }
 
-__global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildArgs a) {  // one thread per row
+__global__ void __launch_bounds__(kThreads, 1) build_tree_kernel(BuildArgs a) {  // one thread per row
   const int64_t b = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= a.B) return;
   const int64_t T = a.T, W = (T + 7) / 8;

@@ -3,7 +3,8 @@ convention as torch.ops.decodekit.{sample,gumbel_sample,filter}, so tests can co
 kernels' logic with the CPU engine on a machine without a GPU.
 
 The shared library is built with the host C++ compiler on first use and cached next to the
-build tree, keyed by a hash of the sources and the block size.
+build tree, keyed by a hash of the sources and the block size (default: the production block
+size, sampling.cuh's kThreads). set_schedule_seed() picks the emulator's thread order.
 """
 
 import ctypes
@@ -26,52 +27,60 @@ SOURCES = [
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _libs = {}
 _failed = {}
+_schedule = [None]  # the emulator's schedule seed (None: $DK_EMU_SEED, else 1)
 
 
 def compiler():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def build(threads: int = 64) -> Path:
+def build_shared(stem, cpp, sources, define=None, threads=None):
+    """Builds tests/cuda_emu/<cpp> into build/cuda_emu/<stem>_<threads>_<hash>.so (cached by a
+    hash of `sources` and the block size). threads=None: the header's production block size."""
     h = hashlib.sha256(str(threads).encode())
-    for s in SOURCES:
+    for s in sources:
         h.update(s.read_bytes())
     out_dir = ROOT / "build" / "cuda_emu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"emu_sampling_{threads}_{h.hexdigest()[:16]}.so"
+    lib = out_dir / f"{stem}_{threads or 'prod'}_{h.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        cmd = [
-            compiler(),
-            "-std=c++20",
-            "-O2",
-            "-ffp-contract=off",
-            "-fno-math-errno",
-            "-fPIC",
-            "-shared",
-            f"-DDK_CUDA_THREADS={threads}",
-            f"-I{ROOT / 'csrc/include'}",
-            f"-I{ROOT / 'csrc'}",
-            f"-I{HERE}",
-            str(HERE / "emu_sampling.cpp"),
-            "-o",
-            str(tmp),
-        ]
+        cmd = [compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+        if threads is not None:
+            cmd.append(f"-D{define}={threads}")
+        cmd += [f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}", f"-I{HERE}", str(HERE / cpp), "-o", str(tmp)]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
-    return lib
+    L = ctypes.CDLL(str(lib))
+    L.dk_emu_set_schedule_seed.argtypes, L.dk_emu_set_schedule_seed.restype = [ctypes.c_int64], None
+    if _schedule[0] is not None:
+        L.dk_emu_set_schedule_seed(_schedule[0])
+    _loaded.append(L)
+    return L
 
 
-def load(threads: int = 64):
+_loaded = []
+
+
+def set_schedule_seed(seed):
+    """Thread order of later launches in every emulator library loaded through build_shared: a
+    random permutation per scheduling round from `seed` (0: the fixed order 0, 1, 2, ...);
+    None: $DK_EMU_SEED, else 1."""
+    _schedule[0] = seed
+    for L in _loaded:
+        L.dk_emu_set_schedule_seed(-1 if seed is None else seed)
+
+
+def load(threads=None):
+    """The sampling kernels' emulator library; threads=None: sampling.cuh's kThreads."""
     if threads in _failed:  # build once per session, fail fast afterwards
         raise RuntimeError(f"the CUDA emulator failed to build: {_failed[threads]}")
     if threads not in _libs:
         try:
-            path = build(threads)
+            lib = build_shared("emu_sampling", "emu_sampling.cpp", SOURCES, "DK_CUDA_THREADS", threads)
         except Exception as e:
             _failed[threads] = e
             raise
-        lib = ctypes.CDLL(str(path))
         P, I, L, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
         lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, P, I]
         lib.dk_emu_sample.restype = None
@@ -79,6 +88,7 @@ def load(threads: int = 64):
         lib.dk_emu_filter.restype = None
         lib.dk_emu_workspace_elems.argtypes = [L, L]
         lib.dk_emu_workspace_elems.restype = L
+        lib.dk_emu_threads.restype = ctypes.c_int
         _libs[threads] = lib
     return _libs[threads]
 
@@ -123,7 +133,7 @@ def sample(
     seed_val,
     offset,
     *,
-    threads=64,
+    threads=None,
     gumbel=False,
 ):
     lib = load(threads)
@@ -160,7 +170,7 @@ def sample(
     return tok, valid, lp
 
 
-def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=64):
+def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None):
     tok, valid, _ = sample(
         logits,
         indices,
@@ -183,7 +193,7 @@ def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=64):
     return tok, valid
 
 
-def filter(x, kind, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, *, threads=64):
+def filter(x, kind, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, *, threads=None):
     lib = load(threads)
     dt, rows, V, stride = _matrix(x)
     keep, fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)

@@ -4,12 +4,9 @@ the checks are the bindings' job), so tests can compare the CUDA kernels with th
 on a machine without a GPU. Built with the host compiler on first use, cached under build/."""
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
+import emu
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -22,44 +19,14 @@ SOURCES = [
 ]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _libs = {}
+compiler = emu.compiler
 
 
-def compiler():
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def load(threads: int = 64):
+def load(threads=None):
+    """The speculative kernels' emulator library; threads=None: speculative.cuh's kThreads."""
     if threads in _libs:
         return _libs[threads]
-    h = hashlib.sha256(str(threads).encode())
-    for s in SOURCES:
-        h.update(s.read_bytes())
-    out_dir = ROOT / "build" / "cuda_emu"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"emu_speculative_{threads}_{h.hexdigest()[:16]}.so"
-    if not lib.exists():
-        tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        subprocess.run(
-            [
-                compiler(),
-                "-std=c++20",
-                "-O2",
-                "-ffp-contract=off",
-                "-fno-math-errno",
-                "-fPIC",
-                "-shared",
-                f"-DDK_SPEC_THREADS={threads}",
-                f"-I{ROOT / 'csrc/include'}",
-                f"-I{ROOT / 'csrc'}",
-                f"-I{HERE}",
-                str(HERE / "emu_speculative.cpp"),
-                "-o",
-                str(tmp),
-            ],
-            check=True,
-        )
-        os.replace(tmp, lib)
-    L = ctypes.CDLL(str(lib))
+    L = emu.build_shared("emu_speculative", "emu_speculative.cpp", SOURCES, "DK_SPEC_THREADS", threads)
     P, I, Q, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P]
@@ -124,7 +91,7 @@ def _target(target, kind, T_arr, T_val):
 
 
 def chain_verify(
-    target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0, threads=64
+    target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0, threads=None
 ):
     L = load(threads)
     B, N = ids.shape
@@ -177,7 +144,7 @@ def tree_verify(
     seed_arr=None,
     seed_val=0,
     offset=0,
-    threads=64,
+    threads=None,
     coins=None,
     coins_final=None,
     threshold_single=1.0,
@@ -240,7 +207,7 @@ def tree_verify(
     return pred, ai, an, err, err_node
 
 
-def build_tree(parents, prefix_lens, threads=64):
+def build_tree(parents, prefix_lens, threads=None):
     L = load(threads)
     B, T = parents.shape
     W = (T + 7) // 8

@@ -270,6 +270,7 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
         if (ss.rbuf.size() < size_t(V + 16)) ss.rbuf.resize(size_t(V + 16));
         Excl ex{&ss.removed};
         VD acc = vd_zero();
+        Zr = 0.0;  // the canonical order (decodekit/contract.h): chunk masses in chunk order
         for (int64_t b = 0; b < V; b += 16) {
           VF r = mat ? vmul(vload(ss.rbuf.data() + b), vinv) : pblock(tn, b);
           VF d = vmax(vsub(r, vmul(load_block(q, b, V, 0.f), vs)), zero);
@@ -277,8 +278,11 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
           if (b + 16 > V) d = vblend(M16(0xffffu << (V - b)) & 0xffffu, d, zero);
           vstore(ss.rbuf.data() + b, d);
           vd_add(acc, d);
+          if ((b + 16) % kChunk == 0 || b + 16 >= V) {
+            Zr += vd_reduce(acc);
+            acc = vd_zero();
+          }
         }
-        Zr = vd_reduce(acc);
       }
       mat = true;
       pending = false;

@@ -5,6 +5,7 @@
 // Polynomials: Cephes expf/logf minimax coefficients (public-domain constants).
 #pragma once
 #include "decodekit/common.h"
+#include "decodekit/contract.h"  // refuses fast-math builds
 #if !defined(__CUDACC__)
 #include <cmath>
 #endif
@@ -19,10 +20,20 @@ DK_HOST_DEVICE float v_fma(float a, float b, float c) {
   return __builtin_fmaf(a, b, c);
 #endif
 }
+// On the device every operation is an explicitly rounded intrinsic (IEEE round-to-nearest, never
+// contracted into an FMA, never approximated), so the results do not depend on -fmad or
+// -prec-div (decodekit/contract.h).
+#if defined(__CUDA_ARCH__)
+DK_HOST_DEVICE float v_add(float a, float b) { return __fadd_rn(a, b); }
+DK_HOST_DEVICE float v_sub(float a, float b) { return __fsub_rn(a, b); }
+DK_HOST_DEVICE float v_mul(float a, float b) { return __fmul_rn(a, b); }
+DK_HOST_DEVICE float v_div(float a, float b) { return __fdiv_rn(a, b); }
+#else
 DK_HOST_DEVICE float v_add(float a, float b) { return a + b; }
 DK_HOST_DEVICE float v_sub(float a, float b) { return a - b; }
 DK_HOST_DEVICE float v_mul(float a, float b) { return a * b; }
 DK_HOST_DEVICE float v_div(float a, float b) { return a / b; }
+#endif
 DK_HOST_DEVICE float v_max(float a, float b) { return a > b ? a : b; }
 DK_HOST_DEVICE float v_min(float a, float b) { return a < b ? a : b; }
 DK_HOST_DEVICE float v_floor(float a) {

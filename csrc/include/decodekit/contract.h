@@ -1,0 +1,85 @@
+// The contract between the CPU engine (csrc/cpu) and the CUDA kernels (csrc/cuda): everything a
+// token depends on besides the inputs and the seed. Both paths include this header and take these
+// definitions from here, so "the same tokens on CPU and GPU" is a property of the structure, not
+// of constants kept equal by hand.
+//
+//  * Argument enums: element dtype, filter order, filter output kind, speculative target kind.
+//  * Method sizes: the survivor set S is drawn by walking a list when |S| <= kListMax (and S lies in
+//    the CPU's candidate list), else by the chunked inverse-CDF draw over kChunk-element chunks.
+//  * Row keys: which Philox key / stream an output row draws from (row_rng_key).
+//  * Canonical reduction order of a row mass (sum of float weights in double):
+//      chunk c = elements [c * kChunk, min(V, (c + 1) * kChunk));
+//      lane j of chunk c adds the elements i = c * kChunk + j (mod kLanes) in index order;
+//      chunk_mass(c) = lane 0 + lane 1 + ... + lane kLanes-1 (in lane order);
+//      the chunked draw's Z = chunk_mass(0) + chunk_mass(1) + ... (in chunk order, add_in_order).
+//    Every (chunk, lane) partial sum is independent, so a GPU computes them all at once with
+//    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
+//    Sums the CPU takes over a LIST (the list draw, top-p's Z over the top-k survivors) are
+//    sequential in index order.
+//  * Rounding: IEEE round-to-nearest-even for every float / double operation; nothing is fused
+//    unless written as an explicit fma (v_fma in fmath.h). The device code uses the _rn intrinsics
+//    wherever the CPU rounds, so the result depends neither on -fmad nor on -prec-div. Fast math
+//    is refused below where the compiler says so: GCC / Clang define __FAST_MATH__ under
+//    -ffast-math, and __USE_FAST_MATH__ is tested for nvcc versions that define it. nvcc 13.0
+//    defines no macro for --use_fast_math (checked by hand), so there the remaining risk is its
+//    -ftz=true (subnormal weights flushed to zero): the build files never pass it.
+#pragma once
+#if defined(__USE_FAST_MATH__) || defined(__FAST_MATH__)
+#error \
+    "decodekit: do not build with --use_fast_math / -ffast-math: CPU and CUDA tokens are defined by IEEE rounding (decodekit/contract.h)"
+#endif
+#include <cstdint>
+#include "decodekit/common.h"
+#include "decodekit/philox.h"
+#include "decodekit/rng.h"
+
+namespace dk {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum class FilterOrder : int { Sequential = 0, Joint = 1 };
+enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };
+enum class SpecTargetKind : int { Probs = 0, Logits = 1, Ids = 2 };
+
+namespace contract {
+
+constexpr int64_t kListMax = 2048;  // survivors drawn by walking a list when |S| <= this
+constexpr int64_t kChunk = 4096;    // otherwise: chunked inverse-CDF draw over chunks of this size
+constexpr int kLanes = 16;          // lanes of a chunk mass (the canonical reduction order above)
+static_assert(kChunk % kLanes == 0, "a chunk is whole lanes");
+// Smallest float min_p for which the CPU's min-p-alone candidate window test
+// (-logf(min_p) + 0.25f <= 80) passes with glibc logf: bits 0x05f66f6f (~2.3e-35), found by
+// bisection over float bit patterns (the test is monotone). The list-vs-chunk method choice for
+// min-p alone uses this constant on the device instead of a device logf.
+constexpr uint32_t kMinPWindowMinBits = 0x05f66f6fu;
+
+DK_HOST_DEVICE int64_t num_chunks(int64_t V) { return (V + kChunk - 1) / kChunk; }
+
+// The Philox key of output row `row` is rng.h's row_rng_key (seeds and offsets read from host
+// or device memory): per-row seeds use stream 0 of their own key; a scalar seed gives every row
+// its own stream.
+
+// Lane j of chunk c of the canonical order: w(i) for i = c * kChunk + j, + kLanes, ... (< V),
+// added in index order in double (IEEE round-to-nearest on the device too).
+template <class W>
+DK_HOST_DEVICE double chunk_lane_sum(int64_t V, int64_t c, int j, const W& w) {
+  const int64_t end = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
+  double s = 0.0;
+  for (int64_t i = c * kChunk + j; i < end; i += kLanes) {
+#if defined(__CUDA_ARCH__)
+    s = __dadd_rn(s, double(w(i)));
+#else
+    s += double(w(i));
+#endif
+  }
+  return s;
+}
+
+// a[0] + a[1] + ... + a[n-1], left to right (the chunk-order fold of the canonical order).
+DK_HOST_DEVICE double add_in_order(const double* a, int64_t n) {
+  double z = 0.0;
+  for (int64_t i = 0; i < n; ++i) z += a[i];
+  return z;
+}
+
+}  // namespace contract
+}  // namespace dk

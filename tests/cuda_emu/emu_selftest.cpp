@@ -1,0 +1,73 @@
+// Small kernels that show what emu_runtime.h catches (tests/test_cuda_emu.py builds and runs this
+// program in a subprocess, since the emulator aborts on a bad warp op).
+//   emu_selftest broadcast <with_barrier 0|1> <seed>: a block-wide sum broadcast from thread 0
+//     through shared memory; prints the number of threads that read a wrong total. Without the
+//     __syncthreads() between thread 0's write and the other threads' read this is a race that
+//     the fixed thread order 0, 1, 2, ... (seed 0) hides: thread 0 always writes first.
+//   emu_selftest exited <seed>: lanes 16..31 of each warp return, then the rest shuffle with the
+//     full mask (undefined on a GPU); the emulator must abort.
+//   emu_selftest outside <seed>: a shuffle with mask 0x0000ffff reads lane 16; must abort.
+#include "emu_runtime.h"
+
+#include <string>
+
+constexpr unsigned kN = 256, kBlocks = 8;
+
+struct Args {
+  int with_barrier;
+  float* out;
+};
+
+static void broadcast_kernel(Args a) {
+  __shared__ float part[kN];
+  __shared__ float total;
+  const unsigned t = threadIdx.x;
+  part[t] = float(blockIdx.x * kN + t);
+  __syncthreads();
+  if (t == 0) {
+    float s = 0.f;
+    for (unsigned j = 0; j < kN; ++j) s += part[j];
+    total = s;
+  }
+  if (a.with_barrier) __syncthreads();  // the barrier under test
+  a.out[blockIdx.x * kN + t] = total;
+  __syncthreads();  // nobody overwrites `total` (next block) before everyone read it
+}
+
+static void exited_kernel(Args a) {
+  const unsigned t = threadIdx.x;
+  if ((t & 31u) >= 16u) return;
+  a.out[t] = __shfl_down_sync(0xffffffffu, float(t), 1);
+}
+
+static void outside_kernel(Args a) {
+  const unsigned t = threadIdx.x;
+  if ((t & 31u) >= 16u) return;
+  a.out[t] = __shfl_down_sync(0x0000ffffu, float(t), 1);
+}
+
+int main(int argc, char** argv) {
+  if (argc < 3) return 2;
+  const std::string mode = argv[1];
+  std::vector<float> out(kN * kBlocks, -1.f);
+  Args a{0, out.data()};
+  if (mode == "broadcast") {
+    if (argc < 4) return 2;
+    a.with_barrier = std::atoi(argv[2]);
+    dk_emu_set_schedule_seed(std::atoll(argv[3]));
+    dkemu::launch(kBlocks, kN, broadcast_kernel, a);
+    int wrong = 0;
+    for (unsigned b = 0; b < kBlocks; ++b) {
+      float s = 0.f;
+      for (unsigned j = 0; j < kN; ++j) s += float(b * kN + j);
+      for (unsigned t = 0; t < kN; ++t) wrong += out[b * kN + t] != s;
+    }
+    std::printf("wrong %d\n", wrong);
+    return 0;
+  }
+  dk_emu_set_schedule_seed(std::atoll(argv[2]));
+  if (mode == "exited") dkemu::launch(1, 64, exited_kernel, a);
+  if (mode == "outside") dkemu::launch(1, 64, outside_kernel, a);
+  std::printf("no abort\n");
+  return 0;
+}
