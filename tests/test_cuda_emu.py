@@ -126,3 +126,22 @@ def test_emulator_rejects_bad_warp_ops(mode, message):
     r = _selftest(mode, 1)
     assert r.returncode != 0 and "no abort" not in r.stdout
     assert message in r.stderr, r.stderr
+
+
+def test_two_block_sizes_in_one_process():
+    # The emulated __shared__ arrays are function-local statics sized by the block size; GCC makes
+    # them process-unique symbols unless the libraries are built with -fno-gnu-unique, and then a
+    # 512-thread library loaded after a 64-thread one overran the 64-thread arrays (a segfault).
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent / "cuda_emu")!r})
+import cuda_cases as cc, emu
+x = cc.logits_family("randn", 5, 3000, seed=4)
+a = emu.gumbel_sample(x, None, None, 12345, 0, threads=64)[0]
+b = emu.gumbel_sample(x, None, None, 12345, 0)[0]
+assert a.tolist() == b.tolist(), (a, b)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -688,7 +688,7 @@ def test_emulated_kernels_read_seed_and_offsets_in_memory():
     emu = pytest.importorskip("emu")
     if emu.compiler() is None:
         pytest.skip("no host C++ compiler to build the CUDA emulator")
-    lib = emu.load(64)
+    lib = emu.load()
     lib.dk_emu_set_device_rng.argtypes = [emu.ctypes.c_void_p, emu.ctypes.c_void_p, emu.ctypes.c_int64]
     x = cc.logits_family("randn", 5, 3000, seed=4)
     args = cc.sample_args(x, False, dict(k=50, p=0.9), seed=99, offset=0)
@@ -710,7 +710,7 @@ def test_emulated_tree_kernel_skips_rows():
     emu_spec = pytest.importorskip("emu_spec")
     if emu_spec.compiler() is None:
         pytest.skip("no host C++ compiler to build the emulator")
-    lib = emu_spec.load(64)
+    lib = emu_spec.load()
     lib.dk_emu_set_tree_skip.argtypes = [emu_spec.ctypes.c_void_p]
     tree, cand, pt = _tree_case()
     skip = torch.tensor([False, True, False, True])

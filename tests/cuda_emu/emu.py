@@ -34,10 +34,24 @@ def compiler():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def unique_flags():
+    """GCC emits the function-local statics of inline functions (the emulated __shared__ arrays,
+    sized by the block size) as STB_GNU_UNIQUE symbols, which the dynamic loader binds ONCE per
+    process even across RTLD_LOCAL libraries: a library built for 512 threads loaded after one
+    built for 64 would use the 64-thread arrays and overrun them. -fno-gnu-unique keeps each
+    library's statics its own."""
+    try:
+        out = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    return [] if "clang" in out.lower() else ["-fno-gnu-unique"]
+
+
 def build_shared(stem, cpp, sources, define=None, threads=None):
     """Builds tests/cuda_emu/<cpp> into build/cuda_emu/<stem>_<threads>_<hash>.so (cached by a
     hash of `sources` and the block size). threads=None: the header's production block size."""
-    h = hashlib.sha256(str(threads).encode())
+    flags = ["-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", *unique_flags()]
+    h = hashlib.sha256(f"{threads} {' '.join(flags)}".encode())
     for s in sources:
         h.update(s.read_bytes())
     out_dir = ROOT / "build" / "cuda_emu"
@@ -45,7 +59,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
     lib = out_dir / f"{stem}_{threads or 'prod'}_{h.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        cmd = [compiler(), "-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+        cmd = [compiler(), *flags]
         if threads is not None:
             cmd.append(f"-D{define}={threads}")
         cmd += [f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}", f"-I{HERE}", str(HERE / cpp), "-o", str(tmp)]
