@@ -1,7 +1,6 @@
 """Tree attention: kernel vs torch SDPA (dense equivalent mask) and the float64 reference, on every
 ISA path; the dense-mask helper; a tiny Llama scoring a token tree in one forward pass; bad input."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
