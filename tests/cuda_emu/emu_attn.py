@@ -6,14 +6,12 @@ exposes single-warp mma.sync and ldmatrix for the fragment-layout unit tests. Bu
 compiler on first use, cached in build/cuda_emu keyed by a hash of the sources."""
 
 import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
+
+import emu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -29,42 +27,14 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lib = None
 
 
-def compiler():
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+compiler = emu.compiler
 
 
 def load():
     global _lib
     if _lib is None:
-        h = hashlib.sha256()
-        for s in SOURCES:
-            h.update(s.read_bytes())
-        out_dir = ROOT / "build" / "cuda_emu"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lib = out_dir / f"emu_attention_{h.hexdigest()[:16]}.so"
-        if not lib.exists():
-            tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-            subprocess.run(
-                [
-                    compiler(),
-                    "-std=c++20",
-                    "-O2",
-                    "-ffp-contract=off",
-                    "-fno-math-errno",
-                    "-fPIC",
-                    "-shared",
-                    f"-I{ROOT / 'csrc/include'}",
-                    f"-I{ROOT / 'csrc'}",
-                    f"-I{HERE}",
-                    str(HERE / "emu_attention.cpp"),
-                    "-o",
-                    str(tmp),
-                ],
-                check=True,
-            )
-            os.replace(tmp, lib)
+        _lib = emu.build_shared("emu_attention", "emu_attention.cpp", SOURCES)
         L, P, I, F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        _lib = ctypes.CDLL(str(lib))
         # dtype, B, T, Hq, Hkv, D, S, q + 3 strides, k + 3, v + 3, mask, packed, 2 mask strides,
         # prefix_lens, sm_scale, out, lse, impl, force_splits
         _lib.dk_emu_tree_attention.argtypes = [I] + [L] * 6 + ([P] + [L] * 3) * 3 + [P, I, L, L, P, F, P, P, I, I]

@@ -3,9 +3,6 @@ of the torch op decodekit::pipeline (what csrc/cuda/pipeline.cu passes: metadata
 not). Built with the host compiler on first use, cached under build/cuda_emu."""
 
 import ctypes
-import hashlib
-import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -20,42 +17,15 @@ SOURCES = [
     ROOT / "csrc/cuda/pipeline.cuh",
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
-_lib = []
+_lib = {}
 
 
-def load(threads: int = 64):
-    if _lib:
-        return _lib[0]
-    h = hashlib.sha256(str(threads).encode())
-    for s in SOURCES:
-        h.update(s.read_bytes())
-    out_dir = ROOT / "build" / "cuda_emu"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lib = out_dir / f"emu_pipeline_{threads}_{h.hexdigest()[:16]}.so"
-    if not lib.exists():
-        tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        subprocess.run(
-            [
-                emu.compiler(),
-                "-std=c++20",
-                "-O2",
-                "-ffp-contract=off",
-                "-fno-math-errno",
-                "-fPIC",
-                "-shared",
-                f"-DDK_PIPE_THREADS={threads}",
-                f"-I{ROOT / 'csrc/include'}",
-                f"-I{ROOT / 'csrc'}",
-                f"-I{HERE}",
-                str(HERE / "emu_pipeline.cpp"),
-                "-o",
-                str(tmp),
-            ],
-            check=True,
-        )
-        os.replace(tmp, lib)
-    _lib.append(ctypes.CDLL(str(lib)))
-    return _lib[0]
+def load(threads=None):
+    """The whole-step kernel's emulator library; threads=None: pipeline.cuh's production block
+    size (kPipeThreads)."""
+    if threads not in _lib:
+        _lib[threads] = emu.build_shared("emu_pipeline", "emu_pipeline.cpp", SOURCES, "DK_PIPE_THREADS", threads)
+    return _lib[threads]
 
 
 def pipeline(
