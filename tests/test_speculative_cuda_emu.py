@@ -169,3 +169,112 @@ def test_bad_logits_rows_and_real_block_size():
         cpu = ops.chain_verify(lp, ids, q, None, 1, None, 0.9, *NOF[2:], None, 3, 0)
         got = emu_spec.chain_verify(lp, ids, q, None, 1, None, 0.9, None, 3, 0, threads=threads)
         _same(cpu, got, f"bad rows, {threads or 'production'} threads")
+
+
+# ---- the logits form with filters: the filtered node target (select_row + the CPU's list / chunk
+# choice) gives the CPU's tokens, chain and tree, at the production block size ------------------
+def _filters(c, B):
+    """(k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order): scalars, or per-row tensors with some
+    rows disabled (k = 0, p = 1, min_p = 0) when c["rows"]."""
+    k, p, mp = c.get("k", 0), c.get("p", 1.0), c.get("mp", 0.0)
+    order = c.get("order", 0)
+    if not c.get("rows"):
+        return (None, k, None, p, None, mp, order)
+    g = _gen(31)
+    ks = torch.tensor([k, 0, 3 * k + 1, 1, k, 7][:B]) if k else None
+    ps = torch.tensor([p, 1.0, 0.5, 0.97, 0.3, p][:B]) if p < 1.0 else None
+    mps = (torch.rand(B, generator=g) * 2 * mp).index_fill(0, torch.tensor([1]), 0.0) if mp > 0 else None
+    return (ks, 0, ps, 1.0, mps, 0.0, order)
+
+
+FILTERED = [
+    # name, case: k / p / mp / order / rows (per-row tensors) / dtype / draft / scale / V / B
+    ("topk", dict(k=20)),
+    ("topp-list", dict(p=0.6, scale=3.0)),
+    ("topp-chunked", dict(p=0.95, scale=0.5)),  # |S| > kListMax: the chunked draw over the row
+    ("minp", dict(mp=0.05)),
+    ("minp-tiny-chunked", dict(mp=1e-6, scale=0.5)),
+    ("k-p-seq", dict(k=300, p=0.8, draft=True)),
+    ("k-p-joint", dict(k=300, p=0.8, order=1, draft=True)),
+    ("k-p-mp-seq-rows-bf16", dict(k=40, p=0.9, mp=0.02, rows=True, dtype=torch.bfloat16, draft=True)),
+    ("k-p-mp-joint-rows-f16", dict(k=40, p=0.9, mp=0.02, order=1, rows=True, dtype=torch.float16)),
+    ("p-mp-rows-draft", dict(p=0.7, mp=0.01, rows=True, draft=True, scale=2.0)),
+    ("k-p-V128256", dict(k=50, p=0.9, draft=True, V=128256, B=2, scale=3.0)),
+]
+
+
+def _filtered_chain_inputs(c, seed):
+    B, V = c.get("B", 6), c.get("V", 5000)
+    p, q, ids, lp = _chain_inputs(B=B, V=V, seed=seed)
+    lp = lp / 1.5 * c.get("scale", 1.5)
+    q = (lp[:, :-1] + torch.randn(lp[:, :-1].shape, generator=_gen(seed + 1))).softmax(-1)
+    # drafts mostly inside the filtered support: the argmax of the draft row, or a draft sample
+    top = q.argmax(-1)
+    pick = torch.rand(ids.shape, generator=_gen(seed + 2)) < 0.7
+    ids = torch.where(pick, top, torch.multinomial(q.reshape(-1, V), 1, generator=_gen(seed + 3)).reshape(ids.shape))
+    return lp, q, ids
+
+
+@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
+def test_chain_filters_match_cpu(case):
+    name, c = case
+    lp, q, ids = _filtered_chain_inputs(c, seed=len(name))
+    B, N = ids.shape
+    target = lp.to(c.get("dtype", torch.float32))
+    draft = q if c.get("draft") else None
+    filt = _filters(c, B)
+    T_arr = torch.tensor([0.9, 1.0, 0.7, 0.0, 1.3, 0.8])[:B] if c.get("rows") else None
+    T_val = 0.9
+    nd = torch.tensor([3, 0, 1, 2, 3, 2])[:B]
+    cpu = ops.chain_verify(target, ids, draft, nd, 1, T_arr, T_val, *filt, None, 77, 0)
+    for sched in _schedules(name)[: 1 if c.get("V", 0) > 10**5 else 2]:
+        emu.set_schedule_seed(sched)
+        got = emu_spec.chain_verify(target, ids, draft, nd, 1, T_arr, T_val, None, 77, 0, filters=filt)
+        _same(cpu, got, f"{name}, schedule {sched}")
+
+
+@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
+def test_tree_filters_match_cpu(case):
+    name, c = case
+    B, V = c.get("B", 5), c.get("V", 5000)
+    tree, cand, lt, qt = _tree_inputs(B=B, V=V, seed=len(name) + 100)
+    lt = lt * c.get("scale", 1.5)
+    qt = (lt + torch.randn(lt.shape, generator=_gen(len(name)))).softmax(-1)
+    if not c.get("draft"):
+        qt = None
+    target = lt.to(c.get("dtype", torch.float32))
+    filt = _filters(c, B)
+    T_arr = torch.tensor([0.9, 1.0, 0.7, 0.0, 1.3])[:B] if c.get("rows") else None
+    T = tree.retrive_index.shape[1]
+    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, qt, T, 1)
+    cpu = ops.tree_verify(*args, T_arr, 0.8, *filt, None, 13, 0)
+    for sched in _schedules(name)[: 1 if V > 10**5 else 2]:
+        emu.set_schedule_seed(sched)
+        got = emu_spec.tree_verify(*args, T_arr, 0.8, None, 13, 0, filters=filt)
+        _same(cpu, got[:3], f"{name}, schedule {sched}")
+        assert bool((got[3] == 0).all())
+
+
+def test_filters_bad_rows_match_cpu():
+    """NaN and all -inf rows with filters on: the row stops there and emits token 0, other rows as
+    on the CPU; also a row whose filters leave one token."""
+    c = dict(k=30, p=0.8, mp=0.02)
+    lp, q, ids = _filtered_chain_inputs(c, seed=3)
+    lp[1, 0, 17] = float("nan")
+    lp[2, 1] = float("-inf")
+    lp[3, 2, 11] = float("inf")
+    filt = (torch.tensor([30, 30, 30, 30, 1, 30]), 0, None, 0.8, None, 0.02, 0)
+    emu.set_schedule_seed(11)
+    for draft in (None, q):
+        cpu = ops.chain_verify(lp, ids, draft, None, 1, None, 0.9, *filt, None, 4, 0)
+        got = emu_spec.chain_verify(lp, ids, draft, None, 1, None, 0.9, None, 4, 0, filters=filt)
+        _same(cpu, got, f"bad rows, draft {draft is not None}")
+    assert cpu[0][1, 0] == 0 and cpu[2][1] == 0  # the NaN row emits token 0 at position 0
+    tree, cand, lt, qt = _tree_inputs(B=3, V=700, seed=4)
+    lt[0, 0, 5] = float("nan")
+    lt[1, 1] = float("-inf")
+    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
+    filt = (None, 25, None, 0.9, None, 0.0, 1)
+    cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 8, 0)
+    got = emu_spec.tree_verify(*args, None, 1.0, None, 8, 0, filters=filt)
+    _same(cpu, got[:3], "tree bad rows")

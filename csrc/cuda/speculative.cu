@@ -22,17 +22,13 @@ void check_cuda(const at::Tensor& x, const char* name) {
            "); all tensor arguments must be on the same device");
 }
 
-// The logits form on CUDA: temperature (0 = greedy) only; top-k / top-p / min-p must be disabled.
-struct CudaTemp {
-  std::optional<at::Tensor> T;
-};
-
-// Sync-free: scalar filter values are host values (checked here); per-row tensors are checked on
-// the device, a row with top_k / top_p / min_p enabled (or a bad temperature) being a bad row.
-cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTemp& keep, RowBad& bad,
+// The logits form's filters (temperature, top-k, top-p, min-p, order), checked sync-free by the
+// sampling family's pack_filter: scalar values on the host, per-row tensors on the device (a bad
+// value makes a bad row, checks.h / deferred_checks.h). Probability / id targets take none.
+cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, FilterPack& keep, RowBad& bad,
                        const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr,
                        int64_t k_val, const std::optional<at::Tensor>& p_arr, double p_val,
-                       const std::optional<at::Tensor>& mp_arr, double mp_val) {
+                       const std::optional<at::Tensor>& mp_arr, double mp_val, int64_t order) {
   cs::Target t;
   t.kind = cs::Kind(kind);
   if (kind == 2) return t;
@@ -43,42 +39,25 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, CudaTe
   t.stride_b = ct.stride_b;
   t.stride_r = ct.stride_r;
   if (kind != 1) return t;
-  const int64_t V = t.V;
-  const bool k_on = !k_arr && k_val >= 1 && k_val < V;
-  const bool p_on = !p_arr && p_val < 1.0;
-  const bool mp_on = !mp_arr && mp_val > 0.0;
-  DK_CHECK(!k_on && !p_on && !mp_on,
-           "top_k / top_p / min_p in the logits form of speculative verification run on the CPU only for now; on "
-           "CUDA pass target probabilities (filtered with top_k_renorm_probs / top_p_renorm_probs / ...) or "
-           "temperature alone");
-  const std::pair<const std::optional<at::Tensor>*, const char*> per_row[] = {
-      {&k_arr, "top_k"}, {&p_arr, "top_p"}, {&mp_arr, "min_p"}};
-  for (const auto& pr : per_row) {
-    if (!*pr.first) continue;
-    check_cuda(**pr.first, pr.second);
-    const at::Tensor& v = row_shape(**pr.first, B, pr.second);
-    // enabled (NaN counts as enabled): k in [1, V); p < 1 or NaN; min_p > 0 or NaN
-    at::Tensor on = pr.first == &k_arr   ? v.ge(1).logical_and(v.lt(V))
-                    : pr.first == &p_arr ? v.ge(1).logical_not()
-                                         : v.le(0).logical_not();
-    bad.add(on, kErrSpecFilters);
-  }
-  if (T_arr) {
-    check_cuda(*T_arr, "temperature");
-    keep.T = deferred_temperature(row_shape(*T_arr, B, "temperature"), bad, true);
-    t.temperature = keep.T->data_ptr<float>();
-  } else {
-    check_temperature(T_val);
-    t.temperature_val = float(T_val);
-  }
+  keep = pack_filter(target, B, false, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, &bad);
+  t.filter.order = int(keep.order);
+  t.filter.temperature = keep.T_ptr();
+  t.filter.temperature_val = keep.T_val;
+  t.filter.top_k = keep.k_ptr();
+  t.filter.top_k_val = keep.k_val;
+  t.filter.top_p = keep.p_ptr();
+  t.filter.top_p_val = keep.p_val;
+  t.filter.min_p = keep.mp_ptr();
+  t.filter.min_p_val = keep.mp_val;
   return t;
 }
 
 struct CudaWs {
-  at::Tensor lanes, resid, removed, seen, stack;
+  at::Tensor lanes, resid, removed, seen, stack, list_idx, list_w;
 };
 
-cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, int64_t V, int64_t T, bool resid) {
+cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, int64_t V, int64_t T, bool resid,
+                      bool logits) {
   cs::Workspace w;
   w.lanes_per_row = cs::lanes_per_row(std::max<int64_t>(V, 1));
   keep.lanes = at::empty({B, w.lanes_per_row}, opts.dtype(at::kDouble));
@@ -90,6 +69,13 @@ cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, in
     w.resid_per_row = (V + 15) / 16 * 16;
     keep.resid = at::empty({B, w.resid_per_row}, opts.dtype(at::kFloat));
     w.resid = keep.resid.data_ptr<float>();
+  }
+  if (logits) {  // a listed survivor set per row (the filtered node target)
+    w.list_per_row = cs::list_per_row(V);
+    keep.list_idx = at::empty({B, w.list_per_row}, opts.dtype(at::kInt));
+    keep.list_w = at::empty({B, w.list_per_row}, opts.dtype(at::kFloat));
+    w.list_idx = keep.list_idx.data_ptr<int32_t>();
+    w.list_w = keep.list_w.data_ptr<float>();
   }
   if (T > 0) {
     w.tree_per_row = T;
@@ -115,15 +101,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
   spec::ChainSetup s =
       spec::setup_chain(target, draft_token_ids, draft_probs, num_draft_tokens, target_kind, seed_arr, offset_arr);
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
-  CudaTemp keepT;
+  FilterPack keepF;
   cs::ChainArgs a;
-  a.target =
-      cuda_target(target, target_kind, s.B, keepT, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
+  a.target = cuda_target(target, target_kind, s.B, keepF, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
+                         mp_val, order);
   const auto opts = draft_token_ids.options();
   spec::ChainOut o = spec::chain_outputs(s, opts);
   if (s.B == 0) return {o.out_ids, o.accepted, o.emitted};
   CudaWs keep;
-  a.ws = make_ws(keep, opts, s.B, s.V, 0, false);
+  a.ws = make_ws(keep, opts, s.B, s.V, 0, false, target_kind == 1);
   spec::pack_chain(a, s, o, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_chain(a, stream_of(draft_token_ids)));
   spec::finish_chain_rows(s, o);
@@ -145,15 +131,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
                                        draft_probs, W, target_kind, seed_arr, offset_arr);
   spec::setup_coins(s, candidates, coins, coins_final, threshold_single, threshold_acc, draft_probs);
   DK_CHECK(order == 0 || order == 1, "filter order must be 0 (sequential) or 1 (joint), got ", order);
-  CudaTemp keepT;
+  FilterPack keepF;
   cs::TreeArgs a;
-  a.target =
-      cuda_target(target, target_kind, s.B, keepT, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val);
+  a.target = cuda_target(target, target_kind, s.B, keepF, s.bad, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr,
+                         mp_val, order);
   const auto opts = candidates.options();
   spec::TreeOut o = spec::tree_outputs(s, W, opts);
   if (s.B == 0) return {o.predicts, o.accept_index, o.accept_num};
   CudaWs keep;
-  a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value());
+  a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value(), target_kind == 1);
   spec::pack_tree(a, s, W, o, target_kind, target, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_tree(a, stream_of(candidates)));
   spec::finish_tree_rows(s, o);

@@ -3,18 +3,27 @@
 //
 // One thread block per batch row. Every thread of the block runs the same walk (the accept tests
 // read single elements and Philox counters, so all threads reach the same decisions without
-// communication); the wide steps (row max / argmax, normaliser, residual materialisation, residual
-// draw) are block-wide. To give the CPU's tokens for the same seed, every floating-point sum runs in
-// the CPU's order (csrc/cpu/isa/speculative.cpp), the canonical order of decodekit/contract.h: a
-// row mass is, per 4096-element chunk, 16 lane sums (lane j = elements j, j+16, ... in order, in
-// double) added lane by lane, the chunk masses added in chunk order; a residual draw takes the same
-// chunk masses, picks the chunk sequentially and scans it sequentially (one thread, from shared
-// memory). Element values use explicitly rounded intrinsics (no contraction), dk_exp from fmath.h.
+// communication); the wide steps (row max / argmax, the filters, normaliser, residual
+// materialisation, residual draw) are block-wide. To give the CPU's tokens for the same seed, every
+// floating-point sum runs in the CPU's order (csrc/cpu/isa/speculative.cpp), the canonical order of
+// decodekit/contract.h: a row mass is, per 4096-element chunk, 16 lane sums (lane j = elements j,
+// j+16, ... in order, in double) added lane by lane, the chunk masses added in chunk order; sums
+// over a survivor LIST are sequential in index order (one thread). Element values use explicitly
+// rounded intrinsics (no contraction), dk_exp from fmath.h.
 //
-// Supported here: probability targets (chain and tree, with or without draft probs), greedy
-// verification (logits with temperature 0, or predicted ids), and logits with temperature only.
-// Logits with top-k / top-p / min-p need the filter engine, which is CPU-only so far (the launcher
-// rejects them with a clear error).
+// Targets: probabilities (chain and tree, with or without draft probs), greedy verification
+// (logits with temperature 0, or predicted ids), and logits with temperature, top-k, top-p and
+// min-p (sequential or joint order, per-row parameters). The filtered target at a node is the
+// sampling kernels' select_row (csrc/cuda/sampling.cuh, the CUDA twin of the CPU row engine's
+// select_row) followed by the CPU's method choice: the survivors S are LISTED (index order, at most
+// kListMax) when the CPU lists them, and then every mass / draw at that node runs over the list
+// sequentially as on the CPU; otherwise over the whole row in the canonical chunk order.
+//
+// Early exit: the chain kernel verifies nothing after the first rejection; later positions only
+// feed the accepted count (each draft considered on its own, FlashInfer's metric), which reads
+// p(x) there: a probability target costs two element reads, a logits target resolves the filters
+// and skips the normaliser whenever the test is decided without it (Z >= 1, see accept_alone). The
+// tree kernel descends only into an accepted child and stops at the first node that accepts none.
 #pragma once
 #if !defined(DK_CUDA_EMULATE)  // tests/cuda_emu runs these kernels on CPU threads
 #include <cuda_runtime.h>
@@ -24,16 +33,19 @@
 #include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/speculative.h"
+#include "sampling.cuh"  // select_row: the sampling kernels' filters (top-k / top-p / min-p)
 
 namespace dk::cuda::spec {
 
-#ifdef DK_SPEC_THREADS
-constexpr int kThreads = DK_SPEC_THREADS;  // the emulator tests use small blocks
-#else
-constexpr int kThreads = 256;
-#endif
-static_assert(kThreads >= 16 && (kThreads & (kThreads - 1)) == 0, "block size: a power of two >= 16");
+namespace sd = dk::cuda::detail;  // select_row, RowParams, Weight, Smem (sampling.cuh)
+// The block size is the sampling kernels' (select_row runs block-wide at that size); the emulator
+// tests set it through DK_CUDA_THREADS.
+constexpr int kThreads = dk::cuda::kThreads;
+static_assert(kThreads >= 32 && (kThreads & (kThreads - 1)) == 0, "block size: a power of two >= 32");
+constexpr int kWarps = kThreads / 32;
 using contract::kChunk;  // the CPU/CUDA contract (decodekit/contract.h)
+using contract::kListMax;
+static_assert(kListMax <= kChunk, "a survivor list's draw weights fit in Shared::stage");
 using Kind = dk::SpecTargetKind;
 using dk::DType;
 
@@ -42,8 +54,7 @@ struct Target {
   const void* data = nullptr;  // probs float / logits dtype [B, R, V]; ids int64 [B, R]
   DType dtype = DType::F32;
   int64_t V = 0, stride_b = 0, stride_r = 0;
-  const float* temperature = nullptr;  // logits: per batch row (device) or null
-  float temperature_val = 1.f;
+  dk::cuda::RowFilterArgs filter;  // logits: temperature (0 = greedy), top-k, top-p, min-p, order per batch row
 };
 struct Draft {
   const float* data = nullptr;
@@ -62,10 +73,14 @@ struct Workspace {
   int64_t* removed = nullptr;  // removed_per_row: rejected children, sorted
   uint8_t* seen = nullptr;     // T bytes (tree check)
   int64_t* stack = nullptr;    // T (tree check)
-  int64_t lanes_per_row = 0, resid_per_row = 0, removed_per_row = 0, tree_per_row = 0;
+  int32_t* list_idx = nullptr;  // list_per_row: a listed survivor set S (logits with filters), tokens
+  float* list_w = nullptr;      // list_per_row: their weights
+  int64_t lanes_per_row = 0, resid_per_row = 0, removed_per_row = 0, tree_per_row = 0, list_per_row = 0;
 };
 
 inline int64_t lanes_per_row(int64_t V) { return ((V + kChunk - 1) / kChunk) * 16 + ((V + kChunk - 1) / kChunk); }
+// Survivor-list entries per row (logits targets; S lies in [0, V), so never more than V).
+inline int64_t list_per_row(int64_t V) { return V < kListMax ? (V > 0 ? V : 1) : kListMax; }
 
 struct ChainArgs {
   Target target;
@@ -114,9 +129,16 @@ struct Shared {
   double dred[kThreads];
   float fred[kThreads];
   int64_t ired[kThreads];
+  int32_t wcount[kWarps];
   double bd;
   int64_t bi;
   int flag;
+};
+// The kernels' shared memory: select_row's (sampling.cuh) and this file's, used at different times
+// (prepare_node puts a barrier on both sides of select_row), so they share the bytes.
+union SharedAll {
+  sd::Smem smem;
+  Shared own;
 };
 
 // Explicitly rounded arithmetic (no contraction on the device; the emulator builds with
@@ -141,6 +163,8 @@ struct RowWs {
   float* resid;
   int64_t* removed;
   int64_t nremoved;
+  int32_t* list_idx;
+  float* list_w;
 };
 
 DK_DEVICE float relu_x86(float v) { return v > 0.f ? v : 0.f; }  // CPU vmax(v, 0)
@@ -155,6 +179,85 @@ DK_DEVICE bool in_sorted(const int64_t* r, int64_t n, int64_t x) {
       hi = mid;
   }
   return lo < n && r[lo] == x;
+}
+
+// Position of token x in the index-ordered survivor list idx[0..n), or -1 (the CPU's list_pos).
+DK_DEVICE int64_t list_pos(const int32_t* idx, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (int64_t(idx[mid]) < x)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < n && int64_t(idx[lo]) == x ? lo : -1;
+}
+
+// Rank of this thread among the flagged threads of the block (thread order), and their total.
+DK_DEVICE int block_rank(bool flag, Shared& sh, int* total) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const unsigned b = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) sh.wcount[wid] = __popc(b);
+  __syncthreads();
+  int before = 0, tot = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const int c = sh.wcount[w];
+    before += w < wid ? c : 0;
+    tot += c;
+  }
+  __syncthreads();
+  *total = tot;
+  return before + __popc(b & ((1u << lane) - 1u));
+}
+
+// The CPU's draw_list: an exact inverse-CDF draw over n listed weights wf(k) (tokens idx[k]), the
+// sums sequential in list order (thread 0); the weights are computed block-wide into sh.stage
+// first. -1 without positive mass.
+template <class WF>
+DK_DEVICE int64_t list_draw(int64_t n, const int32_t* idx, const WF& wf, double u, Shared& sh) {
+  const int tid = threadIdx.x;
+  for (int64_t k = tid; k < n; k += kThreads) sh.stage[k] = wf(k);
+  __syncthreads();
+  if (tid == 0) {
+    double Z = 0.0;
+    for (int64_t k = 0; k < n; ++k) Z = dadd(Z, double(sh.stage[k]));
+    int64_t tok = -1;
+    if (Z > 0.0) {
+      const double target = dmul(u, Z);
+      double acc = 0.0;
+      int64_t last = -1;
+      for (int64_t k = 0; k < n; ++k) {
+        const float w = sh.stage[k];
+        if (!(w > 0.f)) continue;
+        last = k;
+        acc = dadd(acc, double(w));
+        if (acc > target) {
+          tok = idx[k];
+          break;
+        }
+      }
+      if (tok < 0 && last >= 0) tok = idx[last];
+    }
+    sh.bi = tok;
+  }
+  __syncthreads();
+  const int64_t tok = sh.bi;
+  __syncthreads();
+  return tok;
+}
+
+// Sequential sum (thread 0, index order) of a[0..n), broadcast to every thread.
+DK_DEVICE double block_seq_sum(const float* a, int64_t n, Shared& sh) {
+  if (threadIdx.x == 0) {
+    double z = 0.0;
+    for (int64_t k = 0; k < n; ++k) z = dadd(z, double(a[k]));
+    sh.bd = z;
+  }
+  __syncthreads();
+  const double z = sh.bd;
+  __syncthreads();
+  return z;
 }
 
 // The canonical row mass (decodekit/contract.h; the CPU's row_mass / materialise order): per
@@ -258,17 +361,27 @@ DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared&
 }
 
 // ---- the target at one node ------------------------------------------------------------------
+// The CPU's TNode: probabilities as given, greedy (argmax), or logits filtered by the row's
+// parameters: survivors S = { x >= t and w(x) >= minw } with weights w(x) = exp((x - m) / T), the
+// mass Z of S, and S listed (index order) when the CPU lists it.
 template <class T>
 struct Node {
-  bool valid = false, greedy = false, probs = false;
+  bool valid = false, greedy = false, probs = false, list = false;
   const T* x = nullptr;
   int64_t V = 0;
-  float m = 0.f, invT = 1.f;
+  sd::Weight wt{false, 0.f, 1.f};
+  float t = kNegInf, minw = 0.f;
   double Z = 1.0;
   float invZf = 1.f;
   int64_t argmax = 0;
-  DK_DEVICE float e(int64_t i) const {  // logits weight, as the CPU's Weight
-    return dk_exp(fmul(fsub(to_float(x[i]), m), invT));
+  int64_t nS = 0;               // list: |S|
+  const int32_t* lidx = nullptr;  // list: the tokens of S (ascending)
+  const float* lw = nullptr;      // list: their weights
+  DK_DEVICE float e(int64_t i) const {  // logits weight on S, 0 off S (the CPU's wblock)
+    const float v = to_float(x[i]);
+    if (!(v >= t)) return 0.f;
+    const float w = wt(v);
+    return w >= minw ? w : 0.f;
   }
   DK_DEVICE float w(int64_t i) const {  // unnormalised target weight (CPU wblock)
     if (probs) return relu_x86(to_float(x[i]));
@@ -278,8 +391,7 @@ struct Node {
     return probs ? w(i) : fmul(e(i), invZf);
   }
   DK_DEVICE double pd(int64_t tok) const {  // p(tok) in double (CPU target_p)
-    const float v = to_float(x[tok]);
-    if (probs) return double(v);
+    if (probs) return double(to_float(x[tok]));
     return double(e(tok)) / Z;
   }
 };
@@ -325,33 +437,108 @@ DK_DEVICE void block_argmax(const T* x, int64_t V, Shared& sh, float* m_out, int
   __syncthreads();
 }
 
+// The row's filter parameters (logits targets; the CPU's spec_params).
+DK_DEVICE sd::RowParams node_params(const Target& t, int64_t b) {
+  if (t.kind != Kind::Logits) return sd::RowParams{};
+  return sd::row_params(t.filter, b);
+}
+
+// Stage 1 of a node (the filtered node target, shared by chain and tree): probabilities as given;
+// temperature 0: the argmax; otherwise select_row resolves temperature / top-k / top-p / min-p
+// exactly as the sampling kernels do. The normaliser (stage 2, finish_node) is left out, so a
+// caller that may not need it (accept_alone) can skip it. `lo`/`in_c`: select_row's candidate bound
+// and whether the CPU could list S.
 template <class T>
-DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, float temperature, Shared& sh) {
+struct Resolved {
   Node<T> n;
+  float lo = -FLT_MAX;
+  bool in_c = false;
+};
+
+template <class T>
+DK_DEVICE Resolved<T> resolve_node(const Target& tg, const T* x, const sd::RowParams& rp, SharedAll& sa) {
+  Resolved<T> r;
+  Node<T>& n = r.n;
   n.x = x;
   n.V = tg.V;
   if (tg.kind == Kind::Probs) {
     n.valid = n.probs = true;
-    return n;
+    return r;
   }
-  float m;
-  int64_t am;
-  bool bad;
-  block_argmax(x, tg.V, sh, &m, &am, &bad);
-  if (temperature == 0.f) {
+  if (rp.T == 0.f) {
+    float m;
+    int64_t am;
+    bool bad;
+    block_argmax(x, tg.V, sa.own, &m, &am, &bad);
     n.greedy = true;
     n.valid = !bad;
     n.argmax = bad ? 0 : (am < tg.V ? am : 0);
-    return n;
+    return r;
   }
-  if (bad) return n;
-  n.m = m;
-  n.invT = v_div(1.f, temperature);  // IEEE division whatever -prec-div says
-  const Node<T>& cn = n;
-  n.Z = block_row_mass(tg.V, [&](int64_t i) { return cn.e(i); }, sh);
+  __syncthreads();  // every reader of sa.own is done before select_row writes the same bytes
+  const sd::Selection sel = sd::select_row(x, tg.V, false, rp, sa.smem);
+  __syncthreads();  // and select_row's last readers before sa.own is written again
+  if (!sel.valid) return r;
+  n.valid = true;  // so far: finish_node adds Z > 0
+  n.wt = sel.w;
+  n.t = sel.t;
+  n.minw = sel.minw;
+  r.lo = sel.lo;
+  r.in_c = sel.in_c;
+  return r;
+}
+
+// Stage 2: the mass Z of S. When the CPU lists S (select_row says S lies in the CPU's candidate list
+// and |S| <= kListMax), S is compacted in index order into the row's list workspace and Z is the
+// sequential list sum, as on the CPU; otherwise Z is the canonical chunk-order row mass. One pass
+// over the row either way (the list pass stops as soon as |S| > kListMax is known).
+template <class T>
+DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
+  Node<T>& n = r.n;
+  if (!n.valid || n.probs || n.greedy) return;
+  if (r.in_c) {
+    int64_t cnt = 0;  // the same on every thread (block_rank's totals)
+    for (int64_t base = 0; base < n.V && cnt <= kListMax; base += kThreads) {
+      const int64_t i = base + threadIdx.x;
+      float e = 0.f;
+      bool flag = false;
+      if (i < n.V) {
+        const float v = to_float(n.x[i]);
+        if (v >= r.lo && v >= n.t) {
+          e = n.wt(v);
+          flag = e >= n.minw;
+        }
+      }
+      int total;
+      const int pos = block_rank(flag, sh, &total);
+      if (flag && cnt + pos < kListMax) {
+        ws.list_idx[cnt + pos] = int32_t(i);
+        ws.list_w[cnt + pos] = e;
+      }
+      cnt += total;
+    }
+    if (cnt <= kListMax) {
+      n.list = true;
+      n.nS = cnt;
+      n.lidx = ws.list_idx;
+      n.lw = ws.list_w;
+      __syncthreads();  // the list's writes before thread 0 sums it
+      n.Z = block_seq_sum(ws.list_w, cnt, sh);
+    }
+  }
+  if (!n.list) {
+    const Node<T>& cn = n;
+    n.Z = block_row_mass(n.V, [&](int64_t i) { return cn.e(i); }, sh);
+  }
   n.valid = n.Z > 0.0;
   n.invZf = float(1.0 / n.Z);
-  return n;
+}
+
+template <class T>
+DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, const sd::RowParams& rp, RowWs& ws, SharedAll& sa) {
+  Resolved<T> r = resolve_node(tg, x, rp, sa);
+  finish_node(r, ws, sa.own);
+  return r.n;
 }
 
 // Children of one node: a chain position (one child) or a tree node (a sibling list).
@@ -376,8 +563,8 @@ struct TreeKids {
 };
 
 // The CPU's verify_node, block-wide (repeated sibling tokens skipped, the residual of a rejected
-// child materialised only when another child is tested, caller coins). Returns the accepted child
-// handle or -1 (*emit set).
+// child materialised only when another child is tested, caller coins; a listed S keeps every step
+// on the list, in list order). Returns the accepted child handle or -1 (*emit set).
 template <class T, class K>
 DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, const RngKey& key, int64_t depth,
                               int64_t* emit, RowWs& ws, Shared& sh, const SpecCoin* coin = nullptr) {
@@ -413,20 +600,32 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
       if (pending) {
         // materialise r <- max(r - q_prev, 0) with the rejected tokens forced to 0
         const float vinv = float(1.0 / Zr);
-        const int64_t Vp = (V + 15) / 16 * 16;
         const int64_t nr = ws.nremoved;
-        for (int64_t e = tid; e < Vp; e += kThreads) {
-          float d = 0.f;
-          if (e < V) {
-            const float r = mat ? fmul(ws.resid[e], vinv) : tn.p(e);
-            d = relu_x86(fsub(r, fmul(q[e], scf)));
-            if (in_sorted(ws.removed, nr, e)) d = 0.f;
+        if (tn.list) {  // over the list (position k holds token lidx[k]), its mass sequential
+          for (int64_t k = tid; k < tn.nS; k += kThreads) {
+            const int64_t tok = tn.lidx[k];
+            const float r = mat ? fmul(ws.resid[k], vinv) : fmul(tn.lw[k], tn.invZf);
+            float d = relu_x86(fsub(r, fmul(q[tok], scf)));
+            if (in_sorted(ws.removed, nr, tok)) d = 0.f;
+            ws.resid[k] = d;
           }
-          ws.resid[e] = d;
+          __syncthreads();
+          Zr = block_seq_sum(ws.resid, tn.nS, sh);
+        } else {
+          const int64_t Vp = (V + 15) / 16 * 16;
+          for (int64_t e = tid; e < Vp; e += kThreads) {
+            float d = 0.f;
+            if (e < V) {
+              const float r = mat ? fmul(ws.resid[e], vinv) : tn.p(e);
+              d = relu_x86(fsub(r, fmul(q[e], scf)));
+              if (in_sorted(ws.removed, nr, e)) d = 0.f;
+            }
+            ws.resid[e] = d;
+          }
+          __syncthreads();
+          const float* rb = ws.resid;
+          Zr = block_row_mass(V, [&](int64_t e) { return rb[e]; }, sh);
         }
-        __syncthreads();
-        const float* rb = ws.resid;
-        Zr = block_row_mass(V, [&](int64_t e) { return rb[e]; }, sh);
         mat = true;
         pending = false;
         if (!(Zr > 0.0)) {
@@ -436,7 +635,14 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
       }
       const double u = spec_accept_uniform(key, depth, i);
       const double qi = double(q[x]) / (1.0 - Mq);
-      const double rx = mat ? double(ws.resid[x]) / Zr : tn.pd(x);
+      double rx;
+      if (!mat)
+        rx = tn.pd(x);
+      else if (tn.list) {
+        const int64_t pos = list_pos(tn.lidx, tn.nS, x);
+        rx = pos < 0 ? 0.0 : double(ws.resid[pos]) / Zr;
+      } else
+        rx = double(ws.resid[x]) / Zr;
       if (spec_accept(u, rx, qi)) return c;
       scf = float(1.0 / (1.0 - Mq));
       Mq += double(q[x]);
@@ -461,32 +667,73 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
   const int64_t* rm = ws.removed;
   const float* rb = ws.resid;
   int64_t tok;
-  auto bonus = [&](int64_t e) { return tn.w(e); };
-  if (rejected == 0 || broke) {
-    tok = block_draw(V, bonus, u, ws, sh);
-  } else if (!q) {
-    tok = block_draw(V, [&](int64_t e) { return in_sorted(rm, nr, e) ? 0.f : tn.w(e); }, u, ws, sh);
+  if (tn.list) {  // the CPU's draw_list over S
+    const int32_t* li = tn.lidx;
+    const float* lw = tn.lw;
+    const int64_t n = tn.nS;
+    auto bonus = [&](int64_t k) { return lw[k]; };
+    if (rejected == 0 || broke) {
+      tok = list_draw(n, li, bonus, u, sh);
+    } else if (!q) {
+      tok = list_draw(n, li, [&](int64_t k) { return in_sorted(rm, nr, li[k]) ? 0.f : lw[k]; }, u, sh);
+    } else {
+      const float finv = float(1.0 / Zr);
+      tok = list_draw(
+          n, li,
+          [&](int64_t k) {
+            const int64_t t = li[k];
+            if (in_sorted(rm, nr, t)) return 0.f;
+            const float r = mat ? fmul(rb[k], finv) : fmul(lw[k], tn.invZf);
+            return relu_x86(fsub(r, fmul(q[t], scf)));
+          },
+          u, sh);
+    }
+    if (tok < 0) tok = list_draw(n, li, bonus, u, sh);
   } else {
-    const float finv = float(1.0 / Zr);
-    tok = block_draw(
-        V,
-        [&](int64_t e) {
-          if (in_sorted(rm, nr, e)) return 0.f;
-          const float r = mat ? fmul(rb[e], finv) : tn.p(e);
-          return relu_x86(fsub(r, fmul(q[e], scf)));
-        },
-        u, ws, sh);
+    auto bonus = [&](int64_t e) { return tn.w(e); };
+    if (rejected == 0 || broke) {
+      tok = block_draw(V, bonus, u, ws, sh);
+    } else if (!q) {
+      tok = block_draw(V, [&](int64_t e) { return in_sorted(rm, nr, e) ? 0.f : tn.w(e); }, u, ws, sh);
+    } else {
+      const float finv = float(1.0 / Zr);
+      tok = block_draw(
+          V,
+          [&](int64_t e) {
+            if (in_sorted(rm, nr, e)) return 0.f;
+            const float r = mat ? fmul(rb[e], finv) : tn.p(e);
+            return relu_x86(fsub(r, fmul(q[e], scf)));
+          },
+          u, ws, sh);
+    }
+    if (tok < 0) tok = block_draw(V, bonus, u, ws, sh);
   }
-  if (tok < 0) tok = block_draw(V, bonus, u, ws, sh);
   *emit = tok < 0 ? 0 : tok;
   return -1;
 }
 
-DK_DEVICE RngKey row_key(const Rng& r, int64_t b) { return row_rng_key(r, b); }
-
-DK_DEVICE float row_temperature(const Target& t, int64_t b) {
-  return t.temperature ? t.temperature[b] : t.temperature_val;
+// The accept test alone (the accepted count after the first rejection: each draft on its own, as
+// the CPU's accept_alone). A logits node arrives resolved but without its normaliser. Z >= 1 (S
+// holds the row max, whose weight is dk_exp(0) = 1, and no weight is negative), and double(e) / Z
+// does not grow with Z (IEEE division is monotone), so a test that fails with Z = 1 (e(x) = 0
+// included) fails for the true Z: the pass for Z is made only when the test can still pass.
+template <class T>
+DK_DEVICE bool accept_alone(Resolved<T>& r, const float* q, int64_t x, const RngKey& key, int64_t depth, RowWs& ws,
+                            Shared& sh) {
+  Node<T>& n = r.n;
+  if (!n.valid) return false;
+  if (n.greedy) return x == n.argmax;
+  const double u = spec_accept_uniform(key, depth, 0);
+  const double qx = q ? double(q[x]) : 1.0;
+  if (!n.probs) {
+    if (!spec_accept(u, double(n.e(x)), qx)) return false;
+    finish_node(r, ws, sh);
+    if (!n.valid) return false;
+  }
+  return spec_accept(u, n.pd(x), qx);
 }
+
+DK_DEVICE RngKey row_key(const Rng& r, int64_t b) { return row_rng_key(r, b); }
 
 DK_DEVICE RowWs row_ws(const Workspace& w, int64_t b) {
   RowWs r;
@@ -494,36 +741,38 @@ DK_DEVICE RowWs row_ws(const Workspace& w, int64_t b) {
   r.resid = w.resid ? w.resid + b * w.resid_per_row : nullptr;
   r.removed = w.removed + b * w.removed_per_row;
   r.nremoved = 0;
+  r.list_idx = w.list_idx ? w.list_idx + b * w.list_per_row : nullptr;
+  r.list_w = w.list_w ? w.list_w + b * w.list_per_row : nullptr;
   return r;
 }
 
 // ---- kernels ---------------------------------------------------------------------------------
 template <class T>
-__global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
-  __shared__ Shared sh;
+__global__ void __launch_bounds__(kThreads, 1) chain_kernel(ChainArgs a) {
+  __shared__ SharedAll sa;
+  Shared& sh = sa.own;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
   const T* base = static_cast<const T*>(a.target.data);
   const int64_t N = a.N;
   const int64_t n = a.num_draft ? a.num_draft[b] : N;
   const RngKey key = row_key(a.rng, b);
-  const float temp = a.target.kind == Kind::Logits ? row_temperature(a.target, b) : 1.f;
+  const sd::RowParams rp = node_params(a.target, b);
   RowWs ws = row_ws(a.ws, b);
   int64_t* out = a.out_ids + b * (N + 1);
   int64_t stop = -1, emit = 0;
   int32_t acc = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const Node<T> tn = prepare_node(a.target, base + b * a.target.stride_b + j * a.target.stride_r, temp, sh);
+    const T* xj = base + b * a.target.stride_b + j * a.target.stride_r;
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + j * a.draft.stride_r : nullptr;
     const int64_t x = a.draft_ids[b * N + j];
-    if (stop >= 0) {
-      bool ok = false;
-      if (tn.valid)
-        ok = tn.greedy ? x == tn.argmax : spec_accept(spec_accept_uniform(key, j, 0), tn.pd(x), q ? double(q[x]) : 1.0);
-      acc += ok ? 1 : 0;
+    Resolved<T> r = resolve_node(a.target, xj, rp, sa);
+    if (stop >= 0) {  // after the first rejection: only the accepted count (no draw, no residual)
+      acc += accept_alone(r, q, x, key, j, ws, sh) ? 1 : 0;
       continue;
     }
-    if (verify_node(tn, q, ChainKids{x}, key, j, &emit, ws, sh) == 0) {
+    finish_node(r, ws, sh);
+    if (verify_node(r.n, q, ChainKids{x}, key, j, &emit, ws, sh) == 0) {
       if (tid == 0) out[j] = x;
       ++acc;
     } else {
@@ -532,7 +781,7 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
   }
   if (stop < 0) {
     stop = n;
-    const Node<T> tn = prepare_node(a.target, base + b * a.target.stride_b + n * a.target.stride_r, temp, sh);
+    const Node<T> tn = prepare_node(a.target, base + b * a.target.stride_b + n * a.target.stride_r, rp, ws, sa);
     verify_node(tn, nullptr, NoKids{}, key, n, &emit, ws, sh);
   }
   if (tid == 0) {
@@ -545,7 +794,8 @@ __global__ void __launch_bounds__(kThreads) chain_kernel(ChainArgs a) {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
-  __shared__ Shared sh;
+  __shared__ SharedAll sa;
+  Shared& sh = sa.own;
   const int64_t b = blockIdx.x;
   if (a.skip && a.skip[b]) return;  // a row the deferred checks found bad: outputs stay pre-filled
   const int tid = threadIdx.x;
@@ -571,18 +821,18 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
   const T* base = ids_target ? nullptr : static_cast<const T*>(a.target.data);
   const int64_t* tids = ids_target ? static_cast<const int64_t*>(a.target.data) : nullptr;
   const RngKey key = row_key(a.rng, b);
-  const float temp = a.target.kind == Kind::Logits ? row_temperature(a.target, b) : 1.f;
+  const sd::RowParams rp = node_params(a.target, b);
   RowWs ws = row_ws(a.ws, b);
   int32_t* ai = a.accept_index + b * a.W;
   if (tid == 0) ai[0] = int32_t(ri[0]);
   int64_t acc = 0, cur = 0;
-  while (true) {
+  while (true) {  // descends only into an accepted child; the first node that accepts none ends the walk
     Node<T> tn;
     if (ids_target) {
       tn.valid = tn.greedy = true;
       tn.argmax = tids[b * a.target.stride_b + cur * a.target.stride_r];
     } else {
-      tn = prepare_node(a.target, base + b * a.target.stride_b + cur * a.target.stride_r, temp, sh);
+      tn = prepare_node(a.target, base + b * a.target.stride_b + cur * a.target.stride_r, rp, ws, sa);
     }
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + cur * a.draft.stride_r : nullptr;
     int64_t emit = 0;

@@ -15,6 +15,7 @@ SOURCES = [
     HERE / "emu_runtime.h",
     HERE / "emu_speculative.cpp",
     ROOT / "csrc/cuda/speculative.cuh",
+    ROOT / "csrc/cuda/sampling.cuh",
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -23,13 +24,16 @@ compiler = emu.compiler
 
 
 def load(threads=None):
-    """The speculative kernels' emulator library; threads=None: speculative.cuh's kThreads."""
+    """The speculative kernels' emulator library; threads=None: the production block size
+    (speculative.cuh's kThreads, which is sampling.cuh's: DK_CUDA_THREADS sets both)."""
     if threads in _libs:
         return _libs[threads]
-    L = emu.build_shared("emu_speculative", "emu_speculative.cpp", SOURCES, "DK_SPEC_THREADS", threads)
+    L = emu.build_shared("emu_speculative", "emu_speculative.cpp", SOURCES, "DK_CUDA_THREADS", threads)
     P, I, Q, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
-    L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P]
+    L.dk_emu_spec_list.argtypes, L.dk_emu_spec_list.restype = [Q], Q
+    L.dk_emu_set_filters.argtypes, L.dk_emu_set_filters.restype = [I, P, Q, P, F, P, F], None
+    L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P, P, P]
     L.dk_emu_tree.argtypes = [
         P,
         I,
@@ -66,6 +70,8 @@ def load(threads=None):
         P,
         ctypes.c_double,
         ctypes.c_double,
+        P,
+        P,
     ]
     L.dk_emu_build_tree.argtypes = [P, P, Q, Q, P, P, P, P, P, P, P]
     for f in (L.dk_emu_chain, L.dk_emu_tree, L.dk_emu_build_tree):
@@ -82,6 +88,27 @@ def _i64(t):
     return None if t is None else t.to(torch.int64).contiguous()
 
 
+NO_FILTERS = (None, 0, None, 1.0, None, 0.0, 0)  # (k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order)
+
+
+def _set_filters(L, filters):
+    """The logits form's top-k / top-p / min-p / order (the ops' argument order) for the next call;
+    returns the converted per-row tensors, to be kept alive until the call returns."""
+    k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order = filters
+    keep = [
+        None if k_arr is None else k_arr.to(torch.int64).contiguous(),
+        None if p_arr is None else p_arr.to(torch.float32).contiguous(),
+        None if mp_arr is None else mp_arr.to(torch.float32).contiguous(),
+    ]
+    L.dk_emu_set_filters(order, _p(keep[0]), int(k_val), _p(keep[1]), float(p_val), _p(keep[2]), float(mp_val))
+    return keep
+
+
+def _lists(L, B, V):
+    per = L.dk_emu_spec_list(max(V, 1))
+    return torch.empty(B, per, dtype=torch.int32), torch.empty(B, per, dtype=torch.float32)
+
+
 def _target(target, kind, T_arr, T_val):
     if kind == 2:
         t = _i64(target)
@@ -91,9 +118,21 @@ def _target(target, kind, T_arr, T_val):
 
 
 def chain_verify(
-    target, ids, draft, num_draft, kind, T_arr=None, T_val=1.0, seed_arr=None, seed_val=0, offset=0, threads=None
+    target,
+    ids,
+    draft,
+    num_draft,
+    kind,
+    T_arr=None,
+    T_val=1.0,
+    seed_arr=None,
+    seed_val=0,
+    offset=0,
+    threads=None,
+    filters=NO_FILTERS,
 ):
     L = load(threads)
+    keep = _set_filters(L, filters)  # noqa: F841 (alive until the call returns)
     B, N = ids.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
     ids64, nd, seeds = _i64(ids), _i64(num_draft), _i64(seed_arr)
@@ -102,6 +141,7 @@ def chain_verify(
     emi = torch.zeros(B, dtype=torch.int32)
     lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
     removed = torch.empty(B, 1, dtype=torch.int64)
+    lidx, lw = _lists(L, B, V)
     L.dk_emu_chain(
         _p(tgt),
         kind,
@@ -126,6 +166,8 @@ def chain_verify(
         _p(emi),
         _p(lanes),
         _p(removed),
+        _p(lidx),
+        _p(lw),
     )
     return out, acc, emi
 
@@ -149,8 +191,10 @@ def tree_verify(
     coins_final=None,
     threshold_single=1.0,
     threshold_acc=1.0,
+    filters=NO_FILTERS,
 ):
     L = load(threads)
+    keep = _set_filters(L, filters)  # noqa: F841 (alive until the call returns)
     B, T = cand.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
     V = V if kind != 2 else 1
@@ -167,6 +211,7 @@ def tree_verify(
     stack = torch.empty(B, T, dtype=torch.int64)
     co = None if coins is None else coins.double().contiguous()
     cf = None if coins_final is None else coins_final.double().contiguous()
+    lidx, lw = _lists(L, B, V)
     L.dk_emu_tree(
         _p(tgt),
         kind,
@@ -203,6 +248,8 @@ def tree_verify(
         _p(cf),
         float(threshold_single),
         float(threshold_acc),
+        _p(lidx),
+        _p(lw),
     )
     return pred, ai, an, err, err_node
 

@@ -26,6 +26,10 @@ static void run(const Target& t, unsigned grid, const A& a) {
     dkemu::launch(grid, kThreads, K<dk::f16_t>::fn, a);
 }
 
+// The logits form's filter parameters, set before dk_emu_chain / dk_emu_tree (dk_emu_set_filters) and
+// applied to the next calls: per-row pointers or scalars, as dk::cuda::RowFilterArgs.
+static dk::cuda::RowFilterArgs g_filter;
+
 static Target make_target(const void* data, int kind, int dtype, int64_t V, int64_t sb, int64_t sr, const float* temp,
                           float temp_val) {
   Target t;
@@ -35,17 +39,18 @@ static Target make_target(const void* data, int kind, int dtype, int64_t V, int6
   t.V = V;
   t.stride_b = sb;
   t.stride_r = sr;
-  t.temperature = temp;
-  t.temperature_val = temp_val;
+  t.filter = g_filter;
+  t.filter.temperature = temp;
+  t.filter.temperature_val = temp_val;
   return t;
 }
 
-// The fields every verification kernel's arguments share: target, draft, counter-based RNG and
-// the per-row lane workspace.
+// The fields every verification kernel's arguments share: target, draft, counter-based RNG, the
+// per-row lane workspace and the survivor-list workspace (list_per_row entries per row).
 template <class A>
 void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
                 float temp_val, const float* draft, int64_t dsb, int64_t dsr, const int64_t* seeds, uint64_t seed,
-                uint64_t offset, double* lanes, int64_t lanes_per_row_) {
+                uint64_t offset, double* lanes, int64_t lanes_per_row_, int32_t* list_idx, float* list_w) {
   a.target = make_target(target, kind, dtype, V, tsb, tsr, temp, temp_val);
   a.draft.data = draft;
   a.draft.stride_b = dsb;
@@ -55,6 +60,9 @@ void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_
   a.rng.offset = offset;
   a.ws.lanes = lanes;
   a.ws.lanes_per_row = lanes_per_row_;
+  a.ws.list_idx = list_idx;
+  a.ws.list_w = list_w;
+  a.ws.list_per_row = list_per_row(V > 0 ? V : 1);
 }
 
 // Rows the bindings' deferred checks skip (TreeArgs::skip), set before dk_emu_tree.
@@ -64,14 +72,27 @@ extern "C" {
 int dk_emu_spec_threads() { return kThreads; }
 void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
+int64_t dk_emu_spec_list(int64_t V) { return list_per_row(V); }
+void dk_emu_set_filters(int order, const int64_t* k, int64_t k_val, const float* p, float p_val, const float* mp,
+                        float mp_val) {
+  g_filter = dk::cuda::RowFilterArgs{};
+  g_filter.order = order;
+  g_filter.top_k = k;
+  g_filter.top_k_val = k_val;
+  g_filter.top_p = p;
+  g_filter.top_p_val = p_val;
+  g_filter.min_p = mp;
+  g_filter.min_p_val = mp_val;
+}
 
 void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
                   float temp_val, const float* draft, int64_t dsb, int64_t dsr, const int64_t* ids,
                   const int64_t* num_draft, int64_t B, int64_t N, const int64_t* seeds, uint64_t seed, uint64_t offset,
-                  int64_t* out_ids, int32_t* out_acc, int32_t* out_emi, double* lanes, int64_t* removed) {
+                  int64_t* out_ids, int32_t* out_acc, int32_t* out_emi, double* lanes, int64_t* removed,
+                  int32_t* list_idx, float* list_w) {
   ChainArgs a;
   set_common(a, target, kind, dtype, V, tsb, tsr, temp, temp_val, draft, dsb, dsr, seeds, seed, offset, lanes,
-             lanes_per_row(V));
+             lanes_per_row(V), list_idx, list_w);
   a.draft_ids = ids;
   a.num_draft = num_draft;
   a.B = B;
@@ -89,14 +110,15 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
                  const int64_t* nt, const int64_t* ns, int64_t B, int64_t T, int64_t W, const int64_t* seeds,
                  uint64_t seed, uint64_t offset, int64_t* predicts, int32_t* accept_index, int32_t* accept_num,
                  int32_t* err, int64_t* err_node, double* lanes, float* resid, int64_t* removed, uint8_t* seen,
-                 int64_t* stack, const double* coins, const double* coins_final, double thr_single, double thr_acc) {
+                 int64_t* stack, const double* coins, const double* coins_final, double thr_single, double thr_acc,
+                 int32_t* list_idx, float* list_w) {
   TreeArgs a;
   a.coins = coins;
   a.coins_final = coins_final;
   a.thr_single = thr_single;
   a.thr_acc = thr_acc;
   set_common(a, target, kind, dtype, V, tsb, tsr, temp, temp_val, draft, dsb, dsr, seeds, seed, offset, lanes,
-             lanes_per_row(V > 0 ? V : 1));
+             lanes_per_row(V > 0 ? V : 1), list_idx, list_w);
   a.cand = cand;
   a.retrive_index = ri;
   a.next_token = nt;
