@@ -98,8 +98,16 @@ def op_calls(dev):
         ("filter-softmax", lambda: (ops.filter(x, 2, False, T[:B] + 0.5, 1.0, *NOF[2:]),)),
         ("chain-probs", lambda: ops.chain_verify(pt, ids, q, nd, 0, *NOF, seeds[:B], 0, 0, off1)),
         ("chain-logits", lambda: ops.chain_verify(lp, ids, None, nd, 1, TB, 1.0, *NOF[2:], seed1, 0, 0, offs[:B])),
+        (
+            "chain-logits-filters",
+            lambda: ops.chain_verify(lp, ids, q, nd, 1, TB, 1.0, k[:B], 0, p[:B], 1.0, mp[:B], 0.0, 1, seeds[:B], 0, 0),
+        ),
         ("tree-probs", lambda: ops.tree_verify(*tr, lt.softmax(-1), qt, 7, 0, *NOF, seed1, 0, 0, offset_arr=off1)),
         ("tree-logits", lambda: ops.tree_verify(*tr, lt, None, 4, 1, TB[:4], 1.0, *NOF[2:], seeds[:4], 0, 0)),
+        (
+            "tree-logits-filters",
+            lambda: ops.tree_verify(*tr, lt, qt, 7, 1, TB[:4], 1.0, k[:4], 0, None, 0.9, mp[:4], 0.0, 0, seed1, 0, 0),
+        ),
         ("tree-ids", lambda: ops.tree_verify(*tr, lt.argmax(-1), None, 7, 2, *NOF, None, 0, 0)),
         (
             "tree-coins",
@@ -191,9 +199,19 @@ def wrapper_calls(dev):
             "chain_speculative_sampling_from_logits",
             lambda: dk.chain_speculative_sampling_from_logits(None, ids, lp, temperature=T0),
         ),
+        (
+            "chain_speculative_sampling_from_logits-filters",
+            lambda: dk.chain_speculative_sampling_from_logits(
+                None, ids, lp, temperature=T_rows, top_k=k0, top_p=p_rows, min_p=mp_rows, order="joint"
+            ),
+        ),
         ("greedy_verify", lambda: dk.greedy_verify(ids, lp)),
         ("tree_speculative_sampling", lambda: dk.tree_speculative_sampling(*tr, lt.softmax(-1), qt)),
         ("tree_speculative_sampling_from_logits", lambda: dk.tree_speculative_sampling_from_logits(*tr, lt)),
+        (
+            "tree_speculative_sampling_from_logits-filters",
+            lambda: dk.tree_speculative_sampling_from_logits(*tr, lt, qt, temperature=T0, top_k=k0, top_p=0.9, min_p=0.05),
+        ),
         ("verify_tree_greedy", lambda: dk.verify_tree_greedy(*tr, lt)),
         ("build_tree", lambda: dk.build_tree(parents, plen3)),
         ("tree_attention", lambda: dk.tree_attention(aq, ak, av, amask, aplen)),
@@ -487,6 +505,27 @@ def test_chain_bad_rows(deferred):
     w_out, w_acc, w_emi = ops.chain_verify(p, ids, None, torch.tensor([3, 3, 2, 3]), 0, *NOF, None, 3, 0)
     for a, b in ((out, w_out), (acc, w_acc), (emi, w_emi)):
         assert torch.equal(a[[0, 2]], b[[0, 2]])
+
+
+def test_chain_logits_bad_filter_rows(deferred):
+    """The logits form's per-row filters under the deferred checks (the CUDA binding's path): a bad
+    top_p / top_k / min_p value makes its row bad (nothing emitted), the others are verified with
+    their filters exactly as with the eager checks."""
+    g = torch.Generator().manual_seed(3)
+    B, N, V = 4, 3, 60
+    lp = torch.randn(B, N + 1, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, N), generator=g)
+    k = torch.tensor([5.0, 2.5, 0.0, 9.0])  # row 1: not an integer
+    p = torch.tensor([0.9, 0.8, float("nan"), 1.0])  # row 2: NaN
+    mp = torch.tensor([0.0, 0.1, 0.05, 1.5])  # row 3: > 1
+    out, acc, emi = ops.chain_verify(lp, ids, None, None, 1, None, 0.8, k, 0, p, 1.0, mp, 0.0, 0, None, 3, 0)
+    with pytest.raises(ValueError, match="top_k.*top_p.*min_p"):
+        dk.check_errors()
+    assert out[1:].eq(-1).all() and acc[1:].eq(0).all() and emi[1:].eq(0).all()
+    dk._set_deferred_checks(False)
+    w = ops.chain_verify(lp[:1], ids[:1], None, None, 1, None, 0.8, k[:1], 0, p[:1], 1.0, mp[:1], 0.0, 0, None, 3, 0)
+    dk._set_deferred_checks(True)
+    assert torch.equal(out[:1], w[0]) and torch.equal(acc[:1], w[1]) and torch.equal(emi[:1], w[2])
 
 
 def _tree_case(B=4, T=7):

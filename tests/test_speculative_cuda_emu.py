@@ -196,11 +196,35 @@ FILTERED = [
     ("minp-tiny-chunked", dict(mp=1e-6, scale=0.5)),
     ("k-p-seq", dict(k=300, p=0.8, draft=True)),
     ("k-p-joint", dict(k=300, p=0.8, order=1, draft=True)),
-    ("k-p-mp-seq-rows-bf16", dict(k=40, p=0.9, mp=0.02, rows=True, dtype=torch.bfloat16, draft=True)),
-    ("k-p-mp-joint-rows-f16", dict(k=40, p=0.9, mp=0.02, order=1, rows=True, dtype=torch.float16)),
-    ("p-mp-rows-draft", dict(p=0.7, mp=0.01, rows=True, draft=True, scale=2.0)),
+    ("k-p-mp-seq-rows-bf16", dict(k=40, p=0.9, mp=0.1, rows=True, dtype=torch.bfloat16, draft=True)),
+    ("k-p-mp-joint-rows-f16", dict(k=40, p=0.9, mp=0.1, order=1, rows=True, dtype=torch.float16)),
+    ("p-mp-rows-draft", dict(p=0.7, mp=0.05, rows=True, draft=True, scale=2.0)),
     ("k-p-V128256", dict(k=50, p=0.9, draft=True, V=128256, B=2, scale=3.0)),
 ]
+
+
+def _support_sizes(target, T_arr, T_val, filt):
+    """|S| at every node (the CPU filter op: finite entries of the masked logits), [B, R]."""
+    B, R, V = target.shape
+    k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order = filt
+
+    def rows(t):
+        return None if t is None else t.repeat_interleave(R)
+
+    T = T_arr if T_arr is not None else torch.full((B,), T_val)
+    T = torch.where(T == 0, torch.ones_like(T), T)  # greedy rows: no filter anyway
+    x = target.reshape(B * R, V)
+    m = ops.filter(x, 0, False, rows(T), 1.0, rows(k_arr), k_val, rows(p_arr), p_val, rows(mp_arr), mp_val, order)
+    return m.float().isfinite().sum(-1).reshape(B, R)
+
+
+def _check_coverage(name, sizes):
+    """The case exercises what its name says: the chunked draw (|S| > kListMax) somewhere in the
+    "chunked" cases, a listed S (|S| <= kListMax) somewhere in the others."""
+    if "chunked" in name:
+        assert int(sizes.max()) > 2048, name
+    else:
+        assert int(sizes.min()) <= 2048, name
 
 
 def _filtered_chain_inputs(c, seed):
@@ -226,6 +250,7 @@ def test_chain_filters_match_cpu(case):
     T_arr = torch.tensor([0.9, 1.0, 0.7, 0.0, 1.3, 0.8])[:B] if c.get("rows") else None
     T_val = 0.9
     nd = torch.tensor([3, 0, 1, 2, 3, 2])[:B]
+    _check_coverage(name, _support_sizes(target, T_arr, T_val, filt))
     cpu = ops.chain_verify(target, ids, draft, nd, 1, T_arr, T_val, *filt, None, 77, 0)
     for sched in _schedules(name)[: 1 if c.get("V", 0) > 10**5 else 2]:
         emu.set_schedule_seed(sched)
@@ -247,6 +272,7 @@ def test_tree_filters_match_cpu(case):
     T_arr = torch.tensor([0.9, 1.0, 0.7, 0.0, 1.3])[:B] if c.get("rows") else None
     T = tree.retrive_index.shape[1]
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, qt, T, 1)
+    _check_coverage(name, _support_sizes(target, T_arr, 0.8, filt))
     cpu = ops.tree_verify(*args, T_arr, 0.8, *filt, None, 13, 0)
     for sched in _schedules(name)[: 1 if V > 10**5 else 2]:
         emu.set_schedule_seed(sched)

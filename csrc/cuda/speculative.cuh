@@ -374,9 +374,7 @@ struct Node {
   double Z = 1.0;
   float invZf = 1.f;
   int64_t argmax = 0;
-  int64_t nS = 0;               // list: |S|
-  const int32_t* lidx = nullptr;  // list: the tokens of S (ascending)
-  const float* lw = nullptr;      // list: their weights
+  int64_t nS = 0;  // list: |S| (the tokens, ascending, and their weights are in RowWs::list_idx / list_w)
   DK_DEVICE float e(int64_t i) const {  // logits weight on S, 0 off S (the CPU's wblock)
     const float v = to_float(x[i]);
     if (!(v >= t)) return 0.f;
@@ -520,8 +518,6 @@ DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
     if (cnt <= kListMax) {
       n.list = true;
       n.nS = cnt;
-      n.lidx = ws.list_idx;
-      n.lw = ws.list_w;
       __syncthreads();  // the list's writes before thread 0 sums it
       n.Z = block_seq_sum(ws.list_w, cnt, sh);
     }
@@ -601,10 +597,10 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
         // materialise r <- max(r - q_prev, 0) with the rejected tokens forced to 0
         const float vinv = float(1.0 / Zr);
         const int64_t nr = ws.nremoved;
-        if (tn.list) {  // over the list (position k holds token lidx[k]), its mass sequential
+        if (tn.list) {  // over the list (position k holds token list_idx[k]), its mass sequential
           for (int64_t k = tid; k < tn.nS; k += kThreads) {
-            const int64_t tok = tn.lidx[k];
-            const float r = mat ? fmul(ws.resid[k], vinv) : fmul(tn.lw[k], tn.invZf);
+            const int64_t tok = ws.list_idx[k];
+            const float r = mat ? fmul(ws.resid[k], vinv) : fmul(ws.list_w[k], tn.invZf);
             float d = relu_x86(fsub(r, fmul(q[tok], scf)));
             if (in_sorted(ws.removed, nr, tok)) d = 0.f;
             ws.resid[k] = d;
@@ -639,7 +635,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
       if (!mat)
         rx = tn.pd(x);
       else if (tn.list) {
-        const int64_t pos = list_pos(tn.lidx, tn.nS, x);
+        const int64_t pos = list_pos(ws.list_idx, tn.nS, x);
         rx = pos < 0 ? 0.0 : double(ws.resid[pos]) / Zr;
       } else
         rx = double(ws.resid[x]) / Zr;
@@ -668,8 +664,8 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
   const float* rb = ws.resid;
   int64_t tok;
   if (tn.list) {  // the CPU's draw_list over S
-    const int32_t* li = tn.lidx;
-    const float* lw = tn.lw;
+    const int32_t* li = ws.list_idx;
+    const float* lw = ws.list_w;
     const int64_t n = tn.nS;
     auto bonus = [&](int64_t k) { return lw[k]; };
     if (rejected == 0 || broke) {
