@@ -304,3 +304,38 @@ def test_filters_bad_rows_match_cpu():
     cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 8, 0)
     got = emu_spec.tree_verify(*args, None, 1.0, None, 8, 0, filters=filt)
     _same(cpu, got[:3], "tree bad rows")
+
+
+def test_early_exit_work():
+    """The chain kernel stops verifying at the first rejection: later positions only feed the
+    accepted count, and their normaliser pass is made only when the accept test can still pass
+    (drafts outside the top-k support: none; drafts at the argmax: one each). The tree kernel
+    resolves only the nodes it visits (accept_num + 1 per row). Outputs as on the CPU."""
+    B, N, V = 3, 4, 3000
+    lp = torch.randn(B, N + 1, V, generator=_gen(21)) * 2
+    filt = (None, 5, None, 1.0, None, 0.0, 0)
+    worst, best = lp[:, :N].argmin(-1), lp[:, :N].argmax(-1)
+    emu.set_schedule_seed(3)
+    for later, z_later in ((worst, 0), (best, 1)):
+        ids = later.clone()
+        ids[:, 0] = worst[:, 0]  # position 0 is outside the top 5: rejected
+        cpu = ops.chain_verify(lp, ids, None, None, 1, None, 1.0, *filt, None, 5, 0)
+        emu_spec.work()
+        got = emu_spec.chain_verify(lp, ids, None, None, 1, None, 1.0, None, 5, 0, filters=filt)
+        _same(cpu, got, "early exit")
+        assert got[2].tolist() == [0] * B  # every row stops at position 0
+        if not z_later:
+            assert got[1].tolist() == [0] * B  # nothing later is in the support
+        # rows resolved: the N positions (no bonus row after a rejection); Z: the stop node + later
+        assert emu_spec.work() == (B * N, B * (1 + z_later * (N - 1)))
+    tree, cand, lt, qt = _tree_inputs(B=4, V=2000, seed=5)
+    lt = lt * 3
+    cand = cand.clone()
+    cand[0, 1] = lt[0, 0].argmax()  # row 0 accepts at the root (one-hot, top-k 5, p(argmax) large)
+    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, None, 9, 1)
+    cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 2, 0)
+    emu_spec.work()
+    got = emu_spec.tree_verify(*args, None, 1.0, None, 2, 0, filters=filt)
+    _same(cpu, got[:3], "tree early exit")
+    visited = int((got[2] + 1).sum())
+    assert emu_spec.work() == (visited, visited) and visited > B

@@ -38,6 +38,15 @@
 namespace dk::cuda::spec {
 
 namespace sd = dk::cuda::detail;  // select_row, RowParams, Weight, Smem (sampling.cuh)
+
+// Work counters for the emulator's early-exit test (tests/cuda_emu defines DK_SPEC_COUNT_WORK;
+// nothing in a real build): target rows resolved, and normaliser passes (Z) made.
+#if defined(DK_SPEC_COUNT_WORK) && defined(DK_CUDA_EMULATE)
+inline int64_t g_rows_resolved = 0, g_z_passes = 0;
+#define DK_SPEC_COUNT(c) (threadIdx.x == 0 ? void(++(c)) : void())
+#else
+#define DK_SPEC_COUNT(c) ((void)0)
+#endif
 // The block size is the sampling kernels' (select_row runs block-wide at that size); the emulator
 // tests set it through DK_CUDA_THREADS.
 constexpr int kThreads = dk::cuda::kThreads;
@@ -459,6 +468,7 @@ DK_DEVICE Resolved<T> resolve_node(const Target& tg, const T* x, const sd::RowPa
   Node<T>& n = r.n;
   n.x = x;
   n.V = tg.V;
+  DK_SPEC_COUNT(g_rows_resolved);
   if (tg.kind == Kind::Probs) {
     n.valid = n.probs = true;
     return r;
@@ -494,6 +504,7 @@ template <class T>
 DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
   Node<T>& n = r.n;
   if (!n.valid || n.probs || n.greedy) return;
+  DK_SPEC_COUNT(g_z_passes);
   if (r.in_c) {
     int64_t cnt = 0;  // the same on every thread (block_rank's totals)
     for (int64_t base = 0; base < n.V && cnt <= kListMax; base += kThreads) {

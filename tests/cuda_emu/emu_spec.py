@@ -33,6 +33,7 @@ def load(threads=None):
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
     L.dk_emu_spec_list.argtypes, L.dk_emu_spec_list.restype = [Q], Q
     L.dk_emu_set_filters.argtypes, L.dk_emu_set_filters.restype = [I, P, Q, P, F, P, F], None
+    L.dk_emu_spec_work.argtypes, L.dk_emu_spec_work.restype = [P], None
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P, P, P]
     L.dk_emu_tree.argtypes = [
         P,
@@ -78,6 +79,13 @@ def load(threads=None):
         f.restype = None
     _libs[threads] = L
     return L
+
+
+def work(threads=None):
+    """(target rows resolved, normaliser passes) by the kernels since the last call; resets them."""
+    out = torch.zeros(2, dtype=torch.int64)
+    load(threads).dk_emu_spec_work(out.data_ptr())
+    return tuple(out.tolist())
 
 
 def _p(t):

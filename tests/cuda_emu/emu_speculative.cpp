@@ -2,6 +2,7 @@
 // (tests/cuda_emu/emu_spec.py loads this through ctypes; host pointers stand in for device
 // pointers). Flat argument lists mirror the fields of the kernels' argument structs.
 #include "emu_runtime.h"
+#define DK_SPEC_COUNT_WORK 1  // the kernels' work counters (dk_emu_spec_work)
 #include "cuda/speculative.cuh"
 
 using namespace dk::cuda::spec;
@@ -73,6 +74,12 @@ int dk_emu_spec_threads() { return kThreads; }
 void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
 int64_t dk_emu_spec_list(int64_t V) { return list_per_row(V); }
+// Target rows resolved and normaliser passes made since the last call (which resets them).
+void dk_emu_spec_work(int64_t* out) {
+  out[0] = g_rows_resolved;
+  out[1] = g_z_passes;
+  g_rows_resolved = g_z_passes = 0;
+}
 void dk_emu_set_filters(int order, const int64_t* k, int64_t k_val, const float* p, float p_val, const float* mp,
                         float mp_val) {
   g_filter = dk::cuda::RowFilterArgs{};
