@@ -210,7 +210,9 @@ def wrapper_calls(dev):
         ("tree_speculative_sampling_from_logits", lambda: dk.tree_speculative_sampling_from_logits(*tr, lt)),
         (
             "tree_speculative_sampling_from_logits-filters",
-            lambda: dk.tree_speculative_sampling_from_logits(*tr, lt, qt, temperature=T0, top_k=k0, top_p=0.9, min_p=0.05),
+            lambda: dk.tree_speculative_sampling_from_logits(
+                *tr, lt, qt, temperature=T0, top_k=k0, top_p=0.9, min_p=0.05
+            ),
         ),
         ("verify_tree_greedy", lambda: dk.verify_tree_greedy(*tr, lt)),
         ("build_tree", lambda: dk.build_tree(parents, plen3)),

@@ -339,3 +339,27 @@ def test_early_exit_work():
     _same(cpu, got[:3], "tree early exit")
     visited = int((got[2] + 1).sum())
     assert emu_spec.work() == (visited, visited) and visited > B
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and dk.build_info()["cuda"]), reason="needs a GPU and a CUDA build (none here)"
+)
+@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
+def test_filters_cuda_matches_cpu(case):
+    """The same matrix on a real GPU (never run so far: no GPU has been available)."""
+    name, c = case
+    lp, q, ids = _filtered_chain_inputs(c, seed=len(name))
+    B = ids.shape[0]
+    target = lp.to(c.get("dtype", torch.float32))
+    draft = q if c.get("draft") else None
+    filt = _filters(c, B)
+
+    def on(t, d):
+        return t.to(d) if isinstance(t, torch.Tensor) else t
+
+    def run(d):
+        f = tuple(on(t, d) for t in filt)
+        out = ops.chain_verify(on(target, d), on(ids, d), on(draft, d), None, 1, None, 0.9, *f, None, 77, 0)
+        return tuple(t.cpu() for t in out)
+
+    _same(run("cpu"), run("cuda"), name)

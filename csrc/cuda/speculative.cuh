@@ -77,11 +77,11 @@ struct Rng {
 };
 // Per-row global scratch (the launcher allocates B rows of each).
 struct Workspace {
-  double* lanes = nullptr;     // lanes_per_row doubles: chunk lane sums, then chunk masses
-  float* resid = nullptr;      // resid_per_row floats: a materialised residual row (tree + draft probs)
-  int64_t* removed = nullptr;  // removed_per_row: rejected children, sorted
-  uint8_t* seen = nullptr;     // T bytes (tree check)
-  int64_t* stack = nullptr;    // T (tree check)
+  double* lanes = nullptr;      // lanes_per_row doubles: chunk lane sums, then chunk masses
+  float* resid = nullptr;       // resid_per_row floats: a materialised residual row (tree + draft probs)
+  int64_t* removed = nullptr;   // removed_per_row: rejected children, sorted
+  uint8_t* seen = nullptr;      // T bytes (tree check)
+  int64_t* stack = nullptr;     // T (tree check)
   int32_t* list_idx = nullptr;  // list_per_row: a listed survivor set S (logits with filters), tokens
   float* list_w = nullptr;      // list_per_row: their weights
   int64_t lanes_per_row = 0, resid_per_row = 0, removed_per_row = 0, tree_per_row = 0, list_per_row = 0;
