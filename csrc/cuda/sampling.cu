@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include "cuda/sampling.cuh"
 #include "torch/checks.h"
+#include "torch/cuda_filter.h"
 
 namespace dk::torchb {
 namespace {
@@ -20,21 +21,6 @@ static_assert(int(cpu::DType::F32) == int(cuda::DType::F32) && int(cpu::DType::B
 void check_cuda(const at::Tensor& x, const char* name) {
   DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
            "); all tensor arguments must be on the same device");
-}
-
-cuda::RowFilterArgs cuda_filter(const FilterPack& fp) {
-  cuda::RowFilterArgs f;
-  f.is_probs = fp.is_probs;
-  f.order = int(fp.order);
-  f.temperature = fp.T_ptr();
-  f.temperature_val = fp.T_val;
-  f.top_k = fp.k_ptr();
-  f.top_k_val = fp.k_val;
-  f.top_p = fp.p_ptr();
-  f.top_p_val = fp.p_val;
-  f.min_p = fp.mp_ptr();
-  f.min_p_val = fp.mp_val;
-  return f;
 }
 
 cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {

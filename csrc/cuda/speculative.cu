@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "cuda/speculative.cuh"
+#include "torch/cuda_filter.h"
 #include "torch/speculative_common.h"
 
 namespace dk::torchb {
@@ -40,15 +41,7 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, Filter
   t.stride_r = ct.stride_r;
   if (kind != 1) return t;
   keep = pack_filter(target, B, false, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, &bad);
-  t.filter.order = int(keep.order);
-  t.filter.temperature = keep.T_ptr();
-  t.filter.temperature_val = keep.T_val;
-  t.filter.top_k = keep.k_ptr();
-  t.filter.top_k_val = keep.k_val;
-  t.filter.top_p = keep.p_ptr();
-  t.filter.top_p_val = keep.p_val;
-  t.filter.min_p = keep.mp_ptr();
-  t.filter.min_p_val = keep.mp_val;
+  t.filter = cuda_filter(keep);
   return t;
 }
 
