@@ -3,11 +3,12 @@
 //
 // The threads of a block are user-level fibers on the calling thread. A fiber runs until it
 // reaches a barrier (__syncthreads, a warp op) or exits; then the scheduler picks the next one. On
-// x86-64 a fiber switch is a few instructions (dkemu_switch_x64 below: callee-saved registers,
+// x86-64 ELF a fiber switch is a few instructions (dkemu_switch_x64 below: callee-saved registers,
 // MXCSR and the x87 control word, no signal mask); elsewhere, or with -DDK_EMU_UCONTEXT, it is
-// ucontext's swapcontext, which makes a system call per switch. The ORDER in which the runnable fibers are resumed is a random permutation per scheduling
-// round (seeded), so code that reads shared memory written by another thread without a barrier
-// in between sees the stale value under some seeds. Seed 0 gives the fixed order 0, 1, 2, ... .
+// ucontext's swapcontext, which makes a system call per switch. The ORDER in which the runnable
+// fibers are resumed is a random permutation per scheduling round (seeded), so code that reads
+// shared memory written by another thread without a barrier in between sees the stale value under
+// some seeds. Seed 0 gives the fixed order 0, 1, 2, ... .
 // The seed comes from dk_emu_set_schedule_seed() when called (>= 0), else from the environment
 // variable DK_EMU_SEED, else 1; it is mixed with blockIdx.x so every block has its own order.
 //
@@ -44,7 +45,7 @@ struct dim3 {
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 
-#if defined(__x86_64__) && !defined(DK_EMU_UCONTEXT)
+#if defined(__x86_64__) && defined(__ELF__) && !defined(DK_EMU_UCONTEXT)
 #define DK_EMU_FAST_SWITCH 1
 // dkemu_switch_x64(save, load): pushes rbp, rbx, r12-r15, MXCSR and the x87 control word on the
 // current stack, stores the stack pointer in *save, switches to the stack `load` (saved the same
