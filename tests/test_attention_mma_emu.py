@@ -4,10 +4,12 @@ fragment operations themselves checked against the PTX ISA fragment tables, writ
 
 The kernel matrix: T in {1, 7, 64, 130}, prefix in {0, 1, 2047}, D in {64, 128, 256}, GQA 32/8 and
 32/32, NHD / HND, bf16 / fp16, with and without split-KV. By default a subset that still takes every
-value of every axis runs; DK_EMU_FULL=1 runs the whole product (slow: hours of CPU)."""
+value of every axis runs; DK_EMU_FULL=1 runs the whole product (slow), or the part that
+DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE select (see select_cases)."""
 
 import itertools
 import os
+import time
 
 import pytest
 import torch
@@ -169,16 +171,57 @@ def test_mma_kernel_emulated_matches_cpu(case):
     check_close(o, sdpa_expected(q, k, v, tm, pl, layout), _DT[dt], "emulated mma vs SDPA")
 
 
+def case_fields(case):
+    """The case as the strings DK_EMU_FULL_CASES matches: T, prefix, D, "Hq/Hkv", layout, dtype, splits."""
+    T, prefix, D, (Hq, Hkv), layout, dt, splits = case
+    return [str(T), str(prefix), str(D), f"{Hq}/{Hkv}", layout, dt, str(splits)]
+
+
+def select_cases(cases, patterns=None, index_range=None):
+    """(index in `cases`, case) pairs picked by DK_EMU_FULL_CASES-style patterns (comma-separated;
+    each a colon-separated prefix of case_fields, "*" matching any value, e.g. "130:2047:128" or
+    "*:*:256:32/8") and a DK_EMU_FULL_RANGE-style "start:stop" slice of the indices."""
+    picked = list(enumerate(cases))
+    if patterns:
+        pats = [p.strip().split(":") for p in patterns.split(",") if p.strip()]
+        if any(len(p) > 7 for p in pats):
+            raise ValueError(f"DK_EMU_FULL_CASES: at most 7 fields a pattern, got {patterns!r}")
+        picked = [(i, c) for i, c in picked if any(all(a in ("*", b) for a, b in zip(p, case_fields(c))) for p in pats)]
+    if index_range:
+        lo, _, hi = index_range.partition(":")
+        lo, hi = int(lo or 0), int(hi or len(cases))
+        picked = [(i, c) for i, c in picked if lo <= i < hi]
+    return picked
+
+
+def test_case_selection():
+    cases = full_matrix()
+    assert len(cases) == 576 and len(set(cases)) == 576
+    assert select_cases(cases) == list(enumerate(cases))
+    got = select_cases(cases, "130:2047:128, 64:2047:256")
+    assert len(got) == 32 and {c[:3] for _, c in got} == {(130, 2047, 128), (64, 2047, 256)}
+    assert all(cases[i] == c for i, c in got)
+    assert len(select_cases(cases, "*:*:*:32/32:HND:f16:3")) == 36
+    assert select_cases(cases, None, "570:") == list(enumerate(cases))[570:]
+    assert [i for i, _ in select_cases(cases, "1", "10:20")] == list(range(10, 20))
+    assert select_cases(cases, "999") == []
+    with pytest.raises(ValueError, match="DK_EMU_FULL_CASES"):
+        select_cases(cases, "1:0:64:32/8:NHD:bf16:1:extra")
+
+
 @pytest.mark.skipif(os.environ.get("DK_EMU_FULL") != "1", reason="the full matrix: set DK_EMU_FULL=1 (slow)")
 def test_mma_kernel_emulated_full_matrix():
+    """DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE pick a part (select_cases); the seed of a case is its
+    index in the full matrix, whatever the selection."""
     emu = _emu()
     cases = full_matrix()
-    only_t = os.environ.get("DK_EMU_FULL_T")  # e.g. "130": one T value (to split the run over processes)
-    if only_t:
-        cases = [c for c in cases if c[0] == int(only_t)]
-    for i, case in enumerate(cases):
+    picked = select_cases(cases, os.environ.get("DK_EMU_FULL_CASES"), os.environ.get("DK_EMU_FULL_RANGE"))
+    assert picked, "the selection picks no case"
+    for n, (i, case) in enumerate(picked):
+        t0 = time.perf_counter()
         run_case(emu, *case, seed=i)
-        print(f"full matrix {i + 1}/{len(cases)} ok: {case}", flush=True)  # progress with -s
+        dt = time.perf_counter() - t0
+        print(f"full matrix {n + 1}/{len(picked)} ok: #{i} {case} {dt:.1f} s", flush=True)  # progress with -s
 
 
 def test_mma_kernel_emulated_empty_rows_and_split_edges():

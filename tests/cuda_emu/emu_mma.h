@@ -9,7 +9,9 @@
 //   B (16x8):  b0 = B[2i, 2i+1][g], b1 = B[2i+8, 2i+9][g];
 //   C / D (16x8 fp32): c0, c1 = C[g][2i, 2i+1], c2, c3 = C[g+8][2i, 2i+1].
 //   Each output is c + sum_k a_k b_k with the 16 exact products summed in double, rounded to fp32
-//   once (the hardware's internal order is unspecified; fp32 accumulation either way).
+//   once (the hardware's internal order is unspecified; fp32 accumulation either way). The lane
+//   that completes the warp's meeting computes all 32 lanes' D from the 32 published fragments
+//   (each 16-bit value converted once); every lane then reads its own four outputs.
 // - cp.async 16 bytes with commit_group / wait_group as a DEFERRED copy: the destination is poisoned
 //   (0xff bytes: NaN in bf16 and fp16) when the copy is issued, and the data lands only when this
 //   thread executes a wait_group that covers the copy's group; a kernel that reads a buffer
@@ -31,7 +33,7 @@
 namespace dkemu::mma {
 
 constexpr unsigned kMaxThreads = 1024;
-constexpr int kSlots = 8;  // 32-bit words a lane publishes at most
+constexpr int kSlots = 12;  // 32-bit words a lane publishes at most
 inline uint32_t g_stage[2][kMaxThreads][kSlots];
 inline unsigned g_ops[kMaxThreads];  // warp operations this thread has executed
 
@@ -41,14 +43,20 @@ inline unsigned g_ops[kMaxThreads];  // warp operations this thread has executed
 }
 
 using Row = uint32_t[kSlots];
-// Publishes n words of this lane, meets the warp; returns the warp's 32 staging rows (row = lane).
-inline const Row* exchange(const uint32_t* words, int n) {
+// Publishes n words of this lane, meets the warp (the completing lane runs last(rows) first);
+// returns the warp's 32 staging rows (row = lane).
+template <class F>
+inline const Row* exchange(const uint32_t* words, int n, F&& last) {
   const unsigned t = threadIdx.x;
   if (t >= kMaxThreads) fail("thread index beyond the staging area");
   const unsigned buf = g_ops[t]++ & 1u;
   std::memcpy(g_stage[buf][t], words, sizeof(uint32_t) * unsigned(n));
-  dkemu::warp_sync();
-  return &g_stage[buf][t & ~31u];
+  const Row* rows = &g_stage[buf][t & ~31u];
+  dkemu::warp_sync_last(dkemu::warp_lanes(dkemu::g_blk->n, t >> 5), [&] { last(rows); });
+  return rows;
+}
+inline const Row* exchange(const uint32_t* words, int n) {
+  return exchange(words, n, [](const Row*) {});
 }
 
 inline void ldmatrix(uint32_t* r, const void* addr, int nmat, bool trans) {
@@ -82,22 +90,37 @@ inline double half_value(uint32_t word, unsigned hi, bool f16) {
   return double(dk::to_float(dk::bf16_t{x}));
 }
 
+// Per warp: the D fragments of the last mma, written by the completing lane, read by each lane
+// after the release and before it arrives at its next warp operation (so one buffer suffices).
+inline float g_mma_d[kMaxThreads / 32][32][4];
+
 inline void mma_m16n8k16(bool f16, float d[4], const uint32_t a[4], const uint32_t b[2]) {
-  const uint32_t w[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  const auto* st = exchange(w, 6);
-  const unsigned lane = threadIdx.x & 31u;
-  for (unsigned i = 0; i < 4; ++i) {
-    const unsigned row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
-    double acc = d[i];
-    for (unsigned k = 0; k < 16; ++k) {
-      // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2
-      const uint32_t aw = st[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
-      // B[k][col]: lane col * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2
-      const uint32_t bw = st[col * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)];
-      acc += half_value(aw, k % 2, f16) * half_value(bw, k % 2, f16);
-    }
-    d[i] = float(acc);
-  }
+  uint32_t w[10] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  std::memcpy(w + 6, d, 4 * sizeof(float));
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x & 31u;
+  exchange(w, 10, [&](const Row* st) {
+    double A[16][16], B[16][8];
+    for (unsigned row = 0; row < 16; ++row)
+      for (unsigned k = 0; k < 16; ++k)  // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register
+        A[row][k] =                      // (row >= 8) + 2 (k >= 8), half k % 2
+            half_value(st[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2, f16);
+    for (unsigned k = 0; k < 16; ++k)
+      for (unsigned col = 0; col < 8; ++col)  // B[k][col]: lane col * 4 + (k % 8) / 2, register 4 + (k >= 8)
+        B[k][col] = half_value(st[col * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k % 2, f16);
+    double acc[16][8];  // C[row][col]: lane (row % 8) * 4 + col / 2, register 2 (row >= 8) + col % 2
+    for (unsigned row = 0; row < 16; ++row)
+      for (unsigned col = 0; col < 8; ++col) {
+        float c;
+        std::memcpy(&c, &st[(row % 8) * 4 + col / 2][6 + 2 * (row >= 8 ? 1 : 0) + col % 2], sizeof(float));
+        acc[row][col] = c;
+      }
+    for (unsigned k = 0; k < 16; ++k)  // every output sums its products in the order k = 0 .. 15
+      for (unsigned row = 0; row < 16; ++row)
+        for (unsigned col = 0; col < 8; ++col) acc[row][col] += A[row][k] * B[k][col];
+    for (unsigned l = 0; l < 32; ++l)
+      for (unsigned i = 0; i < 4; ++i) g_mma_d[warp][l][i] = float(acc[l / 4 + 8 * (i / 2)][2 * (l % 4) + i % 2]);
+  });
+  for (unsigned i = 0; i < 4; ++i) d[i] = g_mma_d[warp][lane][i];
 }
 
 struct Copy {

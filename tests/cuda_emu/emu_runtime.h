@@ -1,11 +1,14 @@
 // A tiny CUDA-execution emulator for testing torch-free decodekit kernels on a machine without a
 // GPU, built to find races rather than to hide them.
 //
-// The threads of a block are user-level fibers (ucontext) on the calling thread. A fiber runs
-// until it reaches a barrier (__syncthreads, a warp op) or exits; then the scheduler picks the next
-// one. The ORDER in which the runnable fibers are resumed is a random permutation per scheduling
-// round (seeded), so code that reads shared memory written by another thread without a barrier
-// in between sees the stale value under some seeds. Seed 0 gives the fixed order 0, 1, 2, ... .
+// The threads of a block are user-level fibers on the calling thread. A fiber runs until it
+// reaches a barrier (__syncthreads, a warp op) or exits; then the scheduler picks the next one. On
+// x86-64 ELF a fiber switch is a few instructions (dkemu_switch_x64 below: callee-saved registers,
+// MXCSR and the x87 control word, no signal mask); elsewhere, or with -DDK_EMU_UCONTEXT, it is
+// ucontext's swapcontext, which makes a system call per switch. The ORDER in which the runnable
+// fibers are resumed is a random permutation per scheduling round (seeded), so code that reads
+// shared memory written by another thread without a barrier in between sees the stale value under
+// some seeds. Seed 0 gives the fixed order 0, 1, 2, ... .
 // The seed comes from dk_emu_set_schedule_seed() when called (>= 0), else from the environment
 // variable DK_EMU_SEED, else 1; it is mixed with blockIdx.x so every block has its own order.
 //
@@ -42,17 +45,64 @@ struct dim3 {
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 
+#if defined(__x86_64__) && defined(__ELF__) && !defined(DK_EMU_UCONTEXT)
+#define DK_EMU_FAST_SWITCH 1
+// dkemu_switch_x64(save, load): pushes rbp, rbx, r12-r15, MXCSR and the x87 control word on the
+// current stack, stores the stack pointer in *save, switches to the stack `load` (saved the same
+// way, or prepared by dkemu::make_fiber) and pops the same from there. Weak + hidden: one copy per
+// shared object, whatever the number of translation units including this header.
+asm(R"(
+  .text
+  .p2align 4
+  .weak dkemu_switch_x64
+  .hidden dkemu_switch_x64
+  .type dkemu_switch_x64, @function
+dkemu_switch_x64:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size dkemu_switch_x64, .-dkemu_switch_x64
+)");
+extern "C" void dkemu_switch_x64(void** save, void* load);
+#endif
+
 namespace dkemu {
 enum Wait { kRun = 0, kBlockBar = 1, kWarpBar = 2 };
 struct Fiber {
+#if DK_EMU_FAST_SWITCH
+  void* sp = nullptr;  // saved stack pointer while switched out
+#else
   ucontext_t ctx;
+#endif
   Wait wait = kRun;
   bool done = false;
 };
 struct Block {
   unsigned n = 0, cur = 0;
   std::vector<Fiber> f;
+#if DK_EMU_FAST_SWITCH
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched;
+#endif
   unsigned bar_arrived = 0;
   std::vector<unsigned> warp_arrived;  // per warp: lanes that arrived at the pending warp op
   std::vector<unsigned> warp_mask;     // per warp: the mask that op names
@@ -90,15 +140,63 @@ inline unsigned warp_lanes(unsigned n, unsigned w) {
   return k >= 32 ? 0xffffffffu : ((1u << k) - 1u);
 }
 
+// Fiber -> scheduler.
+inline void to_scheduler(Fiber& me) {
+#if DK_EMU_FAST_SWITCH
+  dkemu_switch_x64(&me.sp, g_blk->sched_sp);
+#else
+  swapcontext(&me.ctx, &g_blk->sched);
+#endif
+}
+
+// Scheduler -> fiber t.
+inline void to_fiber(Block& blk, unsigned t) {
+#if DK_EMU_FAST_SWITCH
+  dkemu_switch_x64(&blk.sched_sp, blk.f[t].sp);
+#else
+  swapcontext(&blk.sched, &blk.f[t].ctx);
+#endif
+}
+
 inline void park(Wait w) {
   Fiber& me = g_blk->f[g_blk->cur];
   me.wait = w;
-  swapcontext(&me.ctx, &g_blk->sched);
+  to_scheduler(me);
 }
 
 inline void fiber_main() {
   g_blk->body();
-  g_blk->f[g_blk->cur].done = true;  // returns to uc_link (the scheduler)
+  Fiber& me = g_blk->f[g_blk->cur];
+  me.done = true;
+#if DK_EMU_FAST_SWITCH
+  to_scheduler(me);  // never resumed
+  fail("an exited fiber was resumed");
+#endif  // ucontext: returns to uc_link (the scheduler)
+}
+
+// Prepares fiber fb to start in fiber_main on the stack [stack, stack + size).
+inline void make_fiber(Block& blk, Fiber& fb, char* stack, size_t size) {
+#if DK_EMU_FAST_SWITCH
+  // The frame dkemu_switch_x64 pops: MXCSR + x87 control word (8 bytes), r15 .. rbp (6 x 8), the
+  // return address (fiber_main), then a null return address for fiber_main, which never returns.
+  // fiber_main starts with rsp + 8 16-byte aligned, as the ABI wants at a function's entry.
+  (void)blk;
+  auto top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+  auto* sp = reinterpret_cast<uint64_t*>(top - 72);
+  uint32_t csr[2] = {0, 0};
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(*reinterpret_cast<uint16_t*>(&csr[1])));
+  std::memcpy(sp, csr, 8);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;
+  sp[7] = reinterpret_cast<uint64_t>(&fiber_main);
+  sp[8] = 0;
+  fb.sp = sp;
+#else
+  getcontext(&fb.ctx);
+  fb.ctx.uc_stack.ss_sp = stack;
+  fb.ctx.uc_stack.ss_size = size;
+  fb.ctx.uc_link = &blk.sched;
+  makecontext(&fb.ctx, fiber_main, 0);
+#endif
 }
 
 // Releases the warp ops whose named lanes all arrived; aborts when a named lane exited.
@@ -108,8 +206,8 @@ inline bool release_warps(Block& blk, unsigned b) {
     const unsigned arrived = blk.warp_arrived[w];
     if (!arrived) continue;
     const unsigned mask = blk.warp_mask[w];
-    for (unsigned l = 0; l < 32; ++l) {
-      if (!(mask >> l & 1u) || (arrived >> l & 1u)) continue;
+    for (unsigned missing = mask & ~arrived; missing; missing &= missing - 1) {
+      const unsigned l = unsigned(__builtin_ctz(missing));
       const unsigned t = 32 * w + l;
       if (t >= blk.n || blk.f[t].done) {
         char msg[160];
@@ -146,14 +244,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
     g_blk = &blk;
     tls_bid = dim3(b);
     uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
-    for (unsigned t = 0; t < threads; ++t) {
-      Fiber& fb = blk.f[t];
-      getcontext(&fb.ctx);
-      fb.ctx.uc_stack.ss_sp = stacks[t].get();
-      fb.ctx.uc_stack.ss_size = kStack;
-      fb.ctx.uc_link = &blk.sched;
-      makecontext(&fb.ctx, fiber_main, 0);
-    }
+    for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], stacks[t].get(), kStack);
     for (;;) {
       order.clear();
       for (unsigned t = 0; t < threads; ++t)
@@ -163,7 +254,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       for (unsigned t : order) {
         blk.cur = t;
         tls_tid = dim3(t);
-        swapcontext(&blk.sched, &blk.f[t].ctx);
+        to_fiber(blk, t);
       }
       const bool ran = !order.empty();
       unsigned live = 0;
@@ -194,8 +285,12 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
 }
 
 // The calling lane joins the warp op naming `mask` (default: every existing lane of its warp) and
-// parks until every named lane has joined.
-inline void warp_sync(unsigned mask) {
+// parks until every named lane has joined. The lane that completes the meeting (the last named lane
+// to arrive, in the randomised order) first runs last(), which may read what every named lane
+// published before arriving and write what they read after the release (an op computed once per
+// warp instead of once per lane); then it parks like the others.
+template <class F>
+inline void warp_sync_last(unsigned mask, F&& last) {
   Block& B = *g_blk;
   const unsigned t = tls_tid.x, w = t >> 5, bit = 1u << (t & 31u);
   if (!(mask & bit)) fail("a warp op's mask does not name the calling lane");
@@ -204,7 +299,11 @@ inline void warp_sync(unsigned mask) {
   else if (B.warp_mask[w] != mask)
     fail("the lanes of a warp op disagree on its mask (divergent warp ops)");
   B.warp_arrived[w] |= bit;
+  if (B.warp_arrived[w] == mask) last();
   park(kWarpBar);
+}
+inline void warp_sync(unsigned mask) {
+  warp_sync_last(mask, [] {});
 }
 inline void warp_sync() { warp_sync(warp_lanes(g_blk->n, tls_tid.x >> 5)); }
 
