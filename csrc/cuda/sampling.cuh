@@ -18,15 +18,17 @@
 //   * every "sequential" double sum (top-p's Z over the top-k survivors, the list draw, the scan
 //     inside a chunk) runs on one thread in index order (adding +0.0 for skipped elements is a
 //     no-op, so those are skipped).
-//   * top-k: the k-th largest value (radix select over float_key: exact).
+//   * top-k: the k-th largest value (radix select over float_key: exact); top-p: a mass-weighted
+//     radix select over float_key (4 passes of 8 bits, deterministic bin sums).
 //   * the method choice (list walk when |S| <= 2048 and S lies in the CPU's candidate list,
 //     else the chunked draw) and the fallbacks of the chunked draw follow draw() in row_engine.h.
 //
 // Where CUDA can differ from the CPU (documented, rare):
 //   * top-p cut: both pick the smallest value v with mass(> v) < p*Z. Z is bit-identical, but
-//     mass(> v) is summed in a different order (CPU: quickselect partition order; here: a
-//     fixed-shape block reduction), so when mass(> v) lies within a few double ulps of p*Z the
-//     two may put the cut on neighbouring values. Deterministic on each device.
+//     mass(> v) is summed in a different order (CPU: quickselect partition order; here: the
+//     fixed-order bins of a mass-weighted radix select), so when mass(> v) lies within a few
+//     double ulps of p*Z the two may put the cut on neighbouring values. Deterministic on each
+//     device.
 //   * logprobs: log(double) of CUDA's libdevice vs glibc may differ by one double ulp before the
 //     float rounding; the float log-probability can then differ in its last bit.
 //   * min-p alone uses the CPU's candidate window test -logf(min_p) + 0.25f <= min(80, ...); with
@@ -115,6 +117,12 @@ constexpr int kTile = 4096;  // shared-memory tile (= one chunk)
 static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
 
+// top_p_threshold's mass histograms: kHistCopies copies of 256 double bins (16 KiB, the size of
+// the list buffers they share memory with); each thread bins kHistUnroll elements per turn.
+constexpr int kHistCopies = kWarps < 8 ? kWarps : 8;
+constexpr int kHistUnroll = 4;
+static_assert(kWarps % kHistCopies == 0, "warps take turns on the histogram copies");
+
 inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
 
 namespace detail {
@@ -164,12 +172,13 @@ struct Smem {
     } list;
     float tile[kTile];
     uint32_t hist[256];
+    double mh[kHistCopies * 256];  // top_p_threshold: the warps' histogram copies
   } u;
   double dred[kWarps];
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
-  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread
+  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
   double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
   double dbc;
   float fbc;
@@ -412,28 +421,101 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
 
 // Top-p threshold: the smallest value v of the considered elements (all, or x >= tk when
 // within_k) such that the mass of the considered elements strictly greater than v is < P.
-// Bisection over float_key: the smallest key K with M(K) = sum_{key(x) > K} w(x) < P is the key of
-// an element (M only drops at element keys), and M(0) = total >= P > 0 = M(2^32 - 1).
-// CPU/GPU note: M is a deterministic block reduction here, a quickselect-order sum on the CPU;
-// only a mass within double rounding of P can put the cut on a different value.
+// Mass-weighted radix select over float_key, 4 passes of 8 bits from the top: pass q builds the
+// 256-bin histogram of the masses of the considered elements whose key matches the digits chosen
+// so far, and picks the digit d where the mass from the top crosses P (mass above d < P <= mass
+// above d + mass of d). After 4 passes the prefix is the key K* of the answer: M(K*) < P <=
+// M(K* - 1) with M(K) = mass of the keys > K, i.e. the smallest K with M(K) < P (the element
+// values' order is the keys' order). If rounding leaves the total of a pass just under P, the
+// lowest digit with mass is taken (as the CPU's binned cut does).
+// Determinism: the bins are double sums in a fixed order. Within a warp the lanes holding the same
+// digit are grouped (__match_any_sync) and the group's lowest lane adds their weights in lane
+// order into the warp's histogram copy; warps w and w + kHistCopies, ... share copy w % kHistCopies
+// and take turns (a barrier between turns), so each copy's bin is a sequential sum in a fixed
+// order; the copies are added in copy order.
+// CPU/GPU note: the CPU sums the same masses in quickselect order; only a mass within double
+// rounding of P can put the cut on a different value.
+DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage) {
+  if (__ballot_sync(0xffffffffu, digit < 256u) == 0u) return;  // (warp-uniform)
+  const int lane = threadIdx.x & 31;
+  stage[lane] = double(e);
+  const unsigned peers = __match_any_sync(0xffffffffu, digit);
+  __syncwarp();
+  if (digit < 256u && lane == __ffs(peers) - 1) {
+    double g = h[digit];
+    for (unsigned b = peers; b; b &= b - 1u) g = __dadd_rn(g, stage[__ffs(b) - 1]);
+    h[digit] = g;
+  }
+  __syncwarp();  // stage is rewritten by the next call
+}
+
 template <class T>
 DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
-  uint32_t lo = 0u, hi = 0xffffffffu;
-  while (hi - lo > 1u) {
-    const uint32_t mid = lo + (hi - lo) / 2u;
-    double part = 0.0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      float v = ld(x, i);
-      if (within_k && !(v >= tk)) continue;
-      if (float_key(v) > mid) part += double(w(v));
+  constexpr int kPhases = kWarps / kHistCopies;
+  constexpr int64_t kStep = int64_t(kThreads) * kHistUnroll;
+  const int wid = threadIdx.x >> 5;
+  double* const hist = s.u.mh + (wid % kHistCopies) * 256;
+  double* const stage = s.dlane + (threadIdx.x & ~31);
+  uint32_t prefix = 0, mask = 0;
+  double above = 0.0;  // mass of the keys above the current prefix
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
+    __syncthreads();
+    for (int64_t base = 0; base < V; base += kStep) {
+      unsigned digit[kHistUnroll];
+      float e[kHistUnroll];
+#pragma unroll
+      for (int u = 0; u < kHistUnroll; ++u) {
+        const int64_t i = base + int64_t(u) * kThreads + threadIdx.x;
+        digit[u] = 256u;  // 256: not counted
+        e[u] = 0.f;
+        if (i < V) {
+          const float v = ld(x, i);
+          const uint32_t key = float_key(v);
+          if ((!within_k || v >= tk) && (key & mask) == prefix) {
+            digit[u] = (key >> shift) & 255u;
+            e[u] = w(v);
+          }
+        }
+      }
+#pragma unroll
+      for (int ph = 0; ph < kPhases; ++ph) {
+        if (wid / kHistCopies == ph)
+          for (int u = 0; u < kHistUnroll; ++u) warp_hist_add(digit[u], e[u], hist, stage);
+        if (kPhases > 1) __syncthreads();
+      }
     }
-    const double M = block_sum(part, s);
-    if (M < P)
-      hi = mid;
-    else
-      lo = mid;
+    __syncthreads();
+    for (int d = threadIdx.x; d < 256; d += kThreads) {  // the copies in copy order (bin d: one thread)
+      double m = s.u.mh[d];
+      for (int c = 1; c < kHistCopies; ++c) m = __dadd_rn(m, s.u.mh[c * 256 + d]);
+      s.u.mh[d] = m;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the digit where the mass from the top crosses P
+      double cum = above;
+      int d = 255, last = -1;
+      for (; d >= 0; --d) {
+        const double m = s.u.mh[d];
+        if (m > 0.0) last = d;
+        if (__dadd_rn(cum, m) >= P) break;
+        cum = __dadd_rn(cum, m);
+      }
+      if (d < 0) {  // rounding: the total is just under P: the lowest digit with mass
+        d = last < 0 ? 0 : last;
+        cum = above;
+        for (int q = 255; q > d; --q) cum = __dadd_rn(cum, s.u.mh[q]);
+      }
+      s.ubc = prefix | (uint32_t(d) << shift);
+      s.dbc = cum;
+    }
+    __syncthreads();
+    prefix = s.ubc;
+    above = s.dbc;
+    mask |= 255u << shift;
+    __syncthreads();
   }
-  return key_to_float(hi);
+  return key_to_float(prefix);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and w(x) >= minw } (row_engine.h Resolved).
