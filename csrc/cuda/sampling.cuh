@@ -15,9 +15,11 @@
 //   * row masses follow the canonical reduction order of decodekit/contract.h (per 4096-element
 //     chunk 16 lanes summed in index order and reduced j = 0..15, chunk masses in chunk order),
 //     exactly as row_engine.h's row_mass / draw(); every (chunk, lane) sum is its own thread.
-//   * every "sequential" double sum (top-p's Z over the top-k survivors, the list draw, the scan
-//     inside a chunk) runs on one thread in index order (adding +0.0 for skipped elements is a
-//     no-op, so those are skipped).
+//   * the list draw and the walk inside the chosen chunk follow the contract's 16-ary walk
+//     (decodekit/contract.h walk16_*): the group and block sums run on one thread each, thread 0
+//     walks at most 3 x 16 steps. Top-p's Z over the top-k survivors is a sequential sum in index
+//     order (the CPU's resolve()) on one thread (adding +0.0 for skipped elements is a no-op, so
+//     those are skipped).
 //   * top-k: the k-th largest value (radix select over float_key: exact); top-p: a mass-weighted
 //     radix select over float_key (4 passes of 8 bits, deterministic bin sums).
 //   * the method choice (list walk when |S| <= 2048 and S lies in the CPU's candidate list,
@@ -180,6 +182,8 @@ struct Smem {
   int32_t wcount[kWarps];
   double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
   double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
+  double g16[contract::kWalkMax / 16];    // walk16_sums: the group sums
+  double g256[contract::kWalkMax / 256];  // walk16_sums: the 256-block sums
   double dbc;
   float fbc;
   int64_t ibc;
@@ -419,6 +423,23 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   return r;
 }
 
+// The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; decodekit/contract.h
+// walk16_sums): the 16-element group sums on one thread each, the 256-blocks on one thread each,
+// the total folded by thread 0. Leaves g16 / g256 in s; returns the total to every thread.
+DK_CUDA_FN double walk16_sums(const float* e, int64_t n, Smem& s) {
+  const int64_t ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
+  for (int64_t j = threadIdx.x; j < ng; j += kThreads) s.g16[j] = contract::walk16_group(e, n, j);
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads)
+    s.g256[b] = contract::add_in_order(s.g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
+  __syncthreads();
+  if (threadIdx.x == 0) s.dbc = contract::add_in_order(s.g256, nb);
+  __syncthreads();
+  const double z = s.dbc;
+  __syncthreads();
+  return z;
+}
+
 // Top-p threshold: the smallest value v of the considered elements (all, or x >= tk when
 // within_k) such that the mass of the considered elements strictly greater than v is < P.
 // Mass-weighted radix select over float_key, 4 passes of 8 bits from the top: pass q builds the
@@ -611,29 +632,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           n += total;
         }
         __syncthreads();
-        if (n <= kListMax) {
+        if (n <= kListMax) {  // row_engine.h draw(), list branch: the 16-ary walk over S
           done = true;
-          if (threadIdx.x == 0) {  // row_engine.h draw(), list branch
+          const float* e = s.u.list.w;
+          const double Z = walk16_sums(e, n, s);
+          if (threadIdx.x == 0) {
             const double u = row_uniform(row_key(a, o), 0u);
-            double Z = 0.0;
-            for (int64_t i = 0; i < n; ++i) Z += double(s.u.list.w[i]);
-            const double target = u * Z;
-            double cum = 0.0;
-            int64_t last = -1, pick = -1;
-            for (int64_t i = 0; i < n; ++i) {
-              const float e = s.u.list.w[i];
-              if (e > 0.f) last = i;
-              cum += double(e);
-              if (cum > target) {
-                pick = i;
-                break;
-              }
-            }
-            if (pick < 0) pick = last;
+            const int64_t pick = contract::walk16_pick(e, n, s.g16, s.g256, u * Z);
             float wt = 1.f;
             if (pick >= 0) {
               tok = s.u.list.idx[pick];
-              wt = s.u.list.w[pick];
+              wt = e[pick];
             }
             logprob = float(log(double(wt)) - log(Z));
           }
@@ -676,28 +685,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           s.u.tile[j] = e;
         }
         __syncthreads();
+        const int64_t n = cend - cbeg;
+        walk16_sums(s.u.tile, n, s);  // the 16-ary walk over the chunk's kept weights
         if (threadIdx.x == 0) {
-          double acc = 0.0;
-          int64_t last = -1, pick = -1;
-          float lastw = 0.f, wt = 0.f;
-          for (int64_t i = cbeg; i < cend; ++i) {
-            const float e = s.u.tile[i - cbeg];
-            if (!(e > 0.f)) continue;
-            last = i;
-            lastw = e;
-            acc += double(e);
-            if (acc > local) {
-              pick = i;
-              wt = e;
-              break;
-            }
-          }
-          if (pick < 0) {
-            pick = last >= 0 ? last : 0;
-            wt = lastw;
-          }
-          tok = pick;
-          logprob = float(log(double(wt)) - log(Z));
+          const int64_t pick = contract::walk16_pick(s.u.tile, n, s.g16, s.g256, local);
+          tok = pick >= 0 ? cbeg + pick : 0;  // (-1 is unreachable: the chosen chunk has mass)
+          logprob = float(log(double(pick >= 0 ? s.u.tile[pick] : 0.f)) - log(Z));
         }
       }
     }
