@@ -122,8 +122,18 @@ DK_HOST_DEVICE int64_t walk16_last_positive(const float* e, int64_t lo, int64_t 
   return -1;
 }
 
-// The pick, given g16[0..ceil(n/16)) and g256[0..ceil(n/256)) as defined above.
-DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16, const double* g256, double t) {
+// g256 of block b, from the groups (the same sums as walk16_sums; for callers that keep no g16).
+DK_HOST_DEVICE double walk16_block(const float* e, int64_t n, int64_t b) {
+  const int64_t ng = walk16_groups(n), gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
+  double z = 0.0;
+  for (int64_t j = 16 * b; j < gend; ++j) z = dadd_rn(z, walk16_group(e, n, j));
+  return z;
+}
+
+// The pick, given g256[0..ceil(n/256)) and the group sums g16(j) (a functor: a stored array, or
+// walk16_group computed when asked) as defined above.
+template <class G16>
+DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16, const double* g256, double t) {
   const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
   double acc = 0.0;
   int64_t b = 0;
@@ -135,8 +145,9 @@ DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16,
   const int64_t gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
   int64_t j = 16 * b;
   for (; j < gend; ++j) {
-    if (dadd_rn(acc, g16[j]) > t) break;
-    acc = dadd_rn(acc, g16[j]);
+    const double g = g16(j);
+    if (dadd_rn(acc, g) > t) break;
+    acc = dadd_rn(acc, g);
   }
   if (j == gend) return walk16_last_positive(e, 256 * b, 256 * b + 256 < n ? 256 * b + 256 : n);
   const int64_t iend = 16 * j + 16 < n ? 16 * j + 16 : n;
@@ -146,6 +157,10 @@ DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16,
     if (acc > t) return i;
   }
   return walk16_last_positive(e, 16 * j, iend);
+}
+
+DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16, const double* g256, double t) {
+  return walk16_pick_by(e, n, [g16](int64_t j) { return g16[j]; }, g256, t);
 }
 
 // Serial form (the CPU; also the reference for the device's parallel one): fills g16 / g256 and
