@@ -180,8 +180,8 @@ struct Smem {
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
-  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
-  double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
+  double dlane[kThreads];                 // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
+  double dchunk[kThreads / kLanes];       // lane16_mass: the chunk masses of one round
   double g16[contract::kWalkMax / 16];    // walk16_sums: the group sums
   double g256[contract::kWalkMax / 256];  // walk16_sums: the 256-block sums
   double dbc;

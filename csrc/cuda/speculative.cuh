@@ -243,8 +243,8 @@ DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared&
   __syncthreads();
   if (tid == 0) {
     const float* e = sh.stage;
-    const int64_t k = contract::walk16_pick_by(
-        e, n, [e, n](int64_t j) { return contract::walk16_group(e, n, j); }, sh.dred, local);
+    const int64_t k =
+        contract::walk16_pick_by(e, n, [e, n](int64_t j) { return contract::walk16_group(e, n, j); }, sh.dred, local);
     sh.bi = k >= 0 ? start + k : -1;
   }
   __syncthreads();
