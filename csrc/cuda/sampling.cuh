@@ -42,6 +42,7 @@
 #endif
 #include <cfloat>
 #include <cstdint>
+#include <cstring>
 #include "decodekit/common.h"
 #include "decodekit/contract.h"
 #include "decodekit/fmath.h"
@@ -120,9 +121,8 @@ static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
 
 // top_p_threshold's mass histograms: kHistCopies copies of 256 double bins (16 KiB, the size of
-// the list buffers they share memory with); each thread bins kHistUnroll elements per turn.
+// the list buffers they share memory with); each thread bins one 16-byte group per turn.
 constexpr int kHistCopies = kWarps < 8 ? kWarps : 8;
-constexpr int kHistUnroll = 4;
 static_assert(kWarps % kHistCopies == 0, "warps take turns on the histogram copies");
 
 inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
@@ -138,6 +138,42 @@ DK_CUDA_FN f16_t neg_inf_of(const f16_t*) { return f16_t{0xFC00}; }
 template <class T>
 DK_CUDA_FN float ld(const T* x, int64_t i) {
   return to_float(x[i]);
+}
+
+// 16-byte groups of a row: group q = elements q * kVec<T> .. + kVec<T> - 1, read with one 16-byte
+// load when the row start is 16-byte aligned and the group lies inside the row, element by element
+// otherwise (the same element-to-thread mapping either way, so results never depend on alignment).
+template <class T>
+constexpr int kVec = 16 / int(sizeof(T));
+template <class T>
+struct alignas(16) Vec16 {
+  T v[kVec<T>];
+};
+template <class T>
+DK_CUDA_FN bool aligned16(const T* x) {
+  return (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+}
+// out[u] = element q * kVec + u (u < kVec); elements at or past V are NaN (callers test i < V).
+template <class T>
+DK_CUDA_FN void load_group(const T* x, int64_t V, int64_t q, bool aligned, float* out) {
+  const int64_t i0 = q * kVec<T>;
+  if (aligned && i0 + kVec<T> <= V) {
+#if defined(__CUDA_ARCH__)
+    const Vec16<T> p = reinterpret_cast<const Vec16<T>*>(x)[q];
+#else
+    Vec16<T> p;
+    memcpy(&p, x + i0, 16);
+#endif
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) out[u] = to_float(p.v[u]);
+  } else {
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) out[u] = i0 + u < V ? ld(x, i0 + u) : __int_as_float(0x7fc00000);
+  }
+}
+template <class T>
+DK_CUDA_FN int64_t num_groups(int64_t V) {
+  return (V + kVec<T> - 1) / kVec<T>;
 }
 
 // The weight of a value: exp((x - m) * invT) for logits, x itself for probabilities
@@ -292,12 +328,21 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   float m = kNegInf;
   int64_t am = INT64_MAX;
   bool bad = false;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    float v = ld(x, i);
-    bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
-    if (v > m || (v == m && i < am)) {
-      m = v;
-      am = i;
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
+  for (int64_t q = threadIdx.x; q < nq; q += kThreads) {
+    float g[kVec<T>];
+    load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      const int64_t i = q * kVec<T> + u;
+      const float v = g[u];
+      if (i >= V) break;
+      bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
+      if (v > m || (v == m && i < am)) {
+        m = v;
+        am = i;
+      }
     }
   }
   bad = block_any(bad, s);
@@ -313,6 +358,8 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
 // Requires 1 <= k <= V.
 template <class T>
 DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
   uint32_t prefix = 0, mask = 0;
   int64_t kk = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -320,15 +367,21 @@ DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
     __syncthreads();
     // warp-aggregated: lanes holding the same digit add once (logits share their top bits, so
     // plain per-element atomics would serialise on one bin)
-    for (int64_t base = 0; base < V; base += kThreads) {
-      const int64_t i = base + threadIdx.x;
-      unsigned digit = 256u;  // 256: not counted
-      if (i < V) {
-        const uint32_t key = float_key(ld(x, i));
-        if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a warp-uniform trip count: warp ops inside)
+      const int64_t q = q0 + threadIdx.x;
+      float g[kVec<T>];
+      if (q < nq) load_group(x, V, q, al, g);
+#pragma unroll
+      for (int u = 0; u < kVec<T>; ++u) {
+        unsigned digit = 256u;  // 256: not counted
+        if (q < nq && q * kVec<T> + u < V) {
+          const uint32_t key = float_key(g[u]);
+          if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
+          atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
       }
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -473,7 +526,8 @@ DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage)
 template <class T>
 DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
   constexpr int kPhases = kWarps / kHistCopies;
-  constexpr int64_t kStep = int64_t(kThreads) * kHistUnroll;
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
   const int wid = threadIdx.x >> 5;
   double* const hist = s.u.mh + (wid % kHistCopies) * 256;
   double* const stage = s.dlane + (threadIdx.x & ~31);
@@ -482,16 +536,17 @@ DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool wi
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
     __syncthreads();
-    for (int64_t base = 0; base < V; base += kStep) {
-      unsigned digit[kHistUnroll];
-      float e[kHistUnroll];
+    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a uniform trip count: barriers inside)
+      const int64_t q = q0 + threadIdx.x;
+      unsigned digit[kVec<T>];
+      float e[kVec<T>], g[kVec<T>];
+      if (q < nq) load_group(x, V, q, al, g);
 #pragma unroll
-      for (int u = 0; u < kHistUnroll; ++u) {
-        const int64_t i = base + int64_t(u) * kThreads + threadIdx.x;
+      for (int u = 0; u < kVec<T>; ++u) {
         digit[u] = 256u;  // 256: not counted
         e[u] = 0.f;
-        if (i < V) {
-          const float v = ld(x, i);
+        if (q < nq && q * kVec<T> + u < V) {
+          const float v = g[u];
           const uint32_t key = float_key(v);
           if ((!within_k || v >= tk) && (key & mask) == prefix) {
             digit[u] = (key >> shift) & 255u;
@@ -502,7 +557,7 @@ DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool wi
 #pragma unroll
       for (int ph = 0; ph < kPhases; ++ph) {
         if (wid / kHistCopies == ph)
-          for (int u = 0; u < kHistUnroll; ++u) warp_hist_add(digit[u], e[u], hist, stage);
+          for (int u = 0; u < kVec<T>; ++u) warp_hist_add(digit[u], e[u], hist, stage);
         if (kPhases > 1) __syncthreads();
       }
     }
