@@ -14,8 +14,9 @@
 //      the chunked draw's Z = chunk_mass(0) + chunk_mass(1) + ... (in chunk order, add_in_order).
 //    Every (chunk, lane) partial sum is independent, so a GPU computes them all at once with
 //    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
-//    Sums the CPU takes over a LIST (the list draw, top-p's Z over the top-k survivors) are
-//    sequential in index order.
+//  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
+//    speculative residual's walk inside its chunk) is the 16-ary walk below (walk16_*). Top-p's
+//    Z over the top-k survivors is a sequential sum in index order.
 //  * Rounding: IEEE round-to-nearest-even for every float / double operation; nothing is fused
 //    unless written as an explicit fma (v_fma in fmath.h). The device code uses the _rn intrinsics
 //    wherever the CPU rounds, so the result depends neither on -fmad nor on -prec-div. Fast math
@@ -74,6 +75,14 @@ DK_HOST_DEVICE double chunk_lane_sum(int64_t V, int64_t c, int j, const W& w) {
   return s;
 }
 
+// Device loops that must stay loops (the walk's sums: unrolled, they tie up registers that the
+// kernels calling them need elsewhere).
+#if defined(__CUDA_ARCH__)
+#define DK_LOOP_NO_UNROLL _Pragma("unroll 1")
+#else
+#define DK_LOOP_NO_UNROLL
+#endif
+
 // IEEE round-to-nearest double addition (the explicit intrinsic on the device).
 DK_HOST_DEVICE double dadd_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
@@ -87,6 +96,7 @@ DK_HOST_DEVICE double dadd_rn(double a, double b) {
 template <class A>
 DK_HOST_DEVICE double add_in_order(const A* a, int64_t n) {
   double z = 0.0;
+  DK_LOOP_NO_UNROLL
   for (int64_t i = 0; i < n; ++i) z = dadd_rn(z, double(a[i]));
   return z;
 }
@@ -126,6 +136,7 @@ DK_HOST_DEVICE int64_t walk16_last_positive(const float* e, int64_t lo, int64_t 
 DK_HOST_DEVICE double walk16_block(const float* e, int64_t n, int64_t b) {
   const int64_t ng = walk16_groups(n), gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
   double z = 0.0;
+  DK_LOOP_NO_UNROLL
   for (int64_t j = 16 * b; j < gend; ++j) z = dadd_rn(z, walk16_group(e, n, j));
   return z;
 }
