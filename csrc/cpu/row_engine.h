@@ -63,6 +63,7 @@ struct Scratch {
   std::vector<float> gv, gw;  // the crossing bin of the binned top-p cut (values, weights)
   std::vector<double> hist;   // its per-lane histograms
   std::vector<double> chunks;
+  std::vector<float> walk;  // the chosen chunk's kept weights (chunked draw)
 };
 // A kernel's range starts with no next-row prefetch; row loops that want one set it per row
 // (prefetch_next), so a cursor left by another op never points into a freed buffer.
@@ -649,30 +650,24 @@ inline Selection select_row(const T* x, int64_t V, bool probs, const RowParamsF&
 }
 
 // Exact inverse-CDF draw from S with uniform u in (0,1). Returns the token and its weight and
-// the total mass Z_S.
+// the total mass Z_S. A listed S (|S| <= kListMax) is drawn by the contract's 16-ary walk over the
+// list (its total is Z_S); a large S by the chunked draw: chunk masses in the canonical order
+// (Z_S = their sum in chunk order), the chunk where the running mass crosses u * Z_S, then the
+// 16-ary walk over that chunk's kept weights (decodekit/contract.h, the same code as the GPU's).
 template <class T>
 inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scratch& s, double* Zout, float* wout) {
   const Weight& w = sel.w;
+  double g16[contract::kWalkMax / 16], g256[contract::kWalkMax / 256];
   if (sel.res.in_c && sel.nS <= kListMax) {
-    double Z = 0.0;
-    for (int64_t i = 0; i < sel.nS; ++i) Z += double(s.wt[i]);
-    double target = u * Z, cum = 0.0;
-    int64_t last = -1;
-    for (int64_t i = 0; i < sel.nS; ++i) {
-      float e = s.wt[i];
-      if (e > 0.f) last = i;
-      cum += double(e);
-      if (cum > target) {
-        *Zout = Z;
-        *wout = e;
-        return s.idx[i];
-      }
-    }
+    const float* e = s.wt.data();
+    const double Z = contract::walk16_sums(e, sel.nS, g16, g256);
+    int64_t i = contract::walk16_pick(e, sel.nS, g16, g256, u * Z);
+    if (i < 0) i = 0;  // unreachable: S holds the max, of positive weight
     *Zout = Z;
-    *wout = s.wt[last];
-    return s.idx[last];
+    *wout = s.wt[i];
+    return s.idx[i];
   }
-  // chunked: per-chunk masses (16 double lanes), then a sequential scan of one chunk
+  // chunked: per-chunk masses (16 double lanes), then the walk over one chunk
   const int64_t nch = (V + kChunk - 1) / kChunk;
   s.chunks.resize(nch);
   const float fill = w.probs ? 0.f : kNegInf;
@@ -702,31 +697,20 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   }
   // the chosen chunk must have mass; step back/forward to one that does
   while (c > 0 && s.chunks[c] <= 0.0) --c;
-  double local = target - cum;
-  const int64_t end = std::min(V, (c + 1) * kChunk);
-  double acc = 0.0;
-  int64_t last = -1;
-  float lastw = 0.f;
-  alignas(64) float lane[16];
-  for (int64_t i = c * kChunk; i < end; i += 16) {
-    VF v = load_block(x, i, V, fill);
+  const double local = target - cum;
+  const int64_t c0 = c * kChunk, n = std::min(V, c0 + kChunk) - c0;
+  if (int64_t(s.walk.size()) < kChunk + 16) s.walk.resize(kChunk + 16);
+  float* ew = s.walk.data();
+  for (int64_t i = 0; i < n; i += 16) {  // the chunk's kept weights (0 where not kept)
+    VF v = load_block(x, c0 + i, V, fill);
     VF e = w(v);
     M16 keep = vge(v, vt) & vge(e, vmw) & vgt(e, zero);
-    if (!keep) continue;
-    vstore(lane, e);
-    for (M16 b = keep; b; b &= b - 1) {
-      int j = __builtin_ctz(b);
-      last = i + j;
-      lastw = lane[j];
-      acc += double(lane[j]);
-      if (acc > local) {
-        *wout = lane[j];
-        return i + j;
-      }
-    }
+    vstore(ew + i, vblend(keep, zero, e));  // 16 spare slots
   }
-  *wout = lastw;
-  return last >= 0 ? last : 0;  // unreachable: the chosen chunk has mass
+  contract::walk16_sums(ew, n, g16, g256);
+  const int64_t i = contract::walk16_pick(ew, n, g16, g256, local);
+  *wout = i >= 0 ? ew[i] : 0.f;
+  return i >= 0 ? c0 + i : 0;  // (-1 is unreachable: the chosen chunk has mass)
 }
 
 // Points s.pf at the row this thread handles after `o` (none after the last one).

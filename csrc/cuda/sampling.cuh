@@ -15,18 +15,22 @@
 //   * row masses follow the canonical reduction order of decodekit/contract.h (per 4096-element
 //     chunk 16 lanes summed in index order and reduced j = 0..15, chunk masses in chunk order),
 //     exactly as row_engine.h's row_mass / draw(); every (chunk, lane) sum is its own thread.
-//   * every "sequential" double sum (top-p's Z over the top-k survivors, the list draw, the scan
-//     inside a chunk) runs on one thread in index order (adding +0.0 for skipped elements is a
-//     no-op, so those are skipped).
-//   * top-k: the k-th largest value (radix select over float_key: exact).
+//   * the list draw and the walk inside the chosen chunk follow the contract's 16-ary walk
+//     (decodekit/contract.h walk16_*): the group and block sums run on one thread each, thread 0
+//     walks at most 3 x 16 steps. Top-p's Z over the top-k survivors is a sequential sum in index
+//     order (the CPU's resolve()) on one thread (adding +0.0 for skipped elements is a no-op, so
+//     those are skipped).
+//   * top-k: the k-th largest value (radix select over float_key: exact); top-p: a mass-weighted
+//     radix select over float_key (4 passes of 8 bits, deterministic bin sums).
 //   * the method choice (list walk when |S| <= 2048 and S lies in the CPU's candidate list,
 //     else the chunked draw) and the fallbacks of the chunked draw follow draw() in row_engine.h.
 //
 // Where CUDA can differ from the CPU (documented, rare):
 //   * top-p cut: both pick the smallest value v with mass(> v) < p*Z. Z is bit-identical, but
-//     mass(> v) is summed in a different order (CPU: quickselect partition order; here: a
-//     fixed-shape block reduction), so when mass(> v) lies within a few double ulps of p*Z the
-//     two may put the cut on neighbouring values. Deterministic on each device.
+//     mass(> v) is summed in a different order (CPU: quickselect partition order; here: the
+//     fixed-order bins of a mass-weighted radix select), so when mass(> v) lies within a few
+//     double ulps of p*Z the two may put the cut on neighbouring values. Deterministic on each
+//     device.
 //   * logprobs: log(double) of CUDA's libdevice vs glibc may differ by one double ulp before the
 //     float rounding; the float log-probability can then differ in its last bit.
 //   * min-p alone uses the CPU's candidate window test -logf(min_p) + 0.25f <= min(80, ...); with
@@ -38,6 +42,7 @@
 #endif
 #include <cfloat>
 #include <cstdint>
+#include <cstring>
 #include "decodekit/common.h"
 #include "decodekit/contract.h"
 #include "decodekit/fmath.h"
@@ -115,6 +120,11 @@ constexpr int kTile = 4096;  // shared-memory tile (= one chunk)
 static_assert(kChunk == kTile, "the lane pass handles one chunk per tile");
 static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
 
+// top_p_threshold's mass histograms: kHistCopies copies of 256 double bins (16 KiB, the size of
+// the list buffers they share memory with); each thread bins one 16-byte group per turn.
+constexpr int kHistCopies = kWarps < 8 ? kWarps : 8;
+static_assert(kWarps % kHistCopies == 0, "warps take turns on the histogram copies");
+
 inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
 
 namespace detail {
@@ -128,6 +138,42 @@ DK_CUDA_FN f16_t neg_inf_of(const f16_t*) { return f16_t{0xFC00}; }
 template <class T>
 DK_CUDA_FN float ld(const T* x, int64_t i) {
   return to_float(x[i]);
+}
+
+// 16-byte groups of a row: group q = elements q * kVec<T> .. + kVec<T> - 1, read with one 16-byte
+// load when the row start is 16-byte aligned and the group lies inside the row, element by element
+// otherwise (the same element-to-thread mapping either way, so results never depend on alignment).
+template <class T>
+constexpr int kVec = 16 / int(sizeof(T));
+template <class T>
+struct alignas(16) Vec16 {
+  T v[kVec<T>];
+};
+template <class T>
+DK_CUDA_FN bool aligned16(const T* x) {
+  return (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+}
+// out[u] = element q * kVec + u (u < kVec); elements at or past V are NaN (callers test i < V).
+template <class T>
+DK_CUDA_FN void load_group(const T* x, int64_t V, int64_t q, bool aligned, float* out) {
+  const int64_t i0 = q * kVec<T>;
+  if (aligned && i0 + kVec<T> <= V) {
+#if defined(__CUDA_ARCH__)
+    const Vec16<T> p = reinterpret_cast<const Vec16<T>*>(x)[q];
+#else
+    Vec16<T> p;
+    memcpy(&p, x + i0, 16);
+#endif
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) out[u] = to_float(p.v[u]);
+  } else {
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) out[u] = i0 + u < V ? ld(x, i0 + u) : __int_as_float(0x7fc00000);
+  }
+}
+template <class T>
+DK_CUDA_FN int64_t num_groups(int64_t V) {
+  return (V + kVec<T> - 1) / kVec<T>;
 }
 
 // The weight of a value: exp((x - m) * invT) for logits, x itself for probabilities
@@ -164,13 +210,16 @@ struct Smem {
     } list;
     float tile[kTile];
     uint32_t hist[256];
+    double mh[kHistCopies * 256];  // top_p_threshold: the warps' histogram copies
   } u;
   double dred[kWarps];
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
-  double dlane[kThreads];            // lane16_mass: one (chunk, lane) sum per thread
-  double dchunk[kThreads / kLanes];  // lane16_mass: the chunk masses of one round
+  double dlane[kThreads];                 // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
+  double dchunk[kThreads / kLanes];       // lane16_mass: the chunk masses of one round
+  double g16[contract::kWalkMax / 16];    // walk16_sums: the group sums
+  double g256[contract::kWalkMax / 256];  // walk16_sums: the 256-block sums
   double dbc;
   float fbc;
   int64_t ibc;
@@ -279,12 +328,21 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   float m = kNegInf;
   int64_t am = INT64_MAX;
   bool bad = false;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    float v = ld(x, i);
-    bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
-    if (v > m || (v == m && i < am)) {
-      m = v;
-      am = i;
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
+  for (int64_t q = threadIdx.x; q < nq; q += kThreads) {
+    float g[kVec<T>];
+    load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      const int64_t i = q * kVec<T> + u;
+      const float v = g[u];
+      if (i >= V) break;
+      bad |= (v != v) || (v == kPosInf) || (probs && v < 0.f);
+      if (v > m || (v == m && i < am)) {
+        m = v;
+        am = i;
+      }
     }
   }
   bad = block_any(bad, s);
@@ -300,6 +358,8 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
 // Requires 1 <= k <= V.
 template <class T>
 DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
   uint32_t prefix = 0, mask = 0;
   int64_t kk = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -307,15 +367,21 @@ DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
     __syncthreads();
     // warp-aggregated: lanes holding the same digit add once (logits share their top bits, so
     // plain per-element atomics would serialise on one bin)
-    for (int64_t base = 0; base < V; base += kThreads) {
-      const int64_t i = base + threadIdx.x;
-      unsigned digit = 256u;  // 256: not counted
-      if (i < V) {
-        const uint32_t key = float_key(ld(x, i));
-        if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a warp-uniform trip count: warp ops inside)
+      const int64_t q = q0 + threadIdx.x;
+      float g[kVec<T>];
+      if (q < nq) load_group(x, V, q, al, g);
+#pragma unroll
+      for (int u = 0; u < kVec<T>; ++u) {
+        unsigned digit = 256u;  // 256: not counted
+        if (q < nq && q * kVec<T> + u < V) {
+          const uint32_t key = float_key(g[u]);
+          if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
+          atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
       }
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -410,30 +476,122 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   return r;
 }
 
+// The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; decodekit/contract.h
+// walk16_sums): the 16-element group sums on one thread each, the 256-blocks on one thread each,
+// the total folded by thread 0. Leaves g16 / g256 in s; returns the total to every thread.
+DK_CUDA_FN double walk16_sums(const float* e, int64_t n, Smem& s) {
+  const int64_t ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
+  for (int64_t j = threadIdx.x; j < ng; j += kThreads) s.g16[j] = contract::walk16_group(e, n, j);
+  __syncthreads();
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads)
+    s.g256[b] = contract::add_in_order(s.g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
+  __syncthreads();
+  if (threadIdx.x == 0) s.dbc = contract::add_in_order(s.g256, nb);
+  __syncthreads();
+  const double z = s.dbc;
+  __syncthreads();
+  return z;
+}
+
 // Top-p threshold: the smallest value v of the considered elements (all, or x >= tk when
 // within_k) such that the mass of the considered elements strictly greater than v is < P.
-// Bisection over float_key: the smallest key K with M(K) = sum_{key(x) > K} w(x) < P is the key of
-// an element (M only drops at element keys), and M(0) = total >= P > 0 = M(2^32 - 1).
-// CPU/GPU note: M is a deterministic block reduction here, a quickselect-order sum on the CPU;
-// only a mass within double rounding of P can put the cut on a different value.
+// Mass-weighted radix select over float_key, 4 passes of 8 bits from the top: pass q builds the
+// 256-bin histogram of the masses of the considered elements whose key matches the digits chosen
+// so far, and picks the digit d where the mass from the top crosses P (mass above d < P <= mass
+// above d + mass of d). After 4 passes the prefix is the key K* of the answer: M(K*) < P <=
+// M(K* - 1) with M(K) = mass of the keys > K, i.e. the smallest K with M(K) < P (the element
+// values' order is the keys' order). If rounding leaves the total of a pass just under P, the
+// lowest digit with mass is taken (as the CPU's binned cut does).
+// Determinism: the bins are double sums in a fixed order. Within a warp the lanes holding the same
+// digit are grouped (__match_any_sync) and the group's lowest lane adds their weights in lane
+// order into the warp's histogram copy; warps w and w + kHistCopies, ... share copy w % kHistCopies
+// and take turns (a barrier between turns), so each copy's bin is a sequential sum in a fixed
+// order; the copies are added in copy order.
+// CPU/GPU note: the CPU sums the same masses in quickselect order; only a mass within double
+// rounding of P can put the cut on a different value.
+DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage) {
+  if (__ballot_sync(0xffffffffu, digit < 256u) == 0u) return;  // (warp-uniform)
+  const int lane = threadIdx.x & 31;
+  stage[lane] = double(e);
+  const unsigned peers = __match_any_sync(0xffffffffu, digit);
+  __syncwarp();
+  if (digit < 256u && lane == __ffs(peers) - 1) {
+    double g = h[digit];
+    for (unsigned b = peers; b; b &= b - 1u) g = __dadd_rn(g, stage[__ffs(b) - 1]);
+    h[digit] = g;
+  }
+  __syncwarp();  // stage is rewritten by the next call
+}
+
 template <class T>
 DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
-  uint32_t lo = 0u, hi = 0xffffffffu;
-  while (hi - lo > 1u) {
-    const uint32_t mid = lo + (hi - lo) / 2u;
-    double part = 0.0;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      float v = ld(x, i);
-      if (within_k && !(v >= tk)) continue;
-      if (float_key(v) > mid) part += double(w(v));
+  constexpr int kPhases = kWarps / kHistCopies;
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
+  const int wid = threadIdx.x >> 5;
+  double* const hist = s.u.mh + (wid % kHistCopies) * 256;
+  double* const stage = s.dlane + (threadIdx.x & ~31);
+  uint32_t prefix = 0, mask = 0;
+  double above = 0.0;  // mass of the keys above the current prefix
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
+    __syncthreads();
+    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a uniform trip count: barriers inside)
+      const int64_t q = q0 + threadIdx.x;
+      unsigned digit[kVec<T>];
+      float e[kVec<T>], g[kVec<T>];
+      if (q < nq) load_group(x, V, q, al, g);
+#pragma unroll
+      for (int u = 0; u < kVec<T>; ++u) {
+        digit[u] = 256u;  // 256: not counted
+        e[u] = 0.f;
+        if (q < nq && q * kVec<T> + u < V) {
+          const float v = g[u];
+          const uint32_t key = float_key(v);
+          if ((!within_k || v >= tk) && (key & mask) == prefix) {
+            digit[u] = (key >> shift) & 255u;
+            e[u] = w(v);
+          }
+        }
+      }
+#pragma unroll
+      for (int ph = 0; ph < kPhases; ++ph) {
+        if (wid / kHistCopies == ph)
+          for (int u = 0; u < kVec<T>; ++u) warp_hist_add(digit[u], e[u], hist, stage);
+        if (kPhases > 1) __syncthreads();
+      }
     }
-    const double M = block_sum(part, s);
-    if (M < P)
-      hi = mid;
-    else
-      lo = mid;
+    __syncthreads();
+    for (int d = threadIdx.x; d < 256; d += kThreads) {  // the copies in copy order (bin d: one thread)
+      double m = s.u.mh[d];
+      for (int c = 1; c < kHistCopies; ++c) m = __dadd_rn(m, s.u.mh[c * 256 + d]);
+      s.u.mh[d] = m;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the digit where the mass from the top crosses P
+      double cum = above;
+      int d = 255, last = -1;
+      for (; d >= 0; --d) {
+        const double m = s.u.mh[d];
+        if (m > 0.0) last = d;
+        if (__dadd_rn(cum, m) >= P) break;
+        cum = __dadd_rn(cum, m);
+      }
+      if (d < 0) {  // rounding: the total is just under P: the lowest digit with mass
+        d = last < 0 ? 0 : last;
+        cum = above;
+        for (int q = 255; q > d; --q) cum = __dadd_rn(cum, s.u.mh[q]);
+      }
+      s.ubc = prefix | (uint32_t(d) << shift);
+      s.dbc = cum;
+    }
+    __syncthreads();
+    prefix = s.ubc;
+    above = s.dbc;
+    mask |= 255u << shift;
+    __syncthreads();
   }
-  return key_to_float(hi);
+  return key_to_float(prefix);
 }
 
 // Resolved filters of one row: survivors S = { x >= t and w(x) >= minw } (row_engine.h Resolved).
@@ -529,29 +687,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           n += total;
         }
         __syncthreads();
-        if (n <= kListMax) {
+        if (n <= kListMax) {  // row_engine.h draw(), list branch: the 16-ary walk over S
           done = true;
-          if (threadIdx.x == 0) {  // row_engine.h draw(), list branch
+          const float* e = s.u.list.w;
+          const double Z = walk16_sums(e, n, s);
+          if (threadIdx.x == 0) {
             const double u = row_uniform(row_key(a, o), 0u);
-            double Z = 0.0;
-            for (int64_t i = 0; i < n; ++i) Z += double(s.u.list.w[i]);
-            const double target = u * Z;
-            double cum = 0.0;
-            int64_t last = -1, pick = -1;
-            for (int64_t i = 0; i < n; ++i) {
-              const float e = s.u.list.w[i];
-              if (e > 0.f) last = i;
-              cum += double(e);
-              if (cum > target) {
-                pick = i;
-                break;
-              }
-            }
-            if (pick < 0) pick = last;
+            const int64_t pick = contract::walk16_pick(e, n, s.g16, s.g256, u * Z);
             float wt = 1.f;
             if (pick >= 0) {
               tok = s.u.list.idx[pick];
-              wt = s.u.list.w[pick];
+              wt = e[pick];
             }
             logprob = float(log(double(wt)) - log(Z));
           }
@@ -594,28 +740,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
           s.u.tile[j] = e;
         }
         __syncthreads();
+        const int64_t n = cend - cbeg;
+        walk16_sums(s.u.tile, n, s);  // the 16-ary walk over the chunk's kept weights
         if (threadIdx.x == 0) {
-          double acc = 0.0;
-          int64_t last = -1, pick = -1;
-          float lastw = 0.f, wt = 0.f;
-          for (int64_t i = cbeg; i < cend; ++i) {
-            const float e = s.u.tile[i - cbeg];
-            if (!(e > 0.f)) continue;
-            last = i;
-            lastw = e;
-            acc += double(e);
-            if (acc > local) {
-              pick = i;
-              wt = e;
-              break;
-            }
-          }
-          if (pick < 0) {
-            pick = last >= 0 ? last : 0;
-            wt = lastw;
-          }
-          tok = pick;
-          logprob = float(log(double(wt)) - log(Z));
+          const int64_t pick = contract::walk16_pick(s.u.tile, n, s.g16, s.g256, local);
+          tok = pick >= 0 ? cbeg + pick : 0;  // (-1 is unreachable: the chosen chunk has mass)
+          logprob = float(log(double(pick >= 0 ? s.u.tile[pick] : 0.f)) - log(Z));
         }
       }
     }

@@ -297,9 +297,12 @@ DK_DEVICE double block_row_mass(int64_t V, const W& w, Shared& sh) {
   return r;
 }
 
-// The CPU's draw_blocks: exact inverse-CDF draw over w(0..V); -1 without positive mass.
+// The CPU's draw_blocks: exact inverse-CDF draw over w(0..V); -1 without positive mass. A real
+// call on the device (DK_DEVICE_NOINLINE): inlined into the tree kernel (512 threads, so at most 128
+// registers) with the filters' code, it made ptxas spill; as a call it costs a stack frame once
+// per drawn row and nothing spills.
 template <class W>
-DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared& sh) {
+DK_DEVICE_NOINLINE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared& sh) {
   const int tid = threadIdx.x;
   const int64_t nch = (V + kChunk - 1) / kChunk;
   double* lanes = ws.lanes;              // [nch * 16]
@@ -348,20 +351,16 @@ DK_DEVICE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws, Shared&
   const int64_t n = (start + kChunk < V ? kChunk : V - start);
   for (int64_t k = tid; k < n; k += kThreads) sh.stage[k] = w(start + k);
   __syncthreads();
+  // the contract's 16-ary walk over the chunk (decodekit/contract.h; the CPU's draw_blocks):
+  // the <= 16 block sums on one thread each, then thread 0 walks (group sums as it needs them)
+  const int64_t nb = (contract::walk16_groups(n) + 15) / 16;
+  if (tid < nb) sh.dred[tid] = contract::walk16_block(sh.stage, n, tid);
+  __syncthreads();
   if (tid == 0) {
-    double acc = 0.0;
-    int64_t last = -1, tok = -1;
-    for (int64_t k = 0; k < n; ++k) {
-      const float x = sh.stage[k];
-      if (!(x > 0.f)) continue;
-      last = start + k;
-      acc = dadd(acc, double(x));
-      if (acc > local) {
-        tok = start + k;
-        break;
-      }
-    }
-    sh.bi = tok >= 0 ? tok : last;
+    const float* e = sh.stage;
+    const int64_t k =
+        contract::walk16_pick_by(e, n, [e, n](int64_t j) { return contract::walk16_group(e, n, j); }, sh.dred, local);
+    sh.bi = k >= 0 ? start + k : -1;
   }
   __syncthreads();
   const int64_t tok = sh.bi;

@@ -136,7 +136,7 @@ struct Excl {
 
 // ---- exact inverse-CDF draws ---------------------------------------------------------------------
 // Over V weights given 16 at a time by blk(i) (zero past V). Chunk masses in 16 double lanes,
-// then a sequential scan of the chosen chunk (on the same block values). -1 if no positive mass.
+// then the 16-ary walk over the chosen chunk (on the same block values). -1 if no positive mass.
 template <class BF>
 inline int64_t draw_blocks(int64_t V, const BF& blk, double u, std::vector<double>& chunks) {
   const int64_t nch = (V + kChunk - 1) / kChunk;
@@ -162,22 +162,14 @@ inline int64_t draw_blocks(int64_t V, const BF& blk, double u, std::vector<doubl
     while (c > 0 && !(chunks[size_t(c)] > 0.0)) --c;
     local = kPosInf;
   }
-  alignas(64) float lane[16];
-  const int64_t end = std::min(V, (c + 1) * kChunk);
-  double acc = 0.0;
-  int64_t last = -1;
-  for (int64_t i = c * kChunk; i < end; i += 16) {
-    vstore(lane, blk(i));
-    const int64_t n = std::min<int64_t>(16, V - i);
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = lane[j];
-      if (!(w > 0.f)) continue;
-      last = i + j;
-      acc += double(w);
-      if (acc > local) return i + j;
-    }
-  }
-  return last;
+  // the chosen chunk by the contract's 16-ary walk (decodekit/contract.h; CUDA block_draw twin)
+  alignas(64) float e[kChunk + 16];
+  const int64_t c0 = c * kChunk, n = std::min(V, c0 + kChunk) - c0;
+  for (int64_t i = 0; i < n; i += 16) vstore(e + i, blk(c0 + i));
+  double g16[kChunk / 16], g256[kChunk / 256];
+  contract::walk16_sums(e, n, g16, g256);
+  const int64_t k = contract::walk16_pick(e, n, g16, g256, local);
+  return k >= 0 ? c0 + k : -1;
 }
 
 // Over n listed weights wf(k) with tokens idx[k] (sequential sums). -1 if no positive mass.

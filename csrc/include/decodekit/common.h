@@ -10,10 +10,12 @@
 #define DK_HOST_DEVICE __host__ __device__ __forceinline__
 #define DK_HOST_DEVICE_SPEC __host__ __device__ __forceinline__
 #define DK_DEVICE __device__ __forceinline__
+#define DK_DEVICE_NOINLINE __device__ __noinline__  // a real call: keeps a kernel under its register cap
 #else
 #define DK_HOST_DEVICE static inline
 #define DK_HOST_DEVICE_SPEC inline
 #define DK_DEVICE inline  // device-only code: never compiled into the per-ISA CPU objects
+#define DK_DEVICE_NOINLINE inline
 #endif
 
 namespace dk {

@@ -14,8 +14,9 @@
 //      the chunked draw's Z = chunk_mass(0) + chunk_mass(1) + ... (in chunk order, add_in_order).
 //    Every (chunk, lane) partial sum is independent, so a GPU computes them all at once with
 //    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
-//    Sums the CPU takes over a LIST (the list draw, top-p's Z over the top-k survivors) are
-//    sequential in index order.
+//  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
+//    speculative residual's walk inside its chunk) is the 16-ary walk below (walk16_*). Top-p's
+//    Z over the top-k survivors is a sequential sum in index order.
 //  * Rounding: IEEE round-to-nearest-even for every float / double operation; nothing is fused
 //    unless written as an explicit fma (v_fma in fmath.h). The device code uses the _rn intrinsics
 //    wherever the CPU rounds, so the result depends neither on -fmad nor on -prec-div. Fast math
@@ -74,11 +75,112 @@ DK_HOST_DEVICE double chunk_lane_sum(int64_t V, int64_t c, int j, const W& w) {
   return s;
 }
 
+// Device loops that must stay loops (the walk's sums: unrolled, they tie up registers that the
+// kernels calling them need elsewhere).
+#if defined(__CUDA_ARCH__)
+#define DK_LOOP_NO_UNROLL _Pragma("unroll 1")
+#else
+#define DK_LOOP_NO_UNROLL
+#endif
+
+// IEEE round-to-nearest double addition (the explicit intrinsic on the device).
+DK_HOST_DEVICE double dadd_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // a[0] + a[1] + ... + a[n-1], left to right (the chunk-order fold of the canonical order).
-DK_HOST_DEVICE double add_in_order(const double* a, int64_t n) {
+template <class A>
+DK_HOST_DEVICE double add_in_order(const A* a, int64_t n) {
   double z = 0.0;
-  for (int64_t i = 0; i < n; ++i) z += a[i];
+  DK_LOOP_NO_UNROLL
+  for (int64_t i = 0; i < n; ++i) z = dadd_rn(z, double(a[i]));
   return z;
+}
+
+// ---- the canonical draw from a short weight array (the 16-ary walk) -------------------------
+// A draw from n <= kWalkMax float weights e[0..n) (>= 0; the kept weights of one chunk of the
+// chunked draw, or the survivor list of the list draw) by a target t: the first index where the
+// running mass exceeds t. The running mass is defined on a 3-level tree of fan-out 16, so that
+// a GPU computes every sum at once and walks at most 3 x 16 steps:
+//   g16[j]  = e[16j] + ... + e[16j+15]          (in index order, within [0, n))  j < ceil(n/16)
+//   g256[b] = g16[16b] + ... + g16[16b+15]      (in order)                       b < ceil(n/256)
+//   total   = g256[0] + g256[1] + ...           (in order: the list draw's Z)
+// walk16_pick: skip whole 256-blocks while acc + g256[b] <= t (acc += g256[b]), then whole
+// 16-groups of that block the same way, then the elements of that group; at each level the first
+// entry where acc + mass > t is entered. If no 256-block is entered (rounding leaves the total at
+// or below t), the last element of positive weight is taken; a block or group that is entered
+// holds positive mass (its mass > t - acc >= 0), and if rounding lets no entry inside it cross,
+// its last element of positive weight is taken. Returns -1 only when no weight is positive.
+constexpr int64_t kWalkMax = 4096;
+static_assert(kChunk <= kWalkMax && kListMax <= kWalkMax, "one walk covers a chunk or a list");
+DK_HOST_DEVICE int64_t walk16_groups(int64_t n) { return (n + 15) / 16; }
+
+// g16 of group j (the partial last group stops at n).
+DK_HOST_DEVICE double walk16_group(const float* e, int64_t n, int64_t j) {
+  const int64_t end = 16 * j + 16 < n ? 16 * j + 16 : n;
+  return add_in_order(e + 16 * j, end - 16 * j);
+}
+
+// The last index of [lo, hi) with positive weight, -1 if none.
+DK_HOST_DEVICE int64_t walk16_last_positive(const float* e, int64_t lo, int64_t hi) {
+  for (int64_t i = hi - 1; i >= lo; --i)
+    if (e[i] > 0.f) return i;
+  return -1;
+}
+
+// g256 of block b, from the groups (the same sums as walk16_sums; for callers that keep no g16).
+DK_HOST_DEVICE double walk16_block(const float* e, int64_t n, int64_t b) {
+  const int64_t ng = walk16_groups(n), gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
+  double z = 0.0;
+  DK_LOOP_NO_UNROLL
+  for (int64_t j = 16 * b; j < gend; ++j) z = dadd_rn(z, walk16_group(e, n, j));
+  return z;
+}
+
+// The pick, given g256[0..ceil(n/256)) and the group sums g16(j) (a functor: a stored array, or
+// walk16_group computed when asked) as defined above.
+template <class G16>
+DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16, const double* g256, double t) {
+  const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
+  double acc = 0.0;
+  int64_t b = 0;
+  for (; b < nb; ++b) {
+    if (dadd_rn(acc, g256[b]) > t) break;
+    acc = dadd_rn(acc, g256[b]);
+  }
+  if (b == nb) return walk16_last_positive(e, 0, n);
+  const int64_t gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
+  int64_t j = 16 * b;
+  for (; j < gend; ++j) {
+    const double g = g16(j);
+    if (dadd_rn(acc, g) > t) break;
+    acc = dadd_rn(acc, g);
+  }
+  if (j == gend) return walk16_last_positive(e, 256 * b, 256 * b + 256 < n ? 256 * b + 256 : n);
+  const int64_t iend = 16 * j + 16 < n ? 16 * j + 16 : n;
+  for (int64_t i = 16 * j; i < iend; ++i) {
+    if (!(e[i] > 0.f)) continue;  // adding +0 never crosses
+    acc = dadd_rn(acc, double(e[i]));
+    if (acc > t) return i;
+  }
+  return walk16_last_positive(e, 16 * j, iend);
+}
+
+DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16, const double* g256, double t) {
+  return walk16_pick_by(e, n, [g16](int64_t j) { return g16[j]; }, g256, t);
+}
+
+// Serial form (the CPU; also the reference for the device's parallel one): fills g16 / g256 and
+// returns the total.
+DK_HOST_DEVICE double walk16_sums(const float* e, int64_t n, double* g16, double* g256) {
+  const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
+  for (int64_t j = 0; j < ng; ++j) g16[j] = walk16_group(e, n, j);
+  for (int64_t b = 0; b < nb; ++b) g256[b] = add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
+  return add_in_order(g256, nb);
 }
 
 }  // namespace contract
