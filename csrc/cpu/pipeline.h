@@ -37,6 +37,7 @@ struct PipeScratch {
   std::vector<int32_t> ord;                        // per-list order
   std::vector<float> tv;                           // nth_element scratch
   std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
+  std::vector<std::pair<float, int32_t>> side;     // fast top-k: offered to the full heap, not kept
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
   std::vector<PipeVW> pairs;                       // top-p's (value, weight) pairs
   std::vector<uint8_t> keep, acc;                  // per-list keep flags of a step / of all steps (joint)
@@ -327,12 +328,14 @@ inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n
 }
 
 // Fast start for top-k (k <= kTopScanMax; no top-n-sigma; not joint; T > 0): the processed row is
-// never written. The sparse steps run first, on the tokens they touch only (their processed values
-// live in ps.y[t]; the 16-token blocks holding one are marked). One pass over x then applies the
-// bitmask, patches the touched tokens into their blocks and keeps the k largest values in a binary
-// heap (a block with nothing above the heap's worst costs one compare), and L0 = {y >= k-th largest}
-// is collected from the cache-hot x the same way (index order). Returns 0 (L0 in s.val / s.idx, *n),
-// 1 (bad row) or 2 (nothing finite).
+// never written and x is read once. The sparse steps run first, on the tokens they touch only
+// (their processed values live in ps.y[t]; the 16-token blocks holding one are marked). One pass
+// over x then applies the bitmask, patches the touched tokens into their blocks and keeps the k
+// largest values in a binary heap (a block with nothing >= the heap's worst costs one compare);
+// every value offered to the full heap and not kept (evicted, or equal to its worst) goes to a side
+// list, so L0 = {y >= k-th largest} = the heap + the side entries >= its final worst (ties at the
+// k-th value included), sorted into index order. The same pass prefetches this thread's next row.
+// Returns 0 (L0 in s.val / s.idx, *n), 1 (bad row) or 2 (nothing finite).
 template <class T>
 inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr, int64_t k,
                            PipeScratch& ps, Scratch& s, float* m_out, float* mraw_out, int64_t* n_out) {
@@ -377,8 +380,13 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     return p.first > q.first || (p.first == q.first && p.second < q.second);
   };
   auto& heap = ps.top;  // front: the worst of the k best so far (only values > -inf enter)
+  auto& side = ps.side;  // offered to the full heap and not in it: candidates for ties at the end
   heap.clear();
-  VF vthr = ninf;  // a value enters iff it beats vthr (the heap's worst once the heap is full)
+  side.clear();
+  // A value is offered iff it is > vthr: > -inf until the heap is full, then >= the heap's worst
+  // (vthr = the float just below it; the worst is finite or +inf, never -inf).
+  VF vthr = ninf;
+  auto below = [](float f) { return bits_to_float(f > 0.f ? float_to_bits(f) - 1u : (f == 0.f ? 0x80000001u : float_to_bits(f) + 1u)); };
   auto insert = [&](VF v, int64_t i) {
     M16 hit = vgt(v, vthr);
     if (!hit) return;
@@ -389,12 +397,15 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
       if (int64_t(heap.size()) < k) {
         heap.push_back(e);
         std::push_heap(heap.begin(), heap.end(), better);
-        if (int64_t(heap.size()) == k) vthr = vset(heap.front().first);
+        if (int64_t(heap.size()) == k) vthr = vset(below(heap.front().first));
       } else if (better(e, heap.front())) {
+        side.push_back(heap.front());
         std::pop_heap(heap.begin(), heap.end(), better);
         heap.back() = e;
         std::push_heap(heap.begin(), heap.end(), better);
-        vthr = vset(heap.front().first);
+        vthr = vset(below(heap.front().first));
+      } else {
+        side.push_back(e);
       }
     }
   };
@@ -402,8 +413,10 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
   VF mu = ninf, mr = ninf, mx = ninf;
   M16 badm = 0;
   const int64_t Vfull = V & ~int64_t(63);
+  Prefetch pf = s.pf;
   int64_t i = 0;
   for (; i < Vfull; i += 64) {  // four blocks per step: one NaN compare per pair, one threshold test
+    pf.step4();
     VF a = vload(x + i), b = vload(x + i + 16), c = vload(x + i + 32), d = vload(x + i + 48);
     badm |= vnan2(a, b) | vnan2(c, d);
     if (bm || ps.bmark[i >> 4] == cur || ps.bmark[(i >> 4) + 1] == cur || ps.bmark[(i >> 4) + 2] == cur ||
@@ -427,6 +440,7 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     insert(d, i + 48);
   }
   for (; i < V; i += 16) {
+    pf.step();
     VF v = load_block(x, i, V, kNegInf);
     badm |= vnan(v);
     mr = vmax(mr, v);
@@ -434,6 +448,8 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     mx = vmax(mx, v);
     insert(v, i);
   }
+  while (pf.p < pf.end) pf.step4();  // a row shorter than 64 blocks per step: the rest of the next row
+  s.pf = pf;
   mr = vmax(mr, mu);
   mx = vmax(mx, mu);
   if (vhmax(mr) == kPosInf) badm = 1;
@@ -441,23 +457,23 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
   if (badm || bad_fix) return 1;
   const float m = vhmax(mx);
   if (!(m > kNegInf)) return 2;
-  const float thr = int64_t(heap.size()) == k ? std::max(-FLT_MAX, heap.front().first) : -FLT_MAX;
-  // L0: {y >= thr} in index order; this pass also prefetches this thread's next row
-  const VF vt = vset(thr);
-  Prefetch pf = s.pf;
-  int64_t n = 0;
-  for (int64_t i = 0; i < V; i += 16) {
-    pf.step();
-    const VF v = processed(load_block(x, i, V, kNegInf), i);
-    const M16 hit = vge(v, vt);
-    if (!hit) continue;
-    if (int64_t(s.val.size()) < n + 32) {
-      s.val.resize(size_t(2 * (n + 32)));
-      s.idx.resize(size_t(2 * (n + 32)));
-    }
-    n += vcompress(s.val.data() + n, s.idx.data() + n, hit, v, int32_t(i));
+  // L0 = {y >= the k-th largest}: the heap and the side entries tied with its worst (the heap holds
+  // every finite value when it is not full), in index order
+  if (int64_t(heap.size()) == k) {
+    const float thr = heap.front().first;
+    for (const auto& e : side)
+      if (e.first >= thr) heap.push_back(e);
   }
-  s.pf = pf;
+  std::sort(heap.begin(), heap.end(), [](const auto& p, const auto& q) { return p.second < q.second; });
+  const int64_t n = int64_t(heap.size());
+  if (int64_t(s.val.size()) < n) {
+    s.val.resize(size_t(n));
+    s.idx.resize(size_t(n));
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    s.val[size_t(j)] = heap[size_t(j)].first;
+    s.idx[size_t(j)] = heap[size_t(j)].second;
+  }
   *m_out = m;
   *n_out = n;
   return 0;
