@@ -186,7 +186,9 @@ def _seeds(sm, B: int, device) -> torch.Tensor:
             for g in (sm.generators[i] for i in rows)
         ]
         at = torch.tensor(rows, dtype=torch.int64)
-        seeds.index_copy_(0, at.to(device, non_blocking=True), torch.cat([d.to(device, non_blocking=True) for d in drawn]))
+        seeds.index_copy_(
+            0, at.to(device, non_blocking=True), torch.cat([d.to(device, non_blocking=True) for d in drawn])
+        )
     return seeds
 
 
