@@ -367,6 +367,48 @@ def test_sampler_survivors_equal_reference(isa, dtype, order):
         assert keep[torch.arange(6), out.tokens].all()
 
 
+def test_fast_top_k_start_keeps_every_tie_at_the_kth_value(isa):
+    """The fast top-k start reads the row once (a heap of the k best plus the values it evicted or
+    refused at its worst): rows built to stress it (a rising ramp, so every value evicts the worst;
+    a falling ramp; few distinct values, so the k-th value has hundreds of ties before and after
+    the heap fills; a constant row; bans and the bitmask leaving fewer than k finite values) give
+    reference.pipeline_keep's survivors exactly."""
+    V = 4099  # not a multiple of 64: the tail blocks too
+    ramp = torch.arange(V, dtype=torch.float32) / 64
+    g = torch.Generator().manual_seed(5)
+    rows = [
+        ramp,
+        ramp.flip(0),
+        torch.randint(0, 6, (V,), generator=g).float(),
+        torch.randint(0, 3, (V,), generator=g).float().flip(0),
+        torch.zeros(V),
+        (torch.randn(V, generator=g) * 4).round() / 4,
+    ]
+    x = torch.stack(rows)
+    B = x.shape[0]
+    bm = torch.full((B, (V + 31) // 32), -1, dtype=torch.int32)
+    bm[5, 3:] = 0  # row 5: 96 allowed tokens
+    bans = torch.full((B, 2), -1, dtype=torch.int64)
+    bans[4] = torch.tensor([0, 7])
+    hist = torch.randint(0, V, (B, 64), generator=g)
+    kw = dict(
+        allowed_token_bitmask=bm,
+        banned_token_ids=bans,
+        prompt_token_ids=hist[:, :32],
+        output_token_ids=hist[:, 32:],
+        repetition_penalty=1.2,
+        frequency_penalty=0.25,
+    )
+    for f in (dict(temperature=1.0, top_k=10), dict(temperature=0.5, top_k=100, top_p=0.95), dict(top_k=500)):
+        out = dk.sample(x, order="vllm", top_logprobs=V, seed=3, **kw, **f)
+        keep = R.pipeline_keep(R.process_logits(x, **kw), order="vllm", **f)
+        got = torch.zeros_like(keep)
+        for b in range(B):
+            got[b, out.top_ids[b][out.top_logprobs[b] > NEG]] = True
+        assert torch.equal(got, keep), (f, (got != keep).sum(1))
+        assert keep[torch.arange(B), out.tokens].all()
+
+
 def test_python_m_decodekit_shows_the_whole_step(capsys):
     from decodekit.__main__ import pipeline_demo
 

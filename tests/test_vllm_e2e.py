@@ -747,3 +747,65 @@ def test_cuda_sampler_and_greedy_rejection_match_cpu():
         m.draft_token_ids = md.draft_token_ids.to(dev)
         res[dev] = RejectionSampler(Sampler())(m, None, lg.to(dev), _plain_md(len(n))).sampled_token_ids.cpu()
     assert torch.equal(res["cpu"], res["cuda"])
+
+
+def _to_device(md, device):
+    """The tensors of a (Sampling / SpecDecode) metadata dataclass moved to `device`."""
+    import dataclasses
+
+    for f in dataclasses.fields(md):
+        v = getattr(md, f.name)
+        if isinstance(v, torch.Tensor):
+            setattr(md, f.name, v.to(device))
+    return md
+
+
+def test_device_branch_reads_no_device_value(monkeypatch):
+    """Issue 12: the plugin's code for a device other than the CPU (its CUDA branch) reads no
+    device value on the host. Run on the meta device, which holds no data: any .item(), .tolist(),
+    bool(), nonzero(), .cpu() or .numpy() of a device tensor raises there (checked first), while
+    every other op runs and decodekit's ops run as their meta (fake) impls. (FakeTensorMode with
+    fake CUDA tensors cannot be used here: this CPU-only torch refuses slicing and copies of CUDA
+    tensors, fake or not.) Covered: the routed sample (seeded rows from request generators and
+    unseeded rows), the whole step (penalties, bias, bad words, allowed-token mask, min-tokens,
+    min-p, logprobs) and speculative verification with vLLM's -1 padded drafts (greedy, and
+    with temperature, top-k and top-p). The plugin's device checks are told the CUDA build's
+    answers (meta stands for the device)."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    monkeypatch.setattr(dv, "_pipeline_on", lambda device_type: True)
+    monkeypatch.setattr(dv, "_supported_device", lambda x: True)
+    dev = torch.device("meta")
+    t = torch.tensor([1, -1], device=dev)
+    for read in (lambda: t.sum().item(), t.tolist, lambda: bool((t < 0).any()), lambda: (t < 0).nonzero(), t.cpu):
+        with pytest.raises((RuntimeError, NotImplementedError)):  # the harness is sensitive
+            read()
+    B, V = 4, 1000
+    T = torch.tensor([0.0, 0.7, 1.0, 0.9])
+    k = torch.tensor([0, 50, 5, 20], dtype=torch.int32)
+    p = torch.tensor([1.0, 0.9, 0.8, 0.95])
+    step = _step_md(B, V, temperature=T, top_k=k, top_p=p, min_p=[0.0, 0.1, 0.0, 0.05], logprobs=3, seeds={1: 11})
+    plain = _plain_md(B, temperature=T, top_k=k, top_p=p, generators={2: torch.Generator().manual_seed(3)})
+    n = [3, 0, 2, 3]
+    drafts = torch.tensor([5, -1, 7, 1, 2, 3, 4, -1], dtype=torch.int32)  # -1: vLLM's padding
+    dv.install()
+    sampler = Sampler()
+    rs = RejectionSampler(sampler)
+    before = dict(dv.stats)
+    x = torch.empty(B, V, device=dev)
+    tok, _ = dv._sample(sampler, x, _to_device(plain, dev))
+    assert tok.device == dev and tok.shape == (B,)
+    out = dv._forward(sampler, x, _to_device(step, dev))
+    assert out.sampled_token_ids.device == dev and out.sampled_token_ids.shape == (B, 1)
+    assert out.logprobs_tensors.logprobs.shape == (B, 4)
+    for temperature in (None, torch.full((len(n),), 0.8)):
+        md = _to_device(_spec_md(n), dev)
+        md.draft_token_ids = drafts.to(dev)
+        lg = torch.empty(sum(n) + len(n), V, device=dev)
+        f = dict(top_k=torch.full((len(n),), 5), top_p=torch.full((len(n),), 0.9)) if temperature is not None else {}
+        res = dv._rejection_forward(rs, md, None, lg, _to_device(_plain_md(len(n), temperature=temperature, **f), dev))
+        assert res.sampled_token_ids.device == dev and res.sampled_token_ids.shape == (len(n), max(n) + 1)
+    assert dv.stats["sample"] == before.get("sample", 0) + 1
+    assert dv.stats["pipeline"] == before.get("pipeline", 0) + 1
+    assert dv.stats["rejection"] == before.get("rejection", 0) + 2

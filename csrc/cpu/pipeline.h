@@ -3,7 +3,7 @@
 //   1. one streaming pass over the row writes the processed row y into a thread-local buffer
 //      (the bitmask is applied on the way; the row's max is tracked), then the sparse steps run on
 //      y: bans, logit bias, the repetition penalty once per distinct history token, frequency /
-//      presence penalties (a per-thread count array, reset after the row);
+//      presence penalties (per-token flags and counts in a small per-thread hash table);
 //   2. the truncations: top-n-sigma (mean and std of the finite logits, one pass over the
 //      cache-hot y) and top-k are upper sets of values and commute with each other and with
 //      min-p, so the starting list L is collected from y directly (a window profile chooses how
@@ -23,14 +23,58 @@
 
 namespace dk::cpu::DK_ISA_NAME {
 
+// The tokens the sparse steps touch in one row, in an open-addressing hash table of a few KB: per
+// token its processed value (the fast top-k start), its output count and whether the repetition
+// penalty was applied. (V-sized per-token arrays would miss the cache at almost every history
+// token: the streaming pass over the rows evicts them.)
+struct TouchTable {
+  struct Entry {
+    int32_t t;       // token (-1: empty slot)
+    float v;         // processed value (when has)
+    uint32_t count;  // output count (frequency / presence penalties; zero between steps)
+    uint8_t rep, has;
+  };
+  std::vector<Entry> e;
+  std::vector<uint32_t> used;  // occupied slots, in insertion order
+  uint32_t mask = 0;
+  int shift = 32;
+  // Empties the table with room for n distinct tokens (load factor <= 1/2).
+  void reset(int64_t n) {
+    for (const uint32_t h : used) e[h].t = -1;
+    used.clear();
+    size_t cap = 64;
+    while (cap < size_t(2 * n)) cap <<= 1;
+    if (e.size() < cap) {
+      e.assign(cap, Entry{-1, 0.f, 0u, 0, 0});
+      mask = uint32_t(cap - 1);
+      shift = 32 - __builtin_ctzll(cap);
+    }
+  }
+  uint32_t home(int64_t t) const { return (uint32_t(t) * 0x9E3779B1u) >> shift; }
+  __attribute__((always_inline)) Entry& get(int64_t t) {  // t's entry, inserted if absent
+    for (uint32_t h = home(t);; h = (h + 1) & mask) {
+      Entry& x = e[h];
+      if (x.t == int32_t(t)) return x;
+      if (x.t < 0) {
+        x = Entry{int32_t(t), 0.f, 0u, 0, 0};
+        used.push_back(h);
+        return x;
+      }
+    }
+  }
+  __attribute__((always_inline)) const Entry& find(int64_t t) const {  // t's entry (t present)
+    uint32_t h = home(t);
+    while (e[h].t != int32_t(t)) h = (h + 1) & mask;
+    return e[h];
+  }
+};
+
 struct PipeScratch {
-  std::vector<float> y;         // the processed row (V + 16)
-  std::vector<uint32_t> stamp;  // per token: the row serial that last applied the repetition penalty
-  std::vector<uint32_t> count;  // per token: output count of the current row (zero between rows)
-  uint32_t serial = 0;
-  std::vector<uint32_t> mark;   // fast top-k path: the row serial that last touched the token
-  std::vector<uint32_t> bmark;  // ... and the 16-token block holding it
-  uint32_t mserial = 0;
+  std::vector<float> y;  // the processed row (V + 16)
+  TouchTable tt;         // the tokens of the sparse steps
+  // fast top-k start: bit t of tmark = token t has a value in tt; bit b of bmark = 16-token block b
+  // holds one (cleared through tt.used before the next row)
+  std::vector<uint64_t> tmark, bmark;
   std::vector<float> lv, lw;  // the list L: values, weights (index order)
   std::vector<int32_t> li;
   std::vector<double> ld;                          // per-list scratch (log-probabilities, scores)
@@ -55,16 +99,20 @@ struct PipeScratch {
   }
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
-    if (int64_t(stamp.size()) < V) {
-      stamp.assign(size_t(V), 0u);
-      serial = 0;
+    if (int64_t(tmark.size()) < (V >> 6) + 1) {
+      tmark.assign(size_t((V >> 6) + 1), 0u);
+      bmark.assign(size_t((V >> 10) + 1), 0u);
     }
-    if (int64_t(count.size()) < V) count.assign(size_t(V), 0u);
-    if (int64_t(mark.size()) < V) {
-      mark.assign(size_t(V), 0u);
-      bmark.assign(size_t(V / 16 + 1), 0u);
-      mserial = 0;
+  }
+  // A new row whose sparse steps touch at most n distinct tokens: clears the previous row's marks
+  // and the table.
+  void begin_row(int64_t n) {
+    for (const uint32_t h : tt.used) {
+      const int64_t t = tt.e[h].t;
+      tmark[size_t(t >> 6)] = 0u;
+      bmark[size_t(t >> 10)] = 0u;
     }
+    tt.reset(n);
   }
 };
 // The list steps' primitives on the CPU: std::nth_element / std::sort (the values and total
@@ -87,7 +135,8 @@ inline PipeScratch& pipe_scratch() {
 
 // The sparse steps of reference.process_logits, in its order: bans (-inf), logit bias, the
 // repetition penalty once per distinct token of prompt + output, frequency / presence penalties.
-// at(t) returns a reference to token t's current processed value (and may record t).
+// at(t) returns a reference to token t's current processed value (and may record t). ps.begin_row
+// must have run for this row (the per-token flags and counts live in ps.tt).
 template <class At>
 inline void sparse_steps(const PipelineArgs& a, int64_t o, const PipeRow& pr, PipeScratch& ps, At&& at) {
   if (a.banned) {
@@ -104,17 +153,15 @@ inline void sparse_steps(const PipelineArgs& a, int64_t o, const PipeRow& pr, Pi
         v = v + bv[j];
       }
   }
+  TouchTable& tt = ps.tt;
   if (pr.rep != 1.f && (a.prompt || a.output)) {
-    if (++ps.serial == 0) {
-      std::fill(ps.stamp.begin(), ps.stamp.end(), 0u);
-      ps.serial = 1;
-    }
-    const uint32_t cur = ps.serial;
     auto pen = [&](const int64_t* ids, int64_t n) {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t t = ids[j];
-        if (t < 0 || ps.stamp[t] == cur) continue;
-        ps.stamp[t] = cur;
+        if (t < 0) continue;
+        auto& en = tt.get(t);
+        if (en.rep) continue;
+        en.rep = 1;
         float& v = at(t);
         v = repetition_apply(v, pr.rep);
       }
@@ -125,15 +172,24 @@ inline void sparse_steps(const PipelineArgs& a, int64_t o, const PipeRow& pr, Pi
   if (a.output && (pr.freq != 0.f || pr.pres != 0.f)) {
     const int64_t* ids = a.output + o * a.n_output;
     for (int64_t j = 0; j < a.n_output; ++j)
-      if (ids[j] >= 0) ++ps.count[ids[j]];
+      if (ids[j] >= 0) ++tt.get(ids[j]).count;
     for (int64_t j = 0; j < a.n_output; ++j) {
       const int64_t t = ids[j];
-      if (t < 0 || ps.count[t] == 0) continue;
+      if (t < 0) continue;
+      auto& en = tt.get(t);
+      if (en.count == 0) continue;
+      const uint32_t c = en.count;
+      en.count = 0;
       float& v = at(t);
-      v = count_penalty_apply(v, pr.freq, pr.pres, ps.count[t]);
-      ps.count[t] = 0;
+      v = count_penalty_apply(v, pr.freq, pr.pres, c);
     }
   }
+}
+
+// The most distinct tokens the sparse steps of row o can touch.
+inline int64_t sparse_tokens(const PipelineArgs& a) {
+  return (a.banned ? a.n_banned : 0) + (a.bias_ids ? a.n_bias : 0) + (a.prompt ? a.n_prompt : 0) +
+         (a.output ? a.n_output : 0);
 }
 
 // The 16 allowed-bits of the block at token i (all set past the mask / without one).
@@ -171,6 +227,7 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
   // that held the max went down (then y is scanned again).
   auto& touched = ps.touched;
   touched.clear();
+  ps.begin_row(sparse_tokens(a));
   sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& {
     touched.push_back({int32_t(t), y[t]});
     return y[t];
@@ -327,74 +384,108 @@ inline void top_n_list(const float* v, const int32_t* idx, int64_t nl, int64_t n
 }
 
 // Fast start for top-k (k <= kTopScanMax; no top-n-sigma; not joint; T > 0): the processed row is
-// never written. The sparse steps run first, on the tokens they touch only (their processed values
-// live in ps.y[t]; the 16-token blocks holding one are marked). One pass over x then applies the
-// bitmask, patches the touched tokens into their blocks and keeps the k largest values in a binary
-// heap (a block with nothing above the heap's worst costs one compare), and L0 = {y >= k-th largest}
-// is collected from the cache-hot x the same way (index order). Returns 0 (L0 in s.val / s.idx, *n),
-// 1 (bad row) or 2 (nothing finite).
+// never written and x is read once. The sparse steps run first, on the tokens they touch only
+// (their processed values live in ps.tt; the tokens and 16-token blocks holding one are marked in
+// bitsets). One pass over x then applies the bitmask, patches the touched tokens into their blocks
+// and appends every value above a running threshold to a candidate buffer (a block with nothing
+// above it costs one compare; when the buffer fills, the threshold rises to the buffer's k-th
+// largest value and the buffer is compacted), so L0 = {y >= k-th largest} (ties at the k-th value
+// included) comes out in index order. The same pass prefetches this thread's next row.
+// Returns 0 (L0 in s.val / s.idx, *n), 1 (bad row) or 2 (nothing finite).
 template <class T>
 inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t o, const PipeRow& pr, int64_t k,
                            PipeScratch& ps, Scratch& s, float* m_out, float* mraw_out, int64_t* n_out) {
   const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
   const int64_t bm_tokens = bm ? std::min<int64_t>(V, 32 * a.bitmask_words) : 0;
-  if (++ps.mserial == 0) {
-    std::fill(ps.mark.begin(), ps.mark.end(), 0u);
-    std::fill(ps.bmark.begin(), ps.bmark.end(), 0u);
-    ps.mserial = 1;
+  uint64_t* tmark = ps.tmark.data();
+  uint64_t* bmark = ps.bmark.data();
+  TouchTable& tt = ps.tt;
+  ps.begin_row(sparse_tokens(a));
+  {  // the raw values and mask words the sparse steps will read: all misses in flight at once
+    auto pre = [&](const int64_t* ids, int64_t n) {
+      for (int64_t j = 0; ids && j < n; ++j)
+        if (ids[j] >= 0) {
+          __builtin_prefetch(x + ids[j], 0, 3);
+          if (bm && ids[j] < bm_tokens) __builtin_prefetch(bm + (ids[j] >> 5), 0, 3);
+        }
+    };
+    pre(a.banned ? a.banned + o * a.n_banned : nullptr, a.n_banned);
+    pre(a.bias_ids ? a.bias_ids + o * a.n_bias : nullptr, a.n_bias);
+    pre(a.prompt ? a.prompt + o * a.n_prompt : nullptr, a.n_prompt);
+    pre(a.output ? a.output + o * a.n_output : nullptr, a.n_output);
   }
-  const uint32_t cur = ps.mserial;
-  auto& touched = ps.touched;
-  touched.clear();
-  float* y = ps.y.data();
   sparse_steps(a, o, pr, ps, [&](int64_t t) -> float& {
-    if (ps.mark[t] != cur) {
-      ps.mark[t] = cur;
-      ps.bmark[t >> 4] = cur;
-      y[t] = (bm && t < bm_tokens && !bitmask_allows(bm, t)) ? kNegInf : to_float(x[t]);
-      touched.push_back({int32_t(t), y[t]});
+    auto& en = tt.get(t);
+    if (!en.has) {
+      en.has = 1;
+      en.v = (bm && t < bm_tokens && !bitmask_allows(bm, t)) ? kNegInf : to_float(x[t]);
+      tmark[t >> 6] |= uint64_t(1) << (t & 63);
+      bmark[t >> 10] |= uint64_t(1) << ((t >> 4) & 63);
     }
-    return y[t];
+    return en.v;
   });
   bool bad_fix = false;
-  for (const auto& tv : touched) {
-    const float v = y[tv.first];
-    bad_fix |= v != v || v == kPosInf;
+  for (const uint32_t h : tt.used) {
+    const float v = tt.e[h].v;
+    bad_fix |= tt.e[h].has && (v != v || v == kPosInf);
   }
   const VF ninf = vset(kNegInf), pinf = vset(kPosInf);
   alignas(64) float buf[16];
-  auto processed = [&](VF v, int64_t i) {  // bitmask, then the touched tokens' values
-    if (bm) v = vblend(allow16(bm, bm_tokens, i), ninf, v);
-    if (ps.bmark[i >> 4] == cur) {
-      vstore(buf, v);
-      for (int j = 0; j < 16 && i + j < V; ++j)
-        if (ps.mark[i + j] == cur) buf[j] = y[i + j];
-      v = vload(buf);
+  // the marks of the 16-token blocks from i (a multiple of 16) on
+  auto blocks_marked = [&](int64_t i) { return bmark[i >> 10] >> ((i >> 4) & 63); };
+  auto patch = [&](VF v, int64_t i) __attribute__((noinline)) {  // the touched tokens' values
+    vstore(buf, v);
+    for (uint64_t bits = (tmark[i >> 6] >> (i & 63)) & 0xFFFFu; bits; bits &= bits - 1) {
+      const int j = __builtin_ctzll(bits);
+      buf[j] = tt.find(i + j).v;
     }
+    return vload(buf);
+  };
+  auto processed = [&](VF v, int64_t i) __attribute__((always_inline)) {  // bitmask, then the patch
+    if (bm) v = vblend(allow16(bm, bm_tokens, i), ninf, v);
+    if (blocks_marked(i) & 1u) v = patch(v, i);
     return v;
   };
-  auto better = [](const std::pair<float, int32_t>& p, const std::pair<float, int32_t>& q) {
-    return p.first > q.first || (p.first == q.first && p.second < q.second);
+  // The candidates: every value > vthr, appended in index order to s.val / s.idx. vthr is -inf
+  // until the buffer first fills (cap entries), then the float just below the k-th largest value
+  // of the buffer (a lower bound of the row's k-th largest, as the buffer holds every value >= it),
+  // and the buffer is compacted to the values >= that k-th largest (ties kept, order kept).
+  VF vthr = ninf;
+  int64_t n = 0, cap = std::max<int64_t>(4 * k, 256);
+  auto below = [](float f) {  // the largest float < f (f > -inf)
+    return bits_to_float(f > 0.f ? float_to_bits(f) - 1u : (f == 0.f ? 0x80000001u : float_to_bits(f) + 1u));
   };
-  auto& heap = ps.top;  // front: the worst of the k best so far (only values > -inf enter)
-  heap.clear();
-  VF vthr = ninf;  // a value enters iff it beats vthr (the heap's worst once the heap is full)
-  auto insert = [&](VF v, int64_t i) {
-    M16 hit = vgt(v, vthr);
+  auto keep_top_k = [&]() {  // the buffer (n >= k) cut to its values >= its k-th largest, in order
+    s.tmp.assign(s.val.data(), s.val.data() + n);
+    std::nth_element(s.tmp.begin(), s.tmp.begin() + (k - 1), s.tmp.end(), std::greater<float>());
+    const float t = s.tmp[size_t(k - 1)];
+    int64_t c = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (s.val[j] >= t) {
+        s.val[c] = s.val[j];
+        s.idx[c] = s.idx[j];
+        ++c;
+      }
+    n = c;
+    return t;
+  };
+  auto compact = [&]() __attribute__((noinline)) {
+    vthr = vset(below(keep_top_k()));
+    if (n > cap / 2) cap = 2 * n;  // ties at the k-th value: room to make progress
+  };
+  if (int64_t(s.val.size()) < cap + 64) {
+    s.val.resize(size_t(cap + 64));
+    s.idx.resize(size_t(cap + 64));
+  }
+  auto insert = [&](VF v, int64_t i) __attribute__((always_inline)) {
+    const M16 hit = vgt(v, vthr);
     if (!hit) return;
-    vstore(buf, v);
-    for (; hit; hit &= hit - 1) {
-      const int j = __builtin_ctz(hit);
-      const std::pair<float, int32_t> e{buf[j], int32_t(i + j)};
-      if (int64_t(heap.size()) < k) {
-        heap.push_back(e);
-        std::push_heap(heap.begin(), heap.end(), better);
-        if (int64_t(heap.size()) == k) vthr = vset(heap.front().first);
-      } else if (better(e, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), better);
-        heap.back() = e;
-        std::push_heap(heap.begin(), heap.end(), better);
-        vthr = vset(heap.front().first);
+    n += vcompress(s.val.data() + n, s.idx.data() + n, hit, v, int32_t(i));
+    if (n >= cap) {
+      compact();
+      if (int64_t(s.val.size()) < cap + 64) {
+        s.val.resize(size_t(cap + 64));
+        s.idx.resize(size_t(cap + 64));
       }
     }
   };
@@ -402,12 +493,13 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
   VF mu = ninf, mr = ninf, mx = ninf;
   M16 badm = 0;
   const int64_t Vfull = V & ~int64_t(63);
+  Prefetch pf = s.pf;
   int64_t i = 0;
   for (; i < Vfull; i += 64) {  // four blocks per step: one NaN compare per pair, one threshold test
+    pf.step4();
     VF a = vload(x + i), b = vload(x + i + 16), c = vload(x + i + 32), d = vload(x + i + 48);
     badm |= vnan2(a, b) | vnan2(c, d);
-    if (bm || ps.bmark[i >> 4] == cur || ps.bmark[(i >> 4) + 1] == cur || ps.bmark[(i >> 4) + 2] == cur ||
-        ps.bmark[(i >> 4) + 3] == cur) {
+    if (bm || (blocks_marked(i) & 0xFu)) {
       mr = vmax(mr, vmax(vmax(a, b), vmax(c, d)));  // +inf shows in the raw max
       a = processed(a, i);
       b = processed(b, i + 16);
@@ -427,6 +519,7 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     insert(d, i + 48);
   }
   for (; i < V; i += 16) {
+    pf.step();
     VF v = load_block(x, i, V, kNegInf);
     badm |= vnan(v);
     mr = vmax(mr, v);
@@ -434,6 +527,8 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
     mx = vmax(mx, v);
     insert(v, i);
   }
+  while (pf.p < pf.end) pf.step4();  // the next row's lines not yet prefetched (the tail blocks)
+  s.pf = pf;
   mr = vmax(mr, mu);
   mx = vmax(mx, mu);
   if (vhmax(mr) == kPosInf) badm = 1;
@@ -441,23 +536,8 @@ inline int fast_topk_start(const T* x, int64_t V, const PipelineArgs& a, int64_t
   if (badm || bad_fix) return 1;
   const float m = vhmax(mx);
   if (!(m > kNegInf)) return 2;
-  const float thr = int64_t(heap.size()) == k ? std::max(-FLT_MAX, heap.front().first) : -FLT_MAX;
-  // L0: {y >= thr} in index order; this pass also prefetches this thread's next row
-  const VF vt = vset(thr);
-  Prefetch pf = s.pf;
-  int64_t n = 0;
-  for (int64_t i = 0; i < V; i += 16) {
-    pf.step();
-    const VF v = processed(load_block(x, i, V, kNegInf), i);
-    const M16 hit = vge(v, vt);
-    if (!hit) continue;
-    if (int64_t(s.val.size()) < n + 32) {
-      s.val.resize(size_t(2 * (n + 32)));
-      s.idx.resize(size_t(2 * (n + 32)));
-    }
-    n += vcompress(s.val.data() + n, s.idx.data() + n, hit, v, int32_t(i));
-  }
-  s.pf = pf;
+  // L0 = {y >= the k-th largest} (every finite value when there are fewer than k), index order
+  if (n > k) keep_top_k();
   *m_out = m;
   *n_out = n;
   return 0;

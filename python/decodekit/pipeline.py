@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._ops import ops
-from .sampling import _n_out_rows
+from .sampling import _n_out_rows, _split
 
 __all__ = [
     "SampleOutput",
@@ -99,40 +99,14 @@ class SampleOutput(NamedTuple):
     top_logprobs: torch.Tensor  # float32 [B, n]
 
 
-def _column(value, default, name, n, integral, device):
-    """One params column: float64 [n] on `device`. A device tensor is never read on the host."""
-    if value is None:
-        return torch.full((n,), float(default), dtype=torch.float64, device=device)
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.device.type == "cpu":
-            value = value.item()
-        elif value.dim() == 0:  # a 0-D device tensor: broadcast on the device
-            return value.detach().reshape(1).to(device, torch.float64).expand(n)
-        else:
-            if value.dim() != 1 or value.shape[0] != n:
-                raise ValueError(
-                    f"{name} must be a scalar or a 1-D tensor of length {n}, got shape {tuple(value.shape)}"
-                )
-            return value.detach().to(device, torch.float64)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:  # numpy scalars
-            value = value.item()
-        except AttributeError:
-            raise TypeError(f"{name} must be a number or a 1-D tensor, got {type(value).__name__}") from None
-    if integral and float(value) != int(value):
-        raise ValueError(f"{name} must be an integer, got {value}")
-    return torch.full((n,), float(value), dtype=torch.float64, device=device)
-
-
-def _scalar(value, default, name, integral):
-    """A plain Python number (or None) as a float; None when value is a tensor / other type."""
-    if value is None:
-        return float(default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if integral and float(value) != int(value):
-        raise ValueError(f"{name} must be an integer, got {value}")
-    return float(value)
+def _as_column(arr, value, name, n, device):
+    """One params column, float64 [n] on `device`, from sampling._split's (tensor or None, scalar).
+    A device tensor is never read on the host."""
+    if arr is None:
+        return torch.full((n,), float(value), dtype=torch.float64, device=device)
+    if arr.dim() != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must be a scalar or a 1-D tensor of length {n}, got shape {tuple(arr.shape)}")
+    return arr.detach().to(device, torch.float64)
 
 
 _PARAM_ROWS = {}  # (device, values) -> float64 [1, 13] on that device, kept for the process
@@ -161,13 +135,15 @@ def _param_row(row, device):
 
 def pack_params(n: int, device=None, **kw) -> torch.Tensor:
     """float64 [n, 13] per-row parameters on `device` (default the CPU; missing keywords: off);
-    ranges are checked by the op. All scalars (the common case): one row, broadcast (the op makes
-    it contiguous). No tensor value is read on the host and nothing moves through the CPU."""
+    each keyword is parsed by sampling._split (the one parser of per-row parameters, shared with
+    the sampling and speculative wrappers); ranges are checked by the op. All scalars (the common
+    case): one row, broadcast (the op makes it contiguous). No tensor value is read on the host and
+    nothing moves through the CPU."""
     device = torch.device("cpu") if device is None else device
-    row = [_scalar(kw.get(name), d, name, integral) for name, d, integral in PARAMS]
-    if all(v is not None for v in row):
-        return _param_row(row, device).expand(n, len(PARAMS))
-    return torch.stack([_column(kw.get(name), d, name, n, integral, device) for name, d, integral in PARAMS], 1)
+    cols = [_split(kw.get(name), d, name, int if integral else float, n=n) for name, d, integral in PARAMS]
+    if all(arr is None for arr, _ in cols):
+        return _param_row([float(v) for _, v in cols], device).expand(n, len(PARAMS))
+    return torch.stack([_as_column(arr, v, name, n, device) for (arr, v), (name, _, _) in zip(cols, PARAMS)], 1)
 
 
 def _ids(t, name):

@@ -92,10 +92,13 @@ def _on_host(t: torch.Tensor) -> bool:
 
 
 def _split(value: Param, default, name: str, kind=float, n=None):
-    """A per-row parameter as (tensor or None, scalar). Python and numpy scalars and 0-D CPU tensors
+    """A per-row parameter as (tensor or None, scalar): the one parser of the sampling, speculative
+    and whole-step (pipeline.pack_params) wrappers. Python and numpy scalars and 0-D CPU tensors
     are scalars; a 1-D tensor is one value per row; a 0-D device tensor is broadcast to the n rows
-    (never read on the host). Range checks happen in the op (on the values as given, before any
-    float32 conversion), so they hold for every caller."""
+    (never read on the host). kind=int: an integral value (an int, or a float with no fraction),
+    clamped to +-2^62 (for top_k, k <= 0 or k >= V is off; for min_tokens_to_keep, 2^62 keeps
+    every token). Range checks happen in the op (on the values as given, before any float32
+    conversion), so they hold for every caller. Errors name the argument."""
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):

@@ -64,6 +64,11 @@ Falls back to vLLM's own code for the whole batch (one log line per reason, once
   decodekit's ``pipeline`` op has no CUDA kernel (checked in torch's dispatcher);
 - a device other than CPU or CUDA.
 
+On CUDA nothing in this module reads a device value on the host (no ``.item()``, ``.tolist()``,
+``nonzero()`` or ``bool()`` of a device tensor): the seeds are an int64 device tensor (a seeded
+request's seed is drawn on its generator's device), the bitmask is packed on the device, and the
+draft counts up to vLLM's -1 padding are computed on the device.
+
 ``stats`` counts the calls served by decodekit and the fallbacks (per process).
 """
 
@@ -168,14 +173,23 @@ def _min_p(sm):
 
 def _seeds(sm, B: int, device) -> torch.Tensor:
     """One 63-bit seed per row: from the request's generator (seeded requests), else from torch's
-    default generator. Drawn every step, so a seeded request's tokens depend only on its seed."""
-    seeds = torch.randint(0, 2**63 - 1, (B,), dtype=torch.int64)
-    for i, gen in sm.generators.items():
-        if i < B:
-            seeds[i] = int(
-                torch.randint(0, 2**63 - 1, (1,), generator=gen, dtype=torch.int64, device=gen.device).item()
-            )
-    return seeds.to(device, non_blocking=True)
+    default generator of `device`. Drawn every step, so a seeded request's tokens depend only on
+    its seed. Nothing is read on the host: a seeded request's seed is drawn on its generator's
+    device (vLLM's GPU runner: the CUDA device) and copied into the device tensor of seeds, which
+    decodekit's ops read in the kernels (on the CPU the values and tokens are those of a host
+    loop)."""
+    seeds = torch.randint(0, 2**63 - 1, (B,), dtype=torch.int64, device=device)
+    rows = [i for i in sm.generators if i < B]
+    if rows:
+        drawn = [
+            torch.randint(0, 2**63 - 1, (1,), generator=g, dtype=torch.int64, device=g.device)
+            for g in (sm.generators[i] for i in rows)
+        ]
+        at = torch.tensor(rows, dtype=torch.int64)
+        seeds.index_copy_(
+            0, at.to(device, non_blocking=True), torch.cat([d.to(device, non_blocking=True) for d in drawn])
+        )
+    return seeds
 
 
 def _temperature(sm, B: int, device):
@@ -470,17 +484,13 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
         flat[metadata.target_logits_indices] = target
         flat[metadata.bonus_logits_indices] = bonus
 
+    # vLLM's padded drafts (-1) are always rejected: a request's chain ends at its first one (its
+    # draft count, computed on the device below; the ids are clamped to stay in range)
     draft_ids = metadata.draft_token_ids.to(torch.int64)
-    neg = (draft_ids < 0).nonzero().flatten().tolist() if draft_ids.numel() else []
     starts, s = [], 0
     for nb in n:
         starts.append(s)
         s += nb
-    if neg:  # vLLM's padded drafts (-1) are always rejected: the chain ends there
-        for pos in neg:
-            b = max(i for i in range(B) if starts[i] <= pos)
-            n[b] = min(n[b], pos - starts[b])
-        draft_ids = draft_ids.clamp(min=0)
 
     T = _temperature(sm, B, device)
     greedy = isinstance(T, float)  # all greedy: no filters, no randomness
@@ -497,15 +507,20 @@ def _rejection_forward(self, metadata, draft_probs, logits, sampling_metadata):
         while b1 < B and nd[b1] == nb:
             b1 += 1
         L, r0, d0 = b1 - b0, starts[b0] + b0, starts[b0]
-        trunc = n[b0:b1]
+        ids = draft_ids[d0 : d0 + L * nb].view(L, nb)
+        counts = None
+        if nb:  # the drafts before the first -1 of each request
+            counts = (ids >= 0).to(torch.int64).cumprod(1).sum(1)
+            if device.type == "cpu" and bool((counts == nb).all()):  # a host read only on the CPU
+                counts = None
         res, _, _ = dk.chain_speculative_sampling_from_logits(
             None if draft_probs is None else draft_probs[d0 : d0 + L * nb].view(L, nb, V).to(torch.float32),
-            draft_ids[d0 : d0 + L * nb].view(L, nb),
+            ids.clamp(min=0),
             flat[r0 : r0 + L * (nb + 1)].view(L, nb + 1, V),
             temperature=_rows(T, b0, b1),
             top_k=_rows(k, b0, b1),
             top_p=_rows(p, b0, b1),
-            num_draft_tokens=torch.tensor(trunc, dtype=torch.int64, device=device) if min(trunc) < nb else None,
+            num_draft_tokens=counts,
             seed=_rows(seeds, b0, b1),
             out_dtype=torch.int32,
         )
