@@ -297,8 +297,10 @@ DK_CUDA_FN void block_argmax(float& v, int64_t& idx, Smem& s) {
   __syncthreads();
 }
 
-// Rank of this thread among the flagged threads of the block (thread order); total flagged.
-DK_CUDA_FN int block_rank(bool flag, Smem& s, int& total) {
+// Rank of this thread among the flagged threads of the block (thread order); total flagged. S: any
+// shared struct with int32_t wcount[kWarps] (Smem here, the speculative kernels' Shared).
+template <class S>
+DK_CUDA_FN int block_rank(bool flag, S& s, int& total) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const unsigned b = __ballot_sync(0xffffffffu, flag);
   if (lane == 0) s.wcount[wid] = __popc(b);

@@ -203,23 +203,6 @@ DK_DEVICE int64_t list_pos(const int32_t* idx, int64_t n, int64_t x) {
   return lo < n && int64_t(idx[lo]) == x ? lo : -1;
 }
 
-// Rank of this thread among the flagged threads of the block (thread order), and their total.
-DK_DEVICE int block_rank(bool flag, Shared& sh, int* total) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  const unsigned b = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) sh.wcount[wid] = __popc(b);
-  __syncthreads();
-  int before = 0, tot = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    const int c = sh.wcount[w];
-    before += w < wid ? c : 0;
-    tot += c;
-  }
-  __syncthreads();
-  *total = tot;
-  return before + __popc(b & ((1u << lane) - 1u));
-}
-
 // The CPU's draw_list: an exact inverse-CDF draw over n listed weights wf(k) (tokens idx[k]), the
 // sums sequential in list order (thread 0); the weights are computed block-wide into sh.stage
 // first. -1 without positive mass.
@@ -518,7 +501,7 @@ DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
         }
       }
       int total;
-      const int pos = block_rank(flag, sh, &total);
+      const int pos = sd::block_rank(flag, sh, total);
       if (flag && cnt + pos < kListMax) {
         ws.list_idx[cnt + pos] = int32_t(i);
         ws.list_w[cnt + pos] = e;
