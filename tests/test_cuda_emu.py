@@ -145,3 +145,175 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ---- the radix selects' digit scans (csrc/cuda/radix_digit.h) -------------------------------------
+def _digit_scans(lines, seed):
+    exe = emu.ROOT / "build" / "cuda_emu" / "emu_digit"
+    src = [
+        emu.HERE / "emu_digit.cpp",
+        emu.HERE / "emu_runtime.h",
+        emu.ROOT / "csrc/cuda/radix_digit.h",
+        emu.ROOT / "csrc/include/decodekit/contract.h",
+    ]
+    if not exe.exists() or exe.stat().st_mtime < max(p.stat().st_mtime for p in src):
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            emu.compiler(),
+            "-std=c++20",
+            "-O1",
+            "-ffp-contract=off",
+            f"-I{emu.HERE}",
+            f"-I{emu.ROOT / 'csrc'}",
+            f"-I{emu.ROOT / 'csrc/include'}",
+            str(src[0]),
+            "-o",
+            str(exe),
+        ]
+        subprocess.run(cmd, check=True)
+    r = subprocess.run(
+        [str(exe), str(seed)], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [(int(a), b) for a, b in (ln.split() for ln in r.stdout.splitlines())]
+
+
+def _seq_count(h, kk):
+    """The sequential scan from the top (what thread 0 did before): the largest digit d >= 1 whose
+    count from the top reaches kk, else 0; and the count above d."""
+    cum, d = 0, 255
+    while d > 0 and cum + h[d] < kk:
+        cum += h[d]
+        d -= 1
+    return d, cum
+
+
+def _seq_mass(h, above, P):
+    """The sequential mass scan from the top (the previous thread-0 loop)."""
+    cum, last = above, -1
+    for d in range(255, -1, -1):
+        if h[d] > 0.0:
+            last = d
+        if cum + h[d] >= P:
+            return d, cum
+        cum += h[d]
+    d = max(last, 0)
+    return d, above + sum(h[q] for q in range(255, d, -1)) if last >= 0 else above
+
+
+def _par_mass(h, above, P):
+    """radix_digit.h's pick_mass_digit in Python doubles (the same IEEE additions in the same
+    order): lane sums of 8 digits, an inclusive Hillis-Steele scan over the lanes, per-lane walks."""
+    local = []
+    for lane in range(32):
+        s = 0.0
+        for b in range(8):
+            s += h[255 - 8 * lane - b]
+        local.append(s)
+    incl = local[:]
+    o = 1
+    while o < 32:
+        incl = [incl[j - o] + incl[j] if j >= o else incl[j] for j in range(32)]
+        o *= 2
+    found, lasts = None, []
+    for lane in range(32):
+        cum = above + (incl[lane - 1] if lane else 0.0)
+        last = None
+        for b in range(255 - 8 * lane, 247 - 8 * lane, -1):
+            if h[b] > 0.0:
+                last = (b, cum)
+            if cum + h[b] >= P:
+                if found is None:
+                    found = (b, cum)
+                break
+            cum += h[b]
+        lasts.append(last)
+    if found is not None:
+        return found
+    with_mass = [x for x in lasts if x is not None]
+    return with_mass[-1] if with_mass else (0, above)
+
+
+def _digit_histograms(gen):
+    hs = []
+    for kind in range(6):
+        for _ in range(8):
+            if kind == 0:  # dense
+                h = torch.randint(0, 50, (256,), generator=gen)
+            elif kind == 1:  # a few bins
+                h = torch.zeros(256, dtype=torch.int64)
+                idx = torch.randint(0, 256, (3,), generator=gen)
+                h[idx] = torch.randint(1, 1000, (3,), generator=gen)
+            elif kind == 2:  # everything in digit 0 or 255
+                h = torch.zeros(256, dtype=torch.int64)
+                h[0 if _ % 2 else 255] = 7
+            elif kind == 3:  # a bulk at the low digits (logits sharing their top bits)
+                h = torch.zeros(256, dtype=torch.int64)
+                h[:12] = torch.randint(0, 5000, (12,), generator=gen)
+            elif kind == 4:  # sparse
+                h = (torch.rand(256, generator=gen) < 0.05).long() * torch.randint(1, 9, (256,), generator=gen)
+            else:
+                h = torch.zeros(256, dtype=torch.int64)
+            hs.append([int(v) for v in h])
+    return hs
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_digit_scans(seed):
+    """The radix selects' digit scans run on warp 0 (8 digits per lane + a warp scan) instead of
+    one thread. Count form: the sequential scan's digit and count exactly, every rank from 1 to
+    past the total. Mass form: with integer masses (exact sums) the sequential scan's digit and
+    mass above; with real masses, bit for bit the parallel definition written out in Python
+    doubles; P beyond the total (rounding) gives the lowest digit with mass; no mass: digit 0."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    hs = _digit_histograms(gen)
+    lines, want = [], []
+    for h in hs:
+        total = sum(h)
+        ranks = sorted({1, total, total + 1, *torch.randint(1, total + 2, (6,), generator=gen).tolist()})
+        for kk in ranks:
+            lines.append("c %d %s" % (kk, " ".join(map(str, h))))
+            want.append(_seq_count(h, kk))
+    got = _digit_scans(lines, seed)
+    assert [(d, int(c)) for d, c in got] == want
+    lines, want_seq, want_par = [], [], []
+    for h in hs:
+        hf = [float(v) for v in h]
+        total = sum(hf)
+        for above, P in [(0.0, 0.5), (3.0, 3.0 + total / 2 + 0.5), (1.0, 1.0 + total), (0.0, total + 1.0), (2.0, 1.0)]:
+            lines.append("m %r %r %s" % (above, P, " ".join(map(repr, hf))))
+            want_seq.append(_seq_mass(hf, above, P))
+        r = (torch.rand(256, generator=gen, dtype=torch.float64) * torch.tensor([v > 0 for v in h])).tolist()
+        rt = sum(r)
+        for P in (1e-3 * rt, 0.5 * rt, 0.9 * rt, rt, 1.5 * rt + 1e-9):
+            lines.append("m %r %r %s" % (0.25, 0.25 + P, " ".join(map(repr, r))))
+            want_par.append(_par_mass(r, 0.25, 0.25 + P))
+    got = _digit_scans(lines, seed)
+    exact, real = [], []
+    for i, (d, c) in enumerate(got):
+        (exact if i % 10 < 5 else real).append((d, float(c)))
+    assert exact == want_seq
+    assert real == want_par
+
+
+def test_sparse_mass_is_the_canonical_mass():
+    """Top-p's Z over the top-k survivors: the CPU sums its index-ordered candidate list with
+    contract.h's sparse_mass, the GPU the masked whole row in the canonical (chunk, lane) order;
+    the two are the same double, bit for bit (the omitted terms are +0.0)."""
+    gen = torch.Generator().manual_seed(5)
+    lines = []
+    for V, n in [(100, 7), (4096, 300), (4097, 50), (20000, 2000), (128256, 50), (128256, 4000), (9000, 0)]:
+        idx = torch.randperm(V, generator=gen)[:n].sort().values
+        # a wide dynamic range, so that the double sums round and their order matters
+        w = torch.exp2(torch.rand(n, generator=gen, dtype=torch.float64) * 100 - 80).float()
+        w[::7] = 0.0  # zero weights among the survivors (exp underflow)
+        lines.append("s %d %d %s" % (V, n, " ".join(f"{int(i)} {float(x)!r}" for i, x in zip(idx, w))))
+    _digit_scans([], 1)  # builds the program
+    exe = emu.ROOT / "build" / "cuda_emu" / "emu_digit"
+    r = subprocess.run([str(exe), "1"], input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    pairs = [ln.split() for ln in r.stdout.splitlines()]
+    assert len(pairs) == len(lines)
+    for sp, dense in pairs:
+        assert sp == dense
+    assert len({p[0] for p in pairs}) == len(pairs)  # distinct totals: the cases are not trivial

@@ -483,14 +483,12 @@ inline Resolved resolve(const T* x, int64_t V, const float* vals, const float* w
   float t = tk;
   if (p_on) {
     const bool within_k = rp.order == FilterOrder::Sequential && k_on;
-    double mc = 0.0;  // mass of the top-p candidates (index order)
+    double mc = 0.0;  // mass of the top-p candidates
     s.pairs.clear();
-    if (within_k) {
+    if (within_k) {  // Z over the top-k survivors: the canonical mass (decodekit/contract.h)
       for (int64_t i = 0; i < n; ++i)
-        if (vals[i] >= tk) {
-          s.pairs.push_back({vals[i], wts[i]});
-          mc += double(wts[i]);
-        }
+        if (vals[i] >= tk) s.pairs.push_back({vals[i], wts[i]});
+      mc = contract::sparse_mass(s.idx.data(), wts, n, [&](int64_t i) { return vals[i] >= tk; });
     } else {  // 16 double lanes, fixed order (a sequential double sum is latency-bound)
       VD acc = vd_zero();
       int64_t i = 0;

@@ -56,6 +56,7 @@
 #include "decodekit/philox.h"
 #include "decodekit/pipeline.h"
 #include "decodekit/rng.h"
+#include "radix_digit.h"
 
 #if defined(__CUDACC__)
 #define DK_PIPE_FN __device__ __forceinline__
@@ -257,8 +258,8 @@ struct PipeShared {
   double lane[16];
   unsigned hist[256];
   unsigned warp_cnt[kPipeWarps];
-  int64_t nt, n, tok, sel_rank;
-  uint32_t sel_prefix;
+  int64_t nt, n, tok, sel_rank, sel_above;
+  uint32_t sel_prefix, sel_digit;
   int inval, bad, fail;
   float tw, tv;
   double Z;
@@ -266,6 +267,12 @@ struct PipeShared {
 
 // Order key of a value with -0 == +0 (float compares treat them as equal).
 DK_PIPE_FN uint32_t sel_key(float v) { return float_key(v == 0.f ? 0.f : v); }
+
+// radix_digit.h's count scan as a real call on the device: the whole-step kernel is at its
+// register cap, and inlined the scan added 16 B of spill stores there.
+DK_DEVICE_NOINLINE void pipe_count_digit(const unsigned* h, int64_t kk, uint32_t* d_out, int64_t* above_out) {
+  pick_count_digit(h, kk, d_out, above_out);
+}
 
 // The m-th largest (1 <= m <= V) of the row's raw / processed values by radix select; all threads
 // return it.
@@ -288,15 +295,11 @@ DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V
       if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
     }
     __syncthreads();
+    if (tid < 32) pipe_count_digit(sh.hist, sh.sel_rank, &sh.sel_digit, &sh.sel_above);
+    __syncthreads();
     if (tid == 0) {
-      int64_t want = sh.sel_rank;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (int64_t(sh.hist[b]) >= want) break;
-        want -= int64_t(sh.hist[b]);
-      }
-      sh.sel_prefix = prefix | (uint32_t(b) << shift);
-      sh.sel_rank = want;
+      sh.sel_prefix = prefix | (sh.sel_digit << shift);
+      sh.sel_rank -= sh.sel_above;
     }
     __syncthreads();
   }

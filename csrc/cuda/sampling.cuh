@@ -48,6 +48,7 @@
 #include "decodekit/fmath.h"
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
+#include "radix_digit.h"
 
 // Device functions of this file (common.h's DK_DEVICE is `static inline` on the host, which the
 // CPU-thread emulator of tests/cuda_emu cannot use for member functions).
@@ -386,57 +387,14 @@ DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t cum = 0;
-      int d = 255;
-      for (; d > 0; --d) {
-        if (cum + int64_t(s.u.hist[d]) >= kk) break;
-        cum += s.u.hist[d];
-      }
-      s.ubc = prefix | (uint32_t(d) << shift);
-      s.ibc = kk - cum;
-    }
+    if (threadIdx.x < 32) pick_count_digit(s.u.hist, kk, &s.ubc, &s.ibc);
     __syncthreads();
-    prefix = s.ubc;
-    kk = s.ibc;
+    prefix |= s.ubc << shift;
+    kk -= s.ibc;
     mask |= 255u << shift;
     __syncthreads();
   }
   return key_to_float(prefix);
-}
-
-// Sequential double sum in index order of w(x_i) over { i : x_i >= t } (the CPU's top-p Z over
-// the top-k survivors). Non-zero weights of each stretch of the row are compacted (in order)
-// into shared memory and added by thread 0; zero weights are skipped (adding +0.0 is a no-op).
-template <class T>
-DK_CUDA_FN double ordered_sum_ge(const T* x, int64_t V, const Weight& w, float t, Smem& s) {
-  double acc = 0.0;  // thread 0
-  int fill = 0;
-  for (int64_t base = 0; base < V; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    float e = 0.f;
-    if (i < V) {
-      float v = ld(x, i);
-      if (v >= t) e = w(v);
-    }
-    const bool flag = e != 0.f;
-    int total;
-    const int pos = block_rank(flag, s, total);
-    if (flag) s.u.tile[fill + pos] = e;
-    fill += total;
-    if (fill > kTile - kThreads || base + kThreads >= V) {
-      __syncthreads();
-      if (threadIdx.x == 0)
-        for (int j = 0; j < fill; ++j) acc += double(s.u.tile[j]);
-      __syncthreads();
-      fill = 0;
-    }
-  }
-  if (threadIdx.x == 0) s.dbc = acc;
-  __syncthreads();
-  double r = s.dbc;
-  __syncthreads();
-  return r;
 }
 
 // The canonical row mass (decodekit/contract.h) of the masked weights keep ? w(x) : 0, keep =
@@ -452,8 +410,9 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   const int j = threadIdx.x % kLanes, g = threadIdx.x / kLanes;
   const auto kept = [&](int64_t i) {  // adding +0.0 to a lane sum (>= +0) changes nothing
     const float v = ld(x, i);
+    if (!(v >= t)) return 0.f;
     const float e = w(v);
-    return v >= t && e >= minw ? e : 0.f;
+    return e >= minw ? e : 0.f;
   };
   double z = 0.0;  // thread 0
   for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
@@ -570,25 +529,9 @@ DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool wi
       s.u.mh[d] = m;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // the digit where the mass from the top crosses P
-      double cum = above;
-      int d = 255, last = -1;
-      for (; d >= 0; --d) {
-        const double m = s.u.mh[d];
-        if (m > 0.0) last = d;
-        if (__dadd_rn(cum, m) >= P) break;
-        cum = __dadd_rn(cum, m);
-      }
-      if (d < 0) {  // rounding: the total is just under P: the lowest digit with mass
-        d = last < 0 ? 0 : last;
-        cum = above;
-        for (int q = 255; q > d; --q) cum = __dadd_rn(cum, s.u.mh[q]);
-      }
-      s.ubc = prefix | (uint32_t(d) << shift);
-      s.dbc = cum;
-    }
+    if (threadIdx.x < 32) pick_mass_digit(s.u.mh, above, P, &s.ubc, &s.dbc);  // where the mass from the top crosses P
     __syncthreads();
-    prefix = s.ubc;
+    prefix |= s.ubc << shift;
     above = s.dbc;
     mask |= 255u << shift;
     __syncthreads();
@@ -627,8 +570,8 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
   float t = tk;
   if (p_on) {
     const bool within_k = rp.order == 0 && k_on;
-    // Z: sequential over the top-k survivors (index order) or the 16-lane whole-row mass
-    const double Z = within_k ? ordered_sum_ge(x, V, sel.w, tk, s) : lane16_mass(x, V, sel.w, kNegInf, 0.f, nullptr, s);
+    // Z: the canonical mass of the top-k survivors or of the whole row (all (chunk, lane) sums at once)
+    const double Z = lane16_mass(x, V, sel.w, within_k ? tk : kNegInf, 0.f, nullptr, s);
     const double P = double(rp.p) * Z;
     const float tp = top_p_threshold(x, V, sel.w, within_k, tk, P, s);
     t = (t < tp) ? tp : t;  // std::max(t, tp)

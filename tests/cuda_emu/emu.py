@@ -22,6 +22,7 @@ SOURCES = [
     HERE / "emu_runtime.h",
     HERE / "emu_sampling.cpp",
     ROOT / "csrc/cuda/sampling.cuh",
+    *sorted((ROOT / "csrc/cuda").glob("*.h")),
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -15,6 +15,7 @@ SOURCES = [
     HERE / "emu_runtime.h",
     HERE / "emu_pipeline.cpp",
     ROOT / "csrc/cuda/pipeline.cuh",
+    *sorted((ROOT / "csrc/cuda").glob("*.h")),
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
 _lib = {}

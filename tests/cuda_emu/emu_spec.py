@@ -16,6 +16,7 @@ SOURCES = [
     HERE / "emu_speculative.cpp",
     ROOT / "csrc/cuda/speculative.cuh",
     ROOT / "csrc/cuda/sampling.cuh",
+    *sorted((ROOT / "csrc/cuda").glob("*.h")),
     *sorted((ROOT / "csrc/include/decodekit").glob("*.h")),
 ]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

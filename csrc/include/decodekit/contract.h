@@ -16,7 +16,9 @@
 //    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
 //  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
 //    speculative residual's walk inside its chunk) is the 16-ary walk below (walk16_*). Top-p's
-//    Z over the top-k survivors is a sequential sum in index order.
+//    Z over the top-k survivors is the canonical row mass of the weights of x >= t_k (zero
+//    elsewhere): the GPU sums it over the whole row at once, the CPU from its index-ordered
+//    candidate list (sparse_mass: the same value, since adding +0.0 changes no partial sum).
 //  * Rounding: IEEE round-to-nearest-even for every float / double operation; nothing is fused
 //    unless written as an explicit fma (v_fma in fmath.h). The device code uses the _rn intrinsics
 //    wherever the CPU rounds, so the result depends neither on -fmad nor on -prec-div. Fast math
@@ -98,6 +100,33 @@ DK_HOST_DEVICE double add_in_order(const A* a, int64_t n) {
   double z = 0.0;
   DK_LOOP_NO_UNROLL
   for (int64_t i = 0; i < n; ++i) z = dadd_rn(z, double(a[i]));
+  return z;
+}
+
+// The canonical mass (above) of the weights w[q] at indices idx[q] (strictly increasing) for the
+// q with keep(q), all other elements weighing 0: equal to the dense sum, since every omitted term
+// is +0.0 and adding +0.0 to a non-negative partial sum changes nothing (the weights are >= 0).
+// The CPU's form for a sparse set (top-p's Z over the top-k survivors in its candidate list).
+template <class Idx, class Keep>
+DK_HOST_DEVICE double sparse_mass(const Idx* idx, const float* w, int64_t n, const Keep& keep) {
+  double z = 0.0, lane[kLanes];
+  int64_t cur = -1;  // the chunk being summed
+  const auto fold = [&]() {
+    double m = 0.0;
+    for (int j = 0; j < kLanes; ++j) m = dadd_rn(m, lane[j]);
+    z = dadd_rn(z, m);
+  };
+  for (int64_t q = 0; q < n; ++q) {
+    if (!keep(q)) continue;
+    const int64_t i = int64_t(idx[q]), c = i / kChunk;
+    if (c != cur) {
+      if (cur >= 0) fold();
+      for (int j = 0; j < kLanes; ++j) lane[j] = 0.0;
+      cur = c;
+    }
+    lane[i % kLanes] = dadd_rn(lane[i % kLanes], double(w[q]));
+  }
+  if (cur >= 0) fold();
   return z;
 }
 
