@@ -1,6 +1,7 @@
 // CUDA implementations of the sampling/filtering ops: the same checks and argument packing as
 // csrc/torch/sampling_cpu.cpp (shared in csrc/torch/checks.h), then one launch on the current
 // stream. No math here; the kernels live in csrc/cuda/sampling.cuh.
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,6 +23,10 @@ void check_cuda(const at::Tensor& x, const char* name) {
   DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
            "); all tensor arguments must be on the same device");
 }
+
+// The device's SM count for the split-row plan (sampling.cuh split_plan): torch's cached device
+// properties, no device round trip.
+int device_sms(const at::Tensor& x) { return at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount; }
 
 cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   cuda::SampleArgs a;
@@ -59,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
   a.out_logprob = logprobs.data_ptr<float>();
-  C10_CUDA_CHECK(cuda::launch_sample(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_sample(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), device_sms(x)));
   finish_bad_rows(rs, tokens, valid, &logprobs);
   return {tokens, valid, logprobs};
 }
@@ -76,7 +81,13 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sample_cuda(const at::Tensor& x, const
   cuda::SampleArgs a = sample_args(rs, offset);
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
-  C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  const int sms = device_sms(x);
+  at::Tensor ws;
+  if (cuda::split_plan(a, sms, true).splits > 1) {  // the split parts live in the workspace
+    ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.V)}, x.options().dtype(at::kDouble));
+    a.workspace = ws.data_ptr<double>();
+  }
+  C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), sms));
   finish_bad_rows(rs, tokens, valid, nullptr);
   return {tokens, valid};
 }

@@ -126,8 +126,6 @@ static_assert(kTile % kThreads == 0 && kTile % 16 == 0, "tile shape");
 constexpr int kHistCopies = kWarps < 8 ? kWarps : 8;
 static_assert(kWarps % kHistCopies == 0, "warps take turns on the histogram copies");
 
-inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) { return n_out * num_chunks(V); }
-
 namespace detail {
 
 DK_CUDA_FN float key_to_float(uint32_t k) { return bits_to_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
@@ -326,8 +324,10 @@ struct Scan {
   bool bad;
 };
 
+// scan_raw: the same over x[0..V) without the final "nothing with positive weight" test (a slice
+// of a split row; the row's verdict comes from all its slices, split_verdict).
 template <class T>
-DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
+DK_CUDA_FN Scan scan_raw(const T* x, int64_t V, bool probs, Smem& s) {
   float m = kNegInf;
   int64_t am = INT64_MAX;
   bool bad = false;
@@ -353,7 +353,14 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   Scan r;
   r.m = m;
   r.argmax = am;
-  r.bad = bad || !(m > (probs ? 0.f : kNegInf));
+  r.bad = bad;
+  return r;
+}
+
+template <class T>
+DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
+  Scan r = scan_raw(x, V, probs, s);
+  r.bad = r.bad || !(r.m > (probs ? 0.f : kNegInf));
   return r;
 }
 
@@ -403,10 +410,13 @@ DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
 // 0..15, the chunk masses in chunk order. All (chunk, lane) sums run at once, kGroup chunks per
 // round (one thread each); thread 0 folds the chunk masses. chunk_out != nullptr: chunk c's mass
 // is also written to chunk_out[c]. Returns the total to every thread.
+// lane16_mass_range: the same over the chunks [cb, ce) only (a slice of a split row; chunk_out is
+// indexed by the absolute chunk), returning their masses added in chunk order.
 template <class T>
-DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out, Smem& s) {
+DK_CUDA_FN double lane16_mass_range(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
+                                    int64_t cb, int64_t ce, Smem& s) {
   constexpr int kGroup = kThreads / kLanes;
-  const int64_t nch = num_chunks(V);
+  const int64_t nch = ce;
   const int j = threadIdx.x % kLanes, g = threadIdx.x / kLanes;
   const auto kept = [&](int64_t i) {  // adding +0.0 to a lane sum (>= +0) changes nothing
     const float v = ld(x, i);
@@ -415,7 +425,7 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
     return e >= minw ? e : 0.f;
   };
   double z = 0.0;  // thread 0
-  for (int64_t c0 = 0; c0 < nch; c0 += kGroup) {
+  for (int64_t c0 = cb; c0 < nch; c0 += kGroup) {
     const int64_t c = c0 + g;
     s.dlane[threadIdx.x] = c < nch ? contract::chunk_lane_sum(V, c, j, kept) : 0.0;
     __syncthreads();
@@ -435,6 +445,11 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   const double r = s.dbc;
   __syncthreads();
   return r;
+}
+
+template <class T>
+DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out, Smem& s) {
+  return lane16_mass_range(x, V, w, t, minw, chunk_out, 0, num_chunks(V), s);
 }
 
 // The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; decodekit/contract.h
@@ -582,6 +597,55 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
   return sel;
 }
 
+// The chunked draw's second half (row_engine.h draw(), chunked branch), given the canonical chunk
+// masses chunks[0..nch) of the kept weights and their total Z (in chunk order): the chunk where the
+// running mass crosses u * Z, then the 16-ary walk over that chunk's kept weights. Thread 0 gets
+// the token and its log-probability. Used by sample_kernel and by the split-row draw.
+template <class T>
+DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, float minw, const double* chunks, double Z,
+                           const RngKey& key, Smem& s, int64_t& tok, float& logprob) {
+  const int64_t nch = num_chunks(V);
+  if (threadIdx.x == 0) {
+    const double u = row_uniform(key, 0u);
+    const double target = u * Z;
+    double cum = 0.0;
+    int64_t c = 0;
+    for (; c < nch - 1; ++c) {
+      if (cum + chunks[c] > target) break;
+      cum += chunks[c];
+    }
+    while (c > 0 && chunks[c] <= 0.0) --c;
+    s.ibc = c;
+    s.dbc = target - cum;
+  }
+  __syncthreads();
+  const int64_t c = s.ibc;
+  const double local = s.dbc;
+  __syncthreads();
+  // weights of the chosen chunk's survivors with positive weight, 0 elsewhere
+  const int64_t cbeg = c * kChunk, cend = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
+  for (int j = threadIdx.x; j < kTile; j += kThreads) {
+    const int64_t i = cbeg + j;
+    float e = 0.f;
+    if (i < cend) {
+      float v = ld(x, i);
+      if (v >= t) {
+        float ew = w(v);
+        if (ew >= minw && ew > 0.f) e = ew;
+      }
+    }
+    s.u.tile[j] = e;
+  }
+  __syncthreads();
+  const int64_t n = cend - cbeg;
+  walk16_sums(s.u.tile, n, s);  // the 16-ary walk over the chunk's kept weights
+  if (threadIdx.x == 0) {
+    const int64_t pick = contract::walk16_pick(s.u.tile, n, s.g16, s.g256, local);
+    tok = pick >= 0 ? cbeg + pick : 0;  // (-1 is unreachable: the chosen chunk has mass)
+    logprob = float(log(double(pick >= 0 ? s.u.tile[pick] : 0.f)) - log(Z));
+  }
+}
+
 // ---- kernels ----------------------------------------------------------------------------------
 DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) { return row_rng_key(a, o); }
 
@@ -650,48 +714,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         __syncthreads();
       }
       if (!done) {  // row_engine.h draw(), chunked branch
-        const int64_t nch = num_chunks(V);
-        double* chunks = a.workspace + o * nch;
+        double* chunks = a.workspace + o * num_chunks(V);
         const double Z = lane16_mass(x, V, w, sel.t, sel.minw, chunks, s);  // ends with __syncthreads
-        if (threadIdx.x == 0) {
-          const double u = row_uniform(row_key(a, o), 0u);
-          const double target = u * Z;
-          double cum = 0.0;
-          int64_t c = 0;
-          for (; c < nch - 1; ++c) {
-            if (cum + chunks[c] > target) break;
-            cum += chunks[c];
-          }
-          while (c > 0 && chunks[c] <= 0.0) --c;
-          s.ibc = c;
-          s.dbc = target - cum;
-        }
-        __syncthreads();
-        const int64_t c = s.ibc;
-        const double local = s.dbc;
-        __syncthreads();
-        // weights of the chosen chunk's survivors with positive weight, 0 elsewhere
-        const int64_t cbeg = c * kChunk, cend = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
-        for (int j = threadIdx.x; j < kTile; j += kThreads) {
-          const int64_t i = cbeg + j;
-          float e = 0.f;
-          if (i < cend) {
-            float v = ld(x, i);
-            if (v >= sel.t) {
-              float ew = w(v);
-              if (ew >= sel.minw && ew > 0.f) e = ew;
-            }
-          }
-          s.u.tile[j] = e;
-        }
-        __syncthreads();
-        const int64_t n = cend - cbeg;
-        walk16_sums(s.u.tile, n, s);  // the 16-ary walk over the chunk's kept weights
-        if (threadIdx.x == 0) {
-          const int64_t pick = contract::walk16_pick(s.u.tile, n, s.g16, s.g256, local);
-          tok = pick >= 0 ? cbeg + pick : 0;  // (-1 is unreachable: the chosen chunk has mass)
-          logprob = float(log(double(pick >= 0 ? s.u.tile[pick] : 0.f)) - log(Z));
-        }
+        chunk_draw(x, V, w, sel.t, sel.minw, chunks, Z, row_key(a, o), s, tok, logprob);
       }
     }
   }
@@ -702,30 +727,25 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   }
 }
 
-// Gumbel-max: token = argmax_i (x_i + g_i), lowest index on ties. Element i uses Philox block
-// 16*(i/32) + (i%16), words (0,1) if (i/16) is even else (2,3) (as gumbel_rows_t on the CPU).
+// Gumbel-max over the elements [beg, end) of a row (beg a multiple of 32): the best score x_i + g_i,
+// its lowest index and the NaN / +inf flag, block-reduced (all threads). Element i uses Philox
+// block 16*(i/32) + (i%16), words (0,1) if (i/16) is even else (2,3) (as gumbel_rows_t on the CPU).
 template <class T>
-__global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
-  __shared__ Smem s;
-  const int64_t o = blockIdx.x;
-  const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
-  const int64_t V = a.V;
-  const RngKey key = row_key(a, o);
+DK_CUDA_FN Scan gumbel_scan(const T* x, int64_t beg, int64_t end, const RngKey& key, Smem& s) {
   const float s32 = 2.3283064365386963e-10f, s64 = 5.421010862427522e-20f, half64 = 2.710505431213761e-20f,
               umax = 0.99999994f;
   float best = kNegInf;
   int64_t bidx = INT64_MAX;
   bool bad = false;
-  const int64_t npairs = ((V + 31) / 32) * 16;
-  for (int64_t q = threadIdx.x; q < npairs; q += kThreads) {
+  const int64_t q_end = ((end + 31) / 32) * 16;
+  for (int64_t q = (beg / 32) * 16 + threadIdx.x; q < q_end; q += kThreads) {
     const int64_t g = q >> 4;
     const int j = int(q & 15);
     const Philox4 r = philox_draw(key, 0u, uint32_t(16 * g) + uint32_t(j));
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t i = 32 * g + 16 * half + j;
-      if (i >= V) break;
+      if (i >= end) break;
       const float v = ld(x, i);
       bad |= (v != v) || (v == kPosInf);
       const uint32_t wa = half ? r.v[2] : r.v[0], wb = half ? r.v[3] : r.v[1];
@@ -738,14 +758,174 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
       }
     }
   }
-  bad = block_any(bad, s);
+  Scan out;
+  out.bad = block_any(bad, s);
   block_argmax(best, bidx, s);
+  out.m = best;
+  out.argmax = bidx;
+  return out;
+}
+
+// Gumbel-max: token = argmax_i (x_i + g_i), lowest index on ties.
+template <class T>
+__global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
+  __shared__ Smem s;
+  const int64_t o = blockIdx.x;
+  const int64_t src = a.indices ? a.indices[o] : o;
+  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
+  const Scan r = gumbel_scan(x, 0, a.V, row_key(a, o), s);
   if (threadIdx.x == 0) {
-    const bool valid = !bad && best > kNegInf;
-    a.out_tokens[o] = valid ? bidx : 0;
+    const bool valid = !r.bad && r.m > kNegInf;
+    a.out_tokens[o] = valid ? r.argmax : 0;
     if (a.out_valid) a.out_valid[o] = valid;
     if (a.out_logprob) a.out_logprob[o] = 0.f;
   }
+}
+
+// ---- split rows: several CTAs per row when the batch is small -------------------------------------
+// For a launch whose rows have no top-k / top-p / min-p (known on the host from the scalar
+// arguments: greedy, temperature-only and unfiltered probability sampling, Gumbel-max), each row
+// is cut into `splits` slices of `per` whole chunks, one CTA each, in two or three launches:
+//   split_scan_kernel   (rows x splits CTAs): each slice's max, lowest argmax and bad flag (for
+//                       Gumbel-max: the slice's best score and its lowest index) -> parts;
+//   split_mass_kernel   (rows x splits CTAs, sampling only): the row's max from all its parts, then
+//                       the canonical masses of the slice's chunks -> workspace;
+//   split_draw_kernel   (rows CTAs): the row's verdict from its parts; greedy: the argmax; else the
+//                       chunk masses added in chunk order (Z) and chunk_draw (the same code as
+//                       sample_kernel), or for Gumbel-max the best part.
+// The tokens, valid flags and log-probabilities are those of the one-CTA kernels by construction:
+// a max, and the lowest index attaining it, do not depend on how the row is cut; each chunk mass is
+// computed from its own chunk only (the canonical order of decodekit/contract.h); and the fold of
+// the chunk masses and the draw run in one CTA in the same order as before.
+struct SplitPart {
+  float m;         // max (sampling) or best score (Gumbel-max) of the slice
+  int32_t bad;     // NaN / +inf (probabilities: a negative value) in the slice
+  int64_t argmax;  // lowest index attaining m (absolute)
+};
+
+struct SplitArgs {
+  SampleArgs a;
+  int splits = 1;              // CTAs per row
+  int64_t per = 0;             // chunks per slice (the last slice may hold fewer)
+  SplitPart* parts = nullptr;  // [n_out * splits]
+  bool gumbel = false;
+};
+
+DK_CUDA_FN const void* split_row(const SampleArgs& a, int64_t o) {
+  const int64_t src = a.indices ? a.indices[o] : o;
+  return static_cast<const char*>(a.x) + src * a.row_stride * int64_t(a.dtype == DType::F32 ? 4 : 2);
+}
+
+// The row's scan from its parts (every thread reads all of them; order-free).
+DK_CUDA_FN Scan split_verdict(const SplitArgs& sa, int64_t o, bool probs) {
+  Scan r{kNegInf, INT64_MAX, false};
+  for (int q = 0; q < sa.splits; ++q) {
+    const SplitPart p = sa.parts[o * sa.splits + q];
+    r.bad = r.bad || p.bad != 0;
+    if (p.m > r.m || (p.m == r.m && p.argmax < r.argmax)) {
+      r.m = p.m;
+      r.argmax = p.argmax;
+    }
+  }
+  if (!sa.gumbel) r.bad = r.bad || !(r.m > (probs ? 0.f : kNegInf));
+  return r;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
+  __shared__ Smem s;
+  const SampleArgs& a = sa.a;
+  const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
+  const T* x = static_cast<const T*>(split_row(a, o));
+  const int64_t beg = sp * sa.per * kChunk, end = beg + sa.per * kChunk < a.V ? beg + sa.per * kChunk : a.V;
+  Scan r;
+  if (sa.gumbel) {
+    r = gumbel_scan(x, beg, end, row_key(a, o), s);
+  } else {
+    r = scan_raw(x + beg, end - beg, a.filter.is_probs, s);
+    if (r.argmax != INT64_MAX) r.argmax += beg;
+  }
+  if (threadIdx.x == 0) sa.parts[blockIdx.x] = SplitPart{r.m, r.bad ? 1 : 0, r.argmax};
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_mass_kernel(SplitArgs sa) {
+  __shared__ Smem s;
+  const SampleArgs& a = sa.a;
+  const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
+  const bool probs = a.filter.is_probs;
+  const RowParams rp = row_params(a.filter, o);
+  const Scan sc = split_verdict(sa, o, probs);
+  if (sc.bad || (!probs && rp.T == 0.f)) return;  // (uniform over the block) bad or greedy: no masses
+  const T* x = static_cast<const T*>(split_row(a, o));
+  const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};  // (select_row's weight)
+  const int64_t nch = num_chunks(a.V), cb = sp * sa.per, ce = cb + sa.per < nch ? cb + sa.per : nch;
+  lane16_mass_range(x, a.V, w, kNegInf, 0.f, a.workspace + o * nch, cb, ce, s);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
+  __shared__ Smem s;
+  const SampleArgs& a = sa.a;
+  const int64_t o = blockIdx.x;
+  const bool probs = a.filter.is_probs;
+  const RowParams rp = row_params(a.filter, o);
+  const Scan sc = split_verdict(sa, o, probs);
+  int64_t tok = 0;
+  bool valid = false;
+  float logprob = 0.f;
+  if (sa.gumbel) {
+    valid = !sc.bad && sc.m > kNegInf;
+    tok = valid ? sc.argmax : 0;
+  } else if (!sc.bad) {
+    valid = true;
+    if (!probs && rp.T == 0.f) {
+      tok = sc.argmax;
+    } else {
+      const T* x = static_cast<const T*>(split_row(a, o));
+      const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};
+      const int64_t nch = num_chunks(a.V);
+      const double* chunks = a.workspace + o * nch;
+      const double Z = contract::add_in_order(chunks, nch);  // (lane16_mass's fold, the same adds)
+      chunk_draw(x, a.V, w, kNegInf, 0.f, chunks, Z, row_key(a, o), s, tok, logprob);
+    }
+  }
+  if (threadIdx.x == 0) {
+    a.out_tokens[o] = tok;
+    if (a.out_valid) a.out_valid[o] = valid;
+    if (a.out_logprob) a.out_logprob[o] = valid ? logprob : 0.f;
+  }
+}
+
+// The split plan of a sample / Gumbel-max launch (host, torch-free): n_sms = the device's SM count
+// (0: never split). Rows are split only when every row is unfiltered (top-k off or >= V, top-p 1,
+// min-p 0 as scalars: per-row tensors keep one CTA per row, since their values stay on the device),
+// there are fewer rows than SMs, and a row has at least two chunks. Rule: aim at about n_sms CTAs in
+// all, splits = ceil(nch / per) with per = ceil(nch / min(nch, ceil(n_sms / n_out))) chunks per slice.
+inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
+  SplitArgs sa;
+  sa.a = a;
+  sa.gumbel = gumbel;
+  const int64_t nch = num_chunks(a.V);
+  const RowFilterArgs& f = a.filter;
+  const bool unfiltered = gumbel || (!f.top_k && !f.top_p && !f.min_p && (f.top_k_val < 1 || f.top_k_val >= a.V) &&
+                                     f.top_p_val >= 1.f && f.min_p_val <= 0.f);
+  if (!unfiltered || n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || nch < 2) return sa;
+  const int64_t want = (n_sms + a.n_out - 1) / a.n_out;
+  const int64_t per = (nch + (want < nch ? want : nch) - 1) / (want < nch ? want : nch);
+  sa.per = per;
+  sa.splits = int((nch + per - 1) / per);
+  return sa;
+}
+
+// Workspace of a sample / Gumbel-max launch, in doubles: the chunk masses [n_out, nch], then the
+// split parts [n_out, <= nch].
+inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) {
+  static_assert(sizeof(SplitPart) == 2 * sizeof(double), "a part is two doubles of workspace");
+  return n_out * num_chunks(V) * 3;
+}
+inline SplitPart* split_parts(double* workspace, int64_t n_out, int64_t V) {
+  return reinterpret_cast<SplitPart*>(workspace + n_out * num_chunks(V));
 }
 
 // Filters writing a [rows, V] output (filter_rows_t on the CPU).
@@ -800,10 +980,42 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
 
 }  // namespace detail
 
+using detail::sample_workspace_elems;
+using detail::split_parts;
+using detail::split_plan;
+using detail::SplitArgs;
+using detail::SplitPart;
+
 // ---- host launchers (no torch) ------------------------------------------------------------------
 #if !defined(DK_CUDA_EMULATE)
-inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream) {
+template <class T>
+inline void launch_split(const SplitArgs& sa, cudaStream_t stream) {
+  const dim3 parts(unsigned(sa.a.n_out * sa.splits)), rows(unsigned(sa.a.n_out)), block(kThreads);
+  detail::split_scan_kernel<T><<<parts, block, 0, stream>>>(sa);
+  if (!sa.gumbel) detail::split_mass_kernel<T><<<parts, block, 0, stream>>>(sa);
+  detail::split_draw_kernel<T><<<rows, block, 0, stream>>>(sa);
+}
+
+// n_sms: the device's SM count, for the split-row plan (0: one CTA per row). a.workspace must hold
+// sample_workspace_elems(n_out, V) doubles (also for Gumbel-max when it may split).
+inline cudaError_t launch_split_or(const SampleArgs& a, int n_sms, bool gumbel, cudaStream_t stream, bool& split) {
+  SplitArgs sa = split_plan(a, n_sms, gumbel);
+  split = sa.splits > 1;
+  if (!split) return cudaSuccess;
+  sa.parts = split_parts(a.workspace, a.n_out, a.V);
+  switch (a.dtype) {
+    case DType::F32: launch_split<float>(sa, stream); break;
+    case DType::BF16: launch_split<bf16_t>(sa, stream); break;
+    case DType::F16: launch_split<f16_t>(sa, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream, int n_sms = 0) {
   if (a.n_out == 0) return cudaSuccess;
+  bool split = false;
+  const cudaError_t e = launch_split_or(a, n_sms, false, stream, split);
+  if (split) return e;
   const dim3 grid(unsigned(a.n_out)), block(kThreads);
   switch (a.dtype) {
     case DType::F32: detail::sample_kernel<float><<<grid, block, 0, stream>>>(a); break;
@@ -813,8 +1025,11 @@ inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream) {
+inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream, int n_sms = 0) {
   if (a.n_out == 0) return cudaSuccess;
+  bool split = false;
+  const cudaError_t e = launch_split_or(a, n_sms, true, stream, split);
+  if (split) return e;
   const dim3 grid(unsigned(a.n_out)), block(kThreads);
   switch (a.dtype) {
     case DType::F32: detail::gumbel_kernel<float><<<grid, block, 0, stream>>>(a); break;
@@ -840,8 +1055,8 @@ inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
 inline void instantiate_sampling() {
   SampleArgs s;
   FilterArgs f;
-  (void)launch_sample(s, nullptr);
-  (void)launch_gumbel(s, nullptr);
+  (void)launch_sample(s, nullptr, 1);
+  (void)launch_gumbel(s, nullptr, 1);
   (void)launch_filter(f, nullptr);
 }
 #endif  // !DK_CUDA_EMULATE

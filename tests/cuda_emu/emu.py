@@ -97,8 +97,8 @@ def load(threads=None):
             _failed[threads] = e
             raise
         P, I, L, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
-        lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, P, I]
-        lib.dk_emu_sample.restype = None
+        lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, P, I, I]
+        lib.dk_emu_sample.restype = ctypes.c_int
         lib.dk_emu_filter.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, I, P, L]
         lib.dk_emu_filter.restype = None
         lib.dk_emu_workspace_elems.argtypes = [L, L]
@@ -150,7 +150,10 @@ def sample(
     *,
     threads=None,
     gumbel=False,
+    n_sms=0,
 ):
+    """n_sms > 0: the launch plans split rows for a device with that many SMs (sampling.cuh
+    split_plan); last_splits[0] then tells how many CTAs per row ran."""
     lib = load(threads)
     dt, rows, V, stride = _matrix(x)
     idx = _row(indices, torch.int64)
@@ -160,9 +163,10 @@ def sample(
     tok = torch.empty(n, dtype=torch.int64)
     valid = torch.empty(n, dtype=torch.bool)
     lp = torch.empty(n, dtype=torch.float32)
-    ws = torch.empty(max(1, lib.dk_emu_workspace_elems(n, V)), dtype=torch.float64)
+    ws = torch.full((max(1, lib.dk_emu_workspace_elems(n, V)),), float("nan"), dtype=torch.float64)
+    last_splits[0] = 1
     if n:
-        lib.dk_emu_sample(
+        last_splits[0] = lib.dk_emu_sample(
             x.data_ptr(),
             dt,
             rows,
@@ -181,11 +185,15 @@ def sample(
             lp.data_ptr(),
             ws.data_ptr(),
             int(gumbel),
+            n_sms,
         )
     return tok, valid, lp
 
 
-def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None):
+last_splits = [1]  # CTAs per row of the last sample() / gumbel_sample() call
+
+
+def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None, n_sms=0):
     tok, valid, _ = sample(
         logits,
         indices,
@@ -204,6 +212,7 @@ def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None):
         offset,
         threads=threads,
         gumbel=True,
+        n_sms=n_sms,
     )
     return tok, valid
 

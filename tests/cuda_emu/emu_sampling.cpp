@@ -39,6 +39,18 @@ struct GumbelK {
   static void fn(SampleArgs a) { detail::gumbel_kernel<T>(a); }
 };
 template <class T>
+struct SplitScanK {
+  static void fn(SplitArgs a) { detail::split_scan_kernel<T>(a); }
+};
+template <class T>
+struct SplitMassK {
+  static void fn(SplitArgs a) { detail::split_mass_kernel<T>(a); }
+};
+template <class T>
+struct SplitDrawK {
+  static void fn(SplitArgs a) { detail::split_draw_kernel<T>(a); }
+};
+template <class T>
 struct FilterK {
   static void fn(FilterArgs a) { detail::filter_kernel<T>(a); }
 };
@@ -58,11 +70,12 @@ void dk_emu_set_device_rng(const int64_t* seed_ptr, const int64_t* offsets, int6
 }
 int64_t dk_emu_workspace_elems(int64_t n_out, int64_t V) { return sample_workspace_elems(n_out, V); }
 
-void dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row_stride, int is_probs, int order,
-                   const float* T, float T_val, const int64_t* k, int64_t k_val, const float* p, float p_val,
-                   const float* mp, float mp_val, const int64_t* indices, int64_t n_out, const int64_t* seeds,
-                   uint64_t seed, uint64_t offset, int64_t* out_tokens, bool* out_valid, float* out_logprob,
-                   double* workspace, int gumbel) {
+// Returns the number of CTAs per row that ran (n_sms > 0 may split unfiltered rows).
+int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row_stride, int is_probs, int order,
+                  const float* T, float T_val, const int64_t* k, int64_t k_val, const float* p, float p_val,
+                  const float* mp, float mp_val, const int64_t* indices, int64_t n_out, const int64_t* seeds,
+                  uint64_t seed, uint64_t offset, int64_t* out_tokens, bool* out_valid, float* out_logprob,
+                  double* workspace, int gumbel, int n_sms) {
   SampleArgs a;
   a.x = x;
   a.dtype = DType(dtype);
@@ -82,10 +95,20 @@ void dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t ro
   a.out_valid = out_valid;
   a.out_logprob = out_logprob;
   a.workspace = workspace;
+  // sampling.cuh's launch_sample / launch_gumbel: the split-row plan, else one CTA per row
+  SplitArgs sa = split_plan(a, n_sms, gumbel != 0);
+  if (sa.splits > 1) {
+    sa.parts = split_parts(workspace, n_out, V);
+    run<SplitScanK>(a.dtype, unsigned(n_out * sa.splits), sa);
+    if (!gumbel) run<SplitMassK>(a.dtype, unsigned(n_out * sa.splits), sa);
+    run<SplitDrawK>(a.dtype, unsigned(n_out), sa);
+    return sa.splits;
+  }
   if (gumbel)
     run<GumbelK>(a.dtype, unsigned(n_out), a);
   else
     run<SampleK>(a.dtype, unsigned(n_out), a);
+  return 1;
 }
 
 void dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t row_stride, int is_probs, int order,
