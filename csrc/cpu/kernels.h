@@ -20,56 +20,12 @@ using dk::DType;  // the argument enums are the CPU/CUDA contract (decodekit/con
 using dk::FilterOrder;
 using dk::FilterOut;
 
-// A per-row parameter: a pointer to B values (indexed by SOURCE row) or one scalar.
-template <class T>
-struct Param {
-  const T* ptr = nullptr;
-  T scalar{};
-  T at(int64_t row) const { return ptr ? ptr[row] : scalar; }
-};
-
-// Rows of `data` are logits (weights exp((x - max)/T)) or probabilities (weights = x).
-struct RowFilter {
-  bool is_probs = false;
-  Param<float> temperature;  // logits only; 0 => greedy (sampling) ; ignored for probs
-  Param<int64_t> top_k;      // <= 0 or >= V disables
-  Param<float> top_p;        // >= 1 disables
-  Param<float> min_p;        // <= 0 disables
-  FilterOrder order = FilterOrder::Sequential;
-};
-
-struct Matrix {
-  const void* data = nullptr;
-  DType dtype = DType::F32;
-  int64_t rows = 0;
-  int64_t V = 0;
-  int64_t row_stride = 0;  // elements
-};
-
-struct SampleArgs {
-  Matrix in;
-  RowFilter filter;
-  const int64_t* indices = nullptr;  // output i reads source row indices[i] (nullptr: i)
-  int64_t n_out = 0;
-  // randomness
-  const int64_t* seeds = nullptr;  // per output row (already gathered) or nullptr
-  uint64_t seed = 0;               // scalar seed (when seeds == nullptr)
-  uint64_t offset = 0;
-  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // seed / offsets in memory (decodekit/rng.h)
-  int64_t offset_stride = 0;
-  // outputs (per output row)
-  int64_t* out_tokens = nullptr;
-  bool* out_valid = nullptr;
-  float* out_logprob = nullptr;  // optional
-};
-
-struct FilterArgs {
-  Matrix in;
-  RowFilter filter;
-  FilterOut kind = FilterOut::MaskLogits;
-  void* out = nullptr;  // same dtype as in for MaskLogits; float32 otherwise
-  int64_t out_stride = 0;
-};
+// The argument structs shared with the CUDA kernels (decodekit/contract.h).
+using dk::FilterArgs;
+using dk::Matrix;
+using dk::Param;
+using dk::RowFilter;
+using dk::SampleArgs;
 
 // The whole sampling step (issue 11): one pass per row, no [B, V] intermediate. Row o of the
 // outputs reads source row indices[o]; every other input is per OUTPUT row.

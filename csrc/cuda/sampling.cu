@@ -10,14 +10,9 @@
 #include <torch/library.h>
 #include "cuda/sampling.cuh"
 #include "torch/checks.h"
-#include "torch/cuda_filter.h"
 
 namespace dk::torchb {
 namespace {
-
-static_assert(int(cpu::DType::F32) == int(cuda::DType::F32) && int(cpu::DType::BF16) == int(cuda::DType::BF16) &&
-                  int(cpu::DType::F16) == int(cuda::DType::F16),
-              "dtype codes shared by the CPU and CUDA kernels");
 
 void check_cuda(const at::Tensor& x, const char* name) {
   DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
@@ -30,12 +25,7 @@ int device_sms(const at::Tensor& x) { return at::cuda::getDeviceProperties(x.dev
 
 cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   cuda::SampleArgs a;
-  cpu::Matrix m = as_matrix(rs.x);
-  a.x = m.data;
-  a.dtype = cuda::DType(int(m.dtype));
-  a.rows = m.rows;
-  a.V = m.V;
-  a.row_stride = m.row_stride;
+  a.in = as_matrix(rs.x);
   a.indices = rs.idx_ptr();
   a.n_out = rs.n_out;
   rs.fill_rng(a, offset);
@@ -58,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   auto logprobs = at::empty({rs.n_out}, x.options().dtype(at::kFloat));
   if (rs.n_out == 0) return {tokens, valid, logprobs};
   cuda::SampleArgs a = sample_args(rs, offset);
-  a.filter = cuda_filter(fp);
-  auto ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.V)}, x.options().dtype(at::kDouble));
+  a.filter = row_filter(fp);
+  auto ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.in.V)}, x.options().dtype(at::kDouble));
   a.workspace = ws.data_ptr<double>();
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
@@ -84,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sample_cuda(const at::Tensor& x, const
   const int sms = device_sms(x);
   at::Tensor ws;
   if (cuda::split_plan(a, sms, true).splits > 1) {  // the split parts live in the workspace
-    ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.V)}, x.options().dtype(at::kDouble));
+    ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.in.V)}, x.options().dtype(at::kDouble));
     a.workspace = ws.data_ptr<double>();
   }
   C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), sms));
@@ -105,13 +95,8 @@ at::Tensor filter_cuda(const at::Tensor& x, int64_t kind, bool is_probs, const s
   at::Tensor out = kind == 0 ? at::empty(x.sizes(), x.options()) : at::empty(x.sizes(), x.options().dtype(at::kFloat));
   if (x.size(0) == 0) return out;
   cuda::FilterArgs a;
-  cpu::Matrix m = as_matrix(x);
-  a.x = m.data;
-  a.dtype = cuda::DType(int(m.dtype));
-  a.rows = m.rows;
-  a.V = m.V;
-  a.row_stride = m.row_stride;
-  a.filter = cuda_filter(fp);
+  a.in = as_matrix(x);
+  a.filter = row_filter(fp);
   a.kind = cuda::FilterOut(kind);
   a.out = out.data_ptr();
   a.out_stride = out.size(1);

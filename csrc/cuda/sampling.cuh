@@ -64,46 +64,12 @@ namespace dk::cuda {
 using dk::DType;  // the argument enums are the CPU/CUDA contract (decodekit/contract.h)
 using dk::FilterOut;
 
-// Per-row parameters: a device pointer to one value per (output) row, or a scalar.
-struct RowFilterArgs {
-  bool is_probs = false;
-  int order = 0;  // 0 = sequential (top-k first), 1 = joint
-  const float* temperature = nullptr;
-  float temperature_val = 1.f;
-  const int64_t* top_k = nullptr;
-  int64_t top_k_val = 0;
-  const float* top_p = nullptr;
-  float top_p_val = 1.f;
-  const float* min_p = nullptr;
-  float min_p_val = 0.f;
-};
-
-struct SampleArgs {
-  const void* x = nullptr;  // [rows, V] device, contiguous in the last dim
-  DType dtype = DType::F32;
-  int64_t rows = 0, V = 0, row_stride = 0;
-  RowFilterArgs filter;
-  const int64_t* indices = nullptr;  // output i reads row indices[i] (nullptr: i)
-  int64_t n_out = 0;
-  const int64_t* seeds = nullptr;  // one per output row, or nullptr (scalar seed)
-  uint64_t seed = 0, offset = 0;
-  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // device seed / offsets (decodekit/rng.h row_rng_key)
-  int64_t offset_stride = 0;
-  int64_t* out_tokens = nullptr;
-  bool* out_valid = nullptr;
-  float* out_logprob = nullptr;
-  double* workspace = nullptr;  // sample: sample_workspace_elems(n_out, V) doubles
-};
-
-struct FilterArgs {
-  const void* x = nullptr;
-  DType dtype = DType::F32;
-  int64_t rows = 0, V = 0, row_stride = 0;
-  RowFilterArgs filter;
-  FilterOut kind = FilterOut::MaskLogits;
-  void* out = nullptr;  // same dtype as x for MaskLogits, float32 otherwise
-  int64_t out_stride = 0;
-};
+// The argument structs are the CPU/CUDA contract (decodekit/contract.h): the bindings fill the same
+// SampleArgs / FilterArgs for both; here their pointers are device pointers.
+using dk::FilterArgs;
+using dk::Matrix;
+using dk::RowFilter;
+using dk::SampleArgs;
 
 // ---- constants shared with the CPU engine -------------------------------------------------
 #ifndef DK_CUDA_THREADS
@@ -191,13 +157,13 @@ struct RowParams {
   int order = 0;
 };
 
-DK_CUDA_FN RowParams row_params(const RowFilterArgs& f, int64_t r) {
+DK_CUDA_FN RowParams row_params(const RowFilter& f, int64_t r) {
   RowParams rp;
-  rp.T = f.is_probs ? 1.f : (f.temperature ? f.temperature[r] : f.temperature_val);
-  rp.k = f.top_k ? f.top_k[r] : f.top_k_val;
-  rp.p = f.top_p ? f.top_p[r] : f.top_p_val;
-  rp.minp = f.min_p ? f.min_p[r] : f.min_p_val;
-  rp.order = f.order;
+  rp.T = f.is_probs ? 1.f : f.temperature.at(r);
+  rp.k = f.top_k.at(r);
+  rp.p = f.top_p.at(r);
+  rp.minp = f.min_p.at(r);
+  rp.order = int(f.order);
   return rp;
 }
 
@@ -654,8 +620,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   __shared__ Smem s;
   const int64_t o = blockIdx.x;
   const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
-  const int64_t V = a.V;
+  const T* x = static_cast<const T*>(a.in.data) + src * a.in.row_stride;
+  const int64_t V = a.in.V;
   const RowParams rp = row_params(a.filter, o);
   const bool probs = a.filter.is_probs;
   int64_t tok = 0;
@@ -772,8 +738,8 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
   __shared__ Smem s;
   const int64_t o = blockIdx.x;
   const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
-  const Scan r = gumbel_scan(x, 0, a.V, row_key(a, o), s);
+  const T* x = static_cast<const T*>(a.in.data) + src * a.in.row_stride;
+  const Scan r = gumbel_scan(x, 0, a.in.V, row_key(a, o), s);
   if (threadIdx.x == 0) {
     const bool valid = !r.bad && r.m > kNegInf;
     a.out_tokens[o] = valid ? r.argmax : 0;
@@ -813,7 +779,7 @@ struct SplitArgs {
 
 DK_CUDA_FN const void* split_row(const SampleArgs& a, int64_t o) {
   const int64_t src = a.indices ? a.indices[o] : o;
-  return static_cast<const char*>(a.x) + src * a.row_stride * int64_t(a.dtype == DType::F32 ? 4 : 2);
+  return static_cast<const char*>(a.in.data) + src * a.in.row_stride * int64_t(a.in.dtype == DType::F32 ? 4 : 2);
 }
 
 // The row's scan from its parts (every thread reads all of them; order-free).
@@ -837,7 +803,7 @@ __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
   const SampleArgs& a = sa.a;
   const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
   const T* x = static_cast<const T*>(split_row(a, o));
-  const int64_t beg = sp * sa.per * kChunk, end = beg + sa.per * kChunk < a.V ? beg + sa.per * kChunk : a.V;
+  const int64_t beg = sp * sa.per * kChunk, end = beg + sa.per * kChunk < a.in.V ? beg + sa.per * kChunk : a.in.V;
   Scan r;
   if (sa.gumbel) {
     r = gumbel_scan(x, beg, end, row_key(a, o), s);
@@ -859,8 +825,8 @@ __global__ void __launch_bounds__(kThreads) split_mass_kernel(SplitArgs sa) {
   if (sc.bad || (!probs && rp.T == 0.f)) return;  // (uniform over the block) bad or greedy: no masses
   const T* x = static_cast<const T*>(split_row(a, o));
   const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};  // (select_row's weight)
-  const int64_t nch = num_chunks(a.V), cb = sp * sa.per, ce = cb + sa.per < nch ? cb + sa.per : nch;
-  lane16_mass_range(x, a.V, w, kNegInf, 0.f, a.workspace + o * nch, cb, ce, s);
+  const int64_t nch = num_chunks(a.in.V), cb = sp * sa.per, ce = cb + sa.per < nch ? cb + sa.per : nch;
+  lane16_mass_range(x, a.in.V, w, kNegInf, 0.f, a.workspace + o * nch, cb, ce, s);
 }
 
 template <class T>
@@ -884,10 +850,10 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
     } else {
       const T* x = static_cast<const T*>(split_row(a, o));
       const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};
-      const int64_t nch = num_chunks(a.V);
+      const int64_t nch = num_chunks(a.in.V);
       const double* chunks = a.workspace + o * nch;
       const double Z = contract::add_in_order(chunks, nch);  // (lane16_mass's fold, the same adds)
-      chunk_draw(x, a.V, w, kNegInf, 0.f, chunks, Z, row_key(a, o), s, tok, logprob);
+      chunk_draw(x, a.in.V, w, kNegInf, 0.f, chunks, Z, row_key(a, o), s, tok, logprob);
     }
   }
   if (threadIdx.x == 0) {
@@ -906,10 +872,11 @@ inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
   SplitArgs sa;
   sa.a = a;
   sa.gumbel = gumbel;
-  const int64_t nch = num_chunks(a.V);
-  const RowFilterArgs& f = a.filter;
-  const bool unfiltered = gumbel || (!f.top_k && !f.top_p && !f.min_p && (f.top_k_val < 1 || f.top_k_val >= a.V) &&
-                                     f.top_p_val >= 1.f && f.min_p_val <= 0.f);
+  const int64_t nch = num_chunks(a.in.V);
+  const RowFilter& f = a.filter;
+  const bool unfiltered =
+      gumbel || (!f.top_k.ptr && !f.top_p.ptr && !f.min_p.ptr && (f.top_k.scalar < 1 || f.top_k.scalar >= a.in.V) &&
+                 f.top_p.scalar >= 1.f && f.min_p.scalar <= 0.f);
   if (!unfiltered || n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || nch < 2) return sa;
   const int64_t want = (n_sms + a.n_out - 1) / a.n_out;
   const int64_t per = (nch + (want < nch ? want : nch) - 1) / (want < nch ? want : nch);
@@ -933,8 +900,8 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
   __shared__ Smem s;
   const int64_t r = blockIdx.x;
-  const T* x = static_cast<const T*>(a.x) + r * a.row_stride;
-  const int64_t V = a.V;
+  const T* x = static_cast<const T*>(a.in.data) + r * a.in.row_stride;
+  const int64_t V = a.in.V;
   const RowParams rp = row_params(a.filter, r);
   if (a.kind == FilterOut::Softmax) {
     float* out = static_cast<float*>(a.out) + r * a.out_stride;
@@ -1002,8 +969,8 @@ inline cudaError_t launch_split_or(const SampleArgs& a, int n_sms, bool gumbel, 
   SplitArgs sa = split_plan(a, n_sms, gumbel);
   split = sa.splits > 1;
   if (!split) return cudaSuccess;
-  sa.parts = split_parts(a.workspace, a.n_out, a.V);
-  switch (a.dtype) {
+  sa.parts = split_parts(a.workspace, a.n_out, a.in.V);
+  switch (a.in.dtype) {
     case DType::F32: launch_split<float>(sa, stream); break;
     case DType::BF16: launch_split<bf16_t>(sa, stream); break;
     case DType::F16: launch_split<f16_t>(sa, stream); break;
@@ -1017,7 +984,7 @@ inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream, int n
   const cudaError_t e = launch_split_or(a, n_sms, false, stream, split);
   if (split) return e;
   const dim3 grid(unsigned(a.n_out)), block(kThreads);
-  switch (a.dtype) {
+  switch (a.in.dtype) {
     case DType::F32: detail::sample_kernel<float><<<grid, block, 0, stream>>>(a); break;
     case DType::BF16: detail::sample_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
     case DType::F16: detail::sample_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
@@ -1031,7 +998,7 @@ inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream, int n
   const cudaError_t e = launch_split_or(a, n_sms, true, stream, split);
   if (split) return e;
   const dim3 grid(unsigned(a.n_out)), block(kThreads);
-  switch (a.dtype) {
+  switch (a.in.dtype) {
     case DType::F32: detail::gumbel_kernel<float><<<grid, block, 0, stream>>>(a); break;
     case DType::BF16: detail::gumbel_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
     case DType::F16: detail::gumbel_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
@@ -1040,9 +1007,9 @@ inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream, int n
 }
 
 inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
-  if (a.rows == 0) return cudaSuccess;
-  const dim3 grid(unsigned(a.rows)), block(kThreads);
-  switch (a.dtype) {
+  if (a.in.rows == 0) return cudaSuccess;
+  const dim3 grid(unsigned(a.in.rows)), block(kThreads);
+  switch (a.in.dtype) {
     case DType::F32: detail::filter_kernel<float><<<grid, block, 0, stream>>>(a); break;
     case DType::BF16: detail::filter_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
     case DType::F16: detail::filter_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;

@@ -6,7 +6,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "cuda/speculative.cuh"
-#include "torch/cuda_filter.h"
 #include "torch/speculative_common.h"
 
 namespace dk::torchb {
@@ -41,7 +40,7 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, Filter
   t.stride_r = ct.stride_r;
   if (kind != 1) return t;
   keep = pack_filter(target, B, false, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, &bad);
-  t.filter = cuda_filter(keep);
+  t.filter = row_filter(keep);
   return t;
 }
 

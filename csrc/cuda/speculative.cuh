@@ -63,7 +63,7 @@ struct Target {
   const void* data = nullptr;  // probs float / logits dtype [B, R, V]; ids int64 [B, R]
   DType dtype = DType::F32;
   int64_t V = 0, stride_b = 0, stride_r = 0;
-  dk::cuda::RowFilterArgs filter;  // logits: temperature (0 = greedy), top-k, top-p, min-p, order per batch row
+  dk::RowFilter filter;  // logits: temperature (0 = greedy), top-k, top-p, min-p, order per batch row
 };
 struct Draft {
   const float* data = nullptr;

@@ -228,9 +228,10 @@ inline FilterPack pack_filter(const at::Tensor& x, int64_t n, bool is_probs, con
                             zero_temperature_ok);
 }
 
-// The CPU kernels' view of checked filter parameters (pointers into the pack's tensors).
-inline cpu::RowFilter cpu_filter(const FilterPack& fp) {
-  cpu::RowFilter f;
+// The kernels' view of checked filter parameters (pointers into the pack's tensors): the one
+// dk::RowFilter of decodekit/contract.h, for the CPU and the CUDA kernels alike.
+inline dk::RowFilter row_filter(const FilterPack& fp) {
+  dk::RowFilter f;
   f.is_probs = fp.is_probs;
   f.order = cpu::FilterOrder(fp.order);
   f.temperature.ptr = fp.T_ptr();

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& x, c
   FilterPack fp =
       pack_filter(x, rs.n_out, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, rs.bad_ptr());
   cpu::SampleArgs a;
-  a.filter = cpu_filter(fp);
+  a.filter = row_filter(fp);
   auto tokens = at::empty({rs.n_out}, x.options().dtype(at::kLong));
   auto valid = at::empty({rs.n_out}, x.options().dtype(at::kBool));
   auto logprobs = at::empty({rs.n_out}, x.options().dtype(at::kFloat));
@@ -71,7 +71,7 @@ at::Tensor filter_cpu(const at::Tensor& x, int64_t kind, bool is_probs, const st
   FilterPack fp = pack_filter(x, x.size(0), is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order,
                               deferred(x) ? &bad : nullptr, kind != 2);
   cpu::FilterArgs a;
-  a.filter = cpu_filter(fp);
+  a.filter = row_filter(fp);
   a.kind = cpu::FilterOut(kind);
   at::Tensor out = kind == 0 ? at::empty(x.sizes(), x.options()) : at::empty(x.sizes(), x.options().dtype(at::kFloat));
   if (x.size(0) == 0) return out;

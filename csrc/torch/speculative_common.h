@@ -52,7 +52,7 @@ inline cpu::RowFilter make_filter(FilterKeep& keep, int64_t n, const std::option
                                   RowBad* bad = nullptr) {
   keep = pack_filter_params(n, false, on_cpu(T_arr), T_val, on_cpu(k_arr), k_val, on_cpu(p_arr), p_val, on_cpu(mp_arr),
                             mp_val, order, bad);
-  return cpu_filter(keep);
+  return row_filter(keep);
 }
 
 // Seeds of B rows (checks.h seed_rows: n seeds, or one seed: read as the scalar form into

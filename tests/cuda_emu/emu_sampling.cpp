@@ -6,19 +6,15 @@
 
 using namespace dk::cuda;
 
-static RowFilterArgs make_filter(int is_probs, int order, const float* T, float T_val, const int64_t* k, int64_t k_val,
-                                 const float* p, float p_val, const float* mp, float mp_val) {
-  RowFilterArgs f;
+static RowFilter make_filter(int is_probs, int order, const float* T, float T_val, const int64_t* k, int64_t k_val,
+                             const float* p, float p_val, const float* mp, float mp_val) {
+  RowFilter f;
   f.is_probs = is_probs != 0;
-  f.order = order;
-  f.temperature = T;
-  f.temperature_val = T_val;
-  f.top_k = k;
-  f.top_k_val = k_val;
-  f.top_p = p;
-  f.top_p_val = p_val;
-  f.min_p = mp;
-  f.min_p_val = mp_val;
+  f.order = dk::FilterOrder(order);
+  f.temperature = {T, T_val};
+  f.top_k = {k, k_val};
+  f.top_p = {p, p_val};
+  f.min_p = {mp, mp_val};
   return f;
 }
 
@@ -77,11 +73,7 @@ int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
                   uint64_t seed, uint64_t offset, int64_t* out_tokens, bool* out_valid, float* out_logprob,
                   double* workspace, int gumbel, int n_sms) {
   SampleArgs a;
-  a.x = x;
-  a.dtype = DType(dtype);
-  a.rows = rows;
-  a.V = V;
-  a.row_stride = row_stride;
+  a.in = Matrix{x, DType(dtype), rows, V, row_stride};
   a.filter = make_filter(is_probs, order, T, T_val, k, k_val, p, p_val, mp, mp_val);
   a.indices = indices;
   a.n_out = n_out;
@@ -99,15 +91,15 @@ int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   SplitArgs sa = split_plan(a, n_sms, gumbel != 0);
   if (sa.splits > 1) {
     sa.parts = split_parts(workspace, n_out, V);
-    run<SplitScanK>(a.dtype, unsigned(n_out * sa.splits), sa);
-    if (!gumbel) run<SplitMassK>(a.dtype, unsigned(n_out * sa.splits), sa);
-    run<SplitDrawK>(a.dtype, unsigned(n_out), sa);
+    run<SplitScanK>(a.in.dtype, unsigned(n_out * sa.splits), sa);
+    if (!gumbel) run<SplitMassK>(a.in.dtype, unsigned(n_out * sa.splits), sa);
+    run<SplitDrawK>(a.in.dtype, unsigned(n_out), sa);
     return sa.splits;
   }
   if (gumbel)
-    run<GumbelK>(a.dtype, unsigned(n_out), a);
+    run<GumbelK>(a.in.dtype, unsigned(n_out), a);
   else
-    run<SampleK>(a.dtype, unsigned(n_out), a);
+    run<SampleK>(a.in.dtype, unsigned(n_out), a);
   return 1;
 }
 
@@ -115,15 +107,11 @@ void dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t ro
                    const float* T, float T_val, const int64_t* k, int64_t k_val, const float* p, float p_val,
                    const float* mp, float mp_val, int kind, void* out, int64_t out_stride) {
   FilterArgs a;
-  a.x = x;
-  a.dtype = DType(dtype);
-  a.rows = rows;
-  a.V = V;
-  a.row_stride = row_stride;
+  a.in = Matrix{x, DType(dtype), rows, V, row_stride};
   a.filter = make_filter(is_probs, order, T, T_val, k, k_val, p, p_val, mp, mp_val);
   a.kind = FilterOut(kind);
   a.out = out;
   a.out_stride = out_stride;
-  run<FilterK>(a.dtype, unsigned(rows), a);
+  run<FilterK>(a.in.dtype, unsigned(rows), a);
 }
 }

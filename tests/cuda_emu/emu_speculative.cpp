@@ -28,8 +28,8 @@ static void run(const Target& t, unsigned grid, const A& a) {
 }
 
 // The logits form's filter parameters, set before dk_emu_chain / dk_emu_tree (dk_emu_set_filters) and
-// applied to the next calls: per-row pointers or scalars, as dk::cuda::RowFilterArgs.
-static dk::cuda::RowFilterArgs g_filter;
+// applied to the next calls: per-row pointers or scalars, as dk::RowFilter (decodekit/contract.h).
+static dk::RowFilter g_filter;
 
 static Target make_target(const void* data, int kind, int dtype, int64_t V, int64_t sb, int64_t sr, const float* temp,
                           float temp_val) {
@@ -41,8 +41,7 @@ static Target make_target(const void* data, int kind, int dtype, int64_t V, int6
   t.stride_b = sb;
   t.stride_r = sr;
   t.filter = g_filter;
-  t.filter.temperature = temp;
-  t.filter.temperature_val = temp_val;
+  t.filter.temperature = {temp, temp_val};
   return t;
 }
 
@@ -82,14 +81,11 @@ void dk_emu_spec_work(int64_t* out) {
 }
 void dk_emu_set_filters(int order, const int64_t* k, int64_t k_val, const float* p, float p_val, const float* mp,
                         float mp_val) {
-  g_filter = dk::cuda::RowFilterArgs{};
-  g_filter.order = order;
-  g_filter.top_k = k;
-  g_filter.top_k_val = k_val;
-  g_filter.top_p = p;
-  g_filter.top_p_val = p_val;
-  g_filter.min_p = mp;
-  g_filter.min_p_val = mp_val;
+  g_filter = dk::RowFilter{};
+  g_filter.order = dk::FilterOrder(order);
+  g_filter.top_k = {k, k_val};
+  g_filter.top_p = {p, p_val};
+  g_filter.min_p = {mp, mp_val};
 }
 
 void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,

@@ -3,7 +3,10 @@
 // definitions from here, so "the same tokens on CPU and GPU" is a property of the structure, not
 // of constants kept equal by hand.
 //
-//  * Argument enums: element dtype, filter order, filter output kind, speculative target kind.
+//  * Argument enums and structs: element dtype, filter order, filter output kind, speculative
+//    target kind; a per-row parameter, the row filter, the input matrix and the arguments of the
+//    sample / Gumbel-max and filter kernels (SampleArgs, FilterArgs), filled by the bindings and
+//    read by both the CPU row engine and the CUDA kernels.
 //  * Method sizes: the survivor set S is drawn by walking a list when |S| <= kListMax (and S lies in
 //    the CPU's candidate list), else by the chunked inverse-CDF draw over kChunk-element chunks.
 //  * Row keys: which Philox key / stream an output row draws from (row_rng_key).
@@ -42,6 +45,66 @@ enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 enum class FilterOrder : int { Sequential = 0, Joint = 1 };
 enum class FilterOut : int { MaskLogits = 0, RenormProbs = 1, Softmax = 2 };
 enum class SpecTargetKind : int { Probs = 0, Logits = 1, Ids = 2 };
+
+#if defined(__CUDACC__)
+#define DK_ARG_FN __host__ __device__ __forceinline__
+#else
+#define DK_ARG_FN
+#endif
+
+// A per-row parameter: a pointer to one value per OUTPUT row, or one scalar for every row.
+template <class T>
+struct Param {
+  const T* ptr = nullptr;
+  T scalar{};
+  DK_ARG_FN T at(int64_t row) const { return ptr ? ptr[row] : scalar; }
+};
+
+// Rows are logits (weights exp((x - max) / T)) or probabilities (weights = x).
+struct RowFilter {
+  bool is_probs = false;
+  Param<float> temperature;  // logits only; 0 => greedy (sampling); ignored for probs
+  Param<int64_t> top_k;      // <= 0 or >= V disables
+  Param<float> top_p;        // >= 1 disables
+  Param<float> min_p;        // <= 0 disables
+  FilterOrder order = FilterOrder::Sequential;
+};
+
+struct Matrix {
+  const void* data = nullptr;  // [rows, V], contiguous in the last dim (host or device memory)
+  DType dtype = DType::F32;
+  int64_t rows = 0;
+  int64_t V = 0;
+  int64_t row_stride = 0;  // elements
+};
+
+// sample / sampling_from_* and gumbel_sample (CPU: row_engine.h; CUDA: sampling.cuh).
+struct SampleArgs {
+  Matrix in;
+  RowFilter filter;
+  const int64_t* indices = nullptr;  // output i reads source row indices[i] (nullptr: i)
+  int64_t n_out = 0;
+  // randomness (decodekit/rng.h row_rng_key)
+  const int64_t* seeds = nullptr;  // per output row (already gathered) or nullptr
+  uint64_t seed = 0;               // scalar seed (when seeds == nullptr)
+  uint64_t offset = 0;
+  const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // seed / offsets in memory
+  int64_t offset_stride = 0;
+  // outputs (per output row)
+  int64_t* out_tokens = nullptr;
+  bool* out_valid = nullptr;
+  float* out_logprob = nullptr;  // optional
+  double* workspace = nullptr;   // CUDA only: sample_workspace_elems(n_out, V) doubles (sampling.cuh)
+};
+
+// The filter outputs (top-k / top-p / min-p masks, renormalised probabilities, softmax).
+struct FilterArgs {
+  Matrix in;
+  RowFilter filter;
+  FilterOut kind = FilterOut::MaskLogits;
+  void* out = nullptr;  // same dtype as in for MaskLogits; float32 otherwise
+  int64_t out_stride = 0;
+};
 
 namespace contract {
 
