@@ -1,13 +1,13 @@
 // CUDA implementations of the sampling/filtering ops: the same checks and argument packing as
 // csrc/torch/sampling_cpu.cpp (shared in csrc/torch/checks.h), then one launch on the current
 // stream. No math here; the kernels live in csrc/cuda/sampling.cuh.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <atomic>
 #include "cuda/sampling.cuh"
 #include "torch/checks.h"
 
@@ -19,9 +19,20 @@ void check_cuda(const at::Tensor& x, const char* name) {
            "); all tensor arguments must be on the same device");
 }
 
-// The device's SM count for the split-row plan (sampling.cuh split_plan): torch's cached device
-// properties, no device round trip.
-int device_sms(const at::Tensor& x) { return at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount; }
+// The device's SM count for the split-row plan (sampling.cuh split_plan): a device attribute
+// (no device round trip), cached per device. (Not at::cuda::getDeviceProperties: its header,
+// ATen/cuda/CUDAContext.h, includes cusparse.h / cublas headers that a plain nvcc install lacks.)
+int device_sms(const at::Tensor& x) {
+  static std::atomic<int> cache[64] = {};
+  const int dev = x.device().index();
+  if (dev < 0 || dev >= 64) return 0;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
 
 cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   cuda::SampleArgs a;
