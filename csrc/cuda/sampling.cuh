@@ -136,6 +136,46 @@ DK_CUDA_FN void load_group(const T* x, int64_t V, int64_t q, bool aligned, float
     for (int u = 0; u < kVec<T>; ++u) out[u] = i0 + u < V ? ld(x, i0 + u) : __int_as_float(0x7fc00000);
   }
 }
+// The raw elements of group q (the filter outputs copy kept elements bit for bit); past V: zero.
+template <class T>
+DK_CUDA_FN void load_group_raw(const T* x, int64_t V, int64_t q, bool aligned, Vec16<T>& p) {
+  const int64_t i0 = q * kVec<T>;
+  if (aligned && i0 + kVec<T> <= V) {
+#if defined(__CUDA_ARCH__)
+    p = reinterpret_cast<const Vec16<T>*>(x)[q];
+#else
+    memcpy(&p, x + i0, 16);
+#endif
+  } else {
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) p.v[u] = i0 + u < V ? x[i0 + u] : T{};
+  }
+}
+// Stores n consecutive elements v[0..n) at out + i0 (n a multiple of 16 bytes' worth of O): 16-byte
+// stores when `aligned` (out 16-byte aligned, i0 a multiple of the group) and the run lies inside
+// the row, element by element otherwise.
+template <class O, int n>
+DK_CUDA_FN void store_run(O* out, int64_t V, int64_t i0, bool aligned, const O* v) {
+  constexpr int per = 16 / int(sizeof(O));
+  static_assert(n % per == 0, "whole 16-byte stores");
+  if (aligned && i0 + n <= V) {
+#pragma unroll
+    for (int h = 0; h < n; h += per) {
+      Vec16<O> w;
+#pragma unroll
+      for (int u = 0; u < per; ++u) w.v[u] = v[h + u];
+#if defined(__CUDA_ARCH__)
+      reinterpret_cast<Vec16<O>*>(out + i0 + h)[0] = w;
+#else
+      memcpy(out + i0 + h, &w, 16);
+#endif
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < n; ++u)
+      if (i0 + u < V) out[i0 + u] = v[u];
+  }
+}
 template <class T>
 DK_CUDA_FN int64_t num_groups(int64_t V) {
   return (V + kVec<T> - 1) / kVec<T>;
@@ -913,21 +953,33 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
     const Weight w{false, sc.m, __fdiv_rn(1.f, rp.T)};
     const double Z = lane16_mass(x, V, w, kNegInf, 0.f, nullptr, s);
     const float inv = float(1.0 / Z);
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = w(ld(x, i)) * inv;
+    const bool al = aligned16(x) && aligned16(out);
+    for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
+      float g[kVec<T>];
+      load_group(x, V, q, al, g);
+#pragma unroll
+      for (int u = 0; u < kVec<T>; ++u) g[u] = w(g[u]) * inv;
+      store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
+    }
     return;
   }
   const bool probs = a.filter.is_probs;
   const Selection sel = select_row(x, V, probs, rp, s);
   if (a.kind == FilterOut::MaskLogits) {
     T* out = static_cast<T*>(a.out) + r * a.out_stride;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      if (!sel.valid) {
-        out[i] = x[i];
-        continue;
+    const bool al = aligned16(x) && aligned16(out);
+    for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
+      Vec16<T> p;
+      load_group_raw(x, V, q, al, p);
+      if (sel.valid) {
+#pragma unroll
+        for (int u = 0; u < kVec<T>; ++u) {
+          const float v = to_float(p.v[u]);
+          const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
+          if (!keep) p.v[u] = neg_inf_of(x);
+        }
       }
-      const float v = ld(x, i);
-      const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
-      out[i] = keep ? x[i] : neg_inf_of(x);
+      store_run<T, kVec<T>>(out, V, q * kVec<T>, al, p.v);
     }
     return;
   }
@@ -938,10 +990,17 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
   }
   const double Z = lane16_mass(x, V, sel.w, sel.t, sel.minw, nullptr, s);
   const RenormScale sc = renorm_scale(Z);  // tiny total mass: exact 2^64 pre-scaling (common.h)
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float v = ld(x, i);
-    const float e = sel.w(v);
-    out[i] = (v >= sel.t && e >= sel.minw) ? __fmul_rn(__fmul_rn(e, sc.pre), sc.inv) : 0.f;
+  const bool al = aligned16(x) && aligned16(out);
+  for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
+    float g[kVec<T>];
+    load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      const float v = g[u];
+      const float e = sel.w(v);
+      g[u] = (v >= sel.t && e >= sel.minw) ? __fmul_rn(__fmul_rn(e, sc.pre), sc.inv) : 0.f;
+    }
+    store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
   }
 }
 
