@@ -242,3 +242,92 @@ def test_sparse_mass_is_the_canonical_mass():
     for sp, dense in pairs:
         assert sp == dense
     assert len({p[0] for p in pairs}) == len(pairs)  # distinct totals: the cases are not trivial
+
+
+# ---- the tensor-core fragment operations of emu_mma.h (mma.sync, ldmatrix, cp.async) -------------
+def _emu():
+    import emu_attn
+
+    return emu_attn
+
+
+def bits16(x):
+    """16-bit patterns (as int64) of a bf16 / fp16 tensor."""
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def pack_pair(lo, hi):
+    v = int(lo) | (int(hi) << 16)
+    return v - (1 << 32) if v >= 1 << 31 else v  # as int32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_emulated_mma_matches_matrix_product(dtype):
+    """Random A (16x16), B (16x8), C (16x8) split into per-lane fragments by the PTX ISA tables for
+    mma.m16n8k16 (.row.col, fp32 accumulators); the emulated D = A B + C, reassembled, equals the
+    float64 matrix product rounded to fp32."""
+    emu = _emu()
+    gen = torch.Generator().manual_seed(16)
+    for trial in range(20):
+        scale = 4.0 ** (trial % 5 - 2)
+        A = (torch.randn(16, 16, generator=gen) * scale).to(dtype)
+        B = (torch.randn(16, 8, generator=gen) * scale).to(dtype)
+        C = torch.randn(16, 8, generator=gen) * (trial % 3)
+        ab, bb = bits16(A), bits16(B)
+        a = torch.zeros(32, 4, dtype=torch.int32)
+        b = torch.zeros(32, 2, dtype=torch.int32)
+        c = torch.zeros(32, 4, dtype=torch.float32)
+        for lane in range(32):
+            g, i = lane // 4, lane % 4
+            for reg, (row, col) in enumerate([(g, 2 * i), (g + 8, 2 * i), (g, 2 * i + 8), (g + 8, 2 * i + 8)]):
+                a[lane, reg] = pack_pair(ab[row, col], ab[row, col + 1])
+            for reg, k in enumerate([2 * i, 2 * i + 8]):
+                b[lane, reg] = pack_pair(bb[k, g], bb[k + 1, g])
+            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
+                c[lane, reg] = C[row, col]
+        d = emu.mma_fragments(a, b, c, dtype == torch.float16)
+        D = torch.empty(16, 8)
+        for lane in range(32):
+            g, i = lane // 4, lane % 4
+            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
+                D[row, col] = d[lane, reg]
+        exp = (A.double() @ B.double() + C.double()).float()
+        torch.testing.assert_close(D, exp, atol=0, rtol=2**-23)
+
+
+@pytest.mark.parametrize("nmat", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True], ids=["rows", "trans"])
+def test_emulated_ldmatrix_layout(nmat, trans):
+    """ldmatrix .m8n8 .x1 / .x2 / .x4 (and .trans) from scattered 16-byte-aligned rows: lane 8j + r
+    gives row r of matrix j; register j of lane l holds elements (l/4, 2(l%4)), (l/4, 2(l%4)+1) of
+    matrix j, or with .trans (2(l%4), l/4), (2(l%4)+1, l/4)."""
+    emu = _emu()
+    gen = torch.Generator().manual_seed(17)
+    src = torch.randint(-(2**15), 2**15, (40, 32), generator=gen, dtype=torch.int32).to(torch.int16)
+    rows = torch.randperm(40, generator=gen)[:32].to(torch.int32)
+    cols = (torch.randint(0, 4, (32,), generator=gen) * 8).to(torch.int32)
+    out = emu.ldmatrix(src, rows, cols, nmat, trans)
+    u = src.to(torch.int64) & 0xFFFF
+
+    def elem(j, r, cidx):  # element (r, cidx) of matrix j
+        lane = 8 * j + r
+        return u[rows[lane], cols[lane] + cidx]
+
+    for lane in range(32):
+        for j in range(4):
+            if j >= nmat:
+                assert out[lane, j] == 0, "registers past .x{nmat} must stay untouched"
+                continue
+            if trans:
+                lo, hi = elem(j, 2 * (lane % 4), lane // 4), elem(j, 2 * (lane % 4) + 1, lane // 4)
+            else:
+                lo, hi = elem(j, lane // 4, 2 * (lane % 4)), elem(j, lane // 4, 2 * (lane % 4) + 1)
+            assert int(out[lane, j]) == pack_pair(lo, hi), (lane, j)
+
+
+def test_emulated_cp_async_lands_only_at_wait():
+    """Deferred cp.async: before the wait_group that covers its group the destination holds poison
+    (0xffff, NaN in bf16 / fp16); wait_group 1 lands the older group only; wait_group 0 lands all."""
+    emu = _emu()
+    got = emu.cp_async_probe()
+    assert got == [0xFFFF, 0x1111, 0xFFFF, 0x1111, 0x2222], [hex(x) for x in got]
