@@ -160,7 +160,7 @@ def test_case_selection():
 
 
 @pytest.mark.skipif(os.environ.get("DK_EMU_FULL") != "1", reason="the full matrix: set DK_EMU_FULL=1 (slow)")
-def test_mma_kernel_emulated_full_matrix():
+def test_emu_mma_kernel_full_matrix():
     """DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE pick a part (select_cases); the seed of a case is its
     index in the full matrix, whatever the selection."""
     emu = _emu()

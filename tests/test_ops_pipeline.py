@@ -95,14 +95,15 @@ def _reference(args):
     s = args.spec
     key = _key(args)
     if key not in _REF:
-        _REF[key] = R.pipeline(
-            args[0].float(),
-            indices=s["indices"],
-            order=ORDER_NAMES[s["order"]],
-            **s["kw"],
-            **s["params"],
-            logprobs_mode="raw" if s["raw"] else "processed",
-        )
+        with bk.one_thread():
+            _REF[key] = R.pipeline(
+                args[0].float(),
+                indices=s["indices"],
+                order=ORDER_NAMES[s["order"]],
+                **s["kw"],
+                **s["params"],
+                logprobs_mode="raw" if s["raw"] else "processed",
+            )
     return _REF[key]
 
 

@@ -48,7 +48,8 @@ def _cached(fn):
     def wrapper(args):
         key = id(args)
         if key not in memo:
-            memo[key] = (args, fn(args))  # keeps args alive, so the id stays unique
+            with bk.one_thread():
+                memo[key] = (args, fn(args))  # keeps args alive, so the id stays unique
         return memo[key][1]
 
     return wrapper
