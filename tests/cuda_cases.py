@@ -1,6 +1,6 @@
 """Inputs and filter settings on which a CUDA implementation of the sampling/filter ops must give
-exactly the CPU result (same seed -> same tokens). Shared by tests/test_cuda.py (real GPU) and
-tests/test_cuda_emu.py (the CUDA kernels run on CPU threads).
+exactly the CPU result (same seed -> same tokens). Used by tests/test_ops_sampling.py on every
+backend of tests/backends.py (cpu, cuda_emu: the CUDA kernels run on CPU threads, cuda: a real GPU).
 
 Each case yields the positional arguments of torch.ops.decodekit.{sample,gumbel_sample,filter}
 on the CPU; `to_device` moves the tensor arguments.

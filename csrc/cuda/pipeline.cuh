@@ -34,7 +34,7 @@
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
-// (tests/test_pipeline_cuda_emu.py). Where a GPU can differ (as for sampling.cuh): double log / exp
+// (tests/test_ops_pipeline.py). Where a GPU can differ (as for sampling.cuh): double log / exp
 // (entropy of typical / eta / top-h, logprobs) come from libdevice instead of glibc and may differ
 // by one double ulp; a float logprob can then differ in its last bit and a typical / eta / top-h cut
 // that lies within that ulp can move by one tie group. Everything else (float exp dk_exp, sums,

@@ -1,5 +1,5 @@
 // Runs the radix selects' digit scans (csrc/cuda/radix_digit.h) on warp 0 of an emulated block,
-// for tests/test_cuda_emu.py::test_digit_scans. Reads cases from stdin, one per line:
+// for tests/test_cuda_emu_runtime.py::test_digit_scans. Reads cases from stdin, one per line:
 //   c <kk> <h_0> ... <h_255>            count form: prints "<digit> <count above>"
 //   m <above> <P> <h_0> ... <h_255>     mass form: prints "<digit> <mass above>" (%.17g)
 //   s <V> <n> <i_0> <w_0> ... <i_n-1> <w_n-1>   decodekit/contract.h's sparse_mass of the

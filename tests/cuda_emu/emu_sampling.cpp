@@ -1,6 +1,6 @@
 // C entry points that run csrc/cuda/sampling.cuh's kernels under the CPU emulator
-// (tests/test_cuda_emu.py loads this as a shared library through ctypes; host pointers stand in
-// for device pointers).
+// (tests/cuda_emu/emu.py loads this as a shared library through ctypes for tests/test_ops_sampling.py;
+// host pointers stand in for device pointers).
 #include "emu_runtime.h"
 #include "cuda/sampling.cuh"
 

@@ -1,4 +1,4 @@
-// Small kernels that show what emu_runtime.h catches (tests/test_cuda_emu.py builds and runs this
+// Small kernels that show what emu_runtime.h catches (tests/test_cuda_emu_runtime.py builds and runs this
 // program in a subprocess, since the emulator aborts on a bad warp op).
 //   emu_selftest broadcast <with_barrier 0|1> <seed>: a block-wide sum broadcast from thread 0
 //     through shared memory; prints the number of threads that read a wrong total. Without the

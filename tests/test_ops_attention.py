@@ -1,11 +1,17 @@
-"""The tensor-core tree-attention kernel (csrc/cuda/attention_mma.cuh) run by the CPU emulator of
-tests/cuda_emu (emu_mma.h: mma.sync m16n8k16, ldmatrix, deferred cp.async), and the emulated
-fragment operations themselves checked against the PTX ISA fragment tables, written out again here.
+"""Tree attention (decodekit.tree_attention) on every backend (tests/backends.py): "cpu", "cuda_emu"
+(csrc/cuda/attention_mma.cuh's tensor-core kernel, or the launcher's own choice, run by the CPU
+emulator of tests/cuda_emu: emu_mma.h emulates mma.sync m16n8k16, ldmatrix and deferred cp.async;
+the fragment operations themselves are checked in test_cuda_emu_runtime.py) and "cuda" (a real
+GPU, the op's own kernel choice).
+
+On every backend a case's output is checked against the fp32 SDPA of the dense tree mask
+(test_attention.py's sdpa_expected, within its per-dtype tolerances); on "cuda_emu" and "cuda" it
+must also match the CPU op (output within the same tolerances, log-sum-exp within 5e-3).
 
 The kernel matrix: T in {1, 7, 64, 130}, prefix in {0, 1, 2047}, D in {64, 128, 256}, GQA 32/8 and
 32/32, NHD / HND, bf16 / fp16, with and without split-KV. By default a subset that still takes every
-value of every axis runs; DK_EMU_FULL=1 runs the whole product (slow), or the part that
-DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE select (see select_cases)."""
+value of every axis runs; DK_EMU_FULL=1 runs the whole product under the emulator (slow), or the
+part that DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE select (see select_cases)."""
 
 import itertools
 import os
@@ -14,15 +20,15 @@ import time
 import pytest
 import torch
 
+import backends as bk
 import decodekit
 from test_attention import check_close, make_case, sdpa_expected
 
+BACKEND_PARAMS = [pytest.param(b, marks=bk.MARKS[b]) for b in bk.BACKENDS]
+on_backends = pytest.mark.parametrize("backend", BACKEND_PARAMS)
+
 
 def _emu():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
     import emu_attn
 
     if emu_attn.compiler() is None:
@@ -30,90 +36,24 @@ def _emu():
     return emu_attn
 
 
-def bits16(x):
-    """16-bit patterns (as int64) of a bf16 / fp16 tensor."""
-    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+def _on_backend(backend, q, k, v, mask, pl, layout, splits=None):
+    """(out, lse) of the op on `backend`, and the CPU op's; checked against each other (not on cpu)."""
+    o_cpu, l_cpu = decodekit.tree_attention(q, k, v, mask, pl, kv_layout=layout, return_lse=True)
+    if backend == "cpu":
+        return o_cpu.float(), l_cpu, o_cpu, l_cpu
+    if backend == "cuda_emu":
+        o, lse = _emu().tree_attention(q, k, v, mask, pl, None, layout, impl="mma", splits=splits)
+    else:
+        o, lse = bk.to_cpu(
+            decodekit.tree_attention(
+                q.cuda(), k.cuda(), v.cuda(), mask.cuda(), pl.cuda(), kv_layout=layout, return_lse=True
+            )
+        )
+        o = o.float()
+    return o, lse, o_cpu, l_cpu
 
 
-def pack_pair(lo, hi):
-    v = int(lo) | (int(hi) << 16)
-    return v - (1 << 32) if v >= 1 << 31 else v  # as int32
-
-
-# ---- fragment operations --------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_emulated_mma_matches_matrix_product(dtype):
-    """Random A (16x16), B (16x8), C (16x8) split into per-lane fragments by the PTX ISA tables for
-    mma.m16n8k16 (.row.col, fp32 accumulators); the emulated D = A B + C, reassembled, equals the
-    float64 matrix product rounded to fp32."""
-    emu = _emu()
-    gen = torch.Generator().manual_seed(16)
-    for trial in range(20):
-        scale = 4.0 ** (trial % 5 - 2)
-        A = (torch.randn(16, 16, generator=gen) * scale).to(dtype)
-        B = (torch.randn(16, 8, generator=gen) * scale).to(dtype)
-        C = torch.randn(16, 8, generator=gen) * (trial % 3)
-        ab, bb = bits16(A), bits16(B)
-        a = torch.zeros(32, 4, dtype=torch.int32)
-        b = torch.zeros(32, 2, dtype=torch.int32)
-        c = torch.zeros(32, 4, dtype=torch.float32)
-        for lane in range(32):
-            g, i = lane // 4, lane % 4
-            for reg, (row, col) in enumerate([(g, 2 * i), (g + 8, 2 * i), (g, 2 * i + 8), (g + 8, 2 * i + 8)]):
-                a[lane, reg] = pack_pair(ab[row, col], ab[row, col + 1])
-            for reg, k in enumerate([2 * i, 2 * i + 8]):
-                b[lane, reg] = pack_pair(bb[k, g], bb[k + 1, g])
-            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
-                c[lane, reg] = C[row, col]
-        d = emu.mma_fragments(a, b, c, dtype == torch.float16)
-        D = torch.empty(16, 8)
-        for lane in range(32):
-            g, i = lane // 4, lane % 4
-            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
-                D[row, col] = d[lane, reg]
-        exp = (A.double() @ B.double() + C.double()).float()
-        torch.testing.assert_close(D, exp, atol=0, rtol=2**-23)
-
-
-@pytest.mark.parametrize("nmat", [1, 2, 4])
-@pytest.mark.parametrize("trans", [False, True], ids=["rows", "trans"])
-def test_emulated_ldmatrix_layout(nmat, trans):
-    """ldmatrix .m8n8 .x1 / .x2 / .x4 (and .trans) from scattered 16-byte-aligned rows: lane 8j + r
-    gives row r of matrix j; register j of lane l holds elements (l/4, 2(l%4)), (l/4, 2(l%4)+1) of
-    matrix j, or with .trans (2(l%4), l/4), (2(l%4)+1, l/4)."""
-    emu = _emu()
-    gen = torch.Generator().manual_seed(17)
-    src = torch.randint(-(2**15), 2**15, (40, 32), generator=gen, dtype=torch.int32).to(torch.int16)
-    rows = torch.randperm(40, generator=gen)[:32].to(torch.int32)
-    cols = (torch.randint(0, 4, (32,), generator=gen) * 8).to(torch.int32)
-    out = emu.ldmatrix(src, rows, cols, nmat, trans)
-    u = src.to(torch.int64) & 0xFFFF
-
-    def elem(j, r, cidx):  # element (r, cidx) of matrix j
-        lane = 8 * j + r
-        return u[rows[lane], cols[lane] + cidx]
-
-    for lane in range(32):
-        for j in range(4):
-            if j >= nmat:
-                assert out[lane, j] == 0, "registers past .x{nmat} must stay untouched"
-                continue
-            if trans:
-                lo, hi = elem(j, 2 * (lane % 4), lane // 4), elem(j, 2 * (lane % 4) + 1, lane // 4)
-            else:
-                lo, hi = elem(j, lane // 4, 2 * (lane % 4)), elem(j, lane // 4, 2 * (lane % 4) + 1)
-            assert int(out[lane, j]) == pack_pair(lo, hi), (lane, j)
-
-
-def test_emulated_cp_async_lands_only_at_wait():
-    """Deferred cp.async: before the wait_group that covers its group the destination holds poison
-    (0xffff, NaN in bf16 / fp16); wait_group 1 lands the older group only; wait_group 0 lands all."""
-    emu = _emu()
-    got = emu.cp_async_probe()
-    assert got == [0xFFFF, 0x1111, 0xFFFF, 0x1111, 0x2222], [hex(x) for x in got]
-
-
-def test_split_rule():
+def test_emu_split_rule():
     emu = _emu()
     # B=1, Hkv=8, T x G = 64 x 4 rows -> 4 row tiles x 8 = 32 blocks < 132: split a long prefix
     assert emu.mma_splits(1, 64, 32, 8, 2048 + 64) == 5  # ceil(132/32) = 5, <= 2048 // 256
@@ -163,12 +103,22 @@ def run_case(emu, T, prefix, D, gqa, layout, dt, splits, seed):
     return o, tm, pl, q, k, v
 
 
+@on_backends
 @pytest.mark.parametrize("case", default_matrix(), ids=lambda c: "-".join(map(str, c)))
-def test_mma_kernel_emulated_matches_cpu(case):
-    emu = _emu()
-    T, prefix, D, gqa, layout, dt, splits = case
-    o, tm, pl, q, k, v = run_case(emu, *case, seed=hash(case) % 1000)
-    check_close(o, sdpa_expected(q, k, v, tm, pl, layout), _DT[dt], "emulated mma vs SDPA")
+def test_tree_attention(backend, case):
+    """The default matrix: on cuda_emu the tensor-core kernel with the case's split count."""
+    T, prefix, D, (Hq, Hkv), layout, dt, splits = case
+    dtype = _DT[dt]
+    seed = hash(case) % 1000
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, tm, pl = make_case(1, T, Hq, Hkv, D, [prefix], dtype, layout, gen)
+    mask = decodekit.pack_tree_mask(tm) if seed % 2 else tm
+    o, lse, o_cpu, l_cpu = _on_backend(backend, q, k, v, mask, pl, layout, splits)
+    what = f"{backend} T={T} P={prefix} D={D} {Hq}/{Hkv} {layout} {dt} splits={splits}"
+    if backend != "cpu":
+        check_close(o, o_cpu.float(), dtype, what)
+        torch.testing.assert_close(lse, l_cpu, atol=5e-3, rtol=1e-5, msg=what)
+    check_close(o, sdpa_expected(q, k, v, tm, pl, layout), dtype, f"{what} vs SDPA")
 
 
 def case_fields(case):
@@ -210,7 +160,7 @@ def test_case_selection():
 
 
 @pytest.mark.skipif(os.environ.get("DK_EMU_FULL") != "1", reason="the full matrix: set DK_EMU_FULL=1 (slow)")
-def test_mma_kernel_emulated_full_matrix():
+def test_emu_mma_kernel_full_matrix():
     """DK_EMU_FULL_CASES / DK_EMU_FULL_RANGE pick a part (select_cases); the seed of a case is its
     index in the full matrix, whatever the selection."""
     emu = _emu()
@@ -224,25 +174,29 @@ def test_mma_kernel_emulated_full_matrix():
         print(f"full matrix {n + 1}/{len(picked)} ok: #{i} {case} {dt:.1f} s", flush=True)  # progress with -s
 
 
-def test_mma_kernel_emulated_empty_rows_and_split_edges():
-    """Rows attending no key (out 0, lse -inf), a batch whose prefix leaves later splits empty, and
-    the launcher's own split rule, against the CPU op."""
-    emu = _emu()
+@on_backends
+def test_empty_rows_and_split_edges(backend):
+    """Rows attending no key (out 0, lse -inf), a batch whose prefix leaves later splits empty (on
+    cuda_emu: split counts 0 = the launcher's own rule, 1 and 4), against the CPU op; the rows that
+    attend a key against SDPA."""
     gen = torch.Generator().manual_seed(18)
     q, k, v, tm, _ = make_case(2, 5, 4, 2, 64, [600, 0], torch.bfloat16, "NHD", gen)
     tm[0, 1] = False
     tm[1, :3] = False
     pl = torch.tensor([600, 0])
-    for splits in (0, 1, 4):
-        o, lse = emu.tree_attention(q, k, v, tm, pl, None, "NHD", impl="mma", splits=splits)
-        o_cpu, l_cpu = decodekit.tree_attention(q, k, v, tm, pl, kv_layout="NHD", return_lse=True)
-        check_close(o, o_cpu.float(), torch.bfloat16, f"splits={splits}")
-        torch.testing.assert_close(lse, l_cpu, atol=5e-3, rtol=1e-5)
+    exp = sdpa_expected(q, k, v, tm, pl, "NHD")
+    for splits in (0, 1, 4) if backend == "cuda_emu" else (None,):
+        o, lse, o_cpu, l_cpu = _on_backend(backend, q, k, v, tm, pl, "NHD", splits)
+        if backend != "cpu":
+            check_close(o, o_cpu.float(), torch.bfloat16, f"splits={splits}")
+            torch.testing.assert_close(lse, l_cpu, atol=5e-3, rtol=1e-5)
         assert torch.isneginf(lse[1, :3]).all() and (o[1, :3] == 0).all()
         assert torch.isfinite(lse[0]).all()
+        check_close(o[0], exp[0], torch.bfloat16, f"{backend} vs SDPA, batch 0")
+        check_close(o[1, 3:], exp[1, 3:], torch.bfloat16, f"{backend} vs SDPA, batch 1")
 
 
-def test_auto_picks_the_cuda_core_kernel_for_unaligned_rows():
+def test_emu_auto_picks_the_cuda_core_kernel_for_unaligned_rows():
     """A q whose rows are not 16-byte aligned (a slice at an odd element offset) cannot use cp.async:
     "auto" runs the CUDA-core kernel and still matches the CPU op."""
     emu = _emu()

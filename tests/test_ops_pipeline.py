@@ -1,25 +1,36 @@
-"""csrc/cuda/pipeline.cuh (the whole sampling step on CUDA) run on CPU threads by tests/cuda_emu
-and compared with the CPU op bit for bit: tokens, valid flags, logprobs, ranks, top-n lists and
-masked logits, over every truncation alone and combined, each order, both logprob modes, bad rows,
-three dtypes, indices, per-row parameters and one full-vocabulary row."""
+"""The whole sampling step (torch.ops.decodekit.pipeline; csrc/cuda/pipeline.cuh on CUDA) on every
+backend (tests/backends.py): "cpu", "cuda_emu" (the kernel on CPU threads) and "cuda" (a real GPU),
+over every truncation alone and combined, each order, both logprob modes, bad rows, three dtypes,
+indices, per-row parameters and one full-vocabulary row.
 
-import sys
-from pathlib import Path
+On every backend a call's outputs are checked against reference.pipeline (the specification):
+valid flags; bad rows give token 0; every token has positive reference probability, its logprob
+and rank are the reference's (logprob within 2e-5, test_pipeline.py's tolerance); the top-n lists
+are the reference's ids with logprobs within 2e-5; the masked logits (mode 1) are the reference's
+processed logits with -inf outside its survivors, exactly. On "cuda_emu" the outputs must also be
+the CPU op's bit for bit (tokens, valid flags, logprobs, ranks, top-n lists, masked logits); on
+"cuda" the same, up to the documented last-bit difference of libdevice's double log in the
+logprobs. The emulator-only tests at the end check what only the kernel does (invalid values make
+invalid rows and set the error flag; seed and offsets read from memory)."""
+
+import hashlib
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import emu  # noqa: E402
-import emu_pipe  # noqa: E402
-import decodekit  # noqa: E402, F401  (registers the ops)
-from decodekit.pipeline import pack_params  # noqa: E402
-from test_pipeline import FILTERS, _inputs, _logits  # noqa: E402
-
-pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ compiler to build the CUDA emulator")
+import backends as bk
+import decodekit
+import emu_pipe
+from decodekit import reference as R
+from decodekit.pipeline import pack_params
+from test_pipeline import FILTERS, _inputs, _logits
 
 ORDERS = {"sequential": 0, "joint": 1, "vllm": 2}
+ORDER_NAMES = {v: k for k, v in ORDERS.items()}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NEG = float("-inf")
+BACKEND_PARAMS = [pytest.param(b, marks=bk.MARKS[b]) for b in bk.BACKENDS]
+on_backends = pytest.mark.parametrize("backend", BACKEND_PARAMS)
 
 
 def _bits(t):
@@ -30,44 +41,137 @@ def _bits(t):
     return t
 
 
+class _Args(tuple):
+    """The op's positional arguments; .spec keeps the unpacked keywords for reference.pipeline."""
+
+
 def _args(x, kw, params, *, indices=None, order=0, mode=0, top_n=0, raw=False, want=True, seed_arr=None):
     n = x.shape[0] if indices is None else indices.shape[0]
     P = pack_params(n, **params).contiguous()
     bias = kw.get("logit_bias") or (None, None)
-    return (
-        x,
-        indices,
-        P,
-        order,
-        kw.get("allowed_token_bitmask"),
-        kw.get("banned_token_ids"),
-        bias[0],
-        bias[1],
-        kw.get("prompt_token_ids"),
-        kw.get("output_token_ids"),
-        mode,
-        top_n,
-        raw,
-        want,
-        seed_arr,
-        12345,
-        7,
+    a = _Args(
+        (
+            x,
+            indices,
+            P,
+            order,
+            kw.get("allowed_token_bitmask"),
+            kw.get("banned_token_ids"),
+            bias[0],
+            bias[1],
+            kw.get("prompt_token_ids"),
+            kw.get("output_token_ids"),
+            mode,
+            top_n,
+            raw,
+            want,
+            seed_arr,
+            12345,
+            7,
+        )
     )
+    a.spec = dict(kw=kw, params=params, indices=indices, order=order, mode=mode, top_n=top_n, raw=raw, want=want)
+    return a
 
 
-def _check(args, rows=None):
-    """Runs the CPU op and the emulated CUDA kernel; asserts bitwise equality (of `rows` only)."""
+NAMES = ["tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits"]
+
+
+_REF = {}  # reference.pipeline's result per argument values: computed once for all backends
+
+
+def _key(args):
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            data = a.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            parts.append((str(a.dtype), tuple(a.shape), hashlib.sha1(data).hexdigest()))
+        else:
+            parts.append(a)
+    return tuple(parts)
+
+
+def _reference(args):
+    s = args.spec
+    key = _key(args)
+    if key not in _REF:
+        with bk.one_thread():
+            _REF[key] = R.pipeline(
+                args[0].float(),
+                indices=s["indices"],
+                order=ORDER_NAMES[s["order"]],
+                **s["kw"],
+                **s["params"],
+                logprobs_mode="raw" if s["raw"] else "processed",
+            )
+    return _REF[key]
+
+
+def _top_n(ref, n):
+    """reference.pipeline's top_ids / top_logprobs (descending logprob, ties by lowest index), with
+    a stable sort instead of its per-element Python sort (seconds at V = 128256)."""
+    L = ref["logprobs"]
+    ids = torch.sort(-L, dim=-1, stable=True).indices[:, :n]
+    return ids, L.gather(1, ids)
+
+
+def _check_reference(args, out):
+    """The outputs `out` of pipeline(*args) against reference.pipeline."""
+    s = args.spec
+    x = args[0]
+    ref = _reference(args)
+    tok, valid, lp, rank, top_ids, top_lp, masked = out
+    v = ref["valid"]
+    if s["mode"] == 1:  # masked logits: the processed row with -inf outside the survivors
+        y = ref["processed"]
+        exp = torch.where(ref["keep"], y, torch.full_like(y, NEG)).to(masked.dtype)
+        raw = x if s["indices"] is None else x[s["indices"]]
+        bad_in = R.bad_rows(raw, False)  # a bad input row passes through as it is
+        exp[bad_in] = raw[bad_in]
+        assert torch.equal(_bits(masked), _bits(exp)), "masked logits differ from reference.py"
+        return
+    assert torch.equal(valid, v), ("valid", valid, v)
+    assert bool((tok[~v] == 0).all()), tok
+    r = torch.arange(tok.numel())[v]
+    t = tok[v]
+    assert bool((ref["dist"][r, t] > 0).all()), ("token outside reference.py's survivors", tok)
+    L = ref["logprobs"]
+    if s["want"]:
+        torch.testing.assert_close(lp[v].double(), L[r, t], atol=2e-5, rtol=0)
+        assert torch.equal(rank[v], (L[r] >= L[r, t][:, None]).sum(-1)), ("rank", rank)
+    if s["top_n"]:
+        ids, vals = _top_n(ref, s["top_n"])
+        assert torch.equal(top_ids[v], ids[v]), ("top ids", top_ids, ids)
+        torch.testing.assert_close(top_lp[v].double(), vals[v], atol=2e-5, rtol=0)
+
+
+def _check(backend, args, rows=None):
+    """Runs the op on `backend`: its outputs equal the CPU op's (on cuda_emu bitwise, of `rows`
+    only; on cuda up to the last bit of the logprobs) and agree with reference.pipeline."""
     cpu = torch.ops.decodekit.pipeline(*args)
-    got = emu_pipe.pipeline(*args)
-    mode, top_n, want = args[10], args[11], args[13]
-    names = ["tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits"]
-    for j, (c, g) in enumerate(zip(cpu, got)):
-        if mode == 0 and j in (2, 3) and not want:
-            continue  # not computed
-        if rows is not None and c.shape[0]:
-            c, g = c[rows], g[rows]
-        assert c.shape == g.shape, names[j]
-        assert torch.equal(_bits(c), _bits(g)), f"{names[j]} differ:\ncpu {c}\nemu {g}"
+    mode, want = args[10], args[13]
+    if backend == "cpu":
+        got = cpu
+    elif backend == "cuda_emu":
+        got = emu_pipe.pipeline(*args)
+        for j, (c, g) in enumerate(zip(cpu, got)):
+            if mode == 0 and j in (2, 3) and not want:
+                continue  # not computed
+            if rows is not None and c.shape[0]:
+                c, g = c[rows], g[rows]
+            assert c.shape == g.shape, NAMES[j]
+            assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ:\ncpu {c}\nemu {g}"
+    else:
+        got = bk.on_cuda(torch.ops.decodekit.pipeline, *args)
+        for j, (c, g) in enumerate(zip(cpu, got)):
+            if mode == 0 and j in (2, 3) and not want:
+                continue
+            if j in (2, 5):  # libdevice's double log: the last float bit
+                torch.testing.assert_close(g, c, rtol=2e-7, atol=1e-7)
+            else:
+                assert torch.equal(_bits(c), _bits(g)), NAMES[j]
+    if rows is None:
+        _check_reference(args, got)
     return cpu, got
 
 
@@ -77,21 +181,23 @@ def _proc(B, V, seed):
     return kw, params
 
 
+@on_backends
 @pytest.mark.parametrize("name", sorted(FILTERS))
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_each_truncation_each_order(name, order):
+def test_each_truncation_each_order(backend, name, order):
     B, V = 4, 1003
     x = _logits(B, V, 3)
     kw, params = _proc(B, V, 3)
     params.update(FILTERS[name])
     params.setdefault("temperature", 0.9)
     for mode in (0, 1):
-        _check(_args(x, kw, params, order=ORDERS[order], mode=mode, top_n=3 if mode == 0 else 0))
+        _check(backend, _args(x, kw, params, order=ORDERS[order], mode=mode, top_n=3 if mode == 0 else 0))
 
 
+@on_backends
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_all_truncations_combined(dtype, order):
+def test_all_truncations_combined(backend, dtype, order):
     B, V = 5, 777  # V not a multiple of the tile (64 threads) nor of 32
     x = _logits(B, V, 11).to(dtype)
     kw, params = _proc(B, V, 11)
@@ -108,23 +214,25 @@ def test_all_truncations_combined(dtype, order):
         min_tokens_to_keep=2,
     )
     for raw in (False, True):
-        _check(_args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw))
-    _check(_args(x, kw, params, order=ORDERS[order], mode=1))
+        _check(backend, _args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw))
+    _check(backend, _args(x, kw, params, order=ORDERS[order], mode=1))
 
 
+@on_backends
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_processing_only_matches_cpu(dtype):
+def test_processing_only(backend, dtype):
     """apply_penalties' path (mask mode, nothing truncated) and a plain draw."""
     B, V = 5, 1003
     x = _logits(B, V, 3).to(dtype)
     x[4, 17] = float("nan")  # a bad row passes through on both
     kw, params = _proc(B, V, 3)
-    _check(_args(x, kw, params, mode=1))
-    _check(_args(x, kw, params, top_n=4))
+    _check(backend, _args(x, kw, params, mode=1))
+    _check(backend, _args(x, kw, params, top_n=4))
 
 
+@on_backends
 @pytest.mark.parametrize("raw", [False, True])
-def test_logprobs_greedy_and_modes(raw):
+def test_logprobs_greedy_and_modes(backend, raw):
     B, V = 4, 600
     x = _logits(B, V, 5)
     x[1, 10] = x[1, 3] = 50.0  # a tied max: the lowest index wins
@@ -132,11 +240,12 @@ def test_logprobs_greedy_and_modes(raw):
     for T in (0.0, 0.6, 1.0):
         p = dict(params, temperature=T, top_k=30, top_p=0.9)
         for n in (0, 1, 7, 45):  # 45 > |survivors| of some rows: padded with the lowest free ids
-            _check(_args(x, kw, p, top_n=n, raw=raw))
-        _check(_args(x, kw, p, top_n=0, raw=raw, want=False))
+            _check(backend, _args(x, kw, p, top_n=n, raw=raw))
+        _check(backend, _args(x, kw, p, top_n=0, raw=raw, want=False))
 
 
-def test_top_k_paths_and_min_tokens_to_keep():
+@on_backends
+def test_top_k_paths_and_min_tokens_to_keep(backend):
     """top-k <= 512 (the CPU's streaming scan), > 512 (its window profile), >= V; min_tokens_to_keep."""
     B, V = 3, 1500
     x = _logits(B, V, 9)
@@ -145,11 +254,12 @@ def test_top_k_paths_and_min_tokens_to_keep():
         for mtk in (1, 3, 900):
             p = dict(temperature=1.3, top_k=k, top_p=0.97, min_p=0.01, typical_p=0.95, min_tokens_to_keep=mtk)
             for order in (0, 2):
-                _check(_args(x, kw, p, order=order, top_n=2))
-                _check(_args(x, {}, p, order=order, mode=1))
+                _check(backend, _args(x, kw, p, order=order, top_n=2))
+                _check(backend, _args(x, {}, p, order=order, mode=1))
 
 
-def test_bad_rows_and_indices_and_per_row_params():
+@on_backends
+def test_bad_rows_and_indices_and_per_row_params(backend):
     B, V = 6, 900
     x = _logits(B, V, 21)
     x[0, 5] = float("nan")
@@ -165,12 +275,13 @@ def test_bad_rows_and_indices_and_per_row_params():
     )
     seeds = torch.tensor([1, 2, 3, 4])
     for raw in (False, True):
-        cpu, _ = _check(_args(x, kw, params, indices=idx, top_n=3, raw=raw, seed_arr=seeds))
+        cpu, _ = _check(backend, _args(x, kw, params, indices=idx, top_n=3, raw=raw, seed_arr=seeds))
         assert cpu[1].tolist() == [False, False, False, True]
-    _check(_args(x, kw, params, indices=idx, mode=1))
+    _check(backend, _args(x, kw, params, indices=idx, mode=1))
 
 
-def test_invalid_values_give_invalid_rows():
+@bk.needs_emu
+def test_emu_invalid_values_give_invalid_rows():
     """Values the CUDA launcher does not read (no sync): bad ids, non-finite bias, out-of-range
     parameters; the CPU binding raises ValueError, the kernel marks only that row invalid."""
     B, V = 4, 500
@@ -196,7 +307,8 @@ def test_invalid_values_give_invalid_rows():
     assert torch.equal(masked[1], x[1]) and torch.equal(masked[2], x[2])  # raw rows pass through
 
 
-def test_invalid_values_set_the_error_flag():
+@bk.needs_emu
+def test_emu_invalid_values_set_the_error_flag():
     """The kernel ORs the launcher's error bit into the flag for a row with a bad value, and leaves
     it clear when every value is in range; the CPU op with the deferred checks forced gives the
     same rows (the CUDA launcher's code path with the CPU kernel)."""
@@ -224,8 +336,9 @@ def test_invalid_values_set_the_error_flag():
         assert torch.equal(_bits(c), _bits(g)), j
 
 
+@bk.needs_emu
 @pytest.mark.parametrize("n_offsets", [1, 5])
-def test_seed_and_offsets_read_from_memory(n_offsets):
+def test_emu_seed_and_offsets_read_from_memory(n_offsets):
     """A one-seed tensor and offset tensors reach the kernel as pointers it reads (what the CUDA
     launcher passes for device tensors: decodekit/rng.h row_rng_key); the tokens equal the CPU op's,
     where a one-seed CPU tensor is read on the host, and row r draws as with offset 7 + offsets[r]."""
@@ -247,18 +360,19 @@ def test_seed_and_offsets_read_from_memory(n_offsets):
         assert got[0][r] == torch.ops.decodekit.pipeline(*one)[0][r], r
 
 
-def test_full_vocabulary_row():
+@on_backends
+def test_full_vocabulary_row(backend):
     B, V = 2, 128256
     x = _logits(B, V, 31).to(torch.bfloat16)
     kw, params = _proc(B, V, 31)
     params.update(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05)
-    _check(_args(x, kw, params, top_n=5))
-    _check(_args(x, kw, params, top_n=5, raw=True))
+    _check(backend, _args(x, kw, params, top_n=5))
+    _check(backend, _args(x, kw, params, top_n=5, raw=True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the emulator tests above run anywhere)")
+@bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_device_matches_cpu(order):
+def test_cuda_device_matches_cpu(order):
     """On a GPU: the same tokens, valid flags, ranks and top ids as the CPU op; logprobs equal up to
     the documented last-bit difference of libdevice's double log."""
     B, V = 6, 32000
@@ -285,14 +399,26 @@ def test_device_matches_cpu(order):
     )
 
 
+@on_backends
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_token_bitmask_inplace_matches_cpu(dtype):
+def test_apply_token_bitmask_inplace(backend, dtype):
+    """apply_token_bitmask_inplace: reference.py's result bit for bit on every backend (the CPU
+    op's on cuda_emu / cuda)."""
     B, V = 5, 1000  # 32 words cover 1024 > V: only the first V tokens are touched
     x = _logits(B, V, 8).to(dtype)
     bm = torch.randint(-(2**31), 2**31 - 1, (B, 32), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     for idx in (None, torch.tensor([4, 0, 2])):
-        cpu, got = x.clone(), x.clone()
+        cpu, got, ref = x.clone(), x.clone(), x.clone()
         decodekit.apply_token_bitmask_inplace(cpu, bm, indices=idx)
-        emu_pipe.apply_token_bitmask_inplace(got, bm, indices=idx)
+        if backend == "cpu":
+            got = cpu
+        elif backend == "cuda_emu":
+            emu_pipe.apply_token_bitmask_inplace(got, bm, indices=idx)
+        else:
+            dev = got.cuda()
+            decodekit.apply_token_bitmask_inplace(dev, bm.cuda(), indices=None if idx is None else idx.cuda())
+            got = dev.cpu()
         assert torch.equal(_bits(cpu), _bits(got))
         assert not torch.equal(_bits(cpu), _bits(x))
+        R.apply_token_bitmask_inplace(ref, bm, indices=idx)
+        assert torch.equal(_bits(got), _bits(ref))

@@ -1,31 +1,106 @@
-"""The CUDA speculative kernels (csrc/cuda/speculative.cuh) run on CPU threads by the emulator
-(tests/cuda_emu) and compared with the CPU ops: same seed -> same tokens, counts, accept indices,
-tree errors and build_tree outputs. This checks the CUDA kernels' logic (counter layout, the CPU's
-summation order, the residual / materialisation steps, the walks) without a GPU; test_speculative.py's
-test_cuda_matches_cpu runs the same comparison on a real GPU. Every case runs at the production
-block size (speculative.cuh's kThreads) under two randomised thread orders of the emulator."""
+"""Chain / tree verification and build_tree on every backend (tests/backends.py): "cpu",
+"cuda_emu" (csrc/cuda/speculative.cuh's kernels on CPU threads) and "cuda" (a real GPU).
 
-import sys
-from pathlib import Path
+On every backend a case's outputs are checked against reference.py (the specification), which
+draws decodekit's own Philox uniforms: the probability and greedy forms and build_tree give the
+reference's outputs exactly; so does the logits form with a temperature / filters on these inputs
+(reference.py filters in float64, so in general it may differ where a uniform falls within
+rounding of a threshold: test_speculative.py; it does not here). reference.py's outputs are
+computed once per case and shared by the backends. On "cuda_emu" and "cuda" the outputs must also
+be the CPU op's exactly (tokens, counts, accept indices, tree errors, build_tree outputs). Under the emulator
+every case runs at the production block size (speculative.cuh's kThreads) under two randomised
+thread orders (`_schedules`); the emulator-only tests below check the tree kernel's error codes,
+the small block size and the kernels' early exits (work counters).
+"""
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import emu  # noqa: E402
-import emu_spec  # noqa: E402
-import decodekit as dk  # noqa: E402
-from test_speculative import fixed_tree_case  # noqa: E402
+import backends as bk
+import decodekit as dk
+import emu
+import emu_spec
+from decodekit import reference as R
+from test_speculative import fixed_tree_case
 
 ops = torch.ops.decodekit
-pytestmark = pytest.mark.skipif(emu_spec.compiler() is None, reason="no host C++ compiler to build the emulator")
 NOF = (None, 1.0, None, 0, None, 1.0, None, 0.0, 0)  # no filters
+ORDER = {0: "sequential", 1: "joint"}
 
 
 def _schedules(name):
     """Two schedule seeds per case (never 0, the fixed thread order), different across cases."""
     h = sum(map(ord, name))
     return [1 + 2 * h, 2 + 2 * h]
+
+
+def _named(cases):
+    """Every backend runs the same cases; the case item carries its name (the schedule seeds)."""
+    return dict.fromkeys(bk.BACKENDS, [(name, (name, c)) for name, c in cases])
+
+
+def _run(backend, cpu, op, emu_fn, args, emu_args, emu_kw, scheds, what, n_out=3):
+    """The backend's outputs of one case (the first n_out), checked against the CPU's `cpu` on
+    cuda_emu (every schedule seed) and cuda. Returns the outputs to check against reference.py."""
+    if backend == "cpu":
+        return cpu
+    if backend == "cuda_emu":
+        for sched in scheds:
+            emu.set_schedule_seed(sched)
+            got = emu_fn(*emu_args, **emu_kw)
+            _same(cpu, got[:n_out], f"{what}, schedule {sched}")
+            if n_out == 3 and len(got) > 3 and emu_fn is emu_spec.tree_verify:
+                assert bool((got[3] == 0).all())
+        return got[:n_out]
+    got = bk.on_cuda(op, *args)
+    _same(cpu, got, f"{what}, cuda")
+    return got
+
+
+def _filter_kw(T, filt):
+    """reference.py's keyword arguments for (temperature, the op's filter tuple)."""
+    k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order = filt
+    return dict(
+        temperature=T,
+        top_k=k_arr if k_arr is not None else (k_val or None),
+        top_p=p_arr if p_arr is not None else (None if p_val >= 1.0 else p_val),
+        min_p=mp_arr if mp_arr is not None else (mp_val or None),
+        order=ORDER[order],
+    )
+
+
+_REF = {}  # reference.py's outputs per case: the same for every backend, computed once
+
+
+def _reference(key, fn, *args, **kw):
+    if key not in _REF:
+        with bk.one_thread():
+            _REF[key] = fn(*args, **kw)
+    return _REF[key]
+
+
+def _check_chain_reference(got, target, ids, draft, nd, kind, T, filt, seed, off, what):
+    if kind == 0:
+        exp = _reference(
+            what, R.chain_speculative_sampling, draft, ids, target, num_draft_tokens=nd, seed=seed, offset=off
+        )
+    else:  # (the greedy rows and the filtered targets of reference.py's logits form)
+        kw = _filter_kw(T, filt)
+        f = R.chain_speculative_sampling_from_logits
+        exp = _reference(what, f, draft, ids, target, num_draft_tokens=nd, seed=seed, offset=off, **kw)
+    _same(exp, got, f"{what}: reference.py")
+
+
+def _check_tree_reference(got, links, target, draft, W, kind, T, filt, seed, off, co, what):
+    if kind == 0:
+        f, kw = R.tree_speculative_sampling, dict(seed=seed, offset=off, **co)
+        exp = _reference(what, f, *links, target, draft, num_speculative_tokens=W, **kw)
+    elif kind == 2:
+        exp = _reference(what, R.verify_tree_greedy, *links, target, num_speculative_tokens=W)
+    else:
+        f, kw = R.tree_speculative_sampling_from_logits, dict(seed=seed, offset=off, **_filter_kw(T, filt), **co)
+        exp = _reference(what, f, *links, target, draft, num_speculative_tokens=W, **kw)
+    _same(exp, got, f"{what}: reference.py")
 
 
 def _gen(s):
@@ -55,27 +130,6 @@ CHAIN = [
 ]
 
 
-@pytest.mark.parametrize("case", CHAIN, ids=[c[0] for c in CHAIN])
-def test_chain_matches_cpu(case):
-    _, c = case
-    p, q, ids, lp = _chain_inputs(seed=len(case[0]))
-    B, N = ids.shape
-    kind = c["kind"]
-    target = p if kind == 0 else lp.to(c.get("dtype", torch.float32))
-    draft = q if c.get("draft") else None
-    nd = torch.tensor([0, 3, 1, 2, 3, 2])[:B] if c.get("ragged") else None
-    seed_arr = torch.randint(0, 2**62, (B,), generator=_gen(7)) if c.get("rowseeds") else None
-    seed_val, off = c.get("seed", 5), c.get("offset", 0)
-    T = c.get("T", 1.0)
-    T_arr = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.9]) if T == "rows" else None
-    T_val = 1.0 if T == "rows" else T
-    cpu = ops.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, *NOF[2:], seed_arr, seed_val, off)
-    for sched in _schedules(case[0]):
-        emu.set_schedule_seed(sched)
-        got = emu_spec.chain_verify(target, ids, draft, nd, kind, T_arr, T_val, seed_arr, seed_val, off)
-        _same(cpu, got, f"{case[0]}, schedule {sched}")
-
-
 def _tree_inputs(B=5, V=5000, seed=0):
     parents, lt, qt, cand = fixed_tree_case(B, V, seed)
     return dk.build_tree(parents, 0), cand, lt, qt
@@ -95,10 +149,33 @@ TREE = [
 ]
 
 
-@pytest.mark.parametrize("case", TREE, ids=[c[0] for c in TREE])
-def test_tree_matches_cpu(case):
-    _, c = case
-    tree, cand, lt, qt = _tree_inputs(seed=len(case[0]))
+@pytest.mark.parametrize("backend, i, case", bk.params(_named(CHAIN)))
+def test_chain(backend, i, case):
+    name, c = case
+    p, q, ids, lp = _chain_inputs(seed=len(name))
+    B, N = ids.shape
+    kind = c["kind"]
+    target = p if kind == 0 else lp.to(c.get("dtype", torch.float32))
+    draft = q if c.get("draft") else None
+    nd = torch.tensor([0, 3, 1, 2, 3, 2])[:B] if c.get("ragged") else None
+    seed_arr = torch.randint(0, 2**62, (B,), generator=_gen(7)) if c.get("rowseeds") else None
+    seed_val, off = c.get("seed", 5), c.get("offset", 0)
+    T = c.get("T", 1.0)
+    T_arr = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.9]) if T == "rows" else None
+    T_val = 1.0 if T == "rows" else T
+    args = (target, ids, draft, nd, kind, T_arr, T_val, *NOF[2:], seed_arr, seed_val, off)
+    cpu = ops.chain_verify(*args)
+    emu_args = (target, ids, draft, nd, kind, T_arr, T_val, seed_arr, seed_val, off)
+    got = _run(backend, cpu, ops.chain_verify, emu_spec.chain_verify, args, emu_args, {}, _schedules(name), name)
+    seed = seed_arr if seed_arr is not None else seed_val
+    T_ref = T_arr if T_arr is not None else T_val
+    _check_chain_reference(got, target, ids, draft, nd, kind, T_ref, NOF[2:], seed, off, f"chain {name}")
+
+
+@pytest.mark.parametrize("backend, i, case", bk.params(_named(TREE)))
+def test_tree(backend, i, case):
+    name, c = case
+    tree, cand, lt, qt = _tree_inputs(seed=len(name))
     B, T = cand.shape
     kind = c["kind"]
     target = lt.softmax(-1) if kind == 0 else (lt if kind == 1 else lt.argmax(-1))
@@ -121,16 +198,18 @@ def test_tree_matches_cpu(case):
             threshold_single=c["coins"][0],
             threshold_acc=c["coins"][1],
         )
-    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, draft, W, kind)
-    cpu = ops.tree_verify(*args, None, c.get("T", 1.0), *NOF[2:], seed_arr, 9, 0, *co.values())
-    for sched in _schedules(case[0]):
-        emu.set_schedule_seed(sched)
-        got = emu_spec.tree_verify(*args, None, c.get("T", 1.0), seed_arr, 9, 0, **co)
-        _same(cpu, got[:3], f"{case[0]}, schedule {sched}")
-        assert bool((got[3] == 0).all())
+    links = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling)
+    Tv = c.get("T", 1.0)
+    args = (*links, target, draft, W, kind, None, Tv, *NOF[2:], seed_arr, 9, 0, *co.values())
+    cpu = ops.tree_verify(*args)
+    emu_args = (*links, target, draft, W, kind, None, Tv, seed_arr, 9, 0)
+    got = _run(backend, cpu, ops.tree_verify, emu_spec.tree_verify, args, emu_args, co, _schedules(name), name)
+    seed = seed_arr if seed_arr is not None else 9
+    _check_tree_reference(got, links, target, draft, W, kind, Tv, NOF[2:], seed, 0, co, f"tree {name}")
 
 
-def test_tree_errors_match_cpu():
+@bk.needs_emu
+def test_emu_tree_errors_match_cpu():
     tree, cand, lt, qt = _tree_inputs(B=3, V=40)
     nt = tree.retrive_next_token.clone()
     nt[1, 3] = 1  # row 1: a cycle 1 -> 3 -> 1
@@ -144,7 +223,11 @@ def test_tree_errors_match_cpu():
         dk.tree_speculative_sampling(cand2, tree.retrive_index, nt, tree.retrive_next_sibling, lt.softmax(-1))
 
 
-def test_build_tree_matches_cpu():
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=bk.MARKS[b]) for b in bk.BACKENDS])
+def test_build_tree(backend):
+    """build_tree on 70 rows (more than one block of rows) of random trees: reference.py's outputs
+    (dtypes and values) on every backend, the CPU op's on cuda_emu / cuda; the emulated kernel's
+    error codes for invalid parents."""
     g = _gen(4)
     for T in (1, 9, 20):
         B = 70  # more than one block of rows
@@ -153,14 +236,26 @@ def test_build_tree_matches_cpu():
         )
         prefix = torch.randint(0, 100, (B,), generator=g)
         cpu = ops.build_tree(parents, prefix)
-        got, err, _ = emu_spec.build_tree(parents, prefix)
-        assert bool((err == 0).all())
-        assert all(torch.equal(a, b) for a, b in zip(cpu, got))
-    _, err, node = emu_spec.build_tree(torch.tensor([[-1, 0, -1], [-1, 2, 1]]), torch.zeros(2, dtype=torch.int64))
-    assert err.tolist() == [2, 4] and node.tolist() == [2, 1]
+        if backend == "cpu":
+            got = cpu
+        elif backend == "cuda_emu":
+            got, err, _ = emu_spec.build_tree(parents, prefix)
+            assert bool((err == 0).all())
+            assert all(torch.equal(a, b) for a, b in zip(cpu, got))
+        else:
+            got = bk.on_cuda(ops.build_tree, parents, prefix)
+            assert all(torch.equal(a, b) for a, b in zip(cpu, got))
+        with bk.one_thread():
+            exp = R.build_tree(parents, prefix)
+        for a, b in zip(got, exp):
+            assert a.dtype == b.dtype and torch.equal(a, b), T
+    if backend == "cuda_emu":
+        _, err, node = emu_spec.build_tree(torch.tensor([[-1, 0, -1], [-1, 2, 1]]), torch.zeros(2, dtype=torch.int64))
+        assert err.tolist() == [2, 4] and node.tolist() == [2, 1]
 
 
-def test_bad_logits_rows_and_real_block_size():
+@bk.needs_emu
+def test_emu_bad_logits_rows_and_real_block_size():
     p, q, ids, lp = _chain_inputs(B=4, V=3000, seed=9)
     lp[1, 0, 5] = float("nan")
     lp[2, 1] = float("-inf")
@@ -239,8 +334,8 @@ def _filtered_chain_inputs(c, seed):
     return lp, q, ids
 
 
-@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
-def test_chain_filters_match_cpu(case):
+@pytest.mark.parametrize("backend, i, case", bk.params(_named(FILTERED)))
+def test_chain_filters(backend, i, case):
     name, c = case
     lp, q, ids = _filtered_chain_inputs(c, seed=len(name))
     B, N = ids.shape
@@ -251,15 +346,17 @@ def test_chain_filters_match_cpu(case):
     T_val = 0.9
     nd = torch.tensor([3, 0, 1, 2, 3, 2])[:B]
     _check_coverage(name, _support_sizes(target, T_arr, T_val, filt))
-    cpu = ops.chain_verify(target, ids, draft, nd, 1, T_arr, T_val, *filt, None, 77, 0)
-    for sched in _schedules(name)[: 1 if c.get("V", 0) > 10**5 else 2]:
-        emu.set_schedule_seed(sched)
-        got = emu_spec.chain_verify(target, ids, draft, nd, 1, T_arr, T_val, None, 77, 0, filters=filt)
-        _same(cpu, got, f"{name}, schedule {sched}")
+    args = (target, ids, draft, nd, 1, T_arr, T_val, *filt, None, 77, 0)
+    cpu = ops.chain_verify(*args)
+    emu_args = (target, ids, draft, nd, 1, T_arr, T_val, None, 77, 0)
+    scheds = _schedules(name)[: 1 if c.get("V", 0) > 10**5 else 2]
+    got = _run(backend, cpu, ops.chain_verify, emu_spec.chain_verify, args, emu_args, dict(filters=filt), scheds, name)
+    T_ref = T_arr if T_arr is not None else T_val
+    _check_chain_reference(got, target, ids, draft, nd, 1, T_ref, filt, 77, 0, f"chain filters {name}")
 
 
-@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
-def test_tree_filters_match_cpu(case):
+@pytest.mark.parametrize("backend, i, case", bk.params(_named(FILTERED)))
+def test_tree_filters(backend, i, case):
     name, c = case
     B, V = c.get("B", 5), c.get("V", 5000)
     tree, cand, lt, qt = _tree_inputs(B=B, V=V, seed=len(name) + 100)
@@ -271,17 +368,19 @@ def test_tree_filters_match_cpu(case):
     filt = _filters(c, B)
     T_arr = torch.tensor([0.9, 1.0, 0.7, 0.0, 1.3])[:B] if c.get("rows") else None
     T = tree.retrive_index.shape[1]
-    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, target, qt, T, 1)
+    links = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling)
     _check_coverage(name, _support_sizes(target, T_arr, 0.8, filt))
-    cpu = ops.tree_verify(*args, T_arr, 0.8, *filt, None, 13, 0)
-    for sched in _schedules(name)[: 1 if V > 10**5 else 2]:
-        emu.set_schedule_seed(sched)
-        got = emu_spec.tree_verify(*args, T_arr, 0.8, None, 13, 0, filters=filt)
-        _same(cpu, got[:3], f"{name}, schedule {sched}")
-        assert bool((got[3] == 0).all())
+    args = (*links, target, qt, T, 1, T_arr, 0.8, *filt, None, 13, 0)
+    cpu = ops.tree_verify(*args)
+    emu_args = (*links, target, qt, T, 1, T_arr, 0.8, None, 13, 0)
+    scheds = _schedules(name)[: 1 if V > 10**5 else 2]
+    got = _run(backend, cpu, ops.tree_verify, emu_spec.tree_verify, args, emu_args, dict(filters=filt), scheds, name)
+    T_ref = T_arr if T_arr is not None else 0.8
+    _check_tree_reference(got, links, target, qt, T, 1, T_ref, filt, 13, 0, {}, f"tree filters {name}")
 
 
-def test_filters_bad_rows_match_cpu():
+@bk.needs_emu
+def test_emu_filters_bad_rows_match_cpu():
     """NaN and all -inf rows with filters on: the row stops there and emits token 0, other rows as
     on the CPU; also a row whose filters leave one token."""
     c = dict(k=30, p=0.8, mp=0.02)
@@ -306,7 +405,8 @@ def test_filters_bad_rows_match_cpu():
     _same(cpu, got[:3], "tree bad rows")
 
 
-def test_early_exit_work():
+@bk.needs_emu
+def test_emu_early_exit_work():
     """The chain kernel stops verifying at the first rejection: later positions only feed the
     accepted count, and their normaliser pass is made only when the accept test can still pass
     (drafts outside the top-k support: none; drafts at the argmax: one each). The tree kernel
@@ -339,27 +439,3 @@ def test_early_exit_work():
     _same(cpu, got[:3], "tree early exit")
     visited = int((got[2] + 1).sum())
     assert emu_spec.work() == (visited, visited) and visited > B
-
-
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and dk.build_info()["cuda"]), reason="needs a GPU and a CUDA build (none here)"
-)
-@pytest.mark.parametrize("case", FILTERED, ids=[c[0] for c in FILTERED])
-def test_filters_cuda_matches_cpu(case):
-    """The same matrix on a real GPU (never run so far: no GPU has been available)."""
-    name, c = case
-    lp, q, ids = _filtered_chain_inputs(c, seed=len(name))
-    B = ids.shape[0]
-    target = lp.to(c.get("dtype", torch.float32))
-    draft = q if c.get("draft") else None
-    filt = _filters(c, B)
-
-    def on(t, d):
-        return t.to(d) if isinstance(t, torch.Tensor) else t
-
-    def run(d):
-        f = tuple(on(t, d) for t in filt)
-        out = ops.chain_verify(on(target, d), on(ids, d), on(draft, d), None, 1, None, 0.9, *f, None, 77, 0)
-        return tuple(t.cpu() for t in out)
-
-    _same(run("cpu"), run("cuda"), name)

@@ -1,12 +1,8 @@
-"""The CUDA sampling/filter kernels (csrc/cuda/sampling.cuh) run on CPU threads by a small
-emulator (tests/cuda_emu) and compared with the CPU ops: same seed -> same tokens, identical
-filter outputs. This checks the kernels' logic (counter layout, canonical sums, thresholds,
-method choice) on machines without a GPU; tests/test_cuda.py runs the same cases on a real GPU.
-
-Every case runs at the production block size (sampling.cuh's kThreads) under randomised thread
-orders (emu_runtime.h): SEEDS_PER_CASE schedule seeds per case, different seeds for different
-cases. The last tests show what the emulator catches (a removed __syncthreads, bad warp ops).
-"""
+"""The CUDA emulator itself (tests/cuda_emu/emu_runtime.h) and the kernel-side contracts that are
+not an op: what the emulator catches (a removed __syncthreads, bad warp ops), two block sizes of
+one kernel in one process, the radix selects' warp-level digit scans (csrc/cuda/radix_digit.h)
+and top-p's canonical sparse mass (contract.h). The ops' own cases run on every backend in
+tests/test_ops_*.py (tests/backends.py)."""
 
 import subprocess
 import sys
@@ -16,80 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import cuda_cases as cc  # noqa: E402
 import emu  # noqa: E402
-import decodekit  # noqa: E402
 
-ops = decodekit.ops
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ compiler to build the CUDA emulator")
-
-SEEDS_PER_CASE = 2
-
-
-def _emulated(i, fn, *args):
-    """fn(*args) under each of case i's schedule seeds (never 0: that is the fixed order)."""
-    out = []
-    for j in range(SEEDS_PER_CASE):
-        emu.set_schedule_seed(1 + SEEDS_PER_CASE * i + j)
-        out.append(fn(*args))
-    return out
-
-
-# smaller rows than the GPU tests (the emulator pays per barrier); still > one 4096-chunk
-SAMPLE = cc.sample_cases(V=6000, light=True) + cc.special_sample_cases()
-
-
-def _same_sample(cpu, got, args):
-    tok_c, val_c, lp_c = cpu
-    tok_g, val_g, lp_g = got
-    assert torch.equal(val_c, val_g), (val_c, val_g)
-    assert torch.equal(tok_c, tok_g), (tok_c, tok_g)
-    # the emulator uses the host log(), so logprobs are bit-identical here (on a GPU: last-bit)
-    assert torch.equal(lp_c, lp_g), (lp_c, lp_g)
-
-
-@pytest.mark.parametrize("i", range(len(SAMPLE)), ids=[c[0] for c in SAMPLE])
-def test_sample_matches_cpu(i):
-    _, args = SAMPLE[i]
-    cpu = ops.sample(*args)
-    for got in _emulated(i, emu.sample, *args):
-        _same_sample(cpu, got, args)
-
-
-GUMBEL = cc.gumbel_cases()
-
-
-@pytest.mark.parametrize("i", range(len(GUMBEL)), ids=[c[0] for c in GUMBEL])
-def test_gumbel_matches_cpu(i):
-    _, args = GUMBEL[i]
-    tc, vc = ops.gumbel_sample(*args)
-    for tg, vg in _emulated(i, emu.gumbel_sample, *args):
-        assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
-
-
-FILTER = cc.filter_cases(V=4500, light=True)
-
-
-@pytest.mark.parametrize("i", range(len(FILTER)), ids=[c[0] for c in FILTER])
-def test_filter_matches_cpu(i):
-    _, args = FILTER[i]
-    c = ops.filter(*args)
-    for g in _emulated(i, emu.filter, *args):
-        assert c.dtype == g.dtype
-        assert torch.equal(c.isnan(), g.isnan())
-        assert torch.equal(torch.nan_to_num(c), torch.nan_to_num(g))
-
-
-def test_production_block_size():
-    """The default build is the production block size, and a small block (more elements per
-    thread) gives the CPU's tokens too."""
-    import re
-
-    src = (emu.ROOT / "csrc/cuda/sampling.cuh").read_text()
-    assert emu.load().dk_emu_threads() == int(re.search(r"#define DK_CUDA_THREADS (\d+)", src).group(1))
-    emu.set_schedule_seed(7)
-    for name, args in SAMPLE[::40]:
-        _same_sample(ops.sample(*args), emu.sample(*args, threads=64), args)
 
 
 # ---- what the emulator catches ------------------------------------------------------------------
@@ -317,3 +242,92 @@ def test_sparse_mass_is_the_canonical_mass():
     for sp, dense in pairs:
         assert sp == dense
     assert len({p[0] for p in pairs}) == len(pairs)  # distinct totals: the cases are not trivial
+
+
+# ---- the tensor-core fragment operations of emu_mma.h (mma.sync, ldmatrix, cp.async) -------------
+def _emu():
+    import emu_attn
+
+    return emu_attn
+
+
+def bits16(x):
+    """16-bit patterns (as int64) of a bf16 / fp16 tensor."""
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def pack_pair(lo, hi):
+    v = int(lo) | (int(hi) << 16)
+    return v - (1 << 32) if v >= 1 << 31 else v  # as int32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_emulated_mma_matches_matrix_product(dtype):
+    """Random A (16x16), B (16x8), C (16x8) split into per-lane fragments by the PTX ISA tables for
+    mma.m16n8k16 (.row.col, fp32 accumulators); the emulated D = A B + C, reassembled, equals the
+    float64 matrix product rounded to fp32."""
+    emu = _emu()
+    gen = torch.Generator().manual_seed(16)
+    for trial in range(20):
+        scale = 4.0 ** (trial % 5 - 2)
+        A = (torch.randn(16, 16, generator=gen) * scale).to(dtype)
+        B = (torch.randn(16, 8, generator=gen) * scale).to(dtype)
+        C = torch.randn(16, 8, generator=gen) * (trial % 3)
+        ab, bb = bits16(A), bits16(B)
+        a = torch.zeros(32, 4, dtype=torch.int32)
+        b = torch.zeros(32, 2, dtype=torch.int32)
+        c = torch.zeros(32, 4, dtype=torch.float32)
+        for lane in range(32):
+            g, i = lane // 4, lane % 4
+            for reg, (row, col) in enumerate([(g, 2 * i), (g + 8, 2 * i), (g, 2 * i + 8), (g + 8, 2 * i + 8)]):
+                a[lane, reg] = pack_pair(ab[row, col], ab[row, col + 1])
+            for reg, k in enumerate([2 * i, 2 * i + 8]):
+                b[lane, reg] = pack_pair(bb[k, g], bb[k + 1, g])
+            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
+                c[lane, reg] = C[row, col]
+        d = emu.mma_fragments(a, b, c, dtype == torch.float16)
+        D = torch.empty(16, 8)
+        for lane in range(32):
+            g, i = lane // 4, lane % 4
+            for reg, (row, col) in enumerate([(g, 2 * i), (g, 2 * i + 1), (g + 8, 2 * i), (g + 8, 2 * i + 1)]):
+                D[row, col] = d[lane, reg]
+        exp = (A.double() @ B.double() + C.double()).float()
+        torch.testing.assert_close(D, exp, atol=0, rtol=2**-23)
+
+
+@pytest.mark.parametrize("nmat", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True], ids=["rows", "trans"])
+def test_emulated_ldmatrix_layout(nmat, trans):
+    """ldmatrix .m8n8 .x1 / .x2 / .x4 (and .trans) from scattered 16-byte-aligned rows: lane 8j + r
+    gives row r of matrix j; register j of lane l holds elements (l/4, 2(l%4)), (l/4, 2(l%4)+1) of
+    matrix j, or with .trans (2(l%4), l/4), (2(l%4)+1, l/4)."""
+    emu = _emu()
+    gen = torch.Generator().manual_seed(17)
+    src = torch.randint(-(2**15), 2**15, (40, 32), generator=gen, dtype=torch.int32).to(torch.int16)
+    rows = torch.randperm(40, generator=gen)[:32].to(torch.int32)
+    cols = (torch.randint(0, 4, (32,), generator=gen) * 8).to(torch.int32)
+    out = emu.ldmatrix(src, rows, cols, nmat, trans)
+    u = src.to(torch.int64) & 0xFFFF
+
+    def elem(j, r, cidx):  # element (r, cidx) of matrix j
+        lane = 8 * j + r
+        return u[rows[lane], cols[lane] + cidx]
+
+    for lane in range(32):
+        for j in range(4):
+            if j >= nmat:
+                assert out[lane, j] == 0, "registers past .x{nmat} must stay untouched"
+                continue
+            if trans:
+                lo, hi = elem(j, 2 * (lane % 4), lane // 4), elem(j, 2 * (lane % 4) + 1, lane // 4)
+            else:
+                lo, hi = elem(j, lane // 4, 2 * (lane % 4)), elem(j, lane // 4, 2 * (lane % 4) + 1)
+            assert int(out[lane, j]) == pack_pair(lo, hi), (lane, j)
+
+
+def test_emulated_cp_async_lands_only_at_wait():
+    """Deferred cp.async: before the wait_group that covers its group the destination holds poison
+    (0xffff, NaN in bf16 / fp16); wait_group 1 lands the older group only; wait_group 0 lands all."""
+    emu = _emu()
+    got = emu.cp_async_probe()
+    assert got == [0xFFFF, 0x1111, 0xFFFF, 0x1111, 0x2222], [hex(x) for x in got]
