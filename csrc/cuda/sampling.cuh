@@ -189,6 +189,9 @@ struct Weight {
   DK_CUDA_FN float operator()(float x) const { return probs ? x : dk_exp<float>(v_mul(v_sub(x, m), invT)); }
 };
 
+// The weight function of a row whose max is m (T: the row's temperature; unused for probabilities).
+DK_CUDA_FN Weight row_weight(bool probs, float m, float T) { return Weight{probs, m, probs ? 1.f : __fdiv_rn(1.f, T)}; }
+
 struct RowParams {
   float T = 1.f;
   int64_t k = 0;
@@ -363,10 +366,13 @@ DK_CUDA_FN Scan scan_raw(const T* x, int64_t V, bool probs, Smem& s) {
   return r;
 }
 
+// A row whose max m leaves nothing with positive possible weight (all -inf logits, all-zero probs).
+DK_CUDA_FN bool no_weight(float m, bool probs) { return !(m > (probs ? 0.f : kNegInf)); }
+
 template <class T>
 DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   Scan r = scan_raw(x, V, probs, s);
-  r.bad = r.bad || !(r.m > (probs ? 0.f : kNegInf));
+  r.bad = r.bad || no_weight(r.m, probs);
   return r;
 }
 
@@ -422,7 +428,6 @@ template <class T>
 DK_CUDA_FN double lane16_mass_range(const T* x, int64_t V, const Weight& w, float t, float minw, double* chunk_out,
                                     int64_t cb, int64_t ce, Smem& s) {
   constexpr int kGroup = kThreads / kLanes;
-  const int64_t nch = ce;
   const int j = threadIdx.x % kLanes, g = threadIdx.x / kLanes;
   const auto kept = [&](int64_t i) {  // adding +0.0 to a lane sum (>= +0) changes nothing
     const float v = ld(x, i);
@@ -431,11 +436,11 @@ DK_CUDA_FN double lane16_mass_range(const T* x, int64_t V, const Weight& w, floa
     return e >= minw ? e : 0.f;
   };
   double z = 0.0;  // thread 0
-  for (int64_t c0 = cb; c0 < nch; c0 += kGroup) {
+  for (int64_t c0 = cb; c0 < ce; c0 += kGroup) {
     const int64_t c = c0 + g;
-    s.dlane[threadIdx.x] = c < nch ? contract::chunk_lane_sum(V, c, j, kept) : 0.0;
+    s.dlane[threadIdx.x] = c < ce ? contract::chunk_lane_sum(V, c, j, kept) : 0.0;
     __syncthreads();
-    if (threadIdx.x < kGroup && c0 + threadIdx.x < nch) {
+    if (threadIdx.x < kGroup && c0 + threadIdx.x < ce) {
       double m = 0.0;
       for (int q = 0; q < kLanes; ++q) m = __dadd_rn(m, s.dlane[threadIdx.x * kLanes + q]);
       s.dchunk[threadIdx.x] = m;
@@ -443,7 +448,7 @@ DK_CUDA_FN double lane16_mass_range(const T* x, int64_t V, const Weight& w, floa
     }
     __syncthreads();
     if (threadIdx.x == 0)
-      for (int q = 0; q < kGroup && c0 + q < nch; ++q) z = __dadd_rn(z, s.dchunk[q]);
+      for (int q = 0; q < kGroup && c0 + q < ce; ++q) z = __dadd_rn(z, s.dchunk[q]);
     // (the next round's writes of dchunk follow its first barrier, which thread 0 reaches after this fold)
   }
   if (threadIdx.x == 0) s.dbc = z;
@@ -579,8 +584,7 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
   Scan sc = scan_row(x, V, probs, s);
   if (sc.bad) return sel;
   sel.valid = true;
-  const float temp = probs ? 1.f : rp.T;
-  sel.w = Weight{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, temp)};
+  sel.w = row_weight(probs, sc.m, rp.T);
   sel.lo = probs ? FLT_TRUE_MIN : -FLT_MAX;
   // top-k: the k-th largest value; fewer than k elements >= lo: no cut (the CPU's tk = -inf)
   float tk = kNegInf;
@@ -655,12 +659,18 @@ DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, floa
 // ---- kernels ----------------------------------------------------------------------------------
 DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) { return row_rng_key(a, o); }
 
+// The input row of output row o (indices[o], else o).
+template <class T>
+DK_CUDA_FN const T* row_in(const SampleArgs& a, int64_t o) {
+  const int64_t src = a.indices ? a.indices[o] : o;
+  return static_cast<const T*>(a.in.data) + src * a.in.row_stride;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   __shared__ Smem s;
   const int64_t o = blockIdx.x;
-  const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.in.data) + src * a.in.row_stride;
+  const T* x = row_in<T>(a, o);
   const int64_t V = a.in.V;
   const RowParams rp = row_params(a.filter, o);
   const bool probs = a.filter.is_probs;
@@ -777,9 +787,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
   __shared__ Smem s;
   const int64_t o = blockIdx.x;
-  const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.in.data) + src * a.in.row_stride;
-  const Scan r = gumbel_scan(x, 0, a.in.V, row_key(a, o), s);
+  const Scan r = gumbel_scan(row_in<T>(a, o), 0, a.in.V, row_key(a, o), s);
   if (threadIdx.x == 0) {
     const bool valid = !r.bad && r.m > kNegInf;
     a.out_tokens[o] = valid ? r.argmax : 0;
@@ -817,11 +825,6 @@ struct SplitArgs {
   bool gumbel = false;
 };
 
-DK_CUDA_FN const void* split_row(const SampleArgs& a, int64_t o) {
-  const int64_t src = a.indices ? a.indices[o] : o;
-  return static_cast<const char*>(a.in.data) + src * a.in.row_stride * int64_t(a.in.dtype == DType::F32 ? 4 : 2);
-}
-
 // The row's scan from its parts (every thread reads all of them; order-free).
 DK_CUDA_FN Scan split_verdict(const SplitArgs& sa, int64_t o, bool probs) {
   Scan r{kNegInf, INT64_MAX, false};
@@ -833,7 +836,7 @@ DK_CUDA_FN Scan split_verdict(const SplitArgs& sa, int64_t o, bool probs) {
       r.argmax = p.argmax;
     }
   }
-  if (!sa.gumbel) r.bad = r.bad || !(r.m > (probs ? 0.f : kNegInf));
+  if (!sa.gumbel) r.bad = r.bad || no_weight(r.m, probs);
   return r;
 }
 
@@ -842,7 +845,7 @@ __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
   const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
-  const T* x = static_cast<const T*>(split_row(a, o));
+  const T* x = row_in<T>(a, o);
   const int64_t beg = sp * sa.per * kChunk, end = beg + sa.per * kChunk < a.in.V ? beg + sa.per * kChunk : a.in.V;
   Scan r;
   if (sa.gumbel) {
@@ -863,8 +866,8 @@ __global__ void __launch_bounds__(kThreads) split_mass_kernel(SplitArgs sa) {
   const RowParams rp = row_params(a.filter, o);
   const Scan sc = split_verdict(sa, o, probs);
   if (sc.bad || (!probs && rp.T == 0.f)) return;  // (uniform over the block) bad or greedy: no masses
-  const T* x = static_cast<const T*>(split_row(a, o));
-  const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};  // (select_row's weight)
+  const T* x = row_in<T>(a, o);
+  const Weight w = row_weight(probs, sc.m, rp.T);
   const int64_t nch = num_chunks(a.in.V), cb = sp * sa.per, ce = cb + sa.per < nch ? cb + sa.per : nch;
   lane16_mass_range(x, a.in.V, w, kNegInf, 0.f, a.workspace + o * nch, cb, ce, s);
 }
@@ -888,8 +891,8 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
     if (!probs && rp.T == 0.f) {
       tok = sc.argmax;
     } else {
-      const T* x = static_cast<const T*>(split_row(a, o));
-      const Weight w{probs, sc.m, probs ? 1.f : __fdiv_rn(1.f, rp.T)};
+      const T* x = row_in<T>(a, o);
+      const Weight w = row_weight(probs, sc.m, rp.T);
       const int64_t nch = num_chunks(a.in.V);
       const double* chunks = a.workspace + o * nch;
       const double Z = contract::add_in_order(chunks, nch);  // (lane16_mass's fold, the same adds)
@@ -950,7 +953,7 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
       for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = __int_as_float(0x7fc00000);
       return;
     }
-    const Weight w{false, sc.m, __fdiv_rn(1.f, rp.T)};
+    const Weight w = row_weight(false, sc.m, rp.T);
     const double Z = lane16_mass(x, V, w, kNegInf, 0.f, nullptr, s);
     const float inv = float(1.0 / Z);
     const bool al = aligned16(x) && aligned16(out);
