@@ -155,17 +155,24 @@ def _same_sample_gpu(cpu, gpu):
     torch.testing.assert_close(lp_g, lp_c, rtol=3e-7, atol=1e-7)
 
 
+def _on_backend(backend, i, cpu, op, emu_fn, args, same_emu, same_gpu):
+    """The op's result on `backend` for case i: the CPU result `cpu` itself; else every emulated
+    schedule's result (each checked by same_emu(cpu, got)) or the GPU's (same_gpu(cpu, got)); returns
+    the last one."""
+    if backend == "cpu":
+        return cpu
+    if backend == "cuda_emu":
+        for got in _emulated(i, emu_fn, *args):
+            same_emu(cpu, got)
+        return got
+    got = bk.on_cuda(op, *args)
+    same_gpu(cpu, got)
+    return got
+
+
 @pytest.mark.parametrize("backend, i, args", bk.params(SAMPLE))
 def test_sample(backend, i, args):
-    cpu = ops.sample(*args)
-    if backend == "cpu":
-        got = cpu
-    elif backend == "cuda_emu":
-        for got in _emulated(i, emu.sample, *args):
-            _same_sample_emu(cpu, got)
-    else:
-        got = bk.on_cuda(ops.sample, *args)
-        _same_sample_gpu(cpu, got)
+    got = _on_backend(backend, i, ops.sample(*args), ops.sample, emu.sample, args, _same_sample_emu, _same_sample_gpu)
     _check_sample_reference(args, *got)
 
 
@@ -180,17 +187,15 @@ def _gumbel_as_sample(args):
     return (x, indices, False, None, 1.0, None, 0, None, 1.0, None, 0.0, cc.SEQ, seeds, seed, offset)
 
 
+def _same_gumbel(cpu, got):
+    (tc, vc), (tg, vg) = cpu, got
+    assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
+
+
 @pytest.mark.parametrize("backend, i, args", bk.params(GUMBEL))
 def test_gumbel_sample(backend, i, args):
-    tc, vc = ops.gumbel_sample(*args)
-    if backend == "cpu":
-        tg, vg = tc, vc
-    elif backend == "cuda_emu":
-        for tg, vg in _emulated(i, emu.gumbel_sample, *args):
-            assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
-    else:
-        tg, vg = bk.on_cuda(ops.gumbel_sample, *args)
-        assert torch.equal(vc, vg) and torch.equal(tc, tg), (tc, tg, vc, vg)
+    cpu = ops.gumbel_sample(*args)
+    tg, vg = _on_backend(backend, i, cpu, ops.gumbel_sample, emu.gumbel_sample, args, _same_gumbel, _same_gumbel)
     _check_sample_reference(_gumbel_as_sample(args), tg, vg)
 
 
@@ -207,15 +212,7 @@ def _same_filter(c, g):
 
 @pytest.mark.parametrize("backend, i, args", bk.params(FILTER))
 def test_filter(backend, i, args):
-    c = ops.filter(*args)
-    if backend == "cpu":
-        g = c
-    elif backend == "cuda_emu":
-        for g in _emulated(i, emu.filter, *args):
-            _same_filter(c, g)
-    else:
-        g = bk.on_cuda(ops.filter, *args)
-        _same_filter(c, g)
+    g = _on_backend(backend, i, ops.filter(*args), ops.filter, emu.filter, args, _same_filter, _same_filter)
     _check_filter_reference(args, g)
 
 
