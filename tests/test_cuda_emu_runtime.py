@@ -331,3 +331,39 @@ def test_emulated_cp_async_lands_only_at_wait():
     emu = _emu()
     got = emu.cp_async_probe()
     assert got == [0xFFFF, 0x1111, 0xFFFF, 0x1111, 0x2222], [hex(x) for x in got]
+
+
+# ---- the emulator libraries' cache keys ----------------------------------------------------------
+def _includes(path, out):
+    """Every project file `path` includes with #include "...", recursively (resolved like the
+    emulator's build: the file's folder, csrc/, csrc/include/)."""
+    import re
+
+    for name in re.findall(r'^\s*#include "([^"]+)"', path.read_text(), flags=re.M):
+        for base in (path.parent, emu.ROOT / "csrc", emu.ROOT / "csrc/include"):
+            f = (base / name).resolve()
+            if f.is_file():
+                if f not in out:
+                    out.add(f)
+                    _includes(f, out)
+                break
+    return out
+
+
+def test_emulator_cache_keys_cover_every_included_header():
+    """An emulator library is cached under a hash of its SOURCES; a header it includes that is not
+    in SOURCES can change without a rebuild (csrc/cuda/radix_digit.h was missing from all three
+    sampling-family lists, so an edited digit scan ran a stale library)."""
+    import emu_attn
+    import emu_pipe
+    import emu_spec
+
+    for mod, cpp in [
+        (emu, "emu_sampling.cpp"),
+        (emu_spec, "emu_speculative.cpp"),
+        (emu_pipe, "emu_pipeline.cpp"),
+        (emu_attn, "emu_attention.cpp"),
+    ]:
+        listed = {p.resolve() for p in mod.SOURCES}
+        missing = sorted(str(f) for f in _includes(emu.HERE / cpp, set()) - listed)
+        assert not missing, (cpp, missing)

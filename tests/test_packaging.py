@@ -5,6 +5,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,18 @@ def test_python_m_decodekit_names_the_extra_for_each_skipped_part(monkeypatch, c
     assert "llama-cpp-python" in lines[2]
     main.report_skipped(tables=False)  # `python -m decodekit demo`: only what the demo misses
     assert capsys.readouterr().out.strip().splitlines() == lines[:1]
+
+
+def test_cuda_sources_avoid_the_aten_cuda_context_header():
+    """ATen/cuda/CUDAContext.h includes cusparse.h and the cuBLAS headers, which the pip CUDA
+    toolkit next to torch 2.14.1+cu130 lacks: the full CUDA build failed on it (split_plan's SM
+    count first came from at::cuda::getDeviceProperties). The CUDA sources use c10/cuda headers
+    and the CUDA runtime instead."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    offenders = [
+        str(p.relative_to(csrc))
+        for p in sorted(csrc.rglob("*"))
+        if p.suffix in (".cu", ".cuh", ".h", ".cpp")
+        and re.search(r"^\s*#\s*include\s*[<\"]ATen/cuda/CUDAContext\.h[>\"]", p.read_text(), flags=re.M)
+    ]
+    assert not offenders, offenders
