@@ -41,6 +41,16 @@ def test_emulator_catches_a_removed_syncthreads():
         assert r.returncode == 0 and int(r.stdout.split()[1]) > 0, (seed, r.stdout)
 
 
+def test_emulator_runs_blocks_in_a_random_order():
+    """A block reading what an earlier block of the same launch wrote (no launch boundary between):
+    the fixed block order hides it, the randomised orders expose it (the split-row phases of
+    sampling.cuh rely on launch boundaries for every cross-CTA read)."""
+    assert _selftest("blocks", 0).stdout.split() == ["wrong", "0"]
+    for seed in (1, 2, 3):
+        r = _selftest("blocks", seed)
+        assert r.returncode == 0 and int(r.stdout.split()[1]) > 0, (seed, r.stdout)
+
+
 @pytest.mark.parametrize(
     "mode, message",
     [("exited", "names lane 16, which has exited"), ("outside", "reads a lane outside its mask")],

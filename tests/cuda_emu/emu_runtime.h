@@ -226,14 +226,20 @@ inline bool release_warps(Block& blk, unsigned b) {
   return released;
 }
 
-// Runs kernel(args) on `grid` blocks of `threads` threads, one block at a time.
+// Runs kernel(args) on `grid` blocks of `threads` threads, one block at a time, the blocks in a random
+// order per launch (seeded like the thread order; seed 0: 0, 1, 2, ...).
 template <class K, class A>
 void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
   const uint64_t seed = schedule_seed();
   std::vector<std::unique_ptr<char[]>> stacks(threads);
   for (auto& s : stacks) s.reset(new char[kStack]);
-  std::vector<unsigned> order;
-  for (unsigned b = 0; b < grid; ++b) {
+  std::vector<unsigned> order, blocks(grid);
+  for (unsigned b = 0; b < grid; ++b) blocks[b] = b;
+  if (seed != 0) {  // the blocks of a launch run in a random order too (one CTA reading what another writes)
+    uint64_t brng = seed ^ 0x9E3779B97F4A7C15ull;
+    for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[splitmix(brng) % i]);
+  }
+  for (unsigned b : blocks) {
     Block blk;
     blk.n = threads;
     blk.f.resize(threads);

@@ -7,6 +7,10 @@
 //   emu_selftest exited <seed>: lanes 16..31 of each warp return, then the rest shuffle with the
 //     full mask (undefined on a GPU); the emulator must abort.
 //   emu_selftest outside <seed>: a shuffle with mask 0x0000ffff reads lane 16; must abort.
+//   emu_selftest blocks <seed>: block b adds 1 to what block b - 1 wrote in the same launch (a
+//     cross-CTA dependency with no launch boundary, the mistake a split-row phase could make);
+//     prints the number of blocks that read a value their predecessor had not written yet. The
+//     fixed block order 0, 1, 2, ... (seed 0) hides it.
 #include "emu_runtime.h"
 
 #include <string>
@@ -32,6 +36,10 @@ static void broadcast_kernel(Args a) {
   if (a.with_barrier) __syncthreads();  // the barrier under test
   a.out[blockIdx.x * kN + t] = total;
   __syncthreads();  // nobody overwrites `total` (next block) before everyone read it
+}
+
+static void blocks_kernel(Args a) {
+  if (threadIdx.x == 0) a.out[blockIdx.x] = (blockIdx.x == 0 ? 0.f : a.out[blockIdx.x - 1]) + 1.f;
 }
 
 static void exited_kernel(Args a) {
@@ -66,6 +74,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   dk_emu_set_schedule_seed(std::atoll(argv[2]));
+  if (mode == "blocks") {
+    dkemu::launch(kBlocks, 32, blocks_kernel, a);
+    int wrong = 0;
+    for (unsigned b = 0; b < kBlocks; ++b) wrong += out[b] != float(b + 1);
+    std::printf("wrong %d\n", wrong);
+    return 0;
+  }
   if (mode == "exited") dkemu::launch(1, 64, exited_kernel, a);
   if (mode == "outside") dkemu::launch(1, 64, outside_kernel, a);
   std::printf("no abort\n");
