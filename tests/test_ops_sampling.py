@@ -216,6 +216,55 @@ def test_filter(backend, i, args):
     _check_filter_reference(args, g)
 
 
+# ---- split filter rows (csrc/cuda/sampling.cuh filter_plan) -------------------------------------
+def _split_filter_cases():
+    """Masked logits (every filter setting; temperature 0; bf16 / fp16; bad rows), renormalised
+    probabilities and softmax, on rows of 3 and 4 chunks."""
+    out = []
+    for fam in ("randn", "ties", "neginf", "bad"):
+        x = cc.logits_family(fam, 2, 9000, seed=31)
+        for label, f in cc.FILTERS:
+            if label in ("plain", "T0.7", "minp_tiny") or (fam != "randn" and label not in cc.LIGHT):
+                continue
+            out.append((f"mask-{fam}-{label}", cc.filter_args(x, 0, False, f)))
+        out.append((f"softmax-{fam}", cc.filter_args(x, 2, False, dict(T=[0.7, 1.3]))))
+    x = cc.logits_family("randn", 2, 12289, seed=32)
+    for dt in (cc.BF16, cc.F16):
+        for label in ("k50", "p0.9", "k100_p0.8_joint", "per_row"):
+            out.append((f"mask-{dt}-{label}", cc.filter_args(x.to(dt), 0, False, dict(cc.FILTERS)[label])))
+    for fam in ("zipf", "zeros", "unnormalised"):
+        x = cc.probs_family(fam, 2, 9000, seed=33)
+        for label in ("k50", "k5000_chunked", "p0.9", "minp0.05", "k100_p0.8_seq", "per_row"):
+            out.append((f"renorm-{fam}-{label}", cc.filter_args(x, 1, True, dict(cc.FILTERS)[label])))
+    return out
+
+
+SPLIT_FILTER = _split_filter_cases()
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
+def test_emu_split_filter(i):
+    """The filter outputs of split rows equal the CPU op's (and so the one-CTA kernel's) exactly."""
+    _, args = SPLIT_FILTER[i]
+    cpu = ops.filter(*args)
+    B, V = args[0].shape
+    for j, n_sms in enumerate((2 * B, 10**6)):
+        emu.set_schedule_seed(9 + 2 * i + j)
+        got = emu.filter(*args, n_sms=n_sms)
+        assert emu.last_splits[0] == _expected_splits(B, V, n_sms) > 1
+        _same_filter(cpu, got)
+    if "greedy" not in SPLIT_FILTER[i][0]:  # (temperature 0 in a filter: no reference, as in cc.filter_cases)
+        _check_filter_reference(args, got)
+
+
+@bk.needs_cuda
+@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
+def test_cuda_split_filter(i):
+    _, args = SPLIT_FILTER[i]
+    _same_filter(ops.filter(*args), ops.filter(*cc.to_device(args, "cuda")).cpu())
+
+
 # ---- the emulator's block sizes -------------------------------------------------------------------
 @bk.needs_emu
 def test_emu_production_block_size():
@@ -331,7 +380,7 @@ def test_cuda_opcheck():
 # a Gumbel-max row is cut into slices of whole 4096-element chunks, one CTA each. The result must
 # be the one-CTA kernels' and the CPU's bit for bit (tokens, valid flags, log-probabilities). The
 # emulator runs the plan for a chosen SM count (2-slice, 3-slice and one-chunk-per-CTA plans); a
-# real GPU splits these small batches by its own SM count. Filtered rows never split.
+# real GPU splits these small batches by its own SM count. Filtered rows: SPLIT_FILTERED below.
 def _split_cases():
     out = []
     fams = [("randn", 3, 9000), ("neginf", 2, 40000), ("peaked", 2, 12289), ("bad", 6, 8193)]
@@ -361,12 +410,45 @@ def _split_cases():
 
 
 SPLIT_SAMPLE = _split_cases()
-SPLIT_FILTERED = [
-    ("k50", cc.sample_args(cc.logits_family("randn", 2, 9000, seed=8), False, dict(k=50))),
-    ("p0.9", cc.sample_args(cc.logits_family("randn", 2, 9000, seed=8), False, dict(p=0.9))),
-    ("minp", cc.sample_args(cc.logits_family("randn", 2, 9000, seed=8), False, dict(mp=0.05))),
-    ("per-row-k", cc.sample_args(cc.logits_family("randn", 2, 9000, seed=8), False, dict(k=[0, 9000]))),
-]
+
+
+def _split_filtered_cases():
+    """Rows WITH top-k / top-p / min-p: every filter setting of tests/cuda_cases.py (ties and masked
+    rows too), bf16 / fp16, probabilities, bad rows, indices with per-row seeds, the list draw and the
+    chunked draw (k5000, minp_tiny), and a V = 128256 row."""
+    out = []
+    for fam in ("randn", "ties", "neginf"):
+        x = cc.logits_family(fam, 2, 9000, seed=21)
+        for label, f in cc.FILTERS:
+            if label in ("plain", "T0.7", "greedy"):
+                continue  # SPLIT_SAMPLE's
+            out.append((f"logits-{fam}-{label}", cc.sample_args(x, False, f, seed=3 + len(out))))
+    x = cc.logits_family("randn", 2, 12289, seed=22)
+    for dt in (cc.BF16, cc.F16):
+        for label in ("k50", "p0.9", "k100_p0.8_seq", "k3000_p0.95_minp0.01_T1.3_joint", "per_row"):
+            out.append(
+                (f"logits-{dt}-{label}", cc.sample_args(x.to(dt), False, dict(cc.FILTERS)[label], seed=len(out)))
+            )
+    for fam in ("zipf", "zeros"):
+        x = cc.probs_family(fam, 3, 9000, seed=23)
+        for label in ("k50", "p0.9", "minp0.05", "k100_p0.8_joint", "per_row"):
+            out.append((f"probs-{fam}-{label}", cc.sample_args(x, True, dict(cc.FILTERS)[label], seed=len(out))))
+    out.append(("bad-rows", cc.sample_args(cc.logits_family("bad", 4, 8193), False, dict(k=10, p=0.9), seed=2)))
+    x = cc.logits_family("randn", 3, 20000, seed=24)
+    out.append(
+        (
+            "indices-seeds",
+            cc.sample_args(
+                x, False, dict(p=0.9), indices=torch.tensor([2, 0, 2]), seeds=torch.tensor([4, 4, 9]), seed=0
+            ),
+        )
+    )
+    x = cc.logits_family("randn", 1, 128256, seed=25)
+    out.append(("V128256-k50-p0.9", cc.sample_args(x, False, dict(k=50, p=0.9, T=0.8), seed=26)))
+    return out
+
+
+SPLIT_FILTERED = _split_filtered_cases()
 
 
 def _same_split(cpu, got):
@@ -412,11 +494,26 @@ def test_cuda_split_sample(i):
 
 @bk.needs_emu
 @pytest.mark.parametrize("i", range(len(SPLIT_FILTERED)), ids=[c[0] for c in SPLIT_FILTERED])
-def test_emu_filtered_rows_do_not_split(i):
+def test_emu_split_filtered(i):
+    """Filtered rows split too (the radix selects' histograms per slice / per chunk): the same tokens,
+    valid flags and log-probabilities as the CPU op for a 2-slice plan and one chunk per CTA."""
     _, args = SPLIT_FILTERED[i]
-    got = emu.sample(*args, n_sms=10**6)
-    assert emu.last_splits[0] == 1
-    _same_split(ops.sample(*args), got)
+    cpu = ops.sample(*args)
+    x, indices = args[0], args[1]
+    n_out = x.shape[0] if indices is None else indices.numel()
+    for j, n_sms in enumerate((2 * n_out, 10**6)):
+        emu.set_schedule_seed(5 + 2 * i + j)
+        got = emu.sample(*args, n_sms=n_sms)
+        assert emu.last_splits[0] == _expected_splits(n_out, x.shape[1], n_sms) > 1
+        _same_split(cpu, got)
+    _check_sample_reference(args, *got)
+
+
+@bk.needs_cuda
+@pytest.mark.parametrize("i", range(len(SPLIT_FILTERED)), ids=[c[0] for c in SPLIT_FILTERED])
+def test_cuda_split_filtered(i):
+    _, args = SPLIT_FILTERED[i]
+    _same_split(ops.sample(*args), ops.sample(*cc.to_device(args, "cuda")))
 
 
 SPLIT_GUMBEL = []

@@ -43,6 +43,16 @@ cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   return a;
 }
 
+// A sample / Gumbel-max plan with its workspace (the caching allocator's; no sync), on x's stream.
+void launch(cuda::SplitArgs plan, const at::Tensor& x) {
+  at::Tensor ws;
+  if (const int64_t n = cuda::sample_workspace_elems(plan)) {
+    ws = at::empty({n}, x.options().dtype(at::kDouble));
+    plan.a.workspace = ws.data_ptr<double>();
+  }
+  C10_CUDA_CHECK(cuda::launch_sample(plan, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& indices, bool is_probs,
     const std::optional<at::Tensor>& T_arr, double T_val, const std::optional<at::Tensor>& k_arr, int64_t k_val,
@@ -60,12 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   if (rs.n_out == 0) return {tokens, valid, logprobs};
   cuda::SampleArgs a = sample_args(rs, offset);
   a.filter = row_filter(fp);
-  auto ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.in.V)}, x.options().dtype(at::kDouble));
-  a.workspace = ws.data_ptr<double>();
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
   a.out_logprob = logprobs.data_ptr<float>();
-  C10_CUDA_CHECK(cuda::launch_sample(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), device_sms(x)));
+  launch(cuda::split_plan(a, device_sms(x), false), x);
   finish_bad_rows(rs, tokens, valid, &logprobs);
   return {tokens, valid, logprobs};
 }
@@ -82,13 +90,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_sample_cuda(const at::Tensor& x, const
   cuda::SampleArgs a = sample_args(rs, offset);
   a.out_tokens = tokens.data_ptr<int64_t>();
   a.out_valid = valid.data_ptr<bool>();
-  const int sms = device_sms(x);
-  at::Tensor ws;
-  if (cuda::split_plan(a, sms, true).splits > 1) {  // the split parts live in the workspace
-    ws = at::empty({cuda::sample_workspace_elems(rs.n_out, a.in.V)}, x.options().dtype(at::kDouble));
-    a.workspace = ws.data_ptr<double>();
-  }
-  C10_CUDA_CHECK(cuda::launch_gumbel(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream(), sms));
+  launch(cuda::split_plan(a, device_sms(x), true), x);
   finish_bad_rows(rs, tokens, valid, nullptr);
   return {tokens, valid};
 }
@@ -111,7 +113,13 @@ at::Tensor filter_cuda(const at::Tensor& x, int64_t kind, bool is_probs, const s
   a.kind = cuda::FilterOut(kind);
   a.out = out.data_ptr();
   a.out_stride = out.size(1);
-  C10_CUDA_CHECK(cuda::launch_filter(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  cuda::SplitFilterArgs plan = cuda::filter_plan(a, device_sms(x));
+  at::Tensor ws;
+  if (const int64_t n = cuda::sample_workspace_elems(plan.sa)) {
+    ws = at::empty({n}, x.options().dtype(at::kDouble));
+    plan.sa.a.workspace = ws.data_ptr<double>();
+  }
+  C10_CUDA_CHECK(cuda::launch_filter(plan, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
   finish_bad_filter_rows(bad, out);
   return out;
 }

@@ -17,11 +17,13 @@
 //     exactly as row_engine.h's row_mass / draw(); every (chunk, lane) sum is its own thread.
 //   * the list draw and the walk inside the chosen chunk follow the contract's 16-ary walk
 //     (decodekit/contract.h walk16_*): the group and block sums run on one thread each, thread 0
-//     walks at most 3 x 16 steps. Top-p's Z over the top-k survivors is a sequential sum in index
-//     order (the CPU's resolve()) on one thread (adding +0.0 for skipped elements is a no-op, so
-//     those are skipped).
+//     walks at most 3 x 16 steps. Top-p's Z over the top-k survivors is the canonical mass of the
+//     weights of x >= t_k (lane16_mass; the CPU's contract::sparse_mass gives the same value).
 //   * top-k: the k-th largest value (radix select over float_key: exact); top-p: a mass-weighted
-//     radix select over float_key (4 passes of 8 bits, deterministic bin sums).
+//     radix select over float_key (4 passes of 8 bits; the bins are chunk histograms added in
+//     chunk order, so they do not depend on how many CTAs share the row).
+//   * split rows: with fewer rows than SMs, every kernel's row passes run over several CTAs per
+//     row (split_plan / filter_plan below) with the same results by construction.
 //   * the method choice (list walk when |S| <= 2048 and S lies in the CPU's candidate list,
 //     else the chunked draw) and the fallbacks of the chunked draw follow draw() in row_engine.h.
 //
@@ -224,6 +226,7 @@ struct Smem {
   float fred[kWarps];
   int64_t ired[kWarps];
   int32_t wcount[kWarps];
+  double prow[256];                       // top_p_threshold: the row histogram (chunk hists added in chunk order)
   double dlane[kThreads];                 // lane16_mass: one (chunk, lane) sum per thread; warp_hist_add: stage
   double dchunk[kThreads / kLanes];       // lane16_mass: the chunk masses of one round
   double g16[contract::kWalkMax / 16];    // walk16_sums: the group sums
@@ -376,42 +379,57 @@ DK_CUDA_FN Scan scan_row(const T* x, int64_t V, bool probs, Smem& s) {
   return r;
 }
 
+// One pass of the top-k radix select: the 256-bin histogram (s.u.hist) of the digit at `shift` of
+// the keys of x[0..V) that match `prefix` under `mask`. Warp-aggregated: lanes holding the same
+// digit add once (logits share their top bits, so plain per-element atomics would serialise on
+// one bin). Integer counts: the result does not depend on the order of the adds. Ends with a barrier.
+template <class T>
+DK_CUDA_FN void count_hist(const T* x, int64_t V, uint32_t prefix, uint32_t mask, int shift, Smem& s) {
+  const bool al = aligned16(x);
+  const int64_t nq = num_groups<T>(V);
+  for (int i = threadIdx.x; i < 256; i += kThreads) s.u.hist[i] = 0u;
+  __syncthreads();
+  for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a warp-uniform trip count: warp ops inside)
+    const int64_t q = q0 + threadIdx.x;
+    float g[kVec<T>];
+    if (q < nq) load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      unsigned digit = 256u;  // 256: not counted
+      if (q < nq && q * kVec<T> + u < V) {
+        const uint32_t key = float_key(g[u]);
+        if ((key & mask) == prefix) digit = (key >> shift) & 255u;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
+    }
+  }
+  __syncthreads();
+}
+
+// The radix state before pass q (q = 0..4) of a select: the key prefix, its mask and (top-k) the
+// rank still to find below the prefix, or (top-p) the mass of the keys above the prefix.
+DK_CUDA_FN uint32_t radix_mask(int q) { return q == 0 ? 0u : ~0u << (32 - 8 * q); }
+DK_CUDA_FN int radix_shift(int q) { return 24 - 8 * q; }
+
+// The digit of pass q from s.u.hist (warp 0), applied to (prefix, kk). All threads; barriers.
+DK_CUDA_FN void count_pick(int q, uint32_t& prefix, int64_t& kk, Smem& s) {
+  if (threadIdx.x < 32) pick_count_digit(s.u.hist, kk, &s.ubc, &s.ibc);
+  __syncthreads();
+  prefix |= s.ubc << radix_shift(q);
+  kk -= s.ibc;
+  __syncthreads();
+}
+
 // The k-th largest value of the row (ties counted), by a 4 x 8-bit radix select over float_key.
 // Requires 1 <= k <= V.
 template <class T>
 DK_CUDA_FN float kth_largest(const T* x, int64_t V, int64_t k, Smem& s) {
-  const bool al = aligned16(x);
-  const int64_t nq = num_groups<T>(V);
-  uint32_t prefix = 0, mask = 0;
+  uint32_t prefix = 0;
   int64_t kk = k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += kThreads) s.u.hist[i] = 0u;
-    __syncthreads();
-    // warp-aggregated: lanes holding the same digit add once (logits share their top bits, so
-    // plain per-element atomics would serialise on one bin)
-    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a warp-uniform trip count: warp ops inside)
-      const int64_t q = q0 + threadIdx.x;
-      float g[kVec<T>];
-      if (q < nq) load_group(x, V, q, al, g);
-#pragma unroll
-      for (int u = 0; u < kVec<T>; ++u) {
-        unsigned digit = 256u;  // 256: not counted
-        if (q < nq && q * kVec<T> + u < V) {
-          const uint32_t key = float_key(g[u]);
-          if ((key & mask) == prefix) digit = (key >> shift) & 255u;
-        }
-        const unsigned peers = __match_any_sync(0xffffffffu, digit);
-        if (digit < 256u && (threadIdx.x & 31) == __ffs(peers) - 1)
-          atomicAdd(&s.u.hist[digit], unsigned(__popc(peers)));
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) pick_count_digit(s.u.hist, kk, &s.ubc, &s.ibc);
-    __syncthreads();
-    prefix |= s.ubc << shift;
-    kk -= s.ibc;
-    mask |= 255u << shift;
-    __syncthreads();
+  for (int q = 0; q < 4; ++q) {
+    count_hist(x, V, prefix, radix_mask(q), radix_shift(q), s);
+    count_pick(q, prefix, kk, s);
   }
   return key_to_float(prefix);
 }
@@ -489,11 +507,16 @@ DK_CUDA_FN double walk16_sums(const float* e, int64_t n, Smem& s) {
 // M(K* - 1) with M(K) = mass of the keys > K, i.e. the smallest K with M(K) < P (the element
 // values' order is the keys' order). If rounding leaves the total of a pass just under P, the
 // lowest digit with mass is taken (as the CPU's binned cut does).
-// Determinism: the bins are double sums in a fixed order. Within a warp the lanes holding the same
-// digit are grouped (__match_any_sync) and the group's lowest lane adds their weights in lane
-// order into the warp's histogram copy; warps w and w + kHistCopies, ... share copy w % kHistCopies
-// and take turns (a barrier between turns), so each copy's bin is a sequential sum in a fixed
-// order; the copies are added in copy order.
+// Determinism and the canonical order: a bin's mass is the canonical order of decodekit/contract.h
+// applied to the histogram: per 4096-element chunk a chunk histogram (chunk_mass_hist, a fixed
+// order inside the chunk), the chunk histograms added in chunk order starting from +0.0. So the
+// bins, hence the cut, do not depend on how many CTAs share the row (the split rows below compute
+// the chunk histograms on many CTAs and add them in the same order).
+// Inside a chunk: within a warp the lanes holding the same digit are grouped (__match_any_sync)
+// and the group's lowest lane adds their weights in lane order into the warp's histogram copy;
+// warps w and w + kHistCopies, ... share copy w % kHistCopies and take turns (a barrier between
+// turns), so each copy's bin is a sequential sum in a fixed order; the copies are added in copy
+// order.
 // CPU/GPU note: the CPU sums the same masses in quickselect order; only a mass within double
 // rounding of P can put the cut on a different value.
 DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage) {
@@ -510,57 +533,77 @@ DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage)
   __syncwarp();  // stage is rewritten by the next call
 }
 
+// The mass histogram of chunk c for pass q of the top-p select (see above): left in s.u.mh[0..256).
+// All threads; ends with a barrier (callers read s.u.mh, then barrier before the next call).
 template <class T>
-DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
+DK_CUDA_FN void chunk_mass_hist(const T* x, int64_t V, int64_t c, const Weight& w, bool within_k, float tk,
+                                uint32_t prefix, int q, Smem& s) {
   constexpr int kPhases = kWarps / kHistCopies;
+  constexpr int64_t kGroups = kChunk / kVec<T>;  // 16-byte groups per chunk
   const bool al = aligned16(x);
-  const int64_t nq = num_groups<T>(V);
+  const int64_t q_end = (c + 1) * kGroups < num_groups<T>(V) ? (c + 1) * kGroups : num_groups<T>(V);
+  const uint32_t mask = radix_mask(q);
+  const int shift = radix_shift(q);
   const int wid = threadIdx.x >> 5;
   double* const hist = s.u.mh + (wid % kHistCopies) * 256;
   double* const stage = s.dlane + (threadIdx.x & ~31);
-  uint32_t prefix = 0, mask = 0;
-  double above = 0.0;  // mass of the keys above the current prefix
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
-    __syncthreads();
-    for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a uniform trip count: barriers inside)
-      const int64_t q = q0 + threadIdx.x;
-      unsigned digit[kVec<T>];
-      float e[kVec<T>], g[kVec<T>];
-      if (q < nq) load_group(x, V, q, al, g);
+  for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
+  __syncthreads();
+  for (int64_t q0 = c * kGroups; q0 < q_end; q0 += kThreads) {  // (a uniform trip count: barriers inside)
+    const int64_t g = q0 + threadIdx.x;
+    unsigned digit[kVec<T>];
+    float e[kVec<T>], v[kVec<T>];
+    if (g < q_end) load_group(x, V, g, al, v);
 #pragma unroll
-      for (int u = 0; u < kVec<T>; ++u) {
-        digit[u] = 256u;  // 256: not counted
-        e[u] = 0.f;
-        if (q < nq && q * kVec<T> + u < V) {
-          const float v = g[u];
-          const uint32_t key = float_key(v);
-          if ((!within_k || v >= tk) && (key & mask) == prefix) {
-            digit[u] = (key >> shift) & 255u;
-            e[u] = w(v);
-          }
+    for (int u = 0; u < kVec<T>; ++u) {
+      digit[u] = 256u;  // 256: not counted
+      e[u] = 0.f;
+      if (g < q_end && g * kVec<T> + u < V) {
+        const uint32_t key = float_key(v[u]);
+        if ((!within_k || v[u] >= tk) && (key & mask) == prefix) {
+          digit[u] = (key >> shift) & 255u;
+          e[u] = w(v[u]);
         }
       }
+    }
 #pragma unroll
-      for (int ph = 0; ph < kPhases; ++ph) {
-        if (wid / kHistCopies == ph)
-          for (int u = 0; u < kVec<T>; ++u) warp_hist_add(digit[u], e[u], hist, stage);
-        if (kPhases > 1) __syncthreads();
-      }
+    for (int ph = 0; ph < kPhases; ++ph) {
+      if (wid / kHistCopies == ph)
+        for (int u = 0; u < kVec<T>; ++u) warp_hist_add(digit[u], e[u], hist, stage);
+      if (kPhases > 1) __syncthreads();
     }
-    __syncthreads();
-    for (int d = threadIdx.x; d < 256; d += kThreads) {  // the copies in copy order (bin d: one thread)
-      double m = s.u.mh[d];
-      for (int c = 1; c < kHistCopies; ++c) m = __dadd_rn(m, s.u.mh[c * 256 + d]);
-      s.u.mh[d] = m;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < 256; d += kThreads) {  // the copies in copy order (bin d: one thread)
+    double m = s.u.mh[d];
+    for (int k = 1; k < kHistCopies; ++k) m = __dadd_rn(m, s.u.mh[k * 256 + d]);
+    s.u.mh[d] = m;
+  }
+  __syncthreads();
+}
+
+// The digit of pass q from the row histogram s.prow (warp 0), applied to (prefix, above). All
+// threads; barriers.
+DK_CUDA_FN void mass_pick(int q, double P, uint32_t& prefix, double& above, Smem& s) {
+  if (threadIdx.x < 32) pick_mass_digit(s.prow, above, P, &s.ubc, &s.dbc);  // where the mass from the top crosses P
+  __syncthreads();
+  prefix |= s.ubc << radix_shift(q);
+  above = s.dbc;
+  __syncthreads();
+}
+
+template <class T>
+DK_CUDA_FN float top_p_threshold(const T* x, int64_t V, const Weight& w, bool within_k, float tk, double P, Smem& s) {
+  uint32_t prefix = 0;
+  double above = 0.0;  // mass of the keys above the current prefix
+  for (int q = 0; q < 4; ++q) {
+    for (int d = threadIdx.x; d < 256; d += kThreads) s.prow[d] = 0.0;
+    for (int64_t c = 0; c < num_chunks(V); ++c) {
+      chunk_mass_hist(x, V, c, w, within_k, tk, prefix, q, s);
+      for (int d = threadIdx.x; d < 256; d += kThreads) s.prow[d] = __dadd_rn(s.prow[d], s.u.mh[d]);
+      __syncthreads();
     }
-    __syncthreads();
-    if (threadIdx.x < 32) pick_mass_digit(s.u.mh, above, P, &s.ubc, &s.dbc);  // where the mass from the top crosses P
-    __syncthreads();
-    prefix |= s.ubc << shift;
-    above = s.dbc;
-    mask |= 255u << shift;
-    __syncthreads();
+    mass_pick(q, P, prefix, above, s);
   }
   return key_to_float(prefix);
 }
@@ -656,6 +699,53 @@ DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, floa
   }
 }
 
+// The survivors of x[beg, end) as the CPU lists them (row_engine.h's candidate list: x >= lo,
+// x >= t, w(x) >= minw), in index order: the first kListMax go to idx / wt (absolute indices; shared
+// or global memory), the count is exact. All threads; returns the count to every thread.
+template <class T>
+DK_CUDA_FN int64_t list_pass(const T* x, int64_t beg, int64_t end, const Selection& sel, int32_t* idx, float* wt,
+                             Smem& s) {
+  int64_t n = 0;
+  for (int64_t base = beg; base < end; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    float e = 0.f;
+    bool flag = false;
+    if (i < end) {
+      const float v = ld(x, i);
+      if (v >= sel.lo && v >= sel.t) {
+        e = sel.w(v);
+        flag = e >= sel.minw;
+      }
+    }
+    int total;
+    const int pos = block_rank(flag, s, total);
+    if (flag && n + pos < kListMax) {
+      idx[n + pos] = int32_t(i);
+      wt[n + pos] = e;
+    }
+    n += total;
+  }
+  return n;
+}
+
+// row_engine.h draw(), list branch: the 16-ary walk over the n <= kListMax listed survivors in
+// s.u.list. Thread 0 gets the token and its log-probability; ends with a barrier.
+DK_CUDA_FN void list_draw(int64_t n, const RngKey& key, Smem& s, int64_t& tok, float& logprob) {
+  const float* e = s.u.list.w;
+  const double Z = walk16_sums(e, n, s);
+  if (threadIdx.x == 0) {
+    const double u = row_uniform(key, 0u);
+    const int64_t pick = contract::walk16_pick(e, n, s.g16, s.g256, u * Z);
+    float wt = 1.f;
+    if (pick >= 0) {
+      tok = s.u.list.idx[pick];
+      wt = e[pick];
+    }
+    logprob = float(log(double(wt)) - log(Z));
+  }
+  __syncthreads();
+}
+
 // ---- kernels ----------------------------------------------------------------------------------
 DK_CUDA_FN RngKey row_key(const SampleArgs& a, int64_t o) { return row_rng_key(a, o); }
 
@@ -689,45 +779,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
       valid = true;
       const Weight& w = sel.w;
       bool done = false;
-      if (sel.in_c) {
-        // S in index order (the first kListMax of them kept), |S| counted exactly
-        int64_t n = 0;
-        for (int64_t base = 0; base < V; base += kThreads) {
-          const int64_t i = base + threadIdx.x;
-          float e = 0.f;
-          bool flag = false;
-          if (i < V) {
-            float v = ld(x, i);
-            if (v >= sel.lo && v >= sel.t) {
-              e = w(v);
-              flag = e >= sel.minw;
-            }
-          }
-          int total;
-          const int pos = block_rank(flag, s, total);
-          if (flag && n + pos < kListMax) {
-            s.u.list.idx[n + pos] = int32_t(i);
-            s.u.list.w[n + pos] = e;
-          }
-          n += total;
-        }
+      if (sel.in_c) {  // S in index order (the first kListMax of them kept), |S| counted exactly
+        const int64_t n = list_pass(x, 0, V, sel, s.u.list.idx, s.u.list.w, s);
         __syncthreads();
-        if (n <= kListMax) {  // row_engine.h draw(), list branch: the 16-ary walk over S
+        if (n <= kListMax) {
           done = true;
-          const float* e = s.u.list.w;
-          const double Z = walk16_sums(e, n, s);
-          if (threadIdx.x == 0) {
-            const double u = row_uniform(row_key(a, o), 0u);
-            const int64_t pick = contract::walk16_pick(e, n, s.g16, s.g256, u * Z);
-            float wt = 1.f;
-            if (pick >= 0) {
-              tok = s.u.list.idx[pick];
-              wt = e[pick];
-            }
-            logprob = float(log(double(wt)) - log(Z));
-          }
+          list_draw(n, row_key(a, o), s, tok, logprob);
         }
-        __syncthreads();
       }
       if (!done) {  // row_engine.h draw(), chunked branch
         double* chunks = a.workspace + o * num_chunks(V);
@@ -797,39 +855,83 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
 }
 
 // ---- split rows: several CTAs per row when the batch is small -------------------------------------
-// For a launch whose rows have no top-k / top-p / min-p (known on the host from the scalar
-// arguments: greedy, temperature-only and unfiltered probability sampling, Gumbel-max), each row
-// is cut into `splits` slices of `per` whole chunks, one CTA each, in two or three launches:
-//   split_scan_kernel   (rows x splits CTAs): each slice's max, lowest argmax and bad flag (for
-//                       Gumbel-max: the slice's best score and its lowest index) -> parts;
-//   split_mass_kernel   (rows x splits CTAs, sampling only): the row's max from all its parts, then
-//                       the canonical masses of the slice's chunks -> workspace;
-//   split_draw_kernel   (rows CTAs): the row's verdict from its parts; greedy: the argmax; else the
-//                       chunk masses added in chunk order (Z) and chunk_draw (the same code as
-//                       sample_kernel), or for Gumbel-max the best part.
-// The tokens, valid flags and log-probabilities are those of the one-CTA kernels by construction:
-// a max, and the lowest index attaining it, do not depend on how the row is cut; each chunk mass is
-// computed from its own chunk only (the canonical order of decodekit/contract.h); and the fold of
-// the chunk masses and the draw run in one CTA in the same order as before.
+// When a launch has fewer rows than the device has SMs, each row is cut into `splits` slices of
+// `per` whole chunks, one CTA each, and the one-CTA kernel's row passes run as a sequence of
+// launches (a launch boundary orders the writes of one phase before the reads of the next):
+//   split_scan_kernel   [rows x splits]: each slice's max, lowest argmax and bad flag (Gumbel-max:
+//                       the slice's best score and its lowest index) -> parts; with top-k, the
+//                       slice's count histogram of radix pass 0 -> khist.
+//   split_topk_kernel   [rows x splits] x 3 (pass q = 1..3; only when top-k may be on): the digit
+//                       of pass q-1 from the slices' count histograms (integer sums: order-free),
+//                       then the slice's histogram of pass q.
+//   split_topp_kernel   [rows x splits] x 4 (pass q = 0..3; only when top-p may be on): pass 0
+//                       finishes top-k (t_k) and computes the slice's chunk masses of top-p's Z; pass
+//                       q picks the digit of pass q-1 from the CHUNK histograms added in chunk order
+//                       (the canonical order: the same bins as the one-CTA select), then the slice's
+//                       chunk histograms of pass q -> phist.
+//   split_final_kernel  [rows x splits] (not for Gumbel-max): the row's threshold t (top-k, top-p's
+//                       last digit, min-p), the canonical chunk masses of the kept weights ->
+//                       kmass, and the slice's survivor list (the CPU's candidate list) -> lists.
+//   split_draw_kernel   [rows]: the verdict; greedy: the argmax; when the CPU would walk a list and
+//                       the slices' survivors number <= kListMax, their lists concatenated in slice
+//                       order and the list draw; else the chunk masses added in chunk order (Z) and
+//                       chunk_draw -- the code sample_kernel runs. Gumbel-max: the best part.
+// Every CTA of a phase recomputes the row's radix state from the previous phase's histograms (the
+// same result on each: same data, same code); slice 0 also stores it for the later phases.
+// The tokens, valid flags and log-probabilities are those of the one-CTA kernel by construction: a
+// max and the lowest index attaining it, a count histogram and a survivor count do not depend on
+// how the row is cut; every mass (Z, the chunk masses, top-p's bins) is made of per-chunk sums
+// added in chunk order, which each CTA computes for its own chunks with the one-CTA code; the
+// list is the index-ordered survivor list; the draw runs in one CTA in the same order as before.
 struct SplitPart {
   float m;         // max (sampling) or best score (Gumbel-max) of the slice
   int32_t bad;     // NaN / +inf (probabilities: a negative value) in the slice
   int64_t argmax;  // lowest index attaining m (absolute)
 };
 
+// The radix states of a split row (workspace): entry q is the state before pass q (q = 1..3),
+// written by slice 0 of the launch that picks the digit of pass q-1.
+struct SplitRow {
+  uint32_t kprefix[4];
+  int64_t kk[4];
+  uint32_t pprefix[4];
+  double pabove[4];
+  float tk;  // top-k's threshold (split_topp_kernel pass 0)
+  float t;   // the row's final threshold (split_final_kernel)
+};
+
+// Workspace regions of a launch (sample_layout).
+struct SplitWs {
+  double* kmass = nullptr;     // [n_out, nch] chunk masses of the kept weights (also the one-CTA kernel's)
+  SplitPart* parts = nullptr;  // [n_out, splits]
+  double* zmass = nullptr;     // [n_out, nch] chunk masses of top-p's Z
+  uint32_t* khist = nullptr;   // [2][n_out, splits, 256] top-k count histograms (pass parity)
+  double* phist = nullptr;     // [2][n_out, nch, 256] top-p chunk histograms (pass parity)
+  SplitRow* rows = nullptr;    // [n_out]
+  int64_t* lcount = nullptr;   // [n_out, splits] survivors per slice
+  int32_t* lidx = nullptr;     // [n_out, splits, kListMax] their indices (the first kListMax)
+  float* lw = nullptr;         // [n_out, splits, kListMax] and weights
+};
+
 struct SplitArgs {
   SampleArgs a;
-  int splits = 1;              // CTAs per row
-  int64_t per = 0;             // chunks per slice (the last slice may hold fewer)
-  SplitPart* parts = nullptr;  // [n_out * splits]
-  bool gumbel = false;
+  int splits = 1;          // CTAs per row (1: the one-CTA kernels)
+  int64_t per = 0;         // chunks per slice (the last slice may hold fewer)
+  bool gumbel = false;     // Gumbel-max (scan + draw only)
+  bool k_phases = false;   // some row may have top-k on: the count passes run
+  bool p_phases = false;   // some row may have top-p on: the mass passes run
+  bool lists = false;      // some row may walk a list (any filter on)
+  bool filter_op = false;  // a filter launch: no greedy rows (T = 0 goes through the filters as on one CTA)
+  bool masses = true;      // the final phase computes the kept chunk masses (not for masked logits)
+  int pass = 0;            // the radix pass of a split_topk / split_topp launch
+  SplitWs ws;
 };
 
 // The row's scan from its parts (every thread reads all of them; order-free).
 DK_CUDA_FN Scan split_verdict(const SplitArgs& sa, int64_t o, bool probs) {
   Scan r{kNegInf, INT64_MAX, false};
   for (int q = 0; q < sa.splits; ++q) {
-    const SplitPart p = sa.parts[o * sa.splits + q];
+    const SplitPart p = sa.ws.parts[o * sa.splits + q];
     r.bad = r.bad || p.bad != 0;
     if (p.m > r.m || (p.m == r.m && p.argmax < r.argmax)) {
       r.m = p.m;
@@ -840,46 +942,220 @@ DK_CUDA_FN Scan split_verdict(const SplitArgs& sa, int64_t o, bool probs) {
   return r;
 }
 
+// What every phase knows of output row o: the slice of this CTA, the verdict, the parameters.
+struct SplitRowView {
+  int64_t o, sp, beg, end, cb, ce;  // row, slice, its elements [beg, end) and chunks [cb, ce)
+  const void* x;
+  RowParams rp;
+  bool probs, k_on, p_on, within_k;
+};
+
+DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
+  SplitRowView v;
+  const int64_t V = sa.a.in.V, nch = num_chunks(V);
+  v.o = o;
+  v.sp = sp;
+  v.cb = sp * sa.per;
+  v.ce = v.cb + sa.per < nch ? v.cb + sa.per : nch;
+  v.beg = v.cb * kChunk;
+  v.end = v.ce * kChunk < V ? v.ce * kChunk : V;
+  v.probs = sa.a.filter.is_probs;
+  v.rp = row_params(sa.a.filter, o);
+  v.k_on = v.rp.k >= 1 && v.rp.k < V;
+  v.p_on = v.rp.p < 1.f;
+  v.within_k = v.rp.order == 0 && v.k_on;
+  return v;
+}
+
+// A greedy sampling row (temperature 0 on logits): the argmax, no filters.
+DK_CUDA_FN bool split_greedy(const SplitArgs& sa, const SplitRowView& v) {
+  return !sa.filter_op && !v.probs && v.rp.T == 0.f;
+}
+
+// A row that needs the filters (and a draw): not bad, not greedy (the same on every CTA of the row).
+DK_CUDA_FN bool split_work(const SplitArgs& sa, const SplitRowView& v, Scan& sc) {
+  sc = split_verdict(sa, v.o, v.probs);
+  return !sc.bad && !split_greedy(sa, v);
+}
+
+// Top-k's radix state before pass q (1..4) of row o: the state before pass q-1 (stored, or the
+// start), then the digit of pass q-1 from the slices' count histograms (summed in s.u.hist).
+DK_CUDA_FN void split_k_state(const SplitArgs& sa, const SplitRowView& v, int q, Smem& s, uint32_t& prefix,
+                              int64_t& kk) {
+  const SplitRow& r = sa.ws.rows[v.o];
+  prefix = q - 1 == 0 ? 0u : r.kprefix[q - 1];
+  kk = q - 1 == 0 ? v.rp.k : r.kk[q - 1];
+  const uint32_t* h = sa.ws.khist + ((q - 1) & 1) * sa.a.n_out * sa.splits * 256 + v.o * sa.splits * 256;
+  for (int d = threadIdx.x; d < 256; d += kThreads) {
+    uint32_t c = 0;
+    for (int p = 0; p < sa.splits; ++p) c += h[p * 256 + d];
+    s.u.hist[d] = c;
+  }
+  __syncthreads();
+  count_pick(q - 1, prefix, kk, s);
+}
+
+// This CTA's count histogram of pass q of its slice -> khist (parity q & 1).
+template <class T>
+DK_CUDA_FN void split_k_hist(const SplitArgs& sa, const SplitRowView& v, int q, uint32_t prefix, Smem& s) {
+  count_hist(static_cast<const T*>(v.x) + v.beg, v.end - v.beg, prefix, radix_mask(q), radix_shift(q), s);
+  uint32_t* h = sa.ws.khist + (q & 1) * sa.a.n_out * sa.splits * 256 + (v.o * sa.splits + v.sp) * 256;
+  for (int d = threadIdx.x; d < 256; d += kThreads) h[d] = s.u.hist[d];
+}
+
+// Top-k's threshold from the last histogram (-inf: top-k off, or fewer than k elements >= lo).
+DK_CUDA_FN float split_tk(const SplitArgs& sa, const SplitRowView& v, Smem& s) {
+  if (!sa.k_phases || !v.k_on) return kNegInf;
+  uint32_t prefix;
+  int64_t kk;
+  split_k_state(sa, v, 4, s, prefix, kk);
+  const float tk = key_to_float(prefix);
+  return tk >= (v.probs ? FLT_TRUE_MIN : -FLT_MAX) ? tk : kNegInf;  // (select_row's lo test)
+}
+
+// Top-p's radix state before pass q (1..4): the stored state before pass q-1, then the digit of
+// pass q-1 from the chunk histograms added in chunk order (s.prow).
+DK_CUDA_FN void split_p_state(const SplitArgs& sa, const SplitRowView& v, int q, double P, Smem& s, uint32_t& prefix,
+                              double& above) {
+  const SplitRow& r = sa.ws.rows[v.o];
+  const int64_t nch = num_chunks(sa.a.in.V);
+  prefix = q - 1 == 0 ? 0u : r.pprefix[q - 1];
+  above = q - 1 == 0 ? 0.0 : r.pabove[q - 1];
+  const double* h = sa.ws.phist + ((q - 1) & 1) * sa.a.n_out * nch * 256 + v.o * nch * 256;
+  for (int d = threadIdx.x; d < 256; d += kThreads) {
+    double m = 0.0;
+    for (int64_t c = 0; c < nch; ++c) m = __dadd_rn(m, h[c * 256 + d]);
+    s.prow[d] = m;
+  }
+  __syncthreads();
+  mass_pick(q - 1, P, prefix, above, s);
+}
+
+DK_CUDA_FN double split_topp_P(const SplitArgs& sa, const SplitRowView& v) {
+  const int64_t nch = num_chunks(sa.a.in.V);
+  return double(v.rp.p) * contract::add_in_order(sa.ws.zmass + v.o * nch, nch);  // (lane16_mass's Z)
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
-  const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
-  const T* x = row_in<T>(a, o);
-  const int64_t beg = sp * sa.per * kChunk, end = beg + sa.per * kChunk < a.in.V ? beg + sa.per * kChunk : a.in.V;
+  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  const T* x = row_in<T>(a, v.o);
+  v.x = x;
   Scan r;
   if (sa.gumbel) {
-    r = gumbel_scan(x, beg, end, row_key(a, o), s);
+    r = gumbel_scan(x, v.beg, v.end, row_key(a, v.o), s);
   } else {
-    r = scan_raw(x + beg, end - beg, a.filter.is_probs, s);
-    if (r.argmax != INT64_MAX) r.argmax += beg;
+    r = scan_raw(x + v.beg, v.end - v.beg, v.probs, s);
+    if (r.argmax != INT64_MAX) r.argmax += v.beg;
+    if (sa.k_phases && v.k_on && !split_greedy(sa, v)) split_k_hist<T>(sa, v, 0, 0u, s);
   }
-  if (threadIdx.x == 0) sa.parts[blockIdx.x] = SplitPart{r.m, r.bad ? 1 : 0, r.argmax};
+  if (threadIdx.x == 0) sa.ws.parts[blockIdx.x] = SplitPart{r.m, r.bad ? 1 : 0, r.argmax};
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) split_mass_kernel(SplitArgs sa) {
+__global__ void __launch_bounds__(kThreads) split_topk_kernel(SplitArgs sa) {
   __shared__ Smem s;
-  const SampleArgs& a = sa.a;
-  const int64_t o = blockIdx.x / sa.splits, sp = blockIdx.x % sa.splits;
-  const bool probs = a.filter.is_probs;
-  const RowParams rp = row_params(a.filter, o);
-  const Scan sc = split_verdict(sa, o, probs);
-  if (sc.bad || (!probs && rp.T == 0.f)) return;  // (uniform over the block) bad or greedy: no masses
-  const T* x = row_in<T>(a, o);
-  const Weight w = row_weight(probs, sc.m, rp.T);
-  const int64_t nch = num_chunks(a.in.V), cb = sp * sa.per, ce = cb + sa.per < nch ? cb + sa.per : nch;
-  lane16_mass_range(x, a.in.V, w, kNegInf, 0.f, a.workspace + o * nch, cb, ce, s);
+  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  v.x = row_in<T>(sa.a, v.o);
+  Scan sc;
+  if (!split_work(sa, v, sc) || !v.k_on) return;  // (uniform over the block)
+  uint32_t prefix;
+  int64_t kk;
+  split_k_state(sa, v, sa.pass, s, prefix, kk);
+  if (v.sp == 0 && threadIdx.x == 0) {
+    sa.ws.rows[v.o].kprefix[sa.pass] = prefix;
+    sa.ws.rows[v.o].kk[sa.pass] = kk;
+  }
+  split_k_hist<T>(sa, v, sa.pass, prefix, s);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_topp_kernel(SplitArgs sa) {
+  __shared__ Smem s;
+  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  const T* x = row_in<T>(sa.a, v.o);
+  v.x = x;
+  Scan sc;
+  if (!split_work(sa, v, sc)) return;  // (uniform over the block)
+  const int q = sa.pass;
+  const int64_t V = sa.a.in.V, nch = num_chunks(V);
+  float tk;
+  if (q == 0) {
+    tk = split_tk(sa, v, s);
+    if (v.sp == 0 && threadIdx.x == 0) sa.ws.rows[v.o].tk = tk;
+  } else {
+    tk = sa.ws.rows[v.o].tk;
+  }
+  if (!v.p_on) return;
+  const Weight w = row_weight(v.probs, sc.m, v.rp.T);
+  uint32_t prefix = 0;
+  if (q == 0) {  // Z: the canonical mass of the top-k survivors or of the whole row
+    lane16_mass_range(x, V, w, v.within_k ? tk : kNegInf, 0.f, sa.ws.zmass + v.o * nch, v.cb, v.ce, s);
+  } else {
+    double above;
+    split_p_state(sa, v, q, split_topp_P(sa, v), s, prefix, above);
+    if (v.sp == 0 && threadIdx.x == 0) {
+      sa.ws.rows[v.o].pprefix[q] = prefix;
+      sa.ws.rows[v.o].pabove[q] = above;
+    }
+  }
+  double* h = sa.ws.phist + (q & 1) * sa.a.n_out * nch * 256 + v.o * nch * 256;
+  for (int64_t c = v.cb; c < v.ce; ++c) {
+    chunk_mass_hist(x, V, c, w, v.within_k, tk, prefix, q, s);
+    for (int d = threadIdx.x; d < 256; d += kThreads) h[c * 256 + d] = s.u.mh[d];
+    __syncthreads();
+  }
+}
+
+// The row's selection from its split state (select_row's fields; t from the final phase or given).
+DK_CUDA_FN Selection split_selection(const SplitRowView& v, const Scan& sc, float t) {
+  Selection sel;
+  const bool mp_on = v.rp.minp > 0.f;
+  sel.valid = true;
+  sel.w = row_weight(v.probs, sc.m, v.rp.T);
+  sel.lo = v.probs ? FLT_TRUE_MIN : -FLT_MAX;
+  sel.t = t;
+  sel.minw = mp_on ? (v.probs ? min_p_threshold(v.rp.minp, sc.m) : v.rp.minp) : 0.f;
+  sel.in_c = v.k_on || v.p_on || (mp_on && float_to_bits(v.rp.minp) >= kMinPWindowMinBits);
+  return sel;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_final_kernel(SplitArgs sa) {
+  __shared__ Smem s;
+  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  const T* x = row_in<T>(sa.a, v.o);
+  v.x = x;
+  Scan sc;
+  if (!split_work(sa, v, sc)) return;  // (uniform over the block) bad or greedy: nothing to do
+  const int64_t V = sa.a.in.V, nch = num_chunks(V);
+  float t = sa.p_phases ? sa.ws.rows[v.o].tk : split_tk(sa, v, s);
+  if (sa.p_phases && v.p_on) {  // top-p's last digit
+    uint32_t prefix;
+    double above;
+    split_p_state(sa, v, 4, split_topp_P(sa, v), s, prefix, above);
+    const float tp = key_to_float(prefix);
+    t = (t < tp) ? tp : t;  // std::max(t, tp)
+  }
+  const Selection sel = split_selection(v, sc, t);
+  if (v.sp == 0 && threadIdx.x == 0) sa.ws.rows[v.o].t = t;
+  if (sa.masses) lane16_mass_range(x, V, sel.w, sel.t, sel.minw, sa.ws.kmass + v.o * nch, v.cb, v.ce, s);
+  if (sa.lists && sel.in_c) {
+    const int64_t slot = v.o * sa.splits + v.sp;
+    const int64_t n = list_pass(x, v.beg, v.end, sel, sa.ws.lidx + slot * kListMax, sa.ws.lw + slot * kListMax, s);
+    if (threadIdx.x == 0) sa.ws.lcount[slot] = n;
+  }
 }
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
-  const int64_t o = blockIdx.x;
-  const bool probs = a.filter.is_probs;
-  const RowParams rp = row_params(a.filter, o);
-  const Scan sc = split_verdict(sa, o, probs);
+  const SplitRowView v = split_view(sa, blockIdx.x, 0);
+  Scan sc;
+  const bool work = split_work(sa, v, sc);
   int64_t tok = 0;
   bool valid = false;
   float logprob = 0.f;
@@ -888,39 +1164,63 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
     tok = valid ? sc.argmax : 0;
   } else if (!sc.bad) {
     valid = true;
-    if (!probs && rp.T == 0.f) {
-      tok = sc.argmax;
-    } else {
-      const T* x = row_in<T>(a, o);
-      const Weight w = row_weight(probs, sc.m, rp.T);
+    if (!work) tok = sc.argmax;  // greedy
+  }
+  if (!sa.gumbel && work) {
+    const int64_t o = v.o;
+    const T* x = row_in<T>(a, o);
+    const Selection sel = split_selection(v, sc, sa.ws.rows[o].t);
+    bool done = false;
+    if (sa.lists && sel.in_c) {  // the slices' lists in slice order = S in index order
+      int64_t n = 0;
+      for (int p = 0; p < sa.splits; ++p) n += sa.ws.lcount[o * sa.splits + p];
+      if (n <= kListMax) {
+        int64_t off = 0;
+        for (int p = 0; p < sa.splits; ++p) {
+          const int64_t slot = o * sa.splits + p, c = sa.ws.lcount[slot];
+          for (int64_t j = threadIdx.x; j < c; j += kThreads) {
+            s.u.list.idx[off + j] = sa.ws.lidx[slot * kListMax + j];
+            s.u.list.w[off + j] = sa.ws.lw[slot * kListMax + j];
+          }
+          off += c;
+        }
+        __syncthreads();
+        done = true;
+        list_draw(n, row_key(a, o), s, tok, logprob);
+      }
+    }
+    if (!done) {
       const int64_t nch = num_chunks(a.in.V);
-      const double* chunks = a.workspace + o * nch;
+      const double* chunks = sa.ws.kmass + o * nch;
       const double Z = contract::add_in_order(chunks, nch);  // (lane16_mass's fold, the same adds)
-      chunk_draw(x, a.in.V, w, kNegInf, 0.f, chunks, Z, row_key(a, o), s, tok, logprob);
+      chunk_draw(x, a.in.V, sel.w, sel.t, sel.minw, chunks, Z, row_key(a, o), s, tok, logprob);
     }
   }
   if (threadIdx.x == 0) {
-    a.out_tokens[o] = tok;
-    if (a.out_valid) a.out_valid[o] = valid;
-    if (a.out_logprob) a.out_logprob[o] = valid ? logprob : 0.f;
+    a.out_tokens[v.o] = tok;
+    if (a.out_valid) a.out_valid[v.o] = valid;
+    if (a.out_logprob) a.out_logprob[v.o] = valid ? logprob : 0.f;
   }
 }
 
-// The split plan of a sample / Gumbel-max launch (host, torch-free): n_sms = the device's SM count
-// (0: never split). Rows are split only when every row is unfiltered (top-k off or >= V, top-p 1,
-// min-p 0 as scalars: per-row tensors keep one CTA per row, since their values stay on the device),
-// there are fewer rows than SMs, and a row has at least two chunks. Rule: aim at about n_sms CTAs in
-// all, splits = ceil(nch / per) with per = ceil(nch / min(nch, ceil(n_sms / n_out))) chunks per slice.
+// The launch plan of a sample / Gumbel-max call (host, torch-free): n_sms = the device's SM count
+// (0: never split). Rows are split when there are fewer rows than SMs and a row has at least two
+// chunks. Rule: aim at about n_sms CTAs in all, splits = ceil(nch / per) with per = ceil(nch /
+// min(nch, ceil(n_sms / n_out))) chunks per slice. Which phases run follows from the scalar
+// arguments (a per-row tensor may turn its filter on in any row: its phases run, and rows without
+// it return at once).
 inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
   SplitArgs sa;
   sa.a = a;
   sa.gumbel = gumbel;
-  const int64_t nch = num_chunks(a.in.V);
   const RowFilter& f = a.filter;
-  const bool unfiltered =
-      gumbel || (!f.top_k.ptr && !f.top_p.ptr && !f.min_p.ptr && (f.top_k.scalar < 1 || f.top_k.scalar >= a.in.V) &&
-                 f.top_p.scalar >= 1.f && f.min_p.scalar <= 0.f);
-  if (!unfiltered || n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || nch < 2) return sa;
+  const int64_t nch = num_chunks(a.in.V);
+  if (!gumbel) {
+    sa.k_phases = f.top_k.ptr || (f.top_k.scalar >= 1 && f.top_k.scalar < a.in.V);
+    sa.p_phases = f.top_p.ptr || f.top_p.scalar < 1.f;
+    sa.lists = sa.k_phases || sa.p_phases || f.min_p.ptr || f.min_p.scalar > 0.f;
+  }
+  if (n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || nch < 2) return sa;
   const int64_t want = (n_sms + a.n_out - 1) / a.n_out;
   const int64_t per = (nch + (want < nch ? want : nch) - 1) / (want < nch ? want : nch);
   sa.per = per;
@@ -928,14 +1228,92 @@ inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
   return sa;
 }
 
-// Workspace of a sample / Gumbel-max launch, in doubles: the chunk masses [n_out, nch], then the
-// split parts [n_out, <= nch].
-inline int64_t sample_workspace_elems(int64_t n_out, int64_t V) {
-  static_assert(sizeof(SplitPart) == 2 * sizeof(double), "a part is two doubles of workspace");
-  return n_out * num_chunks(V) * 3;
+// The workspace of a plan, in doubles, and its regions (base != nullptr: sa.ws points into it).
+// The one-CTA sample kernel uses kmass only; Gumbel-max and filters without a split, nothing.
+inline int64_t sample_layout(SplitArgs& sa, double* base) {
+  const int64_t n = sa.a.n_out, nch = num_chunks(sa.a.in.V), sp = sa.splits;
+  int64_t off = 0;
+  const auto take = [&](int64_t doubles) {
+    double* p = base ? base + off : nullptr;
+    off += doubles;
+    return p;
+  };
+  if (sp <= 1) {  // one CTA per row: only the sample kernel's chunk masses
+    if (!sa.gumbel && !sa.filter_op) sa.ws.kmass = take(n * nch);
+    return off;
+  }
+  if (!sa.gumbel && sa.masses) sa.ws.kmass = take(n * nch);
+  static_assert(sizeof(SplitPart) == 2 * sizeof(double) && sizeof(SplitRow) % sizeof(double) == 0, "whole doubles");
+  sa.ws.parts = reinterpret_cast<SplitPart*>(take(n * sp * 2));
+  sa.ws.rows = reinterpret_cast<SplitRow*>(take(n * int64_t(sizeof(SplitRow) / sizeof(double))));
+  if (sa.k_phases) sa.ws.khist = reinterpret_cast<uint32_t*>(take(2 * n * sp * 128));
+  if (sa.p_phases) {
+    sa.ws.zmass = take(n * nch);
+    sa.ws.phist = take(2 * n * nch * 256);
+  }
+  if (sa.lists) {
+    sa.ws.lcount = reinterpret_cast<int64_t*>(take(n * sp));
+    sa.ws.lidx = reinterpret_cast<int32_t*>(take(n * sp * kListMax / 2));
+    sa.ws.lw = reinterpret_cast<float*>(take(n * sp * kListMax / 2));
+  }
+  return off;
 }
-inline SplitPart* split_parts(double* workspace, int64_t n_out, int64_t V) {
-  return reinterpret_cast<SplitPart*>(workspace + n_out * num_chunks(V));
+
+// The filter outputs of elements [0, V) of a row (or of a split row's slice: x and out advanced to
+// the slice start, a multiple of kChunk, so the 16-byte alignment is the row's), 16-byte loads and
+// stores. Softmax: w(x) / Z; masked logits: the kept elements copied bit for bit, -inf elsewhere
+// (sel.valid false: the row passes through); renormalised: kept weights x (1 / Z) with
+// renorm_scale's exact pre-scaling, 0 elsewhere.
+template <class T>
+DK_CUDA_FN void write_softmax(const T* x, int64_t V, const Weight& w, double Z, float* out) {
+  const float inv = float(1.0 / Z);
+  const bool al = aligned16(x) && aligned16(out);
+  for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {
+    float g[kVec<T>];
+    load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) g[u] = w(g[u]) * inv;
+    store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
+  }
+}
+
+template <class T>
+DK_CUDA_FN void write_mask(const T* x, int64_t V, const Selection& sel, T* out) {
+  const bool al = aligned16(x) && aligned16(out);
+  for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {
+    Vec16<T> p;
+    load_group_raw(x, V, q, al, p);
+    if (sel.valid) {
+#pragma unroll
+      for (int u = 0; u < kVec<T>; ++u) {
+        const float v = to_float(p.v[u]);
+        const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
+        if (!keep) p.v[u] = neg_inf_of(x);
+      }
+    }
+    store_run<T, kVec<T>>(out, V, q * kVec<T>, al, p.v);
+  }
+}
+
+template <class T>
+DK_CUDA_FN void write_renorm(const T* x, int64_t V, const Selection& sel, double Z, float* out) {
+  const RenormScale sc = renorm_scale(Z);  // tiny total mass: exact 2^64 pre-scaling (common.h)
+  const bool al = aligned16(x) && aligned16(out);
+  for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {
+    float g[kVec<T>];
+    load_group(x, V, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      const float v = g[u];
+      const float e = sel.w(v);
+      g[u] = (v >= sel.t && e >= sel.minw) ? __fmul_rn(__fmul_rn(e, sc.pre), sc.inv) : 0.f;
+    }
+    store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
+  }
+}
+
+DK_CUDA_FN void fill_row(float* out, int64_t V, float v) {
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = v;
 }
 
 // Filters writing a [rows, V] output (filter_rows_t on the CPU).
@@ -949,133 +1327,163 @@ __global__ void __launch_bounds__(kThreads) filter_kernel(FilterArgs a) {
   if (a.kind == FilterOut::Softmax) {
     float* out = static_cast<float*>(a.out) + r * a.out_stride;
     Scan sc = scan_row(x, V, false, s);
-    if (sc.bad) {
-      for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = __int_as_float(0x7fc00000);
-      return;
-    }
+    if (sc.bad) return fill_row(out, V, __int_as_float(0x7fc00000));
     const Weight w = row_weight(false, sc.m, rp.T);
-    const double Z = lane16_mass(x, V, w, kNegInf, 0.f, nullptr, s);
-    const float inv = float(1.0 / Z);
-    const bool al = aligned16(x) && aligned16(out);
-    for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
-      float g[kVec<T>];
-      load_group(x, V, q, al, g);
-#pragma unroll
-      for (int u = 0; u < kVec<T>; ++u) g[u] = w(g[u]) * inv;
-      store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
-    }
+    write_softmax(x, V, w, lane16_mass(x, V, w, kNegInf, 0.f, nullptr, s), out);
     return;
   }
-  const bool probs = a.filter.is_probs;
-  const Selection sel = select_row(x, V, probs, rp, s);
-  if (a.kind == FilterOut::MaskLogits) {
-    T* out = static_cast<T*>(a.out) + r * a.out_stride;
-    const bool al = aligned16(x) && aligned16(out);
-    for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
-      Vec16<T> p;
-      load_group_raw(x, V, q, al, p);
-      if (sel.valid) {
-#pragma unroll
-        for (int u = 0; u < kVec<T>; ++u) {
-          const float v = to_float(p.v[u]);
-          const bool keep = v >= sel.t && sel.w(v) >= sel.minw;
-          if (!keep) p.v[u] = neg_inf_of(x);
-        }
-      }
-      store_run<T, kVec<T>>(out, V, q * kVec<T>, al, p.v);
-    }
-    return;
-  }
+  const Selection sel = select_row(x, V, a.filter.is_probs, rp, s);
+  if (a.kind == FilterOut::MaskLogits) return write_mask(x, V, sel, static_cast<T*>(a.out) + r * a.out_stride);
   float* out = static_cast<float*>(a.out) + r * a.out_stride;  // RenormProbs
-  if (!sel.valid) {
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = 0.f;
-    return;
+  if (!sel.valid) return fill_row(out, V, 0.f);
+  write_renorm(x, V, sel, lane16_mass(x, V, sel.w, sel.t, sel.minw, nullptr, s), out);
+}
+
+// A split filter launch: the split phases of a sample launch (scan, the radix passes, the final
+// phase's threshold and kept chunk masses), then every slice writes its part of the output.
+struct SplitFilterArgs {
+  SplitArgs sa;
+  FilterArgs fa;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) split_write_kernel(SplitFilterArgs args) {
+  const SplitArgs& sa = args.sa;
+  const FilterArgs& fa = args.fa;
+  const SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  const int64_t o = v.o, V = fa.in.V, nch = num_chunks(V), n = v.end - v.beg;
+  const T* x = row_in<T>(sa.a, o) + v.beg;
+  Scan sc;
+  const bool ok = split_work(sa, v, sc);
+  const double Z = ok && sa.masses ? contract::add_in_order(sa.ws.kmass + o * nch, nch) : 0.0;  // (lane16_mass's fold)
+  if (fa.kind == FilterOut::MaskLogits) {
+    Selection sel;  // (valid = false: the row passes through)
+    if (ok) sel = split_selection(v, sc, sa.ws.rows[o].t);
+    return write_mask(x, n, sel, static_cast<T*>(fa.out) + o * fa.out_stride + v.beg);
   }
-  const double Z = lane16_mass(x, V, sel.w, sel.t, sel.minw, nullptr, s);
-  const RenormScale sc = renorm_scale(Z);  // tiny total mass: exact 2^64 pre-scaling (common.h)
-  const bool al = aligned16(x) && aligned16(out);
-  for (int64_t q = threadIdx.x; q < num_groups<T>(V); q += kThreads) {  // 16-byte loads and stores
-    float g[kVec<T>];
-    load_group(x, V, q, al, g);
-#pragma unroll
-    for (int u = 0; u < kVec<T>; ++u) {
-      const float v = g[u];
-      const float e = sel.w(v);
-      g[u] = (v >= sel.t && e >= sel.minw) ? __fmul_rn(__fmul_rn(e, sc.pre), sc.inv) : 0.f;
-    }
-    store_run<float, kVec<T>>(out, V, q * kVec<T>, al, g);
+  float* out = static_cast<float*>(fa.out) + o * fa.out_stride + v.beg;
+  if (fa.kind == FilterOut::Softmax) {
+    if (!ok) return fill_row(out, n, __int_as_float(0x7fc00000));
+    return write_softmax(x, n, row_weight(false, sc.m, v.rp.T), Z, out);
+  }
+  if (!ok) return fill_row(out, n, 0.f);
+  write_renorm(x, n, split_selection(v, sc, sa.ws.rows[o].t), Z, out);
+}
+
+// The launch plan of a filter call: the sample plan of its rows (no indices, no lists; softmax
+// ignores the filters), with the same split rule.
+inline SplitFilterArgs filter_plan(const FilterArgs& fa, int n_sms) {
+  SampleArgs a;
+  a.in = fa.in;
+  a.filter = fa.filter;
+  a.n_out = fa.in.rows;
+  if (fa.kind == FilterOut::Softmax) {
+    a.filter.top_k = Param<int64_t>{};
+    a.filter.top_p = Param<float>{nullptr, 1.f};
+    a.filter.min_p = Param<float>{};
+  }
+  SplitFilterArgs f;
+  f.sa = split_plan(a, n_sms, false);
+  f.sa.filter_op = true;
+  f.sa.lists = false;
+  f.sa.masses = fa.kind != FilterOut::MaskLogits;
+  f.fa = fa;
+  return f;
+}
+
+// The launches of a plan, through `launch(kernel, grid, args)` (a CUDA stream launch, or the
+// emulator's): one CTA per row, or the split phases above. Shared by the CUDA launchers and the
+// emulator (tests/cuda_emu), so both run the same sequence.
+template <class T, class L>
+inline void run_split_phases(const SplitArgs& sa, L& launch) {
+  const unsigned parts = unsigned(sa.a.n_out * sa.splits);
+  launch(split_scan_kernel<T>, parts, sa);
+  SplitArgs ph = sa;
+  if (sa.k_phases)
+    for (ph.pass = 1; ph.pass < 4; ++ph.pass) launch(split_topk_kernel<T>, parts, ph);
+  if (sa.p_phases)
+    for (ph.pass = 0; ph.pass < 4; ++ph.pass) launch(split_topp_kernel<T>, parts, ph);
+  if (!sa.gumbel) launch(split_final_kernel<T>, parts, sa);
+}
+
+template <class T, class L>
+inline void run_sample_plan(const SplitArgs& sa, L& launch) {
+  const unsigned rows = unsigned(sa.a.n_out);
+  if (sa.splits > 1) {
+    run_split_phases<T>(sa, launch);
+    launch(split_draw_kernel<T>, rows, sa);
+  } else if (sa.gumbel) {
+    launch(gumbel_kernel<T>, rows, sa.a);
+  } else {
+    launch(sample_kernel<T>, rows, sa.a);
+  }
+}
+
+template <class T, class L>
+inline void run_filter_plan(const SplitFilterArgs& f, L& launch) {
+  if (f.sa.splits > 1) {
+    run_split_phases<T>(f.sa, launch);
+    launch(split_write_kernel<T>, unsigned(f.sa.a.n_out * f.sa.splits), f);
+  } else {
+    launch(filter_kernel<T>, unsigned(f.fa.in.rows), f.fa);
+  }
+}
+
+// dtype dispatch: run(plan, launch) with the element type of the plan's input.
+template <class L>
+inline void run_sample_plan(const SplitArgs& sa, L&& launch) {
+  switch (sa.a.in.dtype) {
+    case DType::F32: run_sample_plan<float>(sa, launch); break;
+    case DType::BF16: run_sample_plan<bf16_t>(sa, launch); break;
+    case DType::F16: run_sample_plan<f16_t>(sa, launch); break;
+  }
+}
+
+template <class L>
+inline void run_filter_plan(const SplitFilterArgs& f, L&& launch) {
+  switch (f.fa.in.dtype) {
+    case DType::F32: run_filter_plan<float>(f, launch); break;
+    case DType::BF16: run_filter_plan<bf16_t>(f, launch); break;
+    case DType::F16: run_filter_plan<f16_t>(f, launch); break;
   }
 }
 
 }  // namespace detail
 
-using detail::sample_workspace_elems;
-using detail::split_parts;
+using detail::filter_plan;
+using detail::sample_layout;
 using detail::split_plan;
 using detail::SplitArgs;
-using detail::SplitPart;
+using detail::SplitFilterArgs;
+
+// The workspace a plan needs, in doubles (the binding allocates it; 0: none).
+inline int64_t sample_workspace_elems(SplitArgs sa) { return detail::sample_layout(sa, nullptr); }
 
 // ---- host launchers (no torch) ------------------------------------------------------------------
 #if !defined(DK_CUDA_EMULATE)
-template <class T>
-inline void launch_split(const SplitArgs& sa, cudaStream_t stream) {
-  const dim3 parts(unsigned(sa.a.n_out * sa.splits)), rows(unsigned(sa.a.n_out)), block(kThreads);
-  detail::split_scan_kernel<T><<<parts, block, 0, stream>>>(sa);
-  if (!sa.gumbel) detail::split_mass_kernel<T><<<parts, block, 0, stream>>>(sa);
-  detail::split_draw_kernel<T><<<rows, block, 0, stream>>>(sa);
-}
-
-// n_sms: the device's SM count, for the split-row plan (0: one CTA per row). a.workspace must hold
-// sample_workspace_elems(n_out, V) doubles (also for Gumbel-max when it may split).
-inline cudaError_t launch_split_or(const SampleArgs& a, int n_sms, bool gumbel, cudaStream_t stream, bool& split) {
-  SplitArgs sa = split_plan(a, n_sms, gumbel);
-  split = sa.splits > 1;
-  if (!split) return cudaSuccess;
-  sa.parts = split_parts(a.workspace, a.n_out, a.in.V);
-  switch (a.in.dtype) {
-    case DType::F32: launch_split<float>(sa, stream); break;
-    case DType::BF16: launch_split<bf16_t>(sa, stream); break;
-    case DType::F16: launch_split<f16_t>(sa, stream); break;
+// Launches on `stream` (a generic lambda: kernel is a __global__ function's address).
+struct StreamLaunch {
+  cudaStream_t stream;
+  template <class K, class A>
+  void operator()(K kernel, unsigned grid, const A& args) const {
+    kernel<<<dim3(grid), dim3(kThreads), 0, stream>>>(args);
   }
+};
+
+// A sample / Gumbel-max plan (split_plan) on `stream`; sa.a.workspace holds
+// sample_workspace_elems(sa) doubles.
+inline cudaError_t launch_sample(SplitArgs sa, cudaStream_t stream) {
+  if (sa.a.n_out == 0) return cudaSuccess;
+  detail::sample_layout(sa, sa.a.workspace);
+  detail::run_sample_plan(sa, StreamLaunch{stream});
   return cudaGetLastError();
 }
 
-inline cudaError_t launch_sample(const SampleArgs& a, cudaStream_t stream, int n_sms = 0) {
-  if (a.n_out == 0) return cudaSuccess;
-  bool split = false;
-  const cudaError_t e = launch_split_or(a, n_sms, false, stream, split);
-  if (split) return e;
-  const dim3 grid(unsigned(a.n_out)), block(kThreads);
-  switch (a.in.dtype) {
-    case DType::F32: detail::sample_kernel<float><<<grid, block, 0, stream>>>(a); break;
-    case DType::BF16: detail::sample_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
-    case DType::F16: detail::sample_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
-  }
-  return cudaGetLastError();
-}
-
-inline cudaError_t launch_gumbel(const SampleArgs& a, cudaStream_t stream, int n_sms = 0) {
-  if (a.n_out == 0) return cudaSuccess;
-  bool split = false;
-  const cudaError_t e = launch_split_or(a, n_sms, true, stream, split);
-  if (split) return e;
-  const dim3 grid(unsigned(a.n_out)), block(kThreads);
-  switch (a.in.dtype) {
-    case DType::F32: detail::gumbel_kernel<float><<<grid, block, 0, stream>>>(a); break;
-    case DType::BF16: detail::gumbel_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
-    case DType::F16: detail::gumbel_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
-  }
-  return cudaGetLastError();
-}
-
-inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
-  if (a.in.rows == 0) return cudaSuccess;
-  const dim3 grid(unsigned(a.in.rows)), block(kThreads);
-  switch (a.in.dtype) {
-    case DType::F32: detail::filter_kernel<float><<<grid, block, 0, stream>>>(a); break;
-    case DType::BF16: detail::filter_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
-    case DType::F16: detail::filter_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
-  }
+// A filter plan (filter_plan) on `stream`; f.sa.a.workspace holds sample_workspace_elems(f.sa) doubles.
+inline cudaError_t launch_filter(SplitFilterArgs f, cudaStream_t stream) {
+  if (f.fa.in.rows == 0) return cudaSuccess;
+  detail::sample_layout(f.sa, f.sa.a.workspace);
+  detail::run_filter_plan(f, StreamLaunch{stream});
   return cudaGetLastError();
 }
 
@@ -1084,9 +1492,8 @@ inline cudaError_t launch_filter(const FilterArgs& a, cudaStream_t stream) {
 inline void instantiate_sampling() {
   SampleArgs s;
   FilterArgs f;
-  (void)launch_sample(s, nullptr, 1);
-  (void)launch_gumbel(s, nullptr, 1);
-  (void)launch_filter(f, nullptr);
+  (void)launch_sample(split_plan(s, 1, false), nullptr);
+  (void)launch_filter(filter_plan(f, 1), nullptr);
 }
 #endif  // !DK_CUDA_EMULATE
 

@@ -97,12 +97,10 @@ def load(threads=None):
             _failed[threads] = e
             raise
         P, I, L, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
-        lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, P, I, I]
+        lib.dk_emu_sample.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, P, L, P, U, U, P, P, P, I, I]
         lib.dk_emu_sample.restype = ctypes.c_int
-        lib.dk_emu_filter.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, I, P, L]
-        lib.dk_emu_filter.restype = None
-        lib.dk_emu_workspace_elems.argtypes = [L, L]
-        lib.dk_emu_workspace_elems.restype = L
+        lib.dk_emu_filter.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, I, P, L, I]
+        lib.dk_emu_filter.restype = ctypes.c_int
         lib.dk_emu_threads.restype = ctypes.c_int
         _libs[threads] = lib
     return _libs[threads]
@@ -163,7 +161,6 @@ def sample(
     tok = torch.empty(n, dtype=torch.int64)
     valid = torch.empty(n, dtype=torch.bool)
     lp = torch.empty(n, dtype=torch.float32)
-    ws = torch.full((max(1, lib.dk_emu_workspace_elems(n, V)),), float("nan"), dtype=torch.float64)
     last_splits[0] = 1
     if n:
         last_splits[0] = lib.dk_emu_sample(
@@ -183,7 +180,6 @@ def sample(
             tok.data_ptr(),
             valid.data_ptr(),
             lp.data_ptr(),
-            ws.data_ptr(),
             int(gumbel),
             n_sms,
         )
@@ -217,13 +213,18 @@ def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None, 
     return tok, valid
 
 
-def filter(x, kind, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, *, threads=None):
+def filter(
+    x, kind, is_probs, T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order, *, threads=None, n_sms=0
+):
+    """n_sms > 0: the plan of a device with that many SMs (sampling.cuh filter_plan); last_splits[0]
+    then tells how many CTAs per row ran."""
     lib = load(threads)
     dt, rows, V, stride = _matrix(x)
     keep, fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
     out = torch.empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
+    last_splits[0] = 1
     if rows:
-        lib.dk_emu_filter(
-            x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, kind, out.data_ptr(), out.size(1)
+        last_splits[0] = lib.dk_emu_filter(
+            x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, kind, out.data_ptr(), out.size(1), n_sms
         )
     return out
