@@ -327,6 +327,29 @@ DK_CUDA_FN int block_rank(bool flag, S& s, int& total) {
   return before + __popc(b & ((1u << lane) - 1u));
 }
 
+// Exclusive prefix sum of c over the block's threads in thread order, and the block total (all
+// threads): the positions of each thread's items when the threads' items are laid out in order.
+DK_CUDA_FN int block_offset(int c, Smem& s, int& total) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  int incl = c;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s.wcount[wid] = incl;
+  __syncthreads();
+  int before = 0, tot = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const int v = s.wcount[w];
+    before += w < wid ? v : 0;
+    tot += v;
+  }
+  __syncthreads();
+  total = tot;
+  return before + incl - c;
+}
+
 // ---- row passes -----------------------------------------------------------------------------
 // Pass A (row_engine.h scan_row): the max, the lowest index of the max, and the bad-row flag
 // (NaN or +inf anywhere; probs: a negative value; nothing with positive possible weight).
@@ -677,20 +700,24 @@ DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, floa
   __syncthreads();
   // weights of the chosen chunk's survivors with positive weight, 0 elsewhere
   const int64_t cbeg = c * kChunk, cend = (c + 1) * kChunk < V ? (c + 1) * kChunk : V;
-  for (int j = threadIdx.x; j < kTile; j += kThreads) {
-    const int64_t i = cbeg + j;
-    float e = 0.f;
-    if (i < cend) {
-      float v = ld(x, i);
-      if (v >= t) {
-        float ew = w(v);
+  const T* xc = x + cbeg;  // (cbeg: a multiple of kChunk, so the alignment is the row's)
+  const int64_t n = cend - cbeg;
+  const bool al = aligned16(xc);
+  for (int q = threadIdx.x; q < kTile / kVec<T>; q += kThreads) {  // 16-byte groups
+    float g[kVec<T>];
+    if (q * kVec<T> < n) load_group(xc, n, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      const int j = q * kVec<T> + u;
+      float e = 0.f;
+      if (j < n && g[u] >= t) {
+        const float ew = w(g[u]);
         if (ew >= minw && ew > 0.f) e = ew;
       }
+      s.u.tile[j] = e;
     }
-    s.u.tile[j] = e;
   }
   __syncthreads();
-  const int64_t n = cend - cbeg;
   walk16_sums(s.u.tile, n, s);  // the 16-ary walk over the chunk's kept weights
   if (threadIdx.x == 0) {
     const int64_t pick = contract::walk16_pick(s.u.tile, n, s.g16, s.g256, local);
@@ -705,27 +732,43 @@ DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, floa
 template <class T>
 DK_CUDA_FN int64_t list_pass(const T* x, int64_t beg, int64_t end, const Selection& sel, int32_t* idx, float* wt,
                              Smem& s) {
-  int64_t n = 0;
-  for (int64_t base = beg; base < end; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    float e = 0.f;
-    bool flag = false;
-    if (i < end) {
-      const float v = ld(x, i);
-      if (v >= sel.lo && v >= sel.t) {
-        e = sel.w(v);
-        flag = e >= sel.minw;
+  // 16-byte groups of x[beg, end) (beg: a multiple of kChunk, so the alignment is the row's), one
+  // per thread per round; threads take consecutive groups, so thread order is index order
+  const T* xs = x + beg;
+  const int64_t n = end - beg, nq = num_groups<T>(n);
+  const bool al = aligned16(xs);
+  int64_t cnt = 0;
+  for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a uniform trip count: barriers inside)
+    const int64_t q = q0 + threadIdx.x;
+    float g[kVec<T>], e[kVec<T>];
+    unsigned flags = 0;
+    int c = 0;
+    if (q < nq) load_group(xs, n, q, al, g);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u) {
+      e[u] = 0.f;
+      if (q < nq && q * kVec<T> + u < n && g[u] >= sel.lo && g[u] >= sel.t) {
+        e[u] = sel.w(g[u]);
+        if (e[u] >= sel.minw) {
+          flags |= 1u << u;
+          ++c;
+        }
       }
     }
     int total;
-    const int pos = block_rank(flag, s, total);
-    if (flag && n + pos < kListMax) {
-      idx[n + pos] = int32_t(i);
-      wt[n + pos] = e;
-    }
-    n += total;
+    int64_t pos = cnt + block_offset(c, s, total);
+#pragma unroll
+    for (int u = 0; u < kVec<T>; ++u)
+      if ((flags >> u) & 1u) {
+        if (pos < kListMax) {
+          idx[pos] = int32_t(beg + q * kVec<T> + u);
+          wt[pos] = e[u];
+        }
+        ++pos;
+      }
+    cnt += total;
   }
-  return n;
+  return cnt;
 }
 
 // row_engine.h draw(), list branch: the 16-ary walk over the n <= kListMax listed survivors in
