@@ -506,8 +506,11 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
 
 // The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; decodekit/contract.h
 // walk16_sums): the 16-element group sums on one thread each, the 256-blocks on one thread each,
-// the total folded by thread 0. Leaves g16 / g256 in s; returns the total to every thread.
-DK_CUDA_FN double walk16_sums(const float* e, int64_t n, Smem& s) {
+// the total folded by thread 0. Leaves g16 / g256 in s; returns the total to every thread. S: any
+// shared struct with g16[kWalkMax / 16], g256[kWalkMax / 256] and dbc (Smem here, the speculative
+// kernels' Shared).
+template <class S>
+DK_CUDA_FN double walk16_sums(const float* e, int64_t n, S& s) {
   const int64_t ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
   for (int64_t j = threadIdx.x; j < ng; j += kThreads) s.g16[j] = contract::walk16_group(e, n, j);
   __syncthreads();

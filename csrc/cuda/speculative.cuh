@@ -8,7 +8,8 @@
 // floating-point sum runs in the CPU's order (csrc/cpu/isa/speculative.cpp), the canonical order of
 // decodekit/contract.h: a row mass is, per 4096-element chunk, 16 lane sums (lane j = elements j,
 // j+16, ... in order, in double) added lane by lane, the chunk masses added in chunk order; sums
-// over a survivor LIST are sequential in index order (one thread). Element values use explicitly
+// and draws over a survivor LIST follow the contract's 16-ary walk (group and block sums on one
+// thread each, contract::walk16_*). Element values use explicitly
 // rounded intrinsics (no contraction), dk_exp from fmath.h.
 //
 // Targets: probabilities (chain and tree, with or without draft probs), greedy verification
@@ -17,7 +18,7 @@
 // sampling kernels' select_row (csrc/cuda/sampling.cuh, the CUDA twin of the CPU row engine's
 // select_row) followed by the CPU's method choice: the survivors S are LISTED (index order, at most
 // kListMax) when the CPU lists them, and then every mass / draw at that node runs over the list
-// sequentially as on the CPU; otherwise over the whole row in the canonical chunk order.
+// (the 16-ary walk's sums) as on the CPU; otherwise over the whole row in the canonical chunk order.
 //
 // Early exit: the chain kernel verifies nothing after the first rejection; later positions only
 // feed the accepted count (each draft considered on its own, FlashInfer's metric), which reads
@@ -135,6 +136,9 @@ struct BuildArgs {
 // ---- block-level machinery -------------------------------------------------------------------
 struct Shared {
   float stage[kChunk];
+  double g16[contract::kWalkMax / 16];  // sd::walk16_sums (the list draws and list masses)
+  double g256[contract::kWalkMax / 256];
+  double dbc;
   double dred[kThreads];
   float fred[kThreads];
   int64_t ired[kThreads];
@@ -203,33 +207,25 @@ DK_DEVICE int64_t list_pos(const int32_t* idx, int64_t n, int64_t x) {
   return lo < n && int64_t(idx[lo]) == x ? lo : -1;
 }
 
-// The CPU's draw_list: an exact inverse-CDF draw over n listed weights wf(k) (tokens idx[k]), the
-// sums sequential in list order (thread 0); the weights are computed block-wide into sh.stage
-// first. -1 without positive mass.
+// The CPU's draw_list: an exact inverse-CDF draw over n <= kListMax listed weights wf(k) (tokens
+// idx[k]) by the contract's 16-ary walk (decodekit/contract.h): the weights are computed block-wide
+// into sh.stage, the group and block sums run on one thread each (sd::walk16_sums, the sampling
+// list draw's), thread 0 walks. -1 without positive mass.
+// The walk's sums over a list (sd::walk16_sums) as a real call on the device: inlined into the tree
+// kernel it passed the 128-register cap (a 16 B spill on sm_80).
+DK_DEVICE_NOINLINE double list_walk_sums(const float* e, int64_t n, Shared& sh) { return sd::walk16_sums(e, n, sh); }
+
 template <class WF>
 DK_DEVICE int64_t list_draw(int64_t n, const int32_t* idx, const WF& wf, double u, Shared& sh) {
   const int tid = threadIdx.x;
   for (int64_t k = tid; k < n; k += kThreads) sh.stage[k] = wf(k);
   __syncthreads();
+  const double Z = list_walk_sums(sh.stage, n, sh);
   if (tid == 0) {
-    double Z = 0.0;
-    for (int64_t k = 0; k < n; ++k) Z = dadd(Z, double(sh.stage[k]));
     int64_t tok = -1;
     if (Z > 0.0) {
-      const double target = dmul(u, Z);
-      double acc = 0.0;
-      int64_t last = -1;
-      for (int64_t k = 0; k < n; ++k) {
-        const float w = sh.stage[k];
-        if (!(w > 0.f)) continue;
-        last = k;
-        acc = dadd(acc, double(w));
-        if (acc > target) {
-          tok = idx[k];
-          break;
-        }
-      }
-      if (tok < 0 && last >= 0) tok = idx[last];
+      const int64_t k = contract::walk16_pick(sh.stage, n, sh.g16, sh.g256, dmul(u, Z));
+      tok = k >= 0 ? idx[k] : -1;
     }
     sh.bi = tok;
   }
@@ -239,18 +235,9 @@ DK_DEVICE int64_t list_draw(int64_t n, const int32_t* idx, const WF& wf, double 
   return tok;
 }
 
-// Sequential sum (thread 0, index order) of a[0..n), broadcast to every thread.
-DK_DEVICE double block_seq_sum(const float* a, int64_t n, Shared& sh) {
-  if (threadIdx.x == 0) {
-    double z = 0.0;
-    for (int64_t k = 0; k < n; ++k) z = dadd(z, double(a[k]));
-    sh.bd = z;
-  }
-  __syncthreads();
-  const double z = sh.bd;
-  __syncthreads();
-  return z;
-}
+// The contract's mass of a list a[0..n) (n <= kListMax; contract::walk16_total): all group and
+// block sums at once (list_walk_sums). Every thread gets it.
+DK_DEVICE double block_list_mass(const float* a, int64_t n, Shared& sh) { return list_walk_sums(a, n, sh); }
 
 // The canonical row mass (decodekit/contract.h; the CPU's row_mass / materialise order): per
 // kChunk-element chunk 16 lane sums added lane by lane, the chunk masses added in chunk order. All
@@ -480,7 +467,7 @@ DK_DEVICE Resolved<T> resolve_node(const Target& tg, const T* x, const sd::RowPa
 
 // Stage 2: the mass Z of S. When the CPU lists S (select_row says S lies in the CPU's candidate list
 // and |S| <= kListMax), S is compacted in index order into the row's list workspace and Z is the
-// sequential list sum, as on the CPU; otherwise Z is the canonical chunk-order row mass. One pass
+// contract's list mass (walk16_total), as on the CPU; otherwise Z is the canonical chunk-order row mass. One pass
 // over the row either way (the list pass stops as soon as |S| > kListMax is known).
 template <class T>
 DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
@@ -512,7 +499,7 @@ DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
       n.list = true;
       n.nS = cnt;
       __syncthreads();  // the list's writes before thread 0 sums it
-      n.Z = block_seq_sum(ws.list_w, cnt, sh);
+      n.Z = block_list_mass(ws.list_w, cnt, sh);
     }
   }
   if (!n.list) {
@@ -590,7 +577,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
         // materialise r <- max(r - q_prev, 0) with the rejected tokens forced to 0
         const float vinv = float(1.0 / Zr);
         const int64_t nr = ws.nremoved;
-        if (tn.list) {  // over the list (position k holds token list_idx[k]), its mass sequential
+        if (tn.list) {  // over the list (position k holds token list_idx[k]), its mass the contract's list mass
           for (int64_t k = tid; k < tn.nS; k += kThreads) {
             const int64_t tok = ws.list_idx[k];
             const float r = mat ? fmul(ws.resid[k], vinv) : fmul(ws.list_w[k], tn.invZf);
@@ -599,7 +586,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
             ws.resid[k] = d;
           }
           __syncthreads();
-          Zr = block_seq_sum(ws.resid, tn.nS, sh);
+          Zr = block_list_mass(ws.resid, tn.nS, sh);
         } else {
           const int64_t Vp = (V + 15) / 16 * 16;
           for (int64_t e = tid; e < Vp; e += kThreads) {

@@ -4,7 +4,8 @@
 // residual row (p and q at the node where it stops), never the other rows. Wide loops (residual
 // masses, residual draws, materialised residuals of multi-child nodes) are written against the
 // 16-lane blocks of simd.h; the walks are plain C++. Sums run in a fixed order (16 virtual double
-// lanes per 4096-element chunk, then sequentially), so every ISA path gives the same tokens.
+// lanes per 4096-element chunk, then the chunks in order; a survivor list by the contract's 16-ary
+// walk sums, decodekit/contract.h), so every ISA path gives the same tokens, and CUDA too.
 //
 // The accept rules (docs/semantics.md, "Speculative verification"), at a node with target distribution p and children
 // x_1..x_k tried in order:
@@ -75,9 +76,7 @@ inline void prepare_node(TNode<T>& tn, const T* x, int64_t V, SpecTargetKind kin
   if (!tn.valid) return;
   tn.list = tn.sel.res.in_c && tn.sel.nS <= kListMax;  // S is listed only when small
   if (tn.list) {
-    double Z = 0.0;
-    for (int64_t i = 0; i < tn.sel.nS; ++i) Z += double(s.wt[i]);  // weights from the engine
-    tn.Z = Z;
+    tn.Z = contract::walk16_total(s.wt.data(), tn.sel.nS);  // weights from the engine; the contract's list mass
   } else {
     tn.Z = row_mass(x, V, tn.sel.w, tn.sel.res.t, tn.sel.res.minw, s.pf);
   }
@@ -172,23 +171,18 @@ inline int64_t draw_blocks(int64_t V, const BF& blk, double u, std::vector<doubl
   return k >= 0 ? c0 + k : -1;
 }
 
-// Over n listed weights wf(k) with tokens idx[k] (sequential sums). -1 if no positive mass.
+// Over n <= kListMax listed weights wf(k) with tokens idx[k]: the contract's 16-ary walk with
+// Z = its total (the sampling list draw's; CUDA list_draw). -1 if no positive mass.
 template <class WF>
 inline int64_t draw_list(int64_t n, const WF& wf, const int32_t* idx, double u) {
-  double Z = 0.0;
-  for (int64_t k = 0; k < n; ++k) Z += double(wf(k));
+  static_assert(kListMax <= contract::kWalkMax, "a list is one walk");
+  float e[kListMax];
+  double g16[kListMax / 16], g256[kListMax / 256 + 1];
+  for (int64_t k = 0; k < n; ++k) e[k] = wf(k);
+  const double Z = contract::walk16_sums(e, n, g16, g256);
   if (!(Z > 0.0)) return -1;
-  const double target = u * Z;
-  double acc = 0.0;
-  int64_t last = -1;
-  for (int64_t k = 0; k < n; ++k) {
-    const float w = wf(k);
-    if (!(w > 0.f)) continue;
-    last = k;
-    acc += double(w);
-    if (acc > target) return idx[k];
-  }
-  return last >= 0 ? idx[last] : -1;
+  const int64_t k = contract::walk16_pick(e, n, g16, g256, u * Z);
+  return k >= 0 ? idx[k] : -1;
 }
 
 // Position of token tok in the (index-ordered) survivor list, or -1.
@@ -247,7 +241,6 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
       if (tn.list) {
         const int64_t n = tn.sel.nS;
         if (!mat) ss.rbuf.resize(size_t(n));
-        double Z = 0.0;
         for (int64_t kk = 0; kk < n; ++kk) {
           const int64_t tok = s.idx[kk];
           const float r = mat ? ss.rbuf[size_t(kk)] * float(1.0 / Zr) : s.wt[kk] * tn.invZf;
@@ -255,9 +248,8 @@ int64_t verify_node(const TNode<T>& tn, const float* q, const int64_t* kids, int
           d = d > 0.f ? d : 0.f;
           if (std::binary_search(ss.removed.begin(), ss.removed.end(), tok)) d = 0.f;
           ss.rbuf[size_t(kk)] = d;
-          Z += double(d);
         }
-        Zr = Z;
+        Zr = contract::walk16_total(ss.rbuf.data(), n);  // the contract's list mass
       } else {
         if (ss.rbuf.size() < size_t(V + 16)) ss.rbuf.resize(size_t(V + 16));
         Excl ex{&ss.removed};

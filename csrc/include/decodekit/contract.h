@@ -18,7 +18,8 @@
 //    Every (chunk, lane) partial sum is independent, so a GPU computes them all at once with
 //    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
 //  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
-//    speculative residual's walk inside its chunk) is the 16-ary walk below (walk16_*). Top-p's
+//    speculative residual's walk inside its chunk, the speculative list draws) is the 16-ary walk
+//    below (walk16_*), and the mass of a list is that walk's total (walk16_total). Top-p's
 //    Z over the top-k survivors is the canonical row mass of the weights of x >= t_k (zero
 //    elsewhere): the GPU sums it over the whole row at once, the CPU from its index-ordered
 //    candidate list (sparse_mass: the same value, since adding +0.0 changes no partial sum).
@@ -273,6 +274,16 @@ DK_HOST_DEVICE double walk16_sums(const float* e, int64_t n, double* g16, double
   for (int64_t j = 0; j < ng; ++j) g16[j] = walk16_group(e, n, j);
   for (int64_t b = 0; b < nb; ++b) g256[b] = add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
   return add_in_order(g256, nb);
+}
+
+// The walk's total (walk16_sums' return value) without storing the group sums: the contract's mass
+// of a short list (a speculative node's Z over its survivor list, a listed residual's mass).
+DK_HOST_DEVICE double walk16_total(const float* e, int64_t n) {
+  const int64_t nb = (walk16_groups(n) + 15) / 16;
+  double z = 0.0;
+  DK_LOOP_NO_UNROLL
+  for (int64_t b = 0; b < nb; ++b) z = dadd_rn(z, walk16_block(e, n, b));
+  return z;
 }
 
 }  // namespace contract
