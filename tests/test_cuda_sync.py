@@ -86,7 +86,24 @@ def op_calls(dev):
     aplen = torch.tensor([0, 13, 4, 9], **d)
     P, ptabs = _pipe_inputs(n, V, dev)
     bm = torch.randint(-(2**31), 2**31 - 1, (B, (V + 31) // 32), dtype=torch.int32, **d)
+    # rows of 3 chunks in a batch of 3: on a GPU these run the split-row plans (several CTAs per row)
+    xs = torch.randn(3, 9000, device=dev) * 2
+    ks, ps = torch.tensor([50, 0, 3000], **d), torch.tensor([0.9, 0.5, 1.0], **d)
     return [
+        (
+            "sample-split-filters",
+            lambda: ops.sample(
+                xs, None, False, T[:3] + 0.1, 1.0, ks, 0, ps, 1.0, mp[:3], 0.0, 0, seed1, 0, 0, offs[:3]
+            ),
+        ),
+        ("sample-split-plain", lambda: ops.sample(xs, None, False, None, 0.8, *NOF[2:], seeds[:3], 0, 0)),
+        ("gumbel-split", lambda: ops.gumbel_sample(xs, None, seed1, 0, 0, off1)),
+        ("filter-split-mask", lambda: (ops.filter(xs, 0, False, None, 1.0, ks, 0, ps, 1.0, None, 0.0, 1),)),
+        (
+            "filter-split-renorm",
+            lambda: (ops.filter(xs.softmax(-1), 1, True, None, 1.0, None, 50, ps, 1.0, None, 0.0, 0),),
+        ),
+        ("filter-split-softmax", lambda: (ops.filter(xs, 2, False, None, 0.7, *NOF[2:]),)),
         ("sample-logits", lambda: ops.sample(x, idx, False, T, 1.0, k, 0, p, 1.0, mp, 0.0, 0, seed1, 0, 0, offs)),
         (
             "sample-probs",
