@@ -68,3 +68,21 @@ def test_python_m_decodekit_demo():
     assert "same tokens on every ISA path" in r.stdout and "valid=False: True" in r.stdout
     assert "equal the reference (reference.survivors): True" in r.stdout
     assert dk.cpu_features()["active_isa"] in r.stdout
+
+
+def test_sampling_cuda_benchmark_script_runs_on_cpu():
+    """benchmarks/sampling_cuda.py (the GPU benchmark against FlashInfer, never run: no GPU here)
+    keeps working: its dry run on the CPU times every op against the torch chain."""
+    r = subprocess.run(
+        [sys.executable, "benchmarks/sampling_cuda.py", "--device", "cpu", "--B", "2", "--V", "5000", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.count("|") == 10 and not ln.startswith("op |")]
+    assert len(rows) == 8, r.stdout
+    for ln in rows:  # decodekit and the torch chain both timed
+        f = [c.strip() for c in ln.split("|")]
+        assert f[3] != "n/a" and f[6] != "n/a", ln
