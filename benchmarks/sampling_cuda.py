@@ -109,18 +109,48 @@ def t_top_p_renorm(probs, p):
 def cases():
     """(label, reads "logits" or "probs", call(api, logits, probs), torch chain(logits, probs))."""
     return [
-        ("sampling_from_logits", "logits", lambda m, x, p: m.sampling_from_logits(x), lambda x, p: t_sample(x.softmax(-1))),
-        ("top_k 50 (probs)", "probs", lambda m, x, p: m.top_k_sampling_from_probs(p, 50), lambda x, p: t_top_k_probs(p, 50)),
-        ("top_p 0.9 (probs)", "probs", lambda m, x, p: m.top_p_sampling_from_probs(p, 0.9), lambda x, p: t_top_p_probs(p, 0.9)),
-        ("min_p 0.1 (probs)", "probs", lambda m, x, p: m.min_p_sampling_from_probs(p, 0.1), lambda x, p: t_min_p_probs(p, 0.1)),
+        (
+            "sampling_from_logits",
+            "logits",
+            lambda m, x, p: m.sampling_from_logits(x),
+            lambda x, p: t_sample(x.softmax(-1)),
+        ),
+        (
+            "top_k 50 (probs)",
+            "probs",
+            lambda m, x, p: m.top_k_sampling_from_probs(p, 50),
+            lambda x, p: t_top_k_probs(p, 50),
+        ),
+        (
+            "top_p 0.9 (probs)",
+            "probs",
+            lambda m, x, p: m.top_p_sampling_from_probs(p, 0.9),
+            lambda x, p: t_top_p_probs(p, 0.9),
+        ),
+        (
+            "min_p 0.1 (probs)",
+            "probs",
+            lambda m, x, p: m.min_p_sampling_from_probs(p, 0.1),
+            lambda x, p: t_min_p_probs(p, 0.1),
+        ),
         (
             "top_k 50 + top_p 0.9 (logits)",
             "logits",
             lambda m, x, p: m.top_k_top_p_sampling_from_logits(x, 50, 0.9),
             lambda x, p: t_top_k_top_p_logits(x, 50, 0.9),
         ),
-        ("top_k_mask_logits 50", "logits", lambda m, x, p: m.top_k_mask_logits(x, 50), lambda x, p: t_top_k_mask(x, 50)),
-        ("top_p_renorm_probs 0.9", "probs", lambda m, x, p: m.top_p_renorm_probs(p, 0.9), lambda x, p: t_top_p_renorm(p, 0.9)),
+        (
+            "top_k_mask_logits 50",
+            "logits",
+            lambda m, x, p: m.top_k_mask_logits(x, 50),
+            lambda x, p: t_top_k_mask(x, 50),
+        ),
+        (
+            "top_p_renorm_probs 0.9",
+            "probs",
+            lambda m, x, p: m.top_p_renorm_probs(p, 0.9),
+            lambda x, p: t_top_p_renorm(p, 0.9),
+        ),
         ("softmax", "logits", lambda m, x, p: m.softmax(x), lambda x, p: x.softmax(-1)),
     ]
 
@@ -149,7 +179,9 @@ def main(argv=None):
     bw = copy_bandwidth(dev, timer)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
     print(f"{name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s; graph replays: {graph}")
-    print(f"FlashInfer: {'flashinfer-python ' + getattr(sys.modules.get('flashinfer'), '__version__', '?') if fi else 'not installed'}")
+    print(
+        f"FlashInfer: {'flashinfer-python ' + getattr(sys.modules.get('flashinfer'), '__version__', '?') if fi else 'not installed'}"
+    )
     print("op | B | V | dk us | dk 1-CTA us | FlashInfer us | torch us | FI/dk | torch/dk | floor us | dk/floor")
     warm = 3 if dev == "cpu" else 10
 
