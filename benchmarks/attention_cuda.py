@@ -11,32 +11,11 @@ Needs a CUDA device; it exits with a message otherwise.
 """
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
-
-
-def cuda_time(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = cuda_time(lambda: y.copy_(x), 3, 10)
-    return 2 * x.numel() / t
+from cuda_timing import copy_bandwidth, cuda_time
 
 
 def main():

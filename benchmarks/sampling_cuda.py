@@ -23,34 +23,10 @@ import sys
 import time
 
 import torch
+from cuda_timing import copy_bandwidth, cuda_time
 
 
-def cuda_time(fn, warmup, reps, graph):
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
-
-
-def cpu_time(fn, warmup, reps, graph):
+def cpu_time(fn, warmup, reps, graph=False):
     for _ in range(warmup):
         fn()
     times = []
@@ -59,12 +35,6 @@ def cpu_time(fn, warmup, reps, graph):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def copy_bandwidth(dev, timer):
-    x = torch.empty(1 << 28 if dev == "cuda" else 1 << 24, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / timer(lambda: y.copy_(x), 3, 10, False)
 
 
 # ---- the torch chain (what a torch-only engine runs) ---------------------------------------------
@@ -77,10 +47,15 @@ def t_top_k_probs(probs, k):
     return i.gather(1, torch.multinomial(v, 1)).squeeze(1)
 
 
-def t_top_p_probs(probs, p):
+def t_nucleus(probs, p):
+    """(sorted probabilities with those outside the top-p nucleus zeroed, their indices)."""
     sp, si = probs.sort(dim=-1, descending=True)
     cum = sp.cumsum(-1)
-    sp = sp.masked_fill(cum - sp > p * cum[:, -1:], 0.0)
+    return sp.masked_fill(cum - sp > p * cum[:, -1:], 0.0), si
+
+
+def t_top_p_probs(probs, p):
+    sp, si = t_nucleus(probs, p)
     return si.gather(1, torch.multinomial(sp, 1)).squeeze(1)
 
 
@@ -99,9 +74,7 @@ def t_top_k_mask(logits, k):
 
 
 def t_top_p_renorm(probs, p):
-    sp, si = probs.sort(dim=-1, descending=True)
-    cum = sp.cumsum(-1)
-    sp = sp.masked_fill(cum - sp > p * cum[:, -1:], 0.0)
+    sp, si = t_nucleus(probs, p)
     out = torch.zeros_like(probs).scatter_(1, si, sp)
     return out / out.sum(-1, keepdim=True)
 
@@ -176,7 +149,7 @@ def main(argv=None):
             fi = None
     timer = cuda_time if dev == "cuda" else cpu_time
     graph = args.graph and dev == "cuda"
-    bw = copy_bandwidth(dev, timer)
+    bw = copy_bandwidth(timer, dev, 1 << 28 if dev == "cuda" else 1 << 24)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
     print(f"{name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s; graph replays: {graph}")
     print(

@@ -996,8 +996,10 @@ struct SplitRowView {
   bool probs, k_on, p_on, within_k;
 };
 
+template <class T>
 DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
   SplitRowView v;
+  v.x = row_in<T>(sa.a, o);
   const int64_t V = sa.a.in.V, nch = num_chunks(V);
   v.o = o;
   v.sp = sp;
@@ -1011,6 +1013,12 @@ DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
   v.p_on = v.rp.p < 1.f;
   v.within_k = v.rp.order == 0 && v.k_on;
   return v;
+}
+
+// The view of this CTA's slice (the blocks of a phase launch: [rows, splits], row-major).
+template <class T>
+DK_CUDA_FN SplitRowView split_cta(const SplitArgs& sa) {
+  return split_view<T>(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
 }
 
 // A greedy sampling row (temperature 0 on logits): the argmax, no filters.
@@ -1086,9 +1094,8 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
-  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
-  const T* x = row_in<T>(a, v.o);
-  v.x = x;
+  const SplitRowView v = split_cta<T>(sa);
+  const T* x = static_cast<const T*>(v.x);
   Scan r;
   if (sa.gumbel) {
     r = gumbel_scan(x, v.beg, v.end, row_key(a, v.o), s);
@@ -1103,8 +1110,7 @@ __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_topk_kernel(SplitArgs sa) {
   __shared__ Smem s;
-  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
-  v.x = row_in<T>(sa.a, v.o);
+  const SplitRowView v = split_cta<T>(sa);
   Scan sc;
   if (!split_work(sa, v, sc) || !v.k_on) return;  // (uniform over the block)
   uint32_t prefix;
@@ -1120,9 +1126,8 @@ __global__ void __launch_bounds__(kThreads) split_topk_kernel(SplitArgs sa) {
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_topp_kernel(SplitArgs sa) {
   __shared__ Smem s;
-  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
-  const T* x = row_in<T>(sa.a, v.o);
-  v.x = x;
+  const SplitRowView v = split_cta<T>(sa);
+  const T* x = static_cast<const T*>(v.x);
   Scan sc;
   if (!split_work(sa, v, sc)) return;  // (uniform over the block)
   const int q = sa.pass;
@@ -1171,9 +1176,8 @@ DK_CUDA_FN Selection split_selection(const SplitRowView& v, const Scan& sc, floa
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_final_kernel(SplitArgs sa) {
   __shared__ Smem s;
-  SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
-  const T* x = row_in<T>(sa.a, v.o);
-  v.x = x;
+  const SplitRowView v = split_cta<T>(sa);
+  const T* x = static_cast<const T*>(v.x);
   Scan sc;
   if (!split_work(sa, v, sc)) return;  // (uniform over the block) bad or greedy: nothing to do
   const int64_t V = sa.a.in.V, nch = num_chunks(V);
@@ -1199,7 +1203,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
-  const SplitRowView v = split_view(sa, blockIdx.x, 0);
+  const SplitRowView v = split_view<T>(sa, blockIdx.x, 0);
   Scan sc;
   const bool work = split_work(sa, v, sc);
   int64_t tok = 0;
@@ -1214,7 +1218,7 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
   }
   if (!sa.gumbel && work) {
     const int64_t o = v.o;
-    const T* x = row_in<T>(a, o);
+    const T* x = static_cast<const T*>(v.x);
     const Selection sel = split_selection(v, sc, sa.ws.rows[o].t);
     bool done = false;
     if (sa.lists && sel.in_c) {  // the slices' lists in slice order = S in index order
@@ -1396,9 +1400,9 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) split_write_kernel(SplitFilterArgs args) {
   const SplitArgs& sa = args.sa;
   const FilterArgs& fa = args.fa;
-  const SplitRowView v = split_view(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+  const SplitRowView v = split_cta<T>(sa);
   const int64_t o = v.o, V = fa.in.V, nch = num_chunks(V), n = v.end - v.beg;
-  const T* x = row_in<T>(sa.a, o) + v.beg;
+  const T* x = static_cast<const T*>(v.x) + v.beg;
   Scan sc;
   const bool ok = split_work(sa, v, sc);
   const double Z = ok && sa.masses ? contract::add_in_order(sa.ws.kmass + o * nch, nch) : 0.0;  // (lane16_mass's fold)
