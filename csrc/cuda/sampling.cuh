@@ -922,6 +922,9 @@ __global__ void __launch_bounds__(kThreads) gumbel_kernel(SampleArgs a) {
 //                       the slices' survivors number <= kListMax, their lists concatenated in slice
 //                       order and the list draw; else the chunk masses added in chunk order (Z) and
 //                       chunk_draw -- the code sample_kernel runs. Gumbel-max: the best part.
+//   split_write_kernel  [rows x splits] (the filter op, instead of the draw): the slice's part of the
+//                       output (masked logits, renormalised probabilities, softmax), with filter_kernel's
+//                       write functions; the final phase's masses give Z (not for masked logits).
 // Every CTA of a phase recomputes the row's radix state from the previous phase's histograms (the
 // same result on each: same data, same code); slice 0 also stores it for the later phases.
 // The tokens, valid flags and log-probabilities are those of the one-CTA kernel by construction: a
