@@ -228,6 +228,8 @@ def _split_filter_cases():
                 continue
             out.append((f"mask-{fam}-{label}", cc.filter_args(x, 0, False, f)))
         out.append((f"softmax-{fam}", cc.filter_args(x, 2, False, dict(T=[0.7, 1.3]))))
+        # the op's softmax ignores is_probs (T = 1, logits semantics), split or not
+        out.append((f"softmax-is-probs-{fam}", cc.filter_args(x, 2, True, {})))
     x = cc.logits_family("randn", 2, 12289, seed=32)
     for dt in (cc.BF16, cc.F16):
         for label in ("k50", "p0.9", "k100_p0.8_joint", "per_row"):
@@ -254,7 +256,7 @@ def test_emu_split_filter(i):
         got = emu.filter(*args, n_sms=n_sms)
         assert emu.last_splits[0] == _expected_splits(B, V, n_sms) > 1
         _same_filter(cpu, got)
-    if "greedy" not in SPLIT_FILTER[i][0]:  # (temperature 0 in a filter: no reference, as in cc.filter_cases)
+    if "greedy" not in SPLIT_FILTER[i][0] and "is-probs" not in SPLIT_FILTER[i][0]:  # (no reference for these)
         _check_filter_reference(args, got)
 
 
@@ -456,13 +458,33 @@ def _same_split(cpu, got):
         assert torch.equal(c, g.cpu()), (c, g)
 
 
-def _expected_splits(n_out, V, n_sms):
+def _expected_splits(n_out, V, n_sms, top_p=False):
     nch = -(-V // 4096)
     if n_sms <= 0 or n_out >= n_sms or nch < 2:
+        return 1
+    if top_p and 2 * n_out * nch * 256 * 8 > 32 << 20:  # top-p's chunk histograms over 32 MiB
         return 1
     want = min(nch, -(-n_sms // n_out))
     per = -(-nch // want)
     return -(-nch // per)
+
+
+@bk.needs_emu
+def test_emu_split_plan_rule():
+    """split_plan's CTAs per row over sizes, SM counts and filters: the README's rule, including no
+    split at n_out >= n_sms or one chunk, and none with top-p once its chunk histograms would pass
+    32 MiB (8192 (row, chunk) pairs)."""
+    seen = set()
+    for n_out in (1, 2, 7, 64, 131, 132, 200):
+        for V in (100, 4096, 4097, 32000, 128256, 151936, 16 * 2**20):
+            for n_sms in (0, 1, 2, 108, 132):
+                for k, p in ((0, 1.0), (50, 1.0), (0, 0.9), (50, 0.9)):
+                    want = _expected_splits(n_out, V, n_sms, top_p=p < 1.0)
+                    assert emu.plan_splits(n_out, V, n_sms, k, p) == want, (n_out, V, n_sms, k, p)
+                    seen.add(want)
+                assert emu.plan_splits(n_out, V, n_sms, gumbel=True) == _expected_splits(n_out, V, n_sms)
+    assert emu.plan_splits(3, 16 * 2**20, 132, 0, 0.9) == 1 and emu.plan_splits(3, 16 * 2**20, 132) > 1
+    assert 1 in seen and 32 in seen and max(seen) > 32
 
 
 @bk.needs_emu

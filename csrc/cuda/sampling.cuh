@@ -1258,10 +1258,12 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
 
 // The launch plan of a sample / Gumbel-max call (host, torch-free): n_sms = the device's SM count
 // (0: never split). Rows are split when there are fewer rows than SMs and a row has at least two
-// chunks. Rule: aim at about n_sms CTAs in all, splits = ceil(nch / per) with per = ceil(nch /
-// min(nch, ceil(n_sms / n_out))) chunks per slice. Which phases run follows from the scalar
+// chunks (and, with top-p, the chunk histograms fit in kMaxHistBytes). Rule: aim at about n_sms
+// CTAs in all, splits = ceil(nch / per) with per = ceil(nch / min(nch, ceil(n_sms / n_out))) chunks
+// per slice. Which phases run follows from the scalar
 // arguments (a per-row tensor may turn its filter on in any row: its phases run, and rows without
 // it return at once).
+constexpr int64_t kMaxHistBytes = int64_t(32) << 20;  // 32 MiB: 8192 (row, chunk) pairs, ~130 rows of V = 256000
 inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
   SplitArgs sa;
   sa.a = a;
@@ -1274,6 +1276,8 @@ inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
     sa.lists = sa.k_phases || sa.p_phases || f.min_p.ptr || f.min_p.scalar > 0.f;
   }
   if (n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || nch < 2) return sa;
+  // top-p's chunk histograms take 2 x 256 doubles per chunk and row: no split past kMaxHistBytes
+  if (sa.p_phases && 2 * a.n_out * nch * 256 * int64_t(sizeof(double)) > kMaxHistBytes) return sa;
   const int64_t want = (n_sms + a.n_out - 1) / a.n_out;
   const int64_t per = (nch + (want < nch ? want : nch) - 1) / (want < nch ? want : nch);
   sa.per = per;
@@ -1430,7 +1434,9 @@ inline SplitFilterArgs filter_plan(const FilterArgs& fa, int n_sms) {
   a.in = fa.in;
   a.filter = fa.filter;
   a.n_out = fa.in.rows;
-  if (fa.kind == FilterOut::Softmax) {
+  if (fa.kind == FilterOut::Softmax) {  // (filter_kernel's softmax: logits, T = 1 when is_probs)
+    if (a.filter.is_probs) a.filter.temperature = Param<float>{nullptr, 1.f};
+    a.filter.is_probs = false;
     a.filter.top_k = Param<int64_t>{};
     a.filter.top_p = Param<float>{nullptr, 1.f};
     a.filter.min_p = Param<float>{};

@@ -102,6 +102,8 @@ def load(threads=None):
         lib.dk_emu_filter.argtypes = [P, I, L, L, L, I, I, P, F, P, L, P, F, P, F, I, P, L, I]
         lib.dk_emu_filter.restype = ctypes.c_int
         lib.dk_emu_threads.restype = ctypes.c_int
+        lib.dk_emu_plan_splits.argtypes = [L, L, I, L, F, I]
+        lib.dk_emu_plan_splits.restype = ctypes.c_int
         _libs[threads] = lib
     return _libs[threads]
 
@@ -187,6 +189,11 @@ def sample(
 
 
 last_splits = [1]  # CTAs per row of the last sample() / gumbel_sample() call
+
+
+def plan_splits(n_out, V, n_sms, k=0, p=1.0, gumbel=False, threads=None):
+    """sampling.cuh split_plan's CTAs per row for these sizes and scalar filters (no launch)."""
+    return load(threads).dk_emu_plan_splits(n_out, V, n_sms, k, p, int(gumbel))
 
 
 def gumbel_sample(logits, indices, seed_arr, seed_val, offset, *, threads=None, n_sms=0):

@@ -31,6 +31,17 @@ void dk_emu_set_device_rng(const int64_t* seed_ptr, const int64_t* offsets, int6
   g_offsets = offsets;
   g_offset_stride = offset_stride;
 }
+// split_plan's CTAs per row for a launch of n_out rows of V elements with scalar top-k k and top-p p
+// (no data is read: the plan depends on the sizes and the scalar arguments only).
+int dk_emu_plan_splits(int64_t n_out, int64_t V, int n_sms, int64_t k, float p, int gumbel) {
+  SampleArgs a;
+  a.in = Matrix{nullptr, DType::F32, n_out, V, V};
+  a.n_out = n_out;
+  a.filter.top_k = {nullptr, k};
+  a.filter.top_p = {nullptr, p};
+  return split_plan(a, n_sms, gumbel != 0).splits;
+}
+
 // Runs sampling.cuh's launch plan (split_plan + run_sample_plan, the sequence launch_sample runs on
 // a GPU) with a NaN-filled workspace of the plan's size. Returns the number of CTAs per row that ran
 // (n_sms > 0: the plan of a device with that many SMs).

@@ -95,7 +95,7 @@ struct SampleArgs {
   int64_t* out_tokens = nullptr;
   bool* out_valid = nullptr;
   float* out_logprob = nullptr;  // optional
-  double* workspace = nullptr;   // CUDA only: sample_workspace_elems(n_out, V) doubles (sampling.cuh)
+  double* workspace = nullptr;   // CUDA only: sample_workspace_elems(plan) doubles (sampling.cuh)
 };
 
 // The filter outputs (top-k / top-p / min-p masks, renormalised probabilities, softmax).
