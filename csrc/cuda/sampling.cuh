@@ -308,28 +308,11 @@ DK_CUDA_FN void block_argmax(float& v, int64_t& idx, Smem& s) {
   __syncthreads();
 }
 
-// Rank of this thread among the flagged threads of the block (thread order); total flagged. S: any
-// shared struct with int32_t wcount[kWarps] (Smem here, the speculative kernels' Shared).
-template <class S>
-DK_CUDA_FN int block_rank(bool flag, S& s, int& total) {
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  const unsigned b = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) s.wcount[wid] = __popc(b);
-  __syncthreads();
-  int before = 0, tot = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    int c = s.wcount[w];
-    before += w < wid ? c : 0;
-    tot += c;
-  }
-  __syncthreads();
-  total = tot;
-  return before + __popc(b & ((1u << lane) - 1u));
-}
-
 // Exclusive prefix sum of c over the block's threads in thread order, and the block total (all
 // threads): the positions of each thread's items when the threads' items are laid out in order.
-DK_CUDA_FN int block_offset(int c, Smem& s, int& total) {
+// S: any shared struct with int32_t wcount[kWarps] (Smem here, the speculative kernels' Shared).
+template <class S>
+DK_CUDA_FN int block_offset(int c, S& s, int& total) {
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   int incl = c;
 #pragma unroll
@@ -731,17 +714,19 @@ DK_CUDA_FN void chunk_draw(const T* x, int64_t V, const Weight& w, float t, floa
 
 // The survivors of x[beg, end) as the CPU lists them (row_engine.h's candidate list: x >= lo,
 // x >= t, w(x) >= minw), in index order: the first kListMax go to idx / wt (absolute indices; shared
-// or global memory), the count is exact. All threads; returns the count to every thread.
-template <class T>
-DK_CUDA_FN int64_t list_pass(const T* x, int64_t beg, int64_t end, const Selection& sel, int32_t* idx, float* wt,
-                             Smem& s) {
+// or global memory), the count is exact (stop_over: the pass may stop once the count passes
+// kListMax, returning a count > kListMax). All threads; returns the count to every thread. S: a
+// shared struct for block_offset (Smem, or the speculative kernels' Shared).
+template <class T, class S>
+DK_CUDA_FN int64_t list_pass(const T* x, int64_t beg, int64_t end, const Selection& sel, int32_t* idx, float* wt, S& s,
+                             bool stop_over = false) {
   // 16-byte groups of x[beg, end) (beg: a multiple of kChunk, so the alignment is the row's), one
   // per thread per round; threads take consecutive groups, so thread order is index order
   const T* xs = x + beg;
   const int64_t n = end - beg, nq = num_groups<T>(n);
   const bool al = aligned16(xs);
   int64_t cnt = 0;
-  for (int64_t q0 = 0; q0 < nq; q0 += kThreads) {  // (a uniform trip count: barriers inside)
+  for (int64_t q0 = 0; q0 < nq && !(stop_over && cnt > kListMax); q0 += kThreads) {  // (uniform: barriers inside)
     const int64_t q = q0 + threadIdx.x;
     float g[kVec<T>], e[kVec<T>];
     unsigned flags = 0;

@@ -474,27 +474,14 @@ DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
   Node<T>& n = r.n;
   if (!n.valid || n.probs || n.greedy) return;
   DK_SPEC_COUNT(g_z_passes);
-  if (r.in_c) {
-    int64_t cnt = 0;  // the same on every thread (block_rank's totals)
-    for (int64_t base = 0; base < n.V && cnt <= kListMax; base += kThreads) {
-      const int64_t i = base + threadIdx.x;
-      float e = 0.f;
-      bool flag = false;
-      if (i < n.V) {
-        const float v = to_float(n.x[i]);
-        if (v >= r.lo && v >= n.t) {
-          e = n.wt(v);
-          flag = e >= n.minw;
-        }
-      }
-      int total;
-      const int pos = sd::block_rank(flag, sh, total);
-      if (flag && cnt + pos < kListMax) {
-        ws.list_idx[cnt + pos] = int32_t(i);
-        ws.list_w[cnt + pos] = e;
-      }
-      cnt += total;
-    }
+  if (r.in_c) {  // S in index order (the sampling kernels' list pass; stops once |S| > kListMax)
+    sd::Selection sel;
+    sel.valid = true;
+    sel.w = n.wt;
+    sel.t = n.t;
+    sel.minw = n.minw;
+    sel.lo = r.lo;
+    const int64_t cnt = sd::list_pass(n.x, 0, n.V, sel, ws.list_idx, ws.list_w, sh, true);
     if (cnt <= kListMax) {
       n.list = true;
       n.nS = cnt;
