@@ -20,6 +20,7 @@ Known, documented divergence (csrc/cuda/sampling.cuh): a top-p cut whose mass li
 rounding of p * Z may land on a neighbouring value; none of these inputs come near that.
 """
 
+import functools
 import re
 
 import pytest
@@ -214,57 +215,6 @@ def _same_filter(c, g):
 def test_filter(backend, i, args):
     g = _on_backend(backend, i, ops.filter(*args), ops.filter, emu.filter, args, _same_filter, _same_filter)
     _check_filter_reference(args, g)
-
-
-# ---- split filter rows (csrc/cuda/sampling.cuh filter_plan) -------------------------------------
-def _split_filter_cases():
-    """Masked logits (every filter setting; temperature 0; bf16 / fp16; bad rows), renormalised
-    probabilities and softmax, on rows of 3 and 4 chunks."""
-    out = []
-    for fam in ("randn", "ties", "neginf", "bad"):
-        x = cc.logits_family(fam, 2, 9000, seed=31)
-        for label, f in cc.FILTERS:
-            if label in ("plain", "T0.7", "minp_tiny") or (fam != "randn" and label not in cc.LIGHT):
-                continue
-            out.append((f"mask-{fam}-{label}", cc.filter_args(x, 0, False, f)))
-        out.append((f"softmax-{fam}", cc.filter_args(x, 2, False, dict(T=[0.7, 1.3]))))
-        # the op's softmax ignores is_probs (T = 1, logits semantics), split or not
-        out.append((f"softmax-is-probs-{fam}", cc.filter_args(x, 2, True, {})))
-    x = cc.logits_family("randn", 2, 12289, seed=32)
-    for dt in (cc.BF16, cc.F16):
-        for label in ("k50", "p0.9", "k100_p0.8_joint", "per_row"):
-            out.append((f"mask-{dt}-{label}", cc.filter_args(x.to(dt), 0, False, dict(cc.FILTERS)[label])))
-    for fam in ("zipf", "zeros", "unnormalised"):
-        x = cc.probs_family(fam, 2, 9000, seed=33)
-        for label in ("k50", "k5000_chunked", "p0.9", "minp0.05", "k100_p0.8_seq", "per_row"):
-            out.append((f"renorm-{fam}-{label}", cc.filter_args(x, 1, True, dict(cc.FILTERS)[label])))
-    return out
-
-
-SPLIT_FILTER = _split_filter_cases()
-
-
-@bk.needs_emu
-@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
-def test_emu_split_filter(i):
-    """The filter outputs of split rows equal the CPU op's (and so the one-CTA kernel's) exactly."""
-    _, args = SPLIT_FILTER[i]
-    cpu = ops.filter(*args)
-    B, V = args[0].shape
-    for j, n_sms in enumerate((2 * B, 10**6)):
-        emu.set_schedule_seed(9 + 2 * i + j)
-        got = emu.filter(*args, n_sms=n_sms)
-        assert emu.last_splits[0] == _expected_splits(B, V, n_sms) > 1
-        _same_filter(cpu, got)
-    if "greedy" not in SPLIT_FILTER[i][0] and "is-probs" not in SPLIT_FILTER[i][0]:  # (no reference for these)
-        _check_filter_reference(args, got)
-
-
-@bk.needs_cuda
-@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
-def test_cuda_split_filter(i):
-    _, args = SPLIT_FILTER[i]
-    _same_filter(ops.filter(*args), ops.filter(*cc.to_device(args, "cuda")).cpu())
 
 
 # ---- the emulator's block sizes -------------------------------------------------------------------
@@ -469,6 +419,25 @@ def _expected_splits(n_out, V, n_sms, top_p=False):
     return -(-nch // per)
 
 
+def _n_out(args):
+    x, indices = args[0], args[1]
+    return x.shape[0] if indices is None else indices.numel()
+
+
+def _run_plans(seed0, run, cpu, same, n_out, V, sms):
+    """run(n_sms=...) for each SM count in sms (schedule seed seed0 + its position): the plan must split
+    as _expected_splits says, and the result must be the CPU's (same(cpu, got)). Returns the last
+    result and the split counts seen."""
+    seen = []
+    for j, n_sms in enumerate(sms):
+        emu.set_schedule_seed(seed0 + j)
+        got = run(n_sms=n_sms)
+        assert emu.last_splits[0] == _expected_splits(n_out, V, n_sms) > 1
+        seen.append(emu.last_splits[0])
+        same(cpu, got)
+    return got, seen
+
+
 @bk.needs_emu
 def test_emu_split_plan_rule():
     """split_plan's CTAs per row over sizes, SM counts and filters: the README's rule, including no
@@ -491,17 +460,9 @@ def test_emu_split_plan_rule():
 @pytest.mark.parametrize("i", range(len(SPLIT_SAMPLE)), ids=[c[0] for c in SPLIT_SAMPLE])
 def test_emu_split_sample(i):
     _, args = SPLIT_SAMPLE[i]
-    cpu = ops.sample(*args)
-    x, indices = args[0], args[1]
-    n_out = x.shape[0] if indices is None else indices.numel()
-    V = x.shape[1]
-    seen = set()
-    for j, n_sms in enumerate((2 * n_out, 3 * n_out, 10**6)):
-        emu.set_schedule_seed(1 + 3 * i + j)
-        got = emu.sample(*args, n_sms=n_sms)
-        assert emu.last_splits[0] == _expected_splits(n_out, V, n_sms) > 1
-        seen.add(emu.last_splits[0])
-        _same_split(cpu, got)
+    n, V = _n_out(args), args[0].shape[1]
+    run = functools.partial(emu.sample, *args)
+    got, seen = _run_plans(1 + 3 * i, run, ops.sample(*args), _same_split, n, V, (2 * n, 3 * n, 10**6))
     assert max(seen) == -(-V // 4096)  # one chunk per CTA in the last plan
     _check_sample_reference(args, *got)
 
@@ -520,14 +481,9 @@ def test_emu_split_filtered(i):
     """Filtered rows split too (the radix selects' histograms per slice / per chunk): the same tokens,
     valid flags and log-probabilities as the CPU op for a 2-slice plan and one chunk per CTA."""
     _, args = SPLIT_FILTERED[i]
-    cpu = ops.sample(*args)
-    x, indices = args[0], args[1]
-    n_out = x.shape[0] if indices is None else indices.numel()
-    for j, n_sms in enumerate((2 * n_out, 10**6)):
-        emu.set_schedule_seed(5 + 2 * i + j)
-        got = emu.sample(*args, n_sms=n_sms)
-        assert emu.last_splits[0] == _expected_splits(n_out, x.shape[1], n_sms) > 1
-        _same_split(cpu, got)
+    n, V = _n_out(args), args[0].shape[1]
+    run = functools.partial(emu.sample, *args)
+    got, _ = _run_plans(5 + 2 * i, run, ops.sample(*args), _same_split, n, V, (2 * n, 10**6))
     _check_sample_reference(args, *got)
 
 
@@ -560,14 +516,9 @@ SPLIT_GUMBEL.append(
 @pytest.mark.parametrize("i", range(len(SPLIT_GUMBEL)), ids=[c[0] for c in SPLIT_GUMBEL])
 def test_emu_split_gumbel(i):
     _, args = SPLIT_GUMBEL[i]
-    cpu = ops.gumbel_sample(*args)
-    x, indices = args[0], args[1]
-    n_out = x.shape[0] if indices is None else indices.numel()
-    for j, n_sms in enumerate((2 * n_out, 10**6)):
-        emu.set_schedule_seed(2 + 2 * i + j)
-        got = emu.gumbel_sample(*args, n_sms=n_sms)
-        assert emu.last_splits[0] == _expected_splits(n_out, x.shape[1], n_sms) > 1
-        _same_split(cpu, got)
+    n, V = _n_out(args), args[0].shape[1]
+    run = functools.partial(emu.gumbel_sample, *args)
+    got, _ = _run_plans(2 + 2 * i, run, ops.gumbel_sample(*args), _same_split, n, V, (2 * n, 10**6))
     _check_sample_reference(_gumbel_as_sample(args), *got)
 
 
@@ -576,3 +527,50 @@ def test_emu_split_gumbel(i):
 def test_cuda_split_gumbel(i):
     _, args = SPLIT_GUMBEL[i]
     _same_split(ops.gumbel_sample(*args), ops.gumbel_sample(*cc.to_device(args, "cuda")))
+
+
+# ---- split filter rows (csrc/cuda/sampling.cuh filter_plan) -------------------------------------
+def _split_filter_cases():
+    """Masked logits (every filter setting; temperature 0; bf16 / fp16; bad rows), renormalised
+    probabilities and softmax, on rows of 3 and 4 chunks."""
+    out = []
+    for fam in ("randn", "ties", "neginf", "bad"):
+        x = cc.logits_family(fam, 2, 9000, seed=31)
+        for label, f in cc.FILTERS:
+            if label in ("plain", "T0.7", "minp_tiny") or (fam != "randn" and label not in cc.LIGHT):
+                continue
+            out.append((f"mask-{fam}-{label}", cc.filter_args(x, 0, False, f)))
+        out.append((f"softmax-{fam}", cc.filter_args(x, 2, False, dict(T=[0.7, 1.3]))))
+        # the op's softmax ignores is_probs (T = 1, logits semantics), split or not
+        out.append((f"softmax-is-probs-{fam}", cc.filter_args(x, 2, True, {})))
+    x = cc.logits_family("randn", 2, 12289, seed=32)
+    for dt in (cc.BF16, cc.F16):
+        for label in ("k50", "p0.9", "k100_p0.8_joint", "per_row"):
+            out.append((f"mask-{dt}-{label}", cc.filter_args(x.to(dt), 0, False, dict(cc.FILTERS)[label])))
+    for fam in ("zipf", "zeros", "unnormalised"):
+        x = cc.probs_family(fam, 2, 9000, seed=33)
+        for label in ("k50", "k5000_chunked", "p0.9", "minp0.05", "k100_p0.8_seq", "per_row"):
+            out.append((f"renorm-{fam}-{label}", cc.filter_args(x, 1, True, dict(cc.FILTERS)[label])))
+    return out
+
+
+SPLIT_FILTER = _split_filter_cases()
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
+def test_emu_split_filter(i):
+    """The filter outputs of split rows equal the CPU op's (and so the one-CTA kernel's) exactly."""
+    _, args = SPLIT_FILTER[i]
+    B, V = args[0].shape
+    run = functools.partial(emu.filter, *args)
+    got, _ = _run_plans(9 + 2 * i, run, ops.filter(*args), _same_filter, B, V, (2 * B, 10**6))
+    if "greedy" not in SPLIT_FILTER[i][0] and "is-probs" not in SPLIT_FILTER[i][0]:  # (no reference for these)
+        _check_filter_reference(args, got)
+
+
+@bk.needs_cuda
+@pytest.mark.parametrize("i", range(len(SPLIT_FILTER)), ids=[c[0] for c in SPLIT_FILTER])
+def test_cuda_split_filter(i):
+    _, args = SPLIT_FILTER[i]
+    _same_filter(ops.filter(*args), ops.filter(*cc.to_device(args, "cuda")).cpu())
