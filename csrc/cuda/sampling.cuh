@@ -627,17 +627,31 @@ struct Selection {
   float lo = -FLT_MAX;  // the CPU's candidate lists hold only x >= lo
 };
 
+// The CPU's candidate lists hold only x >= candidate_lo (probabilities: positive ones).
+DK_CUDA_FN float candidate_lo(bool probs) { return probs ? FLT_TRUE_MIN : -FLT_MAX; }
+
+// A valid row's selection from its max m and its threshold t (k_on / p_on: top-k / top-p are on):
+// the weights, the candidate bound, min-p's weight floor and the CPU's list-or-chunk choice. The
+// fields select_row derives besides t, shared with the split rows (which merge m and t from parts).
+DK_CUDA_FN Selection resolved_selection(bool probs, const RowParams& rp, bool k_on, bool p_on, float m, float t) {
+  Selection sel;
+  const bool mp_on = rp.minp > 0.f;
+  sel.valid = true;
+  sel.w = row_weight(probs, m, rp.T);
+  sel.lo = candidate_lo(probs);
+  sel.t = t;
+  sel.minw = mp_on ? (probs ? min_p_threshold(rp.minp, m) : rp.minp) : 0.f;
+  sel.in_c = k_on || p_on || (mp_on && float_to_bits(rp.minp) >= kMinPWindowMinBits);
+  return sel;
+}
+
 template <class T>
 DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowParams& rp, Smem& s) {
-  Selection sel;
   const bool k_on = rp.k >= 1 && rp.k < V;
   const bool p_on = rp.p < 1.f;
-  const bool mp_on = rp.minp > 0.f;
   Scan sc = scan_row(x, V, probs, s);
-  if (sc.bad) return sel;
-  sel.valid = true;
-  sel.w = row_weight(probs, sc.m, rp.T);
-  sel.lo = probs ? FLT_TRUE_MIN : -FLT_MAX;
+  if (sc.bad) return Selection{};
+  Selection sel = resolved_selection(probs, rp, k_on, p_on, sc.m, kNegInf);
   // top-k: the k-th largest value; fewer than k elements >= lo: no cut (the CPU's tk = -inf)
   float tk = kNegInf;
   if (k_on) {
@@ -654,8 +668,6 @@ DK_CUDA_FN Selection select_row(const T* x, int64_t V, bool probs, const RowPara
     t = (t < tp) ? tp : t;  // std::max(t, tp)
   }
   sel.t = t;
-  sel.minw = mp_on ? (probs ? min_p_threshold(rp.minp, sc.m) : rp.minp) : 0.f;
-  sel.in_c = k_on || p_on || (mp_on && float_to_bits(rp.minp) >= kMinPWindowMinBits);
   return sel;
 }
 
@@ -1052,7 +1064,7 @@ DK_CUDA_FN float split_tk(const SplitArgs& sa, const SplitRowView& v, Smem& s) {
   int64_t kk;
   split_k_state(sa, v, 4, s, prefix, kk);
   const float tk = key_to_float(prefix);
-  return tk >= (v.probs ? FLT_TRUE_MIN : -FLT_MAX) ? tk : kNegInf;  // (select_row's lo test)
+  return tk >= candidate_lo(v.probs) ? tk : kNegInf;  // (select_row's lo test)
 }
 
 // Top-p's radix state before pass q (1..4): the stored state before pass q-1, then the digit of
@@ -1150,15 +1162,7 @@ __global__ void __launch_bounds__(kThreads) split_topp_kernel(SplitArgs sa) {
 
 // The row's selection from its split state (select_row's fields; t from the final phase or given).
 DK_CUDA_FN Selection split_selection(const SplitRowView& v, const Scan& sc, float t) {
-  Selection sel;
-  const bool mp_on = v.rp.minp > 0.f;
-  sel.valid = true;
-  sel.w = row_weight(v.probs, sc.m, v.rp.T);
-  sel.lo = v.probs ? FLT_TRUE_MIN : -FLT_MAX;
-  sel.t = t;
-  sel.minw = mp_on ? (v.probs ? min_p_threshold(v.rp.minp, sc.m) : v.rp.minp) : 0.f;
-  sel.in_c = v.k_on || v.p_on || (mp_on && float_to_bits(v.rp.minp) >= kMinPWindowMinBits);
-  return sel;
+  return resolved_selection(v.probs, v.rp, v.k_on, v.p_on, sc.m, t);
 }
 
 template <class T>
