@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "cuda/pipeline.cuh"
+#include "torch/cuda_binding.h"
 #include "torch/pipeline_checks.h"
 
 namespace dk::torchb {
@@ -46,7 +47,7 @@ PipeOut7 pipeline_cuda(const at::Tensor& x, const std::optional<at::Tensor>& ind
   fill_pipeline_args(a, rs, pk, offset, mode, top_n, raw_logprobs, want_logprob, outs);
   auto ws = at::empty({cuda::pipe_workspace_bytes(n, a.V, cuda::pipe_list_entries(a))}, x.options().dtype(at::kByte));
   a.workspace = ws.data_ptr();
-  C10_CUDA_CHECK(cuda::launch_pipeline(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_pipeline(a, stream_of(x)));
   finish_bad_pipeline_rows(rs, outs, mode);
   return outs;
 }
@@ -66,7 +67,7 @@ void apply_token_bitmask_cuda(at::Tensor logits, const at::Tensor& bitmask, cons
   a.tokens = c.tokens;
   a.indices = c.indices;
   a.rows = bp.rows;
-  C10_CUDA_CHECK(cuda::launch_bitmask_inplace(a, c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()));
+  C10_CUDA_CHECK(cuda::launch_bitmask_inplace(a, stream_of(logits)));
 }
 
 }  // namespace

@@ -10,15 +10,11 @@
 #include <atomic>
 #include <cstdlib>
 #include "cuda/sampling.cuh"
+#include "torch/cuda_binding.h"
 #include "torch/checks.h"
 
 namespace dk::torchb {
 namespace {
-
-void check_cuda(const at::Tensor& x, const char* name) {
-  DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
-           "); all tensor arguments must be on the same device");
-}
 
 // The device's SM count for the split-row plan (sampling.cuh split_plan): a device attribute
 // (no device round trip), cached per device. (Not at::cuda::getDeviceProperties: its header,
@@ -47,14 +43,21 @@ cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   return a;
 }
 
-// A sample / Gumbel-max plan with its workspace (the caching allocator's; no sync), on x's stream.
-void launch(cuda::SplitArgs plan, const at::Tensor& x) {
+// The workspace a plan needs (the caching allocator's, no sync; undefined when none), its pointer
+// put in the plan. The tensor is freed after the launches are queued: stream-ordered, so safe.
+at::Tensor plan_workspace(cuda::SplitArgs& plan, const at::Tensor& x) {
   at::Tensor ws;
   if (const int64_t n = cuda::sample_workspace_elems(plan)) {
     ws = at::empty({n}, x.options().dtype(at::kDouble));
     plan.a.workspace = ws.data_ptr<double>();
   }
-  C10_CUDA_CHECK(cuda::launch_sample(plan, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return ws;
+}
+
+// A sample / Gumbel-max plan with its workspace, on x's stream.
+void launch(cuda::SplitArgs plan, const at::Tensor& x) {
+  const at::Tensor ws = plan_workspace(plan, x);
+  C10_CUDA_CHECK(cuda::launch_sample(plan, stream_of(x)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
@@ -118,12 +121,8 @@ at::Tensor filter_cuda(const at::Tensor& x, int64_t kind, bool is_probs, const s
   a.out = out.data_ptr();
   a.out_stride = out.size(1);
   cuda::SplitFilterArgs plan = cuda::filter_plan(a, device_sms(x));
-  at::Tensor ws;
-  if (const int64_t n = cuda::sample_workspace_elems(plan.sa)) {
-    ws = at::empty({n}, x.options().dtype(at::kDouble));
-    plan.sa.a.workspace = ws.data_ptr<double>();
-  }
-  C10_CUDA_CHECK(cuda::launch_filter(plan, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  const at::Tensor ws = plan_workspace(plan.sa, x);
+  C10_CUDA_CHECK(cuda::launch_filter(plan, stream_of(x)));
   finish_bad_filter_rows(bad, out);
   return out;
 }

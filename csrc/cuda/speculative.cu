@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include "cuda/speculative.cuh"
+#include "torch/cuda_binding.h"
 #include "torch/speculative_common.h"
 
 namespace dk::torchb {
@@ -16,11 +17,6 @@ namespace cs = dk::cuda::spec;
 static_assert(int(cpu::DType::F32) == int(cs::DType::F32) && int(cpu::DType::BF16) == int(cs::DType::BF16) &&
                   int(cpu::DType::F16) == int(cs::DType::F16),
               "dtype codes shared by the CPU and CUDA kernels");
-
-void check_cuda(const at::Tensor& x, const char* name) {
-  DK_CHECK(x.is_cuda(), name, " must be a CUDA tensor here (got a tensor on ", x.device(),
-           "); all tensor arguments must be on the same device");
-}
 
 // The logits form's filters (temperature, top-k, top-p, min-p, order), checked sync-free by the
 // sampling family's pack_filter: scalar values on the host, per-row tensors on the device (a bad
@@ -78,8 +74,6 @@ cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, in
   }
   return w;
 }
-
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
     const at::Tensor& target, const at::Tensor& draft_token_ids, const std::optional<at::Tensor>& draft_probs,
