@@ -1477,9 +1477,11 @@ inline void run_filter_plan(const SplitFilterArgs& f, L& launch) {
   }
 }
 
-// dtype dispatch: run(plan, launch) with the element type of the plan's input.
+// dtype dispatch: run(plan, launch) with the element type of the plan's input, after laying out
+// the plan's workspace regions in sa.a.workspace (sample_workspace_elems(sa) doubles).
 template <class L>
-inline void run_sample_plan(const SplitArgs& sa, L&& launch) {
+inline void run_sample_plan(SplitArgs sa, L&& launch) {
+  sample_layout(sa, sa.a.workspace);
   switch (sa.a.in.dtype) {
     case DType::F32: run_sample_plan<float>(sa, launch); break;
     case DType::BF16: run_sample_plan<bf16_t>(sa, launch); break;
@@ -1488,7 +1490,8 @@ inline void run_sample_plan(const SplitArgs& sa, L&& launch) {
 }
 
 template <class L>
-inline void run_filter_plan(const SplitFilterArgs& f, L&& launch) {
+inline void run_filter_plan(SplitFilterArgs f, L&& launch) {
+  sample_layout(f.sa, f.sa.a.workspace);
   switch (f.fa.in.dtype) {
     case DType::F32: run_filter_plan<float>(f, launch); break;
     case DType::BF16: run_filter_plan<bf16_t>(f, launch); break;
@@ -1520,17 +1523,15 @@ struct StreamLaunch {
 
 // A sample / Gumbel-max plan (split_plan) on `stream`; sa.a.workspace holds
 // sample_workspace_elems(sa) doubles.
-inline cudaError_t launch_sample(SplitArgs sa, cudaStream_t stream) {
+inline cudaError_t launch_sample(const SplitArgs& sa, cudaStream_t stream) {
   if (sa.a.n_out == 0) return cudaSuccess;
-  detail::sample_layout(sa, sa.a.workspace);
   detail::run_sample_plan(sa, StreamLaunch{stream});
   return cudaGetLastError();
 }
 
 // A filter plan (filter_plan) on `stream`; f.sa.a.workspace holds sample_workspace_elems(f.sa) doubles.
-inline cudaError_t launch_filter(SplitFilterArgs f, cudaStream_t stream) {
+inline cudaError_t launch_filter(const SplitFilterArgs& f, cudaStream_t stream) {
   if (f.fa.in.rows == 0) return cudaSuccess;
-  detail::sample_layout(f.sa, f.sa.a.workspace);
   detail::run_filter_plan(f, StreamLaunch{stream});
   return cudaGetLastError();
 }

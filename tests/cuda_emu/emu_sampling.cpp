@@ -67,7 +67,6 @@ int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   SplitArgs sa = split_plan(a, n_sms, gumbel != 0);
   std::vector<double> ws(size_t(sample_workspace_elems(sa)) + 1, std::nan(""));
   sa.a.workspace = ws.data();
-  sample_layout(sa, ws.data());
   run_sample_plan(sa,
                   [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
   return sa.splits;
@@ -86,7 +85,6 @@ int dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   SplitFilterArgs f = filter_plan(a, n_sms);
   std::vector<double> ws(size_t(sample_workspace_elems(f.sa)) + 1, std::nan(""));
   f.sa.a.workspace = ws.data();
-  sample_layout(f.sa, ws.data());
   run_filter_plan(f, [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
   return f.sa.splits;
 }
