@@ -657,9 +657,8 @@ inline int64_t draw(const T* x, int64_t V, const Selection& sel, double u, Scrat
   const Weight& w = sel.w;
   double g16[contract::kWalkMax / 16], g256[contract::kWalkMax / 256];
   if (sel.res.in_c && sel.nS <= kListMax) {
-    const float* e = s.wt.data();
-    const double Z = contract::walk16_sums(e, sel.nS, g16, g256);
-    int64_t i = contract::walk16_pick(e, sel.nS, g16, g256, u * Z);
+    double Z;
+    int64_t i = contract::walk16_draw(s.wt.data(), sel.nS, u, g16, g256, &Z);
     if (i < 0) i = 0;  // unreachable: S holds the max, of positive weight
     *Zout = Z;
     *wout = s.wt[i];

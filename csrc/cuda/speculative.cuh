@@ -207,14 +207,16 @@ DK_DEVICE int64_t list_pos(const int32_t* idx, int64_t n, int64_t x) {
   return lo < n && int64_t(idx[lo]) == x ? lo : -1;
 }
 
+// The walk's sums over a list e[0..n) (n <= kListMax; sd::walk16_sums: group and block sums on one
+// thread each): leaves g16 / g256 in sh and returns the total, the contract's list mass
+// (walk16_total), to every thread. A real call on the device: inlined into the tree kernel it passed
+// the 128-register cap (a 16 B spill on sm_80).
+DK_DEVICE_NOINLINE double list_walk_sums(const float* e, int64_t n, Shared& sh) { return sd::walk16_sums(e, n, sh); }
+
 // The CPU's draw_list: an exact inverse-CDF draw over n <= kListMax listed weights wf(k) (tokens
 // idx[k]) by the contract's 16-ary walk (decodekit/contract.h): the weights are computed block-wide
 // into sh.stage, the group and block sums run on one thread each (sd::walk16_sums, the sampling
 // list draw's), thread 0 walks. -1 without positive mass.
-// The walk's sums over a list (sd::walk16_sums) as a real call on the device: inlined into the tree
-// kernel it passed the 128-register cap (a 16 B spill on sm_80).
-DK_DEVICE_NOINLINE double list_walk_sums(const float* e, int64_t n, Shared& sh) { return sd::walk16_sums(e, n, sh); }
-
 template <class WF>
 DK_DEVICE int64_t list_draw(int64_t n, const int32_t* idx, const WF& wf, double u, Shared& sh) {
   const int tid = threadIdx.x;
@@ -234,10 +236,6 @@ DK_DEVICE int64_t list_draw(int64_t n, const int32_t* idx, const WF& wf, double 
   __syncthreads();
   return tok;
 }
-
-// The contract's mass of a list a[0..n) (n <= kListMax; contract::walk16_total): all group and
-// block sums at once (list_walk_sums). Every thread gets it.
-DK_DEVICE double block_list_mass(const float* a, int64_t n, Shared& sh) { return list_walk_sums(a, n, sh); }
 
 // The canonical row mass (decodekit/contract.h; the CPU's row_mass / materialise order): per
 // kChunk-element chunk 16 lane sums added lane by lane, the chunk masses added in chunk order. All
@@ -486,7 +484,7 @@ DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
       n.list = true;
       n.nS = cnt;
       __syncthreads();  // the list's writes before thread 0 sums it
-      n.Z = block_list_mass(ws.list_w, cnt, sh);
+      n.Z = list_walk_sums(ws.list_w, cnt, sh);
     }
   }
   if (!n.list) {
@@ -573,7 +571,7 @@ DK_DEVICE int64_t verify_node(const Node<T>& tn, const float* q, const K& kids, 
             ws.resid[k] = d;
           }
           __syncthreads();
-          Zr = block_list_mass(ws.resid, tn.nS, sh);
+          Zr = list_walk_sums(ws.resid, tn.nS, sh);
         } else {
           const int64_t Vp = (V + 15) / 16 * 16;
           for (int64_t e = tid; e < Vp; e += kThreads) {

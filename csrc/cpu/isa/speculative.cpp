@@ -179,9 +179,8 @@ inline int64_t draw_list(int64_t n, const WF& wf, const int32_t* idx, double u) 
   float e[kListMax];
   double g16[kListMax / 16], g256[kListMax / 256 + 1];
   for (int64_t k = 0; k < n; ++k) e[k] = wf(k);
-  const double Z = contract::walk16_sums(e, n, g16, g256);
-  if (!(Z > 0.0)) return -1;
-  const int64_t k = contract::walk16_pick(e, n, g16, g256, u * Z);
+  double Z;
+  const int64_t k = contract::walk16_draw(e, n, u, g16, g256, &Z);  // -1: no positive weight (Z = 0)
   return k >= 0 ? idx[k] : -1;
 }
 

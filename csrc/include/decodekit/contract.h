@@ -276,6 +276,14 @@ DK_HOST_DEVICE double walk16_sums(const float* e, int64_t n, double* g16, double
   return add_in_order(g256, nb);
 }
 
+// The list draw: the walk's sums over e[0..n) (n <= kWalkMax; the total in *total), then the pick at
+// u * total; -1 when no weight is positive. (The CPU's list draws; the GPU computes the same sums
+// on many threads and picks on one.)
+DK_HOST_DEVICE int64_t walk16_draw(const float* e, int64_t n, double u, double* g16, double* g256, double* total) {
+  *total = walk16_sums(e, n, g16, g256);
+  return walk16_pick(e, n, g16, g256, u * *total);
+}
+
 // The walk's total (walk16_sums' return value) without storing the group sums: the contract's mass
 // of a short list (a speculative node's Z over its survivor list, a listed residual's mass).
 DK_HOST_DEVICE double walk16_total(const float* e, int64_t n) {
