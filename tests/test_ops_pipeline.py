@@ -370,6 +370,58 @@ def test_full_vocabulary_row(backend):
     _check(backend, _args(x, kw, params, top_n=5, raw=True))
 
 
+@on_backends
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_row_mass_in_the_canonical_order(backend, raw, temperature):
+    """The raw / greedy logprobs' log-mass follows the canonical row order (per 4096-element chunk
+    16 lanes, chunk masses in chunk order; decodekit/contract.h) on every backend. The row makes
+    the order visible: one logit 0 and 40000 at -38 (weight ~3e-17, under half an ulp of 1), so a
+    lane holding the max loses every tiny term, and the max token's logprob, -log Z ~ -1.2e-12,
+    shows Z's last bits (a 16-lane sum over the whole row gives another float). At temperature 1
+    in processed mode the same holds for the list mass (the survivors are the whole row)."""
+    B, V = 2, 40000
+    x = torch.full((B, V), -38.0)
+    x[0, 0] = 0.0
+    x[1, 4097] = 0.0
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    params = dict(temperature=temperature)
+    cpu, _ = _check(backend, _args(x, kw, params, top_n=2, raw=raw))
+    assert bool((cpu[0] == torch.tensor([0, 4097])).all()), cpu[0]
+    assert bool((cpu[5][:, 0] < 0).all()) and bool((cpu[5][:, 0] > -1e-10).all()), cpu[5]
+
+
+def _ln2_logits(ks, pad=0):
+    """Logits -k * ln 2 (float32): weight exp(-k ln 2) = 2^-k exactly; pad tokens of weight 0."""
+    l2 = float(torch.tensor(0.6931471805599453, dtype=torch.float32))
+    return torch.tensor([[-k * l2 for k in ks] + [-200.0] * pad], dtype=torch.float32)
+
+
+@on_backends
+@pytest.mark.parametrize(
+    "ks,setting,kept",
+    [
+        # weights 1, 1/2, 1/4, 1/4 (Z = 2): the mass from the top reaches top_p * Z = 1.5 exactly
+        # at the second value, so the cut is there (a tie group stays while the mass above it < P)
+        ([0, 1, 2, 2], dict(top_p=0.75), 2),
+        # typical: scores |-log p - H| put 1/2 first, then 1; their mass reaches 0.75 * Z exactly
+        ([0, 1, 2, 2], dict(typical_p=0.75), 2),
+        # 256 values of weight 2^-9 after the max, then 512 of weight 2^-10 (Z = 2): the mass
+        # reaches 1.5 at the last 2^-9, the walk's element 256 (in its second 256-block)
+        ([0] + [9] * 256 + [10] * 512, dict(top_p=0.75), 257),
+    ],
+)
+def test_cut_where_the_mass_reaches_p_exactly(backend, ks, setting, kept):
+    """Top-p and typical keep a group while the mass before it is < P: when the running mass hits
+    P exactly, the group that reached it is the last one kept (masked logits, every backend)."""
+    x = _ln2_logits(ks, pad=3)
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    cpu, _ = _check(backend, _args(x, kw, dict(temperature=1.0, **setting), mode=1))
+    alive = cpu[6][0] > NEG
+    order = torch.argsort(torch.tensor(ks), stable=True)[:kept] if "typical_p" not in setting else torch.tensor([0, 1])
+    assert int(alive.sum()) == kept and bool(alive[order].all()), alive
+
+
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
 def test_cuda_device_matches_cpu(order):

@@ -11,8 +11,10 @@
 //      the chosen order, each on the renormalised survivors of the ones before it;
 //   3. the exact inverse-CDF draw from L and the logprobs (raw or processed, top n).
 // Only y (one row, cache resident) is written; there is no [B, V] intermediate. The list steps
-// are scalar code in a fixed order (run_truncations, list_draw, ... in decodekit/pipeline.h,
-// shared with the CUDA kernel), so every ISA and CUDA give the same survivors and tokens.
+// are written once (run_truncations / step_keep in decodekit/pipeline.h) against primitives that
+// this file runs on one thread (SerialListOps) and the CUDA kernel on a whole block; every mass
+// and the draw follow the contract's 16-ary walk, so every ISA and CUDA give the same survivors
+// and tokens.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -79,7 +81,9 @@ struct PipeScratch {
   std::vector<int32_t> li;
   std::vector<double> ld;                          // per-list scratch (log-probabilities, scores)
   std::vector<int32_t> ord;                        // per-list order
-  std::vector<float> tv;                           // nth_element scratch
+  std::vector<float> tv;                           // float list scratch (weights in a sorted order)
+  std::vector<float> sel;                          // nth_element's copy
+  std::vector<double> g16;                         // the walk's group and block sums
   std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
   std::vector<PipeVW> pairs;                       // top-p's (value, weight) pairs
@@ -96,6 +100,12 @@ struct PipeScratch {
       acc.resize(c);
     }
     return ListScratch{tv.data(), ld.data(), ord.data(), pairs.data(), keep.data(), acc.data()};
+  }
+  // Room for the walk's sums over n entries: g16, then g256.
+  double* walk(int64_t n) {
+    const size_t need = size_t(contract::walk16_groups(n) + contract::walk16_groups(n) / 16 + 2);
+    if (g16.size() < need) g16.resize(need);
+    return g16.data();
   }
   void ensure(int64_t V) {
     if (int64_t(y.size()) < V + 16) y.resize(size_t(V + 16));
@@ -115,16 +125,59 @@ struct PipeScratch {
     tt.reset(n);
   }
 };
-// The list steps' primitives on the CPU: std::nth_element / std::sort (the values and total
-// orders they produce are those of decodekit/pipeline.h's portable ones).
-struct StdListOps {
-  float nth_largest(float* t, int64_t n, int64_t m) const {
-    std::nth_element(t, t + (m - 1), t + n, std::greater<float>());
-    return t[m - 1];
+// The list steps' primitives on the CPU (decodekit/pipeline.h lists them): one thread, std::
+// algorithms where the result is a value or a total order (the same whatever the method), the
+// contract's walk for every mass.
+struct SerialListOps {
+  PipeScratch& ps;
+  template <class F>
+  void each(int64_t n, const F& f) const {
+    for (int64_t j = 0; j < n; ++j) f(j);
+  }
+  template <class F>
+  void serial(const F& f) const {
+    f();
+  }
+  float mth_largest(const float* v, int64_t n, int64_t m) const {
+    ps.sel.assign(v, v + n);
+    std::nth_element(ps.sel.begin(), ps.sel.begin() + (m - 1), ps.sel.end(), std::greater<float>());
+    return ps.sel[size_t(m - 1)];
+  }
+  float max(const float* w, int64_t n) const { return *std::max_element(w, w + n); }
+  template <class E>
+  double mass(const E* e, int64_t n) const {
+    return contract::walk16_total(e, n);
+  }
+  int64_t reach(const float* e, int64_t n, double P) const {
+    double *g16 = ps.walk(n), *g256 = g16 + contract::walk16_groups(n);
+    contract::walk16_sums(e, n, g16, g256);
+    return contract::walk16_reach(e, n, g16, g256, P);
   }
   template <class Less>
   void sort(int32_t* ord, int64_t n, const Less& less) const {
     std::sort(ord, ord + n, less);
+  }
+  template <class Pred>
+  int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
+    int64_t c = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (pred(j)) out[c++] = int32_t(j);
+    return c;
+  }
+  void filter(PipeList& L, const uint8_t* keep) const {
+    int64_t c = 0;
+    for (int64_t j = 0; j < L.n; ++j)
+      if (keep[j]) {
+        L.v[c] = L.v[j];
+        L.w[c] = L.w[j];
+        L.i[c] = L.i[j];
+        ++c;
+      }
+    L.n = c;
+  }
+  float top_p(const PipeList& L, double P, const ListScratch& s) const {
+    for (int64_t j = 0; j < L.n; ++j) s.pairs[j] = PipeVW{L.v[j], L.w[j]};
+    return top_p_quickselect(s.pairs, L.n, P);
   }
 };
 
@@ -251,31 +304,42 @@ inline bool build_processed(const T* x, int64_t V, const PipelineArgs& a, int64_
   return true;
 }
 
-// Mean and population standard deviation of the finite values of y (16 double lanes, fixed order).
+// Mean and population standard deviation of the finite values of y. The three sums (count, sum,
+// squared deviations) follow the canonical row order of decodekit/contract.h (per kChunk-element
+// chunk 16 double lanes in index order, folded lane 0..15, chunk sums in chunk order), which the
+// CUDA kernel computes with one thread per (chunk, lane). y's tail slots hold -inf.
 inline void finite_stats(const float* y, int64_t V, double* mean, double* sd) {
-  VD s = vd_zero(), c = vd_zero();
   const VF ninf = vset(kNegInf), zero = vset(0.f), one = vset(1.f);
-  for (int64_t i = 0; i < V; i += 16) {
-    const VF v = vload(y + i);
-    const M16 f = vgt(v, ninf);
-    vd_add(s, vblend(f, zero, v));
-    vd_add(c, vblend(f, zero, one));
+  double n = 0.0, sum = 0.0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    VD s = vd_zero(), c = vd_zero();
+    for (int64_t i = c0; i < std::min(V, c0 + kChunk); i += 16) {
+      const VF v = vload(y + i);
+      const M16 f = vgt(v, ninf);
+      vd_add(s, vblend(f, zero, v));
+      vd_add(c, vblend(f, zero, one));
+    }
+    sum += vd_reduce(s);
+    n += vd_reduce(c);
   }
-  const double n = vd_reduce(c);
-  const double mu = vd_reduce(s) / n;
-  // second pass: sum of squared deviations, in double per lane (16 lanes, fixed order)
-  alignas(64) double lanes[16] = {};
+  const double mu = sum / n;
+  // second pass: squared deviations in double, one lane sum per (chunk, lane)
   alignas(64) float buf[16];
-  for (int64_t i = 0; i < V; i += 16) {
-    vstore(buf, vload(y + i));
-    for (int j = 0; j < 16; ++j)
-      if (buf[j] > kNegInf) {
-        const double d = double(buf[j]) - mu;
-        lanes[j] += d * d;
-      }
-  }
   double ss = 0.0;
-  for (int j = 0; j < 16; ++j) ss += lanes[j];
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    double lanes[16] = {};
+    for (int64_t i = c0; i < std::min(V, c0 + kChunk); i += 16) {
+      vstore(buf, vload(y + i));
+      for (int j = 0; j < 16; ++j)
+        if (buf[j] > kNegInf) {
+          const double d = double(buf[j]) - mu;
+          lanes[j] += d * d;
+        }
+    }
+    double cs = 0.0;
+    for (int j = 0; j < 16; ++j) cs += lanes[j];
+    ss += cs;
+  }
   *mean = mu;
   *sd = std::sqrt(ss / n);
 }
@@ -688,7 +752,7 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
       const VF v = (j + 16 <= n0) ? vload(L.v + j) : vload_partial(L.v + j, int(n0 - j), 0.f);
       vstore(L.w + j, wt(v));
     }
-    run_truncations(L, pr, order, V, m, invT, lo, ps.list_scratch(L.n), StdListOps{});
+    run_truncations(L, pr, order, V, m, invT, lo, ps.list_scratch(L.n), SerialListOps{ps});
   }
   if (out) {  // mode 1: the survivors keep their processed logit, everything else -inf
     for (int64_t i = 0; i < V; ++i) store_elem(out + i, kNegInf);
@@ -706,10 +770,9 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
         break;
       }
   } else {
-    Z = list_mass(L);
     const double u = row_uniform(row_key(a, o), 0u);
-    const double target = u * Z;
-    const int64_t last = list_draw(L, target);
+    double* g16 = ps.walk(L.n);  // the contract's walk: Z = its total, the pick at u * Z
+    const int64_t last = contract::walk16_draw(L.w, L.n, u, g16, g16 + contract::walk16_groups(L.n), &Z);
     if (last < 0) {
       fail();
       return;

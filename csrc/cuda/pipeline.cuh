@@ -13,32 +13,39 @@
 //      DK_HOST_DEVICE code of decodekit/pipeline.h), then the list is sorted by rank counting
 //      (O(N^2 / threads) for N list entries);
 //   A  one pass: raw max, processed max m, NaN / +inf check;
-//   σ  top-n-sigma only: mean and standard deviation of the finite values, 2 passes summed exactly
-//      as the CPU's 16 double lanes (lane j = tokens j mod 16 in index order, lanes reduced 0..15);
-//      16 threads of the block do it;
+//   σ  top-n-sigma only: mean and standard deviation of the finite values, 2 passes summed in the
+//      contract's canonical row order (per 4096-element chunk 16 lanes, chunk sums in chunk order;
+//      decodekit/contract.h), as the CPU's finite_stats: one thread per (chunk, lane) (row_sum);
 //   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
 //      per pass over the order-preserving float key; exact);
 //   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (ballot
 //      compaction), weights exp((y - m) / T) in parallel;
-//   then thread 0 runs the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the
-//   chosen order, each on the renormalised survivors) and the inverse-CDF draw: the SAME shared
-//   functions the CPU calls (run_truncations, list_draw, ... in decodekit/pipeline.h), on the same
-//   list in the same order, so survivors and tokens match the CPU bit for bit;
-//   logprobs: processed mode from L (one thread); raw / greedy mode: one more 16-lane exact mass
-//   pass, a count pass and, for top_logprobs n, a radix select of the n-th largest and one collect.
+//   then the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the chosen order,
+//   each on the renormalised survivors) and the inverse-CDF draw: the SAME step code as the CPU
+//   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
+//   BlockListOps: m-th largest by radix select over the list, masses and draws by the contract's
+//   16-ary walk (group and block sums one thread each), sorts (typical's scores, top-h's
+//   candidates, top-p's values) by a block-wide bitonic sort, keep flags and compactions on all
+//   threads; only top-h's cut over its <= ~100 sorted candidates walks on one thread;
+//   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
+//   one more canonical mass pass (row_sum), a count pass and, for top_logprobs n, a radix select
+//   of the n-th largest, one collect and a block sort of the n.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 2 (σ);
 // + 2..7 for raw / greedy logprobs. The list L and its scratch live in a workspace of
-// pipe_workspace_bytes(...) (about 30 bytes per token per row plus 16 bytes per history entry).
-// The list steps run on one thread: fine for the short lists of top-k / top-p / min-p; typical and
-// top-h over a whole vocabulary sort it on one thread (O(V log V), slow, but exact).
+// pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
+// Block size 512 (__launch_bounds__(512, 1): at most 128 registers; row_sum and collect are real
+// calls on the device, which keeps the kernel free of spills).
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
 // (tests/test_ops_pipeline.py). Where a GPU can differ (as for sampling.cuh): double log / exp
 // (entropy of typical / eta / top-h, logprobs) come from libdevice instead of glibc and may differ
 // by one double ulp; a float logprob can then differ in its last bit and a typical / eta / top-h cut
-// that lies within that ulp can move by one tie group. Everything else (float exp dk_exp, sums,
-// selections) is the same arithmetic in the same order; compile with -fmad=false.
+// that lies within that ulp can move by one tie group. Top-p's cut on the list: the CPU sums the
+// mass above a candidate in quickselect partition order, the block in the walk's order over the
+// sorted list, so a cut whose mass above lies within a few double ulps of p * Z can move to a
+// neighbouring value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
+// in the same order; compile with -fmad=false.
 //
 // Values the torch launcher does not read (it checks metadata only, no device sync): a token id
 // < -1 or >= V in a list, a non-finite logit-bias value or a parameter out of its range make that
@@ -52,10 +59,12 @@
 #endif
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 #include "decodekit/philox.h"
 #include "decodekit/pipeline.h"
 #include "decodekit/rng.h"
+#include "block_walk.h"
 #include "radix_digit.h"
 
 #if defined(__CUDACC__)
@@ -67,7 +76,7 @@
 namespace dk::cuda {
 
 #ifndef DK_PIPE_THREADS
-#define DK_PIPE_THREADS 256
+#define DK_PIPE_THREADS 512
 #endif
 constexpr unsigned kPipeThreads = DK_PIPE_THREADS;  // a power of two, >= 32
 constexpr unsigned kPipeWarps = kPipeThreads / 32;
@@ -131,24 +140,34 @@ DK_HOST_DEVICE int64_t pipe_list_entries(const PipeArgs& a) { return a.n_banned 
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, g16, g256, row;
 };
+// The smallest power of two >= n (the bitonic sort's padded length).
+DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
 DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N) {
   auto r8 = [](int64_t b) { return (b + 7) & ~int64_t(7); };
   PipeWs L;
   int64_t o = 0;
-  L.ld = o, o += 8 * V;  // doubles (top-p's pairs alias them)
+  L.ld = o, o += 8 * V;  // doubles
   L.v = o, o += r8(4 * V);
   L.w = o, o += r8(4 * V);
   L.i = o, o += r8(4 * V);
   L.tv = o, o += r8(4 * V);
-  L.ord = o, o += r8(4 * V);
+  L.ord = o, o += r8(4 * pow2_ceil(V));  // the sort pads it to a power of two
   L.keep = o, o += r8(V);
   L.acc = o, o += r8(V);
   L.sid = o, o += r8(4 * N);
   L.sval = o, o += r8(4 * N);
   L.fid = o, o += r8(4 * N);
   L.fval = o, o += r8(4 * N);
+  L.lanes = o, o += 8 * contract::kLanes * contract::num_chunks(V);  // row_sum's (chunk, lane) sums
+  const int64_t ng = contract::walk16_groups(V);
+  L.g16 = o, o += 8 * ng;  // the walk's group and block sums over a list
+  L.g256 = o, o += 8 * ((ng + 15) / 16);
   L.row = o;
   return L;
 }
@@ -255,14 +274,15 @@ struct SumI {
 struct PipeShared {
   float f[kPipeThreads];
   int64_t i[kPipeThreads];
-  double lane[16];
   unsigned hist[256];
   unsigned warp_cnt[kPipeWarps];
-  int64_t nt, n, tok, sel_rank, sel_above;
+  int64_t tok, sel_rank, sel_above;
   uint32_t sel_prefix, sel_digit;
   int inval, bad, fail;
   float tw, tv;
   double Z;
+  double bc;    // BlockListOps' broadcast of a mass
+  int64_t ibc;  // and of an index
 };
 
 // Order key of a value with -0 == +0 (float compares treat them as equal).
@@ -274,10 +294,11 @@ DK_DEVICE_NOINLINE void pipe_count_digit(const unsigned* h, int64_t kk, uint32_t
   pick_count_digit(h, kk, d_out, above_out);
 }
 
-// The m-th largest (1 <= m <= V) of the row's raw / processed values by radix select; all threads
-// return it.
-template <class T>
-DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V, int64_t m, PipeShared& sh) {
+// The m-th largest (1 <= m <= n) of the values get(i), i in [0, n), by radix select (4 passes of 8
+// bits over the order key; exact); all threads return it. mk() makes a thread's accessor for one
+// strided pass (i = tid, tid + threads, ...; the row's accessor carries a cursor).
+template <class Mk>
+DK_PIPE_FN float select_mth(int64_t n, int64_t m, const Mk& mk, PipeShared& sh) {
   const unsigned tid = threadIdx.x;
   if (tid == 0) {
     sh.sel_prefix = 0;
@@ -289,9 +310,9 @@ DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V
     __syncthreads();
     const uint32_t prefix = sh.sel_prefix;
     const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-    int64_t c = processed ? r.lower(tid) : 0;
-    for (int64_t i = tid; i < V; i += kPipeThreads) {
-      const uint32_t k = sel_key(r.get(processed, i, c));
+    auto get = mk();
+    for (int64_t i = tid; i < n; i += kPipeThreads) {
+      const uint32_t k = sel_key(get(i));
       if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
     }
     __syncthreads();
@@ -309,10 +330,18 @@ DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V
   return bits_to_float(u);
 }
 
+// The m-th largest (1 <= m <= V) of the row's raw / processed values.
+template <class T>
+DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V, int64_t m, PipeShared& sh) {
+  const int64_t c0 = processed ? r.lower(threadIdx.x) : 0;
+  return select_mth(
+      V, m, [&]() { return [&r, processed, c = c0](int64_t i) mutable { return r.get(processed, i, c); }; }, sh);
+}
+
 // Ordered compaction: every i in [0, V) with pred(i) (index order) is passed to emit(position, i);
 // returns the count (all threads). pred(i, c) gets the thread's cursor.
 template <class Pred, class Emit>
-DK_PIPE_FN int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
+DK_DEVICE_NOINLINE int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
   const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   int64_t count = 0, c = c0;
   for (int64_t base = 0; base < V; base += kPipeThreads) {
@@ -333,22 +362,137 @@ DK_PIPE_FN int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShar
   return count;
 }
 
-// Sum over the row of g(value) in double exactly as the CPU's 16 virtual lanes (lane j: tokens
-// j, j + 16, ... in index order; lanes reduced 0..15). Threads 0..15 each run one lane.
-template <class T, class G>
-DK_PIPE_FN double lane_sum(const RowIn<T>& r, bool processed, int64_t V, G g, PipeShared& sh) {
+// Bitonic sort of ord[0..n) by the strict total order less, in place, by the whole block: ord is
+// padded with -1 (sorted last) up to a power of two (its capacity); log2(N) (log2(N) + 1) / 2
+// compare-exchange rounds of N / 2 pairs each, a barrier after each. The result is the unique
+// sorted order, as the CPU's std::sort.
+template <class Less>
+DK_PIPE_FN void block_sort(int32_t* ord, int64_t n, const Less& less) {
   const unsigned tid = threadIdx.x;
-  if (tid < 16) {
-    double acc = 0.0;
-    int64_t c = processed ? r.lower(tid) : 0;
-    for (int64_t i = tid; i < V; i += 16) acc += g(r.get(processed, i, c));
-    sh.lane[tid] = acc;
+  const int64_t N = pow2_ceil(n);
+  for (int64_t j = n + tid; j < N; j += kPipeThreads) ord[j] = -1;
+  __syncthreads();
+  const auto before = [&](int32_t a, int32_t b) { return a >= 0 && (b < 0 || less(a, b)); };
+  for (int64_t k = 2; k <= N; k <<= 1)
+    for (int64_t h = k >> 1; h > 0; h >>= 1) {
+      for (int64_t q = tid; q < N / 2; q += kPipeThreads) {
+        const int64_t i = 2 * h * (q / h) + q % h, l = i + h;  // the q-th pair (i, i ^ h), i < l
+        const int32_t a = ord[i], b = ord[l];
+        if ((i & k) == 0 ? before(b, a) : before(a, b)) {
+          ord[i] = b;
+          ord[l] = a;
+        }
+      }
+      __syncthreads();
+    }
+}
+
+// The list steps' primitives on the block (decodekit/pipeline.h lists them): every thread of the
+// row's block calls the steps with the same arguments, each primitive returns the same value to
+// all of them. g16 / g256: the workspace's walk sums (room for a whole row's list).
+struct BlockListOps {
+  PipeShared& sh;
+  double *g16, *g256;
+  template <class F>
+  DK_PIPE_FN void each(int64_t n, const F& f) const {
+    for (int64_t j = threadIdx.x; j < n; j += kPipeThreads) f(j);
+    __syncthreads();
+  }
+  template <class F>
+  DK_PIPE_FN void serial(const F& f) const {
+    if (threadIdx.x == 0) f();
+    __syncthreads();
+  }
+  DK_PIPE_FN float mth_largest(const float* v, int64_t n, int64_t m) const {
+    return select_mth(n, m, [v]() { return [v](int64_t i) { return v[i]; }; }, sh);
+  }
+  DK_PIPE_FN float max(const float* w, int64_t n) const {
+    float x = kNegInf;
+    for (int64_t j = threadIdx.x; j < n; j += kPipeThreads) x = w[j] > x ? w[j] : x;
+    return block_reduce(x, MaxF{}, sh.f);
+  }
+  template <class E>
+  DK_PIPE_FN double mass(const E* e, int64_t n) const {
+    return block_walk16_sums<kPipeThreads>(e, n, g16, g256, &sh.bc);
+  }
+  DK_PIPE_FN int64_t reach(const float* e, int64_t n, double P) const {
+    block_walk16_sums<kPipeThreads>(e, n, g16, g256, &sh.bc);
+    if (threadIdx.x == 0) sh.ibc = contract::walk16_reach(e, n, g16, g256, P);
+    __syncthreads();
+    const int64_t at = sh.ibc;
+    __syncthreads();
+    return at;
+  }
+  template <class Less>
+  DK_PIPE_FN void sort(int32_t* ord, int64_t n, const Less& less) const {
+    block_sort(ord, n, less);
+  }
+  template <class Pred>
+  DK_PIPE_FN int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
+    return collect(
+        n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
+        sh);
+  }
+  // In place: a thread reads its entry before the round's barrier and writes after it, to a
+  // position below the round's first index or inside the round (read already).
+  DK_PIPE_FN void filter(PipeList& L, const uint8_t* keep) const {
+    float v = 0.f, w = 0.f;
+    int32_t i = 0;
+    L.n = collect(
+        L.n, 0,
+        [&](int64_t j, int64_t&) {
+          v = L.v[j], w = L.w[j], i = L.i[j];
+          return keep[j] != 0;
+        },
+        [&](int64_t pos, int64_t) {
+          L.v[pos] = v;
+          L.w[pos] = w;
+          L.i[pos] = i;
+        },
+        sh);
+  }
+  // The list sorted by value (descending, ties by position); the cut at the value where the walk's
+  // running mass of the sorted weights reaches P (all of L if it never does).
+  DK_PIPE_FN float top_p(const PipeList& L, double P, const ListScratch& s) const {
+    const int64_t n = L.n;
+    const float *v = L.v, *w = L.w;
+    int32_t* ord = s.ord;
+    float* e = s.tv;
+    each(n, [=](int64_t j) { ord[j] = int32_t(j); });
+    sort(ord, n, [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+    each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
+    const int64_t at = reach(e, n, P);
+    return v[ord[at < n ? at : n - 1]];
+  }
+};
+
+// Sum over the row of g(value) in double in the canonical row order of decodekit/contract.h (per
+// kChunk-element chunk 16 lanes in index order, folded lane 0..15, chunk sums in chunk order), as
+// the CPU's row_mass / finite_stats: every (chunk, lane) sum is its own thread's loop (lanes: the
+// workspace's nch * 16 doubles), nch threads fold the chunks, thread 0 adds the nch chunk sums.
+template <class T, class G>
+DK_DEVICE_NOINLINE double row_sum(const RowIn<T>& r, bool processed, int64_t V, G g, double* lanes, PipeShared& sh) {
+  const unsigned tid = threadIdx.x;
+  const int64_t nch = contract::num_chunks(V);
+  for (int64_t q = tid; q < nch * contract::kLanes; q += kPipeThreads) {
+    const int64_t c = q / contract::kLanes;
+    const int j = int(q % contract::kLanes);
+    int64_t cur = processed ? r.lower(c * contract::kChunk + j) : 0;
+    lanes[q] = contract::chunk_lane_sum(V, c, j, [&](int64_t i) { return g(r.get(processed, i, cur)); });
   }
   __syncthreads();
-  double s = 0.0;
-  for (int j = 0; j < 16; ++j) s += sh.lane[j];
+  for (int64_t c = tid; c < nch; c += kPipeThreads)
+    lanes[c * contract::kLanes] = contract::add_in_order(lanes + c * contract::kLanes, contract::kLanes);
   __syncthreads();
-  return s;
+  if (tid == 0) {
+    double z = 0.0;
+    for (int64_t c = 0; c < nch; ++c) z = contract::dadd_rn(z, lanes[c * contract::kLanes]);
+    sh.Z = z;
+  }
+  __syncthreads();
+  const double z = sh.Z;
+  __syncthreads();
+  return z;
 }
 
 // The touched list of row o: fid / fval [N] (the first entry naming a token holds its final value,
@@ -408,6 +552,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   char* ws = static_cast<char*>(a.workspace) + o * lay.row;
   int32_t* sid = reinterpret_cast<int32_t*>(ws + lay.sid);
   float* sval = reinterpret_cast<float*>(ws + lay.sval);
+  double* lanes = reinterpret_cast<double*>(ws + lay.lanes);
   const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
   RowIn<T> r{x, bm, bm ? (V < 32 * a.bitmask_words ? V : 32 * a.bitmask_words) : 0, sid, sval, 0};
   const double* q = a.params + o * kPipeParams;
@@ -492,8 +637,9 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   PipeList L{reinterpret_cast<float*>(ws + lay.v), reinterpret_cast<float*>(ws + lay.w),
              reinterpret_cast<int32_t*>(ws + lay.i), 0};
   const ListScratch ls{reinterpret_cast<float*>(ws + lay.tv),     reinterpret_cast<double*>(ws + lay.ld),
-                       reinterpret_cast<int32_t*>(ws + lay.ord),  reinterpret_cast<PipeVW*>(ws + lay.ld),
+                       reinterpret_cast<int32_t*>(ws + lay.ord),  nullptr,
                        reinterpret_cast<uint8_t*>(ws + lay.keep), reinterpret_cast<uint8_t*>(ws + lay.acc)};
+  const BlockListOps ops{sh, reinterpret_cast<double*>(ws + lay.g16), reinterpret_cast<double*>(ws + lay.g256)};
   int64_t tok = 0;
   if (greedy) {  // the first token holding the max
     int64_t first = V, c = r.lower(tid);
@@ -504,15 +650,15 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     // ---- σ: top-n-sigma's threshold ---------------------------------------------------------
     float lo = -3.4028234663852886e38f;
     if (pr.nsig > 0.0) {
-      const double n = lane_sum(r, true, V, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, sh);
-      const double mu = lane_sum(r, true, V, [](float v) { return double(v > kNegInf ? v : 0.f); }, sh) / n;
-      const double ss = lane_sum(
+      const double n = row_sum(r, true, V, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, lanes, sh);
+      const double mu = row_sum(r, true, V, [](float v) { return double(v > kNegInf ? v : 0.f); }, lanes, sh) / n;
+      const double ss = row_sum(
           r, true, V,
           [mu](float v) {
             const double d = double(v) - mu;
             return v > kNegInf ? d * d : 0.0;
           },
-          sh);
+          lanes, sh);
       lo = float_at_least(double(m) - pr.nsig * ::sqrt(ss / n));
     }
     const bool joint = order == PipeOrder::Joint;
@@ -539,15 +685,14 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     __syncthreads();
     for (int64_t j = tid; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
     __syncthreads();
-    // ---- the list steps and the draw (one thread: the CPU's sequence) ------------------------
-    if (tid == 0) {
-      L.n = n0;
-      run_truncations(L, pr, order, V, m, invT, lo, ls, PortableListOps{});
-      sh.n = L.n;
-      if (!out) {
-        const double Z = list_mass(L);
+    // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) --------
+    L.n = n0;
+    run_truncations(L, pr, order, V, m, invT, lo, ls, ops);
+    if (!out) {  // the contract's walk: Z = its total, the pick at u * Z
+      const double Z = block_walk16_sums<kPipeThreads>(L.w, L.n, ops.g16, ops.g256, &sh.bc);
+      if (tid == 0) {
         const double u = row_uniform(row_rng_key(a, o), 0u);
-        const int64_t last = list_draw(L, u * Z);
+        const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);
         sh.fail = last < 0;
         sh.Z = Z;
         sh.tok = last < 0 ? 0 : L.i[last];
@@ -556,7 +701,6 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       }
     }
     __syncthreads();
-    L.n = sh.n;
     if (out) {  // mask mode: the survivors keep their processed logit, everything else -inf
       for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, kNegInf);
       __syncthreads();
@@ -581,7 +725,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     // log_softmax of the raw row (raw) or of the processed row at temperature 1 (greedy, processed)
     const bool proc = !a.raw_logprobs;
     const float mm = proc ? m : mraw;
-    const double lz = ::log(lane_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, sh));
+    const double lz = ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, lanes, sh));
     const float vt = proc ? r.at(tok) : r.raw(tok);
     int64_t cnt = 0;
     {
@@ -595,11 +739,11 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     }
     if (tids) {
       // the n largest (value descending, index ascending): those above the n-th largest value
-      // vn, then the lowest indices holding vn; sorted by one thread
+      // vn, then the lowest indices holding vn; sorted by the block (L's arrays are free now)
       const int64_t n = a.top_n;
       const float vn = select_mth_largest(r, proc, V, n, sh);
-      float* tv = ls.tv;
-      int32_t* ti = ls.ord;
+      float* tv = L.v;
+      int32_t* ti = L.i;
       const int64_t above = collect(
           V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) > vn; },
           [&](int64_t pos, int64_t i) {
@@ -617,17 +761,14 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
           },
           sh);
       __syncthreads();
-      if (tid == 0) {
-        int32_t* ord = L.i;  // L is not needed any more
-        for (int64_t j = 0; j < n; ++j) ord[j] = int32_t(j);
-        heap_sort(ord, n,
-                  [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = tv[ord[j]];
-          tids[j] = ti[ord[j]];
-          tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
-        }
-      }
+      int32_t* ord = ls.ord;
+      ops.each(n, [=](int64_t j) { ord[j] = int32_t(j); });
+      ops.sort(ord, n, [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
+      ops.each(n, [=](int64_t j) {
+        const float v = tv[ord[j]];
+        tids[j] = ti[ord[j]];
+        tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
+      });
     }
     return;
   }
@@ -640,25 +781,24 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   if (tid == 0) {
     if (a.out_logprob) a.out_logprob[o] = logprob_of_weight(sh.tw, lz);
     if (a.out_rank) a.out_rank[o] = cnt;
-    if (tids) {
-      int32_t* ord = ls.ord;
-      for (int64_t j = 0; j < L.n; ++j) ord[j] = int32_t(j);
-      const float* lv = L.v;
-      const int32_t* li = L.i;
-      heap_sort(ord, L.n,
-                [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
-      const int64_t h = a.top_n < L.n ? a.top_n : L.n;
-      for (int64_t j = 0; j < h; ++j) {
-        tids[j] = L.i[ord[j]];
-        tlp[j] = logprob_of_weight(pipe_weight(L.v[ord[j]], m, invT), lz);
-      }
-      top_n_pad(L.i, L.n, h, a.top_n, tids, tlp);
-    }
+  }
+  if (tids) {
+    int32_t* ord = ls.ord;
+    const float* lv = L.v;
+    const int32_t* li = L.i;
+    ops.each(L.n, [=](int64_t j) { ord[j] = int32_t(j); });
+    ops.sort(ord, L.n, [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
+    const int64_t h = a.top_n < L.n ? a.top_n : L.n;
+    ops.each(h, [=](int64_t j) {
+      tids[j] = li[ord[j]];
+      tlp[j] = logprob_of_weight(pipe_weight(lv[ord[j]], m, invT), lz);
+    });
+    if (tid == 0) top_n_pad(li, L.n, h, a.top_n, tids, tlp);
   }
 }
 
 template <class T>
-__global__ void __launch_bounds__(kPipeThreads) pipeline_kernel(PipeArgs a) {
+__global__ void __launch_bounds__(kPipeThreads, 1) pipeline_kernel(PipeArgs a) {
   pipeline_row<T>(a, int64_t(blockIdx.x));
 }
 

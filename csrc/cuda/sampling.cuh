@@ -50,6 +50,7 @@
 #include "decodekit/fmath.h"
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
+#include "block_walk.h"
 #include "radix_digit.h"
 
 // Device functions of this file (common.h's DK_DEVICE is `static inline` on the host, which the
@@ -487,24 +488,12 @@ DK_CUDA_FN double lane16_mass(const T* x, int64_t V, const Weight& w, float t, f
   return lane16_mass_range(x, V, w, t, minw, chunk_out, 0, num_chunks(V), s);
 }
 
-// The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; decodekit/contract.h
-// walk16_sums): the 16-element group sums on one thread each, the 256-blocks on one thread each,
-// the total folded by thread 0. Leaves g16 / g256 in s; returns the total to every thread. S: any
-// shared struct with g16[kWalkMax / 16], g256[kWalkMax / 256] and dbc (Smem here, the speculative
-// kernels' Shared).
+// The sums of the contract's 16-ary walk over e[0..n) (n <= kWalkMax; block_walk.h): leaves g16 /
+// g256 in s; returns the total to every thread. S: any shared struct with g16[kWalkMax / 16],
+// g256[kWalkMax / 256] and dbc (Smem here, the speculative kernels' Shared).
 template <class S>
 DK_CUDA_FN double walk16_sums(const float* e, int64_t n, S& s) {
-  const int64_t ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
-  for (int64_t j = threadIdx.x; j < ng; j += kThreads) s.g16[j] = contract::walk16_group(e, n, j);
-  __syncthreads();
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads)
-    s.g256[b] = contract::add_in_order(s.g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
-  __syncthreads();
-  if (threadIdx.x == 0) s.dbc = contract::add_in_order(s.g256, nb);
-  __syncthreads();
-  const double z = s.dbc;
-  __syncthreads();
-  return z;
+  return block_walk16_sums<kThreads>(e, n, s.g16, s.g256, &s.dbc);
 }
 
 // Top-p threshold: the smallest value v of the considered elements (all, or x >= tk when

@@ -18,8 +18,10 @@
 //    Every (chunk, lane) partial sum is independent, so a GPU computes them all at once with
 //    kLanes * num_chunks(V) threads (or CTAs) and only the two short ordered folds are serial.
 //  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
-//    speculative residual's walk inside its chunk, the speculative list draws) is the 16-ary walk
-//    below (walk16_*), and the mass of a list is that walk's total (walk16_total). Top-p's
+//    speculative residual's walk inside its chunk, the speculative list draws, the whole-step
+//    pipeline's draw) is the 16-ary walk below (walk16_*), and the mass of a list is that walk's
+//    total (walk16_total; the pipeline's list steps sum their masses and entropy terms so, and cut
+//    a sorted list where the walk's running mass reaches a bound: walk16_reach). Top-p's
 //    Z over the top-k survivors is the canonical row mass of the weights of x >= t_k (zero
 //    elsewhere): the GPU sums it over the whole row at once, the CPU from its index-ordered
 //    candidate list (sparse_mass: the same value, since adding +0.0 changes no partial sum).
@@ -195,10 +197,12 @@ DK_HOST_DEVICE double sparse_mass(const Idx* idx, const float* w, int64_t n, con
 }
 
 // ---- the canonical draw from a short weight array (the 16-ary walk) -------------------------
-// A draw from n <= kWalkMax float weights e[0..n) (>= 0; the kept weights of one chunk of the
-// chunked draw, or the survivor list of the list draw) by a target t: the first index where the
-// running mass exceeds t. The running mass is defined on a 3-level tree of fan-out 16, so that
-// a GPU computes every sum at once and walks at most 3 x 16 steps:
+// A draw from n float weights e[0..n) (>= 0; the kept weights of one chunk of the chunked draw,
+// or the survivor list of the list draw: n <= kWalkMax, the size of the sampling kernels' fixed
+// sum arrays; the whole-step pipeline walks lists of any length, with ceil(n/256) top-level
+// steps) by a target t: the first index where the running mass exceeds t. The running mass is
+// defined on a 3-level tree of fan-out 16, so that a GPU computes every sum at once and walks at
+// most 3 x 16 steps (for n <= 4096):
 //   g16[j]  = e[16j] + ... + e[16j+15]          (in index order, within [0, n))  j < ceil(n/16)
 //   g256[b] = g16[16b] + ... + g16[16b+15]      (in order)                       b < ceil(n/256)
 //   total   = g256[0] + g256[1] + ...           (in order: the list draw's Z)
@@ -212,21 +216,25 @@ constexpr int64_t kWalkMax = 4096;
 static_assert(kChunk <= kWalkMax && kListMax <= kWalkMax, "one walk covers a chunk or a list");
 DK_HOST_DEVICE int64_t walk16_groups(int64_t n) { return (n + 15) / 16; }
 
-// g16 of group j (the partial last group stops at n).
-DK_HOST_DEVICE double walk16_group(const float* e, int64_t n, int64_t j) {
+// g16 of group j (the partial last group stops at n). E: float weights, or double terms (the
+// pipeline's entropy sums use the same tree).
+template <class E>
+DK_HOST_DEVICE double walk16_group(const E* e, int64_t n, int64_t j) {
   const int64_t end = 16 * j + 16 < n ? 16 * j + 16 : n;
   return add_in_order(e + 16 * j, end - 16 * j);
 }
 
 // The last index of [lo, hi) with positive weight, -1 if none.
-DK_HOST_DEVICE int64_t walk16_last_positive(const float* e, int64_t lo, int64_t hi) {
+template <class E>
+DK_HOST_DEVICE int64_t walk16_last_positive(const E* e, int64_t lo, int64_t hi) {
   for (int64_t i = hi - 1; i >= lo; --i)
-    if (e[i] > 0.f) return i;
+    if (e[i] > E(0)) return i;
   return -1;
 }
 
 // g256 of block b, from the groups (the same sums as walk16_sums; for callers that keep no g16).
-DK_HOST_DEVICE double walk16_block(const float* e, int64_t n, int64_t b) {
+template <class E>
+DK_HOST_DEVICE double walk16_block(const E* e, int64_t n, int64_t b) {
   const int64_t ng = walk16_groups(n), gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
   double z = 0.0;
   DK_LOOP_NO_UNROLL
@@ -269,11 +277,41 @@ DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16,
 
 // Serial form (the CPU; also the reference for the device's parallel one): fills g16 / g256 and
 // returns the total.
-DK_HOST_DEVICE double walk16_sums(const float* e, int64_t n, double* g16, double* g256) {
+template <class E>
+DK_HOST_DEVICE double walk16_sums(const E* e, int64_t n, double* g16, double* g256) {
   const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
   for (int64_t j = 0; j < ng; ++j) g16[j] = walk16_group(e, n, j);
   for (int64_t b = 0; b < nb; ++b) g256[b] = add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
   return add_in_order(g256, nb);
+}
+
+// The first index at which the walk's running mass reaches P (>= P, where the pick above asks
+// for > t): skip whole 256-blocks while acc + g256[b] < P, then whole groups, then elements; n if
+// the total stays below P. If rounding lets nothing inside an entered block or group reach P, its
+// last index is taken. The pipeline's cuts over a sorted list (typical: the scores up to the one
+// at which the mass from the smallest reaches typical_p; top-p on the GPU).
+DK_HOST_DEVICE int64_t walk16_reach(const float* e, int64_t n, const double* g16, const double* g256, double P) {
+  const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
+  double acc = 0.0;
+  int64_t b = 0;
+  for (; b < nb; ++b) {
+    if (dadd_rn(acc, g256[b]) >= P) break;
+    acc = dadd_rn(acc, g256[b]);
+  }
+  if (b == nb) return n;
+  const int64_t gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
+  int64_t j = 16 * b;
+  for (; j < gend; ++j) {
+    if (dadd_rn(acc, g16[j]) >= P) break;
+    acc = dadd_rn(acc, g16[j]);
+  }
+  if (j == gend) return (256 * b + 256 < n ? 256 * b + 256 : n) - 1;
+  const int64_t iend = 16 * j + 16 < n ? 16 * j + 16 : n;
+  for (int64_t i = 16 * j; i < iend; ++i) {
+    acc = dadd_rn(acc, double(e[i]));
+    if (acc >= P) return i;
+  }
+  return iend - 1;
 }
 
 // The list draw: the walk's sums over e[0..n) (n <= kWalkMax; the total in *total), then the pick at
@@ -286,7 +324,8 @@ DK_HOST_DEVICE int64_t walk16_draw(const float* e, int64_t n, double u, double* 
 
 // The walk's total (walk16_sums' return value) without storing the group sums: the contract's mass
 // of a short list (a speculative node's Z over its survivor list, a listed residual's mass).
-DK_HOST_DEVICE double walk16_total(const float* e, int64_t n) {
+template <class E>
+DK_HOST_DEVICE double walk16_total(const E* e, int64_t n) {
   const int64_t nb = (walk16_groups(n) + 15) / 16;
   double z = 0.0;
   DK_LOOP_NO_UNROLL

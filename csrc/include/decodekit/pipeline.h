@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include "decodekit/common.h"
+#include "decodekit/contract.h"
 #include "decodekit/fmath.h"
 
 namespace dk {
@@ -166,10 +167,10 @@ struct PipeVW {
 
 // Per-list scratch of the steps, each with room for L.n entries (pairs may alias ld).
 struct ListScratch {
-  float* tv;      // m-th largest scratch
-  double* ld;     // log-probabilities / scores
-  int32_t* ord;   // an order of the list
-  PipeVW* pairs;  // top-p's (value, weight) pairs
+  float* tv;      // float scratch (m-th largest, weights in a sorted order)
+  double* ld;     // per-entry doubles (entropy terms, typical's scores)
+  int32_t* ord;   // an order of the list (the GPU's sort pads it to a power of two)
+  PipeVW* pairs;  // top-p's (value, weight) pairs (the CPU's quickselect)
   uint8_t* keep;  // keep flags of one step
   uint8_t* acc;   // keep flags of all steps (joint)
 };
@@ -241,217 +242,149 @@ DK_HOST_DEVICE float top_p_quickselect(VWT* a, int64_t n, double P, double base 
   return best;
 }
 
-// Heap sort of ord[0..n) by less(a, b) (a strict total order, so the result is unique).
-template <class Less>
-DK_HOST_DEVICE void heap_sort(int32_t* ord, int64_t n, const Less& less) {
-  auto sift = [&](int64_t r, int64_t end) {
-    for (;;) {
-      int64_t c = 2 * r + 1;
-      if (c >= end) return;
-      if (c + 1 < end && less(ord[c], ord[c + 1])) ++c;
-      if (!less(ord[r], ord[c])) return;
-      const int32_t t = ord[r];
-      ord[r] = ord[c];
-      ord[c] = t;
-      r = c;
-    }
-  };
-  for (int64_t r = n / 2 - 1; r >= 0; --r) sift(r, n);
-  for (int64_t e = n - 1; e > 0; --e) {
-    const int32_t t = ord[0];
-    ord[0] = ord[e];
-    ord[e] = t;
-    sift(0, e);
-  }
-}
-
-// The m-th largest of t[0..n) (1 <= m <= n) by quickselect; t is permuted.
-DK_HOST_DEVICE float nth_largest_select(float* t, int64_t n, int64_t m) {
-  int64_t lo = 0, hi = n, want = m - 1;
-  while (hi - lo > 1) {
-    const float piv = t[lo + (hi - lo) / 2];
-    int64_t gt = lo, i = lo, lt = hi;  // [lo, gt) > piv, [gt, lt) == piv, [lt, hi) < piv
-    while (i < lt) {
-      const float v = t[i];
-      if (v > piv) {
-        t[i] = t[gt];
-        t[gt++] = v;
-        ++i;
-      } else if (v < piv) {
-        t[i] = t[--lt];
-        t[lt] = v;
-      } else {
-        ++i;
-      }
-    }
-    if (want < gt)
-      hi = gt;
-    else if (want < lt)
-      return piv;
-    else
-      lo = lt;
-  }
-  return t[lo];
-}
-
-// The primitives of the list steps with the device-friendly algorithms above (the CPU passes
-// its own std:: versions: the results are values / total orders, the same whatever the method).
-struct PortableListOps {
-  DK_HOST_DEVICE_SPEC float nth_largest(float* t, int64_t n, int64_t m) const { return nth_largest_select(t, n, m); }
-  template <class Less>
-  DK_HOST_DEVICE_SPEC void sort(int32_t* ord, int64_t n, const Less& less) const {
-    heap_sort(ord, n, less);
-  }
-};
-
 // The weight of a processed value: exp((v - m) / T) as (v - m) * invT.
 DK_HOST_DEVICE float pipe_weight(float v, float m, float invT) { return dk_exp((v - m) * invT); }
 
+// ---- the list steps, written once against a set of primitives (Ops) -------------------------
+// The CPU runs them on one thread (csrc/cpu/pipeline.h SerialListOps), the CUDA kernel on every
+// thread of the row's block (csrc/cuda/pipeline.cuh BlockListOps: every thread calls the step
+// with the same arguments; each primitive returns the same value to all of them):
+//   ops.each(n, f)            f(j) for every j in [0, n), in any order (the GPU: a barrier after)
+//   ops.serial(f)             f() once (the GPU: thread 0, then a barrier)
+//   ops.mth_largest(v, n, m)  the m-th largest of v[0..n) (1 <= m <= n; exact)
+//   ops.max(w, n)             the largest of w[0..n) (n >= 1; exact)
+//   ops.mass(e, n)            contract::walk16_total(e, n), float or double e (the list mass)
+//   ops.reach(e, n, P)        contract::walk16_reach(e, n, P) (the first index the walk's running
+//                             mass reaches P)
+//   ops.sort(ord, n, less)    ord[0..n) sorted by the strict total order less (unique result)
+//   ops.select(n, pred, out)  out[0..c) = the j in [0, n) with pred(j), ascending; returns c
+//   ops.filter(L, keep)       keeps the entries of L with keep[j] != 0 (order kept)
+//   ops.top_p(L, P, s)        top-p's cut: the smallest value v of L whose strictly greater values
+//                             weigh < P. The CPU: top_p_quickselect (partition-order sums); the
+//                             GPU: L sorted by value, then the value at ops.reach of the sorted
+//                             weights (walk-order sums). The same value unless the mass above the
+//                             cut lies within a few double ulps of P (documented, as for sample).
+// Every mass is the contract's 16-ary walk total (decodekit/contract.h), a fixed order that a GPU
+// sums on all its threads, so the survivors and tokens are the same on CPU and GPU.
+
 // Value of the m-th largest of L (m >= 1, clamped to n).
 template <class Ops>
-DK_HOST_DEVICE float list_mth_largest(const PipeList& L, int64_t m, const ListScratch& s, const Ops& ops) {
-  m = m < L.n ? m : L.n;
-  for (int64_t j = 0; j < L.n; ++j) s.tv[j] = L.v[j];
-  return ops.nth_largest(s.tv, L.n, m);
+DK_HOST_DEVICE float list_mth_largest(const PipeList& L, int64_t m, const Ops& ops) {
+  return ops.mth_largest(L.v, L.n, m < L.n ? m : L.n);
 }
 
-// Sequential double sum of the weights of L in list order.
-DK_HOST_DEVICE double list_mass(const PipeList& L) {
-  double Z = 0.0;
-  for (int64_t j = 0; j < L.n; ++j) Z += double(L.w[j]);
-  return Z;
+// The mass of L: the walk total of its weights in list order.
+template <class Ops>
+DK_HOST_DEVICE double list_mass(const PipeList& L, const Ops& ops) {
+  return ops.mass(L.w, L.n);
 }
 
-// Keeps the entries with keep[j] != 0 (order preserved).
-DK_HOST_DEVICE void list_filter(PipeList& L, const uint8_t* keep) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < L.n; ++j)
-    if (keep[j]) {
-      L.v[n] = L.v[j];
-      L.w[n] = L.w[j];
-      L.i[n] = L.i[j];
-      ++n;
-    }
-  L.n = n;
-}
+// Log-probability of a list value with the row max m and the list's log-mass lz.
+DK_HOST_DEVICE double list_logprob(float v, float m, float invT, double lz) { return double((v - m) * invT) - lz; }
 
-// Entropy of the renormalised distribution of L; s.ld[j] = log p_j.
-DK_HOST_DEVICE double list_entropy(const PipeList& L, float m, float invT, double Z, const ListScratch& s) {
+// Entropy of the renormalised distribution of L: -(walk total of the terms p_j log p_j), the
+// terms left in s.ld.
+template <class Ops>
+DK_HOST_DEVICE double list_entropy(const PipeList& L, float m, float invT, double Z, const ListScratch& s,
+                                   const Ops& ops) {
   const double lz = ::log(Z);
-  double H = 0.0;
-  for (int64_t j = 0; j < L.n; ++j) {
-    const double lp = double((L.v[j] - m) * invT) - lz;
-    s.ld[j] = lp;
-    if (L.w[j] > 0.f) H -= (double(L.w[j]) / Z) * lp;
-  }
-  return H;
+  const float *v = L.v, *w = L.w;
+  double* t = s.ld;
+  ops.each(L.n, [=](int64_t j) { t[j] = w[j] > 0.f ? (double(w[j]) / Z) * list_logprob(v[j], m, invT, lz) : 0.0; });
+  return -ops.mass(t, L.n);
 }
 
-// Keep flags (s.keep) of step `st` over L; min_tokens_to_keep: values >= the mtk-th largest stay.
+// Keep flags (s.keep) of step `st` over L (n >= 1); min_tokens_to_keep: values >= the mtk-th
+// largest stay.
 template <class Ops>
 DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, float m, float invT, const ListScratch& s,
                               const Ops& ops) {
   uint8_t* keep = s.keep;
   const int64_t n = L.n;
-  for (int64_t j = 0; j < n; ++j) keep[j] = 0;
-  if (n == 0) return;
-  const float vm = list_mth_largest(L, r.mtk, s, ops);
+  const float *v = L.v, *w = L.w;
+  const float vm = list_mth_largest(L, r.mtk, ops);
   switch (st) {
     case Step::TopK: {
       const int64_t k = r.k > r.mtk ? r.k : r.mtk;
-      const float t = n > k ? list_mth_largest(L, k, s, ops) : kNegInf;
-      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t;
+      const float t = n > k ? list_mth_largest(L, k, ops) : kNegInf;
+      ops.each(n, [=](int64_t j) { keep[j] = v[j] >= t; });
       return;
     }
     case Step::TopP: {
-      const double Z = list_mass(L);
-      for (int64_t j = 0; j < n; ++j) s.pairs[j] = PipeVW{L.v[j], L.w[j]};
-      const float t = top_p_quickselect(s.pairs, n, double(r.p) * Z);
-      for (int64_t j = 0; j < n; ++j) keep[j] = L.v[j] >= t || L.v[j] >= vm;
+      const double Z = list_mass(L, ops);
+      const float t = ops.top_p(L, double(r.p) * Z, s);
+      ops.each(n, [=](int64_t j) { keep[j] = v[j] >= t || v[j] >= vm; });
       return;
     }
     case Step::MinP: {
-      float wmax = 0.f;
-      for (int64_t j = 0; j < n; ++j) wmax = L.w[j] > wmax ? L.w[j] : wmax;
-      const double t = double(r.minp) * double(wmax);
-      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) >= t || L.v[j] >= vm;
+      const double t = double(r.minp) * double(ops.max(w, n));
+      ops.each(n, [=](int64_t j) { keep[j] = double(w[j]) >= t || v[j] >= vm; });
       return;
     }
     case Step::Epsilon:
     case Step::Eta: {
-      const double Z = list_mass(L);
+      const double Z = list_mass(L, ops);
       double cut = r.eps;
       if (st == Step::Eta) {
-        const double H = list_entropy(L, m, invT, Z, s);
+        const double H = list_entropy(L, m, invT, Z, s, ops);
         const double c2 = ::sqrt(r.eta) * ::exp(-H);
         cut = r.eta < c2 ? r.eta : c2;
       }
-      for (int64_t j = 0; j < n; ++j) keep[j] = double(L.w[j]) / Z >= cut || L.v[j] >= vm;
+      ops.each(n, [=](int64_t j) { keep[j] = double(w[j]) / Z >= cut || v[j] >= vm; });
       return;
     }
     case Step::Typical: {
-      const double Z = list_mass(L);
-      const double H = list_entropy(L, m, invT, Z, s);
+      // shifted scores |-log p - H|, sorted ascending (ties by position); a tie group of scores is
+      // kept while the mass of the strictly smaller scores is < typical_p: every score up to the
+      // one at which the walk's running mass over the sorted weights reaches typical_p * Z
+      const double Z = list_mass(L, ops);
+      const double H = list_entropy(L, m, invT, Z, s, ops);
+      const double lz = ::log(Z);
       double* sc = s.ld;
-      for (int64_t j = 0; j < n; ++j) sc[j] = ::fabs(-sc[j] - H);  // shifted score
       int32_t* ord = s.ord;
-      for (int64_t j = 0; j < n; ++j) ord[j] = int32_t(j);
+      float* e = s.tv;
+      ops.each(n, [=](int64_t j) {
+        sc[j] = ::fabs(-list_logprob(v[j], m, invT, lz) - H);
+        ord[j] = int32_t(j);
+      });
       ops.sort(ord, n, [sc](int32_t a, int32_t b) { return sc[a] < sc[b] || (sc[a] == sc[b] && a < b); });
-      // keep a tie group of scores while the mass of strictly smaller scores is < typical_p
-      const double P = r.typ * Z;
-      double below = 0.0;
+      ops.each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
+      const int64_t at = ops.reach(e, n, r.typ * Z);
       const double sm = sc[ord[(r.mtk < n ? r.mtk : n) - 1]];  // the mtk-th smallest score
-      for (int64_t g = 0; g < n;) {
-        const double sg = sc[ord[g]];
-        int64_t e = g;
-        double gm = 0.0;
-        while (e < n && sc[ord[e]] == sg) {
-          gm += double(L.w[ord[e]]);
-          ++e;
-        }
-        const bool k = below < P || sg <= sm;
-        for (int64_t t = g; t < e; ++t) keep[ord[t]] = k;
-        below += gm;
-        g = e;
-      }
+      const double cut = at == n ? kPosInf : (sc[ord[at]] > sm ? sc[ord[at]] : sm);
+      ops.each(n, [=](int64_t j) { keep[j] = sc[j] <= cut; });
       return;
     }
     case Step::TopH: {
       // the candidates: values >= the 100th largest (ties kept), most probable first
-      const float cv = list_mth_largest(L, kTopHCandidates, s, ops);
+      const float cv = list_mth_largest(L, kTopHCandidates, ops);
       int32_t* ord = s.ord;
-      int64_t nc = 0;
-      for (int64_t j = 0; j < n; ++j)
-        if (L.v[j] >= cv) ord[nc++] = int32_t(j);
-      const float* lv = L.v;
-      ops.sort(ord, nc, [lv](int32_t a, int32_t b) { return lv[a] > lv[b] || (lv[a] == lv[b] && a < b); });
-      double Zn = 0.0;
-      for (int64_t t = 0; t < nc; ++t) Zn += double(L.w[ord[t]]);
-      const double lz = ::log(Zn);
-      double H = 0.0;
-      for (int64_t t = 0; t < nc; ++t) {
-        const int32_t j = ord[t];
-        const double q = double(L.w[j]) / Zn;
-        const double term = q > 0.0 ? -q * (double((L.v[j] - m) * invT) - lz) : 0.0;
-        s.ld[t] = term;
-        H += term;
-      }
-      const double tau = r.toph * H;
-      double cum = 0.0;
-      for (int64_t g = 0; g < nc;) {
-        const float v = L.v[ord[g]];
-        int64_t e = g;
-        double gs = 0.0;
-        while (e < nc && L.v[ord[e]] == v) {
-          gs += s.ld[e];
-          ++e;
+      const int64_t nc = ops.select(n, [=](int64_t j) { return v[j] >= cv; }, ord);
+      ops.sort(ord, nc, [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+      float* e = s.tv;
+      double* term = s.ld;
+      ops.each(nc, [=](int64_t q) { e[q] = w[ord[q]]; });
+      const double Zn = ops.mass(e, nc), lz = ::log(Zn);
+      ops.each(nc, [=](int64_t q) {
+        term[q] = e[q] > 0.f ? -(double(e[q]) / Zn) * list_logprob(v[ord[q]], m, invT, lz) : 0.0;
+      });
+      const double tau = r.toph * ops.mass(term, nc);
+      ops.each(n, [=](int64_t j) { keep[j] = v[j] >= vm; });
+      // the cut: a tie group of values stays while the entropy terms before it plus its first term
+      // are <= tau (the first group always); a walk over the <= ~100 candidates on one thread
+      ops.serial([=]() {
+        double cum = 0.0;
+        for (int64_t g = 0; g < nc;) {
+          const float gv = v[ord[g]];
+          int64_t q = g;
+          double gs = 0.0;
+          while (q < nc && v[ord[q]] == gv) gs = contract::dadd_rn(gs, term[q++]);
+          if (g == 0 || contract::dadd_rn(cum, term[g]) <= tau)
+            for (int64_t t = g; t < q; ++t) keep[ord[t]] = 1;
+          cum = contract::dadd_rn(cum, gs);
+          g = q;
         }
-        const bool k = g == 0 || cum + s.ld[g] <= tau;
-        for (int64_t t = g; t < e; ++t) keep[ord[t]] = k;
-        cum += gs;
-        g = e;
-      }
-      for (int64_t j = 0; j < n; ++j) keep[j] = keep[j] || L.v[j] >= vm;
+      });
       return;
     }
   }
@@ -464,19 +397,20 @@ template <class Ops>
 DK_HOST_DEVICE void run_truncations(PipeList& L, const PipeRow& r, PipeOrder order, int64_t V, float m, float invT,
                                     float lo, const ListScratch& s, const Ops& ops) {
   const bool joint = order == PipeOrder::Joint;
-  if (joint)
-    for (int64_t t = 0; t < L.n; ++t) s.acc[t] = L.v[t] >= lo;
+  uint8_t *acc = s.acc, *keep = s.keep;
+  const float* v = L.v;
+  if (joint) ops.each(L.n, [=](int64_t t) { acc[t] = v[t] >= lo; });
   for (int j = 0; j < 7; ++j) {
     const Step st = pipe_step(order, j);
-    if (!step_on(st, r, V)) continue;
+    if (!step_on(st, r, V) || L.n == 0) continue;
     step_keep(st, L, r, m, invT, s, ops);
     if (joint) {
-      for (int64_t t = 0; t < L.n; ++t) s.acc[t] &= s.keep[t];
+      ops.each(L.n, [=](int64_t t) { acc[t] &= keep[t]; });
     } else {
-      list_filter(L, s.keep);
+      ops.filter(L, keep);
     }
   }
-  if (joint) list_filter(L, s.acc);
+  if (joint) ops.filter(L, acc);
 }
 
 // Whether any truncation of the row is on.
@@ -484,19 +418,6 @@ DK_HOST_DEVICE bool any_truncation(const PipeRow& r, int64_t V) {
   bool any = r.nsig > 0.0;
   for (int j = 0; j < 7; ++j) any = any || step_on(Step(j), r, V);
   return any;
-}
-
-// The inverse-CDF draw from L: the first entry where the running mass (list order) exceeds target;
-// the last entry of positive weight if rounding leaves the total at or below it; -1 if none.
-DK_HOST_DEVICE int64_t list_draw(const PipeList& L, double target) {
-  double cum = 0.0;
-  int64_t last = -1;
-  for (int64_t j = 0; j < L.n; ++j) {
-    if (L.w[j] > 0.f) last = j;
-    cum += double(L.w[j]);
-    if (cum > target) return j;
-  }
-  return last;
 }
 
 // Pads a top-n list holding h entries up to n with the lowest token ids not in idx[0..nl)
