@@ -422,6 +422,29 @@ def test_cut_where_the_mass_reaches_p_exactly(backend, ks, setting, kept):
     assert int(alive.sum()) == kept and bool(alive[order].all()), alive
 
 
+@on_backends
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(typical_p=0.9),
+        dict(top_p=0.95),
+        dict(top_h=0.5, eta=1e-4),
+        dict(top_n_sigma=2.5, typical_p=0.99, epsilon=1e-5),
+    ],
+    ids=["typical", "top_p", "top_h_eta", "sigma_typical_eps"],
+)
+def test_whole_row_lists(backend, setting):
+    """The list steps on a start list of thousands of entries (no top-k before them): on the GPU
+    the bitonic sort runs several pairs per thread (V = 9000 pads to 16384) and the walk's masses
+    span many 256-blocks; the row sums span three chunks. Processed top-5 lists sort the survivors."""
+    B, V = 2, 9000
+    x = _logits(B, V, 17)
+    kw, params = _proc(B, V, 17)
+    params.update(temperature=1.5, **setting)
+    for order in (0, 1):
+        _check(backend, _args(x, kw, params, order=order, top_n=5))
+
+
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
 def test_cuda_device_matches_cpu(order):
