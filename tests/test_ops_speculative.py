@@ -45,12 +45,22 @@ def _run(backend, cpu, op, emu_fn, args, emu_args, emu_kw, scheds, what, n_out=3
     if backend == "cpu":
         return cpu
     if backend == "cuda_emu":
-        for sched in scheds:
-            emu.set_schedule_seed(sched)
-            got = emu_fn(*emu_args, **emu_kw)
-            _same(cpu, got[:n_out], f"{what}, schedule {sched}")
-            if n_out == 3 and len(got) > 3 and emu_fn is emu_spec.tree_verify:
-                assert bool((got[3] == 0).all())
+        # both launch plans: nodes resolved on the walk (0 SMs) and prepared ahead (prepare_plan
+        # with a large SM count: logits targets), one per schedule seed (both if only one seed)
+        plans = [0, 1 << 20]
+        runs = list(zip(scheds, plans)) if len(scheds) > 1 else [(scheds[0], p) for p in plans]
+        try:
+            for sched, sms in runs:
+                emu.set_schedule_seed(sched)
+                emu_spec.set_sms(sms)
+                got = emu_fn(*emu_args, **emu_kw)
+                plan = "prepared nodes" if emu_spec.last_prepared() else "nodes on the walk"
+                _same(cpu, got[:n_out], f"{what}, schedule {sched}, {plan}")
+                assert emu_spec.prepared_mismatch() == 0, f"{what}: a prepared node differs from the walk's"
+                if n_out == 3 and len(got) > 3 and emu_fn is emu_spec.tree_verify:
+                    assert bool((got[3] == 0).all())
+        finally:
+            emu_spec.set_sms(0)
         return got[:n_out]
     got = bk.on_cuda(op, *args)
     _same(cpu, got, f"{what}, cuda")
@@ -439,3 +449,45 @@ def test_emu_early_exit_work():
     _same(cpu, got[:3], "tree early exit")
     visited = int((got[2] + 1).sum())
     assert emu_spec.work() == (visited, visited) and visited > B
+
+
+@bk.needs_emu
+def test_emu_prepared_nodes():
+    """Small batches resolve every node ahead of the walk, one block per node (speculative.cuh
+    prepare_kernel), when prepare_plan says so: logits targets only; chain when the B * (N + 1)
+    nodes take fewer waves of n_sms blocks than N + 1 positions in turn, tree when its B * T nodes
+    fit in 2 waves. The walk then resolves nothing itself (the work counters count the prepare
+    launch's nodes: chain positions 0..num_draft[b], every tree node) and the outputs are the
+    CPU's, with rejections, accepts and filters."""
+    B, N, V = 6, 3, 3000
+    lp = torch.randn(B, N + 1, V, generator=_gen(31)) * 2
+    ids = torch.where(torch.rand(B, N, generator=_gen(32)) < 0.6, lp[:, :N].argmax(-1), lp[:, :N].argmin(-1))
+    nd = torch.tensor([3, 0, 1, 2, 3, 2])
+    filt = (None, 40, None, 0.9, None, 0.0, 0)
+    cpu = ops.chain_verify(lp, ids, None, nd, 1, None, 0.8, *filt, None, 5, 0)
+    emu.set_schedule_seed(7)
+    # B * R = 24 nodes: 8 SMs give 3 waves < R = 4 (prepared), 6 SMs give 4 (on the walk)
+    for sms, prepared in ((8, True), (6, False), (0, False)):
+        emu_spec.set_sms(sms, check=False)
+        emu_spec.work()
+        got = emu_spec.chain_verify(lp, ids, None, nd, 1, None, 0.8, None, 5, 0, filters=filt)
+        assert emu_spec.last_prepared() == prepared, sms
+        _same(cpu, got, f"chain, {sms} SMs")
+        if prepared:
+            assert emu_spec.work() == (int((nd + 1).sum()),) * 2
+    emu_spec.set_sms(1 << 20)
+    got = emu_spec.chain_verify(lp.float(), ids, None, nd, 0, None, 1.0, None, 5, 0)  # probabilities: never
+    assert not emu_spec.last_prepared()
+    tree, cand, lt, qt = _tree_inputs(B=5, V=2000, seed=6)
+    T = cand.shape[1]
+    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
+    cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 2, 0)
+    for sms, prepared in (((5 * T + 1) // 2, True), ((5 * T + 1) // 2 - 1, False)):
+        emu_spec.set_sms(sms, check=False)
+        emu_spec.work()
+        got = emu_spec.tree_verify(*args, None, 1.0, None, 2, 0, filters=filt)
+        assert emu_spec.last_prepared() == prepared, sms
+        _same(cpu, got[:3], f"tree, {sms} SMs")
+        if prepared:
+            assert emu_spec.work() == (5 * T, 5 * T)
+    emu_spec.set_sms(0)

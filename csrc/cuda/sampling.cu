@@ -7,32 +7,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <atomic>
-#include <cstdlib>
 #include "cuda/sampling.cuh"
 #include "torch/cuda_binding.h"
 #include "torch/checks.h"
 
 namespace dk::torchb {
 namespace {
-
-// The device's SM count for the split-row plan (sampling.cuh split_plan): a device attribute
-// (no device round trip), cached per device. (Not at::cuda::getDeviceProperties: its header,
-// ATen/cuda/CUDAContext.h, includes cusparse.h / cublas headers that a plain nvcc install lacks.)
-// DECODEKIT_SPLIT_ROWS=0 in the environment turns the split-row plans off (one CTA per row, as
-// before them): read per call, for benchmarks that compare both plans in one process.
-int device_sms(const at::Tensor& x) {
-  if (const char* e = std::getenv("DECODEKIT_SPLIT_ROWS"); e && e[0] == '0' && e[1] == '\0') return 0;
-  static std::atomic<int> cache[64] = {};
-  const int dev = x.device().index();
-  if (dev < 0 || dev >= 64) return 0;
-  int n = cache[dev].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
 
 cuda::SampleArgs sample_args(const RowSetup& rs, int64_t offset) {
   cuda::SampleArgs a;

@@ -41,11 +41,13 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, Filter
 }
 
 struct CudaWs {
-  at::Tensor lanes, resid, removed, seen, stack, list_idx, list_w;
+  at::Tensor lanes, resid, removed, seen, stack, list_idx, list_w, pre_sums, pre_idx, pre_w;
 };
 
+// pre_R > 0: the launch prepares its R nodes per row ahead of the walk (speculative.cuh
+// prepare_plan): their summaries and survivor lists.
 cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, int64_t V, int64_t T, bool resid,
-                      bool logits) {
+                      bool logits, int64_t pre_R = 0) {
   cs::Workspace w;
   w.lanes_per_row = cs::lanes_per_row(std::max<int64_t>(V, 1));
   keep.lanes = at::empty({B, w.lanes_per_row}, opts.dtype(at::kDouble));
@@ -64,6 +66,19 @@ cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, in
     keep.list_w = at::empty({B, w.list_per_row}, opts.dtype(at::kFloat));
     w.list_idx = keep.list_idx.data_ptr<int32_t>();
     w.list_w = keep.list_w.data_ptr<float>();
+  }
+  if (pre_R > 0) {
+    cs::Prepared& p = w.pre;
+    p.R = pre_R;
+    keep.pre_sums = at::empty({B * pre_R * int64_t(sizeof(cs::NodeSum))}, opts.dtype(at::kByte));
+    p.sums = reinterpret_cast<cs::NodeSum*>(keep.pre_sums.data_ptr<uint8_t>());
+    if (logits) {
+      p.list_per_node = cs::list_per_row(V);
+      keep.pre_idx = at::empty({B * pre_R, p.list_per_node}, opts.dtype(at::kInt));
+      keep.pre_w = at::empty({B * pre_R, p.list_per_node}, opts.dtype(at::kFloat));
+      p.list_idx = keep.pre_idx.data_ptr<int32_t>();
+      p.list_w = keep.pre_w.data_ptr<float>();
+    }
   }
   if (T > 0) {
     w.tree_per_row = T;
@@ -95,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
   spec::ChainOut o = spec::chain_outputs(s, opts);
   if (s.B == 0) return {o.out_ids, o.accepted, o.emitted};
   CudaWs keep;
-  a.ws = make_ws(keep, opts, s.B, s.V, 0, false, target_kind == 1);
+  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.N + 1, device_sms(draft_token_ids), true);
+  a.ws = make_ws(keep, opts, s.B, s.V, 0, false, target_kind == 1, pre ? s.N + 1 : 0);
   spec::pack_chain(a, s, o, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_chain(a, stream_of(draft_token_ids)));
   spec::finish_chain_rows(s, o);
@@ -125,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
   spec::TreeOut o = spec::tree_outputs(s, W, opts);
   if (s.B == 0) return {o.predicts, o.accept_index, o.accept_num};
   CudaWs keep;
-  a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value(), target_kind == 1);
+  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.T, device_sms(candidates), false);
+  a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value(), target_kind == 1, pre ? s.T : 0);
   spec::pack_tree(a, s, W, o, target_kind, target, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_tree(a, stream_of(candidates)));
   spec::finish_tree_rows(s, o);

@@ -44,6 +44,10 @@ namespace sd = dk::cuda::detail;  // select_row, RowParams, Weight, Smem (sampli
 // nothing in a real build): target rows resolved, and normaliser passes (Z) made.
 #if defined(DK_SPEC_COUNT_WORK) && defined(DK_CUDA_EMULATE)
 inline int64_t g_rows_resolved = 0, g_z_passes = 0;
+// The emulator's check of the prepared nodes (walk_node): when set, the walk also resolves each
+// prepared node itself and counts the nodes whose summary or survivor list differs.
+inline bool g_check_prepared = false;
+inline int64_t g_prepared_mismatch = 0;
 #define DK_SPEC_COUNT(c) (threadIdx.x == 0 ? void(++(c)) : void())
 #else
 #define DK_SPEC_COUNT(c) ((void)0)
@@ -76,6 +80,25 @@ struct Rng {
   const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // device seed / offsets (decodekit/rng.h row_rng_key)
   int64_t offset_stride = 0;
 };
+// A node's filtered target resolved ahead of the walk (prepare_kernel): what Node<T> holds besides
+// the row pointer. Its survivor list, when listed, sits in Prepared::list_idx / list_w.
+struct NodeSum {
+  bool valid = false, greedy = false, probs = false, list = false;
+  sd::Weight wt{false, 0.f, 1.f};
+  float t = kNegInf, minw = 0.f;
+  double Z = 1.0;
+  float invZf = 1.f;
+  int64_t argmax = 0, nS = 0;
+};
+// The prepared nodes of a launch (sums == nullptr: none; the walk resolves its nodes itself):
+// R nodes per batch row (chain: positions 0..N, tree: nodes 0..T-1), node (b, r) at b * R + r.
+struct Prepared {
+  NodeSum* sums = nullptr;
+  int32_t* list_idx = nullptr;  // list_per_node entries per node
+  float* list_w = nullptr;
+  int64_t R = 0, list_per_node = 0;
+};
+
 // Per-row global scratch (the launcher allocates B rows of each).
 struct Workspace {
   double* lanes = nullptr;      // lanes_per_row doubles: chunk lane sums, then chunk masses
@@ -86,6 +109,7 @@ struct Workspace {
   int32_t* list_idx = nullptr;  // list_per_row: a listed survivor set S (logits with filters), tokens
   float* list_w = nullptr;      // list_per_row: their weights
   int64_t lanes_per_row = 0, resid_per_row = 0, removed_per_row = 0, tree_per_row = 0, list_per_row = 0;
+  Prepared pre;  // nodes resolved ahead (small batches; prepare_plan)
 };
 
 inline int64_t lanes_per_row(int64_t V) { return ((V + kChunk - 1) / kChunk) * 16 + ((V + kChunk - 1) / kChunk); }
@@ -427,6 +451,7 @@ struct Resolved {
   Node<T> n;
   float lo = -FLT_MAX;
   bool in_c = false;
+  bool finished = false;  // stage 2 done (finish_node, or a prepared node)
 };
 
 template <class T>
@@ -470,6 +495,8 @@ DK_DEVICE Resolved<T> resolve_node(const Target& tg, const T* x, const sd::RowPa
 template <class T>
 DK_DEVICE void finish_node(Resolved<T>& r, RowWs& ws, Shared& sh) {
   Node<T>& n = r.n;
+  if (r.finished) return;
+  r.finished = true;
   if (!n.valid || n.probs || n.greedy) return;
   DK_SPEC_COUNT(g_z_passes);
   if (r.in_c) {  // S in index order (the sampling kernels' list pass; stops once |S| > kListMax)
@@ -500,6 +527,50 @@ DK_DEVICE Node<T> prepare_node(const Target& tg, const T* x, const sd::RowParams
   Resolved<T> r = resolve_node(tg, x, rp, sa);
   finish_node(r, ws, sa.own);
   return r.n;
+}
+
+// Node (b, r) of the walk: the prepared one when the launch prepared its nodes (ws then points at
+// that node's survivor list), else resolved here (stage 1 only when lazy: the chain's
+// accept_alone finishes it if it must).
+template <class T>
+DK_DEVICE Resolved<T> walk_node(const Target& tg, int64_t b, int64_t r, const sd::RowParams& rp, const Workspace& w,
+                                RowWs& ws, SharedAll& sa, bool lazy) {
+  const T* x = static_cast<const T*>(tg.data) + b * tg.stride_b + r * tg.stride_r;
+  const Prepared& p = w.pre;
+  if (!p.sums) {
+    Resolved<T> out = resolve_node(tg, x, rp, sa);
+    if (!lazy) finish_node(out, ws, sa.own);
+    return out;
+  }
+  const int64_t k = b * p.R + r;
+  const NodeSum& s = p.sums[k];
+  Resolved<T> out;
+  Node<T>& n = out.n;
+  n.x = x;
+  n.V = tg.V;
+  n.valid = s.valid, n.greedy = s.greedy, n.probs = s.probs, n.list = s.list;
+  n.wt = s.wt, n.t = s.t, n.minw = s.minw, n.Z = s.Z, n.invZf = s.invZf, n.argmax = s.argmax, n.nS = s.nS;
+  out.finished = true;
+  if (p.list_idx) {
+    ws.list_idx = p.list_idx + k * p.list_per_node;
+    ws.list_w = p.list_w + k * p.list_per_node;
+  }
+#if defined(DK_SPEC_COUNT_WORK) && defined(DK_CUDA_EMULATE)
+  if (g_check_prepared) {  // the node the walk would have resolved, in the row's own list
+    RowWs own = ws;
+    own.list_idx = w.list_idx ? w.list_idx + b * w.list_per_row : nullptr;
+    own.list_w = w.list_w ? w.list_w + b * w.list_per_row : nullptr;
+    const Node<T> m = prepare_node(tg, x, rp, own, sa);
+    bool same = m.valid == n.valid && m.greedy == n.greedy && m.probs == n.probs && m.list == n.list &&
+                m.wt.probs == n.wt.probs && m.wt.m == n.wt.m && m.wt.invT == n.wt.invT && m.t == n.t &&
+                m.minw == n.minw && m.Z == n.Z && m.invZf == n.invZf && m.argmax == n.argmax && m.nS == n.nS;
+    for (int64_t j = 0; same && n.list && j < n.nS; ++j)
+      same = own.list_idx[j] == ws.list_idx[j] && own.list_w[j] == ws.list_w[j];
+    if (!same && threadIdx.x == 0) ++g_prepared_mismatch;
+    __syncthreads();
+  }
+#endif
+  return out;
 }
 
 // Children of one node: a chain position (one child) or a tree node (a sibling list).
@@ -714,7 +785,6 @@ __global__ void __launch_bounds__(kThreads, 1) chain_kernel(ChainArgs a) {
   Shared& sh = sa.own;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
-  const T* base = static_cast<const T*>(a.target.data);
   const int64_t N = a.N;
   const int64_t n = a.num_draft ? a.num_draft[b] : N;
   const RngKey key = row_key(a.rng, b);
@@ -724,10 +794,9 @@ __global__ void __launch_bounds__(kThreads, 1) chain_kernel(ChainArgs a) {
   int64_t stop = -1, emit = 0;
   int32_t acc = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const T* xj = base + b * a.target.stride_b + j * a.target.stride_r;
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + j * a.draft.stride_r : nullptr;
     const int64_t x = a.draft_ids[b * N + j];
-    Resolved<T> r = resolve_node(a.target, xj, rp, sa);
+    Resolved<T> r = walk_node<T>(a.target, b, j, rp, a.ws, ws, sa, true);
     if (stop >= 0) {  // after the first rejection: only the accepted count (no draw, no residual)
       acc += accept_alone(r, q, x, key, j, ws, sh) ? 1 : 0;
       continue;
@@ -742,7 +811,7 @@ __global__ void __launch_bounds__(kThreads, 1) chain_kernel(ChainArgs a) {
   }
   if (stop < 0) {
     stop = n;
-    const Node<T> tn = prepare_node(a.target, base + b * a.target.stride_b + n * a.target.stride_r, rp, ws, sa);
+    const Node<T> tn = walk_node<T>(a.target, b, n, rp, a.ws, ws, sa, false).n;
     verify_node(tn, nullptr, NoKids{}, key, n, &emit, ws, sh);
   }
   if (tid == 0) {
@@ -779,7 +848,6 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
   const int64_t err = sh.bi;
   __syncthreads();
   if (err != kTreeOk) return;
-  const T* base = ids_target ? nullptr : static_cast<const T*>(a.target.data);
   const int64_t* tids = ids_target ? static_cast<const int64_t*>(a.target.data) : nullptr;
   const RngKey key = row_key(a.rng, b);
   const sd::RowParams rp = node_params(a.target, b);
@@ -793,7 +861,7 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
       tn.valid = tn.greedy = true;
       tn.argmax = tids[b * a.target.stride_b + cur * a.target.stride_r];
     } else {
-      tn = prepare_node(a.target, base + b * a.target.stride_b + cur * a.target.stride_r, rp, ws, sa);
+      tn = walk_node<T>(a.target, b, cur, rp, a.ws, ws, sa, false).n;
     }
     const float* q = a.draft.data ? a.draft.data + b * a.draft.stride_b + cur * a.draft.stride_r : nullptr;
     int64_t emit = 0;
@@ -814,6 +882,43 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
     break;
   }
   if (tid == 0) a.accept_num[b] = int32_t(acc);
+}
+
+// Resolves every node of the walk ahead of it, one block per node (node k = b * R + r: batch row b,
+// chain position r <= num_draft[b] or tree node r), with prepare_node, the walk's own code: the
+// chain and tree kernels then read the nodes (walk_node) instead of resolving them one after
+// another on their row's single block. Launched when prepare_plan says so.
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) prepare_kernel(Target tg, const int64_t* num_draft, Workspace w) {
+  __shared__ SharedAll sa;
+  const Prepared& p = w.pre;
+  const int64_t k = blockIdx.x, b = k / p.R, r = k % p.R;
+  if (num_draft && r > num_draft[b]) return;  // chain positions past the row's drafts
+  RowWs ws{};
+  if (p.list_idx) {
+    ws.list_idx = p.list_idx + k * p.list_per_node;
+    ws.list_w = p.list_w + k * p.list_per_node;
+  }
+  const T* x = static_cast<const T*>(tg.data) + b * tg.stride_b + r * tg.stride_r;
+  const Node<T> n = prepare_node(tg, x, node_params(tg, b), ws, sa);
+  if (threadIdx.x == 0) {
+    NodeSum& o = p.sums[k];
+    o.valid = n.valid, o.greedy = n.greedy, o.probs = n.probs, o.list = n.list;
+    o.wt = n.wt, o.t = n.t, o.minw = n.minw, o.Z = n.Z, o.invZf = n.invZf, o.argmax = n.argmax, o.nS = n.nS;
+  }
+}
+
+// Whether a chain / tree launch prepares its nodes (host arithmetic on sizes only: no device
+// read, fixed under graph capture). Only logits targets have nodes worth resolving (a row pass or
+// more each; probability nodes cost nothing, id targets have none). A block holds a whole SM
+// (512 threads at up to 128 registers), so B * R prepared nodes take ceil(B * R / n_sms) waves,
+// each about one node's time. Chain: prepared when that beats resolving the R = N + 1 positions
+// one after another (waves < R). Tree: the walk visits only the accepted path (depth unknown,
+// >= 1), so prepared only when all T nodes fit in 2 waves. n_sms = 0: never (DECODEKIT_SPLIT_ROWS=0).
+inline bool prepare_plan(Kind kind, int64_t B, int64_t R, int64_t n_sms, bool chain) {
+  if (kind != Kind::Logits || n_sms <= 0 || B <= 0 || R <= 1) return false;
+  const int64_t waves = (B * R + n_sms - 1) / n_sms;
+  return chain ? waves < R : waves <= 2;
 }
 
 __global__ void __launch_bounds__(kThreads, 1) build_tree_kernel(BuildArgs a) {  // one thread per row
@@ -840,13 +945,24 @@ inline cudaError_t launch_typed(const Args& a, const Target& t, int64_t B, cudaS
     K<f16_t>::launch(a, grid, block, s);
   return cudaGetLastError();
 }
+// The prepare launch (when the workspace holds prepared nodes), then the walk.
+template <class T, class Args>
+inline void launch_prepare(const Args& a, const int64_t* num_draft, dim3 b, cudaStream_t s) {
+  if (a.ws.pre.sums) prepare_kernel<T><<<unsigned(a.B * a.ws.pre.R), b, 0, s>>>(a.target, num_draft, a.ws);
+}
 template <class T>
 struct ChainLaunch {
-  static void launch(const ChainArgs& a, dim3 g, dim3 b, cudaStream_t s) { chain_kernel<T><<<g, b, 0, s>>>(a); }
+  static void launch(const ChainArgs& a, dim3 g, dim3 b, cudaStream_t s) {
+    launch_prepare<T>(a, a.num_draft, b, s);
+    chain_kernel<T><<<g, b, 0, s>>>(a);
+  }
 };
 template <class T>
 struct TreeLaunch {
-  static void launch(const TreeArgs& a, dim3 g, dim3 b, cudaStream_t s) { tree_kernel<T><<<g, b, 0, s>>>(a); }
+  static void launch(const TreeArgs& a, dim3 g, dim3 b, cudaStream_t s) {
+    launch_prepare<T>(a, nullptr, b, s);
+    tree_kernel<T><<<g, b, 0, s>>>(a);
+  }
 };
 
 inline cudaError_t launch_chain(const ChainArgs& a, cudaStream_t s) {

@@ -35,6 +35,12 @@ def load(threads=None):
     L.dk_emu_spec_list.argtypes, L.dk_emu_spec_list.restype = [Q], Q
     L.dk_emu_set_filters.argtypes, L.dk_emu_set_filters.restype = [I, P, Q, P, F, P, F], None
     L.dk_emu_spec_work.argtypes, L.dk_emu_spec_work.restype = [P], None
+    L.dk_emu_spec_set_sms.argtypes, L.dk_emu_spec_set_sms.restype = [Q], None
+    L.dk_emu_spec_last_prepared.argtypes, L.dk_emu_spec_last_prepared.restype = [], I
+    L.dk_emu_spec_check_prepared.argtypes, L.dk_emu_spec_check_prepared.restype = [I], None
+    L.dk_emu_spec_prepared_mismatch.argtypes, L.dk_emu_spec_prepared_mismatch.restype = [], Q
+    L.dk_emu_spec_set_sms(_n_sms[0])
+    L.dk_emu_spec_check_prepared(int(_n_sms[0] > 0))
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P, P, P]
     L.dk_emu_tree.argtypes = [
         P,
@@ -80,6 +86,31 @@ def load(threads=None):
         f.restype = None
     _libs[threads] = L
     return L
+
+
+_n_sms = [0]
+
+
+def set_sms(n, check=True):
+    """The SM count the chain / tree launches plan with (speculative.cuh prepare_plan): 0 (the
+    default) never prepares the nodes ahead; a large count prepares whenever the plan allows.
+    check (n > 0): the walk also resolves every prepared node itself and counts the differences
+    (prepared_mismatch; the work counters then count both)."""
+    _n_sms[0] = n
+    for L in _libs.values():
+        L.dk_emu_spec_set_sms(n)
+        L.dk_emu_spec_check_prepared(int(n > 0 and check))
+
+
+def prepared_mismatch(threads=None):
+    """Prepared nodes whose summary or survivor list differed from the walk's own since the last
+    call (resets the count)."""
+    return load(threads).dk_emu_spec_prepared_mismatch()
+
+
+def last_prepared(threads=None):
+    """Whether the last chain / tree call prepared its nodes (prepare_kernel ran before the walk)."""
+    return bool(load(threads).dk_emu_spec_last_prepared())
 
 
 def work(threads=None):

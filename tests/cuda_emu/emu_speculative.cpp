@@ -1,6 +1,7 @@
 // C entry points that run csrc/cuda/speculative.cuh's kernels under the CPU emulator
 // (tests/cuda_emu/emu_spec.py loads this through ctypes; host pointers stand in for device
 // pointers). Flat argument lists mirror the fields of the kernels' argument structs.
+#include <vector>
 #include "emu_runtime.h"
 #define DK_SPEC_COUNT_WORK 1  // the kernels' work counters (dk_emu_spec_work)
 #include "cuda/speculative.cuh"
@@ -16,6 +17,15 @@ struct TreeK {
   static void fn(TreeArgs a) { tree_kernel<T>(a); }
 };
 static void build_fn(BuildArgs a) { build_tree_kernel(a); }
+struct PrepArgs {
+  Target tg;
+  const int64_t* num_draft;
+  Workspace w;
+};
+template <class T>
+struct PrepK {
+  static void fn(PrepArgs a) { prepare_kernel<T>(a.tg, a.num_draft, a.w); }
+};
 
 template <template <class> class K, class A>
 static void run(const Target& t, unsigned grid, const A& a) {
@@ -68,8 +78,44 @@ void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_
 // Rows the bindings' deferred checks skip (TreeArgs::skip), set before dk_emu_tree.
 static const bool* g_tree_skip = nullptr;
 
+// The SM count the launches plan with (speculative.cuh prepare_plan; 0: never prepare), set by
+// dk_emu_spec_set_sms. When the plan prepares, the nodes' workspace is held here for the call and
+// the prepare launch runs before the walk, as csrc/cuda/speculative.cu does.
+static int64_t g_n_sms = 0;
+struct PrepWs {
+  std::vector<NodeSum> sums;
+  std::vector<int32_t> idx;
+  std::vector<float> w;
+};
+template <class A>
+static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepWs& keep) {
+  if (!prepare_plan(a.target.kind, a.B, R, g_n_sms, chain)) return;
+  Prepared& p = a.ws.pre;
+  p.R = R;
+  p.list_per_node = a.ws.list_per_row;
+  keep.sums.assign(size_t(a.B * R), NodeSum{});
+  keep.idx.assign(size_t(a.B * R * p.list_per_node), 0);
+  keep.w.assign(size_t(a.B * R * p.list_per_node), 0.f);
+  p.sums = keep.sums.data();
+  p.list_idx = keep.idx.data();
+  p.list_w = keep.w.data();
+  run<PrepK>(a.target, unsigned(a.B * R), PrepArgs{a.target, num_draft, a.ws});
+}
+
 extern "C" {
 int dk_emu_spec_threads() { return kThreads; }
+void dk_emu_spec_set_sms(int64_t n) { g_n_sms = n; }
+// Whether the last dk_emu_chain / dk_emu_tree prepared its nodes.
+static int g_last_prepared = 0;
+int dk_emu_spec_last_prepared() { return g_last_prepared; }
+// The walk re-resolves every prepared node and compares (speculative.cuh walk_node); returns the
+// mismatches since the last call and resets them.
+void dk_emu_spec_check_prepared(int on) { g_check_prepared = on != 0; }
+int64_t dk_emu_spec_prepared_mismatch() {
+  const int64_t n = g_prepared_mismatch;
+  g_prepared_mismatch = 0;
+  return n;
+}
 void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
 int64_t dk_emu_spec_list(int64_t V) { return list_per_row(V); }
@@ -105,6 +151,9 @@ void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t ts
   a.out_emitted = out_emi;
   a.ws.removed = removed;
   a.ws.removed_per_row = 1;
+  PrepWs keep;
+  prepare(a, N + 1, true, num_draft, keep);
+  g_last_prepared = a.ws.pre.sums != nullptr;
   run<ChainK>(a.target, unsigned(B), a);
 }
 
@@ -142,6 +191,9 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
   a.ws.seen = seen;
   a.ws.stack = stack;
   a.ws.tree_per_row = T;
+  PrepWs keep;
+  prepare(a, T, false, nullptr, keep);
+  g_last_prepared = a.ws.pre.sums != nullptr;
   run<TreeK>(a.target, unsigned(B), a);
 }
 
