@@ -423,9 +423,12 @@ struct BlockListOps {
     __syncthreads();
     return at;
   }
-  template <class Less>
-  DK_PIPE_FN void sort(int32_t* ord, int64_t n, const Less& less) const {
-    block_sort(ord, n, less);
+  template <class Key>
+  DK_PIPE_FN void sort(int32_t* ord, int64_t n, const Key& key, bool descending) const {
+    block_sort(ord, n, [&](int32_t a, int32_t b) {
+      const auto ka = key(a), kb = key(b);
+      return (descending ? ka > kb : ka < kb) || (ka == kb && a < b);
+    });
   }
   template <class Pred>
   DK_PIPE_FN int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
@@ -459,7 +462,7 @@ struct BlockListOps {
     int32_t* ord = s.ord;
     float* e = s.tv;
     each(n, [=](int64_t j) { ord[j] = int32_t(j); });
-    sort(ord, n, [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+    sort(ord, n, [v](int32_t j) { return v[j]; }, true);
     each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
     const int64_t at = reach(e, n, P);
     return v[ord[at < n ? at : n - 1]];
@@ -763,7 +766,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       __syncthreads();
       int32_t* ord = ls.ord;
       ops.each(n, [=](int64_t j) { ord[j] = int32_t(j); });
-      ops.sort(ord, n, [tv, ti](int32_t p, int32_t s) { return tv[p] > tv[s] || (tv[p] == tv[s] && ti[p] < ti[s]); });
+      // ties by position: the collects left equal values in index order
+      ops.sort(ord, n, [tv](int32_t p) { return tv[p]; }, true);
       ops.each(n, [=](int64_t j) {
         const float v = tv[ord[j]];
         tids[j] = ti[ord[j]];
@@ -787,7 +791,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     const float* lv = L.v;
     const int32_t* li = L.i;
     ops.each(L.n, [=](int64_t j) { ord[j] = int32_t(j); });
-    ops.sort(ord, L.n, [lv, li](int32_t p, int32_t s) { return lv[p] > lv[s] || (lv[p] == lv[s] && li[p] < li[s]); });
+    ops.sort(ord, L.n, [lv](int32_t p) { return lv[p]; }, true);  // L is in index order: ties by token
     const int64_t h = a.top_n < L.n ? a.top_n : L.n;
     ops.each(h, [=](int64_t j) {
       tids[j] = li[ord[j]];

@@ -256,7 +256,8 @@ DK_HOST_DEVICE float pipe_weight(float v, float m, float invT) { return dk_exp((
 //   ops.mass(e, n)            contract::walk16_total(e, n), float or double e (the list mass)
 //   ops.reach(e, n, P)        contract::walk16_reach(e, n, P) (the first index the walk's running
 //                             mass reaches P)
-//   ops.sort(ord, n, less)    ord[0..n) sorted by the strict total order less (unique result)
+//   ops.sort(ord, n, key, d)  the positions ord[0..n) sorted by key(j), ascending (descending if
+//                             d), ties by position j ascending (a total order: unique result)
 //   ops.select(n, pred, out)  out[0..c) = the j in [0, n) with pred(j), ascending; returns c
 //   ops.filter(L, keep)       keeps the entries of L with keep[j] != 0 (order kept)
 //   ops.top_p(L, P, s)        top-p's cut: the smallest value v of L whose strictly greater values
@@ -347,7 +348,7 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
         sc[j] = ::fabs(-list_logprob(v[j], m, invT, lz) - H);
         ord[j] = int32_t(j);
       });
-      ops.sort(ord, n, [sc](int32_t a, int32_t b) { return sc[a] < sc[b] || (sc[a] == sc[b] && a < b); });
+      ops.sort(ord, n, [sc](int32_t j) { return sc[j]; }, false);
       ops.each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
       const int64_t at = ops.reach(e, n, r.typ * Z);
       const double sm = sc[ord[(r.mtk < n ? r.mtk : n) - 1]];  // the mtk-th smallest score
@@ -360,7 +361,7 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
       const float cv = list_mth_largest(L, kTopHCandidates, ops);
       int32_t* ord = s.ord;
       const int64_t nc = ops.select(n, [=](int64_t j) { return v[j] >= cv; }, ord);
-      ops.sort(ord, nc, [v](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+      ops.sort(ord, nc, [v](int32_t j) { return v[j]; }, true);
       float* e = s.tv;
       double* term = s.ld;
       ops.each(nc, [=](int64_t q) { e[q] = w[ord[q]]; });
