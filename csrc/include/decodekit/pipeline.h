@@ -87,7 +87,7 @@ DK_HOST_DEVICE float count_penalty_apply(float y, float f, float q, uint32_t c) 
 }
 
 // ---- per-row parameters and the list steps (shared: csrc/cpu/pipeline.h runs them on one CPU
-// thread, csrc/cuda/pipeline.cuh on one thread of the row's block, so both give the same bits) ----
+// thread, csrc/cuda/pipeline.cuh on the row's whole block, through the primitives below) ----
 
 struct PipeRow {
   float T = 1.f;
@@ -165,12 +165,12 @@ struct PipeVW {
   float v, w;
 };
 
-// Per-list scratch of the steps, each with room for L.n entries (pairs may alias ld).
+// Per-list scratch of the steps, each with room for L.n entries.
 struct ListScratch {
-  float* tv;      // float scratch (m-th largest, weights in a sorted order)
+  float* tv;      // float scratch (the weights in a sorted order)
   double* ld;     // per-entry doubles (entropy terms, typical's scores)
   int32_t* ord;   // an order of the list (the GPU's sort pads it to a power of two)
-  PipeVW* pairs;  // top-p's (value, weight) pairs (the CPU's quickselect)
+  PipeVW* pairs;  // top-p's (value, weight) pairs (the CPU's quickselect; null on the GPU)
   uint8_t* keep;  // keep flags of one step
   uint8_t* acc;   // keep flags of all steps (joint)
 };
