@@ -13,6 +13,8 @@ thread orders (`_schedules`); the emulator-only tests below check the tree kerne
 the small block size and the kernels' early exits (work counters).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -64,6 +66,16 @@ def _run(backend, cpu, op, emu_fn, args, emu_args, emu_kw, scheds, what, n_out=3
         return got[:n_out]
     got = bk.on_cuda(op, *args)
     _same(cpu, got, f"{what}, cuda")
+    # the other plan: DECODEKIT_SPLIT_ROWS=0 (read per call) never prepares the nodes ahead
+    old = os.environ.get("DECODEKIT_SPLIT_ROWS")
+    os.environ["DECODEKIT_SPLIT_ROWS"] = "0"
+    try:
+        _same(cpu, bk.on_cuda(op, *args), f"{what}, cuda, nodes on the walk")
+    finally:
+        if old is None:
+            del os.environ["DECODEKIT_SPLIT_ROWS"]
+        else:
+            os.environ["DECODEKIT_SPLIT_ROWS"] = old
     return got
 
 
