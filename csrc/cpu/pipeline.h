@@ -20,6 +20,7 @@
 #include <cmath>
 #include <utility>
 #include <vector>
+#include "cpu/key_sort.h"
 #include "cpu/row_engine.h"
 #include "decodekit/pipeline.h"
 
@@ -79,16 +80,16 @@ struct PipeScratch {
   std::vector<uint64_t> tmark, bmark;
   std::vector<float> lv, lw;  // the list L: values, weights (index order)
   std::vector<int32_t> li;
-  std::vector<double> ld;                              // per-list scratch (log-probabilities, scores)
-  std::vector<int32_t> ord;                            // per-list order
-  std::vector<float> tv;                               // float list scratch (weights in a sorted order)
-  std::vector<float> sel;                              // nth_element's copy
-  std::vector<double> g16;                             // the walk's group and block sums
-  std::vector<std::pair<double, int32_t>> sort_pairs;  // SerialListOps::sort's (key, position) pairs
-  std::vector<std::pair<float, int32_t>> top;          // top-n (value, index)
-  std::vector<std::pair<int32_t, float>> touched;      // tokens changed by the sparse steps, first value
-  std::vector<PipeVW> pairs;                           // top-p's (value, weight) pairs
-  std::vector<uint8_t> keep, acc;                      // per-list keep flags of a step / of all steps (joint)
+  std::vector<double> ld;                          // per-list scratch (log-probabilities, scores)
+  std::vector<int32_t> ord;                        // per-list order
+  std::vector<float> tv;                           // float list scratch (weights in a sorted order)
+  std::vector<float> sel;                          // nth_element's copy
+  std::vector<double> g16;                         // the walk's group and block sums
+  KeySort key_sort;                                // SerialListOps::sort's buffers
+  std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
+  std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
+  std::vector<PipeVW> pairs;                       // top-p's (value, weight) pairs
+  std::vector<uint8_t> keep, acc;                  // per-list keep flags of a step / of all steps (joint)
   // The list steps' scratch (decodekit/pipeline.h) with room for n entries.
   ListScratch list_scratch(int64_t n) {
     if (int64_t(ld.size()) < n) {
@@ -154,19 +155,15 @@ struct SerialListOps {
     contract::walk16_sums(e, n, g16, g256);
     return contract::walk16_reach(e, n, g16, g256, P);
   }
-  // (key, position) pairs sorted in one contiguous array (an index sort whose comparator reads the
-  // keys through the positions misses the cache on every compare); float keys widen exactly.
+  // (key, position) pairs in one contiguous array (an index sort whose comparator reads the keys
+  // through the positions misses the cache on every compare); long lists by a radix sort
+  // (cpu/key_sort.h). Float keys widen exactly.
   template <class Key>
   void sort(int32_t* ord, int64_t n, const Key& key, bool descending) const {
-    auto& kp = ps.sort_pairs;
+    auto& kp = ps.key_sort.kp;
     kp.resize(size_t(n));
     for (int64_t q = 0; q < n; ++q) kp[size_t(q)] = {double(key(ord[q])), ord[q]};
-    if (descending)
-      std::sort(kp.begin(), kp.end(), [](const auto& a, const auto& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      });
-    else
-      std::sort(kp.begin(), kp.end());  // (key, position) ascending
+    ps.key_sort.run(descending);
     for (int64_t q = 0; q < n; ++q) ord[q] = kp[size_t(q)].second;
   }
   template <class Pred>
