@@ -691,8 +691,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) --------
     L.n = n0;
     run_truncations(L, pr, order, V, m, invT, lo, ls, ops);
-    if (!out) {  // the contract's walk: Z = its total, the pick at u * Z
-      const double Z = block_walk16_sums<kPipeThreads>(L.w, L.n, ops.g16, ops.g256, &sh.bc);
+    if (!out) {                             // the contract's walk: Z = its total, the pick at u * Z
+      const double Z = ops.mass(L.w, L.n);  // leaves the walk's sums in ops.g16 / g256
       if (tid == 0) {
         const double u = row_uniform(row_rng_key(a, o), 0u);
         const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);

@@ -80,16 +80,24 @@ struct Rng {
   const int64_t *seed_ptr = nullptr, *offsets = nullptr;  // device seed / offsets (decodekit/rng.h row_rng_key)
   int64_t offset_stride = 0;
 };
-// A node's filtered target resolved ahead of the walk (prepare_kernel): what Node<T> holds besides
-// the row pointer. Its survivor list, when listed, sits in Prepared::list_idx / list_w.
+// A node's filtered target (the state of Node<T> besides the row it reads): what prepare_kernel
+// stores for the walk. Its survivor list, when listed, sits in RowWs::list_idx / list_w (prepared:
+// Prepared::list_idx / list_w).
 struct NodeSum {
   bool valid = false, greedy = false, probs = false, list = false;
   sd::Weight wt{false, 0.f, 1.f};
   float t = kNegInf, minw = 0.f;
   double Z = 1.0;
   float invZf = 1.f;
-  int64_t argmax = 0, nS = 0;
+  int64_t argmax = 0;
+  int64_t nS = 0;  // list: |S| (the tokens, ascending, and their weights)
 };
+// Field by field (the emulator's check of a prepared node against the walk's own).
+DK_DEVICE bool same_node(const NodeSum& a, const NodeSum& b) {
+  return a.valid == b.valid && a.greedy == b.greedy && a.probs == b.probs && a.list == b.list &&
+         a.wt.probs == b.wt.probs && a.wt.m == b.wt.m && a.wt.invT == b.wt.invT && a.t == b.t && a.minw == b.minw &&
+         a.Z == b.Z && a.invZf == b.invZf && a.argmax == b.argmax && a.nS == b.nS;
+}
 // The prepared nodes of a launch (sums == nullptr: none; the walk resolves its nodes itself):
 // R nodes per batch row (chain: positions 0..N, tree: nodes 0..T-1), node (b, r) at b * R + r.
 struct Prepared {
@@ -365,16 +373,9 @@ DK_DEVICE_NOINLINE int64_t block_draw(int64_t V, const W& w, double u, RowWs& ws
 // parameters: survivors S = { x >= t and w(x) >= minw } with weights w(x) = exp((x - m) / T), the
 // mass Z of S, and S listed (index order) when the CPU lists it.
 template <class T>
-struct Node {
-  bool valid = false, greedy = false, probs = false, list = false;
+struct Node : NodeSum {
   const T* x = nullptr;
   int64_t V = 0;
-  sd::Weight wt{false, 0.f, 1.f};
-  float t = kNegInf, minw = 0.f;
-  double Z = 1.0;
-  float invZf = 1.f;
-  int64_t argmax = 0;
-  int64_t nS = 0;  // list: |S| (the tokens, ascending, and their weights are in RowWs::list_idx / list_w)
   DK_DEVICE float e(int64_t i) const {  // logits weight on S, 0 off S (the CPU's wblock)
     const float v = to_float(x[i]);
     if (!(v >= t)) return 0.f;
@@ -546,10 +547,9 @@ DK_DEVICE Resolved<T> walk_node(const Target& tg, int64_t b, int64_t r, const sd
   const NodeSum& s = p.sums[k];
   Resolved<T> out;
   Node<T>& n = out.n;
+  static_cast<NodeSum&>(n) = s;
   n.x = x;
   n.V = tg.V;
-  n.valid = s.valid, n.greedy = s.greedy, n.probs = s.probs, n.list = s.list;
-  n.wt = s.wt, n.t = s.t, n.minw = s.minw, n.Z = s.Z, n.invZf = s.invZf, n.argmax = s.argmax, n.nS = s.nS;
   out.finished = true;
   if (p.list_idx) {
     ws.list_idx = p.list_idx + k * p.list_per_node;
@@ -561,9 +561,7 @@ DK_DEVICE Resolved<T> walk_node(const Target& tg, int64_t b, int64_t r, const sd
     own.list_idx = w.list_idx ? w.list_idx + b * w.list_per_row : nullptr;
     own.list_w = w.list_w ? w.list_w + b * w.list_per_row : nullptr;
     const Node<T> m = prepare_node(tg, x, rp, own, sa);
-    bool same = m.valid == n.valid && m.greedy == n.greedy && m.probs == n.probs && m.list == n.list &&
-                m.wt.probs == n.wt.probs && m.wt.m == n.wt.m && m.wt.invT == n.wt.invT && m.t == n.t &&
-                m.minw == n.minw && m.Z == n.Z && m.invZf == n.invZf && m.argmax == n.argmax && m.nS == n.nS;
+    bool same = same_node(m, n);
     for (int64_t j = 0; same && n.list && j < n.nS; ++j)
       same = own.list_idx[j] == ws.list_idx[j] && own.list_w[j] == ws.list_w[j];
     if (!same && threadIdx.x == 0) ++g_prepared_mismatch;
@@ -901,11 +899,7 @@ __global__ void __launch_bounds__(kThreads, 1) prepare_kernel(Target tg, const i
   }
   const T* x = static_cast<const T*>(tg.data) + b * tg.stride_b + r * tg.stride_r;
   const Node<T> n = prepare_node(tg, x, node_params(tg, b), ws, sa);
-  if (threadIdx.x == 0) {
-    NodeSum& o = p.sums[k];
-    o.valid = n.valid, o.greedy = n.greedy, o.probs = n.probs, o.list = n.list;
-    o.wt = n.wt, o.t = n.t, o.minw = n.minw, o.Z = n.Z, o.invZf = n.invZf, o.argmax = n.argmax, o.nS = n.nS;
-  }
+  if (threadIdx.x == 0) p.sums[k] = n;  // its NodeSum part
 }
 
 // Whether a chain / tree launch prepares its nodes (host arithmetic on sizes only: no device
