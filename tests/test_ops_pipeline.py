@@ -153,14 +153,20 @@ def _check(backend, args, rows=None):
     if backend == "cpu":
         got = cpu
     elif backend == "cuda_emu":
-        got = emu_pipe.pipeline(*args)
-        for j, (c, g) in enumerate(zip(cpu, got)):
-            if mode == 0 and j in (2, 3) and not want:
-                continue  # not computed
-            if rows is not None and c.shape[0]:
-                c, g = c[rows], g[rows]
-            assert c.shape == g.shape, NAMES[j]
-            assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ:\ncpu {c}\nemu {g}"
+        # both launch plans: one CTA per row, and the split plan (pipe_plan) of a 64-SM device with
+        # slices of >= 16 elements (a GPU's are >= 4096), so that the small rows here split too
+        n_out, V = (args[0].shape[0] if args[1] is None else args[1].numel()), args[0].shape[1]
+        for n_sms in (0, 64):
+            got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=16)
+            if n_sms and 0 < n_out < n_sms and V >= 32:
+                assert emu_pipe.last_splits[0] > 1, (n_out, V)
+            for j, (c, g) in enumerate(zip(cpu, got)):
+                if mode == 0 and j in (2, 3) and not want:
+                    continue  # not computed
+                if rows is not None and c.shape[0]:
+                    c, g = c[rows], g[rows]
+                assert c.shape == g.shape, NAMES[j]
+                assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ (n_sms {n_sms}):\ncpu {c}\nemu {g}"
     else:
         got = bk.on_cuda(torch.ops.decodekit.pipeline, *args)
         for j, (c, g) in enumerate(zip(cpu, got)):
@@ -293,18 +299,18 @@ def test_emu_invalid_values_give_invalid_rows():
     args = _args(x, kw, params, top_n=2)
     with pytest.raises(ValueError):
         torch.ops.decodekit.pipeline(*args)
-    got = emu_pipe.pipeline(*args)
-    assert got[1].tolist() == [True, False, False, False]
-    assert got[0][1:].tolist() == [0, 0, 0]
     ok = dict(kw)
     ok["banned_token_ids"] = kw["banned_token_ids"].clamp(max=V - 1)
     bias_vals = kw["logit_bias"][1].nan_to_num(0.0)
     ok["logit_bias"] = (kw["logit_bias"][0], bias_vals)
-    params["typical_p"] = 0.9
-    cpu = torch.ops.decodekit.pipeline(*_args(x, ok, params, top_n=2))
-    assert torch.equal(cpu[0][:1], got[0][:1]) and torch.equal(_bits(cpu[2][:1]), _bits(got[2][:1]))
-    masked = emu_pipe.pipeline(*_args(x, kw, params | {"typical_p": 0.9}, mode=1))[6]
-    assert torch.equal(masked[1], x[1]) and torch.equal(masked[2], x[2])  # raw rows pass through
+    cpu = torch.ops.decodekit.pipeline(*_args(x, ok, params | {"typical_p": 0.9}, top_n=2))
+    for n_sms in (0, 64):  # one CTA per row, and the split plan
+        got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=16)
+        assert got[1].tolist() == [True, False, False, False]
+        assert got[0][1:].tolist() == [0, 0, 0]
+        assert torch.equal(cpu[0][:1], got[0][:1]) and torch.equal(_bits(cpu[2][:1]), _bits(got[2][:1]))
+        masked = emu_pipe.pipeline(*_args(x, kw, params | {"typical_p": 0.9}, mode=1), n_sms=n_sms, min_slice=16)[6]
+        assert torch.equal(masked[1], x[1]) and torch.equal(masked[2], x[2])  # raw rows pass through
 
 
 @bk.needs_emu
@@ -321,9 +327,11 @@ def test_emu_invalid_values_set_the_error_flag():
     assert flag.item() == 0
     kw["output_token_ids"][2, 0] = -2  # below the padding value
     args = _args(x, kw, params, top_n=2)
-    got = emu_pipe.pipeline(*args, error_flag=flag, error_bit=1 << 14)
-    assert flag.item() == 1 << 14
-    assert got[1].tolist() == [True, True, False, True]
+    for n_sms in (64, 0):  # the split plan, then one CTA per row
+        flag.zero_()
+        got = emu_pipe.pipeline(*args, error_flag=flag, error_bit=1 << 14, n_sms=n_sms, min_slice=16)
+        assert flag.item() == 1 << 14
+        assert got[1].tolist() == [True, True, False, True]
     decodekit.check_errors()
     decodekit._set_deferred_checks(True)
     try:
@@ -334,6 +342,106 @@ def test_emu_invalid_values_set_the_error_flag():
         decodekit._set_deferred_checks(False)
     for j, (c, g) in enumerate(zip(cpu, got)):
         assert torch.equal(_bits(c), _bits(g)), j
+
+
+def _split_plan_rule(n_out, V, n_sms, min_slice=4096):
+    """pipeline.cuh pipe_plan in Python: slices of >= min_slice elements, about n_sms CTAs in all,
+    per rounded up to a multiple of 16; one CTA per row once the rows fill the SMs."""
+    if n_sms <= 0 or n_out <= 0 or n_out >= n_sms:
+        return 1
+    n = min(-(-n_sms // n_out), V // min_slice)
+    if n < 2:
+        return 1
+    per = -(-(-(-V // n)) // 16) * 16
+    return max(1, -(-V // per))
+
+
+@on_backends
+@pytest.mark.parametrize("at", ["first", "middle", "last"])
+def test_every_slice_counts(backend, at):
+    """The row's max, a NaN and the top-k values in the first, a middle or the last element of the
+    row: under the split plan (on cuda_emu: slices of 32 elements) each lands in another slice, and
+    the verdict, the greedy token, the k-th largest and the start list must see every slice."""
+    B, V = 4, 1000
+    p = {"first": 0, "middle": 517, "last": V - 1}[at]
+    x = _logits(B, V, 23)
+    x[0, p] = 12.0  # greedy: the max
+    x[1, p] = 12.0  # sampling with top-k 3: the max plus the next two
+    x[1, (p + 333) % V] = 11.0
+    x[1, (p + 666) % V] = 11.5
+    x[2, p] = float("nan")  # a bad row
+    x[3, p] = 9.0  # typical / min-p around it
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    T = torch.tensor([0.0, 1.0, 1.0, 0.7], dtype=torch.float64)
+    k = torch.tensor([0, 3, 0, 0], dtype=torch.int64)
+    params = dict(temperature=T, top_k=k, min_p=0.01, typical_p=0.95)
+    for mode in (0, 1):
+        cpu, _ = _check(backend, _args(x, kw, params, mode=mode, top_n=3 if mode == 0 else 0))
+        if mode == 0:
+            assert cpu[0][0] == p and cpu[1].tolist() == [True, True, False, True], cpu
+            assert cpu[4][1].sort().values.tolist() == sorted([p, (p + 333) % V, (p + 666) % V]), cpu[4]
+
+
+@bk.needs_emu
+def test_emu_split_plan_rule():
+    """The split plan's CTAs per row at its edges (no launch): a row splits when there are fewer
+    rows than SMs and it holds two slices of at least 4096 elements (a GPU's rule)."""
+    assert emu_pipe.plan_splits(1, 128256, 132) == 31
+    assert emu_pipe.plan_splits(4, 128256, 132) == 31  # 124 CTAs in all
+    assert emu_pipe.plan_splits(8, 128256, 132) == 17
+    assert emu_pipe.plan_splits(132, 128256, 132) == 1  # the rows fill the SMs
+    assert emu_pipe.plan_splits(1, 8191, 132) == 1 and emu_pipe.plan_splits(1, 8192, 132) == 2
+    assert emu_pipe.plan_splits(1, 128256, 0) == 1  # DECODEKIT_SPLIT_ROWS=0: no SM count, no split
+    for n_out in (1, 2, 3, 7, 31, 65, 131, 132, 200):
+        for V in (100, 4096, 8192, 9000, 32000, 128256, 152064, 256000):
+            for n_sms in (0, 1, 16, 108, 132):
+                assert emu_pipe.plan_splits(n_out, V, n_sms) == _split_plan_rule(n_out, V, n_sms), (n_out, V, n_sms)
+    for V in (32, 50, 500, 3000):  # the emulator tests' small slices
+        assert emu_pipe.plan_splits(3, V, 64, 16) == _split_plan_rule(3, V, 64, 16) > 1, V
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("n_sms", [0, 64])
+def test_emu_start_list_is_exact(n_sms):
+    """The start list holds exactly the k largest values (tie-free rows) after top-k's radix passes,
+    and exactly the values >= max - n * sigma after top-n-sigma's passes, on one CTA and over 47
+    slices: the list steps that follow repeat both cuts, so the tokens alone would hide a looser
+    (or garbage) prefilter. A greedy row collects nothing."""
+    B, V = 4, 3000
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randperm(B * V, generator=g).reshape(B, V).float() - 5000.0) / 64.0  # distinct, exact
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    ks = [1, 37, 700, 5]
+    T = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
+    emu_pipe.pipeline(*_args(x, kw, dict(temperature=T, top_k=torch.tensor(ks))), n_sms=n_sms, min_slice=16)
+    assert emu_pipe.last_splits[0] == (1 if n_sms == 0 else 16)
+    assert emu_pipe.start_sizes(B) == ks[:3] + [0]
+    nsig = 1.5
+    emu_pipe.pipeline(*_args(x, kw, dict(temperature=1.0, top_n_sigma=nsig)), n_sms=n_sms, min_slice=16)
+    xd = x.double()
+    t = xd.amax(-1) - nsig * xd.std(-1, correction=0)
+    assert bool(((xd - t[:, None]).abs() > 1e-6).all())  # no value at the bound: rounding cannot matter
+    assert emu_pipe.start_sizes(B) == (xd >= t[:, None]).sum(-1).tolist()
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("mode", [0, 1])
+def test_emu_split_rows_at_production_sizes(mode):
+    """A batch of 2 rows of 128256 bf16 logits on a 132-SM device's plan (31 slices of 4160 elements
+    per row, as on an H100): every phase (prep of the id lists, scan, top-n-sigma's and top-k's
+    passes, collect, final) over the real slice sizes; the outputs equal the CPU op's bit for bit."""
+    B, V = 2, 128256
+    x = _logits(B, V, 41).to(torch.bfloat16)
+    kw, params = _proc(B, V, 41)
+    params.update(temperature=0.8, top_k=300, top_n_sigma=3.0, top_p=0.9, typical_p=0.95, min_p=0.01)
+    args = _args(x, kw, params, mode=mode, top_n=4 if mode == 0 else 0)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args, n_sms=132)
+    assert emu_pipe.last_splits[0] == 31
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        assert torch.equal(_bits(c), _bits(g)), NAMES[j]
+    if mode == 0:
+        _check_reference(args, got)
 
 
 @bk.needs_emu

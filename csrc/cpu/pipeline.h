@@ -724,8 +724,9 @@ inline void pipeline_row(const PipelineArgs& a, int64_t o, Scratch& s, PipeScrat
     fail();
     return;
   }
-  const bool greedy = a.mode == 0 && pr.T == 0.f;
-  const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
+  // temperature 0: greedy, no truncation (in mask mode the processed row is the output)
+  const bool greedy = pr.T == 0.f;
+  const float temp = greedy ? 1.f : pr.T;
   const float invT = 1.f / temp;
   // ---- the truncations --------------------------------------------------------------------------
   const bool any = any_truncation(pr, V);

@@ -45,7 +45,9 @@ PipeOut7 pipeline_cuda(const at::Tensor& x, const std::optional<at::Tensor>& ind
   a.V = m.V;
   a.row_stride = m.row_stride;
   fill_pipeline_args(a, rs, pk, offset, mode, top_n, raw_logprobs, want_logprob, outs);
-  auto ws = at::empty({cuda::pipe_workspace_bytes(n, a.V, cuda::pipe_list_entries(a))}, x.options().dtype(at::kByte));
+  a = cuda::pipe_plan(a, device_sms(x));  // one CTA per row, or split rows when rows < SMs
+  auto ws = at::empty({cuda::pipe_workspace_bytes(n, a.V, cuda::pipe_list_entries(a), a.splits)},
+                      x.options().dtype(at::kByte));
   a.workspace = ws.data_ptr();
   C10_CUDA_CHECK(cuda::launch_pipeline(a, stream_of(x)));
   finish_bad_pipeline_rows(rs, outs, mode);

@@ -121,7 +121,12 @@ struct PipeArgs {
   int64_t* out_top_ids = nullptr;  // [n_out, top_n]
   float* out_top_lp = nullptr;
   void* out_logits = nullptr;  // mode 1: [n_out, V], dtype of x
-  void* workspace = nullptr;   // pipe_workspace_bytes(n_out, V, history entries)
+  void* workspace = nullptr;   // pipe_workspace_bytes(n_out, V, history entries, splits)
+  // The launch plan (pipe_plan): the row passes of row o run on `splits` CTAs, slice s holding the
+  // elements [s * per, min(V, (s + 1) * per)); splits == 1 (per = V): one CTA per row does it all.
+  int splits = 1;
+  int64_t per = 0;
+  int pass = 0;  // the radix pass of a pipe_pass_kernel launch (1..3)
 };
 
 struct BitmaskInplaceArgs {
@@ -138,9 +143,29 @@ struct BitmaskInplaceArgs {
 // Entries of the concatenated id lists [banned | bias ids | prompt | output] of a row.
 DK_HOST_DEVICE int64_t pipe_list_entries(const PipeArgs& a) { return a.n_banned + a.n_bias + a.n_prompt + a.n_output; }
 
+// What the phases of a row hand on through the workspace (split plan: across launches; one CTA:
+// across barriers). hdr: the row's value checks and touched list (prep); part s: slice s's maxima,
+// bad flag, first index of the processed max (scan) and start-list count (collect); kst[q]: the
+// top-k radix select's state before pass q (q = 1..3).
+struct PipeHdr {
+  int32_t inval, bad;
+  int64_t nt;
+};
+struct PipePart {
+  float mr, mx;
+  int64_t arg;
+  int32_t bad, pad;
+  int64_t count;
+};
+struct PipeKState {
+  uint32_t prefix, pad;
+  int64_t rank;
+};
+
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, g16, g256, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, g16, g256, hdr, parts, khist, kst,
+      row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -148,7 +173,7 @@ DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
   while (p < n) p <<= 1;
   return p;
 }
-DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N) {
+DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   auto r8 = [](int64_t b) { return (b + 7) & ~int64_t(7); };
   PipeWs L;
   int64_t o = 0;
@@ -164,15 +189,22 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N) {
   L.sval = o, o += r8(4 * N);
   L.fid = o, o += r8(4 * N);
   L.fval = o, o += r8(4 * N);
-  L.lanes = o, o += 8 * contract::kLanes * contract::num_chunks(V);  // row_sum's (chunk, lane) sums
+  const int64_t pairs = contract::kLanes * contract::num_chunks(V);
+  L.lanes = o, o += 8 * pairs;  // (chunk, lane) sums: row_sum's, top-n-sigma's count
+  L.lsum = o, o += 8 * pairs;   // top-n-sigma's sum and sum of squares
+  L.lsq = o, o += 8 * pairs;
   const int64_t ng = contract::walk16_groups(V);
   L.g16 = o, o += 8 * ng;  // the walk's group and block sums over a list
   L.g256 = o, o += 8 * ((ng + 15) / 16);
+  L.hdr = o, o += int64_t(sizeof(PipeHdr));
+  L.parts = o, o += int64_t(sizeof(PipePart)) * splits;
+  L.khist = o, o += 4 * 256 * 4 * splits;  // uint32 [4 passes][splits][256]
+  L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
   L.row = o;
   return L;
 }
-DK_HOST_DEVICE int64_t pipe_workspace_bytes(int64_t n_out, int64_t V, int64_t N) {
-  return n_out * pipe_ws_layout(V, N).row;
+DK_HOST_DEVICE int64_t pipe_workspace_bytes(int64_t n_out, int64_t V, int64_t N, int64_t splits) {
+  return n_out * pipe_ws_layout(V, N, splits).row;
 }
 
 namespace pdetail {
@@ -273,11 +305,14 @@ struct SumI {
 // Shared memory of one row's block.
 struct PipeShared {
   float f[kPipeThreads];
-  int64_t i[kPipeThreads];
+  union {
+    int64_t i[kPipeThreads];
+    double d[kPipeThreads];  // fold_lanes' chunk sums
+  };
   unsigned hist[256];
   unsigned warp_cnt[kPipeWarps];
-  int64_t tok, sel_rank, sel_above;
-  uint32_t sel_prefix, sel_digit;
+  int64_t tok, sel_above;
+  uint32_t sel_digit;
   int inval, bad, fail;
   float tw, tv;
   double Z;
@@ -294,40 +329,45 @@ DK_DEVICE_NOINLINE void pipe_count_digit(const unsigned* h, int64_t kk, uint32_t
   pick_count_digit(h, kk, d_out, above_out);
 }
 
+// One pass of a radix select: sh.hist = the 256-bin histogram of the digit at `shift` of the order
+// keys of the values get(i), i in [i0, i1) (strided over the block; get may carry a cursor), that
+// match `prefix` in the digits above `shift`. Integer counts: order-free. Ends with a barrier.
+template <class Get>
+DK_PIPE_FN void hist_pass(int64_t i0, int64_t i1, Get get, uint32_t prefix, int shift, PipeShared& sh) {
+  for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) sh.hist[b] = 0;
+  __syncthreads();
+  const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += kPipeThreads) {
+    const uint32_t k = sel_key(get(i));
+    if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
+  }
+  __syncthreads();
+}
+
+// The digit of a pass (from sh.hist) applied to the select's state (key prefix, rank still wanted
+// among the keys matching it); every thread gets the new state.
+DK_PIPE_FN PipeKState apply_digit(PipeKState st, int shift, PipeShared& sh) {
+  if (threadIdx.x < 32) pipe_count_digit(sh.hist, st.rank, &sh.sel_digit, &sh.sel_above);
+  __syncthreads();
+  st.prefix |= sh.sel_digit << shift;
+  st.rank -= sh.sel_above;
+  return st;
+}
+
+// The float of an order key (inverse of float_key).
+DK_PIPE_FN float key_value(uint32_t k) { return bits_to_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
+
 // The m-th largest (1 <= m <= n) of the values get(i), i in [0, n), by radix select (4 passes of 8
 // bits over the order key; exact); all threads return it. mk() makes a thread's accessor for one
 // strided pass (i = tid, tid + threads, ...; the row's accessor carries a cursor).
 template <class Mk>
 DK_PIPE_FN float select_mth(int64_t n, int64_t m, const Mk& mk, PipeShared& sh) {
-  const unsigned tid = threadIdx.x;
-  if (tid == 0) {
-    sh.sel_prefix = 0;
-    sh.sel_rank = m;  // rank wanted among the values matching the prefix
-  }
-  __syncthreads();
+  PipeKState st{0u, 0u, m};
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (unsigned b = tid; b < 256; b += kPipeThreads) sh.hist[b] = 0;
-    __syncthreads();
-    const uint32_t prefix = sh.sel_prefix;
-    const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-    auto get = mk();
-    for (int64_t i = tid; i < n; i += kPipeThreads) {
-      const uint32_t k = sel_key(get(i));
-      if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    if (tid < 32) pipe_count_digit(sh.hist, sh.sel_rank, &sh.sel_digit, &sh.sel_above);
-    __syncthreads();
-    if (tid == 0) {
-      sh.sel_prefix = prefix | (sh.sel_digit << shift);
-      sh.sel_rank -= sh.sel_above;
-    }
-    __syncthreads();
+    hist_pass(0, n, mk(), st.prefix, shift, sh);
+    st = apply_digit(st, shift, sh);
   }
-  const uint32_t k = sh.sel_prefix;
-  __syncthreads();
-  const uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;  // inverse of float_key
-  return bits_to_float(u);
+  return key_value(st.prefix);
 }
 
 // The m-th largest (1 <= m <= V) of the row's raw / processed values.
@@ -338,15 +378,15 @@ DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V
       V, m, [&]() { return [&r, processed, c = c0](int64_t i) mutable { return r.get(processed, i, c); }; }, sh);
 }
 
-// Ordered compaction: every i in [0, V) with pred(i) (index order) is passed to emit(position, i);
-// returns the count (all threads). pred(i, c) gets the thread's cursor.
+// Ordered compaction: every i in [i0, i1) with pred(i) (index order) is passed to emit(position, i);
+// returns the count (all threads). pred(i, c) gets the thread's cursor (c0: its start at i0 + tid).
 template <class Pred, class Emit>
-DK_DEVICE_NOINLINE int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
+DK_DEVICE_NOINLINE int64_t collect(int64_t i0, int64_t i1, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
   const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   int64_t count = 0, c = c0;
-  for (int64_t base = 0; base < V; base += kPipeThreads) {
+  for (int64_t base = i0; base < i1; base += kPipeThreads) {
     const int64_t i = base + tid;
-    const bool f = i < V && pred(i, c);
+    const bool f = i < i1 && pred(i, c);
     const unsigned bal = __ballot_sync(0xFFFFFFFFu, f);
     if (lane == 0) sh.warp_cnt[warp] = unsigned(__popc(bal));
     __syncthreads();
@@ -433,7 +473,7 @@ struct BlockListOps {
   template <class Pred>
   DK_PIPE_FN int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
     return collect(
-        n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
+        0, n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
         sh);
   }
   // In place: a thread reads its entry before the round's barrier and writes after it, to a
@@ -442,7 +482,7 @@ struct BlockListOps {
     float v = 0.f, w = 0.f;
     int32_t i = 0;
     L.n = collect(
-        L.n, 0,
+        0, L.n, 0,
         [&](int64_t j, int64_t&) {
           v = L.v[j], w = L.w[j], i = L.i[j];
           return keep[j] != 0;
@@ -469,33 +509,49 @@ struct BlockListOps {
   }
 };
 
-// Sum over the row of g(value) in double in the canonical row order of decodekit/contract.h (per
-// kChunk-element chunk 16 lanes in index order, folded lane 0..15, chunk sums in chunk order), as
-// the CPU's row_mass / finite_stats: every (chunk, lane) sum is its own thread's loop (lanes: the
-// workspace's nch * 16 doubles), nch threads fold the chunks, thread 0 adds the nch chunk sums.
+// The (chunk, lane) sums of the contract's canonical row order (decodekit/contract.h: lane j of
+// chunk c adds g(value) of the elements c * kChunk + j (mod 16) of its chunk, in index order) for
+// the pairs q = c * 16 + j in [q0, q1), one thread each, into lanes[q]. Ends with a barrier. A real
+// call on the device (inlined into the whole-step kernel it spilled).
 template <class T, class G>
-DK_DEVICE_NOINLINE double row_sum(const RowIn<T>& r, bool processed, int64_t V, G g, double* lanes, PipeShared& sh) {
-  const unsigned tid = threadIdx.x;
-  const int64_t nch = contract::num_chunks(V);
-  for (int64_t q = tid; q < nch * contract::kLanes; q += kPipeThreads) {
+DK_DEVICE_NOINLINE void lane_sums(const RowIn<T>& r, bool processed, int64_t V, int64_t q0, int64_t q1, G g,
+                                  double* lanes) {
+  for (int64_t q = q0 + threadIdx.x; q < q1; q += kPipeThreads) {
     const int64_t c = q / contract::kLanes;
     const int j = int(q % contract::kLanes);
     int64_t cur = processed ? r.lower(c * contract::kChunk + j) : 0;
     lanes[q] = contract::chunk_lane_sum(V, c, j, [&](int64_t i) { return g(r.get(processed, i, cur)); });
   }
   __syncthreads();
-  for (int64_t c = tid; c < nch; c += kPipeThreads)
-    lanes[c * contract::kLanes] = contract::add_in_order(lanes + c * contract::kLanes, contract::kLanes);
-  __syncthreads();
-  if (tid == 0) {
-    double z = 0.0;
-    for (int64_t c = 0; c < nch; ++c) z = contract::dadd_rn(z, lanes[c * contract::kLanes]);
-    sh.Z = z;
+}
+
+// The row total of the (chunk, lane) sums lanes[0 .. 16 nch) in the canonical order: each chunk's
+// lanes folded j = 0..15 (one thread per chunk), the chunk sums added in chunk order by thread 0.
+// Returns it to every thread.
+DK_PIPE_FN double fold_lanes(const double* lanes, int64_t nch, PipeShared& sh) {
+  double z = 0.0;  // thread 0's
+  for (int64_t c0 = 0; c0 < nch; c0 += kPipeThreads) {
+    const int64_t c = c0 + threadIdx.x, n = nch - c0 < kPipeThreads ? nch - c0 : kPipeThreads;
+    if (c < nch) sh.d[threadIdx.x] = contract::add_in_order(lanes + c * contract::kLanes, contract::kLanes);
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int64_t k = 0; k < n; ++k) z = contract::dadd_rn(z, sh.d[k]);
+    __syncthreads();
   }
+  if (threadIdx.x == 0) sh.Z = z;
   __syncthreads();
-  const double z = sh.Z;
+  z = sh.Z;
   __syncthreads();
   return z;
+}
+
+// Sum over the row of g(value) in double in the canonical row order, as the CPU's row_mass /
+// finite_stats (lanes: the workspace's 16 nch doubles).
+template <class T, class G>
+DK_PIPE_FN double row_sum(const RowIn<T>& r, bool processed, int64_t V, G g, double* lanes, PipeShared& sh) {
+  const int64_t nch = contract::num_chunks(V);
+  lane_sums(r, processed, V, 0, nch * contract::kLanes, g, lanes);
+  return fold_lanes(lanes, nch, sh);
 }
 
 // The touched list of row o: fid / fval [N] (the first entry naming a token holds its final value,
@@ -544,44 +600,307 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
   return block_reduce<int64_t>(mine, SumI{}, sh.i);
 }
 
+// ---- the phases of a row --------------------------------------------------------------------
+// One CTA per row (pipeline_kernel) runs them in turn with a barrier between; the split plan
+// (pipe_plan, rows < SMs) runs each as its own launch over the row's slices, so a batch of 1 reads
+// its row on many SMs. Same code, same workspace hand-over, same results by construction:
+//   prep     (rows with id lists; one CTA per row) the values the launcher did not check, the
+//            touched list S;
+//   scan     (per slice) raw max, processed max and its first index, NaN / +inf check (pass A);
+//            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); top-k pass 0;
+//   pass q   (q = 1..3, per slice) top-n-sigma's sum of squares (q = 1); top-k's radix pass q;
+//   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
+//            position of L;
+//   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
+//            draw, mask-mode writes and logprobs (raw / greedy logprobs: their own row passes).
+// Whether a row needs the top-n-sigma / top-k passes follows from its parameters (read on the
+// device); rows that do not return at once.
+
+// What every phase of row o knows: its input, parameters and workspace regions.
 template <class T>
-DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
-  __shared__ PipeShared sh;
-  const unsigned tid = threadIdx.x;
-  const int64_t V = a.V, N = pipe_list_entries(a);
+struct PipeRowCtx {
+  int64_t V, N, nch;
+  char* ws;
+  PipeWs lay;
+  RowIn<T> r;  // r.nt: 0 until row_hdr reads the prep's count
+  const double* q;
+  PipeRow pr;
+  T* out;  // mode 1: the output row
+  PipeHdr* hdr;
+  PipePart* parts;
+  uint32_t* khist;
+  PipeKState* kst;
+  double *lanes, *lsum, *lsq;
+};
+
+template <class T>
+DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
+  PipeRowCtx<T> c;
+  c.V = a.V;
+  c.N = pipe_list_entries(a);
+  c.nch = contract::num_chunks(a.V);
+  c.lay = pipe_ws_layout(a.V, c.N, a.splits);
+  c.ws = static_cast<char*>(a.workspace) + o * c.lay.row;
   const int64_t src = a.indices ? a.indices[o] : o;
-  const T* x = static_cast<const T*>(a.x) + src * a.row_stride;
-  const PipeWs lay = pipe_ws_layout(V, N);
-  char* ws = static_cast<char*>(a.workspace) + o * lay.row;
-  int32_t* sid = reinterpret_cast<int32_t*>(ws + lay.sid);
-  float* sval = reinterpret_cast<float*>(ws + lay.sval);
-  double* lanes = reinterpret_cast<double*>(ws + lay.lanes);
   const int32_t* bm = a.bitmask ? a.bitmask + o * a.bitmask_words : nullptr;
-  RowIn<T> r{x, bm, bm ? (V < 32 * a.bitmask_words ? V : 32 * a.bitmask_words) : 0, sid, sval, 0};
-  const double* q = a.params + o * kPipeParams;
-  T* out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * V : nullptr;
-  if (tid == 0) {
-    sh.inval = !pipe_params_ok(q);
-    sh.bad = 0;
-    sh.fail = 0;
+  c.r = RowIn<T>{static_cast<const T*>(a.x) + src * a.row_stride,
+                 bm,
+                 bm ? (a.V < 32 * a.bitmask_words ? a.V : 32 * a.bitmask_words) : 0,
+                 reinterpret_cast<int32_t*>(c.ws + c.lay.sid),
+                 reinterpret_cast<float*>(c.ws + c.lay.sval),
+                 0};
+  c.q = a.params + o * kPipeParams;
+  c.pr = pipe_row(c.q);
+  c.out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * a.V : nullptr;
+  c.hdr = reinterpret_cast<PipeHdr*>(c.ws + c.lay.hdr);
+  c.parts = reinterpret_cast<PipePart*>(c.ws + c.lay.parts);
+  c.khist = reinterpret_cast<uint32_t*>(c.ws + c.lay.khist);
+  c.kst = reinterpret_cast<PipeKState*>(c.ws + c.lay.kst);
+  c.lanes = reinterpret_cast<double*>(c.ws + c.lay.lanes);
+  c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
+  c.lsq = reinterpret_cast<double*>(c.ws + c.lay.lsq);
+  return c;
+}
+
+// What the prep found (a row without id lists has no prep: only its parameters to check); sets the
+// touched list's length in c.r.
+template <class T>
+DK_PIPE_FN PipeHdr row_hdr(PipeRowCtx<T>& c) {
+  if (c.N == 0) return PipeHdr{pipe_params_ok(c.q) ? 0 : 1, 0, 0};
+  const PipeHdr h = *c.hdr;
+  c.r.nt = h.inval ? 0 : h.nt;
+  return h;
+}
+
+// From the row's parameters alone: does it build a start list (temperature > 0; mask mode with
+// something to truncate), need top-n-sigma's statistics, top-k's k-th largest?
+DK_PIPE_FN bool wants_list(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return pr.T != 0.f && (a.mode != 1 || any_truncation(pr, V));
+}
+DK_PIPE_FN bool wants_sigma(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return pr.nsig > 0.0 && wants_list(a, pr, V);
+}
+DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return PipeOrder(a.order) != PipeOrder::Joint && step_on(Step::TopK, pr, V) && wants_list(a, pr, V);
+}
+
+// Slice sp of a row: its elements [beg, end) and its (chunk, lane) pairs [q0, q1) of the lane sums.
+struct PipeSlice {
+  int64_t beg, end, q0, q1;
+};
+DK_PIPE_FN PipeSlice pipe_slice(const PipeArgs& a, int64_t nch, int sp) {
+  const int64_t per = a.splits > 1 ? a.per : a.V, pairs = nch * contract::kLanes;
+  const int64_t pp = (pairs + a.splits - 1) / a.splits;
+  PipeSlice s;
+  s.beg = sp * per;
+  s.end = s.beg + per < a.V ? s.beg + per : a.V;
+  s.q0 = sp * pp < pairs ? sp * pp : pairs;
+  s.q1 = s.q0 + pp < pairs ? s.q0 + pp : pairs;
+  return s;
+}
+
+// The row's verdict from the prep and all slices' scans (every thread reads them; order-free):
+// invalid values, bad row (NaN / +inf), raw and processed maxima, first index of the processed max.
+struct PipeVerdict {
+  bool inval, ok;
+  float mraw, m;
+  int64_t arg;
+};
+template <class T>
+DK_PIPE_FN PipeVerdict verdict(const PipeArgs& a, PipeRowCtx<T>& c) {
+  const PipeHdr h = row_hdr(c);
+  PipeVerdict v{h.inval != 0, h.bad == 0, kNegInf, kNegInf, INT64_MAX};
+  if (v.inval) return v;
+  for (int s = 0; s < a.splits; ++s) {
+    const PipePart p = c.parts[s];
+    v.ok = v.ok && p.bad == 0;
+    v.mraw = p.mr > v.mraw ? p.mr : v.mraw;
+    if (p.mx > v.m || (p.mx == v.m && p.arg < v.arg)) {
+      v.m = p.mx;
+      v.arg = p.arg;
+    }
+  }
+  return v;
+}
+
+// The top-k select's state before pass q (0..4): nothing chosen and rank k for q = 0; else the
+// state before pass q - 1 (kst, recorded by slice 0) with the digit of pass q - 1's histogram (the
+// slices' histograms added: integer counts, order-free). Barriers.
+template <class T>
+DK_PIPE_FN PipeKState k_state(const PipeArgs& a, const PipeRowCtx<T>& c, int q, PipeShared& sh) {
+  const int64_t k = c.pr.k > c.pr.mtk ? c.pr.k : c.pr.mtk;
+  PipeKState st{0u, 0u, k < c.V ? k : c.V};
+  if (q == 0) return st;
+  if (q > 1) st = c.kst[q - 1];
+  const uint32_t* h = c.khist + int64_t(q - 1) * a.splits * 256;
+  for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) {
+    unsigned n = 0;
+    for (int p = 0; p < a.splits; ++p) n += h[p * 256 + b];
+    sh.hist[b] = n;
   }
   __syncthreads();
-  // ---- values the launcher did not check -----------------------------------------------------
+  return apply_digit(st, 24 - 8 * (q - 1), sh);
+}
+
+// Radix pass q (0..3) of top-k's k-th largest over slice sp: its histogram into khist[q][sp]
+// (slice 0 records the state before pass q for the next passes). Ends with a barrier.
+template <class T>
+DK_PIPE_FN void kth_pass(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q, PipeShared& sh) {
+  const PipeKState st = k_state(a, c, q, sh);
+  if (q > 0 && sp == 0 && threadIdx.x == 0) c.kst[q] = st;
+  const RowIn<T>& r = c.r;
+  hist_pass(
+      s.beg, s.end, [&r, cur = r.lower(s.beg + threadIdx.x)](int64_t i) mutable { return r.at(i, cur); }, st.prefix,
+      24 - 8 * q, sh);
+  uint32_t* h = c.khist + (int64_t(q) * a.splits + sp) * 256;
+  for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) h[b] = sh.hist[b];
+  __syncthreads();
+}
+
+// Top-n-sigma's bound lo = m - nsig * sigma over the finite processed values (the lowest float when
+// off), from the three lane sums (count, sum, sum of squares).
+template <class T>
+DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
+  if (!(c.pr.nsig > 0.0)) return -3.4028234663852886e38f;
+  const double n = fold_lanes(c.lanes, c.nch, sh), ss = fold_lanes(c.lsq, c.nch, sh);
+  return float_at_least(double(m) - c.pr.nsig * ::sqrt(ss / n));
+}
+
+// The start list's regions of row o's workspace.
+template <class T>
+DK_PIPE_FN PipeList start_list(const PipeRowCtx<T>& c) {
+  return PipeList{reinterpret_cast<float*>(c.ws + c.lay.v), reinterpret_cast<float*>(c.ws + c.lay.w),
+                  reinterpret_cast<int32_t*>(c.ws + c.lay.i), 0};
+}
+
+// ---- prep: the values the launcher did not check, the touched list (rows with id lists) -----
+template <class T>
+DK_DEVICE_NOINLINE void phase_prep(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const unsigned tid = threadIdx.x;
+  if (tid == 0) {
+    sh.inval = !pipe_params_ok(c.q);
+    sh.bad = 0;
+  }
+  __syncthreads();
   int inval = 0;
-  for (int64_t p = tid; p < N; p += kPipeThreads) {
+  for (int64_t p = tid; p < c.N; p += kPipeThreads) {
     const int64_t t = list_id(a, o, p);
-    inval |= !pipe_id_ok(t, V);
+    inval |= !pipe_id_ok(t, c.V);
     if (p >= a.n_banned && p < a.n_banned + a.n_bias)
       inval |= !pipe_bias_ok(a.bias_vals[o * a.n_bias + (p - a.n_banned)]);
   }
   if (inval) sh.inval = 1;
   __syncthreads();
-  const bool invalid_values = sh.inval != 0;
+  const bool invalid = sh.inval != 0;
+  const int64_t nt =
+      invalid ? 0
+              : touched_list(a, o, c.r, reinterpret_cast<int32_t*>(c.ws + c.lay.fid),
+                             reinterpret_cast<float*>(c.ws + c.lay.fval), reinterpret_cast<int32_t*>(c.ws + c.lay.sid),
+                             reinterpret_cast<float*>(c.ws + c.lay.sval), sh);
+  if (tid == 0) *c.hdr = PipeHdr{invalid ? 1 : 0, sh.bad, nt};
   __syncthreads();
+}
+
+// ---- scan: pass A over slice sp, then top-n-sigma's first lane sums and top-k's pass 0 ---------
+template <class T>
+DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  if (row_hdr(c).inval) return;
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  const unsigned tid = threadIdx.x;
+  float mr = kNegInf, mx = kNegInf;
+  int64_t arg = INT64_MAX, bad = 0;  // arg: the first index of the thread's processed max
+  {
+    int64_t cur = c.r.lower(s.beg + tid);
+    for (int64_t i = s.beg + tid; i < s.end; i += kPipeThreads) {
+      const float v = c.r.raw(i);
+      bad |= v != v || v == kPosInf;
+      mr = v > mr ? v : mr;
+      const float y = c.r.at(i, cur);
+      if (y > mx) {
+        mx = y;
+        arg = i;
+      }
+    }
+  }
+  mr = block_reduce(mr, MaxF{}, sh.f);
+  const float m = block_reduce(mx, MaxF{}, sh.f);
+  arg = block_reduce<int64_t>(mx == m ? arg : INT64_MAX, MinI{}, sh.i);
+  bad = block_reduce<int64_t>(bad, SumI{}, sh.i);
+  if (tid == 0) c.parts[sp] = PipePart{mr, m, arg, bad != 0 ? 1 : 0, 0, 0};
+  if (wants_sigma(a, c.pr, c.V)) {
+    lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, c.lanes);
+    lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return double(v > kNegInf ? v : 0.f); }, c.lsum);
+  }
+  if (wants_kth(a, c.pr, c.V)) kth_pass(a, c, s, sp, 0, sh);
+}
+
+// ---- pass q (1..3): top-n-sigma's sum of squares (q = 1), top-k's radix pass q ----------------
+template <class T>
+DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  if (row_hdr(c).inval) return;
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  if (q == 1 && wants_sigma(a, c.pr, c.V)) {
+    const double n = fold_lanes(c.lanes, c.nch, sh), mu = fold_lanes(c.lsum, c.nch, sh) / n;
+    lane_sums(
+        c.r, true, c.V, s.q0, s.q1,
+        [mu](float v) {
+          const double d = double(v) - mu;
+          return v > kNegInf ? d * d : 0.0;
+        },
+        c.lsq);
+  }
+  if (wants_kth(a, c.pr, c.V)) kth_pass(a, c, s, sp, q, sh);
+}
+
+// ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
+// In index order at L's positions from the slice's first element on (the slice has room for all
+// of its elements); its count in the slice's part.
+template <class T>
+DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const PipeVerdict vd = verdict(a, c);
+  if (vd.inval || !vd.ok || !(vd.m > kNegInf) || !wants_list(a, c.pr, c.V)) return;
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  const float lo = sigma_lo(c, vd.m, sh);
+  float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
+  if (wants_kth(a, c.pr, c.V)) {
+    const float kth = key_value(k_state(a, c, 4, sh).prefix);
+    thr = kth > thr ? kth : thr;
+  }
+  const PipeList L = start_list(c);
+  const RowIn<T>& r = c.r;
+  float cur = 0.f;  // the value pred just tested (emit follows it for the same i)
+  const int64_t n = collect(
+      s.beg, s.end, r.lower(s.beg + threadIdx.x),
+      [&](int64_t i, int64_t& cc) {
+        cur = r.at(i, cc);
+        return cur >= thr;
+      },
+      [&](int64_t pos, int64_t i) {
+        L.v[s.beg + pos] = cur;
+        L.i[s.beg + pos] = int32_t(i);
+      },
+      sh);
+  if (threadIdx.x == 0) c.parts[sp].count = n;
+  __syncthreads();
+}
+
+// ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
+template <class T>
+DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const PipeVerdict vd = verdict(a, c);
+  const unsigned tid = threadIdx.x;
+  const int64_t V = a.V;
+  const RowIn<T>& r = c.r;
+  T* out = c.out;
   auto fail_row = [&](bool raw_through) {  // every thread calls it
     if (out) {
-      int64_t c = r.lower(tid);
-      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, raw_through ? r.raw(i) : r.at(i, c));
+      int64_t cc = r.lower(tid);
+      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, raw_through ? r.raw(i) : r.at(i, cc));
       return;
     }
     if (tid == 0) {
@@ -595,96 +914,51 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       a.out_top_lp[o * a.top_n + j] = kNegInf;
     }
   };
-  if (invalid_values) {
+  if (vd.inval) {
     if (tid == 0 && a.error_flag) atomicOr(a.error_flag, a.error_bit);
     fail_row(true);
     return;
   }
-  const PipeRow pr = pipe_row(q);
+  if (!vd.ok || !(vd.m > kNegInf)) {
+    fail_row(!vd.ok);
+    return;
+  }
+  const float m = vd.m, mraw = vd.mraw;
+  const PipeRow& pr = c.pr;
   const PipeOrder order = PipeOrder(a.order);
-  // ---- S: the touched list -------------------------------------------------------------------
-  r.nt = touched_list(a, o, r, reinterpret_cast<int32_t*>(ws + lay.fid), reinterpret_cast<float*>(ws + lay.fval), sid,
-                      sval, sh);
-  __syncthreads();
-  // ---- A: maxima and the bad-row check --------------------------------------------------------
-  float mr = kNegInf, mx = kNegInf;
-  int bad = 0;
-  {
-    int64_t c = r.lower(tid);
-    for (int64_t i = tid; i < V; i += kPipeThreads) {
-      const float v = r.raw(i);
-      bad |= v != v || v == kPosInf;
-      mr = v > mr ? v : mr;
-      const float y = r.at(i, c);
-      mx = y > mx ? y : mx;
-    }
-  }
-  if (bad) sh.bad = 1;
-  const float mraw = block_reduce(mr, MaxF{}, sh.f);
-  const float m = block_reduce(mx, MaxF{}, sh.f);
-  const bool ok = sh.bad == 0;
-  __syncthreads();
-  if (!ok || !(m > kNegInf)) {
-    fail_row(!ok);
+  const bool greedy = pr.T == 0.f;  // temperature 0: greedy, no truncation
+  const float invT = 1.f / (greedy ? 1.f : pr.T);
+  if (out && (greedy || !any_truncation(pr, V))) {  // mask mode, nothing to truncate: the processed row
+    int64_t cc = r.lower(tid);
+    for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, r.at(i, cc));
     return;
   }
-  const bool greedy = a.mode == 0 && pr.T == 0.f;
-  const float temp = (greedy || pr.T == 0.f) ? 1.f : pr.T;
-  const float invT = 1.f / temp;
-  const bool any = any_truncation(pr, V);
-  if (out && !any) {  // mask mode, nothing to truncate: the processed row
-    int64_t c = r.lower(tid);
-    for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, r.at(i, c));
-    return;
-  }
-  PipeList L{reinterpret_cast<float*>(ws + lay.v), reinterpret_cast<float*>(ws + lay.w),
-             reinterpret_cast<int32_t*>(ws + lay.i), 0};
-  const ListScratch ls{reinterpret_cast<float*>(ws + lay.tv),     reinterpret_cast<double*>(ws + lay.ld),
-                       reinterpret_cast<int32_t*>(ws + lay.ord),  nullptr,
-                       reinterpret_cast<uint8_t*>(ws + lay.keep), reinterpret_cast<uint8_t*>(ws + lay.acc)};
-  const BlockListOps ops{sh, reinterpret_cast<double*>(ws + lay.g16), reinterpret_cast<double*>(ws + lay.g256)};
+  PipeList L = start_list(c);
+  const ListScratch ls{reinterpret_cast<float*>(c.ws + c.lay.tv),     reinterpret_cast<double*>(c.ws + c.lay.ld),
+                       reinterpret_cast<int32_t*>(c.ws + c.lay.ord),  nullptr,
+                       reinterpret_cast<uint8_t*>(c.ws + c.lay.keep), reinterpret_cast<uint8_t*>(c.ws + c.lay.acc)};
+  const BlockListOps ops{sh, reinterpret_cast<double*>(c.ws + c.lay.g16), reinterpret_cast<double*>(c.ws + c.lay.g256)};
   int64_t tok = 0;
-  if (greedy) {  // the first token holding the max
-    int64_t first = V, c = r.lower(tid);
-    for (int64_t i = tid; i < V; i += kPipeThreads)
-      if (r.at(i, c) == m && i < first) first = i;
-    tok = block_reduce<int64_t>(first, MinI{}, sh.i);
+  if (greedy) {
+    tok = vd.arg;  // the first token holding the max
   } else {
-    // ---- σ: top-n-sigma's threshold ---------------------------------------------------------
-    float lo = -3.4028234663852886e38f;
-    if (pr.nsig > 0.0) {
-      const double n = row_sum(r, true, V, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, lanes, sh);
-      const double mu = row_sum(r, true, V, [](float v) { return double(v > kNegInf ? v : 0.f); }, lanes, sh) / n;
-      const double ss = row_sum(
-          r, true, V,
-          [mu](float v) {
-            const double d = double(v) - mu;
-            return v > kNegInf ? d * d : 0.0;
-          },
-          lanes, sh);
-      lo = float_at_least(double(m) - pr.nsig * ::sqrt(ss / n));
+    const float lo = sigma_lo(c, m, sh);
+    // the start list: slice 0's entries are in place; each later slice's move down to follow them,
+    // in slice order, a round of reads then (after a barrier) a round of writes at a time (a
+    // round's writes lie below the next round's reads: the list is never longer than the slices)
+    int64_t n0 = c.parts[0].count;
+    for (int sp = 1; sp < a.splits; ++sp) {
+      const int64_t cnt = c.parts[sp].count, from = sp * a.per;
+      for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
+        const int64_t j = b0 + tid;
+        float v = 0.f;
+        int32_t id = 0;
+        if (j < cnt) v = L.v[from + j], id = L.i[from + j];
+        __syncthreads();
+        if (j < cnt) L.v[n0 + j] = v, L.i[n0 + j] = id;
+      }
+      n0 += cnt;
     }
-    const bool joint = order == PipeOrder::Joint;
-    float thr = joint ? -3.4028234663852886e38f : lo;
-    // ---- K: top-k's k-th largest ------------------------------------------------------------
-    if (!joint && step_on(Step::TopK, pr, V)) {
-      const int64_t k = pr.k > pr.mtk ? pr.k : pr.mtk;
-      const float kth = select_mth_largest(r, true, V, k < V ? k : V, sh);
-      thr = kth > thr ? kth : thr;
-    }
-    // ---- C: the start list --------------------------------------------------------------------
-    float cur = 0.f;  // the value pred just tested (emit follows it for the same i)
-    const int64_t n0 = collect(
-        V, r.lower(tid),
-        [&](int64_t i, int64_t& c) {
-          cur = r.at(i, c);
-          return cur >= thr;
-        },
-        [&](int64_t pos, int64_t i) {
-          L.v[pos] = cur;
-          L.i[pos] = int32_t(i);
-        },
-        sh);
     __syncthreads();
     for (int64_t j = tid; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
     __syncthreads();
@@ -728,7 +1002,8 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
     // log_softmax of the raw row (raw) or of the processed row at temperature 1 (greedy, processed)
     const bool proc = !a.raw_logprobs;
     const float mm = proc ? m : mraw;
-    const double lz = ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, lanes, sh));
+    const double lz =
+        ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lanes, sh));
     const float vt = proc ? r.at(tok) : r.raw(tok);
     int64_t cnt = 0;
     {
@@ -748,14 +1023,14 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
       float* tv = L.v;
       int32_t* ti = L.i;
       const int64_t above = collect(
-          V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) > vn; },
+          0, V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) > vn; },
           [&](int64_t pos, int64_t i) {
             tv[pos] = proc ? r.at(i) : r.raw(i);
             ti[pos] = int32_t(i);
           },
           sh);
       collect(
-          V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) == vn; },
+          0, V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) == vn; },
           [&](int64_t pos, int64_t i) {
             if (above + pos < n) {
               tv[above + pos] = proc ? r.at(i) : r.raw(i);
@@ -801,9 +1076,72 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o) {
   }
 }
 
+// The whole step of row o on one CTA: the phases in turn (the split plan's launches, in one block).
+template <class T>
+DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  if (pipe_list_entries(a) > 0) {
+    phase_prep<T>(a, o, sh);
+    __syncthreads();
+  }
+  phase_scan<T>(a, o, 0, sh);
+  __syncthreads();
+  for (int q = 1; q < 4; ++q) {
+    phase_pass<T>(a, o, 0, q, sh);
+    __syncthreads();
+  }
+  phase_collect<T>(a, o, 0, sh);
+  __syncthreads();
+  phase_final<T>(a, o, sh);
+}
+
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipeline_kernel(PipeArgs a) {
-  pipeline_row<T>(a, int64_t(blockIdx.x));
+  __shared__ PipeShared sh;
+  pipeline_row<T>(a, int64_t(blockIdx.x), sh);
+}
+
+// The split plan's launches: prep and final one CTA per row, the others [rows, splits] CTAs
+// (row-major).
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_prep_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_prep<T>(a, int64_t(blockIdx.x), sh);
+}
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_scan_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_scan<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), sh);
+}
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_pass_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_pass<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), a.pass, sh);
+}
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_collect_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_collect<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), sh);
+}
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_final<T>(a, int64_t(blockIdx.x), sh);
+}
+
+// The launches of a plan (the CUDA launcher's and the emulator's): launch(kernel, grid, args).
+template <class T, class Launch>
+inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
+  const unsigned rows = unsigned(a.n_out);
+  if (a.splits <= 1) {
+    launch(pipeline_kernel<T>, rows, a);
+    return;
+  }
+  const unsigned parts = unsigned(a.n_out * a.splits);
+  if (pipe_list_entries(a) > 0) launch(pipe_prep_kernel<T>, rows, a);
+  launch(pipe_scan_kernel<T>, parts, a);
+  for (a.pass = 1; a.pass < 4; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);
+  launch(pipe_collect_kernel<T>, parts, a);
+  launch(pipe_final_kernel<T>, rows, a);
 }
 
 template <class T>
@@ -819,14 +1157,35 @@ __global__ void __launch_bounds__(kPipeThreads) bitmask_inplace_kernel(BitmaskIn
 
 }  // namespace pdetail
 
+// The launch plan (host arithmetic on sizes, no device read: fixed under graph capture): with
+// fewer rows than SMs, each row's passes run on about n_sms / n_out CTAs, in slices of at least
+// min_slice elements (kChunk on a GPU; the emulator's tests pass smaller ones to split small rows),
+// per rounded up to a multiple of 16. n_sms <= 0: one CTA per row.
+inline PipeArgs pipe_plan(PipeArgs a, int n_sms, int64_t min_slice = contract::kChunk) {
+  a.splits = 1;
+  a.per = 0;
+  if (n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || min_slice < 1) return a;
+  const int64_t most = a.V / min_slice, want = (n_sms + a.n_out - 1) / a.n_out;
+  const int64_t n = want < most ? want : most;
+  if (n < 2) return a;
+  const int64_t per = ((a.V + n - 1) / n + 15) / 16 * 16;
+  if ((a.V + per - 1) / per < 2) return a;
+  a.per = per;
+  a.splits = int((a.V + per - 1) / per);
+  return a;
+}
+
 #if !defined(DK_CUDA_EMULATE)
+// A plan's launches on `stream`; a.workspace holds pipe_workspace_bytes(n_out, V, entries, splits).
 inline cudaError_t launch_pipeline(const PipeArgs& a, cudaStream_t stream) {
   if (a.n_out == 0) return cudaSuccess;
-  const dim3 grid(unsigned(a.n_out)), block(kPipeThreads);
+  const auto launch = [stream](auto kernel, unsigned grid, const PipeArgs& args) {
+    kernel<<<dim3(grid), dim3(kPipeThreads), 0, stream>>>(args);
+  };
   switch (a.dtype) {
-    case PipeDType::F32: pdetail::pipeline_kernel<float><<<grid, block, 0, stream>>>(a); break;
-    case PipeDType::BF16: pdetail::pipeline_kernel<bf16_t><<<grid, block, 0, stream>>>(a); break;
-    case PipeDType::F16: pdetail::pipeline_kernel<f16_t><<<grid, block, 0, stream>>>(a); break;
+    case PipeDType::F32: pdetail::run_pipe_plan<float>(a, launch); break;
+    case PipeDType::BF16: pdetail::run_pipe_plan<bf16_t>(a, launch); break;
+    case PipeDType::F16: pdetail::run_pipe_plan<f16_t>(a, launch); break;
   }
   return cudaGetLastError();
 }
@@ -846,7 +1205,7 @@ inline cudaError_t launch_bitmask_inplace(const BitmaskInplaceArgs& a, cudaStrea
 inline void instantiate_pipeline() {
   PipeArgs p;
   BitmaskInplaceArgs b;
-  (void)launch_pipeline(p, nullptr);
+  (void)launch_pipeline(pipe_plan(p, 1), nullptr);
   (void)launch_bitmask_inplace(b, nullptr);
 }
 #endif

@@ -51,11 +51,16 @@ def pipeline(
     *,
     error_flag=None,
     error_bit=0,
+    n_sms=0,
+    min_slice=4096,
 ):
     """The 7 outputs of torch.ops.decodekit.pipeline (same arguments), computed by the CUDA kernel.
     A one-seed tensor and offset_arr are passed as the CUDA launcher passes device tensors: as
     pointers the kernel reads (seed_ptr, offsets), never read here. error_flag: an int32 [1] tensor
-    the kernel ORs error_bit into for a row with a bad value (the launcher's deferred checks)."""
+    the kernel ORs error_bit into for a row with a bad value (the launcher's deferred checks).
+    n_sms > 0: the launch plan of a device with that many SMs (pipeline.cuh pipe_plan, slices of
+    at least min_slice elements; a GPU's are kChunk = 4096); last_splits[0] then tells how many CTAs
+    per row ran the row passes."""
     lib = load()
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     n = x.shape[0] if indices is None else indices.numel()
@@ -99,11 +104,7 @@ def pipeline(
     top_ids = torch.zeros(m, top_n, dtype=torch.int64)
     top_lp = torch.zeros(m, top_n, dtype=torch.float32)
     logits = torch.zeros(0 if sample else n, V, dtype=x.dtype)
-    N = nb + nbias + npr + nou
     L, p = ctypes.c_int64, ctypes.c_void_p
-    lib.dk_emu_pipeline_ws_bytes.restype = L
-    lib.dk_emu_pipeline_ws_bytes.argtypes = [L, L, L]
-    ws = torch.empty(max(1, lib.dk_emu_pipeline_ws_bytes(n, V, N)), dtype=torch.uint8)
     ins = (p * 6)(bm, ban, bid, bv, pr, ou)
     dims = (L * 5)(words, nb, nbias, npr, nou)
     outs = (p * 7)(*[t.data_ptr() for t in (tokens, valid, lp, rank, top_ids, top_lp, logits)])
@@ -111,16 +112,39 @@ def pipeline(
     lib.dk_emu_pipeline.argtypes = [
         p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
         ctypes.c_uint64, ctypes.c_uint64, p, p, L, p, ctypes.c_int32,
-        ctypes.c_int, L, ctypes.c_int, ctypes.c_int, p, p,
+        ctypes.c_int, L, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, L,
     ]  # fmt: skip
+    lib.dk_emu_pipeline.restype = ctypes.c_int
+    last_splits[0] = 1
     if n:
-        lib.dk_emu_pipeline(
+        last_splits[0] = lib.dk_emu_pipeline(
             xs.data_ptr(), dt, V, V, idx, n, P.data_ptr(), int(order), ins, dims, seeds,
             int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), seed_one, offs, off_stride, flag,
             int(error_bit), int(mode), int(top_n),
-            int(bool(raw_logprobs)), int(bool(want_logprob)), outs, ws.data_ptr(),
+            int(bool(raw_logprobs)), int(bool(want_logprob)), outs, int(n_sms), int(min_slice),
         )  # fmt: skip
     return tokens, valid, lp, rank, top_ids, top_lp, logits
+
+
+last_splits = [1]  # CTAs per row of the last pipeline() call's row passes
+
+
+def start_sizes(n):
+    """The start-list length of rows 0..n-1 in the last pipeline() call (the collect phase's counts
+    over all slices; 0 where the row built none, -1 where invalid values stopped it before the scan): what top-k's radix passes and top-n-sigma's
+    bound let through."""
+    lib = load()
+    lib.dk_emu_pipeline_start_size.argtypes = [ctypes.c_int64]
+    lib.dk_emu_pipeline_start_size.restype = ctypes.c_int64
+    return [lib.dk_emu_pipeline_start_size(o) for o in range(n)]
+
+
+def plan_splits(n_out, V, n_sms, min_slice=4096):
+    """pipeline.cuh pipe_plan's CTAs per row for these sizes (no launch)."""
+    lib = load()
+    lib.dk_emu_pipe_plan_splits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+    lib.dk_emu_pipe_plan_splits.restype = ctypes.c_int
+    return lib.dk_emu_pipe_plan_splits(n_out, V, n_sms, min_slice)
 
 
 def apply_token_bitmask_inplace(logits, bitmask, indices=None):

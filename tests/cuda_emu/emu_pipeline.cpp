@@ -5,21 +5,30 @@
 
 using namespace dk::cuda;
 
-template <class T>
-struct PipeK {
-  static void fn(PipeArgs a) { pdetail::pipeline_kernel<T>(a); }
-};
+#include <vector>
+
+static std::vector<int64_t> g_start;  // dk_emu_pipeline_start_size
 
 extern "C" {
-int64_t dk_emu_pipeline_ws_bytes(int64_t n_out, int64_t V, int64_t N) { return pipe_workspace_bytes(n_out, V, N); }
+// pipe_plan's CTAs per row for these sizes (no data is read).
+int dk_emu_pipe_plan_splits(int64_t n_out, int64_t V, int n_sms, int64_t min_slice) {
+  PipeArgs a;
+  a.n_out = n_out;
+  a.V = V;
+  return pipe_plan(a, n_sms, min_slice).splits;
+}
 
 // ids: [bitmask, banned, bias_ids, bias_vals, prompt, output] pointers; dims: [words, n_banned,
 // n_bias, n_prompt, n_output]; outs: [tokens, valid, logprob, rank, top_ids, top_lp, logits].
-void dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, const int64_t* indices, int64_t n_out,
-                     const double* params, int order, void** ins, const int64_t* dims, const int64_t* seeds,
-                     uint64_t seed, uint64_t offset, const int64_t* seed_ptr, const int64_t* offsets,
-                     int64_t offset_stride, int32_t* error_flag, int32_t error_bit, int mode, int64_t top_n,
-                     int raw_logprobs, int want_logprob, void** outs, void* workspace) {
+// Runs pipeline.cuh's launch plan (pipe_plan(n_sms, min_slice) + run_pipe_plan, the launches of
+// launch_pipeline on a GPU) with a workspace of the plan's size filled with 0xFF bytes (NaN doubles
+// and floats, -1 ids and counts: a phase that reads what no earlier phase wrote goes wrong).
+// Returns the CTAs per row of the row passes.
+int dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, const int64_t* indices, int64_t n_out,
+                    const double* params, int order, void** ins, const int64_t* dims, const int64_t* seeds,
+                    uint64_t seed, uint64_t offset, const int64_t* seed_ptr, const int64_t* offsets,
+                    int64_t offset_stride, int32_t* error_flag, int32_t error_bit, int mode, int64_t top_n,
+                    int raw_logprobs, int want_logprob, void** outs, int n_sms, int64_t min_slice) {
   PipeArgs a;
   a.x = x;
   a.dtype = PipeDType(dtype);
@@ -59,13 +68,32 @@ void dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, co
   a.out_top_ids = static_cast<int64_t*>(outs[4]);
   a.out_top_lp = static_cast<float*>(outs[5]);
   a.out_logits = outs[6];
-  a.workspace = workspace;
+  a = pipe_plan(a, n_sms, min_slice);
+  std::vector<unsigned char> ws(size_t(pipe_workspace_bytes(n_out, V, pipe_list_entries(a), a.splits)) + 8, 0xFF);
+  a.workspace = ws.data();
+  const auto launch = [](auto kernel, unsigned grid, const PipeArgs& args) {
+    dkemu::launch(grid, kPipeThreads, kernel, args);
+  };
   switch (a.dtype) {
-    case PipeDType::F32: dkemu::launch(unsigned(n_out), kPipeThreads, PipeK<float>::fn, a); break;
-    case PipeDType::BF16: dkemu::launch(unsigned(n_out), kPipeThreads, PipeK<dk::bf16_t>::fn, a); break;
-    case PipeDType::F16: dkemu::launch(unsigned(n_out), kPipeThreads, PipeK<dk::f16_t>::fn, a); break;
+    case PipeDType::F32: pdetail::run_pipe_plan<float>(a, launch); break;
+    case PipeDType::BF16: pdetail::run_pipe_plan<dk::bf16_t>(a, launch); break;
+    case PipeDType::F16: pdetail::run_pipe_plan<dk::f16_t>(a, launch); break;
   }
+  // each row's start-list length (the collect phase's counts added over the slices; 0 where the
+  // scan ran and no collect; -1 where no scan ran either (invalid values): the 0xFF fill is left)
+  g_start.assign(size_t(n_out), -1);
+  const PipeWs lay = pipe_ws_layout(V, pipe_list_entries(a), a.splits);
+  for (int64_t o = 0; o < n_out; ++o) {
+    const auto* parts = reinterpret_cast<const PipePart*>(ws.data() + o * lay.row + lay.parts);
+    int64_t n = 0;
+    for (int s = 0; s < a.splits && n >= 0; ++s) n = parts[s].count < 0 ? -1 : n + parts[s].count;
+    g_start[size_t(o)] = n;
+  }
+  return a.splits;
 }
+
+// Row o's start-list length in the last dk_emu_pipeline call (0: none built; -1: row not scanned).
+int64_t dk_emu_pipeline_start_size(int64_t o) { return g_start[size_t(o)]; }
 }
 
 template <class T>
