@@ -360,9 +360,9 @@ def _split_plan_rule(n_out, V, n_sms, min_slice=4096):
 @pytest.mark.parametrize("at", ["first", "middle", "last"])
 def test_every_slice_counts(backend, at):
     """The row's max, a NaN and the top-k values in the first, a middle or the last element of the
-    row: under the split plan (on cuda_emu: slices of 32 elements) each lands in another slice, and
+    row: under the split plan (on cuda_emu: slices of 64 elements) each lands in another slice, and
     the verdict, the greedy token, the k-th largest and the start list must see every slice."""
-    B, V = 4, 1000
+    B, V = 4, 1001  # odd: rows 1-3 start off 16-byte alignment (element loads), row 0 on it
     p = {"first": 0, "middle": 517, "last": V - 1}[at]
     x = _logits(B, V, 23)
     x[0, p] = 12.0  # greedy: the max

@@ -3,23 +3,28 @@
 // apply_token_bitmask_inplace. Torch-free: compiles with plain nvcc (.ci/cuda_compile.sh);
 // tests/cuda_emu runs it on CPU threads; csrc/cuda/pipeline.cu is the torch launcher.
 //
-// Design: one block per output row, no [B, V] intermediate. The processed value of token i (bitmask,
-// bans, logit bias, penalties) is recomputed on the fly in every pass over the row: the base value
-// (-inf where the bitmask forbids i, else the logit) unless i is one of the few tokens the sparse
-// steps touched, whose final values sit in a per-row list sorted by token id (each thread walks it
-// with a cursor as its strided loop advances). Per row, in order:
+// Design: one block per output row (or, with fewer rows than SMs, several per row for the row
+// passes: the split plan, see "the phases of a row" below), no [B, V] intermediate. The processed
+// value of token i (bitmask, bans, logit bias, penalties) is recomputed on the fly in every pass
+// over the row: the base value (-inf where the bitmask forbids i, else the logit) unless i is one
+// of the few tokens the sparse steps touched, whose final values sit in a per-row list sorted by
+// token id (each thread walks it with a cursor as its loop advances). The passes A, K and C read
+// one 16-byte group per thread and turn (each_group; element loads where the row start is not
+// 16-byte aligned); the lane sums and the raw / greedy logprob passes load elements. Per row:
 //   S  the touched list: one thread per distinct token runs the CPU's per-token sequence (ban ->
 //      its bias entries in list order -> repetition once -> count penalties: the shared
 //      DK_HOST_DEVICE code of decodekit/pipeline.h), then the list is sorted by rank counting
 //      (O(N^2 / threads) for N list entries);
-//   A  one pass: raw max, processed max m, NaN / +inf check;
-//   σ  top-n-sigma only: mean and standard deviation of the finite values, 2 passes summed in the
-//      contract's canonical row order (per 4096-element chunk 16 lanes, chunk sums in chunk order;
-//      decodekit/contract.h), as the CPU's finite_stats: one thread per (chunk, lane) (row_sum);
+//   A  one pass: raw max, processed max m and its first index, NaN / +inf check;
+//   σ  top-n-sigma only: count, sum, then the sum of squares around the mean of the finite values,
+//      3 passes summed in the contract's canonical row order (per 4096-element chunk 16 lanes,
+//      chunk sums in chunk order; decodekit/contract.h), as the CPU's finite_stats: one thread per
+//      (chunk, lane) (lane_sums, element loads in the lane order);
 //   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
 //      per pass over the order-preserving float key; exact);
-//   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (ballot
-//      compaction), weights exp((y - m) / T) in parallel;
+//   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (each
+//      thread flags its group's survivors, a block-wide exclusive scan places them), weights
+//      exp((y - m) / T) in parallel;
 //   then the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the chosen order,
 //   each on the renormalised survivors) and the inverse-CDF draw: the SAME step code as the CPU
 //   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
@@ -29,12 +34,13 @@
 //   threads; only top-h's cut over its <= ~100 sorted candidates walks on one thread;
 //   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
 //   one more canonical mass pass (row_sum), a count pass and, for top_logprobs n, a radix select
-//   of the n-th largest, one collect and a block sort of the n.
-// Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 2 (σ);
-// + 2..7 for raw / greedy logprobs. The list L and its scratch live in a workspace of
+//   of the n-th largest, two collects and a block sort of the n.
+// Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
+// + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
-// Block size 512 (__launch_bounds__(512, 1): at most 128 registers; row_sum and collect are real
-// calls on the device, which keeps the kernel free of spills).
+// Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
+// the compactions and, in the one-CTA kernel, the phases before the final one are real calls on
+// the device, which keeps every kernel free of spills).
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
@@ -66,6 +72,7 @@
 #include "decodekit/rng.h"
 #include "block_walk.h"
 #include "radix_digit.h"
+#include "row_io.h"
 
 #if defined(__CUDACC__)
 #define DK_PIPE_FN __device__ __forceinline__
@@ -264,11 +271,14 @@ struct RowIn {
     }
     return lo;
   }
-  // Processed value of i; c: a cursor that only moves forward (i must not decrease between calls).
-  DK_PIPE_FN float at(int64_t i, int64_t& c) const {
+  // Processed value of i whose raw value is v; c: a cursor that only moves forward (i must not
+  // decrease between calls).
+  DK_PIPE_FN float proc(int64_t i, float v, int64_t& c) const {
     while (c < nt && sid[c] < i) ++c;
-    return (c < nt && sid[c] == i) ? sval[c] : base(i);
+    if (c < nt && sid[c] == i) return sval[c];
+    return (bm && i < bm_tokens && !bitmask_allows(bm, i)) ? kNegInf : v;
   }
+  DK_PIPE_FN float at(int64_t i, int64_t& c) const { return proc(i, raw(i), c); }
   DK_PIPE_FN float at(int64_t i) const {
     int64_t c = lower(i);
     return at(i, c);
@@ -311,6 +321,7 @@ struct PipeShared {
   };
   unsigned hist[256];
   unsigned warp_cnt[kPipeWarps];
+  int32_t wcount[kPipeWarps];  // block_exclusive_scan's
   int64_t tok, sel_above;
   uint32_t sel_digit;
   int inval, bad, fail;
@@ -329,18 +340,43 @@ DK_DEVICE_NOINLINE void pipe_count_digit(const unsigned* h, int64_t kk, uint32_t
   pick_count_digit(h, kk, d_out, above_out);
 }
 
+// The elements [i0, i1) of a row (i0 a multiple of kVec<T>: a slice start) by 16-byte group:
+// thread t takes groups i0 / kVec + t, + threads, ... and calls f(i, raw, processed) for its
+// group's elements in index order (processed: the touched value, -inf where the bitmask forbids i,
+// else the raw value). One 16-byte load per group when the row start is 16-byte aligned and the
+// group lies inside [i0, i1), element loads otherwise; the same order either way.
+template <class T, class F>
+DK_PIPE_FN void each_group(const RowIn<T>& r, int64_t i0, int64_t i1, F&& f) {
+  constexpr int kv = kVec<T>;
+  const bool al = aligned16(r.x);
+  const int64_t g1 = (i1 + kv - 1) / kv;
+  int64_t g = i0 / kv + threadIdx.x, c = r.lower(g * kv);
+  for (; g < g1; g += kPipeThreads) {
+    Vec16<T> p;
+    load_group_raw(r.x, i1, g, al, p);
+#pragma unroll
+    for (int u = 0; u < kv; ++u) {
+      const int64_t i = g * kv + u;
+      if (i < i1) {
+        const float v = to_float(p.v[u]);
+        f(i, v, r.proc(i, v, c));
+      }
+    }
+  }
+}
+
 // One pass of a radix select: sh.hist = the 256-bin histogram of the digit at `shift` of the order
-// keys of the values get(i), i in [i0, i1) (strided over the block; get may carry a cursor), that
-// match `prefix` in the digits above `shift`. Integer counts: order-free. Ends with a barrier.
-template <class Get>
-DK_PIPE_FN void hist_pass(int64_t i0, int64_t i1, Get get, uint32_t prefix, int shift, PipeShared& sh) {
+// keys of the values that walk(add) passes to add (this thread's share of them) and that match
+// `prefix` in the digits above `shift`. Integer counts: order-free. Ends with a barrier.
+template <class Walk>
+DK_PIPE_FN void hist_pass(const Walk& walk, uint32_t prefix, int shift, PipeShared& sh) {
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) sh.hist[b] = 0;
   __syncthreads();
   const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += kPipeThreads) {
-    const uint32_t k = sel_key(get(i));
+  walk([&](float v) {
+    const uint32_t k = sel_key(v);
     if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
-  }
+  });
   __syncthreads();
 }
 
@@ -354,28 +390,65 @@ DK_PIPE_FN PipeKState apply_digit(PipeKState st, int shift, PipeShared& sh) {
   return st;
 }
 
-// The float of an order key (inverse of float_key).
-DK_PIPE_FN float key_value(uint32_t k) { return bits_to_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
-
-// The m-th largest (1 <= m <= n) of the values get(i), i in [0, n), by radix select (4 passes of 8
-// bits over the order key; exact); all threads return it. mk() makes a thread's accessor for one
-// strided pass (i = tid, tid + threads, ...; the row's accessor carries a cursor).
-template <class Mk>
-DK_PIPE_FN float select_mth(int64_t n, int64_t m, const Mk& mk, PipeShared& sh) {
+// The m-th largest (1 <= m <= the number of values) of the values walk(add) visits (every thread
+// its share), by radix select (4 passes of 8 bits over the order key; exact); all threads return it.
+template <class Walk>
+DK_PIPE_FN float select_mth(int64_t m, const Walk& walk, PipeShared& sh) {
   PipeKState st{0u, 0u, m};
   for (int shift = 24; shift >= 0; shift -= 8) {
-    hist_pass(0, n, mk(), st.prefix, shift, sh);
+    hist_pass(walk, st.prefix, shift, sh);
     st = apply_digit(st, shift, sh);
   }
-  return key_value(st.prefix);
+  return key_to_float(st.prefix);
 }
 
-// The m-th largest (1 <= m <= V) of the row's raw / processed values.
+// A walk over the row's raw or processed values [i0, i1) (for hist_pass / select_mth).
 template <class T>
-DK_PIPE_FN float select_mth_largest(const RowIn<T>& r, bool processed, int64_t V, int64_t m, PipeShared& sh) {
-  const int64_t c0 = processed ? r.lower(threadIdx.x) : 0;
-  return select_mth(
-      V, m, [&]() { return [&r, processed, c = c0](int64_t i) mutable { return r.get(processed, i, c); }; }, sh);
+struct RowWalk {
+  const RowIn<T>& r;
+  int64_t i0, i1;
+  bool processed;
+  template <class Add>
+  DK_PIPE_FN void operator()(Add&& add) const {
+    each_group(r, i0, i1, [&](int64_t, float v, float y) { add(processed ? y : v); });
+  }
+};
+
+// Ordered compaction of the row's elements [i0, i1) (i0 a multiple of kVec<T>) by 16-byte group
+// (each_group's order): every i with pred(i, raw, processed) is passed to emit(position, i, raw,
+// processed), positions in index order; returns the count (all threads). Each round, a thread
+// flags the kept elements of its group and a block-wide exclusive scan of the counts places them.
+template <class T, class Pred, class Emit>
+DK_DEVICE_NOINLINE int64_t collect_row(const RowIn<T>& r, int64_t i0, int64_t i1, Pred pred, Emit emit,
+                                       PipeShared& sh) {
+  constexpr int kv = kVec<T>;
+  const bool al = aligned16(r.x);
+  const int64_t gb = i0 / kv, g1 = (i1 + kv - 1) / kv;
+  int64_t count = 0, c = r.lower((gb + threadIdx.x) * kv);
+  for (int64_t g0 = gb; g0 < g1; g0 += kPipeThreads) {
+    const int64_t g = g0 + threadIdx.x;
+    float v[kv], y[kv];
+    unsigned keep = 0;
+    if (g < g1) {
+      Vec16<T> p;
+      load_group_raw(r.x, i1, g, al, p);
+#pragma unroll
+      for (int u = 0; u < kv; ++u) {
+        const int64_t i = g * kv + u;
+        v[u] = to_float(p.v[u]);
+        y[u] = i < i1 ? r.proc(i, v[u], c) : 0.f;
+        if (i < i1 && pred(i, v[u], y[u])) keep |= 1u << u;
+      }
+    }
+    int total = 0;
+    const int before = block_exclusive_scan<kPipeThreads>(__popc(keep), sh.wcount, total);
+    int k = 0;
+#pragma unroll
+    for (int u = 0; u < kv; ++u)
+      if (keep >> u & 1u) emit(count + before + k++, g * kv + u, v[u], y[u]);
+    count += total;
+  }
+  return count;
 }
 
 // Ordered compaction: every i in [i0, i1) with pred(i) (index order) is passed to emit(position, i);
@@ -444,7 +517,12 @@ struct BlockListOps {
     __syncthreads();
   }
   DK_PIPE_FN float mth_largest(const float* v, int64_t n, int64_t m) const {
-    return select_mth(n, m, [v]() { return [v](int64_t i) { return v[i]; }; }, sh);
+    return select_mth(
+        m,
+        [v, n](auto&& add) {
+          for (int64_t i = threadIdx.x; i < n; i += kPipeThreads) add(v[i]);
+        },
+        sh);
   }
   DK_PIPE_FN float max(const float* w, int64_t n) const {
     float x = kNegInf;
@@ -748,10 +826,7 @@ template <class T>
 DK_PIPE_FN void kth_pass(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q, PipeShared& sh) {
   const PipeKState st = k_state(a, c, q, sh);
   if (q > 0 && sp == 0 && threadIdx.x == 0) c.kst[q] = st;
-  const RowIn<T>& r = c.r;
-  hist_pass(
-      s.beg, s.end, [&r, cur = r.lower(s.beg + threadIdx.x)](int64_t i) mutable { return r.at(i, cur); }, st.prefix,
-      24 - 8 * q, sh);
+  hist_pass(RowWalk<T>{c.r, s.beg, s.end, true}, st.prefix, 24 - 8 * q, sh);
   uint32_t* h = c.khist + (int64_t(q) * a.splits + sp) * 256;
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) h[b] = sh.hist[b];
   __syncthreads();
@@ -811,19 +886,14 @@ DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeSha
   const unsigned tid = threadIdx.x;
   float mr = kNegInf, mx = kNegInf;
   int64_t arg = INT64_MAX, bad = 0;  // arg: the first index of the thread's processed max
-  {
-    int64_t cur = c.r.lower(s.beg + tid);
-    for (int64_t i = s.beg + tid; i < s.end; i += kPipeThreads) {
-      const float v = c.r.raw(i);
-      bad |= v != v || v == kPosInf;
-      mr = v > mr ? v : mr;
-      const float y = c.r.at(i, cur);
-      if (y > mx) {
-        mx = y;
-        arg = i;
-      }
+  each_group(c.r, s.beg, s.end, [&](int64_t i, float v, float y) {
+    bad |= v != v || v == kPosInf;
+    mr = v > mr ? v : mr;
+    if (y > mx) {
+      mx = y;
+      arg = i;
     }
-  }
+  });
   mr = block_reduce(mr, MaxF{}, sh.f);
   const float m = block_reduce(mx, MaxF{}, sh.f);
   arg = block_reduce<int64_t>(mx == m ? arg : INT64_MAX, MinI{}, sh.i);
@@ -867,25 +937,88 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   const float lo = sigma_lo(c, vd.m, sh);
   float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
   if (wants_kth(a, c.pr, c.V)) {
-    const float kth = key_value(k_state(a, c, 4, sh).prefix);
+    const float kth = key_to_float(k_state(a, c, 4, sh).prefix);
     thr = kth > thr ? kth : thr;
   }
   const PipeList L = start_list(c);
-  const RowIn<T>& r = c.r;
-  float cur = 0.f;  // the value pred just tested (emit follows it for the same i)
-  const int64_t n = collect(
-      s.beg, s.end, r.lower(s.beg + threadIdx.x),
-      [&](int64_t i, int64_t& cc) {
-        cur = r.at(i, cc);
-        return cur >= thr;
-      },
-      [&](int64_t pos, int64_t i) {
-        L.v[s.beg + pos] = cur;
+  const int64_t n = collect_row(
+      c.r, s.beg, s.end, [thr](int64_t, float, float y) { return y >= thr; },
+      [&](int64_t pos, int64_t i, float, float y) {
+        L.v[s.beg + pos] = y;
         L.i[s.beg + pos] = int32_t(i);
       },
       sh);
   if (threadIdx.x == 0) c.parts[sp].count = n;
   __syncthreads();
+}
+
+// Raw (proc false: log_softmax of the logits as given) or greedy (proc true: log_softmax of the
+// processed row) logprobs of row o's token tok and its top-n list; mm: that row's max. Row passes
+// of their own on one CTA, with element loads (their 16-byte form, with or without real calls,
+// made the final phase spill 20-36 B).
+template <class T>
+DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& c, bool proc, float mm, int64_t tok,
+                             PipeShared& sh) {
+  const unsigned tid = threadIdx.x;
+  const int64_t V = a.V;
+  const RowIn<T>& r = c.r;
+  const PipeList L = start_list(c);
+  const ListScratch ls{nullptr, nullptr, reinterpret_cast<int32_t*>(c.ws + c.lay.ord), nullptr, nullptr, nullptr};
+  const BlockListOps ops{sh, reinterpret_cast<double*>(c.ws + c.lay.g16), reinterpret_cast<double*>(c.ws + c.lay.g256)};
+  int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
+  float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
+  const double lz = ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lanes, sh));
+  const float vt = proc ? r.at(tok) : r.raw(tok);
+  int64_t cnt = 0;
+  {
+    int64_t cc = r.lower(tid);
+    for (int64_t i = tid; i < V; i += kPipeThreads) cnt += r.get(proc, i, cc) >= vt;
+  }
+  cnt = block_reduce<int64_t>(cnt, SumI{}, sh.i);
+  if (tid == 0) {
+    if (a.out_logprob) a.out_logprob[o] = logprob_of_value(vt, mm, lz);
+    if (a.out_rank) a.out_rank[o] = cnt;
+  }
+  if (tids) {
+    // the n largest (value descending, index ascending): those above the n-th largest value
+    // vn, then the lowest indices holding vn; sorted by the block (L's arrays are free now)
+    const int64_t n = a.top_n;
+    const float vn = select_mth(
+        n,
+        [&r, proc, V](auto&& add) {
+          int64_t cc = r.lower(threadIdx.x);
+          for (int64_t i = threadIdx.x; i < V; i += kPipeThreads) add(r.get(proc, i, cc));
+        },
+        sh);
+    float* tv = L.v;
+    int32_t* ti = L.i;
+    const int64_t above = collect(
+        0, V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) > vn; },
+        [&](int64_t pos, int64_t i) {
+          tv[pos] = proc ? r.at(i) : r.raw(i);
+          ti[pos] = int32_t(i);
+        },
+        sh);
+    collect(
+        0, V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) == vn; },
+        [&](int64_t pos, int64_t i) {
+          if (above + pos < n) {
+            tv[above + pos] = proc ? r.at(i) : r.raw(i);
+            ti[above + pos] = int32_t(i);
+          }
+        },
+        sh);
+    __syncthreads();
+    int32_t* ord = ls.ord;
+    ops.each(n, [=](int64_t j) { ord[j] = int32_t(j); });
+    // ties by position: the collects left equal values in index order
+    ops.sort(ord, n, [tv](int32_t p) { return tv[p]; }, true);
+    ops.each(n, [=](int64_t j) {
+      const float v = tv[ord[j]];
+      tids[j] = ti[ord[j]];
+      tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
+    });
+  }
 }
 
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
@@ -999,56 +1132,7 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
   float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
   if (a.raw_logprobs || greedy) {
-    // log_softmax of the raw row (raw) or of the processed row at temperature 1 (greedy, processed)
-    const bool proc = !a.raw_logprobs;
-    const float mm = proc ? m : mraw;
-    const double lz =
-        ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lanes, sh));
-    const float vt = proc ? r.at(tok) : r.raw(tok);
-    int64_t cnt = 0;
-    {
-      int64_t c = r.lower(tid);
-      for (int64_t i = tid; i < V; i += kPipeThreads) cnt += r.get(proc, i, c) >= vt;
-    }
-    cnt = block_reduce<int64_t>(cnt, SumI{}, sh.i);
-    if (tid == 0) {
-      if (a.out_logprob) a.out_logprob[o] = logprob_of_value(vt, mm, lz);
-      if (a.out_rank) a.out_rank[o] = cnt;
-    }
-    if (tids) {
-      // the n largest (value descending, index ascending): those above the n-th largest value
-      // vn, then the lowest indices holding vn; sorted by the block (L's arrays are free now)
-      const int64_t n = a.top_n;
-      const float vn = select_mth_largest(r, proc, V, n, sh);
-      float* tv = L.v;
-      int32_t* ti = L.i;
-      const int64_t above = collect(
-          0, V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) > vn; },
-          [&](int64_t pos, int64_t i) {
-            tv[pos] = proc ? r.at(i) : r.raw(i);
-            ti[pos] = int32_t(i);
-          },
-          sh);
-      collect(
-          0, V, r.lower(tid), [&](int64_t i, int64_t& c) { return r.get(proc, i, c) == vn; },
-          [&](int64_t pos, int64_t i) {
-            if (above + pos < n) {
-              tv[above + pos] = proc ? r.at(i) : r.raw(i);
-              ti[above + pos] = int32_t(i);
-            }
-          },
-          sh);
-      __syncthreads();
-      int32_t* ord = ls.ord;
-      ops.each(n, [=](int64_t j) { ord[j] = int32_t(j); });
-      // ties by position: the collects left equal values in index order
-      ops.sort(ord, n, [tv](int32_t p) { return tv[p]; }, true);
-      ops.each(n, [=](int64_t j) {
-        const float v = tv[ord[j]];
-        tids[j] = ti[ord[j]];
-        tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
-      });
-    }
+    raw_logprobs(a, o, c, !a.raw_logprobs, a.raw_logprobs ? mraw : m, tok, sh);
     return;
   }
   // processed: the renormalised survivors
