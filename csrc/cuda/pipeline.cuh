@@ -168,11 +168,19 @@ struct PipeKState {
   uint32_t prefix, pad;
   int64_t rank;
 };
+// Mask mode: what the write phase puts in the output row (set by the final phase): the raw row
+// (bad row, invalid values), the processed row (nothing to truncate, temperature 0, a row with
+// nothing finite), or the processed values of the n survivors of L (in index order) and -inf.
+enum PipeWriteKind : int32_t { kWriteRaw = 0, kWriteProcessed = 1, kWriteSurvivors = 2 };
+struct PipeWrite {
+  int32_t kind, pad;
+  int64_t n;
+};
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
   int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, g16, g256, hdr, parts, khist, kst,
-      row;
+      wr, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -207,6 +215,7 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.parts = o, o += int64_t(sizeof(PipePart)) * splits;
   L.khist = o, o += 4 * 256 * 4 * splits;  // uint32 [4 passes][splits][256]
   L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
+  L.wr = o, o += int64_t(sizeof(PipeWrite));
   L.row = o;
   return L;
 }
@@ -690,7 +699,9 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
 //            position of L;
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
-//            draw, mask-mode writes and logprobs (raw / greedy logprobs: their own row passes).
+//            draw and logprobs (raw / greedy logprobs: their own row passes); in mask mode what
+//            the output row gets (PipeWrite);
+//   write    (mask mode, per slice) the slice of the output row.
 // Whether a row needs the top-n-sigma / top-k passes follows from its parameters (read on the
 // device); rows that do not return at once.
 
@@ -708,6 +719,7 @@ struct PipeRowCtx {
   PipePart* parts;
   uint32_t* khist;
   PipeKState* kst;
+  PipeWrite* wr;
   double *lanes, *lsum, *lsq;
 };
 
@@ -734,6 +746,7 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.parts = reinterpret_cast<PipePart*>(c.ws + c.lay.parts);
   c.khist = reinterpret_cast<uint32_t*>(c.ws + c.lay.khist);
   c.kst = reinterpret_cast<PipeKState*>(c.ws + c.lay.kst);
+  c.wr = reinterpret_cast<PipeWrite*>(c.ws + c.lay.wr);
   c.lanes = reinterpret_cast<double*>(c.ws + c.lay.lanes);
   c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
   c.lsq = reinterpret_cast<double*>(c.ws + c.lay.lsq);
@@ -1030,10 +1043,12 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   const int64_t V = a.V;
   const RowIn<T>& r = c.r;
   T* out = c.out;
+  const auto to_write = [&](PipeWriteKind kind, int64_t n) {  // mask mode: the write phase's job
+    if (tid == 0) *c.wr = PipeWrite{kind, 0, n};
+  };
   auto fail_row = [&](bool raw_through) {  // every thread calls it
     if (out) {
-      int64_t cc = r.lower(tid);
-      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, raw_through ? r.raw(i) : r.at(i, cc));
+      to_write(raw_through ? kWriteRaw : kWriteProcessed, 0);
       return;
     }
     if (tid == 0) {
@@ -1062,8 +1077,7 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   const bool greedy = pr.T == 0.f;  // temperature 0: greedy, no truncation
   const float invT = 1.f / (greedy ? 1.f : pr.T);
   if (out && (greedy || !any_truncation(pr, V))) {  // mask mode, nothing to truncate: the processed row
-    int64_t cc = r.lower(tid);
-    for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, r.at(i, cc));
+    to_write(kWriteProcessed, 0);
     return;
   }
   PipeList L = start_list(c);
@@ -1112,9 +1126,7 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
     }
     __syncthreads();
     if (out) {  // mask mode: the survivors keep their processed logit, everything else -inf
-      for (int64_t i = tid; i < V; i += kPipeThreads) store(out + i, kNegInf);
-      __syncthreads();
-      for (int64_t j = tid; j < L.n; j += kPipeThreads) store(out + L.i[j], L.v[j]);
+      to_write(kWriteSurvivors, L.n);
       return;
     }
     if (sh.fail) {  // no positive weight (cannot happen: the max has weight 1)
@@ -1160,6 +1172,38 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   }
 }
 
+// ---- write (mask mode): slice sp of the output row, as the final phase decided --------------
+// Survivors: each thread walks L's indices (in index order) with a cursor as its elements advance,
+// so every element is written once: its processed value if it survived, else -inf.
+template <class T>
+DK_DEVICE_NOINLINE void phase_write(const PipeArgs& a, int64_t o, int sp) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  row_hdr(c);  // the touched list's length (0 for invalid values: the raw row is written then)
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  const PipeWrite w = *c.wr;
+  const RowIn<T>& r = c.r;
+  T* out = c.out;
+  const int64_t first = s.beg + threadIdx.x;
+  if (w.kind == kWriteSurvivors) {
+    const PipeList L = start_list(c);
+    int64_t lo = 0, hi = w.n;  // the first survivor with index >= first
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (L.i[mid] < first)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (int64_t i = first, j = lo; i < s.end; i += kPipeThreads) {
+      while (j < w.n && L.i[j] < i) ++j;
+      store(out + i, (j < w.n && L.i[j] == i) ? L.v[j] : kNegInf);
+    }
+    return;
+  }
+  int64_t cc = r.lower(first);
+  for (int64_t i = first; i < s.end; i += kPipeThreads) store(out + i, w.kind == kWriteRaw ? r.raw(i) : r.at(i, cc));
+}
+
 // The whole step of row o on one CTA: the phases in turn (the split plan's launches, in one block).
 template <class T>
 DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o, PipeShared& sh) {
@@ -1176,6 +1220,10 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o, PipeShared& sh) {
   phase_collect<T>(a, o, 0, sh);
   __syncthreads();
   phase_final<T>(a, o, sh);
+  if (a.mode == 1) {
+    __syncthreads();
+    phase_write<T>(a, o, 0);
+  }
 }
 
 template <class T>
@@ -1211,6 +1259,10 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a)
   __shared__ PipeShared sh;
   phase_final<T>(a, int64_t(blockIdx.x), sh);
 }
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_write_kernel(PipeArgs a) {
+  phase_write<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)));
+}
 
 // The launches of a plan (the CUDA launcher's and the emulator's): launch(kernel, grid, args).
 template <class T, class Launch>
@@ -1226,6 +1278,7 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   for (a.pass = 1; a.pass < 4; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);
   launch(pipe_collect_kernel<T>, parts, a);
   launch(pipe_final_kernel<T>, rows, a);
+  if (a.mode == 1) launch(pipe_write_kernel<T>, parts, a);
 }
 
 template <class T>
