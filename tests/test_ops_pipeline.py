@@ -555,9 +555,12 @@ def test_whole_row_lists(backend, setting):
 
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_cuda_device_matches_cpu(order):
+@pytest.mark.parametrize("split", ["1", "0"])
+def test_cuda_device_matches_cpu(order, split, monkeypatch):
     """On a GPU: the same tokens, valid flags, ranks and top ids as the CPU op; logprobs equal up to
-    the documented last-bit difference of libdevice's double log."""
+    the documented last-bit difference of libdevice's double log. 6 rows of 32000: the split plan
+    (7 slices per row on a GPU of >= 42 SMs), and with DECODEKIT_SPLIT_ROWS=0 one CTA per row."""
+    monkeypatch.setenv("DECODEKIT_SPLIT_ROWS", split)
     B, V = 6, 32000
     x = _logits(B, V, 41)
     x[5, 3] = float("nan")
