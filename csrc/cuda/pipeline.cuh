@@ -152,8 +152,9 @@ DK_HOST_DEVICE int64_t pipe_list_entries(const PipeArgs& a) { return a.n_banned 
 
 // What the phases of a row hand on through the workspace (split plan: across launches; one CTA:
 // across barriers). hdr: the row's value checks and touched list (prep); part s: slice s's maxima,
-// bad flag, first index of the processed max (scan) and start-list count (collect); kst[q]: the
-// top-k radix select's state before pass q (q = 1..3).
+// bad flag and first index of the processed max (scan); count s: its start-list length (collect;
+// apart from the parts, which the collect launch's verdicts read meanwhile); kst[q]: the top-k
+// radix select's state before pass q (q = 1..3).
 struct PipeHdr {
   int32_t inval, bad;
   int64_t nt;
@@ -162,7 +163,6 @@ struct PipePart {
   float mr, mx;
   int64_t arg;
   int32_t bad, pad;
-  int64_t count;
 };
 struct PipeKState {
   uint32_t prefix, pad;
@@ -179,8 +179,8 @@ struct PipeWrite {
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, g16, g256, hdr, parts, khist, kst,
-      wr, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, g16, g256, hdr, parts, counts, khist,
+      kst, wr, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -213,6 +213,7 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.g256 = o, o += 8 * ((ng + 15) / 16);
   L.hdr = o, o += int64_t(sizeof(PipeHdr));
   L.parts = o, o += int64_t(sizeof(PipePart)) * splits;
+  L.counts = o, o += 8 * splits;
   L.khist = o, o += 4 * 256 * 4 * splits;  // uint32 [4 passes][splits][256]
   L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
   L.wr = o, o += int64_t(sizeof(PipeWrite));
@@ -717,6 +718,7 @@ struct PipeRowCtx {
   T* out;  // mode 1: the output row
   PipeHdr* hdr;
   PipePart* parts;
+  int64_t* counts;
   uint32_t* khist;
   PipeKState* kst;
   PipeWrite* wr;
@@ -744,6 +746,7 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.out = a.mode == 1 ? static_cast<T*>(a.out_logits) + o * a.V : nullptr;
   c.hdr = reinterpret_cast<PipeHdr*>(c.ws + c.lay.hdr);
   c.parts = reinterpret_cast<PipePart*>(c.ws + c.lay.parts);
+  c.counts = reinterpret_cast<int64_t*>(c.ws + c.lay.counts);
   c.khist = reinterpret_cast<uint32_t*>(c.ws + c.lay.khist);
   c.kst = reinterpret_cast<PipeKState*>(c.ws + c.lay.kst);
   c.wr = reinterpret_cast<PipeWrite*>(c.ws + c.lay.wr);
@@ -911,7 +914,10 @@ DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeSha
   const float m = block_reduce(mx, MaxF{}, sh.f);
   arg = block_reduce<int64_t>(mx == m ? arg : INT64_MAX, MinI{}, sh.i);
   bad = block_reduce<int64_t>(bad, SumI{}, sh.i);
-  if (tid == 0) c.parts[sp] = PipePart{mr, m, arg, bad != 0 ? 1 : 0, 0, 0};
+  if (tid == 0) {
+    c.parts[sp] = PipePart{mr, m, arg, bad != 0 ? 1 : 0, 0};
+    c.counts[sp] = 0;
+  }
   if (wants_sigma(a, c.pr, c.V)) {
     lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, c.lanes);
     lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return double(v > kNegInf ? v : 0.f); }, c.lsum);
@@ -940,7 +946,7 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
 
 // ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
 // In index order at L's positions from the slice's first element on (the slice has room for all
-// of its elements); its count in the slice's part.
+// of its elements); its count in counts[sp].
 template <class T>
 DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -961,7 +967,7 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
         L.i[s.beg + pos] = int32_t(i);
       },
       sh);
-  if (threadIdx.x == 0) c.parts[sp].count = n;
+  if (threadIdx.x == 0) c.counts[sp] = n;
   __syncthreads();
 }
 
@@ -1093,9 +1099,9 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
     // the start list: slice 0's entries are in place; each later slice's move down to follow them,
     // in slice order, a round of reads then (after a barrier) a round of writes at a time (a
     // round's writes lie below the next round's reads: the list is never longer than the slices)
-    int64_t n0 = c.parts[0].count;
+    int64_t n0 = c.counts[0];
     for (int sp = 1; sp < a.splits; ++sp) {
-      const int64_t cnt = c.parts[sp].count, from = sp * a.per;
+      const int64_t cnt = c.counts[sp], from = sp * a.per;
       for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
         const int64_t j = b0 + tid;
         float v = 0.f;

@@ -84,9 +84,9 @@ int dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, con
   g_start.assign(size_t(n_out), -1);
   const PipeWs lay = pipe_ws_layout(V, pipe_list_entries(a), a.splits);
   for (int64_t o = 0; o < n_out; ++o) {
-    const auto* parts = reinterpret_cast<const PipePart*>(ws.data() + o * lay.row + lay.parts);
+    const auto* counts = reinterpret_cast<const int64_t*>(ws.data() + o * lay.row + lay.counts);
     int64_t n = 0;
-    for (int s = 0; s < a.splits && n >= 0; ++s) n = parts[s].count < 0 ? -1 : n + parts[s].count;
+    for (int s = 0; s < a.splits && n >= 0; ++s) n = counts[s] < 0 ? -1 : n + counts[s];
     g_start[size_t(o)] = n;
   }
   return a.splits;
