@@ -461,15 +461,15 @@ DK_DEVICE_NOINLINE int64_t collect_row(const RowIn<T>& r, int64_t i0, int64_t i1
   return count;
 }
 
-// Ordered compaction: every i in [i0, i1) with pred(i) (index order) is passed to emit(position, i);
-// returns the count (all threads). pred(i, c) gets the thread's cursor (c0: its start at i0 + tid).
+// Ordered compaction: every i in [0, V) with pred(i) (index order) is passed to emit(position, i);
+// returns the count (all threads). pred(i, c) gets the thread's cursor.
 template <class Pred, class Emit>
-DK_DEVICE_NOINLINE int64_t collect(int64_t i0, int64_t i1, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
+DK_DEVICE_NOINLINE int64_t collect(int64_t V, int64_t c0, Pred pred, Emit emit, PipeShared& sh) {
   const unsigned tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   int64_t count = 0, c = c0;
-  for (int64_t base = i0; base < i1; base += kPipeThreads) {
+  for (int64_t base = 0; base < V; base += kPipeThreads) {
     const int64_t i = base + tid;
-    const bool f = i < i1 && pred(i, c);
+    const bool f = i < V && pred(i, c);
     const unsigned bal = __ballot_sync(0xFFFFFFFFu, f);
     if (lane == 0) sh.warp_cnt[warp] = unsigned(__popc(bal));
     __syncthreads();
@@ -561,7 +561,7 @@ struct BlockListOps {
   template <class Pred>
   DK_PIPE_FN int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
     return collect(
-        0, n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
+        n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
         sh);
   }
   // In place: a thread reads its entry before the round's barrier and writes after it, to a
@@ -570,7 +570,7 @@ struct BlockListOps {
     float v = 0.f, w = 0.f;
     int32_t i = 0;
     L.n = collect(
-        0, L.n, 0,
+        L.n, 0,
         [&](int64_t j, int64_t&) {
           v = L.v[j], w = L.w[j], i = L.i[j];
           return keep[j] != 0;
@@ -857,11 +857,22 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
   return float_at_least(double(m) - c.pr.nsig * ::sqrt(ss / n));
 }
 
-// The start list's regions of row o's workspace.
+// The start list's regions of row o's workspace, the list steps' scratch, and their primitives on
+// the block.
 template <class T>
 DK_PIPE_FN PipeList start_list(const PipeRowCtx<T>& c) {
   return PipeList{reinterpret_cast<float*>(c.ws + c.lay.v), reinterpret_cast<float*>(c.ws + c.lay.w),
                   reinterpret_cast<int32_t*>(c.ws + c.lay.i), 0};
+}
+template <class T>
+DK_PIPE_FN ListScratch list_scratch(const PipeRowCtx<T>& c) {
+  return ListScratch{reinterpret_cast<float*>(c.ws + c.lay.tv),     reinterpret_cast<double*>(c.ws + c.lay.ld),
+                     reinterpret_cast<int32_t*>(c.ws + c.lay.ord),  nullptr,
+                     reinterpret_cast<uint8_t*>(c.ws + c.lay.keep), reinterpret_cast<uint8_t*>(c.ws + c.lay.acc)};
+}
+template <class T>
+DK_PIPE_FN BlockListOps block_ops(const PipeRowCtx<T>& c, PipeShared& sh) {
+  return BlockListOps{sh, reinterpret_cast<double*>(c.ws + c.lay.g16), reinterpret_cast<double*>(c.ws + c.lay.g256)};
 }
 
 // ---- prep: the values the launcher did not check, the touched list (rows with id lists) -----
@@ -982,8 +993,8 @@ DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& 
   const int64_t V = a.V;
   const RowIn<T>& r = c.r;
   const PipeList L = start_list(c);
-  const ListScratch ls{nullptr, nullptr, reinterpret_cast<int32_t*>(c.ws + c.lay.ord), nullptr, nullptr, nullptr};
-  const BlockListOps ops{sh, reinterpret_cast<double*>(c.ws + c.lay.g16), reinterpret_cast<double*>(c.ws + c.lay.g256)};
+  const ListScratch ls = list_scratch(c);
+  const BlockListOps ops = block_ops(c, sh);
   int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
   float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
   const double lz = ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lanes, sh));
@@ -1012,14 +1023,14 @@ DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& 
     float* tv = L.v;
     int32_t* ti = L.i;
     const int64_t above = collect(
-        0, V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) > vn; },
+        V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) > vn; },
         [&](int64_t pos, int64_t i) {
           tv[pos] = proc ? r.at(i) : r.raw(i);
           ti[pos] = int32_t(i);
         },
         sh);
     collect(
-        0, V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) == vn; },
+        V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) == vn; },
         [&](int64_t pos, int64_t i) {
           if (above + pos < n) {
             tv[above + pos] = proc ? r.at(i) : r.raw(i);
@@ -1087,10 +1098,8 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
     return;
   }
   PipeList L = start_list(c);
-  const ListScratch ls{reinterpret_cast<float*>(c.ws + c.lay.tv),     reinterpret_cast<double*>(c.ws + c.lay.ld),
-                       reinterpret_cast<int32_t*>(c.ws + c.lay.ord),  nullptr,
-                       reinterpret_cast<uint8_t*>(c.ws + c.lay.keep), reinterpret_cast<uint8_t*>(c.ws + c.lay.acc)};
-  const BlockListOps ops{sh, reinterpret_cast<double*>(c.ws + c.lay.g16), reinterpret_cast<double*>(c.ws + c.lay.g256)};
+  const ListScratch ls = list_scratch(c);
+  const BlockListOps ops = block_ops(c, sh);
   int64_t tok = 0;
   if (greedy) {
     tok = vd.arg;  // the first token holding the max
@@ -1239,7 +1248,9 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipeline_kernel(PipeArgs a) {
 }
 
 // The split plan's launches: prep and final one CTA per row, the others [rows, splits] CTAs
-// (row-major).
+// (row-major): cta_row / cta_slice.
+DK_PIPE_FN int64_t cta_row(const PipeArgs& a) { return int64_t(blockIdx.x / unsigned(a.splits)); }
+DK_PIPE_FN int cta_slice(const PipeArgs& a) { return int(blockIdx.x % unsigned(a.splits)); }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_prep_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
@@ -1248,17 +1259,17 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipe_prep_kernel(PipeArgs a) 
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_scan_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
-  phase_scan<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), sh);
+  phase_scan<T>(a, cta_row(a), cta_slice(a), sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_pass_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
-  phase_pass<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), a.pass, sh);
+  phase_pass<T>(a, cta_row(a), cta_slice(a), a.pass, sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_collect_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
-  phase_collect<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)), sh);
+  phase_collect<T>(a, cta_row(a), cta_slice(a), sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a) {
@@ -1267,7 +1278,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a)
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_write_kernel(PipeArgs a) {
-  phase_write<T>(a, int64_t(blockIdx.x / unsigned(a.splits)), int(blockIdx.x % unsigned(a.splits)));
+  phase_write<T>(a, cta_row(a), cta_slice(a));
 }
 
 // The launches of a plan (the CUDA launcher's and the emulator's): launch(kernel, grid, args).
