@@ -404,27 +404,117 @@ def test_tree_filters(backend, i, case):
 @bk.needs_emu
 def test_emu_filters_bad_rows_match_cpu():
     """NaN and all -inf rows with filters on: the row stops there and emits token 0, other rows as
-    on the CPU; also a row whose filters leave one token."""
+    on the CPU; also a row whose filters leave one token. Every launch plan: nodes on the walk,
+    prepared one block per node, prepared by the split plan (several blocks per node)."""
     c = dict(k=30, p=0.8, mp=0.02)
     lp, q, ids = _filtered_chain_inputs(c, seed=3)
     lp[1, 0, 17] = float("nan")
     lp[2, 1] = float("-inf")
     lp[3, 2, 11] = float("inf")
+    lp[4, 1, 4500] = float("nan")  # in the second chunk (the split plan's second slice)
+    ids[4, 0] = lp[4, 0].argmax()  # (row 4 has top-k 1: position 0 accepted, position 1 reached)
     filt = (torch.tensor([30, 30, 30, 30, 1, 30]), 0, None, 0.8, None, 0.02, 0)
     emu.set_schedule_seed(11)
-    for draft in (None, q):
-        cpu = ops.chain_verify(lp, ids, draft, None, 1, None, 0.9, *filt, None, 4, 0)
-        got = emu_spec.chain_verify(lp, ids, draft, None, 1, None, 0.9, None, 4, 0, filters=filt)
-        _same(cpu, got, f"bad rows, draft {draft is not None}")
-    assert cpu[0][1, 0] == 0 and cpu[2][1] == 0  # the NaN row emits token 0 at position 0
     tree, cand, lt, qt = _tree_inputs(B=3, V=700, seed=4)
     lt[0, 0, 5] = float("nan")
     lt[1, 1] = float("-inf")
-    args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
-    filt = (None, 25, None, 0.9, None, 0.0, 1)
-    cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 8, 0)
-    got = emu_spec.tree_verify(*args, None, 1.0, None, 8, 0, filters=filt)
-    _same(cpu, got[:3], "tree bad rows")
+    targs = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
+    tfilt = (None, 25, None, 0.9, None, 0.0, 1)
+    try:
+        # 0 SMs: on the walk; 24 SMs: 6 x 4 nodes, one block each; 1 << 20: 2 slices per node
+        for sms, splits in ((0, 0), (24, 1), (1 << 20, 2)):
+            emu_spec.set_sms(sms)
+            # rows 1 and 4 (NaN at positions 0 and 1) also greedy: temperature 0 on a bad row
+            for draft, T_arr in ((None, None), (q, None), (None, torch.tensor([0.9, 0.0, 0.9, 0.9, 0.0, 0.9]))):
+                cpu = ops.chain_verify(lp, ids, draft, None, 1, T_arr, 0.9, *filt, None, 4, 0)
+                got = emu_spec.chain_verify(lp, ids, draft, None, 1, T_arr, 0.9, None, 4, 0, filters=filt)
+                _same(cpu, got, f"bad rows, draft {draft is not None}, T {T_arr}, {sms} SMs")
+                assert emu_spec.last_node_splits() == splits and emu_spec.prepared_mismatch() == 0
+                assert cpu[0][1, 0] == 0 and cpu[2][1] == 0  # the NaN row emits token 0 at position 0
+                assert cpu[2][4] == 1 and cpu[0][4, 1] == 0  # accepted, then the NaN position: token 0
+            cpu = ops.tree_verify(*targs, None, 1.0, *tfilt, None, 8, 0)
+            got = emu_spec.tree_verify(*targs, None, 1.0, None, 8, 0, filters=tfilt)
+            _same(cpu, got[:3], "tree bad rows")
+            assert emu_spec.prepared_mismatch() == 0
+    finally:
+        emu_spec.set_sms(0)
+
+
+def _node_splits_rule(n_nodes, V, n_sms):
+    """speculative.cuh node_plan, stated here: the sampling kernels' split plan over the nodes
+    (fewer nodes than SMs and rows of >= 2 chunks of 4096: about n_sms blocks in all, whole chunks
+    per slice), else 1 (one block per node)."""
+    nch = -(-V // 4096)
+    if n_sms <= 0 or n_nodes >= n_sms or nch < 2:
+        return 1
+    want = min(nch, -(-n_sms // n_nodes))
+    per = -(-nch // want)
+    return -(-nch // per)
+
+
+@bk.needs_emu
+def test_emu_split_prepared_nodes():
+    """With fewer prepared nodes than SMs, each node is a row of the sampling kernels' split plan
+    (speculative.cuh node_plan / run_prepare: the split phases over several blocks per node, then
+    split_node_kernel turns their state into the node's summary and survivor list). At the
+    production size (B = 1, N = 4, V = 128256 bf16 on 132 SMs: 16 slices per node) and on smaller
+    rows: the walk's own resolution of every node agrees field by field and list entry by entry
+    (prepared_mismatch), the tokens are the CPU's, chain positions past num_draft are skipped
+    (work counters), greedy rows (temperature 0) and listed / chunked supports included."""
+    emu.set_schedule_seed(5)
+    try:
+        # the production shape: 1 x 5 nodes, 31 chunks, 132 SMs
+        B, N, V = 1, 4, 128256
+        lp = (torch.randn(B, N + 1, V, generator=_gen(41)) * 3).bfloat16()
+        ids = lp[:, :N].float().argmax(-1)
+        ids[0, 2] = lp[0, 2].float().topk(3).indices[2]
+        filt = (None, 50, None, 0.9, None, 0.0, 0)
+        emu_spec.set_sms(132)
+        cpu = ops.chain_verify(lp, ids, None, None, 1, None, 0.8, *filt, None, 9, 0)
+        got = emu_spec.chain_verify(lp, ids, None, None, 1, None, 0.8, None, 9, 0, filters=filt)
+        assert emu_spec.last_node_splits() == _node_splits_rule(5, V, 132) == 16
+        _same(cpu, got, "chain, 128256, 132 SMs")
+        assert emu_spec.prepared_mismatch() == 0
+        # smaller rows, per-row temperatures with a greedy row, ragged drafts, every filter
+        B, N, V = 4, 3, 5 * 4096 + 123
+        g = _gen(42)
+        lp = torch.randn(B, N + 1, V, generator=g) * 2
+        ids = torch.where(torch.rand(B, N, generator=g) < 0.6, lp[:, :N].argmax(-1), lp[:, :N].argmin(-1))
+        nd = torch.tensor([3, 0, 2, 1])
+        T_arr = torch.tensor([0.9, 0.0, 1.2, 0.7])
+        for filt in (
+            (torch.tensor([40, 0, 7000, 3]), 0, None, 0.9, None, 0.0, 0),  # 7000: |S| > kListMax, chunked
+            (None, 0, torch.tensor([0.5, 0.9, 1.0, 0.99]), 1.0, None, 0.03, 1),
+            (None, 0, None, 1.0, torch.tensor([0.0, 0.1, 0.0, 0.2]), 0.0, 0),
+        ):
+            if filt[0] is not None:  # row 2's support is chunked (> kListMax), row 0's listed
+                sizes = _support_sizes(lp, T_arr, 1.0, filt)
+                assert int(sizes[2].min()) > 2048 and int(sizes[0].max()) <= 2048
+            cpu = ops.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, *filt, None, 3, 0)
+            for sms in (40, 17, 16, 1 << 20):
+                emu_spec.set_sms(sms, check=False)
+                emu_spec.work()
+                got = emu_spec.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, None, 3, 0, filters=filt)
+                assert emu_spec.last_node_splits() == _node_splits_rule(B * (N + 1), V, sms), sms
+                _same(cpu, got, f"chain, {sms} SMs, {filt}")
+                # one resolution per node up to num_draft; a Z per non-greedy node (row 1 is greedy)
+                assert emu_spec.work() == (int((nd + 1).sum()), int((nd + 1).sum()) - 1), sms
+                emu_spec.set_sms(sms)
+                got = emu_spec.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, None, 3, 0, filters=filt)
+                _same(cpu, got, f"chain, {sms} SMs, {filt}, checked")
+                assert emu_spec.prepared_mismatch() == 0
+        tree, cand, lt, qt = _tree_inputs(B=2, V=3 * 4096, seed=7)
+        T = cand.shape[1]
+        args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
+        filt = (None, 30, None, 0.8, None, 0.01, 0)
+        cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 2, 0)
+        emu_spec.set_sms(4 * T)
+        got = emu_spec.tree_verify(*args, None, 1.0, None, 2, 0, filters=filt)
+        assert emu_spec.last_node_splits() == _node_splits_rule(2 * T, 3 * 4096, 4 * T) == 2
+        _same(cpu, got[:3], "tree, split nodes")
+        assert emu_spec.prepared_mismatch() == 0
+    finally:
+        emu_spec.set_sms(0)
 
 
 @bk.needs_emu

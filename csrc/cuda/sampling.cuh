@@ -860,6 +860,10 @@ struct SplitArgs {
   bool filter_op = false;  // a filter launch: no greedy rows (T = 0 goes through the filters as on one CTA)
   bool masses = true;      // the final phase computes the kept chunk masses (not for masked logits)
   int pass = 0;            // the radix pass of a split_topk / split_topp launch
+  // Rows in groups (the speculative kernels' prepared nodes, speculative.cuh node_plan): group > 1
+  // reads row o at (o / group) * group_stride + (o % group) * in.row_stride elements with the
+  // parameters of row o / group (no indices); group = 1: row_in and row o's parameters.
+  int64_t group = 1, group_stride = 0;
   SplitWs ws;
 };
 
@@ -889,7 +893,9 @@ struct SplitRowView {
 template <class T>
 DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
   SplitRowView v;
-  v.x = row_in<T>(sa.a, o);
+  v.x = sa.group > 1 ? static_cast<const T*>(sa.a.in.data) + (o / sa.group) * sa.group_stride +
+                           (o % sa.group) * sa.a.in.row_stride
+                     : row_in<T>(sa.a, o);
   const int64_t V = sa.a.in.V, nch = num_chunks(V);
   v.o = o;
   v.sp = sp;
@@ -898,7 +904,7 @@ DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
   v.beg = v.cb * kChunk;
   v.end = v.ce * kChunk < V ? v.ce * kChunk : V;
   v.probs = sa.a.filter.is_probs;
-  v.rp = row_params(sa.a.filter, o);
+  v.rp = row_params(sa.a.filter, o / sa.group);
   v.k_on = v.rp.k >= 1 && v.rp.k < V;
   v.p_on = v.rp.p < 1.f;
   v.within_k = v.rp.order == 0 && v.k_on;

@@ -41,8 +41,19 @@ cs::Target cuda_target(const at::Tensor& target, int64_t kind, int64_t B, Filter
 }
 
 struct CudaWs {
-  at::Tensor lanes, resid, removed, seen, stack, list_idx, list_w, pre_sums, pre_idx, pre_w;
+  at::Tensor lanes, resid, removed, seen, stack, list_idx, list_w, pre_sums, pre_idx, pre_w, pre_split;
 };
+
+// With prepared nodes: their split plan over several blocks per node when the nodes are fewer than
+// the SMs (speculative.cuh node_plan; host arithmetic on sizes) and its workspace.
+void plan_nodes(CudaWs& keep, cs::Workspace& w, const cs::Target& t, int64_t B, int64_t n_sms,
+                const at::TensorOptions& opts) {
+  if (!w.pre.sums) return;
+  w.pre.split = cs::node_plan(t, B, w.pre.R, n_sms);
+  if (w.pre.split.splits <= 1) return;
+  keep.pre_split = at::empty({cuda::sample_workspace_elems(w.pre.split)}, opts.dtype(at::kDouble));
+  w.pre.split.a.workspace = keep.pre_split.data_ptr<double>();
+}
 
 // pre_R > 0: the launch prepares its R nodes per row ahead of the walk (speculative.cuh
 // prepare_plan): their summaries and survivor lists.
@@ -110,8 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_verify_cuda(
   spec::ChainOut o = spec::chain_outputs(s, opts);
   if (s.B == 0) return {o.out_ids, o.accepted, o.emitted};
   CudaWs keep;
-  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.N + 1, device_sms(draft_token_ids), true);
+  const int64_t n_sms = device_sms(draft_token_ids);
+  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.N + 1, n_sms, true);
   a.ws = make_ws(keep, opts, s.B, s.V, 0, false, target_kind == 1, pre ? s.N + 1 : 0);
+  plan_nodes(keep, a.ws, a.target, s.B, n_sms, opts);
   spec::pack_chain(a, s, o, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_chain(a, stream_of(draft_token_ids)));
   spec::finish_chain_rows(s, o);
@@ -141,8 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_cuda(
   spec::TreeOut o = spec::tree_outputs(s, W, opts);
   if (s.B == 0) return {o.predicts, o.accept_index, o.accept_num};
   CudaWs keep;
-  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.T, device_sms(candidates), false);
+  const int64_t n_sms = device_sms(candidates);
+  const bool pre = cs::prepare_plan(a.target.kind, s.B, s.T, n_sms, false);
   a.ws = make_ws(keep, opts, s.B, s.V, s.T, draft_probs.has_value(), target_kind == 1, pre ? s.T : 0);
+  plan_nodes(keep, a.ws, a.target, s.B, n_sms, opts);
   spec::pack_tree(a, s, W, o, target_kind, target, draft_probs, seed_val, offset);
   C10_CUDA_CHECK(cs::launch_tree(a, stream_of(candidates)));
   spec::finish_tree_rows(s, o);

@@ -105,6 +105,10 @@ struct Prepared {
   int32_t* list_idx = nullptr;  // list_per_node entries per node
   float* list_w = nullptr;
   int64_t R = 0, list_per_node = 0;
+  const int64_t* num_draft = nullptr;  // chain: [B] drafts per row (nodes past them are skipped), or null
+  // split.splits > 1: the nodes are the rows of the sampling kernels' split plan (node_plan), each
+  // resolved by several blocks; else one block per node (prepare_kernel).
+  sd::SplitArgs split;
 };
 
 // Per-row global scratch (the launcher allocates B rows of each).
@@ -886,12 +890,18 @@ __global__ void __launch_bounds__(kThreads, 1) tree_kernel(TreeArgs a) {
 // chain position r <= num_draft[b] or tree node r), with prepare_node, the walk's own code: the
 // chain and tree kernels then read the nodes (walk_node) instead of resolving them one after
 // another on their row's single block. Launched when prepare_plan says so.
+struct PrepareArgs {
+  Target tg;
+  Workspace w;
+};
 template <class T>
-__global__ void __launch_bounds__(kThreads, 1) prepare_kernel(Target tg, const int64_t* num_draft, Workspace w) {
+__global__ void __launch_bounds__(kThreads, 1) prepare_kernel(PrepareArgs a) {
   __shared__ SharedAll sa;
+  const Target& tg = a.tg;
+  const Workspace& w = a.w;
   const Prepared& p = w.pre;
   const int64_t k = blockIdx.x, b = k / p.R, r = k % p.R;
-  if (num_draft && r > num_draft[b]) return;  // chain positions past the row's drafts
+  if (p.num_draft && r > p.num_draft[b]) return;  // chain positions past the row's drafts
   RowWs ws{};
   if (p.list_idx) {
     ws.list_idx = p.list_idx + k * p.list_per_node;
@@ -900,6 +910,95 @@ __global__ void __launch_bounds__(kThreads, 1) prepare_kernel(Target tg, const i
   const T* x = static_cast<const T*>(tg.data) + b * tg.stride_b + r * tg.stride_r;
   const Node<T> n = prepare_node(tg, x, node_params(tg, b), ws, sa);
   if (threadIdx.x == 0) p.sums[k] = n;  // its NodeSum part
+}
+
+// The prepared nodes of a split plan (Prepared::split, node_plan): the sampling kernels' split
+// phases (sampling.cuh: scan, top-k's and top-p's radix passes, the final phase's threshold, kept
+// chunk masses and slice lists) have resolved the B * R node rows over several blocks each; one
+// block per node then turns their state into the node's summary, as prepare_node would: greedy
+// (temperature 0): the row's argmax; else select_row's selection from the merged max and threshold
+// (split_selection), S listed when the CPU lists it (the slices' lists in slice order = S in index
+// order, copied to the node's list; Z its walk16 mass) or Z the kept chunk masses added in chunk
+// order (block_row_mass's sum: the same canonical order). Same summaries and lists as
+// prepare_kernel by construction (the emulator's walk_node check compares them field by field).
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) split_node_kernel(Workspace w) {
+  __shared__ SharedAll sh;
+  const Prepared& p = w.pre;
+  const sd::SplitArgs& sa = p.split;
+  const int64_t k = blockIdx.x, V = sa.a.in.V;
+  const sd::SplitRowView v = sd::split_view<T>(sa, k, 0);
+  if (p.num_draft && v.o % p.R > p.num_draft[v.o / p.R]) return;  // chain positions past the row's drafts
+  DK_SPEC_COUNT(g_rows_resolved);
+  sd::Scan sc;
+  const bool work = sd::split_work(sa, v, sc);
+  NodeSum n;
+  if (v.rp.T == 0.f) {  // resolve_node's greedy node
+    n.greedy = true;
+    n.valid = !sc.bad;
+    n.argmax = sc.bad ? 0 : (sc.argmax < V ? sc.argmax : 0);
+  } else if (work) {  // resolve_node + finish_node
+    DK_SPEC_COUNT(g_z_passes);
+    const sd::Selection sel = sd::split_selection(v, sc, sa.ws.rows[k].t);
+    n.valid = true;
+    n.wt = sel.w;
+    n.t = sel.t;
+    n.minw = sel.minw;
+    if (sa.lists && sel.in_c) {
+      int64_t cnt = 0;
+      for (int q = 0; q < sa.splits; ++q) cnt += sa.ws.lcount[k * sa.splits + q];
+      if (cnt <= kListMax) {
+        int32_t* idx = p.list_idx + k * p.list_per_node;
+        float* lw = p.list_w + k * p.list_per_node;
+        int64_t off = 0;
+        for (int q = 0; q < sa.splits; ++q) {
+          const int64_t slot = k * sa.splits + q, c = sa.ws.lcount[slot];
+          for (int64_t j = threadIdx.x; j < c; j += kThreads) {
+            idx[off + j] = sa.ws.lidx[slot * kListMax + j];
+            lw[off + j] = sa.ws.lw[slot * kListMax + j];
+          }
+          off += c;
+        }
+        __syncthreads();  // the list's writes before thread 0 sums it
+        n.list = true;
+        n.nS = cnt;
+        n.Z = list_walk_sums(lw, cnt, sh.own);
+      }
+    }
+    if (!n.list) n.Z = contract::add_in_order(sa.ws.kmass + k * contract::num_chunks(V), contract::num_chunks(V));
+    n.valid = n.Z > 0.0;
+    n.invZf = float(1.0 / n.Z);
+  }
+  if (threadIdx.x == 0) p.sums[k] = n;
+}
+
+// The split plan of a launch's B * R prepared nodes (host arithmetic on sizes, as prepare_plan): the
+// sampling kernels' split_plan for B * R rows of the target (node (b, r) at b * stride_b +
+// r * stride_r, the filter parameters of batch row b). splits == 1 (a node per SM or more, or a row
+// of one chunk): one block per node, prepare_kernel. The caller sets split.a.workspace to
+// sample_workspace_elems(split) doubles.
+inline sd::SplitArgs node_plan(const Target& tg, int64_t B, int64_t R, int64_t n_sms) {
+  SampleArgs a;
+  a.in = Matrix{tg.data, tg.dtype, B * R, tg.V, tg.stride_r};
+  a.filter = tg.filter;
+  a.n_out = B * R;
+  sd::SplitArgs sa = sd::split_plan(a, int(n_sms < INT32_MAX ? n_sms : INT32_MAX), false);
+  sa.group = R;
+  sa.group_stride = tg.stride_b;
+  return sa;
+}
+
+// The prepare launches through `launch(kernel, grid, args)` (a stream launch or the emulator's):
+// one block per node, or the split phases and split_node_kernel. Lays out the split plan's
+// workspace regions first.
+template <class T, class L>
+inline void run_prepare(Target tg, const int64_t* num_draft, Workspace w, int64_t B, L& launch) {
+  Prepared& p = w.pre;
+  p.num_draft = num_draft;
+  if (p.split.splits <= 1) return launch(prepare_kernel<T>, unsigned(B * p.R), PrepareArgs{tg, w});
+  sd::sample_layout(p.split, p.split.a.workspace);
+  sd::run_split_phases<T>(p.split, launch);
+  launch(split_node_kernel<T>, unsigned(B * p.R), w);
 }
 
 // Whether a chain / tree launch prepares its nodes (host arithmetic on sizes only: no device
@@ -939,22 +1038,24 @@ inline cudaError_t launch_typed(const Args& a, const Target& t, int64_t B, cudaS
     K<f16_t>::launch(a, grid, block, s);
   return cudaGetLastError();
 }
-// The prepare launch (when the workspace holds prepared nodes), then the walk.
+// The prepare launches (when the workspace holds prepared nodes), then the walk.
 template <class T, class Args>
-inline void launch_prepare(const Args& a, const int64_t* num_draft, dim3 b, cudaStream_t s) {
-  if (a.ws.pre.sums) prepare_kernel<T><<<unsigned(a.B * a.ws.pre.R), b, 0, s>>>(a.target, num_draft, a.ws);
+inline void launch_prepare(const Args& a, const int64_t* num_draft, cudaStream_t s) {
+  if (!a.ws.pre.sums) return;
+  StreamLaunch launch{s};
+  run_prepare<T>(a.target, num_draft, a.ws, a.B, launch);
 }
 template <class T>
 struct ChainLaunch {
   static void launch(const ChainArgs& a, dim3 g, dim3 b, cudaStream_t s) {
-    launch_prepare<T>(a, a.num_draft, b, s);
+    launch_prepare<T>(a, a.num_draft, s);
     chain_kernel<T><<<g, b, 0, s>>>(a);
   }
 };
 template <class T>
 struct TreeLaunch {
   static void launch(const TreeArgs& a, dim3 g, dim3 b, cudaStream_t s) {
-    launch_prepare<T>(a, nullptr, b, s);
+    launch_prepare<T>(a, nullptr, s);
     tree_kernel<T><<<g, b, 0, s>>>(a);
   }
 };

@@ -37,6 +37,7 @@ def load(threads=None):
     L.dk_emu_spec_work.argtypes, L.dk_emu_spec_work.restype = [P], None
     L.dk_emu_spec_set_sms.argtypes, L.dk_emu_spec_set_sms.restype = [Q], None
     L.dk_emu_spec_last_prepared.argtypes, L.dk_emu_spec_last_prepared.restype = [], I
+    L.dk_emu_spec_last_node_splits.argtypes, L.dk_emu_spec_last_node_splits.restype = [], I
     L.dk_emu_spec_check_prepared.argtypes, L.dk_emu_spec_check_prepared.restype = [I], None
     L.dk_emu_spec_prepared_mismatch.argtypes, L.dk_emu_spec_prepared_mismatch.restype = [], Q
     L.dk_emu_spec_set_sms(_n_sms[0])
@@ -109,8 +110,15 @@ def prepared_mismatch(threads=None):
 
 
 def last_prepared(threads=None):
-    """Whether the last chain / tree call prepared its nodes (prepare_kernel ran before the walk)."""
+    """Whether the last chain / tree call prepared its nodes (prepare_kernel or the split plan ran
+    before the walk)."""
     return bool(load(threads).dk_emu_spec_last_prepared())
+
+
+def last_node_splits(threads=None):
+    """Blocks per prepared node in the last chain / tree call: 0 (not prepared), 1 (prepare_kernel,
+    one block per node) or the split plan's slices per node (speculative.cuh node_plan)."""
+    return load(threads).dk_emu_spec_last_node_splits()
 
 
 def work(threads=None):

@@ -1,6 +1,7 @@
 // C entry points that run csrc/cuda/speculative.cuh's kernels under the CPU emulator
 // (tests/cuda_emu/emu_spec.py loads this through ctypes; host pointers stand in for device
 // pointers). Flat argument lists mirror the fields of the kernels' argument structs.
+#include <cmath>
 #include <vector>
 #include "emu_runtime.h"
 #define DK_SPEC_COUNT_WORK 1  // the kernels' work counters (dk_emu_spec_work)
@@ -17,15 +18,6 @@ struct TreeK {
   static void fn(TreeArgs a) { tree_kernel<T>(a); }
 };
 static void build_fn(BuildArgs a) { build_tree_kernel(a); }
-struct PrepArgs {
-  Target tg;
-  const int64_t* num_draft;
-  Workspace w;
-};
-template <class T>
-struct PrepK {
-  static void fn(PrepArgs a) { prepare_kernel<T>(a.tg, a.num_draft, a.w); }
-};
 
 template <template <class> class K, class A>
 static void run(const Target& t, unsigned grid, const A& a) {
@@ -82,10 +74,12 @@ static const bool* g_tree_skip = nullptr;
 // dk_emu_spec_set_sms. When the plan prepares, the nodes' workspace is held here for the call and
 // the prepare launch runs before the walk, as csrc/cuda/speculative.cu does.
 static int64_t g_n_sms = 0;
+static int g_last_node_splits = 0;  // blocks per prepared node in the last prepared call (node_plan)
 struct PrepWs {
   std::vector<NodeSum> sums;
   std::vector<int32_t> idx;
   std::vector<float> w;
+  std::vector<double> split;  // the split plan's workspace (NaN-filled)
 };
 template <class A>
 static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepWs& keep) {
@@ -99,7 +93,20 @@ static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepW
   p.sums = keep.sums.data();
   p.list_idx = keep.idx.data();
   p.list_w = keep.w.data();
-  run<PrepK>(a.target, unsigned(a.B * R), PrepArgs{a.target, num_draft, a.ws});
+  // speculative.cu's plan_nodes, then launch_prepare's sequence (run_prepare)
+  p.split = node_plan(a.target, a.B, R, g_n_sms);
+  if (p.split.splits > 1) {
+    keep.split.assign(size_t(dk::cuda::sample_workspace_elems(p.split)) + 1, std::nan(""));
+    p.split.a.workspace = keep.split.data();
+  }
+  g_last_node_splits = p.split.splits;
+  auto launch = [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); };
+  if (a.target.dtype == DType::F32)
+    run_prepare<float>(a.target, num_draft, a.ws, a.B, launch);
+  else if (a.target.dtype == DType::BF16)
+    run_prepare<dk::bf16_t>(a.target, num_draft, a.ws, a.B, launch);
+  else
+    run_prepare<dk::f16_t>(a.target, num_draft, a.ws, a.B, launch);
 }
 
 extern "C" {
@@ -108,6 +115,8 @@ void dk_emu_spec_set_sms(int64_t n) { g_n_sms = n; }
 // Whether the last dk_emu_chain / dk_emu_tree prepared its nodes.
 static int g_last_prepared = 0;
 int dk_emu_spec_last_prepared() { return g_last_prepared; }
+// Blocks per node of the last call's prepared nodes (1: prepare_kernel; > 1: the split plan).
+int dk_emu_spec_last_node_splits() { return g_last_prepared ? g_last_node_splits : 0; }
 // The walk re-resolves every prepared node and compares (speculative.cuh walk_node); returns the
 // mismatches since the last call and resets them.
 void dk_emu_spec_check_prepared(int on) { g_check_prepared = on != 0; }
