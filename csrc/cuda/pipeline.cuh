@@ -33,8 +33,9 @@
 //   candidates, top-p's values) by a block-wide bitonic sort, keep flags and compactions on all
 //   threads; only top-h's cut over its <= ~100 sorted candidates walks on one thread;
 //   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
-//   one more canonical mass pass (row_sum), a count pass and, for top_logprobs n, a radix select
-//   of the n-th largest, two collects and a block sort of the n.
+//   one more canonical mass pass (lane sums in the collect phase, so over the slices of a split
+//   row; folded by the final phase), a count pass and, for top_logprobs n, a radix select of the
+//   n-th largest, two collects and a block sort of the n (one CTA per row).
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
 // + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
@@ -179,8 +180,8 @@ struct PipeWrite {
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, g16, g256, hdr, parts, counts, khist,
-      kst, wr, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, g16, g256, hdr, parts, counts,
+      khist, kst, wr, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -205,9 +206,10 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.fid = o, o += r8(4 * N);
   L.fval = o, o += r8(4 * N);
   const int64_t pairs = contract::kLanes * contract::num_chunks(V);
-  L.lanes = o, o += 8 * pairs;  // (chunk, lane) sums: row_sum's, top-n-sigma's count
+  L.lanes = o, o += 8 * pairs;  // (chunk, lane) sums: top-n-sigma's count
   L.lsum = o, o += 8 * pairs;   // top-n-sigma's sum and sum of squares
   L.lsq = o, o += 8 * pairs;
+  L.lzl = o, o += 8 * pairs;  // raw / greedy logprobs' normaliser
   const int64_t ng = contract::walk16_groups(V);
   L.g16 = o, o += 8 * ng;  // the walk's group and block sums over a list
   L.g256 = o, o += 8 * ((ng + 15) / 16);
@@ -633,15 +635,6 @@ DK_PIPE_FN double fold_lanes(const double* lanes, int64_t nch, PipeShared& sh) {
   return z;
 }
 
-// Sum over the row of g(value) in double in the canonical row order, as the CPU's row_mass /
-// finite_stats (lanes: the workspace's 16 nch doubles).
-template <class T, class G>
-DK_PIPE_FN double row_sum(const RowIn<T>& r, bool processed, int64_t V, G g, double* lanes, PipeShared& sh) {
-  const int64_t nch = contract::num_chunks(V);
-  lane_sums(r, processed, V, 0, nch * contract::kLanes, g, lanes);
-  return fold_lanes(lanes, nch, sh);
-}
-
 // The touched list of row o: fid / fval [N] (the first entry naming a token holds its final value,
 // others -1), then sid / sval sorted by id; returns the count (all threads). Sets sh.bad when a
 // final value is NaN / +inf.
@@ -698,9 +691,10 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); top-k pass 0;
 //   pass q   (q = 1..3, per slice) top-n-sigma's sum of squares (q = 1); top-k's radix pass q;
 //   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
-//            position of L;
+//            position of L; the raw / greedy logprobs' normaliser lane sums of its (chunk, lane)
+//            pairs;
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
-//            draw and logprobs (raw / greedy logprobs: their own row passes); in mask mode what
+//            draw and logprobs (raw / greedy logprobs: their count / top-n passes); in mask mode what
 //            the output row gets (PipeWrite);
 //   write    (mask mode, per slice) the slice of the output row.
 // Whether a row needs the top-n-sigma / top-k passes follows from its parameters (read on the
@@ -722,7 +716,7 @@ struct PipeRowCtx {
   uint32_t* khist;
   PipeKState* kst;
   PipeWrite* wr;
-  double *lanes, *lsum, *lsq;
+  double *lanes, *lsum, *lsq, *lzl;
 };
 
 template <class T>
@@ -753,6 +747,7 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.lanes = reinterpret_cast<double*>(c.ws + c.lay.lanes);
   c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
   c.lsq = reinterpret_cast<double*>(c.ws + c.lay.lsq);
+  c.lzl = reinterpret_cast<double*>(c.ws + c.lay.lzl);
   return c;
 }
 
@@ -776,6 +771,11 @@ DK_PIPE_FN bool wants_sigma(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 }
 DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
   return PipeOrder(a.order) != PipeOrder::Joint && step_on(Step::TopK, pr, V) && wants_list(a, pr, V);
+}
+// Does a sampled row report raw logprobs (log_softmax of the logits as given) or greedy ones
+// (temperature 0: log_softmax of the processed row)? Their normaliser is a row mass of its own.
+DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
+  return a.mode != 1 && (a.want_logprob || a.top_n > 0) && (a.raw_logprobs || pr.T == 0.f);
 }
 
 // Slice sp of a row: its elements [beg, end) and its (chunk, lane) pairs [q0, q1) of the lane sums.
@@ -962,8 +962,13 @@ template <class T>
 DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
   const PipeVerdict vd = verdict(a, c);
-  if (vd.inval || !vd.ok || !(vd.m > kNegInf) || !wants_list(a, c.pr, c.V)) return;
+  if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const PipeSlice s = pipe_slice(a, c.nch, sp);
+  if (wants_raw_mass(a, c.pr)) {  // the slice's (chunk, lane) sums of the raw / greedy normaliser
+    const float mm = a.raw_logprobs ? vd.mraw : vd.m;
+    lane_sums(c.r, !a.raw_logprobs, c.V, s.q0, s.q1, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lzl);
+  }
+  if (!wants_list(a, c.pr, c.V)) return;
   const float lo = sigma_lo(c, vd.m, sh);
   float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
   if (wants_kth(a, c.pr, c.V)) {
@@ -983,9 +988,10 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
 }
 
 // Raw (proc false: log_softmax of the logits as given) or greedy (proc true: log_softmax of the
-// processed row) logprobs of row o's token tok and its top-n list; mm: that row's max. Row passes
-// of their own on one CTA, with element loads (their 16-byte form, with or without real calls,
-// made the final phase spill 20-36 B).
+// processed row) logprobs of row o's token tok and its top-n list; mm: that row's max. The
+// normaliser folds the collect phase's lane sums; the rank count and the top-n select are row
+// passes of their own on one CTA, with element loads (their 16-byte form, with or without real
+// calls, made the final phase spill 20-36 B).
 template <class T>
 DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& c, bool proc, float mm, int64_t tok,
                              PipeShared& sh) {
@@ -997,7 +1003,7 @@ DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& 
   const BlockListOps ops = block_ops(c, sh);
   int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
   float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
-  const double lz = ::log(row_sum(r, proc, V, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lanes, sh));
+  const double lz = ::log(fold_lanes(c.lzl, c.nch, sh));  // (the collect phase's lane sums)
   const float vt = proc ? r.at(tok) : r.raw(tok);
   int64_t cnt = 0;
   {
