@@ -6,9 +6,14 @@ by the measured device-to-device copy bandwidth.
 decodekit runs twice per shape: with the split-row plan (several CTAs per row when there are fewer
 rows than SMs; the default) and with DECODEKIT_SPLIT_ROWS=0 (one CTA per row), so the table shows
 what splitting buys. The FlashInfer and decodekit calls are the same function names with the same
-arguments (decodekit.compat.flashinfer mirrors flashinfer.sampling).
+arguments (decodekit.compat.flashinfer mirrors flashinfer.sampling). A second table times chain
+speculative verification (N drafts per row, default 4): a probability target with draft probs
+through FlashInfer's chain_speculative_sampling on both sides, and a logits target with temperature
+/ top-k / top-p, one decodekit call (chain_speculative_sampling_from_logits; its "1-CTA" column
+turns the split prepared nodes off) against FlashInfer's softmax + top-k / top-p renorm +
+chain_speculative_sampling, with one-hot drafts.
 
-    python benchmarks/sampling_cuda.py [--B 1 8 64 256] [--V 32000 128256] [--reps 100] [--graph]
+    python benchmarks/sampling_cuda.py [--B 1 8 64 256] [--V 32000 128256] [--reps 100] [--N 4] [--graph]
 
 Times are medians of CUDA-event timings (--graph: of CUDA-graph replays of one call, which removes
 the launch overhead; a peer that cannot be captured shows "n/a"). Needs a CUDA device;
@@ -128,11 +133,78 @@ def cases():
     ]
 
 
+def us(t):
+    return f"{t * 1e6:.1f}" if t else "n/a"
+
+
+def ratio(t, base):
+    return f"{t / base:.2f}x" if t and base else "n/a"
+
+
+# ---- speculative verification (chain of N drafts) ------------------------------------------------
+def t_chain(q, ids, p):
+    """Chain verification in torch ops (as a torch-only engine writes it): draft j accepted with
+    probability min(1, p_j(x_j) / q_j(x_j)); at the first rejection a token from relu(p_j - q_j),
+    else the bonus token from p_N."""
+    B, N = ids.shape
+    pj = p[:, :N].gather(2, ids.unsqueeze(2)).squeeze(2)
+    qj = q.gather(2, ids.unsqueeze(2)).squeeze(2)
+    ok = torch.rand(B, N, device=p.device) * qj < pj
+    n_acc = torch.cumprod(ok.int(), 1).sum(1)
+    row = torch.arange(B, device=p.device)
+    pn = p[row, n_acc]
+    qn = q[row, n_acc.clamp(max=N - 1)] * (n_acc < N).unsqueeze(1)
+    resid = (pn - qn).clamp(min=0) + 1e-30
+    return n_acc, torch.multinomial(resid, 1).squeeze(1)
+
+
+def t_top_k_top_p_renorm(probs, k, p):
+    kth = probs.topk(k, dim=-1).values[:, -1:]
+    return t_top_p_renorm(probs.masked_fill(probs < kth, 0.0), p)
+
+
+def spec_cases(B, N, V, x3, q, q1, ids, pt):
+    """(label, decodekit call, FlashInfer call(fi) or None, torch call, bytes of one read of the
+    inputs). x3: target logits [B, N+1, V]; pt = softmax(x3); q: draft probs [B, N, V]; q1: one-hot
+    drafts of ids (FlashInfer takes draft probs only)."""
+    import decodekit as dk
+    from decodekit.compat import flashinfer as dkfi
+
+    ids32 = ids.int()  # FlashInfer's kernels take int32 token ids
+
+    def fi_logits(fi):
+        pr = torch.softmax(x3 / 0.8, -1).reshape(-1, V)
+        pr = fi.top_p_renorm_probs(fi.top_k_renorm_probs(pr, 50), 0.9).reshape(B, N + 1, V)
+        return fi.chain_speculative_sampling(q1, ids32, pr)
+
+    def t_logits():
+        pr = t_top_k_top_p_renorm(torch.softmax(x3 / 0.8, -1).reshape(-1, V), 50, 0.9).reshape(B, N + 1, V)
+        return t_chain(q1, ids, pr)
+
+    return [
+        (
+            f"chain N={N}, probs target + draft probs",
+            lambda: dkfi.chain_speculative_sampling(q, ids, pt),
+            lambda fi: fi.chain_speculative_sampling(q, ids32, pt),
+            lambda: t_chain(q, ids, pt),
+            (pt.numel() + q.numel()) * 4,
+        ),
+        (
+            f"chain N={N}, logits T 0.8 + top_k 50 + top_p 0.9, one-hot drafts",
+            lambda: dk.chain_speculative_sampling_from_logits(None, ids, x3, temperature=0.8, top_k=50, top_p=0.9),
+            fi_logits,
+            t_logits,
+            x3.numel() * 4,
+        ),
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--V", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--N", type=int, default=4, help="drafts per row of the speculative chains")
     ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
@@ -182,15 +254,40 @@ def main(argv=None):
                 t_fi = measure(lambda: call(fi, x, p)) if fi else None
                 t_th = measure(lambda: chain(x, p))
 
-                def us(t):
-                    return f"{t * 1e6:.1f}" if t else "n/a"
-
-                def ratio(t):
-                    return f"{t / t_dk:.2f}x" if t and t_dk else "n/a"
-
                 print(
-                    f"{label} | {B} | {V} | {us(t_dk)} | {us(t_one)} | {us(t_fi)} | {us(t_th)} | {ratio(t_fi)} | "
-                    f"{ratio(t_th)} | {floor * 1e6:.1f} | {(t_dk / floor if t_dk else float('nan')):.1f}x"
+                    f"{label} | {B} | {V} | {us(t_dk)} | {us(t_one)} | {us(t_fi)} | {us(t_th)} | {ratio(t_fi, t_dk)} | "
+                    f"{ratio(t_th, t_dk)} | {floor * 1e6:.1f} | {(t_dk / floor if t_dk else float('nan')):.1f}x"
+                )
+
+    # speculative chains: decodekit's one call (split prepared nodes for small batches: the "1-CTA"
+    # column is DECODEKIT_SPLIT_ROWS=0, nodes on one block each or resolved on the walk) against
+    # FlashInfer's chain_speculative_sampling (from logits: its softmax + top-k / top-p renorm first)
+    N = args.N
+    print(f"\nspeculative verification, {N} drafts per row (floor: one read of the target [and draft] rows)")
+    print("op | B | V | dk us | dk 1-CTA us | FlashInfer us | torch us | FI/dk | torch/dk | floor us | dk/floor")
+    for V in args.V:
+        for B in args.B:
+            g = torch.Generator(device="cpu").manual_seed(B * 11 + V)
+            x3 = (torch.randn(B, N + 1, V, generator=g) * 3).to(dev)
+            pt = x3.softmax(-1)
+            q = (x3[:, :N] + torch.randn(B, N, V, generator=g).to(dev)).softmax(-1)
+            ids = torch.multinomial(q.reshape(-1, V), 1, generator=None).reshape(B, N)
+            q1 = torch.nn.functional.one_hot(ids, V).float()
+            for label, dk_call, fi_call, th_call, nbytes in spec_cases(B, N, V, x3, q, q1, ids, pt):
+                floor = nbytes / bw
+                t_dk = measure(dk_call)
+                t_one = None
+                if dev == "cuda":
+                    os.environ["DECODEKIT_SPLIT_ROWS"] = "0"
+                    try:
+                        t_one = measure(dk_call)
+                    finally:
+                        del os.environ["DECODEKIT_SPLIT_ROWS"]
+                t_fi = measure(lambda: fi_call(fi)) if fi else None
+                t_th = measure(th_call)
+                print(
+                    f"{label} | {B} | {V} | {us(t_dk)} | {us(t_one)} | {us(t_fi)} | {us(t_th)} | {ratio(t_fi, t_dk)} | "
+                    f"{ratio(t_th, t_dk)} | {floor * 1e6:.1f} | {(t_dk / floor if t_dk else float('nan')):.1f}x"
                 )
 
 
