@@ -33,9 +33,10 @@
 //   candidates, top-p's values) by a block-wide bitonic sort, keep flags and compactions on all
 //   threads; only top-h's cut over its <= ~100 sorted candidates walks on one thread;
 //   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
-//   one more canonical mass pass (lane sums in the collect phase, so over the slices of a split
-//   row; folded by the final phase), a count pass and, for top_logprobs n, a radix select of the
-//   n-th largest, two collects and a block sort of the n (one CTA per row).
+//   one more canonical mass pass (lane sums in the collect phase) and, for top_logprobs n, a
+//   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
+//   scan and pass phases), so over the slices of a split row; then, on one CTA per row, a count
+//   pass (the token's rank), two collects and a block sort of the n.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
 // + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
@@ -181,7 +182,7 @@ struct PipeWrite {
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
   int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, g16, g256, hdr, parts, counts,
-      khist, kst, wr, row;
+      khist, kst, nhist, nst, wr, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -218,6 +219,8 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.counts = o, o += 8 * splits;
   L.khist = o, o += 4 * 256 * 4 * splits;  // uint32 [4 passes][splits][256]
   L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
+  L.nhist = o, o += 4 * 256 * 4 * splits;  // the same for the raw / greedy logprobs' top-n select
+  L.nst = o, o += int64_t(sizeof(PipeKState)) * 4;
   L.wr = o, o += int64_t(sizeof(PipeWrite));
   L.row = o;
   return L;
@@ -688,8 +691,10 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //   prep     (rows with id lists; one CTA per row) the values the launcher did not check, the
 //            touched list S;
 //   scan     (per slice) raw max, processed max and its first index, NaN / +inf check (pass A);
-//            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); top-k pass 0;
-//   pass q   (q = 1..3, per slice) top-n-sigma's sum of squares (q = 1); top-k's radix pass q;
+//            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); radix pass 0 of
+//            top-k's select and of the raw / greedy logprobs' top-n select;
+//   pass q   (q = 1..3, per slice) top-n-sigma's sum of squares (q = 1); radix pass q of both
+//            selects;
 //   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
 //            position of L; the raw / greedy logprobs' normaliser lane sums of its (chunk, lane)
 //            pairs;
@@ -713,8 +718,8 @@ struct PipeRowCtx {
   PipeHdr* hdr;
   PipePart* parts;
   int64_t* counts;
-  uint32_t* khist;
-  PipeKState* kst;
+  uint32_t *khist, *nhist;
+  PipeKState *kst, *nst;
   PipeWrite* wr;
   double *lanes, *lsum, *lsq, *lzl;
 };
@@ -743,6 +748,8 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.counts = reinterpret_cast<int64_t*>(c.ws + c.lay.counts);
   c.khist = reinterpret_cast<uint32_t*>(c.ws + c.lay.khist);
   c.kst = reinterpret_cast<PipeKState*>(c.ws + c.lay.kst);
+  c.nhist = reinterpret_cast<uint32_t*>(c.ws + c.lay.nhist);
+  c.nst = reinterpret_cast<PipeKState*>(c.ws + c.lay.nst);
   c.wr = reinterpret_cast<PipeWrite*>(c.ws + c.lay.wr);
   c.lanes = reinterpret_cast<double*>(c.ws + c.lay.lanes);
   c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
@@ -777,6 +784,8 @@ DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
   return a.mode != 1 && (a.want_logprob || a.top_n > 0) && (a.raw_logprobs || pr.T == 0.f);
 }
+// And their top-n list (the n-th largest value by a radix select in the row passes)?
+DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr) { return a.top_n > 0 && wants_raw_mass(a, pr); }
 
 // Slice sp of a row: its elements [beg, end) and its (chunk, lane) pairs [q0, q1) of the lane sums.
 struct PipeSlice {
@@ -817,16 +826,33 @@ DK_PIPE_FN PipeVerdict verdict(const PipeArgs& a, PipeRowCtx<T>& c) {
   return v;
 }
 
-// The top-k select's state before pass q (0..4): nothing chosen and rank k for q = 0; else the
-// state before pass q - 1 (kst, recorded by slice 0) with the digit of pass q - 1's histogram (the
-// slices' histograms added: integer counts, order-free). Barriers.
+// A radix select run by the row passes (4 passes of 8 bits over the order key, each slice
+// histogramming its elements): top-k's k-th largest processed value, or the raw / greedy
+// logprobs' n-th largest (raw or processed) value for their top-n list.
+struct PipeSel {
+  uint32_t* hist;  // [4 passes][splits][256] the slices' count histograms
+  PipeKState* st;  // the state before pass q (q = 1..3), recorded by slice 0
+  int64_t m;       // the rank wanted (1-based)
+  bool processed;  // over the processed values (else the raw ones)
+};
 template <class T>
-DK_PIPE_FN PipeKState k_state(const PipeArgs& a, const PipeRowCtx<T>& c, int q, PipeShared& sh) {
+DK_PIPE_FN PipeSel kth_sel(const PipeRowCtx<T>& c) {
   const int64_t k = c.pr.k > c.pr.mtk ? c.pr.k : c.pr.mtk;
-  PipeKState st{0u, 0u, k < c.V ? k : c.V};
+  return PipeSel{c.khist, c.kst, k < c.V ? k : c.V, true};
+}
+template <class T>
+DK_PIPE_FN PipeSel topn_sel(const PipeArgs& a, const PipeRowCtx<T>& c) {
+  return PipeSel{c.nhist, c.nst, a.top_n, !a.raw_logprobs};  // (1 <= top_n <= V: the binding checks)
+}
+
+// A select's state before pass q (0..4): nothing chosen and rank m for q = 0; else the state
+// before pass q - 1 (recorded by slice 0) with the digit of pass q - 1's histogram (the slices'
+// histograms added: integer counts, order-free); q = 4: the key of the m-th largest. Barriers.
+DK_PIPE_FN PipeKState sel_state(const PipeArgs& a, const PipeSel& sel, int q, PipeShared& sh) {
+  PipeKState st{0u, 0u, sel.m};
   if (q == 0) return st;
-  if (q > 1) st = c.kst[q - 1];
-  const uint32_t* h = c.khist + int64_t(q - 1) * a.splits * 256;
+  if (q > 1) st = sel.st[q - 1];
+  const uint32_t* h = sel.hist + int64_t(q - 1) * a.splits * 256;
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) {
     unsigned n = 0;
     for (int p = 0; p < a.splits; ++p) n += h[p * 256 + b];
@@ -836,16 +862,25 @@ DK_PIPE_FN PipeKState k_state(const PipeArgs& a, const PipeRowCtx<T>& c, int q, 
   return apply_digit(st, 24 - 8 * (q - 1), sh);
 }
 
-// Radix pass q (0..3) of top-k's k-th largest over slice sp: its histogram into khist[q][sp]
-// (slice 0 records the state before pass q for the next passes). Ends with a barrier.
+// Radix pass q (0..3) of a select over slice sp: its histogram into hist[q][sp] (slice 0 records
+// the state before pass q for the next passes). Ends with a barrier.
 template <class T>
-DK_PIPE_FN void kth_pass(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q, PipeShared& sh) {
-  const PipeKState st = k_state(a, c, q, sh);
-  if (q > 0 && sp == 0 && threadIdx.x == 0) c.kst[q] = st;
-  hist_pass(RowWalk<T>{c.r, s.beg, s.end, true}, st.prefix, 24 - 8 * q, sh);
-  uint32_t* h = c.khist + (int64_t(q) * a.splits + sp) * 256;
+DK_PIPE_FN void sel_pass(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSel& sel, const PipeSlice& s, int sp,
+                         int q, PipeShared& sh) {
+  const PipeKState st = sel_state(a, sel, q, sh);
+  if (q > 0 && sp == 0 && threadIdx.x == 0) sel.st[q] = st;
+  hist_pass(RowWalk<T>{c.r, s.beg, s.end, sel.processed}, st.prefix, 24 - 8 * q, sh);
+  uint32_t* h = sel.hist + (int64_t(q) * a.splits + sp) * 256;
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) h[b] = sh.hist[b];
   __syncthreads();
+}
+
+// The row's radix passes q (0..3) over slice sp: top-k's and the top-n list's selects.
+template <class T>
+DK_PIPE_FN void select_passes(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q,
+                              PipeShared& sh) {
+  if (wants_kth(a, c.pr, c.V)) sel_pass(a, c, kth_sel(c), s, sp, q, sh);
+  if (wants_topn(a, c.pr)) sel_pass(a, c, topn_sel(a, c), s, sp, q, sh);
 }
 
 // Top-n-sigma's bound lo = m - nsig * sigma over the finite processed values (the lowest float when
@@ -904,7 +939,7 @@ DK_DEVICE_NOINLINE void phase_prep(const PipeArgs& a, int64_t o, PipeShared& sh)
   __syncthreads();
 }
 
-// ---- scan: pass A over slice sp, then top-n-sigma's first lane sums and top-k's pass 0 ---------
+// ---- scan: pass A over slice sp, then top-n-sigma's first lane sums and the selects' pass 0 --------
 template <class T>
 DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -933,10 +968,10 @@ DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeSha
     lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return v > kNegInf ? 1.0 : 0.0; }, c.lanes);
     lane_sums(c.r, true, c.V, s.q0, s.q1, [](float v) { return double(v > kNegInf ? v : 0.f); }, c.lsum);
   }
-  if (wants_kth(a, c.pr, c.V)) kth_pass(a, c, s, sp, 0, sh);
+  select_passes(a, c, s, sp, 0, sh);
 }
 
-// ---- pass q (1..3): top-n-sigma's sum of squares (q = 1), top-k's radix pass q ----------------
+// ---- pass q (1..3): top-n-sigma's sum of squares (q = 1), the selects' radix pass q --------------
 template <class T>
 DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -952,7 +987,7 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
         },
         c.lsq);
   }
-  if (wants_kth(a, c.pr, c.V)) kth_pass(a, c, s, sp, q, sh);
+  select_passes(a, c, s, sp, q, sh);
 }
 
 // ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
@@ -972,7 +1007,7 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   const float lo = sigma_lo(c, vd.m, sh);
   float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
   if (wants_kth(a, c.pr, c.V)) {
-    const float kth = key_to_float(k_state(a, c, 4, sh).prefix);
+    const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
     thr = kth > thr ? kth : thr;
   }
   const PipeList L = start_list(c);
@@ -1019,13 +1054,7 @@ DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& 
     // the n largest (value descending, index ascending): those above the n-th largest value
     // vn, then the lowest indices holding vn; sorted by the block (L's arrays are free now)
     const int64_t n = a.top_n;
-    const float vn = select_mth(
-        n,
-        [&r, proc, V](auto&& add) {
-          int64_t cc = r.lower(threadIdx.x);
-          for (int64_t i = threadIdx.x; i < V; i += kPipeThreads) add(r.get(proc, i, cc));
-        },
-        sh);
+    const float vn = key_to_float(sel_state(a, topn_sel(a, c), 4, sh).prefix);  // (the row passes' select)
     float* tv = L.v;
     int32_t* ti = L.i;
     const int64_t above = collect(
