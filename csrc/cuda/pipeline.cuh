@@ -261,6 +261,19 @@ DK_PIPE_FN int64_t list_id(const PipeArgs& a, int64_t o, int64_t p) {
   return a.output[o * a.n_output + p];
 }
 
+// The first position c in the ascending ids a[0..n) with a[c] >= x (n if none).
+DK_PIPE_FN int64_t lower_bound_i32(const int32_t* a, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a[mid] < x)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // One row's input as the passes see it: processed value = touched value (sid / sval sorted by id)
 // or the base value (bitmask, then the logit).
 template <class T>
@@ -275,17 +288,7 @@ struct RowIn {
   DK_PIPE_FN float base(int64_t i) const {
     return (bm && i < bm_tokens && !bitmask_allows(bm, i)) ? kNegInf : to_float(x[i]);
   }
-  DK_PIPE_FN int64_t lower(int64_t i) const {  // first c with sid[c] >= i
-    int64_t lo = 0, hi = nt;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (sid[mid] < i)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    return lo;
-  }
+  DK_PIPE_FN int64_t lower(int64_t i) const { return lower_bound_i32(sid, nt, i); }  // first c with sid[c] >= i
   // Processed value of i whose raw value is v; c: a cursor that only moves forward (i must not
   // decrease between calls).
   DK_PIPE_FN float proc(int64_t i, float v, int64_t& c) const {
@@ -1193,6 +1196,8 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   // ---- logprobs -------------------------------------------------------------------------------
   int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
   float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
+  // = wants_raw_mass here (sample mode, logprobs wanted): the rows whose normaliser lanes the collect
+  // phase made (calling the helper itself raised this kernel from 111 to 125 registers)
   if (a.raw_logprobs || greedy) {
     raw_logprobs(a, o, c, !a.raw_logprobs, a.raw_logprobs ? mraw : m, tok, sh);
     return;
@@ -1236,15 +1241,7 @@ DK_DEVICE_NOINLINE void phase_write(const PipeArgs& a, int64_t o, int sp) {
   const int64_t first = s.beg + threadIdx.x;
   if (w.kind == kWriteSurvivors) {
     const PipeList L = start_list(c);
-    int64_t lo = 0, hi = w.n;  // the first survivor with index >= first
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (L.i[mid] < first)
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
-    for (int64_t i = first, j = lo; i < s.end; i += kPipeThreads) {
+    for (int64_t i = first, j = lower_bound_i32(L.i, w.n, first); i < s.end; i += kPipeThreads) {
       while (j < w.n && L.i[j] < i) ++j;
       store(out + i, (j < w.n && L.i[j] == i) ? L.v[j] : kNegInf);
     }

@@ -1087,6 +1087,26 @@ __global__ void __launch_bounds__(kThreads) split_final_kernel(SplitArgs sa) {
   }
 }
 
+// The survivors S of split row o from its slices' lists (the final phase's): their number, and
+// (when <= kListMax) the lists copied in slice order, which is S in index order, to idx / w (every
+// thread its share: a barrier must follow before they are read).
+DK_CUDA_FN int64_t split_list_size(const SplitArgs& sa, int64_t o) {
+  int64_t n = 0;
+  for (int p = 0; p < sa.splits; ++p) n += sa.ws.lcount[o * sa.splits + p];
+  return n;
+}
+DK_CUDA_FN void split_list_gather(const SplitArgs& sa, int64_t o, int32_t* idx, float* w) {
+  int64_t off = 0;
+  for (int p = 0; p < sa.splits; ++p) {
+    const int64_t slot = o * sa.splits + p, c = sa.ws.lcount[slot];
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) {
+      idx[off + j] = sa.ws.lidx[slot * kListMax + j];
+      w[off + j] = sa.ws.lw[slot * kListMax + j];
+    }
+    off += c;
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
   __shared__ Smem s;
@@ -1109,19 +1129,10 @@ __global__ void __launch_bounds__(kThreads) split_draw_kernel(SplitArgs sa) {
     const T* x = static_cast<const T*>(v.x);
     const Selection sel = split_selection(v, sc, sa.ws.rows[o].t);
     bool done = false;
-    if (sa.lists && sel.in_c) {  // the slices' lists in slice order = S in index order
-      int64_t n = 0;
-      for (int p = 0; p < sa.splits; ++p) n += sa.ws.lcount[o * sa.splits + p];
+    if (sa.lists && sel.in_c) {
+      const int64_t n = split_list_size(sa, o);
       if (n <= kListMax) {
-        int64_t off = 0;
-        for (int p = 0; p < sa.splits; ++p) {
-          const int64_t slot = o * sa.splits + p, c = sa.ws.lcount[slot];
-          for (int64_t j = threadIdx.x; j < c; j += kThreads) {
-            s.u.list.idx[off + j] = sa.ws.lidx[slot * kListMax + j];
-            s.u.list.w[off + j] = sa.ws.lw[slot * kListMax + j];
-          }
-          off += c;
-        }
+        split_list_gather(sa, o, s.u.list.idx, s.u.list.w);
         __syncthreads();
         done = true;
         list_draw(n, row_key(a, o), s, tok, logprob);

@@ -945,20 +945,10 @@ __global__ void __launch_bounds__(kThreads, 1) split_node_kernel(Workspace w) {
     n.t = sel.t;
     n.minw = sel.minw;
     if (sa.lists && sel.in_c) {
-      int64_t cnt = 0;
-      for (int q = 0; q < sa.splits; ++q) cnt += sa.ws.lcount[k * sa.splits + q];
+      const int64_t cnt = sd::split_list_size(sa, k);
       if (cnt <= kListMax) {
-        int32_t* idx = p.list_idx + k * p.list_per_node;
         float* lw = p.list_w + k * p.list_per_node;
-        int64_t off = 0;
-        for (int q = 0; q < sa.splits; ++q) {
-          const int64_t slot = k * sa.splits + q, c = sa.ws.lcount[slot];
-          for (int64_t j = threadIdx.x; j < c; j += kThreads) {
-            idx[off + j] = sa.ws.lidx[slot * kListMax + j];
-            lw[off + j] = sa.ws.lw[slot * kListMax + j];
-          }
-          off += c;
-        }
+        sd::split_list_gather(sa, k, p.list_idx + k * p.list_per_node, lw);
         __syncthreads();  // the list's writes before thread 0 sums it
         n.list = true;
         n.nS = cnt;
