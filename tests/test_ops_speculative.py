@@ -493,12 +493,20 @@ def test_emu_split_prepared_nodes():
             cpu = ops.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, *filt, None, 3, 0)
             for sms in (40, 17, 16, 1 << 20):
                 emu_spec.set_sms(sms, check=False)
-                emu_spec.work()
+                emu_spec.work(), emu_spec.split_blocks()
+                # the split phases' blocks with every draft (a node's blocks per phase launch, the
+                # same for every node: the launches follow the filters, not the row)
+                emu_spec.chain_verify(lp, ids, None, None, 1, T_arr, 1.0, None, 3, 0, filters=filt)
+                full, _ = emu_spec.split_blocks(), emu_spec.work()
                 got = emu_spec.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, None, 3, 0, filters=filt)
-                assert emu_spec.last_node_splits() == _node_splits_rule(B * (N + 1), V, sms), sms
+                splits = _node_splits_rule(B * (N + 1), V, sms)
+                assert emu_spec.last_node_splits() == splits, sms
                 _same(cpu, got, f"chain, {sms} SMs, {filt}")
                 # one resolution per node up to num_draft; a Z per non-greedy node (row 1 is greedy)
                 assert emu_spec.work() == (int((nd + 1).sum()), int((nd + 1).sum()) - 1), sms
+                # every split phase skips the positions past num_draft too
+                ragged = emu_spec.split_blocks()
+                assert (full > 0) == (splits > 1) and ragged * B * (N + 1) == full * int((nd + 1).sum()), sms
                 emu_spec.set_sms(sms)
                 got = emu_spec.chain_verify(lp, ids, None, nd, 1, T_arr, 1.0, None, 3, 0, filters=filt)
                 _same(cpu, got, f"chain, {sms} SMs, {filt}, checked")

@@ -75,6 +75,15 @@ using dk::Matrix;
 using dk::RowFilter;
 using dk::SampleArgs;
 
+// The emulator's count of split-phase blocks that resolve their row (tests/cuda_emu defines
+// DK_SPLIT_COUNT_WORK; nothing in a real build).
+#if defined(DK_SPLIT_COUNT_WORK) && defined(DK_CUDA_EMULATE)
+inline int64_t g_split_blocks = 0;
+#define DK_SPLIT_COUNT() (threadIdx.x == 0 ? void(++g_split_blocks) : void())
+#else
+#define DK_SPLIT_COUNT() ((void)0)
+#endif
+
 // ---- constants shared with the CPU engine -------------------------------------------------
 #ifndef DK_CUDA_THREADS
 #define DK_CUDA_THREADS 512
@@ -862,8 +871,11 @@ struct SplitArgs {
   int pass = 0;            // the radix pass of a split_topk / split_topp launch
   // Rows in groups (the speculative kernels' prepared nodes, speculative.cuh node_plan): group > 1
   // reads row o at (o / group) * group_stride + (o % group) * in.row_stride elements with the
-  // parameters of row o / group (no indices); group = 1: row_in and row o's parameters.
+  // parameters of row o / group (no indices); group = 1: row_in and row o's parameters. With
+  // group_live (the chain's num_draft), row o is resolved only when its position o % group <=
+  // group_live[o / group]: the other rows' blocks return at once in every phase.
   int64_t group = 1, group_stride = 0;
+  const int64_t* group_live = nullptr;
   SplitWs ws;
 };
 
@@ -915,6 +927,16 @@ DK_CUDA_FN SplitRowView split_view(const SplitArgs& sa, int64_t o, int64_t sp) {
 template <class T>
 DK_CUDA_FN SplitRowView split_cta(const SplitArgs& sa) {
   return split_view<T>(sa, blockIdx.x / sa.splits, blockIdx.x % sa.splits);
+}
+
+// Is row o resolved (SplitArgs::group_live)? Every phase's blocks of a row that is not return at once.
+DK_CUDA_FN bool split_live(const SplitArgs& sa, int64_t o) {
+  return sa.group_live == nullptr || o % sa.group <= sa.group_live[o / sa.group];
+}
+DK_CUDA_FN bool split_enter(const SplitArgs& sa, const SplitRowView& v) {
+  if (!split_live(sa, v.o)) return false;
+  DK_SPLIT_COUNT();
+  return true;
 }
 
 // A greedy sampling row (temperature 0 on logits): the argmax, no filters.
@@ -991,6 +1013,7 @@ __global__ void __launch_bounds__(kThreads) split_scan_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SampleArgs& a = sa.a;
   const SplitRowView v = split_cta<T>(sa);
+  if (!split_enter(sa, v)) return;
   const T* x = static_cast<const T*>(v.x);
   Scan r;
   if (sa.gumbel) {
@@ -1008,7 +1031,7 @@ __global__ void __launch_bounds__(kThreads) split_topk_kernel(SplitArgs sa) {
   __shared__ Smem s;
   const SplitRowView v = split_cta<T>(sa);
   Scan sc;
-  if (!split_work(sa, v, sc) || !v.k_on) return;  // (uniform over the block)
+  if (!split_enter(sa, v) || !split_work(sa, v, sc) || !v.k_on) return;  // (uniform over the block)
   uint32_t prefix;
   int64_t kk;
   split_k_state(sa, v, sa.pass, s, prefix, kk);
@@ -1025,7 +1048,7 @@ __global__ void __launch_bounds__(kThreads) split_topp_kernel(SplitArgs sa) {
   const SplitRowView v = split_cta<T>(sa);
   const T* x = static_cast<const T*>(v.x);
   Scan sc;
-  if (!split_work(sa, v, sc)) return;  // (uniform over the block)
+  if (!split_enter(sa, v) || !split_work(sa, v, sc)) return;  // (uniform over the block)
   const int q = sa.pass;
   const int64_t V = sa.a.in.V, nch = num_chunks(V);
   float tk;
@@ -1067,7 +1090,7 @@ __global__ void __launch_bounds__(kThreads) split_final_kernel(SplitArgs sa) {
   const SplitRowView v = split_cta<T>(sa);
   const T* x = static_cast<const T*>(v.x);
   Scan sc;
-  if (!split_work(sa, v, sc)) return;  // (uniform over the block) bad or greedy: nothing to do
+  if (!split_enter(sa, v) || !split_work(sa, v, sc)) return;  // (uniform) dead, bad or greedy: nothing to do
   const int64_t V = sa.a.in.V, nch = num_chunks(V);
   float t = sa.p_phases ? sa.ws.rows[v.o].tk : split_tk(sa, v, s);
   if (sa.p_phases && v.p_on) {  // top-p's last digit

@@ -928,7 +928,7 @@ __global__ void __launch_bounds__(kThreads, 1) split_node_kernel(Workspace w) {
   const sd::SplitArgs& sa = p.split;
   const int64_t k = blockIdx.x, V = sa.a.in.V;
   const sd::SplitRowView v = sd::split_view<T>(sa, k, 0);
-  if (p.num_draft && v.o % p.R > p.num_draft[v.o / p.R]) return;  // chain positions past the row's drafts
+  if (!sd::split_live(sa, v.o)) return;  // chain positions past the row's drafts (as every split phase)
   DK_SPEC_COUNT(g_rows_resolved);
   sd::Scan sc;
   const bool work = sd::split_work(sa, v, sc);
@@ -986,6 +986,7 @@ inline void run_prepare(Target tg, const int64_t* num_draft, Workspace w, int64_
   Prepared& p = w.pre;
   p.num_draft = num_draft;
   if (p.split.splits <= 1) return launch(prepare_kernel<T>, unsigned(B * p.R), PrepareArgs{tg, w});
+  p.split.group_live = num_draft;  // (group = R: the chain positions past a row's drafts are skipped)
   sd::sample_layout(p.split, p.split.a.workspace);
   sd::run_split_phases<T>(p.split, launch);
   launch(split_node_kernel<T>, unsigned(B * p.R), w);

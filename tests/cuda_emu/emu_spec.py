@@ -35,6 +35,7 @@ def load(threads=None):
     L.dk_emu_spec_list.argtypes, L.dk_emu_spec_list.restype = [Q], Q
     L.dk_emu_set_filters.argtypes, L.dk_emu_set_filters.restype = [I, P, Q, P, F, P, F], None
     L.dk_emu_spec_work.argtypes, L.dk_emu_spec_work.restype = [P], None
+    L.dk_emu_split_blocks.argtypes, L.dk_emu_split_blocks.restype = [], Q
     L.dk_emu_spec_set_sms.argtypes, L.dk_emu_spec_set_sms.restype = [Q], None
     L.dk_emu_spec_last_prepared.argtypes, L.dk_emu_spec_last_prepared.restype = [], I
     L.dk_emu_spec_last_node_splits.argtypes, L.dk_emu_spec_last_node_splits.restype = [], I
@@ -126,6 +127,12 @@ def work(threads=None):
     out = torch.zeros(2, dtype=torch.int64)
     load(threads).dk_emu_spec_work(out.data_ptr())
     return tuple(out.tolist())
+
+
+def split_blocks(threads=None):
+    """Blocks of the split phases that resolved a row (sampling.cuh split_enter) since the last
+    call; resets the count."""
+    return load(threads).dk_emu_split_blocks()
 
 
 def _p(t):

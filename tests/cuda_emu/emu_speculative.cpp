@@ -4,7 +4,8 @@
 #include <cmath>
 #include <vector>
 #include "emu_runtime.h"
-#define DK_SPEC_COUNT_WORK 1  // the kernels' work counters (dk_emu_spec_work)
+#define DK_SPEC_COUNT_WORK 1   // the kernels' work counters (dk_emu_spec_work)
+#define DK_SPLIT_COUNT_WORK 1  // the split phases' block counter (dk_emu_split_blocks)
 #include "cuda/speculative.cuh"
 
 using namespace dk::cuda::spec;
@@ -128,6 +129,13 @@ int64_t dk_emu_spec_prepared_mismatch() {
 void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
 int64_t dk_emu_spec_list(int64_t V) { return list_per_row(V); }
+// Blocks of the split phases (sampling.cuh split_enter) that resolved a row since the last call
+// (which resets the count).
+int64_t dk_emu_split_blocks() {
+  const int64_t n = dk::cuda::g_split_blocks;
+  dk::cuda::g_split_blocks = 0;
+  return n;
+}
 // Target rows resolved and normaliser passes made since the last call (which resets them).
 void dk_emu_spec_work(int64_t* out) {
   out[0] = g_rows_resolved;
