@@ -251,6 +251,24 @@ def test_logprobs_greedy_and_modes(backend, raw):
 
 
 @on_backends
+@pytest.mark.parametrize("raw", [False, True])
+def test_logprobs_top_n_ties_across_slices(backend, raw):
+    """Raw / greedy top-n lists whose n-th largest value is held by many tokens across the slices
+    of a split row (integer logits: each of 9 values held by ~1/9 of the row; the emulator splits
+    these rows into slices of 16): every value above it, then the lowest indices holding it; the
+    rank counts the ties of the token's value (>=). Also the processed lists (temperature 0.8)."""
+    B, V = 3, 1003
+    g = torch.Generator().manual_seed(77)
+    x = torch.randint(-4, 5, (B, V), generator=g).float()
+    x[0, 700] = 9.0  # one value above all the ties, in a late slice
+    kw, params = _proc(B, V, 77)
+    for T in (0.0, 0.8):
+        p = dict(params, temperature=T, top_k=40)
+        for n in (1, 5, 150, 300):
+            _check(backend, _args(x, kw, p, top_n=n, raw=raw))
+
+
+@on_backends
 def test_top_k_paths_and_min_tokens_to_keep(backend):
     """top-k <= 512 (the CPU's streaming scan), > 512 (its window profile), >= V; min_tokens_to_keep."""
     B, V = 3, 1500

@@ -35,14 +35,15 @@
 //   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
 //   one more canonical mass pass (lane sums in the collect phase) and, for top_logprobs n, a
 //   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
-//   scan and pass phases), so over the slices of a split row; then, on one CTA per row, a count
-//   pass (the token's rank), two collects and a block sort of the n.
+//   scan and pass phases), then, after the draw, a rank pass (the count of values >= the token's)
+//   and two collects of the top-n candidates (the rank phase), all over the slices of a split
+//   row; the logprobs phase adds the counts and sorts the n candidates on one CTA per row.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
 // + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
-// the compactions and, in the one-CTA kernel, the phases before the final one are real calls on
-// the device, which keeps every kernel free of spills).
+// the compactions and every phase are real calls on the device (inlined into the one-CTA kernel,
+// the final phase spilled), which keeps every kernel free of spills).
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
@@ -182,7 +183,7 @@ struct PipeWrite {
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
   int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, g16, g256, hdr, parts, counts,
-      khist, kst, nhist, nst, wr, row;
+      khist, kst, nhist, nst, wr, rk, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -222,6 +223,7 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.nhist = o, o += 4 * 256 * 4 * splits;  // the same for the raw / greedy logprobs' top-n select
   L.nst = o, o += int64_t(sizeof(PipeKState)) * 4;
   L.wr = o, o += int64_t(sizeof(PipeWrite));
+  L.rk = o, o += 8 * 3 * splits;  // int64 [splits][3]: the rank phase's counts (rank, above, ties)
   L.row = o;
   return L;
 }
@@ -702,9 +704,11 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //            position of L; the raw / greedy logprobs' normaliser lane sums of its (chunk, lane)
 //            pairs;
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
-//            draw and logprobs (raw / greedy logprobs: their count / top-n passes); in mask mode what
-//            the output row gets (PipeWrite);
-//   write    (mask mode, per slice) the slice of the output row.
+//            draw and processed logprobs; in mask mode what the output row gets (PipeWrite);
+//   write    (mask mode, per slice) the slice of the output row;
+//   rank     (sample mode with logprobs, per slice; raw / greedy logprobs only) the slice's count
+//            of values >= the drawn token's, its top-n candidates;
+//   logprobs (one CTA per row; the same rows) the token's logprob and rank, the top-n list.
 // Whether a row needs the top-n-sigma / top-k passes follows from its parameters (read on the
 // device); rows that do not return at once.
 
@@ -725,6 +729,7 @@ struct PipeRowCtx {
   PipeKState *kst, *nst;
   PipeWrite* wr;
   double *lanes, *lsum, *lsq, *lzl;
+  int64_t* rk;
 };
 
 template <class T>
@@ -758,6 +763,7 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
   c.lsq = reinterpret_cast<double*>(c.ws + c.lay.lsq);
   c.lzl = reinterpret_cast<double*>(c.ws + c.lay.lzl);
+  c.rk = reinterpret_cast<int64_t*>(c.ws + c.lay.rk);
   return c;
 }
 
@@ -1025,73 +1031,109 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   __syncthreads();
 }
 
-// Raw (proc false: log_softmax of the logits as given) or greedy (proc true: log_softmax of the
-// processed row) logprobs of row o's token tok and its top-n list; mm: that row's max. The
-// normaliser folds the collect phase's lane sums; the rank count and the top-n select are row
-// passes of their own on one CTA, with element loads (their 16-byte form, with or without real
-// calls, made the final phase spill 20-36 B).
+// ---- rank (sample mode, raw / greedy logprobs; per slice, after final): slice sp's share -------
+// Raw (log_softmax of the logits as given) or greedy (temperature 0 without raw_logprobs:
+// log_softmax of the processed row) logprobs of the drawn token and the top-n list are row passes
+// of their own: the count of values >= the token's (its rank), and, for top_logprobs n, the
+// slice's values above the n-th largest value vn (the row passes' select) in index order, then its
+// first n values equal to vn, at L's positions from the slice's first element on (L is free once
+// the final phase has drawn); counts in rk[sp]. Rows the final phase made invalid return.
 template <class T>
-DK_PIPE_FN void raw_logprobs(const PipeArgs& a, int64_t o, const PipeRowCtx<T>& c, bool proc, float mm, int64_t tok,
-                             PipeShared& sh) {
-  const unsigned tid = threadIdx.x;
-  const int64_t V = a.V;
-  const RowIn<T>& r = c.r;
-  const PipeList L = start_list(c);
-  const ListScratch ls = list_scratch(c);
-  const BlockListOps ops = block_ops(c, sh);
-  int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
-  float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
-  const double lz = ::log(fold_lanes(c.lzl, c.nch, sh));  // (the collect phase's lane sums)
-  const float vt = proc ? r.at(tok) : r.raw(tok);
+DK_DEVICE_NOINLINE void phase_rank(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  if (!wants_raw_mass(a, c.pr) || !a.out_valid[o]) return;
+  row_hdr(c);
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  const bool proc = !a.raw_logprobs;
+  const int64_t tok = a.out_tokens[o];
+  const float vt = proc ? c.r.at(tok) : c.r.raw(tok);
   int64_t cnt = 0;
-  {
-    int64_t cc = r.lower(tid);
-    for (int64_t i = tid; i < V; i += kPipeThreads) cnt += r.get(proc, i, cc) >= vt;
-  }
+  each_group(c.r, s.beg, s.end, [&](int64_t, float v, float y) { cnt += (proc ? y : v) >= vt; });
   cnt = block_reduce<int64_t>(cnt, SumI{}, sh.i);
-  if (tid == 0) {
-    if (a.out_logprob) a.out_logprob[o] = logprob_of_value(vt, mm, lz);
-    if (a.out_rank) a.out_rank[o] = cnt;
-  }
-  if (tids) {
-    // the n largest (value descending, index ascending): those above the n-th largest value
-    // vn, then the lowest indices holding vn; sorted by the block (L's arrays are free now)
+  int64_t above = 0, ties = 0;
+  if (a.top_n > 0) {
     const int64_t n = a.top_n;
-    const float vn = key_to_float(sel_state(a, topn_sel(a, c), 4, sh).prefix);  // (the row passes' select)
-    float* tv = L.v;
-    int32_t* ti = L.i;
-    const int64_t above = collect(
-        V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) > vn; },
-        [&](int64_t pos, int64_t i) {
-          tv[pos] = proc ? r.at(i) : r.raw(i);
-          ti[pos] = int32_t(i);
+    const float vn = key_to_float(sel_state(a, topn_sel(a, c), 4, sh).prefix);
+    const PipeList L = start_list(c);
+    above = collect_row(
+        c.r, s.beg, s.end, [=](int64_t, float v, float y) { return (proc ? y : v) > vn; },
+        [&](int64_t pos, int64_t i, float v, float y) {
+          L.v[s.beg + pos] = proc ? y : v;
+          L.i[s.beg + pos] = int32_t(i);
         },
         sh);
-    collect(
-        V, r.lower(tid), [&](int64_t i, int64_t& cc) { return r.get(proc, i, cc) == vn; },
-        [&](int64_t pos, int64_t i) {
-          if (above + pos < n) {
-            tv[above + pos] = proc ? r.at(i) : r.raw(i);
-            ti[above + pos] = int32_t(i);
+    ties = collect_row(
+        c.r, s.beg, s.end, [=](int64_t, float v, float y) { return (proc ? y : v) == vn; },
+        [&](int64_t pos, int64_t i, float v, float y) {
+          if (pos < n) {
+            L.v[s.beg + above + pos] = proc ? y : v;
+            L.i[s.beg + above + pos] = int32_t(i);
           }
         },
         sh);
-    __syncthreads();
-    int32_t* ord = ls.ord;
-    ops.each(n, [=](int64_t j) { ord[j] = int32_t(j); });
-    // ties by position: the collects left equal values in index order
-    ops.sort(ord, n, [tv](int32_t p) { return tv[p]; }, true);
-    ops.each(n, [=](int64_t j) {
-      const float v = tv[ord[j]];
-      tids[j] = ti[ord[j]];
-      tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
-    });
   }
+  if (threadIdx.x == 0) {
+    c.rk[3 * sp] = cnt;
+    c.rk[3 * sp + 1] = above;
+    c.rk[3 * sp + 2] = ties < a.top_n ? ties : a.top_n;
+  }
+  __syncthreads();
+}
+
+// ---- logprobs (sample mode, raw / greedy logprobs; one CTA per row, after rank) -------------------
+// The normaliser folds the collect phase's lane sums; the rank is the slices' counts added; the
+// top-n list: every slice's entries above vn in slice order (= index order), then the slices'
+// entries equal to vn in slice order up to n, sorted by the block (value descending, position in L
+// ascending, which is index ascending among equal values).
+template <class T>
+DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  if (!wants_raw_mass(a, c.pr) || !a.out_valid[o]) return;
+  const PipeVerdict vd = verdict(a, c);
+  const bool proc = !a.raw_logprobs;
+  const float mm = proc ? vd.m : vd.mraw;
+  const double lz = ::log(fold_lanes(c.lzl, c.nch, sh));  // (the collect phase's lane sums)
+  const unsigned tid = threadIdx.x;
+  if (tid == 0) {
+    const int64_t tok = a.out_tokens[o];
+    int64_t cnt = 0;
+    for (int sp = 0; sp < a.splits; ++sp) cnt += c.rk[3 * sp];
+    if (a.out_logprob) a.out_logprob[o] = logprob_of_value(proc ? c.r.at(tok) : c.r.raw(tok), mm, lz);
+    if (a.out_rank) a.out_rank[o] = cnt;
+  }
+  if (a.top_n == 0) return;
+  const int64_t n = a.top_n;
+  const PipeList L = start_list(c);
+  const ListScratch ls = list_scratch(c);
+  const BlockListOps ops = block_ops(c, sh);
+  int32_t* ord = ls.ord;
+  const int64_t per = a.splits > 1 ? a.per : a.V;
+  int64_t off = 0;
+  for (int sp = 0; sp < a.splits; ++sp) {  // the entries above vn (fewer than n in all)
+    const int64_t na = c.rk[3 * sp + 1];
+    for (int64_t j = tid; j < na; j += kPipeThreads) ord[off + j] = int32_t(sp * per + j);
+    off += na;
+  }
+  for (int sp = 0; sp < a.splits && off < n; ++sp) {  // then the ties, up to n
+    const int64_t na = c.rk[3 * sp + 1], nt = c.rk[3 * sp + 2] < n - off ? c.rk[3 * sp + 2] : n - off;
+    for (int64_t j = tid; j < nt; j += kPipeThreads) ord[off + j] = int32_t(sp * per + na + j);
+    off += nt;
+  }
+  const float* tv = L.v;  // (block_sort's first barrier orders the writes of ord before its rounds)
+  const int32_t* ti = L.i;
+  ops.sort(ord, n, [tv](int32_t p) { return tv[p]; }, true);
+  int64_t* tids = a.out_top_ids + o * n;
+  float* tlp = a.out_top_lp + o * n;
+  ops.each(n, [=](int64_t j) {
+    const float v = tv[ord[j]];
+    tids[j] = ti[ord[j]];
+    tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
+  });
 }
 
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
 template <class T>
-DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
+DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
   const PipeVerdict vd = verdict(a, c);
   const unsigned tid = threadIdx.x;
@@ -1126,7 +1168,7 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
     fail_row(!vd.ok);
     return;
   }
-  const float m = vd.m, mraw = vd.mraw;
+  const float m = vd.m;
   const PipeRow& pr = c.pr;
   const PipeOrder order = PipeOrder(a.order);
   const bool greedy = pr.T == 0.f;  // temperature 0: greedy, no truncation
@@ -1196,12 +1238,8 @@ DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   // ---- logprobs -------------------------------------------------------------------------------
   int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
   float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
-  // = wants_raw_mass here (sample mode, logprobs wanted): the rows whose normaliser lanes the collect
-  // phase made (calling the helper itself raised this kernel from 111 to 125 registers)
-  if (a.raw_logprobs || greedy) {
-    raw_logprobs(a, o, c, !a.raw_logprobs, a.raw_logprobs ? mraw : m, tok, sh);
-    return;
-  }
+  // = wants_raw_mass here (sample mode, logprobs wanted): the rank and logprobs phases' rows
+  if (a.raw_logprobs || greedy) return;
   // processed: the renormalised survivors
   const double lz = ::log(sh.Z);
   const float tv = sh.tv;
@@ -1270,6 +1308,11 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o, PipeShared& sh) {
   if (a.mode == 1) {
     __syncthreads();
     phase_write<T>(a, o, 0);
+  } else if (a.want_logprob || a.top_n > 0) {
+    __syncthreads();
+    phase_rank<T>(a, o, 0, sh);
+    __syncthreads();
+    phase_logprobs<T>(a, o, sh);
   }
 }
 
@@ -1312,6 +1355,16 @@ template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_write_kernel(PipeArgs a) {
   phase_write<T>(a, cta_row(a), cta_slice(a));
 }
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_rank_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_rank<T>(a, cta_row(a), cta_slice(a), sh);
+}
+template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_logprobs_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_logprobs<T>(a, int64_t(blockIdx.x), sh);
+}
 
 // The launches of a plan (the CUDA launcher's and the emulator's): launch(kernel, grid, args).
 template <class T, class Launch>
@@ -1327,7 +1380,12 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   for (a.pass = 1; a.pass < 4; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);
   launch(pipe_collect_kernel<T>, parts, a);
   launch(pipe_final_kernel<T>, rows, a);
-  if (a.mode == 1) launch(pipe_write_kernel<T>, parts, a);
+  if (a.mode == 1) {
+    launch(pipe_write_kernel<T>, parts, a);
+  } else if (a.want_logprob || a.top_n > 0) {  // (rows without raw / greedy logprobs return at once)
+    launch(pipe_rank_kernel<T>, parts, a);
+    launch(pipe_logprobs_kernel<T>, rows, a);
+  }
 }
 
 template <class T>
