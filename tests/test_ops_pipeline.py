@@ -626,3 +626,53 @@ def test_apply_token_bitmask_inplace(backend, dtype):
         assert not torch.equal(_bits(cpu), _bits(x))
         R.apply_token_bitmask_inplace(ref, bm, indices=idx)
         assert torch.equal(_bits(got), _bits(ref))
+
+
+@bk.needs_emu
+def test_emu_block_top_p_cut():
+    """The GPU's top-p cut on the list (pipeline.cuh block_top_p: a mass-weighted radix select, 2
+    bits per pass) against its definition, the smallest value whose strictly greater values weigh
+    < P, on one block of the production size. Weights are powers of two, so every mass is exact in
+    any order and the cut is the definition's exactly: P between, at (>=: the group that reaches P
+    is the last kept) and past group boundaries, P above the total (the smallest value, even with
+    weight 0), P <= 0 (the largest value); ties, -0 / +0, values over the whole float range, lists
+    of 1 to 5000 entries (several per thread)."""
+
+    def cut(v, w, P):
+        above = 0.0
+        for val in sorted(set(v), reverse=True):
+            g = sum(wj for vj, wj in zip(v, w) if vj == val)
+            if above + g >= P:
+                return val
+            above += g
+        return min(v)
+
+    g = torch.Generator().manual_seed(3)
+    checked = 0
+    for n in (1, 7, 513, 5000):
+        for kind in range(3):
+            if kind == 0:  # many ties, signed zeros
+                v = (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).tolist()
+                v = [(-0.0 if j % 2 else 0.0) if x == 0 else x for j, x in enumerate(v)]
+            elif kind == 1:  # the whole float range: every digit pass decides something
+                v = (torch.randn(n, generator=g) * torch.pow(10.0, torch.randint(-30, 30, (n,), generator=g))).tolist()
+                v[0] = -3.4028234663852886e38
+            else:  # near neighbours: values one ulp apart
+                base = torch.full((n,), 1.5)
+                v = torch.nextafter(base, torch.full((n,), 2.0)).tolist()[: n // 2] + base.tolist()[n // 2 :]
+            w = torch.pow(2.0, -torch.randint(0, 20, (n,), generator=g).double()).tolist()
+            w[-1] = 0.0  # a held value with no mass
+            total = sum(w)
+            cum, Ps = 0.0, [0.0, -1.0, total * 2, total]
+            for val in sorted(set(v), reverse=True)[:5]:
+                cum += sum(wj for vj, wj in zip(v, w) if vj == val)
+                Ps += [cum, cum * 0.999, cum * 1.001]
+            Ps += (torch.rand(4, generator=g).double() * total).tolist()
+            vt = torch.tensor(v, dtype=torch.float32)
+            wt = torch.tensor(w, dtype=torch.float32)
+            for P in Ps:
+                want = cut(vt.tolist(), wt.double().tolist(), P)
+                got = emu_pipe.block_top_p(vt, wt, P)
+                assert got == want, (n, kind, P, got, want)
+                checked += 1
+    assert checked > 150

@@ -30,8 +30,9 @@
 //   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
 //   BlockListOps: m-th largest by radix select over the list, masses and draws by the contract's
 //   16-ary walk (group and block sums one thread each), sorts (typical's scores, top-h's
-//   candidates, top-p's values) by a block-wide bitonic sort, keep flags and compactions on all
-//   threads; only top-h's cut over its <= ~100 sorted candidates walks on one thread;
+//   candidates) by a block-wide bitonic sort, top-p's cut by a mass-weighted radix select
+//   (block_top_p), keep flags and compactions on all threads; only top-h's cut over its <= ~100
+//   sorted candidates walks on one thread;
 //   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
 //   one more canonical mass pass (lane sums in the collect phase) and, for top_logprobs n, a
 //   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
@@ -51,9 +52,9 @@
 // (entropy of typical / eta / top-h, logprobs) come from libdevice instead of glibc and may differ
 // by one double ulp; a float logprob can then differ in its last bit and a typical / eta / top-h cut
 // that lies within that ulp can move by one tie group. Top-p's cut on the list: the CPU sums the
-// mass above a candidate in quickselect partition order, the block in the walk's order over the
-// sorted list, so a cut whose mass above lies within a few double ulps of p * Z can move to a
-// neighbouring value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
+// mass above a candidate in quickselect partition order, the block per radix digit (block_top_p),
+// so a cut whose mass above lies within a few double ulps of p * Z can move to a neighbouring
+// value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
 // in the same order; compile with -fmad=false.
 //
 // Values the torch launcher does not read (it checks metadata only, no device sync): a token id
@@ -520,6 +521,71 @@ DK_PIPE_FN void block_sort(int32_t* ord, int64_t n, const Less& less) {
     }
 }
 
+// Top-p's cut on the block (BlockListOps::top_p): the smallest value t of v[0..n) (n >= 1) whose
+// strictly greater values weigh < P, by a mass-weighted radix select over the order keys, 2 bits
+// per pass (16 passes over the list). Each pass adds, per digit, the weights of the values that
+// match the digits chosen so far (each thread its index stride, each warp by a shuffle tree into
+// lane 0, the warps in warp order: a fixed order), then takes the highest digit whose mass, added
+// to the mass above it, reaches P, or, when none does, the lowest digit some value holds. It
+// replaced a bitonic sort of the list (log2(N) (log2(N) + 1) / 2 rounds over it, 153 at N = 2^17)
+// and the walk's reach over the sorted weights. The masses are added in another order than the
+// CPU's quickselect (as the walk's were): a cut whose mass above lies within a few double ulps of
+// P can differ. A real call: the final phase is at its register cap.
+DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, double P, PipeShared& sh) {
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  uint32_t prefix = 0u;
+  double above = 0.0;  // the mass of the values above the chosen digits' range
+  for (int shift = 30; shift >= 0; shift -= 2) {
+    const uint32_t high = shift == 30 ? 0u : ~0u << (shift + 2);
+    double m[4] = {0.0, 0.0, 0.0, 0.0};
+    unsigned held = 0u;
+    for (int64_t j = threadIdx.x; j < n; j += kPipeThreads) {
+      const uint32_t k = sel_key(v[j]);
+      if ((k & high) != prefix) continue;
+      const unsigned d = (k >> shift) & 3u;
+      held |= 1u << d;
+#pragma unroll
+      for (unsigned b = 0; b < 4; ++b)
+        if (d == b) m[b] = contract::dadd_rn(m[b], double(w[j]));
+    }
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      for (int o = 16; o > 0; o >>= 1) m[b] = contract::dadd_rn(m[b], __shfl_down_sync(0xFFFFFFFFu, m[b], o));
+    for (int o = 16; o > 0; o >>= 1) held |= __shfl_xor_sync(0xFFFFFFFFu, held, o);
+    if (lane == 0) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) sh.d[warp * 4 + b] = m[b];
+      sh.hist[warp] = held;
+    }
+    __syncthreads();
+    double M[4] = {0.0, 0.0, 0.0, 0.0};
+    unsigned H = 0u;
+    for (unsigned q = 0; q < kPipeWarps; ++q) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) M[b] = contract::dadd_rn(M[b], sh.d[q * 4 + b]);
+      H |= sh.hist[q];
+    }
+    __syncthreads();
+    unsigned dig = 0u;
+    bool found = false;
+    double acc = above, low_above = above;  // low_above: the mass above the lowest held digit so far
+    for (int b = 3; b >= 0; --b) {
+      if (!(H >> b & 1u)) continue;
+      if (contract::dadd_rn(acc, M[b]) >= P) {
+        dig = unsigned(b);
+        found = true;
+        break;
+      }
+      low_above = acc;
+      dig = unsigned(b);
+      acc = contract::dadd_rn(acc, M[b]);
+    }
+    above = found ? acc : low_above;
+    prefix |= dig << shift;
+  }
+  return key_to_float(prefix);
+}
+
 // The list steps' primitives on the block (decodekit/pipeline.h lists them): every thread of the
 // row's block calls the steps with the same arguments, each primitive returns the same value to
 // all of them. g16 / g256: the workspace's walk sums (room for a whole row's list).
@@ -594,16 +660,8 @@ struct BlockListOps {
   }
   // The list sorted by value (descending, ties by position); the cut at the value where the walk's
   // running mass of the sorted weights reaches P (all of L if it never does).
-  DK_PIPE_FN float top_p(const PipeList& L, double P, const ListScratch& s) const {
-    const int64_t n = L.n;
-    const float *v = L.v, *w = L.w;
-    int32_t* ord = s.ord;
-    float* e = s.tv;
-    each(n, [=](int64_t j) { ord[j] = int32_t(j); });
-    sort(ord, n, [v](int32_t j) { return v[j]; }, true);
-    each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
-    const int64_t at = reach(e, n, P);
-    return v[ord[at < n ? at : n - 1]];
+  DK_PIPE_FN float top_p(const PipeList& L, double P, const ListScratch&) const {
+    return block_top_p(L.v, L.w, L.n, P, sh);
   }
 };
 

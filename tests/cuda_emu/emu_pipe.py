@@ -161,3 +161,13 @@ def apply_token_bitmask_inplace(logits, bitmask, indices=None):
         logits.data_ptr(), dt, logits.stride(0), bm.data_ptr(), bm.shape[1], tokens,
         None if idx is None else idx.data_ptr(), rows,
     )  # fmt: skip
+
+
+def block_top_p(v, w, P):
+    """pipeline.cuh's block_top_p (the GPU's top-p cut on the list) on one emulated block of the
+    production size: the smallest value of v whose strictly greater values weigh < P (weights w)."""
+    L = load()
+    f = L.dk_emu_block_top_p
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double], ctypes.c_float
+    v, w = v.float().contiguous(), w.float().contiguous()
+    return float(f(v.data_ptr(), w.data_ptr(), v.numel(), float(P)))

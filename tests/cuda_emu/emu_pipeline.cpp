@@ -118,3 +118,22 @@ extern "C" void dk_emu_bitmask_inplace(void* x, int dtype, int64_t row_stride, c
     case PipeDType::F16: dkemu::launch(unsigned(rows), kPipeThreads, MaskK<dk::f16_t>::fn, a); break;
   }
 }
+
+// pipeline.cuh's block_top_p (the GPU's top-p cut on the list) on one block of the production
+// size: the smallest value of v[0..n) whose strictly greater values weigh < P (weights w).
+struct TopPArgs {
+  const float *v, *w;
+  int64_t n;
+  double P;
+  float* out;
+};
+static void top_p_fn(TopPArgs a) {
+  __shared__ pdetail::PipeShared sh;
+  const float t = pdetail::block_top_p(a.v, a.w, a.n, a.P, sh);
+  if (threadIdx.x == 0) *a.out = t;
+}
+extern "C" float dk_emu_block_top_p(const float* v, const float* w, int64_t n, double P) {
+  float t = 0.f;
+  dkemu::launch(1u, kPipeThreads, top_p_fn, TopPArgs{v, w, n, P, &t});
+  return t;
+}

@@ -262,9 +262,9 @@ DK_HOST_DEVICE float pipe_weight(float v, float m, float invT) { return dk_exp((
 //   ops.filter(L, keep)       keeps the entries of L with keep[j] != 0 (order kept)
 //   ops.top_p(L, P, s)        top-p's cut: the smallest value v of L whose strictly greater values
 //                             weigh < P. The CPU: top_p_quickselect (partition-order sums); the
-//                             GPU: L sorted by value, then the value at ops.reach of the sorted
-//                             weights (walk-order sums). The same value unless the mass above the
-//                             cut lies within a few double ulps of P (documented, as for sample).
+//                             GPU: a mass-weighted radix select over L (block_top_p: sums per
+//                             digit in a fixed block order). The same value unless the mass above
+//                             the cut lies within a few double ulps of P (documented, as for sample).
 // Every mass is the contract's 16-ary walk total (decodekit/contract.h), a fixed order that a GPU
 // sums on all its threads, so the survivors and tokens are the same on CPU and GPU.
 
