@@ -33,7 +33,7 @@
 //   candidates) by a block-wide bitonic sort, top-p's cut by a mass-weighted radix select
 //   (block_top_p), keep flags and compactions on all threads; only top-h's cut over its <= ~100
 //   sorted candidates walks on one thread;
-//   logprobs: processed mode from L (rank and the top-n sort on the block); raw / greedy mode:
+//   logprobs: processed mode from L (rank count; top-n by list_top on the block); raw / greedy mode:
 //   one more canonical mass pass (lane sums in the collect phase) and, for top_logprobs n, a
 //   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
 //   scan and pass phases), then, after the draw, a rank pass (the count of values >= the token's)
@@ -1189,6 +1189,20 @@ DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared&
   });
 }
 
+// The h largest entries of L (1 <= h <= L.n; value descending, index ascending: L is in index
+// order) as positions of L in ord[0..h): the entries above the h-th largest value vh, then the
+// first entries holding vh, both in L's order, sorted by the block. The same h positions in the
+// same order as a sort of the whole list (ties by position either way), for a radix select (4
+// passes), 2 compactions and a sort of h entries instead of a sort of L (153 rounds for a
+// whole-vocabulary list). ord has room for L.n entries. A real call (the final phase's register cap).
+DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, const BlockListOps& ops) {
+  const float* v = L.v;
+  const float vh = ops.mth_largest(v, L.n, h);
+  const int64_t above = ops.select(L.n, [v, vh](int64_t j) { return v[j] > vh; }, ord);
+  ops.select(L.n, [v, vh](int64_t j) { return v[j] == vh; }, ord + above);  // (h - above of them count)
+  ops.sort(ord, h, [v](int32_t p) { return v[p]; }, true);
+}
+
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
 template <class T>
 DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
@@ -1312,9 +1326,8 @@ DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh
     int32_t* ord = ls.ord;
     const float* lv = L.v;
     const int32_t* li = L.i;
-    ops.each(L.n, [=](int64_t j) { ord[j] = int32_t(j); });
-    ops.sort(ord, L.n, [lv](int32_t p) { return lv[p]; }, true);  // L is in index order: ties by token
     const int64_t h = a.top_n < L.n ? a.top_n : L.n;
+    list_top(L, h, ord, ops);
     ops.each(h, [=](int64_t j) {
       tids[j] = li[ord[j]];
       tlp[j] = logprob_of_weight(pipe_weight(lv[ord[j]], m, invT), lz);
