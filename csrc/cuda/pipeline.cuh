@@ -658,8 +658,7 @@ struct BlockListOps {
         },
         sh);
   }
-  // The list sorted by value (descending, ties by position); the cut at the value where the walk's
-  // running mass of the sorted weights reaches P (all of L if it never does).
+  // The mass-weighted radix select of block_top_p (no sort of the list).
   DK_PIPE_FN float top_p(const PipeList& L, double P, const ListScratch&) const {
     return block_top_p(L.v, L.w, L.n, P, sh);
   }
@@ -1165,16 +1164,16 @@ DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared&
   const ListScratch ls = list_scratch(c);
   const BlockListOps ops = block_ops(c, sh);
   int32_t* ord = ls.ord;
-  const int64_t per = a.splits > 1 ? a.per : a.V;
   int64_t off = 0;
   for (int sp = 0; sp < a.splits; ++sp) {  // the entries above vn (fewer than n in all)
-    const int64_t na = c.rk[3 * sp + 1];
-    for (int64_t j = tid; j < na; j += kPipeThreads) ord[off + j] = int32_t(sp * per + j);
+    const int64_t beg = pipe_slice(a, c.nch, sp).beg, na = c.rk[3 * sp + 1];
+    for (int64_t j = tid; j < na; j += kPipeThreads) ord[off + j] = int32_t(beg + j);
     off += na;
   }
   for (int sp = 0; sp < a.splits && off < n; ++sp) {  // then the ties, up to n
-    const int64_t na = c.rk[3 * sp + 1], nt = c.rk[3 * sp + 2] < n - off ? c.rk[3 * sp + 2] : n - off;
-    for (int64_t j = tid; j < nt; j += kPipeThreads) ord[off + j] = int32_t(sp * per + na + j);
+    const int64_t beg = pipe_slice(a, c.nch, sp).beg, na = c.rk[3 * sp + 1];
+    const int64_t nt = c.rk[3 * sp + 2] < n - off ? c.rk[3 * sp + 2] : n - off;
+    for (int64_t j = tid; j < nt; j += kPipeThreads) ord[off + j] = int32_t(beg + na + j);
     off += nt;
   }
   const float* tv = L.v;  // (block_sort's first barrier orders the writes of ord before its rounds)
