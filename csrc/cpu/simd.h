@@ -430,19 +430,23 @@ inline VF vbitdist(VF v, uint32_t mbits) {
 // Stores the lanes of v selected by m (in lane order) to val[0..) and their element indices
 // base + lane to idx[0..); returns how many. Both buffers need 16 writable slots.
 #if defined(DK_ISA_AVX512)
+// Compressed in a register, then one full 16-lane store: the lanes past the count are scratch, so
+// every caller leaves room for 16 at the write position. (The masked compress-to-memory form is
+// microcoded on AMD Zen 4, ~10x slower per block: 0.35 ms of a 128K-entry collect.)
 inline int vcompress(float* val, int32_t* idx, M16 m, VF v, int32_t base) {
   const __mmask16 k = __mmask16(m);
-  _mm512_mask_compressstoreu_ps(val, k, v.v);
+  _mm512_storeu_ps(val, _mm512_maskz_compress_ps(k, v.v));
   __m512i id = _mm512_add_epi32(_mm512_set1_epi32(base),
                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  _mm512_mask_compressstoreu_epi32(idx, k, id);
+  _mm512_storeu_si512(idx, _mm512_maskz_compress_epi32(k, id));
   return popcount16(m);
 }
 // The lanes of a and b selected by m, in lane order, to pa[0..) and pb[0..); returns how many.
+// Full 16-lane stores, as vcompress.
 inline int vcompress2(float* pa, float* pb, M16 m, VF a, VF b) {
   const __mmask16 k = __mmask16(m);
-  _mm512_mask_compressstoreu_ps(pa, k, a.v);
-  _mm512_mask_compressstoreu_ps(pb, k, b.v);
+  _mm512_storeu_ps(pa, _mm512_maskz_compress_ps(k, a.v));
+  _mm512_storeu_ps(pb, _mm512_maskz_compress_ps(k, b.v));
   return popcount16(m);
 }
 #else
