@@ -14,6 +14,7 @@ logprobs. The emulator-only tests at the end check what only the kernel does (in
 invalid rows and set the error flag; seed and offsets read from memory)."""
 
 import hashlib
+import math
 
 import pytest
 import torch
@@ -650,21 +651,29 @@ def test_emu_block_top_p_cut():
     g = torch.Generator().manual_seed(3)
     checked = 0
     for n in (1, 7, 513, 5000):
-        for kind in range(3):
+        for kind in range(4):
+            if kind == 3 and n < 600:
+                continue
             if kind == 0:  # many ties, signed zeros
                 v = (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).tolist()
                 v = [(-0.0 if j % 2 else 0.0) if x == 0 else x for j, x in enumerate(v)]
             elif kind == 1:  # the whole float range: every digit pass decides something
                 v = (torch.randn(n, generator=g) * torch.pow(10.0, torch.randint(-30, 30, (n,), generator=g))).tolist()
                 v[0] = -3.4028234663852886e38
-            else:  # near neighbours: values one ulp apart
+            elif kind == 2:  # near neighbours: values one ulp apart
                 base = torch.full((n,), 1.5)
                 v = torch.nextafter(base, torch.full((n,), 2.0)).tolist()[: n // 2] + base.tolist()[n // 2 :]
+            else:  # the largest values in pairs one ulp apart, the pair's entries on one thread (0,
+                # 512), two lanes of a warp (1, 2) or two warps (3, 35): the select must see that
+                # two entries share the digits (no early exit on either), else the cut can be wrong
+                v = [-float(j) for j in range(n)]
+                for a, b, x in ((0, 512, 100.5), (1, 2, 90.5), (3, 35, 80.5)):  # not near a power of 2
+                    v[a], v[b] = x, torch.nextafter(torch.tensor(x), torch.tensor(200.0)).item()
             w = torch.pow(2.0, -torch.randint(0, 20, (n,), generator=g).double()).tolist()
             w[-1] = 0.0  # a held value with no mass
             total = sum(w)
-            cum, Ps = 0.0, [0.0, -1.0, total * 2, total]
-            for val in sorted(set(v), reverse=True)[:5]:
+            cum, Ps = 0.0, [0.0, -1.0, total * 2, total, math.nextafter(total, math.inf), total * 1.01]
+            for val in sorted(set(v), reverse=True)[:8]:
                 cum += sum(wj for vj, wj in zip(v, w) if vj == val)
                 Ps += [cum, cum * 0.999, cum * 1.001]
             Ps += (torch.rand(4, generator=g).double() * total).tolist()
@@ -676,3 +685,75 @@ def test_emu_block_top_p_cut():
                 assert got == want, (n, kind, P, got, want)
                 checked += 1
     assert checked > 150
+
+
+@bk.needs_emu
+def test_emu_block_low_cut():
+    """The GPU's typical cut on the list (pipeline.cuh block_low_cut: the mass select of top-p,
+    mirrored, over 64-bit order keys of double scores) against its definition, the largest score
+    whose strictly smaller scores weigh < P (the largest score when no prefix of tie groups reaches
+    P), on one block of the production size; power-of-two weights (exact masses in any order).
+    Distinct scores end the select early (a digit held by one entry: its key is read), ties and
+    one-ulp clusters run all 32 passes; weight 1 each (w = None) with P = m gives the m-th smallest
+    score (typical's min_tokens_to_keep)."""
+
+    def cut(sc, w, P):
+        below = 0.0
+        for val in sorted(set(sc)):
+            g = sum(wj for sj, wj in zip(sc, w) if sj == val)
+            if below + g >= P:
+                return val
+            below += g
+        return max(sc)
+
+    g = torch.Generator().manual_seed(5)
+    checked = 0
+    for n in (1, 7, 600, 5000):
+        for kind in range(5):
+            if kind == 4 and n < 600:
+                continue
+            if kind == 0:  # ties
+                sc = (torch.randint(0, 6, (n,), generator=g).double() * 0.25).tolist()
+            elif kind == 1:  # the whole double range, +inf: distinct, early exits
+                sc = (
+                    torch.rand(n, generator=g).double()
+                    * torch.pow(10.0, torch.randint(-300, 300, (n,), generator=g).double())
+                ).tolist()
+                sc[0] = math.inf
+            elif kind == 2:  # one-ulp clusters: the top 50 bits of the keys do not separate them
+                sc = [2.0] * n
+                for j in range(n):
+                    for _ in range(j % 7):
+                        sc[j] = math.nextafter(sc[j], 3.0)
+            elif kind == 3:  # typical's own scores: |-log p - H| of a softmax
+                lp = torch.log_softmax(torch.randn(n, generator=g).double() * 3, 0)
+                H = -(lp.exp() * lp).sum()
+                sc = (-lp - H).abs().tolist()
+            else:  # the smallest scores in pairs one ulp apart on one thread / two lanes / two warps
+                sc = [10.0 + j for j in range(n)]
+                for a, b, x in ((0, 512, 1.25), (1, 2, 2.5), (3, 35, 3.75)):  # not near a power of 2
+                    sc[a], sc[b] = x, math.nextafter(x, 0.0)
+            w = torch.pow(2.0, -torch.randint(0, 20, (n,), generator=g).double()).float()
+            w[-1] = 0.0
+            wd = w.double().tolist()
+            total = sum(wd)
+            cum, Ps = 0.0, [total * 2, total, math.nextafter(total, math.inf), total * 1.01, 1e-300]
+            for val in sorted(set(sc))[:8]:
+                cum += sum(wj for sj, wj in zip(sc, wd) if sj == val)
+                Ps += [cum, cum * 0.999, cum * 1.001]
+            Ps += (torch.rand(4, generator=g).double() * total).tolist()
+            st = torch.tensor(sc, dtype=torch.float64)
+            for P in Ps:
+                if P <= 0:
+                    continue
+                want = cut(sc, wd, P)
+                got = emu_pipe.block_low_cut(st, w, P)
+                assert got == want, (n, kind, P, got, want)
+                checked += 1
+            for m in sorted({1, 2, n // 3 + 1, n}):  # weight 1 each, P = m: the m-th smallest
+                m = min(m, n)
+                want = sorted(sc)[m - 1]
+                got = emu_pipe.block_low_cut(st, None, float(m))
+                assert got == want, (n, kind, m, got, want)
+                checked += 1
+    assert checked > 250

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 #include "cpu/key_sort.h"
+#include "cpu/mass_select.h"
 #include "cpu/row_engine.h"
 #include "decodekit/pipeline.h"
 
@@ -83,12 +84,14 @@ struct PipeScratch {
   std::vector<double> ld;                          // per-list scratch (log-probabilities, scores)
   std::vector<int32_t> ord;                        // per-list order
   std::vector<float> tv;                           // float list scratch (weights in a sorted order)
-  std::vector<float> sel;                          // nth_element's copy
+  std::vector<PipeVW> sel;                         // mth_largest's (value, 1) pairs
   std::vector<double> g16;                         // the walk's group and block sums
   KeySort key_sort;                                // SerialListOps::sort's buffers
   std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
   std::vector<std::pair<int32_t, float>> touched;  // tokens changed by the sparse steps, first value
   std::vector<PipeVW> pairs;                       // top-p's (value, weight) pairs
+  std::vector<PipeDW> dpairs;                      // typical's (-score, weight) pairs
+  MassSelect mass_select;                          // top-p's / typical's cuts, the m-th largest
   std::vector<uint8_t> keep, acc;                  // per-list keep flags of a step / of all steps (joint)
   // The list steps' scratch (decodekit/pipeline.h) with room for n entries.
   ListScratch list_scratch(int64_t n) {
@@ -98,10 +101,11 @@ struct PipeScratch {
       ld.resize(c);
       ord.resize(c);
       pairs.resize(c);
+      dpairs.resize(c);
       keep.resize(c);
       acc.resize(c);
     }
-    return ListScratch{tv.data(), ld.data(), ord.data(), pairs.data(), keep.data(), acc.data()};
+    return ListScratch{tv.data(), ld.data(), ord.data(), pairs.data(), dpairs.data(), keep.data(), acc.data()};
   }
   // Room for the walk's sums over n entries: g16, then g256.
   double* walk(int64_t n) {
@@ -141,19 +145,26 @@ struct SerialListOps {
     f();
   }
   float mth_largest(const float* v, int64_t n, int64_t m) const {
-    ps.sel.assign(v, v + n);
-    std::nth_element(ps.sel.begin(), ps.sel.begin() + (m - 1), ps.sel.end(), std::greater<float>());
-    return ps.sel[size_t(m - 1)];
+    // the smallest value whose strictly greater values number < m: the mass select with weight 1
+    // each (exact counts); histograms instead of nth_element's branchy partitions
+    ps.sel.resize(size_t(n));
+    for (int64_t j = 0; j < n; ++j) ps.sel[size_t(j)] = PipeVW{v[j], 1.f};
+    return ps.mass_select.run(ps.sel.data(), n, double(m));
   }
-  float max(const float* w, int64_t n) const { return *std::max_element(w, w + n); }
+  // 8 independent running maxima, then their max (the list holds no NaN; which of -0 / +0 comes
+  // back never matters to the compares that use it)
+  float max(const float* w, int64_t n) const {
+    float x[8] = {w[0], w[0], w[0], w[0], w[0], w[0], w[0], w[0]};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int q = 0; q < 8; ++q) x[q] = w[j + q] > x[q] ? w[j + q] : x[q];
+    for (; j < n; ++j) x[0] = w[j] > x[0] ? w[j] : x[0];
+    for (int q = 1; q < 8; ++q) x[0] = x[q] > x[0] ? x[q] : x[0];
+    return x[0];
+  }
   template <class E>
   double mass(const E* e, int64_t n) const {
     return contract::walk16_total(e, n);
-  }
-  int64_t reach(const float* e, int64_t n, double P) const {
-    double *g16 = ps.walk(n), *g256 = g16 + contract::walk16_groups(n);
-    contract::walk16_sums(e, n, g16, g256);
-    return contract::walk16_reach(e, n, g16, g256, P);
   }
   // (key, position) pairs in one contiguous array (an index sort whose comparator reads the keys
   // through the positions misses the cache on every compare); long lists by a radix sort
@@ -184,9 +195,16 @@ struct SerialListOps {
       }
     L.n = c;
   }
+  // Top-p's cut on the list: the smallest value whose strictly greater values weigh < P.
   float top_p(const PipeList& L, double P, const ListScratch& s) const {
     for (int64_t j = 0; j < L.n; ++j) s.pairs[j] = PipeVW{L.v[j], L.w[j]};
-    return top_p_quickselect(s.pairs, L.n, P);
+    return ps.mass_select.run(s.pairs, L.n, P);
+  }
+  // Typical's cut: the same select over negated scores (the smallest -score whose strictly greater
+  // -scores weigh < P is the largest score whose strictly smaller scores do).
+  double low_cut(const double* sc, const float* w, int64_t n, double P, const ListScratch& s) const {
+    for (int64_t j = 0; j < n; ++j) s.dpairs[j] = PipeDW{-sc[j], w ? w[j] : 1.f};
+    return -ps.mass_select.run(s.dpairs, n, P);
   }
 };
 

@@ -28,11 +28,11 @@
 //   then the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the chosen order,
 //   each on the renormalised survivors) and the inverse-CDF draw: the SAME step code as the CPU
 //   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
-//   BlockListOps: m-th largest by radix select over the list, masses and draws by the contract's
-//   16-ary walk (group and block sums one thread each), sorts (typical's scores, top-h's
-//   candidates) by a block-wide bitonic sort, top-p's cut by a mass-weighted radix select
-//   (block_top_p), keep flags and compactions on all threads; only top-h's cut over its <= ~100
-//   sorted candidates walks on one thread;
+//   BlockListOps: m-th largest by radix select over the list (the largest by a max), masses and
+//   draws by the contract's 16-ary walk (group and block sums one thread each), top-h's candidate
+//   sort by a block-wide bitonic sort, top-p's and typical's cuts by a mass-weighted radix select
+//   (block_mass_select: block_top_p, block_low_cut), keep flags and compactions on all threads;
+//   only top-h's cut over its <= ~100 sorted candidates walks on one thread;
 //   logprobs: processed mode from L (rank count; top-n by list_top on the block); raw / greedy mode:
 //   one more canonical mass pass (lane sums in the collect phase) and, for top_logprobs n, a
 //   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
@@ -43,18 +43,19 @@
 // + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
-// the compactions and every phase are real calls on the device (inlined into the one-CTA kernel,
-// the final phase spilled), which keeps every kernel free of spills).
+// the compactions, every phase and the final phase's list steps + draw (truncate_and_draw) are
+// real calls on the device, which keeps every kernel free of spills; the final phase itself
+// spills 16 B, README register table).
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
 // (tests/test_ops_pipeline.py). Where a GPU can differ (as for sampling.cuh): double log / exp
 // (entropy of typical / eta / top-h, logprobs) come from libdevice instead of glibc and may differ
 // by one double ulp; a float logprob can then differ in its last bit and a typical / eta / top-h cut
-// that lies within that ulp can move by one tie group. Top-p's cut on the list: the CPU sums the
-// mass above a candidate in quickselect partition order, the block per radix digit (block_top_p),
-// so a cut whose mass above lies within a few double ulps of p * Z can move to a neighbouring
-// value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
+// that lies within that ulp can move by one tie group. Top-p's and typical's cuts on the list: the
+// CPU sums the mass above a candidate per histogram bin, then in quickselect partition order
+// (csrc/cpu/mass_select.h), the block per radix digit (block_mass_select), so a cut whose mass
+// above lies within a few double ulps of p * Z (typical_p * Z) can move to a neighbouring value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
 // in the same order; compile with -fmad=false.
 //
 // Values the torch launcher does not read (it checks metadata only, no device sync): a token id
@@ -348,8 +349,9 @@ struct PipeShared {
   int inval, bad, fail;
   float tw, tv;
   double Z;
-  double bc;    // BlockListOps' broadcast of a mass
-  int64_t ibc;  // and of an index
+  double bc;     // BlockListOps' broadcast of a mass
+  uint64_t key;  // block_mass_select's broadcast of a key
+  int64_t ibc;   // and of an index
 };
 
 // Order key of a value with -0 == +0 (float compares treat them as equal).
@@ -521,49 +523,60 @@ DK_PIPE_FN void block_sort(int32_t* ord, int64_t n, const Less& less) {
     }
 }
 
-// Top-p's cut on the block (BlockListOps::top_p): the smallest value t of v[0..n) (n >= 1) whose
-// strictly greater values weigh < P, by a mass-weighted radix select over the order keys, 2 bits
-// per pass (16 passes over the list). Each pass adds, per digit, the weights of the values that
-// match the digits chosen so far (each thread its index stride, each warp by a shuffle tree into
-// lane 0, the warps in warp order: a fixed order), then takes the highest digit whose mass, added
-// to the mass above it, reaches P, or, when none does, the lowest digit some value holds. It
-// replaced a bitonic sort of the list (log2(N) (log2(N) + 1) / 2 rounds over it, 153 at N = 2^17)
-// and the walk's reach over the sorted weights. The masses are added in another order than the
-// CPU's quickselect (as the walk's were): a cut whose mass above lies within a few double ulps of
-// P can differ. A real call: the final phase is at its register cap.
-DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, double P, PipeShared& sh) {
+// The mass-weighted radix select of the list steps' cuts (top-p, typical) on the block: over the
+// order keys key(j) of j in [0, n) (n >= 1; KeyT uint32_t or uint64_t) with weights wt(j)
+// (double), the smallest key whose strictly greater keys weigh < P, or, when no prefix of tie
+// groups reaches P, the smallest key held. 2 bits per pass from the top: a pass adds, per digit,
+// the weights of the entries that match the digits chosen so far (each thread its index stride,
+// each warp by a shuffle tree into lane 0, the warps in warp order: a fixed order), then takes the
+// highest digit whose mass, added to the mass above it, reaches P, or, when none does, the lowest
+// digit some entry holds. A pass also notes the digits held by exactly one entry: when the chosen
+// digit is one, every later pass could only take that entry's digits, so its key is the answer
+// (read in one more pass). Distinct keys end after about log4(n) passes plus the ones their
+// common high bits take, instead of all 16 (float) / 32 (double); tie groups run them all.
+template <class KeyT, class KeyF, class WF>
+DK_PIPE_FN KeyT block_mass_select(int64_t n, const KeyF& key, const WF& wt, double P, PipeShared& sh) {
+  constexpr int kBits = int(8 * sizeof(KeyT));
   const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-  uint32_t prefix = 0u;
-  double above = 0.0;  // the mass of the values above the chosen digits' range
-  for (int shift = 30; shift >= 0; shift -= 2) {
-    const uint32_t high = shift == 30 ? 0u : ~0u << (shift + 2);
+  KeyT prefix = 0;
+  double above = 0.0;  // the mass of the keys above the chosen digits' range
+  for (int shift = kBits - 2; shift >= 0; shift -= 2) {
+    const KeyT high = shift == kBits - 2 ? KeyT(0) : ~KeyT(0) << (shift + 2);
     double m[4] = {0.0, 0.0, 0.0, 0.0};
-    unsigned held = 0u;
+    unsigned held = 0u, multi = 0u;  // the digits with >= 1 / >= 2 matching entries
     for (int64_t j = threadIdx.x; j < n; j += kPipeThreads) {
-      const uint32_t k = sel_key(v[j]);
+      const KeyT k = key(j);
       if ((k & high) != prefix) continue;
-      const unsigned d = (k >> shift) & 3u;
+      const unsigned d = unsigned(k >> shift) & 3u;
+      multi |= held & (1u << d);
       held |= 1u << d;
+      const double x = wt(j);
 #pragma unroll
       for (unsigned b = 0; b < 4; ++b)
-        if (d == b) m[b] = contract::dadd_rn(m[b], double(w[j]));
+        if (d == b) m[b] = contract::dadd_rn(m[b], x);
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b)
       for (int o = 16; o > 0; o >>= 1) m[b] = contract::dadd_rn(m[b], __shfl_down_sync(0xFFFFFFFFu, m[b], o));
-    for (int o = 16; o > 0; o >>= 1) held |= __shfl_xor_sync(0xFFFFFFFFu, held, o);
+    for (int o = 16; o > 0; o >>= 1) {  // lanes l and l ^ o hold disjoint sets of lanes
+      const unsigned h = __shfl_xor_sync(0xFFFFFFFFu, held, o), mu = __shfl_xor_sync(0xFFFFFFFFu, multi, o);
+      multi |= mu | (held & h);
+      held |= h;
+    }
     if (lane == 0) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) sh.d[warp * 4 + b] = m[b];
-      sh.hist[warp] = held;
+      sh.hist[warp] = held | multi << 4;
     }
     __syncthreads();
     double M[4] = {0.0, 0.0, 0.0, 0.0};
-    unsigned H = 0u;
+    unsigned H = 0u, Mu = 0u;
     for (unsigned q = 0; q < kPipeWarps; ++q) {
 #pragma unroll
       for (int b = 0; b < 4; ++b) M[b] = contract::dadd_rn(M[b], sh.d[q * 4 + b]);
-      H |= sh.hist[q];
+      const unsigned h = sh.hist[q] & 15u;
+      Mu |= (sh.hist[q] >> 4) | (H & h);
+      H |= h;
     }
     __syncthreads();
     unsigned dig = 0u;
@@ -581,9 +594,43 @@ DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, 
       acc = contract::dadd_rn(acc, M[b]);
     }
     above = found ? acc : low_above;
-    prefix |= dig << shift;
+    prefix |= KeyT(dig) << shift;
+    if (shift > 0 && (H >> dig & 1u) && !(Mu >> dig & 1u)) {  // one entry left: its key
+      const KeyT top = ~KeyT(0) << shift;
+      for (int64_t j = threadIdx.x; j < n; j += kPipeThreads) {
+        const KeyT k = key(j);
+        if ((k & top) == prefix) sh.key = uint64_t(k);
+      }
+      __syncthreads();
+      prefix = KeyT(sh.key);
+      __syncthreads();
+      break;
+    }
   }
-  return key_to_float(prefix);
+  return prefix;
+}
+
+// Top-p's cut on the block (BlockListOps::top_p): the smallest value t of v[0..n) (n >= 1) whose
+// strictly greater values weigh < P, by the mass select over the values' order keys. It replaced
+// a bitonic sort of the list (log2(N) (log2(N) + 1) / 2 rounds over it, 153 at N = 2^17) and the
+// walk's reach over the sorted weights. The masses are added in another order than the CPU's
+// quickselect (as the walk's were): a cut whose mass above lies within a few double ulps of P can
+// differ. A real call: the final phase is at its register cap.
+DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, double P, PipeShared& sh) {
+  return key_to_float(block_mass_select<uint32_t>(
+      n, [v](int64_t j) { return sel_key(v[j]); }, [w](int64_t j) { return double(w[j]); }, P, sh));
+}
+
+// Typical's cut on the block (BlockListOps::low_cut): the largest score of sc[0..n) (n >= 1)
+// whose strictly smaller scores weigh < P (weights w, or 1 each when w is null), by the mass
+// select over the complemented order keys (the smallest score has the largest key). It replaced a
+// bitonic sort of the scores and the walk's reach; as for top-p, the masses are added in another
+// order than the CPU's quickselect. A real call, as block_top_p.
+DK_DEVICE_NOINLINE double block_low_cut(const double* sc, const float* w, int64_t n, double P, PipeShared& sh) {
+  const uint64_t k = block_mass_select<uint64_t>(
+      n, [sc](int64_t j) { return ~double_key(sc[j] == 0.0 ? 0.0 : sc[j]); },
+      [w](int64_t j) { return w ? double(w[j]) : 1.0; }, P, sh);
+  return key_to_double(~k);
 }
 
 // The list steps' primitives on the block (decodekit/pipeline.h lists them): every thread of the
@@ -619,14 +666,6 @@ struct BlockListOps {
   DK_PIPE_FN double mass(const E* e, int64_t n) const {
     return block_walk16_sums<kPipeThreads>(e, n, g16, g256, &sh.bc);
   }
-  DK_PIPE_FN int64_t reach(const float* e, int64_t n, double P) const {
-    block_walk16_sums<kPipeThreads>(e, n, g16, g256, &sh.bc);
-    if (threadIdx.x == 0) sh.ibc = contract::walk16_reach(e, n, g16, g256, P);
-    __syncthreads();
-    const int64_t at = sh.ibc;
-    __syncthreads();
-    return at;
-  }
   template <class Key>
   DK_PIPE_FN void sort(int32_t* ord, int64_t n, const Key& key, bool descending) const {
     block_sort(ord, n, [&](int32_t a, int32_t b) {
@@ -661,6 +700,10 @@ struct BlockListOps {
   // The mass-weighted radix select of block_top_p (no sort of the list).
   DK_PIPE_FN float top_p(const PipeList& L, double P, const ListScratch&) const {
     return block_top_p(L.v, L.w, L.n, P, sh);
+  }
+  // Typical's cut by the mass select of block_low_cut (no sort of the scores).
+  DK_PIPE_FN double low_cut(const double* sc, const float* w, int64_t n, double P, const ListScratch&) const {
+    return block_low_cut(sc, w, n, P, sh);
   }
 };
 
@@ -967,9 +1010,13 @@ DK_PIPE_FN PipeList start_list(const PipeRowCtx<T>& c) {
 }
 template <class T>
 DK_PIPE_FN ListScratch list_scratch(const PipeRowCtx<T>& c) {
-  return ListScratch{reinterpret_cast<float*>(c.ws + c.lay.tv),     reinterpret_cast<double*>(c.ws + c.lay.ld),
-                     reinterpret_cast<int32_t*>(c.ws + c.lay.ord),  nullptr,
-                     reinterpret_cast<uint8_t*>(c.ws + c.lay.keep), reinterpret_cast<uint8_t*>(c.ws + c.lay.acc)};
+  return ListScratch{reinterpret_cast<float*>(c.ws + c.lay.tv),
+                     reinterpret_cast<double*>(c.ws + c.lay.ld),
+                     reinterpret_cast<int32_t*>(c.ws + c.lay.ord),
+                     nullptr,
+                     nullptr,
+                     reinterpret_cast<uint8_t*>(c.ws + c.lay.keep),
+                     reinterpret_cast<uint8_t*>(c.ws + c.lay.acc)};
 }
 template <class T>
 DK_PIPE_FN BlockListOps block_ops(const PipeRowCtx<T>& c, PipeShared& sh) {
@@ -1203,6 +1250,29 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 }
 
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
+// The final phase's list steps and draw: the truncations on the block, then (sample mode: a) the
+// contract's walk over the survivors (Z = its total, the pick at u * Z); the token, its weight and
+// value, Z and whether it failed go to sh. Ends with a barrier. A real call with few values live
+// across it: inlined into the final phase, the phase spilled.
+DK_DEVICE_NOINLINE void truncate_and_draw(PipeList& L, const PipeRow& pr, PipeOrder order, int64_t V, float m,
+                                          float invT, float lo, const ListScratch& ls, const BlockListOps& ops,
+                                          const PipeArgs* a, int64_t o, PipeShared& sh) {
+  run_truncations(L, pr, order, V, m, invT, lo, ls, ops);
+  if (a) {
+    const double Z = ops.mass(L.w, L.n);  // leaves the walk's sums in ops.g16 / g256
+    if (threadIdx.x == 0) {
+      const double u = row_uniform(row_rng_key(*a, o), 0u);
+      const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);
+      sh.fail = last < 0;
+      sh.Z = Z;
+      sh.tok = last < 0 ? 0 : L.i[last];
+      sh.tw = last < 0 ? 1.f : L.w[last];
+      sh.tv = last < 0 ? 0.f : L.v[last];
+    }
+  }
+  __syncthreads();
+}
+
 template <class T>
 DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -1275,22 +1345,9 @@ DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh
     __syncthreads();
     for (int64_t j = tid; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
     __syncthreads();
-    // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) --------
     L.n = n0;
-    run_truncations(L, pr, order, V, m, invT, lo, ls, ops);
-    if (!out) {                             // the contract's walk: Z = its total, the pick at u * Z
-      const double Z = ops.mass(L.w, L.n);  // leaves the walk's sums in ops.g16 / g256
-      if (tid == 0) {
-        const double u = row_uniform(row_rng_key(a, o), 0u);
-        const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);
-        sh.fail = last < 0;
-        sh.Z = Z;
-        sh.tok = last < 0 ? 0 : L.i[last];
-        sh.tw = last < 0 ? 1.f : L.w[last];
-        sh.tv = last < 0 ? 0.f : L.v[last];
-      }
-    }
-    __syncthreads();
+    // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) --------
+    truncate_and_draw(L, pr, order, V, m, invT, lo, ls, ops, out ? nullptr : &a, o, sh);
     if (out) {  // mask mode: the survivors keep their processed logit, everything else -inf
       to_write(kWriteSurvivors, L.n);
       return;

@@ -171,3 +171,15 @@ def block_top_p(v, w, P):
     f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double], ctypes.c_float
     v, w = v.float().contiguous(), w.float().contiguous()
     return float(f(v.data_ptr(), w.data_ptr(), v.numel(), float(P)))
+
+
+def block_low_cut(sc, w, P):
+    """pipeline.cuh's block_low_cut (typical's cut on the list) on one emulated block of the
+    production size: the largest score of sc (float64) whose strictly smaller scores weigh < P
+    (weights w, float32, or 1 each when w is None)."""
+    L = load()
+    f = L.dk_emu_block_low_cut
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double], ctypes.c_double
+    sc = sc.double().contiguous()
+    w = None if w is None else w.float().contiguous()
+    return float(f(sc.data_ptr(), None if w is None else w.data_ptr(), sc.numel(), float(P)))

@@ -137,3 +137,24 @@ extern "C" float dk_emu_block_top_p(const float* v, const float* w, int64_t n, d
   dkemu::launch(1u, kPipeThreads, top_p_fn, TopPArgs{v, w, n, P, &t});
   return t;
 }
+
+// pipeline.cuh's block_low_cut (typical's cut on the list) on one block of the production size:
+// the largest score of sc[0..n) whose strictly smaller scores weigh < P (weights w, or 1 each when
+// w is null).
+struct LowCutArgs {
+  const double* sc;
+  const float* w;
+  int64_t n;
+  double P;
+  double* out;
+};
+static void low_cut_fn(LowCutArgs a) {
+  __shared__ pdetail::PipeShared sh;
+  const double t = pdetail::block_low_cut(a.sc, a.w, a.n, a.P, sh);
+  if (threadIdx.x == 0) *a.out = t;
+}
+extern "C" double dk_emu_block_low_cut(const double* sc, const float* w, int64_t n, double P) {
+  double t = 0.0;
+  dkemu::launch(1u, kPipeThreads, low_cut_fn, LowCutArgs{sc, w, n, P, &t});
+  return t;
+}

@@ -73,10 +73,36 @@ DK_HOST_DEVICE uint16_t bf16_bits(float x) {
   return uint16_t(u >> 16);
 }
 
+DK_HOST_DEVICE uint64_t double_to_bits(double d) {
+#if defined(__CUDA_ARCH__)
+  return uint64_t(__double_as_longlong(d));
+#else
+  uint64_t u;
+  __builtin_memcpy(&u, &d, 8);
+  return u;
+#endif
+}
+DK_HOST_DEVICE double bits_to_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double((long long)u);
+#else
+  double d;
+  __builtin_memcpy(&d, &u, 8);
+  return d;
+#endif
+}
+
+// Order-preserving map double -> uint64 (larger double => larger key) and back. NaN is not ordered.
+DK_HOST_DEVICE uint64_t double_key(double d) {
+  const uint64_t u = double_to_bits(d);
+  return u ^ (uint64_t(int64_t(u) >> 63) | (uint64_t(1) << 63));
+}
+DK_HOST_DEVICE double key_to_double(uint64_t k) { return bits_to_double((k >> 63) ? (k & ~(uint64_t(1) << 63)) : ~k); }
+
 // Order-preserving map float -> uint32 (larger float => larger key). NaN is not ordered.
 DK_HOST_DEVICE uint32_t float_key(float f) {
-  uint32_t u = float_to_bits(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = float_to_bits(f);
+  return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);  // negative: ~u; else: the sign bit set (no branch)
 }
 
 // Renormalisation e / Z as (e * pre) * inv with inv = float(1 / (Z * pre)): pre = 1 unless the total

@@ -20,8 +20,8 @@
 //  * The draw from a short weight array (the list draw, the walk inside the chosen chunk, the
 //    speculative residual's walk inside its chunk, the speculative list draws, the whole-step
 //    pipeline's draw) is the 16-ary walk below (walk16_*), and the mass of a list is that walk's
-//    total (walk16_total; the pipeline's list steps sum their masses and entropy terms so, and cut
-//    a sorted list where the walk's running mass reaches a bound: walk16_reach). Top-p's
+//    total (walk16_total; the pipeline's list steps sum their masses and entropy terms so; their
+//    top-p and typical cuts are mass selects, decodekit/pipeline.h ops.top_p / ops.low_cut). Top-p's
 //    Z over the top-k survivors is the canonical row mass of the weights of x >= t_k (zero
 //    elsewhere): the GPU sums it over the whole row at once, the CPU from its index-ordered
 //    candidate list (sparse_mass: the same value, since adding +0.0 changes no partial sum).
@@ -283,35 +283,6 @@ DK_HOST_DEVICE double walk16_sums(const E* e, int64_t n, double* g16, double* g2
   for (int64_t j = 0; j < ng; ++j) g16[j] = walk16_group(e, n, j);
   for (int64_t b = 0; b < nb; ++b) g256[b] = add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
   return add_in_order(g256, nb);
-}
-
-// The first index at which the walk's running mass reaches P (>= P, where the pick above asks
-// for > t): skip whole 256-blocks while acc + g256[b] < P, then whole groups, then elements; n if
-// the total stays below P. If rounding lets nothing inside an entered block or group reach P, its
-// last index is taken. The pipeline's cuts over a sorted list (typical: the scores up to the one
-// at which the mass from the smallest reaches typical_p; top-p on the GPU).
-DK_HOST_DEVICE int64_t walk16_reach(const float* e, int64_t n, const double* g16, const double* g256, double P) {
-  const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
-  double acc = 0.0;
-  int64_t b = 0;
-  for (; b < nb; ++b) {
-    if (dadd_rn(acc, g256[b]) >= P) break;
-    acc = dadd_rn(acc, g256[b]);
-  }
-  if (b == nb) return n;
-  const int64_t gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
-  int64_t j = 16 * b;
-  for (; j < gend; ++j) {
-    if (dadd_rn(acc, g16[j]) >= P) break;
-    acc = dadd_rn(acc, g16[j]);
-  }
-  if (j == gend) return (256 * b + 256 < n ? 256 * b + 256 : n) - 1;
-  const int64_t iend = 16 * j + 16 < n ? 16 * j + 16 : n;
-  for (int64_t i = 16 * j; i < iend; ++i) {
-    acc = dadd_rn(acc, double(e[i]));
-    if (acc >= P) return i;
-  }
-  return iend - 1;
 }
 
 // The list draw: the walk's sums over e[0..n) (n <= kWalkMax; the total in *total), then the pick at

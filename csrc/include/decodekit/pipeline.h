@@ -160,29 +160,37 @@ struct PipeList {
   int64_t n;
 };
 
-// A (value, weight) pair of top_p_quickselect.
+// A (value, weight) pair of top_p_quickselect; PipeDW: a double value (typical's cut, negated
+// scores).
 struct PipeVW {
   float v, w;
+};
+struct PipeDW {
+  double v;
+  float w;
 };
 
 // Per-list scratch of the steps, each with room for L.n entries.
 struct ListScratch {
-  float* tv;      // float scratch (the weights in a sorted order)
-  double* ld;     // per-entry doubles (entropy terms, typical's scores)
-  int32_t* ord;   // an order of the list (the GPU's sort pads it to a power of two)
-  PipeVW* pairs;  // top-p's (value, weight) pairs (the CPU's quickselect; null on the GPU)
-  uint8_t* keep;  // keep flags of one step
-  uint8_t* acc;   // keep flags of all steps (joint)
+  float* tv;       // float scratch (the weights in a sorted order)
+  double* ld;      // per-entry doubles (entropy terms, typical's scores)
+  int32_t* ord;    // an order of the list (the GPU's sort pads it to a power of two)
+  PipeVW* pairs;   // top-p's (value, weight) pairs (the CPU's quickselect; null on the GPU)
+  PipeDW* dpairs;  // typical's (-score, weight) pairs (the CPU's quickselect; null on the GPU)
+  uint8_t* keep;   // keep flags of one step
+  uint8_t* acc;    // keep flags of all steps (joint)
 };
 
-// Top-p threshold by mass quickselect over a[0..n) (value, weight pairs with .v / .w): the
-// smallest value v such that the mass of the values strictly greater than v is < P. Linear
-// expected time; a is permuted. Deterministic: the same pivots, partition and sums on every
-// path (equal values carry equal weights, so the order inside a tie group never matters).
+// Top-p threshold by mass quickselect over a[0..n) (value, weight pairs with .v / .w; float or
+// double values): the smallest value v such that the mass of the values strictly greater than v
+// is < P (the smallest value when no prefix of tie groups reaches P). Linear expected time; a is
+// permuted. Deterministic: the same pivots, partition and sums on every path (equal values carry
+// equal weights, so the order inside a tie group never matters).
 template <class VWT>
-DK_HOST_DEVICE float top_p_quickselect(VWT* a, int64_t n, double P, double base = 0.0) {
+DK_HOST_DEVICE decltype(VWT::v) top_p_quickselect(VWT* a, int64_t n, double P, double base = 0.0) {
+  using K = decltype(VWT::v);
   int64_t lo = 0, hi = n;
-  float best = kPosInf;
+  K best = kPosInf;
   while (hi > lo) {
     if (hi - lo <= 24) {  // insertion sort, value descending
       for (int64_t i = lo + 1; i < hi; ++i) {
@@ -193,7 +201,7 @@ DK_HOST_DEVICE float top_p_quickselect(VWT* a, int64_t n, double P, double base 
       }
       int64_t i = lo;
       while (i < hi && base < P) {
-        const float v = a[i].v;
+        const K v = a[i].v;
         best = v;
         double g = 0.0;
         while (i < hi && a[i].v == v) {
@@ -204,15 +212,15 @@ DK_HOST_DEVICE float top_p_quickselect(VWT* a, int64_t n, double P, double base 
       }
       return best;
     }
-    const float x = a[lo].v, y = a[lo + (hi - lo) / 2].v, z = a[hi - 1].v;
+    const K x = a[lo].v, y = a[lo + (hi - lo) / 2].v, z = a[hi - 1].v;
     // median of three, as std::max(std::min(x, y), std::min(std::max(x, y), z))
-    const float mn = y < x ? y : x, mx = x < y ? y : x, mz = z < mx ? z : mx;
-    const float piv = mn < mz ? mz : mn;
+    const K mn = y < x ? y : x, mx = x < y ? y : x, mz = z < mx ? z : mx;
+    const K piv = mn < mz ? mz : mn;
     // 3-way partition: [lo, gt) > piv, [gt, lt) == piv, [lt, hi) < piv
     int64_t gt = lo, i = lo, lt = hi;
     double mgt = 0.0, meq = 0.0;
     while (i < lt) {
-      const float v = a[i].v;
+      const K v = a[i].v;
       if (v > piv) {
         mgt += double(a[i].w);
         const VWT t = a[gt];
@@ -254,23 +262,31 @@ DK_HOST_DEVICE float pipe_weight(float v, float m, float invT) { return dk_exp((
 //   ops.mth_largest(v, n, m)  the m-th largest of v[0..n) (1 <= m <= n; exact)
 //   ops.max(w, n)             the largest of w[0..n) (n >= 1; exact)
 //   ops.mass(e, n)            contract::walk16_total(e, n), float or double e (the list mass)
-//   ops.reach(e, n, P)        contract::walk16_reach(e, n, P) (the first index the walk's running
-//                             mass reaches P)
 //   ops.sort(ord, n, key, d)  the positions ord[0..n) sorted by key(j), ascending (descending if
 //                             d), ties by position j ascending (a total order: unique result)
 //   ops.select(n, pred, out)  out[0..c) = the j in [0, n) with pred(j), ascending; returns c
 //   ops.filter(L, keep)       keeps the entries of L with keep[j] != 0 (order kept)
 //   ops.top_p(L, P, s)        top-p's cut: the smallest value v of L whose strictly greater values
-//                             weigh < P. The CPU: top_p_quickselect (partition-order sums); the
-//                             GPU: a mass-weighted radix select over L (block_top_p: sums per
-//                             digit in a fixed block order). The same value unless the mass above
-//                             the cut lies within a few double ulps of P (documented, as for sample).
+//                             weigh < P. The CPU: histograms of the order keys, then
+//                             top_p_quickselect (csrc/cpu/mass_select.h); the GPU: a mass-weighted
+//                             radix select over L (block_top_p: sums per digit in a fixed block
+//                             order). The same value unless the mass above the cut lies within a
+//                             few double ulps of P (documented, as for sample).
+//   ops.low_cut(sc, w, n, P, s)  typical's cut, top-p's mirror on double scores: the largest score
+//                             of sc[0..n) whose strictly smaller scores weigh < P (weights w[j],
+//                             or 1 each when w is null: then, with P = m, the m-th smallest
+//                             score); the largest score when no prefix of tie groups reaches P.
+//                             The CPU: the same select as top-p's over (-score, weight) pairs; the
+//                             GPU: the mass-weighted radix select over the scores' order keys
+//                             (block_low_cut). No sort of the list on either.
 // Every mass is the contract's 16-ary walk total (decodekit/contract.h), a fixed order that a GPU
 // sums on all its threads, so the survivors and tokens are the same on CPU and GPU.
 
-// Value of the m-th largest of L (m >= 1, clamped to n).
+// Value of the m-th largest of L (m >= 1, clamped to n); the largest (every step's default
+// min_tokens_to_keep = 1) by one max pass instead of a selection.
 template <class Ops>
 DK_HOST_DEVICE float list_mth_largest(const PipeList& L, int64_t m, const Ops& ops) {
+  if (m <= 1) return ops.max(L.v, L.n);
   return ops.mth_largest(L.v, L.n, m < L.n ? m : L.n);
 }
 
@@ -335,24 +351,19 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
       return;
     }
     case Step::Typical: {
-      // shifted scores |-log p - H|, sorted ascending (ties by position); a tie group of scores is
-      // kept while the mass of the strictly smaller scores is < typical_p: every score up to the
-      // one at which the walk's running mass over the sorted weights reaches typical_p * Z
+      // shifted scores |-log p - H|; a tie group of scores is kept while the mass of the strictly
+      // smaller scores is < typical_p (low_cut: a mass select, no sort), and the mtk smallest
+      // scores stay
       const double Z = list_mass(L, ops);
       const double H = list_entropy(L, m, invT, Z, s, ops);
       const double lz = ::log(Z);
       double* sc = s.ld;
-      int32_t* ord = s.ord;
-      float* e = s.tv;
-      ops.each(n, [=](int64_t j) {
-        sc[j] = ::fabs(-list_logprob(v[j], m, invT, lz) - H);
-        ord[j] = int32_t(j);
-      });
-      ops.sort(ord, n, [sc](int32_t j) { return sc[j]; }, false);
-      ops.each(n, [=](int64_t q) { e[q] = w[ord[q]]; });
-      const int64_t at = ops.reach(e, n, r.typ * Z);
-      const double sm = sc[ord[(r.mtk < n ? r.mtk : n) - 1]];  // the mtk-th smallest score
-      const double cut = at == n ? kPosInf : (sc[ord[at]] > sm ? sc[ord[at]] : sm);
+      ops.each(n, [=](int64_t j) { sc[j] = ::fabs(-list_logprob(v[j], m, invT, lz) - H); });
+      double cut = ops.low_cut(sc, w, n, r.typ * Z, s);
+      if (r.mtk > 1) {  // the mtk-th smallest score (1 each: the count of strictly smaller < mtk)
+        const double sm = ops.low_cut(sc, nullptr, n, double(r.mtk < n ? r.mtk : n), s);
+        cut = sm > cut ? sm : cut;
+      }
       ops.each(n, [=](int64_t j) { keep[j] = sc[j] <= cut; });
       return;
     }
