@@ -83,8 +83,8 @@ static int run(std::mt19937_64& g, int& cases) {
         const K got = ms.run(b.data(), n, P), want = definition<K>(a, P);
         ++cases;
         if (!(got == want)) {
-          std::printf("mass_select<%s>: n=%lld kind=%d P=%.17g: got %.17g, want %.17g\n", sizeof(K) == 4 ? "float" : "double",
-                      (long long)n, kind, P, double(got), double(want));
+          std::printf("mass_select<%s>: n=%lld kind=%d P=%.17g: got %.17g, want %.17g\n",
+                      sizeof(K) == 4 ? "float" : "double", (long long)n, kind, P, double(got), double(want));
           ++failures;
         }
       }
