@@ -629,6 +629,18 @@ def test_apply_token_bitmask_inplace(backend, dtype):
         assert torch.equal(_bits(got), _bits(ref))
 
 
+def _mass_cut(v, w, P):
+    """The mass selects' definition: the smallest value of v whose strictly greater values weigh
+    < P (weights w); the smallest value when no prefix of tie groups reaches P."""
+    above = 0.0
+    for val in sorted(set(v), reverse=True):
+        g = sum(wj for vj, wj in zip(v, w) if vj == val)
+        if above + g >= P:
+            return val
+        above += g
+    return min(v)
+
+
 @bk.needs_emu
 def test_emu_block_top_p_cut():
     """The GPU's top-p cut on the list (pipeline.cuh block_top_p: a mass-weighted radix select, 2
@@ -638,21 +650,11 @@ def test_emu_block_top_p_cut():
     is the last kept) and past group boundaries, P above the total (the smallest value, even with
     weight 0), P <= 0 (the largest value); ties, -0 / +0, values over the whole float range, lists
     of 1 to 5000 entries (several per thread)."""
-
-    def cut(v, w, P):
-        above = 0.0
-        for val in sorted(set(v), reverse=True):
-            g = sum(wj for vj, wj in zip(v, w) if vj == val)
-            if above + g >= P:
-                return val
-            above += g
-        return min(v)
-
     g = torch.Generator().manual_seed(3)
     checked = 0
     for n in (1, 7, 513, 5000):
         for kind in range(4):
-            if kind == 3 and n < 600:
+            if kind == 3 and n <= 512:
                 continue
             if kind == 0:  # many ties, signed zeros
                 v = (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).tolist()
@@ -680,7 +682,7 @@ def test_emu_block_top_p_cut():
             vt = torch.tensor(v, dtype=torch.float32)
             wt = torch.tensor(w, dtype=torch.float32)
             for P in Ps:
-                want = cut(vt.tolist(), wt.double().tolist(), P)
+                want = _mass_cut(vt.tolist(), wt.double().tolist(), P)
                 got = emu_pipe.block_top_p(vt, wt, P)
                 assert got == want, (n, kind, P, got, want)
                 checked += 1
@@ -696,21 +698,11 @@ def test_emu_block_low_cut():
     Distinct scores end the select early (a digit held by one entry: its key is read), ties and
     one-ulp clusters run all 32 passes; weight 1 each (w = None) with P = m gives the m-th smallest
     score (typical's min_tokens_to_keep)."""
-
-    def cut(sc, w, P):
-        below = 0.0
-        for val in sorted(set(sc)):
-            g = sum(wj for sj, wj in zip(sc, w) if sj == val)
-            if below + g >= P:
-                return val
-            below += g
-        return max(sc)
-
     g = torch.Generator().manual_seed(5)
     checked = 0
     for n in (1, 7, 600, 5000):
         for kind in range(5):
-            if kind == 4 and n < 600:
+            if kind == 4 and n <= 512:
                 continue
             if kind == 0:  # ties
                 sc = (torch.randint(0, 6, (n,), generator=g).double() * 0.25).tolist()
@@ -746,7 +738,7 @@ def test_emu_block_low_cut():
             for P in Ps:
                 if P <= 0:
                     continue
-                want = cut(sc, wd, P)
+                want = -_mass_cut([-x for x in sc], wd, P)  # the largest score, mirrored
                 got = emu_pipe.block_low_cut(st, w, P)
                 assert got == want, (n, kind, P, got, want)
                 checked += 1
