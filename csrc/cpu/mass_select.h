@@ -34,16 +34,9 @@ struct MassSelect {
   std::vector<double> mass;
   std::vector<uint32_t> count;
 
-  // The order key of a value at the top of 64 bits, -0 as +0 (the compares treat them as equal;
-  // -0's key is one below +0's). No branch: the values come in no order.
-  static uint64_t order_key(float v) {
-    const uint32_t k = float_key(v);
-    return uint64_t(k + uint32_t(k == 0x7fffffffu)) << 32;
-  }
-  static uint64_t order_key(double v) {
-    const uint64_t k = double_key(v);
-    return k + uint64_t(k == 0x7fffffffffffffffull);
-  }
+  // The order key of a value (-0 as +0) at the top of 64 bits.
+  static uint64_t order_key(float v) { return uint64_t(float_key_z(v)) << 32; }
+  static uint64_t order_key(double v) { return double_key_z(v); }
 
   // n >= 1, P > 0 (p * Z, typical_p * Z or m: at P <= 0 the quickselect gives +inf); a is permuted.
   template <class VWT>

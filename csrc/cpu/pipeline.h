@@ -131,9 +131,9 @@ struct PipeScratch {
     tt.reset(n);
   }
 };
-// The list steps' primitives on the CPU (decodekit/pipeline.h lists them): one thread, std::
-// algorithms where the result is a value or a total order (the same whatever the method), the
-// contract's walk for every mass.
+// The list steps' primitives on the CPU (decodekit/pipeline.h lists them): one thread; the cuts
+// and the m-th largest by the mass select (cpu/mass_select.h), sorts by key_sort, the contract's
+// walk for every mass.
 struct SerialListOps {
   PipeScratch& ps;
   template <class F>

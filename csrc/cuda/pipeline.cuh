@@ -354,9 +354,6 @@ struct PipeShared {
   int64_t ibc;   // and of an index
 };
 
-// Order key of a value with -0 == +0 (float compares treat them as equal).
-DK_PIPE_FN uint32_t sel_key(float v) { return float_key(v == 0.f ? 0.f : v); }
-
 // radix_digit.h's count scan as a real call on the device: the whole-step kernel is at its
 // register cap, and inlined the scan added 16 B of spill stores there.
 DK_DEVICE_NOINLINE void pipe_count_digit(const unsigned* h, int64_t kk, uint32_t* d_out, int64_t* above_out) {
@@ -397,7 +394,7 @@ DK_PIPE_FN void hist_pass(const Walk& walk, uint32_t prefix, int shift, PipeShar
   __syncthreads();
   const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
   walk([&](float v) {
-    const uint32_t k = sel_key(v);
+    const uint32_t k = float_key_z(v);
     if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
   });
   __syncthreads();
@@ -618,7 +615,7 @@ DK_PIPE_FN KeyT block_mass_select(int64_t n, const KeyF& key, const WF& wt, doub
 // differ. A real call: the final phase is at its register cap.
 DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, double P, PipeShared& sh) {
   return key_to_float(block_mass_select<uint32_t>(
-      n, [v](int64_t j) { return sel_key(v[j]); }, [w](int64_t j) { return double(w[j]); }, P, sh));
+      n, [v](int64_t j) { return float_key_z(v[j]); }, [w](int64_t j) { return double(w[j]); }, P, sh));
 }
 
 // Typical's cut on the block (BlockListOps::low_cut): the largest score of sc[0..n) (n >= 1)
@@ -628,8 +625,7 @@ DK_DEVICE_NOINLINE float block_top_p(const float* v, const float* w, int64_t n, 
 // order than the CPU's quickselect. A real call, as block_top_p.
 DK_DEVICE_NOINLINE double block_low_cut(const double* sc, const float* w, int64_t n, double P, PipeShared& sh) {
   const uint64_t k = block_mass_select<uint64_t>(
-      n, [sc](int64_t j) { return ~double_key(sc[j] == 0.0 ? 0.0 : sc[j]); },
-      [w](int64_t j) { return w ? double(w[j]) : 1.0; }, P, sh);
+      n, [sc](int64_t j) { return ~double_key_z(sc[j]); }, [w](int64_t j) { return w ? double(w[j]) : 1.0; }, P, sh);
   return key_to_double(~k);
 }
 

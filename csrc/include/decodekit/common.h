@@ -105,6 +105,17 @@ DK_HOST_DEVICE uint32_t float_key(float f) {
   return u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);  // negative: ~u; else: the sign bit set (no branch)
 }
 
+// The same keys with -0 as +0 (the value compares treat them as equal: selections by key must
+// too). -0's key is one below +0's; no branch (the values come in no order).
+DK_HOST_DEVICE uint32_t float_key_z(float f) {
+  const uint32_t k = float_key(f);
+  return k + uint32_t(k == 0x7fffffffu);
+}
+DK_HOST_DEVICE uint64_t double_key_z(double d) {
+  const uint64_t k = double_key(d);
+  return k + uint64_t(k == 0x7fffffffffffffffull);
+}
+
 // Renormalisation e / Z as (e * pre) * inv with inv = float(1 / (Z * pre)): pre = 1 unless the total
 // mass Z is below 2^-64, where pre = 2^64 keeps 1 / (Z * pre) inside float32 (1 / Z overflows for
 // Z < ~2.9e-39). Scaling by a power of two is exact, and e <= Z keeps e * pre finite.
