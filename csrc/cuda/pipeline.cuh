@@ -43,9 +43,9 @@
 // + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
-// the compactions, every phase and the final phase's list steps + draw (truncate_and_draw) are
-// real calls on the device, which keeps every kernel free of spills; the final phase itself
-// spills 16 B, README register table).
+// the compactions, every phase, the final phase's two halves and its list steps + draw
+// (truncate_and_draw) are real calls on the device, which keeps every kernel and every real call
+// free of spills; .ci/cuda_compile.sh checks it).
 //
 // Contract: the same tokens, valid flags, logprobs, ranks and top-n lists as the CPU kernel
 // (csrc/cpu/pipeline.h) for the same inputs and seed; verified bit for bit in the emulator
@@ -344,14 +344,16 @@ struct PipeShared {
   unsigned hist[256];
   unsigned warp_cnt[kPipeWarps];
   int32_t wcount[kPipeWarps];  // block_exclusive_scan's
-  int64_t tok, sel_above;
+  int64_t sel_above;
   uint32_t sel_digit;
   int inval, bad, fail;
   float tw, tv;
   double Z;
-  double bc;     // BlockListOps' broadcast of a mass
-  uint64_t key;  // block_mass_select's broadcast of a key
-  int64_t ibc;   // and of an index
+  double bc;      // BlockListOps' broadcast of a mass
+  uint64_t key;   // block_mass_select's broadcast of a key
+  int64_t ibc;    // and of an index
+  int64_t fin_n;  // final_draw's survivors, for final_logprobs
+  float fin_m;    // and the row's max
 };
 
 // radix_digit.h's count scan as a real call on the device: the whole-step kernel is at its
@@ -1246,125 +1248,134 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 }
 
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
-// The final phase's list steps and draw: the truncations on the block, then (sample mode: a) the
-// contract's walk over the survivors (Z = its total, the pick at u * Z); the token, its weight and
-// value, Z and whether it failed go to sh. Ends with a barrier. A real call with few values live
-// across it: inlined into the final phase, the phase spilled.
-DK_DEVICE_NOINLINE void truncate_and_draw(PipeList& L, const PipeRow& pr, PipeOrder order, int64_t V, float m,
-                                          float invT, float lo, const ListScratch& ls, const BlockListOps& ops,
-                                          const PipeArgs* a, int64_t o, PipeShared& sh) {
-  run_truncations(L, pr, order, V, m, invT, lo, ls, ops);
-  if (a) {
-    const double Z = ops.mass(L.w, L.n);  // leaves the walk's sums in ops.g16 / g256
-    if (threadIdx.x == 0) {
-      const double u = row_uniform(row_rng_key(*a, o), 0u);
-      const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);
-      sh.fail = last < 0;
+// The final phase's list steps and draw: the truncations on the block, then in mask mode (wr) the
+// survivors' count to *wr for the write phase; in sample mode the contract's walk over the
+// survivors (Z = its total, the pick at u * Z), the token and its valid flag to the outputs and Z,
+// the token's weight and value and the survivors' count to sh (written before the closing
+// barrier; final_logprobs reads them). Returns false when the walk found no positive weight (cannot happen: the max has
+// weight 1). A real call that ends the final phase's work, so few values live across it: inlined,
+// the final phase spilled.
+DK_DEVICE_NOINLINE bool truncate_and_draw(PipeList& L, const PipeRow& pr, float m, float invT, float lo,
+                                          const ListScratch& ls, const BlockListOps& ops, const PipeArgs& a, int64_t o,
+                                          PipeWrite* wr, PipeShared& sh) {
+  run_truncations(L, pr, PipeOrder(a.order), a.V, m, invT, lo, ls, ops);
+  if (wr) {
+    if (threadIdx.x == 0) *wr = PipeWrite{kWriteSurvivors, 0, L.n};
+    return true;
+  }
+  const double Z = ops.mass(L.w, L.n);  // leaves the walk's sums in ops.g16 / g256
+  if (threadIdx.x == 0) {
+    const double u = row_uniform(row_rng_key(a, o), 0u);
+    const int64_t last = contract::walk16_pick(L.w, L.n, ops.g16, ops.g256, u * Z);
+    sh.fail = last < 0;
+    if (last >= 0) {
+      a.out_tokens[o] = L.i[last];
+      a.out_valid[o] = true;
       sh.Z = Z;
-      sh.tok = last < 0 ? 0 : L.i[last];
-      sh.tw = last < 0 ? 1.f : L.w[last];
-      sh.tv = last < 0 ? 0.f : L.v[last];
+      sh.tw = L.w[last];
+      sh.tv = L.v[last];
+      sh.fin_n = L.n;
     }
   }
   __syncthreads();
+  return !sh.fail;
 }
 
+// The final phase is two real calls with nothing but (a, o, sh) live across them: final_draw (the
+// verdict, the list steps, the draw; returns whether the processed logprobs are wanted, with the
+// max and the survivors' count left in sh) and final_logprobs (those logprobs and the top-n list).
+// As one function the values the logprobs need, live across the list steps' call, spilled.
 template <class T>
-DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
+DK_DEVICE_NOINLINE bool final_draw(const PipeArgs& a, int64_t o, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
   const PipeVerdict vd = verdict(a, c);
-  const unsigned tid = threadIdx.x;
   const int64_t V = a.V;
-  const RowIn<T>& r = c.r;
   T* out = c.out;
   const auto to_write = [&](PipeWriteKind kind, int64_t n) {  // mask mode: the write phase's job
-    if (tid == 0) *c.wr = PipeWrite{kind, 0, n};
+    if (threadIdx.x == 0) *c.wr = PipeWrite{kind, 0, n};
   };
   auto fail_row = [&](bool raw_through) {  // every thread calls it
     if (out) {
       to_write(raw_through ? kWriteRaw : kWriteProcessed, 0);
       return;
     }
-    if (tid == 0) {
+    if (threadIdx.x == 0) {
       a.out_tokens[o] = 0;
       a.out_valid[o] = false;
       if (a.out_logprob) a.out_logprob[o] = 0.f;
       if (a.out_rank) a.out_rank[o] = 0;
     }
-    for (int64_t j = tid; j < a.top_n; j += kPipeThreads) {
+    for (int64_t j = threadIdx.x; j < a.top_n; j += kPipeThreads) {
       a.out_top_ids[o * a.top_n + j] = 0;
       a.out_top_lp[o * a.top_n + j] = kNegInf;
     }
   };
   if (vd.inval) {
-    if (tid == 0 && a.error_flag) atomicOr(a.error_flag, a.error_bit);
+    if (threadIdx.x == 0 && a.error_flag) atomicOr(a.error_flag, a.error_bit);
     fail_row(true);
-    return;
+    return false;
   }
   if (!vd.ok || !(vd.m > kNegInf)) {
     fail_row(!vd.ok);
-    return;
+    return false;
   }
   const float m = vd.m;
   const PipeRow& pr = c.pr;
-  const PipeOrder order = PipeOrder(a.order);
   const bool greedy = pr.T == 0.f;  // temperature 0: greedy, no truncation
   const float invT = 1.f / (greedy ? 1.f : pr.T);
   if (out && (greedy || !any_truncation(pr, V))) {  // mask mode, nothing to truncate: the processed row
     to_write(kWriteProcessed, 0);
-    return;
+    return false;
+  }
+  if (greedy) {  // the first token holding the max; the rank and logprobs phases write the logprobs
+    if (threadIdx.x == 0) {
+      a.out_tokens[o] = vd.arg;
+      a.out_valid[o] = true;
+    }
+    return false;
   }
   PipeList L = start_list(c);
-  const ListScratch ls = list_scratch(c);
-  const BlockListOps ops = block_ops(c, sh);
-  int64_t tok = 0;
-  if (greedy) {
-    tok = vd.arg;  // the first token holding the max
-  } else {
-    const float lo = sigma_lo(c, m, sh);
-    // the start list: slice 0's entries are in place; each later slice's move down to follow them,
-    // in slice order, a round of reads then (after a barrier) a round of writes at a time (a
-    // round's writes lie below the next round's reads: the list is never longer than the slices)
-    int64_t n0 = c.counts[0];
-    for (int sp = 1; sp < a.splits; ++sp) {
-      const int64_t cnt = c.counts[sp], from = sp * a.per;
-      for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
-        const int64_t j = b0 + tid;
-        float v = 0.f;
-        int32_t id = 0;
-        if (j < cnt) v = L.v[from + j], id = L.i[from + j];
-        __syncthreads();
-        if (j < cnt) L.v[n0 + j] = v, L.i[n0 + j] = id;
-      }
-      n0 += cnt;
+  const float lo = sigma_lo(c, m, sh);
+  // the start list: slice 0's entries are in place; each later slice's move down to follow them,
+  // in slice order, a round of reads then (after a barrier) a round of writes at a time (a
+  // round's writes lie below the next round's reads: the list is never longer than the slices)
+  int64_t n0 = c.counts[0];
+  for (int sp = 1; sp < a.splits; ++sp) {
+    const int64_t cnt = c.counts[sp], from = sp * a.per;
+    for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
+      const int64_t j = b0 + threadIdx.x;
+      float v = 0.f;
+      int32_t id = 0;
+      if (j < cnt) v = L.v[from + j], id = L.i[from + j];
+      __syncthreads();
+      if (j < cnt) L.v[n0 + j] = v, L.i[n0 + j] = id;
     }
-    __syncthreads();
-    for (int64_t j = tid; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
-    __syncthreads();
-    L.n = n0;
-    // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) --------
-    truncate_and_draw(L, pr, order, V, m, invT, lo, ls, ops, out ? nullptr : &a, o, sh);
-    if (out) {  // mask mode: the survivors keep their processed logit, everything else -inf
-      to_write(kWriteSurvivors, L.n);
-      return;
-    }
-    if (sh.fail) {  // no positive weight (cannot happen: the max has weight 1)
-      fail_row(false);
-      return;
-    }
-    tok = sh.tok;
+    n0 += cnt;
   }
-  if (tid == 0) {
-    a.out_tokens[o] = tok;
-    a.out_valid[o] = true;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < n0; j += kPipeThreads) L.w[j] = pipe_weight(L.v[j], m, invT);
+  __syncthreads();
+  L.n = n0;
+  if (threadIdx.x == 0) sh.fin_m = m;  // (read after truncate_and_draw's closing barrier)
+  // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) ----------
+  if (!truncate_and_draw(L, pr, m, invT, lo, list_scratch(c), block_ops(c, sh), a, o, out ? c.wr : nullptr, sh)) {
+    fail_row(false);
+    return false;
   }
-  if (!a.want_logprob && a.top_n == 0) return;
-  // ---- logprobs -------------------------------------------------------------------------------
-  int64_t* tids = a.top_n ? a.out_top_ids + o * a.top_n : nullptr;
-  float* tlp = a.top_n ? a.out_top_lp + o * a.top_n : nullptr;
-  // = wants_raw_mass here (sample mode, logprobs wanted): the rank and logprobs phases' rows
-  if (a.raw_logprobs || greedy) return;
-  // processed: the renormalised survivors
+  // sample mode: the processed logprobs (logprobs wanted, not raw: the rank and logprobs phases
+  // write the raw ones)
+  return !out && (a.want_logprob || a.top_n > 0) && !a.raw_logprobs;
+}
+
+// The processed logprobs: the renormalised survivors (Z, the token's weight and value, the max and
+// the list's length: sh, written before truncate_and_draw's closing barrier).
+template <class T>
+DK_DEVICE_NOINLINE void final_logprobs(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const unsigned tid = threadIdx.x;
+  const float m = sh.fin_m, invT = 1.f / c.pr.T;
+  PipeList L = start_list(c);
+  L.n = sh.fin_n;
   const double lz = ::log(sh.Z);
   const float tv = sh.tv;
   int64_t cnt = 0;
@@ -1374,18 +1385,25 @@ DK_DEVICE_NOINLINE void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh
     if (a.out_logprob) a.out_logprob[o] = logprob_of_weight(sh.tw, lz);
     if (a.out_rank) a.out_rank[o] = cnt;
   }
-  if (tids) {
-    int32_t* ord = ls.ord;
-    const float* lv = L.v;
-    const int32_t* li = L.i;
-    const int64_t h = a.top_n < L.n ? a.top_n : L.n;
-    list_top(L, h, ord, ops);
-    ops.each(h, [=](int64_t j) {
-      tids[j] = li[ord[j]];
-      tlp[j] = logprob_of_weight(pipe_weight(lv[ord[j]], m, invT), lz);
-    });
-    if (tid == 0) top_n_pad(li, L.n, h, a.top_n, tids, tlp);
-  }
+  if (a.top_n == 0) return;
+  int64_t* tids = a.out_top_ids + o * a.top_n;
+  float* tlp = a.out_top_lp + o * a.top_n;
+  int32_t* ord = list_scratch(c).ord;
+  const float* lv = L.v;
+  const int32_t* li = L.i;
+  const int64_t h = a.top_n < L.n ? a.top_n : L.n;
+  const BlockListOps ops = block_ops(c, sh);
+  list_top(L, h, ord, ops);
+  ops.each(h, [=](int64_t j) {
+    tids[j] = li[ord[j]];
+    tlp[j] = logprob_of_weight(pipe_weight(lv[ord[j]], m, invT), lz);
+  });
+  if (tid == 0) top_n_pad(li, L.n, h, a.top_n, tids, tlp);
+}
+
+template <class T>
+DK_PIPE_FN void phase_final(const PipeArgs& a, int64_t o, PipeShared& sh) {
+  if (final_draw<T>(a, o, sh)) final_logprobs<T>(a, o, sh);
 }
 
 // ---- write (mask mode): slice sp of the output row, as the final phase decided --------------
