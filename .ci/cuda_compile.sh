@@ -5,6 +5,10 @@
 # every kernel / launcher of the header so that all template instantiations are compiled);
 # a header without it is compiled include-only and a note is printed.
 #
+# Spills fail the check: ptxas runs with -v, and every function it reports (each kernel, and each
+# real call once per kernel that calls it, under its own "Function properties" line) must have
+# 0 bytes of spill stores and loads.
+#
 # Exits 0 with a message when nvcc is not installed. Env: NVCC (compiler), DK_CUDA_ARCHS
 # (default "80 90"), DK_CUDA_JOBS (parallel compiles, default 2), DK_CUDA_WERROR=1 (warnings fail).
 set -euo pipefail
@@ -38,7 +42,7 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 archs="${DK_CUDA_ARCHS:-80 90}"
-flags=(-std=c++20 -O3 -fmad=false --expt-relaxed-constexpr -Icsrc/include -Icsrc)
+flags=(-std=c++20 -O3 -fmad=false --expt-relaxed-constexpr -Icsrc/include -Icsrc -Xptxas -v)
 [[ "${DK_CUDA_WERROR:-0}" == 1 ]] && flags+=(--Werror all-warnings)
 
 jobs=()
@@ -62,8 +66,15 @@ status=0
 printf '%s\n' "${jobs[@]}" | xargs -P "${DK_CUDA_JOBS:-2}" -L 1 bash -c '
   stem=$0; arch=$1; shift 2
   if out=$("'"$NVCC"'" '"${flags[*]}"' -arch=sm_$arch -c "'"$tmp"'/$stem.cu" -o "'"$tmp"'/$stem.sm_$arch.o" 2>&1); then
-    echo "cuda_compile: ok   csrc/cuda/$stem.cuh  sm_$arch"
-    [[ -n "$out" ]] && echo "$out"
+    spills=$(echo "$out" | awk "/Function properties for|Compiling entry function/ { f = \$NF }
+      / bytes spill stores, / { if (\$5 != 0 || \$9 != 0) print \"  \" f \": \" \$5 \" B spill stores, \" \$9 \" B spill loads\" }")
+    nf=$(echo "$out" | grep -c " bytes spill stores, " || true)
+    rest=$(echo "$out" | grep -v "^ptxas info" | grep -v "bytes stack frame" || true)
+    [[ -n "$rest" ]] && echo "$rest"
+    if [[ -n "$spills" ]]; then
+      echo "cuda_compile: FAIL csrc/cuda/$stem.cuh  sm_$arch: register spills"; echo "$spills"; exit 1
+    fi
+    echo "cuda_compile: ok   csrc/cuda/$stem.cuh  sm_$arch  (no spill in $nf functions)"
     exit 0
   else
     echo "cuda_compile: FAIL csrc/cuda/$stem.cuh  sm_$arch"; echo "$out"; exit 1

@@ -184,12 +184,14 @@ __global__ void __launch_bounds__(kThreads) tree_attention_kernel(TreeAttnArgs p
     }
   }
   T* out = static_cast<T*>(p.out);
+#pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t r = row0 + warp * kRowsPerWarp + i;
     if (r >= M) break;
     const int64_t t = r / G, hq = h * G + r % G;
     const int64_t oi = (b * p.T + t) * p.Hq + hq;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+#pragma unroll
     for (int j = 0; j < kMaxJ; ++j) {
       const int64_t d = lane + 32 * j;
       if (d < D) store_val(out + oi * D + d, acc[i][j] * inv);
