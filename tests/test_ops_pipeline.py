@@ -572,6 +572,47 @@ def test_whole_row_lists(backend, setting):
         _check(backend, _args(x, kw, params, order=order, top_n=5))
 
 
+def _top_h_tie_rows(V):
+    """Rows whose 100th largest value has hundreds of ties: 20 distinct values then 600 at 2.0
+    (row 0); 10 at 5.0, 10 at 4.0, then 500 at 2.0 (row 1); values on a 0.5 grid (row 2); a
+    constant row (3); 60 finite values, 30 of them tied at the lowest (row 4)."""
+    g = torch.Generator().manual_seed(23)
+    below = -1.0 - torch.rand(V, generator=g) * 4  # distinct values under the groups
+    r0 = below.clone()
+    r0[torch.randperm(V, generator=g)[:620]] = torch.cat([5.0 - 0.1 * torch.arange(20.0), torch.full((600,), 2.0)])
+    r1 = below.clone()
+    r1[torch.randperm(V, generator=g)[:520]] = torch.cat(
+        [torch.full((10,), 5.0), torch.full((10,), 4.0), torch.full((500,), 2.0)]
+    )
+    r2 = (torch.randn(V, generator=g) * 2).round() / 2
+    r3 = torch.zeros(V)
+    r4 = torch.full((V,), NEG)
+    r4[torch.randperm(V, generator=g)[:60]] = torch.cat([torch.randn(30, generator=g) + 3, torch.zeros(30)])
+    return torch.stack([r0, r1, r2, r3, r4])
+
+
+@on_backends
+def test_top_h_ties_at_the_100th_candidate(backend):
+    """Top-h's candidates are the values >= the 100th largest cv, ties kept, so ties at cv can make
+    them hundreds (or the whole row); only the < 100 above cv are sorted, the ones at cv follow in
+    index order and are kept or dropped as one group, decided by its first entry. Against the CPU op
+    (on cuda_emu bitwise, both launch plans) and reference.pipeline_keep, masks and tokens, over a
+    sweep of top_h that keeps the group at cv in some rows and drops it in others."""
+    V = 1500
+    x = _top_h_tie_rows(V)
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    kept = set()
+    for t in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.8, 1.0):
+        params = dict(temperature=1.0, top_h=t)
+        cpu, _ = _check(backend, _args(x, kw, params, mode=1))
+        keep = R.pipeline_keep(x, top_h=t)
+        assert torch.equal(cpu[6] > NEG, keep), t
+        kept.update((r, bool(keep[r][x[r] == 2.0].all())) for r in (0, 1))
+        assert all(bool(keep[r][x[r] == 2.0].all()) == bool(keep[r][x[r] == 2.0].any()) for r in (0, 1)), t
+        _check(backend, _args(x, kw, params, top_n=5))
+    assert kept == {(0, True), (0, False), (1, True), (1, False)}, kept
+
+
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("split", ["1", "0"])

@@ -368,11 +368,15 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
       return;
     }
     case Step::TopH: {
-      // the candidates: values >= the 100th largest (ties kept), most probable first
+      // the candidates: values >= the 100th largest cv (ties kept), most probable first (value
+      // descending, position ascending): the < 100 entries above cv sorted, then the entries at cv
+      // in position order as the select gives them (the same order as a sort of all candidates,
+      // whose size ties at cv make up to n; only the ones above cv are sorted)
       const float cv = list_mth_largest(L, kTopHCandidates, ops);
       int32_t* ord = s.ord;
-      const int64_t nc = ops.select(n, [=](int64_t j) { return v[j] >= cv; }, ord);
-      ops.sort(ord, nc, [v](int32_t j) { return v[j]; }, true);
+      const int64_t na = ops.select(n, [=](int64_t j) { return v[j] > cv; }, ord);
+      ops.sort(ord, na, [v](int32_t j) { return v[j]; }, true);  // (the block's sort pads ord past na)
+      const int64_t nc = na + ops.select(n, [=](int64_t j) { return v[j] == cv; }, ord + na);
       float* e = s.tv;
       double* term = s.ld;
       ops.each(nc, [=](int64_t q) { e[q] = w[ord[q]]; });
@@ -383,20 +387,27 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
       const double tau = r.toph * ops.mass(term, nc);
       ops.each(n, [=](int64_t j) { keep[j] = v[j] >= vm; });
       // the cut: a tie group of values stays while the entropy terms before it plus its first term
-      // are <= tau (the first group always); a walk over the <= ~100 candidates on one thread
+      // are <= tau (the first group always); a walk over the groups above cv (< 100 entries) on
+      // one thread; the last group (the entries at cv) is decided there by its first entry, and
+      // the rest of it follows on all threads
       ops.serial([=]() {
         double cum = 0.0;
         for (int64_t g = 0; g < nc;) {
           const float gv = v[ord[g]];
+          const int64_t q_end = gv == cv ? g + 1 : nc;  // (the group at cv: its first entry)
           int64_t q = g;
           double gs = 0.0;
-          while (q < nc && v[ord[q]] == gv) gs = contract::dadd_rn(gs, term[q++]);
+          while (q < q_end && v[ord[q]] == gv) gs = contract::dadd_rn(gs, term[q++]);
           if (g == 0 || contract::dadd_rn(cum, term[g]) <= tau)
             for (int64_t t = g; t < q; ++t) keep[ord[t]] = 1;
           cum = contract::dadd_rn(cum, gs);
-          g = q;
+          g = gv == cv ? nc : q;
         }
       });
+      if (nc > na + 1) {
+        const int32_t* ties = ord + na;
+        ops.each(nc - na - 1, [=](int64_t t) { keep[ties[t + 1]] = keep[ties[0]]; });
+      }
       return;
     }
   }
