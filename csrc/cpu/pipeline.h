@@ -18,6 +18,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <vector>
 #include "cpu/key_sort.h"
@@ -85,6 +86,7 @@ struct PipeScratch {
   std::vector<int32_t> ord;                        // per-list order
   std::vector<float> tv;                           // float list scratch (weights in a sorted order)
   std::vector<PipeVW> sel;                         // mth_largest's (value, 1) pairs
+  std::vector<int32_t> cand;                       // candidates' positions above the bound
   std::vector<double> g16;                         // the walk's group and block sums
   KeySort key_sort;                                // SerialListOps::sort's buffers
   std::vector<std::pair<float, int32_t>> top;      // top-n (value, index)
@@ -177,12 +179,25 @@ struct SerialListOps {
     ps.key_sort.run(descending);
     for (int64_t q = 0; q < n; ++q) ord[q] = kp[size_t(q)].second;
   }
-  template <class Pred>
-  int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
-    int64_t c = 0;
+  // One pass: the ones at c into ord from 0, the ones above c aside (ps.cand); then the ties move
+  // up behind the sorted ones above.
+  int64_t candidates(const float* v, int64_t n, float c, int32_t* ord, int64_t* na) const {
+    auto& above = ps.cand;
+    above.clear();
+    int64_t nt = 0;
     for (int64_t j = 0; j < n; ++j)
-      if (pred(j)) out[c++] = int32_t(j);
-    return c;
+      if (v[j] >= c) {
+        if (v[j] > c)
+          above.push_back(int32_t(j));
+        else
+          ord[nt++] = int32_t(j);
+      }
+    const int64_t a = int64_t(above.size());
+    if (nt > 0 && a > 0) std::memmove(ord + a, ord, size_t(nt) * sizeof(int32_t));
+    std::copy(above.begin(), above.end(), ord);
+    sort(ord, a, [v](int32_t j) { return v[j]; }, true);
+    *na = a;
+    return a + nt;
   }
   void filter(PipeList& L, const uint8_t* keep) const {
     int64_t c = 0;

@@ -634,6 +634,18 @@ DK_DEVICE_NOINLINE double block_low_cut(const double* sc, const float* w, int64_
 // The list steps' primitives on the block (decodekit/pipeline.h lists them): every thread of the
 // row's block calls the steps with the same arguments, each primitive returns the same value to
 // all of them. g16 / g256: the workspace's walk sums (room for a whole row's list).
+// BlockListOps::candidates: two ordered compactions with the sort (value descending, position
+// ascending, as BlockListOps::sort) between them: block_sort pads ord past its n with -1, over where
+// the ones at c go. A real call: inlined into the list steps, the final phase spilled.
+DK_DEVICE_NOINLINE int64_t block_candidates(const float* v, int64_t n, float c, int32_t* ord, int64_t* na,
+                                            PipeShared& sh) {
+  const auto emit_at = [](int32_t* out) { return [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); }; };
+  const int64_t a = collect(n, 0, [v, c](int64_t j, int64_t&) { return v[j] > c; }, emit_at(ord), sh);
+  block_sort(ord, a, [v](int32_t x, int32_t y) { return v[x] > v[y] || (v[x] == v[y] && x < y); });
+  *na = a;
+  return a + collect(n, 0, [v, c](int64_t j, int64_t&) { return v[j] == c; }, emit_at(ord + a), sh);
+}
+
 struct BlockListOps {
   PipeShared& sh;
   double *g16, *g256;
@@ -671,11 +683,8 @@ struct BlockListOps {
       return (descending ? ka > kb : ka < kb) || (ka == kb && a < b);
     });
   }
-  template <class Pred>
-  DK_PIPE_FN int64_t select(int64_t n, const Pred& pred, int32_t* out) const {
-    return collect(
-        n, 0, [&](int64_t j, int64_t&) { return pred(j); }, [out](int64_t pos, int64_t j) { out[pos] = int32_t(j); },
-        sh);
+  DK_PIPE_FN int64_t candidates(const float* v, int64_t n, float c, int32_t* ord, int64_t* na) const {
+    return block_candidates(v, n, c, ord, na, sh);
   }
   // In place: a thread reads its entry before the round's barrier and writes after it, to a
   // position below the round's first index or inside the round (read already).
@@ -1234,17 +1243,14 @@ DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared&
 }
 
 // The h largest entries of L (1 <= h <= L.n; value descending, index ascending: L is in index
-// order) as positions of L in ord[0..h): the entries above the h-th largest value vh, then the
-// first entries holding vh, both in L's order, sorted by the block. The same h positions in the
-// same order as a sort of the whole list (ties by position either way), for a radix select (4
-// passes), 2 compactions and a sort of h entries instead of a sort of L (153 rounds for a
-// whole-vocabulary list). ord has room for L.n entries. A real call (the final phase's register cap).
+// order) as positions of L in ord[0..h): the first h of the candidates >= the h-th largest value
+// (the entries above it sorted, then the ones holding it in L's order). The same h positions in
+// the same order as a sort of the whole list, for a radix select (4 passes), 2 compactions and a
+// sort of fewer than h entries instead of a sort of L (153 rounds for a whole-vocabulary list).
+// ord has room for L.n entries. A real call (the final phase's register cap).
 DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, const BlockListOps& ops) {
-  const float* v = L.v;
-  const float vh = ops.mth_largest(v, L.n, h);
-  const int64_t above = ops.select(L.n, [v, vh](int64_t j) { return v[j] > vh; }, ord);
-  ops.select(L.n, [v, vh](int64_t j) { return v[j] == vh; }, ord + above);  // (h - above of them count)
-  ops.sort(ord, h, [v](int32_t p) { return v[p]; }, true);
+  int64_t na = 0;
+  ops.candidates(L.v, L.n, ops.mth_largest(L.v, L.n, h), ord, &na);
 }
 
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------

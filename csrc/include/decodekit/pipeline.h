@@ -264,7 +264,11 @@ DK_HOST_DEVICE float pipe_weight(float v, float m, float invT) { return dk_exp((
 //   ops.mass(e, n)            contract::walk16_total(e, n), float or double e (the list mass)
 //   ops.sort(ord, n, key, d)  the positions ord[0..n) sorted by key(j), ascending (descending if
 //                             d), ties by position j ascending (a total order: unique result)
-//   ops.select(n, pred, out)  out[0..c) = the j in [0, n) with pred(j), ascending; returns c
+//   ops.candidates(v, n, c, ord, &na)  the positions j in [0, n) with v[j] >= c in ord, value
+//                             descending, position ascending; returns their count and sets na to
+//                             the count with v[j] > c (they come first). Only those na are sorted
+//                             (few when c is an m-th largest value); the ones at c follow in
+//                             position order as they are found.
 //   ops.filter(L, keep)       keeps the entries of L with keep[j] != 0 (order kept)
 //   ops.top_p(L, P, s)        top-p's cut: the smallest value v of L whose strictly greater values
 //                             weigh < P. The CPU: histograms of the order keys, then
@@ -368,15 +372,12 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
       return;
     }
     case Step::TopH: {
-      // the candidates: values >= the 100th largest cv (ties kept), most probable first (value
-      // descending, position ascending): the < 100 entries above cv sorted, then the entries at cv
-      // in position order as the select gives them (the same order as a sort of all candidates,
-      // whose size ties at cv make up to n; only the ones above cv are sorted)
+      // the candidates: values >= the 100th largest cv (ties kept), most probable first: the < 100
+      // above cv sorted, then the ones at cv in position order (ties at cv can make them up to n)
       const float cv = list_mth_largest(L, kTopHCandidates, ops);
       int32_t* ord = s.ord;
-      const int64_t na = ops.select(n, [=](int64_t j) { return v[j] > cv; }, ord);
-      ops.sort(ord, na, [v](int32_t j) { return v[j]; }, true);  // (the block's sort pads ord past na)
-      const int64_t nc = na + ops.select(n, [=](int64_t j) { return v[j] == cv; }, ord + na);
+      int64_t na = 0;
+      const int64_t nc = ops.candidates(v, n, cv, ord, &na);
       float* e = s.tv;
       double* term = s.ld;
       ops.each(nc, [=](int64_t q) { e[q] = w[ord[q]]; });
