@@ -76,7 +76,9 @@ def main(argv):
         return worker(argv[1] if len(argv) > 1 else "")
     runs = int(argv[argv.index("--runs") + 1]) if "--runs" in argv else 5
     only = argv[argv.index("--only") + 1] if "--only" in argv else ""
-    pys = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] not in ("--runs", "--only"))][:2]
+    pys = [
+        a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] not in ("--runs", "--only"))
+    ][:2]
     if len(pys) != 2:
         print(__doc__)
         return 2

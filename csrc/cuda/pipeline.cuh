@@ -1258,9 +1258,9 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 // survivors' count to *wr for the write phase; in sample mode the contract's walk over the
 // survivors (Z = its total, the pick at u * Z), the token and its valid flag to the outputs and Z,
 // the token's weight and value and the survivors' count to sh (written before the closing
-// barrier; final_logprobs reads them). Returns false when the walk found no positive weight (cannot happen: the max has
-// weight 1). A real call that ends the final phase's work, so few values live across it: inlined,
-// the final phase spilled.
+// barrier; final_logprobs reads them). Returns false when the walk found no positive weight
+// (cannot happen: the max has weight 1). A real call that ends the final phase's work, so few
+// values live across it: inlined, the final phase spilled.
 DK_DEVICE_NOINLINE bool truncate_and_draw(PipeList& L, const PipeRow& pr, float m, float invT, float lo,
                                           const ListScratch& ls, const BlockListOps& ops, const PipeArgs& a, int64_t o,
                                           PipeWrite* wr, PipeShared& sh) {
