@@ -4,8 +4,11 @@ one kernel in one process, the radix selects' warp-level digit scans (csrc/cuda/
 and top-p's canonical sparse mass (contract.h). The ops' own cases run on every backend in
 tests/test_ops_*.py (tests/backends.py)."""
 
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +21,14 @@ pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ comp
 
 
 # ---- what the emulator catches ------------------------------------------------------------------
-def _selftest(*argv):
+def _selftest(*argv, env=None):
     exe = emu.ROOT / "build" / "cuda_emu" / "emu_selftest"
     src = [emu.HERE / "emu_selftest.cpp", emu.HERE / "emu_runtime.h"]
     if not exe.exists() or exe.stat().st_mtime < max(p.stat().st_mtime for p in src):
         exe.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [emu.compiler(), "-std=c++20", "-O1", f"-I{emu.HERE}", str(src[0]), "-o", str(exe)]
+        cmd = [emu.compiler(), "-std=c++20", "-O1", *emu.sanitize_flags(), f"-I{emu.HERE}", str(src[0]), "-o", str(exe)]
         subprocess.run(cmd, check=True)
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_emulator_catches_a_removed_syncthreads():
@@ -61,6 +64,37 @@ def test_emulator_rejects_bad_warp_ops(mode, message):
     r = _selftest(mode, 1)
     assert r.returncode != 0 and "no abort" not in r.stdout
     assert message in r.stderr, r.stderr
+
+
+def test_emulator_watchdog_ends_a_thread_that_never_yields():
+    """A thread stuck in a loop never reaches a barrier, so the scheduler never runs again: the
+    launch watchdog ($DK_EMU_LAUNCH_TIMEOUT) aborts with the launch, block and thread named instead
+    of letting the test hang (an out-of-bounds -1 index reading a NaN into a loop's exit test hung
+    the suite once). Without the watchdog the same program runs into this test's 120 s timeout."""
+    env = dict(os.environ, DK_EMU_LAUNCH_TIMEOUT="1")
+    t0 = time.monotonic()
+    r = _selftest("spin", 1, env=env)
+    assert r.returncode != 0 and "no abort" not in r.stdout, (r.stdout, r.stderr)
+    assert "still running after the watchdog's limit (block 0, thread 5)" in r.stderr, r.stderr
+    assert "a launch of 1 blocks x 64 threads" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 60
+    with pytest.raises(subprocess.TimeoutExpired):  # the loop really does not end by itself
+        subprocess.run(
+            [str(emu.ROOT / "build" / "cuda_emu" / "emu_selftest"), "spin", "1"],
+            env=dict(os.environ, DK_EMU_LAUNCH_TIMEOUT="0"),
+            capture_output=True,
+            timeout=3,
+        )
+
+
+@pytest.mark.skipif(not emu.sanitize_flags(), reason="DK_EMU_SANITIZE=0")
+def test_emulator_catches_a_shared_array_overrun():
+    """The emulator libraries and this program are built with UBSan's index checks: threads
+    writing past a __shared__ array abort with the index and the array's type instead of silently
+    writing a neighbour (a shared-memory overrun that the GPU would not report either)."""
+    r = _selftest("overrun", 1)
+    assert r.returncode != 0 and "no abort" not in r.stdout, (r.stdout, r.stderr)
+    assert re.search(r"index 48 out of bounds for type 'float ?\[48\]'", r.stderr), r.stderr
 
 
 def test_two_block_sizes_in_one_process():

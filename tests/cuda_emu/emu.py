@@ -48,10 +48,29 @@ def unique_flags():
     return [] if "clang" in out.lower() else ["-fno-gnu-unique"]
 
 
+def sanitize_flags():
+    """UBSan's index checks in the emulator libraries: an index outside an array of known size (the
+    emulated __shared__ arrays are statics of known size) or past an object whose size the compiler
+    sees after inlining aborts with "index ... out of bounds" instead of reading a neighbour.
+    Global-memory pointers (tensors) are not checked. DK_EMU_SANITIZE=0 turns it off."""
+    if os.environ.get("DK_EMU_SANITIZE", "1") == "0":
+        return []
+    return ["-fsanitize=bounds,object-size", "-fno-sanitize-recover=all"]
+
+
 def build_shared(stem, cpp, sources, define=None, threads=None):
     """Builds tests/cuda_emu/<cpp> into build/cuda_emu/<stem>_<threads>_<hash>.so (cached by a
     hash of `sources` and the block size). threads=None: the header's production block size."""
-    flags = ["-std=c++20", "-O2", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", *unique_flags()]
+    flags = [
+        "-std=c++20",
+        "-O2",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-fPIC",
+        "-shared",
+        *unique_flags(),
+        *sanitize_flags(),
+    ]
     h = hashlib.sha256(f"{threads} {' '.join(flags)}".encode())
     for s in sources:
         h.update(s.read_bytes())

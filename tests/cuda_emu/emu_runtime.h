@@ -16,7 +16,9 @@
 // every lane NAMED IN THE MASK has arrived at the same op; the emulator aborts with a message when
 // a named lane has exited or does not exist, when the lanes disagree on the mask, when the calling
 // lane is not in its own mask, and when a shuffle reads a lane outside the mask (undefined on a
-// GPU). A block that cannot progress (mismatched __syncthreads / warp ops) aborts too.
+// GPU). A block that cannot progress (mismatched __syncthreads / warp ops) aborts too, and so does
+// a launch that runs past the watchdog's limit ($DK_EMU_LAUNCH_TIMEOUT, below): a thread looping
+// without reaching a barrier would otherwise hang the caller.
 //
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
 // copy per block). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
@@ -25,7 +27,10 @@
 #pragma once
 #define DK_CUDA_EMULATE 1
 
+#include <signal.h>
+#include <sys/time.h>
 #include <ucontext.h>
+#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -226,10 +231,61 @@ inline bool release_warps(Block& blk, unsigned b) {
   return released;
 }
 
+// The watchdog. A fiber that loops without reaching a barrier never hands control back to the
+// scheduler (an out-of-bounds index that reads a NaN into a loop's exit test did that once), and
+// the test would hang instead of failing. Every launch therefore arms a wall-clock timer
+// (ITIMER_REAL): when a launch runs longer than $DK_EMU_LAUNCH_TIMEOUT seconds (default 120; 0:
+// off), SIGALRM prints which launch, block and thread were running and aborts the process. The
+// previous SIGALRM handler and timer are restored after the launch.
+inline char g_watch_msg[200];
+inline volatile unsigned g_watch_block = 0;
+inline void watchdog_fired(int) {
+  char line[320];
+  const int n = std::snprintf(line, sizeof line,
+                              "dkemu: %s still running after the watchdog's limit (block %u, thread %u): "
+                              "an emulated thread loops without reaching a barrier, or the limit "
+                              "($DK_EMU_LAUNCH_TIMEOUT s) is too low\n",
+                              g_watch_msg, unsigned(g_watch_block), unsigned(tls_tid.x));
+  if (n > 0) (void)!write(2, line, size_t(n) < sizeof line ? size_t(n) : sizeof line - 1);
+  std::abort();
+}
+inline double watchdog_seconds() {
+  const char* e = std::getenv("DK_EMU_LAUNCH_TIMEOUT");
+  return e && *e ? std::strtod(e, nullptr) : 120.0;
+}
+struct Watchdog {
+  bool armed = false;
+  struct sigaction old_sa{};
+  itimerval old_timer{};
+  Watchdog(unsigned grid, unsigned threads) {
+    const double s = watchdog_seconds();
+    if (!(s > 0)) return;
+    std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
+    struct sigaction sa{};
+    sa.sa_handler = watchdog_fired;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, &old_sa);
+    itimerval t{};
+    t.it_value.tv_sec = time_t(s);
+    t.it_value.tv_usec = suseconds_t((s - double(time_t(s))) * 1e6);
+    if (t.it_value.tv_sec == 0 && t.it_value.tv_usec == 0) t.it_value.tv_usec = 1;
+    setitimer(ITIMER_REAL, &t, &old_timer);
+    armed = true;
+  }
+  ~Watchdog() {
+    if (!armed) return;
+    itimerval off{};
+    setitimer(ITIMER_REAL, &off, nullptr);
+    sigaction(SIGALRM, &old_sa, nullptr);
+    if (old_timer.it_value.tv_sec || old_timer.it_value.tv_usec) setitimer(ITIMER_REAL, &old_timer, nullptr);
+  }
+};
+
 // Runs kernel(args) on `grid` blocks of `threads` threads, one block at a time, the blocks in a random
-// order per launch (seeded like the thread order; seed 0: 0, 1, 2, ...).
+// order per launch (seeded like the thread order; seed 0: 0, 1, 2, ...), under the watchdog.
 template <class K, class A>
 void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
+  const Watchdog watch(grid, threads);
   const uint64_t seed = schedule_seed();
   std::vector<std::unique_ptr<char[]>> stacks(threads);
   for (auto& s : stacks) s.reset(new char[kStack]);
@@ -249,6 +305,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
     blk.body = [&] { kernel(args); };
     g_blk = &blk;
     tls_bid = dim3(b);
+    g_watch_block = b;
     uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
     for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], stacks[t].get(), kStack);
     for (;;) {

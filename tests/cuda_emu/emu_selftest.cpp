@@ -11,8 +11,15 @@
 //     cross-CTA dependency with no launch boundary, the mistake a split-row phase could make);
 //     prints the number of blocks that read a value their predecessor had not written yet. The
 //     fixed block order 0, 1, 2, ... (seed 0) hides it.
+//   emu_selftest spin <seed>: the shape of a bug that once hung the test suite: thread 5 walks groups
+//     of equal values and one index is -1 (a padding entry), whose value is a NaN; the group loop
+//     never advances, the fiber never reaches a barrier, and only the launch watchdog
+//     ($DK_EMU_LAUNCH_TIMEOUT) ends it, with an abort.
+//   emu_selftest overrun <seed>: 64 threads index a 48-entry __shared__ array by thread; built with
+//     the emulator's UBSan index checks (emu.sanitize_flags()) this aborts with "out of bounds".
 #include "emu_runtime.h"
 
+#include <cmath>
 #include <string>
 
 constexpr unsigned kN = 256, kBlocks = 8;
@@ -46,6 +53,35 @@ static void exited_kernel(Args a) {
   const unsigned t = threadIdx.x;
   if ((t & 31u) >= 16u) return;
   a.out[t] = __shfl_down_sync(0xffffffffu, float(t), 1);
+}
+
+static void spin_kernel(Args a) {
+  __shared__ float vals[9];
+  __shared__ int ord[8];
+  const unsigned t = threadIdx.x;
+  if (t < 8) ord[t] = t == 6 ? -1 : int(t);          // ord[6]: the padding entry
+  if (t < 9) vals[t] = t == 0 ? NAN : float(t / 2);  // vals[ord + 1]: vals[0] is what index -1 reads
+  __syncthreads();
+  if (t == 5) {
+    int groups = 0;
+    for (int g = 0; g < 8;) {  // each group: the run of entries equal to its first
+      const float gv = vals[ord[g] + 1];
+      int q = g;
+      while (q < 8 && vals[ord[q] + 1] == gv) ++q;  // a NaN equals nothing, itself included
+      ++groups;
+      g = q;
+    }
+    a.out[0] = float(groups);
+  }
+  __syncthreads();
+}
+
+static void overrun_kernel(Args a) {
+  __shared__ float part[48];
+  const unsigned t = threadIdx.x;
+  part[t] = float(t);  // threads 48..63 write past the array
+  __syncthreads();
+  a.out[t] = part[(t + 1) % 48];
 }
 
 static void outside_kernel(Args a) {
@@ -83,6 +119,8 @@ int main(int argc, char** argv) {
   }
   if (mode == "exited") dkemu::launch(1, 64, exited_kernel, a);
   if (mode == "outside") dkemu::launch(1, 64, outside_kernel, a);
+  if (mode == "spin") dkemu::launch(1, 64, spin_kernel, a);
+  if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
   std::printf("no abort\n");
   return 0;
 }
