@@ -398,7 +398,9 @@ DK_HOST_DEVICE void step_keep(Step st, const PipeList& L, const PipeRow& r, floa
           const int64_t q_end = gv == cv ? g + 1 : nc;  // (the group at cv: its first entry)
           int64_t q = g;
           double gs = 0.0;
-          while (q < q_end && v[ord[q]] == gv) gs = contract::dadd_rn(gs, term[q++]);
+          do {  // at least the group's first entry: the walk advances whatever v holds
+            gs = contract::dadd_rn(gs, term[q++]);
+          } while (q < q_end && v[ord[q]] == gv);
           if (g == 0 || contract::dadd_rn(cum, term[g]) <= tau)
             for (int64_t t = g; t < q; ++t) keep[ord[t]] = 1;
           cum = contract::dadd_rn(cum, gs);
