@@ -446,7 +446,7 @@ def test_emu_start_list_is_exact(n_sms):
 @bk.needs_emu
 @pytest.mark.parametrize("mode", [0, 1])
 def test_emu_split_rows_at_production_sizes(mode):
-    """A batch of 2 rows of 128256 bf16 logits on a 132-SM device's plan (31 slices of 4160 elements
+    """A batch of 2 rows of 128256 bf16 logits on a 132-SM device's plan (31 slices of 4144 elements
     per row, as on an H100): every phase (prep of the id lists, scan, top-n-sigma's and top-k's
     passes, collect, final) over the real slice sizes; the outputs equal the CPU op's bit for bit."""
     B, V = 2, 128256
