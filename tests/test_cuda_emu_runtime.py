@@ -97,6 +97,17 @@ def test_emulator_catches_a_shared_array_overrun():
     assert re.search(r"index 48 out of bounds for type 'float ?\[48\]'", r.stderr), r.stderr
 
 
+def test_emulator_catches_writes_outside_a_workspace():
+    """The drivers allocate every workspace exactly at its plan's size (as the CUDA launchers do)
+    between guard bands (dkemu::Guarded) and check the bands after the launches: a write one float
+    past the end or before the start aborts with the bytes named; in bounds passes."""
+    assert _selftest("guard", 1, 0).stdout.split() == ["ok"]
+    for index, span in ((1, "bytes 256 .. 259"), (-1, "bytes -4 .. -1")):
+        r = _selftest("guard", 1, index)
+        assert r.returncode != 0 and "ok" not in r.stdout.split(), (index, r.stdout, r.stderr)
+        assert "selftest buffer: a launch wrote outside its 256-byte buffer: " + span in r.stderr, r.stderr
+
+
 def test_two_block_sizes_in_one_process():
     # The emulated __shared__ arrays are function-local statics sized by the block size; GCC makes
     # them process-unique symbols unless the libraries are built with -fno-gnu-unique, and then a

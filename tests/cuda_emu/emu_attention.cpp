@@ -43,13 +43,13 @@ struct MergeK {
 
 template <class T, int D>
 static void run_mma_instance(MmaAttnArgs& p) {
-  std::vector<float> po, pl;
+  std::optional<dkemu::Guarded> po, pl;  // the split partials, exactly sized, with guard bands
   if (p.splits > 1) {
     const size_t R = size_t(p.B * p.T * p.Hq);
-    po.assign(size_t(p.splits) * R * size_t(p.D), 0.f);
-    pl.assign(size_t(p.splits) * R, 0.f);
-    p.part_o = po.data();
-    p.part_lse = pl.data();
+    po.emplace(dkemu::Guarded::of(size_t(p.splits) * R * size_t(p.D), 0.f));
+    pl.emplace(dkemu::Guarded::of(size_t(p.splits) * R, 0.f));
+    p.part_o = po->data<float>();
+    p.part_lse = pl->data<float>();
   }
   dkemu::mma::cp_async_reset();
   dkemu::launch(unsigned(attn_mma::num_blocks(p)), attn_mma::kThreads, MmaK<T, D>::fn, p);
@@ -57,7 +57,11 @@ static void run_mma_instance(MmaAttnArgs& p) {
     std::fprintf(stderr, "dk_emu_tree_attention: the kernel exited with cp.async copies in flight\n");
     std::abort();
   }
-  if (p.splits > 1) dkemu::launch(unsigned(attn_mma::merge_blocks(p)), attn_mma::kMergeThreads, MergeK<T>::fn, p);
+  if (p.splits > 1) {
+    dkemu::launch(unsigned(attn_mma::merge_blocks(p)), attn_mma::kMergeThreads, MergeK<T>::fn, p);
+    po->check("dk_emu_tree_attention: the split partial outputs");
+    pl->check("dk_emu_tree_attention: the split partial log-sum-exps");
+  }
 }
 
 template <class T>

@@ -39,6 +39,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -388,6 +390,61 @@ inline T exchange(unsigned mask, T v, unsigned src, bool in_range) {
   warp_sync(mask);
   return r;
 }
+// A device buffer (a launch plan's workspace, a partial-result buffer) in host memory, exactly
+// its plan's size like the GPU allocation, with a guard band of kGuard pattern bytes on each side.
+// check() aborts when a launch wrote into either band: an out-of-bounds write that a GPU does not
+// report (it lands in the neighbouring allocation) and that the results alone may not show.
+class Guarded {
+ public:
+  static constexpr size_t kGuard = 4096;
+  static constexpr unsigned char kPattern = 0xA5;
+  // `bytes` of payload, each element of `elem_size` bytes set to *fill (elem_size divides bytes).
+  Guarded(size_t bytes, const void* fill, size_t elem_size)
+      : n_(bytes), buf_(new unsigned char[bytes + 2 * kGuard + 64]) {
+    const auto base = reinterpret_cast<uintptr_t>(buf_.get()) + kGuard;
+    p_ = reinterpret_cast<unsigned char*>((base + 63) & ~uintptr_t(63));  // 64-byte aligned payload
+    std::memset(p_ - kGuard, kPattern, kGuard);
+    std::memset(p_ + n_, kPattern, kGuard);
+    for (size_t i = 0; i + elem_size <= n_; i += elem_size) std::memcpy(p_ + i, fill, elem_size);
+  }
+  static Guarded bytes(size_t n, unsigned char fill) { return Guarded(n, &fill, 1); }
+  template <class T>
+  static Guarded of(size_t count, T fill) {
+    return Guarded(count * sizeof(T), &fill, sizeof(T));
+  }
+  template <class T = void>
+  T* data() const {
+    return reinterpret_cast<T*>(p_);
+  }
+  size_t size() const { return n_; }
+  // The first and last byte of the bands that a launch changed, relative to the payload's start
+  // (negative: before it); first > last when none changed.
+  std::pair<int64_t, int64_t> touched() const {
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    const auto scan = [&](int64_t from, int64_t to) {
+      for (int64_t i = from; i < to; ++i)
+        if (p_[i] != kPattern) lo = std::min(lo, i), hi = std::max(hi, i);
+    };
+    scan(-int64_t(kGuard), 0);
+    scan(int64_t(n_), int64_t(n_ + kGuard));
+    return {lo, hi};
+  }
+  void check(const char* what) const {
+    const auto [lo, hi] = touched();
+    if (lo > hi) return;
+    char msg[240];
+    std::snprintf(msg, sizeof msg,
+                  "%s: a launch wrote outside its %zu-byte buffer: bytes %lld .. %lld relative to its start "
+                  "(guard bands of %zu bytes)",
+                  what, n_, static_cast<long long>(lo), static_cast<long long>(hi), kGuard);
+    fail(msg);
+  }
+
+ private:
+  size_t n_;
+  std::unique_ptr<unsigned char[]> buf_;
+  unsigned char* p_ = nullptr;
+};
 }  // namespace dkemu
 
 #define threadIdx (dkemu::tls_tid)

@@ -17,6 +17,10 @@
 //     ($DK_EMU_LAUNCH_TIMEOUT) ends it, with an abort.
 //   emu_selftest overrun <seed>: 64 threads index a 48-entry __shared__ array by thread; built with
 //     the emulator's UBSan index checks (emu.sanitize_flags()) this aborts with "out of bounds".
+//   emu_selftest guard <seed> <index>: each of 64 threads writes its slot of a 64-float buffer at
+//     index + thread (a guarded buffer, dkemu::Guarded, as the drivers allocate workspaces);
+//     index 0 is in bounds, index 1 writes one float past the end, index -1 one before the start:
+//     the buffer's check() must abort for both and name the bytes.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -84,6 +88,12 @@ static void overrun_kernel(Args a) {
   a.out[t] = part[(t + 1) % 48];
 }
 
+struct GuardArgs {
+  float* buf;
+  int index;
+};
+static void guard_kernel(GuardArgs a) { a.buf[a.index + int(threadIdx.x)] = 1.f; }
+
 static void outside_kernel(Args a) {
   const unsigned t = threadIdx.x;
   if ((t & 31u) >= 16u) return;
@@ -121,6 +131,14 @@ int main(int argc, char** argv) {
   if (mode == "outside") dkemu::launch(1, 64, outside_kernel, a);
   if (mode == "spin") dkemu::launch(1, 64, spin_kernel, a);
   if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
+  if (mode == "guard") {
+    if (argc < 4) return 2;
+    const auto buf = dkemu::Guarded::of(64, 0.f);
+    dkemu::launch(1, 64, guard_kernel, GuardArgs{buf.data<float>(), std::atoi(argv[3])});
+    buf.check("selftest buffer");
+    std::printf("ok\n");
+    return 0;
+  }
   std::printf("no abort\n");
   return 0;
 }

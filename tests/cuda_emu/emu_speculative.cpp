@@ -2,6 +2,7 @@
 // (tests/cuda_emu/emu_spec.py loads this through ctypes; host pointers stand in for device
 // pointers). Flat argument lists mirror the fields of the kernels' argument structs.
 #include <cmath>
+#include <optional>
 #include <vector>
 #include "emu_runtime.h"
 #define DK_SPEC_COUNT_WORK 1   // the kernels' work counters (dk_emu_spec_work)
@@ -76,11 +77,15 @@ static const bool* g_tree_skip = nullptr;
 // the prepare launch runs before the walk, as csrc/cuda/speculative.cu does.
 static int64_t g_n_sms = 0;
 static int g_last_node_splits = 0;  // blocks per prepared node in the last prepared call (node_plan)
-struct PrepWs {
-  std::vector<NodeSum> sums;
-  std::vector<int32_t> idx;
-  std::vector<float> w;
-  std::vector<double> split;  // the split plan's workspace (NaN-filled)
+struct PrepWs {                     // exactly the sizes speculative.cu allocates, with guard bands (dkemu::Guarded)
+  std::optional<dkemu::Guarded> sums, idx, w;
+  std::optional<dkemu::Guarded> split;  // the split plan's workspace (NaN-filled)
+  void check() const {
+    if (sums) sums->check("dk_emu_chain / dk_emu_tree: the prepared node sums");
+    if (idx) idx->check("dk_emu_chain / dk_emu_tree: the prepared node lists (ids)");
+    if (w) w->check("dk_emu_chain / dk_emu_tree: the prepared node lists (weights)");
+    if (split) split->check("dk_emu_chain / dk_emu_tree: the split nodes' workspace");
+  }
 };
 template <class A>
 static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepWs& keep) {
@@ -88,17 +93,17 @@ static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepW
   Prepared& p = a.ws.pre;
   p.R = R;
   p.list_per_node = a.ws.list_per_row;
-  keep.sums.assign(size_t(a.B * R), NodeSum{});
-  keep.idx.assign(size_t(a.B * R * p.list_per_node), 0);
-  keep.w.assign(size_t(a.B * R * p.list_per_node), 0.f);
-  p.sums = keep.sums.data();
-  p.list_idx = keep.idx.data();
-  p.list_w = keep.w.data();
+  keep.sums.emplace(dkemu::Guarded::of(size_t(a.B * R), NodeSum{}));
+  keep.idx.emplace(dkemu::Guarded::of(size_t(a.B * R * p.list_per_node), int32_t(0)));
+  keep.w.emplace(dkemu::Guarded::of(size_t(a.B * R * p.list_per_node), 0.f));
+  p.sums = keep.sums->data<NodeSum>();
+  p.list_idx = keep.idx->data<int32_t>();
+  p.list_w = keep.w->data<float>();
   // speculative.cu's plan_nodes, then launch_prepare's sequence (run_prepare)
   p.split = node_plan(a.target, a.B, R, g_n_sms);
   if (p.split.splits > 1) {
-    keep.split.assign(size_t(dk::cuda::sample_workspace_elems(p.split)) + 1, std::nan(""));
-    p.split.a.workspace = keep.split.data();
+    keep.split.emplace(dkemu::Guarded::of(size_t(dk::cuda::sample_workspace_elems(p.split)), std::nan("")));
+    p.split.a.workspace = keep.split->data<double>();
   }
   g_last_node_splits = p.split.splits;
   auto launch = [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); };
@@ -172,6 +177,7 @@ void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t ts
   prepare(a, N + 1, true, num_draft, keep);
   g_last_prepared = a.ws.pre.sums != nullptr;
   run<ChainK>(a.target, unsigned(B), a);
+  keep.check();
 }
 
 void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
@@ -212,6 +218,7 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
   prepare(a, T, false, nullptr, keep);
   g_last_prepared = a.ws.pre.sums != nullptr;
   run<TreeK>(a.target, unsigned(B), a);
+  keep.check();
 }
 
 void dk_emu_build_tree(const int64_t* parents, const int64_t* prefix, int64_t B, int64_t T, uint8_t* mask,
