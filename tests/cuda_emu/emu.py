@@ -49,13 +49,61 @@ def unique_flags():
 
 
 def sanitize_flags():
-    """UBSan's index checks in the emulator libraries: an index outside an array of known size (the
-    emulated __shared__ arrays are statics of known size) or past an object whose size the compiler
-    sees after inlining aborts with "index ... out of bounds" instead of reading a neighbour.
-    Global-memory pointers (tensors) are not checked. DK_EMU_SANITIZE=0 turns it off."""
+    """UBSan's index checks in the emulator libraries, in trap mode (no runtime library): an index
+    outside an array of known size (the emulated __shared__ arrays are statics of known size) or
+    past an object whose size the compiler sees after inlining executes a trap, which the emulator
+    turns into a failure of the launch naming the function (EmulatorError), instead of reading a
+    neighbour. Global-memory pointers (tensors) are not checked. DK_EMU_SANITIZE=0 turns it off."""
     if os.environ.get("DK_EMU_SANITIZE", "1") == "0":
         return []
-    return ["-fsanitize=bounds,object-size", "-fno-sanitize-recover=all"]
+    return ["-fsanitize=bounds,object-size", "-fsanitize-undefined-trap-on-error"]
+
+
+class EmulatorError(RuntimeError):
+    """A failure the emulator caught in a kernel during a library call: a bad warp op, a deadlock,
+    the launch watchdog, an index trap, a write outside a workspace (emu_runtime.h)."""
+
+
+class _Checked:
+    """One library function; after each call, the failure the emulator recorded during it (if any)
+    is raised as EmulatorError. Attributes (argtypes, restype) go to the ctypes function."""
+
+    __slots__ = ("_fn", "_take")
+
+    def __init__(self, fn, take):
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_take", take)
+
+    def __setattr__(self, name, value):
+        setattr(self._fn, name, value)
+
+    def __getattr__(self, name):
+        return getattr(self._fn, name)
+
+    def __call__(self, *args):
+        r = self._fn(*args)
+        err = self._take()
+        if err:
+            raise EmulatorError(err.decode(errors="replace"))
+        return r
+
+
+class CheckedLibrary:
+    """An emulator library whose every call is checked (_Checked): a kernel bug the emulator finds
+    fails the calling test with the emulator's message, and the rest of the suite runs."""
+
+    def __init__(self, cdll):
+        take = cdll.dk_emu_take_error
+        take.argtypes, take.restype = [], ctypes.c_char_p
+        object.__setattr__(self, "_cdll", cdll)
+        object.__setattr__(self, "_take", take)
+        object.__setattr__(self, "_fns", {})
+
+    def __getattr__(self, name):
+        fns = self._fns
+        if name not in fns:
+            fns[name] = _Checked(getattr(self._cdll, name), self._take)
+        return fns[name]
 
 
 def build_shared(stem, cpp, sources, define=None, threads=None):
@@ -85,7 +133,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
         cmd += [f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc'}", f"-I{HERE}", str(HERE / cpp), "-o", str(tmp)]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
-    L = ctypes.CDLL(str(lib))
+    L = CheckedLibrary(ctypes.CDLL(str(lib)))
     L.dk_emu_set_schedule_seed.argtypes, L.dk_emu_set_schedule_seed.restype = [ctypes.c_int64], None
     if _schedule[0] is not None:
         L.dk_emu_set_schedule_seed(_schedule[0])

@@ -54,8 +54,8 @@ static void run_mma_instance(MmaAttnArgs& p) {
   dkemu::mma::cp_async_reset();
   dkemu::launch(unsigned(attn_mma::num_blocks(p)), attn_mma::kThreads, MmaK<T, D>::fn, p);
   if (dkemu::mma::cp_async_pending() != 0) {
-    std::fprintf(stderr, "dk_emu_tree_attention: the kernel exited with cp.async copies in flight\n");
-    std::abort();
+    dkemu::record("dk_emu_tree_attention: the kernel exited with cp.async copies in flight");
+    return;
   }
   if (p.splits > 1) {
     dkemu::launch(unsigned(attn_mma::merge_blocks(p)), attn_mma::kMergeThreads, MergeK<T>::fn, p);
@@ -202,8 +202,8 @@ extern "C" void dk_emu_tree_attention(int dtype, int64_t B, int64_t T, int64_t H
   // impl: 0 = the CUDA-core kernel, 1 = the tensor-core kernel, -1 = what the CUDA launcher picks
   if (impl == 1 || (impl == -1 && tree_attention_mma_ok(p))) {
     if (!tree_attention_mma_ok(p)) {
-      std::fprintf(stderr, "dk_emu_tree_attention: the tensor-core kernel does not take these arguments\n");
-      std::abort();
+      dkemu::record("dk_emu_tree_attention: the tensor-core kernel does not take these arguments");
+      return;
     }
     run_mma(p, force_splits);
     return;

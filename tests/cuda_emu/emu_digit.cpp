@@ -79,6 +79,7 @@ int main(int argc, char** argv) {
         if (std::scanf("%lf", &hm[i]) != 1) return 2;
     }
     dkemu::launch(1, 64, digit_kernel, a);
+    if (dk_emu_take_error()) return 1;
     if (kind == 'c')
       std::printf("%u %lld\n", d, (long long)cnt);
     else

@@ -38,8 +38,9 @@ inline uint32_t g_stage[2][kMaxThreads][kSlots];
 inline unsigned g_ops[kMaxThreads];  // warp operations this thread has executed
 
 [[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "dkemu mma: %s (thread %u of block %u)\n", what, threadIdx.x, blockIdx.x);
-  std::abort();
+  char msg[200];
+  std::snprintf(msg, sizeof msg, "mma: %s (thread %u of block %u)", what, threadIdx.x, blockIdx.x);
+  dkemu::fail(msg);
 }
 
 using Row = uint32_t[kSlots];

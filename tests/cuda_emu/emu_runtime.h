@@ -27,6 +27,8 @@
 #pragma once
 #define DK_CUDA_EMULATE 1
 
+#include <cxxabi.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <sys/time.h>
 #include <ucontext.h>
@@ -115,17 +117,31 @@ struct Block {
   std::vector<unsigned> warp_mask;     // per warp: the mask that op names
   std::vector<uint64_t> xbuf;          // one exchange word per thread (warp ops)
   std::function<void()> body;
+  bool failed = false;  // a thread of this block failed: the launch is abandoned
 };
 inline Block* g_blk = nullptr;
 inline dim3 tls_tid, tls_bid;
 constexpr size_t kStack = 256 * 1024;
 inline int64_t g_seed_override = -1;
 
-[[noreturn]] inline void fail(const char* what) {
+// Failures. The first failure of a library call is kept in g_error (and printed to stderr) until
+// the caller takes it with dk_emu_take_error(); tests/cuda_emu/emu.py does after every call and
+// raises EmulatorError with the message, so a kernel bug the emulator catches fails its test with
+// the reason and the rest of the suite runs (an abort would end the whole pytest process, and
+// pytest's output capture would swallow the message). fail() in an emulated thread ends that
+// thread and the scheduler abandons the launch; in the scheduler it abandons the launch; every
+// later launch of the call returns at once (the call's outputs are void anyway). record() only
+// records (host code outside a launch: the drivers' guard checks).
+inline char g_error[512] = "";
+inline bool g_in_fiber = false;            // a fiber (an emulated thread) is running
+inline volatile bool g_timed_out = false;  // the watchdog fired while the scheduler ran
+struct Abandon {};                         // thrown in the scheduler's context, caught by launch()
+inline void record(const char* what) {
   std::fprintf(stderr, "dkemu: %s\n", what);
   std::fflush(stderr);
-  std::abort();
+  if (!g_error[0]) std::snprintf(g_error, sizeof g_error, "%s", what);
 }
+[[noreturn]] inline void fail(const char* what);  // below, after the fiber switch
 
 // The schedule seed of the next launch: dk_emu_set_schedule_seed(), else $DK_EMU_SEED, else 1.
 inline uint64_t schedule_seed() {
@@ -163,6 +179,16 @@ inline void to_fiber(Block& blk, unsigned t) {
 #else
   swapcontext(&blk.sched, &blk.f[t].ctx);
 #endif
+}
+
+[[noreturn]] inline void fail(const char* what) {
+  record(what);
+  if (g_blk && g_in_fiber) {
+    g_blk->failed = true;
+    to_scheduler(g_blk->f[g_blk->cur]);  // never resumed
+  }
+  if (g_blk) throw Abandon{};
+  std::abort();  // outside a launch callers use record()
 }
 
 inline void park(Wait w) {
@@ -233,23 +259,58 @@ inline bool release_warps(Block& blk, unsigned b) {
   return released;
 }
 
-// The watchdog. A fiber that loops without reaching a barrier never hands control back to the
-// scheduler (an out-of-bounds index that reads a NaN into a loop's exit test did that once), and
-// the test would hang instead of failing. Every launch therefore arms a wall-clock timer
-// (ITIMER_REAL): when a launch runs longer than $DK_EMU_LAUNCH_TIMEOUT seconds (default 120; 0:
-// off), SIGALRM prints which launch, block and thread were running and aborts the process. The
-// previous SIGALRM handler and timer are restored after the launch.
+// The watchdog and the index traps, armed for the duration of each launch.
+// A fiber that loops without reaching a barrier never hands control back to the scheduler (an
+// out-of-bounds index that reads a NaN into a loop's exit test did that once), and the test would
+// hang instead of failing. Every launch therefore arms a wall-clock timer (ITIMER_REAL): when a
+// launch runs longer than $DK_EMU_LAUNCH_TIMEOUT seconds (default 120; 0: off), SIGALRM records
+// which launch, block and thread were running and, when a fiber was, switches from the signal
+// handler to the scheduler (SA_NODEFER: SIGALRM stays unblocked, the handler never returns), which
+// abandons the launch. The emulator libraries are built with UBSan's bounds and object-size checks
+// in trap mode (tests/cuda_emu/emu.py sanitize_flags): an index out of bounds executes ud2, and
+// SIGILL ends the fiber the same way, naming the function. The previous handlers and timer are
+// restored after the launch.
 inline char g_watch_msg[200];
 inline volatile unsigned g_watch_block = 0;
+inline void end_fiber_from_signal(const char* line) {
+  record(line);
+  if (g_blk && g_in_fiber) {
+    g_blk->failed = true;
+    to_scheduler(g_blk->f[g_blk->cur]);  // never resumed
+  }
+}
 inline void watchdog_fired(int) {
   char line[320];
-  const int n = std::snprintf(line, sizeof line,
-                              "dkemu: %s still running after the watchdog's limit (block %u, thread %u): "
-                              "an emulated thread loops without reaching a barrier, or the limit "
-                              "($DK_EMU_LAUNCH_TIMEOUT s) is too low\n",
-                              g_watch_msg, unsigned(g_watch_block), unsigned(tls_tid.x));
-  if (n > 0) (void)!write(2, line, size_t(n) < sizeof line ? size_t(n) : sizeof line - 1);
-  std::abort();
+  std::snprintf(line, sizeof line,
+                "%s still running after the watchdog's limit (block %u, thread %u): an emulated thread loops "
+                "without reaching a barrier, or the limit ($DK_EMU_LAUNCH_TIMEOUT s) is too low",
+                g_watch_msg, unsigned(g_watch_block), unsigned(tls_tid.x));
+  const bool fiber = g_blk && g_in_fiber;
+  end_fiber_from_signal(line);
+  if (!fiber) g_timed_out = true;  // in the scheduler: it checks the flag
+}
+inline void trap_fired(int, siginfo_t* si, void* ctx) {
+  const void* pc = si ? si->si_addr : nullptr;
+#if defined(__x86_64__) && defined(REG_RIP)
+  if (ctx) pc = reinterpret_cast<const void*>(static_cast<ucontext_t*>(ctx)->uc_mcontext.gregs[REG_RIP]);
+#else
+  (void)ctx;
+#endif
+  Dl_info info{};
+  const char* fn = dladdr(pc, &info) && info.dli_sname ? info.dli_sname : "a function without a dynamic symbol";
+  int st = -1;
+  char* dem = abi::__cxa_demangle(fn, nullptr, nullptr, &st);
+  char line[480];
+  std::snprintf(line, sizeof line,
+                "an index out of bounds (UBSan's bounds / object-size check trapped) in %.300s (block %u, thread %u "
+                "of %s)",
+                st == 0 && dem ? dem : fn, unsigned(g_watch_block), unsigned(tls_tid.x), g_watch_msg);
+  std::free(dem);
+  if (!(g_blk && g_in_fiber)) {  // host code: it cannot go on past the trap
+    record(line);
+    std::abort();
+  }
+  end_fiber_from_signal(line);
 }
 inline double watchdog_seconds() {
   const char* e = std::getenv("DK_EMU_LAUNCH_TIMEOUT");
@@ -257,16 +318,23 @@ inline double watchdog_seconds() {
 }
 struct Watchdog {
   bool armed = false;
-  struct sigaction old_sa{};
+  struct sigaction old_alrm{}, old_ill{};
   itimerval old_timer{};
   Watchdog(unsigned grid, unsigned threads) {
+    std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
+    g_timed_out = false;
+    struct sigaction ill{};
+    ill.sa_sigaction = trap_fired;
+    ill.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&ill.sa_mask);
+    sigaction(SIGILL, &ill, &old_ill);
     const double s = watchdog_seconds();
     if (!(s > 0)) return;
-    std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
     struct sigaction sa{};
     sa.sa_handler = watchdog_fired;
+    sa.sa_flags = SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGALRM, &sa, &old_sa);
+    sigaction(SIGALRM, &sa, &old_alrm);
     itimerval t{};
     t.it_value.tv_sec = time_t(s);
     t.it_value.tv_usec = suseconds_t((s - double(time_t(s))) * 1e6);
@@ -275,10 +343,11 @@ struct Watchdog {
     armed = true;
   }
   ~Watchdog() {
+    sigaction(SIGILL, &old_ill, nullptr);
     if (!armed) return;
     itimerval off{};
     setitimer(ITIMER_REAL, &off, nullptr);
-    sigaction(SIGALRM, &old_sa, nullptr);
+    sigaction(SIGALRM, &old_alrm, nullptr);
     if (old_timer.it_value.tv_sec || old_timer.it_value.tv_usec) setitimer(ITIMER_REAL, &old_timer, nullptr);
   }
 };
@@ -287,6 +356,7 @@ struct Watchdog {
 // order per launch (seeded like the thread order; seed 0: 0, 1, 2, ...), under the watchdog.
 template <class K, class A>
 void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
+  if (g_error[0]) return;  // an earlier launch of this call failed
   const Watchdog watch(grid, threads);
   const uint64_t seed = schedule_seed();
   std::vector<std::unique_ptr<char[]>> stacks(threads);
@@ -297,56 +367,65 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
     uint64_t brng = seed ^ 0x9E3779B97F4A7C15ull;
     for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[splitmix(brng) % i]);
   }
-  for (unsigned b : blocks) {
-    Block blk;
-    blk.n = threads;
-    blk.f.resize(threads);
-    blk.warp_arrived.assign((threads + 31) / 32, 0);
-    blk.warp_mask.assign((threads + 31) / 32, 0);
-    blk.xbuf.assign(threads, 0);
-    blk.body = [&] { kernel(args); };
-    g_blk = &blk;
-    tls_bid = dim3(b);
-    g_watch_block = b;
-    uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
-    for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], stacks[t].get(), kStack);
-    for (;;) {
-      order.clear();
-      for (unsigned t = 0; t < threads; ++t)
-        if (!blk.f[t].done && blk.f[t].wait == kRun) order.push_back(t);
-      if (seed != 0)  // Fisher-Yates
-        for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
-      for (unsigned t : order) {
-        blk.cur = t;
-        tls_tid = dim3(t);
-        to_fiber(blk, t);
+  try {
+    for (unsigned b : blocks) {
+      Block blk;
+      blk.n = threads;
+      blk.f.resize(threads);
+      blk.warp_arrived.assign((threads + 31) / 32, 0);
+      blk.warp_mask.assign((threads + 31) / 32, 0);
+      blk.xbuf.assign(threads, 0);
+      blk.body = [&] { kernel(args); };
+      g_blk = &blk;
+      tls_bid = dim3(b);
+      g_watch_block = b;
+      uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
+      for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], stacks[t].get(), kStack);
+      for (;;) {
+        if (g_timed_out) throw Abandon{};
+        order.clear();
+        for (unsigned t = 0; t < threads; ++t)
+          if (!blk.f[t].done && blk.f[t].wait == kRun) order.push_back(t);
+        if (seed != 0)  // Fisher-Yates
+          for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix(rng) % i]);
+        for (unsigned t : order) {
+          blk.cur = t;
+          tls_tid = dim3(t);
+          g_in_fiber = true;
+          to_fiber(blk, t);
+          g_in_fiber = false;
+          if (blk.failed || g_timed_out) throw Abandon{};
+        }
+        const bool ran = !order.empty();
+        unsigned live = 0;
+        for (auto& fb : blk.f) live += !fb.done;
+        if (live == 0) {
+          for (unsigned w = 0; w < blk.warp_arrived.size(); ++w)
+            if (blk.warp_arrived[w]) fail("a warp op is pending after every thread exited");
+          break;
+        }
+        bool released = release_warps(blk, b);
+        if (blk.bar_arrived == live) {
+          for (auto& fb : blk.f)
+            if (!fb.done) fb.wait = kRun;
+          blk.bar_arrived = 0;
+          released = true;
+        }
+        if (!ran && !released) {
+          char msg[160];
+          std::snprintf(msg, sizeof msg,
+                        "deadlock in block %u: %u of %u live threads at __syncthreads, the rest at warp ops whose "
+                        "named lanes never arrive (mismatched __syncthreads / warp ops)",
+                        b, blk.bar_arrived, live);
+          fail(msg);
+        }
       }
-      const bool ran = !order.empty();
-      unsigned live = 0;
-      for (auto& fb : blk.f) live += !fb.done;
-      if (live == 0) {
-        for (unsigned w = 0; w < blk.warp_arrived.size(); ++w)
-          if (blk.warp_arrived[w]) fail("a warp op is pending after every thread exited");
-        break;
-      }
-      bool released = release_warps(blk, b);
-      if (blk.bar_arrived == live) {
-        for (auto& fb : blk.f)
-          if (!fb.done) fb.wait = kRun;
-        blk.bar_arrived = 0;
-        released = true;
-      }
-      if (!ran && !released) {
-        char msg[160];
-        std::snprintf(msg, sizeof msg,
-                      "deadlock in block %u: %u of %u live threads at __syncthreads, the rest at warp ops whose "
-                      "named lanes never arrive (mismatched __syncthreads / warp ops)",
-                      b, blk.bar_arrived, live);
-        fail(msg);
-      }
+      g_blk = nullptr;
     }
-    g_blk = nullptr;
+  } catch (const Abandon&) {  // a failure recorded in g_error: the launch ends here
   }
+  g_blk = nullptr;
+  g_in_fiber = false;
 }
 
 // The calling lane joins the warp op naming `mask` (default: every existing lane of its warp) and
@@ -437,7 +516,7 @@ class Guarded {
                   "%s: a launch wrote outside its %zu-byte buffer: bytes %lld .. %lld relative to its start "
                   "(guard bands of %zu bytes)",
                   what, n_, static_cast<long long>(lo), static_cast<long long>(hi), kGuard);
-    fail(msg);
+    record(msg);
   }
 
  private:
@@ -454,6 +533,16 @@ class Guarded {
 // every emulator library (weak: one definition per shared object).
 extern "C" __attribute__((weak, visibility("default"))) void dk_emu_set_schedule_seed(int64_t seed) {
   dkemu::g_seed_override = seed;
+}
+
+// The failure recorded since the last call (nullptr: none), and clears it; the text stays valid
+// until the next call. Exported like dk_emu_set_schedule_seed.
+extern "C" __attribute__((weak, visibility("default"))) const char* dk_emu_take_error() {
+  static char taken[sizeof dkemu::g_error];
+  if (!dkemu::g_error[0]) return nullptr;
+  std::memcpy(taken, dkemu::g_error, sizeof taken);
+  dkemu::g_error[0] = '\0';
+  return taken;
 }
 
 inline void __syncthreads() {

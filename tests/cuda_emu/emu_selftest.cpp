@@ -1,12 +1,13 @@
 // Small kernels that show what emu_runtime.h catches (tests/test_cuda_emu_runtime.py builds and runs this
-// program in a subprocess, since the emulator aborts on a bad warp op).
+// program in a subprocess). A failure the emulator records (dk_emu_take_error) makes it exit with 1
+// after printing the message to stderr; "no failure" on stdout means the launch went through.
 //   emu_selftest broadcast <with_barrier 0|1> <seed>: a block-wide sum broadcast from thread 0
 //     through shared memory; prints the number of threads that read a wrong total. Without the
 //     __syncthreads() between thread 0's write and the other threads' read this is a race that
 //     the fixed thread order 0, 1, 2, ... (seed 0) hides: thread 0 always writes first.
 //   emu_selftest exited <seed>: lanes 16..31 of each warp return, then the rest shuffle with the
-//     full mask (undefined on a GPU); the emulator must abort.
-//   emu_selftest outside <seed>: a shuffle with mask 0x0000ffff reads lane 16; must abort.
+//     full mask (undefined on a GPU); the emulator must fail the launch.
+//   emu_selftest outside <seed>: a shuffle with mask 0x0000ffff reads lane 16; must fail.
 //   emu_selftest blocks <seed>: block b adds 1 to what block b - 1 wrote in the same launch (a
 //     cross-CTA dependency with no launch boundary, the mistake a split-row phase could make);
 //     prints the number of blocks that read a value their predecessor had not written yet. The
@@ -14,13 +15,15 @@
 //   emu_selftest spin <seed>: the shape of a bug that once hung the test suite: thread 5 walks groups
 //     of equal values and one index is -1 (a padding entry), whose value is a NaN; the group loop
 //     never advances, the fiber never reaches a barrier, and only the launch watchdog
-//     ($DK_EMU_LAUNCH_TIMEOUT) ends it, with an abort.
+//     ($DK_EMU_LAUNCH_TIMEOUT) ends it, with a failure; then a broadcast launch (with its barrier)
+//     runs in the same process and prints "after: wrong N" (the emulator goes on after a failure).
 //   emu_selftest overrun <seed>: 64 threads index a 48-entry __shared__ array by thread; built with
-//     the emulator's UBSan index checks (emu.sanitize_flags()) this aborts with "out of bounds".
+//     the emulator's UBSan index checks in trap mode (emu.sanitize_flags()) this fails the launch
+//     with "an index out of bounds" and the kernel's name.
 //   emu_selftest guard <seed> <index>: each of 64 threads writes its slot of a 64-float buffer at
 //     index + thread (a guarded buffer, dkemu::Guarded, as the drivers allocate workspaces);
 //     index 0 is in bounds, index 1 writes one float past the end, index -1 one before the start:
-//     the buffer's check() must abort for both and name the bytes.
+//     the buffer's check() must fail for both and name the bytes.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -129,16 +132,31 @@ int main(int argc, char** argv) {
   }
   if (mode == "exited") dkemu::launch(1, 64, exited_kernel, a);
   if (mode == "outside") dkemu::launch(1, 64, outside_kernel, a);
-  if (mode == "spin") dkemu::launch(1, 64, spin_kernel, a);
+  if (mode == "spin") {
+    dkemu::launch(1, 64, spin_kernel, a);
+    const bool failed = dk_emu_take_error() != nullptr;
+    a.with_barrier = 1;
+    dkemu::launch(kBlocks, kN, broadcast_kernel, a);
+    int wrong = 0;
+    for (unsigned b = 0; b < kBlocks; ++b) {
+      float s = 0.f;
+      for (unsigned j = 0; j < kN; ++j) s += float(b * kN + j);
+      for (unsigned t = 0; t < kN; ++t) wrong += out[b * kN + t] != s;
+    }
+    std::printf("after: wrong %d\n", wrong);
+    return failed || dk_emu_take_error() ? 1 : 0;
+  }
   if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
   if (mode == "guard") {
     if (argc < 4) return 2;
     const auto buf = dkemu::Guarded::of(64, 0.f);
     dkemu::launch(1, 64, guard_kernel, GuardArgs{buf.data<float>(), std::atoi(argv[3])});
     buf.check("selftest buffer");
+    if (dk_emu_take_error()) return 1;
     std::printf("ok\n");
     return 0;
   }
-  std::printf("no abort\n");
+  if (dk_emu_take_error()) return 1;
+  std::printf("no failure\n");
   return 0;
 }
