@@ -29,6 +29,7 @@
 
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/time.h>
 #include <ucontext.h>
@@ -270,8 +271,11 @@ inline bool release_warps(Block& blk, unsigned b) {
 // in trap mode (tests/cuda_emu/emu.py sanitize_flags): an index out of bounds executes ud2, and
 // SIGILL ends the fiber the same way, naming the function. The previous handlers and timer are
 // restored after the launch.
+// SIGALRM is process-directed: a handler that runs on another thread (torch's workers) passes it
+// on to the emulating thread (g_emu_thread) and returns.
 inline char g_watch_msg[200];
 inline volatile unsigned g_watch_block = 0;
+inline pthread_t g_emu_thread;
 inline void end_fiber_from_signal(const char* line) {
   record(line);
   if (g_blk && g_in_fiber) {
@@ -280,6 +284,10 @@ inline void end_fiber_from_signal(const char* line) {
   }
 }
 inline void watchdog_fired(int) {
+  if (!pthread_equal(pthread_self(), g_emu_thread)) {
+    pthread_kill(g_emu_thread, SIGALRM);
+    return;
+  }
   char line[320];
   std::snprintf(line, sizeof line,
                 "%s still running after the watchdog's limit (block %u, thread %u): an emulated thread loops "
@@ -306,7 +314,7 @@ inline void trap_fired(int, siginfo_t* si, void* ctx) {
                 "of %s)",
                 st == 0 && dem ? dem : fn, unsigned(g_watch_block), unsigned(tls_tid.x), g_watch_msg);
   std::free(dem);
-  if (!(g_blk && g_in_fiber)) {  // host code: it cannot go on past the trap
+  if (!(g_blk && g_in_fiber) || !pthread_equal(pthread_self(), g_emu_thread)) {  // cannot go on past the trap
     record(line);
     std::abort();
   }
@@ -323,6 +331,7 @@ struct Watchdog {
   Watchdog(unsigned grid, unsigned threads) {
     std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
     g_timed_out = false;
+    g_emu_thread = pthread_self();
     struct sigaction ill{};
     ill.sa_sigaction = trap_fired;
     ill.sa_flags = SA_SIGINFO | SA_NODEFER;
