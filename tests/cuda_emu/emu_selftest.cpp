@@ -103,6 +103,17 @@ static void outside_kernel(Args a) {
   a.out[t] = __shfl_down_sync(0x0000ffffu, float(t), 1);
 }
 
+// The number of broadcast_kernel outputs that differ from their block's sum.
+static int broadcast_wrong(const std::vector<float>& out) {
+  int wrong = 0;
+  for (unsigned b = 0; b < kBlocks; ++b) {
+    float s = 0.f;
+    for (unsigned j = 0; j < kN; ++j) s += float(b * kN + j);
+    for (unsigned t = 0; t < kN; ++t) wrong += out[b * kN + t] != s;
+  }
+  return wrong;
+}
+
 int main(int argc, char** argv) {
   if (argc < 3) return 2;
   const std::string mode = argv[1];
@@ -113,13 +124,7 @@ int main(int argc, char** argv) {
     a.with_barrier = std::atoi(argv[2]);
     dk_emu_set_schedule_seed(std::atoll(argv[3]));
     dkemu::launch(kBlocks, kN, broadcast_kernel, a);
-    int wrong = 0;
-    for (unsigned b = 0; b < kBlocks; ++b) {
-      float s = 0.f;
-      for (unsigned j = 0; j < kN; ++j) s += float(b * kN + j);
-      for (unsigned t = 0; t < kN; ++t) wrong += out[b * kN + t] != s;
-    }
-    std::printf("wrong %d\n", wrong);
+    std::printf("wrong %d\n", broadcast_wrong(out));
     return 0;
   }
   dk_emu_set_schedule_seed(std::atoll(argv[2]));
@@ -137,13 +142,7 @@ int main(int argc, char** argv) {
     const bool failed = dk_emu_take_error() != nullptr;
     a.with_barrier = 1;
     dkemu::launch(kBlocks, kN, broadcast_kernel, a);
-    int wrong = 0;
-    for (unsigned b = 0; b < kBlocks; ++b) {
-      float s = 0.f;
-      for (unsigned j = 0; j < kN; ++j) s += float(b * kN + j);
-      for (unsigned t = 0; t < kN; ++t) wrong += out[b * kN + t] != s;
-    }
-    std::printf("after: wrong %d\n", wrong);
+    std::printf("after: wrong %d\n", broadcast_wrong(out));
     return failed || dk_emu_take_error() ? 1 : 0;
   }
   if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
