@@ -410,8 +410,6 @@ def test_emulated_cp_async_lands_only_at_wait():
 def _includes(path, out):
     """Every project file `path` includes with #include "...", recursively (resolved like the
     emulator's build: the file's folder, csrc/, csrc/include/)."""
-    import re
-
     for name in re.findall(r'^\s*#include "([^"]+)"', path.read_text(), flags=re.M):
         for base in (path.parent, emu.ROOT / "csrc", emu.ROOT / "csrc/include"):
             f = (base / name).resolve()
