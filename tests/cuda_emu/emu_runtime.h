@@ -13,10 +13,10 @@
 // variable DK_EMU_SEED, else 1; it is mixed with blockIdx.x so every block has its own order.
 //
 // Warp ops (__shfl_*_sync, __ballot_sync, __match_any_sync, __syncwarp, warp_sync) wait until
-// every lane NAMED IN THE MASK has arrived at the same op; the emulator aborts with a message when
-// a named lane has exited or does not exist, when the lanes disagree on the mask, when the calling
-// lane is not in its own mask, and when a shuffle reads a lane outside the mask (undefined on a
-// GPU). A block that cannot progress (mismatched __syncthreads / warp ops) aborts too, and so does
+// every lane NAMED IN THE MASK has arrived at the same op; the emulator fails the launch with a
+// message (see "Failures" below) when a named lane has exited or does not exist, when the lanes
+// disagree on the mask, when the calling lane is not in its own mask, and when a shuffle reads a
+// lane outside the mask (undefined on a GPU). A block that cannot progress (mismatched __syncthreads / warp ops) fails too, and so does
 // a launch that runs past the watchdog's limit ($DK_EMU_LAUNCH_TIMEOUT, below): a thread looping
 // without reaching a barrier would otherwise hang the caller.
 //
@@ -182,12 +182,17 @@ inline void to_fiber(Block& blk, unsigned t) {
 #endif
 }
 
-[[noreturn]] inline void fail(const char* what) {
+// Records `what`; in a fiber, ends it: the scheduler abandons the launch (from a signal handler too).
+inline void end_fiber(const char* what) {
   record(what);
   if (g_blk && g_in_fiber) {
     g_blk->failed = true;
     to_scheduler(g_blk->f[g_blk->cur]);  // never resumed
   }
+}
+
+[[noreturn]] inline void fail(const char* what) {
+  end_fiber(what);
   if (g_blk) throw Abandon{};
   std::abort();  // outside a launch callers use record()
 }
@@ -233,7 +238,7 @@ inline void make_fiber(Block& blk, Fiber& fb, char* stack, size_t size) {
 #endif
 }
 
-// Releases the warp ops whose named lanes all arrived; aborts when a named lane exited.
+// Releases the warp ops whose named lanes all arrived; fails when a named lane exited.
 inline bool release_warps(Block& blk, unsigned b) {
   bool released = false;
   for (unsigned w = 0; w < blk.warp_arrived.size(); ++w) {
@@ -276,13 +281,6 @@ inline bool release_warps(Block& blk, unsigned b) {
 inline char g_watch_msg[200];
 inline volatile unsigned g_watch_block = 0;
 inline pthread_t g_emu_thread;
-inline void end_fiber_from_signal(const char* line) {
-  record(line);
-  if (g_blk && g_in_fiber) {
-    g_blk->failed = true;
-    to_scheduler(g_blk->f[g_blk->cur]);  // never resumed
-  }
-}
 inline void watchdog_fired(int) {
   if (!pthread_equal(pthread_self(), g_emu_thread)) {
     pthread_kill(g_emu_thread, SIGALRM);
@@ -294,7 +292,7 @@ inline void watchdog_fired(int) {
                 "without reaching a barrier, or the limit ($DK_EMU_LAUNCH_TIMEOUT s) is too low",
                 g_watch_msg, unsigned(g_watch_block), unsigned(tls_tid.x));
   const bool fiber = g_blk && g_in_fiber;
-  end_fiber_from_signal(line);
+  end_fiber(line);
   if (!fiber) g_timed_out = true;  // in the scheduler: it checks the flag
 }
 inline void trap_fired(int, siginfo_t* si, void* ctx) {
@@ -318,7 +316,7 @@ inline void trap_fired(int, siginfo_t* si, void* ctx) {
     record(line);
     std::abort();
   }
-  end_fiber_from_signal(line);
+  end_fiber(line);
 }
 inline double watchdog_seconds() {
   const char* e = std::getenv("DK_EMU_LAUNCH_TIMEOUT");
@@ -429,7 +427,6 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
           fail(msg);
         }
       }
-      g_blk = nullptr;
     }
   } catch (const Abandon&) {  // a failure recorded in g_error: the launch ends here
   }
@@ -480,7 +477,7 @@ inline T exchange(unsigned mask, T v, unsigned src, bool in_range) {
 }
 // A device buffer (a launch plan's workspace, a partial-result buffer) in host memory, exactly
 // its plan's size like the GPU allocation, with a guard band of kGuard pattern bytes on each side.
-// check() aborts when a launch wrote into either band: an out-of-bounds write that a GPU does not
+// check() records a failure (dk_emu_take_error) when a launch wrote into either band: an out-of-bounds write that a GPU does not
 // report (it lands in the neighbouring allocation) and that the results alone may not show.
 class Guarded {
  public:
@@ -504,7 +501,6 @@ class Guarded {
   T* data() const {
     return reinterpret_cast<T*>(p_);
   }
-  size_t size() const { return n_; }
   // The first and last byte of the bands that a launch changed, relative to the payload's start
   // (negative: before it); first > last when none changed.
   std::pair<int64_t, int64_t> touched() const {
