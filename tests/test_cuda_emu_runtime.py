@@ -99,15 +99,57 @@ def test_emulator_catches_a_shared_array_overrun():
     assert "of a launch of 1 blocks x 64 threads" in r.stderr, r.stderr
 
 
-def test_emulator_catches_writes_outside_a_workspace():
+GUARD_PAGE = "a read or write out of bounds: byte {} of selftest buffer (256 bytes: the guard page {} it)"
+
+
+@pytest.mark.parametrize("at_end", [1, 0])
+def test_emulator_catches_writes_outside_a_buffer(at_end):
     """The drivers allocate every workspace exactly at its plan's size (as the CUDA launchers do)
-    between guard bands (dkemu::Guarded) and check the bands after the launches: a write one float
-    past the end or before the start fails with the bytes named; in bounds passes."""
-    assert _selftest("guard", 1, 0).stdout.split() == ["ok"]
-    for index, span in ((1, "bytes 256 .. 259"), (-1, "bytes -4 .. -1")):
-        r = _selftest("guard", 1, index)
-        assert r.returncode == 1 and "ok" not in r.stdout.split(), (index, r.stdout, r.stderr)
-        assert "selftest buffer: a launch wrote outside its 256-byte buffer: " + span in r.stderr, r.stderr
+    between two inaccessible pages (dkemu::Guarded), the buffer against one of them. A write into
+    that guard page faults and fails the launch, naming the buffer, the byte and the thread; a write
+    into the slack on the other side fails the buffer's check, naming the bytes; in bounds passes."""
+    assert _selftest("guard", 1, 0, at_end).stdout.split() == ["ok"]
+    fault, slack = (1, -1) if at_end else (-1, 1)
+    r = _selftest("guard", 1, fault, at_end)
+    assert r.returncode == 1 and "ok" not in r.stdout.split(), (r.stdout, r.stderr)
+    byte, where, thread = (256, "after", 63) if at_end else (-4, "before", 0)
+    assert GUARD_PAGE.format(byte, where) in r.stderr, r.stderr
+    assert f"(block 0, thread {thread} of a launch of 1 blocks x 64 threads)" in r.stderr, r.stderr
+    r = _selftest("guard", 1, slack, at_end)
+    assert r.returncode == 1 and "ok" not in r.stdout.split(), (r.stdout, r.stderr)
+    span = "bytes 256 .. 259" if at_end == 0 else "bytes -4 .. -1"
+    assert "selftest buffer: a launch wrote outside its 256-byte buffer: " + span in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("at_end", [1, 0])
+def test_emulator_catches_reads_outside_a_buffer(at_end):
+    """Reads through a global-memory pointer: a read of the guard page fails the launch naming the
+    byte; a read of the slack on the other side gives the poison pattern, a NaN."""
+    assert _selftest("read", 1, 0, at_end).stdout.split() == ["nan", "0"]
+    fault, slack = (1, -1) if at_end else (-1, 1)
+    r = _selftest("read", 1, fault, at_end)
+    byte, where = (256, "after") if at_end else (-4, "before")
+    assert r.returncode == 1 and GUARD_PAGE.format(byte, where) in r.stderr, (r.stdout, r.stderr)
+    assert _selftest("read", 1, slack, at_end).stdout.split() == ["nan", "1"]
+
+
+def test_emulator_fences_tensor_arguments():
+    """Every tensor a wrapper hands to an emulator library is copied into fenced memory (emu.Fence)
+    and the outputs are copied back. Here the filter kernel is told of 2 rows of 1000 elements but
+    gets a tensor of 1992: the last row's reads past its end hit the guard page when the call's
+    buffers sit against the page after them, and the failure names the argument and the byte."""
+    lib = emu.load()
+    x = torch.randn(2000)
+    out = torch.full((2, 1000), 7.0)
+    args = (0, 2, 1000, 1000, 0, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, out, 1000, 0)
+    for turn in (0, 1):  # both sides; in bounds, the kernel's output (no filter: the logits) comes back
+        emu._fence_turn[0] = turn
+        lib.dk_emu_filter(x, *args)
+        assert torch.equal(out.view(-1), x)
+    emu._fence_turn[0] = 0
+    at = r"byte 79\d\d of dk_emu_filter argument 0 \(float32 \[1992\]\) \(7968 bytes: the guard page after it\)"
+    with pytest.raises(emu.EmulatorError, match=at):
+        lib.dk_emu_filter(x[:1992].clone(), *args)
 
 
 def test_emulator_failure_raises_in_python_and_the_suite_goes_on(monkeypatch):

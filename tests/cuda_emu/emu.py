@@ -53,7 +53,8 @@ def sanitize_flags():
     outside an array of known size (the emulated __shared__ arrays are statics of known size) or
     past an object whose size the compiler sees after inlining executes a trap, which the emulator
     turns into a failure of the launch naming the function (EmulatorError), instead of reading a
-    neighbour. Global-memory pointers (tensors) are not checked. DK_EMU_SANITIZE=0 turns it off."""
+    neighbour. Global-memory pointers are checked by the guard pages instead (Fence, emu_runtime.h
+    Guarded). DK_EMU_SANITIZE=0 turns it off."""
     if os.environ.get("DK_EMU_SANITIZE", "1") == "0":
         return []
     return ["-fsanitize=bounds,object-size", "-fsanitize-undefined-trap-on-error"]
@@ -61,18 +62,81 @@ def sanitize_flags():
 
 class EmulatorError(RuntimeError):
     """A failure the emulator caught in a kernel during a library call: a bad warp op, a deadlock,
-    the launch watchdog, an index trap, a write outside a workspace (emu_runtime.h)."""
+    the launch watchdog, an index trap, a read or write outside a fenced buffer (a tensor or a
+    workspace: emu_runtime.h Guarded)."""
+
+
+_fence_turn = [0]
+
+
+class Fence:
+    """Fenced copies of the tensors one library call (or a few calls in a row) reads and writes, so
+    that the emulator catches a kernel's stray read or write through a global-memory pointer, as it
+    catches one in a workspace. ptr(t) copies the bytes t spans into a buffer of the library's
+    fenced memory (emu_runtime.h dk_emu_fence_alloc: exactly that size, between two inaccessible
+    pages, the start address keeping t's own alignment up to 16 bytes so the kernels take the same
+    load paths) and returns its address. A kernel that reaches a guard page fails the launch with
+    EmulatorError naming the buffer and the byte; the slack on the other side reads as NaN / a
+    negative int and a write there fails at close(). Consecutive fences alternate the fenced side
+    (after the buffer, before it). close() copies back every buffer the call changed (the outputs)
+    and frees them. Use as a context manager. DK_EMU_FENCE=0 passes the tensors' own memory."""
+
+    def __init__(self, cdll, take):
+        self._cdll, self._take, self._bufs = cdll, take, []
+        self.at_end = _fence_turn[0] % 2 == 0
+        _fence_turn[0] += 1
+
+    def ptr(self, t, name="a tensor"):
+        if t is None:
+            return None
+        ref = t.data_ptr()
+        if os.environ.get("DK_EMU_FENCE", "1") == "0":  # off: the tensor's own memory
+            self._bufs.append((t, None, 0))
+            return ref
+        n = 0 if t.numel() == 0 else (1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))) * t.element_size()
+        align = 16 if ref == 0 else min(16, ref & -ref)
+        label = f"{name} ({str(t.dtype).replace('torch.', '')} {list(t.shape)})".encode()
+        p = self._cdll.dk_emu_fence_alloc(n, align, int(self.at_end), label)
+        ctypes.memmove(p, ref, n)
+        self._bufs.append((t, p, n))  # t stays alive until close() (a temporary's memory is not reused)
+        return p
+
+    def close(self):
+        bufs, self._bufs = self._bufs, []
+        for t, p, n in bufs:
+            if p is None:
+                continue
+            if n and ctypes.string_at(p, n) != ctypes.string_at(t.data_ptr(), n):
+                ctypes.memmove(t.data_ptr(), p, n)
+            self._cdll.dk_emu_fence_free(p)
+        err = self._take()
+        if err:
+            raise EmulatorError(err.decode(errors="replace"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.close()
+        else:  # the call failed: free the buffers, keep its exception
+            try:
+                self.close()
+            except EmulatorError:
+                pass
 
 
 class _Checked:
     """One library function; after each call, the failure the emulator recorded during it (if any)
-    is raised as EmulatorError. Attributes (argtypes, restype) go to the ctypes function."""
+    is raised as EmulatorError. Tensor arguments are passed as fenced copies (Fence), copied back
+    after the call. Attributes (argtypes, restype) go to the ctypes function."""
 
-    __slots__ = ("_fn", "_take")
+    __slots__ = ("_fn", "_take", "_lib")
 
-    def __init__(self, fn, take):
+    def __init__(self, fn, take, lib):
         object.__setattr__(self, "_fn", fn)
         object.__setattr__(self, "_take", take)
+        object.__setattr__(self, "_lib", lib)
 
     def __setattr__(self, name, value):
         setattr(self._fn, name, value)
@@ -81,7 +145,13 @@ class _Checked:
         return getattr(self._fn, name)
 
     def __call__(self, *args):
-        r = self._fn(*args)
+        if not any(isinstance(a, torch.Tensor) for a in args):
+            r = self._fn(*args)
+        else:
+            with self._lib.fence() as F:
+                name = self._fn.__name__
+                r = self._fn(*(F.ptr(a, f"{name} argument {i}") if isinstance(a, torch.Tensor) else a
+                               for i, a in enumerate(args)))  # fmt: skip
         err = self._take()
         if err:
             raise EmulatorError(err.decode(errors="replace"))
@@ -95,14 +165,22 @@ class CheckedLibrary:
     def __init__(self, cdll):
         take = cdll.dk_emu_take_error
         take.argtypes, take.restype = [], ctypes.c_char_p
+        cdll.dk_emu_fence_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p]
+        cdll.dk_emu_fence_alloc.restype = ctypes.c_void_p
+        cdll.dk_emu_fence_free.argtypes, cdll.dk_emu_fence_free.restype = [ctypes.c_void_p], None
         object.__setattr__(self, "_cdll", cdll)
         object.__setattr__(self, "_take", take)
         object.__setattr__(self, "_fns", {})
 
+    def fence(self):
+        """A Fence on this library's fenced memory, for pointers the wrapper passes inside arrays
+        or that must outlive one call (tensor arguments of a call are fenced by the call itself)."""
+        return Fence(self._cdll, self._take)
+
     def __getattr__(self, name):
         fns = self._fns
         if name not in fns:
-            fns[name] = _Checked(getattr(self._cdll, name), self._take)
+            fns[name] = _Checked(getattr(self._cdll, name), self._take, self)
         return fns[name]
 
 
@@ -175,8 +253,8 @@ def load(threads=None):
     return _libs[threads]
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
+def _ptr(t):  # the checked library call fences tensors (Fence) and passes None as NULL
+    return t
 
 
 def _row(t, dtype):
@@ -233,7 +311,7 @@ def sample(
     last_splits[0] = 1
     if n:
         last_splits[0] = lib.dk_emu_sample(
-            x.data_ptr(),
+            x,
             dt,
             rows,
             V,
@@ -246,9 +324,9 @@ def sample(
             _ptr(seeds),
             seed_val & (2**64 - 1),
             offset,
-            tok.data_ptr(),
-            valid.data_ptr(),
-            lp.data_ptr(),
+            tok,
+            valid,
+            lp,
             int(gumbel),
             n_sms,
         )
@@ -299,6 +377,6 @@ def filter(
     last_splits[0] = 1
     if rows:
         last_splits[0] = lib.dk_emu_filter(
-            x.data_ptr(), dt, rows, V, stride, int(is_probs), order, *fargs, kind, out.data_ptr(), out.size(1), n_sms
+            x, dt, rows, V, stride, int(is_probs), order, *fargs, kind, out, out.size(1), n_sms
         )
     return out

@@ -43,11 +43,12 @@ struct MergeK {
 
 template <class T, int D>
 static void run_mma_instance(MmaAttnArgs& p) {
-  std::optional<dkemu::Guarded> po, pl;  // the split partials, exactly sized, with guard bands
+  std::optional<dkemu::Guarded> po, pl;  // the split partials, exactly sized, between guard pages
   if (p.splits > 1) {
     const size_t R = size_t(p.B * p.T * p.Hq);
-    po.emplace(dkemu::Guarded::of(size_t(p.splits) * R * size_t(p.D), 0.f));
-    pl.emplace(dkemu::Guarded::of(size_t(p.splits) * R, 0.f));
+    po.emplace(dkemu::Guarded::of("dk_emu_tree_attention: the split partial outputs",
+                                  size_t(p.splits) * R * size_t(p.D), 0.f));
+    pl.emplace(dkemu::Guarded::of("dk_emu_tree_attention: the split partial log-sum-exps", size_t(p.splits) * R, 0.f));
     p.part_o = po->data<float>();
     p.part_lse = pl->data<float>();
   }
@@ -59,8 +60,8 @@ static void run_mma_instance(MmaAttnArgs& p) {
   }
   if (p.splits > 1) {
     dkemu::launch(unsigned(attn_mma::merge_blocks(p)), attn_mma::kMergeThreads, MergeK<T>::fn, p);
-    po->check("dk_emu_tree_attention: the split partial outputs");
-    pl->check("dk_emu_tree_attention: the split partial log-sum-exps");
+    po->check();
+    pl->check();
   }
 }
 

@@ -77,26 +77,26 @@ def tree_attention(q, k, v, tree_mask, prefix_lens, sm_scale=None, kv_layout="NH
         Hkv,
         D,
         S,
-        q.data_ptr(),
+        q,
         q.stride(0),
         q.stride(1),
         q.stride(2),
-        k.data_ptr(),
+        k,
         k.stride(0),
         k.stride(sd),
         k.stride(hd),
-        v.data_ptr(),
+        v,
         v.stride(0),
         v.stride(sd),
         v.stride(hd),
-        mask.data_ptr(),
+        mask,
         int(tree_attention_is_packed(tree_mask)),
         mask.stride(0),
         mask.stride(1),
-        pl.data_ptr(),
+        pl,
         scale,
-        out.data_ptr(),
-        lse.data_ptr(),
+        out,
+        lse,
         _IMPLS[impl],
         int(splits),
     )
@@ -113,20 +113,18 @@ def mma_fragments(a, b, c, f16):
     c float32 [32, 4] per lane; returns d float32 [32, 4]."""
     a, b, c = (x.contiguous() for x in (a, b, c))
     d = torch.empty(32, 4, dtype=torch.float32)
-    load().dk_emu_mma_fragments(int(f16), a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr())
+    load().dk_emu_mma_fragments(int(f16), a, b, c, d)
     return d
 
 
 def ldmatrix(src, rows, cols, nmat, trans):
     """Emulated ldmatrix .x{nmat}{.trans} of one warp from the 16-bit matrix src (int16 2-D, rows
     16-byte aligned); lane l addresses src[rows[l], cols[l]:]. Returns int32 [32, 4] registers."""
-    assert src.dtype == torch.int16 and src.stride(1) == 1 and src.data_ptr() % 16 == 0
+    assert src.dtype == torch.int16 and src.stride(1) == 1 and src.data_ptr() % 16 == 0  # the fenced copy keeps it
     rows = torch.as_tensor(rows, dtype=torch.int32).contiguous()
     cols = torch.as_tensor(cols, dtype=torch.int32).contiguous()
     out = torch.zeros(32, 4, dtype=torch.int32)
-    load().dk_emu_ldmatrix(
-        src.data_ptr(), src.stride(0), rows.data_ptr(), cols.data_ptr(), nmat, int(trans), out.data_ptr()
-    )
+    load().dk_emu_ldmatrix(src, src.stride(0), rows, cols, nmat, int(trans), out)
     return out
 
 
@@ -139,5 +137,5 @@ def cp_async_probe():
     a = torch.full((8,), 0x1111, dtype=torch.int16)
     b = torch.full((8,), 0x2222, dtype=torch.int16)
     got = torch.zeros(5, dtype=torch.int16)
-    load().dk_emu_cp_async_probe(a.data_ptr(), b.data_ptr(), got.data_ptr())
+    load().dk_emu_cp_async_probe(a, b, got)
     return [int(x) & 0xFFFF for x in got]

@@ -62,38 +62,45 @@ def pipeline(
     at least min_slice elements; a GPU's are kChunk = 4096); last_splits[0] then tells how many CTAs
     per row ran the row passes."""
     lib = load()
+    with lib.fence() as F:  # the pointers inside ins / outs are fenced here, the direct arguments by the call
+        return _pipeline(lib, F, x, indices, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output,
+                         mode, top_n, raw_logprobs, want_logprob, seed_arr, seed_val, offset, offset_arr,
+                         error_flag, error_bit, n_sms, min_slice)  # fmt: skip
+
+
+def _pipeline(lib, F, x, indices, params, order, bitmask, banned, bias_ids, bias_vals, prompt, output, mode, top_n,
+              raw_logprobs, want_logprob, seed_arr, seed_val, offset, offset_arr, error_flag, error_bit, n_sms,
+              min_slice):  # fmt: skip
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
     n = x.shape[0] if indices is None else indices.numel()
     V = x.shape[1]
-    keep = []
 
-    def ptr(t, dtype):
+    def ptr(t, dtype, name):
         if t is None:
             return None, 0
         t = t.to(dtype).contiguous()
-        keep.append(t)
-        return t.data_ptr(), (t.shape[1] if t.dim() == 2 else 0)
+        return F.ptr(t, name), (t.shape[1] if t.dim() == 2 else 0)
 
-    bm, words = ptr(bitmask, torch.int32)
-    ban, nb = ptr(banned, torch.int64)
-    bid, nbias = ptr(bias_ids, torch.int64)
-    bv, _ = ptr(bias_vals, torch.float32)
-    pr, npr = ptr(prompt, torch.int64)
-    ou, nou = ptr(output, torch.int64)
-    idx, _ = ptr(indices, torch.int64)
+    bm, words = ptr(bitmask, torch.int32, "bitmask")
+    ban, nb = ptr(banned, torch.int64, "banned")
+    bid, nbias = ptr(bias_ids, torch.int64, "bias_ids")
+    bv, _ = ptr(bias_vals, torch.float32, "bias_vals")
+    pr, npr = ptr(prompt, torch.int64, "prompt")
+    ou, nou = ptr(output, torch.int64, "output")
+    idx, _ = ptr(indices, torch.int64, "indices")
     seeds = seed_one = offs = None
     if seed_arr is not None:  # one seed per output row, or one for all in memory (as checks.h seed_rows)
         sa = seed_arr.reshape(-1).to(torch.int64)
         if sa.numel() == 1 and n != 1:
-            seed_one, _ = ptr(sa, torch.int64)
+            seed_one, _ = ptr(sa, torch.int64, "seed")
         else:
-            seeds, _ = ptr(sa, torch.int64)
+            seeds, _ = ptr(sa, torch.int64, "seed")
     off_stride = 0
     if offset_arr is not None:  # [n] or [1] (stride 0), as checks.h pack_offsets
         oa = offset_arr.reshape(-1).to(torch.int64)
         off_stride = 0 if oa.numel() == 1 else 1
-        offs, _ = ptr(oa, torch.int64)
-    flag = None if error_flag is None else error_flag.data_ptr()
+        offs, _ = ptr(oa, torch.int64, "offset")
+    flag = None if error_flag is None else F.ptr(error_flag, "error_flag")
     P = params.to(torch.float64).contiguous()
     sample = mode == 0
     m = n if sample else 0
@@ -107,7 +114,8 @@ def pipeline(
     L, p = ctypes.c_int64, ctypes.c_void_p
     ins = (p * 6)(bm, ban, bid, bv, pr, ou)
     dims = (L * 5)(words, nb, nbias, npr, nou)
-    outs = (p * 7)(*[t.data_ptr() for t in (tokens, valid, lp, rank, top_ids, top_lp, logits)])
+    names = ("tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits")
+    outs = (p * 7)(*[F.ptr(t, name) for t, name in zip((tokens, valid, lp, rank, top_ids, top_lp, logits), names)])
     xs = x.contiguous()
     lib.dk_emu_pipeline.argtypes = [
         p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
@@ -118,7 +126,7 @@ def pipeline(
     last_splits[0] = 1
     if n:
         last_splits[0] = lib.dk_emu_pipeline(
-            xs.data_ptr(), dt, V, V, idx, n, P.data_ptr(), int(order), ins, dims, seeds,
+            xs, dt, V, V, idx, n, P, int(order), ins, dims, seeds,
             int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), seed_one, offs, off_stride, flag,
             int(error_bit), int(mode), int(top_n),
             int(bool(raw_logprobs)), int(bool(want_logprob)), outs, int(n_sms), int(min_slice),
@@ -157,10 +165,7 @@ def apply_token_bitmask_inplace(logits, bitmask, indices=None):
     tokens = min(logits.shape[1], 32 * bm.shape[1])
     L, p = ctypes.c_int64, ctypes.c_void_p
     lib.dk_emu_bitmask_inplace.argtypes = [p, ctypes.c_int, L, p, L, L, p, L]
-    lib.dk_emu_bitmask_inplace(
-        logits.data_ptr(), dt, logits.stride(0), bm.data_ptr(), bm.shape[1], tokens,
-        None if idx is None else idx.data_ptr(), rows,
-    )  # fmt: skip
+    lib.dk_emu_bitmask_inplace(logits, dt, logits.stride(0), bm, bm.shape[1], tokens, idx, rows)
 
 
 def block_top_p(v, w, P):
@@ -170,7 +175,7 @@ def block_top_p(v, w, P):
     f = L.dk_emu_block_top_p
     f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double], ctypes.c_float
     v, w = v.float().contiguous(), w.float().contiguous()
-    return float(f(v.data_ptr(), w.data_ptr(), v.numel(), float(P)))
+    return float(f(v, w, v.numel(), float(P)))
 
 
 def block_low_cut(sc, w, P):
@@ -182,4 +187,4 @@ def block_low_cut(sc, w, P):
     f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double], ctypes.c_double
     sc = sc.double().contiguous()
     w = None if w is None else w.float().contiguous()
-    return float(f(sc.data_ptr(), None if w is None else w.data_ptr(), sc.numel(), float(P)))
+    return float(f(sc, w, sc.numel(), float(P)))

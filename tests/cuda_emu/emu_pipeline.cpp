@@ -69,7 +69,8 @@ int dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, con
   a.out_top_lp = static_cast<float*>(outs[5]);
   a.out_logits = outs[6];
   a = pipe_plan(a, n_sms, min_slice);
-  const auto ws = dkemu::Guarded::bytes(size_t(pipe_workspace_bytes(n_out, V, pipe_list_entries(a), a.splits)), 0xFF);
+  const auto ws = dkemu::Guarded::bytes("dk_emu_pipeline: the workspace",
+                                        size_t(pipe_workspace_bytes(n_out, V, pipe_list_entries(a), a.splits)), 0xFF);
   a.workspace = ws.data();
   const auto launch = [](auto kernel, unsigned grid, const PipeArgs& args) {
     dkemu::launch(grid, kPipeThreads, kernel, args);
@@ -79,7 +80,7 @@ int dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, con
     case PipeDType::BF16: pdetail::run_pipe_plan<dk::bf16_t>(a, launch); break;
     case PipeDType::F16: pdetail::run_pipe_plan<dk::f16_t>(a, launch); break;
   }
-  ws.check("dk_emu_pipeline: the workspace");
+  ws.check();
   // each row's start-list length (the collect phase's counts added over the slices; 0 where the
   // scan ran and no collect; -1 where no scan ran either (invalid values): the 0xFF fill is left)
   g_start.assign(size_t(n_out), -1);

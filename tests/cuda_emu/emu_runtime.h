@@ -20,6 +20,10 @@
 // a launch that runs past the watchdog's limit ($DK_EMU_LAUNCH_TIMEOUT, below): a thread looping
 // without reaching a barrier would otherwise hang the caller.
 //
+// Global memory: every buffer a kernel reaches through a pointer (the drivers' workspaces, and the
+// tensors emu.py copies into fenced memory) lies between two inaccessible pages (class Guarded), so
+// a read or write past either end faults and fails the launch, naming the buffer and the byte.
+//
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
 // copy per block). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
 // so nothing is fused (the kernels use explicitly rounded intrinsics where it matters). Not
@@ -31,6 +35,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/time.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -265,6 +270,33 @@ inline bool release_warps(Block& blk, unsigned b) {
   return released;
 }
 
+// Fenced buffers (class Guarded below) that are alive: the fault handler names the buffer whose
+// guard page a stray read or write hit.
+struct FenceInfo {
+  uintptr_t front, rear;  // the inaccessible pages: [front, front + page) and [rear, rear + page)
+  uintptr_t data;         // the payload's first byte
+  size_t bytes;           // the payload's size
+  char name[120];
+};
+inline std::vector<const FenceInfo*> g_fences;
+inline size_t page_bytes() {
+  static const size_t p = size_t(sysconf(_SC_PAGESIZE));
+  return p;
+}
+
+// The poison pattern of a fenced buffer's slack (Guarded): 0xFFF8A5A5 words, which read as NaN in
+// fp32, fp64, bf16 and fp16 and as negative int32 / int64 values.
+constexpr unsigned char kPoison[4] = {0xA5, 0xA5, 0xF8, 0xFF};
+inline void poison(unsigned char* p, size_t n) {
+  const auto byte = [](const unsigned char* q) { return kPoison[reinterpret_cast<uintptr_t>(q) & 3u]; };
+  size_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 3u); ++i) p[i] = byte(p + i);
+  uint32_t w;
+  std::memcpy(&w, kPoison, 4);
+  for (; i + 4 <= n; i += 4) std::memcpy(p + i, &w, 4);  // 4-byte aligned from here: the pattern's start
+  for (; i < n; ++i) p[i] = byte(p + i);
+}
+
 // The watchdog and the index traps, armed for the duration of each launch.
 // A fiber that loops without reaching a barrier never hands control back to the scheduler (an
 // out-of-bounds index that reads a NaN into a loop's exit test did that once), and the test would
@@ -274,8 +306,10 @@ inline bool release_warps(Block& blk, unsigned b) {
 // handler to the scheduler (SA_NODEFER: SIGALRM stays unblocked, the handler never returns), which
 // abandons the launch. The emulator libraries are built with UBSan's bounds and object-size checks
 // in trap mode (tests/cuda_emu/emu.py sanitize_flags): an index out of bounds executes ud2, and
-// SIGILL ends the fiber the same way, naming the function. The previous handlers and timer are
-// restored after the launch.
+// SIGILL ends the fiber the same way, naming the function. A read or write that hits a fenced
+// buffer's guard page (class Guarded: the workspaces, and every tensor emu.py hands to a library)
+// raises SIGSEGV, which ends the fiber the same way, naming the buffer and the byte. The previous
+// handlers and timer are restored after the launch.
 // SIGALRM is process-directed: a handler that runs on another thread (torch's workers) passes it
 // on to the emulating thread (g_emu_thread) and returns.
 inline char g_watch_msg[200];
@@ -286,7 +320,7 @@ inline void watchdog_fired(int) {
     pthread_kill(g_emu_thread, SIGALRM);
     return;
   }
-  char line[320];
+  char line[400];
   std::snprintf(line, sizeof line,
                 "%s still running after the watchdog's limit (block %u, thread %u): an emulated thread loops "
                 "without reaching a barrier, or the limit ($DK_EMU_LAUNCH_TIMEOUT s) is too low",
@@ -295,7 +329,19 @@ inline void watchdog_fired(int) {
   end_fiber(line);
   if (!fiber) g_timed_out = true;  // in the scheduler: it checks the flag
 }
-inline void trap_fired(int, siginfo_t* si, void* ctx) {
+// "byte N of <name> (M bytes), a guard page" when addr lies in a live fenced buffer's guard page.
+inline bool describe_fence_hit(uintptr_t addr, char* out, size_t n) {
+  const size_t page = page_bytes();
+  for (const FenceInfo* f : g_fences)
+    if ((addr >= f->front && addr < f->front + page) || (addr >= f->rear && addr < f->rear + page)) {
+      std::snprintf(out, n, "byte %lld of %s (%zu bytes: the guard page %s it)",
+                    static_cast<long long>(int64_t(addr - f->data)), f->name, f->bytes,
+                    addr < f->data ? "before" : "after");
+      return true;
+    }
+  return false;
+}
+inline void trap_fired(int sig, siginfo_t* si, void* ctx) {
   const void* pc = si ? si->si_addr : nullptr;
 #if defined(__x86_64__) && defined(REG_RIP)
   if (ctx) pc = reinterpret_cast<const void*>(static_cast<ucontext_t*>(ctx)->uc_mcontext.gregs[REG_RIP]);
@@ -306,11 +352,21 @@ inline void trap_fired(int, siginfo_t* si, void* ctx) {
   const char* fn = dladdr(pc, &info) && info.dli_sname ? info.dli_sname : "a function without a dynamic symbol";
   int st = -1;
   char* dem = abi::__cxa_demangle(fn, nullptr, nullptr, &st);
-  char line[480];
-  std::snprintf(line, sizeof line,
-                "an index out of bounds (UBSan's bounds / object-size check trapped) in %.300s (block %u, thread %u "
-                "of %s)",
-                st == 0 && dem ? dem : fn, unsigned(g_watch_block), unsigned(tls_tid.x), g_watch_msg);
+  char what[240];
+  if (sig == SIGILL) {
+    std::snprintf(what, sizeof what, "an index out of bounds (UBSan's bounds / object-size check trapped)");
+  } else {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(si ? si->si_addr : nullptr);
+    char hit[200];
+    if (describe_fence_hit(addr, hit, sizeof hit))
+      std::snprintf(what, sizeof what, "a read or write out of bounds: %s", hit);
+    else
+      std::snprintf(what, sizeof what, "a read or write of the unmapped address 0x%llx",
+                    static_cast<unsigned long long>(addr));
+  }
+  char line[640];
+  std::snprintf(line, sizeof line, "%s in %.300s (block %u, thread %u of %s)", what, st == 0 && dem ? dem : fn,
+                unsigned(g_watch_block), unsigned(tls_tid.x), g_watch_msg);
   std::free(dem);
   if (!(g_blk && g_in_fiber) || !pthread_equal(pthread_self(), g_emu_thread)) {  // cannot go on past the trap
     record(line);
@@ -324,7 +380,7 @@ inline double watchdog_seconds() {
 }
 struct Watchdog {
   bool armed = false;
-  struct sigaction old_alrm{}, old_ill{};
+  struct sigaction old_alrm{}, old_ill{}, old_segv{}, old_bus{};
   itimerval old_timer{};
   Watchdog(unsigned grid, unsigned threads) {
     std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
@@ -335,6 +391,8 @@ struct Watchdog {
     ill.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&ill.sa_mask);
     sigaction(SIGILL, &ill, &old_ill);
+    sigaction(SIGSEGV, &ill, &old_segv);
+    sigaction(SIGBUS, &ill, &old_bus);
     const double s = watchdog_seconds();
     if (!(s > 0)) return;
     struct sigaction sa{};
@@ -351,6 +409,8 @@ struct Watchdog {
   }
   ~Watchdog() {
     sigaction(SIGILL, &old_ill, nullptr);
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
     if (!armed) return;
     itimerval off{};
     setitimer(ITIMER_REAL, &off, nullptr);
@@ -475,59 +535,110 @@ inline T exchange(unsigned mask, T v, unsigned src, bool in_range) {
   warp_sync(mask);
   return r;
 }
-// A device buffer (a launch plan's workspace, a partial-result buffer) in host memory, exactly
-// its plan's size like the GPU allocation, with a guard band of kGuard pattern bytes on each side.
-// check() records a failure (dk_emu_take_error) when a launch wrote into either band: an out-of-bounds write that a GPU does not
-// report (it lands in the neighbouring allocation) and that the results alone may not show.
+// A device buffer in host memory between two inaccessible pages (mmap + mprotect PROT_NONE), the
+// emulator's view of a GPU allocation: a launch plan's workspace or split partials, allocated
+// exactly at the plan's size, and every tensor emu.py passes to a library (dk_emu_fence_alloc).
+// A read or write that reaches a guard page faults at once, and the launch fails naming the buffer
+// and the byte (trap_fired). The payload sits against the guard page AFTER it (at_end) or BEFORE it
+// (!at_end), as close as its alignment allows (`align`: the start address is a multiple; emu.py
+// keeps a tensor's own alignment up to 16 bytes, so the kernels take the same aligned / unaligned
+// load paths as with the original); the two placements alternate (next_side()), so over a test run
+// both ends of every buffer are fenced. The rest of the pages around the payload (the slack: under
+// `align` bytes on the fenced side, the remainder of the page on the other) holds kPoison, a pattern
+// that reads as NaN in fp32 / fp64 / bf16 / fp16 and as a negative int32 / int64, so a stray read
+// there gives a poisoned value rather than a plausible one; check() records a failure when a launch
+// wrote into the slack (a GPU reports neither: the access lands in the neighbouring allocation).
 class Guarded {
  public:
-  static constexpr size_t kGuard = 4096;
-  static constexpr unsigned char kPattern = 0xA5;
-  // `bytes` of payload, each element of `elem_size` bytes set to *fill (elem_size divides bytes).
-  Guarded(size_t bytes, const void* fill, size_t elem_size)
-      : n_(bytes), buf_(new unsigned char[bytes + 2 * kGuard + 64]) {
-    const auto base = reinterpret_cast<uintptr_t>(buf_.get()) + kGuard;
-    p_ = reinterpret_cast<unsigned char*>((base + 63) & ~uintptr_t(63));  // 64-byte aligned payload
-    std::memset(p_ - kGuard, kPattern, kGuard);
-    std::memset(p_ + n_, kPattern, kGuard);
-    for (size_t i = 0; i + elem_size <= n_; i += elem_size) std::memcpy(p_ + i, fill, elem_size);
+  Guarded(const char* name, size_t bytes, const void* fill, size_t elem_size, size_t align, bool at_end) {
+    const size_t page = page_bytes();
+    align = std::max<size_t>(1, std::min<size_t>(align, page));
+    region_ = std::max<size_t>(1, (bytes + page - 1) / page) * page;
+    total_ = region_ + 2 * page;
+    void* m = mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+      std::perror("dkemu: mmap");
+      std::abort();
+    }
+    base_ = static_cast<unsigned char*>(m);
+    unsigned char* region = base_ + page;
+    mprotect(base_, page, PROT_NONE);
+    mprotect(region + region_, page, PROT_NONE);
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
+    const uintptr_t p = at_end ? (lo + region_ - bytes) / align * align : lo;
+    p_ = reinterpret_cast<unsigned char*>(p);
+    poison(region, region_);
+    if (fill)
+      for (size_t i = 0; i + elem_size <= bytes; i += elem_size) std::memcpy(p_ + i, fill, elem_size);
+    info_.front = reinterpret_cast<uintptr_t>(base_);
+    info_.rear = lo + region_;
+    info_.data = p;
+    info_.bytes = bytes;
+    std::snprintf(info_.name, sizeof info_.name, "%s", name);
+    g_fences.push_back(&info_);
   }
-  static Guarded bytes(size_t n, unsigned char fill) { return Guarded(n, &fill, 1); }
+  Guarded(Guarded&& o) noexcept : base_(o.base_), p_(o.p_), region_(o.region_), total_(o.total_), info_(o.info_) {
+    std::replace(g_fences.begin(), g_fences.end(), static_cast<const FenceInfo*>(&o.info_),
+                 static_cast<const FenceInfo*>(&info_));
+    o.base_ = nullptr;
+  }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  Guarded& operator=(Guarded&&) = delete;
+  ~Guarded() {
+    if (!base_) return;  // moved from
+    g_fences.erase(std::remove(g_fences.begin(), g_fences.end(), &info_), g_fences.end());
+    munmap(base_, total_);
+  }
+  // Where the drivers' buffers go: alternately against the guard page after and before the payload.
+  static bool next_side() {
+    static unsigned turn = 0;
+    return (turn++ & 1u) == 0;
+  }
+  static Guarded bytes(const char* name, size_t n, unsigned char fill) {
+    return Guarded(name, n, &fill, 1, 16, next_side());
+  }
   template <class T>
-  static Guarded of(size_t count, T fill) {
-    return Guarded(count * sizeof(T), &fill, sizeof(T));
+  static Guarded of(const char* name, size_t count, T fill) {
+    return Guarded(name, count * sizeof(T), &fill, sizeof(T), 16, next_side());
   }
   template <class T = void>
   T* data() const {
     return reinterpret_cast<T*>(p_);
   }
-  // The first and last byte of the bands that a launch changed, relative to the payload's start
+  // The first and last byte of the slack that a launch changed, relative to the payload's start
   // (negative: before it); first > last when none changed.
   std::pair<int64_t, int64_t> touched() const {
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    const auto scan = [&](int64_t from, int64_t to) {
-      for (int64_t i = from; i < to; ++i)
-        if (p_[i] != kPattern) lo = std::min(lo, i), hi = std::max(hi, i);
+    const unsigned char* region = base_ + page_bytes();
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
+    int64_t first = INT64_MAX, last = INT64_MIN;
+    const auto scan = [&](size_t from, size_t to) {
+      for (size_t i = from; i < to; ++i)
+        if (region[i] != kPoison[(lo + i) & 3u]) {
+          const int64_t at = int64_t(i) - int64_t(p_ - region);
+          first = std::min(first, at), last = std::max(last, at);
+        }
     };
-    scan(-int64_t(kGuard), 0);
-    scan(int64_t(n_), int64_t(n_ + kGuard));
-    return {lo, hi};
+    scan(0, size_t(p_ - region));
+    scan(size_t(p_ - region) + info_.bytes, region_);
+    return {first, last};
   }
-  void check(const char* what) const {
-    const auto [lo, hi] = touched();
-    if (lo > hi) return;
-    char msg[240];
+  void check() const {
+    const auto [first, last] = touched();
+    if (first > last) return;
+    char msg[320];
     std::snprintf(msg, sizeof msg,
                   "%s: a launch wrote outside its %zu-byte buffer: bytes %lld .. %lld relative to its start "
-                  "(guard bands of %zu bytes)",
-                  what, n_, static_cast<long long>(lo), static_cast<long long>(hi), kGuard);
+                  "(the slack between the buffer and its guard pages)",
+                  info_.name, info_.bytes, static_cast<long long>(first), static_cast<long long>(last));
     record(msg);
   }
 
  private:
-  size_t n_;
-  std::unique_ptr<unsigned char[]> buf_;
+  unsigned char* base_ = nullptr;
   unsigned char* p_ = nullptr;
+  size_t region_ = 0, total_ = 0;
+  FenceInfo info_{};
 };
 }  // namespace dkemu
 
@@ -548,6 +659,35 @@ extern "C" __attribute__((weak, visibility("default"))) const char* dk_emu_take_
   std::memcpy(taken, dkemu::g_error, sizeof taken);
   dkemu::g_error[0] = '\0';
   return taken;
+}
+
+// Fenced memory for the tensors emu.py passes to a library (tests/cuda_emu/emu.py Fence): `bytes`
+// in a Guarded buffer named `name`, its start a multiple of `align`, against the guard page after
+// it (at_end != 0) or before it. Filled with the slack pattern; the caller copies the tensor in.
+// dk_emu_fence_free checks the slack (a failure for dk_emu_take_error) and unmaps. Exported like
+// dk_emu_set_schedule_seed.
+namespace dkemu {
+inline std::vector<Guarded*>& py_fences() {  // the buffers dk_emu_fence_alloc handed out
+  static std::vector<Guarded*> v;
+  return v;
+}
+}  // namespace dkemu
+extern "C" __attribute__((weak, visibility("default"))) void* dk_emu_fence_alloc(size_t bytes, size_t align, int at_end,
+                                                                                 const char* name) {
+  auto* g = new dkemu::Guarded(name, bytes, nullptr, 1, align, at_end != 0);
+  dkemu::py_fences().push_back(g);
+  return g->data();
+}
+extern "C" __attribute__((weak, visibility("default"))) void dk_emu_fence_free(void* data) {
+  auto& v = dkemu::py_fences();
+  for (size_t i = 0; i < v.size(); ++i)
+    if (v[i]->data() == data) {
+      v[i]->check();
+      delete v[i];
+      v.erase(v.begin() + std::ptrdiff_t(i));
+      return;
+    }
+  dkemu::record("dk_emu_fence_free: not a fenced buffer");
 }
 
 inline void __syncthreads() {

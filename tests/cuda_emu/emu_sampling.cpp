@@ -65,11 +65,11 @@ int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   a.out_valid = out_valid;
   a.out_logprob = out_logprob;
   SplitArgs sa = split_plan(a, n_sms, gumbel != 0);
-  const auto ws = dkemu::Guarded::of(size_t(sample_workspace_elems(sa)), std::nan(""));
+  const auto ws = dkemu::Guarded::of("dk_emu_sample: the workspace", size_t(sample_workspace_elems(sa)), std::nan(""));
   sa.a.workspace = ws.data<double>();
   run_sample_plan(sa,
                   [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
-  ws.check("dk_emu_sample: the workspace");
+  ws.check();
   return sa.splits;
 }
 
@@ -84,10 +84,11 @@ int dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   a.out_stride = out_stride;
   // sampling.cuh's launch_filter: filter_plan + run_filter_plan
   SplitFilterArgs f = filter_plan(a, n_sms);
-  const auto ws = dkemu::Guarded::of(size_t(sample_workspace_elems(f.sa)), std::nan(""));
+  const auto ws =
+      dkemu::Guarded::of("dk_emu_filter: the workspace", size_t(sample_workspace_elems(f.sa)), std::nan(""));
   f.sa.a.workspace = ws.data<double>();
   run_filter_plan(f, [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
-  ws.check("dk_emu_filter: the workspace");
+  ws.check();
   return f.sa.splits;
 }
 }

@@ -20,10 +20,15 @@
 //   emu_selftest overrun <seed>: 64 threads index a 48-entry __shared__ array by thread; built with
 //     the emulator's UBSan index checks in trap mode (emu.sanitize_flags()) this fails the launch
 //     with "an index out of bounds" and the kernel's name.
-//   emu_selftest guard <seed> <index>: each of 64 threads writes its slot of a 64-float buffer at
-//     index + thread (a guarded buffer, dkemu::Guarded, as the drivers allocate workspaces);
-//     index 0 is in bounds, index 1 writes one float past the end, index -1 one before the start:
-//     the buffer's check() must fail for both and name the bytes.
+//   emu_selftest guard <seed> <index> <at_end>: each of 64 threads writes its slot of a 64-float
+//     buffer at index + thread (a fenced buffer, dkemu::Guarded, as the drivers allocate workspaces
+//     and emu.py copies tensors), placed against its guard page after it (at_end 1) or before it
+//     (0); index 0 is in bounds, index 1 writes one float past the end, index -1 one before the
+//     start. A write into the guard page faults and fails the launch, naming the buffer and the
+//     byte; a write into the slack on the other side fails the buffer's check(), naming the bytes.
+//   emu_selftest read <seed> <index> <at_end>: the same with reads (thread t copies buffer[index +
+//     t] to out[t]); prints "nan N", the number of reads that gave a NaN: a read of the slack gives
+//     the poison pattern (NaN as a float), a read of the guard page fails the launch.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -94,8 +99,10 @@ static void overrun_kernel(Args a) {
 struct GuardArgs {
   float* buf;
   int index;
+  float* out;
 };
 static void guard_kernel(GuardArgs a) { a.buf[a.index + int(threadIdx.x)] = 1.f; }
+static void read_kernel(GuardArgs a) { a.out[threadIdx.x] = a.buf[a.index + int(threadIdx.x)]; }
 
 static void outside_kernel(Args a) {
   const unsigned t = threadIdx.x;
@@ -146,13 +153,20 @@ int main(int argc, char** argv) {
     return failed || dk_emu_take_error() ? 1 : 0;
   }
   if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
-  if (mode == "guard") {
-    if (argc < 4) return 2;
-    const auto buf = dkemu::Guarded::of(64, 0.f);
-    dkemu::launch(1, 64, guard_kernel, GuardArgs{buf.data<float>(), std::atoi(argv[3])});
-    buf.check("selftest buffer");
+  if (mode == "guard" || mode == "read") {
+    if (argc < 5) return 2;
+    const float zero = 0.f;
+    const dkemu::Guarded buf("selftest buffer", 64 * sizeof(float), &zero, sizeof(float), 16, std::atoi(argv[4]) != 0);
+    const GuardArgs g{buf.data<float>(), std::atoi(argv[3]), out.data()};
+    dkemu::launch(1, 64, mode == "guard" ? guard_kernel : read_kernel, g);
+    buf.check();
     if (dk_emu_take_error()) return 1;
-    std::printf("ok\n");
+    int nan = 0;
+    for (unsigned t = 0; t < 64; ++t) nan += std::isnan(out[t]);
+    if (mode == "read")
+      std::printf("nan %d\n", nan);
+    else
+      std::printf("ok\n");
     return 0;
   }
   if (dk_emu_take_error()) return 1;

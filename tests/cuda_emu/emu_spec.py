@@ -125,7 +125,7 @@ def last_node_splits(threads=None):
 def work(threads=None):
     """(target rows resolved, normaliser passes) by the kernels since the last call; resets them."""
     out = torch.zeros(2, dtype=torch.int64)
-    load(threads).dk_emu_spec_work(out.data_ptr())
+    load(threads).dk_emu_spec_work(out)
     return tuple(out.tolist())
 
 
@@ -133,10 +133,6 @@ def split_blocks(threads=None):
     """Blocks of the split phases that resolved a row (sampling.cuh split_enter) since the last
     call; resets the count."""
     return load(threads).dk_emu_split_blocks()
-
-
-def _p(t):
-    return None if t is None else t.data_ptr()
 
 
 def _i64(t):
@@ -148,15 +144,24 @@ NO_FILTERS = (None, 0, None, 1.0, None, 0.0, 0)  # (k_arr, k_val, p_arr, p_val, 
 
 def _set_filters(L, filters):
     """The logits form's top-k / top-p / min-p / order (the ops' argument order) for the next call;
-    returns the converted per-row tensors, to be kept alive until the call returns."""
+    returns the fence holding the per-row tensors' fenced copies, to be closed after that call."""
     k_arr, k_val, p_arr, p_val, mp_arr, mp_val, order = filters
     keep = [
         None if k_arr is None else k_arr.to(torch.int64).contiguous(),
         None if p_arr is None else p_arr.to(torch.float32).contiguous(),
         None if mp_arr is None else mp_arr.to(torch.float32).contiguous(),
     ]
-    L.dk_emu_set_filters(order, _p(keep[0]), int(k_val), _p(keep[1]), float(p_val), _p(keep[2]), float(mp_val))
-    return keep
+    F = L.fence()
+    k, p, mp = (F.ptr(t, name) for t, name in zip(keep, ("top_k", "top_p", "min_p")))
+    L.dk_emu_set_filters(order, k, int(k_val), p, float(p_val), mp, float(mp_val))
+    return F
+
+
+def _head(tgt, kind, dt, V, sb, sr, temp, T_val, draft):
+    """The target / draft arguments dk_emu_chain and dk_emu_tree begin with (the checked call
+    fences the tensors, emu.Fence, and passes None as NULL)."""
+    ds = (0, 0) if draft is None else (draft.stride(0), draft.stride(1))
+    return (tgt, kind, dt, V, sb, sr, temp, float(T_val), draft, *ds)
 
 
 def _lists(L, B, V):
@@ -187,7 +192,7 @@ def chain_verify(
     filters=NO_FILTERS,
 ):
     L = load(threads)
-    keep = _set_filters(L, filters)  # noqa: F841 (alive until the call returns)
+    fence = _set_filters(L, filters)  # closed after the call
     B, N = ids.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
     ids64, nd, seeds = _i64(ids), _i64(num_draft), _i64(seed_arr)
@@ -197,33 +202,11 @@ def chain_verify(
     lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
     removed = torch.empty(B, 1, dtype=torch.int64)
     lidx, lw = _lists(L, B, V)
-    L.dk_emu_chain(
-        _p(tgt),
-        kind,
-        dt,
-        V,
-        sb,
-        sr,
-        _p(temp),
-        float(T_val),
-        _p(draft),
-        0 if draft is None else draft.stride(0),
-        0 if draft is None else draft.stride(1),
-        _p(ids64),
-        _p(nd),
-        B,
-        N,
-        _p(seeds),
-        seed_val & (2**64 - 1),
-        offset,
-        _p(out),
-        _p(acc),
-        _p(emi),
-        _p(lanes),
-        _p(removed),
-        _p(lidx),
-        _p(lw),
-    )
+    with fence:
+        L.dk_emu_chain(
+            *_head(tgt, kind, dt, V, sb, sr, temp, T_val, draft), ids64, nd, B, N,
+            seeds, seed_val & (2**64 - 1), offset, out, acc, emi, lanes, removed, lidx, lw,
+        )  # fmt: skip
     return out, acc, emi
 
 
@@ -249,7 +232,7 @@ def tree_verify(
     filters=NO_FILTERS,
 ):
     L = load(threads)
-    keep = _set_filters(L, filters)  # noqa: F841 (alive until the call returns)
+    fence = _set_filters(L, filters)  # closed after the call
     B, T = cand.shape
     tgt, dt, V, sb, sr, temp = _target(target, kind, T_arr, T_val)
     V = V if kind != 2 else 1
@@ -267,45 +250,12 @@ def tree_verify(
     co = None if coins is None else coins.double().contiguous()
     cf = None if coins_final is None else coins_final.double().contiguous()
     lidx, lw = _lists(L, B, V)
-    L.dk_emu_tree(
-        _p(tgt),
-        kind,
-        dt,
-        V,
-        sb,
-        sr,
-        _p(temp),
-        float(T_val),
-        _p(draft),
-        0 if draft is None else draft.stride(0),
-        0 if draft is None else draft.stride(1),
-        _p(c),
-        _p(r),
-        _p(n1),
-        _p(n2),
-        B,
-        T,
-        W,
-        _p(seeds),
-        seed_val & (2**64 - 1),
-        offset,
-        _p(pred),
-        _p(ai),
-        _p(an),
-        _p(err),
-        _p(err_node),
-        _p(lanes),
-        _p(resid),
-        _p(removed),
-        _p(seen),
-        _p(stack),
-        _p(co),
-        _p(cf),
-        float(threshold_single),
-        float(threshold_acc),
-        _p(lidx),
-        _p(lw),
-    )
+    with fence:
+        L.dk_emu_tree(
+            *_head(tgt, kind, dt, V, sb, sr, temp, T_val, draft), c, r, n1, n2, B, T, W,
+            seeds, seed_val & (2**64 - 1), offset, pred, ai, an, err, err_node, lanes, resid, removed, seen, stack,
+            co, cf, float(threshold_single), float(threshold_acc), lidx, lw,
+        )  # fmt: skip
     return pred, ai, an, err, err_node
 
 
@@ -319,5 +269,5 @@ def build_tree(parents, prefix_lens, threads=None):
     ri, nt, ns = (torch.empty(B, T, dtype=torch.int64) for _ in range(3))
     err = torch.zeros(B, dtype=torch.int32)
     err_node = torch.zeros(B, dtype=torch.int64)
-    L.dk_emu_build_tree(_p(par), _p(pre), B, T, _p(mask), _p(pos), _p(ri), _p(nt), _p(ns), _p(err), _p(err_node))
+    L.dk_emu_build_tree(par, pre, B, T, mask, pos, ri, nt, ns, err, err_node)
     return (mask, pos, ri, nt, ns), err, err_node

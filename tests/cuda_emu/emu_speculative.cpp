@@ -77,14 +77,12 @@ static const bool* g_tree_skip = nullptr;
 // the prepare launch runs before the walk, as csrc/cuda/speculative.cu does.
 static int64_t g_n_sms = 0;
 static int g_last_node_splits = 0;  // blocks per prepared node in the last prepared call (node_plan)
-struct PrepWs {                     // exactly the sizes speculative.cu allocates, with guard bands (dkemu::Guarded)
+struct PrepWs {                     // exactly the sizes speculative.cu allocates, between guard pages (dkemu::Guarded)
   std::optional<dkemu::Guarded> sums, idx, w;
   std::optional<dkemu::Guarded> split;  // the split plan's workspace (NaN-filled)
   void check() const {
-    if (sums) sums->check("dk_emu_chain / dk_emu_tree: the prepared node sums");
-    if (idx) idx->check("dk_emu_chain / dk_emu_tree: the prepared node lists (ids)");
-    if (w) w->check("dk_emu_chain / dk_emu_tree: the prepared node lists (weights)");
-    if (split) split->check("dk_emu_chain / dk_emu_tree: the split nodes' workspace");
+    for (const auto* g : {&sums, &idx, &w, &split})
+      if (*g) (*g)->check();
   }
 };
 template <class A>
@@ -93,16 +91,20 @@ static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepW
   Prepared& p = a.ws.pre;
   p.R = R;
   p.list_per_node = a.ws.list_per_row;
-  keep.sums.emplace(dkemu::Guarded::of(size_t(a.B * R), NodeSum{}));
-  keep.idx.emplace(dkemu::Guarded::of(size_t(a.B * R * p.list_per_node), int32_t(0)));
-  keep.w.emplace(dkemu::Guarded::of(size_t(a.B * R * p.list_per_node), 0.f));
+  keep.sums.emplace(
+      dkemu::Guarded::of("dk_emu_chain / dk_emu_tree: the prepared node sums", size_t(a.B * R), NodeSum{}));
+  keep.idx.emplace(dkemu::Guarded::of("dk_emu_chain / dk_emu_tree: the prepared node lists (ids)",
+                                      size_t(a.B * R * p.list_per_node), int32_t(0)));
+  keep.w.emplace(dkemu::Guarded::of("dk_emu_chain / dk_emu_tree: the prepared node lists (weights)",
+                                    size_t(a.B * R * p.list_per_node), 0.f));
   p.sums = keep.sums->data<NodeSum>();
   p.list_idx = keep.idx->data<int32_t>();
   p.list_w = keep.w->data<float>();
   // speculative.cu's plan_nodes, then launch_prepare's sequence (run_prepare)
   p.split = node_plan(a.target, a.B, R, g_n_sms);
   if (p.split.splits > 1) {
-    keep.split.emplace(dkemu::Guarded::of(size_t(dk::cuda::sample_workspace_elems(p.split)), std::nan("")));
+    keep.split.emplace(dkemu::Guarded::of("dk_emu_chain / dk_emu_tree: the split nodes' workspace",
+                                          size_t(dk::cuda::sample_workspace_elems(p.split)), std::nan("")));
     p.split.a.workspace = keep.split->data<double>();
   }
   g_last_node_splits = p.split.splits;
