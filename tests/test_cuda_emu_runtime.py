@@ -136,20 +136,22 @@ def test_emulator_catches_reads_outside_a_buffer(at_end):
 def test_emulator_fences_tensor_arguments():
     """Every tensor a wrapper hands to an emulator library is copied into fenced memory (emu.Fence)
     and the outputs are copied back. Here the filter kernel is told of 2 rows of 1000 elements but
-    gets a tensor of 1992: the last row's reads past its end hit the guard page when the call's
+    gets a tensor of 1990: the last row's reads past its end hit the guard page when the call's
     buffers sit against the page after them, and the failure names the argument and the byte."""
     lib = emu.load()
     x = torch.randn(2000)
     out = torch.full((2, 1000), 7.0)
     args = (0, 2, 1000, 1000, 0, 0, None, 1.0, None, 0, None, 1.0, None, 0.0, 0, out, 1000, 0)
-    for turn in (0, 1):  # both sides; in bounds, the kernel's output (no filter: the logits) comes back
+    for turn in (0, 1, 2):  # every placement; in bounds, the output (no filter: the logits) comes back
         emu._fence_turn[0] = turn
+        out.fill_(7.0)
         lib.dk_emu_filter(x, *args)
         assert torch.equal(out.view(-1), x)
-    emu._fence_turn[0] = 0
-    at = r"byte 79\d\d of dk_emu_filter argument 0 \(float32 \[1992\]\) \(7968 bytes: the guard page after it\)"
-    with pytest.raises(emu.EmulatorError, match=at):
-        lib.dk_emu_filter(x[:1992].clone(), *args)
+    at = r"byte 79\d\d of dk_emu_filter argument 0 \(float32 \[1990\]\) \(7960 bytes: the guard page after it\)"
+    for turn in (0, 1):  # the end exactly at the page; the start 16-byte aligned (8 bytes of slack)
+        emu._fence_turn[0] = turn
+        with pytest.raises(emu.EmulatorError, match=at):
+            lib.dk_emu_filter(x[:1990].clone(), *args)
 
 
 def test_emulator_failure_raises_in_python_and_the_suite_goes_on(monkeypatch):

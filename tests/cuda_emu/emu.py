@@ -74,16 +74,21 @@ class Fence:
     that the emulator catches a kernel's stray read or write through a global-memory pointer, as it
     catches one in a workspace. ptr(t) copies the bytes t spans into a buffer of the library's
     fenced memory (emu_runtime.h dk_emu_fence_alloc: exactly that size, between two inaccessible
-    pages, the start address keeping t's own alignment up to 16 bytes so the kernels take the same
-    load paths) and returns its address. A kernel that reaches a guard page fails the launch with
-    EmulatorError naming the buffer and the byte; the slack on the other side reads as NaN / a
-    negative int and a write there fails at close(). Consecutive fences alternate the fenced side
-    (after the buffer, before it). close() copies back every buffer the call changed (the outputs)
-    and frees them. Use as a context manager. DK_EMU_FENCE=0 passes the tensors' own memory."""
+    pages) and returns its address. A kernel that reaches a guard page fails the launch with
+    EmulatorError naming the buffer and the byte; the slack between the buffer and the pages reads
+    as NaN / a negative int, and a write there fails at close(). Consecutive fences take turns:
+      0: against the page after the buffer, the start only element-aligned, so the buffer ends
+         exactly at the page (a 16-byte-aligned tensor may then arrive unaligned, and the kernels
+         take their element-load paths, as for an offset view on a GPU);
+      1: against the page after it, keeping t's own start alignment up to 16 bytes (the kernels
+         take the same load paths as with t; the slack after the end is under 16 bytes);
+      2: against the page before it, its start page-aligned.
+    close() copies back every buffer the call changed (the outputs) and frees them. Use as a
+    context manager. DK_EMU_FENCE=0 passes the tensors' own memory."""
 
     def __init__(self, cdll, take):
         self._cdll, self._take, self._bufs = cdll, take, []
-        self.at_end = _fence_turn[0] % 2 == 0
+        self.turn = _fence_turn[0] % 3
         _fence_turn[0] += 1
 
     def ptr(self, t, name="a tensor"):
@@ -94,9 +99,9 @@ class Fence:
             self._bufs.append((t, None, 0))
             return ref
         n = 0 if t.numel() == 0 else (1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))) * t.element_size()
-        align = 16 if ref == 0 else min(16, ref & -ref)
+        align = t.element_size() if self.turn == 0 or ref == 0 else min(16, ref & -ref)
         label = f"{name} ({str(t.dtype).replace('torch.', '')} {list(t.shape)})".encode()
-        p = self._cdll.dk_emu_fence_alloc(n, align, int(self.at_end), label)
+        p = self._cdll.dk_emu_fence_alloc(n, align, int(self.turn < 2), label)
         ctypes.memmove(p, ref, n)
         self._bufs.append((t, p, n))  # t stays alive until close() (a temporary's memory is not reused)
         return p
