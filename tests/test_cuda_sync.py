@@ -752,12 +752,13 @@ def test_emulated_kernels_read_seed_and_offsets_in_memory():
     args = cc.sample_args(x, False, dict(k=50, p=0.9), seed=99, offset=0)
     seed = torch.tensor([99])
     offs = torch.tensor([0, 7, 2**33 + 1, 7, 5])
-    try:
-        lib.dk_emu_set_device_rng(seed.data_ptr(), offs.data_ptr(), 1)
-        got = emu.sample(*args[:13], 12345, 0)  # the scalar seed is ignored: seed_ptr wins
-        got_g = emu.gumbel_sample(x, None, None, 12345, 0)
-    finally:
-        lib.dk_emu_set_device_rng(None, None, 0)
+    with lib.fence() as F:  # the kernels read these through the pointers: fenced like the arguments
+        try:
+            lib.dk_emu_set_device_rng(F.ptr(seed, "seed"), F.ptr(offs, "offsets"), 1)
+            got = emu.sample(*args[:13], 12345, 0)  # the scalar seed is ignored: seed_ptr wins
+            got_g = emu.gumbel_sample(x, None, None, 12345, 0)
+        finally:
+            lib.dk_emu_set_device_rng(None, None, 0)
     for r, o in enumerate(offs.tolist()):
         want = ops.sample(*args[:14], o)
         assert got[0][r] == want[0][r] and got[1][r] == want[1][r], r
@@ -773,11 +774,12 @@ def test_emulated_tree_kernel_skips_rows():
     tree, cand, pt = _tree_case()
     skip = torch.tensor([False, True, False, True])
     args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, pt, None, 7, 0)
-    try:
-        lib.dk_emu_set_tree_skip(skip.data_ptr())
-        pred, ai, an, err, _ = emu_spec.tree_verify(*args, None, 1.0, None, 5, 0)
-    finally:
-        lib.dk_emu_set_tree_skip(None)
+    with lib.fence() as F:  # the kernel reads it through the pointer: fenced like the arguments
+        try:
+            lib.dk_emu_set_tree_skip(F.ptr(skip, "skip"))
+            pred, ai, an, err, _ = emu_spec.tree_verify(*args, None, 1.0, None, 5, 0)
+        finally:
+            lib.dk_emu_set_tree_skip(None)
     want = ops.tree_verify(*args, *NOF, None, 5, 0)
     pv, wv = pred.view(4, 7), want[0].view(4, 7)
     assert torch.equal(pv[[0, 2]], wv[[0, 2]]) and torch.equal(ai[[0, 2]], want[1][[0, 2]])
