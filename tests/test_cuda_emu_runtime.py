@@ -99,6 +99,17 @@ def test_emulator_catches_a_shared_array_overrun():
     assert "of a launch of 1 blocks x 64 threads" in r.stderr, r.stderr
 
 
+def test_emulator_catches_a_stack_overflow():
+    """Each emulated thread (fiber) has a 256 KiB stack with an inaccessible page below it: a
+    thread that recurses past it fails the launch, named, instead of overwriting the next fiber's
+    stack or the heap; a launch after it in the same process is right."""
+    r = _selftest("stack", 1)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "emulated thread 3 overflowed its 262144-byte stack" in r.stderr, r.stderr
+    assert "(block 0, thread 3 of a launch of 1 blocks x 64 threads)" in r.stderr, r.stderr
+    assert r.stdout.split() == ["after:", "wrong", "0"], r.stdout
+
+
 GUARD_PAGE = "a read or write out of bounds: byte {} of selftest buffer (256 bytes: the guard page {} it)"
 
 

@@ -22,7 +22,8 @@
 //
 // Global memory: every buffer a kernel reaches through a pointer (the drivers' workspaces, and the
 // tensors emu.py copies into fenced memory) lies between two inaccessible pages (class Guarded), so
-// a read or write past either end faults and fails the launch, naming the buffer and the byte.
+// a read or write past either end faults and fails the launch, naming the buffer and the byte. Each
+// fiber's stack has an inaccessible page below it too (FiberStacks).
 //
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
 // copy per block). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
@@ -297,6 +298,37 @@ inline void poison(unsigned char* p, size_t n) {
   for (; i < n; ++i) p[i] = byte(p + i);
 }
 
+// The fibers' stacks: one mapping, reused by later launches of up to as many threads, with an
+// inaccessible page below each stack (stacks grow down), so an emulated thread that overflows its
+// kStack bytes faults (and the launch fails naming it) instead of writing over its neighbour's
+// stack or the heap. The fault handler runs on an alternate signal stack (Watchdog).
+struct FiberStacks {
+  char* base = nullptr;
+  size_t threads = 0, total = 0;
+  size_t stride() const { return kStack + page_bytes(); }
+  char* stack(unsigned t) const { return base + size_t(t) * stride() + page_bytes(); }
+  void reserve(unsigned n) {
+    if (n <= threads) return;
+    if (base) munmap(base, total);
+    total = size_t(n) * stride();
+    void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      std::perror("dkemu: mmap (fiber stacks)");
+      std::abort();
+    }
+    base = static_cast<char*>(m);
+    for (size_t t = 0; t < n; ++t) mprotect(base + t * stride(), page_bytes(), PROT_NONE);
+    threads = n;
+  }
+  // The thread whose guard page holds addr, else -1.
+  int64_t overflowed(uintptr_t addr) const {
+    const auto b = reinterpret_cast<uintptr_t>(base);
+    if (!base || addr < b || addr >= b + total) return -1;
+    return (addr - b) % stride() < page_bytes() ? int64_t((addr - b) / stride()) : -1;
+  }
+};
+inline FiberStacks g_stacks;
+
 // The watchdog and the index traps, armed for the duration of each launch.
 // A fiber that loops without reaching a barrier never hands control back to the scheduler (an
 // out-of-bounds index that reads a NaN into a loop's exit test did that once), and the test would
@@ -360,6 +392,9 @@ inline void trap_fired(int sig, siginfo_t* si, void* ctx) {
     char hit[200];
     if (describe_fence_hit(addr, hit, sizeof hit))
       std::snprintf(what, sizeof what, "a read or write out of bounds: %s", hit);
+    else if (const int64_t t = g_stacks.overflowed(addr); t >= 0)
+      std::snprintf(what, sizeof what, "emulated thread %lld overflowed its %zu-byte stack", static_cast<long long>(t),
+                    kStack);
     else
       std::snprintf(what, sizeof what, "a read or write of the unmapped address 0x%llx",
                     static_cast<unsigned long long>(addr));
@@ -381,14 +416,20 @@ inline double watchdog_seconds() {
 struct Watchdog {
   bool armed = false;
   struct sigaction old_alrm{}, old_ill{}, old_segv{}, old_bus{};
+  stack_t old_alt{};
   itimerval old_timer{};
   Watchdog(unsigned grid, unsigned threads) {
+    static char alt[64 * 1024];  // the fault handler's stack: a fiber that overflowed has none left
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof alt;
+    sigaltstack(&ss, &old_alt);
     std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
     g_timed_out = false;
     g_emu_thread = pthread_self();
     struct sigaction ill{};
     ill.sa_sigaction = trap_fired;
-    ill.sa_flags = SA_SIGINFO | SA_NODEFER;
+    ill.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&ill.sa_mask);
     sigaction(SIGILL, &ill, &old_ill);
     sigaction(SIGSEGV, &ill, &old_segv);
@@ -408,6 +449,7 @@ struct Watchdog {
     armed = true;
   }
   ~Watchdog() {
+    sigaltstack(&old_alt, nullptr);
     sigaction(SIGILL, &old_ill, nullptr);
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
@@ -426,8 +468,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
   if (g_error[0]) return;  // an earlier launch of this call failed
   const Watchdog watch(grid, threads);
   const uint64_t seed = schedule_seed();
-  std::vector<std::unique_ptr<char[]>> stacks(threads);
-  for (auto& s : stacks) s.reset(new char[kStack]);
+  g_stacks.reserve(threads);
   std::vector<unsigned> order, blocks(grid);
   for (unsigned b = 0; b < grid; ++b) blocks[b] = b;
   if (seed != 0) {  // the blocks of a launch run in a random order too (one CTA reading what another writes)
@@ -447,7 +488,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       tls_bid = dim3(b);
       g_watch_block = b;
       uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
-      for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], stacks[t].get(), kStack);
+      for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], g_stacks.stack(t), kStack);
       for (;;) {
         if (g_timed_out) throw Abandon{};
         order.clear();

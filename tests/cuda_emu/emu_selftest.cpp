@@ -29,6 +29,10 @@
 //   emu_selftest read <seed> <index> <at_end>: the same with reads (thread t copies buffer[index +
 //     t] to out[t]); prints "nan N", the number of reads that gave a NaN: a read of the slack gives
 //     the poison pattern (NaN as a float), a read of the guard page fails the launch.
+//   emu_selftest stack <seed>: thread 3 of 64 recurses through 4 KiB frames past its 256 KiB stack;
+//     the guard page below the stack faults and the launch fails naming the thread (before, it
+//     wrote over the next fiber's stack or the heap); then a broadcast launch runs and prints
+//     "after: wrong N".
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -96,6 +100,15 @@ static void overrun_kernel(Args a) {
   a.out[t] = part[(t + 1) % 48];
 }
 
+static int deep(int n) {
+  volatile char frame[4096];
+  frame[0] = char(n);
+  return n == 0 ? frame[0] : deep(n - 1) + frame[0];
+}
+static void stack_kernel(Args a) {
+  if (threadIdx.x == 3) a.out[0] = float(deep(100));  // ~400 KiB of frames
+}
+
 struct GuardArgs {
   float* buf;
   int index;
@@ -153,6 +166,14 @@ int main(int argc, char** argv) {
     return failed || dk_emu_take_error() ? 1 : 0;
   }
   if (mode == "overrun") dkemu::launch(1, 64, overrun_kernel, a);
+  if (mode == "stack") {
+    dkemu::launch(1, 64, stack_kernel, a);
+    const bool failed = dk_emu_take_error() != nullptr;
+    a.with_barrier = 1;
+    dkemu::launch(kBlocks, kN, broadcast_kernel, a);
+    std::printf("after: wrong %d\n", broadcast_wrong(out));
+    return failed || dk_emu_take_error() ? 1 : 0;
+  }
   if (mode == "guard" || mode == "read") {
     if (argc < 5) return 2;
     const float zero = 0.f;
