@@ -110,6 +110,45 @@ def test_emulator_catches_a_stack_overflow():
     assert r.stdout.split() == ["after:", "wrong", "0"], r.stdout
 
 
+def test_emulator_poisons_shared_memory_each_block():
+    """A block starts with shared memory it has not written: the emulator fills the registered
+    __shared__ variables with the poison pattern before each block, so reads of entries the block
+    never wrote give NaN instead of a fresh static's zeros (or what the block before left)."""
+    assert _selftest("unwritten", 1, 1).stdout.split() == ["nan", "1024"]
+    assert _selftest("unwritten", 1, 0).stdout.split() == ["nan", "0"]  # what the emulator did before
+
+
+@pytest.mark.parametrize("which", ["sampling", "speculative", "pipeline", "attention"])
+def test_every_shared_variable_is_registered(which):
+    """emu.py finds each library's emulated __shared__ variables in its symbol table (nm): every
+    variable the kernel sources declare __shared__ (and the attention kernels' emulated dynamic
+    shared memory) is found, in every instantiation, and nothing of the runtime's own."""
+    import shutil
+
+    import emu_attn
+    import emu_pipe
+    import emu_spec
+
+    if shutil.which("nm") is None:
+        pytest.skip("no nm (binutils): the emulator runs without shared-memory poison")
+
+    lib = {"sampling": emu.load, "speculative": emu_spec.load, "pipeline": emu_pipe.load, "attention": emu_attn.load}
+    found, anchor = emu.shared_statics(lib[which]()._cdll._name)
+    assert anchor is not None and found
+    assert not any(n.startswith("dkemu::") for n in found)
+    names = {n.rsplit("::", 1)[1] for n in found}
+    src = {"sampling": ["sampling.cuh"], "speculative": ["speculative.cuh", "sampling.cuh"],
+           "pipeline": ["pipeline.cuh"], "attention": []}[which]  # fmt: skip
+    declared = {
+        m for f in src for m in re.findall(r"__shared__ \w+(?:::\w+)* (\w+)", (emu.ROOT / "csrc/cuda" / f).read_text())
+    }
+    assert declared <= names, (declared, names)
+    if which == "attention":
+        assert names == {"smem", "smem_raw"}, names
+    kernels = {n.split("(")[0] for n in found}
+    assert all(k.split("::")[-1].endswith(("_kernel", "_fn")) or "_kernel<" in k for k in kernels), kernels
+
+
 GUARD_PAGE = "a read or write out of bounds: byte {} of selftest buffer (256 bytes: the guard page {} it)"
 
 

@@ -10,6 +10,7 @@ size, sampling.cuh's kThreads). set_schedule_seed() picks the emulator's thread 
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -217,6 +218,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
     L = CheckedLibrary(ctypes.CDLL(str(lib)))
+    register_shared(L, lib)
     L.dk_emu_set_schedule_seed.argtypes, L.dk_emu_set_schedule_seed.restype = [ctypes.c_int64], None
     if _schedule[0] is not None:
         L.dk_emu_set_schedule_seed(_schedule[0])
@@ -225,6 +227,36 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
 
 
 _loaded = []
+
+# A function-local static of a function outside the emulator runtime: an emulated __shared__
+# variable (emu_runtime.h defines __shared__ as static); the runtime's own statics are in dkemu::.
+_SHARED = re.compile(r"^(?!dkemu::|dk_emu_|typeinfo |guard variable |vtable ).*\)::[A-Za-z_]\w*$")
+
+
+def shared_statics(path):
+    """{demangled name: (link-time address, size)} of the emulated __shared__ variables of the
+    library at `path` (nm's symbol table), and the link-time address of dk_emu_take_error."""
+    out = subprocess.run(["nm", "-C", "--defined-only", "-S", str(path)], capture_output=True, text=True, check=True)
+    found, anchor = {}, None
+    for line in out.stdout.splitlines():
+        parts = line.split(" ", 3)  # address, size, type, name (symbols without a size have 3 fields)
+        if len(parts) == 4 and parts[3] == "dk_emu_take_error":
+            anchor = int(parts[0], 16)
+        elif len(parts) == 4 and parts[2] in "bBdDvVu" and _SHARED.match(parts[3]):
+            found[parts[3]] = (int(parts[0], 16), int(parts[1], 16))
+    return found, anchor
+
+
+def register_shared(L, path):
+    """Tells library L where its emulated __shared__ variables are (emu_runtime.h poison_shared:
+    filled with the poison pattern before each block). DK_EMU_POISON=0: none registered."""
+    if os.environ.get("DK_EMU_POISON", "1") == "0" or shutil.which("nm") is None:
+        return
+    found, anchor = shared_statics(path)
+    base = ctypes.cast(L._cdll.dk_emu_take_error, ctypes.c_void_p).value - anchor
+    pairs = [v for addr, size in found.values() for v in (base + addr, size)]
+    L._cdll.dk_emu_set_shared.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    L._cdll.dk_emu_set_shared((ctypes.c_uint64 * max(1, len(pairs)))(*pairs), len(found))
 
 
 def set_schedule_seed(seed):

@@ -26,7 +26,7 @@
 // fiber's stack has an inaccessible page below it too (FiberStacks).
 //
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
-// copy per block). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
+// copy per block), filled with a poison pattern before each block (poison_shared). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
 // so nothing is fused (the kernels use explicitly rounded intrinsics where it matters). Not
 // thread-safe: one launch at a time.
 #pragma once
@@ -298,6 +298,16 @@ inline void poison(unsigned char* p, size_t n) {
   for (; i < n; ++i) p[i] = byte(p + i);
 }
 
+// The emulated __shared__ variables (function-local statics, see the header) of this library,
+// registered by dk_emu_set_shared (emu.py finds them in the symbol table). launch() fills them with
+// the poison before each block: a GPU block starts with shared memory it has not written, so a read
+// of a value the block never wrote gives NaN / a negative integer, not the zero of a fresh static
+// or what the previous block left.
+inline std::vector<std::pair<unsigned char*, size_t>> g_shared;
+inline void poison_shared() {
+  for (const auto& [p, n] : g_shared) poison(p, n);
+}
+
 // The fibers' stacks: one mapping, reused by later launches of up to as many threads, with an
 // inaccessible page below each stack (stacks grow down), so an emulated thread that overflows its
 // kStack bytes faults (and the launch fails naming it) instead of writing over its neighbour's
@@ -484,6 +494,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       blk.warp_mask.assign((threads + 31) / 32, 0);
       blk.xbuf.assign(threads, 0);
       blk.body = [&] { kernel(args); };
+      poison_shared();
       g_blk = &blk;
       tls_bid = dim3(b);
       g_watch_block = b;
@@ -690,6 +701,14 @@ class Guarded {
 // every emulator library (weak: one definition per shared object).
 extern "C" __attribute__((weak, visibility("default"))) void dk_emu_set_schedule_seed(int64_t seed) {
   dkemu::g_seed_override = seed;
+}
+
+// Registers the library's emulated __shared__ variables: n (address, size) pairs (poison_shared).
+// Exported like dk_emu_set_schedule_seed.
+extern "C" __attribute__((weak, visibility("default"))) void dk_emu_set_shared(const uint64_t* pairs, int64_t n) {
+  dkemu::g_shared.clear();
+  for (int64_t i = 0; i < n; ++i)
+    dkemu::g_shared.emplace_back(reinterpret_cast<unsigned char*>(pairs[2 * i]), size_t(pairs[2 * i + 1]));
 }
 
 // The failure recorded since the last call (nullptr: none), and clears it; the text stays valid

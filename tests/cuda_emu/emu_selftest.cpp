@@ -33,6 +33,12 @@
 //     the guard page below the stack faults and the launch fails naming the thread (before, it
 //     wrote over the next fiber's stack or the heap); then a broadcast launch runs and prints
 //     "after: wrong N".
+//   emu_selftest unwritten <seed> <poison 0|1>: 8 blocks of 256 threads; thread t writes part[t]
+//     only for t < 128, then every thread reads part[255 - t]; prints "nan N", the reads that gave
+//     a NaN. With poison 1 the array is registered as the libraries' __shared__ variables are
+//     (dk_emu_set_shared; emu.py finds those in the symbol table) and starts every block as the
+//     poison pattern: the 1024 reads of never-written entries give NaN; unregistered, they give
+//     the static's zeros and pass unnoticed.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -59,6 +65,15 @@ static void broadcast_kernel(Args a) {
   if (a.with_barrier) __syncthreads();  // the barrier under test
   a.out[blockIdx.x * kN + t] = total;
   __syncthreads();  // nobody overwrites `total` (next block) before everyone read it
+}
+
+static float g_part[kN];  // unwritten_kernel's __shared__ array (file scope: registered by hand)
+static void unwritten_kernel(Args a) {
+  const unsigned t = threadIdx.x;
+  if (t < kN / 2) g_part[t] = 1.f;
+  __syncthreads();
+  a.out[blockIdx.x * kN + t] = g_part[kN - 1 - t];
+  __syncthreads();
 }
 
 static void blocks_kernel(Args a) {
@@ -153,6 +168,16 @@ int main(int argc, char** argv) {
     int wrong = 0;
     for (unsigned b = 0; b < kBlocks; ++b) wrong += out[b] != float(b + 1);
     std::printf("wrong %d\n", wrong);
+    return 0;
+  }
+  if (mode == "unwritten") {
+    if (argc < 4) return 2;
+    const uint64_t part[2] = {reinterpret_cast<uint64_t>(g_part), sizeof g_part};
+    if (std::atoi(argv[3])) dk_emu_set_shared(part, 1);
+    dkemu::launch(kBlocks, kN, unwritten_kernel, a);
+    int nan = 0;
+    for (float v : out) nan += std::isnan(v);
+    std::printf("nan %d\n", nan);
     return 0;
   }
   if (mode == "exited") dkemu::launch(1, 64, exited_kernel, a);
