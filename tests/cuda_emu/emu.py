@@ -290,10 +290,6 @@ def load(threads=None):
     return _libs[threads]
 
 
-def _ptr(t):  # the checked library call fences tensors (Fence) and passes None as NULL
-    return t
-
-
 def _row(t, dtype):
     return None if t is None else t.to(dtype).contiguous()
 
@@ -304,13 +300,14 @@ def _matrix(x):
 
 
 def _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val):
-    keep = [
+    """The filter arguments as the library takes them (tensors: fenced by the call)."""
+    T, k, p, mp = (
         _row(T_arr, torch.float32),
         _row(k_arr, torch.int64),
         _row(p_arr, torch.float32),
         _row(mp_arr, torch.float32),
-    ]
-    return keep, [_ptr(keep[0]), T_val, _ptr(keep[1]), k_val, _ptr(keep[2]), p_val, _ptr(keep[3]), mp_val]
+    )
+    return [T, T_val, k, k_val, p, p_val, mp, mp_val]
 
 
 def sample(
@@ -341,7 +338,7 @@ def sample(
     idx = _row(indices, torch.int64)
     n = rows if idx is None else idx.numel()
     seeds = _row(seed_arr, torch.int64)
-    keep, fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
+    fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
     tok = torch.empty(n, dtype=torch.int64)
     valid = torch.empty(n, dtype=torch.bool)
     lp = torch.empty(n, dtype=torch.float32)
@@ -356,9 +353,9 @@ def sample(
             int(is_probs),
             order,
             *fargs,
-            _ptr(idx),
+            idx,
             n,
-            _ptr(seeds),
+            seeds,
             seed_val & (2**64 - 1),
             offset,
             tok,
@@ -409,7 +406,7 @@ def filter(
     then tells how many CTAs per row ran."""
     lib = load(threads)
     dt, rows, V, stride = _matrix(x)
-    keep, fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
+    fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
     out = torch.empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
     last_splits[0] = 1
     if rows:
