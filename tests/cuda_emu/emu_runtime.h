@@ -592,14 +592,14 @@ inline T exchange(unsigned mask, T v, unsigned src, bool in_range) {
 // exactly at the plan's size, and every tensor emu.py passes to a library (dk_emu_fence_alloc).
 // A read or write that reaches a guard page faults at once, and the launch fails naming the buffer
 // and the byte (trap_fired). The payload sits against the guard page AFTER it (at_end) or BEFORE it
-// (!at_end), as close as its alignment allows (`align`: the start address is a multiple; emu.py
-// keeps a tensor's own alignment up to 16 bytes, so the kernels take the same aligned / unaligned
-// load paths as with the original); the two placements alternate (next_side()), so over a test run
-// both ends of every buffer are fenced. The rest of the pages around the payload (the slack: under
-// `align` bytes on the fenced side, the remainder of the page on the other) holds kPoison, a pattern
-// that reads as NaN in fp32 / fp64 / bf16 / fp16 and as a negative int32 / int64, so a stray read
-// there gives a poisoned value rather than a plausible one; check() records a failure when a launch
-// wrote into the slack (a GPU reports neither: the access lands in the neighbouring allocation).
+// (!at_end), as close as its alignment allows (`align`: the start address is a multiple; the
+// drivers' buffers are 16-byte aligned and alternate the side, next_side(); emu.py's Fence picks
+// side and alignment per call in turns), so over a test run both ends of every buffer are fenced.
+// The rest of the pages around the payload (the slack: under `align` bytes on the fenced side, the
+// remainder of the page on the other) holds kPoison, which reads as NaN in fp32 / fp64 / bf16 /
+// fp16 and as a negative int32 / int64, so a stray read there gives a poisoned value rather than a
+// plausible one; check() records a failure when a launch wrote into the slack (a GPU reports
+// neither: the access lands in the neighbouring allocation).
 class Guarded {
  public:
   Guarded(const char* name, size_t bytes, const void* fill, size_t elem_size, size_t align, bool at_end) {
