@@ -3,6 +3,8 @@
 // (emu_runtime.h, with the mma / ldmatrix / cp.async of emu_mma.h); tests/test_attention.py loads
 // them through ctypes (tests/cuda_emu/emu_attn.py) and compares them with the CPU op. Host pointers
 // stand in for device pointers.
+#include <optional>
+
 #include "emu_runtime.h"
 
 // Warp shuffles the attention kernel uses (emu_runtime.h has __shfl_down_sync only): every lane

@@ -139,8 +139,8 @@ last_splits = [1]  # CTAs per row of the last pipeline() call's row passes
 
 def start_sizes(n):
     """The start-list length of rows 0..n-1 in the last pipeline() call (the collect phase's counts
-    over all slices; 0 where the row built none, -1 where invalid values stopped it before the scan): what top-k's radix passes and top-n-sigma's
-    bound let through."""
+    over all slices; 0 where the row built none, -1 where invalid values stopped it before the
+    scan): what top-k's radix passes and top-n-sigma's bound let through."""
     lib = load()
     lib.dk_emu_pipeline_start_size.argtypes = [ctypes.c_int64]
     lib.dk_emu_pipeline_start_size.restype = ctypes.c_int64

@@ -16,9 +16,10 @@
 // every lane NAMED IN THE MASK has arrived at the same op; the emulator fails the launch with a
 // message (see "Failures" below) when a named lane has exited or does not exist, when the lanes
 // disagree on the mask, when the calling lane is not in its own mask, and when a shuffle reads a
-// lane outside the mask (undefined on a GPU). A block that cannot progress (mismatched __syncthreads / warp ops) fails too, and so does
-// a launch that runs past the watchdog's limit ($DK_EMU_LAUNCH_TIMEOUT, below): a thread looping
-// without reaching a barrier would otherwise hang the caller.
+// lane outside the mask (undefined on a GPU). A block that cannot progress (mismatched
+// __syncthreads / warp ops) fails too, and so does a launch that runs past the watchdog's limit
+// ($DK_EMU_LAUNCH_TIMEOUT, below): a thread looping without reaching a barrier would otherwise hang
+// the caller.
 //
 // Global memory: every buffer a kernel reaches through a pointer (the drivers' workspaces, and the
 // tensors emu.py copies into fenced memory) lies between two inaccessible pages (class Guarded), so
@@ -26,9 +27,10 @@
 // fiber's stack has an inaccessible page below it too (FiberStacks).
 //
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
-// copy per block), filled with a poison pattern before each block (poison_shared). Float intrinsics map to the IEEE host operations; build with -ffp-contract=off
-// so nothing is fused (the kernels use explicitly rounded intrinsics where it matters). Not
-// thread-safe: one launch at a time.
+// copy per block), filled with a poison pattern before each block (poison_shared). Float
+// intrinsics map to the IEEE host operations; build with -ffp-contract=off so nothing is fused (the
+// kernels use explicitly rounded intrinsics where it matters). Not thread-safe: one launch at a
+// time.
 #pragma once
 #define DK_CUDA_EMULATE 1
 
@@ -47,8 +49,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -437,13 +437,13 @@ struct Watchdog {
     std::snprintf(g_watch_msg, sizeof g_watch_msg, "a launch of %u blocks x %u threads", grid, threads);
     g_timed_out = false;
     g_emu_thread = pthread_self();
-    struct sigaction ill{};
-    ill.sa_sigaction = trap_fired;
-    ill.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&ill.sa_mask);
-    sigaction(SIGILL, &ill, &old_ill);
-    sigaction(SIGSEGV, &ill, &old_segv);
-    sigaction(SIGBUS, &ill, &old_bus);
+    struct sigaction trap{};  // index traps, guard pages, stack overflows: trap_fired
+    trap.sa_sigaction = trap_fired;
+    trap.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&trap.sa_mask);
+    sigaction(SIGILL, &trap, &old_ill);
+    sigaction(SIGSEGV, &trap, &old_segv);
+    sigaction(SIGBUS, &trap, &old_bus);
     const double s = watchdog_seconds();
     if (!(s > 0)) return;
     struct sigaction sa{};
