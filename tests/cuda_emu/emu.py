@@ -61,6 +61,27 @@ def sanitize_flags():
     return ["-fsanitize=bounds,object-size", "-fsanitize-undefined-trap-on-error"]
 
 
+def tsan_flags():
+    """DK_EMU_TSAN=1: the emulator libraries built with ThreadSanitizer (emu_runtime.h namespace
+    dkemu::tsan: every emulated thread a fiber, ordered only by what a GPU orders), which checks
+    every load and store of the kernels for a data race between the threads of a block. Such a
+    library loads only into a process started with the ThreadSanitizer runtime preloaded
+    (tsan_runtime(); tests/test_cuda_emu_tsan.py runs the suites that way)."""
+    if os.environ.get("DK_EMU_TSAN", "0") != "1":
+        return []
+    return ["-fsanitize=thread", "-DDK_EMU_TSAN=1", "-g"]
+
+
+def tsan_runtime():
+    """The compiler's ThreadSanitizer runtime library (to preload), or None."""
+    try:
+        out = subprocess.run([compiler(), "-print-file-name=libtsan.so"], capture_output=True, text=True)
+    except (OSError, TypeError):
+        return None
+    path = Path(out.stdout.strip())
+    return str(path.resolve()) if path.is_absolute() and path.exists() else None
+
+
 class EmulatorError(RuntimeError):
     """A failure the emulator caught in a kernel during a library call: a bad warp op, a deadlock,
     the launch watchdog, an index trap, a read or write outside a fenced buffer (a tensor or a
@@ -202,6 +223,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
         "-shared",
         *unique_flags(),
         *sanitize_flags(),
+        *tsan_flags(),
     ]
     h = hashlib.sha256(f"{threads} {' '.join(flags)}".encode())
     for s in sources:

@@ -7,19 +7,10 @@
 
 #include "emu_runtime.h"
 
-// Warp shuffles the attention kernel uses (emu_runtime.h has __shfl_down_sync only): every lane
-// publishes its value, the warp meets, each lane reads its source lane, the warp meets again.
+// Warp shuffles the attention kernel uses over the whole warp (emu_runtime.h's exchange: every lane
+// publishes its value, the warp meets, each lane reads its source lane, the warp meets again).
 static float dkemu_exchange(float v, unsigned src_lane) {
-  auto& B = *dkemu::g_blk;
-  const unsigned t = threadIdx.x;
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(float));
-  B.xbuf[t] = bits;
-  dkemu::warp_sync();
-  float r;
-  std::memcpy(&r, &B.xbuf[(t & ~31u) + (src_lane & 31u)], sizeof(float));
-  dkemu::warp_sync();
-  return r;
+  return dkemu::exchange(dkemu::warp_lanes(dkemu::g_blk->n, threadIdx.x >> 5), v, src_lane & 31u, true);
 }
 static float dkemu_shfl_xor(float v, int o) { return dkemu_exchange(v, (threadIdx.x & 31u) ^ unsigned(o)); }
 static float dkemu_shfl(float v, int lane) { return dkemu_exchange(v, unsigned(lane)); }

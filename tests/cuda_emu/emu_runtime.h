@@ -26,6 +26,12 @@
 // a read or write past either end faults and fails the launch, naming the buffer and the byte. Each
 // fiber's stack has an inaccessible page below it too (FiberStacks).
 //
+// Races that no thread order exposes (the emulator runs a thread until its next barrier, so a
+// missing __syncwarp between lanes that meet at a shuffle anyway never changes a result): built
+// with -DDK_EMU_TSAN=1 -fsanitize=thread (emu.py, DK_EMU_TSAN=1), every emulated thread is a
+// ThreadSanitizer fiber and ThreadSanitizer checks every load and store of the kernels against
+// the ordering a GPU guarantees (namespace dkemu::tsan below says which).
+//
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
 // copy per block), filled with a poison pattern before each block (poison_shared). Float
 // intrinsics map to the IEEE host operations; build with -ffp-contract=off so nothing is fused (the
@@ -100,6 +106,95 @@ dkemu_switch_x64:
 extern "C" void dkemu_switch_x64(void** save, void* load);
 #endif
 
+#if DK_EMU_TSAN && !DK_EMU_FAST_SWITCH
+// (With ucontext's swapcontext the ThreadSanitizer build faults in the first launches.)
+#error "DK_EMU_TSAN needs the x86-64 fiber switch (not DK_EMU_UCONTEXT)"
+#endif
+#if DK_EMU_TSAN
+extern "C" {  // libtsan's fiber, synchronisation and ignore interfaces (sanitizer/tsan_interface.h)
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+}
+#endif
+
+// Race detection with ThreadSanitizer (DK_EMU_TSAN=1; a no-op otherwise). Each emulated thread of
+// a launch is a ThreadSanitizer fiber, and the scheduler switches between fibers WITHOUT the
+// happens-before edge a switch implies by default (flag no_sync), so two threads' accesses are
+// ordered only by the edges below, the ones a GPU guarantees; any other pair of accesses to the
+// same byte, one of them a write and not both atomic, is reported as a data race, whatever order
+// the scheduler happened to run them in.
+//   - __syncthreads(): every thread's accesses before it happen before every thread's after it.
+//   - __syncwarp(mask) and the warp-wide matrix ops of emu_mma.h: the same among the lanes of the
+//     warp (one edge per warp, whatever the mask: a sub-warp mask is over-approximated).
+//   - Shuffles, __ballot_sync and __match_any_sync order nothing: on a GPU only __syncwarp and
+//     __syncthreads order memory between threads, so lanes that exchange values by a shuffle and
+//     data through shared memory need a __syncwarp too.
+//   - atomicAdd / atomicOr are relaxed atomic read-modify-writes (__atomic builtins): they do not
+//     race with each other and order nothing else.
+//   - The host (the scheduler) happens before every thread of a block (the block's arguments, its
+//     shared memory's poison) and every thread before the host after the block (outputs). So the
+//     blocks of a launch are ordered through the host: ThreadSanitizer does not see races between
+//     blocks; the randomised block order (launch) tests those.
+// The runtime's own bookkeeping (arrival counts, the shuffles' exchange words, the scheduler's
+// writes of threadIdx) is hidden from ThreadSanitizer (Quiet).
+namespace dkemu::tsan {
+#if DK_EMU_TSAN
+inline void* create() { return __tsan_create_fiber(0); }
+inline void destroy(void* f) { __tsan_destroy_fiber(f); }
+inline void* current() { return __tsan_get_current_fiber(); }
+inline void switch_to(void* f) {
+  if (f) __tsan_switch_to_fiber(f, 1u /* __tsan_switch_to_fiber_no_sync */);
+}
+inline void release(char* edge) { __tsan_release(edge); }
+inline void acquire(char* edge) { __tsan_acquire(edge); }
+struct Quiet {  // the calling fiber's reads and writes are not checked while one is alive
+  Quiet() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Quiet() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+};
+#else
+inline void* create() { return nullptr; }
+inline void destroy(void*) {}
+inline void* current() { return nullptr; }
+inline void switch_to(void*) {}
+inline void release(char*) {}
+inline void acquire(char*) {}
+struct Quiet {
+  Quiet() {}  // user-provided: `const Quiet q;` without an unused-variable warning
+};
+#endif
+// The edges' sync addresses. A barrier's alternate between two by generation: a thread that left
+// a barrier can run on to the next one and release there before a slower thread resumes from this
+// one, and with one address the slow thread's acquire would take in the fast one's later accesses.
+inline char g_edge_start, g_edge_end, g_edge_bar[2], g_edge_warp[32][2];
+// The fibers, one per thread index, kept for later launches (a fresh set per launch made a launch
+// of 4 blocks x 512 threads take 0.25 s, against 25 ms kept). After a failed launch they are
+// discarded: an abandoned thread may have stopped inside a Quiet.
+inline std::vector<void*> g_fibers;
+inline void reserve(unsigned n) {
+  while (g_fibers.size() < n) g_fibers.push_back(create());
+}
+inline void discard() {
+  for (void* f : g_fibers) destroy(f);
+  g_fibers.clear();
+}
+}  // namespace dkemu::tsan
+
 namespace dkemu {
 enum Wait { kRun = 0, kBlockBar = 1, kWarpBar = 2 };
 struct Fiber {
@@ -110,6 +205,7 @@ struct Fiber {
 #endif
   Wait wait = kRun;
   bool done = false;
+  void* tsan = nullptr;  // its ThreadSanitizer fiber (DK_EMU_TSAN)
 };
 struct Block {
   unsigned n = 0, cur = 0;
@@ -120,11 +216,14 @@ struct Block {
   ucontext_t sched;
 #endif
   unsigned bar_arrived = 0;
+  unsigned bar_gen = 0;                // __syncthreads completed (dkemu::tsan's edges)
+  std::vector<unsigned> warp_gen;      // per warp: warp ops completed
   std::vector<unsigned> warp_arrived;  // per warp: lanes that arrived at the pending warp op
   std::vector<unsigned> warp_mask;     // per warp: the mask that op names
   std::vector<uint64_t> xbuf;          // one exchange word per thread (warp ops)
   std::function<void()> body;
-  bool failed = false;  // a thread of this block failed: the launch is abandoned
+  void* tsan_host = nullptr;  // the scheduler's ThreadSanitizer fiber (DK_EMU_TSAN)
+  bool failed = false;        // a thread of this block failed: the launch is abandoned
 };
 inline Block* g_blk = nullptr;
 inline dim3 tls_tid, tls_bid;
@@ -171,20 +270,32 @@ inline unsigned warp_lanes(unsigned n, unsigned w) {
 }
 
 // Fiber -> scheduler.
-inline void to_scheduler(Fiber& me) {
+// (Each reads what it needs before telling ThreadSanitizer about the switch: from then on, accesses
+// count as the other side's. `edge`: a ThreadSanitizer release after those reads, the last thing
+// the fiber does.)
+inline void to_scheduler(Fiber& me, char* edge = nullptr) {
+  Block& blk = *g_blk;
 #if DK_EMU_FAST_SWITCH
-  dkemu_switch_x64(&me.sp, g_blk->sched_sp);
-#else
-  swapcontext(&me.ctx, &g_blk->sched);
+  void* const host = blk.tsan_host;
+  void* const to = blk.sched_sp;
+  if (edge) tsan::release(edge);
+  tsan::switch_to(host);
+  dkemu_switch_x64(&me.sp, to);
+#else  // (no ThreadSanitizer build)
+  (void)edge;
+  swapcontext(&me.ctx, &blk.sched);
 #endif
 }
 
 // Scheduler -> fiber t.
 inline void to_fiber(Block& blk, unsigned t) {
+  Fiber& fb = blk.f[t];
 #if DK_EMU_FAST_SWITCH
-  dkemu_switch_x64(&blk.sched_sp, blk.f[t].sp);
+  void* const to = fb.sp;
+  tsan::switch_to(fb.tsan);
+  dkemu_switch_x64(&blk.sched_sp, to);
 #else
-  swapcontext(&blk.sched, &blk.f[t].ctx);
+  swapcontext(&blk.sched, &fb.ctx);
 #endif
 }
 
@@ -210,11 +321,16 @@ inline void park(Wait w) {
 }
 
 inline void fiber_main() {
+  tsan::acquire(&tsan::g_edge_start);
   g_blk->body();
   Fiber& me = g_blk->f[g_blk->cur];
-  me.done = true;
+  {
+    const tsan::Quiet q;
+    me.done = true;
+  }
+  // The thread's accesses happen before what the host does after the block (its last release).
 #if DK_EMU_FAST_SWITCH
-  to_scheduler(me);  // never resumed
+  to_scheduler(me, &tsan::g_edge_end);  // never resumed
   fail("an exited fiber was resumed");
 #endif  // ucontext: returns to uc_link (the scheduler)
 }
@@ -265,6 +381,7 @@ inline bool release_warps(Block& blk, unsigned b) {
       for (unsigned l = 0; l < 32; ++l)
         if (mask >> l & 1u) blk.f[32 * w + l].wait = kRun;
       blk.warp_arrived[w] = 0;
+      blk.warp_gen[w]++;
       released = true;
     }
   }
@@ -479,6 +596,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
   const Watchdog watch(grid, threads);
   const uint64_t seed = schedule_seed();
   g_stacks.reserve(threads);
+  tsan::reserve(threads);
   std::vector<unsigned> order, blocks(grid);
   for (unsigned b = 0; b < grid; ++b) blocks[b] = b;
   if (seed != 0) {  // the blocks of a launch run in a random order too (one CTA reading what another writes)
@@ -492,6 +610,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       blk.f.resize(threads);
       blk.warp_arrived.assign((threads + 31) / 32, 0);
       blk.warp_mask.assign((threads + 31) / 32, 0);
+      blk.warp_gen.assign((threads + 31) / 32, 0);
       blk.xbuf.assign(threads, 0);
       blk.body = [&] { kernel(args); };
       poison_shared();
@@ -499,7 +618,13 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       tls_bid = dim3(b);
       g_watch_block = b;
       uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
-      for (unsigned t = 0; t < threads; ++t) make_fiber(blk, blk.f[t], g_stacks.stack(t), kStack);
+      for (unsigned t = 0; t < threads; ++t) {
+        make_fiber(blk, blk.f[t], g_stacks.stack(t), kStack);
+        blk.f[t].tsan = tsan::g_fibers[t];
+      }
+      blk.tsan_host = tsan::current();
+      tsan::release(&tsan::g_edge_start);  // the host's writes so far happen before the block
+      const tsan::Quiet quiet;             // the scheduler's bookkeeping (threadIdx, wait states)
       for (;;) {
         if (g_timed_out) throw Abandon{};
         order.clear();
@@ -528,6 +653,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
           for (auto& fb : blk.f)
             if (!fb.done) fb.wait = kRun;
           blk.bar_arrived = 0;
+          blk.bar_gen++;
           released = true;
         }
         if (!ran && !released) {
@@ -539,8 +665,10 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
           fail(msg);
         }
       }
+      tsan::acquire(&tsan::g_edge_end);  // the block's writes happen before what the host does next
     }
   } catch (const Abandon&) {  // a failure recorded in g_error: the launch ends here
+    tsan::discard();
   }
   g_blk = nullptr;
   g_in_fiber = false;
@@ -551,8 +679,11 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
 // to arrive, in the randomised order) first runs last(), which may read what every named lane
 // published before arriving and write what they read after the release (an op computed once per
 // warp instead of once per lane); then it parks like the others.
+// `orders` (DK_EMU_TSAN): the meeting orders the named lanes' memory accesses (__syncwarp, the
+// matrix ops), or not (shuffles, ballots), see dkemu::tsan.
 template <class F>
-inline void warp_sync_last(unsigned mask, F&& last) {
+inline void warp_meet(unsigned mask, bool orders, F&& last) {
+  const tsan::Quiet q;
   Block& B = *g_blk;
   const unsigned t = tls_tid.x, w = t >> 5, bit = 1u << (t & 31u);
   if (!(mask & bit)) fail("a warp op's mask does not name the calling lane");
@@ -561,11 +692,26 @@ inline void warp_sync_last(unsigned mask, F&& last) {
   else if (B.warp_mask[w] != mask)
     fail("the lanes of a warp op disagree on its mask (divergent warp ops)");
   B.warp_arrived[w] |= bit;
-  if (B.warp_arrived[w] == mask) last();
+  char* edge = &tsan::g_edge_warp[w][B.warp_gen[w] & 1u];
+  if (orders) tsan::release(edge);
+  if (B.warp_arrived[w] == mask) {
+    if (orders) tsan::acquire(edge);  // last() reads what the other lanes published
+    last();
+    if (orders) tsan::release(edge);  // and the lanes read what last() wrote
+  }
   park(kWarpBar);
+  if (orders) tsan::acquire(edge);
+}
+template <class F>
+inline void warp_sync_last(unsigned mask, F&& last) {
+  warp_meet(mask, true, last);
 }
 inline void warp_sync(unsigned mask) {
-  warp_sync_last(mask, [] {});
+  warp_meet(mask, true, [] {});
+}
+// A meeting of the named lanes that orders no memory access: a shuffle's or a ballot's.
+inline void warp_exchange_meet(unsigned mask) {
+  warp_meet(mask, false, [] {});
 }
 inline void warp_sync() { warp_sync(warp_lanes(g_blk->n, tls_tid.x >> 5)); }
 
@@ -573,19 +719,35 @@ inline void warp_sync() { warp_sync(warp_lanes(g_blk->n, tls_tid.x >> 5)); }
 template <class T>
 inline T exchange(unsigned mask, T v, unsigned src, bool in_range) {
   static_assert(sizeof(T) <= 8, "shuffle of <= 8 bytes");
+  const tsan::Quiet q;
   auto& B = *g_blk;
   const unsigned t = tls_tid.x;
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   B.xbuf[t] = bits;
-  warp_sync(mask);
+  warp_exchange_meet(mask);
   T r = v;
   if (in_range) {
     if (!(mask >> src & 1u)) fail("a shuffle reads a lane outside its mask (undefined on a GPU)");
     std::memcpy(&r, &B.xbuf[(t & ~31u) + src], sizeof(T));
   }
-  warp_sync(mask);
+  warp_exchange_meet(mask);
   return r;
+}
+// Vote core (__ballot_sync, __match_any_sync): publish `word`, wait for the named lanes; bit l of
+// the result: lane l is named and hit(its word).
+template <class F>
+inline unsigned warp_vote(unsigned mask, uint64_t word, F&& hit) {
+  const tsan::Quiet q;
+  auto& B = *g_blk;
+  const unsigned t = tls_tid.x, w = t >> 5;
+  B.xbuf[t] = word;
+  warp_exchange_meet(mask);
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l)
+    if (mask >> l & 1u) m |= unsigned(hit(B.xbuf[w * 32 + l])) << l;
+  warp_exchange_meet(mask);
+  return m;
 }
 // A device buffer in host memory between two inaccessible pages (mmap + mprotect PROT_NONE), the
 // emulator's view of a GPU allocation: a launch plan's workspace or split partials, allocated
@@ -751,8 +913,12 @@ extern "C" __attribute__((weak, visibility("default"))) void dk_emu_fence_free(v
 }
 
 inline void __syncthreads() {
+  const dkemu::tsan::Quiet q;
+  char* edge = &dkemu::tsan::g_edge_bar[dkemu::g_blk->bar_gen & 1u];
+  dkemu::tsan::release(edge);
   dkemu::g_blk->bar_arrived++;
   dkemu::park(dkemu::kBlockBar);
+  dkemu::tsan::acquire(edge);
 }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) { dkemu::warp_sync(mask); }
@@ -777,41 +943,18 @@ inline T __shfl_sync(unsigned mask, T v, int src) {
 }
 
 inline unsigned __ballot_sync(unsigned mask, int pred) {
-  auto& B = *dkemu::g_blk;
-  const unsigned t = threadIdx.x, w = t >> 5;
-  B.xbuf[t] = pred ? 1u : 0u;
-  dkemu::warp_sync(mask);
-  unsigned m = 0;
-  for (unsigned l = 0; l < 32; ++l)
-    if (mask >> l & 1u) m |= unsigned(B.xbuf[w * 32 + l] != 0) << l;
-  dkemu::warp_sync(mask);
-  return m;
+  return dkemu::warp_vote(mask, pred ? 1u : 0u, [](uint64_t x) { return x != 0; });
 }
 
 inline unsigned __match_any_sync(unsigned mask, unsigned v) {
-  auto& B = *dkemu::g_blk;
-  const unsigned t = threadIdx.x, w = t >> 5;
-  B.xbuf[t] = v;
-  dkemu::warp_sync(mask);
-  unsigned m = 0;
-  for (unsigned l = 0; l < 32; ++l)
-    if (mask >> l & 1u) m |= unsigned(B.xbuf[w * 32 + l] == v) << l;
-  dkemu::warp_sync(mask);
-  return m;
+  return dkemu::warp_vote(mask, v, [v](uint64_t x) { return x == v; });
 }
 
 inline int __ffs(unsigned x) { return __builtin_ffs(int(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {  // fibers never interleave inside it
-  unsigned old = *p;
-  *p = old + v;
-  return old;
-}
-inline int atomicOr(int* p, int v) {  // fibers never interleave inside it
-  int old = *p;
-  *p = old | v;
-  return old;
-}
+// Relaxed, as on a GPU; atomic for ThreadSanitizer too (fibers never interleave inside them anyway).
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

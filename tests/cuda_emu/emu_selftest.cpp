@@ -39,6 +39,16 @@
 //     (dk_emu_set_shared; emu.py finds those in the symbol table) and starts every block as the
 //     poison pattern: the 1024 reads of never-written entries give NaN; unregistered, they give
 //     the static's zeros and pass unnoticed.
+//   emu_selftest lanes <with_syncwarp 0|1> <seed>: each lane of 2 warps writes its slot of a
+//     __shared__ array, the warp shuffles (a value of its own), and each lane reads its neighbour's
+//     slot; prints "wrong N". The shuffle is a meeting point in the emulator, so every order gives
+//     the right values; on a GPU a shuffle does not order memory and only the __syncwarp() makes
+//     the read safe. Built with ThreadSanitizer (-DDK_EMU_TSAN=1 -fsanitize=thread) the run
+//     without it reports a data race under every seed; with it, none.
+//   emu_selftest count <atomic 0|1> <seed>: 256 threads add 1 to one of 8 __shared__ counters,
+//     then __syncthreads and thread t reads counter t % 8; prints "wrong N". Fibers never
+//     interleave inside the plain `+= 1` either, so every order counts right; built with
+//     ThreadSanitizer the plain add is reported as a race and atomicAdd is not.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -78,6 +88,29 @@ static void unwritten_kernel(Args a) {
 
 static void blocks_kernel(Args a) {
   if (threadIdx.x == 0) a.out[blockIdx.x] = (blockIdx.x == 0 ? 0.f : a.out[blockIdx.x - 1]) + 1.f;
+}
+
+static void lanes_kernel(Args a) {
+  __shared__ float slot[64];
+  const unsigned t = threadIdx.x;
+  slot[t] = float(t);
+  const float own = __shfl_sync(0xffffffffu, float(t), int(t & 31u));
+  if (a.with_barrier) __syncwarp();  // the fence under test
+  a.out[t] = slot[t ^ 1u] + (own - float(t));
+}
+
+static void count_kernel(Args a) {
+  __shared__ unsigned counter[8];
+  const unsigned t = threadIdx.x;
+  if (t < 8) counter[t] = 0;
+  __syncthreads();
+  if (a.with_barrier)  // here: atomic or not
+    atomicAdd(&counter[t % 8], 1u);
+  else
+    counter[t % 8] += 1;
+  __syncthreads();
+  a.out[t] = float(counter[t % 8]);
+  __syncthreads();
 }
 
 static void exited_kernel(Args a) {
@@ -161,6 +194,17 @@ int main(int argc, char** argv) {
     dkemu::launch(kBlocks, kN, broadcast_kernel, a);
     std::printf("wrong %d\n", broadcast_wrong(out));
     return 0;
+  }
+  if (mode == "lanes" || mode == "count") {
+    if (argc < 4) return 2;
+    a.with_barrier = std::atoi(argv[2]);
+    dk_emu_set_schedule_seed(std::atoll(argv[3]));
+    const unsigned n = mode == "lanes" ? 64 : kN;
+    dkemu::launch(1, n, mode == "lanes" ? lanes_kernel : count_kernel, a);
+    int wrong = 0;
+    for (unsigned t = 0; t < n; ++t) wrong += out[t] != (mode == "lanes" ? float(t ^ 1u) : float(kN / 8));
+    std::printf("wrong %d\n", wrong);
+    return dk_emu_take_error() ? 1 : 0;
   }
   dk_emu_set_schedule_seed(std::atoll(argv[2]));
   if (mode == "blocks") {
