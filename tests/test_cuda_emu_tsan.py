@@ -128,6 +128,9 @@ TSAN_CASES = [
 
 
 def test_kernels_have_no_data_race(tmp_path):
+    """TSAN_CASES, or with DK_EMU_TSAN_ALL=1 every emulator item of tests/ (hours: ~40x the plain
+    emulator suites)."""
+    everything = os.environ.get("DK_EMU_TSAN_ALL") == "1"
     env = dict(
         os.environ,
         DK_EMU_TSAN="1",
@@ -137,13 +140,15 @@ def test_kernels_have_no_data_race(tmp_path):
         TSAN_OPTIONS=f"exitcode=66 log_path={tmp_path / 'tsan'}",
     )
     here = Path(__file__).resolve().parent
-    cases = [str(here / c) for c in TSAN_CASES]
+    cases = [str(here), "-k", "emu and not tsan"] if everything else [str(here / c) for c in TSAN_CASES]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5", *cases]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=None if everything else 1800)
     _skip_if_tsan_cannot_start(r)
     print(r.stdout[-3000:])
     reports = sorted(tmp_path.glob("tsan*"))
     text = "\n".join(p.read_text() for p in reports)
     assert not reports, f"ThreadSanitizer reported:\n{text[:20000]}"
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
-    assert " passed" in r.stdout and " skipped" not in r.stdout and "deselected" not in r.stdout, r.stdout[-3000:]
+    assert " passed" in r.stdout, r.stdout[-3000:]
+    if not everything:  # every listed case ran
+        assert " skipped" not in r.stdout and "deselected" not in r.stdout, r.stdout[-3000:]
