@@ -22,12 +22,7 @@ pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no host C++ comp
 
 # ---- what the emulator catches ------------------------------------------------------------------
 def _selftest(*argv, env=None):
-    exe = emu.ROOT / "build" / "cuda_emu" / "emu_selftest"
-    src = [emu.HERE / "emu_selftest.cpp", emu.HERE / "emu_runtime.h"]
-    if not exe.exists() or exe.stat().st_mtime < max(p.stat().st_mtime for p in src):
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [emu.compiler(), "-std=c++20", "-O1", *emu.sanitize_flags(), f"-I{emu.HERE}", str(src[0]), "-o", str(exe)]
-        subprocess.run(cmd, check=True)
+    exe = emu.selftest_exe("emu_selftest", ["-O1", *emu.sanitize_flags()])
     return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
 
 

@@ -35,14 +35,7 @@ pytestmark = pytest.mark.skipif(TSAN is None, reason="no x86-64 host compiler wi
 
 
 def _selftest_tsan(*argv):
-    exe = emu.ROOT / "build" / "cuda_emu" / "emu_selftest_tsan"
-    src = [emu.HERE / "emu_selftest.cpp", emu.HERE / "emu_runtime.h"]
-    if not exe.exists() or exe.stat().st_mtime < max(p.stat().st_mtime for p in src):
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        tmp = exe.with_name(f"{exe.name}.tmp{os.getpid()}")
-        cmd = [emu.compiler(), "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-DDK_EMU_TSAN=1"]
-        subprocess.run([*cmd, f"-I{emu.HERE}", str(src[0]), "-o", str(tmp)], check=True)
-        os.replace(tmp, exe)
+    exe = emu.selftest_exe("emu_selftest_tsan", ["-O1", "-g", "-fsanitize=thread", "-DDK_EMU_TSAN=1"])
     env = dict(os.environ, TSAN_OPTIONS="exitcode=66")
     r = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
     _skip_if_tsan_cannot_start(r)

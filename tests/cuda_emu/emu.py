@@ -72,6 +72,19 @@ def tsan_flags():
     return ["-fsanitize=thread", "-DDK_EMU_TSAN=1", "-g"]
 
 
+def selftest_exe(name, flags):
+    """tests/cuda_emu/emu_selftest.cpp built into build/cuda_emu/<name> with `flags` (rebuilt when
+    it or emu_runtime.h is newer); its path."""
+    exe = ROOT / "build" / "cuda_emu" / name
+    src = [HERE / "emu_selftest.cpp", HERE / "emu_runtime.h"]
+    if not exe.exists() or exe.stat().st_mtime < max(p.stat().st_mtime for p in src):
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_name(f"{exe.name}.tmp{os.getpid()}")
+        subprocess.run([compiler(), "-std=c++20", *flags, f"-I{HERE}", str(src[0]), "-o", str(tmp)], check=True)
+        os.replace(tmp, exe)
+    return exe
+
+
 def tsan_runtime():
     """The compiler's ThreadSanitizer runtime library (to preload), or None."""
     try:
