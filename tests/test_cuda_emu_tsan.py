@@ -3,8 +3,8 @@ races that no thread order exposes. The emulator runs each emulated thread until
 so a missing __syncwarp between lanes that meet at a shuffle anyway, or a plain `+=` where an
 atomicAdd belongs, gives the right values under every schedule; on a GPU both are data races.
 Built with -fsanitize=thread, every emulated thread is a ThreadSanitizer fiber ordered only by what
-a GPU orders (barriers, __syncwarp; not shuffles), and every load and store of the kernels is
-checked.
+a GPU orders (barriers, __syncwarp; not shuffles; nothing between the blocks of a launch), and
+every load and store of the kernels is checked.
 
 - test_tsan_finds_races_no_schedule_shows: selftest kernels with such a race are reported under
   every seed tried, while their values come out right; the same kernels with the barrier / atomic
@@ -15,8 +15,10 @@ checked.
 
 Both skip off x86-64, where the compiler has no ThreadSanitizer runtime, and where the runtime
 cannot start (it names the reason: "FATAL: ThreadSanitizer: ...", e.g. an address-space layout it
-does not support). ThreadSanitizer sees races between the threads of one block; races between
-blocks of a launch are what the randomised block order of test_cuda_emu_runtime.py tests."""
+does not support). ThreadSanitizer sees races between the threads of one block, and between the
+blocks of a launch that run on different fiber sets (two sets alternate along the run order, so
+half of the block pairs; the randomised block order of test_cuda_emu_runtime.py covers the rest
+for value-changing races)."""
 
 import os
 import platform
@@ -54,12 +56,13 @@ def _skip_if_tsan_cannot_start(r):
         ("lanes", "slot[t ^ 1u]", (0, 1, 2)),  # a shuffle where a __syncwarp belongs
         ("count", "counter[t % 8] += 1", (0, 1, 2)),  # a plain add where an atomicAdd belongs
         ("broadcast", "a.out[blockIdx.x * kN + t] = total", (0,)),  # the removed __syncthreads
+        ("total", "*a.count += 1", (0, 1, 2)),  # a plain add where an atomicAdd belongs, between blocks
     ],
 )
 def test_tsan_finds_races_no_schedule_shows(mode, line, hidden):
     """The race is reported under the fixed order (seed 0) and random ones, and the values are
-    right under the seeds in `hidden` (every seed for the first two: the emulator alone passes
-    those kernels; the removed __syncthreads only under the fixed order); with the fence, no
+    right under the seeds in `hidden` (every seed for lanes, count and total: the emulator alone
+    passes those kernels; the removed __syncthreads only under the fixed order); with the fence, no
     report. The report names the kernel and the line of one of the racing accesses."""
     src = (emu.HERE / "emu_selftest.cpp").read_text().splitlines()
     lines = {i + 1 for i, s in enumerate(src) if line in s}

@@ -76,10 +76,10 @@ using dk::RowFilter;
 using dk::SampleArgs;
 
 // The emulator's count of split-phase blocks that resolve their row (tests/cuda_emu defines
-// DK_SPLIT_COUNT_WORK; nothing in a real build).
+// DK_SPLIT_COUNT_WORK; nothing in a real build; a relaxed atomic add: every block adds to it).
 #if defined(DK_SPLIT_COUNT_WORK) && defined(DK_CUDA_EMULATE)
 inline int64_t g_split_blocks = 0;
-#define DK_SPLIT_COUNT() (threadIdx.x == 0 ? void(++g_split_blocks) : void())
+#define DK_SPLIT_COUNT() (threadIdx.x == 0 ? void(__atomic_fetch_add(&g_split_blocks, 1, __ATOMIC_RELAXED)) : void())
 #else
 #define DK_SPLIT_COUNT() ((void)0)
 #endif

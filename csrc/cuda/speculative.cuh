@@ -41,14 +41,16 @@ namespace dk::cuda::spec {
 namespace sd = dk::cuda::detail;  // select_row, RowParams, Weight, Smem (sampling.cuh)
 
 // Work counters for the emulator's early-exit test (tests/cuda_emu defines DK_SPEC_COUNT_WORK;
-// nothing in a real build): target rows resolved, and normaliser passes (Z) made.
+// nothing in a real build): target rows resolved, and normaliser passes (Z) made. Every block of a
+// launch adds to them, so the adds are (host) relaxed atomics: the emulator's ThreadSanitizer build
+// reports plain ones as races between blocks.
 #if defined(DK_SPEC_COUNT_WORK) && defined(DK_CUDA_EMULATE)
 inline int64_t g_rows_resolved = 0, g_z_passes = 0;
 // The emulator's check of the prepared nodes (walk_node): when set, the walk also resolves each
 // prepared node itself and counts the nodes whose summary or survivor list differs.
 inline bool g_check_prepared = false;
 inline int64_t g_prepared_mismatch = 0;
-#define DK_SPEC_COUNT(c) (threadIdx.x == 0 ? void(++(c)) : void())
+#define DK_SPEC_COUNT(c) (threadIdx.x == 0 ? void(__atomic_fetch_add(&(c), 1, __ATOMIC_RELAXED)) : void())
 #else
 #define DK_SPEC_COUNT(c) ((void)0)
 #endif
@@ -568,7 +570,7 @@ DK_DEVICE Resolved<T> walk_node(const Target& tg, int64_t b, int64_t r, const sd
     bool same = same_node(m, n);
     for (int64_t j = 0; same && n.list && j < n.nS; ++j)
       same = own.list_idx[j] == ws.list_idx[j] && own.list_w[j] == ws.list_w[j];
-    if (!same && threadIdx.x == 0) ++g_prepared_mismatch;
+    if (!same && threadIdx.x == 0) __atomic_fetch_add(&g_prepared_mismatch, 1, __ATOMIC_RELAXED);
     __syncthreads();
   }
 #endif

@@ -50,8 +50,12 @@ template <class F>
 inline const Row* exchange(const uint32_t* words, int n, F&& last) {
   const unsigned t = threadIdx.x;
   if (t >= kMaxThreads) fail("thread index beyond the staging area");
-  const unsigned buf = g_ops[t]++ & 1u;
-  std::memcpy(g_stage[buf][t], words, sizeof(uint32_t) * unsigned(n));
+  unsigned buf;
+  {
+    const tsan::Quiet q;  // the staging area is the runtime's (reused by thread index across blocks)
+    buf = g_ops[t]++ & 1u;
+    std::memcpy(g_stage[buf][t], words, sizeof(uint32_t) * unsigned(n));
+  }
   const Row* rows = &g_stage[buf][t & ~31u];
   dkemu::warp_sync_last(dkemu::warp_lanes(dkemu::g_blk->n, t >> 5), [&] { last(rows); });
   return rows;
@@ -129,6 +133,9 @@ struct Copy {
   const void* src;
   bool valid;
 };
+// The per-thread queues are the runtime's bookkeeping, hidden from ThreadSanitizer (tsan::Quiet):
+// the blocks of a launch reuse them by thread index, unordered (emu_runtime.h). The copies
+// themselves (the memset / memcpy into shared memory) are checked, as the issuing thread's writes.
 inline std::vector<Copy> g_open[kMaxThreads];                // issued, not yet committed
 inline std::deque<std::vector<Copy>> g_groups[kMaxThreads];  // committed, oldest first
 
@@ -137,25 +144,35 @@ inline void cp_async_16(void* dst, const void* src, bool valid) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp.async shared address not 16-byte aligned");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async global address not 16-byte aligned");
   std::memset(dst, 0xff, 16);
+  const tsan::Quiet q;
   g_open[t].push_back({dst, src, valid});
 }
 inline void cp_async_commit() {
   const unsigned t = threadIdx.x;
+  const tsan::Quiet q;
   g_groups[t].push_back(std::move(g_open[t]));
   g_open[t].clear();
 }
 // wait_group n: every group but the newest n is complete (its copies land now).
 inline void cp_async_wait(int n) {
   const unsigned t = threadIdx.x;
-  while (g_groups[t].size() > size_t(n)) {
-    for (const Copy& c : g_groups[t].front()) {
+  for (;;) {
+    std::vector<Copy> group;
+    {
+      const tsan::Quiet q;
+      if (g_groups[t].size() <= size_t(n)) return;
+      group = std::move(g_groups[t].front());
+      g_groups[t].pop_front();
+    }
+    for (const Copy& c : group) {
       if (c.valid) {
         std::memcpy(c.dst, c.src, 16);
       } else {
         std::memset(c.dst, 0, 16);
       }
     }
-    g_groups[t].pop_front();
+    const tsan::Quiet q;
+    std::vector<Copy>().swap(group);  // (freed here, hidden too)
   }
 }
 // Copies issued but never waited for (checked after a launch; a kernel must not exit with any).

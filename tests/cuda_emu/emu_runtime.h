@@ -118,6 +118,8 @@ void __tsan_destroy_fiber(void* fiber);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
+void __tsan_java_alloc(unsigned long ptr, unsigned long size);  // (see dkemu::tsan::forget)
+void __tsan_java_free(unsigned long ptr, unsigned long size);
 void AnnotateIgnoreReadsBegin(const char* file, int line);
 void AnnotateIgnoreReadsEnd(const char* file, int line);
 void AnnotateIgnoreWritesBegin(const char* file, int line);
@@ -139,14 +141,22 @@ void AnnotateIgnoreWritesEnd(const char* file, int line);
 //     data through shared memory need a __syncwarp too.
 //   - atomicAdd / atomicOr are relaxed atomic read-modify-writes (__atomic builtins): they do not
 //     race with each other and order nothing else.
-//   - The host (the scheduler) happens before every thread of a block (the block's arguments, its
-//     shared memory's poison) and every thread before the host after the block (outputs). So the
-//     blocks of a launch are ordered through the host: ThreadSanitizer does not see races between
-//     blocks; the randomised block order (launch) tests those.
+//   - The host (the scheduler) happens before every thread of a block (the launch's arguments, the
+//     block's shared-memory poison), and every thread of the launch before the host after the
+//     launch (outputs). Nothing orders the blocks of a launch among themselves: the blocks take
+//     turns among kSets sets of fibers (block i of the run order runs on set i % kSets, with its
+//     own stacks and barrier edges), so two blocks on different sets are unordered and a race
+//     between them (two blocks writing one word, one reading what another writes) is reported.
+//     Blocks on the same set are ordered (the same fibers run them), so a launch's races between
+//     blocks are seen for half of the block pairs; the randomised block order changes the pairs.
+//     The emulated __shared__ variables are one copy for every block, so before each block the
+//     host makes ThreadSanitizer forget their past accesses (forget): on a GPU each block has its
+//     own.
 // The runtime's own bookkeeping (arrival counts, the shuffles' exchange words, the scheduler's
 // writes of threadIdx) is hidden from ThreadSanitizer (Quiet).
 namespace dkemu::tsan {
 #if DK_EMU_TSAN
+constexpr unsigned kSets = 2;
 inline void* create() { return __tsan_create_fiber(0); }
 inline void destroy(void* f) { __tsan_destroy_fiber(f); }
 inline void* current() { return __tsan_get_current_fiber(); }
@@ -155,6 +165,16 @@ inline void switch_to(void* f) {
 }
 inline void release(char* edge) { __tsan_release(edge); }
 inline void acquire(char* edge) { __tsan_acquire(edge); }
+// ThreadSanitizer forgets the accesses to [p, p + n) so far (8-byte words; may take in the ends of
+// neighbours): the Java heap's allocation hook resets the range's shadow, its free hook drops the
+// block record the allocation left.
+inline void forget(void* p, size_t n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(7),
+                  e = (reinterpret_cast<uintptr_t>(p) + n + 7) & ~uintptr_t(7);
+  if (e <= a) return;
+  __tsan_java_alloc(a, e - a);
+  __tsan_java_free(a, e - a);
+}
 struct Quiet {  // the calling fiber's reads and writes are not checked while one is alive
   Quiet() {
     AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
@@ -168,12 +188,14 @@ struct Quiet {  // the calling fiber's reads and writes are not checked while on
   Quiet& operator=(const Quiet&) = delete;
 };
 #else
+constexpr unsigned kSets = 1;
 inline void* create() { return nullptr; }
 inline void destroy(void*) {}
 inline void* current() { return nullptr; }
 inline void switch_to(void*) {}
 inline void release(char*) {}
 inline void acquire(char*) {}
+inline void forget(void*, size_t) {}
 struct Quiet {
   Quiet() {}  // user-provided: `const Quiet q;` without an unused-variable warning
 };
@@ -181,17 +203,21 @@ struct Quiet {
 // The edges' sync addresses. A barrier's alternate between two by generation: a thread that left
 // a barrier can run on to the next one and release there before a slower thread resumes from this
 // one, and with one address the slow thread's acquire would take in the fast one's later accesses.
-inline char g_edge_start, g_edge_end, g_edge_bar[2], g_edge_warp[32][2];
-// The fibers, one per thread index, kept for later launches (a fresh set per launch made a launch
-// of 4 blocks x 512 threads take 0.25 s, against 25 ms kept). After a failed launch they are
-// discarded: an abandoned thread may have stopped inside a Quiet.
-inline std::vector<void*> g_fibers;
+// One set of barrier edges per fiber set: a shared one would order the blocks.
+inline char g_edge_start, g_edge_end, g_edge_bar[kSets][2], g_edge_warp[kSets][32][2];
+// The fibers, per set one per thread index, kept for later launches (a fresh set per launch made a
+// launch of 4 blocks x 512 threads take 0.25 s, against 25 ms kept). After a failed launch they
+// are discarded: an abandoned thread may have stopped inside a Quiet.
+inline std::vector<void*> g_fibers[kSets];
 inline void reserve(unsigned n) {
-  while (g_fibers.size() < n) g_fibers.push_back(create());
+  for (auto& set : g_fibers)
+    while (set.size() < n) set.push_back(create());
 }
 inline void discard() {
-  for (void* f : g_fibers) destroy(f);
-  g_fibers.clear();
+  for (auto& set : g_fibers) {
+    for (void* f : set) destroy(f);
+    set.clear();
+  }
 }
 }  // namespace dkemu::tsan
 
@@ -223,6 +249,7 @@ struct Block {
   std::vector<uint64_t> xbuf;          // one exchange word per thread (warp ops)
   std::function<void()> body;
   void* tsan_host = nullptr;  // the scheduler's ThreadSanitizer fiber (DK_EMU_TSAN)
+  unsigned set = 0;           // the fiber set running it (dkemu::tsan::kSets)
   bool failed = false;        // a thread of this block failed: the launch is abandoned
 };
 inline Block* g_blk = nullptr;
@@ -428,30 +455,33 @@ inline void poison_shared() {
 // The fibers' stacks: one mapping, reused by later launches of up to as many threads, with an
 // inaccessible page below each stack (stacks grow down), so an emulated thread that overflows its
 // kStack bytes faults (and the launch fails naming it) instead of writing over its neighbour's
-// stack or the heap. The fault handler runs on an alternate signal stack (Watchdog).
+// stack or the heap. The fault handler runs on an alternate signal stack (Watchdog). One stack
+// per thread index and fiber set (tsan::kSets).
 struct FiberStacks {
   char* base = nullptr;
   size_t threads = 0, total = 0;
   size_t stride() const { return kStack + page_bytes(); }
-  char* stack(unsigned t) const { return base + size_t(t) * stride() + page_bytes(); }
+  char* stack(unsigned t, unsigned set) const {
+    return base + (size_t(t) * tsan::kSets + set) * stride() + page_bytes();
+  }
   void reserve(unsigned n) {
     if (n <= threads) return;
     if (base) munmap(base, total);
-    total = size_t(n) * stride();
+    total = size_t(n) * tsan::kSets * stride();
     void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
       std::perror("dkemu: mmap (fiber stacks)");
       std::abort();
     }
     base = static_cast<char*>(m);
-    for (size_t t = 0; t < n; ++t) mprotect(base + t * stride(), page_bytes(), PROT_NONE);
+    for (size_t t = 0; t < size_t(n) * tsan::kSets; ++t) mprotect(base + t * stride(), page_bytes(), PROT_NONE);
     threads = n;
   }
   // The thread whose guard page holds addr, else -1.
   int64_t overflowed(uintptr_t addr) const {
     const auto b = reinterpret_cast<uintptr_t>(base);
     if (!base || addr < b || addr >= b + total) return -1;
-    return (addr - b) % stride() < page_bytes() ? int64_t((addr - b) / stride()) : -1;
+    return (addr - b) % stride() < page_bytes() ? int64_t((addr - b) / stride() / tsan::kSets) : -1;
   }
 };
 inline FiberStacks g_stacks;
@@ -604,8 +634,13 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
     for (size_t i = blocks.size(); i > 1; --i) std::swap(blocks[i - 1], blocks[splitmix(brng) % i]);
   }
   try {
-    for (unsigned b : blocks) {
+    for (unsigned i = 0; i < grid; ++i) {
+      const unsigned b = blocks[i];
+      // The host's work for the block is hidden from ThreadSanitizer: it is not ordered after the
+      // earlier blocks of the launch (the threads' reads of the runtime's state are plain reads).
+      const tsan::Quiet quiet;
       Block blk;
+      blk.set = i % tsan::kSets;
       blk.n = threads;
       blk.f.resize(threads);
       blk.warp_arrived.assign((threads + 31) / 32, 0);
@@ -613,18 +648,18 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
       blk.warp_gen.assign((threads + 31) / 32, 0);
       blk.xbuf.assign(threads, 0);
       blk.body = [&] { kernel(args); };
+      for (const auto& [p, n] : g_shared) tsan::forget(p, n);  // the earlier blocks' shared memory
       poison_shared();
       g_blk = &blk;
       tls_bid = dim3(b);
       g_watch_block = b;
       uint64_t rng = seed ^ (0xD1B54A32D192ED03ull * (uint64_t(b) + 1));
       for (unsigned t = 0; t < threads; ++t) {
-        make_fiber(blk, blk.f[t], g_stacks.stack(t), kStack);
-        blk.f[t].tsan = tsan::g_fibers[t];
+        make_fiber(blk, blk.f[t], g_stacks.stack(t, blk.set), kStack);
+        blk.f[t].tsan = tsan::g_fibers[blk.set][t];
       }
       blk.tsan_host = tsan::current();
-      tsan::release(&tsan::g_edge_start);  // the host's writes so far happen before the block
-      const tsan::Quiet quiet;             // the scheduler's bookkeeping (threadIdx, wait states)
+      tsan::release(&tsan::g_edge_start);  // the host's writes before the launch happen before the block
       for (;;) {
         if (g_timed_out) throw Abandon{};
         order.clear();
@@ -665,11 +700,11 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
           fail(msg);
         }
       }
-      tsan::acquire(&tsan::g_edge_end);  // the block's writes happen before what the host does next
     }
   } catch (const Abandon&) {  // a failure recorded in g_error: the launch ends here
     tsan::discard();
   }
+  tsan::acquire(&tsan::g_edge_end);  // the launch's writes happen before what the host does next
   g_blk = nullptr;
   g_in_fiber = false;
 }
@@ -692,7 +727,7 @@ inline void warp_meet(unsigned mask, bool orders, F&& last) {
   else if (B.warp_mask[w] != mask)
     fail("the lanes of a warp op disagree on its mask (divergent warp ops)");
   B.warp_arrived[w] |= bit;
-  char* edge = &tsan::g_edge_warp[w][B.warp_gen[w] & 1u];
+  char* edge = &tsan::g_edge_warp[B.set][w][B.warp_gen[w] & 1u];
   if (orders) tsan::release(edge);
   if (B.warp_arrived[w] == mask) {
     if (orders) tsan::acquire(edge);  // last() reads what the other lanes published
@@ -914,7 +949,7 @@ extern "C" __attribute__((weak, visibility("default"))) void dk_emu_fence_free(v
 
 inline void __syncthreads() {
   const dkemu::tsan::Quiet q;
-  char* edge = &dkemu::tsan::g_edge_bar[dkemu::g_blk->bar_gen & 1u];
+  char* edge = &dkemu::tsan::g_edge_bar[dkemu::g_blk->set][dkemu::g_blk->bar_gen & 1u];
   dkemu::tsan::release(edge);
   dkemu::g_blk->bar_arrived++;
   dkemu::park(dkemu::kBlockBar);

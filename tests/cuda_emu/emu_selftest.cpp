@@ -49,6 +49,11 @@
 //     then __syncthreads and thread t reads counter t % 8; prints "wrong N". Fibers never
 //     interleave inside the plain `+= 1` either, so every order counts right; built with
 //     ThreadSanitizer the plain add is reported as a race and atomicAdd is not.
+//   emu_selftest total <atomic 0|1> <seed>: thread 0 of each of 8 blocks adds 1 to one global
+//     counter; prints "wrong N" (1 when the count is not 8). The emulator runs one block at a
+//     time, so every block order counts right; on a GPU the blocks run at once and the plain add
+//     loses updates. Built with ThreadSanitizer (blocks on different fiber sets are unordered)
+//     the plain add is reported as a race between blocks, atomicAdd is not.
 #include "emu_runtime.h"
 
 #include <cmath>
@@ -59,11 +64,14 @@ constexpr unsigned kN = 256, kBlocks = 8;
 struct Args {
   int with_barrier;
   float* out;
+  unsigned* count = nullptr;
 };
 
+// broadcast_kernel's __shared__ variables (file scope: main registers them, as emu.py registers the
+// libraries'; unregistered, the ThreadSanitizer build would see the blocks' copies as one)
+static float part[kN];
+static float total;
 static void broadcast_kernel(Args a) {
-  __shared__ float part[kN];
-  __shared__ float total;
   const unsigned t = threadIdx.x;
   part[t] = float(blockIdx.x * kN + t);
   __syncthreads();
@@ -111,6 +119,14 @@ static void count_kernel(Args a) {
   __syncthreads();
   a.out[t] = float(counter[t % 8]);
   __syncthreads();
+}
+
+static void total_kernel(Args a) {
+  if (threadIdx.x != 0) return;
+  if (a.with_barrier)  // here: atomic or not
+    atomicAdd(a.count, 1u);
+  else
+    *a.count += 1;
 }
 
 static void exited_kernel(Args a) {
@@ -187,6 +203,9 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   std::vector<float> out(kN * kBlocks, -1.f);
   Args a{0, out.data()};
+  const uint64_t shared[4] = {reinterpret_cast<uint64_t>(part), sizeof part, reinterpret_cast<uint64_t>(&total),
+                              sizeof total};
+  dk_emu_set_shared(shared, 2);
   if (mode == "broadcast") {
     if (argc < 4) return 2;
     a.with_barrier = std::atoi(argv[2]);
@@ -204,6 +223,16 @@ int main(int argc, char** argv) {
     int wrong = 0;
     for (unsigned t = 0; t < n; ++t) wrong += out[t] != (mode == "lanes" ? float(t ^ 1u) : float(kN / 8));
     std::printf("wrong %d\n", wrong);
+    return dk_emu_take_error() ? 1 : 0;
+  }
+  if (mode == "total") {
+    if (argc < 4) return 2;
+    unsigned count = 0;
+    a.with_barrier = std::atoi(argv[2]);
+    a.count = &count;
+    dk_emu_set_schedule_seed(std::atoll(argv[3]));
+    dkemu::launch(kBlocks, 32, total_kernel, a);
+    std::printf("wrong %d\n", int(count != kBlocks));
     return dk_emu_take_error() ? 1 : 0;
   }
   dk_emu_set_schedule_seed(std::atoll(argv[2]));
