@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -66,10 +67,105 @@ def tsan_flags():
     dkemu::tsan: every emulated thread a fiber, ordered only by what a GPU orders), which checks
     every load and store of the kernels for a data race between the threads of a block. Such a
     library loads only into a process started with the ThreadSanitizer runtime preloaded
-    (tsan_runtime(); tests/test_cuda_emu_tsan.py runs the suites that way)."""
+    (runtime("tsan"); tests/test_cuda_emu_tsan.py runs the suites that way)."""
     if os.environ.get("DK_EMU_TSAN", "0") != "1":
         return []
     return ["-fsanitize=thread", "-DDK_EMU_TSAN=1", "-g"]
+
+
+def asan_flags():
+    """DK_EMU_ASAN=1: the emulator libraries built with AddressSanitizer, which poisons the slack
+    around every fenced buffer (emu_runtime.h Guarded, dkemu::asan), so a kernel's read there is
+    reported even when its value never reaches a result. Loads only into a process started with
+    the AddressSanitizer runtime preloaded (runtime("asan"); tests/test_cuda_emu_asan.py)."""
+    if os.environ.get("DK_EMU_ASAN", "0") != "1":
+        return []
+    return ["-fsanitize=address", "-fno-omit-frame-pointer", "-DDK_EMU_ASAN=1", "-g"]
+
+
+# The emulator cases the sanitizer builds run (tests/test_cuda_emu_tsan.py, test_cuda_emu_asan.py;
+# ids relative to tests/): every kernel family of the four emulator libraries at its production
+# block size (single-CTA and split-row paths, the whole-step pipeline with its truncations, the
+# speculative chain / tree kernels with filters, both attention kernels), picked among the suites'
+# cases for a small vocabulary (ThreadSanitizer runs them 20-100x slower).
+SANITIZER_CASES = [
+    "test_ops_sampling.py::test_emu_production_block_size",
+    "test_ops_sampling.py::test_sample[cuda_emu-logits-ties-torch.float32-plain]",
+    "test_ops_sampling.py::test_sample[cuda_emu-logits-randn-torch.float32-p0.5_minp0.2_joint]",
+    "test_ops_sampling.py::test_sample[cuda_emu-probs-zipf-k20_minp0.1]",
+    "test_ops_sampling.py::test_gumbel_sample[cuda_emu-ties-torch.float16]",
+    "test_ops_sampling.py::test_filter[cuda_emu-mask-randn-torch.float32-k5000_chunked]",
+    "test_ops_sampling.py::test_filter[cuda_emu-mask-bad-torch.bfloat16-p0.9]",
+    "test_ops_sampling.py::test_emu_split_sample[logits-peaked-V12289-torch.bfloat16-T0.7]",
+    "test_ops_sampling.py::test_emu_split_filtered[logits-ties-minp0.05]",
+    "test_ops_sampling.py::test_emu_split_gumbel[randn-V9000-torch.bfloat16]",
+    "test_ops_sampling.py::test_emu_split_filter[softmax-randn]",
+    "test_ops_pipeline.py::test_cut_where_the_mass_reaches_p_exactly[ks0-setting0-2-cuda_emu]",
+    "test_ops_pipeline.py::test_emu_start_list_is_exact[0]",
+    "test_ops_pipeline.py::test_emu_seed_and_offsets_read_from_memory[1]",
+    "test_ops_pipeline.py::test_apply_token_bitmask_inplace[dtype1-cuda_emu]",
+    "test_ops_pipeline.py::test_each_truncation_each_order[vllm-epsilon-cuda_emu]",
+    "test_ops_pipeline.py::test_each_truncation_each_order[joint-top_h-cuda_emu]",
+    "test_ops_pipeline.py::test_emu_split_rows_at_production_sizes[1]",
+    "test_ops_speculative.py::test_tree[cuda_emu-greedy-ids]",
+    "test_ops_speculative.py::test_tree[cuda_emu-probs-draft]",
+    "test_ops_speculative.py::test_chain[cuda_emu-probs-draft-ragged]",
+    "test_ops_speculative.py::test_chain[cuda_emu-logits-temp-draft]",
+    "test_ops_speculative.py::test_chain_filters[cuda_emu-minp]",
+    "test_ops_speculative.py::test_tree_filters[cuda_emu-minp]",
+    "test_ops_speculative.py::test_emu_early_exit_work",
+    "test_ops_speculative.py::test_emu_bad_logits_rows_and_real_block_size",
+    "test_ops_speculative.py::test_build_tree[cuda_emu]",
+    "test_ops_attention.py::test_tree_attention[1-0-64-(32, 8)-NHD-bf16-1-cuda_emu]",
+    "test_ops_attention.py::test_tree_attention[1-1-256-(32, 32)-HND-bf16-3-cuda_emu]",
+    "test_ops_attention.py::test_empty_rows_and_split_edges[cuda_emu]",
+    "test_ops_attention.py::test_emu_auto_picks_the_cuda_core_kernel_for_unaligned_rows",
+    "test_cuda_emu_runtime.py::test_emulated_mma_matches_matrix_product[f16]",
+    "test_cuda_emu_runtime.py::test_digit_scans[1]",
+    "test_cuda_sync.py::test_emulated_kernels_read_seed_and_offsets_in_memory",
+    "test_cuda_sync.py::test_emulated_tree_kernel_skips_rows",
+]
+
+
+def run_under(name, cases, log_dir, env=None, timeout=1800):
+    """Runs the pytest items `cases` in a subprocess with the emulator libraries built with sanitizer
+    `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each report
+    written under log_dir (log_path); the CompletedProcess. The process uses one OpenMP thread
+    (torch's workers synchronise in ways ThreadSanitizer does not see) and no launch watchdog (a
+    sanitizer build is slow; the watchdog's limit is for hangs)."""
+    opts = {"tsan": "exitcode=66", "asan": "exitcode=66:detect_leaks=0:detect_stack_use_after_return=0"}[name]
+    env = dict(
+        os.environ,
+        **{f"DK_EMU_{name.upper()}": "1"},
+        DK_EMU_LAUNCH_TIMEOUT="0",
+        OMP_NUM_THREADS="1",
+        LD_PRELOAD=runtime(name),
+        **{f"{name.upper()}_OPTIONS": f"{opts}:log_path={Path(log_dir) / name}"},
+        **(env or {}),
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5", *cases]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cannot_start(r):
+    """The line where a sanitizer runtime says it cannot run in this process (an address-space
+    layout it does not support), or None."""
+    for line in r.stderr.splitlines():
+        if line.startswith("FATAL: ThreadSanitizer") or "ASan cannot proceed" in line:
+            return line
+    return None
+
+
+def check_run(r, log_dir, name, every_listed=True):
+    """Fails on any report a run_under(name) wrote, then on a failed or empty run; every_listed:
+    no listed case was skipped or deselected."""
+    reports = sorted(Path(log_dir).glob(f"{name}*"))
+    text = "\n".join(p.read_text() for p in reports)
+    assert not reports, f"{name} reported:\n{text[:20000]}"
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    assert " passed" in r.stdout, r.stdout[-3000:]
+    if every_listed:
+        assert " skipped" not in r.stdout and "deselected" not in r.stdout, r.stdout[-3000:]
 
 
 def selftest_exe(name, flags):
@@ -85,10 +181,11 @@ def selftest_exe(name, flags):
     return exe
 
 
-def tsan_runtime():
-    """The compiler's ThreadSanitizer runtime library (to preload), or None."""
+def runtime(name):
+    """The compiler's sanitizer runtime library lib<name>.so (to preload; name: "tsan", "asan"),
+    or None."""
     try:
-        out = subprocess.run([compiler(), "-print-file-name=libtsan.so"], capture_output=True, text=True)
+        out = subprocess.run([compiler(), f"-print-file-name=lib{name}.so"], capture_output=True, text=True)
     except (OSError, TypeError):
         return None
     path = Path(out.stdout.strip())
@@ -237,6 +334,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
         *unique_flags(),
         *sanitize_flags(),
         *tsan_flags(),
+        *asan_flags(),
     ]
     h = hashlib.sha256(f"{threads} {' '.join(flags)}".encode())
     for s in sources:

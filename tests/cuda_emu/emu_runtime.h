@@ -221,6 +221,30 @@ inline void discard() {
 }
 }  // namespace dkemu::tsan
 
+// Reads of a fenced buffer's slack with AddressSanitizer (DK_EMU_ASAN=1; a no-op otherwise): the
+// slack around every Guarded payload is poisoned, so any load or store of a kernel there is
+// reported at once, even one whose value never reaches a result (a 16-byte load of a row's last
+// group that runs past the row's end into the under-16-byte slack before the guard page).
+#if DK_EMU_ASAN
+extern "C" void __asan_poison_memory_region(void const volatile* addr, size_t size);
+extern "C" void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
+#define DK_EMU_NO_ASAN __attribute__((no_sanitize("address")))
+#else
+#define DK_EMU_NO_ASAN
+#endif
+namespace dkemu::asan {
+inline void forbid([[maybe_unused]] const void* p, [[maybe_unused]] size_t n) {
+#if DK_EMU_ASAN
+  if (n) __asan_poison_memory_region(p, n);
+#endif
+}
+inline void allow([[maybe_unused]] const void* p, [[maybe_unused]] size_t n) {
+#if DK_EMU_ASAN
+  if (n) __asan_unpoison_memory_region(p, n);
+#endif
+}
+}  // namespace dkemu::asan
+
 namespace dkemu {
 enum Wait { kRun = 0, kBlockBar = 1, kWarpBar = 2 };
 struct Fiber {
@@ -371,6 +395,7 @@ inline void make_fiber(Block& blk, Fiber& fb, char* stack, size_t size) {
   (void)blk;
   auto top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
   auto* sp = reinterpret_cast<uint64_t*>(top - 72);
+  asan::allow(sp, 72);  // (the redzones of the last fiber's frames that never returned: fiber_main's)
   uint32_t csr[2] = {0, 0};
   asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(*reinterpret_cast<uint16_t*>(&csr[1])));
   std::memcpy(sp, csr, 8);
@@ -466,7 +491,10 @@ struct FiberStacks {
   }
   void reserve(unsigned n) {
     if (n <= threads) return;
-    if (base) munmap(base, total);
+    if (base) {
+      asan::allow(base, total);  // (the frames' redzones)
+      munmap(base, total);
+    }
     total = size_t(n) * tsan::kSets * stride();
     void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
@@ -703,6 +731,7 @@ void launch(unsigned grid, unsigned threads, K kernel, const A& args) {
     }
   } catch (const Abandon&) {  // a failure recorded in g_error: the launch ends here
     tsan::discard();
+    asan::allow(g_stacks.base, g_stacks.total);  // the abandoned threads' frames
   }
   tsan::acquire(&tsan::g_edge_end);  // the launch's writes happen before what the host does next
   g_blk = nullptr;
@@ -819,6 +848,8 @@ class Guarded {
     poison(region, region_);
     if (fill)
       for (size_t i = 0; i + elem_size <= bytes; i += elem_size) std::memcpy(p_ + i, fill, elem_size);
+    asan::forbid(region, size_t(p_ - region));  // the slack
+    asan::forbid(p_ + bytes, region_ - size_t(p_ - region) - bytes);
     info_.front = reinterpret_cast<uintptr_t>(base_);
     info_.rear = lo + region_;
     info_.data = p;
@@ -837,6 +868,7 @@ class Guarded {
   ~Guarded() {
     if (!base_) return;  // moved from
     g_fences.erase(std::remove(g_fences.begin(), g_fences.end(), &info_), g_fences.end());
+    asan::allow(base_ + page_bytes(), region_);
     munmap(base_, total_);
   }
   // Where the drivers' buffers go: alternately against the guard page after and before the payload.
@@ -859,17 +891,9 @@ class Guarded {
   // (negative: before it); first > last when none changed.
   std::pair<int64_t, int64_t> touched() const {
     const unsigned char* region = base_ + page_bytes();
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
     int64_t first = INT64_MAX, last = INT64_MIN;
-    const auto scan = [&](size_t from, size_t to) {
-      for (size_t i = from; i < to; ++i)
-        if (region[i] != kPoison[(lo + i) & 3u]) {
-          const int64_t at = int64_t(i) - int64_t(p_ - region);
-          first = std::min(first, at), last = std::max(last, at);
-        }
-    };
-    scan(0, size_t(p_ - region));
-    scan(size_t(p_ - region) + info_.bytes, region_);
+    scan(region, 0, size_t(p_ - region), p_, first, last);
+    scan(region, size_t(p_ - region) + info_.bytes, region_, p_, first, last);
     return {first, last};
   }
   void check() const {
@@ -884,6 +908,17 @@ class Guarded {
   }
 
  private:
+  // Bytes [from, to) of the region that differ from the poison pattern, relative to the payload
+  // p, into [first, last]. (Reads the slack: not checked by AddressSanitizer.)
+  DK_EMU_NO_ASAN static void scan(const unsigned char* region, size_t from, size_t to, const unsigned char* p,
+                                  int64_t& first, int64_t& last) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
+    for (size_t i = from; i < to; ++i)
+      if (region[i] != kPoison[(lo + i) & 3u]) {
+        const int64_t at = int64_t(i) - int64_t(p - region);
+        first = std::min(first, at), last = std::max(last, at);
+      }
+  }
   unsigned char* base_ = nullptr;
   unsigned char* p_ = nullptr;
   size_t region_ = 0, total_ = 0;
