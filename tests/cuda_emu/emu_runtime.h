@@ -30,7 +30,9 @@
 // missing __syncwarp between lanes that meet at a shuffle anyway never changes a result): built
 // with -DDK_EMU_TSAN=1 -fsanitize=thread (emu.py, DK_EMU_TSAN=1), every emulated thread is a
 // ThreadSanitizer fiber and ThreadSanitizer checks every load and store of the kernels against
-// the ordering a GPU guarantees (namespace dkemu::tsan below says which).
+// the ordering a GPU guarantees (namespace dkemu::tsan below says which). Built with
+// -DDK_EMU_ASAN=1 -fsanitize=address (DK_EMU_ASAN=1), the slack between a fenced buffer and its
+// guard pages is poisoned, so a read there is reported even when its value never reaches a result.
 //
 // __shared__ variables are function-local statics (blocks run one after another, so that is one
 // copy per block), filled with a poison pattern before each block (poison_shared). Float
