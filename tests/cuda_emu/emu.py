@@ -152,6 +152,17 @@ def run_under(name, cases, log_dir, env=None, timeout=1800):
         **{f"{name.upper()}_OPTIONS": f"{opts}:log_path={Path(log_dir) / name}"},
         **(env or {}),
     )
+    # the four libraries at their production block size, two at a time (the run would build them
+    # one after another); a failure here is left for the run to report
+    pre = [
+        subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); {code}"], env=env)
+        for code in (
+            "import emu, emu_pipe; emu.load(); emu_pipe.load()",
+            "import emu_spec, emu_attn; emu_spec.load(); emu_attn.load()",
+        )
+    ]
+    for p in pre:
+        p.wait()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5", *cases]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
