@@ -129,7 +129,7 @@ SANITIZER_CASES = [
 ]
 
 
-def run_under(name, cases, log_dir, env=None, timeout=1800):
+def run_under(name, cases, log_dir, timeout=1800):
     """Runs the pytest items `cases` in a subprocess with the emulator libraries built with sanitizer
     `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each report
     written under log_dir (log_path); the CompletedProcess. The process uses one OpenMP thread
@@ -150,7 +150,6 @@ def run_under(name, cases, log_dir, env=None, timeout=1800):
             p for p in [runtime(name), compiler_lib("libstdc++.so.6") if name == "asan" else None] if p
         ),
         **{f"{name.upper()}_OPTIONS": f"{opts}:log_path={Path(log_dir) / name}"},
-        **(env or {}),
     )
     # the four libraries at their production block size, two at a time (the run would build them
     # one after another); a failure here is left for the run to report
