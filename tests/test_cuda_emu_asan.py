@@ -15,8 +15,6 @@ emulator poisons the slack, and AddressSanitizer reports every load or store the
 
 Both skip where the compiler has no AddressSanitizer runtime, or where it cannot start."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,9 +28,7 @@ pytestmark = pytest.mark.skipif(ASAN is None, reason="no host compiler with an A
 
 
 def _selftest_asan(*argv):
-    exe = emu.selftest_exe("emu_selftest_asan", ["-O1", "-g", "-fsanitize=address", "-DDK_EMU_ASAN=1"])
-    env = dict(os.environ, ASAN_OPTIONS="exitcode=66:detect_leaks=0:detect_stack_use_after_return=0")
-    r = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
+    r = emu.run_selftest_under("asan", *argv)
     if line := emu.cannot_start(r):
         pytest.skip(f"the AddressSanitizer runtime cannot start here: {line}")
     return r

@@ -22,7 +22,6 @@ for value-changing races)."""
 
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,9 +36,7 @@ pytestmark = pytest.mark.skipif(TSAN is None, reason="no x86-64 host compiler wi
 
 
 def _selftest_tsan(*argv):
-    exe = emu.selftest_exe("emu_selftest_tsan", ["-O1", "-g", "-fsanitize=thread", "-DDK_EMU_TSAN=1"])
-    env = dict(os.environ, TSAN_OPTIONS="exitcode=66")
-    r = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
+    r = emu.run_selftest_under("tsan", *argv)
     _skip_if_tsan_cannot_start(r)
     return r
 

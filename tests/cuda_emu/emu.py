@@ -129,16 +129,30 @@ SANITIZER_CASES = [
 ]
 
 
+# The runtime options of each sanitizer's runs (exit code 66 when it reported; ASan: report every
+# finding, no leak check: the Python process leaks by design; no fake stacks: fiber stacks).
+SANITIZER_OPTIONS = {
+    "tsan": "exitcode=66",
+    "asan": "exitcode=66:halt_on_error=0:detect_leaks=0:detect_stack_use_after_return=0",
+}
+
+
+def run_selftest_under(name, *argv):
+    """tests/cuda_emu/emu_selftest.cpp built with sanitizer `name` ("tsan", "asan") and run with
+    argv under its options; the CompletedProcess."""
+    flag = {"tsan": "thread", "asan": "address"}[name]
+    exe = selftest_exe(f"emu_selftest_{name}", ["-O1", "-g", f"-fsanitize={flag}", f"-DDK_EMU_{name.upper()}=1"])
+    env = dict(os.environ, **{f"{name.upper()}_OPTIONS": SANITIZER_OPTIONS[name]})
+    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
+
+
 def run_under(name, cases, log_dir, timeout=1800):
     """Runs the pytest items `cases` in a subprocess with the emulator libraries built with sanitizer
     `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each report
     written under log_dir (log_path); the CompletedProcess. The process uses one OpenMP thread
     (torch's workers synchronise in ways ThreadSanitizer does not see) and no launch watchdog (a
     sanitizer build is slow; the watchdog's limit is for hangs)."""
-    opts = {
-        "tsan": "exitcode=66",
-        "asan": "exitcode=66:halt_on_error=0:detect_leaks=0:detect_stack_use_after_return=0",
-    }[name]
+    opts = SANITIZER_OPTIONS[name]
     env = dict(
         os.environ,
         **{f"DK_EMU_{name.upper()}": "1"},
