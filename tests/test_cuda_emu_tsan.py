@@ -86,7 +86,7 @@ def test_kernels_have_no_data_race(tmp_path):
         if everything
         else [str(here / c) for c in emu.SANITIZER_CASES]
     )
-    r = emu.run_under("tsan", cases, tmp_path, timeout=None if everything else 1800)
+    r = emu.run_under("tsan", cases, tmp_path, timeout=None if everything else 1800, shards=1 if everything else 3)
     _skip_if_tsan_cannot_start(r)
     print(r.stdout[-3000:])
     emu.check_run(r, tmp_path, "tsan", every_listed=not everything)

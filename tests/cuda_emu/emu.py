@@ -146,12 +146,15 @@ def run_selftest_under(name, *argv):
     return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
 
 
-def run_under(name, cases, log_dir, timeout=1800):
-    """Runs the pytest items `cases` in a subprocess with the emulator libraries built with sanitizer
-    `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each report
-    written under log_dir (log_path); the CompletedProcess. The process uses one OpenMP thread
-    (torch's workers synchronise in ways ThreadSanitizer does not see) and no launch watchdog (a
-    sanitizer build is slow; the watchdog's limit is for hangs)."""
+def run_under(name, cases, log_dir, timeout=1800, shards=3):
+    """Runs the pytest items `cases` in subprocesses with the emulator libraries built with
+    sanitizer `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each
+    report written under log_dir (log_path); a CompletedProcess of them all (the worst exit code,
+    the outputs one after another). Each process uses one OpenMP thread (torch's workers synchronise
+    in ways ThreadSanitizer does not see) and no launch watchdog (a sanitizer build is slow; the
+    watchdog's limit is for hangs). The items are dealt round-robin to `shards` processes that run
+    at once (the sanitized runs are single-threaded; 3 spreads SANITIZER_CASES' three slow pipeline
+    items over three processes); shards=1 for arguments that are not a list of items."""
     opts = SANITIZER_OPTIONS[name]
     env = dict(
         os.environ,
@@ -176,8 +179,18 @@ def run_under(name, cases, log_dir, timeout=1800):
     ]
     for p in pre:
         p.wait()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5", *cases]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5"]
+    procs = [
+        subprocess.Popen([*cmd, *cases[j::shards]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for j in range(min(shards, len(cases)))
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    rc = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(cmd, rc, "".join(o for o, _ in outs), "".join(e for _, e in outs))
 
 
 def cannot_start(r):
