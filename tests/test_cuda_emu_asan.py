@@ -29,8 +29,7 @@ pytestmark = pytest.mark.skipif(ASAN is None, reason="no host compiler with an A
 
 def _selftest_asan(*argv):
     r = emu.run_selftest_under("asan", *argv)
-    if line := emu.cannot_start(r):
-        pytest.skip(f"the AddressSanitizer runtime cannot start here: {line}")
+    emu.skip_if_cannot_start(r)
     return r
 
 
@@ -56,7 +55,6 @@ def test_kernels_read_no_slack(tmp_path):
     """emu.SANITIZER_CASES under AddressSanitizer: no kernel touches a buffer's slack."""
     here = Path(__file__).resolve().parent
     r = emu.run_under("asan", [str(here / c) for c in emu.SANITIZER_CASES], tmp_path)
-    if line := emu.cannot_start(r):
-        pytest.skip(f"the AddressSanitizer runtime cannot start here: {line}")
+    emu.skip_if_cannot_start(r)
     print(r.stdout[-3000:])
     emu.check_run(r, tmp_path, "asan")

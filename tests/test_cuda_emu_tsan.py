@@ -37,13 +37,8 @@ pytestmark = pytest.mark.skipif(TSAN is None, reason="no x86-64 host compiler wi
 
 def _selftest_tsan(*argv):
     r = emu.run_selftest_under("tsan", *argv)
-    _skip_if_tsan_cannot_start(r)
+    emu.skip_if_cannot_start(r)
     return r
-
-
-def _skip_if_tsan_cannot_start(r):
-    if line := emu.cannot_start(r):
-        pytest.skip(f"the ThreadSanitizer runtime cannot start here: {line}")
 
 
 @pytest.mark.parametrize(
@@ -87,6 +82,6 @@ def test_kernels_have_no_data_race(tmp_path):
         else [str(here / c) for c in emu.SANITIZER_CASES]
     )
     r = emu.run_under("tsan", cases, tmp_path, timeout=None if everything else 1800, shards=1 if everything else 3)
-    _skip_if_tsan_cannot_start(r)
+    emu.skip_if_cannot_start(r)
     print(r.stdout[-3000:])
     emu.check_run(r, tmp_path, "tsan", every_listed=not everything)

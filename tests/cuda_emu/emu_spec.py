@@ -42,7 +42,7 @@ def load(threads=None):
     L.dk_emu_spec_check_prepared.argtypes, L.dk_emu_spec_check_prepared.restype = [I], None
     L.dk_emu_spec_prepared_mismatch.argtypes, L.dk_emu_spec_prepared_mismatch.restype = [], Q
     L.dk_emu_spec_set_sms(_n_sms[0])
-    L.dk_emu_spec_check_prepared(int(_n_sms[0] > 0))
+    L.dk_emu_spec_check_prepared(int(_n_sms[0] > 0 and _check[0]))
     L.dk_emu_chain.argtypes = [P, I, I, Q, Q, Q, P, F, P, Q, Q, P, P, Q, Q, P, U, U, P, P, P, P, P, P, P]
     L.dk_emu_tree.argtypes = [
         P,
@@ -91,6 +91,7 @@ def load(threads=None):
 
 
 _n_sms = [0]
+_check = [True]  # set_sms's check, for the libraries loaded after it
 
 
 def set_sms(n, check=True):
@@ -98,7 +99,7 @@ def set_sms(n, check=True):
     default) never prepares the nodes ahead; a large count prepares whenever the plan allows.
     check (n > 0): the walk also resolves every prepared node itself and counts the differences
     (prepared_mismatch; the work counters then count both)."""
-    _n_sms[0] = n
+    _n_sms[0], _check[0] = n, check
     for L in _libs.values():
         L.dk_emu_spec_set_sms(n)
         L.dk_emu_spec_check_prepared(int(n > 0 and check))
