@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -171,8 +172,9 @@ def run_under(name, cases, log_dir, timeout=1800, shards=3):
     the outputs one after another). Each process uses one OpenMP thread (torch's workers synchronise
     in ways ThreadSanitizer does not see) and no launch watchdog (a sanitizer build is slow; the
     watchdog's limit is for hangs). The items are dealt round-robin to `shards` processes that run
-    at once (the sanitized runs are single-threaded; 3 spreads SANITIZER_CASES' three slow pipeline
-    items over three processes); shards=1 for arguments that are not a list of items."""
+    at once (a sanitized run is single-threaded; with 3, SANITIZER_CASES' five slowest items, 40-70 s
+    each under ThreadSanitizer, are spread over the three); shards=1 for arguments that are not a
+    list of items."""
     opts = SANITIZER_OPTIONS[name]
     env = dict(
         os.environ,
@@ -198,17 +200,25 @@ def run_under(name, cases, log_dir, timeout=1800, shards=3):
     for p in pre:
         p.wait()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--durations=5"]
+    # (outputs to files, not pipes: a process whose pipe fills would wait for the ones read before it)
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(min(shards, len(cases)))]
     procs = [
-        subprocess.Popen([*cmd, *cases[j::shards]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for j in range(min(shards, len(cases)))
+        subprocess.Popen([*cmd, *cases[j::shards]], env=env, stdout=o, stderr=e, text=True)
+        for j, (o, e) in enumerate(files)
     ]
     try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             p.kill()
+    out, err = "", ""
+    for o, e in files:
+        o.seek(0), e.seek(0)
+        out, err = out + o.read(), err + e.read()
+        o.close(), e.close()
     rc = next((p.returncode for p in procs if p.returncode), 0)
-    return subprocess.CompletedProcess(cmd, rc, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    return subprocess.CompletedProcess(cmd, rc, out, err)
 
 
 def skip_if_cannot_start(r):
