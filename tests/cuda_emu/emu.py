@@ -98,7 +98,7 @@ def asan_flags():
 # speculative chain / tree kernels with filters, both attention kernels), picked among the suites'
 # cases for a small vocabulary (ThreadSanitizer runs them 20-200x slower). tests/cuda_emu/
 # coverage.py measures what they reach: 98% of the kernel lines the whole emulator suite executes
-# (2532 of 2571, twentieth session). Seven cases came then for lines the first 37 never reached:
+# (2532 of 2571, twentieth session). Six cases came then for lines the first 37 never reached:
 # the split top-k / top-p phases, the renormalising filters (split and one-CTA), greedy sampling,
 # the whole-step kernel's rank / logprob phases, the greedy tree from logits, the prepared nodes.
 SANITIZER_CASES = [
