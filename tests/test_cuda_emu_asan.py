@@ -27,12 +27,6 @@ ASAN = emu.runtime("asan") if emu.compiler() else None
 pytestmark = pytest.mark.skipif(ASAN is None, reason="no host compiler with an AddressSanitizer runtime")
 
 
-def _selftest_asan(*argv):
-    r = emu.run_selftest_under("asan", *argv)
-    emu.skip_if_cannot_start(r)
-    return r
-
-
 @pytest.mark.parametrize("index, at_end", [(1, 0), (-1, 1)])
 def test_asan_finds_reads_of_the_slack(index, at_end):
     """`emu_selftest read <seed> <index> <at_end>`: thread t reads buffer[index + t] of a 64-float
@@ -43,10 +37,10 @@ def test_asan_finds_reads_of_the_slack(index, at_end):
     src = (emu.HERE / "emu_selftest.cpp").read_text().splitlines()
     line = next(i + 1 for i, s in enumerate(src) if "static void read_kernel" in s)
     for seed in (0, 1):
-        r = _selftest_asan("read", seed, index, at_end)
+        r = emu.run_selftest_under("asan", "read", seed, index, at_end)
         assert r.returncode == 66 and "AddressSanitizer: use-after-poison" in r.stderr, (seed, r.stderr[-3000:])
         assert " in read_kernel " in r.stderr and f"emu_selftest.cpp:{line}" in r.stderr, r.stderr[-3000:]
-        ok = _selftest_asan("read", seed, 0, at_end)
+        ok = emu.run_selftest_under("asan", "read", seed, 0, at_end)
         assert ok.returncode == 0 and ok.stdout.split() == ["nan", "0"], (seed, ok.stderr[-3000:])
         assert "AddressSanitizer" not in ok.stderr, ok.stderr[-3000:]
 
@@ -55,6 +49,5 @@ def test_kernels_read_no_slack(tmp_path):
     """emu.SANITIZER_CASES under AddressSanitizer: no kernel touches a buffer's slack."""
     here = Path(__file__).resolve().parent
     r = emu.run_under("asan", [str(here / c) for c in emu.SANITIZER_CASES], tmp_path)
-    emu.skip_if_cannot_start(r)
     print(r.stdout[-3000:])
     emu.check_run(r, tmp_path, "asan")

@@ -35,12 +35,6 @@ TSAN = emu.runtime("tsan") if emu.compiler() and platform.machine() == "x86_64" 
 pytestmark = pytest.mark.skipif(TSAN is None, reason="no x86-64 host compiler with a ThreadSanitizer runtime")
 
 
-def _selftest_tsan(*argv):
-    r = emu.run_selftest_under("tsan", *argv)
-    emu.skip_if_cannot_start(r)
-    return r
-
-
 @pytest.mark.parametrize(
     "mode, line, hidden",
     [
@@ -59,14 +53,14 @@ def test_tsan_finds_races_no_schedule_shows(mode, line, hidden):
     lines = {i + 1 for i, s in enumerate(src) if line in s}
     assert lines, line
     for seed in (0, 1, 2):
-        r = _selftest_tsan(mode, 0, seed)
+        r = emu.run_selftest_under("tsan", mode, 0, seed)
         if seed in hidden:
             assert r.stdout.split() == ["wrong", "0"], (mode, seed, r.stdout, r.stderr[-2000:])
         assert r.returncode == 66 and "WARNING: ThreadSanitizer: data race" in r.stderr, (mode, seed, r.stderr[-2000:])
         assert f"{mode}_kernel" in r.stderr and any(f"emu_selftest.cpp:{n} " in r.stderr for n in lines), r.stderr[
             -3000:
         ]
-        ok = _selftest_tsan(mode, 1, seed)
+        ok = emu.run_selftest_under("tsan", mode, 1, seed)
         assert ok.returncode == 0 and ok.stdout.split() == ["wrong", "0"], (mode, seed, ok.stderr[-2000:])
         assert "ThreadSanitizer" not in ok.stderr, ok.stderr[-3000:]
 
@@ -82,6 +76,5 @@ def test_kernels_have_no_data_race(tmp_path):
         else [str(here / c) for c in emu.SANITIZER_CASES]
     )
     r = emu.run_under("tsan", cases, tmp_path, timeout=None if everything else 1800, shards=1 if everything else 3)
-    emu.skip_if_cannot_start(r)
     print(r.stdout[-3000:])
     emu.check_run(r, tmp_path, "tsan", every_listed=not everything)

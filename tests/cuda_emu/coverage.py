@@ -6,11 +6,13 @@ emulator suite.
 
 Runs (1) every emulator item of tests/ (`-k "emu and not tsan and not asan"`) and (2)
 emu.SANITIZER_CASES, each in a pytest subprocess with the libraries built with gcov's line counters
-(DK_EMU_GCOV=1) and its own GCOV_PREFIX (build/cuda_emu/coverage/{all,san}; --reuse: the whole suite's counts of the previous run), then reads the counts with `gcov --json-format` and
-prints, per kernel file (csrc/cuda, csrc/include/decodekit), the lines (1) executes and how many
-of them (2) executes; --missed lists the others by function. A line counts as reached when any
-library (any block size) executed it. Takes ~10 min on a 2-core machine. Not a test: a measure of
-what the ThreadSanitizer and AddressSanitizer runs (tests/test_cuda_emu_tsan.py, _asan.py) see."""
+(DK_EMU_GCOV=1) and its own GCOV_PREFIX (build/cuda_emu/coverage/all, /san; --reuse keeps the
+counts of the previous run of (1)), then reads the counts with `gcov --json-format` and prints, per
+kernel file (csrc/cuda, csrc/include/decodekit), the lines (1) executes and how many of them (2)
+executes; --missed lists the others by function. A line counts as reached when any library (any
+block size) executed it. Takes ~4 min on a 2-core machine with the libraries built. Not a test: a
+measure of what the ThreadSanitizer and AddressSanitizer runs (tests/test_cuda_emu_tsan.py,
+_asan.py) see."""
 
 import argparse
 import json

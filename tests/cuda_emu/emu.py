@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -158,18 +159,22 @@ SANITIZER_OPTIONS = {
 
 def run_selftest_under(name, *argv):
     """tests/cuda_emu/emu_selftest.cpp built with sanitizer `name` ("tsan", "asan") and run with
-    argv under its options; the CompletedProcess."""
+    argv under its options; the CompletedProcess (the calling test skips where the runtime cannot
+    start: skip_if_cannot_start)."""
     flag = {"tsan": "thread", "asan": "address"}[name]
     exe = selftest_exe(f"emu_selftest_{name}", ["-O1", "-g", f"-fsanitize={flag}", f"-DDK_EMU_{name.upper()}=1"])
     env = dict(os.environ, **{f"{name.upper()}_OPTIONS": SANITIZER_OPTIONS[name]})
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=120, env=env)
+    skip_if_cannot_start(r)
+    return r
 
 
 def run_under(name, cases, log_dir, timeout=1800, shards=3):
     """Runs the pytest items `cases` in subprocesses with the emulator libraries built with
     sanitizer `name` ("tsan": DK_EMU_TSAN=1, "asan": DK_EMU_ASAN=1) and its runtime preloaded, each
     report written under log_dir (log_path); a CompletedProcess of them all (the worst exit code,
-    the outputs one after another). Each process uses one OpenMP thread (torch's workers synchronise
+    the outputs one after another; the calling test skips where the runtime cannot start:
+    skip_if_cannot_start). Each process uses one OpenMP thread (torch's workers synchronise
     in ways ThreadSanitizer does not see) and no launch watchdog (a sanitizer build is slow; the
     watchdog's limit is for hangs). The items are dealt round-robin to `shards` processes that run
     at once (a sanitized run is single-threaded; with 3, SANITIZER_CASES' five slowest items, 40-70 s
@@ -206,9 +211,10 @@ def run_under(name, cases, log_dir, timeout=1800, shards=3):
         subprocess.Popen([*cmd, *cases[j::shards]], env=env, stdout=o, stderr=e, text=True)
         for j, (o, e) in enumerate(files)
     ]
+    deadline = None if timeout is None else time.monotonic() + timeout  # for the whole run
     try:
         for p in procs:
-            p.wait(timeout=timeout)
+            p.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         for p in procs:
             p.kill()
@@ -218,7 +224,9 @@ def run_under(name, cases, log_dir, timeout=1800, shards=3):
         out, err = out + o.read(), err + e.read()
         o.close(), e.close()
     rc = next((p.returncode for p in procs if p.returncode), 0)
-    return subprocess.CompletedProcess(cmd, rc, out, err)
+    r = subprocess.CompletedProcess(cmd, rc, out, err)
+    skip_if_cannot_start(r)
+    return r
 
 
 def skip_if_cannot_start(r):
