@@ -14,6 +14,9 @@ the small block size and the kernels' early exits (work counters).
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -559,6 +562,19 @@ def test_emu_early_exit_work():
     _same(cpu, got[:3], "tree early exit")
     visited = int((got[2] + 1).sum())
     assert emu_spec.work() == (visited, visited) and visited > B
+
+
+@bk.needs_emu
+def test_emu_prepared_nodes_alone():
+    """test_emu_prepared_nodes in a process of its own, where the speculative library is first
+    loaded after emu_spec.set_sms(8, check=False) (regression: such a library kept the walk's
+    cross-check on, so the work counters counted the prepared nodes twice: 29, not 17; in the suite
+    an earlier test had loaded it)."""
+    item = f"{Path(__file__).resolve()}::test_emu_prepared_nodes"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", item], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 @bk.needs_emu
