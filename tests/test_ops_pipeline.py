@@ -613,6 +613,37 @@ def test_top_h_ties_at_the_100th_candidate(backend):
     assert kept == {(0, True), (0, False), (1, True), (1, False)}, kept
 
 
+@bk.needs_emu
+def test_emu_rare_list_steps_in_one_launch():
+    """The list steps the larger cases reach only through many launches, each in one launch of the
+    one-CTA plan (cheap enough for the sanitizer runs, emu.SANITIZER_CASES): eta's entropy cut
+    (rows on both sides of min(eta, sqrt(eta) exp(-H))), typical's min_tokens_to_keep cut (a cut
+    that keeps fewer than min_tokens_to_keep), both on whole-row lists, and
+    top-h's tie group at its 100th candidate spread to all its entries (rows with hundreds of ties
+    at the 100th largest value). Outputs equal the CPU op's bit for bit and agree with
+    reference.pipeline."""
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    x = _logits(2, 300, 5)
+    ties = _top_h_tie_rows(700)[:2]
+    typical = dict(temperature=0.9, typical_p=0.05, min_tokens_to_keep=5)  # the cut keeps < 5: mtk's
+    eta = dict(temperature=0.9, eta=5e-3)  # row 1: eta < sqrt(eta) exp(-H), row 0 the other way
+    for rows, params, mode in (
+        (x, typical, 1),
+        (x, eta, 1),
+        (x, typical | eta, 0),
+        (ties, dict(temperature=1.0, top_h=0.35), 1),
+    ):
+        args = _args(rows, kw, params, mode=mode, top_n=2 if mode == 0 else 0)
+        cpu = torch.ops.decodekit.pipeline(*args)
+        got = emu_pipe.pipeline(*args, n_sms=0)
+        for j, (c, g) in enumerate(zip(cpu, got)):
+            assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ ({params}):\ncpu {c}\nemu {g}"
+        _check_reference(args, cpu)
+    keep = R.pipeline_keep(ties, top_h=0.35)
+    # the groups at 2.0 (the 100th largest value of both rows) are kept whole or dropped whole
+    assert all(bool(keep[r][ties[r] == 2.0].all()) == bool(keep[r][ties[r] == 2.0].any()) for r in (0, 1))
+
+
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("split", ["1", "0"])
