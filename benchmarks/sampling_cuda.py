@@ -11,7 +11,10 @@ speculative verification (N drafts per row, default 4): a probability target wit
 through FlashInfer's chain_speculative_sampling on both sides, and a logits target with temperature
 / top-k / top-p, one decodekit call (chain_speculative_sampling_from_logits; its "1-CTA" column
 turns the split prepared nodes off) against FlashInfer's softmax + top-k / top-p renorm +
-chain_speculative_sampling, with one-hot drafts.
+chain_speculative_sampling, with one-hot drafts. A third table times the whole step (decodekit.sample
+with a repetition penalty over a 64-token history, then top-k + top-p, top-p alone or typical: the
+last two start from a whole-row list, whose list steps run on one CTA per row) against the same
+step in torch ops.
 
     python benchmarks/sampling_cuda.py [--B 1 8 64 256] [--V 32000 128256] [--reps 100] [--N 4] [--graph]
 
@@ -289,6 +292,77 @@ def main(argv=None):
                     f"{label} | {B} | {V} | {us(t_dk)} | {us(t_one)} | {us(t_fi)} | {us(t_th)} | {ratio(t_fi, t_dk)} | "
                     f"{ratio(t_th, t_dk)} | {floor * 1e6:.1f} | {(t_dk / floor if t_dk else float('nan')):.1f}x"
                 )
+
+    # the whole step (decodekit.sample with the pipeline keywords): a repetition penalty over a
+    # 64-token history, then truncations; with top-k first the list steps see <= k entries, without
+    # it the start list is the whole row and its list steps run on one CTA per row (the open
+    # question of the split plan: the "1-CTA" column turns the split row passes off too)
+    print("\nwhole step: repetition_penalty 1.1 over 64 output tokens, T 0.8, then the truncations")
+    print("op | B | V | dk us | dk 1-CTA us | torch us | torch/dk | floor us | dk/floor")
+    for V in args.V:
+        for B in args.B:
+            g = torch.Generator(device="cpu").manual_seed(B * 13 + V)
+            x = (torch.randn(B, V, generator=g) * 3).to(dev)
+            hist = torch.randint(0, V, (B, 64), generator=g).to(dev)
+            seeds = torch.arange(B, dtype=torch.int64, device=dev)
+            for label, kw, chain in step_cases(x, hist):
+                floor = B * V * 4 / bw
+                t_dk = measure(lambda: dk_step(x, hist, seeds, kw))
+                t_one = None
+                if dev == "cuda":
+                    os.environ["DECODEKIT_SPLIT_ROWS"] = "0"
+                    try:
+                        t_one = measure(lambda: dk_step(x, hist, seeds, kw))
+                    finally:
+                        del os.environ["DECODEKIT_SPLIT_ROWS"]
+                t_th = measure(chain)
+                print(
+                    f"{label} | {B} | {V} | {us(t_dk)} | {us(t_one)} | {us(t_th)} | {ratio(t_th, t_dk)} | "
+                    f"{floor * 1e6:.1f} | {(t_dk / floor if t_dk else float('nan')):.1f}x"
+                )
+
+
+# ---- the whole step (penalties + truncations in one call) ----------------------------------------
+def dk_step(x, hist, seeds, kw):
+    import decodekit as dk
+
+    return dk.sample(x, temperature=0.8, repetition_penalty=1.1, output_token_ids=hist, seed=seeds, **kw)
+
+
+def t_penalised(x, hist):
+    """The repetition penalty in torch ops (divide positive logits of seen tokens, multiply negative
+    ones), then temperature 0.8 and softmax."""
+    seen = torch.gather(x, 1, hist)
+    x = x.scatter(1, hist, torch.where(seen > 0, seen / 1.1, seen * 1.1))
+    return (x / 0.8).softmax(-1)
+
+
+def t_typical(probs, tp):
+    """Typical sampling in torch ops (sort by |-log p - H|, keep the prefix reaching tp)."""
+    logp = probs.clamp_min(1e-30).log()
+    H = -(probs * logp).sum(-1, keepdim=True)
+    score, idx = (-logp - H).abs().sort(-1)
+    sp = probs.gather(1, idx)
+    cum = sp.cumsum(-1)
+    return idx.gather(1, torch.multinomial(sp.masked_fill(cum - sp >= tp, 0.0), 1)).squeeze(1)
+
+
+def step_cases(x, hist):
+    """(label, decodekit keywords, torch chain)."""
+    return [
+        (
+            "step: top_k 50 + top_p 0.9",
+            dict(top_k=50, top_p=0.9),
+            lambda: t_top_p_probs_k(t_penalised(x, hist), 50, 0.9),
+        ),
+        ("step: top_p 0.9 (whole-row list)", dict(top_p=0.9), lambda: t_top_p_probs(t_penalised(x, hist), 0.9)),
+        ("step: typical 0.9 (whole-row list)", dict(typical_p=0.9), lambda: t_typical(t_penalised(x, hist), 0.9)),
+    ]
+
+
+def t_top_p_probs_k(probs, k, p):
+    v, i = probs.topk(k, dim=-1)
+    return i.gather(1, t_top_p_probs(v / v.sum(-1, keepdim=True), p).unsqueeze(1)).squeeze(1)
 
 
 if __name__ == "__main__":

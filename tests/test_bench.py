@@ -86,3 +86,8 @@ def test_sampling_cuda_benchmark_script_runs_on_cpu():
     for ln in rows:  # decodekit and the torch chain both timed
         f = [c.strip() for c in ln.split("|")]
         assert f[3] != "n/a" and f[6] != "n/a", ln
+    steps = [ln for ln in r.stdout.splitlines() if ln.startswith("step: ")]
+    assert len(steps) == 3, r.stdout  # the whole step: top-k + top-p, top-p alone, typical
+    for ln in steps:
+        f = [c.strip() for c in ln.split("|")]
+        assert len(f) == 9 and f[3] != "n/a" and f[5] != "n/a", ln
