@@ -614,6 +614,66 @@ def test_top_h_ties_at_the_100th_candidate(backend):
 
 
 @bk.needs_emu
+@pytest.mark.parametrize("logprobs", ["none", "raw", "processed"])
+def test_emu_split_draw_without_truncation(logprobs):
+    """Rows with nothing to truncate draw on the split plan from the walk sums the slices compute
+    in place (phase_sums, split_draw), with no move of the list onto one CTA. Their tokens, and the
+    raw logprobs / ranks / top-n lists that follow, equal the CPU op's and the one-CTA plan's bit
+    for bit: rows whose bitmask forbids long stretches (empty slices, slices of a few entries, so
+    that 16-groups and 256-blocks of the list straddle slices), a row with top-p beside them (its
+    list steps run as before: the sums phase skips it), and processed logprobs (not this path)."""
+    B, V = 4, 20011  # 16 slices of ~1250: each CTA sums several 256-blocks of a list
+    x = _logits(B, V, 17)
+    words = (V + 31) // 32
+    bm = torch.full((B, words), -1, dtype=torch.int32)
+    bm[0, 10:400] = 0  # tokens 320..12799 forbidden: several empty slices
+    bm[1, 5:90:3] = 0x00010001  # runs of 32 tokens with two allowed: short slices
+    bm[3, 1::2] = 0
+    kw = {k: None for k in ("banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    kw["allowed_token_bitmask"] = bm
+    params = dict(
+        temperature=torch.tensor([0.7, 1.0, 1.3, 0.9], dtype=torch.float64),
+        top_p=torch.tensor([1.0, 1.0, 0.8, 1.0], dtype=torch.float64),
+        repetition_penalty=1.2,
+    )
+    kw["output_token_ids"] = torch.randint(0, V, (B, 30), generator=torch.Generator().manual_seed(5))
+    want, raw, top_n = {"none": (False, False, 0), "raw": (True, True, 4), "processed": (True, False, 4)}[logprobs]
+    for seed in (1, 2, 3):
+        args = _args(x, kw, params, top_n=top_n, raw=raw, want=want, seed_arr=torch.arange(B) + 100 * seed)
+        cpu = torch.ops.decodekit.pipeline(*args)
+        for n_sms in (0, 64):
+            got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=16)
+            if n_sms:
+                assert emu_pipe.last_splits[0] == 16, emu_pipe.last_splits
+            for j, (c, g) in enumerate(zip(cpu, got)):
+                if j in (2, 3) and not want:
+                    continue
+                assert torch.equal(_bits(c), _bits(g)), (
+                    f"{NAMES[j]} differ (n_sms {n_sms}, seed {seed}):\ncpu {c}\nemu {g}"
+                )
+        _check_reference(args, cpu)
+
+
+@bk.needs_emu
+def test_emu_split_draw_in_one_call():
+    """The split draw without truncation in one call of the split plan (32 slices, each summing
+    several 256-blocks of the list; a bitmask empties some slices): tokens equal the CPU op's. Cheap
+    enough for the sanitizer runs (emu.SANITIZER_CASES), which check the sums phase's reads of
+    the slices' lists and its writes of the walk sums across the CTAs of the launch."""
+    B, V = 2, 20011
+    x = _logits(B, V, 29)
+    bm = torch.full((B, (V + 31) // 32), -1, dtype=torch.int32)
+    bm[1, 40:300] = 0
+    kw = {k: None for k in ("banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    kw["allowed_token_bitmask"] = bm
+    args = _args(x, kw, dict(temperature=0.8, repetition_penalty=1.1), want=False)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args, n_sms=64, min_slice=16)
+    assert emu_pipe.last_splits[0] == 32, emu_pipe.last_splits
+    assert torch.equal(cpu[0], got[0]) and torch.equal(cpu[1], got[1]), (cpu[:2], got[:2])
+
+
+@bk.needs_emu
 def test_emu_rare_list_steps_in_one_launch():
     """The list steps the larger cases reach only through many launches, each in one launch of the
     one-CTA plan (cheap enough for the sanitizer runs, emu.SANITIZER_CASES): eta's entropy cut

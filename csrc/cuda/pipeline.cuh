@@ -810,8 +810,12 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
 //            position of L; the raw / greedy logprobs' normaliser lane sums of its (chunk, lane)
 //            pairs;
+//   sums     (split plan, sample mode, per slice; rows with nothing to truncate) the walk's sums
+//            of the start list where the slices left it (phase_sums);
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
-//            draw and processed logprobs; in mask mode what the output row gets (PipeWrite);
+//            draw and processed logprobs (a row with nothing to truncate on the split plan: the
+//            walk over the sums phase's sums, split_draw); in mask mode what the output row gets
+//            (PipeWrite);
 //   write    (mask mode, per slice) the slice of the output row;
 //   rank     (sample mode with logprobs, per slice; raw / greedy logprobs only) the slice's count
 //            of values >= the drawn token's, its top-n candidates;
@@ -1253,6 +1257,102 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
   ops.candidates(L.v, L.n, ops.mth_largest(L.v, L.n, h), ord, &na);
 }
 
+// ---- sums (the split plan, sample mode): the walk's sums of a list that needs no list step ------
+// A row with nothing to truncate (temperature > 0, no truncation, no processed logprobs) draws from
+// the whole start list, which over a whole vocabulary is the whole row: on one CTA the final phase
+// would move it together, weigh it and sum it (about four passes over V entries on one SM at
+// B = 1). Instead the slices compute the contract's walk sums in place: list position p lives in
+// the slice s holding it (off[s] <= p < off[s + 1], off the slices' counts added in slice order),
+// at L's position s * per + p - off[s] where collect wrote it, so g16[j] (positions 16j..16j+15)
+// and g256[b] are the same sums in the same order as over the moved list, and CTA sp computes
+// those of the 256-blocks [nb sp / splits, nb (sp + 1) / splits). The final phase then adds the
+// g256 and walks (split_draw): the same token, bit for bit, as the one-CTA plan's walk.
+template <class T>
+DK_PIPE_FN bool split_draw_only(const PipeArgs& a, const PipeRowCtx<T>& c) {
+  return a.splits > 1 && a.mode != 1 && c.pr.T != 0.f && !any_truncation(c.pr, c.V) &&
+         !((a.want_logprob || a.top_n > 0) && !a.raw_logprobs);
+}
+
+// The start list as the slices left it (off: sh.i[0..splits], off[splits] its length).
+struct SliceList {
+  const float* v;
+  const int32_t* i;
+  const int64_t* off;
+  int splits;
+  int64_t per;
+  DK_PIPE_FN int64_t slot(int64_t p) const {  // the last slice s with off[s] <= p (holds p: p < off[splits])
+    int lo = 0, hi = splits - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (off[mid] <= p)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    return lo * per + (p - off[lo]);
+  }
+};
+// Fills sh.i[0..splits] with the slices' first list positions (ends with a barrier).
+template <class T>
+DK_PIPE_FN SliceList slice_list(const PipeArgs& a, const PipeRowCtx<T>& c, PipeShared& sh) {
+  if (threadIdx.x == 0) {
+    int64_t o = 0;
+    for (int s = 0; s < a.splits; ++s) {
+      sh.i[s] = o;
+      o += c.counts[s];
+    }
+    sh.i[a.splits] = o;
+  }
+  __syncthreads();
+  const PipeList L = start_list(c);
+  return SliceList{L.v, L.i, sh.i, a.splits, a.per};
+}
+
+template <class T>
+DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  if (!split_draw_only(a, c)) return;
+  const PipeVerdict vd = verdict(a, c);
+  if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
+  const SliceList sl = slice_list(a, c, sh);
+  const int64_t n = sh.i[a.splits], ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
+  const int64_t b0 = nb * sp / a.splits, b1 = nb * (sp + 1) / a.splits, j1 = 16 * b1 < ng ? 16 * b1 : ng;
+  const float m = vd.m, invT = 1.f / c.pr.T;
+  const auto e = [sl, m, invT](int64_t p) { return pipe_weight(sl.v[sl.slot(p)], m, invT); };
+  double* g16 = reinterpret_cast<double*>(c.ws + c.lay.g16);
+  double* g256 = reinterpret_cast<double*>(c.ws + c.lay.g256);
+  for (int64_t j = 16 * b0 + threadIdx.x; j < j1; j += kPipeThreads) g16[j] = contract::walk16_group_at(e, n, j);
+  __syncthreads();
+  for (int64_t b = b0 + threadIdx.x; b < b1; b += kPipeThreads)
+    g256[b] = contract::add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
+}
+
+// The final phase's draw for such a row: Z = the g256 added in order, the walk at u * Z over the
+// sums and the slices' entries (thread 0). Returns false when no weight is positive (cannot
+// happen: the max has weight 1).
+template <class T>
+DK_DEVICE_NOINLINE bool split_draw(const PipeArgs& a, const PipeRowCtx<T>& c, float m, float invT, int64_t o,
+                                   PipeShared& sh) {
+  const SliceList sl = slice_list(a, c, sh);
+  if (threadIdx.x == 0) {
+    const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+    const double* g16 = reinterpret_cast<const double*>(c.ws + c.lay.g16);
+    const double* g256 = reinterpret_cast<const double*>(c.ws + c.lay.g256);
+    const double Z = contract::add_in_order(g256, nb);
+    const double u = row_uniform(row_rng_key(a, o), 0u);
+    const int64_t last =
+        contract::walk16_pick_at([sl, m, invT](int64_t p) { return pipe_weight(sl.v[sl.slot(p)], m, invT); }, n,
+                                 [g16](int64_t j) { return g16[j]; }, g256, u * Z);
+    sh.fail = last < 0;
+    if (last >= 0) {
+      a.out_tokens[o] = sl.i[sl.slot(last)];
+      a.out_valid[o] = true;
+    }
+  }
+  __syncthreads();
+  return !sh.fail;
+}
+
 // ---- final: the verdict, the list steps, the draw, the outputs -----------------------------------
 // The final phase's list steps and draw: the truncations on the block, then in mask mode (wr) the
 // survivors' count to *wr for the write phase; in sample mode the contract's walk over the
@@ -1338,6 +1438,10 @@ DK_DEVICE_NOINLINE bool final_draw(const PipeArgs& a, int64_t o, PipeShared& sh)
       a.out_tokens[o] = vd.arg;
       a.out_valid[o] = true;
     }
+    return false;
+  }
+  if (split_draw_only(a, c)) {  // the split plan, nothing to truncate: the slices' walk sums (phase_sums)
+    if (!split_draw(a, c, m, invT, o, sh)) fail_row(false);
     return false;
   }
   PipeList L = start_list(c);
@@ -1494,6 +1598,11 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipe_collect_kernel(PipeArgs 
   phase_collect<T>(a, cta_row(a), cta_slice(a), sh);
 }
 template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_sums_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_sums<T>(a, cta_row(a), cta_slice(a), sh);
+}
+template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
   phase_final<T>(a, int64_t(blockIdx.x), sh);
@@ -1526,6 +1635,7 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   launch(pipe_scan_kernel<T>, parts, a);
   for (a.pass = 1; a.pass < 4; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);
   launch(pipe_collect_kernel<T>, parts, a);
+  if (a.mode != 1) launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once)
   launch(pipe_final_kernel<T>, rows, a);
   if (a.mode == 1) {
     launch(pipe_write_kernel<T>, parts, a);
@@ -1557,7 +1667,8 @@ inline PipeArgs pipe_plan(PipeArgs a, int n_sms, int64_t min_slice = contract::k
   a.per = 0;
   if (n_sms <= 0 || a.n_out <= 0 || a.n_out >= n_sms || min_slice < 1) return a;
   const int64_t most = a.V / min_slice, want = (n_sms + a.n_out - 1) / a.n_out;
-  const int64_t n = want < most ? want : most;
+  int64_t n = want < most ? want : most;
+  if (n > int64_t(kPipeThreads) - 1) n = int64_t(kPipeThreads) - 1;  // (split_draw's offsets: sh.i)
   if (n < 2) return a;
   const int64_t per = ((a.V + n - 1) / n + 15) / 16 * 16;
   if ((a.V + per - 1) / per < 2) return a;

@@ -216,20 +216,39 @@ constexpr int64_t kWalkMax = 4096;
 static_assert(kChunk <= kWalkMax && kListMax <= kWalkMax, "one walk covers a chunk or a list");
 DK_HOST_DEVICE int64_t walk16_groups(int64_t n) { return (n + 15) / 16; }
 
-// g16 of group j (the partial last group stops at n). E: float weights, or double terms (the
-// pipeline's entropy sums use the same tree).
+// The walk's element accessors: an array, or a functor e(i) (the whole-step kernel's split draw
+// reads its list through the slices it was collected in).
+template <class E>
+struct Walk16Array {
+  const E* e;
+  DK_HOST_DEVICE_SPEC E operator()(int64_t i) const { return e[i]; }
+};
+
+// g16 of group j (the partial last group stops at n) of the elements e(i). E: float weights, or
+// double terms (the pipeline's entropy sums use the same tree).
+template <class EF>
+DK_HOST_DEVICE double walk16_group_at(const EF& e, int64_t n, int64_t j) {
+  const int64_t end = 16 * j + 16 < n ? 16 * j + 16 : n;
+  double z = 0.0;
+  DK_LOOP_NO_UNROLL
+  for (int64_t i = 16 * j; i < end; ++i) z = dadd_rn(z, double(e(i)));
+  return z;
+}
 template <class E>
 DK_HOST_DEVICE double walk16_group(const E* e, int64_t n, int64_t j) {
-  const int64_t end = 16 * j + 16 < n ? 16 * j + 16 : n;
-  return add_in_order(e + 16 * j, end - 16 * j);
+  return walk16_group_at(Walk16Array<E>{e}, n, j);
 }
 
 // The last index of [lo, hi) with positive weight, -1 if none.
+template <class EF>
+DK_HOST_DEVICE int64_t walk16_last_positive_at(const EF& e, int64_t lo, int64_t hi) {
+  for (int64_t i = hi - 1; i >= lo; --i)
+    if (e(i) > 0) return i;
+  return -1;
+}
 template <class E>
 DK_HOST_DEVICE int64_t walk16_last_positive(const E* e, int64_t lo, int64_t hi) {
-  for (int64_t i = hi - 1; i >= lo; --i)
-    if (e[i] > E(0)) return i;
-  return -1;
+  return walk16_last_positive_at(Walk16Array<E>{e}, lo, hi);
 }
 
 // g256 of block b, from the groups (the same sums as walk16_sums; for callers that keep no g16).
@@ -242,10 +261,10 @@ DK_HOST_DEVICE double walk16_block(const E* e, int64_t n, int64_t b) {
   return z;
 }
 
-// The pick, given g256[0..ceil(n/256)) and the group sums g16(j) (a functor: a stored array, or
-// walk16_group computed when asked) as defined above.
-template <class G16>
-DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16, const double* g256, double t) {
+// The pick over the float weights e(i), given g256[0..ceil(n/256)) and the group sums g16(j) (a
+// functor: a stored array, or walk16_group computed when asked) as defined above.
+template <class EF, class G16>
+DK_HOST_DEVICE int64_t walk16_pick_at(const EF& e, int64_t n, const G16& g16, const double* g256, double t) {
   const int64_t ng = walk16_groups(n), nb = (ng + 15) / 16;
   double acc = 0.0;
   int64_t b = 0;
@@ -253,7 +272,7 @@ DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16,
     if (dadd_rn(acc, g256[b]) > t) break;
     acc = dadd_rn(acc, g256[b]);
   }
-  if (b == nb) return walk16_last_positive(e, 0, n);
+  if (b == nb) return walk16_last_positive_at(e, 0, n);
   const int64_t gend = 16 * b + 16 < ng ? 16 * b + 16 : ng;
   int64_t j = 16 * b;
   for (; j < gend; ++j) {
@@ -261,14 +280,19 @@ DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16,
     if (dadd_rn(acc, g) > t) break;
     acc = dadd_rn(acc, g);
   }
-  if (j == gend) return walk16_last_positive(e, 256 * b, 256 * b + 256 < n ? 256 * b + 256 : n);
+  if (j == gend) return walk16_last_positive_at(e, 256 * b, 256 * b + 256 < n ? 256 * b + 256 : n);
   const int64_t iend = 16 * j + 16 < n ? 16 * j + 16 : n;
   for (int64_t i = 16 * j; i < iend; ++i) {
-    if (!(e[i] > 0.f)) continue;  // adding +0 never crosses
-    acc = dadd_rn(acc, double(e[i]));
+    const float x = e(i);
+    if (!(x > 0.f)) continue;  // adding +0 never crosses
+    acc = dadd_rn(acc, double(x));
     if (acc > t) return i;
   }
-  return walk16_last_positive(e, 16 * j, iend);
+  return walk16_last_positive_at(e, 16 * j, iend);
+}
+template <class G16>
+DK_HOST_DEVICE int64_t walk16_pick_by(const float* e, int64_t n, const G16& g16, const double* g256, double t) {
+  return walk16_pick_at(Walk16Array<float>{e}, n, g16, g256, t);
 }
 
 DK_HOST_DEVICE int64_t walk16_pick(const float* e, int64_t n, const double* g16, const double* g256, double t) {
