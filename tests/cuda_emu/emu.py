@@ -102,12 +102,14 @@ def asan_flags():
 # (2532 of 2571, twentieth session). Six cases came then for lines the first 37 never reached:
 # the split top-k / top-p phases, the renormalising filters (split and one-CTA), greedy sampling,
 # the whole-step kernel's rank / logprob phases, the greedy tree from logits, the prepared nodes.
-# Nine more in the twenty-first session (52 cases): the fp16 attention and whole-step stores, the
-# whole-step invalid-value row, the one-CTA softmax and its bad row, the fp16 filter plan, the
-# split list draw and masked write, the tree's coin thresholds, and a new test written for them,
-# test_emu_rare_list_steps_in_one_launch (eta's cut, typical's min_tokens_to_keep cut, top-h's
-# tie group: the items that reached those cost 478 s (test_top_h_ties_at_the_100th_candidate)
-# and 101 s (test_each_truncation_each_order[sequential-k_typ_eta_h_mtk]) under ThreadSanitizer).
+# Ten more in the twenty-first session (53 cases, 2630 of 2633 lines): the fp16 attention and
+# whole-step stores, the whole-step invalid-value row, the one-CTA softmax and its bad row, the
+# fp16 filter plan, the split list draw and masked write, the tree's coin thresholds, a new test
+# written for them, test_emu_rare_list_steps_in_one_launch (eta's cut, typical's
+# min_tokens_to_keep cut, top-h's tie group: the items that reached those cost 478 s
+# (test_top_h_ties_at_the_100th_candidate) and 101 s (test_each_truncation_each_order[sequential-
+# k_typ_eta_h_mtk]) under ThreadSanitizer), and test_emu_split_draw_in_one_call (the whole-step
+# split draw's sums phase).
 SANITIZER_CASES = [
     "test_ops_sampling.py::test_emu_production_block_size",
     "test_ops_sampling.py::test_sample[cuda_emu-logits-ties-torch.float32-plain]",
