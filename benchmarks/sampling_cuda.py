@@ -341,7 +341,7 @@ def t_typical(probs, tp):
     """Typical sampling in torch ops (sort by |-log p - H|, keep the prefix reaching tp)."""
     logp = probs.clamp_min(1e-30).log()
     H = -(probs * logp).sum(-1, keepdim=True)
-    score, idx = (-logp - H).abs().sort(-1)
+    _, idx = (-logp - H).abs().sort(-1)
     sp = probs.gather(1, idx)
     cum = sp.cumsum(-1)
     return idx.gather(1, torch.multinomial(sp.masked_fill(cum - sp >= tp, 0.0), 1)).squeeze(1)

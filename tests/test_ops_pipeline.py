@@ -146,6 +146,19 @@ def _check_reference(args, out):
         torch.testing.assert_close(top_lp[v].double(), vals[v], atol=2e-5, rtol=0)
 
 
+def _same_bits(args, cpu, got, what, rows=None):
+    """The emulator's outputs `got` equal the CPU op's `cpu` bit for bit (of `rows` only; not the
+    logprobs and ranks a sample call without them does not compute)."""
+    mode, want = args[10], args[13]
+    for j, (c, g) in enumerate(zip(cpu, got)):
+        if mode == 0 and j in (2, 3) and not want:
+            continue  # not computed
+        if rows is not None and c.shape[0]:
+            c, g = c[rows], g[rows]
+        assert c.shape == g.shape, NAMES[j]
+        assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ ({what}):\ncpu {c}\nemu {g}"
+
+
 def _check(backend, args, rows=None):
     """Runs the op on `backend`: its outputs equal the CPU op's (on cuda_emu bitwise, of `rows`
     only; on cuda up to the last bit of the logprobs) and agree with reference.pipeline."""
@@ -161,13 +174,7 @@ def _check(backend, args, rows=None):
             got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=16)
             if n_sms and 0 < n_out < n_sms and V >= 32:
                 assert emu_pipe.last_splits[0] > 1, (n_out, V)
-            for j, (c, g) in enumerate(zip(cpu, got)):
-                if mode == 0 and j in (2, 3) and not want:
-                    continue  # not computed
-                if rows is not None and c.shape[0]:
-                    c, g = c[rows], g[rows]
-                assert c.shape == g.shape, NAMES[j]
-                assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ (n_sms {n_sms}):\ncpu {c}\nemu {g}"
+            _same_bits(args, cpu, got, f"n_sms {n_sms}", rows)
     else:
         got = bk.on_cuda(torch.ops.decodekit.pipeline, *args)
         for j, (c, g) in enumerate(zip(cpu, got)):
@@ -640,24 +647,14 @@ def test_emu_split_draw_without_truncation(logprobs):
     want, raw, top_n = {"none": (False, False, 0), "raw": (True, True, 4), "processed": (True, False, 4)}[logprobs]
     for seed in (1, 2, 3):
         args = _args(x, kw, params, top_n=top_n, raw=raw, want=want, seed_arr=torch.arange(B) + 100 * seed)
-        cpu = torch.ops.decodekit.pipeline(*args)
-        for n_sms in (0, 64):
-            got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=16)
-            if n_sms:
-                assert emu_pipe.last_splits[0] == 16, emu_pipe.last_splits
-            for j, (c, g) in enumerate(zip(cpu, got)):
-                if j in (2, 3) and not want:
-                    continue
-                assert torch.equal(_bits(c), _bits(g)), (
-                    f"{NAMES[j]} differ (n_sms {n_sms}, seed {seed}):\ncpu {c}\nemu {g}"
-                )
-        _check_reference(args, cpu)
+        _check("cuda_emu", args)  # both plans, bit for bit, and reference.py
+        assert emu_pipe.last_splits[0] == 16, emu_pipe.last_splits  # (the split plan ran last)
 
 
 @bk.needs_emu
 def test_emu_split_draw_in_one_call():
     """The split draw without truncation in one call of the split plan (32 slices, each summing
-    several 256-blocks of the list; a bitmask empties some slices): tokens equal the CPU op's. Cheap
+    several 256-blocks of the list; a bitmask empties some slices): outputs equal the CPU op's. Cheap
     enough for the sanitizer runs (emu.SANITIZER_CASES), which check the sums phase's reads of
     the slices' lists and its writes of the walk sums across the CTAs of the launch."""
     B, V = 2, 20011
@@ -670,7 +667,7 @@ def test_emu_split_draw_in_one_call():
     cpu = torch.ops.decodekit.pipeline(*args)
     got = emu_pipe.pipeline(*args, n_sms=64, min_slice=16)
     assert emu_pipe.last_splits[0] == 32, emu_pipe.last_splits
-    assert torch.equal(cpu[0], got[0]) and torch.equal(cpu[1], got[1]), (cpu[:2], got[:2])
+    _same_bits(args, cpu, got, "split plan")
 
 
 @bk.needs_emu
@@ -695,9 +692,7 @@ def test_emu_rare_list_steps_in_one_launch():
     ):
         args = _args(rows, kw, params, mode=mode, top_n=2 if mode == 0 else 0)
         cpu = torch.ops.decodekit.pipeline(*args)
-        got = emu_pipe.pipeline(*args, n_sms=0)
-        for j, (c, g) in enumerate(zip(cpu, got)):
-            assert torch.equal(_bits(c), _bits(g)), f"{NAMES[j]} differ ({params}):\ncpu {c}\nemu {g}"
+        _same_bits(args, cpu, emu_pipe.pipeline(*args, n_sms=0), str(params))
         _check_reference(args, cpu)
     keep = R.pipeline_keep(ties, top_h=0.35)
     # the groups at 2.0 (the 100th largest value of both rows) are kept whole or dropped whole

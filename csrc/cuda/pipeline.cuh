@@ -1291,6 +1291,10 @@ struct SliceList {
     }
     return lo * per + (p - off[lo]);
   }
+  // The walk's elements: the weights of the list's values (row max m, 1 / temperature invT).
+  DK_PIPE_FN auto weights(float m, float invT) const {
+    return [*this, m, invT](int64_t p) { return pipe_weight(v[slot(p)], m, invT); };
+  }
 };
 // Fills sh.i[0..splits] with the slices' first list positions (ends with a barrier).
 template <class T>
@@ -1315,16 +1319,10 @@ DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeSha
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const SliceList sl = slice_list(a, c, sh);
-  const int64_t n = sh.i[a.splits], ng = contract::walk16_groups(n), nb = (ng + 15) / 16;
-  const int64_t b0 = nb * sp / a.splits, b1 = nb * (sp + 1) / a.splits, j1 = 16 * b1 < ng ? 16 * b1 : ng;
-  const float m = vd.m, invT = 1.f / c.pr.T;
-  const auto e = [sl, m, invT](int64_t p) { return pipe_weight(sl.v[sl.slot(p)], m, invT); };
-  double* g16 = reinterpret_cast<double*>(c.ws + c.lay.g16);
-  double* g256 = reinterpret_cast<double*>(c.ws + c.lay.g256);
-  for (int64_t j = 16 * b0 + threadIdx.x; j < j1; j += kPipeThreads) g16[j] = contract::walk16_group_at(e, n, j);
-  __syncthreads();
-  for (int64_t b = b0 + threadIdx.x; b < b1; b += kPipeThreads)
-    g256[b] = contract::add_in_order(g16 + 16 * b, (16 * b + 16 < ng ? 16 * b + 16 : ng) - 16 * b);
+  const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+  const BlockListOps ops = block_ops(c, sh);
+  block_walk16_blocks<kPipeThreads>(sl.weights(vd.m, 1.f / c.pr.T), n, nb * sp / a.splits, nb * (sp + 1) / a.splits,
+                                    ops.g16, ops.g256);
 }
 
 // The final phase's draw for such a row: Z = the g256 added in order, the walk at u * Z over the
@@ -1336,13 +1334,12 @@ DK_DEVICE_NOINLINE bool split_draw(const PipeArgs& a, const PipeRowCtx<T>& c, fl
   const SliceList sl = slice_list(a, c, sh);
   if (threadIdx.x == 0) {
     const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
-    const double* g16 = reinterpret_cast<const double*>(c.ws + c.lay.g16);
-    const double* g256 = reinterpret_cast<const double*>(c.ws + c.lay.g256);
-    const double Z = contract::add_in_order(g256, nb);
+    const BlockListOps ops = block_ops(c, sh);
+    const double* g16 = ops.g16;
+    const double Z = contract::add_in_order(ops.g256, nb);
     const double u = row_uniform(row_rng_key(a, o), 0u);
     const int64_t last =
-        contract::walk16_pick_at([sl, m, invT](int64_t p) { return pipe_weight(sl.v[sl.slot(p)], m, invT); }, n,
-                                 [g16](int64_t j) { return g16[j]; }, g256, u * Z);
+        contract::walk16_pick_at(sl.weights(m, invT), n, [g16](int64_t j) { return g16[j]; }, ops.g256, u * Z);
     sh.fail = last < 0;
     if (last >= 0) {
       a.out_tokens[o] = sl.i[sl.slot(last)];
