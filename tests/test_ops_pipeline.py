@@ -670,6 +670,75 @@ def test_emu_split_draw_in_one_call():
     _same_bits(args, cpu, got, "split plan")
 
 
+def _early_top_p_rows(B, V, seed, dtype):
+    """Rows for the early top-p tests: logits rounded to 1/8 (tie groups spread over every chunk,
+    some at the cut), a bitmask forbidding a stretch of one row and every other token of another,
+    repetition and frequency penalties over an output history."""
+    x = (_logits(B, V, seed) * 8).round() / 8
+    words = (V + 31) // 32
+    bm = torch.full((B, words), -1, dtype=torch.int32)
+    bm[1, 20:300] = 0  # tokens 640..9599: several slices and two chunks without a value
+    bm[2:3, :] = 0x55555555  # every other token (B > 2)
+    kw = {k: None for k in ("banned_token_ids", "prompt_token_ids")}
+    kw["allowed_token_bitmask"] = bm
+    kw["output_token_ids"] = torch.randint(0, V, (B, 40), generator=torch.Generator().manual_seed(seed))
+    return x.to(dtype), kw
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("order", [0, 2])
+def test_emu_early_top_p(dtype, order):
+    """Top-p as the first list step (no top-k, top-n-sigma or min_tokens_to_keep before it; not
+    joint) gets its cut from the row passes: a mass-weighted radix select over the processed row,
+    per-chunk mass histograms that the slices of a split row compute and add in chunk order. Rows:
+    top-p alone (then the split draw), top-p then min-p / typical (list steps on the survivors),
+    a cut at the max (top_p 1e-6), nearly all kept (0.999999), ties at the cut, bitmask and
+    penalties; beside them rows that are not early (top-k first; top-n-sigma; min_tokens_to_keep 3;
+    the vllm order's min-p first). Both plans (one CTA per row; 16 / 11 slices over 5 chunks, so
+    some slices hold no chunk) give the CPU op's tokens, logprobs, top-n lists and masked logits bit
+    for bit, and agree with reference.pipeline."""
+    B, V = 8, 20011
+    x, kw = _early_top_p_rows(B, V, 31, dtype)
+    f64 = dict(dtype=torch.float64)
+    params = dict(
+        temperature=torch.tensor([0.7, 1.0, 1.3, 0.9, 1.0, 0.8, 1.1, 1.0], **f64),
+        top_p=torch.tensor([0.9, 0.5, 0.95, 1e-6, 0.999999, 0.9, 0.8, 0.7], **f64),
+        min_p=torch.tensor([0.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.02], **f64),
+        typical_p=torch.tensor([1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0], **f64),
+        top_k=torch.tensor([0, 0, 0, 0, 0, 50, 0, 0], **f64),
+        top_n_sigma=torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0], **f64),
+        min_tokens_to_keep=torch.tensor([1, 1, 1, 1, 1, 1, 1, 3], **f64),
+        repetition_penalty=1.2,
+        frequency_penalty=0.1,
+    )
+    for top_n, raw, want in ((0, False, False), (3, False, True), (3, True, True)):
+        args = _args(x, kw, params, order=order, top_n=top_n, raw=raw, want=want, seed_arr=torch.arange(B) + 7)
+        _check("cuda_emu", args)
+    _check("cuda_emu", _args(x, kw, params, order=order, mode=1))
+    # B = 2: 32 slices, most of them without a chunk of their own
+    x2, kw2 = _early_top_p_rows(2, V, 33, dtype)
+    p2 = {k: (v[:2] if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
+    _check("cuda_emu", _args(x2, kw2, p2, order=order, want=False))
+
+
+@bk.needs_emu
+def test_emu_early_top_p_in_one_call():
+    """Early top-p in one call of the split plan (B = 2, 32 slices over 5 chunks; top-p alone and
+    top-p then min-p): outputs equal the CPU op's. Cheap enough for the sanitizer runs
+    (emu.SANITIZER_CASES), which check the pass launches' writes of the chunk histograms and the
+    select's state and their reads in the next launch across the CTAs."""
+    x, kw = _early_top_p_rows(2, 20011, 37, torch.float32)
+    params = dict(
+        temperature=0.9, top_p=0.9, min_p=torch.tensor([0.0, 0.05], dtype=torch.float64), repetition_penalty=1.1
+    )
+    args = _args(x, kw, params, want=False)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args, n_sms=64, min_slice=16)
+    assert emu_pipe.last_splits[0] == 32, emu_pipe.last_splits
+    _same_bits(args, cpu, got, "split plan")
+
+
 @bk.needs_emu
 def test_emu_rare_list_steps_in_one_launch():
     """The list steps the larger cases reach only through many launches, each in one launch of the

@@ -22,6 +22,9 @@
 //      (chunk, lane) (lane_sums, element loads in the lane order);
 //   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
 //      per pass over the order-preserving float key; exact);
+//   P  early top-p only (top-p the first list step, nothing before it: early_top_p): Z and top-p's
+//      cut by a 4-pass mass-weighted radix select (per-chunk mass histograms), so that the start
+//      list is top-p's survivors and the list steps run with top-p off;
 //   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (each
 //      thread flags its group's survivors, a block-wide exclusive scan places them), weights
 //      exp((y - m) / T) in parallel;
@@ -40,7 +43,7 @@
 //   and two collects of the top-n candidates (the rank phase), all over the slices of a split
 //   row; the logprobs phase adds the counts and sorts the n candidates on one CTA per row.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
-// + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
+// + 5 (P: Z, 4 histograms) for early top-p; + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
 // pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
 // the compactions, every phase, the final phase's two halves and its list steps + draw
@@ -76,6 +79,7 @@
 #include "decodekit/pipeline.h"
 #include "decodekit/rng.h"
 #include "block_walk.h"
+#include "mass_hist.h"
 #include "radix_digit.h"
 #include "row_io.h"
 
@@ -92,6 +96,7 @@ namespace dk::cuda {
 #endif
 constexpr unsigned kPipeThreads = DK_PIPE_THREADS;  // a power of two, >= 32
 constexpr unsigned kPipeWarps = kPipeThreads / 32;
+constexpr int kPipeCopies = kPipeWarps < 8 ? int(kPipeWarps) : 8;  // the mass histograms' copies
 
 enum class PipeDType : int { F32 = 0, BF16 = 1, F16 = 2 };  // = dk::cpu::DType
 
@@ -138,7 +143,7 @@ struct PipeArgs {
   // elements [s * per, min(V, (s + 1) * per)); splits == 1 (per = V): one CTA per row does it all.
   int splits = 1;
   int64_t per = 0;
-  int pass = 0;  // the radix pass of a pipe_pass_kernel launch (1..3)
+  int pass = 0;  // the pass of a pipe_pass_kernel launch (1..4)
 };
 
 struct BitmaskInplaceArgs {
@@ -173,6 +178,12 @@ struct PipeKState {
   uint32_t prefix, pad;
   int64_t rank;
 };
+// The early top-p select's state before mass histogram h (h = 1..3; recorded by slice 0): the key
+// prefix of the digits chosen so far and the mass above its range.
+struct PipePState {
+  uint32_t prefix, pad;
+  double above;
+};
 // Mask mode: what the write phase puts in the output row (set by the final phase): the raw row
 // (bad row, invalid values), the processed row (nothing to truncate, temperature 0, a row with
 // nothing finite), or the processed values of the n survivors of L (in index order) and -inf.
@@ -184,8 +195,8 @@ struct PipeWrite {
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, g16, g256, hdr, parts, counts,
-      khist, kst, nhist, nst, wr, rk, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, lzp, g16, g256, hdr, parts,
+      counts, khist, kst, nhist, nst, phist, pst, wr, rk, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -214,6 +225,7 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.lsum = o, o += 8 * pairs;   // top-n-sigma's sum and sum of squares
   L.lsq = o, o += 8 * pairs;
   L.lzl = o, o += 8 * pairs;  // raw / greedy logprobs' normaliser
+  L.lzp = o, o += 8 * pairs;  // early top-p's Z
   const int64_t ng = contract::walk16_groups(V);
   L.g16 = o, o += 8 * ng;  // the walk's group and block sums over a list
   L.g256 = o, o += 8 * ((ng + 15) / 16);
@@ -224,6 +236,8 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
   L.nhist = o, o += 4 * 256 * 4 * splits;  // the same for the raw / greedy logprobs' top-n select
   L.nst = o, o += int64_t(sizeof(PipeKState)) * 4;
+  L.phist = o, o += 8 * 2 * 256 * contract::num_chunks(V);  // double [2 parities][chunks][256]: early top-p
+  L.pst = o, o += int64_t(sizeof(PipePState)) * 4;
   L.wr = o, o += int64_t(sizeof(PipeWrite));
   L.rk = o, o += 8 * 3 * splits;  // int64 [splits][3]: the rank phase's counts (rank, above, ties)
   L.row = o;
@@ -349,11 +363,12 @@ struct PipeShared {
   int inval, bad, fail;
   float tw, tv;
   double Z;
-  double bc;      // BlockListOps' broadcast of a mass
-  uint64_t key;   // block_mass_select's broadcast of a key
-  int64_t ibc;    // and of an index
-  int64_t fin_n;  // final_draw's survivors, for final_logprobs
-  float fin_m;    // and the row's max
+  double bc;                     // BlockListOps' broadcast of a mass
+  uint64_t key;                  // block_mass_select's broadcast of a key
+  int64_t ibc;                   // and of an index
+  int64_t fin_n;                 // final_draw's survivors, for final_logprobs
+  float fin_m;                   // and the row's max
+  double mh[kPipeCopies * 256];  // early top-p's mass histogram copies (mass_hist.h)
 };
 
 // radix_digit.h's count scan as a real call on the device: the whole-step kernel is at its
@@ -805,11 +820,12 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //   scan     (per slice) raw max, processed max and its first index, NaN / +inf check (pass A);
 //            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); radix pass 0 of
 //            top-k's select and of the raw / greedy logprobs' top-n select;
-//   pass q   (q = 1..3, per slice) top-n-sigma's sum of squares (q = 1); radix pass q of both
-//            selects;
-//   collect  (per slice) the start list of the slice's elements (pass C), at the slice's first
-//            position of L; the raw / greedy logprobs' normaliser lane sums of its (chunk, lane)
-//            pairs;
+//   pass q   (q = 1..4, per slice) top-n-sigma's sum of squares (q = 1); radix pass q of both
+//            selects (q <= 3); early top-p's Z lane sums and mass histogram 0 (q = 1), the digit of
+//            histogram q - 2 and histogram q - 1 (q >= 2);
+//   collect  (per slice) the start list of the slice's elements (pass C; early top-p: above the
+//            cut from its last digit), at the slice's first position of L; the raw / greedy
+//            logprobs' normaliser lane sums of its (chunk, lane) pairs;
 //   sums     (split plan, sample mode, per slice; rows with nothing to truncate) the walk's sums
 //            of the start list where the slices left it (phase_sums);
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
@@ -839,8 +855,10 @@ struct PipeRowCtx {
   uint32_t *khist, *nhist;
   PipeKState *kst, *nst;
   PipeWrite* wr;
-  double *lanes, *lsum, *lsq, *lzl;
+  double *lanes, *lsum, *lsq, *lzl, *lzp;
   int64_t* rk;
+  double* phist;
+  PipePState* pst;
 };
 
 template <class T>
@@ -874,6 +892,9 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.lsum = reinterpret_cast<double*>(c.ws + c.lay.lsum);
   c.lsq = reinterpret_cast<double*>(c.ws + c.lay.lsq);
   c.lzl = reinterpret_cast<double*>(c.ws + c.lay.lzl);
+  c.lzp = reinterpret_cast<double*>(c.ws + c.lay.lzp);
+  c.phist = reinterpret_cast<double*>(c.ws + c.lay.phist);
+  c.pst = reinterpret_cast<PipePState*>(c.ws + c.lay.pst);
   c.rk = reinterpret_cast<int64_t*>(c.ws + c.lay.rk);
   return c;
 }
@@ -906,6 +927,24 @@ DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
 }
 // And their top-n list (the n-th largest value by a radix select in the row passes)?
 DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr) { return a.top_n > 0 && wants_raw_mass(a, pr); }
+// Early top-p: does the row get top-p's cut from the row passes (see "early top-p" below)? Its
+// first list step is top-p, and nothing the start list depends on comes before or beside it (no
+// top-k, top-n-sigma, min_tokens_to_keep > 1; not joint).
+DK_PIPE_FN bool early_top_p(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  const PipeOrder order = PipeOrder(a.order);
+  if (!wants_list(a, pr, V) || order == PipeOrder::Joint || pr.nsig > 0.0 || pr.mtk > 1) return false;
+  for (int j = 0; j < 7; ++j) {
+    const Step st = pipe_step(order, j);
+    if (step_on(st, pr, V)) return st == Step::TopP;
+  }
+  return false;
+}
+// The parameters the list steps run with: top-p off when the row passes applied it.
+DK_PIPE_FN PipeRow list_row(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  PipeRow r = pr;
+  if (early_top_p(a, pr, V)) r.p = 1.f;
+  return r;
+}
 
 // Slice sp of a row: its elements [beg, end) and its (chunk, lane) pairs [q0, q1) of the lane sums.
 struct PipeSlice {
@@ -1012,6 +1051,113 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
   return float_at_least(double(m) - c.pr.nsig * ::sqrt(ss / n));
 }
 
+// ---- early top-p: top-p's cut by the row passes ------------------------------------------------
+// For an early-top-p row, top-p's cut t (the smallest value whose strictly greater values weigh
+// < P = p Z over the start list {y > -inf}) comes from a mass-weighted radix select over the
+// processed row (4 passes of 8 bits over float_key_z) in the pass launches 1..4, on all of the
+// row's slices, instead of from the list steps' select over a whole-vocabulary list on one CTA:
+//   Z       the canonical row mass (decodekit/contract.h) of the weights exp((y - m) / T): lane
+//           sums of the slices' (chunk, lane) pairs in pass 1, folded where P is needed;
+//   hist h  (h = 0..3, in pass h + 1) the 256-bin mass histogram of digit 3 - h of the keys that
+//           match the digits chosen so far: per 4096-element chunk (mass_hist.h's fixed order),
+//           slice sp taking the chunks [nch sp / splits, nch (sp + 1) / splits), the chunk
+//           histograms added in chunk order (so the bins, hence the cut, do not depend on the plan);
+//   digit   (in the next pass; in the collect phase for h = 3) where above + the mass from the top
+//           crosses P (radix_digit.h pick_mass_digit, as sampling.cuh's top-p).
+// The collect phase then keeps y >= min(t, m) (the step keeps v >= t or v >= the max), and the list
+// steps run with top-p off (list_row). Z and the bins add the weights the CPU adds (its list mass,
+// its quickselect's masses) in another order: as for the list steps' select, a cut whose mass
+// above lies within a few double ulps of p Z can differ. (pick_mass_digit's fallback, the lowest
+// digit with mass when the digits' total stays under P, needs an error of over 2^-24 Z: not for a
+// float p < 1 and fewer than 2^29 values.)
+template <class T>
+DK_PIPE_FN double early_P(const PipeRowCtx<T>& c, PipeShared& sh) {
+  return double(c.pr.p) * fold_lanes(c.lzp, c.nch, sh);
+}
+
+// The select's state after the digit of mass histogram h (0..3): the state before it (pst[h];
+// nothing chosen for h = 0) and the digit from the chunk histograms added in chunk order (one
+// thread a bin), picked on warp 0. All threads; barriers.
+template <class T>
+DK_PIPE_FN PipePState early_digit(const PipeRowCtx<T>& c, int h, double P, PipeShared& sh) {
+  PipePState st = h == 0 ? PipePState{0u, 0u, 0.0} : c.pst[h];
+  const double* hh = c.phist + int64_t(h & 1) * c.nch * 256;
+  for (unsigned d = threadIdx.x; d < 256; d += kPipeThreads) {
+    double m = 0.0;
+    for (int64_t ch = 0; ch < c.nch; ++ch) m = contract::dadd_rn(m, hh[ch * 256 + d]);
+    sh.d[d] = m;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) pick_mass_digit(sh.d, st.above, P, &sh.sel_digit, &sh.bc);
+  __syncthreads();
+  st.prefix |= sh.sel_digit << (24 - 8 * h);
+  st.above = sh.bc;
+  __syncthreads();
+  return st;
+}
+
+// Mass histogram h of slice sp's chunks (keys matching `prefix` in the digits above 3 - h; the row
+// max m and 1 / temperature invT give the weights) into phist[h & 1]. All threads; barriers.
+template <class T>
+DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, int h, uint32_t prefix, float m,
+                           float invT, PipeShared& sh) {
+  constexpr int kv = kVec<T>;
+  constexpr int64_t kGroups = contract::kChunk / kv;
+  const RowIn<T>& r = c.r;
+  const bool al = aligned16(r.x);
+  const int64_t ng = (c.V + kv - 1) / kv;
+  const int shift = 24 - 8 * h;
+  const uint32_t hmask = h == 0 ? 0u : ~0u << (shift + 8);
+  double* out = c.phist + int64_t(h & 1) * c.nch * 256;
+  for (int64_t ch = c.nch * sp / a.splits; ch < c.nch * (sp + 1) / a.splits; ++ch) {
+    const int64_t g0 = ch * kGroups, g1 = g0 + kGroups < ng ? g0 + kGroups : ng;
+    int64_t cur = r.lower((g0 + threadIdx.x) * kv);
+    const auto group = [&](int64_t g, bool in, unsigned* digit, float* e) {
+      Vec16<T> p;
+      if (in) load_group_raw(r.x, c.V, g, al, p);
+#pragma unroll
+      for (int u = 0; u < kv; ++u) {
+        const int64_t i = g * kv + u;
+        digit[u] = 256u;
+        e[u] = 0.f;
+        if (in && i < c.V) {
+          const float y = r.proc(i, to_float(p.v[u]), cur);
+          const uint32_t k = float_key_z(y);
+          if (y > kNegInf && (k & hmask) == prefix) {
+            digit[u] = (k >> shift) & 255u;
+            e[u] = pipe_weight(y, m, invT);
+          }
+        }
+      }
+    };
+    block_mass_hist<int(kPipeThreads), kPipeCopies, kv>(g0, g1, group, sh.mh, sh.d);
+    for (unsigned d = threadIdx.x; d < 256; d += kPipeThreads) out[ch * 256 + d] = sh.mh[d];
+    __syncthreads();
+  }
+}
+
+// Pass q (1..4) of an early-top-p row over slice sp: Z's lane sums and histogram 0 (q = 1), else the
+// digit of histogram q - 2 (slice 0 records the state) and histogram q - 1. A real call (the pass
+// phase's register cap).
+template <class T>
+DK_DEVICE_NOINLINE void early_pass(const PipeArgs& a, PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q,
+                                   PipeShared& sh) {
+  const PipeVerdict vd = verdict(a, c);
+  if (!vd.ok || !(vd.m > kNegInf)) return;
+  const float m = vd.m, invT = 1.f / c.pr.T;
+  const int h = q - 1;
+  PipePState st{0u, 0u, 0.0};
+  if (h == 0) {
+    lane_sums(
+        c.r, true, c.V, s.q0, s.q1, [m, invT](float v) { return v > kNegInf ? double(pipe_weight(v, m, invT)) : 0.0; },
+        c.lzp);
+  } else {
+    st = early_digit(c, h - 1, early_P(c, sh), sh);
+    if (sp == 0 && threadIdx.x == 0) c.pst[h] = st;
+  }
+  early_hist(a, c, sp, h, st.prefix, m, invT, sh);
+}
+
 // The start list's regions of row o's workspace, the list steps' scratch, and their primitives on
 // the block.
 template <class T>
@@ -1095,7 +1241,8 @@ DK_DEVICE_NOINLINE void phase_scan(const PipeArgs& a, int64_t o, int sp, PipeSha
   select_passes(a, c, s, sp, 0, sh);
 }
 
-// ---- pass q (1..3): top-n-sigma's sum of squares (q = 1), the selects' radix pass q --------------
+// ---- pass q (1..4): top-n-sigma's sum of squares (q = 1), the selects' radix pass q (q <= 3), early
+// top-p's passes ---------------------------------------------------------------------------------
 template <class T>
 DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -1111,7 +1258,8 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
         },
         c.lsq);
   }
-  select_passes(a, c, s, sp, q, sh);
+  if (q < 4) select_passes(a, c, s, sp, q, sh);
+  if (early_top_p(a, c.pr, c.V)) early_pass(a, c, s, sp, q, sh);
 }
 
 // ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
@@ -1133,6 +1281,11 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   if (wants_kth(a, c.pr, c.V)) {
     const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
     thr = kth > thr ? kth : thr;
+  }
+  if (early_top_p(a, c.pr, c.V)) {  // top-p's survivors (its cut from the row passes)
+    const float t = key_to_float(early_digit(c, 3, early_P(c, sh), sh).prefix);
+    const float cut = t <= vd.m ? t : vd.m;  // (v >= t or v >= the max)
+    thr = cut > thr ? cut : thr;
   }
   const PipeList L = start_list(c);
   const int64_t n = collect_row(
@@ -1269,7 +1422,7 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 // g256 and walks (split_draw): the same token, bit for bit, as the one-CTA plan's walk.
 template <class T>
 DK_PIPE_FN bool split_draw_only(const PipeArgs& a, const PipeRowCtx<T>& c) {
-  return a.splits > 1 && a.mode != 1 && c.pr.T != 0.f && !any_truncation(c.pr, c.V) &&
+  return a.splits > 1 && a.mode != 1 && c.pr.T != 0.f && !any_truncation(list_row(a, c.pr, c.V), c.V) &&
          !((a.want_logprob || a.top_n > 0) && !a.raw_logprobs);
 }
 
@@ -1465,7 +1618,8 @@ DK_DEVICE_NOINLINE bool final_draw(const PipeArgs& a, int64_t o, PipeShared& sh)
   L.n = n0;
   if (threadIdx.x == 0) sh.fin_m = m;  // (read after truncate_and_draw's closing barrier)
   // ---- the list steps and the draw (the CPU's sequence, each step on the whole block) ----------
-  if (!truncate_and_draw(L, pr, m, invT, lo, list_scratch(c), block_ops(c, sh), a, o, out ? c.wr : nullptr, sh)) {
+  if (!truncate_and_draw(L, list_row(a, pr, V), m, invT, lo, list_scratch(c), block_ops(c, sh), a, o,
+                         out ? c.wr : nullptr, sh)) {
     fail_row(false);
     return false;
   }
@@ -1546,7 +1700,7 @@ DK_PIPE_FN void pipeline_row(const PipeArgs& a, int64_t o, PipeShared& sh) {
   }
   phase_scan<T>(a, o, 0, sh);
   __syncthreads();
-  for (int q = 1; q < 4; ++q) {
+  for (int q = 1; q < 5; ++q) {
     phase_pass<T>(a, o, 0, q, sh);
     __syncthreads();
   }
@@ -1630,7 +1784,7 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   const unsigned parts = unsigned(a.n_out * a.splits);
   if (pipe_list_entries(a) > 0) launch(pipe_prep_kernel<T>, rows, a);
   launch(pipe_scan_kernel<T>, parts, a);
-  for (a.pass = 1; a.pass < 4; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);
+  for (a.pass = 1; a.pass < 5; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);  // (4: early top-p only)
   launch(pipe_collect_kernel<T>, parts, a);
   if (a.mode != 1) launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once)
   launch(pipe_final_kernel<T>, rows, a);

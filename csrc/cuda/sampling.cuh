@@ -51,6 +51,7 @@
 #include "decodekit/philox.h"
 #include "decodekit/rng.h"
 #include "block_walk.h"
+#include "mass_hist.h"
 #include "radix_digit.h"
 #include "row_io.h"
 
@@ -420,53 +421,30 @@ DK_CUDA_FN double walk16_sums(const float* e, int64_t n, S& s) {
 // order inside the chunk), the chunk histograms added in chunk order starting from +0.0. So the
 // bins, hence the cut, do not depend on how many CTAs share the row (the split rows below compute
 // the chunk histograms on many CTAs and add them in the same order).
-// Inside a chunk: within a warp the lanes holding the same digit are grouped (__match_any_sync)
-// and the group's lowest lane adds their weights in lane order into the warp's histogram copy;
-// warps w and w + kHistCopies, ... share copy w % kHistCopies and take turns (a barrier between
-// turns), so each copy's bin is a sequential sum in a fixed order; the copies are added in copy
-// order.
+// Inside a chunk: mass_hist.h's block_mass_hist (the chunk's 16-byte groups, round by round;
+// within a warp the lanes holding the same digit add in lane order into the warp's histogram
+// copy; warps sharing a copy take turns; the copies added in copy order).
 // CPU/GPU note: the CPU sums the same masses in quickselect order; only a mass within double
 // rounding of P can put the cut on a different value.
-DK_CUDA_FN void warp_hist_add(unsigned digit, float e, double* h, double* stage) {
-  if (__ballot_sync(0xffffffffu, digit < 256u) == 0u) return;  // (warp-uniform)
-  const int lane = threadIdx.x & 31;
-  stage[lane] = double(e);
-  const unsigned peers = __match_any_sync(0xffffffffu, digit);
-  __syncwarp();
-  if (digit < 256u && lane == __ffs(peers) - 1) {
-    double g = h[digit];
-    for (unsigned b = peers; b; b &= b - 1u) g = __dadd_rn(g, stage[__ffs(b) - 1]);
-    h[digit] = g;
-  }
-  __syncwarp();  // stage is rewritten by the next call
-}
 
 // The mass histogram of chunk c for pass q of the top-p select (see above): left in s.u.mh[0..256).
 // All threads; ends with a barrier (callers read s.u.mh, then barrier before the next call).
 template <class T>
 DK_CUDA_FN void chunk_mass_hist(const T* x, int64_t V, int64_t c, const Weight& w, bool within_k, float tk,
                                 uint32_t prefix, int q, Smem& s) {
-  constexpr int kPhases = kWarps / kHistCopies;
   constexpr int64_t kGroups = kChunk / kVec<T>;  // 16-byte groups per chunk
   const bool al = aligned16(x);
   const int64_t q_end = (c + 1) * kGroups < num_groups<T>(V) ? (c + 1) * kGroups : num_groups<T>(V);
   const uint32_t mask = radix_mask(q);
   const int shift = radix_shift(q);
-  const int wid = threadIdx.x >> 5;
-  double* const hist = s.u.mh + (wid % kHistCopies) * 256;
-  double* const stage = s.dlane + (threadIdx.x & ~31);
-  for (int i = threadIdx.x; i < kHistCopies * 256; i += kThreads) s.u.mh[i] = 0.0;
-  __syncthreads();
-  for (int64_t q0 = c * kGroups; q0 < q_end; q0 += kThreads) {  // (a uniform trip count: barriers inside)
-    const int64_t g = q0 + threadIdx.x;
-    unsigned digit[kVec<T>];
-    float e[kVec<T>], v[kVec<T>];
-    if (g < q_end) load_group(x, V, g, al, v);
+  const auto group = [&](int64_t g, bool in, unsigned* digit, float* e) {
+    float v[kVec<T>];
+    if (in) load_group(x, V, g, al, v);
 #pragma unroll
     for (int u = 0; u < kVec<T>; ++u) {
       digit[u] = 256u;  // 256: not counted
       e[u] = 0.f;
-      if (g < q_end && g * kVec<T> + u < V) {
+      if (in && g * kVec<T> + u < V) {
         const uint32_t key = float_key(v[u]);
         if ((!within_k || v[u] >= tk) && (key & mask) == prefix) {
           digit[u] = (key >> shift) & 255u;
@@ -474,20 +452,8 @@ DK_CUDA_FN void chunk_mass_hist(const T* x, int64_t V, int64_t c, const Weight& 
         }
       }
     }
-#pragma unroll
-    for (int ph = 0; ph < kPhases; ++ph) {
-      if (wid / kHistCopies == ph)
-        for (int u = 0; u < kVec<T>; ++u) warp_hist_add(digit[u], e[u], hist, stage);
-      if (kPhases > 1) __syncthreads();
-    }
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < 256; d += kThreads) {  // the copies in copy order (bin d: one thread)
-    double m = s.u.mh[d];
-    for (int k = 1; k < kHistCopies; ++k) m = __dadd_rn(m, s.u.mh[k * 256 + d]);
-    s.u.mh[d] = m;
-  }
-  __syncthreads();
+  };
+  block_mass_hist<kThreads, kHistCopies, kVec<T>>(c * kGroups, q_end, group, s.u.mh, s.dlane);
 }
 
 // The digit of pass q from the row histogram s.prow (warp 0), applied to (prefix, above). All
