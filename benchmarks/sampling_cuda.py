@@ -12,9 +12,10 @@ through FlashInfer's chain_speculative_sampling on both sides, and a logits targ
 / top-k / top-p, one decodekit call (chain_speculative_sampling_from_logits; its "1-CTA" column
 turns the split prepared nodes off) against FlashInfer's softmax + top-k / top-p renorm +
 chain_speculative_sampling, with one-hot drafts. A third table times the whole step (decodekit.sample
-with a repetition penalty over a 64-token history, then top-k + top-p, top-p alone or typical: the
-last two start from a whole-row list, whose list steps run on one CTA per row) against the same
-step in torch ops.
+with a repetition penalty over a 64-token history, then top-k + top-p, top-p alone, min-p alone or
+typical: top-p and min-p at the head of the list steps are applied by the row passes on all of a
+split row's slices, typical's list steps run on one CTA per row over a whole-row list) against the
+same step in torch ops.
 
     python benchmarks/sampling_cuda.py [--B 1 8 64 256] [--V 32000 128256] [--reps 100] [--N 4] [--graph]
 
@@ -294,9 +295,10 @@ def main(argv=None):
                 )
 
     # the whole step (decodekit.sample with the pipeline keywords): a repetition penalty over a
-    # 64-token history, then truncations; with top-k first the list steps see <= k entries, without
-    # it the start list is the whole row and its list steps run on one CTA per row (the open
-    # question of the split plan: the "1-CTA" column turns the split row passes off too)
+    # 64-token history, then truncations; with top-k first the list steps see <= k entries; top-p
+    # or min-p alone are applied by the row passes; typical starts from the whole row and its list
+    # steps run on one CTA per row (the open question of the split plan: the "1-CTA" column turns
+    # the split row passes off too)
     print("\nwhole step: repetition_penalty 1.1 over 64 output tokens, T 0.8, then the truncations")
     print("op | B | V | dk us | dk 1-CTA us | torch us | torch/dk | floor us | dk/floor")
     for V in args.V:
@@ -355,9 +357,16 @@ def step_cases(x, hist):
             dict(top_k=50, top_p=0.9),
             lambda: t_top_p_probs_k(t_penalised(x, hist), 50, 0.9),
         ),
-        ("step: top_p 0.9 (whole-row list)", dict(top_p=0.9), lambda: t_top_p_probs(t_penalised(x, hist), 0.9)),
+        ("step: top_p 0.9", dict(top_p=0.9), lambda: t_top_p_probs(t_penalised(x, hist), 0.9)),
+        ("step: min_p 0.05", dict(min_p=0.05), lambda: t_min_p(t_penalised(x, hist), 0.05)),
         ("step: typical 0.9 (whole-row list)", dict(typical_p=0.9), lambda: t_typical(t_penalised(x, hist), 0.9)),
     ]
+
+
+def t_min_p(probs, mp):
+    """Min-p in torch ops (keep p >= min_p * max p, then draw)."""
+    keep = probs >= mp * probs.amax(-1, keepdim=True)
+    return torch.multinomial(probs.masked_fill(~keep, 0.0), 1).squeeze(1)
 
 
 def t_top_p_probs_k(probs, k, p):

@@ -87,7 +87,7 @@ def test_sampling_cuda_benchmark_script_runs_on_cpu():
         f = [c.strip() for c in ln.split("|")]
         assert f[3] != "n/a" and f[6] != "n/a", ln
     steps = [ln for ln in r.stdout.splitlines() if ln.startswith("step: ")]
-    assert len(steps) == 3, r.stdout  # the whole step: top-k + top-p, top-p alone, typical
+    assert len(steps) == 4, r.stdout  # the whole step: top-k + top-p, top-p alone, min-p alone, typical
     for ln in steps:
         f = [c.strip() for c in ln.split("|")]
         assert len(f) == 9 and f[3] != "n/a" and f[5] != "n/a", ln

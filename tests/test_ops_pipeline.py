@@ -688,27 +688,30 @@ def _early_top_p_rows(B, V, seed, dtype):
 @bk.needs_emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("order", [0, 2])
-def test_emu_early_top_p(dtype, order):
-    """Top-p as the first list step (no top-k, top-n-sigma or min_tokens_to_keep before it; not
-    joint) gets its cut from the row passes: a mass-weighted radix select over the processed row,
-    per-chunk mass histograms that the slices of a split row compute and add in chunk order. Rows:
-    top-p alone (then the split draw), top-p then min-p / typical (list steps on the survivors),
-    a cut at the max (top_p 1e-6), nearly all kept (0.999999), ties at the cut, bitmask and
-    penalties; beside them rows that are not early (top-k first; top-n-sigma; min_tokens_to_keep 3;
-    the vllm order's min-p first). Both plans (one CTA per row; 16 / 11 slices over 5 chunks, so
-    some slices hold no chunk) give the CPU op's tokens, logprobs, top-n lists and masked logits bit
-    for bit, and agree with reference.pipeline."""
-    B, V = 8, 20011
+def test_emu_early_top_p_and_min_p(dtype, order):
+    """Top-p and min-p at the head of the list steps (no top-k, top-n-sigma or min_tokens_to_keep
+    before them; not joint) are applied before the list is built: top-p's cut by a mass-weighted
+    radix select over the processed row (per-chunk mass histograms that the slices of a split row
+    compute and add in chunk order; over min-p's survivors when min-p comes first, the vllm order),
+    min-p's test in the collect. Rows: top-p alone (then the split draw), top-p with min-p, top-p
+    then typical, a cut at the max (top_p 1e-6), nearly all kept (0.999999), min-p alone, min-p
+    then typical, min-p + top-p then eta; ties at the cut (logits rounded to 1/8), bitmask and
+    penalties; beside them rows that are not early (top-k first; top-n-sigma; min_tokens_to_keep
+    3). Both plans (one CTA per row; 6 / 32 slices over 5 chunks, so some slices hold no chunk)
+    give the CPU op's tokens, logprobs, top-n lists and masked logits bit for bit, and agree with
+    reference.pipeline."""
+    B, V = 11, 20011
     x, kw = _early_top_p_rows(B, V, 31, dtype)
     f64 = dict(dtype=torch.float64)
     params = dict(
-        temperature=torch.tensor([0.7, 1.0, 1.3, 0.9, 1.0, 0.8, 1.1, 1.0], **f64),
-        top_p=torch.tensor([0.9, 0.5, 0.95, 1e-6, 0.999999, 0.9, 0.8, 0.7], **f64),
-        min_p=torch.tensor([0.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.02], **f64),
-        typical_p=torch.tensor([1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0], **f64),
-        top_k=torch.tensor([0, 0, 0, 0, 0, 50, 0, 0], **f64),
-        top_n_sigma=torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0], **f64),
-        min_tokens_to_keep=torch.tensor([1, 1, 1, 1, 1, 1, 1, 3], **f64),
+        temperature=torch.tensor([0.7, 1.0, 1.3, 0.9, 1.0, 0.8, 1.1, 1.0, 0.6, 1.2, 1.0], **f64),
+        top_p=torch.tensor([0.9, 0.5, 0.95, 1e-6, 0.999999, 0.9, 0.8, 0.7, 1.0, 1.0, 0.6], **f64),
+        min_p=torch.tensor([0.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.02, 0.1, 0.3, 0.001], **f64),
+        typical_p=torch.tensor([1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 1.0], **f64),
+        eta=torch.tensor([0.0] * 10 + [1e-3], **f64),
+        top_k=torch.tensor([0, 0, 0, 0, 0, 50, 0, 0, 0, 0, 0], **f64),
+        top_n_sigma=torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0], **f64),
+        min_tokens_to_keep=torch.tensor([1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 1], **f64),
         repetition_penalty=1.2,
         frequency_penalty=0.1,
     )
@@ -718,21 +721,21 @@ def test_emu_early_top_p(dtype, order):
     _check("cuda_emu", _args(x, kw, params, order=order, mode=1))
     # B = 2: 32 slices, most of them without a chunk of their own
     x2, kw2 = _early_top_p_rows(2, V, 33, dtype)
-    p2 = {k: (v[:2] if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
+    p2 = {k: (v[[1, 8]] if isinstance(v, torch.Tensor) else v) for k, v in params.items()}  # min-p with, without top-p
     _check("cuda_emu", _args(x2, kw2, p2, order=order, want=False))
 
 
 @bk.needs_emu
 def test_emu_early_top_p_in_one_call():
-    """Early top-p in one call of the split plan (B = 2, 32 slices over 5 chunks; top-p alone and
-    top-p then min-p): outputs equal the CPU op's. Cheap enough for the sanitizer runs
+    """Early top-p in one call of the split plan (B = 2, 32 slices over 3 chunks; top-p alone and
+    min-p then top-p, the vllm order): outputs equal the CPU op's. Cheap enough for the sanitizer runs
     (emu.SANITIZER_CASES), which check the pass launches' writes of the chunk histograms and the
     select's state and their reads in the next launch across the CTAs."""
-    x, kw = _early_top_p_rows(2, 20011, 37, torch.float32)
+    x, kw = _early_top_p_rows(2, 9000, 37, torch.float32)
     params = dict(
         temperature=0.9, top_p=0.9, min_p=torch.tensor([0.0, 0.05], dtype=torch.float64), repetition_penalty=1.1
     )
-    args = _args(x, kw, params, want=False)
+    args = _args(x, kw, params, order=2, want=False)
     cpu = torch.ops.decodekit.pipeline(*args)
     got = emu_pipe.pipeline(*args, n_sms=64, min_slice=16)
     assert emu_pipe.last_splits[0] == 32, emu_pipe.last_splits

@@ -22,9 +22,10 @@
 //      (chunk, lane) (lane_sums, element loads in the lane order);
 //   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
 //      per pass over the order-preserving float key; exact);
-//   P  early top-p only (top-p the first list step, nothing before it: early_top_p): Z and top-p's
-//      cut by a 4-pass mass-weighted radix select (per-chunk mass histograms), so that the start
-//      list is top-p's survivors and the list steps run with top-p off;
+//   P  early top-p only (top-p at the head of the list steps, nothing before it: early_steps): Z
+//      and top-p's cut by a 4-pass mass-weighted radix select (per-chunk mass histograms), so that
+//      the start list is top-p's survivors (and min-p's, when it is early too: a test in pass C)
+//      and the list steps run with both off;
 //   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (each
 //      thread flags its group's survivors, a block-wide exclusive scan places them), weights
 //      exp((y - m) / T) in parallel;
@@ -43,8 +44,9 @@
 //   and two collects of the top-n candidates (the rank phase), all over the slices of a split
 //   row; the logprobs phase adds the counts and sorts the n candidates on one CTA per row.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
-// + 5 (P: Z, 4 histograms) for early top-p; + 2..8 for raw / greedy logprobs. The list L and its scratch live in a workspace of
-// pipe_workspace_bytes(...) (about 38 bytes per token per row plus 16 bytes per history entry).
+// + 5 (P: Z, 4 histograms) for early top-p; + 2..8 for raw / greedy logprobs. The list L and its
+// scratch live in a workspace of pipe_workspace_bytes(...) (about 38 bytes per token per row plus
+// 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
 // the compactions, every phase, the final phase's two halves and its list steps + draw
 // (truncate_and_draw) are real calls on the device, which keeps every kernel and every real call
@@ -824,8 +826,8 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //            selects (q <= 3); early top-p's Z lane sums and mass histogram 0 (q = 1), the digit of
 //            histogram q - 2 and histogram q - 1 (q >= 2);
 //   collect  (per slice) the start list of the slice's elements (pass C; early top-p: above the
-//            cut from its last digit), at the slice's first position of L; the raw / greedy
-//            logprobs' normaliser lane sums of its (chunk, lane) pairs;
+//            cut from its last digit; early min-p: its test), at the slice's first position of L;
+//            the raw / greedy logprobs' normaliser lane sums of its (chunk, lane) pairs;
 //   sums     (split plan, sample mode, per slice; rows with nothing to truncate) the walk's sums
 //            of the start list where the slices left it (phase_sums);
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
@@ -927,23 +929,45 @@ DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
 }
 // And their top-n list (the n-th largest value by a radix select in the row passes)?
 DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr) { return a.top_n > 0 && wants_raw_mass(a, pr); }
-// Early top-p: does the row get top-p's cut from the row passes (see "early top-p" below)? Its
-// first list step is top-p, and nothing the start list depends on comes before or beside it (no
-// top-k, top-n-sigma, min_tokens_to_keep > 1; not joint).
-DK_PIPE_FN bool early_top_p(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+// Early steps: top-p and min-p at the head of a row's list steps, applied by the row passes and
+// the collect instead of on the list (see "early steps" below). They are the enabled steps among
+// {top-p, min-p} before the first other enabled step, when nothing the start list depends on comes
+// before or beside them: no top-k, top-n-sigma or min_tokens_to_keep > 1, not joint. min_p_first:
+// min-p comes before top-p (the vllm order), so top-p's masses are over min-p's survivors.
+struct PipeEarly {
+  bool top_p, min_p, min_p_first;
+};
+DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  PipeEarly e{false, false, false};
   const PipeOrder order = PipeOrder(a.order);
-  if (!wants_list(a, pr, V) || order == PipeOrder::Joint || pr.nsig > 0.0 || pr.mtk > 1) return false;
+  if (!wants_list(a, pr, V) || order == PipeOrder::Joint || step_on(Step::TopK, pr, V) || pr.nsig > 0.0 || pr.mtk > 1)
+    return e;
   for (int j = 0; j < 7; ++j) {
     const Step st = pipe_step(order, j);
-    if (step_on(st, pr, V)) return st == Step::TopP;
+    if (!step_on(st, pr, V)) continue;
+    if (st == Step::TopP) {
+      e.top_p = true;
+    } else if (st == Step::MinP) {
+      e.min_p = true;
+      e.min_p_first = !e.top_p;
+    } else {
+      break;
+    }
   }
-  return false;
+  return e;
 }
-// The parameters the list steps run with: top-p off when the row passes applied it.
+// The parameters the list steps run with: the early steps off.
 DK_PIPE_FN PipeRow list_row(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  const PipeEarly e = early_steps(a, pr, V);
   PipeRow r = pr;
-  if (early_top_p(a, pr, V)) r.p = 1.f;
+  if (e.top_p) r.p = 1.f;
+  if (e.min_p) r.minp = 0.f;
   return r;
+}
+// Min-p's keep test on the start list (the step's on a list that holds the max m, whose weight
+// exp(0) = 1 is the largest: dk_exp(x) < 1 for x < 0): weight >= min_p, or the max.
+DK_PIPE_FN bool min_p_keeps(float y, float m, float invT, float minp) {
+  return double(pipe_weight(y, m, invT)) >= double(minp) || y >= m;
 }
 
 // Slice sp of a row: its elements [beg, end) and its (chunk, lane) pairs [q0, q1) of the lane sums.
@@ -1051,9 +1075,10 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
   return float_at_least(double(m) - c.pr.nsig * ::sqrt(ss / n));
 }
 
-// ---- early top-p: top-p's cut by the row passes ------------------------------------------------
-// For an early-top-p row, top-p's cut t (the smallest value whose strictly greater values weigh
-// < P = p Z over the start list {y > -inf}) comes from a mass-weighted radix select over the
+// ---- early steps: top-p's cut by the row passes, min-p's test in the collect -------------------
+// For a row with early top-p, top-p's cut t (the smallest value whose strictly greater values weigh
+// < P = p Z over the start list {y > -inf}, or over min-p's survivors in it when min-p comes first)
+// comes from a mass-weighted radix select over the
 // processed row (4 passes of 8 bits over float_key_z) in the pass launches 1..4, on all of the
 // row's slices, instead of from the list steps' select over a whole-vocabulary list on one CTA:
 //   Z       the canonical row mass (decodekit/contract.h) of the weights exp((y - m) / T): lane
@@ -1064,8 +1089,9 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
 //           histograms added in chunk order (so the bins, hence the cut, do not depend on the plan);
 //   digit   (in the next pass; in the collect phase for h = 3) where above + the mass from the top
 //           crosses P (radix_digit.h pick_mass_digit, as sampling.cuh's top-p).
-// The collect phase then keeps y >= min(t, m) (the step keeps v >= t or v >= the max), and the list
-// steps run with top-p off (list_row). Z and the bins add the weights the CPU adds (its list mass,
+// The collect phase then keeps y >= min(t, m) (the step keeps v >= t or v >= the max) and, with
+// early min-p, the y that min_p_keeps (min-p's test needs no pass of its own: the list's largest
+// weight is the max's, 1); the list steps run with both off (list_row). Z and the bins add the weights the CPU adds (its list mass,
 // its quickselect's masses) in another order: as for the list steps' select, a cut whose mass
 // above lies within a few double ulps of p Z can differ. (pick_mass_digit's fallback, the lowest
 // digit with mass when the digits' total stays under P, needs an error of over 2^-24 Z: not for a
@@ -1074,6 +1100,8 @@ template <class T>
 DK_PIPE_FN double early_P(const PipeRowCtx<T>& c, PipeShared& sh) {
   return double(c.pr.p) * fold_lanes(c.lzp, c.nch, sh);
 }
+// The minimum weight of top-p's masses: min_p when min-p comes first (its survivors), else 0.
+DK_PIPE_FN float early_min_w(const PipeEarly& e, const PipeRow& pr) { return e.min_p_first ? pr.minp : 0.f; }
 
 // The select's state after the digit of mass histogram h (0..3): the state before it (pst[h];
 // nothing chosen for h = 0) and the digit from the chunk histograms added in chunk order (one
@@ -1097,10 +1125,11 @@ DK_PIPE_FN PipePState early_digit(const PipeRowCtx<T>& c, int h, double P, PipeS
 }
 
 // Mass histogram h of slice sp's chunks (keys matching `prefix` in the digits above 3 - h; the row
-// max m and 1 / temperature invT give the weights) into phist[h & 1]. All threads; barriers.
+// max m and 1 / temperature invT give the weights; values min_p_keeps refuses with min_w > 0 left
+// out) into phist[h & 1]. All threads; barriers.
 template <class T>
 DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, int h, uint32_t prefix, float m,
-                           float invT, PipeShared& sh) {
+                           float invT, float min_w, PipeShared& sh) {
   constexpr int kv = kVec<T>;
   constexpr int64_t kGroups = contract::kChunk / kv;
   const RowIn<T>& r = c.r;
@@ -1123,7 +1152,7 @@ DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, in
         if (in && i < c.V) {
           const float y = r.proc(i, to_float(p.v[u]), cur);
           const uint32_t k = float_key_z(y);
-          if (y > kNegInf && (k & hmask) == prefix) {
+          if (y > kNegInf && (k & hmask) == prefix && (min_w == 0.f || min_p_keeps(y, m, invT, min_w))) {
             digit[u] = (k >> shift) & 255u;
             e[u] = pipe_weight(y, m, invT);
           }
@@ -1136,26 +1165,30 @@ DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, in
   }
 }
 
-// Pass q (1..4) of an early-top-p row over slice sp: Z's lane sums and histogram 0 (q = 1), else the
-// digit of histogram q - 2 (slice 0 records the state) and histogram q - 1. A real call (the pass
-// phase's register cap).
+// Pass q (1..4) of a row with early top-p over slice sp: Z's lane sums and histogram 0 (q = 1), else
+// the digit of histogram q - 2 (slice 0 records the state) and histogram q - 1. A real call (the
+// pass phase's register cap).
 template <class T>
 DK_DEVICE_NOINLINE void early_pass(const PipeArgs& a, PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q,
                                    PipeShared& sh) {
   const PipeVerdict vd = verdict(a, c);
   if (!vd.ok || !(vd.m > kNegInf)) return;
-  const float m = vd.m, invT = 1.f / c.pr.T;
+  const float m = vd.m, invT = 1.f / c.pr.T, min_w = early_min_w(early_steps(a, c.pr, c.V), c.pr);
   const int h = q - 1;
   PipePState st{0u, 0u, 0.0};
   if (h == 0) {
     lane_sums(
-        c.r, true, c.V, s.q0, s.q1, [m, invT](float v) { return v > kNegInf ? double(pipe_weight(v, m, invT)) : 0.0; },
+        c.r, true, c.V, s.q0, s.q1,
+        [m, invT, min_w](float v) {
+          const bool in = v > kNegInf && (min_w == 0.f || min_p_keeps(v, m, invT, min_w));
+          return in ? double(pipe_weight(v, m, invT)) : 0.0;
+        },
         c.lzp);
   } else {
     st = early_digit(c, h - 1, early_P(c, sh), sh);
     if (sp == 0 && threadIdx.x == 0) c.pst[h] = st;
   }
-  early_hist(a, c, sp, h, st.prefix, m, invT, sh);
+  early_hist(a, c, sp, h, st.prefix, m, invT, min_w, sh);
 }
 
 // The start list's regions of row o's workspace, the list steps' scratch, and their primitives on
@@ -1259,7 +1292,7 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
         c.lsq);
   }
   if (q < 4) select_passes(a, c, s, sp, q, sh);
-  if (early_top_p(a, c.pr, c.V)) early_pass(a, c, s, sp, q, sh);
+  if (early_steps(a, c.pr, c.V).top_p) early_pass(a, c, s, sp, q, sh);
 }
 
 // ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
@@ -1282,14 +1315,19 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
     const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
     thr = kth > thr ? kth : thr;
   }
-  if (early_top_p(a, c.pr, c.V)) {  // top-p's survivors (its cut from the row passes)
+  const PipeEarly early = early_steps(a, c.pr, c.V);
+  if (early.top_p) {  // top-p's survivors (its cut from the row passes)
     const float t = key_to_float(early_digit(c, 3, early_P(c, sh), sh).prefix);
     const float cut = t <= vd.m ? t : vd.m;  // (v >= t or v >= the max)
     thr = cut > thr ? cut : thr;
   }
+  const float m = vd.m, invT = 1.f / c.pr.T, minp = early.min_p ? c.pr.minp : 0.f;
   const PipeList L = start_list(c);
   const int64_t n = collect_row(
-      c.r, s.beg, s.end, [thr](int64_t, float, float y) { return y >= thr; },
+      c.r, s.beg, s.end,
+      [thr, m, invT, minp](int64_t, float, float y) {
+        return y >= thr && (minp == 0.f || min_p_keeps(y, m, invT, minp));
+      },
       [&](int64_t pos, int64_t i, float, float y) {
         L.v[s.beg + pos] = y;
         L.i[s.beg + pos] = int32_t(i);
