@@ -625,17 +625,20 @@ def test_top_h_ties_at_the_100th_candidate(backend):
 def test_emu_split_draw_without_truncation(logprobs):
     """Rows with nothing to truncate draw on the split plan from the walk sums the slices compute
     in place (phase_sums, split_draw), with no move of the list onto one CTA. Their tokens, and the
-    raw logprobs / ranks / top-n lists that follow, equal the CPU op's and the one-CTA plan's bit
-    for bit: rows whose bitmask forbids long stretches (empty slices, slices of a few entries, so
-    that 16-groups and 256-blocks of the list straddle slices), a row with top-p beside them (its
-    list steps run as before: the sums phase skips it), and processed logprobs (not this path)."""
+    raw or processed logprobs / ranks / top-n lists that follow (processed: the rank and logprobs
+    phases over the row, normalised by the split draw's walk total), equal the CPU op's and the
+    one-CTA plan's bit for bit: rows whose bitmask forbids long stretches (empty slices, slices of a
+    few entries, so that 16-groups and 256-blocks of the list straddle slices; a row with fewer
+    allowed tokens than the top-n list, padded with -inf), a row with top-p beside them (early
+    top-p, then the split draw; with processed logprobs its list steps run on one CTA)."""
     B, V = 4, 20011  # 16 slices of ~1250: each CTA sums several 256-blocks of a list
     x = _logits(B, V, 17)
     words = (V + 31) // 32
     bm = torch.full((B, words), -1, dtype=torch.int32)
     bm[0, 10:400] = 0  # tokens 320..12799 forbidden: several empty slices
     bm[1, 5:90:3] = 0x00010001  # runs of 32 tokens with two allowed: short slices
-    bm[3, 1::2] = 0
+    bm[3, :] = 0
+    bm[3, 300] = 0x00410001  # three tokens allowed (9600, 9616, 9622): fewer than the top-4 list
     kw = {k: None for k in ("banned_token_ids", "prompt_token_ids", "output_token_ids")}
     kw["allowed_token_bitmask"] = bm
     params = dict(
@@ -727,11 +730,11 @@ def test_emu_early_top_p_and_min_p(dtype, order):
 
 @bk.needs_emu
 def test_emu_early_top_p_in_one_call():
-    """Early top-p in one call of the split plan (B = 2, 32 slices over 3 chunks; top-p alone and
+    """Early top-p in one call of the split plan (B = 2, 32 slices over 2 chunks; top-p alone and
     min-p then top-p, the vllm order): outputs equal the CPU op's. Cheap enough for the sanitizer runs
     (emu.SANITIZER_CASES), which check the pass launches' writes of the chunk histograms and the
     select's state and their reads in the next launch across the CTAs."""
-    x, kw = _early_top_p_rows(2, 9000, 37, torch.float32)
+    x, kw = _early_top_p_rows(2, 4500, 37, torch.float32)
     params = dict(
         temperature=0.9, top_p=0.9, min_p=torch.tensor([0.0, 0.05], dtype=torch.float64), repetition_penalty=1.1
     )

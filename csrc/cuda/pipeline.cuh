@@ -60,8 +60,10 @@
 // that lies within that ulp can move by one tie group. Top-p's and typical's cuts on the list: the
 // CPU sums the mass above a candidate per histogram bin, then in quickselect partition order
 // (csrc/cpu/mass_select.h), the block per radix digit (block_mass_select), so a cut whose mass
-// above lies within a few double ulps of p * Z (typical_p * Z) can move to a neighbouring value. Everything else (float exp dk_exp, sums, selections) is the same arithmetic
-// in the same order; compile with -fmad=false.
+// above lies within a few double ulps of p * Z (typical_p * Z) can move to a neighbouring value;
+// early top-p (below) takes Z in the canonical row order instead of the list's walk order, the
+// same class of difference. Everything else (float exp dk_exp, sums, selections) is the same
+// arithmetic in the same order; compile with -fmad=false.
 //
 // Values the torch launcher does not read (it checks metadata only, no device sync): a token id
 // < -1 or >= V in a list, a non-finite logit-bias value or a parameter out of its range make that
@@ -927,8 +929,21 @@ DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
   return a.mode != 1 && (a.want_logprob || a.top_n > 0) && (a.raw_logprobs || pr.T == 0.f);
 }
+// Processed logprobs of a row with nothing to truncate on the split plan: the survivors are every
+// finite value, so its rank and top-n list are the row's (the rank and logprobs phases, as for raw
+// / greedy rows) and its normaliser the walk total of the split draw's sums (see split_draw_only).
+DK_PIPE_FN bool split_proc_logprobs(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return a.splits > 1 && a.mode != 1 && (a.want_logprob || a.top_n > 0) && !a.raw_logprobs && pr.T != 0.f &&
+         !any_truncation(pr, V);
+}
+// Do the rank and logprobs phases write the row's logprobs (raw / greedy, or split processed)?
+DK_PIPE_FN bool row_logprobs(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return wants_raw_mass(a, pr) || split_proc_logprobs(a, pr, V);
+}
 // And their top-n list (the n-th largest value by a radix select in the row passes)?
-DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr) { return a.top_n > 0 && wants_raw_mass(a, pr); }
+DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return a.top_n > 0 && row_logprobs(a, pr, V);
+}
 // Early steps: top-p and min-p at the head of a row's list steps, applied by the row passes and
 // the collect instead of on the list (see "early steps" below). They are the enabled steps among
 // {top-p, min-p} before the first other enabled step, when nothing the start list depends on comes
@@ -965,7 +980,7 @@ DK_PIPE_FN PipeRow list_row(const PipeArgs& a, const PipeRow& pr, int64_t V) {
   return r;
 }
 // Min-p's keep test on the start list (the step's on a list that holds the max m, whose weight
-// exp(0) = 1 is the largest: dk_exp(x) < 1 for x < 0): weight >= min_p, or the max.
+// dk_exp(0) = 1 is the largest: dk_exp(x) <= 1 for x <= 0): weight >= min_p, or the max.
 DK_PIPE_FN bool min_p_keeps(float y, float m, float invT, float minp) {
   return double(pipe_weight(y, m, invT)) >= double(minp) || y >= m;
 }
@@ -1063,7 +1078,7 @@ template <class T>
 DK_PIPE_FN void select_passes(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q,
                               PipeShared& sh) {
   if (wants_kth(a, c.pr, c.V)) sel_pass(a, c, kth_sel(c), s, sp, q, sh);
-  if (wants_topn(a, c.pr)) sel_pass(a, c, topn_sel(a, c), s, sp, q, sh);
+  if (wants_topn(a, c.pr, c.V)) sel_pass(a, c, topn_sel(a, c), s, sp, q, sh);
 }
 
 // Top-n-sigma's bound lo = m - nsig * sigma over the finite processed values (the lowest float when
@@ -1078,9 +1093,9 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
 // ---- early steps: top-p's cut by the row passes, min-p's test in the collect -------------------
 // For a row with early top-p, top-p's cut t (the smallest value whose strictly greater values weigh
 // < P = p Z over the start list {y > -inf}, or over min-p's survivors in it when min-p comes first)
-// comes from a mass-weighted radix select over the
-// processed row (4 passes of 8 bits over float_key_z) in the pass launches 1..4, on all of the
-// row's slices, instead of from the list steps' select over a whole-vocabulary list on one CTA:
+// comes from a mass-weighted radix select over the processed row (4 passes of 8 bits over
+// float_key_z) in the pass launches 1..4, on all of the row's slices, instead of from the list
+// steps' select over a whole-vocabulary list on one CTA:
 //   Z       the canonical row mass (decodekit/contract.h) of the weights exp((y - m) / T): lane
 //           sums of the slices' (chunk, lane) pairs in pass 1, folded where P is needed;
 //   hist h  (h = 0..3, in pass h + 1) the 256-bin mass histogram of digit 3 - h of the keys that
@@ -1091,11 +1106,11 @@ DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
 //           crosses P (radix_digit.h pick_mass_digit, as sampling.cuh's top-p).
 // The collect phase then keeps y >= min(t, m) (the step keeps v >= t or v >= the max) and, with
 // early min-p, the y that min_p_keeps (min-p's test needs no pass of its own: the list's largest
-// weight is the max's, 1); the list steps run with both off (list_row). Z and the bins add the weights the CPU adds (its list mass,
-// its quickselect's masses) in another order: as for the list steps' select, a cut whose mass
-// above lies within a few double ulps of p Z can differ. (pick_mass_digit's fallback, the lowest
-// digit with mass when the digits' total stays under P, needs an error of over 2^-24 Z: not for a
-// float p < 1 and fewer than 2^29 values.)
+// weight is the max's, 1); the list steps run with both off (list_row). Z and the bins add the
+// weights the CPU adds (its list mass, its quickselect's masses) in another order: as for the list
+// steps' select, a cut whose mass above lies within a few double ulps of p Z can differ.
+// (pick_mass_digit's fallback, the lowest digit with mass when the digits' total stays under P,
+// needs an error of over 2^-24 Z: not for a float p < 1 and fewer than 2^29 values.)
 template <class T>
 DK_PIPE_FN double early_P(const PipeRowCtx<T>& c, PipeShared& sh) {
   return double(c.pr.p) * fold_lanes(c.lzp, c.nch, sh);
@@ -1295,7 +1310,8 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
   if (early_steps(a, c.pr, c.V).top_p) early_pass(a, c, s, sp, q, sh);
 }
 
-// ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C) ------
+// ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C; early
+// steps: also y >= min(top-p's cut, max) and min-p's test) --------------------------------------
 // In index order at L's positions from the slice's first element on (the slice has room for all
 // of its elements); its count in counts[sp].
 template <class T>
@@ -1337,6 +1353,22 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   __syncthreads();
 }
 
+// The walk total of the start list from the sums phase's block sums g256 (the list's length: the
+// slices' counts added): the split draw's Z (split_draw) and the split processed logprobs'
+// normaliser (phase_logprobs). All threads; barriers.
+template <class T>
+DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, PipeShared& sh) {
+  if (threadIdx.x == 0) {
+    int64_t n = 0;
+    for (int sp = 0; sp < a.splits; ++sp) n += c.counts[sp];
+    sh.Z = contract::add_in_order(block_ops(c, sh).g256, (contract::walk16_groups(n) + 15) / 16);
+  }
+  __syncthreads();
+  const double z = sh.Z;
+  __syncthreads();
+  return z;
+}
+
 // ---- rank (sample mode, raw / greedy logprobs; per slice, after final): slice sp's share -------
 // Raw (log_softmax of the logits as given) or greedy (temperature 0 without raw_logprobs:
 // log_softmax of the processed row) logprobs of the drawn token and the top-n list are row passes
@@ -1347,7 +1379,7 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
 template <class T>
 DK_DEVICE_NOINLINE void phase_rank(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
-  if (!wants_raw_mass(a, c.pr) || !a.out_valid[o]) return;
+  if (!row_logprobs(a, c.pr, c.V) || !a.out_valid[o]) return;
   row_hdr(c);
   const PipeSlice s = pipe_slice(a, c.nch, sp);
   const bool proc = !a.raw_logprobs;
@@ -1394,17 +1426,22 @@ DK_DEVICE_NOINLINE void phase_rank(const PipeArgs& a, int64_t o, int sp, PipeSha
 template <class T>
 DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
-  if (!wants_raw_mass(a, c.pr) || !a.out_valid[o]) return;
+  if (!row_logprobs(a, c.pr, c.V) || !a.out_valid[o]) return;
   const PipeVerdict vd = verdict(a, c);
-  const bool proc = !a.raw_logprobs;
-  const float mm = proc ? vd.m : vd.mraw;
-  const double lz = ::log(fold_lanes(c.lzl, c.nch, sh));  // (the collect phase's lane sums)
+  const bool proc = !a.raw_logprobs, walk = split_proc_logprobs(a, c.pr, c.V);
+  const float mm = proc ? vd.m : vd.mraw, invT = walk ? 1.f / c.pr.T : 1.f;
+  // the normaliser: the collect phase's lane sums, or (split processed) the split draw's walk total
+  const double lz = ::log(walk ? split_walk_total(a, c, sh) : fold_lanes(c.lzl, c.nch, sh));
+  // a value's logprob: log_softmax of the row, or (split processed) log(weight / walk total)
+  const auto lp_of = [=](float v) {
+    return walk ? logprob_of_weight(pipe_weight(v, mm, invT), lz) : logprob_of_value(v, mm, lz);
+  };
   const unsigned tid = threadIdx.x;
   if (tid == 0) {
     const int64_t tok = a.out_tokens[o];
     int64_t cnt = 0;
     for (int sp = 0; sp < a.splits; ++sp) cnt += c.rk[3 * sp];
-    if (a.out_logprob) a.out_logprob[o] = logprob_of_value(proc ? c.r.at(tok) : c.r.raw(tok), mm, lz);
+    if (a.out_logprob) a.out_logprob[o] = lp_of(proc ? c.r.at(tok) : c.r.raw(tok));
     if (a.out_rank) a.out_rank[o] = cnt;
   }
   if (a.top_n == 0) return;
@@ -1433,7 +1470,7 @@ DK_DEVICE_NOINLINE void phase_logprobs(const PipeArgs& a, int64_t o, PipeShared&
   ops.each(n, [=](int64_t j) {
     const float v = tv[ord[j]];
     tids[j] = ti[ord[j]];
-    tlp[j] = v > kNegInf ? logprob_of_value(v, mm, lz) : kNegInf;
+    tlp[j] = v > kNegInf ? lp_of(v) : kNegInf;
   });
 }
 
@@ -1461,7 +1498,7 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 template <class T>
 DK_PIPE_FN bool split_draw_only(const PipeArgs& a, const PipeRowCtx<T>& c) {
   return a.splits > 1 && a.mode != 1 && c.pr.T != 0.f && !any_truncation(list_row(a, c.pr, c.V), c.V) &&
-         !((a.want_logprob || a.top_n > 0) && !a.raw_logprobs);
+         !((a.want_logprob || a.top_n > 0) && !a.raw_logprobs && !split_proc_logprobs(a, c.pr, c.V));
 }
 
 // The start list as the slices left it (off: sh.i[0..splits], off[splits] its length).
@@ -1522,12 +1559,12 @@ DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeSha
 template <class T>
 DK_DEVICE_NOINLINE bool split_draw(const PipeArgs& a, const PipeRowCtx<T>& c, float m, float invT, int64_t o,
                                    PipeShared& sh) {
+  const double Z = split_walk_total(a, c, sh);
   const SliceList sl = slice_list(a, c, sh);
   if (threadIdx.x == 0) {
-    const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+    const int64_t n = sh.i[a.splits];
     const BlockListOps ops = block_ops(c, sh);
     const double* g16 = ops.g16;
-    const double Z = contract::add_in_order(ops.g256, nb);
     const double u = row_uniform(row_rng_key(a, o), 0u);
     const int64_t last =
         contract::walk16_pick_at(sl.weights(m, invT), n, [g16](int64_t j) { return g16[j]; }, ops.g256, u * Z);
