@@ -42,7 +42,9 @@
 //   radix select of the n-th largest raw / processed value (its 4 passes beside top-k's in the
 //   scan and pass phases), then, after the draw, a rank pass (the count of values >= the token's)
 //   and two collects of the top-n candidates (the rank phase), all over the slices of a split
-//   row; the logprobs phase adds the counts and sorts the n candidates on one CTA per row.
+//   row; the logprobs phase adds the counts and sorts the n candidates on one CTA per row. The
+//   processed logprobs of a split row with nothing to truncate take that path too
+//   (split_proc_logprobs: its survivors are every finite value), normalised by the walk total.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
 // + 5 (P: Z, 4 histograms) for early top-p; + 2..8 for raw / greedy logprobs. The list L and its
 // scratch live in a workspace of pipe_workspace_bytes(...) (about 38 bytes per token per row plus
@@ -837,7 +839,7 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //            walk over the sums phase's sums, split_draw); in mask mode what the output row gets
 //            (PipeWrite);
 //   write    (mask mode, per slice) the slice of the output row;
-//   rank     (sample mode with logprobs, per slice; raw / greedy logprobs only) the slice's count
+//   rank     (sample mode with logprobs, per slice; row_logprobs rows only) the slice's count
 //            of values >= the drawn token's, its top-n candidates;
 //   logprobs (one CTA per row; the same rows) the token's logprob and rank, the top-n list.
 // Whether a row needs the top-n-sigma / top-k passes follows from its parameters (read on the
@@ -1369,10 +1371,10 @@ DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, Pi
   return z;
 }
 
-// ---- rank (sample mode, raw / greedy logprobs; per slice, after final): slice sp's share -------
-// Raw (log_softmax of the logits as given) or greedy (temperature 0 without raw_logprobs:
-// log_softmax of the processed row) logprobs of the drawn token and the top-n list are row passes
-// of their own: the count of values >= the token's (its rank), and, for top_logprobs n, the
+// ---- rank (sample mode, row_logprobs rows; per slice, after final): slice sp's share ----------
+// Raw (log_softmax of the logits as given), greedy (temperature 0 without raw_logprobs:
+// log_softmax of the processed row) and split processed (split_proc_logprobs) logprobs of the
+// drawn token and the top-n list are row passes of their own: the count of values >= the token's (its rank), and, for top_logprobs n, the
 // slice's values above the n-th largest value vn (the row passes' select) in index order, then its
 // first n values equal to vn, at L's positions from the slice's first element on (L is free once
 // the final phase has drawn); counts in rk[sp]. Rows the final phase made invalid return.
@@ -1418,8 +1420,9 @@ DK_DEVICE_NOINLINE void phase_rank(const PipeArgs& a, int64_t o, int sp, PipeSha
   __syncthreads();
 }
 
-// ---- logprobs (sample mode, raw / greedy logprobs; one CTA per row, after rank) -------------------
-// The normaliser folds the collect phase's lane sums; the rank is the slices' counts added; the
+// ---- logprobs (sample mode, row_logprobs rows; one CTA per row, after rank) ----------------------
+// The normaliser folds the collect phase's lane sums (split processed: the walk total, and a
+// value's logprob is log(weight / it)); the rank is the slices' counts added; the
 // top-n list: every slice's entries above vn in slice order (= index order), then the slices'
 // entries equal to vn in slice order up to n, sorted by the block (value descending, position in L
 // ascending, which is index ascending among equal values).
