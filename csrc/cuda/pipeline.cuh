@@ -1374,10 +1374,11 @@ DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, Pi
 // ---- rank (sample mode, row_logprobs rows; per slice, after final): slice sp's share ----------
 // Raw (log_softmax of the logits as given), greedy (temperature 0 without raw_logprobs:
 // log_softmax of the processed row) and split processed (split_proc_logprobs) logprobs of the
-// drawn token and the top-n list are row passes of their own: the count of values >= the token's (its rank), and, for top_logprobs n, the
-// slice's values above the n-th largest value vn (the row passes' select) in index order, then its
-// first n values equal to vn, at L's positions from the slice's first element on (L is free once
-// the final phase has drawn); counts in rk[sp]. Rows the final phase made invalid return.
+// drawn token and the top-n list are row passes of their own: the count of values >= the token's
+// (its rank), and, for top_logprobs n, the slice's values above the n-th largest value vn (the row
+// passes' select) in index order, then its first n values equal to vn, at L's positions from the
+// slice's first element on (L is free once the final phase has drawn); counts in rk[sp]. Rows the
+// final phase made invalid return.
 template <class T>
 DK_DEVICE_NOINLINE void phase_rank(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
