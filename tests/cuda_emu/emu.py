@@ -109,7 +109,8 @@ def asan_flags():
 # min_tokens_to_keep cut, top-h's tie group: the items that reached those cost 478 s
 # (test_top_h_ties_at_the_100th_candidate) and 101 s (test_each_truncation_each_order[sequential-
 # k_typ_eta_h_mtk]) under ThreadSanitizer), and test_emu_split_draw_in_one_call (the whole-step
-# split draw's sums phase).
+# split draw's sums phase). The twenty-second session's test_emu_early_top_p_in_one_call (54 cases,
+# 2737 of 2740 lines): the whole-step kernel's early top-p / min-p passes.
 SANITIZER_CASES = [
     "test_ops_sampling.py::test_emu_production_block_size",
     "test_ops_sampling.py::test_sample[cuda_emu-logits-ties-torch.float32-plain]",
