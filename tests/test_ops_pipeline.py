@@ -780,15 +780,19 @@ def test_emu_rare_list_steps_in_one_launch():
 def test_cuda_device_matches_cpu(order, split, monkeypatch):
     """On a GPU: the same tokens, valid flags, ranks and top ids as the CPU op; logprobs equal up to
     the documented last-bit difference of libdevice's double log. 6 rows of 32000: the split plan
-    (7 slices per row on a GPU of >= 42 SMs), and with DECODEKIT_SPLIT_ROWS=0 one CTA per row."""
+    (7 slices per row on a GPU of >= 42 SMs), and with DECODEKIT_SPLIT_ROWS=0 one CTA per row.
+    Three settings: every truncation (top-k first), top-p and min-p alone (the early steps, then
+    the split draw), and temperature only (the split draw and split processed logprobs)."""
     monkeypatch.setenv("DECODEKIT_SPLIT_ROWS", split)
     B, V = 6, 32000
     x = _logits(B, V, 41)
     x[5, 3] = float("nan")
     kw, params = _proc(B, V, 41)
     params.update(temperature=0.8, top_k=60, top_p=0.92, min_p=0.02, typical_p=0.97, min_tokens_to_keep=2)
-    for raw in (False, True):
-        args = _args(x, kw, params, order=ORDERS[order], top_n=5, raw=raw)
+    early = {k: v for k, v in params.items() if k not in ("top_k", "typical_p", "min_tokens_to_keep")}
+    plain = {k: v for k, v in early.items() if k not in ("top_p", "min_p")}
+    for raw, setting in ((False, params), (True, params), (False, early), (False, plain), (True, plain)):
+        args = _args(x, kw, setting, order=ORDERS[order], top_n=5, raw=raw)
         cpu = torch.ops.decodekit.pipeline(*args)
         dev_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         dev = [t.cpu() for t in torch.ops.decodekit.pipeline(*dev_args)]
