@@ -620,6 +620,29 @@ def test_top_h_ties_at_the_100th_candidate(backend):
     assert kept == {(0, True), (0, False), (1, True), (1, False)}, kept
 
 
+@on_backends
+@pytest.mark.parametrize("order", [0, 2])
+def test_top_h_nearly_flat_candidates(backend, order):
+    """Top-h over 150 nearly equal top values (5 - 1e-4 i) and a low rest: every one of its 100
+    candidates weighs about 1 / 100 of their mass, so how many it keeps (about top_h * 100) moves
+    when a candidate is lost or added (the CUDA kernel cuts the start list at the 100th largest
+    value when top-h is the first list step: cut at the 99th, 54 / 79 / 98 would stay at top_h
+    0.555 / 0.805 / 0.995 instead of 55 / 80 / 99).
+    Masked logits and draws with processed top-5 logprobs agree with the CPU op (bit for bit in the
+    emulator, both plans) and with reference.py."""
+    V = 3000
+    g = torch.Generator().manual_seed(71)
+    x = -6.0 - torch.rand(2, V, generator=g) * 3
+    for r in range(2):
+        x[r, torch.randperm(V, generator=g)[:150]] = 5.0 - 1e-4 * torch.arange(150.0) * (r + 1)
+    kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    for t, n in ((0.3, 29), (0.555, 55), (0.805, 80), (0.995, 99)):
+        params = dict(temperature=1.0, top_h=t)
+        cpu, _ = _check(backend, _args(x, kw, params, order=order, mode=1))
+        assert (cpu[6] > NEG).sum(-1).tolist() == [n, n], (t, cpu[6])
+        _check(backend, _args(x, kw, params, order=order, top_n=5))
+
+
 @bk.needs_emu
 @pytest.mark.parametrize("logprobs", ["none", "raw", "processed"])
 def test_emu_split_draw_without_truncation(logprobs):

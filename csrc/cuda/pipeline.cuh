@@ -923,9 +923,6 @@ DK_PIPE_FN bool wants_list(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 DK_PIPE_FN bool wants_sigma(const PipeArgs& a, const PipeRow& pr, int64_t V) {
   return pr.nsig > 0.0 && wants_list(a, pr, V);
 }
-DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
-  return PipeOrder(a.order) != PipeOrder::Joint && step_on(Step::TopK, pr, V) && wants_list(a, pr, V);
-}
 // Does a sampled row report raw logprobs (log_softmax of the logits as given) or greedy ones
 // (temperature 0: log_softmax of the processed row)? Their normaliser is a row mass of its own.
 DK_PIPE_FN bool wants_raw_mass(const PipeArgs& a, const PipeRow& pr) {
@@ -951,11 +948,14 @@ DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 // {top-p, min-p} before the first other enabled step, when nothing the start list depends on comes
 // before or beside them: no top-k, top-n-sigma or min_tokens_to_keep > 1, not joint. min_p_first:
 // min-p comes before top-p (the vllm order), so top-p's masses are over min-p's survivors.
+// top_h: top-h is the first list step: its survivors lie among its candidates (the values >= the
+// 100th largest, which are those of the row too), so the start list is cut there (the top-k
+// select's passes with k = 100) and the step runs on that short list with the same result.
 struct PipeEarly {
-  bool top_p, min_p, min_p_first;
+  bool top_p, min_p, min_p_first, top_h;
 };
 DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V) {
-  PipeEarly e{false, false, false};
+  PipeEarly e{false, false, false, false};
   const PipeOrder order = PipeOrder(a.order);
   if (!wants_list(a, pr, V) || order == PipeOrder::Joint || step_on(Step::TopK, pr, V) || pr.nsig > 0.0 || pr.mtk > 1)
     return e;
@@ -968,10 +968,21 @@ DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V
       e.min_p = true;
       e.min_p_first = !e.top_p;
     } else {
+      e.top_h = st == Step::TopH && !e.top_p && !e.min_p;
       break;
     }
   }
   return e;
+}
+// Does the row need the k-th largest value from the row passes: top-k's (not joint), or early
+// top-h's 100th largest (kth_rank)?
+DK_PIPE_FN bool wants_kth(const PipeArgs& a, const PipeRow& pr, int64_t V) {
+  return PipeOrder(a.order) != PipeOrder::Joint && wants_list(a, pr, V) &&
+         (step_on(Step::TopK, pr, V) || early_steps(a, pr, V).top_h);
+}
+DK_PIPE_FN int64_t kth_rank(const PipeRow& pr, int64_t V) {
+  const int64_t k = step_on(Step::TopK, pr, V) ? (pr.k > pr.mtk ? pr.k : pr.mtk) : kTopHCandidates;
+  return k < V ? k : V;
 }
 // The parameters the list steps run with: the early steps off.
 DK_PIPE_FN PipeRow list_row(const PipeArgs& a, const PipeRow& pr, int64_t V) {
@@ -1037,8 +1048,7 @@ struct PipeSel {
 };
 template <class T>
 DK_PIPE_FN PipeSel kth_sel(const PipeRowCtx<T>& c) {
-  const int64_t k = c.pr.k > c.pr.mtk ? c.pr.k : c.pr.mtk;
-  return PipeSel{c.khist, c.kst, k < c.V ? k : c.V, true};
+  return PipeSel{c.khist, c.kst, kth_rank(c.pr, c.V), true};
 }
 template <class T>
 DK_PIPE_FN PipeSel topn_sel(const PipeArgs& a, const PipeRowCtx<T>& c) {
