@@ -20,8 +20,9 @@
 //      3 passes summed in the contract's canonical row order (per 4096-element chunk 16 lanes,
 //      chunk sums in chunk order; decodekit/contract.h), as the CPU's finite_stats: one thread per
 //      (chunk, lane) (lane_sums, element loads in the lane order);
-//   K  top-k only (not joint): the k-th largest processed value by a 4-pass radix select (8 bits
-//      per pass over the order-preserving float key; exact);
+//   K  top-k only (not joint; or top-h as the first list step, k = 100: early_steps): the k-th
+//      largest processed value by a 4-pass radix select (8 bits per pass over the
+//      order-preserving float key; exact);
 //   P  early top-p only (top-p at the head of the list steps, nothing before it: early_steps): Z
 //      and top-p's cut by a 4-pass mass-weighted radix select (per-chunk mass histograms), so that
 //      the start list is top-p's survivors (and min-p's, when it is early too: a test in pass C)
