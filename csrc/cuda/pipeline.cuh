@@ -1194,14 +1194,15 @@ DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, in
 }
 
 // Pass q (1..4) of a row with early top-p over slice sp: Z's lane sums and histogram 0 (q = 1), else
-// the digit of histogram q - 2 (slice 0 records the state) and histogram q - 1. A real call (the
-// pass phase's register cap).
+// the digit of histogram q - 2 (slice 0 records the state) and histogram q - 1; min_w: early_min_w
+// of the row's early steps (from the caller's early_steps). A real call (the pass phase's register
+// cap).
 template <class T>
-DK_DEVICE_NOINLINE void early_pass(const PipeArgs& a, PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q,
+DK_DEVICE_NOINLINE void early_pass(const PipeArgs& a, PipeRowCtx<T>& c, const PipeSlice& s, int sp, int q, float min_w,
                                    PipeShared& sh) {
   const PipeVerdict vd = verdict(a, c);
   if (!vd.ok || !(vd.m > kNegInf)) return;
-  const float m = vd.m, invT = 1.f / c.pr.T, min_w = early_min_w(early_steps(a, c.pr, c.V), c.pr);
+  const float m = vd.m, invT = 1.f / c.pr.T;
   const int h = q - 1;
   PipePState st{0u, 0u, 0.0};
   if (h == 0) {
@@ -1320,7 +1321,8 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
         c.lsq);
   }
   if (q < 4) select_passes(a, c, s, sp, q, sh);
-  if (early_steps(a, c.pr, c.V).top_p) early_pass(a, c, s, sp, q, sh);
+  const PipeEarly early = early_steps(a, c.pr, c.V);
+  if (early.top_p) early_pass(a, c, s, sp, q, early_min_w(early, c.pr), sh);
 }
 
 // ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C; early
