@@ -71,4 +71,17 @@ DK_HIST_FN void block_mass_hist(int64_t g0, int64_t g1, const Group& group, doub
   __syncthreads();
 }
 
+// The row histogram of per-chunk histograms h[c * 256 + d] (c < nch): each bin's chunk values
+// added in chunk order from +0.0, one thread a bin (Threads threads), into out[0..256). No barrier:
+// callers sync before reading out. (The sampling kernels' split top-p and the whole-step kernel's
+// early top-p: the chunk order makes the bins independent of how many CTAs made them.)
+template <int Threads>
+DK_HIST_FN void fold_chunk_hists(const double* h, int64_t nch, double* out) {
+  for (int d = int(threadIdx.x); d < 256; d += Threads) {
+    double m = 0.0;
+    for (int64_t c = 0; c < nch; ++c) m = __dadd_rn(m, h[c * 256 + d]);
+    out[d] = m;
+  }
+}
+
 }  // namespace dk::cuda

@@ -1138,11 +1138,7 @@ template <class T>
 DK_PIPE_FN PipePState early_digit(const PipeRowCtx<T>& c, int h, double P, PipeShared& sh) {
   PipePState st = h == 0 ? PipePState{0u, 0u, 0.0} : c.pst[h];
   const double* hh = c.phist + int64_t(h & 1) * c.nch * 256;
-  for (unsigned d = threadIdx.x; d < 256; d += kPipeThreads) {
-    double m = 0.0;
-    for (int64_t ch = 0; ch < c.nch; ++ch) m = contract::dadd_rn(m, hh[ch * 256 + d]);
-    sh.d[d] = m;
-  }
+  fold_chunk_hists<int(kPipeThreads)>(hh, c.nch, sh.d);
   __syncthreads();
   if (threadIdx.x < 32) pick_mass_digit(sh.d, st.above, P, &sh.sel_digit, &sh.bc);
   __syncthreads();

@@ -960,11 +960,7 @@ DK_CUDA_FN void split_p_state(const SplitArgs& sa, const SplitRowView& v, int q,
   prefix = q - 1 == 0 ? 0u : r.pprefix[q - 1];
   above = q - 1 == 0 ? 0.0 : r.pabove[q - 1];
   const double* h = sa.ws.phist + ((q - 1) & 1) * sa.a.n_out * nch * 256 + v.o * nch * 256;
-  for (int d = threadIdx.x; d < 256; d += kThreads) {
-    double m = 0.0;
-    for (int64_t c = 0; c < nch; ++c) m = __dadd_rn(m, h[c * 256 + d]);
-    s.prow[d] = m;
-  }
+  fold_chunk_hists<kThreads>(h, nch, s.prow);
   __syncthreads();
   mass_pick(q - 1, P, prefix, above, s);
 }
