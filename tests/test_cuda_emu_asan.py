@@ -45,6 +45,20 @@ def test_asan_finds_reads_of_the_slack(index, at_end):
         assert "AddressSanitizer" not in ok.stderr, ok.stderr[-3000:]
 
 
+def test_asan_finds_reads_of_a_red_zone():
+    """`emu_selftest inner_read <seed> <index>`: 32 threads read A[index + t] of a workspace whose
+    32-float region A is followed by a red zone (test_cuda_emu_runtime.py
+    test_emulator_fences_the_regions_of_a_workspace): index 1 reads the zone's first float, which
+    AddressSanitizer reports in read_kernel; index 0 reads A only, and nothing is reported."""
+    for seed in (0, 1):
+        r = emu.run_selftest_under("asan", "inner_read", seed, 1)
+        assert r.returncode == 66 and "AddressSanitizer: use-after-poison" in r.stderr, (seed, r.stderr[-3000:])
+        assert " in read_kernel " in r.stderr, r.stderr[-3000:]
+        ok = emu.run_selftest_under("asan", "inner_read", seed, 0)
+        assert ok.returncode == 0 and ok.stdout.split() == ["nan", "0"], (seed, ok.stderr[-3000:])
+        assert "AddressSanitizer" not in ok.stderr, ok.stderr[-3000:]
+
+
 def test_kernels_read_no_slack(tmp_path):
     """emu.SANITIZER_CASES under AddressSanitizer: no kernel touches a buffer's slack."""
     here = Path(__file__).resolve().parent

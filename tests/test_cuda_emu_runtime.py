@@ -178,6 +178,23 @@ def test_emulator_catches_reads_outside_a_buffer(at_end):
     assert _selftest("read", 1, slack, at_end).stdout.split() == ["nan", "1"]
 
 
+def test_emulator_fences_the_regions_of_a_workspace():
+    """The emulator libraries leave DK_WS_REDZONE bytes after every region of a workspace layout
+    (decodekit/common.h; 256 unless $DK_EMU_WS_REDZONE says otherwise) and the drivers fence them
+    (Guarded::fence_gaps): a kernel running from one region into the next writes a red zone, which
+    fails the buffer's check naming the bytes, or reads the NaN pattern instead of its neighbour's
+    values (test_cuda_emu_asan.py: AddressSanitizer reports the read). Here 32 threads reach
+    A[index + t] of a 32-float region A followed by a 64-byte zone, then region B."""
+    assert _selftest("inner_guard", 1, 0).stdout.split() == ["ok"]
+    r = _selftest("inner_guard", 1, 1)
+    assert r.returncode == 1 and "ok" not in r.stdout.split(), (r.stdout, r.stderr)
+    msg = "selftest workspace: a launch wrote into a red zone between two regions of its layout: bytes 128 .. 131"
+    assert msg + " (the zone: bytes 128 .. 191)" in r.stderr, r.stderr
+    assert _selftest("inner_read", 1, 0).stdout.split() == ["nan", "0"]
+    assert _selftest("inner_read", 1, 1).stdout.split() == ["nan", "1"]
+    assert _selftest("inner_read", 1, 16).stdout.split() == ["nan", "16"]  # all of the zone, none of B
+
+
 def test_emulator_fences_tensor_arguments():
     """Every tensor a wrapper hands to an emulator library is copied into fenced memory (emu.Fence)
     and the outputs are copied back. Here the filter kernel is told of 2 rows of 1000 elements but

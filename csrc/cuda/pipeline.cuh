@@ -212,41 +212,46 @@ DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
   return p;
 }
 DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
-  auto r8 = [](int64_t b) { return (b + 7) & ~int64_t(7); };
-  PipeWs L;
+  // each region rounded up to 8 bytes, then DK_WS_REDZONE bytes that nothing uses (0 on a GPU)
   int64_t o = 0;
-  L.ld = o, o += 8 * V;  // doubles
-  L.v = o, o += r8(4 * V);
-  L.w = o, o += r8(4 * V);
-  L.i = o, o += r8(4 * V);
-  L.tv = o, o += r8(4 * V);
-  L.ord = o, o += r8(4 * pow2_ceil(V));  // the sort pads it to a power of two
-  L.keep = o, o += r8(V);
-  L.acc = o, o += r8(V);
-  L.sid = o, o += r8(4 * N);
-  L.sval = o, o += r8(4 * N);
-  L.fid = o, o += r8(4 * N);
-  L.fval = o, o += r8(4 * N);
+  const auto take = [&o](int64_t bytes) {
+    const int64_t at = o;
+    o += ((bytes + 7) & ~int64_t(7)) + DK_WS_REDZONE;
+    return at;
+  };
+  PipeWs L;
+  L.ld = take(8 * V);  // doubles
+  L.v = take(4 * V);
+  L.w = take(4 * V);
+  L.i = take(4 * V);
+  L.tv = take(4 * V);
+  L.ord = take(4 * pow2_ceil(V));  // the sort pads it to a power of two
+  L.keep = take(V);
+  L.acc = take(V);
+  L.sid = take(4 * N);
+  L.sval = take(4 * N);
+  L.fid = take(4 * N);
+  L.fval = take(4 * N);
   const int64_t pairs = contract::kLanes * contract::num_chunks(V);
-  L.lanes = o, o += 8 * pairs;  // (chunk, lane) sums: top-n-sigma's count
-  L.lsum = o, o += 8 * pairs;   // top-n-sigma's sum and sum of squares
-  L.lsq = o, o += 8 * pairs;
-  L.lzl = o, o += 8 * pairs;  // raw / greedy logprobs' normaliser
-  L.lzp = o, o += 8 * pairs;  // early top-p's Z
+  L.lanes = take(8 * pairs);  // (chunk, lane) sums: top-n-sigma's count
+  L.lsum = take(8 * pairs);   // top-n-sigma's sum and sum of squares
+  L.lsq = take(8 * pairs);
+  L.lzl = take(8 * pairs);  // raw / greedy logprobs' normaliser
+  L.lzp = take(8 * pairs);  // early top-p's Z
   const int64_t ng = contract::walk16_groups(V);
-  L.g16 = o, o += 8 * ng;  // the walk's group and block sums over a list
-  L.g256 = o, o += 8 * ((ng + 15) / 16);
-  L.hdr = o, o += int64_t(sizeof(PipeHdr));
-  L.parts = o, o += int64_t(sizeof(PipePart)) * splits;
-  L.counts = o, o += 8 * splits;
-  L.khist = o, o += 4 * 256 * 4 * splits;  // uint32 [4 passes][splits][256]
-  L.kst = o, o += int64_t(sizeof(PipeKState)) * 4;
-  L.nhist = o, o += 4 * 256 * 4 * splits;  // the same for the raw / greedy logprobs' top-n select
-  L.nst = o, o += int64_t(sizeof(PipeKState)) * 4;
-  L.phist = o, o += 8 * 2 * 256 * contract::num_chunks(V);  // double [2 parities][chunks][256]: early top-p
-  L.pst = o, o += int64_t(sizeof(PipePState)) * 4;
-  L.wr = o, o += int64_t(sizeof(PipeWrite));
-  L.rk = o, o += 8 * 3 * splits;  // int64 [splits][3]: the rank phase's counts (rank, above, ties)
+  L.g16 = take(8 * ng);  // the walk's group and block sums over a list
+  L.g256 = take(8 * ((ng + 15) / 16));
+  L.hdr = take(int64_t(sizeof(PipeHdr)));
+  L.parts = take(int64_t(sizeof(PipePart)) * splits);
+  L.counts = take(8 * splits);
+  L.khist = take(4 * 256 * 4 * splits);  // uint32 [4 passes][splits][256]
+  L.kst = take(int64_t(sizeof(PipeKState)) * 4);
+  L.nhist = take(4 * 256 * 4 * splits);  // the same for the raw / greedy logprobs' top-n select
+  L.nst = take(int64_t(sizeof(PipeKState)) * 4);
+  L.phist = take(8 * 2 * 256 * contract::num_chunks(V));  // double [2 parities][chunks][256]: early top-p
+  L.pst = take(int64_t(sizeof(PipePState)) * 4);
+  L.wr = take(int64_t(sizeof(PipeWrite)));
+  L.rk = take(8 * 3 * splits);  // int64 [splits][3]: the rank phase's counts (rank, above, ties)
   L.row = o;
   return L;
 }

@@ -1171,9 +1171,9 @@ inline SplitArgs split_plan(const SampleArgs& a, int n_sms, bool gumbel) {
 inline int64_t sample_layout(SplitArgs& sa, double* base) {
   const int64_t n = sa.a.n_out, nch = num_chunks(sa.a.in.V), sp = sa.splits;
   int64_t off = 0;
-  const auto take = [&](int64_t doubles) {
+  const auto take = [&](int64_t doubles) {  // then DK_WS_REDZONE bytes that nothing uses (0 on a GPU)
     double* p = base ? base + off : nullptr;
-    off += doubles;
+    off += doubles + DK_WS_REDZONE / int64_t(sizeof(double));
     return p;
   };
   if (sp <= 1) {  // one CTA per row: only the sample kernel's chunk masses

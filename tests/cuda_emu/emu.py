@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SOURCES = [
     HERE / "emu_runtime.h",
+    HERE / "emu_sample_ws.h",
     HERE / "emu_sampling.cpp",
     ROOT / "csrc/cuda/sampling.cuh",
     *sorted((ROOT / "csrc/cuda").glob("*.h")),
@@ -62,6 +63,18 @@ def sanitize_flags():
     if os.environ.get("DK_EMU_SANITIZE", "1") == "0":
         return []
     return ["-fsanitize=bounds,object-size", "-fsanitize-undefined-trap-on-error"]
+
+
+def redzone_flags():
+    """The red zone the emulator libraries leave after every region of a CUDA workspace layout
+    (decodekit/common.h DK_WS_REDZONE; the drivers fence it: emu_runtime.h Guarded::fence_gaps), so
+    a kernel that runs from one region into the next fails a test: a write there fails the
+    buffer's check, a read gives the NaN pattern (and AddressSanitizer reports it). $DK_EMU_WS_REDZONE
+    bytes, default 256 (a multiple of 16); 0: the GPU's layout, regions back to back."""
+    n = int(os.environ.get("DK_EMU_WS_REDZONE", "256"))
+    if n < 0 or n % 16:
+        raise ValueError(f"DK_EMU_WS_REDZONE={n}: a multiple of 16 bytes, >= 0")
+    return [f"-DDK_WS_REDZONE={n}"]
 
 
 def tsan_flags():
@@ -441,6 +454,7 @@ def build_shared(stem, cpp, sources, define=None, threads=None):
         "-shared",
         *unique_flags(),
         *sanitize_flags(),
+        *redzone_flags(),
         *tsan_flags(),
         *asan_flags(),
         *coverage_flags(),

@@ -69,9 +69,19 @@ int dk_emu_pipeline(const void* x, int dtype, int64_t V, int64_t row_stride, con
   a.out_top_lp = static_cast<float*>(outs[5]);
   a.out_logits = outs[6];
   a = pipe_plan(a, n_sms, min_slice);
-  const auto ws = dkemu::Guarded::bytes("dk_emu_pipeline: the workspace",
-                                        size_t(pipe_workspace_bytes(n_out, V, pipe_list_entries(a), a.splits)), 0xFF);
+  auto ws = dkemu::Guarded::bytes("dk_emu_pipeline: the workspace",
+                                  size_t(pipe_workspace_bytes(n_out, V, pipe_list_entries(a), a.splits)), 0xFF);
   a.workspace = ws.data();
+  {  // each row's regions fenced from one another (DK_WS_REDZONE)
+    const PipeWs lay = pipe_ws_layout(V, pipe_list_entries(a), a.splits);
+    static_assert(sizeof(PipeWs) % sizeof(int64_t) == 0, "PipeWs: int64 offsets");
+    int64_t f[sizeof(PipeWs) / sizeof(int64_t)];
+    std::memcpy(f, &lay, sizeof lay);
+    std::vector<size_t> starts;
+    for (int64_t o = 0; o < n_out; ++o)
+      for (const int64_t off : f) starts.push_back(size_t(o * lay.row + off));  // (row: the next row's start)
+    ws.fence_gaps(starts, size_t(n_out * lay.row), DK_WS_REDZONE);
+  }
   const auto launch = [](auto kernel, unsigned grid, const PipeArgs& args) {
     dkemu::launch(grid, kPipeThreads, kernel, args);
   };

@@ -859,7 +859,8 @@ class Guarded {
     std::snprintf(info_.name, sizeof info_.name, "%s", name);
     g_fences.push_back(&info_);
   }
-  Guarded(Guarded&& o) noexcept : base_(o.base_), p_(o.p_), region_(o.region_), total_(o.total_), info_(o.info_) {
+  Guarded(Guarded&& o) noexcept
+      : base_(o.base_), p_(o.p_), region_(o.region_), total_(o.total_), info_(o.info_), inner_(std::move(o.inner_)) {
     std::replace(g_fences.begin(), g_fences.end(), static_cast<const FenceInfo*>(&o.info_),
                  static_cast<const FenceInfo*>(&info_));
     o.base_ = nullptr;
@@ -898,15 +899,51 @@ class Guarded {
     scan(region, size_t(p_ - region) + info_.bytes, region_, p_, first, last);
     return {first, last};
   }
+  // A red zone inside the payload: bytes [off, off + n) (a workspace layout's gap between two
+  // regions, DK_WS_REDZONE) get the slack's treatment: the poison pattern, AddressSanitizer
+  // poisoning, and check() reports a write there.
+  void fence_inside(size_t off, size_t n) {
+    if (n == 0) return;
+    if (off + n > info_.bytes) {
+      record("dkemu::Guarded::fence_inside: a red zone past the buffer's end");
+      return;
+    }
+    poison(p_ + off, n);
+    asan::forbid(p_ + off, n);
+    inner_.emplace_back(off, n);
+  }
   void check() const {
     const auto [first, last] = touched();
-    if (first > last) return;
     char msg[320];
-    std::snprintf(msg, sizeof msg,
-                  "%s: a launch wrote outside its %zu-byte buffer: bytes %lld .. %lld relative to its start "
-                  "(the slack between the buffer and its guard pages)",
-                  info_.name, info_.bytes, static_cast<long long>(first), static_cast<long long>(last));
-    record(msg);
+    if (first <= last) {
+      std::snprintf(msg, sizeof msg,
+                    "%s: a launch wrote outside its %zu-byte buffer: bytes %lld .. %lld relative to its start "
+                    "(the slack between the buffer and its guard pages)",
+                    info_.name, info_.bytes, static_cast<long long>(first), static_cast<long long>(last));
+      record(msg);
+      return;
+    }
+    for (const auto& [off, n] : inner_) {
+      int64_t lo = INT64_MAX, hi = INT64_MIN;
+      scan(p_, off, off + n, p_, lo, hi);
+      if (lo > hi) continue;
+      std::snprintf(msg, sizeof msg,
+                    "%s: a launch wrote into a red zone between two regions of its layout: bytes %lld .. %lld "
+                    "(the zone: bytes %zu .. %zu)",
+                    info_.name, static_cast<long long>(lo), static_cast<long long>(hi), off, off + n - 1);
+      record(msg);
+      return;
+    }
+  }
+  // The red zones of a workspace layout that leaves `gap` unused bytes after every region
+  // (DK_WS_REDZONE): the gap before each region start in `starts` (byte offsets into the payload)
+  // but the lowest, and before `end` (the layout's end). No-op when gap is 0.
+  void fence_gaps(std::vector<size_t> starts, size_t end, size_t gap) {
+    if (gap == 0) return;
+    starts.push_back(end);
+    std::sort(starts.begin(), starts.end());
+    starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
+    for (size_t i = 1; i < starts.size(); ++i) fence_inside(starts[i] - gap, gap);
   }
 
  private:
@@ -925,6 +962,7 @@ class Guarded {
   unsigned char* p_ = nullptr;
   size_t region_ = 0, total_ = 0;
   FenceInfo info_{};
+  std::vector<std::pair<size_t, size_t>> inner_;  // red zones inside the payload (fence_inside)
 };
 }  // namespace dkemu
 

@@ -3,6 +3,7 @@
 // host pointers stand in for device pointers).
 #include "emu_runtime.h"
 #include "cuda/sampling.cuh"
+#include "emu_sample_ws.h"
 
 using namespace dk::cuda;
 
@@ -65,8 +66,9 @@ int dk_emu_sample(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   a.out_valid = out_valid;
   a.out_logprob = out_logprob;
   SplitArgs sa = split_plan(a, n_sms, gumbel != 0);
-  const auto ws = dkemu::Guarded::of("dk_emu_sample: the workspace", size_t(sample_workspace_elems(sa)), std::nan(""));
+  auto ws = dkemu::Guarded::of("dk_emu_sample: the workspace", size_t(sample_workspace_elems(sa)), std::nan(""));
   sa.a.workspace = ws.data<double>();
+  dkemu::fence_sample_ws(ws, sa);
   run_sample_plan(sa,
                   [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
   ws.check();
@@ -84,9 +86,9 @@ int dk_emu_filter(const void* x, int dtype, int64_t rows, int64_t V, int64_t row
   a.out_stride = out_stride;
   // sampling.cuh's launch_filter: filter_plan + run_filter_plan
   SplitFilterArgs f = filter_plan(a, n_sms);
-  const auto ws =
-      dkemu::Guarded::of("dk_emu_filter: the workspace", size_t(sample_workspace_elems(f.sa)), std::nan(""));
+  auto ws = dkemu::Guarded::of("dk_emu_filter: the workspace", size_t(sample_workspace_elems(f.sa)), std::nan(""));
   f.sa.a.workspace = ws.data<double>();
+  dkemu::fence_sample_ws(ws, f.sa);
   run_filter_plan(f, [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); });
   ws.check();
   return f.sa.splits;

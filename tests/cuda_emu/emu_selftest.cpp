@@ -280,6 +280,25 @@ int main(int argc, char** argv) {
       std::printf("ok\n");
     return 0;
   }
+  if (mode == "inner_guard" || mode == "inner_read") {
+    // a workspace of two 32-float regions, each followed by a 64-byte red zone (a layout built with
+    // DK_WS_REDZONE = 64: region A at bytes 0..127, B at 192..319); 32 threads reach A[index + t]
+    if (argc < 4) return 2;
+    const float zero = 0.f;
+    dkemu::Guarded buf("selftest workspace", 384, &zero, sizeof(float), 16, false);
+    buf.fence_gaps({0, 192}, 384, 64);
+    const GuardArgs g{buf.data<float>(), std::atoi(argv[3]), out.data()};
+    dkemu::launch(1, 32, mode == "inner_guard" ? guard_kernel : read_kernel, g);
+    buf.check();
+    if (dk_emu_take_error()) return 1;
+    int nan = 0;
+    for (unsigned t = 0; t < 32; ++t) nan += std::isnan(out[t]);
+    if (mode == "inner_read")
+      std::printf("nan %d\n", nan);
+    else
+      std::printf("ok\n");
+    return 0;
+  }
   if (dk_emu_take_error()) return 1;
   std::printf("no failure\n");
   return 0;

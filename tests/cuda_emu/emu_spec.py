@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SOURCES = [
     HERE / "emu_runtime.h",
+    HERE / "emu_sample_ws.h",
     HERE / "emu_speculative.cpp",
     ROOT / "csrc/cuda/speculative.cuh",
     ROOT / "csrc/cuda/sampling.cuh",

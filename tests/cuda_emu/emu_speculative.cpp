@@ -8,6 +8,7 @@
 #define DK_SPEC_COUNT_WORK 1   // the kernels' work counters (dk_emu_spec_work)
 #define DK_SPLIT_COUNT_WORK 1  // the split phases' block counter (dk_emu_split_blocks)
 #include "cuda/speculative.cuh"
+#include "emu_sample_ws.h"
 
 using namespace dk::cuda::spec;
 
@@ -106,6 +107,7 @@ static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepW
     keep.split.emplace(dkemu::Guarded::of("dk_emu_chain / dk_emu_tree: the split nodes' workspace",
                                           size_t(dk::cuda::sample_workspace_elems(p.split)), std::nan("")));
     p.split.a.workspace = keep.split->data<double>();
+    dkemu::fence_sample_ws(*keep.split, p.split);
   }
   g_last_node_splits = p.split.splits;
   auto launch = [](auto kernel, unsigned grid, const auto& args) { dkemu::launch(grid, kThreads, kernel, args); };

@@ -18,6 +18,17 @@
 #define DK_DEVICE_NOINLINE inline
 #endif
 
+// Bytes left unused after every region of a CUDA workspace layout (csrc/cuda/pipeline.cuh
+// pipe_ws_layout, sampling.cuh sample_layout): 0 in every real build. The CUDA emulator builds
+// with a red zone there (tests/cuda_emu/emu.py, $DK_EMU_WS_REDZONE) and fences it (poison pattern,
+// AddressSanitizer poisoning, a check after the launches), so a kernel that reads or writes past
+// one region into the next fails a test instead of silently using its neighbour's bytes. A
+// multiple of 16: every region keeps its alignment.
+#ifndef DK_WS_REDZONE
+#define DK_WS_REDZONE 0
+#endif
+static_assert(DK_WS_REDZONE % 16 == 0 && DK_WS_REDZONE >= 0, "DK_WS_REDZONE: a multiple of 16 bytes");
+
 namespace dk {
 
 // Raw 16-bit float storage types (bit patterns); conversions below are exact.
