@@ -67,7 +67,7 @@ cs::Workspace make_ws(CudaWs& keep, const at::TensorOptions& opts, int64_t B, in
   keep.removed = at::empty({B, w.removed_per_row}, opts.dtype(at::kLong));
   w.removed = keep.removed.data_ptr<int64_t>();
   if (resid) {
-    w.resid_per_row = (V + 15) / 16 * 16;
+    w.resid_per_row = cs::resid_per_row(V);
     keep.resid = at::empty({B, w.resid_per_row}, opts.dtype(at::kFloat));
     w.resid = keep.resid.data_ptr<float>();
   }

@@ -126,9 +126,20 @@ struct Workspace {
   Prepared pre;  // nodes resolved ahead (small batches; prepare_plan)
 };
 
-inline int64_t lanes_per_row(int64_t V) { return ((V + kChunk - 1) / kChunk) * 16 + ((V + kChunk - 1) / kChunk); }
-// Survivor-list entries per row (logits targets; S lies in [0, V), so never more than V).
-inline int64_t list_per_row(int64_t V) { return V < kListMax ? (V > 0 ? V : 1) : kListMax; }
+// The per-row scratch strides below end in DK_WS_REDZONE bytes that nothing uses (decodekit/
+// common.h: 0 on a GPU; the emulator fences them, so a row running into the next fails a test).
+template <class E>
+constexpr int64_t row_gap() {
+  return DK_WS_REDZONE / int64_t(sizeof(E));
+}
+inline int64_t lanes_per_row(int64_t V) {
+  return ((V + kChunk - 1) / kChunk) * 16 + ((V + kChunk - 1) / kChunk) + row_gap<double>();
+}
+// Survivor-list entries per row (logits targets; S lies in [0, V), so never more than V): int32
+// ids and float weights.
+inline int64_t list_per_row(int64_t V) { return (V < kListMax ? (V > 0 ? V : 1) : kListMax) + row_gap<float>(); }
+// A materialised residual row: V floats, padded to 16.
+inline int64_t resid_per_row(int64_t V) { return (V + 15) / 16 * 16 + row_gap<float>(); }
 
 struct ChainArgs {
   Target target;

@@ -964,6 +964,48 @@ class Guarded {
   FenceInfo info_{};
   std::vector<std::pair<size_t, size_t>> inner_;  // red zones inside the payload (fence_inside)
 };
+
+// The red zones of a per-row scratch (rows of `stride` bytes, each ending in `gap` bytes that
+// nothing uses: DK_WS_REDZONE, as in csrc/cuda/speculative.cuh lanes_per_row) at p, for this
+// object's life: the poison pattern and AddressSanitizer poisoning; check() reports a write there.
+// Nothing when p is null or gap is 0.
+class RowZones {
+ public:
+  RowZones(const char* name, void* p, int64_t rows, size_t stride, size_t gap)
+      : p_(static_cast<unsigned char*>(p)), rows_(p && gap ? rows : 0), stride_(stride), gap_(gap) {
+    std::snprintf(name_, sizeof name_, "%s", name);
+    for (int64_t r = 0; r < rows_; ++r) {
+      poison(zone(r), gap_);
+      asan::forbid(zone(r), gap_);
+    }
+  }
+  RowZones(const RowZones&) = delete;
+  RowZones& operator=(const RowZones&) = delete;
+  ~RowZones() {
+    for (int64_t r = 0; r < rows_; ++r) asan::allow(zone(r), gap_);
+  }
+  DK_EMU_NO_ASAN void check() const {
+    for (int64_t r = 0; r < rows_; ++r) {
+      const unsigned char* z = zone(r);
+      for (size_t i = 0; i < gap_; ++i)
+        if (z[i] != kPoison[(reinterpret_cast<uintptr_t>(z) + i) & 3u]) {
+          char msg[320];
+          std::snprintf(msg, sizeof msg,
+                        "%s: a launch wrote into the red zone after row %lld (byte %zu of its %zu-byte row)", name_,
+                        static_cast<long long>(r), stride_ - gap_ + i, stride_);
+          record(msg);
+          return;
+        }
+    }
+  }
+
+ private:
+  unsigned char* zone(int64_t r) const { return p_ + size_t(r) * stride_ + (stride_ - gap_); }
+  unsigned char* p_;
+  int64_t rows_;
+  size_t stride_, gap_;
+  char name_[120];
+};
 }  // namespace dkemu
 
 #define threadIdx (dkemu::tls_tid)

@@ -34,6 +34,7 @@ def load(threads=None):
     P, I, Q, F, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
     L.dk_emu_spec_lanes.argtypes, L.dk_emu_spec_lanes.restype = [Q], Q
     L.dk_emu_spec_list.argtypes, L.dk_emu_spec_list.restype = [Q], Q
+    L.dk_emu_spec_resid.argtypes, L.dk_emu_spec_resid.restype = [Q], Q
     L.dk_emu_set_filters.argtypes, L.dk_emu_set_filters.restype = [I, P, Q, P, F, P, F], None
     L.dk_emu_spec_work.argtypes, L.dk_emu_spec_work.restype = [P], None
     L.dk_emu_split_blocks.argtypes, L.dk_emu_split_blocks.restype = [], Q
@@ -244,8 +245,8 @@ def tree_verify(
     an = torch.zeros(B, dtype=torch.int32)
     err = torch.zeros(B, dtype=torch.int32)
     err_node = torch.zeros(B, dtype=torch.int64)
-    lanes = torch.empty(B, L.dk_emu_spec_lanes(V), dtype=torch.float64)
-    resid = torch.empty(B, (V + 15) // 16 * 16, dtype=torch.float32)
+    lanes = torch.empty(B, L.dk_emu_spec_lanes(max(V, 1)), dtype=torch.float64)
+    resid = torch.empty(B, L.dk_emu_spec_resid(V), dtype=torch.float32)
     removed = torch.empty(B, T, dtype=torch.int64)
     seen = torch.empty(B, T, dtype=torch.uint8)
     stack = torch.empty(B, T, dtype=torch.int64)

@@ -70,6 +70,20 @@ void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_
   a.ws.list_per_row = list_per_row(V > 0 ? V : 1);
 }
 
+// The red zones that end each row of the per-row scratch (lanes, survivor lists, residual rows:
+// speculative.cuh lanes_per_row etc.), fenced for a call and checked after its launches.
+struct RowScratchZones {
+  dkemu::RowZones lanes, idx, w, resid;
+  RowScratchZones(const Workspace& ws, int64_t B)
+      : lanes("the lane workspace", ws.lanes, B, size_t(ws.lanes_per_row) * 8, DK_WS_REDZONE),
+        idx("the survivor lists (ids)", ws.list_idx, B, size_t(ws.list_per_row) * 4, DK_WS_REDZONE),
+        w("the survivor lists (weights)", ws.list_w, B, size_t(ws.list_per_row) * 4, DK_WS_REDZONE),
+        resid("the residual rows", ws.resid, B, size_t(ws.resid_per_row) * 4, DK_WS_REDZONE) {}
+  void check() const {
+    for (const auto* z : {&lanes, &idx, &w, &resid}) z->check();
+  }
+};
+
 // Rows the bindings' deferred checks skip (TreeArgs::skip), set before dk_emu_tree.
 static const bool* g_tree_skip = nullptr;
 
@@ -101,6 +115,12 @@ static void prepare(A& a, int64_t R, bool chain, const int64_t* num_draft, PrepW
   p.sums = keep.sums->data<NodeSum>();
   p.list_idx = keep.idx->data<int32_t>();
   p.list_w = keep.w->data<float>();
+  {  // each node's list ends in a red zone (list_per_row: DK_WS_REDZONE)
+    std::vector<size_t> starts;
+    for (int64_t k = 0; k < a.B * R; ++k) starts.push_back(size_t(k * p.list_per_node) * 4);
+    keep.idx->fence_gaps(starts, size_t(a.B * R * p.list_per_node) * 4, DK_WS_REDZONE);
+    keep.w->fence_gaps(starts, size_t(a.B * R * p.list_per_node) * 4, DK_WS_REDZONE);
+  }
   // speculative.cu's plan_nodes, then launch_prepare's sequence (run_prepare)
   p.split = node_plan(a.target, a.B, R, g_n_sms);
   if (p.split.splits > 1) {
@@ -138,6 +158,7 @@ int64_t dk_emu_spec_prepared_mismatch() {
 void dk_emu_set_tree_skip(const bool* skip) { g_tree_skip = skip; }
 int64_t dk_emu_spec_lanes(int64_t V) { return lanes_per_row(V); }
 int64_t dk_emu_spec_list(int64_t V) { return list_per_row(V); }
+int64_t dk_emu_spec_resid(int64_t V) { return resid_per_row(V); }
 // Blocks of the split phases (sampling.cuh split_enter) that resolved a row since the last call
 // (which resets the count).
 int64_t dk_emu_split_blocks() {
@@ -177,11 +198,13 @@ void dk_emu_chain(const void* target, int kind, int dtype, int64_t V, int64_t ts
   a.out_emitted = out_emi;
   a.ws.removed = removed;
   a.ws.removed_per_row = 1;
+  const RowScratchZones zones(a.ws, B);
   PrepWs keep;
   prepare(a, N + 1, true, num_draft, keep);
   g_last_prepared = a.ws.pre.sums != nullptr;
   run<ChainK>(a.target, unsigned(B), a);
   keep.check();
+  zones.check();
 }
 
 void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb, int64_t tsr, const float* temp,
@@ -212,17 +235,19 @@ void dk_emu_tree(const void* target, int kind, int dtype, int64_t V, int64_t tsb
   a.err_node = err_node;
   a.skip = g_tree_skip;
   a.ws.resid = resid;
-  a.ws.resid_per_row = (V + 15) / 16 * 16;
+  a.ws.resid_per_row = resid_per_row(V);
   a.ws.removed = removed;
   a.ws.removed_per_row = T;
   a.ws.seen = seen;
   a.ws.stack = stack;
   a.ws.tree_per_row = T;
+  const RowScratchZones zones(a.ws, B);
   PrepWs keep;
   prepare(a, T, false, nullptr, keep);
   g_last_prepared = a.ws.pre.sums != nullptr;
   run<TreeK>(a.target, unsigned(B), a);
   keep.check();
+  zones.check();
 }
 
 void dk_emu_build_tree(const int64_t* parents, const int64_t* prefix, int64_t B, int64_t T, uint8_t* mask,
