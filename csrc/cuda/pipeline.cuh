@@ -421,7 +421,7 @@ template <class Walk>
 DK_PIPE_FN void hist_pass(const Walk& walk, uint32_t prefix, int shift, PipeShared& sh) {
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) sh.hist[b] = 0;
   __syncthreads();
-  const uint32_t hmask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+  const uint32_t hmask = radix_high_mask(shift);
   walk([&](float v) {
     const uint32_t k = float_key_z(v);
     if ((k & hmask) == (prefix & hmask)) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
@@ -1075,7 +1075,7 @@ DK_PIPE_FN PipeKState sel_state(const PipeArgs& a, const PipeSel& sel, int q, Pi
     sh.hist[b] = n;
   }
   __syncthreads();
-  return apply_digit(st, 24 - 8 * (q - 1), sh);
+  return apply_digit(st, radix_shift(q - 1), sh);
 }
 
 // Radix pass q (0..3) of a select over slice sp: its histogram into hist[q][sp] (slice 0 records
@@ -1085,7 +1085,7 @@ DK_PIPE_FN void sel_pass(const PipeArgs& a, const PipeRowCtx<T>& c, const PipeSe
                          int q, PipeShared& sh) {
   const PipeKState st = sel_state(a, sel, q, sh);
   if (q > 0 && sp == 0 && threadIdx.x == 0) sel.st[q] = st;
-  hist_pass(RowWalk<T>{c.r, s.beg, s.end, sel.processed}, st.prefix, 24 - 8 * q, sh);
+  hist_pass(RowWalk<T>{c.r, s.beg, s.end, sel.processed}, st.prefix, radix_shift(q), sh);
   uint32_t* h = sel.hist + (int64_t(q) * a.splits + sp) * 256;
   for (unsigned b = threadIdx.x; b < 256; b += kPipeThreads) h[b] = sh.hist[b];
   __syncthreads();
@@ -1147,7 +1147,7 @@ DK_PIPE_FN PipePState early_digit(const PipeRowCtx<T>& c, int h, double P, PipeS
   __syncthreads();
   if (threadIdx.x < 32) pick_mass_digit(sh.d, st.above, P, &sh.sel_digit, &sh.bc);
   __syncthreads();
-  st.prefix |= sh.sel_digit << (24 - 8 * h);
+  st.prefix |= sh.sel_digit << radix_shift(h);
   st.above = sh.bc;
   __syncthreads();
   return st;
@@ -1164,8 +1164,8 @@ DK_PIPE_FN void early_hist(const PipeArgs& a, const PipeRowCtx<T>& c, int sp, in
   const RowIn<T>& r = c.r;
   const bool al = aligned16(r.x);
   const int64_t ng = (c.V + kv - 1) / kv;
-  const int shift = 24 - 8 * h;
-  const uint32_t hmask = h == 0 ? 0u : ~0u << (shift + 8);
+  const int shift = radix_shift(h);
+  const uint32_t hmask = radix_mask(h);
   double* out = c.phist + int64_t(h & 1) * c.nch * 256;
   for (int64_t ch = c.nch * sp / a.splits; ch < c.nch * (sp + 1) / a.splits; ++ch) {
     const int64_t g0 = ch * kGroups, g1 = g0 + kGroups < ng ? g0 + kGroups : ng;

@@ -12,6 +12,14 @@
 
 namespace dk::cuda {
 
+// The 8-bit radix passes over 32-bit order keys, from the top: pass q (0..3) histograms the digit
+// at radix_shift(q) (24, 16, 8, 0) of the keys that match the prefix found so far in the bits
+// radix_high_mask(shift) selects (those above the digit; none for the top digit). radix_mask(q):
+// the mask of the prefix before pass q (q = 4: all 32 bits, the key found).
+DK_DIGIT_FN int radix_shift(int q) { return 24 - 8 * q; }
+DK_DIGIT_FN uint32_t radix_high_mask(int shift) { return shift >= 24 ? 0u : ~0u << (shift + 8); }
+DK_DIGIT_FN uint32_t radix_mask(int q) { return radix_high_mask(radix_shift(q)); }
+
 // The digit scans of the radix selects run on warp 0: lane l owns the 8 digits 255 - 8l down to
 // 248 - 8l (the scan order, from the top), so a scan is 8 steps per lane plus a 5-step warp scan
 // instead of 256 steps on one thread. Call from the threads of warp 0 only.

@@ -325,11 +325,6 @@ DK_CUDA_FN void count_hist(const T* x, int64_t V, uint32_t prefix, uint32_t mask
   __syncthreads();
 }
 
-// The radix state before pass q (q = 0..4) of a select: the key prefix, its mask and (top-k) the
-// rank still to find below the prefix, or (top-p) the mass of the keys above the prefix.
-DK_CUDA_FN uint32_t radix_mask(int q) { return q == 0 ? 0u : ~0u << (32 - 8 * q); }
-DK_CUDA_FN int radix_shift(int q) { return 24 - 8 * q; }
-
 // The digit of pass q from s.u.hist (warp 0), applied to (prefix, kk). All threads; barriers.
 DK_CUDA_FN void count_pick(int q, uint32_t& prefix, int64_t& kk, Smem& s) {
   if (threadIdx.x < 32) pick_count_digit(s.u.hist, kk, &s.ubc, &s.ibc);
