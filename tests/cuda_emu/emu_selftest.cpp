@@ -264,39 +264,29 @@ int main(int argc, char** argv) {
     std::printf("after: wrong %d\n", broadcast_wrong(out));
     return failed || dk_emu_take_error() ? 1 : 0;
   }
-  if (mode == "guard" || mode == "read") {
-    if (argc < 5) return 2;
+  const bool inner = mode == "inner_guard" || mode == "inner_read";
+  if (mode == "guard" || mode == "read" || inner) {
+    // guard / read: a 64-float buffer against the guard page after it (argv[4] != 0) or before it,
+    // 64 threads; inner_*: a workspace of two 32-float regions, each followed by a 64-byte red zone
+    // (a layout built with DK_WS_REDZONE = 64: region A at bytes 0..127, B at 192..319), 32 threads.
+    // Thread t writes (guard) or reads buffer[index + t].
+    if (argc < (inner ? 4 : 5)) return 2;
     const float zero = 0.f;
-    const dkemu::Guarded buf("selftest buffer", 64 * sizeof(float), &zero, sizeof(float), 16, std::atoi(argv[4]) != 0);
+    const unsigned n = inner ? 32 : 64;
+    dkemu::Guarded buf(inner ? "selftest workspace" : "selftest buffer", inner ? 384 : 64 * sizeof(float), &zero,
+                       sizeof(float), 16, !inner && std::atoi(argv[4]) != 0);
+    if (inner) buf.fence_gaps({0, 192}, 384, 64);
     const GuardArgs g{buf.data<float>(), std::atoi(argv[3]), out.data()};
-    dkemu::launch(1, 64, mode == "guard" ? guard_kernel : read_kernel, g);
+    const bool write = mode == "guard" || mode == "inner_guard";
+    dkemu::launch(1, n, write ? guard_kernel : read_kernel, g);
     buf.check();
     if (dk_emu_take_error()) return 1;
     int nan = 0;
-    for (unsigned t = 0; t < 64; ++t) nan += std::isnan(out[t]);
-    if (mode == "read")
-      std::printf("nan %d\n", nan);
-    else
+    for (unsigned t = 0; t < n; ++t) nan += std::isnan(out[t]);
+    if (write)
       std::printf("ok\n");
-    return 0;
-  }
-  if (mode == "inner_guard" || mode == "inner_read") {
-    // a workspace of two 32-float regions, each followed by a 64-byte red zone (a layout built with
-    // DK_WS_REDZONE = 64: region A at bytes 0..127, B at 192..319); 32 threads reach A[index + t]
-    if (argc < 4) return 2;
-    const float zero = 0.f;
-    dkemu::Guarded buf("selftest workspace", 384, &zero, sizeof(float), 16, false);
-    buf.fence_gaps({0, 192}, 384, 64);
-    const GuardArgs g{buf.data<float>(), std::atoi(argv[3]), out.data()};
-    dkemu::launch(1, 32, mode == "inner_guard" ? guard_kernel : read_kernel, g);
-    buf.check();
-    if (dk_emu_take_error()) return 1;
-    int nan = 0;
-    for (unsigned t = 0; t < 32; ++t) nan += std::isnan(out[t]);
-    if (mode == "inner_read")
-      std::printf("nan %d\n", nan);
     else
-      std::printf("ok\n");
+      std::printf("nan %d\n", nan);
     return 0;
   }
   if (dk_emu_take_error()) return 1;
