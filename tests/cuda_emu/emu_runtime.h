@@ -899,6 +899,18 @@ class Guarded {
     scan(region, size_t(p_ - region) + info_.bytes, region_, p_, first, last);
     return {first, last};
   }
+  // Bytes [from, to) of the region that differ from the poison pattern, relative to the payload
+  // p, into [first, last]. (Reads the slack and red zones: not checked by AddressSanitizer;
+  // also RowZones'.)
+  DK_EMU_NO_ASAN static void scan(const unsigned char* region, size_t from, size_t to, const unsigned char* p,
+                                  int64_t& first, int64_t& last) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
+    for (size_t i = from; i < to; ++i)
+      if (region[i] != kPoison[(lo + i) & 3u]) {
+        const int64_t at = int64_t(i) - int64_t(p - region);
+        first = std::min(first, at), last = std::max(last, at);
+      }
+  }
   // A red zone inside the payload: bytes [off, off + n) (a workspace layout's gap between two
   // regions, DK_WS_REDZONE) get the slack's treatment: the poison pattern, AddressSanitizer
   // poisoning, and check() reports a write there.
@@ -947,17 +959,6 @@ class Guarded {
   }
 
  private:
-  // Bytes [from, to) of the region that differ from the poison pattern, relative to the payload
-  // p, into [first, last]. (Reads the slack: not checked by AddressSanitizer.)
-  DK_EMU_NO_ASAN static void scan(const unsigned char* region, size_t from, size_t to, const unsigned char* p,
-                                  int64_t& first, int64_t& last) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(region);
-    for (size_t i = from; i < to; ++i)
-      if (region[i] != kPoison[(lo + i) & 3u]) {
-        const int64_t at = int64_t(i) - int64_t(p - region);
-        first = std::min(first, at), last = std::max(last, at);
-      }
-  }
   unsigned char* base_ = nullptr;
   unsigned char* p_ = nullptr;
   size_t region_ = 0, total_ = 0;
@@ -984,18 +985,17 @@ class RowZones {
   ~RowZones() {
     for (int64_t r = 0; r < rows_; ++r) asan::allow(zone(r), gap_);
   }
-  DK_EMU_NO_ASAN void check() const {
+  void check() const {
     for (int64_t r = 0; r < rows_; ++r) {
-      const unsigned char* z = zone(r);
-      for (size_t i = 0; i < gap_; ++i)
-        if (z[i] != kPoison[(reinterpret_cast<uintptr_t>(z) + i) & 3u]) {
-          char msg[320];
-          std::snprintf(msg, sizeof msg,
-                        "%s: a launch wrote into the red zone after row %lld (byte %zu of its %zu-byte row)", name_,
-                        static_cast<long long>(r), stride_ - gap_ + i, stride_);
-          record(msg);
-          return;
-        }
+      int64_t first = INT64_MAX, last = INT64_MIN;
+      Guarded::scan(zone(r), 0, gap_, zone(r), first, last);
+      if (first > last) continue;
+      char msg[320];
+      std::snprintf(msg, sizeof msg,
+                    "%s: a launch wrote into the red zone after row %lld (byte %zu of its %zu-byte row)", name_,
+                    static_cast<long long>(r), stride_ - gap_ + size_t(first), stride_);
+      record(msg);
+      return;
     }
   }
 

@@ -14,6 +14,6 @@ inline void fence_sample_ws(Guarded& ws, dk::cuda::SplitArgs sa) {
   std::vector<size_t> starts;
   for (const void* r : regions)
     if (r) starts.push_back(size_t(static_cast<const unsigned char*>(r) - base));
-  if (!starts.empty()) ws.fence_gaps(starts, size_t(elems) * sizeof(double), DK_WS_REDZONE);
+  ws.fence_gaps(starts, size_t(elems) * sizeof(double), DK_WS_REDZONE);
 }
 }  // namespace dkemu

@@ -75,10 +75,10 @@ void set_common(A& a, const void* target, int kind, int dtype, int64_t V, int64_
 struct RowScratchZones {
   dkemu::RowZones lanes, idx, w, resid;
   RowScratchZones(const Workspace& ws, int64_t B)
-      : lanes("the lane workspace", ws.lanes, B, size_t(ws.lanes_per_row) * 8, DK_WS_REDZONE),
-        idx("the survivor lists (ids)", ws.list_idx, B, size_t(ws.list_per_row) * 4, DK_WS_REDZONE),
-        w("the survivor lists (weights)", ws.list_w, B, size_t(ws.list_per_row) * 4, DK_WS_REDZONE),
-        resid("the residual rows", ws.resid, B, size_t(ws.resid_per_row) * 4, DK_WS_REDZONE) {}
+      : lanes("the lane workspace", ws.lanes, B, size_t(ws.lanes_per_row) * sizeof(*ws.lanes), DK_WS_REDZONE),
+        idx("the survivor lists (ids)", ws.list_idx, B, size_t(ws.list_per_row) * sizeof(*ws.list_idx), DK_WS_REDZONE),
+        w("the survivor lists (weights)", ws.list_w, B, size_t(ws.list_per_row) * sizeof(*ws.list_w), DK_WS_REDZONE),
+        resid("the residual rows", ws.resid, B, size_t(ws.resid_per_row) * sizeof(*ws.resid), DK_WS_REDZONE) {}
   void check() const {
     for (const auto* z : {&lanes, &idx, &w, &resid}) z->check();
   }
