@@ -769,6 +769,76 @@ def test_emu_early_top_p_in_one_call():
 
 
 @bk.needs_emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("order", [0, 2])
+def test_emu_early_epsilon_and_eta(dtype, order):
+    """On the split plan, epsilon or eta as the first list step after the early top-p / min-p (or
+    the first of all) is cut by the slices (phase_cut): Z, and eta's entropy, are walk totals over
+    the start list where the slices collected it, in list order as the CPU's step sums them, and
+    each slice compacts its part before the final phase moves the survivors onto one CTA. Rows:
+    epsilon alone, eta alone on both sides of min(eta, sqrt(eta) exp(-H)), epsilon then eta, eta
+    then top-h, top-p then epsilon, min-p with eta (min-p first in both orders: then eta over its
+    survivors), a cut that only the max passes, many survivors (temperature 1.5); beside them rows
+    that are not early (typical before epsilon; min_tokens_to_keep 3; top-k first). Ties at the cut
+    (logits rounded to 1/8), bitmask and penalties. Both plans give the CPU op's tokens, logprobs,
+    top-n lists and masked logits bit for bit, and agree with reference.pipeline."""
+    B, V = 12, 20011
+    x, kw = _early_top_p_rows(B, V, 41, dtype)
+    f64 = dict(dtype=torch.float64)
+    z = [0.0] * B
+    params = dict(
+        temperature=torch.tensor([0.7, 1.0, 0.3, 0.9, 1.0, 0.8, 1.1, 1.0, 0.6, 1.2, 1.0, 1.5], **f64),
+        epsilon=torch.tensor([3e-4, 0, 0, 1e-3, 0, 1e-3, 0, 0.5, 1e-3, 1e-3, 0, 1e-4], **f64),
+        eta=torch.tensor([0, 2e-3, 2e-3, 1e-3, 1e-3, 0, 5e-4, 0, 0, 0, 1e-3, 0], **f64),
+        top_h=torch.tensor([0, 0, 0, 0, 0.8, 0, 0, 0, 0, 0, 0, 0], **f64),
+        top_p=torch.tensor([1, 1, 1, 1, 1, 0.9, 1, 1, 1, 1, 1, 1], **f64),
+        min_p=torch.tensor(z[:6] + [0.02] + z[7:], **f64),
+        typical_p=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0.9, 1, 1, 1], **f64),
+        min_tokens_to_keep=torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1], **f64),
+        top_k=torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 50, 0], **f64),
+        repetition_penalty=1.2,
+        frequency_penalty=0.1,
+    )
+    for top_n, raw, want in ((0, False, False), (3, False, True), (3, True, True)):
+        args = _args(x, kw, params, order=order, top_n=top_n, raw=raw, want=want, seed_arr=torch.arange(B) + 3)
+        _check("cuda_emu", args)
+        assert emu_pipe.last_splits[0] == 6, emu_pipe.last_splits  # (the split plan ran last)
+    cpu, _ = _check("cuda_emu", _args(x, kw, params, order=order, mode=1))
+    kept = (cpu[6] > NEG).sum(-1)
+    # the processed rows (mask mode with nothing to truncate), for what the cuts should do
+    plain = dict(params, epsilon=0.0, eta=0.0, top_h=0.0, top_p=1.0, min_p=0.0, typical_p=1.0, top_k=0)
+    proc = torch.ops.decodekit.pipeline(*_args(x, kw, plain, order=order, mode=1))[6].float()
+    assert kept[7] == (proc[7] == proc[7].max()).sum(), kept  # epsilon 0.5: the max's group only
+    assert 1 < kept[0] < V // 10 and kept[11] > kept[0], kept  # the cuts cut, and keep more at T 1.5
+    for r, below in ((1, True), (2, False)):  # eta's cut: row 1 sqrt(eta) exp(-H) (< eta), row 2 eta
+        p = torch.softmax(proc[r].double() / float(params["temperature"][r]), -1)
+        ent = -(p[p > 0] * p[p > 0].log()).sum()
+        eta = float(params["eta"][r])
+        assert (eta**0.5 * float(torch.exp(-ent)) < eta) == below, (r, float(ent))
+
+
+@bk.needs_emu
+def test_emu_early_eta_in_one_call():
+    """Early eta and epsilon in one call of the split plan (B = 2, 32 slices): the sums launch's
+    walk sums of the weights, the first cut launch's entropy sums (eta) or cut (epsilon), the second
+    cut launch's compaction, each across the CTAs of a launch; outputs equal the CPU op's. Cheap
+    enough for the sanitizer runs (emu.SANITIZER_CASES)."""
+    x, kw = _early_top_p_rows(2, 4500, 43, torch.float32)
+    f64 = dict(dtype=torch.float64)
+    params = dict(
+        temperature=0.9,
+        eta=torch.tensor([2e-3, 0.0], **f64),
+        epsilon=torch.tensor([0.0, 5e-4], **f64),
+        repetition_penalty=1.1,
+    )
+    args = _args(x, kw, params, want=False)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args, n_sms=64, min_slice=16)
+    assert emu_pipe.last_splits[0] == 32, emu_pipe.last_splits
+    _same_bits(args, cpu, got, "split plan")
+
+
+@bk.needs_emu
 def test_emu_rare_list_steps_in_one_launch():
     """The list steps the larger cases reach only through many launches, each in one launch of the
     one-CTA plan (cheap enough for the sanitizer runs, emu.SANITIZER_CASES): eta's entropy cut

@@ -30,6 +30,9 @@
 //   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (each
 //      thread flags its group's survivors, a block-wide exclusive scan places them), weights
 //      exp((y - m) / T) in parallel;
+//   E  early epsilon / eta only (split plan: the first list step after the early top-p / min-p, or
+//      the first: early_steps): the walk sums of L's weights (Z) and of eta's entropy terms, then
+//      the cut of L on the slices, so that the final phase moves only its survivors;
 //   then the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the chosen order,
 //   each on the renormalised survivors) and the inverse-CDF draw: the SAME step code as the CPU
 //   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
@@ -47,7 +50,8 @@
 //   processed logprobs of a split row with nothing to truncate take that path too
 //   (split_proc_logprobs: its survivors are every finite value), normalised by the walk total.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
-// + 5 (P: Z, 4 histograms) for early top-p; + 2..8 for raw / greedy logprobs. The list L and its
+// + 5 (P: Z, 4 histograms) for early top-p; + 2..3 over L (E) for early epsilon / eta; + 2..8 for
+// raw / greedy logprobs. The list L and its
 // scratch live in a workspace of pipe_workspace_bytes(...) (about 38 bytes per token per row plus
 // 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
@@ -202,8 +206,8 @@ struct PipeWrite {
 
 // Per-row workspace layout (byte offsets; every region 8-byte aligned).
 struct PipeWs {
-  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, lzp, g16, g256, hdr, parts,
-      counts, khist, kst, nhist, nst, phist, pst, wr, rk, row;
+  int64_t ld, v, w, i, tv, ord, keep, acc, sid, sval, fid, fval, lanes, lsum, lsq, lzl, lzp, g16, g256, hg16, hg256,
+      hdr, parts, counts, kept, khist, kst, nhist, nst, phist, pst, wr, rk, row;
 };
 // The smallest power of two >= n (the bitonic sort's padded length).
 DK_HOST_DEVICE int64_t pow2_ceil(int64_t n) {
@@ -241,9 +245,13 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   const int64_t ng = contract::walk16_groups(V);
   L.g16 = take(8 * ng);  // the walk's group and block sums over a list
   L.g256 = take(8 * ((ng + 15) / 16));
+  const int64_t nh = splits > 1 ? ng : 0;  // early eta's entropy terms: the same sums (split plan)
+  L.hg16 = take(8 * nh);
+  L.hg256 = take(8 * ((nh + 15) / 16));
   L.hdr = take(int64_t(sizeof(PipeHdr)));
   L.parts = take(int64_t(sizeof(PipePart)) * splits);
   L.counts = take(8 * splits);
+  L.kept = take(8 * splits);             // early epsilon / eta: slice s's survivors of the cut (phase_cut)
   L.khist = take(4 * 256 * 4 * splits);  // uint32 [4 passes][splits][256]
   L.kst = take(int64_t(sizeof(PipeKState)) * 4);
   L.nhist = take(4 * 256 * 4 * splits);  // the same for the raw / greedy logprobs' top-n select
@@ -838,8 +846,11 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //   collect  (per slice) the start list of the slice's elements (pass C; early top-p: above the
 //            cut from its last digit; early min-p: its test), at the slice's first position of L;
 //            the raw / greedy logprobs' normaliser lane sums of its (chunk, lane) pairs;
-//   sums     (split plan, sample mode, per slice; rows with nothing to truncate) the walk's sums
-//            of the start list where the slices left it (phase_sums);
+//   sums     (split plan, per slice; rows with nothing to truncate in sample mode, rows with
+//            early epsilon / eta) the walk's sums of the start list where the slices left it
+//            (phase_sums);
+//   cut x 2  (split plan, per slice; rows with early epsilon / eta) eta's entropy terms' walk
+//            sums, then the step's cut of the slice's part of the start list (phase_cut);
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
 //            draw and processed logprobs (a row with nothing to truncate on the split plan: the
 //            walk over the sums phase's sums, split_draw); in mask mode what the output row gets
@@ -863,7 +874,7 @@ struct PipeRowCtx {
   T* out;  // mode 1: the output row
   PipeHdr* hdr;
   PipePart* parts;
-  int64_t* counts;
+  int64_t *counts, *kept;
   uint32_t *khist, *nhist;
   PipeKState *kst, *nst;
   PipeWrite* wr;
@@ -895,6 +906,7 @@ DK_PIPE_FN PipeRowCtx<T> row_ctx(const PipeArgs& a, int64_t o) {
   c.hdr = reinterpret_cast<PipeHdr*>(c.ws + c.lay.hdr);
   c.parts = reinterpret_cast<PipePart*>(c.ws + c.lay.parts);
   c.counts = reinterpret_cast<int64_t*>(c.ws + c.lay.counts);
+  c.kept = reinterpret_cast<int64_t*>(c.ws + c.lay.kept);
   c.khist = reinterpret_cast<uint32_t*>(c.ws + c.lay.khist);
   c.kst = reinterpret_cast<PipeKState*>(c.ws + c.lay.kst);
   c.nhist = reinterpret_cast<uint32_t*>(c.ws + c.lay.nhist);
@@ -957,11 +969,15 @@ DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 // top_h: top-h is the first list step: its survivors lie among its candidates (the values >= the
 // 100th largest, which are those of the row too), so the start list is cut there (the top-k
 // select's passes with k = 100) and the step runs on that short list with the same result.
+// eps: on the split plan, epsilon or eta (eta: which) is the first list step after the early
+// top-p / min-p (or the first of all): the slices cut the start list by its test before the final
+// phase moves it onto one CTA (phase_cut), with the list's Z (and eta's entropy) as the CPU's step
+// sums them, the walk over the start list in list order.
 struct PipeEarly {
-  bool top_p, min_p, min_p_first, top_h;
+  bool top_p, min_p, min_p_first, top_h, eps, eta;
 };
 DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V) {
-  PipeEarly e{false, false, false, false};
+  PipeEarly e{false, false, false, false, false, false};
   const PipeOrder order = PipeOrder(a.order);
   if (!wants_list(a, pr, V) || order == PipeOrder::Joint || step_on(Step::TopK, pr, V) || pr.nsig > 0.0 || pr.mtk > 1)
     return e;
@@ -975,6 +991,9 @@ DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V
       e.min_p_first = !e.top_p;
     } else {
       e.top_h = st == Step::TopH && !e.top_p && !e.min_p;
+      e.eta = st == Step::Eta;
+      e.eps = a.splits > 1 && (e.eta || st == Step::Epsilon);
+      e.eta = e.eps && e.eta;
       break;
     }
   }
@@ -996,6 +1015,7 @@ DK_PIPE_FN PipeRow list_row(const PipeArgs& a, const PipeRow& pr, int64_t V) {
   PipeRow r = pr;
   if (e.top_p) r.p = 1.f;
   if (e.min_p) r.minp = 0.f;
+  if (e.eps) (e.eta ? r.eta : r.eps) = 0.0;
   return r;
 }
 // Min-p's keep test on the start list (the step's on a list that holds the max m, whose weight
@@ -1370,14 +1390,16 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
 }
 
 // The walk total of the start list from the sums phase's block sums g256 (the list's length: the
-// slices' counts added): the split draw's Z (split_draw) and the split processed logprobs'
-// normaliser (phase_logprobs). All threads; barriers.
+// slices' counts added): the split draw's Z (split_draw), the split processed logprobs'
+// normaliser (phase_logprobs) and early epsilon / eta's Z; with g256 = the entropy sums' hg256,
+// early eta's -H (phase_cut). All threads; barriers.
 template <class T>
-DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, PipeShared& sh) {
+DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, PipeShared& sh,
+                                   const double* g256 = nullptr) {
   if (threadIdx.x == 0) {
     int64_t n = 0;
     for (int sp = 0; sp < a.splits; ++sp) n += c.counts[sp];
-    sh.Z = contract::add_in_order(block_ops(c, sh).g256, (contract::walk16_groups(n) + 15) / 16);
+    sh.Z = contract::add_in_order(g256 ? g256 : block_ops(c, sh).g256, (contract::walk16_groups(n) + 15) / 16);
   }
   __syncthreads();
   const double z = sh.Z;
@@ -1516,6 +1538,7 @@ DK_DEVICE_NOINLINE void list_top(const PipeList& L, int64_t h, int32_t* ord, con
 template <class T>
 DK_PIPE_FN bool split_draw_only(const PipeArgs& a, const PipeRowCtx<T>& c) {
   return a.splits > 1 && a.mode != 1 && c.pr.T != 0.f && !any_truncation(list_row(a, c.pr, c.V), c.V) &&
+         !early_steps(a, c.pr, c.V).eps &&
          !((a.want_logprob || a.top_n > 0) && !a.raw_logprobs && !split_proc_logprobs(a, c.pr, c.V));
 }
 
@@ -1561,7 +1584,7 @@ DK_PIPE_FN SliceList slice_list(const PipeArgs& a, const PipeRowCtx<T>& c, PipeS
 template <class T>
 DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
-  if (!split_draw_only(a, c)) return;
+  if (!split_draw_only(a, c) && !early_steps(a, c.pr, c.V).eps) return;  // (early epsilon / eta: Z)
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const SliceList sl = slice_list(a, c, sh);
@@ -1569,6 +1592,66 @@ DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeSha
   const BlockListOps ops = block_ops(c, sh);
   block_walk16_blocks<kPipeThreads>(sl.weights(vd.m, 1.f / c.pr.T), n, nb * sp / a.splits, nb * (sp + 1) / a.splits,
                                     ops.g16, ops.g256);
+}
+
+// ---- cut (the split plan, early epsilon / eta; per slice, after sums): the step on the slices ----
+// Epsilon / eta as the first list step after the early ones (PipeEarly::eps) keeps the entries of
+// L with w / Z >= cut or at the max (min_tokens_to_keep is 1), where Z is the walk total of L's
+// weights in list order and eta's cut is min(eta, sqrt(eta) exp(-H)), H the walk total of the
+// entropy terms (w / Z) logprob over L (decodekit/pipeline.h step_keep, list_entropy: the same
+// terms, the same tree, so the same survivors as the CPU's step over the moved list). Launch 1:
+// epsilon's cut, or eta's terms summed by the slices where collect left L (hg16 / hg256, as
+// phase_sums); launch 2: eta's cut. A cut compacts the slice's part of L in place (index order
+// kept) and leaves its length in kept[sp]; the final phase moves the survivors together (counts
+// keep the collect's lengths: the other slices of the launch read them for L's positions).
+template <class T>
+DK_DEVICE_NOINLINE void phase_cut(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const PipeEarly e = early_steps(a, c.pr, c.V);
+  if (!e.eps || (q == 2 && !e.eta)) return;  // (epsilon: its cut in launch 1)
+  const PipeVerdict vd = verdict(a, c);
+  if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
+  const float m = vd.m, invT = 1.f / c.pr.T;
+  const double Z = split_walk_total(a, c, sh);
+  double* hg16 = reinterpret_cast<double*>(c.ws + c.lay.hg16);
+  double* hg256 = reinterpret_cast<double*>(c.ws + c.lay.hg256);
+  if (e.eta && q == 1) {  // the entropy terms' walk sums, as phase_sums' of the weights
+    const SliceList sl = slice_list(a, c, sh);
+    const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+    const double lz = ::log(Z);
+    const auto term = [sl, m, invT, Z, lz](int64_t p) {
+      const float v = sl.v[sl.slot(p)], w = pipe_weight(v, m, invT);
+      return w > 0.f ? (double(w) / Z) * list_logprob(v, m, invT, lz) : 0.0;
+    };
+    block_walk16_blocks<kPipeThreads>(term, n, nb * sp / a.splits, nb * (sp + 1) / a.splits, hg16, hg256);
+    return;
+  }
+  double cut = c.pr.eps;
+  if (e.eta) {
+    const double H = -split_walk_total(a, c, sh, hg256), c2 = ::sqrt(c.pr.eta) * ::exp(-H);
+    cut = c.pr.eta < c2 ? c.pr.eta : c2;
+  }
+  // the slice's entries, a round of reads, then (after the scan's barriers) a round of writes
+  // (each at or below its read, below the next round's reads)
+  const PipeList L = start_list(c);
+  const int64_t cnt = c.counts[sp], from = int64_t(sp) * a.per;
+  int64_t kept = 0;
+  for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
+    const int64_t j = b0 + threadIdx.x;
+    float v = 0.f;
+    int32_t id = 0;
+    bool keep = false;
+    if (j < cnt) {
+      v = L.v[from + j], id = L.i[from + j];
+      keep = double(pipe_weight(v, m, invT)) / Z >= cut || v >= m;
+    }
+    int total = 0;
+    const int before = block_exclusive_scan<kPipeThreads>(keep ? 1 : 0, sh.wcount, total);
+    if (keep) L.v[from + kept + before] = v, L.i[from + kept + before] = id;
+    kept += total;
+  }
+  if (threadIdx.x == 0) c.kept[sp] = kept;
+  __syncthreads();
 }
 
 // The final phase's draw for such a row: Z = the g256 added in order, the walk at u * Z over the
@@ -1692,9 +1775,10 @@ DK_DEVICE_NOINLINE bool final_draw(const PipeArgs& a, int64_t o, PipeShared& sh)
   // the start list: slice 0's entries are in place; each later slice's move down to follow them,
   // in slice order, a round of reads then (after a barrier) a round of writes at a time (a
   // round's writes lie below the next round's reads: the list is never longer than the slices)
-  int64_t n0 = c.counts[0];
+  const int64_t* counts = early_steps(a, pr, V).eps ? c.kept : c.counts;  // (early epsilon / eta: cut)
+  int64_t n0 = counts[0];
   for (int sp = 1; sp < a.splits; ++sp) {
-    const int64_t cnt = c.counts[sp], from = sp * a.per;
+    const int64_t cnt = counts[sp], from = sp * a.per;
     for (int64_t b0 = 0; b0 < cnt; b0 += kPipeThreads) {
       const int64_t j = b0 + threadIdx.x;
       float v = 0.f;
@@ -1847,6 +1931,11 @@ __global__ void __launch_bounds__(kPipeThreads, 1) pipe_sums_kernel(PipeArgs a) 
   phase_sums<T>(a, cta_row(a), cta_slice(a), sh);
 }
 template <class T>
+__global__ void __launch_bounds__(kPipeThreads, 1) pipe_cut_kernel(PipeArgs a) {
+  __shared__ PipeShared sh;
+  phase_cut<T>(a, cta_row(a), cta_slice(a), a.pass, sh);
+}
+template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
   phase_final<T>(a, int64_t(blockIdx.x), sh);
@@ -1879,7 +1968,8 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   launch(pipe_scan_kernel<T>, parts, a);
   for (a.pass = 1; a.pass < 5; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);  // (4: early top-p only)
   launch(pipe_collect_kernel<T>, parts, a);
-  if (a.mode != 1) launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once)
+  launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once, but early epsilon / eta)
+  for (a.pass = 1; a.pass < 3; ++a.pass) launch(pipe_cut_kernel<T>, parts, a);  // (early epsilon / eta only)
   launch(pipe_final_kernel<T>, rows, a);
   if (a.mode == 1) {
     launch(pipe_write_kernel<T>, parts, a);

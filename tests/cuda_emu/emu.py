@@ -155,6 +155,7 @@ SANITIZER_CASES = [
     "test_ops_pipeline.py::test_every_slice_counts[first-cuda_emu]",
     "test_ops_pipeline.py::test_emu_invalid_values_give_invalid_rows",
     "test_ops_pipeline.py::test_emu_rare_list_steps_in_one_launch",
+    "test_ops_pipeline.py::test_emu_early_eta_in_one_call",
     "test_ops_pipeline.py::test_emu_split_draw_in_one_call",
     "test_ops_pipeline.py::test_emu_early_top_p_in_one_call",
     "test_ops_pipeline.py::test_processing_only[dtype2-cuda_emu]",
