@@ -991,9 +991,9 @@ DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V
       e.min_p_first = !e.top_p;
     } else {
       e.top_h = st == Step::TopH && !e.top_p && !e.min_p;
-      e.eta = st == Step::Eta;
-      e.eps = a.splits > 1 && (e.eta || st == Step::Epsilon);
-      e.eta = e.eps && e.eta;
+      const bool eta = st == Step::Eta;
+      e.eps = a.splits > 1 && (eta || st == Step::Epsilon);
+      e.eta = e.eps && eta;
       break;
     }
   }
