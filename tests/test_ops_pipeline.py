@@ -772,14 +772,15 @@ def test_emu_early_top_p_in_one_call():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("order", [0, 2])
 def test_emu_early_epsilon_and_eta(dtype, order):
-    """On the split plan, epsilon or eta as the first list step after the early top-p / min-p (or
-    the first of all) is cut by the slices (phase_cut): Z, and eta's entropy, are walk totals over
-    the start list where the slices collected it, in list order as the CPU's step sums them, and
-    each slice compacts its part before the final phase moves the survivors onto one CTA. Rows:
-    epsilon alone, eta alone on both sides of min(eta, sqrt(eta) exp(-H)), epsilon then eta, eta
-    then top-h, top-p then epsilon, min-p with eta (min-p first in both orders: then eta over its
-    survivors), a cut that only the max passes, many survivors (temperature 1.5); beside them rows
-    that are not early (typical before epsilon; min_tokens_to_keep 3; top-k first). Ties at the cut
+    """On the split plan, epsilon or eta as the first list step after early min-p (or the first of
+    all) is cut by the slices in the scan and pass launches (phase_early_eps): the start list
+    collected by the scan (after min-p: by pass 1), Z and eta's entropy as walk totals over it
+    where the slices left it, in list order as the CPU's step sums them, and each slice compacts its
+    part before the final phase moves the survivors onto one CTA. Rows: epsilon alone, eta alone
+    on both sides of min(eta, sqrt(eta) exp(-H)), epsilon then eta, eta then top-h, min-p with eta
+    (min-p first in both orders: then eta over its survivors), a cut that only the max passes, many
+    survivors (temperature 1.5); beside them rows that are not early (top-p then epsilon: top-p's
+    passes come first; typical before epsilon; min_tokens_to_keep 3; top-k first). Ties at the cut
     (logits rounded to 1/8), bitmask and penalties. Both plans give the CPU op's tokens, logprobs,
     top-n lists and masked logits bit for bit, and agree with reference.pipeline."""
     B, V = 12, 20011
@@ -819,16 +820,18 @@ def test_emu_early_epsilon_and_eta(dtype, order):
 
 @bk.needs_emu
 def test_emu_early_eta_in_one_call():
-    """Early eta and epsilon in one call of the split plan (B = 2, 32 slices): the sums launch's
-    walk sums of the weights, the first cut launch's entropy sums (eta) or cut (epsilon), the second
-    cut launch's compaction, each across the CTAs of a launch; outputs equal the CPU op's. Cheap
-    enough for the sanitizer runs (emu.SANITIZER_CASES)."""
+    """Early eta, and min-p then epsilon, in one call of the split plan (B = 2, 32 slices): the
+    start list collected by the scan launch (eta) or pass 1 (after min-p), the next passes' walk
+    sums of the weights and of eta's terms, and the cut, each launch reading what the CTAs of the
+    one before wrote; outputs equal the CPU op's. Cheap enough for the sanitizer runs
+    (emu.SANITIZER_CASES)."""
     x, kw = _early_top_p_rows(2, 4500, 43, torch.float32)
     f64 = dict(dtype=torch.float64)
     params = dict(
         temperature=0.9,
         eta=torch.tensor([2e-3, 0.0], **f64),
         epsilon=torch.tensor([0.0, 5e-4], **f64),
+        min_p=torch.tensor([0.0, 0.01], **f64),
         repetition_penalty=1.1,
     )
     args = _args(x, kw, params, want=False)

@@ -30,9 +30,10 @@
 //   C  one pass collects the start list L = {y >= max(lo, k-th largest)} in index order (each
 //      thread flags its group's survivors, a block-wide exclusive scan places them), weights
 //      exp((y - m) / T) in parallel;
-//   E  early epsilon / eta only (split plan: the first list step after the early top-p / min-p, or
-//      the first: early_steps): the walk sums of L's weights (Z) and of eta's entropy terms, then
-//      the cut of L on the slices, so that the final phase moves only its survivors;
+//   E  early epsilon / eta only (split plan: the first list step after early min-p, or the first:
+//      early_steps): L collected by the scan (or pass 1, after min-p), the walk sums of its weights
+//      (Z) and of eta's entropy terms, then its cut on the slices, in the pass launches, so that
+//      the final phase moves only the survivors;
 //   then the list steps (top-k, top-p, min-p, typical, epsilon, eta, top-h in the chosen order,
 //   each on the renormalised survivors) and the inverse-CDF draw: the SAME step code as the CPU
 //   (run_truncations / step_keep in decodekit/pipeline.h), run by every thread of the block through
@@ -50,8 +51,8 @@
 //   processed logprobs of a split row with nothing to truncate take that path too
 //   (split_proc_logprobs: its survivors are every finite value), normalised by the walk total.
 // Passes over the row: 1 (A) + 1 (C) with no top-k / top-n-sigma; + 4 (K) with top-k; + 3 (σ);
-// + 5 (P: Z, 4 histograms) for early top-p; + 2..3 over L (E) for early epsilon / eta; + 2..8 for
-// raw / greedy logprobs. The list L and its
+// + 5 (P: Z, 4 histograms) for early top-p; + 1 (collect) and 2..3 over L (E) for early epsilon /
+// eta; + 2..8 for raw / greedy logprobs. The list L and its
 // scratch live in a workspace of pipe_workspace_bytes(...) (about 38 bytes per token per row plus
 // 16 bytes per history entry).
 // Block size 512 (__launch_bounds__(512, 1): at most 128 registers; the digit scan, lane_sums,
@@ -251,7 +252,7 @@ DK_HOST_DEVICE PipeWs pipe_ws_layout(int64_t V, int64_t N, int64_t splits) {
   L.hdr = take(int64_t(sizeof(PipeHdr)));
   L.parts = take(int64_t(sizeof(PipePart)) * splits);
   L.counts = take(8 * splits);
-  L.kept = take(8 * splits);             // early epsilon / eta: slice s's survivors of the cut (phase_cut)
+  L.kept = take(8 * splits);             // early epsilon / eta: slice s's survivors (phase_early_eps)
   L.khist = take(4 * 256 * 4 * splits);  // uint32 [4 passes][splits][256]
   L.kst = take(int64_t(sizeof(PipeKState)) * 4);
   L.nhist = take(4 * 256 * 4 * splits);  // the same for the raw / greedy logprobs' top-n select
@@ -839,18 +840,17 @@ DK_PIPE_FN int64_t touched_list(const PipeArgs& a, int64_t o, const RowIn<T>& r,
 //            touched list S;
 //   scan     (per slice) raw max, processed max and its first index, NaN / +inf check (pass A);
 //            top-n-sigma's count and sum (lane sums of its (chunk, lane) pairs); radix pass 0 of
-//            top-k's select and of the raw / greedy logprobs' top-n select;
+//            top-k's select and of the raw / greedy logprobs' top-n select; early epsilon / eta
+//            (without min-p): the slice's start list (phase_early_eps, as every phase of it below);
 //   pass q   (q = 1..4, per slice) top-n-sigma's sum of squares (q = 1); radix pass q of both
 //            selects (q <= 3); early top-p's Z lane sums and mass histogram 0 (q = 1), the digit of
-//            histogram q - 2 and histogram q - 1 (q >= 2);
+//            histogram q - 2 and histogram q - 1 (q >= 2); early epsilon / eta: after min-p the
+//            start list (q = 1), the walk sums of its weights, eta's terms' sums, the cut;
 //   collect  (per slice) the start list of the slice's elements (pass C; early top-p: above the
 //            cut from its last digit; early min-p: its test), at the slice's first position of L;
 //            the raw / greedy logprobs' normaliser lane sums of its (chunk, lane) pairs;
-//   sums     (split plan, per slice; rows with nothing to truncate in sample mode, rows with
-//            early epsilon / eta) the walk's sums of the start list where the slices left it
-//            (phase_sums);
-//   cut x 2  (split plan, per slice; rows with early epsilon / eta) eta's entropy terms' walk
-//            sums, then the step's cut of the slice's part of the start list (phase_cut);
+//   sums     (split plan, sample mode, per slice; rows with nothing to truncate) the walk's sums
+//            of the start list where the slices left it (phase_sums);
 //   final    (one CTA per row) the verdict, the start list moved together, the list steps, the
 //            draw and processed logprobs (a row with nothing to truncate on the split plan: the
 //            walk over the sums phase's sums, split_draw); in mask mode what the output row gets
@@ -969,10 +969,11 @@ DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 // top_h: top-h is the first list step: its survivors lie among its candidates (the values >= the
 // 100th largest, which are those of the row too), so the start list is cut there (the top-k
 // select's passes with k = 100) and the step runs on that short list with the same result.
-// eps: on the split plan, epsilon or eta (eta: which) is the first list step after the early
-// top-p / min-p (or the first of all): the slices cut the start list by its test before the final
-// phase moves it onto one CTA (phase_cut), with the list's Z (and eta's entropy) as the CPU's step
-// sums them, the walk over the start list in list order.
+// eps: on the split plan, epsilon or eta (eta: which) is the first list step after early min-p
+// (or the first of all; not after early top-p, whose cut takes the pass launches): the slices
+// collect the start list and cut it by the step's test in the scan and pass launches, before the
+// final phase moves it onto one CTA (phase_early_eps), with the list's Z (and eta's entropy) as
+// the CPU's step sums them, the walk over the start list in list order.
 struct PipeEarly {
   bool top_p, min_p, min_p_first, top_h, eps, eta;
 };
@@ -992,7 +993,7 @@ DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V
     } else {
       e.top_h = st == Step::TopH && !e.top_p && !e.min_p;
       const bool eta = st == Step::Eta;
-      e.eps = a.splits > 1 && (eta || st == Step::Epsilon);
+      e.eps = a.splits > 1 && !e.top_p && (eta || st == Step::Epsilon);
       e.eta = e.eps && eta;
       break;
     }
@@ -1346,34 +1347,12 @@ DK_DEVICE_NOINLINE void phase_pass(const PipeArgs& a, int64_t o, int sp, int q, 
   if (early.top_p) early_pass(a, c, s, sp, q, early_min_w(early, c.pr), sh);
 }
 
-// ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C; early
-// steps: also y >= min(top-p's cut, max) and min-p's test) --------------------------------------
-// In index order at L's positions from the slice's first element on (the slice has room for all
-// of its elements); its count in counts[sp].
+// Slice sp's part of the start list: its y >= thr that pass min-p's test (minp > 0; m: the row's
+// max) in index order at L's positions from the slice's first element on, the count in counts[sp].
 template <class T>
-DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
-  PipeRowCtx<T> c = row_ctx<T>(a, o);
-  const PipeVerdict vd = verdict(a, c);
-  if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
-  const PipeSlice s = pipe_slice(a, c.nch, sp);
-  if (wants_raw_mass(a, c.pr)) {  // the slice's (chunk, lane) sums of the raw / greedy normaliser
-    const float mm = a.raw_logprobs ? vd.mraw : vd.m;
-    lane_sums(c.r, !a.raw_logprobs, c.V, s.q0, s.q1, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lzl);
-  }
-  if (!wants_list(a, c.pr, c.V)) return;
-  const float lo = sigma_lo(c, vd.m, sh);
-  float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
-  if (wants_kth(a, c.pr, c.V)) {
-    const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
-    thr = kth > thr ? kth : thr;
-  }
-  const PipeEarly early = early_steps(a, c.pr, c.V);
-  if (early.top_p) {  // top-p's survivors (its cut from the row passes)
-    const float t = key_to_float(early_digit(c, 3, early_P(c, sh), sh).prefix);
-    const float cut = t <= vd.m ? t : vd.m;  // (v >= t or v >= the max)
-    thr = cut > thr ? cut : thr;
-  }
-  const float m = vd.m, invT = 1.f / c.pr.T, minp = early.min_p ? c.pr.minp : 0.f;
+DK_PIPE_FN void collect_slice(const PipeRowCtx<T>& c, const PipeSlice& s, int sp, float thr, float m, float minp,
+                              PipeShared& sh) {
+  const float invT = 1.f / c.pr.T;
   const PipeList L = start_list(c);
   const int64_t n = collect_row(
       c.r, s.beg, s.end,
@@ -1389,10 +1368,40 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   __syncthreads();
 }
 
+// ---- collect: slice sp's part of the start list L = {y >= max(lo, k-th largest)} (pass C; early
+// steps: also y >= min(top-p's cut, max) and min-p's test) --------------------------------------
+// In index order at L's positions from the slice's first element on (the slice has room for all
+// of its elements); its count in counts[sp].
+template <class T>
+DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
+  PipeRowCtx<T> c = row_ctx<T>(a, o);
+  const PipeVerdict vd = verdict(a, c);
+  if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  if (wants_raw_mass(a, c.pr)) {  // the slice's (chunk, lane) sums of the raw / greedy normaliser
+    const float mm = a.raw_logprobs ? vd.mraw : vd.m;
+    lane_sums(c.r, !a.raw_logprobs, c.V, s.q0, s.q1, [mm](float v) { return double(pipe_weight(v, mm, 1.f)); }, c.lzl);
+  }
+  if (!wants_list(a, c.pr, c.V) || early_steps(a, c.pr, c.V).eps) return;  // (early epsilon / eta: collected)
+  const float lo = sigma_lo(c, vd.m, sh);
+  float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
+  if (wants_kth(a, c.pr, c.V)) {
+    const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
+    thr = kth > thr ? kth : thr;
+  }
+  const PipeEarly early = early_steps(a, c.pr, c.V);
+  if (early.top_p) {  // top-p's survivors (its cut from the row passes)
+    const float t = key_to_float(early_digit(c, 3, early_P(c, sh), sh).prefix);
+    const float cut = t <= vd.m ? t : vd.m;  // (v >= t or v >= the max)
+    thr = cut > thr ? cut : thr;
+  }
+  collect_slice(c, s, sp, thr, vd.m, early.min_p ? c.pr.minp : 0.f, sh);
+}
+
 // The walk total of the start list from the sums phase's block sums g256 (the list's length: the
 // slices' counts added): the split draw's Z (split_draw), the split processed logprobs'
 // normaliser (phase_logprobs) and early epsilon / eta's Z; with g256 = the entropy sums' hg256,
-// early eta's -H (phase_cut). All threads; barriers.
+// early eta's -H (phase_early_eps). All threads; barriers.
 template <class T>
 DK_PIPE_FN double split_walk_total(const PipeArgs& a, const PipeRowCtx<T>& c, PipeShared& sh,
                                    const double* g256 = nullptr) {
@@ -1584,7 +1593,7 @@ DK_PIPE_FN SliceList slice_list(const PipeArgs& a, const PipeRowCtx<T>& c, PipeS
 template <class T>
 DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
-  if (!split_draw_only(a, c) && !early_steps(a, c.pr, c.V).eps) return;  // (early epsilon / eta: Z)
+  if (!split_draw_only(a, c)) return;
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const SliceList sl = slice_list(a, c, sh);
@@ -1594,36 +1603,60 @@ DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeSha
                                     ops.g16, ops.g256);
 }
 
-// ---- cut (the split plan, early epsilon / eta; per slice, after sums): the step on the slices ----
-// Epsilon / eta as the first list step after the early ones (PipeEarly::eps) keeps the entries of
-// L with w / Z >= cut or at the max (min_tokens_to_keep is 1), where Z is the walk total of L's
-// weights in list order and eta's cut is min(eta, sqrt(eta) exp(-H)), H the walk total of the
-// entropy terms (w / Z) logprob over L (decodekit/pipeline.h step_keep, list_entropy: the same
-// terms, the same tree, so the same survivors as the CPU's step over the moved list). Launch 1:
-// epsilon's cut, or eta's terms summed by the slices where collect left L (hg16 / hg256, as
-// phase_sums); launch 2: eta's cut. A cut compacts the slice's part of L in place (index order
-// kept) and leaves its length in kept[sp]; the final phase moves the survivors together (counts
-// keep the collect's lengths: the other slices of the launch read them for L's positions).
+// ---- early epsilon / eta (the split plan; per slice, in the scan and pass launches) ----------------
+// Epsilon / eta as the first list step after early min-p, or the first of all (PipeEarly::eps),
+// keeps the entries of L with w / Z >= cut or at the max (min_tokens_to_keep is 1), where Z is
+// the walk total of L's weights in list order and eta's cut is min(eta, sqrt(eta) exp(-H)), H the
+// walk total of the entropy terms (w / Z) logprob over L (decodekit/pipeline.h step_keep,
+// list_entropy: the same terms, the same tree, so the same survivors as the CPU's step over the
+// moved list). The row needs no threshold from the passes (no top-k, top-n-sigma or early top-p),
+// so the launches that exist for those run its phases, q0 = 0 (the scan) or 1 (after early min-p,
+// whose test needs the row's max): pass q0 collects the slice's part of L (as the collect phase
+// would; that phase then skips the row), q0 + 1 makes the walk sums of L's weights where the
+// slices left it (as phase_sums), q0 + 2 eta's terms' walk sums (hg16 / hg256) or epsilon's cut,
+// q0 + 3 eta's cut. A cut compacts the slice's part of L in place (index order kept) and leaves
+// its length in kept[sp] (counts keep the collect's lengths: the other CTAs of the launch read
+// them for L's positions); the final phase moves the survivors together.
 template <class T>
-DK_DEVICE_NOINLINE void phase_cut(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
+DK_DEVICE_NOINLINE void phase_early_eps(const PipeArgs& a, int64_t o, int sp, int q, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
   const PipeEarly e = early_steps(a, c.pr, c.V);
-  if (!e.eps || (q == 2 && !e.eta)) return;  // (epsilon: its cut in launch 1)
+  const int q0 = e.min_p ? 1 : 0;
+  if (!e.eps || q < q0 || q > q0 + (e.eta ? 3 : 2) || row_hdr(c).inval) return;
+  const PipeSlice s = pipe_slice(a, c.nch, sp);
+  if (q == 0) {  // the start list {y > -inf} (the verdict comes later: the final phase decides)
+    collect_slice(c, s, sp, -3.4028234663852886e38f, 0.f, 0.f, sh);
+    return;
+  }
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const float m = vd.m, invT = 1.f / c.pr.T;
-  const double Z = split_walk_total(a, c, sh);
+  if (q == q0) {  // after early min-p: its survivors
+    collect_slice(c, s, sp, -3.4028234663852886e38f, m, c.pr.minp, sh);
+    return;
+  }
+  const BlockListOps ops = block_ops(c, sh);
   double* hg16 = reinterpret_cast<double*>(c.ws + c.lay.hg16);
   double* hg256 = reinterpret_cast<double*>(c.ws + c.lay.hg256);
-  if (e.eta && q == 1) {  // the entropy terms' walk sums, as phase_sums' of the weights
-    const SliceList sl = slice_list(a, c, sh);
+  const auto share = [&](const auto& elem, double* g16, double* g256) {  // CTA sp's 256-blocks of L
     const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+    block_walk16_blocks<kPipeThreads>(elem, n, nb * sp / a.splits, nb * (sp + 1) / a.splits, g16, g256);
+  };
+  if (q == q0 + 1) {  // the walk sums of the weights (Z's)
+    const SliceList sl = slice_list(a, c, sh);
+    share(sl.weights(m, invT), ops.g16, ops.g256);
+    return;
+  }
+  const double Z = split_walk_total(a, c, sh);
+  if (e.eta && q == q0 + 2) {  // the entropy terms' walk sums
+    const SliceList sl = slice_list(a, c, sh);
     const double lz = ::log(Z);
-    const auto term = [sl, m, invT, Z, lz](int64_t p) {
-      const float v = sl.v[sl.slot(p)], w = pipe_weight(v, m, invT);
-      return w > 0.f ? (double(w) / Z) * list_logprob(v, m, invT, lz) : 0.0;
-    };
-    block_walk16_blocks<kPipeThreads>(term, n, nb * sp / a.splits, nb * (sp + 1) / a.splits, hg16, hg256);
+    share(
+        [sl, m, invT, Z, lz](int64_t p) {
+          const float v = sl.v[sl.slot(p)], w = pipe_weight(v, m, invT);
+          return w > 0.f ? (double(w) / Z) * list_logprob(v, m, invT, lz) : 0.0;
+        },
+        hg16, hg256);
     return;
   }
   double cut = c.pr.eps;
@@ -1631,8 +1664,8 @@ DK_DEVICE_NOINLINE void phase_cut(const PipeArgs& a, int64_t o, int sp, int q, P
     const double H = -split_walk_total(a, c, sh, hg256), c2 = ::sqrt(c.pr.eta) * ::exp(-H);
     cut = c.pr.eta < c2 ? c.pr.eta : c2;
   }
-  // the slice's entries, a round of reads, then (after the scan's barriers) a round of writes
-  // (each at or below its read, below the next round's reads)
+  // the cut: the slice's entries, a round of reads, then (after the scan's barriers) a round of
+  // writes (each at or below its read, below the next round's reads)
   const PipeList L = start_list(c);
   const int64_t cnt = c.counts[sp], from = int64_t(sp) * a.per;
   int64_t kept = 0;
@@ -1914,11 +1947,15 @@ template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_scan_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
   phase_scan<T>(a, cta_row(a), cta_slice(a), sh);
+  __syncthreads();
+  phase_early_eps<T>(a, cta_row(a), cta_slice(a), 0, sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_pass_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
   phase_pass<T>(a, cta_row(a), cta_slice(a), a.pass, sh);
+  __syncthreads();
+  phase_early_eps<T>(a, cta_row(a), cta_slice(a), a.pass, sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_collect_kernel(PipeArgs a) {
@@ -1929,11 +1966,6 @@ template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_sums_kernel(PipeArgs a) {
   __shared__ PipeShared sh;
   phase_sums<T>(a, cta_row(a), cta_slice(a), sh);
-}
-template <class T>
-__global__ void __launch_bounds__(kPipeThreads, 1) pipe_cut_kernel(PipeArgs a) {
-  __shared__ PipeShared sh;
-  phase_cut<T>(a, cta_row(a), cta_slice(a), a.pass, sh);
 }
 template <class T>
 __global__ void __launch_bounds__(kPipeThreads, 1) pipe_final_kernel(PipeArgs a) {
@@ -1968,8 +2000,7 @@ inline void run_pipe_plan(PipeArgs a, const Launch& launch) {
   launch(pipe_scan_kernel<T>, parts, a);
   for (a.pass = 1; a.pass < 5; ++a.pass) launch(pipe_pass_kernel<T>, parts, a);  // (4: early top-p only)
   launch(pipe_collect_kernel<T>, parts, a);
-  launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once, but early epsilon / eta)
-  for (a.pass = 1; a.pass < 3; ++a.pass) launch(pipe_cut_kernel<T>, parts, a);  // (early epsilon / eta only)
+  if (a.mode != 1) launch(pipe_sums_kernel<T>, parts, a);  // (rows with list steps return at once)
   launch(pipe_final_kernel<T>, rows, a);
   if (a.mode == 1) {
     launch(pipe_write_kernel<T>, parts, a);
