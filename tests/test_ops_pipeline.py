@@ -637,10 +637,13 @@ def test_top_h_nearly_flat_candidates(backend, order):
         x[r, torch.randperm(V, generator=g)[:150]] = 5.0 - 1e-4 * torch.arange(150.0) * (r + 1)
     kw = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
     for t, n in ((0.3, 29), (0.555, 55), (0.805, 80), (0.995, 99)):
-        params = dict(temperature=1.0, top_h=t)
-        cpu, _ = _check(backend, _args(x, kw, params, order=order, mode=1))
-        assert (cpu[6] > NEG).sum(-1).tolist() == [n, n], (t, cpu[6])
-        _check(backend, _args(x, kw, params, order=order, top_n=5))
+        # top-h alone, and after top-p / min-p that keep all 150 (applied before the list is built
+        # on CUDA, which also cuts it at the 100th largest value there): the same 100 candidates
+        for before in ({}, {"top_p": 0.99999}, {"min_p": 1e-3}):
+            params = dict(temperature=1.0, top_h=t, **before)
+            cpu, _ = _check(backend, _args(x, kw, params, order=order, mode=1))
+            assert (cpu[6] > NEG).sum(-1).tolist() == [n, n], (t, before, cpu[6])
+            _check(backend, _args(x, kw, params, order=order, top_n=5))
 
 
 @bk.needs_emu
@@ -816,6 +819,44 @@ def test_emu_early_epsilon_and_eta(dtype, order):
         ent = -(p[p > 0] * p[p > 0].log()).sum()
         eta = float(params["eta"][r])
         assert (eta**0.5 * float(torch.exp(-ent)) < eta) == below, (r, float(ent))
+
+
+@bk.needs_emu
+@pytest.mark.parametrize("order", [0, 2])
+def test_emu_top_h_after_early_top_p_and_min_p(order):
+    """Top-h after the early top-p / min-p (nothing else between; no top-k, top-n-sigma or
+    min_tokens_to_keep > 1): their survivors are the values above a threshold, so top-h's
+    candidates among them (those >= their 100th largest value) are the row's values >= its 100th
+    largest that pass top-p / min-p; the collect cuts the start list there too (top-k's passes
+    with k = 100) and top-h runs on that short list. Rows: top-p 0.95 (thousands survive), top-p
+    0.05 (fewer than 100), min-p, min-p + top-p, top-h alone; beside them top-p with
+    min_tokens_to_keep 3 (not early). Ties at the 100th value (logits rounded to 1/8), bitmask and
+    penalties. Both plans give the CPU op's outputs bit for bit and agree with reference.pipeline;
+    the start lists of the early rows hold no value below the row's 100th largest."""
+    B, V = 6, 20011
+    x, kw = _early_top_p_rows(B, V, 47, torch.float32)
+    f64 = dict(dtype=torch.float64)
+    params = dict(
+        temperature=torch.tensor([1.0, 0.7, 1.1, 0.9, 1.0, 1.0], **f64),
+        top_p=torch.tensor([0.95, 0.05, 1.0, 0.9, 1.0, 0.9], **f64),
+        min_p=torch.tensor([0.0, 0.0, 0.05, 0.001, 0.0, 0.0], **f64),
+        top_h=torch.tensor([0.6, 0.8, 0.7, 0.5, 0.6, 0.6], **f64),
+        min_tokens_to_keep=torch.tensor([1, 1, 1, 1, 1, 3], **f64),
+        repetition_penalty=1.2,
+        frequency_penalty=0.1,
+    )
+    for top_n, raw, want in ((0, False, False), (3, False, True), (3, True, True)):
+        _check("cuda_emu", _args(x, kw, params, order=order, top_n=top_n, raw=raw, want=want))
+    _check("cuda_emu", _args(x, kw, params, order=order, mode=1))
+    plain = dict(params, top_p=1.0, min_p=0.0, top_h=0.0)
+    proc = torch.ops.decodekit.pipeline(*_args(x, kw, plain, order=order, mode=1))[6].float()
+    at_100 = proc.topk(100, -1).values[:, -1]
+    above = (proc >= at_100[:, None]).sum(-1).tolist()
+    for n_sms in (0, 64):
+        emu_pipe.pipeline(*_args(x, kw, params, order=order, want=False), n_sms=n_sms, min_slice=16)
+        got = emu_pipe.start_sizes(B)
+        assert all(0 < got[r] <= above[r] for r in range(5)), (n_sms, got, above)
+        assert got[5] > 1000, got  # (top-p 0.9's survivors: not cut at the 100th value)
 
 
 @bk.needs_emu

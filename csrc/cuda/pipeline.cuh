@@ -20,8 +20,8 @@
 //      3 passes summed in the contract's canonical row order (per 4096-element chunk 16 lanes,
 //      chunk sums in chunk order; decodekit/contract.h), as the CPU's finite_stats: one thread per
 //      (chunk, lane) (lane_sums, element loads in the lane order);
-//   K  top-k only (not joint; or top-h as the first list step, k = 100: early_steps): the k-th
-//      largest processed value by a 4-pass radix select (8 bits per pass over the
+//   K  top-k only (not joint; or top-h first or after early top-p / min-p, k = 100: early_steps):
+//      the k-th largest processed value by a 4-pass radix select (8 bits per pass over the
 //      order-preserving float key; exact);
 //   P  early top-p only (top-p at the head of the list steps, nothing before it: early_steps): Z
 //      and top-p's cut by a 4-pass mass-weighted radix select (per-chunk mass histograms), so that
@@ -966,9 +966,11 @@ DK_PIPE_FN bool wants_topn(const PipeArgs& a, const PipeRow& pr, int64_t V) {
 // {top-p, min-p} before the first other enabled step, when nothing the start list depends on comes
 // before or beside them: no top-k, top-n-sigma or min_tokens_to_keep > 1, not joint. min_p_first:
 // min-p comes before top-p (the vllm order), so top-p's masses are over min-p's survivors.
-// top_h: top-h is the first list step: its survivors lie among its candidates (the values >= the
-// 100th largest, which are those of the row too), so the start list is cut there (the top-k
-// select's passes with k = 100) and the step runs on that short list with the same result.
+// top_h: top-h is the first list step, or the first after early top-p / min-p: its survivors lie
+// among its candidates (the values >= the 100th largest of the list, which are those of the row
+// too that are in the list: the early steps keep the values above a threshold), so the start list
+// is cut there as well (the top-k select's passes with k = 100) and the step runs on that short
+// list with the same result.
 // eps: on the split plan, epsilon or eta (eta: which) is the first list step after early min-p
 // (or the first of all; not after early top-p, whose cut takes the pass launches): the slices
 // collect the start list and cut it by the step's test in the scan and pass launches, before the
@@ -991,7 +993,7 @@ DK_PIPE_FN PipeEarly early_steps(const PipeArgs& a, const PipeRow& pr, int64_t V
       e.min_p = true;
       e.min_p_first = !e.top_p;
     } else {
-      e.top_h = st == Step::TopH && !e.top_p && !e.min_p;
+      e.top_h = st == Step::TopH;
       const bool eta = st == Step::Eta;
       e.eps = a.splits > 1 && !e.top_p && (eta || st == Step::Epsilon);
       e.eta = e.eps && eta;
