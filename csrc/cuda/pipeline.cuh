@@ -1126,7 +1126,7 @@ DK_PIPE_FN void select_passes(const PipeArgs& a, const PipeRowCtx<T>& c, const P
 // off), from the three lane sums (count, sum, sum of squares).
 template <class T>
 DK_PIPE_FN float sigma_lo(const PipeRowCtx<T>& c, float m, PipeShared& sh) {
-  if (!(c.pr.nsig > 0.0)) return -3.4028234663852886e38f;
+  if (!(c.pr.nsig > 0.0)) return kLowestFloat;
   const double n = fold_lanes(c.lanes, c.nch, sh), ss = fold_lanes(c.lsq, c.nch, sh);
   return float_at_least(double(m) - c.pr.nsig * ::sqrt(ss / n));
 }
@@ -1386,7 +1386,7 @@ DK_DEVICE_NOINLINE void phase_collect(const PipeArgs& a, int64_t o, int sp, Pipe
   }
   if (!wants_list(a, c.pr, c.V) || early_steps(a, c.pr, c.V).eps) return;  // (early epsilon / eta: collected)
   const float lo = sigma_lo(c, vd.m, sh);
-  float thr = PipeOrder(a.order) == PipeOrder::Joint ? -3.4028234663852886e38f : lo;
+  float thr = PipeOrder(a.order) == PipeOrder::Joint ? kLowestFloat : lo;
   if (wants_kth(a, c.pr, c.V)) {
     const float kth = key_to_float(sel_state(a, kth_sel(c), 4, sh).prefix);
     thr = kth > thr ? kth : thr;
@@ -1592,6 +1592,15 @@ DK_PIPE_FN SliceList slice_list(const PipeArgs& a, const PipeRowCtx<T>& c, PipeS
   return SliceList{L.v, L.i, sh.i, a.splits, a.per};
 }
 
+// CTA sp's share of the walk sums of the elements elem(p) over the list as the slices left it
+// (sl; its length sl.off[splits]): the g16 / g256 of the 256-blocks [nb sp / splits,
+// nb (sp + 1) / splits). Ends with a barrier.
+template <class EF>
+DK_PIPE_FN void slice_walk_share(const SliceList& sl, int sp, const EF& elem, double* g16, double* g256) {
+  const int64_t n = sl.off[sl.splits], nb = (contract::walk16_groups(n) + 15) / 16;
+  block_walk16_blocks<kPipeThreads>(elem, n, nb * sp / sl.splits, nb * (sp + 1) / sl.splits, g16, g256);
+}
+
 template <class T>
 DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeShared& sh) {
   PipeRowCtx<T> c = row_ctx<T>(a, o);
@@ -1599,10 +1608,8 @@ DK_DEVICE_NOINLINE void phase_sums(const PipeArgs& a, int64_t o, int sp, PipeSha
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const SliceList sl = slice_list(a, c, sh);
-  const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
   const BlockListOps ops = block_ops(c, sh);
-  block_walk16_blocks<kPipeThreads>(sl.weights(vd.m, 1.f / c.pr.T), n, nb * sp / a.splits, nb * (sp + 1) / a.splits,
-                                    ops.g16, ops.g256);
+  slice_walk_share(sl, sp, sl.weights(vd.m, 1.f / c.pr.T), ops.g16, ops.g256);
 }
 
 // ---- early epsilon / eta (the split plan; per slice, in the scan and pass launches) ----------------
@@ -1627,38 +1634,32 @@ DK_DEVICE_NOINLINE void phase_early_eps(const PipeArgs& a, int64_t o, int sp, in
   if (!e.eps || q < q0 || q > q0 + (e.eta ? 3 : 2) || row_hdr(c).inval) return;
   const PipeSlice s = pipe_slice(a, c.nch, sp);
   if (q == 0) {  // the start list {y > -inf} (the verdict comes later: the final phase decides)
-    collect_slice(c, s, sp, -3.4028234663852886e38f, 0.f, 0.f, sh);
+    collect_slice(c, s, sp, kLowestFloat, 0.f, 0.f, sh);
     return;
   }
   const PipeVerdict vd = verdict(a, c);
   if (vd.inval || !vd.ok || !(vd.m > kNegInf)) return;
   const float m = vd.m, invT = 1.f / c.pr.T;
   if (q == q0) {  // after early min-p: its survivors
-    collect_slice(c, s, sp, -3.4028234663852886e38f, m, c.pr.minp, sh);
+    collect_slice(c, s, sp, kLowestFloat, m, c.pr.minp, sh);
     return;
   }
   const BlockListOps ops = block_ops(c, sh);
-  double* hg16 = reinterpret_cast<double*>(c.ws + c.lay.hg16);
   double* hg256 = reinterpret_cast<double*>(c.ws + c.lay.hg256);
-  const auto share = [&](const auto& elem, double* g16, double* g256) {  // CTA sp's 256-blocks of L
-    const int64_t n = sh.i[a.splits], nb = (contract::walk16_groups(n) + 15) / 16;
-    block_walk16_blocks<kPipeThreads>(elem, n, nb * sp / a.splits, nb * (sp + 1) / a.splits, g16, g256);
-  };
   if (q == q0 + 1) {  // the walk sums of the weights (Z's)
     const SliceList sl = slice_list(a, c, sh);
-    share(sl.weights(m, invT), ops.g16, ops.g256);
+    slice_walk_share(sl, sp, sl.weights(m, invT), ops.g16, ops.g256);
     return;
   }
   const double Z = split_walk_total(a, c, sh);
   if (e.eta && q == q0 + 2) {  // the entropy terms' walk sums
     const SliceList sl = slice_list(a, c, sh);
     const double lz = ::log(Z);
-    share(
-        [sl, m, invT, Z, lz](int64_t p) {
-          const float v = sl.v[sl.slot(p)], w = pipe_weight(v, m, invT);
-          return w > 0.f ? (double(w) / Z) * list_logprob(v, m, invT, lz) : 0.0;
-        },
-        hg16, hg256);
+    const auto term = [sl, m, invT, Z, lz](int64_t p) {
+      const float v = sl.v[sl.slot(p)], w = pipe_weight(v, m, invT);
+      return w > 0.f ? (double(w) / Z) * list_logprob(v, m, invT, lz) : 0.0;
+    };
+    slice_walk_share(sl, sp, term, reinterpret_cast<double*>(c.ws + c.lay.hg16), hg256);
     return;
   }
   double cut = c.pr.eps;

@@ -154,6 +154,7 @@ DK_HOST_DEVICE float min_p_threshold(float min_p, float max_p) {
 
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kPosInf = __builtin_huge_valf();
+constexpr float kLowestFloat = -3.4028234663852886e38f;  // -FLT_MAX: the smallest finite float
 
 // Ranges of the filter parameters (the torch bindings' ValueErrors and the CUDA kernels' per-row
 // checks): temperature 0 (greedy) or a normal float32 in [2^-126, FLT_MAX]; top_p > 0; min_p in [0, 1].

@@ -121,7 +121,7 @@ DK_HOST_DEVICE PipeRow pipe_row(const double* q) {
 
 // The smallest float f with double(f) >= t (so that x >= f <=> double(x) >= t for every float x).
 DK_HOST_DEVICE float float_at_least(double t) {
-  if (!(t > -3.4028234663852886e38)) return -3.4028234663852886e38f;
+  if (!(t > double(kLowestFloat))) return kLowestFloat;
   float f = float(t);
   if (double(f) < t) {  // the next float up (as std::nextafter(f, +inf))
     const uint32_t u = float_to_bits(f);
