@@ -911,6 +911,52 @@ def test_emu_rare_list_steps_in_one_launch():
     assert all(bool(keep[r][ties[r] == 2.0].all()) == bool(keep[r][ties[r] == 2.0].any()) for r in (0, 1))
 
 
+@bk.needs_emu
+@pytest.mark.parametrize("n_sms", [0, 64])
+def test_emu_kernel_paths_in_two_calls(n_sms):
+    """Kernel paths that the sanitizer runs (emu.SANITIZER_CASES) used to reach only through items
+    of 1-2 minutes each under ThreadSanitizer, in two small calls per launch plan (one CTA per row;
+    the split plan, 4 slices per row): (1) fp16 logits in mask mode (the fp16 store), the joint
+    order (the steps' keep flags ANDed), top-p and min-p as list steps after top-k (top-p by the
+    block's mass select), a row whose typical_p is out of range (the kernel's invalid row: it ORs
+    the error bit and passes its logits through) and a greedy row (written processed); (2)
+    processed top-n lists longer than the survivors (padded with the lowest free ids), a row with
+    no truncation whose bitmask forbids every other token (on the split plan: the slices' walk sums
+    and the split draw over zero weights), a greedy row and a NaN row.
+    Outputs equal the CPU op's bit for bit (call 1: its valid rows, against the CPU op with the bad
+    value replaced) and agree with reference.pipeline (call 2)."""
+    B, V = 4, 600
+    none = {k: None for k in ("allowed_token_bitmask", "banned_token_ids", "prompt_token_ids", "output_token_ids")}
+    x = _logits(B, V, 13).to(torch.float16)
+    typ = torch.tensor([0.9, 0.95, 0.0, 0.9], dtype=torch.float64)  # row 2: out of range
+    T = torch.tensor([0.9, 0.9, 0.9, 0.0], dtype=torch.float64)  # row 3: greedy (written processed)
+    p1 = dict(temperature=T, top_k=50, top_p=0.9, min_p=0.02, typical_p=typ)
+    flag = torch.zeros(1, dtype=torch.int32)
+    args = _args(x, none, p1, order=ORDERS["joint"], mode=1)
+    got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=150, error_flag=flag, error_bit=1 << 3)
+    assert emu_pipe.last_splits[0] == (1 if n_sms == 0 else 4)
+    assert flag.item() == 1 << 3
+    assert torch.equal(_bits(got[6][2]), _bits(x[2]))  # the invalid row passes through
+    ok = _args(x, none, p1 | {"typical_p": torch.tensor([0.9, 0.95, 0.9, 0.9], dtype=torch.float64)}, order=1, mode=1)
+    cpu = torch.ops.decodekit.pipeline(*ok)
+    _same_bits(ok, cpu, got, "fp16 joint mask", rows=[0, 1, 3])
+    assert 0 < int(torch.isfinite(got[6][:2]).sum(-1).max()) <= 50 and bool(torch.isfinite(got[6][3]).all())
+
+    x = _logits(B, V, 14)
+    x[3, 100] = float("nan")  # a bad row: token 0, invalid, top-n list of zeros
+    bm = torch.full((B, (V + 31) // 32), -1, dtype=torch.int32)
+    bm[1] = 0x55555555  # every other token
+    kw = dict(none, allowed_token_bitmask=bm)
+    p2 = dict(temperature=torch.tensor([0.8, 1.0, 0.0, 1.0], dtype=torch.float64), top_k=torch.tensor([5, 0, 0, 0]))
+    args = _args(x, kw, p2, top_n=40)
+    cpu = torch.ops.decodekit.pipeline(*args)
+    got = emu_pipe.pipeline(*args, n_sms=n_sms, min_slice=150)
+    _same_bits(args, cpu, got, f"n_sms {n_sms}")
+    _check_reference(args, got)
+    assert got[1].tolist() == [True, True, True, False] and got[4][3].eq(0).all()
+    assert torch.isfinite(got[5][0]).sum() == 5 and got[4][0, 5:].tolist() == [t for t in range(40) if t not in got[4][0, :5]][:35]
+
+
 @bk.needs_cuda
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("split", ["1", "0"])

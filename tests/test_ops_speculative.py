@@ -578,6 +578,39 @@ def test_emu_prepared_nodes_alone():
 
 
 @bk.needs_emu
+def test_emu_prepared_nodes_in_two_calls():
+    """The prepare launch (speculative.cuh prepare_kernel) in one chain call and one tree call on
+    small rows, each with every node prepared: cheap enough for the sanitizer runs
+    (emu.SANITIZER_CASES; test_emu_prepared_nodes, with its walks beside them, takes over a minute
+    under ThreadSanitizer). Outputs equal the CPU's, with top-k and top-p filters."""
+    B, N, V = 3, 3, 500
+    lp = torch.randn(B, N + 1, V, generator=_gen(33)) * 2
+    ids = torch.where(torch.rand(B, N, generator=_gen(34)) < 0.6, lp[:, :N].argmax(-1), lp[:, :N].argmin(-1))
+    nd = torch.tensor([3, 1, 2])
+    filt = (None, 40, None, 0.9, None, 0.0, 0)
+    cpu = ops.chain_verify(lp, ids, None, nd, 1, None, 0.8, *filt, None, 5, 0)
+    try:
+        emu_spec.set_sms(4, check=False)  # B * R = 12 nodes: 3 waves of 4 < R = 4 positions
+        emu_spec.work()
+        got = emu_spec.chain_verify(lp, ids, None, nd, 1, None, 0.8, None, 5, 0, filters=filt)
+        assert emu_spec.last_prepared()
+        _same(cpu, got, "chain")
+        assert emu_spec.work() == (int((nd + 1).sum()),) * 2
+        tree, cand, lt, qt = _tree_inputs(B=2, V=500, seed=8)
+        T = cand.shape[1]
+        args = (cand, tree.retrive_index, tree.retrive_next_token, tree.retrive_next_sibling, lt, qt, 9, 1)
+        cpu = ops.tree_verify(*args, None, 1.0, *filt, None, 2, 0)
+        emu_spec.set_sms((2 * T + 1) // 2, check=False)  # the 2 * T nodes in 2 waves
+        emu_spec.work()
+        got = emu_spec.tree_verify(*args, None, 1.0, None, 2, 0, filters=filt)
+        assert emu_spec.last_prepared()
+        _same(cpu, got[:3], "tree")
+        assert emu_spec.work() == (2 * T, 2 * T)
+    finally:
+        emu_spec.set_sms(0)
+
+
+@bk.needs_emu
 def test_emu_prepared_nodes():
     """Small batches resolve every node ahead of the walk, one block per node (speculative.cuh
     prepare_kernel), when prepare_plan says so: logits targets only; chain when the B * (N + 1)
