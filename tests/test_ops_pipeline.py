@@ -954,7 +954,10 @@ def test_emu_kernel_paths_in_two_calls(n_sms):
     _same_bits(args, cpu, got, f"n_sms {n_sms}")
     _check_reference(args, got)
     assert got[1].tolist() == [True, True, True, False] and got[4][3].eq(0).all()
-    assert torch.isfinite(got[5][0]).sum() == 5 and got[4][0, 5:].tolist() == [t for t in range(40) if t not in got[4][0, :5]][:35]
+    assert (
+        torch.isfinite(got[5][0]).sum() == 5
+        and got[4][0, 5:].tolist() == [t for t in range(40) if t not in got[4][0, :5]][:35]
+    )
 
 
 @bk.needs_cuda
