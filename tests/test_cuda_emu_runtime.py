@@ -4,6 +4,7 @@ one kernel in one process, the radix selects' warp-level digit scans (csrc/cuda/
 and top-p's canonical sparse mass (contract.h). The ops' own cases run on every backend in
 tests/test_ops_*.py (tests/backends.py)."""
 
+import ctypes
 import os
 import re
 import subprocess
@@ -214,6 +215,50 @@ def test_emulator_fences_tensor_arguments():
         emu._fence_turn[0] = turn
         with pytest.raises(emu.EmulatorError, match=at):
             lib.dk_emu_filter(x[:1990].clone(), *args)
+
+
+def test_emulator_fences_the_gaps_between_rows(monkeypatch):
+    """The wrappers pass row inputs as views of wider tensors (emu.gapped: 64 bytes after each row,
+    the kernels given the row stride) and Fence.ptr makes the gaps red zones. Here the sampling
+    kernel is told that rows are one element longer than they are (a kernel that strays one
+    element past its row), for output rows 0..2 of a 4-row tensor: with the gaps every row reads
+    the poison pattern there (a NaN: bad rows); packed (DK_EMU_ROW_GAP=0) it reads the next row's
+    first value and samples as if nothing were wrong. Also: the gaps hold the pattern inside the
+    fenced copy, a write there fails the call naming the zone, and close() copies back only the
+    rows (the wider tensor's gap bytes stay as they were)."""
+    lib = emu.load()
+    B, V = 4, 100
+    x = torch.randn(B, V, generator=torch.Generator().manual_seed(3))
+
+    def valid_when_one_longer(xg):
+        dt, rows, _, stride = emu._matrix(xg)
+        tok, valid, lp = torch.zeros(B - 1, dtype=torch.int64), torch.zeros(B - 1, dtype=torch.bool), torch.zeros(B - 1)
+        fargs = emu._filter_args(None, 1.0, None, 0, None, 1.0, None, 0.0)
+        idx = torch.arange(B - 1)
+        lib.dk_emu_sample(xg, dt, rows, V + 1, stride, 0, 0, *fargs, idx, B - 1, None, 5, 0, tok, valid, lp, 0, 0)
+        return valid.tolist()
+
+    xg = emu.gapped(x)
+    assert xg.stride() == (V + 16, 1) and torch.equal(xg, x)
+    assert emu._row_layout(xg) == (B, (V + 16) * 4, V * 4) and emu._row_layout(x) is None
+    assert valid_when_one_longer(xg) == [False] * (B - 1)
+    monkeypatch.setenv("DK_EMU_ROW_GAP", "0")
+    assert emu.gapped(x) is x and valid_when_one_longer(emu.gapped(x)) == [True] * (B - 1)
+    monkeypatch.delenv("DK_EMU_ROW_GAP")
+
+    wide = xg._base if xg._base is not None else None
+    assert wide is not None and wide.shape == (B, V + 16)
+    wide[:, V:] = 5.0
+    with lib.fence() as F:
+        p = F.ptr(xg, "rows")
+        gap = torch.frombuffer((ctypes.c_ubyte * 64).from_address(p + 4 * V), dtype=torch.float32)
+        assert bool(gap.isnan().all())  # the pattern, not the 5.0 of the wider tensor
+        ctypes.memmove(p, ctypes.byref(ctypes.c_float(9.0)), 4)  # row 0, element 0: copied back
+    assert xg[0, 0].item() == 9.0 and bool((wide[:, V:] == 5.0).all())
+    with pytest.raises(emu.EmulatorError, match="wrote into a red zone between two regions"):
+        with lib.fence() as F:
+            p = F.ptr(xg, "rows")
+            ctypes.memmove(p + 4 * (2 * (V + 16) + V + 3), ctypes.byref(ctypes.c_float(1.0)), 4)  # row 2's gap
 
 
 def test_emulator_failure_raises_in_python_and_the_suite_goes_on(monkeypatch):

@@ -326,6 +326,40 @@ class EmulatorError(RuntimeError):
 _fence_turn = [0]
 
 
+def _row_layout(t):
+    """(rows, row stride in bytes, row width in bytes) of a tensor whose rows (its last dimension,
+    stride 1) lie at one stride with a gap after each (every leading dimension steps whole rows, as
+    in a view t[..., :V] of a wider tensor); None for any other layout (contiguous included)."""
+    if t.dim() < 2 or t.numel() == 0 or t.stride(-1) != 1:
+        return None
+    rs, width = t.stride(-2), t.size(-1)
+    if rs <= width or t.numel() // width < 2:
+        return None
+    for d in range(t.dim() - 2):  # leading dimensions: whole rows at the same stride
+        if t.size(d) > 1 and t.stride(d) != t.size(d + 1) * t.stride(d + 1):
+            return None
+    es = t.element_size()
+    return t.numel() // width, rs * es, width * es
+
+
+def gapped(t, gap=None):
+    """t (rows along its last dimension) as a view of a wider tensor: each row followed by `gap`
+    bytes (DK_EMU_ROW_GAP, default 64; 0: t unchanged), a multiple of 16 so that every row keeps the
+    16-byte alignment it has in t's contiguous layout. The emulator wrappers pass their row inputs
+    (and the filter's output rows) this way, with the row stride, as the kernels take it; Fence.ptr
+    makes the gaps red zones, so a kernel that strays from row r into row r + 1 reads poison (NaN
+    in every float type; AddressSanitizer reports the read) instead of row r + 1's values."""
+    gap = int(os.environ.get("DK_EMU_ROW_GAP", "64")) if gap is None else gap
+    if gap <= 0 or t.dim() < 2 or t.numel() == 0 or (t.dim() == 2 and t.size(0) < 2):
+        return t
+    assert gap % 16 == 0 and gap % t.element_size() == 0, gap
+    V = t.size(-1)
+    wide = torch.empty(*t.shape[:-1], V + gap // t.element_size(), dtype=t.dtype)
+    view = wide[..., :V]
+    view.copy_(t)
+    return view
+
+
 class Fence:
     """Fenced copies of the tensors one library call (or a few calls in a row) reads and writes, so
     that the emulator catches a kernel's stray read or write through a global-memory pointer, as it
@@ -340,7 +374,9 @@ class Fence:
       1: against the page after it, keeping t's own start alignment up to 16 bytes (the kernels
          take the same load paths as with t; the slack after the end is under 16 bytes);
       2: against the page before it, its start page-aligned.
-    close() copies back every buffer the call changed (the outputs) and frees them. Use as a
+    A tensor whose rows lie at a stride with a gap after each (gapped(), _row_layout) gets its gaps
+    fenced too: red zones inside the buffer (dk_emu_fence_row_gaps). close() copies back every
+    buffer the call changed (the outputs; a gapped tensor's rows only) and frees them. Use as a
     context manager. DK_EMU_FENCE=0 passes the tensors' own memory."""
 
     def __init__(self, cdll, take):
@@ -353,23 +389,36 @@ class Fence:
             return None
         ref = t.data_ptr()
         if os.environ.get("DK_EMU_FENCE", "1") == "0":  # off: the tensor's own memory
-            self._bufs.append((t, None, 0))
+            self._bufs.append((t, None, 0, None))
             return ref
         n = 0 if t.numel() == 0 else (1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))) * t.element_size()
         align = t.element_size() if self.turn == 0 or ref == 0 else min(16, ref & -ref)
         label = f"{name} ({str(t.dtype).replace('torch.', '')} {list(t.shape)})".encode()
         p = self._cdll.dk_emu_fence_alloc(n, align, int(self.turn < 2), label)
         ctypes.memmove(p, ref, n)
-        self._bufs.append((t, p, n))  # t stays alive until close() (a temporary's memory is not reused)
+        rows = _row_layout(t)
+        if rows:  # the gaps between its rows: red zones (the bytes there are not t's)
+            self._cdll.dk_emu_fence_row_gaps(p, *rows)
+        self._bufs.append((t, p, n, rows))  # t stays alive until close() (a temporary's memory is not reused)
         return p
 
     def close(self):
         bufs, self._bufs = self._bufs, []
-        for t, p, n in bufs:
+        for t, p, n, rows in bufs:
             if p is None:
                 continue
             if n and ctypes.string_at(p, n) != ctypes.string_at(t.data_ptr(), n):
-                ctypes.memmove(t.data_ptr(), p, n)
+                if rows:  # t's rows only: the gaps hold the poison pattern, and t's owner's bytes
+                    R, stride, width = rows
+                    src, dst = (
+                        torch.frombuffer((ctypes.c_ubyte * n).from_address(a), dtype=torch.uint8).as_strided(
+                            (R, width), (stride, 1)
+                        )
+                        for a in (p, t.data_ptr())
+                    )
+                    dst.copy_(src)
+                else:
+                    ctypes.memmove(t.data_ptr(), p, n)
             self._cdll.dk_emu_fence_free(p)
         err = self._take()
         if err:
@@ -430,6 +479,8 @@ class CheckedLibrary:
         cdll.dk_emu_fence_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p]
         cdll.dk_emu_fence_alloc.restype = ctypes.c_void_p
         cdll.dk_emu_fence_free.argtypes, cdll.dk_emu_fence_free.restype = [ctypes.c_void_p], None
+        cdll.dk_emu_fence_row_gaps.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_size_t]
+        cdll.dk_emu_fence_row_gaps.restype = None
         object.__setattr__(self, "_cdll", cdll)
         object.__setattr__(self, "_take", take)
         object.__setattr__(self, "_fns", {})
@@ -594,6 +645,7 @@ def sample(
     """n_sms > 0: the launch plans split rows for a device with that many SMs (sampling.cuh
     split_plan); last_splits[0] then tells how many CTAs per row ran."""
     lib = load(threads)
+    x = gapped(x)  # rows with red zones between them
     dt, rows, V, stride = _matrix(x)
     idx = _row(indices, torch.int64)
     n = rows if idx is None else idx.numel()
@@ -665,12 +717,13 @@ def filter(
     """n_sms > 0: the plan of a device with that many SMs (sampling.cuh filter_plan); last_splits[0]
     then tells how many CTAs per row ran."""
     lib = load(threads)
+    x = gapped(x)  # rows with red zones between them
     dt, rows, V, stride = _matrix(x)
     fargs = _filter_args(T_arr, T_val, k_arr, k_val, p_arr, p_val, mp_arr, mp_val)
-    out = torch.empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32)
+    out = gapped(torch.empty(x.shape, dtype=x.dtype if kind == 0 else torch.float32))
     last_splits[0] = 1
     if rows:
         last_splits[0] = lib.dk_emu_filter(
-            x, dt, rows, V, stride, int(is_probs), order, *fargs, kind, out, out.size(1), n_sms
+            x, dt, rows, V, stride, int(is_probs), order, *fargs, kind, out, _matrix(out)[3], n_sms
         )
-    return out
+    return out.contiguous()

@@ -116,7 +116,8 @@ def _pipeline(lib, F, x, indices, params, order, bitmask, banned, bias_ids, bias
     dims = (L * 5)(words, nb, nbias, npr, nou)
     names = ("tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits")
     outs = (p * 7)(*[F.ptr(t, name) for t, name in zip((tokens, valid, lp, rank, top_ids, top_lp, logits), names)])
-    xs = x.contiguous()
+    xs = emu.gapped(x.contiguous())  # rows with red zones between them (x's row stride: row_stride)
+    stride = xs.stride(0) if xs.dim() == 2 and xs.size(0) > 1 else V
     lib.dk_emu_pipeline.argtypes = [
         p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
         ctypes.c_uint64, ctypes.c_uint64, p, p, L, p, ctypes.c_int32,
@@ -126,7 +127,7 @@ def _pipeline(lib, F, x, indices, params, order, bitmask, banned, bias_ids, bias
     last_splits[0] = 1
     if n:
         last_splits[0] = lib.dk_emu_pipeline(
-            xs, dt, V, V, idx, n, P, int(order), ins, dims, seeds,
+            xs, dt, V, stride, idx, n, P, int(order), ins, dims, seeds,
             int(seed_val) & (2**64 - 1), int(offset) & (2**64 - 1), seed_one, offs, off_stride, flag,
             int(error_bit), int(mode), int(top_n),
             int(bool(raw_logprobs)), int(bool(want_logprob)), outs, int(n_sms), int(min_slice),

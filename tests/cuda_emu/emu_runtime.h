@@ -1052,6 +1052,21 @@ extern "C" __attribute__((weak, visibility("default"))) void* dk_emu_fence_alloc
   dkemu::py_fences().push_back(g);
   return g->data();
 }
+// The gaps between the rows of a strided tensor in a buffer dk_emu_fence_alloc handed out: rows of
+// row_bytes every stride_bytes from its start; the gap after each row but the last becomes a red
+// zone (Guarded::fence_inside: the poison pattern, AddressSanitizer poisoning, a write there fails
+// at dk_emu_fence_free), so a kernel that strays from row r into row r + 1 reads poison.
+extern "C" __attribute__((weak, visibility("default"))) void dk_emu_fence_row_gaps(void* data, int64_t rows,
+                                                                                   size_t stride_bytes,
+                                                                                   size_t row_bytes) {
+  for (auto* g : dkemu::py_fences())
+    if (g->data() == data) {
+      for (int64_t r = 0; r + 1 < rows && stride_bytes > row_bytes; ++r)
+        g->fence_inside(size_t(r) * stride_bytes + row_bytes, stride_bytes - row_bytes);
+      return;
+    }
+  dkemu::record("dk_emu_fence_row_gaps: not a fenced buffer");
+}
 extern "C" __attribute__((weak, visibility("default"))) void dk_emu_fence_free(void* data) {
   auto& v = dkemu::py_fences();
   for (size_t i = 0; i < v.size(); ++i)

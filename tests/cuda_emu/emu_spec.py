@@ -163,6 +163,7 @@ def _set_filters(L, filters):
 def _head(tgt, kind, dt, V, sb, sr, temp, T_val, draft):
     """The target / draft arguments dk_emu_chain and dk_emu_tree begin with (the checked call
     fences the tensors, emu.Fence, and passes None as NULL)."""
+    draft = None if draft is None else emu.gapped(draft)  # rows with red zones between them
     ds = (0, 0) if draft is None else (draft.stride(0), draft.stride(1))
     return (tgt, kind, dt, V, sb, sr, temp, float(T_val), draft, *ds)
 
@@ -177,6 +178,7 @@ def _target(target, kind, T_arr, T_val):
         t = _i64(target)
         return t, 0, 0, t.shape[1], 1, None
     temp = None if T_arr is None else T_arr.to(torch.float32).contiguous()
+    target = emu.gapped(target)  # rows with red zones between them
     return target, _DTYPES[target.dtype], target.shape[2], target.stride(0), target.stride(1), temp
 
 
