@@ -407,18 +407,18 @@ class Fence:
         for t, p, n, rows in bufs:
             if p is None:
                 continue
-            if n and ctypes.string_at(p, n) != ctypes.string_at(t.data_ptr(), n):
-                if rows:  # t's rows only: the gaps hold the poison pattern, and t's owner's bytes
-                    R, stride, width = rows
-                    src, dst = (
-                        torch.frombuffer((ctypes.c_ubyte * n).from_address(a), dtype=torch.uint8).as_strided(
-                            (R, width), (stride, 1)
-                        )
-                        for a in (p, t.data_ptr())
+            if n and rows:  # t's rows only (the gaps are poisoned, and t's owner's bytes there are not t's)
+                R, stride, width = rows
+                src, dst = (
+                    torch.frombuffer((ctypes.c_ubyte * n).from_address(a), dtype=torch.uint8).as_strided(
+                        (R, width), (stride, 1)
                     )
+                    for a in (p, t.data_ptr())
+                )
+                if not torch.equal(src, dst):
                     dst.copy_(src)
-                else:
-                    ctypes.memmove(t.data_ptr(), p, n)
+            elif n and ctypes.string_at(p, n) != ctypes.string_at(t.data_ptr(), n):
+                ctypes.memmove(t.data_ptr(), p, n)
             self._cdll.dk_emu_fence_free(p)
         err = self._take()
         if err:
