@@ -3,6 +3,8 @@ emulator suite.
 
     python tests/cuda_emu/coverage.py            # both selections, then the comparison
     python tests/cuda_emu/coverage.py --missed   # and every line the sanitizer cases miss
+    python tests/cuda_emu/coverage.py --per-case # each sanitizer case alone: its lines, and the
+                                                 # lines no other case reaches
 
 Runs (1) every emulator item of tests/ (`-k "emu and not tsan and not asan"`) and (2)
 emu.SANITIZER_CASES, each in a pytest subprocess with the libraries built with gcov's line counters
@@ -64,12 +66,34 @@ def reached(args, prefix, run=True):
     return hit, lines
 
 
+def per_case(prefix):
+    """Each of emu.SANITIZER_CASES alone under the counters: how many kernel lines it executes and
+    how many of them no other case executes (with those lines), the cases in list order; then the
+    union. A case with no line of its own adds nothing to what the sanitizer runs reach (its time
+    under ThreadSanitizer is the cost: the pytest durations of tests/test_cuda_emu_tsan.py's
+    shards)."""
+    hits = {c: set(reached([str(emu.ROOT / "tests" / c)], prefix)[0]) for c in emu.SANITIZER_CASES}
+    for c, h in hits.items():
+        own = sorted(h - set().union(*(g for d, g in hits.items() if d != c)))
+        shown = ", ".join(f"{f.rsplit('/', 1)[-1]}:{ln}" for f, ln in own[:8]) + (" ..." if len(own) > 8 else "")
+        print(f"{len(h):5} lines, {len(own):4} only here  {c}" + (f"  ({shown})" if own else ""))
+    print(f"{len(set().union(*hits.values())):5} lines in all ({len(hits)} cases)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--missed", action="store_true", help="list the lines the sanitizer cases miss")
     ap.add_argument("--reuse", action="store_true", help="the whole suite's counts from the previous run")
+    ap.add_argument(
+        "--per-case",
+        action="store_true",
+        help="run each sanitizer case alone (~2-12 s each) and list its lines and the lines only it reaches",
+    )
     a = ap.parse_args()
     out = emu.ROOT / "build" / "cuda_emu" / "coverage"
+    if a.per_case:
+        per_case(out / "case")
+        return
     every, lines = reached([str(emu.ROOT / "tests"), "-k", "emu and not tsan and not asan"], out / "all", not a.reuse)
     san, _ = reached([str(emu.ROOT / "tests" / c) for c in emu.SANITIZER_CASES], out / "san")
     per = defaultdict(lambda: [0, 0, 0])
