@@ -350,7 +350,7 @@ def gapped(t, gap=None):
     makes the gaps red zones, so a kernel that strays from row r into row r + 1 reads poison (NaN
     in every float type; AddressSanitizer reports the read) instead of row r + 1's values."""
     gap = int(os.environ.get("DK_EMU_ROW_GAP", "64")) if gap is None else gap
-    if gap <= 0 or t.dim() < 2 or t.numel() == 0 or (t.dim() == 2 and t.size(0) < 2):
+    if gap <= 0 or t.dim() < 2 or t.numel() == 0 or t.numel() // t.size(-1) < 2:  # (one row: no gap)
         return t
     assert gap % 16 == 0 and gap % t.element_size() == 0, gap
     V = t.size(-1)

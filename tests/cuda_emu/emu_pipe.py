@@ -117,7 +117,7 @@ def _pipeline(lib, F, x, indices, params, order, bitmask, banned, bias_ids, bias
     names = ("tokens", "valid", "logprob", "rank", "top_ids", "top_logprobs", "logits")
     outs = (p * 7)(*[F.ptr(t, name) for t, name in zip((tokens, valid, lp, rank, top_ids, top_lp, logits), names)])
     xs = emu.gapped(x.contiguous())  # rows with red zones between them (x's row stride: row_stride)
-    stride = xs.stride(0) if xs.dim() == 2 and xs.size(0) > 1 else V
+    stride = emu._matrix(xs)[3]
     lib.dk_emu_pipeline.argtypes = [
         p, ctypes.c_int, L, L, p, L, p, ctypes.c_int, p, p, p,
         ctypes.c_uint64, ctypes.c_uint64, p, p, L, p, ctypes.c_int32,
